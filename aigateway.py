@@ -483,11 +483,12 @@ def multipart_field_name(part_headers: dict[str, str]) -> str | None:
 
 class ChunkedDecoder:
     """``Transfer-Encoding: chunked`` (RFC 9112 section 7.1). ``feed`` returns the data pieces;
-    ``done`` turns true after the last-chunk and trailers. ``data_left`` tells an I/O caller how
+    ``done`` turns true after the last-chunk and trailers; bytes fed past that end are kept in
+    ``tail``. ``data_left`` tells an I/O caller how
     many data bytes it may read without passing the end of the current chunk; outside chunk data
     the caller reads one line at a time, so no byte past the message end is ever consumed."""
 
-    __slots__ = ("_state", "data_left", "_line", "done", "_error_status")
+    __slots__ = ("_state", "data_left", "_line", "done", "_error_status", "tail")
 
     def __init__(self, error_status: int = 400):
         self._state = "size"        # size -> data -> crlf -> size ... -> trailer -> done
@@ -495,6 +496,7 @@ class ChunkedDecoder:
         self._line = bytearray()
         self.done = False
         self._error_status = error_status
+        self.tail = b""             # bytes fed after the end of the body (not part of it)
 
     @property
     def in_data(self) -> bool:
@@ -527,7 +529,7 @@ class ChunkedDecoder:
             self._line.clear()
             self._on_line(line)
         if self.done and pos < n:
-            raise self._fail("data after the last chunk")
+            self.tail = data[pos:]
         return out
 
     def _on_line(self, line: bytes) -> None:
@@ -729,88 +731,157 @@ else:                                                                  # pragma:
             raise TimeoutError from None
 
 
-async def read_head(reader: asyncio.StreamReader, first_timeout: float, rest_timeout: float,
-                    too_large_status: int = 431) -> bytes | None:
+class Watchdog:
+    """Read timeouts for one connection with one timer instead of one per read. ``arm(t)``
+    only records a deadline (cheap enough to call before every read); when the timer fires past
+    the deadline it puts TimeoutError into the reader, which wakes the pending read with it. The
+    reader is unusable afterwards, so the connection is closed. ``disarm`` stops the clock."""
+
+    __slots__ = ("_loop", "_reader", "_deadline", "_handle")
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self._loop = asyncio.get_running_loop()
+        self._reader = reader
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float) -> None:
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
+        handle = self._handle
+        if handle is None:
+            self._handle = self._loop.call_at(deadline, self._fire)
+        elif handle.when() > deadline:
+            handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def close(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() >= deadline:
+            self._deadline = None
+            self._reader.set_exception(TimeoutError())
+        else:
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+
+async def read_head(reader: asyncio.StreamReader, watchdog: Watchdog, first_timeout: float,
+                    rest_timeout: float, too_large_status: int = 431) -> bytes | None:
     """Read one message head. Returns None when the peer closed cleanly before sending anything;
     raises TimeoutError when nothing came within ``first_timeout`` (keep-alive idle) and a 408
     ProtocolError when the rest of the head took longer than ``rest_timeout``."""
-    first = await timed(reader.read(1), first_timeout)
+    watchdog.arm(first_timeout)
+    first = await reader.read(1)
     if not first:
+        watchdog.disarm()
         return None
+    watchdog.arm(rest_timeout)
     try:
-        rest = await timed(reader.readuntil(b"\r\n\r\n"), rest_timeout)
+        rest = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
         raise ProtocolError(too_large_status, f"message head larger than {MAX_HEAD_BYTES} bytes")
     except asyncio.IncompleteReadError as exc:
         raise ProtocolError(400, "connection closed in the middle of a message head") from exc
     except TimeoutError:
         raise ProtocolError(408, "timed out waiting for the rest of the message head") from None
+    watchdog.disarm()
     return first + rest
 
 
-async def iter_body(reader: asyncio.StreamReader, mode: str, length: int, idle_timeout: float,
-                    *, error_status: int = 400, limit: int | None = None,
-                    limit_error: Callable[[], GatewayError] | None = None) -> AsyncIterator[bytes]:
+async def iter_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str, length: int,
+                    idle_timeout: float, *, error_status: int = 400, exact: bool = True,
+                    overrun: list[bytes] | None = None, limit: int | None = None,
+                    limit_error: Callable[[], GatewayError] | None = None
+                    ) -> AsyncIterator[bytes]:
     """Yield a message body framed as ``mode`` ("length", "chunked", "close", "none"); each read
-    may wait ``idle_timeout``. Raises ``limit_error()`` once more than ``limit`` bytes came."""
+    may wait ``idle_timeout``. Raises ``limit_error()`` once more than ``limit`` bytes came.
+
+    With ``exact`` a chunked body is read line by line so that no byte of a pipelined next
+    message is consumed (request bodies); without it, reads take whatever has arrived, which is
+    cheaper for a stream of small chunks (response bodies: a server sends nothing after its
+    response until asked again); bytes read past the body end are put in ``overrun``, and the
+    connection must not be reused. Raises ProtocolError(error_status) on bad framing."""
     seen = 0
+    try:
+        if mode == "length":
+            left = length
+            while left > 0:
+                watchdog.arm(idle_timeout)
+                data = await reader.read(min(left, READ_SIZE))
+                if not data:
+                    raise ProtocolError(error_status, f"connection closed with {left} body "
+                                                      f"bytes still to come")
+                left -= len(data)
+                seen += len(data)
+                if limit is not None and seen > limit and limit_error is not None:
+                    raise limit_error()
+                yield data
+        elif mode == "chunked":
+            dec = ChunkedDecoder(error_status)
+            while not dec.done:
+                watchdog.arm(idle_timeout)
+                try:
+                    if not exact:
+                        data = await reader.read(READ_SIZE)
+                    elif dec.in_data:
+                        data = await reader.read(min(dec.data_left, READ_SIZE))
+                    else:
+                        data = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    data = b""
+                except asyncio.LimitOverrunError:
+                    raise ProtocolError(error_status, "bad chunked encoding: line too long") \
+                        from None
+                if not data:
+                    raise ProtocolError(error_status, "connection closed inside a chunked body")
+                for piece in dec.feed(data):
+                    seen += len(piece)
+                    if limit is not None and seen > limit and limit_error is not None:
+                        raise limit_error()
+                    yield piece
+            if dec.tail and overrun is not None:
+                overrun.append(dec.tail)
+        elif mode == "close":
+            while True:
+                watchdog.arm(idle_timeout)
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    return
+                seen += len(data)
+                if limit is not None and seen > limit and limit_error is not None:
+                    raise limit_error()
+                yield data
+    finally:
+        watchdog.disarm()
 
-    def check(n: int) -> None:
-        nonlocal seen
-        seen += n
-        if limit is not None and seen > limit and limit_error is not None:
-            raise limit_error()
 
-    if mode == "length":
-        left = length
-        while left > 0:
-            data = await timed(reader.read(min(left, READ_SIZE)), idle_timeout)
-            if not data:
-                raise ProtocolError(error_status, f"connection closed with {left} body bytes "
-                                                  f"still to come")
-            left -= len(data)
-            yield data
-    elif mode == "chunked":
-        dec = ChunkedDecoder(error_status)
-        while not dec.done:
-            try:
-                if dec.in_data:
-                    data = await timed(reader.read(min(dec.data_left, READ_SIZE)), idle_timeout)
-                else:
-                    data = await timed(reader.readuntil(b"\n"), idle_timeout)
-            except asyncio.IncompleteReadError:
-                data = b""
-            except asyncio.LimitOverrunError:
-                raise ProtocolError(error_status, "bad chunked encoding: line too long") from None
-            if not data:
-                raise ProtocolError(error_status, "connection closed inside a chunked body")
-            for piece in dec.feed(data):
-                check(len(piece))
-                yield piece
-    elif mode == "close":
-        while True:
-            data = await timed(reader.read(READ_SIZE), idle_timeout)
-            if not data:
-                return
-            check(len(data))
-            yield data
-
-
-async def read_body(reader: asyncio.StreamReader, mode: str, length: int, idle_timeout: float,
-                    **kw: Any) -> bytes:
-    parts = [p async for p in iter_body(reader, mode, length, idle_timeout, **kw)]
+async def read_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str, length: int,
+                    idle_timeout: float, **kw: Any) -> bytes:
+    parts = [p async for p in iter_body(reader, watchdog, mode, length, idle_timeout, **kw)]
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def write_and_drain(writer: asyncio.StreamWriter, data: bytes) -> None:
+async def write_and_drain(writer: asyncio.StreamWriter, data: bytes,
+                          timeout: float = WRITE_TIMEOUT) -> None:
     """Write; wait for the peer to read only when our send buffer is getting full (a peer that
-    reads nothing for WRITE_TIMEOUT raises TimeoutError). A closed peer raises at once."""
+    reads nothing for ``timeout`` raises TimeoutError). A closed peer raises at once."""
     transport = writer.transport
     if transport.is_closing():
         raise ConnectionResetError("peer closed the connection")
     writer.write(data)
     if transport.get_write_buffer_size() > READ_SIZE:
-        await timed(writer.drain(), WRITE_TIMEOUT)
+        await timed(writer.drain(), timeout)
 
 
 async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
@@ -872,18 +943,19 @@ def _host_header(t: _Target) -> str:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer", "key", "idle_since", "reused")
+    __slots__ = ("reader", "writer", "key", "idle_since", "watchdog")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: tuple):
         self.reader, self.writer, self.key = reader, writer, key
         self.idle_since = 0.0
-        self.reused = False
+        self.watchdog = Watchdog(reader)
 
     def usable(self, now: float) -> bool:
         return (not self.writer.transport.is_closing() and not self.reader.at_eof()
                 and now - self.idle_since < POOL_IDLE_TTL)
 
     def close(self) -> None:
+        self.watchdog.close()
         try:
             self.writer.close()
         except (OSError, RuntimeError):
@@ -1045,11 +1117,14 @@ class UpstreamResponse:
             return self._decode(data)
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             return
+        overrun: list[bytes] = []
         try:
-            async for data in iter_body(self._conn.reader, self._mode, self._length, self._idle,
-                                        error_status=502):
+            async for data in iter_body(conn.reader, conn.watchdog, self._mode, self._length,
+                                        self._idle, error_status=502, exact=False,
+                                        overrun=overrun):
                 out = self._decode(data)
                 if out:
                     yield out
@@ -1058,12 +1133,15 @@ class UpstreamResponse:
                 if tail:
                     yield tail
             self._done = True
+            self._keep = self._keep and not overrun
         except TimeoutError:
             raise UpstreamError(504, f"upstream went silent for {self._idle:g} s mid-answer",
                                 retryable=True) from None
+        except ProtocolError as exc:
+            raise UpstreamError(502, exc.message, retryable=True) from None
         except (OSError, asyncio.IncompleteReadError) as exc:
-            raise UpstreamError(502, f"upstream connection failed mid-answer: {exc}",
-                                retryable=True) from None
+            raise UpstreamError(502, f"upstream connection failed mid-answer: "
+                                     f"{_os_error_text(exc)}", retryable=True) from None
         finally:
             self.aclose_nowait()
 
@@ -1116,11 +1194,12 @@ class UpstreamClient:
             if conn is None:
                 conn = await self._connect(t, p, key, verify_tls, connect_timeout)
             try:
-                conn.writer.write(head + body if len(body) < READ_SIZE else head)
+                await write_and_drain(conn.writer, head + body if len(body) < READ_SIZE else head,
+                                      timeout)
                 if len(body) >= READ_SIZE:
-                    conn.writer.write(body)
-                await timed(conn.writer.drain(), timeout)
-                raw = await read_head(conn.reader, timeout, timeout, too_large_status=502)
+                    await write_and_drain(conn.writer, body, timeout)
+                raw = await read_head(conn.reader, conn.watchdog, timeout, timeout,
+                                      too_large_status=502)
                 if raw is None and not fresh and attempt == 0:
                     conn.close()              # a pooled connection the server had closed: retry
                     continue
@@ -1129,7 +1208,8 @@ class UpstreamClient:
                                         retryable=True)
                 version, status, reason, rh = parse_response_head(raw)
                 while 100 <= status < 200:                       # 100 Continue, 103 Early Hints
-                    raw = await read_head(conn.reader, timeout, timeout, too_large_status=502)
+                    raw = await read_head(conn.reader, conn.watchdog, timeout, timeout,
+                                          too_large_status=502)
                     if raw is None:
                         raise UpstreamError(502, "upstream closed after an interim answer",
                                             retryable=True)
@@ -1197,7 +1277,6 @@ class UpstreamClient:
         while idle:
             conn = idle.pop()
             if conn.usable(now):
-                conn.reused = True
                 return conn
             conn.close()
         return None
@@ -1372,11 +1451,12 @@ class HTTPServer:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        watchdog = Watchdog(reader)
         try:
             while not self._stopping:
                 state.busy = False
                 try:
-                    raw = await read_head(reader, KEEPALIVE_TIMEOUT, HEADER_TIMEOUT)
+                    raw = await read_head(reader, watchdog, KEEPALIVE_TIMEOUT, HEADER_TIMEOUT)
                 except TimeoutError:
                     break
                 except ProtocolError as exc:
@@ -1385,18 +1465,19 @@ class HTTPServer:
                 if raw is None:
                     break
                 state.busy = True
-                if not await self._one(reader, writer, raw, client):
+                if not await self._one(reader, writer, watchdog, raw, client):
                     break
         except (ConnectionError, OSError, TimeoutError, asyncio.CancelledError):
             pass
         except Exception as exc:                                       # pragma: no cover
             self._log(f"connection error: {type(exc).__name__}: {exc}")
         finally:
+            watchdog.close()
             self._conns.pop(task, None)                                # type: ignore[arg-type]
             await close_writer(writer)
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   raw: bytes, client: str) -> bool:
+                   watchdog: Watchdog, raw: bytes, client: str) -> bool:
         """Serve one request; return whether the connection may carry another."""
         head = None
         try:
@@ -1412,9 +1493,9 @@ class HTTPServer:
                     (head.headers.get("expect") or "").lower() == "100-continue":
                 await write_and_drain(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
-                body = await read_body(reader, mode, length, BODY_IDLE_TIMEOUT, limit=limit,
-                                       limit_error=too_large) if (length or mode != "length") \
-                    else b""
+                body = await read_body(reader, watchdog, mode, length, BODY_IDLE_TIMEOUT,
+                                       limit=limit, limit_error=too_large) \
+                    if (length or mode != "length") else b""
             except TimeoutError:
                 raise ProtocolError(408, "timed out waiting for the request body") from None
         except ProtocolError as exc:

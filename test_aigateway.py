@@ -234,6 +234,7 @@ class GW:
         with open(path, "w") as f:
             json.dump(config, f)
         self.store, _ = ag.ConfigStore.load(str(path))
+        self._seen: list = []
         self.thread = ag.GatewayThread(self.store, host="127.0.0.1", port=0)
         self.thread.start()
         self.url = self.thread.url
@@ -243,16 +244,23 @@ class GW:
     def gateway(self) -> ag.Gateway:
         return self.thread.gateway
 
-    def records(self):
+    def records(self, count=1, timeout=5.0):
+        """The request records, once at least ``count`` exist (a stream's record is written
+        when the gateway has sent its last byte, which the client may see first)."""
+        deadline = time.monotonic() + timeout
+        while len(self.gateway.records) < count and time.monotonic() < deadline:
+            try:
+                self._seen.append(self.thread.events.get(timeout=deadline - time.monotonic()))
+            except (queue.Empty, ValueError):
+                break
         return list(self.gateway.records)
 
     def events(self):
-        out = []
         while True:
             try:
-                out.append(self.thread.events.get_nowait())
+                self._seen.append(self.thread.events.get_nowait())
             except queue.Empty:
-                return out
+                return list(self._seen)
 
     def openai(self, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", TOKEN),
@@ -450,13 +458,16 @@ def test_05_chunked_whole_and_bytewise():
 
 
 @pytest.mark.parametrize("data", [b"zz\r\nab\r\n", b"3\r\nabcd\r\n", b"-1\r\n",
-                                  b"0\r\n\r\nextra", b"\r\n"])
+                                  b"\r\n", b"1" * 17 + b"\r\n"])
 def test_05_chunked_rejects_bad_sizes(data):
     with pytest.raises(ag.ProtocolError):
-        d = ag.ChunkedDecoder()
-        d.feed(data)
-        if not d.done and data == b"\r\n":
-            raise ag.ProtocolError(400, "empty size line accepted")
+        ag.ChunkedDecoder().feed(data)
+
+
+def test_05_chunked_keeps_bytes_after_the_end_apart():
+    d = ag.ChunkedDecoder()
+    assert d.feed(b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200") == [b"ok"]
+    assert d.done and d.tail == b"HTTP/1.1 200"
 
 
 SSE = ("\ufeffevent: message_start\r\ndata: {\"a\": \"é€😀\"}\r\n\r\n"
@@ -737,3 +748,724 @@ def test_07_socks5_and_socks5h_with_auth(upstream):
     assert ("connect", 3, "localhost", up.port) in proxy.seen          # resolved by the proxy
     assert ("auth", b"u", b"pw") in proxy.seen
     proxy.shutdown()
+
+
+# =================================================================================================
+# 8. HTTP server (raw sockets: an independent client that sees exactly what we send)
+# =================================================================================================
+
+def _responses(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a byte stream of Content-Length framed responses into (status, body) pairs."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        out.append((status, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_08_keep_alive_and_pipelining_answer_in_order(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: openai_chat_reply(text=json.loads(rec["body"])["model"])
+    g = gw([chan(up)])
+    reqs = b""
+    for i in range(3):
+        body = json.dumps({"model": f"model-{i}", "messages": []}).encode()
+        reqs += (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 f"{TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    reqs += b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    got = _responses(raw_exchange(g.port, reqs))
+    assert [s for s, _ in got] == [200, 200, 200, 200]
+    assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in got[:3]] == \
+        ["model-0", "model-1", "model-2"]
+
+
+def test_08_chunked_request_body(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)])
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
+                       for i in range(0, len(body), 10)) + b"0\r\n\r\n"
+    out = raw_exchange(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                       b"Authorization: Bearer " + TOKEN.encode() +
+                       b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
+    assert out.startswith(b"HTTP/1.1 200")
+    assert up.last()["body"] == body
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"BROKEN LINE\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nX: " + b"a" * (70 * 1024) + b"\r\n\r\n", 431),
+])
+def test_08_framing_errors(gw, raw, status):
+    g = gw()
+    out = raw_exchange(g.port, raw)
+    assert out.startswith(f"HTTP/1.1 {status}".encode()), out[:80]
+    assert b"Connection: close" in out
+    body = json.loads(out.partition(b"\r\n\r\n")[2])
+    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+
+
+def test_08_body_too_large_answered_from_content_length(gw):
+    g = gw(settings={"max_body_mb": 1})
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: " + TOKEN.encode() +
+              b"\r\nContent-Length: 5000000\r\n\r\n")        # and no body at all
+    out = s.recv(65536)
+    s.close()
+    assert out.startswith(b"HTTP/1.1 413")
+    err = json.loads(out.partition(b"\r\n\r\n")[2])
+    assert err["type"] == "error" and err["error"]["type"] == "request_too_large"
+
+
+def test_08_stalled_head_gets_408_and_idle_connection_closes(gw, monkeypatch):
+    monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(ag, "KEEPALIVE_TIMEOUT", 0.8)
+    g = gw()
+    t0 = time.monotonic()
+    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost:")
+    assert out.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+    t0 = time.monotonic()
+    assert s.recv(10) == b"" and time.monotonic() - t0 < 4     # idle: closed, nothing sent
+    s.close()
+
+
+def test_08_head_options_404_405(gw):
+    g = gw(settings={"cors_origins": ["http://app.example"]})
+    status, hdrs, body = g.request("HEAD", "/health")
+    assert status == 200 and body == b"" and int(hdrs["content-length"]) > 0
+    status, hdrs, _ = g.request("OPTIONS", "/v1/chat/completions",
+                                headers={"Origin": "http://app.example",
+                                         "Access-Control-Request-Method": "POST",
+                                         "Access-Control-Request-Headers": "authorization"})
+    assert status == 204 and hdrs["access-control-allow-origin"] == "http://app.example"
+    assert "POST" in hdrs["access-control-allow-methods"]
+    status, hdrs, _ = g.request("OPTIONS", "/v1/chat/completions",
+                                headers={"Origin": "http://evil.example"})
+    assert status == 204 and "access-control-allow-origin" not in hdrs
+    status, _, body = g.request("GET", "/v1/nothing-here")
+    assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
+    status, _, body = g.request("GET", "/v1/messages")
+    assert status == 405 and json.loads(body)["type"] == "error"     # Anthropic route
+    status, hdrs, body = g.request("DELETE", "/v1/chat/completions")
+    assert status == 405 and hdrs["allow"] == "POST" and "error" in json.loads(body)
+
+
+def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a",) * 10), delay=0.1,
+                         content_type="text/event-stream")])
+    g = gw([chan(up)])
+    got = {}
+
+    def client():
+        with g.openai().chat.completions.create(model="m", messages=[], stream=True) as s:
+            got["text"] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+    t = threading.Thread(target=client)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not up.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    g.stop()
+    t.join(10)
+    assert got.get("text") == "a" * 10
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", g.port), timeout=1)
+
+
+def test_08_server_survives_garbage(gw, monkeypatch):
+    monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.3)
+    g = gw()
+    for junk in (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n" * 3, b"\r\n\r\n",
+                 os.urandom(2000), b"\x16\x03\x01\x02\x00" + os.urandom(300)):
+        out = raw_exchange(g.port, junk, timeout=5)
+        assert out == b"" or out[:10] in (b"HTTP/1.1 4", b"HTTP/1.1 5") or \
+            out.startswith((b"HTTP/1.1 400", b"HTTP/1.1 408", b"HTTP/1.1 505")), out[:60]
+    assert g.request("GET", "/health")[0] == 200
+
+
+# =================================================================================================
+# 9. Converters (error shapes and model rewriting used by passthrough)
+# =================================================================================================
+
+def test_09_error_payloads_have_every_key():
+    err = ag.GatewayError(429, "slow down")
+    assert ag.error_payload(ag.OPENAI, err) == {"error": {
+        "message": "slow down", "type": "rate_limit_exceeded", "param": None, "code": None}}
+    assert ag.error_payload(ag.ANTHROPIC, err) == {"type": "error", "error": {
+        "type": "rate_limit_error", "message": "slow down"}}
+    assert ag.error_payload(ag.ANTHROPIC, ag.GatewayError(529, "x"))["error"]["type"] == \
+        "overloaded_error"
+    assert ag.stream_error_event(ag.ANTHROPIC, err).startswith(b"event: error\ndata: {")
+
+
+@pytest.mark.parametrize("body,expected", [
+    (b'{"error":{"message":"bad key","type":"x"}}', "bad key"),
+    (b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+     "Overloaded"),
+    (b'[{"error":{"code":429,"message":"Resource exhausted","status":"RESOURCE_EXHAUSTED"}}]',
+     "Resource exhausted"),
+    (b'{"error":"model not found"}', "model not found"),
+    (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "502 Bad Gateway"),
+    (b"", "upstream answered 503 Service Unavailable"),
+])
+def test_09_upstream_error_message_from_any_dialect(body, expected):
+    assert ag.upstream_error_message(body, 503) == expected
+
+
+def test_09_replace_json_model_is_byte_exact_elsewhere():
+    body = b'{ "model" : "fast",\n "messages": [{"role":"user","content":"1e5 \\u00e9"}], "x": 1.10}'
+    out = ag.replace_json_model(body, "fast", "gpt-4o-mini")
+    assert out == body.replace(b'"model" : "fast"', b'"model":"gpt-4o-mini"')
+    nested = b'{"model":"a","metadata":{"model":"a"}}'
+    assert json.loads(ag.replace_json_model(nested, "a", "b")) == \
+        {"model": "b", "metadata": {"model": "a"}}
+
+
+@pytest.mark.parametrize("base,expected", [
+    ("https://api.openai.com", "https://api.openai.com/v1/chat/completions"),
+    ("https://api.openai.com/v1/", "https://api.openai.com/v1/chat/completions"),
+    ("https://open.bigmodel.cn/api/paas/v4", "https://open.bigmodel.cn/api/paas/v4/chat/completions"),
+    ("https://generativelanguage.googleapis.com/v1beta/openai",
+     "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"),
+    ("https://api.groq.com/openai", "https://api.groq.com/openai/v1/chat/completions"),
+])
+def test_09_join_base_url_respects_version_segments(base, expected):
+    assert ag.join_base_url(base, "/v1/chat/completions") == expected
+
+
+# =================================================================================================
+# 10. Configuration
+# =================================================================================================
+
+def test_10_missing_file_is_created_owner_only_with_one_token(tmp_path):
+    path = tmp_path / "config.json"
+    store, key = ag.ConfigStore.load(str(path))
+    assert key.startswith("sk-gw-") and len(key) > 30
+    data = json.loads(path.read_text())
+    assert data["tokens"][0]["key"] == key and data["settings"]["host"] == "127.0.0.1"
+    assert data["settings"]["require_auth"] is True
+    if os.name == "posix":
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ag.ConfigStore.load(str(path))[1] is None          # second load creates nothing
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"channels": [{"type": "bogus"}]}, "channels[0].type: 'bogus' is not a channel type"),
+    ({"settings": {"port": "3000"}}, "settings.port"),
+    ({"settings": {"port": 70000}}, "use a port from 1 to 65535"),
+    ({"channels": [{"type": "custom"}]}, "channels[0].base_url: is empty"),
+    ({"channels": [{"type": "openai", "timeout": -1}]}, "channels[0].timeout"),
+    ({"channels": [{"name": "a"}, {"name": "A"}]}, "channels[1].name"),
+    ({"channels": [{"proxy": "ftp://x"}]}, "channels[0].proxy"),
+    ({"tokens": [{"key": "short"}]}, "tokens[0].key"),
+    ({"tokens": [{"key": "samesame1"}, {"key": "samesame1"}]}, "tokens[1].key"),
+    ({"settings": {"require_auth": "yes"}}, "settings.require_auth"),
+])
+def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    text = json.dumps(config)
+    path.write_text(text)
+    with pytest.raises(ag.ConfigError) as e:
+        ag.ConfigStore.load(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and needle in msg and ";" in msg
+    assert path.read_text() == text                            # never overwritten
+
+
+def test_10_json_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "settings": {\n    "port": 3000\n    "host": "x"\n  }\n}')
+    with pytest.raises(ag.ConfigError) as e:
+        ag.ConfigStore.load(str(path))
+    assert "line 4" in str(e.value)
+
+
+def test_10_unknown_fields_kept_ids_never_reused_saves_atomic(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"future_section": {"x": 1}, "channels": [
+        {"name": "a", "type": "openai", "my_note": "keep me"}]}))
+    store, _ = ag.ConfigStore.load(str(path))
+    b = store.add_channel(name="b", type="ollama")
+    assert b["id"] == 2 and b["base_url"] == "http://localhost:11434"
+    store.delete_channel(2)
+    c = store.add_channel(name="c", type="anthropic")
+    assert c["id"] == 3                                           # 2 is not reused
+    t = store.add_token(name="ci")
+    assert t["key"].startswith("sk-gw-")
+    with pytest.raises(ag.ConfigError):
+        store.update_channel(1, type="nope")
+    data = json.loads(path.read_text())
+    assert data["future_section"] == {"x": 1}
+    assert data["channels"][0]["my_note"] == "keep me" and data["channels"][0]["type"] == "openai"
+    assert [c["id"] for c in data["channels"]] == [1, 3]
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]       # no temp file left
+    reloaded, _ = ag.ConfigStore.load(str(path))
+    assert reloaded.add_channel(name="d")["id"] == 4
+
+
+# =================================================================================================
+# 11. Gateway: end to end with the official SDKs
+# =================================================================================================
+
+def test_11_openai_chat_non_stream_passthrough(gw, upstream):
+    up = upstream([openai_chat_reply(model="gpt-4o-2024", text="pong", usage=(7, 1))])
+    g = gw([chan(up, models=["gpt-4o"], model_mapping={"gpt-4o": "gpt-4o-2024"},
+                 headers={"HTTP-Referer": "https://me.example"})])
+    r = g.openai().chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "ping"}], temperature=0.25)
+    assert r.choices[0].message.content == "pong" and r.usage.total_tokens == 8
+    sent = up.last()
+    assert sent["path"] == "/v1/chat/completions"
+    body = json.loads(sent["body"])
+    assert body["model"] == "gpt-4o-2024" and body["temperature"] == 0.25
+    assert sent["headers"]["authorization"] == "Bearer sk-upstream-secret"
+    assert sent["headers"]["http-referer"] == "https://me.example"
+    assert "gzip" in sent["headers"]["accept-encoding"]
+    assert TOKEN not in json.dumps(sent["headers"])
+    rec = g.records()[-1]
+    assert (rec["status"], rec["model"], rec["channel"], rec["input_tokens"],
+            rec["output_tokens"], rec["token"]) == (200, "gpt-4o", sent and rec["channel"], 7, 1,
+                                                    "main")
+
+
+def test_11_openai_chat_stream_passthrough_is_not_buffered(gw, upstream):
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a", "b", "c")), delay=0.3,
+                         content_type="text/event-stream")])
+    g = gw([chan(up)])
+    arrivals = []
+    with g.openai().chat.completions.create(model="m", messages=[], stream=True,
+                                            stream_options={"include_usage": True}) as s:
+        for chunk in s:
+            arrivals.append((time.monotonic(), chunk))
+    text = "".join(c.choices[0].delta.content or "" for _, c in arrivals if c.choices)
+    assert text == "abc" and arrivals[-1][1].usage.completion_tokens == 2
+    assert arrivals[-1][0] - arrivals[0][0] > 1.0            # events arrived as they were sent
+    rec = g.records()[-1]
+    assert rec["stream"] and rec["input_tokens"] == 9 and rec["output_tokens"] == 2
+
+
+def test_11_other_openai_routes(gw, upstream):
+    audio = bytes(range(256)) * 400
+    up = upstream()
+
+    def respond(rec):
+        path = rec["path"]
+        if path.endswith("/completions") and "chat" not in path:
+            return Reply(body=json.dumps({"id": "c", "object": "text_completion", "created": 1,
+                                          "model": "m", "choices": [{"text": "ok", "index": 0,
+                                          "logprobs": None, "finish_reason": "stop"}]}).encode())
+        if path.endswith("/embeddings"):
+            return Reply(body=json.dumps({"object": "list", "model": "e", "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.5, -1.0]}],
+                "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode())
+        if path.endswith("/images/generations"):
+            return Reply(body=json.dumps({"created": 1, "data": [{"url": "http://x/i.png"}]})
+                         .encode())
+        if path.endswith("/audio/speech"):
+            return Reply(chunks=[audio[:1000], audio[1000:]], content_type="audio/mpeg")
+        if path.endswith("/audio/transcriptions"):
+            return Reply(body=b'{"text":"hello world"}')
+        return Reply(404, b'{"error":{"message":"?"}}')
+    up.responder = respond
+    g = gw([chan(up, model_mapping={"whisper": "whisper-large-v3"})])
+    c = g.openai()
+    assert c.completions.create(model="m", prompt="x").choices[0].text == "ok"
+    assert c.embeddings.create(model="e", input="x").data[0].embedding == [0.5, -1.0]
+    assert c.images.generate(prompt="a cat").data[0].url == "http://x/i.png"
+    assert json.loads(up.last()["body"]) == {"prompt": "a cat"}       # model left out, untouched
+    speech = c.audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    assert speech.content == audio
+    tr = c.audio.transcriptions.create(model="whisper", file=("a.wav", b"RIFF....", "audio/wav"))
+    assert tr.text == "hello world"
+    sent = up.last()["body"]
+    assert b"whisper-large-v3" in sent and b"RIFF...." in sent and b'name="model"' in sent
+
+
+def test_11_models_list_in_both_shapes(gw, upstream):
+    up = upstream()
+    g = gw([chan(up, name="a", models=["gpt-4o", "gpt-4o-*"], model_mapping={"fast": "x"}),
+            chan(up, name="b", models=["claude-x"], type="anthropic", priority=1),
+            chan(up, name="off", models=["hidden"], enabled=False)],
+           tokens=[{"name": "main", "key": TOKEN},
+                   {"name": "limited", "key": TOKEN2, "allowed_models": ["claude-*"]}])
+    assert [m.id for m in g.openai().models.list()] == ["gpt-4o", "fast", "claude-x"]
+    assert [m.id for m in g.openai(api_key=TOKEN2).models.list()] == ["claude-x"]
+    assert g.openai().models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"      # routable
+    with pytest.raises(openai.NotFoundError):
+        g.openai().models.retrieve("hidden")
+    page = g.anthropic().models.list()
+    assert [m.id for m in page.data] == ["gpt-4o", "fast", "claude-x"]
+    assert page.data[0].type == "model"
+
+
+def test_11_anthropic_messages_passthrough_stream_and_not(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: (
+        Reply(chunks=anthropic_stream_chunks(), content_type="text/event-stream")
+        if json.loads(rec["body"]).get("stream") else
+        Reply(body=json.dumps(anthropic_message()).encode()))
+    g = gw([chan(up, type="anthropic", api_key="sk-ant-upstream", models=["claude-*"])])
+    c = g.anthropic(default_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"})
+    msg = c.messages.create(model="claude-x", max_tokens=100,
+                            messages=[{"role": "user", "content": "hi"}])
+    assert msg.content[0].text == "hi there" and msg.usage.cache_read_input_tokens == 4
+    sent = up.last()
+    assert sent["path"] == "/v1/messages"
+    assert sent["headers"]["x-api-key"] == "sk-ant-upstream"
+    assert sent["headers"]["anthropic-version"] == c.default_headers["anthropic-version"]
+    assert sent["headers"]["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    assert "authorization" not in sent["headers"] and TOKEN not in json.dumps(sent["headers"])
+    with c.messages.stream(model="claude-x", max_tokens=100,
+                           messages=[{"role": "user", "content": "hi"}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "Hi there" and final.usage.output_tokens == 7
+    rec = g.records(2)[-1]
+    assert rec["stream"] and (rec["input_tokens"], rec["output_tokens"]) == (12, 7)
+
+
+def test_11_count_tokens_with_beta_query(gw, upstream):
+    up = upstream([Reply(body=b'{"input_tokens": 42}')])
+    g = gw([chan(up, type="anthropic", models=["claude-*"])])
+    status, _, body = g.request("POST", "/v1/messages/count_tokens?beta=true",
+                                {"model": "claude-x", "messages": [{"role": "user",
+                                                                   "content": "hi"}]},
+                                headers={"anthropic-version": "2023-06-01"})
+    assert status == 200 and json.loads(body) == {"input_tokens": 42}
+    assert up.last()["path"] == "/v1/messages/count_tokens?beta=true"
+    g.request("POST", "/messages/count_tokens", {"model": "claude-x", "messages": []},
+              headers={"Authorization": None, "x-api-key": TOKEN})
+    assert up.last()["headers"]["anthropic-version"] == "2023-06-01"     # the gateway's default
+    r = g.anthropic().messages.count_tokens(model="claude-x",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert r.input_tokens == 42
+
+
+def test_11_paths_without_v1_prefix_and_versioned_base(gw, upstream):
+    up = upstream()
+    g = gw([chan(up.url + "/api/paas/v4")])
+    status, _, _ = g.request("POST", "/chat/completions", {"model": "m", "messages": []})
+    assert status == 200 and up.last()["path"] == "/api/paas/v4/chat/completions"
+
+
+@pytest.mark.parametrize("where", ["bearer", "x-api-key", "x-goog-api-key", "query"])
+def test_11_token_accepted_from_every_place(gw, upstream, where):
+    up = upstream()
+    g = gw([chan(up)])
+    headers = {"Authorization": None}
+    path = "/v1/chat/completions"
+    if where == "bearer":
+        headers["Authorization"] = f"Bearer {TOKEN}"
+    elif where == "query":
+        path += f"?key={TOKEN}&keep=1"
+    else:
+        headers[where] = TOKEN
+    status, _, _ = g.request("POST", path, {"model": "m", "messages": []}, headers=headers)
+    assert status == 200
+    sent = up.last()
+    assert TOKEN not in sent["path"] and TOKEN not in json.dumps(sent["headers"])
+    if where == "query":
+        assert sent["path"].endswith("?keep=1")
+
+
+def test_11_auth_errors_and_allow_lists(gw, upstream):
+    up = upstream()
+    g = gw([chan(up, name="cheap", models=["gpt-4o-mini"]),
+            chan(up, name="pricey", models=["o3"])],
+           tokens=[{"name": "main", "key": TOKEN, "allowed_models": ["gpt-4o*"]},
+                   {"name": "off", "key": TOKEN2, "enabled": False},
+                   {"name": "chan-limited", "key": "sk-gw-chan-limited-1",
+                    "allowed_channels": ["cheap"]}])
+    with pytest.raises(openai.AuthenticationError) as e:
+        g.openai(api_key="sk-gw-wrong-token-000").chat.completions.create(model="o3",
+                                                                           messages=[])
+    assert "invalid gateway token" in str(e.value) and "sk-gw-wrong" not in str(e.value)
+    with pytest.raises(openai.AuthenticationError, match="disabled"):
+        g.openai(api_key=TOKEN2).chat.completions.create(model="o3", messages=[])
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'o3'"):
+        g.openai().chat.completions.create(model="o3", messages=[])
+    with pytest.raises(openai.PermissionDeniedError, match="may not use the channels"):
+        g.openai(api_key="sk-gw-chan-limited-1").chat.completions.create(model="o3",
+                                                                          messages=[])
+    assert g.openai(api_key="sk-gw-chan-limited-1").chat.completions.create(
+        model="gpt-4o-mini", messages=[]).choices
+    status, _, body = g.request("GET", "/v1/models", headers={"Authorization": None})
+    assert status == 401 and "missing gateway token" in json.loads(body)["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError):
+        g.anthropic(api_key="nope-nope-nope").messages.create(
+            model="o3", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert g.request("GET", "/health", headers={"Authorization": None})[0] == 200
+    assert len(up.requests) == 1
+
+
+def test_11_auth_off_lets_anyone_in(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)], settings={"require_auth": False})
+    status, _, _ = g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
+                             headers={"Authorization": None})
+    assert status == 200
+
+
+def test_11_routing_priority_round_robin_wildcards_and_no_match(gw, upstream):
+    a, b, c = upstream(), upstream(), upstream()
+    g = gw([chan(a, name="a", models=["gpt-*"], priority=1),
+            chan(b, name="b", models=["GPT-4O"], priority=0),
+            chan(c, name="c", models=["gpt-4o"], priority=0)])
+    client = g.openai()
+    for _ in range(4):
+        client.chat.completions.create(model="gpt-4o", messages=[])
+    assert len(b.requests) == 2 and len(c.requests) == 2 and not a.requests
+    client.chat.completions.create(model="gpt-3.5", messages=[])
+    assert len(a.requests) == 1
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="llama", messages=[])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(anthropic.NotFoundError) as e2:
+        g.anthropic().messages.create(model="llama", max_tokens=5,
+                                      messages=[{"role": "user", "content": "x"}])
+    assert e2.value.body["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("first", [
+    Reply(500, b'{"error":{"message":"boom"}}'),
+    Reply(429, b'{"error":{"message":"slow"}}', headers={"Retry-After": "3"}),
+    Reply(401, b'{"error":{"message":"bad upstream key"}}'),
+    Reply(503, b"<html>down</html>", content_type="text/html"),
+    "dead", "hang",
+])
+def test_11_fallback_moves_to_next_channel(gw, upstream, first):
+    good = upstream([openai_chat_reply(text="from backup")])
+    if first == "dead":
+        bad = chan(f"http://127.0.0.1:{dead_port()}", name="bad")
+    else:
+        up_bad = upstream([Reply(hang=5) if first == "hang" else first])
+        bad = chan(up_bad, name="bad", timeout=1)
+    g = gw([bad, chan(good, name="good", priority=5)])
+    r = g.openai().chat.completions.create(model="m", messages=[])
+    assert r.choices[0].message.content == "from backup"
+    rec = g.records()[-1]
+    assert rec["tried"] == ["bad", "good"] and rec["channel"] == "good"
+
+
+def test_11_client_errors_are_not_retried(gw, upstream):
+    bad = upstream([Reply(400, b'{"error":{"message":"context_length_exceeded!",'
+                               b'"type":"invalid_request_error","param":"messages",'
+                               b'"code":"context_length_exceeded"}}')])
+    good = upstream()
+    g = gw([chan(bad, name="bad"), chan(good, name="good", priority=1)])
+    with pytest.raises(openai.BadRequestError) as e:
+        g.openai().chat.completions.create(model="m", messages=[])
+    assert e.value.body["code"] == "context_length_exceeded" and not good.requests
+
+
+def test_11_streaming_falls_back_before_first_byte(gw, upstream):
+    bad = upstream([Reply(502, b"bad gateway", content_type="text/plain")])
+    good = upstream([openai_stream_reply(pieces=("ok",))])
+    g = gw([chan(bad, name="bad"), chan(good, name="good", priority=1)])
+    with g.openai().chat.completions.create(model="m", messages=[], stream=True) as s:
+        text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+    assert text == "ok" and len(bad.requests) == 1
+
+
+def test_11_all_channels_failed_and_fallback_off(gw, upstream):
+    a = upstream([Reply(500, b'{"error":{"message":"a broke"}}')])
+    b = upstream([Reply(429, b'{"error":{"message":"b is busy"}}', headers={"Retry-After": "7"})])
+    g = gw([chan(a, name="a"), chan(b, name="b", priority=1)])
+    with pytest.raises(openai.RateLimitError) as e:
+        g.openai().chat.completions.create(model="m", messages=[])
+    assert "b is busy" in str(e.value) and e.value.response.headers["retry-after"] == "7"
+    g2 = gw([chan(f"http://127.0.0.1:{dead_port()}", name="x"),
+             chan(f"http://127.0.0.1:{dead_port()}", name="y")])
+    with pytest.raises(openai.InternalServerError) as e2:
+        g2.openai().chat.completions.create(model="m", messages=[])
+    assert e2.value.status_code == 502 and "'x'" in str(e2.value) and "'y'" in str(e2.value)
+    g3 = gw([chan(a, name="a"), chan(b, name="b", priority=1)],
+            settings={"enable_fallback": False})
+    with pytest.raises(openai.InternalServerError, match="a broke"):
+        g3.openai().chat.completions.create(model="m", messages=[])
+
+
+def test_11_mid_stream_failure_gives_in_band_error(gw, upstream):
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a", "b", "c", "d")),
+                         reset_after=3, content_type="text/event-stream")])
+    g = gw([chan(up)])
+    got = []
+    with pytest.raises(openai.APIError, match="broke off"):
+        with g.openai().chat.completions.create(model="m", messages=[], stream=True) as s:
+            for c in s:
+                got.append(c)
+    assert len(got) == 3
+    aup = upstream([Reply(chunks=anthropic_stream_chunks(pieces=("x",) * 5), reset_after=4,
+                          content_type="text/event-stream")])
+    ga = gw([chan(aup, type="anthropic")])
+    with pytest.raises(anthropic.APIStatusError, match="broke off"):
+        with ga.anthropic().messages.stream(model="c", max_tokens=9,
+                                            messages=[{"role": "user", "content": "x"}]) as s:
+            for _ in s.text_stream:
+                pass
+    rec = ga.records()[-1]
+    assert rec["status"] == 200 and "broke off" in rec["error"]
+
+
+def test_11_needs_conversion_gives_clear_error(gw, upstream):
+    up = upstream()
+    g = gw([chan(up, name="gem", type="gemini", models=["gemini-*"])])
+    with pytest.raises(openai.APIStatusError) as e:
+        g.openai().chat.completions.create(model="gemini-2.5-pro", messages=[])
+    assert e.value.status_code == 501 and "gemini channel 'gem'" in str(e.value)
+    assert not up.requests
+
+
+def test_11_bad_bodies_get_clear_errors(gw, upstream):
+    g = gw([chan(upstream())])
+    for body, needle in ((b"{not json", "not valid JSON"), (b"[1,2]", "JSON object"),
+                         (b'{"messages": []}', "'model' is required"), (b"", "empty")):
+        status, _, out = g.request("POST", "/v1/chat/completions", body,
+                                   headers={"Content-Type": "application/json"})
+        err = json.loads(out)["error"]
+        assert status == 400 and needle in err["message"] and set(err) == {
+            "message", "type", "param", "code"}
+    status, _, out = g.request("POST", "/v1/messages", b"{oops",
+                               headers={"anthropic-version": "2023-06-01"})
+    assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+
+
+def test_11_request_log_and_events_hold_no_secret(gw, upstream, tmp_path):
+    up = upstream([Reply(500, b'{"error":{"message":"nope"}}'), openai_chat_reply()])
+    g = gw([chan(up, name="one", api_key="sk-upstream-SECRET"),
+            chan(up, name="two", api_key="sk-upstream-SECRET2", priority=1)],
+           settings={"log_requests": True, "log_file": "requests.jsonl"})
+    g.openai().chat.completions.create(model="m", messages=[])
+    g.request("POST", "/v1/chat/completions", {"model": "m"}, headers={
+        "Authorization": "Bearer sk-gw-not-a-real-token"})
+    lines = (tmp_path / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(x) for x in lines)
+    assert first["tried"] == ["one", "two"] and first["status"] == 200
+    assert first["token"] == "main" and second["status"] == 401
+    everything = "\n".join(lines) + repr(g.events())
+    for secret in (TOKEN, "sk-upstream-SECRET", "sk-gw-not-a-real-token"):
+        assert secret not in everything
+    kinds = {k for k, _ in g.events()}
+    assert isinstance(kinds, set)
+
+
+# =================================================================================================
+# 12. Server thread bridge
+# =================================================================================================
+
+def test_12_apply_config_takes_effect_without_restart(gw, upstream):
+    a, b = upstream([openai_chat_reply(text="A")]), upstream([openai_chat_reply(text="B")])
+    g = gw([chan(a, name="a")])
+    assert g.openai().chat.completions.create(model="m", messages=[]).choices[0] \
+        .message.content == "A"
+    g.store.update_channel(1, base_url=b.url)
+    g.thread.apply_config()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if g.openai().chat.completions.create(model="m", messages=[]).choices[0] \
+                .message.content == "B":
+            break
+    else:
+        pytest.fail("new base_url never took effect")
+    events = g.events()
+    assert ("state", "running") in events
+    assert any(k == "request" for k, _ in events)
+
+
+def test_12_bind_error_is_raised_to_the_caller(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"settings": {"port": busy.getsockname()[1]}}))
+    store, _ = ag.ConfigStore.load(str(path))
+    t = ag.GatewayThread(store)
+    with pytest.raises(OSError):
+        t.start()
+    assert not t.running
+    busy.close()
+
+
+# =================================================================================================
+# 14. Command line and main()
+# =================================================================================================
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "aigateway.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})), **kw)
+
+
+def _wait_health(port, proc, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited: {proc.communicate()}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("gateway did not answer /health")
+
+
+def test_14_headless_first_run_prints_token_once_and_stops_on_sigterm(tmp_path, upstream):
+    cfg = tmp_path / "config.json"
+    port = dead_port()
+    p = _cli("--headless", "--port", str(port), env={"AIGATEWAY_CONFIG": str(cfg)})
+    try:
+        _wait_health(port, p)
+        key = json.loads(cfg.read_text())["tokens"][0]["key"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert conn.getresponse().status == 200
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    assert p.returncode == 0
+    assert out.count(key) == 1 and "shown only this once" in out
+    assert key not in err and "GET /v1/models" in out
+    p2 = _cli("--headless", "--port", str(port), "--config", str(cfg))
+    try:
+        _wait_health(port, p2)
+        p2.send_signal(signal.SIGINT)
+        out2, _ = p2.communicate(timeout=15)
+    finally:
+        p2.kill()
+    assert key not in out2 and p2.returncode == 0
+
+
+def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"channels": [{"type": "nope"}]}')
+    p = _cli("--headless", "--config", str(cfg))
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 2 and "channels[0].type" in err and str(cfg) in err
+    assert cfg.read_text() == '{"channels": [{"type": "nope"}]}'
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg.write_text("{}")
+    p = _cli("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
+    out, err = p.communicate(timeout=15)
+    busy.close()
+    assert p.returncode == 2 and "cannot listen" in err and "--port" in err
+
+
+def test_14_version():
+    p = _cli("--version")
+    out, _ = p.communicate(timeout=15)
+    assert p.returncode == 0 and ag.__version__ in out
