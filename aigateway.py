@@ -481,6 +481,9 @@ def multipart_field_name(part_headers: dict[str, str]) -> str | None:
 # Every decoder here takes bytes as they come, split anywhere, and gives the same result fed whole
 # or one byte at a time.
 
+_CHUNK_SIZE_RX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class ChunkedDecoder:
     """``Transfer-Encoding: chunked`` (RFC 9112 section 7.1). ``feed`` returns the data pieces;
     ``done`` turns true after the last-chunk and trailers; bytes fed past that end are kept in
@@ -509,7 +512,8 @@ class ChunkedDecoder:
         out: list[bytes] = []
         pos, n = 0, len(data)
         while pos < n and not self.done:
-            if self._state == "data":
+            state = self._state
+            if state == "data":
                 take = min(self.data_left, n - pos)
                 out.append(data[pos:pos + take])
                 pos += take
@@ -517,17 +521,25 @@ class ChunkedDecoder:
                 if self.data_left == 0:
                     self._state = "crlf"
                 continue
+            if state == "crlf" and not self._line and data.startswith(b"\r\n", pos):
+                pos += 2                                # the usual end of a chunk's data
+                self._state = "size"
+                continue
             nl = data.find(b"\n", pos)
-            end = n if nl == -1 else nl
-            self._line += data[pos:end]
-            if len(self._line) > MAX_CHUNK_LINE:
-                raise self._fail("line too long")
-            if nl == -1:
-                break
+            if nl == -1 or self._line:                  # a line split across reads
+                self._line += data[pos:n if nl == -1 else nl]
+                if len(self._line) > MAX_CHUNK_LINE:
+                    raise self._fail("line too long")
+                if nl == -1:
+                    break
+                line = bytes(self._line)
+                self._line.clear()
+            else:
+                if nl - pos > MAX_CHUNK_LINE:
+                    raise self._fail("line too long")
+                line = data[pos:nl]
             pos = nl + 1
-            line = bytes(self._line[:-1] if self._line.endswith(b"\r") else self._line)
-            self._line.clear()
-            self._on_line(line)
+            self._on_line(line[:-1] if line.endswith(b"\r") else line)
         if self.done and pos < n:
             self.tail = data[pos:]
         return out
@@ -539,7 +551,7 @@ class ChunkedDecoder:
             self._state = "size"
         elif self._state == "size":
             size = line.split(b";", 1)[0].strip(b" \t")
-            if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
+            if not _CHUNK_SIZE_RX.fullmatch(size):
                 raise self._fail(f"invalid chunk size {line[:40]!r}")
             self.data_left = int(size, 16)
             self._state = "data" if self.data_left else "trailer"
@@ -845,7 +857,9 @@ async def iter_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str,
                         from None
                 if not data:
                     raise ProtocolError(error_status, "connection closed inside a chunked body")
-                for piece in dec.feed(data):
+                pieces = dec.feed(data)
+                if pieces:                  # what one read brought is passed on in one piece
+                    piece = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                     seen += len(piece)
                     if limit is not None and seen > limit and limit_error is not None:
                         raise limit_error()

@@ -39,6 +39,7 @@ STREAM_EVENTS = [b"data: " + json.dumps({
     "model": "bench-model", "choices": [{"index": 0, "delta": {"content": f"tok{i} "},
                                          "finish_reason": None}]}).encode() + b"\n\n"
     for i in range(199)] + [b"data: [DONE]\n\n"]
+STREAM_BURST = b"".join(b"%x\r\n%s\r\n" % (len(ev), ev) for ev in STREAM_EVENTS) + b"0\r\n\r\n"
 
 
 # -- fake upstream ----------------------------------------------------------------------------
@@ -62,15 +63,21 @@ class UpstreamProtocol(asyncio.Protocol):
                 return
             body = self.buf[end + 4:end + 4 + n]
             self.buf = self.buf[end + 4 + n:]
-            if b'"stream":true' in body or b'"stream": true' in body:
-                asyncio.ensure_future(self.stream())
+            if b'"stream":true' in body:
+                asyncio.ensure_future(self.stream(paced=b'"paced":true' in body))
             else:
                 self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(COMPLETION), COMPLETION))
 
-    async def stream(self):
-        self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+    async def stream(self, paced: bool):
+        """200 events, each its own chunk: all in one write (burst) or 1 ms apart (paced, as a
+        model streams: every event is then a separate read and write for the gateway)."""
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        if not paced:
+            self.t.write(head + STREAM_BURST)
+            return
+        self.t.write(head)
         for ev in STREAM_EVENTS:
             self.t.write(b"%x\r\n%s\r\n" % (len(ev), ev))
             await asyncio.sleep(0.001)
@@ -240,9 +247,9 @@ def main() -> None:
         time.sleep(0.5)
         idle_rss = rss_mib(gw.pid)
         body = json.dumps({"model": "bench-model", "messages": [
-            {"role": "user", "content": "Say something about foxes."}]}).encode()
+            {"role": "user", "content": "Say something about foxes."}]},
+            separators=(",", ":")).encode()
         path = "/v1/chat/completions"
-        wait_health(up_port) if False else None
         results = {}
         for label, conc in (("1 client", 1), (f"{args.concurrency} clients", args.concurrency)):
             direct = load_in_subprocess(up_port, path, body, conc, args.seconds, other)
@@ -250,12 +257,15 @@ def main() -> None:
             via = load_in_subprocess(gw_port, path, body, conc, args.seconds, other)
             cpu = (cpu_seconds(gw.pid) - c0) / via["requests"]
             results[label] = (direct, via, cpu)
-        sbody = json.dumps({"model": "bench-model", "stream": True, "messages": [
-            {"role": "user", "content": "Stream please."}]}).encode()
-        sdirect = load_in_subprocess(up_port, path, sbody, 4, args.seconds, other)
-        c0 = cpu_seconds(gw.pid)
-        svia = load_in_subprocess(gw_port, path, sbody, 4, args.seconds, other)
-        scpu = (cpu_seconds(gw.pid) - c0) / svia["requests"]
+        streams = {}
+        for label, paced in (("burst", False), ("paced 1 ms", True)):
+            sbody = json.dumps({"model": "bench-model", "stream": True, "paced": paced,
+                                "messages": [{"role": "user", "content": "Stream please."}]},
+                               separators=(",", ":")).encode()
+            sdirect = load_in_subprocess(up_port, path, sbody, 4, args.seconds, other)
+            c0 = cpu_seconds(gw.pid)
+            svia = load_in_subprocess(gw_port, path, sbody, 4, args.seconds, other)
+            streams[label] = (sdirect, svia, (cpu_seconds(gw.pid) - c0) / svia["requests"])
         busy_rss = rss_mib(gw.pid)
     finally:
         gw.terminate()
@@ -276,9 +286,10 @@ def main() -> None:
         print(f"{label + ' gateway CPU/req':<28}{'':>14}{cpu * 1e6:>12.0f}us")
     one = results["1 client"]
     print(f"{'added p50 at 1 client':<28}{'':>14}{(one[1]['p50_ms'] - one[0]['p50_ms']):>12.3f}ms")
-    print(f"{'200-chunk SSE streams/s':<28}{sdirect['rps']:>14.1f}{svia['rps']:>14.1f}"
-          f"{svia['rps'] / sdirect['rps']:>10.2f}")
-    print(f"{'200-chunk SSE gateway CPU':<28}{'':>14}{scpu * 1e3:>12.3f}ms")
+    for label, (sdirect, svia, scpu) in streams.items():
+        print(f"{'SSE ' + label + ' streams/s':<28}{sdirect['rps']:>14.1f}{svia['rps']:>14.1f}"
+              f"{svia['rps'] / sdirect['rps']:>10.2f}")
+        print(f"{'SSE ' + label + ' CPU/stream':<28}{'':>14}{scpu * 1e3:>12.3f}ms")
     print(f"{'start to first /health 200':<28}{'':>14}{startup:>13.3f}s")
     print(f"{'idle RSS':<28}{'':>14}{idle_rss:>10.1f} MiB")
     print(f"{'RSS after load':<28}{'':>14}{busy_rss:>10.1f} MiB")
