@@ -1469,3 +1469,9 @@ def test_14_version():
     p = _cli("--version")
     out, _ = p.communicate(timeout=15)
     assert p.returncode == 0 and ag.__version__ in out
+
+
+def test_10_example_config_is_valid():
+    with open(os.path.join(HERE, "config.example.json")) as f:
+        cfg = ag.validate_config(json.load(f), "config.example.json")
+    assert [c["type"] for c in cfg["channels"]] == ["openai", "custom", "anthropic", "custom"]
