@@ -2805,18 +2805,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def release_startup_memory() -> None:
-    """Give back to the OS the heap that compiling this (large, never cached when run as a
-    script) file left free: about 6 MiB of RSS on glibc Linux. Elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: bool) -> int:
     settings = store.data["settings"]
     bind_host = host or settings["host"]
@@ -2836,8 +2824,7 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):                # Windows
                 signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-        await run_gateway(store, stop, host=bind_host, port=bind_port, on_event=on_event,
-                          on_ready=lambda gateway, server: release_startup_memory())
+        await run_gateway(store, stop, host=bind_host, port=bind_port, on_event=on_event)
 
     try:
         asyncio.run(serve())
