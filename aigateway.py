@@ -98,6 +98,7 @@ MAX_BUFFERED_RESPONSE = 1024 * 1024   # upstream bodies up to this are read whol
 MAX_ERROR_BODY = 256 * 1024           # how much of an upstream error body we read
 
 EVENTS_KEPT = 1000                    # request records kept in memory for the GUI
+SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for replay, oldest dropped
 REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
 REQUEST_LOG_BACKUPS = 3
 SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed unsplit
@@ -293,6 +294,7 @@ def now_iso(ts: float | None = None) -> str:
 # a bad chunk size or a bad Content-Length), lenient on cosmetics (header name case, bare LF).
 
 _TOKEN_RX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)        # /v1, /v4, /v1beta in URLs
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 _REASONS[529] = "Overloaded"
 _HOP_BY_HOP = frozenset((
@@ -1713,6 +1715,1531 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
     return body
 
 
+# 9.2 The internal form ("IR") of a chat exchange. Every dialect converts to and from it, so N
+# dialects need 2N converters instead of N^2. Plain dicts, JSON-able, lossless for what both sides
+# can express.
+#
+# Request:
+#   model: str                       stream: bool              include_usage: bool
+#   system: [Part]                   text parts of every system/developer message, in order
+#   messages: [{"role": "user"|"assistant"|"tool", "content": [Part]}]
+#   tools: [{"name", "description", "parameters": JSON Schema}]
+#   tool_choice: None | "auto" | "none" | "required" | {"name": str}
+#   parallel_tool_calls: bool | None  n: int                  user: str | None
+#   max_tokens, temperature, top_p, top_k, seed, presence_penalty, frequency_penalty: num | None
+#   stop: [str]
+#   response_format: None | {"type": "json_object"} | {"type": "json_schema", "name", "schema",
+#                    "strict"}
+#   reasoning: None | {"effort": "none"|"minimal"|"low"|"medium"|"high"|"max", "budget": int|None}
+# Part:
+#   {"type": "text", "text"}
+#   {"type": "image", "url"} | {"type": "image", "media_type", "data"}       data is base64
+#   {"type": "file", "media_type", "data", "filename"}                       (PDF and such)
+#   {"type": "audio", "format", "data"}
+#   {"type": "reasoning", "text", "signature", "redacted"}   signature only when Anthropic issued it
+#   {"type": "tool_call", "id", "name", "arguments"}          arguments: JSON text ("{}" when none)
+#   {"type": "tool_result", "id", "name", "content": [text|image Part], "is_error": bool}
+#                                                             only in role "tool", one per message
+# Response: {"id", "model", "content": [text|reasoning|tool_call Part], "finish", "usage"}
+#   finish: "stop" | "length" | "tool_calls" | "content_filter"
+# Usage: {"input" (whole prompt, cached included), "output" (reasoning included), "cache_read",
+#         "cache_write", "reasoning"}
+# Stream events, tuples in this order: ("start", id, model), then any of ("text", s),
+#   ("reasoning", s), ("signature", s), ("tool", index, id, name), ("args", index, s),
+#   ("usage", Usage); ("finish", reason) once; ("error", GatewayError) ends a broken stream.
+#   Tool indexes are dense from 0 in order of first appearance.
+
+UNSIGNED_THINKING = "aigateway-unsigned"      # signature we put on thinking we did not get signed
+THOUGHT_SKIP = "skip_thought_signature_validator"   # Gemini's escape hatch for foreign history
+DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
+_ANTHROPIC_ID_RX = re.compile(r"[A-Za-z0-9_-]+\Z")
+_DATA_URL_RX = re.compile(r"data:([^;,]+)?(?:;[^,]*)?;base64,(.*)\Z", re.S)
+_EFFORT_BUDGET = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "max": 32768}
+
+
+def new_usage(inp: int = 0, out: int = 0, cache_read: int = 0, cache_write: int = 0,
+              reasoning: int = 0) -> dict:
+    return {"input": inp, "output": out, "cache_read": cache_read, "cache_write": cache_write,
+            "reasoning": reasoning}
+
+
+def _num(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def parse_arguments(text: str | None) -> dict:
+    """Tool-call arguments as an object: empty text is {} (PROTOCOLS.md section 7 #15); text that
+    is not a JSON object is kept as {"raw": text} rather than lost."""
+    if not text or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def anthropic_tool_id(tool_id: str) -> str:
+    """Anthropic ids must match ^[a-zA-Z0-9_-]+$; other providers' ids (``functions.Bash:0``)
+    are rewritten deterministically, the same way for a call and its result."""
+    if tool_id and _ANTHROPIC_ID_RX.match(tool_id):
+        return tool_id
+    import hashlib
+    digest = hashlib.sha1(tool_id.encode()).hexdigest()[:8]
+    return f"toolu_{re.sub(r'[^A-Za-z0-9_-]', '_', tool_id)[:40]}_{digest}"
+
+
+def image_part_from_url(url: str) -> dict:
+    m = _DATA_URL_RX.match(url)
+    if m:
+        return {"type": "image", "media_type": m.group(1) or "image/png", "data": m.group(2)}
+    return {"type": "image", "url": url}
+
+
+def image_data_url(part: dict) -> str:
+    if "url" in part:
+        return part["url"]
+    return f"data:{part.get('media_type') or 'image/png'};base64,{part['data']}"
+
+
+def parts_text(parts: list[dict]) -> str:
+    return "".join(p["text"] for p in parts if p.get("type") == "text")
+
+
+def _text_only(content: Any) -> list[dict]:
+    """String or list of text-ish parts -> IR text parts (empty text dropped)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    out = []
+    for p in content or []:
+        if isinstance(p, dict):
+            text = p.get("text")
+            if isinstance(text, str) and text:
+                out.append({"type": "text", "text": text})
+        elif isinstance(p, str) and p:
+            out.append({"type": "text", "text": p})
+    return out
+
+
+def effort_from_budget(budget: int) -> str:
+    return "low" if budget < 2048 else "medium" if budget < 16384 else "high"
+
+
+def estimate_tokens(ir: dict) -> int:
+    """A fast local estimate of a request's prompt tokens (about 4 ASCII characters or one
+    non-ASCII character per token, plus a few per message and the tool schemas)."""
+    def count(text: str) -> int:
+        ascii_chars = len(text.encode("ascii", "ignore"))
+        return ascii_chars // 4 + (len(text) - ascii_chars) + 1
+
+    total = sum(count(p["text"]) for p in ir["system"] if p.get("type") == "text")
+    for msg in ir["messages"]:
+        total += 4
+        for p in msg["content"]:
+            t = p["type"]
+            if t == "text" or t == "reasoning":
+                total += count(p.get("text") or "")
+            elif t == "tool_call":
+                total += count(p["name"]) + count(p["arguments"])
+            elif t == "tool_result":
+                total += count(parts_text(p["content"])) + 85 * sum(
+                    1 for c in p["content"] if c["type"] == "image")
+            elif t in ("image", "file"):
+                total += 85 if t == "image" else count(p.get("data", "")) // 3
+    for tool in ir["tools"]:
+        total += count(tool["name"] + (tool.get("description") or "") +
+                       json.dumps(tool.get("parameters") or {}))
+    return max(total, 1)
+
+
+def empty_request(model: str) -> dict:
+    return {"model": model, "system": [], "messages": [], "tools": [], "tool_choice": None,
+            "parallel_tool_calls": None, "max_tokens": None, "temperature": None, "top_p": None,
+            "top_k": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
+            "stop": [], "response_format": None, "reasoning": None, "stream": False,
+            "include_usage": False, "user": None, "n": 1}
+
+
+def _append(messages: list[dict], role: str, parts: list[dict]) -> None:
+    """Add a turn, merging it into the previous one of the same role (tool turns stay apart)."""
+    if not parts:
+        return
+    if messages and messages[-1]["role"] == role and role != "tool":
+        messages[-1]["content"].extend(parts)
+    else:
+        messages.append({"role": role, "content": parts})
+
+
+# 9.3 OpenAI Chat Completions ---------------------------------------------------------------------
+
+def openai_request_to_ir(body: dict) -> dict:
+    ir = empty_request(body.get("model") or "")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise GatewayError(400, "'messages' must be a list of message objects", param="messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise GatewayError(400, f"messages[{i}] is not an object", param=f"messages[{i}]")
+        role = m.get("role")
+        content = m.get("content")
+        if role in ("system", "developer"):
+            ir["system"] += _text_only(content)
+        elif role == "user":
+            _append(ir["messages"], "user", _openai_user_parts(content, i))
+        elif role == "assistant":
+            parts: list[dict] = []
+            reasoning = m.get("reasoning_content") or m.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                parts.append({"type": "reasoning", "text": reasoning, "signature": None,
+                              "redacted": None})
+            parts += _text_only(content)
+            if isinstance(m.get("refusal"), str) and m["refusal"] and not parts:
+                parts.append({"type": "text", "text": m["refusal"]})
+            calls = m.get("tool_calls") or []
+            if m.get("function_call"):
+                calls = [{"id": f"call_fn_{i}", "function": m["function_call"]}]
+            for c in calls:
+                fn = c.get("function") or c.get("custom") or {}
+                args = fn.get("arguments", fn.get("input", ""))
+                parts.append({"type": "tool_call", "id": str(c.get("id") or f"call_{i}"),
+                              "name": str(fn.get("name") or ""),
+                              "arguments": args if isinstance(args, str) else json.dumps(args)})
+            _append(ir["messages"], "assistant", parts)
+        elif role in ("tool", "function"):
+            result = _openai_user_parts(content, i)
+            tool_id = m.get("tool_call_id") or (f"call_fn_{i - 1}" if role == "function" else "")
+            ir["messages"].append({"role": "tool", "content": [{
+                "type": "tool_result", "id": str(tool_id), "name": m.get("name"),
+                "content": result, "is_error": False}]})
+        else:
+            raise GatewayError(400, f"messages[{i}].role {role!r} is not one of system, "
+                                    f"developer, user, assistant, tool", param=f"messages[{i}]")
+    tools = body.get("tools") or []
+    if body.get("functions"):
+        tools = [{"type": "function", "function": f} for f in body["functions"]]
+    for t in tools:
+        fn = t.get("function") if t.get("type", "function") == "function" else None
+        if fn is None and t.get("type") == "custom":
+            c = t.get("custom") or {}
+            fn = {"name": c.get("name"), "description": c.get("description"), "parameters": {
+                "type": "object", "properties": {"input": {"type": "string"}},
+                "required": ["input"]}}
+        if fn and fn.get("name"):
+            ir["tools"].append({"name": fn["name"], "description": fn.get("description") or "",
+                                "parameters": fn.get("parameters") or
+                                {"type": "object", "properties": {}}})
+    tc = body.get("tool_choice", body.get("function_call"))
+    if isinstance(tc, str):
+        ir["tool_choice"] = {"any": "required"}.get(tc, tc) if tc in (
+            "auto", "none", "required", "any") else None
+    elif isinstance(tc, dict):
+        name = (tc.get("function") or tc.get("custom") or {}).get("name") or tc.get("name")
+        ir["tool_choice"] = {"name": name} if name else None
+    ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
+    for key in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
+        value = body.get(key)
+        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
+    stop = body.get("stop")
+    ir["stop"] = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_object":
+        ir["response_format"] = {"type": "json_object"}
+    elif isinstance(rf, dict) and rf.get("type") == "json_schema":
+        js = rf.get("json_schema") or {}
+        ir["response_format"] = {"type": "json_schema", "name": js.get("name") or "output",
+                                 "schema": js.get("schema") or {}, "strict": js.get("strict")}
+    effort = body.get("reasoning_effort") or (body.get("reasoning") or {}).get("effort") \
+        if isinstance(body.get("reasoning", {}), dict) else body.get("reasoning_effort")
+    if isinstance(effort, str):
+        effort = {"xhigh": "max"}.get(effort, effort)
+        ir["reasoning"] = {"effort": effort, "budget": None}
+    ir["stream"] = body.get("stream") is True
+    ir["include_usage"] = bool((body.get("stream_options") or {}).get("include_usage"))
+    ir["user"] = body.get("user") or body.get("safety_identifier")
+    ir["n"] = body.get("n") if isinstance(body.get("n"), int) else 1
+    return ir
+
+
+def _openai_user_parts(content: Any, i: int) -> list[dict]:
+    if isinstance(content, str) or content is None:
+        return _text_only(content)
+    if not isinstance(content, list):
+        raise GatewayError(400, f"messages[{i}].content must be a string or a list of parts",
+                           param=f"messages[{i}].content")
+    out = []
+    for p in content:
+        if not isinstance(p, dict):
+            continue
+        t = p.get("type")
+        if t == "text" and p.get("text"):
+            out.append({"type": "text", "text": p["text"]})
+        elif t == "image_url":
+            url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) \
+                else p.get("image_url")
+            if url:
+                out.append(image_part_from_url(url))
+        elif t == "input_audio":
+            a = p.get("input_audio") or {}
+            out.append({"type": "audio", "format": a.get("format") or "wav",
+                        "data": a.get("data") or ""})
+        elif t == "file":
+            f = p.get("file") or {}
+            m = _DATA_URL_RX.match(f.get("file_data") or "")
+            if m:
+                out.append({"type": "file", "media_type": m.group(1) or "application/pdf",
+                            "data": m.group(2), "filename": f.get("filename") or "file"})
+    return out
+
+
+def ir_to_openai_request(ir: dict, model: str, *, stream: bool,
+                         max_tokens_field: str = "max_tokens") -> dict:
+    msgs: list[dict] = []
+    system = parts_text(ir["system"])
+    if system:
+        msgs.append({"role": "system", "content": system})
+    pending_images: list[dict] = []
+    for m in ir["messages"]:
+        role = m["role"]
+        if role != "tool" and pending_images:
+            msgs.append({"role": "user", "content": pending_images})
+            pending_images = []
+        if role == "user":
+            msgs.append({"role": "user", "content": _openai_content(m["content"])})
+        elif role == "assistant":
+            text = parts_text(m["content"])
+            out: dict[str, Any] = {"role": "assistant", "content": text or None}
+            reasoning = "".join(p.get("text") or "" for p in m["content"]
+                                if p["type"] == "reasoning")
+            if reasoning:
+                out["reasoning_content"] = reasoning
+            calls = [{"id": p["id"], "type": "function", "function": {
+                "name": p["name"], "arguments": p["arguments"] or "{}"}}
+                for p in m["content"] if p["type"] == "tool_call"]
+            if calls:
+                out["tool_calls"] = calls
+            msgs.append(out)
+        else:
+            for r in m["content"]:
+                text = parts_text(r["content"])
+                if r.get("is_error"):
+                    text = f"Error: {text}"
+                msgs.append({"role": "tool", "tool_call_id": r["id"], "content": text})
+                pending_images += [{"type": "image_url", "image_url": {"url": image_data_url(c)}}
+                                   for c in r["content"] if c["type"] == "image"]
+    if pending_images:
+        msgs.append({"role": "user", "content": pending_images})
+    body: dict[str, Any] = {"model": model, "messages": msgs}
+    if ir["tools"]:
+        body["tools"] = [{"type": "function", "function": {
+            "name": t["name"], "description": t.get("description") or "",
+            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
+            for t in ir["tools"]]
+        tc = ir["tool_choice"]
+        if isinstance(tc, dict):
+            body["tool_choice"] = {"type": "function", "function": {"name": tc["name"]}}
+        elif tc:
+            body["tool_choice"] = tc
+        if ir["parallel_tool_calls"] is not None:
+            body["parallel_tool_calls"] = ir["parallel_tool_calls"]
+    if ir["max_tokens"] is not None:
+        body[max_tokens_field] = ir["max_tokens"]
+    for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        if ir[key] is not None:
+            body[key] = ir[key]
+    if ir["stop"]:
+        body["stop"] = ir["stop"][:4]
+    rf = ir["response_format"]
+    if rf and rf["type"] == "json_schema":
+        js = {"name": rf["name"], "schema": rf["schema"]}
+        if rf.get("strict") is not None:
+            js["strict"] = rf["strict"]
+        body["response_format"] = {"type": "json_schema", "json_schema": js}
+    elif rf:
+        body["response_format"] = {"type": "json_object"}
+    if ir["reasoning"]:
+        body["reasoning_effort"] = {"max": "high"}.get(ir["reasoning"]["effort"],
+                                                       ir["reasoning"]["effort"])
+    if ir["user"]:
+        body["user"] = ir["user"]
+    if ir["n"] != 1:
+        body["n"] = ir["n"]
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _openai_content(parts: list[dict]) -> Any:
+    if all(p["type"] == "text" for p in parts):
+        return parts_text(parts)
+    out = []
+    for p in parts:
+        if p["type"] == "text":
+            out.append({"type": "text", "text": p["text"]})
+        elif p["type"] == "image":
+            out.append({"type": "image_url", "image_url": {"url": image_data_url(p)}})
+        elif p["type"] == "audio":
+            out.append({"type": "input_audio", "input_audio": {"data": p["data"],
+                                                               "format": p["format"]}})
+        elif p["type"] == "file":
+            out.append({"type": "file", "file": {
+                "filename": p.get("filename") or "file",
+                "file_data": f"data:{p['media_type']};base64,{p['data']}"}})
+    return out
+
+
+_OPENAI_FINISH_IN = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
+                     "function_call": "tool_calls", "content_filter": "content_filter"}
+
+
+def openai_usage_to_ir(u: Any) -> dict:
+    if not isinstance(u, dict):
+        return new_usage()
+    pd = u.get("prompt_tokens_details") or {}
+    cd = u.get("completion_tokens_details") or {}
+    return new_usage(_num(u.get("prompt_tokens")), _num(u.get("completion_tokens")),
+                     _num(pd.get("cached_tokens")), _num(pd.get("cache_write_tokens")),
+                     _num(cd.get("reasoning_tokens")))
+
+
+def ir_usage_to_openai(u: dict) -> dict:
+    out: dict[str, Any] = {"prompt_tokens": u["input"], "completion_tokens": u["output"],
+                           "total_tokens": u["input"] + u["output"]}
+    if u["cache_read"] or u["cache_write"]:
+        out["prompt_tokens_details"] = {"cached_tokens": u["cache_read"]}
+        if u["cache_write"]:
+            out["prompt_tokens_details"]["cache_write_tokens"] = u["cache_write"]
+    if u["reasoning"]:
+        out["completion_tokens_details"] = {"reasoning_tokens": u["reasoning"]}
+    return out
+
+
+def openai_response_to_ir(body: dict) -> dict:
+    choice = (body.get("choices") or [{}])[0] or {}
+    msg = choice.get("message") or {}
+    content: list[dict] = []
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "reasoning", "text": reasoning, "signature": None,
+                        "redacted": None})
+    content += _text_only(msg.get("content"))
+    if not content and msg.get("refusal"):
+        content.append({"type": "text", "text": msg["refusal"]})
+    calls = msg.get("tool_calls") or []
+    for n, c in enumerate(calls):
+        fn = c.get("function") or {}
+        content.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
+                        "name": fn.get("name") or "", "arguments": fn.get("arguments") or "{}"})
+    finish = _OPENAI_FINISH_IN.get(choice.get("finish_reason") or "stop", "stop")
+    if calls and finish == "stop":
+        finish = "tool_calls"
+    return {"id": body.get("id") or new_id("chatcmpl-"), "model": body.get("model") or "",
+            "content": content, "finish": finish, "usage": openai_usage_to_ir(body.get("usage"))}
+
+
+def ir_to_openai_response(resp: dict, model: str) -> dict:
+    text = parts_text(resp["content"])
+    msg: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+    reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    calls = [{"id": p["id"], "type": "function", "function": {
+        "name": p["name"], "arguments": p["arguments"] or "{}"}}
+        for p in resp["content"] if p["type"] == "tool_call"]
+    if calls:
+        msg["tool_calls"] = calls
+    rid = resp["id"] if resp["id"].startswith("chatcmpl") else "chatcmpl-" + resp["id"]
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": msg, "logprobs": None,
+                         "finish_reason": resp["finish"]}],
+            "usage": ir_usage_to_openai(resp["usage"])}
+
+
+class OpenAIStreamDecoder:
+    """OpenAI chat-completion SSE chunks (upstream) -> IR stream events. Tool-call fragments are
+    routed by their ``index``; a fragment without one goes by id, else to the newest call."""
+
+    def __init__(self):
+        self._sse = SSEDecoder()
+        self._started = False
+        self._tools: dict[int, int] = {}          # upstream index -> IR index
+        self._ids: dict[str, int] = {}
+        self.usage: dict | None = None
+        self.finish: str | None = None
+        self.done = False
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for _, payload, _ in self._sse.feed(data):
+            if payload.startswith("[DONE]"):
+                self.done = True
+                continue
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                err = chunk["error"] if isinstance(chunk["error"], dict) else {}
+                out.append(("error", GatewayError(502, str(err.get("message") or chunk["error"]))))
+                continue
+            if not self._started:
+                self._started = True
+                out.append(("start", chunk.get("id") or new_id("chatcmpl-"),
+                            chunk.get("model") or ""))
+            if chunk.get("usage"):
+                self.usage = openai_usage_to_ir(chunk["usage"])
+                out.append(("usage", self.usage))
+            for choice in chunk.get("choices") or []:
+                if choice.get("index", 0) != 0:
+                    continue
+                self._delta(choice.get("delta") or {}, out)
+                if choice.get("finish_reason"):
+                    self.finish = _OPENAI_FINISH_IN.get(choice["finish_reason"], "stop")
+        return out
+
+    def _delta(self, delta: dict, out: list[tuple]) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out.append(("reasoning", reasoning))
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            out.append(("text", delta["content"]))
+        for tc in delta.get("tool_calls") or []:
+            fn = tc.get("function") or {}
+            key = tc.get("index")
+            tid = tc.get("id")
+            if key is None:
+                key = self._ids.get(tid, max(self._tools, default=-1)) if tid else \
+                    max(self._tools, default=0)
+            if key not in self._tools:
+                idx = len(self._tools)
+                self._tools[key] = idx
+                tid = tid or new_id("call_")
+                self._ids[tid] = key
+                out.append(("tool", idx, tid, fn.get("name") or ""))
+            args = fn.get("arguments")
+            if isinstance(args, str) and args:
+                out.append(("args", self._tools[key], args))
+
+    def close(self) -> list[tuple]:
+        out = [("start", new_id("chatcmpl-"), "")] if not self._started else []
+        self._started = True
+        finish = self.finish or "stop"
+        if self._tools and finish == "stop":
+            finish = "tool_calls"
+        out.append(("finish", finish))
+        return out
+
+
+def _sse(data: dict) -> bytes:
+    return b"data: " + json_dumps(data) + b"\n\n"
+
+
+class OpenAIStreamEncoder:
+    """IR stream events -> OpenAI chat-completion SSE for the client: role in the first chunk only,
+    tool calls by dense ``index`` with id/type/name only in their first delta, a usage chunk with
+    empty ``choices`` only when the client asked for it, then ``data: [DONE]``."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.model, self.include_usage = model, include_usage
+        self.id = new_id("chatcmpl-")
+        self.created = int(time.time())
+        self.usage: dict | None = None
+        self._role_sent = False
+        self._tools = False
+        self._finished = False
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> bytes:
+        if not self._role_sent:
+            delta = dict(delta, role="assistant")
+            self._role_sent = True
+        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                       "logprobs": None,
+                                                       "finish_reason": finish}]})
+
+    def encode(self, events: list[tuple]) -> bytes:
+        out = []
+        for ev in events:
+            kind = ev[0]
+            if kind == "text":
+                out.append(self._chunk({"content": ev[1]}))
+            elif kind == "reasoning":
+                out.append(self._chunk({"reasoning_content": ev[1]}))
+            elif kind == "tool":
+                self._tools = True
+                out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2],
+                                                        "type": "function", "function": {
+                                                            "name": ev[3], "arguments": ""}}]}))
+            elif kind == "args":
+                out.append(self._chunk({"tool_calls": [{"index": ev[1],
+                                                        "function": {"arguments": ev[2]}}]}))
+            elif kind == "usage":
+                self.usage = ev[1]
+            elif kind == "start":
+                if not self._role_sent:
+                    out.append(self._chunk({"content": ""}))
+            elif kind == "finish" and not self._finished:
+                self._finished = True
+                reason = ev[1]
+                if self._tools and reason == "stop":
+                    reason = "tool_calls"
+                out.append(self._chunk({}, reason))
+                if self.include_usage:
+                    out.append(_sse({"id": self.id, "object": "chat.completion.chunk",
+                                     "created": self.created, "model": self.model,
+                                     "choices": [],
+                                     "usage": ir_usage_to_openai(self.usage or new_usage())}))
+                out.append(b"data: [DONE]\n\n")
+            elif kind == "error" and not self._finished:
+                self._finished = True
+                out.append(stream_error_event(OPENAI, ev[1]))
+        return b"".join(out)
+
+
+# 9.4 Anthropic Messages ---------------------------------------------------------------------------
+
+_ANTHROPIC_STOP_IN = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                      "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter",
+                      "model_context_window_exceeded": "length"}
+_ANTHROPIC_STOP_OUT = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                       "content_filter": "refusal"}
+
+
+def _anthropic_blocks_to_ir(content: Any, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return _text_only(content)
+    if not isinstance(content, list):
+        raise GatewayError(400, f"{where}.content must be a string or a list of blocks")
+    out = []
+    for b in content:
+        if not isinstance(b, dict):
+            continue
+        t = b.get("type")
+        if t == "text" and b.get("text"):
+            out.append({"type": "text", "text": b["text"]})
+        elif t in ("image", "document"):
+            src = b.get("source") or {}
+            kind = "image" if t == "image" else "file"
+            if src.get("type") == "base64":
+                part = {"type": kind, "media_type": src.get("media_type") or "", "data":
+                        src.get("data") or ""}
+                if kind == "file":
+                    part["filename"] = b.get("title") or "document.pdf"
+                out.append(part)
+            elif src.get("type") == "url" and kind == "image":
+                out.append({"type": "image", "url": src.get("url") or ""})
+            elif src.get("type") == "text":
+                out.append({"type": "text", "text": src.get("data") or ""})
+        elif t == "thinking":
+            sig = b.get("signature")
+            out.append({"type": "reasoning", "text": b.get("thinking") or "",
+                        "signature": sig if sig and sig != UNSIGNED_THINKING else None,
+                        "redacted": None})
+        elif t == "redacted_thinking":
+            out.append({"type": "reasoning", "text": "", "signature": None,
+                        "redacted": b.get("data")})
+        elif t == "tool_use":
+            inp = b.get("input")
+            out.append({"type": "tool_call", "id": str(b.get("id") or ""),
+                        "name": str(b.get("name") or ""),
+                        "arguments": json.dumps(inp if inp is not None else {},
+                                                ensure_ascii=False)})
+        elif t == "tool_result":
+            out.append({"type": "tool_result", "id": str(b.get("tool_use_id") or ""),
+                        "name": None,
+                        "content": [p for p in _anthropic_blocks_to_ir(
+                            b.get("content") or "", where) if p["type"] in ("text", "image")],
+                        "is_error": bool(b.get("is_error"))})
+    return out
+
+
+def anthropic_request_to_ir(body: dict) -> dict:
+    ir = empty_request(body.get("model") or "")
+    system = body.get("system")
+    ir["system"] = _text_only(system) if system is not None else []
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise GatewayError(400, "messages: must be a list of message objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise GatewayError(400, f"messages.{i}: must be an object")
+        role = m.get("role")
+        parts = _anthropic_blocks_to_ir(m.get("content"), f"messages.{i}")
+        if role == "system":                     # Claude Code sends some; hoist them
+            ir["system"] += [p for p in parts if p["type"] == "text"]
+        elif role == "user":
+            results = [p for p in parts if p["type"] == "tool_result"]
+            for r in results:
+                ir["messages"].append({"role": "tool", "content": [r]})
+            _append(ir["messages"], "user", [p for p in parts if p["type"] != "tool_result"])
+        elif role == "assistant":
+            _append(ir["messages"], "assistant", parts)
+        else:
+            raise GatewayError(400, f"messages.{i}.role: {role!r} is not 'user' or 'assistant'")
+    for t in body.get("tools") or []:
+        if isinstance(t, dict) and t.get("name") and t.get("type") in (None, "custom"):
+            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
+                                "parameters": t.get("input_schema") or
+                                {"type": "object", "properties": {}}})
+    tc = body.get("tool_choice")
+    if isinstance(tc, dict):
+        kind = tc.get("type")
+        ir["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or (
+            {"name": tc.get("name")} if kind == "tool" else None)
+        if tc.get("disable_parallel_tool_use"):
+            ir["parallel_tool_calls"] = False
+    ir["max_tokens"] = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None
+    for key in ("temperature", "top_p", "top_k"):
+        value = body.get(key)
+        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
+    ir["stop"] = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
+    thinking = body.get("thinking") or {}
+    effort = (body.get("output_config") or {}).get("effort")
+    if thinking.get("type") == "enabled":
+        budget = _num(thinking.get("budget_tokens")) or 1024
+        ir["reasoning"] = {"effort": effort or effort_from_budget(budget), "budget": budget}
+    elif thinking.get("type") == "adaptive" or effort:
+        ir["reasoning"] = {"effort": effort or "medium", "budget": None}
+    fmt = (body.get("output_config") or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        ir["response_format"] = {"type": "json_schema", "name": "output",
+                                 "schema": fmt.get("schema") or {}, "strict": None}
+    ir["stream"] = body.get("stream") is True
+    ir["include_usage"] = True
+    ir["user"] = (body.get("metadata") or {}).get("user_id")
+    return ir
+
+
+def _ir_to_anthropic_blocks(parts: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for p in parts:
+        t = p["type"]
+        if t == "text":
+            if p["text"]:
+                out.append({"type": "text", "text": p["text"]})
+        elif t == "image":
+            out.append({"type": "image", "source": {"type": "url", "url": p["url"]}} if "url" in p
+                       else {"type": "image", "source": {"type": "base64", "media_type":
+                                                          p["media_type"], "data": p["data"]}})
+        elif t == "file":
+            out.append({"type": "document", "source": {"type": "base64", "media_type":
+                                                       p["media_type"], "data": p["data"]}})
+        elif t == "reasoning":
+            # Only thinking Anthropic signed goes back to Anthropic, byte-exact (section 7 #13).
+            if p.get("redacted"):
+                out.append({"type": "redacted_thinking", "data": p["redacted"]})
+            elif p.get("signature"):
+                out.append({"type": "thinking", "thinking": p["text"],
+                            "signature": p["signature"]})
+        elif t == "tool_call":
+            out.append({"type": "tool_use", "id": anthropic_tool_id(p["id"]), "name": p["name"],
+                        "input": parse_arguments(p["arguments"])})
+        elif t == "tool_result":
+            content = _ir_to_anthropic_blocks(p["content"])
+            block: dict[str, Any] = {"type": "tool_result", "tool_use_id": anthropic_tool_id(
+                p["id"]), "content": content or [{"type": "text", "text": "(no output)"}]}
+            if p.get("is_error"):
+                block["is_error"] = True
+            out.append(block)
+    return out
+
+
+def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_cap: int = 0) -> dict:
+    msgs: list[dict] = []
+    for m in ir["messages"]:
+        role = "assistant" if m["role"] == "assistant" else "user"
+        blocks = _ir_to_anthropic_blocks(m["content"])
+        if not blocks:
+            continue
+        if msgs and msgs[-1]["role"] == role:
+            prev = msgs[-1]["content"]
+            # tool_result blocks must come first in their user turn (section 3.3)
+            if role == "user" and any(b["type"] == "tool_result" for b in blocks):
+                msgs[-1]["content"] = [b for b in prev if b["type"] == "tool_result"] + \
+                    [b for b in blocks if b["type"] == "tool_result"] + \
+                    [b for b in prev if b["type"] != "tool_result"] + \
+                    [b for b in blocks if b["type"] != "tool_result"]
+            else:
+                prev.extend(blocks)
+        else:
+            msgs.append({"role": role, "content": blocks})
+    if msgs and msgs[0]["role"] == "assistant":
+        msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
+    body: dict[str, Any] = {"model": model, "messages": msgs}
+    system = [{"type": "text", "text": p["text"]} for p in ir["system"] if p.get("text")]
+    if system:
+        body["system"] = system
+    max_tokens = ir["max_tokens"] or DEFAULT_ANTHROPIC_MAX_TOKENS
+    if max_tokens_cap:
+        max_tokens = min(max_tokens, max_tokens_cap)
+    reasoning = ir["reasoning"]
+    if reasoning and reasoning["effort"] not in ("none",):
+        budget = reasoning["budget"] or _EFFORT_BUDGET.get(reasoning["effort"], 8192)
+        budget = max(1024, budget)
+        if max_tokens <= budget:
+            max_tokens = budget + min(4096, max(1024, max_tokens))
+            if max_tokens_cap and max_tokens > max_tokens_cap:
+                budget = max(1024, max_tokens_cap - 1024)
+                max_tokens = max_tokens_cap
+        if budget < max_tokens:
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    body["max_tokens"] = max_tokens
+    thinking = "thinking" in body
+    if ir["temperature"] is not None and not thinking:
+        body["temperature"] = max(0.0, min(1.0, ir["temperature"]))
+    elif ir["top_p"] is not None and not thinking:       # newer models refuse both (section 7 #20)
+        body["top_p"] = ir["top_p"]
+    if ir["top_k"] is not None and not thinking:
+        body["top_k"] = ir["top_k"]
+    stops = [s for s in ir["stop"] if s.strip()]
+    if stops:
+        body["stop_sequences"] = stops
+    if ir["tools"]:
+        body["tools"] = [{"name": t["name"], "description": t.get("description") or "",
+                          "input_schema": t.get("parameters") or
+                          {"type": "object", "properties": {}}} for t in ir["tools"]]
+        tc = ir["tool_choice"]
+        choice: dict[str, Any] | None = None
+        if isinstance(tc, dict):
+            choice = {"type": "tool", "name": tc["name"]}
+        elif tc in ("auto", "none", "required"):
+            choice = {"type": {"required": "any"}.get(tc, tc)}
+        if thinking and choice and choice["type"] in ("any", "tool"):
+            choice = {"type": "auto"}                   # thinking allows only auto/none
+        if ir["parallel_tool_calls"] is False:
+            choice = choice or {"type": "auto"}
+            if choice["type"] != "none":
+                choice["disable_parallel_tool_use"] = True
+        if choice:
+            body["tool_choice"] = choice
+    rf = ir["response_format"]
+    if rf and rf["type"] == "json_schema":
+        body["output_config"] = {"format": {"type": "json_schema", "schema": rf["schema"]}}
+    if ir["user"]:
+        body["metadata"] = {"user_id": str(ir["user"])[:256]}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def anthropic_usage_to_ir(u: Any) -> dict:
+    if not isinstance(u, dict):
+        return new_usage()
+    read, write = _num(u.get("cache_read_input_tokens")), _num(u.get("cache_creation_input_tokens"))
+    return new_usage(_num(u.get("input_tokens")) + read + write, _num(u.get("output_tokens")),
+                     read, write)
+
+
+def ir_usage_to_anthropic(u: dict) -> dict:
+    return {"input_tokens": max(0, u["input"] - u["cache_read"] - u["cache_write"]),
+            "output_tokens": u["output"], "cache_creation_input_tokens": u["cache_write"],
+            "cache_read_input_tokens": u["cache_read"]}
+
+
+def anthropic_response_to_ir(body: dict) -> dict:
+    content = [p for p in _anthropic_blocks_to_ir(body.get("content") or [], "content")
+               if p["type"] in ("text", "reasoning", "tool_call")]
+    finish = _ANTHROPIC_STOP_IN.get(body.get("stop_reason") or "end_turn", "stop")
+    return {"id": body.get("id") or new_id("msg_"), "model": body.get("model") or "",
+            "content": content, "finish": finish, "usage": anthropic_usage_to_ir(body.get("usage"))}
+
+
+def ir_to_anthropic_response(resp: dict, model: str) -> dict:
+    blocks: list[dict] = []
+    for p in resp["content"]:
+        if p["type"] == "reasoning" and p.get("text"):
+            blocks.append({"type": "thinking", "thinking": p["text"],
+                           "signature": p.get("signature") or UNSIGNED_THINKING})
+        elif p["type"] == "text" and p["text"]:
+            blocks.append({"type": "text", "text": p["text"]})
+        elif p["type"] == "tool_call":
+            blocks.append({"type": "tool_use", "id": anthropic_tool_id(p["id"]),
+                           "name": p["name"], "input": parse_arguments(p["arguments"])})
+    finish = resp["finish"]
+    if any(b["type"] == "tool_use" for b in blocks):
+        finish = "tool_calls"
+    rid = resp["id"] if resp["id"].startswith("msg_") else "msg_" + resp["id"]
+    return {"id": rid, "type": "message", "role": "assistant", "model": model,
+            "content": blocks, "stop_reason": _ANTHROPIC_STOP_OUT.get(finish, "end_turn"),
+            "stop_sequence": None, "usage": ir_usage_to_anthropic(resp["usage"])}
+
+
+class AnthropicStreamDecoder:
+    """Anthropic SSE events (upstream) -> IR stream events."""
+
+    def __init__(self):
+        self._sse = SSEDecoder()
+        self._blocks: dict[int, int | None] = {}    # block index -> IR tool index (None: other)
+        self._tools = 0
+        self.usage = new_usage()
+        self.finish: str | None = None
+        self._started = False
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for name, payload, _ in self._sse.feed(data):
+            try:
+                ev = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            kind = ev.get("type") or name
+            if kind == "message_start":
+                msg = ev.get("message") or {}
+                self._started = True
+                out.append(("start", msg.get("id") or new_id("msg_"), msg.get("model") or ""))
+                self.usage = anthropic_usage_to_ir(msg.get("usage"))
+                out.append(("usage", dict(self.usage)))
+            elif kind == "content_block_start":
+                block = ev.get("content_block") or {}
+                idx = ev.get("index", len(self._blocks))
+                if block.get("type") in ("tool_use", "server_tool_use"):
+                    self._blocks[idx] = self._tools
+                    out.append(("tool", self._tools, block.get("id") or new_id("toolu_"),
+                                block.get("name") or ""))
+                    self._tools += 1
+                    if block.get("input"):
+                        out.append(("args", self._blocks[idx], json.dumps(block["input"])))
+                else:
+                    self._blocks[idx] = None
+                    if block.get("type") == "text" and block.get("text"):
+                        out.append(("text", block["text"]))
+            elif kind == "content_block_delta":
+                delta = ev.get("delta") or {}
+                dt = delta.get("type")
+                if dt == "text_delta":
+                    out.append(("text", delta.get("text") or ""))
+                elif dt == "input_json_delta":
+                    tool = self._blocks.get(ev.get("index", -1))
+                    if tool is not None and delta.get("partial_json"):
+                        out.append(("args", tool, delta["partial_json"]))
+                elif dt == "thinking_delta":
+                    out.append(("reasoning", delta.get("thinking") or ""))
+                elif dt == "signature_delta":
+                    out.append(("signature", delta.get("signature") or ""))
+            elif kind == "message_delta":
+                reason = (ev.get("delta") or {}).get("stop_reason")
+                if reason:
+                    self.finish = _ANTHROPIC_STOP_IN.get(reason, "stop")
+                u = ev.get("usage") or {}
+                if "output_tokens" in u:
+                    self.usage["output"] = _num(u["output_tokens"])
+                if "input_tokens" in u:
+                    fresh = anthropic_usage_to_ir(u)
+                    for key in ("input", "cache_read", "cache_write"):
+                        self.usage[key] = fresh[key]
+                out.append(("usage", dict(self.usage)))
+            elif kind == "error":
+                err = ev.get("error") or {}
+                status = {"overloaded_error": 529, "rate_limit_error": 429,
+                          "api_error": 500}.get(err.get("type"), 502)
+                out.append(("error", GatewayError(status, str(err.get("message") or "error"))))
+        return out
+
+    def close(self) -> list[tuple]:
+        out = [] if self._started else [("start", new_id("msg_"), "")]
+        self._started = True
+        finish = self.finish or "stop"
+        if self._tools and finish == "stop":
+            finish = "tool_calls"
+        out.append(("finish", finish))
+        return out
+
+
+def _event(name: str, data: dict) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
+
+
+class AnthropicStreamEncoder:
+    """IR stream events -> Anthropic SSE for the client, as the SDKs and Claude Code parse it:
+    every event with its ``event:`` line; message_start with a full usage object; content blocks
+    with dense indexes, one open at a time; tool_use blocks start with ``input: {}`` and get their
+    arguments as input_json_delta; message_delta with stop reason and usage; message_stop."""
+
+    def __init__(self, model: str, input_estimate: int = 0):
+        self.model = model
+        self.id = new_id("msg_")
+        self.usage = new_usage(input_estimate)
+        self._started = False
+        self._next = 0
+        self._open: tuple[str, int] | None = None          # (kind, block index)
+        self._tool_blocks: dict[int, int] = {}              # IR tool index -> block index
+        self._signature: str | None = None
+        self._tools = False
+        self._finished = False
+
+    def _start(self, out: list[bytes]) -> None:
+        if not self._started:
+            self._started = True
+            out.append(_event("message_start", {"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": ir_usage_to_anthropic(self.usage)}}))
+
+    def _close_open(self, out: list[bytes]) -> None:
+        if self._open is None:
+            return
+        kind, idx = self._open
+        if kind == "thinking":
+            out.append(_event("content_block_delta", {
+                "type": "content_block_delta", "index": idx, "delta": {
+                    "type": "signature_delta", "signature": self._signature or UNSIGNED_THINKING}}))
+            self._signature = None
+        out.append(_event("content_block_stop", {"type": "content_block_stop", "index": idx}))
+        self._open = None
+
+    def _ensure(self, kind: str, out: list[bytes]) -> int:
+        if self._open is not None and self._open[0] == kind:
+            return self._open[1]
+        self._close_open(out)
+        idx = self._next
+        self._next += 1
+        block = {"type": "text", "text": ""} if kind == "text" else \
+            {"type": "thinking", "thinking": ""}
+        out.append(_event("content_block_start", {"type": "content_block_start", "index": idx,
+                                                  "content_block": block}))
+        self._open = (kind, idx)
+        return idx
+
+    def encode(self, events: list[tuple]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            kind = ev[0]
+            if kind == "usage":
+                u = ev[1]
+                if u["input"] or not self.usage["input"]:
+                    self.usage.update(u)
+                else:
+                    self.usage["output"] = u["output"]
+                continue
+            if kind == "error":
+                self._start(out)
+                out.append(stream_error_event(ANTHROPIC, ev[1]))
+                self._finished = True
+                continue
+            if self._finished:
+                continue
+            self._start(out)
+            if kind == "text":
+                if ev[1]:
+                    idx = self._ensure("text", out)
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": idx,
+                        "delta": {"type": "text_delta", "text": ev[1]}}))
+            elif kind == "reasoning":
+                if ev[1]:
+                    idx = self._ensure("thinking", out)
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": idx,
+                        "delta": {"type": "thinking_delta", "thinking": ev[1]}}))
+            elif kind == "signature":
+                self._signature = ev[1]
+            elif kind == "tool":
+                self._close_open(out)
+                self._tools = True
+                idx = self._next
+                self._next += 1
+                self._tool_blocks[ev[1]] = idx
+                out.append(_event("content_block_start", {
+                    "type": "content_block_start", "index": idx, "content_block": {
+                        "type": "tool_use", "id": anthropic_tool_id(ev[2]), "name": ev[3],
+                        "input": {}}}))
+                self._open = ("tool", idx)
+            elif kind == "args":
+                idx = self._tool_blocks.get(ev[1])
+                if idx is not None and ev[2]:
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": idx,
+                        "delta": {"type": "input_json_delta", "partial_json": ev[2]}}))
+            elif kind == "finish":
+                self._close_open(out)
+                reason = ev[1]
+                if self._tools and reason == "stop":
+                    reason = "tool_calls"
+                out.append(_event("message_delta", {
+                    "type": "message_delta", "delta": {
+                        "stop_reason": _ANTHROPIC_STOP_OUT.get(reason, "end_turn"),
+                        "stop_sequence": None}, "usage": ir_usage_to_anthropic(self.usage)}))
+                out.append(_event("message_stop", {"type": "message_stop"}))
+                self._finished = True
+        return b"".join(out)
+
+
+# 9.5 Gemini (native generateContent) -----------------------------------------------------------
+
+_GEMINI_SCHEMA_KEYS = frozenset((
+    "type", "format", "title", "description", "nullable", "enum", "items", "properties",
+    "required", "propertyOrdering", "minItems", "maxItems", "minLength", "maxLength",
+    "minProperties", "maxProperties", "minimum", "maximum", "pattern", "example", "default",
+    "anyOf"))
+_GEMINI_FINISH_IN = {"STOP": "stop", "MAX_TOKENS": "length"}
+_GEMINI_FILTERED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                    "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION")
+
+
+def gemini_schema(schema: Any, defs: dict | None = None) -> Any:
+    """A JSON Schema cleaned down to the OpenAPI subset Gemini accepts (PROTOCOLS.md section 4.3):
+    $ref inlined, type arrays and null variants turned into ``nullable``, const into enum, enum
+    kept on strings only, string formats other than enum/date-time dropped, unknown keys
+    dropped."""
+    if not isinstance(schema, dict):
+        return schema
+    if defs is None:
+        defs = dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.rsplit("/", 1)[-1] in defs:
+        target = defs[ref.rsplit("/", 1)[-1]]
+        merged = dict(target, **{k: v for k, v in schema.items() if k != "$ref"})
+        return gemini_schema(merged, {k: v for k, v in defs.items() if v is not target})
+    s = dict(schema)
+    out: dict[str, Any] = {}
+    t = s.get("type")
+    if isinstance(t, list):
+        kinds = [k for k in t if k != "null"]
+        if "null" in t:
+            out["nullable"] = True
+        if len(kinds) == 1:
+            t = kinds[0]
+        else:
+            s["anyOf"] = [{"type": k} for k in kinds]
+            t = None
+    variants = s.get("anyOf") or s.get("oneOf")
+    if isinstance(variants, list):
+        real = [v for v in variants if not (isinstance(v, dict) and v.get("type") == "null")]
+        if len(real) < len(variants):
+            out["nullable"] = True
+        if len(real) == 1 and isinstance(real[0], dict):
+            inner = gemini_schema(real[0], defs)
+            inner.update({k: v for k, v in out.items()})
+            for key in ("description", "title", "default"):
+                if key in s and key not in inner:
+                    inner[key] = s[key]
+            return inner
+        out["anyOf"] = [gemini_schema(v, defs) for v in real]
+    if "const" in s and "enum" not in s:
+        s["enum"] = [s["const"]]
+    if t is not None:
+        out["type"] = str(t).upper()
+    for key, value in s.items():
+        if key not in _GEMINI_SCHEMA_KEYS or key in ("type", "anyOf"):
+            continue
+        if key == "properties" and isinstance(value, dict):
+            out["properties"] = {name: gemini_schema(v, defs) for name, v in value.items()}
+        elif key == "items":
+            out["items"] = gemini_schema(value, defs)
+        elif key == "enum":
+            if out.get("type") in ("STRING", None) and isinstance(value, list):
+                out["enum"] = [str(v) for v in value]
+                out.setdefault("type", "STRING")
+        elif key == "format":
+            if value in ("enum", "date-time"):
+                out["format"] = value
+        elif key == "required":
+            if isinstance(value, list):
+                out["required"] = [r for r in value if r in (s.get("properties") or {})]
+        else:
+            out[key] = value
+    if out.get("type") == "OBJECT" and "properties" in out and not out["properties"]:
+        del out["properties"]
+    return out
+
+
+def gemini_model_path(base_url: str, model: str, method: str) -> str:
+    base = base_url.rstrip("/")
+    path = urllib.parse.urlsplit(base).path
+    if not any(_VERSION_SEGMENT.match(seg) for seg in path.split("/")):
+        base += "/v1beta"
+    return f"{base}/models/{urllib.parse.quote(model, safe='')}:{method}"
+
+
+def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None) -> dict:
+    signatures = signatures or {}
+    names: dict[str, str] = {}
+    contents: list[dict] = []
+
+    def add(role: str, parts: list[dict]) -> None:
+        if not parts:
+            return
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+
+    for m in ir["messages"]:
+        role = m["role"]
+        if role == "assistant":
+            parts: list[dict] = []
+            first_call = True
+            for p in m["content"]:
+                if p["type"] == "text" and p["text"]:
+                    parts.append({"text": p["text"]})
+                elif p["type"] == "tool_call":
+                    names[p["id"]] = p["name"]
+                    part: dict[str, Any] = {"functionCall": {"name": p["name"], "args":
+                                                             parse_arguments(p["arguments"])}}
+                    sig = signatures.get(p["id"])
+                    if sig or first_call:
+                        part["thoughtSignature"] = sig or THOUGHT_SKIP
+                    first_call = False
+                    parts.append(part)
+            add("model", parts)
+        elif role == "tool":
+            for r in m["content"]:
+                name = r.get("name") or names.get(r["id"]) or "tool"
+                key = "error" if r.get("is_error") else "result"
+                add("user", [{"functionResponse": {"name": name, "response": {
+                    key: parts_text(r["content"])}}}])
+                add("user", [{"inlineData": {"mimeType": c["media_type"], "data": c["data"]}}
+                             for c in r["content"] if c["type"] == "image" and "data" in c])
+        else:
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "text":
+                    parts.append({"text": p["text"]})
+                elif p["type"] in ("image", "file") and "data" in p:
+                    parts.append({"inlineData": {"mimeType": p["media_type"], "data": p["data"]}})
+                elif p["type"] == "image":
+                    parts.append({"fileData": {"fileUri": p["url"]}})
+                elif p["type"] == "audio":
+                    parts.append({"inlineData": {"mimeType": f"audio/{p['format']}",
+                                                 "data": p["data"]}})
+            add("user", parts)
+    if contents and contents[0]["role"] == "model":
+        contents.insert(0, {"role": "user", "parts": [{"text": "(continue)"}]})
+    body: dict[str, Any] = {"contents": contents}
+    system = parts_text(ir["system"])
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
+    if ir["tools"]:
+        decls = []
+        for t in ir["tools"]:
+            decl: dict[str, Any] = {"name": t["name"], "description": t.get("description") or ""}
+            params = gemini_schema(t.get("parameters") or {})
+            if params.get("properties"):
+                decl["parameters"] = params
+            decls.append(decl)
+        body["tools"] = [{"functionDeclarations": decls}]
+        tc = ir["tool_choice"]
+        if isinstance(tc, dict):
+            body["toolConfig"] = {"functionCallingConfig": {
+                "mode": "ANY", "allowedFunctionNames": [tc["name"]]}}
+        elif tc in ("auto", "none", "required"):
+            body["toolConfig"] = {"functionCallingConfig": {
+                "mode": {"required": "ANY"}.get(tc, tc.upper())}}
+    gen: dict[str, Any] = {}
+    for src, dst in (("max_tokens", "maxOutputTokens"), ("temperature", "temperature"),
+                     ("top_p", "topP"), ("top_k", "topK"), ("seed", "seed"),
+                     ("presence_penalty", "presencePenalty"),
+                     ("frequency_penalty", "frequencyPenalty")):
+        if ir[src] is not None:
+            gen[dst] = ir[src]
+    if ir["stop"]:
+        gen["stopSequences"] = ir["stop"][:5]
+    if ir["n"] != 1:
+        gen["candidateCount"] = ir["n"]
+    rf = ir["response_format"]
+    if rf:
+        gen["responseMimeType"] = "application/json"
+        if rf["type"] == "json_schema":
+            gen["responseSchema"] = gemini_schema(rf["schema"])
+    if ir["reasoning"]:
+        effort = ir["reasoning"]["effort"]
+        budget = 0 if effort == "none" else ir["reasoning"]["budget"] or \
+            _EFFORT_BUDGET.get(effort, 8192)
+        gen["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": budget != 0}
+    if gen:
+        body["generationConfig"] = gen
+    return body
+
+
+def gemini_usage_to_ir(u: Any) -> dict:
+    if not isinstance(u, dict):
+        return new_usage()
+    thoughts = _num(u.get("thoughtsTokenCount"))
+    return new_usage(_num(u.get("promptTokenCount")) + _num(u.get("toolUsePromptTokenCount")),
+                     _num(u.get("candidatesTokenCount")) + thoughts,
+                     _num(u.get("cachedContentTokenCount")), 0, thoughts)
+
+
+def _gemini_finish(reason: str | None, tools: bool, blocked: bool) -> str:
+    if blocked or reason in _GEMINI_FILTERED:
+        return "content_filter"
+    finish = _GEMINI_FINISH_IN.get(reason or "STOP", "stop")
+    return "tool_calls" if tools and finish == "stop" else finish
+
+
+def gemini_response_to_ir(body: dict, signatures: dict[str, str] | None = None) -> dict:
+    cands = body.get("candidates") or []
+    cand = cands[0] if cands else {}
+    content: list[dict] = []
+    for part in (cand.get("content") or {}).get("parts") or []:
+        content += _gemini_part(part, signatures)
+    tools = any(p["type"] == "tool_call" for p in content)
+    blocked = not cands and bool((body.get("promptFeedback") or {}).get("blockReason"))
+    return {"id": body.get("responseId") or new_id("gen-"), "model": body.get("modelVersion")
+            or "", "content": content,
+            "finish": _gemini_finish(cand.get("finishReason"), tools, blocked),
+            "usage": gemini_usage_to_ir(body.get("usageMetadata"))}
+
+
+def _gemini_part(part: dict, signatures: dict[str, str] | None) -> list[dict]:
+    if "functionCall" in part:
+        fc = part["functionCall"] or {}
+        call_id = fc.get("id") or new_id("call_")
+        if signatures is not None and part.get("thoughtSignature"):
+            signatures[call_id] = part["thoughtSignature"]
+        return [{"type": "tool_call", "id": call_id, "name": fc.get("name") or "",
+                 "arguments": json.dumps(fc.get("args") or {}, ensure_ascii=False)}]
+    text = part.get("text")
+    if isinstance(text, str) and text:
+        if part.get("thought"):
+            return [{"type": "reasoning", "text": text, "signature": None, "redacted": None}]
+        return [{"type": "text", "text": text}]
+    return []
+
+
+class GeminiStreamDecoder:
+    """Gemini ``streamGenerateContent?alt=sse`` chunks (upstream) -> IR stream events. Function
+    calls arrive whole; each gets the next tool index and a minted id; any call in any chunk makes
+    the turn finish with tool_calls (section 7 #7)."""
+
+    def __init__(self, signatures: dict[str, str] | None = None):
+        self._sse = SSEDecoder()
+        self._signatures = signatures
+        self._tools = 0
+        self._started = False
+        self._reason: str | None = None
+        self._blocked = False
+        self.usage: dict | None = None
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for _, payload, _ in self._sse.feed(data):
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(chunk, list) and chunk:
+                chunk = chunk[0]
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                err = chunk["error"] if isinstance(chunk["error"], dict) else {}
+                out.append(("error", GatewayError(_num(err.get("code")) or 502,
+                                                  str(err.get("message") or chunk["error"]))))
+                continue
+            if not self._started:
+                self._started = True
+                out.append(("start", chunk.get("responseId") or new_id("gen-"),
+                            chunk.get("modelVersion") or ""))
+            cands = chunk.get("candidates") or []
+            if not cands and (chunk.get("promptFeedback") or {}).get("blockReason"):
+                self._blocked = True
+            for cand in cands[:1]:
+                for part in (cand.get("content") or {}).get("parts") or []:
+                    for p in _gemini_part(part, self._signatures):
+                        if p["type"] == "tool_call":
+                            out.append(("tool", self._tools, p["id"], p["name"]))
+                            out.append(("args", self._tools, p["arguments"]))
+                            self._tools += 1
+                        else:
+                            out.append(("text" if p["type"] == "text" else "reasoning",
+                                        p["text"]))
+                if cand.get("finishReason"):
+                    self._reason = cand["finishReason"]
+            if chunk.get("usageMetadata"):
+                self.usage = gemini_usage_to_ir(chunk["usageMetadata"])
+                out.append(("usage", self.usage))
+        return out
+
+    def close(self) -> list[tuple]:
+        out = [] if self._started else [("start", new_id("gen-"), "")]
+        self._started = True
+        out.append(("finish", _gemini_finish(self._reason, self._tools > 0, self._blocked)))
+        return out
+
+
+# 9.6 Ollama (native /api/chat) ------------------------------------------------------------------
+
+def ir_to_ollama_request(ir: dict, model: str, *, stream: bool) -> dict:
+    msgs: list[dict] = []
+    system = parts_text(ir["system"])
+    if system:
+        msgs.append({"role": "system", "content": system})
+    names: dict[str, str] = {}
+    for m in ir["messages"]:
+        if m["role"] == "tool":
+            for r in m["content"]:
+                text = parts_text(r["content"])
+                msgs.append({"role": "tool", "content": f"Error: {text}" if r.get("is_error")
+                             else text, "tool_call_id": r["id"],
+                             "tool_name": r.get("name") or names.get(r["id"], "")})
+            continue
+        out: dict[str, Any] = {"role": m["role"], "content": parts_text(m["content"])}
+        images = [p["data"] for p in m["content"] if p["type"] == "image" and "data" in p]
+        if images:
+            out["images"] = images
+        thinking = "".join(p.get("text") or "" for p in m["content"] if p["type"] == "reasoning")
+        if thinking:
+            out["thinking"] = thinking
+        calls = []
+        for p in m["content"]:
+            if p["type"] == "tool_call":
+                names[p["id"]] = p["name"]
+                calls.append({"id": p["id"], "function": {
+                    "name": p["name"], "arguments": parse_arguments(p["arguments"])}})
+        if calls:
+            out["tool_calls"] = calls
+        msgs.append(out)
+    body: dict[str, Any] = {"model": model, "messages": msgs, "stream": stream}
+    if ir["tools"]:
+        body["tools"] = [{"type": "function", "function": {
+            "name": t["name"], "description": t.get("description") or "",
+            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
+            for t in ir["tools"]]
+    options: dict[str, Any] = {}
+    for src, dst in (("max_tokens", "num_predict"), ("temperature", "temperature"),
+                     ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+                     ("presence_penalty", "presence_penalty"),
+                     ("frequency_penalty", "frequency_penalty")):
+        if ir[src] is not None:
+            options[dst] = ir[src]
+    if ir["stop"]:
+        options["stop"] = ir["stop"]
+    if options:
+        body["options"] = options
+    rf = ir["response_format"]
+    if rf:
+        body["format"] = rf["schema"] if rf["type"] == "json_schema" else "json"
+    if ir["reasoning"]:
+        effort = ir["reasoning"]["effort"]
+        body["think"] = False if effort == "none" else {"minimal": "low"}.get(effort, effort)
+    return body
+
+
+def _ollama_message_parts(msg: dict) -> list[dict]:
+    out: list[dict] = []
+    if isinstance(msg.get("thinking"), str) and msg["thinking"]:
+        out.append({"type": "reasoning", "text": msg["thinking"], "signature": None,
+                    "redacted": None})
+    if isinstance(msg.get("content"), str) and msg["content"]:
+        out.append({"type": "text", "text": msg["content"]})
+    for c in msg.get("tool_calls") or []:
+        fn = c.get("function") or {}
+        args = fn.get("arguments")
+        out.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
+                    "name": fn.get("name") or "",
+                    "arguments": args if isinstance(args, str) else json.dumps(
+                        args or {}, ensure_ascii=False)})
+    return out
+
+
+def _ollama_finish(obj: dict, tools: bool) -> str:
+    reason = "length" if obj.get("done_reason") == "length" else "stop"
+    return "tool_calls" if tools and reason == "stop" else reason
+
+
+def ollama_usage_to_ir(obj: dict) -> dict:
+    return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
+
+
+def ollama_response_to_ir(body: dict) -> dict:
+    content = _ollama_message_parts(body.get("message") or {})
+    tools = any(p["type"] == "tool_call" for p in content)
+    return {"id": new_id("chatcmpl-"), "model": body.get("model") or "", "content": content,
+            "finish": _ollama_finish(body, tools), "usage": ollama_usage_to_ir(body)}
+
+
+class OllamaStreamDecoder:
+    """Ollama NDJSON objects (upstream) -> IR stream events; a line with ``error`` ends it."""
+
+    def __init__(self):
+        self._nd = NDJSONDecoder()
+        self._tools = 0
+        self._started = False
+        self._final: dict | None = None
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for obj in self._nd.feed(data):
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("error"):
+                out.append(("error", GatewayError(502, str(obj["error"]))))
+                continue
+            if not self._started:
+                self._started = True
+                out.append(("start", new_id("chatcmpl-"), obj.get("model") or ""))
+            for p in _ollama_message_parts(obj.get("message") or {}):
+                if p["type"] == "tool_call":
+                    out.append(("tool", self._tools, p["id"], p["name"]))
+                    out.append(("args", self._tools, p["arguments"]))
+                    self._tools += 1
+                else:
+                    out.append(("text" if p["type"] == "text" else "reasoning", p["text"]))
+            if obj.get("done"):
+                self._final = obj
+                out.append(("usage", ollama_usage_to_ir(obj)))
+        return out
+
+    def close(self) -> list[tuple]:
+        out = [] if self._started else [("start", new_id("chatcmpl-"), "")]
+        self._started = True
+        out.append(("finish", _ollama_finish(self._final or {}, self._tools > 0)))
+        return out
+
+
+# 9.7 Dispatch ------------------------------------------------------------------------------------
+# Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
+# request encoder, response decoder, stream decoder. The Responses and Gemini-native client
+# dialects plug in here with the same three functions.
+
+CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
+    OPENAI: (openai_request_to_ir, ir_to_openai_response,
+             lambda model, ir: OpenAIStreamEncoder(model, ir["include_usage"])),
+    ANTHROPIC: (anthropic_request_to_ir, ir_to_anthropic_response,
+                lambda model, ir: AnthropicStreamEncoder(model, estimate_tokens(ir))),
+}
+_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
+
+
+def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
+                         max_tokens_cap: int = 0,
+                         signatures: dict[str, str] | None = None) -> dict:
+    """The chat request body for a channel of type ``ctype``."""
+    if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
+        ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
+    if ctype == "anthropic":
+        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap)
+    if ctype == "gemini":
+        return ir_to_gemini_request(ir, signatures)
+    if ctype == "ollama":
+        return ir_to_ollama_request(ir, model, stream=stream)
+    field = "max_completion_tokens" if ctype == "openai" and \
+        _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
+    return ir_to_openai_request(ir, model, stream=stream, max_tokens_field=field)
+
+
+def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None
+                      ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+    """(whole-answer decoder, stream decoder factory) for a channel type."""
+    if ctype == "anthropic":
+        return anthropic_response_to_ir, AnthropicStreamDecoder
+    if ctype == "gemini":
+        return (lambda body: gemini_response_to_ir(body, signatures),
+                lambda: GeminiStreamDecoder(signatures))
+    if ctype == "ollama":
+        return ollama_response_to_ir, OllamaStreamDecoder
+    return openai_response_to_ir, OpenAIStreamDecoder
+
+
 # =================================================================================================
 # 10. Configuration
 # =================================================================================================
@@ -1734,7 +3261,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
-    "proxy": "", "verify_tls": True, "headers": {},
+    "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0,
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -1897,6 +3424,10 @@ def _check_channel(ck: _Checker, channels: list[dict]) -> None:
         ck.url(ch["proxy"], f"{where}.proxy", allow_empty=True,
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
         ck.typed(ch, "verify_tls", where, (bool,), "true or false")
+        cap = ck.typed(ch, "max_tokens_cap", where, (int,), "a whole number (0 = no cap)")
+        if cap < 0:
+            raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
+                          "use 0 for no cap or the model's largest output, such as 8192")
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
             if not _TOKEN_RX.match(name.encode("latin-1", "replace")) or "\r" in value \
@@ -2078,24 +3609,24 @@ class Route:
     dialect: str
     kind: str
     body: str = "json"          # "json", "multipart" or "none"
+    convert: bool = False       # other channel types are reached through the internal form
 
 
 ROUTES: dict[str, Route] = {r.path: r for r in (
-    Route("/v1/chat/completions", ("POST",), OPENAI, "chat"),
+    Route("/v1/chat/completions", ("POST",), OPENAI, "chat", convert=True),
     Route("/v1/completions", ("POST",), OPENAI, "completions"),
     Route("/v1/embeddings", ("POST",), OPENAI, "embeddings"),
     Route("/v1/images/generations", ("POST",), OPENAI, "images"),
     Route("/v1/audio/speech", ("POST",), OPENAI, "speech"),
     Route("/v1/audio/transcriptions", ("POST",), OPENAI, "transcriptions", "multipart"),
     Route("/v1/models", ("GET",), OPENAI, "models", "none"),
-    Route("/v1/messages", ("POST",), ANTHROPIC, "messages"),
-    Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens"),
+    Route("/v1/messages", ("POST",), ANTHROPIC, "messages", convert=True),
+    Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens", convert=True),
     Route("/health", ("GET",), OPENAI, "health", "none"),
 )}
 MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
 IMAGES_DEFAULT_MODEL = "dall-e-2"         # what the OpenAI API assumes when `model` is left out
 
-_VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)
 _DROP_REQUEST_HEADERS = _HOP_BY_HOP | {
     "host", "content-length", "authorization", "x-api-key", "x-goog-api-key", "api-key",
     "cookie", "accept-encoding", "expect", "origin", "referer",
@@ -2140,7 +3671,8 @@ class Channel:
     """A configured upstream, prepared for routing."""
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
-                 "enabled", "timeout", "proxy", "verify_tls", "headers", "_exact")
+                 "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
+                 "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -2156,6 +3688,7 @@ class Channel:
         self.proxy: str = c["proxy"] or default_proxy
         self.verify_tls: bool = c["verify_tls"]
         self.headers = list(c["headers"].items())
+        self.max_tokens_cap: int = c["max_tokens_cap"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -2257,6 +3790,7 @@ class Gateway:
         self.started = time.time()
         self._rr: dict[tuple[str, int], int] = {}
         self._seq = itertools.count(1)
+        self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self._request_log: RequestLog | None = None
         self.apply_config(config)
 
@@ -2402,7 +3936,7 @@ class Gateway:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def candidates(self, model: str, dialect: str, token: Token | None) -> list[Channel]:
+    def candidates(self, model: str, route: Route, token: Token | None) -> list[Channel]:
         serving = [ch for ch in self.channels if ch.enabled and ch.serves(model)]
         if not serving:
             raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
@@ -2412,13 +3946,13 @@ class Gateway:
             if not serving:
                 raise GatewayError(403, f"gateway token '{token.name}' may not use the channels "
                                         f"that serve '{model}'")
-        usable = [ch for ch in serving if ch.type in PASSTHROUGH_TYPES[dialect]]
+        usable = serving if route.convert else \
+            [ch for ch in serving if ch.type in PASSTHROUGH_TYPES[route.dialect]]
         if not usable:
             kinds = ", ".join(sorted({f"{ch.type} channel '{ch.name}'" for ch in serving}))
-            raise GatewayError(501, f"model '{model}' is served by {kinds}; this version passes "
-                                    f"{'Anthropic' if dialect == ANTHROPIC else 'OpenAI'} "
-                                    f"requests only to "
-                                    f"{' or '.join(PASSTHROUGH_TYPES[dialect])} channels",
+            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} is "
+                                    f"passed only to "
+                                    f"{' or '.join(PASSTHROUGH_TYPES[route.dialect])} channels",
                                code="conversion_not_available")
         ordered: list[Channel] = []
         for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
@@ -2496,19 +4030,32 @@ class Gateway:
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
             raise GatewayError(403, f"gateway token '{token.name}' may not use model '{model}'")
-        chans = self.candidates(model, dialect, token)
+        chans = self.candidates(model, route, token)
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
+        ir: dict | None = None
         failures: list[tuple[Channel, UpstreamError]] = []
         for ch in chans:
             rec["tried"].append(ch.name)
-            url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
+            passthrough = ch.type in PASSTHROUGH_TYPES[dialect]
+            if passthrough:
+                url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
+            else:
+                if ir is None:
+                    ir = CLIENT_CODECS[dialect][0](obj)
+                    ir["stream"] = stream
+                if route.kind == "count_tokens":
+                    return self._count_locally(ir, rec)
+                url, hdrs, body = self._converted_request(ch, req, ir, model)
             try:
-                up = await self.client.request(req.method, url, hdrs, body, proxy=ch.proxy,
+                up = await self.client.request("POST" if not passthrough else req.method, url,
+                                               hdrs, body, proxy=ch.proxy,
                                                verify_tls=ch.verify_tls, timeout=ch.timeout)
                 if up.status < 300 or not (up.status in (401, 403, 408, 429) or up.status >= 500):
                     rec["channel"] = ch.name
-                    return await self._answer(up, dialect, rec, req)
+                    if passthrough:
+                        return await self._answer(up, dialect, rec, req)
+                    return await self._answer_converted(up, ch, dialect, ir, model, rec, req)
                 err_body = await up.read(MAX_ERROR_BODY)
                 retry = [(n, v) for n, v in up.headers
                          if n.lower() in ("retry-after", "retry-after-ms")]
@@ -2519,6 +4066,116 @@ class Gateway:
                 failures.append((ch, exc))
                 self.log(f"channel '{ch.name}' failed for {model}: {exc.status} {exc.message}")
         raise self._all_failed(failures)
+
+    # -- conversion ------------------------------------------------------------------------------
+
+    def _count_locally(self, ir: dict, rec: dict) -> Response:
+        """count_tokens for a model on a non-Anthropic channel: a local estimate, never an
+        upstream call (Claude Code sends many of these)."""
+        count = estimate_tokens(ir)
+        rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
+        self._finish(rec)
+        return Response(200, [("Content-Type", "application/json")],
+                        json_dumps({"input_tokens": count}))
+
+    def _converted_request(self, ch: Channel, req: Request, ir: dict, model: str
+                           ) -> tuple[str, list[tuple[str, str]], bytes]:
+        target = ch.upstream_model(model)
+        stream = ir["stream"]
+        body = encode_upstream_chat(ch.type, ir, target, stream=stream,
+                                    max_tokens_cap=ch.max_tokens_cap,
+                                    signatures=self.signatures)
+        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate")]
+        if ch.type == "anthropic":
+            url = join_base_url(ch.base_url, "/v1/messages")
+            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
+            if ch.api_key:
+                hdrs.append(("x-api-key", ch.api_key))
+        elif ch.type == "gemini":
+            url = gemini_model_path(ch.base_url, target, "streamGenerateContent?alt=sse"
+                                    if stream else "generateContent")
+            if ch.api_key:
+                hdrs.append(("x-goog-api-key", ch.api_key))
+        elif ch.type == "ollama":
+            base = ch.base_url.rstrip("/")
+            url = (base[:-3] if base.endswith("/v1") else base) + "/api/chat"
+            if ch.api_key:
+                hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+        else:
+            url = join_base_url(ch.base_url, "/v1/chat/completions")
+            if ch.api_key:
+                hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+        extra = {n.lower() for n, _ in ch.headers}
+        hdrs = [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
+        return url, hdrs, json_dumps(body)
+
+    async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
+                                model: str, rec: dict, req: Request) -> Response:
+        rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
+        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures)
+        if up.status >= 300:          # an error the client caused: in the client's own shape
+            body = await up.read(MAX_ERROR_BODY)
+            raise GatewayError(up.status, f"channel '{ch.name}': "
+                                          f"{upstream_error_message(body, up.status)}",
+                               code=upstream_error_code(body))
+        hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
+        rec["status"] = 200
+        if not ir["stream"]:
+            try:
+                raw = await up.read()
+            except UpstreamError as exc:
+                raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
+            answer = json_loads(raw, f"channel '{ch.name}' answer")
+            if not isinstance(answer, dict):
+                raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
+                                        f"object")
+            resp = decode_whole(answer)
+            rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
+                resp["usage"]["output"]
+            out = json_dumps(CLIENT_CODECS[dialect][1](resp, model))
+            rec["bytes_out"] = len(out)
+            self._trim_signatures()
+            self._finish(rec)
+            return Response(200, hdrs, out)
+        rec["stream"] = True
+        hdrs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                ("X-Accel-Buffering", "no")] + self._cors_headers(req.headers)
+        encoder = CLIENT_CODECS[dialect][2](model, ir)
+        decoder = stream_decoder()
+
+        def done() -> None:
+            up.aclose_nowait()
+            usage = encoder.usage or {}
+            rec["input_tokens"], rec["output_tokens"] = usage.get("input"), usage.get("output")
+            if rec["error"] is None and not up.finished:
+                rec["error"] = "client disconnected"
+            self._trim_signatures()
+            self._finish(rec)
+        return Response(200, hdrs, StreamBody(self._relay_converted(up, decoder, encoder, rec),
+                                              done))
+
+    async def _relay_converted(self, up: UpstreamResponse, decoder: Any, encoder: Any,
+                               rec: dict) -> AsyncIterator[bytes]:
+        """Upstream stream -> internal events -> the client's stream format, as bytes arrive."""
+        try:
+            async for data in up.iter_bytes():
+                out = encoder.encode(decoder.feed(data))
+                if out:
+                    rec["bytes_out"] += len(out)
+                    yield out
+            out = encoder.encode(decoder.close())
+        except (UpstreamError, ProtocolError) as exc:
+            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
+            self.log(rec["error"])
+            out = encoder.encode([("error", GatewayError(exc.status, rec["error"]))])
+        if out:
+            rec["bytes_out"] += len(out)
+            yield out
+
+    def _trim_signatures(self) -> None:
+        sigs = self.signatures
+        while len(sigs) > SIGNATURES_KEPT:
+            del sigs[next(iter(sigs))]
 
     @staticmethod
     def _all_failed(failures: list[tuple[Channel, UpstreamError]]) -> GatewayError:

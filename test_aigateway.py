@@ -1316,11 +1316,11 @@ def test_11_mid_stream_failure_gives_in_band_error(gw, upstream):
     assert rec["status"] == 200 and "broke off" in rec["error"]
 
 
-def test_11_needs_conversion_gives_clear_error(gw, upstream):
+def test_11_route_without_conversion_gives_clear_error(gw, upstream):
     up = upstream()
     g = gw([chan(up, name="gem", type="gemini", models=["gemini-*"])])
     with pytest.raises(openai.APIStatusError) as e:
-        g.openai().chat.completions.create(model="gemini-2.5-pro", messages=[])
+        g.openai().embeddings.create(model="gemini-embedding", input="x")
     assert e.value.status_code == 501 and "gemini channel 'gem'" in str(e.value)
     assert not up.requests
 
