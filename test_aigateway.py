@@ -1475,3 +1475,699 @@ def test_10_example_config_is_valid():
     with open(os.path.join(HERE, "config.example.json")) as f:
         cfg = ag.validate_config(json.load(f), "config.example.json")
     assert [c["type"] for c in cfg["channels"]] == ["openai", "custom", "anthropic", "custom"]
+
+
+# =================================================================================================
+# 9. Converters: tables, stream state machines, and every channel type end to end
+# =================================================================================================
+
+def _ir_from_openai(**body):
+    body.setdefault("model", "m")
+    return ag.openai_request_to_ir(body)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+    {"role": "user", "content": [
+        {"type": "text", "text": "What is in this image, and the weather?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "functions.get_weather:0", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
+    {"role": "user", "content": "thanks"},
+    {"role": "system", "content": "Late system note."},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                         "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {}}}}]
+
+
+def test_09_openai_to_anthropic_request_table():
+    ir = _ir_from_openai(messages=CONVERSATION, tools=TOOLS, temperature=1.5, top_p=0.5,
+                         stop=["  ", "END"], tool_choice="required", parallel_tool_calls=False)
+    body = ag.ir_to_anthropic_request(ir, "claude-x", stream=False)
+    assert body["system"] == [{"type": "text", "text": "You are terse."},
+                              {"type": "text", "text": "Use tools."},
+                              {"type": "text", "text": "Late system note."}]   # section 7 #24
+    assert body["max_tokens"] == ag.DEFAULT_ANTHROPIC_MAX_TOKENS                 # required
+    assert body["temperature"] == 1.0 and "top_p" not in body                    # #20, clamped
+    assert body["stop_sequences"] == ["END"]
+    assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    user = body["messages"][0]["content"]
+    assert user[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": "iVBORw0KGgo="}}
+    assert user[2] == {"type": "image", "source": {"type": "url",
+                                                    "url": "https://example.com/cat.jpg"}}
+    calls = body["messages"][1]["content"]
+    assert [c["type"] for c in calls] == ["tool_use", "tool_use"]
+    assert calls[0]["input"] == {"city": "Paris"} and calls[1]["input"] == {}    # #15
+    assert ag._ANTHROPIC_ID_RX.match(calls[0]["id"]) and calls[0]["id"] != "call_b"   # #14
+    results = body["messages"][2]["content"]                                     # #8
+    assert [b["type"] for b in results] == ["tool_result", "tool_result", "text"]
+    assert results[0]["tool_use_id"] == calls[0]["id"]
+    assert results[1]["tool_use_id"] == "call_b" and results[2]["text"] == "thanks"
+    assert body["tools"][0]["input_schema"]["required"] == ["city"]
+
+
+def test_09_reasoning_effort_to_thinking_budget_and_max_tokens():
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="high",
+                         max_tokens=2000, temperature=0.3, tools=TOOLS, tool_choice="required")
+    body = ag.ir_to_anthropic_request(ir, "c", stream=True)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 24576}       # #21
+    assert body["max_tokens"] > 24576 and "temperature" not in body
+    assert body["tool_choice"] == {"type": "auto"} and body["stream"] is True
+    capped = ag.ir_to_anthropic_request(ir, "c", stream=False, max_tokens_cap=8000)
+    assert capped["max_tokens"] == 8000 and capped["thinking"]["budget_tokens"] < 8000
+
+
+def test_09_anthropic_to_openai_request_table():
+    body = {"model": "claude-x", "max_tokens": 32000, "stream": True,
+            "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "Bash", "description": "run", "input_schema": {
+                "type": "object", "properties": {"cmd": {"type": "string"}}},
+                "cache_control": {"type": "ephemeral"}},
+                {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+            "thinking": {"type": "enabled", "budget_tokens": 4000},
+            "metadata": {"user_id": "u1"}, "top_k": 5,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "sig=="},
+                    {"type": "text", "text": "Let me run it."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                     "input": {"cmd": "ls"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                     "content": [{"type": "text", "text": "denied"},
+                                 {"type": "image", "source": {"type": "base64",
+                                  "media_type": "image/png", "data": "AAA"}}]},
+                    {"type": "text", "text": "try again"}]}]}
+    ir = ag.anthropic_request_to_ir(body)
+    out = ag.ir_to_openai_request(ir, "o3-mini", stream=True,
+                                  max_tokens_field="max_completion_tokens")
+    assert out["messages"][0] == {"role": "system", "content": "sys"}
+    assert [t["function"]["name"] for t in out["tools"]] == ["Bash"]        # server tool dropped
+    assert out["parallel_tool_calls"] is False and out["max_completion_tokens"] == 32000
+    assert out["reasoning_effort"] == "medium" and out["user"] == "u1"
+    assert out["stream_options"] == {"include_usage": True}
+    asst = out["messages"][2]
+    assert asst["content"] == "Let me run it." and asst["reasoning_content"] == "hmm"
+    assert asst["tool_calls"][0]["function"] == {"name": "Bash", "arguments": '{"cmd": "ls"}'}
+    roles = [m["role"] for m in out["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "user", "user"]
+    assert out["messages"][3] == {"role": "tool", "tool_call_id": "toolu_1",
+                                  "content": "Error: denied"}
+    assert out["messages"][4]["content"][0]["image_url"]["url"] == "data:image/png;base64,AAA"
+    assert out["messages"][5]["content"] == "try again"                     # #17
+
+
+def test_09_foreign_thinking_never_reaches_anthropic():
+    ir = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "ours", "signature": ag.UNSIGNED_THINKING},
+            {"type": "thinking", "thinking": "theirs", "signature": "EqQBCkgIARABGAIiQ=="},
+            {"type": "text", "text": "a"}]},
+        {"role": "user", "content": "y"}]})
+    blocks = ag.ir_to_anthropic_request(ir, "c", stream=False)["messages"][1]["content"]
+    assert blocks == [{"type": "thinking", "thinking": "theirs",
+                       "signature": "EqQBCkgIARABGAIiQ=="}, {"type": "text", "text": "a"}]
+
+
+def test_09_gemini_request_schema_cleaning_and_grouped_function_responses():
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+              "additionalProperties": False,
+              "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
+              "properties": {
+                  "city": {"type": ["string", "null"], "description": "City"},
+                  "unit": {"$ref": "#/$defs/Unit"},
+                  "days": {"type": "integer", "exclusiveMinimum": 0, "const": 3},
+                  "tags": {"type": "array", "items": {"type": "string", "format": "uri"},
+                           "uniqueItems": True},
+                  "format": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+              "required": ["city", "ghost"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}},
+             TOOLS[1]]
+    ir = _ir_from_openai(messages=CONVERSATION, tools=tools, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}, max_tokens=100,
+        reasoning_effort="low", response_format={"type": "json_object"})
+    body = ag.ir_to_gemini_request(ir, {"call_b": "sig-b"})
+    params = body["tools"][0]["functionDeclarations"][0]["parameters"]
+    assert params == {"type": "OBJECT", "required": ["city"], "properties": {
+        "city": {"type": "STRING", "nullable": True, "description": "City"},
+        "unit": {"type": "STRING", "enum": ["c", "f"]},
+        "days": {"type": "INTEGER"},
+        "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
+        "format": {"type": "STRING", "nullable": True}}}                    # #10, #11
+    assert "parameters" not in body["tools"][0]["functionDeclarations"][1]
+    assert body["toolConfig"] == {"functionCallingConfig": {
+        "mode": "ANY", "allowedFunctionNames": ["get_weather"]}}
+    assert body["systemInstruction"]["parts"][0]["text"].startswith("You are terse.")
+    roles = [c["role"] for c in body["contents"]]
+    assert roles == ["user", "model", "user"]
+    calls = body["contents"][1]["parts"]
+    assert calls[0]["thoughtSignature"] == ag.THOUGHT_SKIP                  # #12 foreign history
+    assert calls[1]["thoughtSignature"] == "sig-b"                          # replayed
+    responses = body["contents"][2]["parts"]                                # #9: one content
+    assert [p["functionResponse"]["name"] for p in responses[:2]] == ["get_weather", "get_time"]
+    assert responses[0]["functionResponse"]["response"] == {"result": "sunny"}
+    assert responses[2] == {"text": "thanks"}
+    gen = body["generationConfig"]
+    assert gen["maxOutputTokens"] == 100 and gen["responseMimeType"] == "application/json"
+    assert gen["thinkingConfig"] == {"thinkingBudget": 1024, "includeThoughts": True}
+
+
+def test_09_ollama_request_objects_strings_and_images():
+    ir = _ir_from_openai(messages=CONVERSATION, tools=TOOLS, max_tokens=50, stop="x",
+                         response_format={"type": "json_schema", "json_schema": {
+                             "name": "o", "schema": {"type": "object"}}})
+    body = ag.ir_to_ollama_request(ir, "llama3", stream=True)
+    assert body["stream"] is True and body["options"] == {"num_predict": 50, "stop": ["x"]}
+    assert body["format"] == {"type": "object"}
+    user = body["messages"][1]
+    assert isinstance(user["content"], str) and user["images"] == ["iVBORw0KGgo="]   # #16
+    call = body["messages"][2]["tool_calls"][0]
+    assert call["function"]["arguments"] == {"city": "Paris"}
+    assert body["messages"][3] == {"role": "tool", "content": "sunny",
+                                   "tool_call_id": "functions.get_weather:0",
+                                   "tool_name": "get_weather"}
+
+
+def test_09_responses_to_ir_usage_and_finish():
+    r = ag.anthropic_response_to_ir({"id": "msg_1", "content": [
+        {"type": "thinking", "thinking": "t", "signature": "s"},
+        {"type": "text", "text": "a"},
+        {"type": "tool_use", "id": "toolu_9", "name": "f", "input": {"x": 1}}],
+        "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 5,
+                                             "cache_read_input_tokens": 90,
+                                             "cache_creation_input_tokens": 3}})
+    o = ag.ir_to_openai_response(r, "m")
+    assert o["choices"][0]["finish_reason"] == "tool_calls"
+    assert o["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"x": 1}'
+    assert o["usage"] == {"prompt_tokens": 103, "completion_tokens": 5, "total_tokens": 108,
+                          "prompt_tokens_details": {"cached_tokens": 90,
+                                                    "cache_write_tokens": 3}}
+    back = ag.ir_to_anthropic_response(ag.openai_response_to_ir(o), "c")
+    assert back["usage"] == {"input_tokens": 10, "output_tokens": 5,
+                             "cache_creation_input_tokens": 3, "cache_read_input_tokens": 90}
+    assert back["stop_reason"] == "tool_use" and back["content"][-1]["input"] == {"x": 1}
+    g = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "plan", "thought": True}, {"text": "ok"},
+        {"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": "GS"}]},
+        "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 7,
+        "candidatesTokenCount": 2, "thoughtsTokenCount": 3, "cachedContentTokenCount": 4}},
+        sigs := {})
+    assert g["finish"] == "tool_calls"                                       # #7
+    assert [p["type"] for p in g["content"]] == ["reasoning", "text", "tool_call"]
+    assert sigs == {g["content"][2]["id"]: "GS"}
+    assert g["usage"] == ag.new_usage(7, 5, 4, 0, 3)
+    blocked = ag.gemini_response_to_ir({"promptFeedback": {"blockReason": "SAFETY"}})
+    assert blocked["finish"] == "content_filter"
+    ol = ag.ollama_response_to_ir({"message": {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": {"q": 1}}}]}, "done": True,
+        "done_reason": "stop", "prompt_eval_count": 4, "eval_count": 6})
+    assert ol["finish"] == "tool_calls" and ol["content"][0]["arguments"] == '{"q": 1}'
+
+
+def _sse_events(data: bytes):
+    return [(e, json.loads(d) if d != "[DONE]" else d) for e, d, _ in ag.SSEDecoder().feed(data)]
+
+
+def _convert_stream(decoder, encoder, raw: bytes, step: int = 1) -> bytes:
+    out = b""
+    for i in range(0, len(raw), step):
+        out += encoder.encode(decoder.feed(raw[i:i + step]))
+    return out + encoder.encode(decoder.close())
+
+
+def _openai_tool_stream(usage=True):
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def ch(delta, finish=None):
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+    chunks = [ch({"role": "assistant", "content": ""}), ch({"reasoning_content": "think "}),
+              ch({"content": "Checking"}),
+              ch({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": ""}}]}),
+              ch({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+              ch({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+              ch({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                  "function": {"name": "get_time", "arguments": "{}"}}]}),
+              ch({}, "tool_calls")]
+    if usage:
+        chunks.append(dict(base, choices=[], usage={"prompt_tokens": 30,
+                                                    "completion_tokens": 9,
+                                                    "total_tokens": 39}))
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks) + \
+        b"data: [DONE]\r\n\r\n"
+
+
+def test_09_openai_stream_to_anthropic_events_bytewise():
+    raw = _openai_tool_stream()
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("claude-x", 17),
+                          raw, step=1)
+    assert all(block.startswith(b"event: ") for block in out.split(b"\n\n") if block)   # #1
+    events = _sse_events(out)
+    assert all(e == d["type"] for e, d in events)
+    names = [e for e, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    start = events[0][1]["message"]
+    assert start["usage"]["input_tokens"] == 17 and "output_tokens" in start["usage"]   # #2
+    opened, closed = [], []
+    for e, d in events:
+        if e == "content_block_start":
+            assert d["index"] == len(opened) and (not opened or opened[-1] in closed)
+            opened.append(d["index"])
+        elif e == "content_block_stop":
+            closed.append(d["index"])
+        elif e == "content_block_delta":
+            assert d["index"] == opened[-1] and d["index"] not in closed
+    assert opened == closed == [0, 1, 2, 3]
+    blocks = [d["content_block"] for e, d in events if e == "content_block_start"]
+    assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use", "tool_use"]
+    assert blocks[2] == {"type": "tool_use", "id": "call_a", "name": "get_weather",
+                         "input": {}}                                       # #3
+    args = "".join(d["delta"]["partial_json"] for e, d in events
+                   if e == "content_block_delta" and d["index"] == 2)
+    assert json.loads(args) == {"city": "Paris"}
+    final = events[-2][1]
+    assert final["delta"]["stop_reason"] == "tool_use"
+    assert final["usage"]["input_tokens"] == 30 and final["usage"]["output_tokens"] == 9
+
+
+def test_09_anthropic_stream_to_openai_chunks_bytewise():
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    raw = b"".join([
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1,
+                                                  "cache_read_input_tokens": 100}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "text", "text": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "text_delta", "text": "Hi"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                   "delta": {"type": "input_json_delta", "partial_json": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                   "delta": {"type": "input_json_delta",
+                                             "partial_json": "{\"a\":1}"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ev("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
+            "type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 2}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                             "usage": {"output_tokens": 12}}),
+        ev("message_stop", {"type": "message_stop"})])
+    for include_usage in (False, True):
+        out = _convert_stream(ag.AnthropicStreamDecoder(),
+                              ag.OpenAIStreamEncoder("m", include_usage), raw, step=3)
+        chunks = [d for _, d in _sse_events(out)]
+        assert chunks[-1] == "[DONE]"
+        body = chunks[:-1]
+        assert body[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert sum("role" in c["choices"][0]["delta"] for c in body if c["choices"]) == 1
+        tool_deltas = [tc for c in body if c["choices"]
+                       for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+        assert [t["index"] for t in tool_deltas] == [0, 0, 1]                # #4 dense
+        assert [("id" in t, "name" in t.get("function", {})) for t in tool_deltas] == \
+            [(True, True), (False, False), (True, True)]                     # #5 first only
+        finishes = [c["choices"][0]["finish_reason"] for c in body if c["choices"]]
+        assert finishes[-1] == "tool_calls" and finishes.count(None) == len(finishes) - 1
+        usage_chunks = [c for c in body if not c["choices"]]
+        if include_usage:                                                    # #6
+            assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == []
+            assert usage_chunks[0]["usage"]["prompt_tokens"] == 105
+            assert usage_chunks[0]["usage"]["completion_tokens"] == 12
+        else:
+            assert usage_chunks == [] and all("usage" not in c for c in body)
+
+
+def test_09_gemini_stream_tool_call_then_stop_chunk_finishes_with_tool_calls():
+    chunks = [
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": "Let me "}]}}]},
+        {"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": "a", "args": {"x": 1}}, "thoughtSignature": "S1"},
+            {"functionCall": {"name": "b", "args": {}}}]}}]},
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
+                         "finishReason": "STOP"}],
+         "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 4}}]
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
+    sigs = {}
+    out = _convert_stream(ag.GeminiStreamDecoder(sigs), ag.OpenAIStreamEncoder("g", True), raw,
+                          step=5)
+    body = [d for _, d in _sse_events(out)][:-1]
+    calls = [tc for c in body if c["choices"] for tc in c["choices"][0]["delta"].get(
+        "tool_calls", [])]
+    assert [c["index"] for c in calls if "id" in c] == [0, 1]
+    assert len({c["id"] for c in calls if "id" in c}) == 2
+    assert body[-2]["choices"][0]["finish_reason"] == "tool_calls"          # #7
+    assert body[-1]["usage"]["prompt_tokens"] == 8
+    assert list(sigs.values()) == ["S1"]
+
+
+def test_09_ollama_stream_to_anthropic_with_mid_stream_error():
+    lines = [{"model": "l", "message": {"role": "assistant", "content": "Hel"}, "done": False},
+             {"model": "l", "message": {"role": "assistant", "content": "lo"}, "done": False},
+             {"error": "model crashed"}]
+    raw = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    out = _convert_stream(ag.OllamaStreamDecoder(), ag.AnthropicStreamEncoder("l"), raw, step=4)
+    events = _sse_events(out)
+    assert events[-1][0] == "error" and "model crashed" in events[-1][1]["error"]["message"]
+    assert "message_stop" not in [e for e, _ in events]
+
+
+def test_09_count_tokens_estimate_grows_with_content():
+    small = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "hi"}]))
+    big = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "word " * 400}],
+                                             tools=TOOLS))
+    cjk = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "漢字" * 100}]))
+    assert 1 <= small < 20 and 400 < big < 800 and cjk >= 200
+
+
+class Dialects:
+    """Fake upstream answers in each channel type's own format. The fake answers a request whose
+    last turn is a tool result with text quoting it; a request with tools with two parallel
+    calls; anything else with "hello"."""
+
+    @staticmethod
+    def plan(last_text: str | None, has_tools: bool):
+        if last_text is not None:
+            return "text", f"got {last_text}"
+        return ("tools", None) if has_tools else ("text", "hello")
+
+    @staticmethod
+    def openai(rec):
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]
+        kind, text = Dialects.plan(last["content"] if last["role"] == "tool" else None,
+                                   bool(body.get("tools")))
+        if body.get("stream"):
+            base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+            deltas = [({"role": "assistant", "content": ""}, None)]
+            if kind == "text":
+                deltas += [({"content": text[:3]}, None), ({"content": text[3:]}, None),
+                           ({}, "stop")]
+            else:
+                deltas += [({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather",
+                                                          "arguments": "{\"city\""}}]}, None),
+                           ({"tool_calls": [{"index": 0, "function": {
+                               "arguments": ":\"Paris\"}"}}]}, None),
+                           ({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                                             "function": {"name": "get_time",
+                                                          "arguments": "{}"}}]}, None),
+                           ({}, "tool_calls")]
+            chunks = [dict(base, choices=[{"index": 0, "delta": d, "finish_reason": f}])
+                      for d, f in deltas]
+            chunks.append(dict(base, choices=[], usage={"prompt_tokens": 11,
+                                                        "completion_tokens": 4,
+                                                        "total_tokens": 15}))
+            return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                         [b"data: [DONE]\n\n"], content_type="text/event-stream")
+        msg = {"role": "assistant", "content": text}
+        if kind == "tools":
+            msg = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "call_2", "type": "function", "function": {
+                    "name": "get_time", "arguments": "{}"}}]}
+        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "message": msg,
+                                          "finish_reason": "tool_calls" if kind == "tools"
+                                          else "stop"}],
+                                      "usage": {"prompt_tokens": 11, "completion_tokens": 4,
+                                                "total_tokens": 15}}).encode())
+
+    @staticmethod
+    def anthropic(rec):
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]["content"]
+        result = next((b for b in reversed(last) if isinstance(b, dict)
+                       and b["type"] == "tool_result"), None) if isinstance(last, list) else None
+        kind, text = Dialects.plan(
+            None if result is None else (result["content"][0]["text"]
+                                         if isinstance(result["content"], list)
+                                         else result["content"]),
+            bool(body.get("tools")))
+        blocks = [{"type": "text", "text": text}] if kind == "text" else [
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+             "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}]
+        stop = "end_turn" if kind == "text" else "tool_use"
+        if not body.get("stream"):
+            return Reply(body=json.dumps({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                "content": blocks, "stop_reason": stop, "stop_sequence": None,
+                "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
+
+        def ev(name, data):
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+        out = [ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [], "stop_reason": None, "usage": {"input_tokens": 11,
+                                                          "output_tokens": 1}}})]
+        for i, b in enumerate(blocks):
+            if b["type"] == "text":
+                out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                      "content_block": {"type": "text",
+                                                                        "text": ""}}))
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "text_delta",
+                                                          "text": b["text"]}}))
+            else:
+                out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                      "content_block": dict(b, input={})}))
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "input_json_delta",
+                                                          "partial_json": json.dumps(
+                                                              b["input"])}}))
+            out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
+        out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                     "usage": {"output_tokens": 4}}),
+                ev("message_stop", {"type": "message_stop"})]
+        return Reply(chunks=out, content_type="text/event-stream")
+
+    @staticmethod
+    def gemini(rec):
+        body = json.loads(rec["body"])
+        last = body["contents"][-1]["parts"]
+        resp = next((p["functionResponse"] for p in reversed(last) if "functionResponse" in p),
+                    None)
+        kind, text = Dialects.plan(None if resp is None else resp["response"]["result"],
+                                   bool(body.get("tools")))
+        parts = [{"text": text}] if kind == "text" else [
+            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+             "thoughtSignature": "GEMSIG"},
+            {"functionCall": {"name": "get_time", "args": {}}}]
+        usage = {"promptTokenCount": 11, "candidatesTokenCount": 4, "totalTokenCount": 15}
+        if ":streamGenerateContent" in rec["path"]:
+            chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]},
+                                       "index": 0}]} for p in parts]
+            chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+                {"text": ""}]}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage})
+            return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
+                         content_type="text/event-stream", close_delimited=True)
+        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
+                                                                  "parts": parts},
+                                                      "finishReason": "STOP"}],
+                                      "usageMetadata": usage}).encode())
+
+    @staticmethod
+    def ollama(rec):
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]
+        kind, text = Dialects.plan(last["content"] if last["role"] == "tool" else None,
+                                   bool(body.get("tools")))
+        msg = {"role": "assistant", "content": text or ""}
+        if kind == "tools":
+            msg["tool_calls"] = [{"function": {"name": "get_weather",
+                                               "arguments": {"city": "Paris"}}},
+                                 {"function": {"name": "get_time", "arguments": {}}}]
+        final = {"model": "l", "message": {"role": "assistant", "content": ""}, "done": True,
+                 "done_reason": "stop", "prompt_eval_count": 11, "eval_count": 4}
+        if body.get("stream"):
+            return Reply(chunks=[json.dumps({"model": "l", "message": msg, "done": False})
+                                 .encode() + b"\n", json.dumps(final).encode() + b"\n"],
+                         content_type="application/x-ndjson")
+        return Reply(body=json.dumps(dict(final, message=msg)).encode())
+
+
+CHANNEL_TYPES = ["openai", "anthropic", "gemini", "ollama"]
+
+
+def _typed_gw(gw, upstream, ctype, **extra):
+    up = upstream()
+    up.responder = getattr(Dialects, ctype)
+    return gw([chan(up, type=ctype, api_key="sk-up-KEY", **extra)]), up
+
+
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]
+
+
+@pytest.mark.parametrize("ctype", ["openai", "gemini", "ollama"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_anthropic_sdk_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = g.anthropic()
+    msgs = [{"role": "user", "content": "weather in Paris and the time?"}]
+
+    def call(messages):
+        kw = dict(model="claude-test", max_tokens=32000, tools=ANTHROPIC_TOOLS,
+                  messages=messages)
+        if not stream:
+            return c.messages.create(**kw)
+        with c.messages.stream(**kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_message()
+    first = call(msgs)
+    assert first.stop_reason == "tool_use"
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert [(u.name, u.input) for u in uses] == [("get_weather", {"city": "Paris"}),
+                                                 ("get_time", {})]
+    assert first.usage.input_tokens > 0
+    msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                               for b in first.content]},
+             {"role": "user", "content": [
+                 {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sunny"},
+                 {"type": "tool_result", "tool_use_id": uses[1].id, "content": "noon"}]}]
+    second = call(msgs)
+    assert second.stop_reason == "end_turn"
+    assert second.content[0].text == "got noon"
+    assert second.usage.output_tokens == 4
+    sent = json.loads(up.last()["body"])
+    assert "sk-up-KEY" in json.dumps(up.last()["headers"]) or ctype == "ollama"
+    if ctype == "gemini":
+        assert up.last()["headers"]["x-goog-api-key"] == "sk-up-KEY"
+        model_turn = sent["contents"][1]["parts"]
+        assert model_turn[0]["thoughtSignature"] == "GEMSIG"                 # replayed (#12)
+        assert len(sent["contents"][2]["parts"]) == 2                        # (#9)
+    elif ctype == "openai":
+        assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "tool"]
+        assert sent["max_tokens"] == 32000
+    else:
+        assert sent["messages"][2]["tool_name"] == "get_weather"
+        assert sent["stream"] is stream
+
+
+@pytest.mark.parametrize("ctype", ["anthropic", "gemini", "ollama"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_openai_sdk_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = g.openai()
+    msgs = [{"role": "user", "content": "weather and time?"}]
+
+    def call(messages):
+        kw = dict(model="any-model", messages=messages, tools=TOOLS)
+        if not stream:
+            return c.chat.completions.create(**kw)
+        with c.chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_completion()
+    first = call(msgs)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert calls[0].id != calls[1].id
+    msgs.append(choice.message.model_dump(exclude_none=True, exclude={"parsed"}))
+    msgs += [{"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
+             {"role": "tool", "tool_call_id": calls[1].id, "content": "noon"}]
+    second = call(msgs)
+    assert second.choices[0].message.content == "got noon"
+    assert second.choices[0].finish_reason == "stop"
+    if not stream:
+        assert second.usage.prompt_tokens == 11 and second.usage.completion_tokens == 4
+    if ctype == "anthropic":
+        sent = json.loads(up.last()["body"])
+        assert up.last()["headers"]["x-api-key"] == "sk-up-KEY"
+        assert sent["max_tokens"] == ag.DEFAULT_ANTHROPIC_MAX_TOKENS
+        assert sent["messages"][-1]["content"][0]["type"] == "tool_result"
+
+
+def test_09_claude_code_style_request_to_openai_channel(gw, upstream):
+    """What Claude Code sends: ?beta=true, anthropic-beta, cache_control, context_management,
+    metadata, system blocks, a huge max_tokens; a channel cap clamps it."""
+    g, up = _typed_gw(gw, upstream, "openai", max_tokens_cap=8192)
+    status, hdrs, body = g.request(
+        "POST", "/v1/messages?beta=true", {
+            "model": "claude-test", "max_tokens": 64000, "stream": False,
+            "system": [{"type": "text", "text": "You are Claude Code.",
+                        "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+            "metadata": {"user_id": "user_abc"},
+            "context_management": {"edits": []}},
+        headers={"Authorization": None, "x-api-key": TOKEN, "anthropic-version": "2023-06-01",
+                 "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"})
+    assert status == 200, body
+    msg = json.loads(body)
+    assert msg["type"] == "message" and msg["content"] == [{"type": "text", "text": "hello"}]
+    sent = json.loads(up.last()["body"])
+    assert sent["max_tokens"] == 8192 and "context_management" not in sent
+    assert "cache_control" not in json.dumps(sent) and sent["user"] == "user_abc"
+    assert "anthropic-beta" not in up.last()["headers"]
+
+
+def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
+    g, up = _typed_gw(gw, upstream, "openai")
+    r = g.anthropic().messages.count_tokens(
+        model="claude-x", messages=[{"role": "user", "content": "hello " * 100}],
+        tools=ANTHROPIC_TOOLS)
+    assert 100 < r.input_tokens < 300 and not up.requests
+    assert g.records()[-1]["channel"] == "(local estimate)"
+
+
+@pytest.mark.parametrize("ctype,status,body,sdk_error,atype", [
+    ("gemini", 429, b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}',
+     anthropic.RateLimitError, "rate_limit_error"),
+    ("openai", 400, b'{"error":{"message":"bad schema","type":"invalid_request_error"}}',
+     anthropic.BadRequestError, "invalid_request_error"),
+    ("ollama", 404, b'{"error":"model \'x\' not found"}', anthropic.NotFoundError,
+     "not_found_error"),
+])
+def test_09_upstream_errors_translated_to_client_shape(gw, upstream, ctype, status, body,
+                                                       sdk_error, atype):
+    up = upstream([Reply(status, body)])
+    g = gw([chan(up, type=ctype)])
+    with pytest.raises(sdk_error) as e:
+        g.anthropic().messages.create(model="m", max_tokens=10,
+                                      messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == atype
+    msg = e.value.body["error"]["message"]
+    assert upstream_text(body) in msg
+
+
+def upstream_text(body: bytes) -> str:
+    return ag.upstream_error_message(body, 0)
+
+
+def test_09_converted_stream_survives_upstream_reset(gw, upstream):
+    chunks = _openai_tool_stream().split(b"\r\n\r\n")
+    up = upstream([Reply(chunks=[c + b"\r\n\r\n" for c in chunks if c], reset_after=4,
+                         content_type="text/event-stream")])
+    g = gw([chan(up)])
+    with pytest.raises(anthropic.APIStatusError, match="broke off"):
+        with g.anthropic().messages.stream(model="m", max_tokens=10, messages=[
+                {"role": "user", "content": "x"}]) as s:
+            for _ in s:
+                pass
