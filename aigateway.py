@@ -593,15 +593,17 @@ class SSEDecoder:
         if self._cr and text.startswith("\n"):
             text = text[1:]
         self._cr = False
-        buf = self._buf + text
+        buf = self._buf + text if self._buf else text
         out: list[tuple[str | None, str, str | None]] = []
-        pos = 0
-        for m in _SSE_EOL.finditer(buf):
-            self._line(buf[pos:m.start()], out)
-            pos = m.end()
-        self._buf = buf[pos:]
+        lines = _SSE_EOL.split(buf) if "\r" in buf else buf.split("\n")
+        self._buf = lines.pop()                 # the unfinished last line ("" after a newline)
         if buf.endswith("\r"):
             self._cr = True         # a CR ending this read may be the first half of a CRLF
+        for line in lines:
+            if line.startswith("data:"):        # the common case, inline
+                self._data.append(line[6:] if line.startswith("data: ") else line[5:])
+            else:
+                self._line(line, out)
         if final and self._buf:
             self._line(self._buf, out)
             self._buf = ""
@@ -2252,15 +2254,19 @@ class OpenAIStreamEncoder:
         self._role_sent = False
         self._tools = False
         self._finished = False
+        self._prefix: bytes | None = None
 
     def _chunk(self, delta: dict, finish: str | None = None) -> bytes:
         if not self._role_sent:
             delta = dict(delta, role="assistant")
             self._role_sent = True
-        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                     "model": self.model, "choices": [{"index": 0, "delta": delta,
-                                                       "logprobs": None,
-                                                       "finish_reason": finish}]})
+        if self._prefix is None:
+            self._prefix = (b'data: {"id":' + json_dumps(self.id) +
+                            b',"object":"chat.completion.chunk","created":%d,"model":'
+                            % self.created + json_dumps(self.model) +
+                            b',"choices":[{"index":0,"delta":')
+        return (self._prefix + json_dumps(delta) + b',"logprobs":null,"finish_reason":' +
+                json_dumps(finish) + b'}]}\n\n')
 
     def encode(self, events: list[tuple]) -> bytes:
         out = []
@@ -2657,6 +2663,12 @@ def _event(name: str, data: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
 
 
+def _delta_event(index: int, kind: bytes, key: bytes, value: str) -> bytes:
+    """A content_block_delta event, built without a dict (it is the most frequent event)."""
+    return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+            b'"delta":{"type":"%s","%s":' % (index, kind, key) + json_dumps(value) + b"}}\n\n")
+
+
 class AnthropicStreamEncoder:
     """IR stream events -> Anthropic SSE for the client, as the SDKs and Claude Code parse it:
     every event with its ``event:`` line; message_start with a full usage object; content blocks
@@ -2729,16 +2741,12 @@ class AnthropicStreamEncoder:
             self._start(out)
             if kind == "text":
                 if ev[1]:
-                    idx = self._ensure("text", out)
-                    out.append(_event("content_block_delta", {
-                        "type": "content_block_delta", "index": idx,
-                        "delta": {"type": "text_delta", "text": ev[1]}}))
+                    out.append(_delta_event(self._ensure("text", out), b"text_delta", b"text",
+                                            ev[1]))
             elif kind == "reasoning":
                 if ev[1]:
-                    idx = self._ensure("thinking", out)
-                    out.append(_event("content_block_delta", {
-                        "type": "content_block_delta", "index": idx,
-                        "delta": {"type": "thinking_delta", "thinking": ev[1]}}))
+                    out.append(_delta_event(self._ensure("thinking", out), b"thinking_delta",
+                                            b"thinking", ev[1]))
             elif kind == "signature":
                 self._signature = ev[1]
             elif kind == "tool":
@@ -2755,9 +2763,7 @@ class AnthropicStreamEncoder:
             elif kind == "args":
                 idx = self._tool_blocks.get(ev[1])
                 if idx is not None and ev[2]:
-                    out.append(_event("content_block_delta", {
-                        "type": "content_block_delta", "index": idx,
-                        "delta": {"type": "input_json_delta", "partial_json": ev[2]}}))
+                    out.append(_delta_event(idx, b"input_json_delta", b"partial_json", ev[2]))
             elif kind == "finish":
                 self._close_open(out)
                 reason = ev[1]

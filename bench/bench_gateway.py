@@ -218,6 +218,32 @@ def pin(cores: set[int] | None):
     return lambda: os.sched_setaffinity(0, cores)
 
 
+def converter_micro(rounds: int = 300) -> tuple[float, float]:
+    """Pure conversion CPU, in this process: an Anthropic request to OpenAI and the OpenAI
+    answer back; and a 200-chunk OpenAI stream decoded and re-encoded as Anthropic events."""
+    sys.path.insert(0, os.path.dirname(GATEWAY))
+    import aigateway as ag
+    req = {"model": "m", "max_tokens": 1024, "system": "Be brief.", "messages": [
+        {"role": "user", "content": "Say something about foxes."}]}
+    answer = json.loads(COMPLETION)
+    t0 = time.process_time()
+    for _ in range(rounds):
+        ir = ag.anthropic_request_to_ir(req)
+        ag.json_dumps(ag.ir_to_openai_request(ir, "m", stream=False))
+        ag.json_dumps(ag.ir_to_anthropic_response(ag.openai_response_to_ir(answer), "m"))
+    whole = (time.process_time() - t0) / rounds
+    raw = b"".join(STREAM_EVENTS)
+    t0 = time.process_time()
+    for _ in range(rounds // 10):
+        dec, enc = ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("m", 10)
+        for ev in STREAM_EVENTS:                      # one read per event, as when paced
+            enc.encode(dec.feed(ev))
+        enc.encode(dec.close())
+    stream = (time.process_time() - t0) / (rounds // 10)
+    del raw
+    return whole, stream
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -266,6 +292,14 @@ def main() -> None:
             c0 = cpu_seconds(gw.pid)
             svia = load_in_subprocess(gw_port, path, sbody, 4, args.seconds, other)
             streams[label] = (sdirect, svia, (cpu_seconds(gw.pid) - c0) / svia["requests"])
+        conv = {}
+        for label, stream in (("non-stream", False), ("200-chunk stream", True)):
+            abody = json.dumps({"model": "bench-model", "max_tokens": 1024, "stream": stream,
+                                "messages": [{"role": "user", "content": "Say something."}]},
+                               separators=(",", ":")).encode()
+            c0 = cpu_seconds(gw.pid)
+            via = load_in_subprocess(gw_port, "/v1/messages", abody, 4, args.seconds, other)
+            conv[label] = (via, (cpu_seconds(gw.pid) - c0) / via["requests"])
         busy_rss = rss_mib(gw.pid)
     finally:
         gw.terminate()
@@ -290,6 +324,12 @@ def main() -> None:
         print(f"{'SSE ' + label + ' streams/s':<28}{sdirect['rps']:>14.1f}{svia['rps']:>14.1f}"
               f"{svia['rps'] / sdirect['rps']:>10.2f}")
         print(f"{'SSE ' + label + ' CPU/stream':<28}{'':>14}{scpu * 1e3:>12.3f}ms")
+    for label, (via, cpu) in conv.items():
+        print(f"{'Anthropic->OpenAI ' + label:<36}{via['rps']:>6.0f}/s CPU/req "
+              f"{cpu * 1e6:>8.0f}us")
+    micro = converter_micro()
+    print(f"{'converter only, non-stream':<36}{micro[0] * 1e6:>8.0f}us CPU per exchange")
+    print(f"{'converter only, 200-chunk stream':<36}{micro[1] * 1e3:>8.3f}ms CPU per stream")
     print(f"{'start to first /health 200':<28}{'':>14}{startup:>13.3f}s")
     print(f"{'idle RSS':<28}{'':>14}{idle_rss:>10.1f} MiB")
     print(f"{'RSS after load':<28}{'':>14}{busy_rss:>10.1f} MiB")
