@@ -3202,7 +3202,60 @@ class OllamaStreamDecoder:
         return out
 
 
-# 9.7 Dispatch ------------------------------------------------------------------------------------
+# 9.7 Embeddings (OpenAI /v1/embeddings -> Gemini batchEmbedContents, Ollama /api/embed) -------
+
+def embedding_inputs(body: dict) -> list[str]:
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return [inp]
+    if isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
+        return inp
+    raise GatewayError(400, "'input' must be a string or a list of strings for this channel "
+                            "(token arrays reach only OpenAI-compatible channels)", param="input")
+
+
+def gemini_embed_request(texts: list[str], model: str, dimensions: Any = None) -> dict:
+    reqs = []
+    for text in texts:
+        r: dict[str, Any] = {"model": f"models/{model}", "content": {"parts": [{"text": text}]}}
+        if isinstance(dimensions, int):
+            r["outputDimensionality"] = dimensions
+        reqs.append(r)
+    return {"requests": reqs}
+
+
+def gemini_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    items = body.get("embeddings") or ([body["embedding"]] if "embedding" in body else [])
+    return [list(e.get("values") or []) for e in items], 0
+
+
+def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    return [list(v) for v in body.get("embeddings") or []], _num(body.get("prompt_eval_count"))
+
+
+def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: int,
+                              as_base64: bool) -> dict:
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any = vec
+        if as_base64:        # little-endian float32, as the OpenAI API sends it
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def ollama_url(base_url: str, path: str) -> str:
+    """Ollama's native API lives at the root even when the channel URL names its /v1."""
+    base = base_url.rstrip("/")
+    return (base[:-3] if base.endswith("/v1") else base) + path
+
+
+# 9.8 Dispatch ------------------------------------------------------------------------------------
 # Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
 # request encoder, response decoder, stream decoder. The Responses and Gemini-native client
 # dialects plug in here with the same three functions.
@@ -3615,19 +3668,20 @@ class Route:
     dialect: str
     kind: str
     body: str = "json"          # "json", "multipart" or "none"
-    convert: bool = False       # other channel types are reached through the internal form
+    reach: tuple[str, ...] = ()  # channel types reached by conversion, beyond passthrough
 
 
 ROUTES: dict[str, Route] = {r.path: r for r in (
-    Route("/v1/chat/completions", ("POST",), OPENAI, "chat", convert=True),
+    Route("/v1/chat/completions", ("POST",), OPENAI, "chat", reach=CHANNEL_TYPES),
     Route("/v1/completions", ("POST",), OPENAI, "completions"),
-    Route("/v1/embeddings", ("POST",), OPENAI, "embeddings"),
+    Route("/v1/embeddings", ("POST",), OPENAI, "embeddings", reach=("gemini", "ollama")),
     Route("/v1/images/generations", ("POST",), OPENAI, "images"),
     Route("/v1/audio/speech", ("POST",), OPENAI, "speech"),
     Route("/v1/audio/transcriptions", ("POST",), OPENAI, "transcriptions", "multipart"),
     Route("/v1/models", ("GET",), OPENAI, "models", "none"),
-    Route("/v1/messages", ("POST",), ANTHROPIC, "messages", convert=True),
-    Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens", convert=True),
+    Route("/v1/messages", ("POST",), ANTHROPIC, "messages", reach=CHANNEL_TYPES),
+    Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens",
+          reach=CHANNEL_TYPES),
     Route("/health", ("GET",), OPENAI, "health", "none"),
 )}
 MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
@@ -3952,13 +4006,12 @@ class Gateway:
             if not serving:
                 raise GatewayError(403, f"gateway token '{token.name}' may not use the channels "
                                         f"that serve '{model}'")
-        usable = serving if route.convert else \
-            [ch for ch in serving if ch.type in PASSTHROUGH_TYPES[route.dialect]]
+        reach = PASSTHROUGH_TYPES[route.dialect] + route.reach
+        usable = [ch for ch in serving if ch.type in reach]
         if not usable:
             kinds = ", ".join(sorted({f"{ch.type} channel '{ch.name}'" for ch in serving}))
-            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} is "
-                                    f"passed only to "
-                                    f"{' or '.join(PASSTHROUGH_TYPES[route.dialect])} channels",
+            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} "
+                                    f"reaches only {', '.join(dict.fromkeys(reach))} channels",
                                code="conversion_not_available")
         ordered: list[Channel] = []
         for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
@@ -4046,6 +4099,8 @@ class Gateway:
             passthrough = ch.type in PASSTHROUGH_TYPES[dialect]
             if passthrough:
                 url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
+            elif route.kind == "embeddings":
+                url, hdrs, body = self._embeddings_request(ch, obj, model)
             else:
                 if ir is None:
                     ir = CLIENT_CODECS[dialect][0](obj)
@@ -4061,6 +4116,8 @@ class Gateway:
                     rec["channel"] = ch.name
                     if passthrough:
                         return await self._answer(up, dialect, rec, req)
+                    if route.kind == "embeddings":
+                        return await self._answer_embeddings(up, ch, obj, model, rec, req)
                     return await self._answer_converted(up, ch, dialect, ir, model, rec, req)
                 err_body = await up.read(MAX_ERROR_BODY)
                 retry = [(n, v) for n, v in up.headers
@@ -4084,6 +4141,22 @@ class Gateway:
         return Response(200, [("Content-Type", "application/json")],
                         json_dumps({"input_tokens": count}))
 
+    @staticmethod
+    def _native_headers(ch: Channel) -> list[tuple[str, str]]:
+        """Headers for a request the gateway builds itself in the channel's own dialect."""
+        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate")]
+        if ch.type == "anthropic":
+            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
+            if ch.api_key:
+                hdrs.append(("x-api-key", ch.api_key))
+        elif ch.type == "gemini":
+            if ch.api_key:
+                hdrs.append(("x-goog-api-key", ch.api_key))
+        elif ch.api_key:
+            hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+        extra = {n.lower() for n, _ in ch.headers}
+        return [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
+
     def _converted_request(self, ch: Channel, req: Request, ir: dict, model: str
                            ) -> tuple[str, list[tuple[str, str]], bytes]:
         target = ch.upstream_model(model)
@@ -4091,47 +4164,72 @@ class Gateway:
         body = encode_upstream_chat(ch.type, ir, target, stream=stream,
                                     max_tokens_cap=ch.max_tokens_cap,
                                     signatures=self.signatures)
-        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate")]
         if ch.type == "anthropic":
             url = join_base_url(ch.base_url, "/v1/messages")
-            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
-            if ch.api_key:
-                hdrs.append(("x-api-key", ch.api_key))
         elif ch.type == "gemini":
             url = gemini_model_path(ch.base_url, target, "streamGenerateContent?alt=sse"
                                     if stream else "generateContent")
-            if ch.api_key:
-                hdrs.append(("x-goog-api-key", ch.api_key))
         elif ch.type == "ollama":
-            base = ch.base_url.rstrip("/")
-            url = (base[:-3] if base.endswith("/v1") else base) + "/api/chat"
-            if ch.api_key:
-                hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+            url = ollama_url(ch.base_url, "/api/chat")
         else:
             url = join_base_url(ch.base_url, "/v1/chat/completions")
-            if ch.api_key:
-                hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
-        extra = {n.lower() for n, _ in ch.headers}
-        hdrs = [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
-        return url, hdrs, json_dumps(body)
+        return url, self._native_headers(ch), json_dumps(body)
+
+    def _embeddings_request(self, ch: Channel, obj: dict | None, model: str
+                            ) -> tuple[str, list[tuple[str, str]], bytes]:
+        texts = embedding_inputs(obj or {})
+        target = ch.upstream_model(model)
+        dims = (obj or {}).get("dimensions")
+        if ch.type == "gemini":
+            url = gemini_model_path(ch.base_url, target, "batchEmbedContents")
+            body = gemini_embed_request(texts, target, dims)
+        else:
+            url = ollama_url(ch.base_url, "/api/embed")
+            body = {"model": target, "input": texts}
+            if isinstance(dims, int):
+                body["dimensions"] = dims
+        return url, self._native_headers(ch), json_dumps(body)
+
+    async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, obj: dict | None,
+                                 model: str, rec: dict, req: Request) -> Response:
+        raw = await self._read_converted(up, ch)
+        answer = json_loads(raw, f"channel '{ch.name}' answer")
+        if ch.type == "gemini":
+            vectors, tokens = gemini_embed_vectors(answer)
+        else:
+            vectors, tokens = ollama_embed_vectors(answer)
+        tokens = tokens or sum(len(t) // 4 + 1 for t in embedding_inputs(obj or {}))
+        out = json_dumps(openai_embeddings_payload(
+            vectors, model, tokens, (obj or {}).get("encoding_format") == "base64"))
+        rec["status"], rec["input_tokens"], rec["bytes_out"] = 200, tokens, len(out)
+        self._finish(rec)
+        return Response(200, [("Content-Type", "application/json")] +
+                        self._cors_headers(req.headers), out)
+
+    @staticmethod
+    async def _read_converted(up: UpstreamResponse, ch: Channel) -> bytes:
+        """The whole upstream answer, or its error in the client's shape (the client's own
+        mistake, so no fallback)."""
+        try:
+            raw = await up.read()
+        except UpstreamError as exc:
+            raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
+        if up.status >= 300:
+            raise GatewayError(up.status, f"channel '{ch.name}': "
+                                          f"{upstream_error_message(raw, up.status)}",
+                               code=upstream_error_code(raw))
+        return raw
 
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
                                 model: str, rec: dict, req: Request) -> Response:
         rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures)
-        if up.status >= 300:          # an error the client caused: in the client's own shape
-            body = await up.read(MAX_ERROR_BODY)
-            raise GatewayError(up.status, f"channel '{ch.name}': "
-                                          f"{upstream_error_message(body, up.status)}",
-                               code=upstream_error_code(body))
+        if up.status >= 300:
+            await self._read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
         rec["status"] = 200
         if not ir["stream"]:
-            try:
-                raw = await up.read()
-            except UpstreamError as exc:
-                raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
-            answer = json_loads(raw, f"channel '{ch.name}' answer")
+            answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
             if not isinstance(answer, dict):
                 raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
                                         f"object")

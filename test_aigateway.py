@@ -1320,8 +1320,9 @@ def test_11_route_without_conversion_gives_clear_error(gw, upstream):
     up = upstream()
     g = gw([chan(up, name="gem", type="gemini", models=["gemini-*"])])
     with pytest.raises(openai.APIStatusError) as e:
-        g.openai().embeddings.create(model="gemini-embedding", input="x")
+        g.openai().images.generate(model="gemini-image", prompt="x")
     assert e.value.status_code == 501 and "gemini channel 'gem'" in str(e.value)
+    assert "reaches only openai, custom channels" in str(e.value)
     assert not up.requests
 
 
@@ -2171,3 +2172,36 @@ def test_09_converted_stream_survives_upstream_reset(gw, upstream):
                 {"role": "user", "content": "x"}]) as s:
             for _ in s:
                 pass
+
+
+@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
+def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
+    up = upstream()
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if ctype == "gemini":
+            assert rec["path"].endswith("/v1beta/models/text-emb-4:batchEmbedContents")
+            return Reply(body=json.dumps({"embeddings": [
+                {"values": [0.5, float(i)]} for i, _ in enumerate(body["requests"])]}).encode())
+        assert rec["path"] == "/api/embed"
+        return Reply(body=json.dumps({"model": body["model"], "embeddings": [
+            [0.5, float(i)] for i, _ in enumerate(body["input"])],
+            "prompt_eval_count": 6}).encode())
+    up.responder = respond
+    g = gw([chan(up, type=ctype, model_mapping={"emb": "text-emb-4"})])
+    r = g.openai().embeddings.create(model="emb", input=["a", "b"])
+    assert [d.embedding for d in r.data] == [[0.5, 0.0], [0.5, 1.0]]
+    assert r.model == "emb" and r.usage.prompt_tokens > 0
+    sent = json.loads(up.last()["body"])
+    if ctype == "gemini":
+        assert sent["requests"][1] == {"model": "models/text-emb-4",
+                                       "content": {"parts": [{"text": "b"}]}}
+    else:
+        assert sent == {"model": "text-emb-4", "input": ["a", "b"]}
+    b64 = g.openai().embeddings.create(model="emb", input="a", encoding_format="base64")
+    raw = b64.data[0].embedding
+    assert raw == [0.5, 0.0] or struct.unpack("<2f", __import__("base64").b64decode(raw)) == \
+        (0.5, 0.0)
+    with pytest.raises(openai.BadRequestError, match="list of strings"):
+        g.openai().embeddings.create(model="emb", input=[[1, 2, 3]])
