@@ -86,6 +86,7 @@ HEADER_TIMEOUT = 10.0                 # a client that stalls mid-head is answere
 KEEPALIVE_TIMEOUT = 75.0              # idle keep-alive connections are closed after this
 BODY_IDLE_TIMEOUT = 60.0              # gap between request body bytes before 408
 WRITE_TIMEOUT = 120.0                 # a client that stops reading our answer is dropped
+KEEPALIVE_PING_SECONDS = 15.0         # a silent stream gets a ping / SSE comment this often
 SHUTDOWN_GRACE = 5.0                  # in-flight streams get this long when stopping
 LINGER_SECONDS = 1.0                  # after an early 413, read and discard before closing
 LINGER_BYTES = 8 * 1024 * 1024
@@ -1356,13 +1357,16 @@ class Request:
 
 class Response:
     """``body`` is bytes (sent with Content-Length) or an async iterator of bytes (sent chunked;
-    if it raises, the connection is cut without the last chunk so the client sees the break)."""
+    if it raises, the connection is cut without the last chunk so the client sees the break).
+    ``keepalive``, for a streamed body whose pieces are whole events, is written between pieces
+    whenever nothing was sent for KEEPALIVE_PING_SECONDS."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "keepalive")
 
     def __init__(self, status: int, headers: list[tuple[str, str]] | None = None,
-                 body: bytes | AsyncIterator[bytes] = b""):
+                 body: bytes | AsyncIterator[bytes] = b"", keepalive: bytes | None = None):
         self.status, self.headers, self.body = status, headers or [], body
+        self.keepalive = keepalive
 
 
 class StreamBody:
@@ -1389,6 +1393,36 @@ class StreamBody:
         finally:
             if on_close is not None:
                 on_close()
+
+
+class _Pinger:
+    """Writes a keep-alive between the pieces of a stream while the stream is silent. Pieces are
+    written whole in one call, so the keep-alive never lands inside one. Costs the stream one
+    timestamp per piece."""
+
+    __slots__ = ("loop", "last", "_writer", "_data", "_handle")
+
+    def __init__(self, writer: asyncio.StreamWriter, data: bytes):
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self._writer, self._data = writer, data
+        self._handle: asyncio.TimerHandle | None = self.loop.call_later(
+            KEEPALIVE_PING_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        if now - self.last >= KEEPALIVE_PING_SECONDS * 0.99:
+            if self._writer.transport.is_closing():
+                self._handle = None
+                return
+            self._writer.write(self._data)
+            self.last = now
+        self._handle = self.loop.call_at(self.last + KEEPALIVE_PING_SECONDS, self._tick)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 Handler = Callable[[Request], Any]
@@ -1563,11 +1597,17 @@ class HTTPServer:
             await write_and_drain(writer, out if is_head else out + body)  # type: ignore[operator]
             return ka
         chunked = version == "HTTP/1.1"
+        pinger = _Pinger(writer, format_chunk(resp.keepalive) if chunked else resp.keepalive) \
+            if resp.keepalive else None
         try:
             await write_and_drain(writer, out)
             async for piece in body:                                   # type: ignore[union-attr]
                 if piece:
                     await write_and_drain(writer, format_chunk(piece) if chunked else piece)
+                    if pinger is not None:
+                        pinger.last = pinger.loop.time()
+            if pinger is not None:
+                pinger.close()
             if chunked:
                 await write_and_drain(writer, b"0\r\n\r\n")
             return ka
@@ -1578,6 +1618,8 @@ class HTTPServer:
             writer.transport.abort()
             return False
         finally:
+            if pinger is not None:
+                pinger.close()
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -1633,6 +1675,10 @@ def error_payload(dialect: str, err: GatewayError) -> dict:
     return {"error": {"message": err.message,
                       "type": _OPENAI_ERROR_TYPE.get(err.kind, "server_error"),
                       "param": err.param, "code": err.code}}
+
+
+SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n",
+                 ANTHROPIC: b'event: ping\ndata: {"type":"ping"}\n\n'}
 
 
 def stream_error_event(dialect: str, err: GatewayError) -> bytes:
@@ -4256,7 +4302,7 @@ class Gateway:
             self._trim_signatures()
             self._finish(rec)
         return Response(200, hdrs, StreamBody(self._relay_converted(up, decoder, encoder, rec),
-                                              done))
+                                              done), keepalive=SSE_KEEPALIVE[dialect])
 
     async def _relay_converted(self, up: UpstreamResponse, decoder: Any, encoder: Any,
                                rec: dict) -> AsyncIterator[bytes]:
@@ -4324,7 +4370,8 @@ class Gateway:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
             rec["stream"] = True
-        return Response(up.status, hdrs, self._stream(up, dialect, sse, rec))
+        return Response(up.status, hdrs, self._stream(up, dialect, sse, rec),
+                        keepalive=SSE_KEEPALIVE[dialect] if sse else None)
 
     def _stream(self, up: UpstreamResponse, dialect: str, sse: bool, rec: dict) -> StreamBody:
         pt = SSEPassthrough() if sse else None

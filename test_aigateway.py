@@ -2205,3 +2205,25 @@ def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
         (0.5, 0.0)
     with pytest.raises(openai.BadRequestError, match="list of strings"):
         g.openai().embeddings.create(model="emb", input=[[1, 2, 3]])
+
+
+def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.12)
+    up = upstream()
+    up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
+                                     delay=0.4, content_type="text/event-stream")
+    g = gw([chan(up, name="oa", models=["gpt-*"]),
+            chan(up, name="gem-as-openai", type="openai", models=["other"])])
+    status, _, body = g.request("POST", "/v1/messages", {
+        "model": "gpt-x", "max_tokens": 10, "stream": True,
+        "messages": [{"role": "user", "content": "x"}]},
+        headers={"anthropic-version": "2023-06-01"}, timeout=30)
+    events = _sse_events(body)
+    names = [e for e, _ in events]
+    assert status == 200 and names.count("ping") >= 2 and names[-1] == "message_stop"
+    assert all(e == d["type"] for e, d in events)
+    status, _, body = g.request("POST", "/v1/chat/completions", {
+        "model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        timeout=30)
+    assert body.count(b": keepalive\n\n") >= 2
+    assert [d for _, d in _sse_events(body)][-1] == "[DONE]"
