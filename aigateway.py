@@ -97,6 +97,7 @@ POOL_MAX_IDLE = 32                    # idle upstream connections kept per pool 
 POOL_IDLE_TTL = 50.0                  # servers commonly drop idle connections after 60 s
 MAX_BUFFERED_RESPONSE = 1024 * 1024   # upstream bodies up to this are read whole, else streamed
 MAX_ERROR_BODY = 256 * 1024           # how much of an upstream error body we read
+MAX_IMAGE_BYTES = 20 * 1024 * 1024    # image URLs fetched for Gemini/Ollama up to this size
 
 EVENTS_KEPT = 1000                    # request records kept in memory for the GUI
 SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for replay, oldest dropped
@@ -4139,6 +4140,7 @@ class Gateway:
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
         ir: dict | None = None
+        inlined: dict | None = None          # ir with remote images fetched (Gemini, Ollama)
         failures: list[tuple[Channel, UpstreamError]] = []
         for ch in chans:
             rec["tried"].append(ch.name)
@@ -4153,7 +4155,10 @@ class Gateway:
                     ir["stream"] = stream
                 if route.kind == "count_tokens":
                     return self._count_locally(ir, rec)
-                url, hdrs, body = self._converted_request(ch, req, ir, model)
+                if ch.type in ("gemini", "ollama") and inlined is None:
+                    inlined = await self._inline_remote_images(ir, ch)
+                url, hdrs, body = self._converted_request(
+                    ch, req, inlined if ch.type in ("gemini", "ollama") else ir, model)
             try:
                 up = await self.client.request("POST" if not passthrough else req.method, url,
                                                hdrs, body, proxy=ch.proxy,
@@ -4176,7 +4181,59 @@ class Gateway:
                 self.log(f"channel '{ch.name}' failed for {model}: {exc.status} {exc.message}")
         raise self._all_failed(failures)
 
+    async def fetch_models(self, ch: Channel) -> list[str]:
+        """The model names a channel's upstream lists (``/v1/models``; Gemini ``models``;
+        Ollama ``/api/tags``), for the GUI's model picker."""
+        if ch.type == "gemini":
+            url = gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
+        elif ch.type == "ollama":
+            url = ollama_url(ch.base_url, "/api/tags")
+        else:
+            url = join_base_url(ch.base_url, "/v1/models")
+        hdrs = [(n, v) for n, v in self._native_headers(ch) if n.lower() != "content-type"]
+        up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
+                                       verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
+        raw = await self._read_converted(up, ch)
+        body = json_loads(raw, f"channel '{ch.name}' model list")
+        items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
+        names = []
+        for item in items:
+            name = item.get("id") or item.get("name") if isinstance(item, dict) else None
+            if isinstance(name, str) and name:
+                names.append(name[7:] if name.startswith("models/") else name)
+        return names
+
     # -- conversion ------------------------------------------------------------------------------
+
+    async def _inline_remote_images(self, ir: dict, ch: Channel) -> dict:
+        """Gemini and Ollama take images only inline: fetch http(s) image URLs (through the
+        channel's proxy, at most MAX_IMAGE_BYTES each) into base64 parts of a copy of ``ir``."""
+        def parts(msgs: list[dict]) -> Iterable[dict]:
+            for m in msgs:
+                for p in m["content"]:
+                    yield p
+                    if p["type"] == "tool_result":
+                        yield from p["content"]
+        if not any(p["type"] == "image" and "url" in p for p in parts(ir["messages"])):
+            return ir
+        ir = copy.deepcopy(ir)
+        for p in parts(ir["messages"]):
+            if p["type"] != "image" or "url" not in p:
+                continue
+            url = p.pop("url")
+            try:
+                up = await self.client.request("GET", url, [("Accept", "image/*")],
+                                               proxy=ch.proxy, timeout=30)
+                data = await up.read(MAX_IMAGE_BYTES + 1)
+            except UpstreamError as exc:
+                raise GatewayError(400, f"cannot fetch image {url[:200]}: {exc.message}") \
+                    from None
+            if up.status != 200 or len(data) > MAX_IMAGE_BYTES:
+                raise GatewayError(400, f"cannot fetch image {url[:200]}: "
+                                        f"{'too large' if up.status == 200 else up.status}")
+            p["media_type"] = up.content_type.split(";")[0].strip() or "image/png"
+            p["data"] = base64.b64encode(data).decode()
+        return ir
 
     def _count_locally(self, ir: dict, rec: dict) -> Response:
         """count_tokens for a model on a non-Anthropic channel: a local estimate, never an

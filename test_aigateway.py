@@ -2227,3 +2227,43 @@ def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
         timeout=30)
     assert body.count(b": keepalive\n\n") >= 2
     assert [d for _, d in _sse_events(body)][-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
+def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, ctype):
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(64)
+    pics = upstream([Reply(body=png, content_type="image/png")])
+    up = upstream()
+    up.responder = getattr(Dialects, ctype)
+    g = gw([chan(up, type=ctype)])
+    g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": pics.url + "/cat.png"}}]}])
+    sent = json.loads(up.last()["body"])
+    b64 = __import__("base64").b64encode(png).decode()
+    if ctype == "gemini":
+        assert sent["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png",
+                                                                  "data": b64}}
+    else:
+        assert sent["messages"][0]["images"] == [b64]
+    missing = upstream([Reply(404, b"nope", content_type="text/plain")])
+    with pytest.raises(openai.BadRequestError, match="cannot fetch image"):
+        g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": missing.url + "/x.png"}}]}])
+
+
+@pytest.mark.parametrize("ctype,path,answer,expected", [
+    ("openai", "/v1/models", {"object": "list", "data": [{"id": "gpt-4o"}, {"id": "o3"}]},
+     ["gpt-4o", "o3"]),
+    ("anthropic", "/v1/models", {"data": [{"type": "model", "id": "claude-x"}]}, ["claude-x"]),
+    ("gemini", "/v1beta/models?pageSize=1000", {"models": [{"name": "models/gemini-2.5-pro"}]},
+     ["gemini-2.5-pro"]),
+    ("ollama", "/api/tags", {"models": [{"name": "llama3.2:latest", "model": "llama3.2"}]},
+     ["llama3.2:latest"]),
+])
+def test_11_fetch_models_from_each_channel_type(gw, upstream, ctype, path, answer, expected):
+    up = upstream([Reply(body=json.dumps(answer).encode())])
+    g = gw([chan(up, type=ctype, api_key="k-123")])
+    fut = g.thread.submit(g.gateway.fetch_models(g.gateway.channels[0]))
+    assert fut.result(10) == expected
+    assert up.last()["method"] == "GET" and up.last()["path"] == path
