@@ -1919,11 +1919,113 @@ def _append(messages: list[dict], role: str, parts: list[dict]) -> None:
         messages.append({"role": role, "content": parts})
 
 
+def blocks_to_ir(content: Any, where: str) -> list[dict]:
+    """Anthropic-style content blocks (also what some clients send on other routes) -> IR parts."""
+    if isinstance(content, str):
+        return _text_only(content)
+    if not isinstance(content, list):
+        raise GatewayError(400, f"{where}.content must be a string or a list of blocks")
+    out = []
+    for b in content:
+        if not isinstance(b, dict):
+            continue
+        t = b.get("type")
+        if t == "text" and b.get("text"):
+            out.append({"type": "text", "text": b["text"]})
+        elif t in ("image", "document"):
+            src = b.get("source") or {}
+            kind = "image" if t == "image" else "file"
+            if src.get("type") == "base64":
+                part = {"type": kind, "media_type": src.get("media_type") or "", "data":
+                        src.get("data") or ""}
+                if kind == "file":
+                    part["filename"] = b.get("title") or "document.pdf"
+                out.append(part)
+            elif src.get("type") == "url" and kind == "image":
+                out.append({"type": "image", "url": src.get("url") or ""})
+            elif src.get("type") == "text":
+                out.append({"type": "text", "text": src.get("data") or ""})
+        elif t == "thinking":
+            sig = b.get("signature")
+            out.append({"type": "reasoning", "text": b.get("thinking") or "",
+                        "signature": sig if sig and sig != UNSIGNED_THINKING else None,
+                        "redacted": None})
+        elif t == "redacted_thinking":
+            out.append({"type": "reasoning", "text": "", "signature": None,
+                        "redacted": b.get("data")})
+        elif t == "tool_use":
+            inp = b.get("input")
+            out.append({"type": "tool_call", "id": str(b.get("id") or ""),
+                        "name": str(b.get("name") or ""),
+                        "arguments": json.dumps(inp if inp is not None else {},
+                                                ensure_ascii=False)})
+        elif t == "tool_result":
+            out.append({"type": "tool_result", "id": str(b.get("tool_use_id") or ""),
+                        "name": None,
+                        "content": [p for p in blocks_to_ir(
+                            b.get("content") or "", where) if p["type"] in ("text", "image")],
+                        "is_error": bool(b.get("is_error"))})
+    return out
+
+
+
 # 9.3 OpenAI Chat Completions ---------------------------------------------------------------------
+
+_FOREIGN_PART_TYPES = frozenset(("tool_use", "tool_result", "input_text", "output_text",
+                                 "input_image", "image"))
+
+
+def chat_body_is_foreign(body: dict) -> bool:
+    """Whether a /v1/chat/completions body is shaped for another API (Cursor sends Responses-style
+    ``input`` and flat tools, or Anthropic blocks and ``input_schema``; section 7 #25). Such a
+    body is normalised through the internal form even for an OpenAI channel."""
+    if "messages" not in body and "input" in body:
+        return True
+    if any(isinstance(t, dict) and "function" not in t and t.get("type") != "custom"
+           for t in body.get("tools") or []):
+        return True
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and p.get("type") in _FOREIGN_PART_TYPES for p in content):
+            return True
+    return False
+
+
+def responses_input_to_messages(items: Any, instructions: Any = None) -> list[dict]:
+    """Responses-API ``input`` (a string or items) as Chat Completions messages."""
+    msgs: list[dict] = []
+    if isinstance(instructions, str) and instructions:
+        msgs.append({"role": "system", "content": instructions})
+    if isinstance(items, str):
+        return msgs + [{"role": "user", "content": items}]
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message":
+            msgs.append({"role": item.get("role") or "user", "content": item.get("content")})
+        elif kind in ("function_call", "custom_tool_call"):
+            call = {"id": item.get("call_id") or item.get("id") or new_id("call_"),
+                    "type": "function", "function": {
+                        "name": item.get("name") or "",
+                        "arguments": item.get("arguments") if kind == "function_call"
+                        else json.dumps({"input": item.get("input") or ""})}}
+            if msgs and msgs[-1]["role"] == "assistant":
+                msgs[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            msgs.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
+                         "content": item.get("output")})
+    return msgs
+
 
 def openai_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
     msgs = body.get("messages")
+    if msgs is None and "input" in body:
+        msgs = responses_input_to_messages(body["input"], body.get("instructions"))
     if not isinstance(msgs, list):
         raise GatewayError(400, "'messages' must be a list of message objects", param="messages")
     for i, m in enumerate(msgs):
@@ -1934,14 +2036,21 @@ def openai_request_to_ir(body: dict) -> dict:
         if role in ("system", "developer"):
             ir["system"] += _text_only(content)
         elif role == "user":
-            _append(ir["messages"], "user", _openai_user_parts(content, i))
+            parts = _openai_user_parts(content, i)
+            for r in (p for p in parts if p["type"] == "tool_result"):
+                ir["messages"].append({"role": "tool", "content": [r]})
+            _append(ir["messages"], "user", [p for p in parts if p["type"] != "tool_result"])
         elif role == "assistant":
             parts: list[dict] = []
             reasoning = m.get("reasoning_content") or m.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 parts.append({"type": "reasoning", "text": reasoning, "signature": None,
                               "redacted": None})
-            parts += _text_only(content)
+            if isinstance(content, list):       # Anthropic-style blocks, output_text parts
+                parts += [p for p in blocks_to_ir(content, f"messages[{i}]")
+                          if p["type"] != "reasoning"]
+            else:
+                parts += _text_only(content)
             if isinstance(m.get("refusal"), str) and m["refusal"] and not parts:
                 parts.append({"type": "text", "text": m["refusal"]})
             calls = m.get("tool_calls") or []
@@ -1968,6 +2077,8 @@ def openai_request_to_ir(body: dict) -> dict:
         tools = [{"type": "function", "function": f} for f in body["functions"]]
     for t in tools:
         fn = t.get("function") if t.get("type", "function") == "function" else None
+        if fn is None and t.get("name") and t.get("type", "function") == "function":
+            fn = dict(t, parameters=t.get("parameters") or t.get("input_schema"))  # flat
         if fn is None and t.get("type") == "custom":
             c = t.get("custom") or {}
             fn = {"name": c.get("name"), "description": c.get("description"), "parameters": {
@@ -2023,8 +2134,12 @@ def _openai_user_parts(content: Any, i: int) -> list[dict]:
         if not isinstance(p, dict):
             continue
         t = p.get("type")
-        if t == "text" and p.get("text"):
+        if t in ("text", "input_text", "output_text") and p.get("text"):
             out.append({"type": "text", "text": p["text"]})
+        elif t in ("image", "tool_result", "document"):
+            out += blocks_to_ir([p], f"messages[{i}]")
+        elif t == "input_image" and p.get("image_url"):
+            out.append(image_part_from_url(p["image_url"]))
         elif t == "image_url":
             url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) \
                 else p.get("image_url")
@@ -2363,54 +2478,6 @@ _ANTHROPIC_STOP_OUT = {"stop": "end_turn", "length": "max_tokens", "tool_calls":
                        "content_filter": "refusal"}
 
 
-def _anthropic_blocks_to_ir(content: Any, where: str) -> list[dict]:
-    if isinstance(content, str):
-        return _text_only(content)
-    if not isinstance(content, list):
-        raise GatewayError(400, f"{where}.content must be a string or a list of blocks")
-    out = []
-    for b in content:
-        if not isinstance(b, dict):
-            continue
-        t = b.get("type")
-        if t == "text" and b.get("text"):
-            out.append({"type": "text", "text": b["text"]})
-        elif t in ("image", "document"):
-            src = b.get("source") or {}
-            kind = "image" if t == "image" else "file"
-            if src.get("type") == "base64":
-                part = {"type": kind, "media_type": src.get("media_type") or "", "data":
-                        src.get("data") or ""}
-                if kind == "file":
-                    part["filename"] = b.get("title") or "document.pdf"
-                out.append(part)
-            elif src.get("type") == "url" and kind == "image":
-                out.append({"type": "image", "url": src.get("url") or ""})
-            elif src.get("type") == "text":
-                out.append({"type": "text", "text": src.get("data") or ""})
-        elif t == "thinking":
-            sig = b.get("signature")
-            out.append({"type": "reasoning", "text": b.get("thinking") or "",
-                        "signature": sig if sig and sig != UNSIGNED_THINKING else None,
-                        "redacted": None})
-        elif t == "redacted_thinking":
-            out.append({"type": "reasoning", "text": "", "signature": None,
-                        "redacted": b.get("data")})
-        elif t == "tool_use":
-            inp = b.get("input")
-            out.append({"type": "tool_call", "id": str(b.get("id") or ""),
-                        "name": str(b.get("name") or ""),
-                        "arguments": json.dumps(inp if inp is not None else {},
-                                                ensure_ascii=False)})
-        elif t == "tool_result":
-            out.append({"type": "tool_result", "id": str(b.get("tool_use_id") or ""),
-                        "name": None,
-                        "content": [p for p in _anthropic_blocks_to_ir(
-                            b.get("content") or "", where) if p["type"] in ("text", "image")],
-                        "is_error": bool(b.get("is_error"))})
-    return out
-
-
 def anthropic_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
     system = body.get("system")
@@ -2422,7 +2489,7 @@ def anthropic_request_to_ir(body: dict) -> dict:
         if not isinstance(m, dict):
             raise GatewayError(400, f"messages.{i}: must be an object")
         role = m.get("role")
-        parts = _anthropic_blocks_to_ir(m.get("content"), f"messages.{i}")
+        parts = blocks_to_ir(m.get("content"), f"messages.{i}")
         if role == "system":                     # Claude Code sends some; hoist them
             ir["system"] += [p for p in parts if p["type"] == "text"]
         elif role == "user":
@@ -2596,7 +2663,7 @@ def ir_usage_to_anthropic(u: dict) -> dict:
 
 
 def anthropic_response_to_ir(body: dict) -> dict:
-    content = [p for p in _anthropic_blocks_to_ir(body.get("content") or [], "content")
+    content = [p for p in blocks_to_ir(body.get("content") or [], "content")
                if p["type"] in ("text", "reasoning", "tool_call")]
     finish = _ANTHROPIC_STOP_IN.get(body.get("stop_reason") or "end_turn", "stop")
     return {"id": body.get("id") or new_id("msg_"), "model": body.get("model") or "",
@@ -4139,12 +4206,13 @@ class Gateway:
         chans = self.candidates(model, route, token)
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
+        foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
         ir: dict | None = None
         inlined: dict | None = None          # ir with remote images fetched (Gemini, Ollama)
         failures: list[tuple[Channel, UpstreamError]] = []
         for ch in chans:
             rec["tried"].append(ch.name)
-            passthrough = ch.type in PASSTHROUGH_TYPES[dialect]
+            passthrough = ch.type in PASSTHROUGH_TYPES[dialect] and not foreign
             if passthrough:
                 url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
             elif route.kind == "embeddings":

@@ -2267,3 +2267,86 @@ def test_11_fetch_models_from_each_channel_type(gw, upstream, ctype, path, answe
     fut = g.thread.submit(g.gateway.fetch_models(g.gateway.channels[0]))
     assert fut.result(10) == expected
     assert up.last()["method"] == "GET" and up.last()["path"] == path
+
+
+def test_09_cursor_style_foreign_bodies_are_normalised_even_for_openai_channels(gw, upstream):
+    up = upstream()
+    up.responder = Dialects.openai
+    g = gw([chan(up)])
+    responses_shaped = {"model": "m", "instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": "{\"city\":\"Paris\"}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}]}
+    status, _, body = g.request("POST", "/v1/chat/completions", responses_shaped)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "got sunny"
+    sent = json.loads(up.last()["body"])
+    assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "tool"]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    anthropic_shaped = {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": "noon"}]}],
+        "tools": [{"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]}
+    status, _, body = g.request("POST", "/v1/chat/completions", anthropic_shaped)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "got noon"
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_time",
+                                                                "arguments": "{}"}
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "t1", "content": "noon"}
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "x_new_field": 1}
+    g.request("POST", "/v1/chat/completions", plain)
+    assert json.loads(up.last()["body"]) == plain                    # still byte passthrough
+
+
+def test_09_max_completion_tokens_for_reasoning_models_on_openai_channels():
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=100)
+    assert "max_completion_tokens" in ag.encode_upstream_chat("openai", ir, "o3-mini",
+                                                              stream=False)   # #18
+    assert "max_completion_tokens" in ag.encode_upstream_chat("openai", ir, "gpt-5", stream=False)
+    assert ag.encode_upstream_chat("openai", ir, "gpt-4o", stream=False)["max_tokens"] == 100
+    assert ag.encode_upstream_chat("custom", ir, "o3", stream=False)["max_tokens"] == 100
+    assert ag.encode_upstream_chat("ollama", ir, "l", stream=False,
+                                   max_tokens_cap=50)["options"]["num_predict"] == 50
+
+
+@pytest.mark.parametrize("ctype", ["anthropic", "openai", "gemini", "ollama"])
+def test_09_length_cut_offs_and_reasoning_reach_the_other_dialect(gw, upstream, ctype):
+    up = upstream()
+    answers = {
+        "anthropic": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                      "content": [{"type": "thinking", "thinking": "deep", "signature": "S"},
+                                  {"type": "text", "text": "partial"}],
+                      "stop_reason": "max_tokens", "usage": {"input_tokens": 3,
+                                                             "output_tokens": 9}},
+        "openai": {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "finish_reason": "length", "message": {
+                       "role": "assistant", "content": "partial",
+                       "reasoning_content": "deep"}}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 9}},
+        "gemini": {"candidates": [{"content": {"role": "model", "parts": [
+            {"text": "deep", "thought": True}, {"text": "partial"}]},
+            "finishReason": "MAX_TOKENS"}], "usageMetadata": {"promptTokenCount": 3,
+                                                              "candidatesTokenCount": 9}},
+        "ollama": {"model": "m", "message": {"role": "assistant", "content": "partial",
+                                             "thinking": "deep"}, "done": True,
+                   "done_reason": "length", "prompt_eval_count": 3, "eval_count": 9}}
+    up.replies = [Reply(body=json.dumps(answers[ctype]).encode())]
+    g = gw([chan(up, type=ctype)])
+    if ctype == "anthropic":
+        r = g.openai().chat.completions.create(model="m", messages=[{"role": "user",
+                                                                     "content": "x"}])
+        assert r.choices[0].finish_reason == "length"
+        assert r.choices[0].message.content == "partial"
+        assert r.choices[0].message.model_extra["reasoning_content"] == "deep"
+    else:
+        m = g.anthropic().messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "x"}])
+        assert m.stop_reason == "max_tokens"
+        assert [b.type for b in m.content] == ["thinking", "text"]
+        assert m.content[0].thinking == "deep" and m.content[1].text == "partial"
+        assert m.usage.output_tokens == 9
