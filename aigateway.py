@@ -1969,6 +1969,34 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
 
 
 
+class StreamDecoder:
+    """What every upstream stream decoder shares: the ("start", id, model) event exactly once,
+    and at the end one ("finish", reason) event, where a turn with any tool call that ended
+    normally finishes with "tool_calls"."""
+
+    id_prefix = "chatcmpl-"
+
+    def __init__(self):
+        self._started = False
+        self._tools = 0                  # tool calls seen, the next IR tool index
+        self.finish: str | None = None
+
+    def _start(self, out: list[tuple], rid: Any = None, model: Any = None) -> None:
+        if not self._started:
+            self._started = True
+            out.append(("start", rid or new_id(self.id_prefix), model or ""))
+
+    def _finish_reason(self) -> str:
+        finish = self.finish or "stop"
+        return "tool_calls" if self._tools and finish == "stop" else finish
+
+    def close(self) -> list[tuple]:
+        out: list[tuple] = []
+        self._start(out)
+        out.append(("finish", self._finish_reason()))
+        return out
+
+
 # 9.3 OpenAI Chat Completions ---------------------------------------------------------------------
 
 _FOREIGN_PART_TYPES = frozenset(("tool_use", "tool_result", "input_text", "output_text",
@@ -2322,24 +2350,21 @@ def ir_to_openai_response(resp: dict, model: str) -> dict:
             "usage": ir_usage_to_openai(resp["usage"])}
 
 
-class OpenAIStreamDecoder:
+class OpenAIStreamDecoder(StreamDecoder):
     """OpenAI chat-completion SSE chunks (upstream) -> IR stream events. Tool-call fragments are
     routed by their ``index``; a fragment without one goes by id, else to the newest call."""
 
     def __init__(self):
+        super().__init__()
         self._sse = SSEDecoder()
-        self._started = False
-        self._tools: dict[int, int] = {}          # upstream index -> IR index
+        self._index: dict[int, int] = {}          # upstream index -> IR index
         self._ids: dict[str, int] = {}
         self.usage: dict | None = None
-        self.finish: str | None = None
-        self.done = False
 
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for _, payload, _ in self._sse.feed(data):
             if payload.startswith("[DONE]"):
-                self.done = True
                 continue
             try:
                 chunk = json.loads(payload)
@@ -2351,10 +2376,7 @@ class OpenAIStreamDecoder:
                 err = chunk["error"] if isinstance(chunk["error"], dict) else {}
                 out.append(("error", GatewayError(502, str(err.get("message") or chunk["error"]))))
                 continue
-            if not self._started:
-                self._started = True
-                out.append(("start", chunk.get("id") or new_id("chatcmpl-"),
-                            chunk.get("model") or ""))
+            self._start(out, chunk.get("id"), chunk.get("model"))
             if chunk.get("usage"):
                 self.usage = openai_usage_to_ir(chunk["usage"])
                 out.append(("usage", self.usage))
@@ -2377,26 +2399,18 @@ class OpenAIStreamDecoder:
             key = tc.get("index")
             tid = tc.get("id")
             if key is None:
-                key = self._ids.get(tid, max(self._tools, default=-1)) if tid else \
-                    max(self._tools, default=0)
-            if key not in self._tools:
-                idx = len(self._tools)
-                self._tools[key] = idx
+                key = self._ids.get(tid, max(self._index, default=-1)) if tid else \
+                    max(self._index, default=0)
+            if key not in self._index:
+                self._index[key] = self._tools
                 tid = tid or new_id("call_")
                 self._ids[tid] = key
-                out.append(("tool", idx, tid, fn.get("name") or ""))
+                out.append(("tool", self._tools, tid, fn.get("name") or ""))
+                self._tools += 1
             args = fn.get("arguments")
             if isinstance(args, str) and args:
-                out.append(("args", self._tools[key], args))
+                out.append(("args", self._index[key], args))
 
-    def close(self) -> list[tuple]:
-        out = [("start", new_id("chatcmpl-"), "")] if not self._started else []
-        self._started = True
-        finish = self.finish or "stop"
-        if self._tools and finish == "stop":
-            finish = "tool_calls"
-        out.append(("finish", finish))
-        return out
 
 
 def _sse(data: dict) -> bytes:
@@ -2690,16 +2704,16 @@ def ir_to_anthropic_response(resp: dict, model: str) -> dict:
             "stop_sequence": None, "usage": ir_usage_to_anthropic(resp["usage"])}
 
 
-class AnthropicStreamDecoder:
+class AnthropicStreamDecoder(StreamDecoder):
     """Anthropic SSE events (upstream) -> IR stream events."""
 
+    id_prefix = "msg_"
+
     def __init__(self):
+        super().__init__()
         self._sse = SSEDecoder()
         self._blocks: dict[int, int | None] = {}    # block index -> IR tool index (None: other)
-        self._tools = 0
         self.usage = new_usage()
-        self.finish: str | None = None
-        self._started = False
 
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
@@ -2713,8 +2727,7 @@ class AnthropicStreamDecoder:
             kind = ev.get("type") or name
             if kind == "message_start":
                 msg = ev.get("message") or {}
-                self._started = True
-                out.append(("start", msg.get("id") or new_id("msg_"), msg.get("model") or ""))
+                self._start(out, msg.get("id"), msg.get("model"))
                 self.usage = anthropic_usage_to_ir(msg.get("usage"))
                 out.append(("usage", dict(self.usage)))
             elif kind == "content_block_start":
@@ -2761,15 +2774,6 @@ class AnthropicStreamDecoder:
                 status = {"overloaded_error": 529, "rate_limit_error": 429,
                           "api_error": 500}.get(err.get("type"), 502)
                 out.append(("error", GatewayError(status, str(err.get("message") or "error"))))
-        return out
-
-    def close(self) -> list[tuple]:
-        out = [] if self._started else [("start", new_id("msg_"), "")]
-        self._started = True
-        finish = self.finish or "stop"
-        if self._tools and finish == "stop":
-            finish = "tool_calls"
-        out.append(("finish", finish))
         return out
 
 
@@ -3125,16 +3129,17 @@ def _gemini_part(part: dict, signatures: dict[str, str] | None) -> list[dict]:
     return []
 
 
-class GeminiStreamDecoder:
+class GeminiStreamDecoder(StreamDecoder):
     """Gemini ``streamGenerateContent?alt=sse`` chunks (upstream) -> IR stream events. Function
     calls arrive whole; each gets the next tool index and a minted id; any call in any chunk makes
     the turn finish with tool_calls (section 7 #7)."""
 
+    id_prefix = "gen-"
+
     def __init__(self, signatures: dict[str, str] | None = None):
+        super().__init__()
         self._sse = SSEDecoder()
         self._signatures = signatures
-        self._tools = 0
-        self._started = False
         self._reason: str | None = None
         self._blocked = False
         self.usage: dict | None = None
@@ -3155,10 +3160,7 @@ class GeminiStreamDecoder:
                 out.append(("error", GatewayError(_num(err.get("code")) or 502,
                                                   str(err.get("message") or chunk["error"]))))
                 continue
-            if not self._started:
-                self._started = True
-                out.append(("start", chunk.get("responseId") or new_id("gen-"),
-                            chunk.get("modelVersion") or ""))
+            self._start(out, chunk.get("responseId"), chunk.get("modelVersion"))
             cands = chunk.get("candidates") or []
             if not cands and (chunk.get("promptFeedback") or {}).get("blockReason"):
                 self._blocked = True
@@ -3179,11 +3181,8 @@ class GeminiStreamDecoder:
                 out.append(("usage", self.usage))
         return out
 
-    def close(self) -> list[tuple]:
-        out = [] if self._started else [("start", new_id("gen-"), "")]
-        self._started = True
-        out.append(("finish", _gemini_finish(self._reason, self._tools > 0, self._blocked)))
-        return out
+    def _finish_reason(self) -> str:
+        return _gemini_finish(self._reason, self._tools > 0, self._blocked)
 
 
 # 9.6 Ollama (native /api/chat) ------------------------------------------------------------------
@@ -3277,13 +3276,12 @@ def ollama_response_to_ir(body: dict) -> dict:
             "finish": _ollama_finish(body, tools), "usage": ollama_usage_to_ir(body)}
 
 
-class OllamaStreamDecoder:
+class OllamaStreamDecoder(StreamDecoder):
     """Ollama NDJSON objects (upstream) -> IR stream events; a line with ``error`` ends it."""
 
     def __init__(self):
+        super().__init__()
         self._nd = NDJSONDecoder()
-        self._tools = 0
-        self._started = False
         self._final: dict | None = None
 
     def feed(self, data: bytes) -> list[tuple]:
@@ -3294,9 +3292,7 @@ class OllamaStreamDecoder:
             if obj.get("error"):
                 out.append(("error", GatewayError(502, str(obj["error"]))))
                 continue
-            if not self._started:
-                self._started = True
-                out.append(("start", new_id("chatcmpl-"), obj.get("model") or ""))
+            self._start(out, None, obj.get("model"))
             for p in _ollama_message_parts(obj.get("message") or {}):
                 if p["type"] == "tool_call":
                     out.append(("tool", self._tools, p["id"], p["name"]))
@@ -3309,11 +3305,8 @@ class OllamaStreamDecoder:
                 out.append(("usage", ollama_usage_to_ir(obj)))
         return out
 
-    def close(self) -> list[tuple]:
-        out = [] if self._started else [("start", new_id("chatcmpl-"), "")]
-        self._started = True
-        out.append(("finish", _ollama_finish(self._final or {}, self._tools > 0)))
-        return out
+    def _finish_reason(self) -> str:
+        return _ollama_finish(self._final or {}, self._tools > 0)
 
 
 # 9.7 Embeddings (OpenAI /v1/embeddings -> Gemini batchEmbedContents, Ollama /api/embed) -------
