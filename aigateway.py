@@ -3423,6 +3423,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "log_requests": False,
     "log_file": "requests.jsonl",
     "cors_origins": [],
+    "start_on_open": True,            # the GUI starts the gateway when it opens
+    "theme": "light",                 # the GUI's theme: light or dark
+    "window": "",                     # the GUI's last window geometry
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
@@ -3522,6 +3525,11 @@ def validate_config(raw: Any, source: str) -> dict:
         raise ck.fail("settings.max_body_mb", f"{mb} is not positive", "use a size such as 64")
     ck.typed(settings, "log_file", "settings", (str,), "a file path")
     ck.str_list(settings, "cors_origins", "settings")
+    ck.typed(settings, "start_on_open", "settings", (bool,), "true or false")
+    if ck.typed(settings, "theme", "settings", (str,), "a theme name") not in ("light", "dark"):
+        raise ck.fail("settings.theme", f"{settings['theme']!r} is not a theme",
+                      'use "light" or "dark"')
+    ck.typed(settings, "window", "settings", (str,), "a window geometry such as 1100x720")
 
     next_ids = cfg.setdefault("next_ids", {})
     if not isinstance(next_ids, dict):
@@ -4219,7 +4227,7 @@ class Gateway:
                 if ch.type in ("gemini", "ollama") and inlined is None:
                     inlined = await self._inline_remote_images(ir, ch)
                 url, hdrs, body = self._converted_request(
-                    ch, req, inlined if ch.type in ("gemini", "ollama") else ir, model)
+                    ch, inlined if ch.type in ("gemini", "ollama") else ir, model)
             try:
                 up = await self.client.request("POST" if not passthrough else req.method, url,
                                                hdrs, body, proxy=ch.proxy,
@@ -4239,8 +4247,38 @@ class Gateway:
                                     code=upstream_error_code(err_body), headers=retry)
             except UpstreamError as exc:
                 failures.append((ch, exc))
+                rec["failures"].append({"channel": ch.name, "status": exc.status,
+                                        "error": exc.message})
                 self.log(f"channel '{ch.name}' failed for {model}: {exc.status} {exc.message}")
         raise self._all_failed(failures)
+
+    def channel(self, channel_id: int) -> Channel:
+        for ch in self.channels:
+            if ch.id == channel_id:
+                return ch
+        raise GatewayError(404, f"no channel with id {channel_id}")
+
+    async def test_channel(self, ch: Channel) -> dict:
+        """Send a minimal chat request through ``ch`` in its own dialect; return the model, the
+        latency and the start of the reply, or raise with the upstream's message."""
+        model = next((m for m in ch.listed_models()), None)
+        if model is None:
+            names = await self.fetch_models(ch)
+            if not names:
+                raise GatewayError(400, "the channel lists no model: add a model name to test")
+            model = names[0]
+        ir = empty_request(model)
+        ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "ping"}]}]
+        ir["max_tokens"] = 16
+        url, hdrs, body = self._converted_request(ch, ir, model)
+        t0 = time.perf_counter()
+        up = await self.client.request("POST", url, hdrs, body, proxy=ch.proxy,
+                                       verify_tls=ch.verify_tls, timeout=min(ch.timeout, 60))
+        raw = await self._read_converted(up, ch)
+        latency = (time.perf_counter() - t0) * 1000
+        resp = upstream_decoders(ch.type)[0](json_loads(raw, f"channel '{ch.name}' answer"))
+        return {"model": model, "latency_ms": round(latency, 1),
+                "reply": parts_text(resp["content"])[:200]}
 
     async def fetch_models(self, ch: Channel) -> list[str]:
         """The model names a channel's upstream lists (``/v1/models``; Gemini ``models``;
@@ -4321,7 +4359,7 @@ class Gateway:
         extra = {n.lower() for n, _ in ch.headers}
         return [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
 
-    def _converted_request(self, ch: Channel, req: Request, ir: dict, model: str
+    def _converted_request(self, ch: Channel, ir: dict, model: str
                            ) -> tuple[str, list[tuple[str, str]], bytes]:
         target = ch.upstream_model(model)
         stream = ir["stream"]
@@ -4530,7 +4568,7 @@ class Gateway:
     def _new_record(self, req: Request, route: str) -> dict:
         return {"id": next(self._seq), "time": time.time(), "_t0": time.perf_counter(),
                 "method": req.method, "route": route, "model": None, "stream": False,
-                "token": None, "channel": None, "tried": [],
+                "token": None, "channel": None, "tried": [], "failures": [],
                 "status": None, "latency_ms": None, "ttfb_ms": None,
                 "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
                 "output_tokens": None, "error": None}
@@ -4674,6 +4712,32 @@ class GatewayThread:
         if loop is not None and gateway is not None:
             loop.call_soon_threadsafe(gateway.apply_config, snap)
 
+    def run_task(self, make: Callable[[Gateway], Any], tag: Any) -> None:
+        """Run the coroutine ``make(gateway)`` on the server loop, or on a short-lived loop of
+        its own when the gateway is stopped; its outcome arrives on the queue as
+        ("result", (tag, ok, value or error text)). Never blocks the caller."""
+        async def wrapped(gateway: Gateway) -> None:
+            try:
+                self._emit("result", (tag, True, await make(gateway)))
+            except GatewayError as exc:
+                self._emit("result", (tag, False, exc.message))
+            except Exception as exc:                                   # reported, not raised
+                self._emit("result", (tag, False, f"{type(exc).__name__}: {exc}"))
+
+        loop, gateway = self._loop, self.gateway
+        if loop is not None and gateway is not None:
+            asyncio.run_coroutine_threadsafe(wrapped(gateway), loop)
+            return
+
+        async def alone() -> None:
+            gateway = Gateway(self.store.snapshot(),
+                              config_dir=os.path.dirname(os.path.abspath(self.store.path)))
+            try:
+                await wrapped(gateway)
+            finally:
+                gateway.close()
+        threading.Thread(target=asyncio.run, args=(alone(),), daemon=True).start()
+
     def submit(self, coro: Any) -> Any:
         """Run a coroutine on the server loop; returns a concurrent.futures.Future."""
         if self._loop is None:
@@ -4684,7 +4748,32 @@ class GatewayThread:
 # =================================================================================================
 # 13. Tk GUI
 # =================================================================================================
-# The window itself comes with the GUI issue; until then only the check for a usable display.
+# The GUI never touches the event loop: the server thread sends (kind, payload) tuples through the
+# bridge's queue, drained here by after() in bounded batches; the GUI reaches the server only
+# through GatewayThread (start/stop/apply_config/run_task). tkinter is imported only when the
+# window opens, so a headless server neither pays its start-up time nor its memory; for the same
+# reason each tab is a class that owns its ttk.Frame rather than subclassing it.
+
+tk: Any = None
+ttk: Any = None
+messagebox: Any = None
+
+GUI_POLL_MS = 100             # how often the queue is drained
+GUI_BATCH = 500               # events handled per drain at most
+GUI_LOG_ROWS = 1000           # rows kept in the Logs table
+CHART_MINUTES = 30            # the requests-per-minute chart's width
+
+THEMES = {
+    "light": {"bg": "#f6f7fb", "panel": "#ffffff", "fg": "#1d2330", "muted": "#6b7385",
+              "accent": "#3b6ef5", "accent_fg": "#ffffff", "border": "#dfe3ec",
+              "select": "#dce6ff", "ok": "#1f9d55", "bad": "#d64545", "warn": "#b7791f",
+              "field": "#ffffff"},
+    "dark": {"bg": "#171a21", "panel": "#1f232c", "fg": "#e6e9f0", "muted": "#9aa3b5",
+             "accent": "#5b8cff", "accent_fg": "#ffffff", "border": "#2e3440",
+             "select": "#2c3a5c", "ok": "#3ecf7a", "bad": "#ff6b6b", "warn": "#f0b429",
+             "field": "#262b36"},
+}
+
 
 def gui_available() -> bool:
     if sys.platform != "win32" and sys.platform != "darwin" and not os.environ.get("DISPLAY") \
@@ -4695,6 +4784,1026 @@ def gui_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _load_tk() -> None:
+    global tk, ttk, messagebox
+    if tk is None:
+        import tkinter
+        import tkinter.messagebox
+        import tkinter.ttk
+        tk, ttk, messagebox = tkinter, tkinter.ttk, tkinter.messagebox
+
+
+def _dpi_aware() -> None:
+    """Crisp text on HiDPI Windows screens (per-monitor DPI awareness); elsewhere nothing."""
+    if sys.platform == "win32":
+        try:
+            import ctypes
+            ctypes.windll.shcore.SetProcessDpiAwareness(2)
+        except (OSError, AttributeError):
+            pass
+
+
+def _icon_image(master: Any) -> Any:
+    """The app icon, drawn: a rounded blue tile with a white gateway arrow."""
+    size = 32
+    img = tk.PhotoImage(master=master, width=size, height=size)
+    rows = []
+    for y in range(size):
+        row = []
+        for x in range(size):
+            cx, cy = min(x, size - 1 - x), min(y, size - 1 - y)
+            inside = not (cx < 4 and cy < 4 and (4 - cx) ** 2 + (4 - cy) ** 2 > 16)
+            arrow = (14 <= y <= 17 and 7 <= x <= 22) or \
+                (abs(y - 15.5) <= 24 - x and 18 <= x <= 24 and 8 <= y <= 23)
+            row.append("#ffffff" if inside and arrow else "#3b6ef5" if inside else "")
+        rows.append(row)
+    for y, row in enumerate(rows):
+        for x, color in enumerate(row):
+            if color:
+                img.put(color, (x, y))
+    return img
+
+
+def apply_theme(root: Any, name: str) -> dict:
+    c = THEMES.get(name, THEMES["light"])
+    style = ttk.Style(root)
+    style.theme_use("clam")
+    family = "Segoe UI" if sys.platform == "win32" else "Helvetica"
+    base, small, title = (family, 10), (family, 9), (family, 15, "bold")
+    root.configure(background=c["bg"])
+    style.configure(".", background=c["bg"], foreground=c["fg"], font=base,
+                    bordercolor=c["border"], lightcolor=c["bg"], darkcolor=c["bg"],
+                    troughcolor=c["border"], fieldbackground=c["field"],
+                    selectbackground=c["select"], selectforeground=c["fg"],
+                    insertcolor=c["fg"])
+    style.configure("TFrame", background=c["bg"])
+    style.configure("Card.TFrame", background=c["panel"], relief="solid", borderwidth=1)
+    style.configure("TLabel", background=c["bg"], foreground=c["fg"])
+    style.configure("Card.TLabel", background=c["panel"])
+    style.configure("Muted.TLabel", foreground=c["muted"], font=small)
+    style.configure("CardMuted.TLabel", background=c["panel"], foreground=c["muted"], font=small)
+    style.configure("Title.TLabel", font=title)
+    style.configure("Big.TLabel", background=c["panel"], font=(family, 18, "bold"))
+    style.configure("Ok.TLabel", foreground=c["ok"], font=(family, 11, "bold"))
+    style.configure("Bad.TLabel", foreground=c["bad"], font=(family, 11, "bold"))
+    style.configure("Warn.TLabel", foreground=c["warn"])
+    style.configure("Error.TLabel", foreground=c["bad"])
+    style.configure("TButton", padding=(10, 4), background=c["panel"], foreground=c["fg"])
+    style.map("TButton", background=[("active", c["select"])])
+    style.configure("Accent.TButton", background=c["accent"], foreground=c["accent_fg"])
+    style.map("Accent.TButton", background=[("active", c["accent"]), ("disabled", c["border"])])
+    style.configure("TNotebook", background=c["bg"], borderwidth=0)
+    style.configure("TNotebook.Tab", padding=(14, 6), background=c["bg"], foreground=c["muted"])
+    style.map("TNotebook.Tab", background=[("selected", c["panel"])],
+              foreground=[("selected", c["fg"])])
+    style.configure("Treeview", background=c["panel"], fieldbackground=c["panel"],
+                    foreground=c["fg"], rowheight=24, borderwidth=0)
+    style.configure("Treeview.Heading", background=c["bg"], foreground=c["muted"], font=small)
+    style.map("Treeview", background=[("selected", c["select"])],
+              foreground=[("selected", c["fg"])])
+    style.configure("TCheckbutton", background=c["bg"])
+    style.configure("TEntry", fieldbackground=c["field"], foreground=c["fg"])
+    style.configure("TCombobox", fieldbackground=c["field"], foreground=c["fg"])
+    return c
+
+
+def _tree(parent: Any, columns: list[tuple[str, str, int]], height: int = 10) -> Any:
+    frame = ttk.Frame(parent)
+    tree = ttk.Treeview(frame, columns=[c[0] for c in columns], show="headings", height=height,
+                        selectmode="browse")
+    for key, title, width in columns:
+        tree.heading(key, text=title)
+        tree.column(key, width=width, anchor="w", stretch=True)
+    bar = ttk.Scrollbar(frame, orient="vertical", command=tree.yview)
+    tree.configure(yscrollcommand=bar.set)
+    tree.pack(side="left", fill="both", expand=True)
+    bar.pack(side="right", fill="y")
+    tree.container = frame
+    return tree
+
+
+def _short(items: Iterable[Any], limit: int = 40) -> str:
+    text = ", ".join(str(i) for i in items)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def format_record(rec: dict) -> tuple[str, ...]:
+    """A request record as the Logs table shows it (no secret is in a record)."""
+    tokens = "" if rec.get("input_tokens") is None and rec.get("output_tokens") is None else \
+        f"{rec.get('input_tokens') or 0}/{rec.get('output_tokens') or 0}"
+    latency = rec.get("latency_ms")
+    return (time.strftime("%H:%M:%S", time.localtime(rec["time"])), rec["route"],
+            rec.get("model") or "", rec.get("channel") or "", str(rec.get("status") or ""),
+            f"{latency:.0f} ms" if latency is not None else "", tokens)
+
+
+def record_detail(rec: dict) -> str:
+    lines = [f"{rec['method']} {rec['route']}  model={rec.get('model') or '-'}  "
+             f"status={rec.get('status')}  {'stream' if rec.get('stream') else ''}",
+             f"token: {rec.get('token') or '-'}   channel: {rec.get('channel') or '-'}   "
+             f"tried: {', '.join(rec.get('tried') or []) or '-'}",
+             f"latency: {rec.get('latency_ms')} ms   first byte: {rec.get('ttfb_ms')} ms   "
+             f"bytes in/out: {rec.get('bytes_in')}/{rec.get('bytes_out')}"]
+    for f in rec.get("failures") or []:
+        lines.append(f"  ✗ {f['channel']}: {f['status']} {f['error']}")
+    if rec.get("error"):
+        lines.append(f"error: {rec['error']}")
+    return "\n".join(lines)
+
+
+def parse_mapping(text: str) -> dict[str, str]:
+    """``client-name = upstream-name`` per line (or comma-separated) -> dict; raises ValueError."""
+    out = {}
+    for item in re.split(r"[\n,]", text):
+        if not item.strip():
+            continue
+        left, sep, right = item.partition("=")
+        if not sep or not left.strip() or not right.strip():
+            raise ValueError(f"'{item.strip()}' is not 'client name = upstream name'")
+        out[left.strip()] = right.strip()
+    return out
+
+
+def validate_settings_form(values: dict[str, str]) -> dict[str, Any]:
+    """The Settings tab's strings -> settings values; raises ValueError naming the field."""
+    out: dict[str, Any] = {}
+    host = values["host"].strip()
+    if not host:
+        raise ValueError("Host: enter an address, such as 127.0.0.1")
+    out["host"] = host
+    try:
+        port = int(values["port"])
+    except ValueError:
+        raise ValueError("Port: enter a whole number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("Port: enter a whole number from 1 to 65535")
+    out["port"] = port
+    proxy = values["proxy"].strip()
+    if proxy:
+        u = urllib.parse.urlsplit(proxy)
+        if u.scheme not in ("http", "socks5", "socks5h") or not u.hostname:
+            raise ValueError("Proxy: use http://host:port, socks5://host:port or socks5h://…")
+    out["proxy"] = proxy
+    try:
+        mb = float(values["max_body_mb"])
+    except ValueError:
+        raise ValueError("Max body: enter a number of MiB") from None
+    if mb <= 0:
+        raise ValueError("Max body: enter a positive number of MiB")
+    out["max_body_mb"] = int(mb) if mb.is_integer() else mb
+    out["cors_origins"] = [o.strip() for o in values["cors_origins"].split(",") if o.strip()]
+    if not values["log_file"].strip():
+        raise ValueError("Request log file: enter a file name")
+    out["log_file"] = values["log_file"].strip()
+    return out
+
+
+class DashboardTab:
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        top = ttk.Frame(f)
+        top.pack(fill="x")
+        self.state = ttk.Label(top, text="● Stopped", style="Bad.TLabel")
+        self.state.pack(side="left")
+        self.address = ttk.Label(top, text="", style="Muted.TLabel")
+        self.address.pack(side="left", padx=12)
+        ttk.Button(top, text="Restart", command=app.restart).pack(side="right", padx=(6, 0))
+        self.stop_button = ttk.Button(top, text="Stop", command=app.stop)
+        self.stop_button.pack(side="right", padx=(6, 0))
+        self.start_button = ttk.Button(top, text="Start", style="Accent.TButton",
+                                       command=app.start)
+        self.start_button.pack(side="right", padx=(6, 0))
+        urls = ttk.Frame(f, style="Card.TFrame", padding=10)
+        urls.pack(fill="x", pady=(12, 8))
+        self.url_vars = {}
+        for row, (label, key) in enumerate((("OpenAI base URL", "openai"),
+                                            ("Anthropic base URL / Claude Code", "anthropic"))):
+            ttk.Label(urls, text=label, style="CardMuted.TLabel").grid(row=row, column=0,
+                                                                      sticky="w", padx=(0, 12))
+            var = tk.StringVar()
+            self.url_vars[key] = var
+            ttk.Entry(urls, textvariable=var, state="readonly", width=44).grid(
+                row=row, column=1, sticky="we", pady=2)
+            ttk.Button(urls, text="Copy", command=lambda v=var: app.copy(v.get())).grid(
+                row=row, column=2, padx=(8, 0))
+        urls.columnconfigure(1, weight=1)
+        cards = ttk.Frame(f)
+        cards.pack(fill="x")
+        self.counters = {}
+        for i, (key, title) in enumerate((("requests", "Requests"), ("errors", "Errors"),
+                                          ("tokens_in", "Tokens in"), ("tokens_out", "Tokens out"),
+                                          ("median", "Median latency"))):
+            card = ttk.Frame(cards, style="Card.TFrame", padding=(12, 8))
+            card.grid(row=0, column=i, sticky="we", padx=(0 if i == 0 else 8, 0))
+            cards.columnconfigure(i, weight=1)
+            ttk.Label(card, text=title, style="CardMuted.TLabel").pack(anchor="w")
+            var = tk.StringVar(value="—" if key == "median" else "0")
+            self.counters[key] = var
+            ttk.Label(card, textvariable=var, style="Big.TLabel").pack(anchor="w")
+        ttk.Label(f, text="Requests per minute", style="Muted.TLabel").pack(anchor="w",
+                                                                          pady=(10, 2))
+        colors = app.colors
+        self.chart = tk.Canvas(f, height=90, background=colors["panel"], highlightthickness=1,
+                               highlightbackground=colors["border"])
+        self.chart.pack(fill="x")
+        self.chart.bind("<Configure>", lambda e: self.draw_chart())
+        bottom = ttk.Frame(f)
+        bottom.pack(fill="both", expand=True, pady=(10, 0))
+        left = ttk.Frame(bottom)
+        left.pack(side="left", fill="both", expand=True)
+        ttk.Label(left, text="Channel health", style="Muted.TLabel").pack(anchor="w")
+        self.health = _tree(left, [("channel", "Channel", 140), ("status", "Last status", 80),
+                                   ("latency", "Latency", 80), ("fails", "Recent failures", 110)],
+                            height=6)
+        self.health.container.pack(fill="both", expand=True)
+        right = ttk.Frame(bottom)
+        right.pack(side="left", fill="both", expand=True, padx=(10, 0))
+        ttk.Label(right, text="Activity", style="Muted.TLabel").pack(anchor="w")
+        self.activity = tk.Text(right, height=8, wrap="word", relief="flat",
+                                background=colors["panel"], foreground=colors["fg"],
+                                font=("TkFixedFont", 9), state="disabled")
+        self.activity.pack(fill="both", expand=True)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=500)
+        self.per_minute: collections.Counter[int] = collections.Counter()
+        self.health_rows: dict[str, dict] = {}
+        self.totals = {"requests": 0, "errors": 0, "tokens_in": 0, "tokens_out": 0}
+
+    def set_state(self, running: bool, url: str = "") -> None:
+        self.state.configure(text="● Running" if running else "● Stopped",
+                             style="Ok.TLabel" if running else "Bad.TLabel")
+        self.start_button.configure(state="disabled" if running else "normal")
+        self.stop_button.configure(state="normal" if running else "disabled")
+        self.address.configure(text=f"listening on {url}" if running else "")
+        self.url_vars["openai"].set(f"{url}/v1" if running else "")
+        self.url_vars["anthropic"].set(url if running else "")
+
+    def log(self, text: str) -> None:
+        self.activity.configure(state="normal")
+        self.activity.insert("end", f"{time.strftime('%H:%M:%S')}  {text}\n")
+        if int(self.activity.index("end-1c").split(".")[0]) > 500:
+            self.activity.delete("1.0", "100.0")
+        self.activity.see("end")
+        self.activity.configure(state="disabled")
+
+    def add_record(self, rec: dict) -> None:
+        t = self.totals
+        t["requests"] += 1
+        failed = rec.get("error") is not None or (rec.get("status") or 500) >= 400
+        t["errors"] += failed
+        t["tokens_in"] += rec.get("input_tokens") or 0
+        t["tokens_out"] += rec.get("output_tokens") or 0
+        if rec.get("latency_ms") is not None:
+            self.latencies.append(rec["latency_ms"])
+        for key, value in t.items():
+            self.counters[key].set(f"{value:,}")
+        if self.latencies:
+            self.counters["median"].set(f"{statistics_median(self.latencies):.0f} ms")
+        self.per_minute[int(rec["time"] // 60)] += 1
+        for f in rec.get("failures") or []:
+            row = self.health_rows.setdefault(f["channel"], {"fails": 0})
+            row.update(status=f["status"], latency="")
+            row["fails"] += 1
+        if rec.get("channel") and rec["channel"] != "(local estimate)":
+            row = self.health_rows.setdefault(rec["channel"], {"fails": 0})
+            row.update(status=rec.get("status"), latency=f"{rec.get('ttfb_ms') or 0:.0f} ms")
+        self.draw_health()
+        self.draw_chart()
+
+    def draw_health(self) -> None:
+        self.health.delete(*self.health.get_children())
+        for name, row in sorted(self.health_rows.items()):
+            self.health.insert("", "end", values=(name, row.get("status") or "",
+                                                  row.get("latency") or "", row["fails"]))
+
+    def draw_chart(self) -> None:
+        c, colors = self.chart, self.app.colors
+        c.delete("all")
+        width, height = max(c.winfo_width(), 100), max(c.winfo_height(), 60)
+        now = int(time.time() // 60)
+        counts = [self.per_minute.get(now - i, 0) for i in range(CHART_MINUTES - 1, -1, -1)]
+        top = max(counts)
+        bar = width / CHART_MINUTES
+        c.create_line(0, height - 4, width, height - 4, fill=colors["border"])
+        for i, n in enumerate(counts):
+            if n:
+                h = (height - 20) * n / top
+                c.create_rectangle(i * bar + 2, height - 4 - h, (i + 1) * bar - 2, height - 4,
+                                   fill=colors["accent"], outline="")
+        c.create_text(6, 4, anchor="nw", fill=colors["muted"], font=("TkDefaultFont", 8),
+                      text=f"last {CHART_MINUTES} min, peak {top}/min" if top else
+                      "no requests in the last 30 minutes")
+
+
+def statistics_median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+class ChannelDialog:
+    """Add or edit one channel. ``result`` holds the saved channel's fields after Save."""
+
+    def __init__(self, app: App, channel: dict | None):
+        self.app, self.channel = app, channel
+        self.top = top = tk.Toplevel(app.root)
+        top.title("Edit channel" if channel else "Add channel")
+        top.transient(app.root)
+        top.configure(background=app.colors["bg"])
+        body = ttk.Frame(top, padding=14)
+        body.pack(fill="both", expand=True)
+        c = channel or dict(CHANNEL_DEFAULTS, base_url=CHANNEL_DEFAULT_URLS["openai"])
+        self.vars = {
+            "name": tk.StringVar(value=c.get("name", "")),
+            "type": tk.StringVar(value=c.get("type", "openai")),
+            "base_url": tk.StringVar(value=c.get("base_url", "")),
+            "api_key": tk.StringVar(value=c.get("api_key", "")),
+            "models": tk.StringVar(value=", ".join(c.get("models", []))),
+            "priority": tk.StringVar(value=str(c.get("priority", 0))),
+            "timeout": tk.StringVar(value=f"{c.get('timeout', DEFAULT_CHANNEL_TIMEOUT):g}"),
+            "max_tokens_cap": tk.StringVar(value=str(c.get("max_tokens_cap", 0))),
+            "proxy": tk.StringVar(value=c.get("proxy", "")),
+            "verify_tls": tk.BooleanVar(value=c.get("verify_tls", True)),
+            "enabled": tk.BooleanVar(value=c.get("enabled", True)),
+            "show_key": tk.BooleanVar(value=False),
+        }
+        row = 0
+
+        def field(label: str, widget: Any, hint: str = "") -> None:
+            nonlocal row
+            ttk.Label(body, text=label).grid(row=row, column=0, sticky="nw", pady=3, padx=(0, 10))
+            widget.grid(row=row, column=1, sticky="we", pady=3)
+            if hint:
+                ttk.Label(body, text=hint, style="Muted.TLabel").grid(row=row, column=2,
+                                                                     sticky="w", padx=(8, 0))
+            row += 1
+        field("Name", ttk.Entry(body, textvariable=self.vars["name"], width=42))
+        self.type_box = ttk.Combobox(body, textvariable=self.vars["type"], state="readonly",
+                                     values=CHANNEL_TYPES)
+        self.type_box.bind("<<ComboboxSelected>>", self._type_changed)
+        field("Type", self.type_box)
+        field("Base URL", ttk.Entry(body, textvariable=self.vars["base_url"]))
+        keyrow = ttk.Frame(body)
+        self.key_entry = ttk.Entry(keyrow, textvariable=self.vars["api_key"], show="•")
+        self.key_entry.pack(side="left", fill="x", expand=True)
+        ttk.Checkbutton(keyrow, text="Show", variable=self.vars["show_key"],
+                        command=lambda: self.key_entry.configure(
+                            show="" if self.vars["show_key"].get() else "•")).pack(side="left",
+                                                                                 padx=(6, 0))
+        field("API key", keyrow)
+        modelrow = ttk.Frame(body)
+        ttk.Entry(modelrow, textvariable=self.vars["models"]).pack(side="left", fill="x",
+                                                                   expand=True)
+        self.fetch_button = ttk.Button(modelrow, text="Fetch models", command=self.fetch)
+        self.fetch_button.pack(side="left", padx=(6, 0))
+        field("Models", modelrow, "comma list; * wildcards; empty = all")
+        self.mapping = tk.Text(body, height=3, width=40, relief="flat",
+                               background=app.colors["field"], foreground=app.colors["fg"])
+        self.mapping.insert("1.0", "\n".join(f"{k} = {v}" for k, v in
+                                             c.get("model_mapping", {}).items()))
+        field("Model mapping", self.mapping, "client name = upstream name")
+        field("Priority", ttk.Entry(body, textvariable=self.vars["priority"], width=8),
+              "lower is tried first")
+        field("Timeout (s)", ttk.Entry(body, textvariable=self.vars["timeout"], width=8))
+        field("Max tokens cap", ttk.Entry(body, textvariable=self.vars["max_tokens_cap"],
+                                          width=8), "0 = none")
+        field("Proxy", ttk.Entry(body, textvariable=self.vars["proxy"]),
+              "http:// or socks5://")
+        field("", ttk.Checkbutton(body, text="Verify TLS certificates",
+                                  variable=self.vars["verify_tls"]))
+        field("", ttk.Checkbutton(body, text="Enabled", variable=self.vars["enabled"]))
+        self.error = ttk.Label(body, text="", style="Error.TLabel", wraplength=420)
+        self.error.grid(row=row, column=0, columnspan=3, sticky="w", pady=(6, 0))
+        row += 1
+        buttons = ttk.Frame(body)
+        buttons.grid(row=row, column=0, columnspan=3, sticky="e", pady=(10, 0))
+        ttk.Button(buttons, text="Cancel", command=top.destroy).pack(side="right")
+        ttk.Button(buttons, text="Save", style="Accent.TButton", command=self.save).pack(
+            side="right", padx=(0, 6))
+        body.columnconfigure(1, weight=1)
+        self.result: dict | None = None
+        top.bind("<Escape>", lambda e: top.destroy())
+
+    def _type_changed(self, _event: Any = None) -> None:
+        current = self.vars["base_url"].get().strip()
+        if not current or current in CHANNEL_DEFAULT_URLS.values():
+            self.vars["base_url"].set(CHANNEL_DEFAULT_URLS[self.vars["type"].get()])
+
+    def fields(self) -> dict:
+        v = self.vars
+        try:
+            priority, cap = int(v["priority"].get()), int(v["max_tokens_cap"].get())
+        except ValueError:
+            raise ValueError("Priority and max tokens cap are whole numbers") from None
+        try:
+            timeout = float(v["timeout"].get())
+        except ValueError:
+            raise ValueError("Timeout is a number of seconds") from None
+        return {"name": v["name"].get().strip(), "type": v["type"].get(),
+                "base_url": v["base_url"].get().strip(), "api_key": v["api_key"].get().strip(),
+                "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
+                "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
+                "priority": priority, "timeout": int(timeout) if timeout.is_integer() else timeout,
+                "max_tokens_cap": cap, "proxy": v["proxy"].get().strip(),
+                "verify_tls": v["verify_tls"].get(), "enabled": v["enabled"].get()}
+
+    def save(self) -> None:
+        try:
+            fields = self.fields()
+            store = self.app.store
+            if self.channel:
+                self.result = store.update_channel(self.channel["id"], **fields)
+            else:
+                self.result = store.add_channel(**fields)
+        except (ValueError, ConfigError) as exc:
+            self.error.configure(text=str(exc).split(": ", 1)[-1] if isinstance(
+                exc, ConfigError) else str(exc))
+            return
+        self.app.config_changed(f"channel '{self.result['name']}' saved")
+        self.top.destroy()
+
+    def fetch(self) -> None:
+        """Ask the upstream for its models on the server loop; pick from the answer."""
+        try:
+            fields = self.fields()
+            probe = validate_config({"channels": [dict(fields, id=1)]},
+                                    "channel")["channels"][0]
+        except (ValueError, ConfigError) as exc:
+            self.error.configure(text=str(exc))
+            return
+        self.fetch_button.configure(state="disabled", text="Fetching…")
+        ch = Channel(probe, self.app.store.data["settings"]["proxy"])
+        self.app.run_task(lambda gw: gw.fetch_models(ch), self._fetched)
+
+    def _fetched(self, ok: bool, value: Any) -> None:
+        if not self.top.winfo_exists():
+            return
+        self.fetch_button.configure(state="normal", text="Fetch models")
+        if not ok:
+            self.error.configure(text=f"Fetch failed: {value}")
+            return
+        self.picker = ModelPicker(self.app, self.top, value, self.vars["models"])
+
+
+class ModelPicker:
+    def __init__(self, app: App, parent: Any, names: list[str], target: Any):
+        self.top = top = tk.Toplevel(parent)
+        top.title("Pick models")
+        top.configure(background=app.colors["bg"])
+        self.target = target
+        frame = ttk.Frame(top, padding=10)
+        frame.pack(fill="both", expand=True)
+        ttk.Label(frame, text=f"{len(names)} models; select the ones to serve",
+                  style="Muted.TLabel").pack(anchor="w")
+        self.listbox = tk.Listbox(frame, selectmode="extended", height=14, width=48,
+                                  background=app.colors["panel"], foreground=app.colors["fg"],
+                                  relief="flat")
+        current = {m.strip() for m in target.get().split(",")}
+        for i, name in enumerate(names):
+            self.listbox.insert("end", name)
+            if name in current:
+                self.listbox.selection_set(i)
+        self.listbox.pack(fill="both", expand=True, pady=6)
+        ttk.Button(frame, text="Use selected", style="Accent.TButton",
+                   command=self.use).pack(anchor="e")
+
+    def use(self) -> None:
+        picked = [self.listbox.get(i) for i in self.listbox.curselection()]
+        self.target.set(", ".join(picked))
+        self.top.destroy()
+
+
+class ChannelsTab:
+    COLUMNS = [("name", "Name", 130), ("type", "Type", 80), ("base_url", "Base URL", 230),
+               ("models", "Models", 170), ("priority", "Priority", 60),
+               ("enabled", "Enabled", 60), ("result", "Last result", 200)]
+
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        bar = ttk.Frame(f)
+        bar.pack(fill="x", pady=(0, 8))
+        ttk.Button(bar, text="Add", style="Accent.TButton", command=self.add).pack(side="left")
+        for text, cmd in (("Edit", self.edit), ("Duplicate", self.duplicate),
+                          ("Enable / Disable", self.toggle), ("Test", self.test),
+                          ("Delete", self.delete)):
+            ttk.Button(bar, text=text, command=cmd).pack(side="left", padx=(6, 0))
+        self.tree = _tree(f, self.COLUMNS, height=14)
+        self.tree.container.pack(fill="both", expand=True)
+        self.tree.bind("<Double-1>", lambda e: self.edit())
+        self.results: dict[int, str] = {}
+        self.dialog: ChannelDialog | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.tree.delete(*self.tree.get_children())
+        for c in self.app.store.data["channels"]:
+            self.tree.insert("", "end", iid=str(c["id"]), values=(
+                c["name"], c["type"], c["base_url"], _short(c["models"]) or "(all)",
+                c["priority"], "yes" if c["enabled"] else "no", self.results.get(c["id"], "")))
+
+    def selected(self) -> dict | None:
+        sel = self.tree.selection()
+        return self.app.store.get("channel", int(sel[0])) if sel else None
+
+    def add(self) -> None:
+        self.dialog = ChannelDialog(self.app, None)
+
+    def edit(self) -> None:
+        c = self.selected()
+        if c:
+            self.dialog = ChannelDialog(self.app, c)
+
+    def duplicate(self) -> None:
+        c = self.selected()
+        if not c:
+            return
+        names = {x["name"].lower() for x in self.app.store.data["channels"]}
+        n = 2
+        while f"{c['name']} ({n})".lower() in names:
+            n += 1
+        fields = {k: v for k, v in c.items() if k != "id"}
+        fields["name"] = f"{c['name']} ({n})"
+        self.app.save(lambda: self.app.store.add_channel(**fields), f"channel duplicated")
+
+    def toggle(self) -> None:
+        c = self.selected()
+        if c:
+            self.app.save(lambda: self.app.store.update_channel(c["id"],
+                                                                enabled=not c["enabled"]),
+                          f"channel '{c['name']}' {'disabled' if c['enabled'] else 'enabled'}")
+
+    def delete(self) -> None:
+        c = self.selected()
+        if c and self.app.confirm("Delete channel", f"Delete channel '{c['name']}'?"):
+            self.app.save(lambda: self.app.store.delete_channel(c["id"]),
+                          f"channel '{c['name']}' deleted")
+
+    def test(self) -> None:
+        c = self.selected()
+        if not c:
+            return
+        cid = c["id"]
+        self.results[cid] = "testing…"
+        self.refresh()
+        ch = Channel(c, self.app.store.data["settings"]["proxy"])
+
+        def done(ok: bool, value: Any) -> None:
+            self.results[cid] = (f"✓ {value['latency_ms']:.0f} ms ({value['model']})" if ok
+                                 else f"✗ {value}"[:200])
+            self.app.dashboard.log(f"test of '{c['name']}': {self.results[cid]}")
+            self.refresh()
+        self.app.run_task(lambda gw: gw.test_channel(ch), done)
+
+
+class TokensTab:
+    COLUMNS = [("name", "Name", 140), ("key", "Key", 170), ("enabled", "Enabled", 60),
+               ("models", "Allowed models", 200), ("channels", "Allowed channels", 200)]
+
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        bar = ttk.Frame(f)
+        bar.pack(fill="x", pady=(0, 8))
+        ttk.Button(bar, text="Create", style="Accent.TButton", command=self.create).pack(
+            side="left")
+        for text, cmd in (("Edit limits", self.edit), ("Enable / Disable", self.toggle),
+                          ("Delete", self.delete)):
+            ttk.Button(bar, text=text, command=cmd).pack(side="left", padx=(6, 0))
+        self.tree = _tree(f, self.COLUMNS, height=14)
+        self.tree.container.pack(fill="both", expand=True)
+        self.tree.bind("<Double-1>", lambda e: self.edit())
+        self.dialog: TokenDialog | None = None
+        self.shown_key: str | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.tree.delete(*self.tree.get_children())
+        for t in self.app.store.data["tokens"]:
+            self.tree.insert("", "end", iid=str(t["id"]), values=(
+                t["name"], mask_secret(t["key"]), "yes" if t["enabled"] else "no",
+                _short(t["allowed_models"]) or "(all)",
+                _short(t["allowed_channels"]) or "(all)"))
+
+    def selected(self) -> dict | None:
+        sel = self.tree.selection()
+        return self.app.store.get("token", int(sel[0])) if sel else None
+
+    def create(self) -> None:
+        self.dialog = TokenDialog(self.app, None)
+
+    def edit(self) -> None:
+        t = self.selected()
+        if t:
+            self.dialog = TokenDialog(self.app, t)
+
+    def toggle(self) -> None:
+        t = self.selected()
+        if t:
+            self.app.save(lambda: self.app.store.update_token(t["id"], enabled=not t["enabled"]),
+                          f"token '{t['name']}' {'disabled' if t['enabled'] else 'enabled'}")
+
+    def delete(self) -> None:
+        t = self.selected()
+        if t and self.app.confirm("Delete token", f"Delete token '{t['name']}'? Clients using "
+                                                  f"it will be refused."):
+            self.app.save(lambda: self.app.store.delete_token(t["id"]),
+                          f"token '{t['name']}' deleted")
+
+    def show_once(self, name: str, key: str) -> None:
+        """The new key, shown this once with a copy button."""
+        self.shown_key = key
+        top = tk.Toplevel(self.app.root)
+        top.title("New token")
+        top.configure(background=self.app.colors["bg"])
+        frame = ttk.Frame(top, padding=14)
+        frame.pack(fill="both", expand=True)
+        ttk.Label(frame, text=f"Token '{name}' created. Copy it now: it is shown only once.",
+                  wraplength=420).pack(anchor="w")
+        var = tk.StringVar(value=key)
+        ttk.Entry(frame, textvariable=var, state="readonly", width=56).pack(fill="x", pady=8)
+        buttons = ttk.Frame(frame)
+        buttons.pack(anchor="e")
+        ttk.Button(buttons, text="Copy", style="Accent.TButton",
+                   command=lambda: self.app.copy(key)).pack(side="left")
+        ttk.Button(buttons, text="Close", command=top.destroy).pack(side="left", padx=(6, 0))
+        self.key_window = top
+
+
+class TokenDialog:
+    def __init__(self, app: App, token: dict | None):
+        self.app, self.token = app, token
+        self.top = top = tk.Toplevel(app.root)
+        top.title("Edit token" if token else "Create token")
+        top.transient(app.root)
+        top.configure(background=app.colors["bg"])
+        body = ttk.Frame(top, padding=14)
+        body.pack(fill="both", expand=True)
+        self.name = tk.StringVar(value=token["name"] if token else "")
+        ttk.Label(body, text="Name").grid(row=0, column=0, sticky="w")
+        ttk.Entry(body, textvariable=self.name, width=36).grid(row=0, column=1, sticky="we",
+                                                               pady=3)
+        models = sorted({m for c in app.store.data["channels"] for m in
+                         list(c["models"]) + list(c["model_mapping"])})
+        channels = [c["name"] for c in app.store.data["channels"]]
+        self.models = self._list(body, 1, "Allowed models (none = all)", models,
+                                 token["allowed_models"] if token else [])
+        self.extra = tk.StringVar(value=", ".join(m for m in (token or {}).get(
+            "allowed_models", []) if m not in models))
+        ttk.Label(body, text="More patterns", style="Muted.TLabel").grid(row=2, column=0,
+                                                                        sticky="w")
+        ttk.Entry(body, textvariable=self.extra).grid(row=2, column=1, sticky="we", pady=3)
+        allowed = {str(x).lower() for x in (token or {}).get("allowed_channels", [])}
+        ids = {str(c["id"]): c["name"] for c in app.store.data["channels"]}
+        self.channels = self._list(body, 3, "Allowed channels (none = all)", channels,
+                                   [n for n in channels if n.lower() in allowed or any(
+                                       ids.get(a) == n for a in allowed)])
+        self.error = ttk.Label(body, text="", style="Error.TLabel")
+        self.error.grid(row=4, column=0, columnspan=2, sticky="w")
+        buttons = ttk.Frame(body)
+        buttons.grid(row=5, column=0, columnspan=2, sticky="e", pady=(8, 0))
+        ttk.Button(buttons, text="Cancel", command=top.destroy).pack(side="right")
+        ttk.Button(buttons, text="Save" if token else "Create", style="Accent.TButton",
+                   command=self.save).pack(side="right", padx=(0, 6))
+        body.columnconfigure(1, weight=1)
+
+    def _list(self, body: Any, row: int, label: str, items: list[str],
+              selected: list[str]) -> Any:
+        ttk.Label(body, text=label).grid(row=row, column=0, sticky="nw", pady=3, padx=(0, 10))
+        lb = tk.Listbox(body, selectmode="multiple", height=min(8, max(3, len(items))),
+                        exportselection=False, background=self.app.colors["panel"],
+                        foreground=self.app.colors["fg"], relief="flat")
+        for i, item in enumerate(items):
+            lb.insert("end", item)
+            if item in selected:
+                lb.selection_set(i)
+        lb.grid(row=row, column=1, sticky="we", pady=3)
+        return lb
+
+    def save(self) -> None:
+        models = [self.models.get(i) for i in self.models.curselection()] + [
+            m.strip() for m in self.extra.get().split(",") if m.strip()]
+        channels = [self.channels.get(i) for i in self.channels.curselection()]
+        name = self.name.get().strip()
+        if not name:
+            self.error.configure(text="Give the token a name")
+            return
+        fields = {"name": name, "allowed_models": models, "allowed_channels": channels}
+        try:
+            if self.token:
+                self.app.store.update_token(self.token["id"], **fields)
+            else:
+                created = self.app.store.add_token(**fields)
+        except ConfigError as exc:
+            self.error.configure(text=str(exc).split(": ", 1)[-1])
+            return
+        self.app.config_changed(f"token '{name}' saved")
+        self.top.destroy()
+        if not self.token:
+            self.app.tokens.show_once(name, created["key"])
+
+
+class SettingsTab:
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        s = app.store.data["settings"]
+        self.vars = {k: tk.StringVar(value=str(s[k])) for k in
+                     ("host", "port", "proxy", "max_body_mb", "log_file")}
+        self.vars["cors_origins"] = tk.StringVar(value=", ".join(s["cors_origins"]))
+        self.flags = {k: tk.BooleanVar(value=s[k]) for k in
+                      ("require_auth", "enable_fallback", "log_requests", "start_on_open")}
+        self.theme = tk.StringVar(value=s["theme"])
+        rows = [("Host", "host", "127.0.0.1 = this machine only"), ("Port", "port", ""),
+                ("Proxy", "proxy", "default for channels without their own"),
+                ("Max body (MiB)", "max_body_mb", ""),
+                ("CORS origins", "cors_origins", "comma list; * = any; empty = off"),
+                ("Request log file", "log_file", "relative to the config file")]
+        for i, (label, key, hint) in enumerate(rows):
+            ttk.Label(f, text=label).grid(row=i, column=0, sticky="w", pady=3, padx=(0, 10))
+            ttk.Entry(f, textvariable=self.vars[key], width=36).grid(row=i, column=1,
+                                                                     sticky="we", pady=3)
+            ttk.Label(f, text=hint, style="Muted.TLabel").grid(row=i, column=2, sticky="w",
+                                                              padx=(8, 0))
+        row = len(rows)
+        for key, label in (("require_auth", "Require a gateway token"),
+                           ("enable_fallback", "Fall back to the next channel on failure"),
+                           ("log_requests", "Write the request log"),
+                           ("start_on_open", "Start the gateway when the app opens")):
+            ttk.Checkbutton(f, text=label, variable=self.flags[key],
+                            command=self.update_warning).grid(row=row, column=1, sticky="w",
+                                                              pady=2)
+            row += 1
+        ttk.Label(f, text="Theme").grid(row=row, column=0, sticky="w", pady=3)
+        ttk.Combobox(f, textvariable=self.theme, values=list(THEMES), state="readonly",
+                     width=10).grid(row=row, column=1, sticky="w", pady=3)
+        row += 1
+        self.warning = ttk.Label(f, text="", style="Warn.TLabel", wraplength=560)
+        self.warning.grid(row=row, column=0, columnspan=3, sticky="w", pady=(8, 0))
+        self.error = ttk.Label(f, text="", style="Error.TLabel", wraplength=560)
+        self.error.grid(row=row + 1, column=0, columnspan=3, sticky="w")
+        ttk.Button(f, text="Save", style="Accent.TButton", command=self.save).grid(
+            row=row + 2, column=1, sticky="w", pady=(10, 0))
+        f.columnconfigure(1, weight=1)
+        self.vars["host"].trace_add("write", lambda *a: self.update_warning())
+        self.update_warning()
+
+    def update_warning(self) -> None:
+        host = self.vars["host"].get().strip()
+        exposed = bool(host) and not is_loopback_host(host)
+        if exposed and not self.flags["require_auth"].get():
+            text = (f"Warning: {host} is reachable from other machines and no token is "
+                    f"required — anyone on the network can spend your upstream keys.")
+        elif exposed:
+            text = f"{host} is reachable from other machines; clients need a gateway token."
+        else:
+            text = ""
+        self.warning.configure(text=text)
+
+    def save(self) -> None:
+        try:
+            values = validate_settings_form({k: v.get() for k, v in self.vars.items()})
+        except ValueError as exc:
+            self.error.configure(text=str(exc))
+            return
+        values.update({k: v.get() for k, v in self.flags.items()})
+        values["theme"] = self.theme.get()
+        old = dict(self.app.store.data["settings"])
+        if not self.app.save(lambda: self.app.store.update_settings(**values), "settings saved"):
+            return
+        self.error.configure(text="")
+        if values["theme"] != old["theme"]:
+            self.app.set_theme(values["theme"])
+        if (values["host"], values["port"]) != (old["host"], old["port"]) and \
+                self.app.bridge.running and self.app.confirm(
+                    "Restart needed", f"Listen on {values['host']}:{values['port']} now? "
+                                      f"The gateway restarts."):
+            self.app.restart()
+
+
+class LogsTab:
+    COLUMNS = [("time", "Time", 70), ("route", "Route", 170), ("model", "Model", 150),
+               ("channel", "Channel", 120), ("status", "Status", 60),
+               ("latency", "Latency", 80), ("tokens", "Tokens in/out", 100)]
+
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        bar = ttk.Frame(f)
+        bar.pack(fill="x", pady=(0, 8))
+        ttk.Label(bar, text="Filter").pack(side="left")
+        self.filter = tk.StringVar()
+        self.filter.trace_add("write", lambda *a: self.refill())
+        ttk.Entry(bar, textvariable=self.filter, width=30).pack(side="left", padx=6)
+        self.paused = tk.BooleanVar(value=False)
+        ttk.Checkbutton(bar, text="Pause", variable=self.paused,
+                        command=self.refill).pack(side="left", padx=6)
+        ttk.Button(bar, text="Clear", command=self.clear).pack(side="left")
+        panes = ttk.PanedWindow(f, orient="vertical")
+        panes.pack(fill="both", expand=True)
+        self.tree = _tree(panes, self.COLUMNS, height=12)
+        panes.add(self.tree.container, weight=3)
+        self.detail = tk.Text(panes, height=6, wrap="word", relief="flat",
+                              background=app.colors["panel"], foreground=app.colors["fg"],
+                              font=("TkFixedFont", 9), state="disabled")
+        panes.add(self.detail, weight=1)
+        self.tree.bind("<<TreeviewSelect>>", lambda e: self.show_detail())
+        self.tree.tag_configure("bad", foreground=app.colors["bad"])
+        self.records: collections.deque[dict] = collections.deque(maxlen=GUI_LOG_ROWS)
+
+    def matches(self, rec: dict) -> bool:
+        needle = self.filter.get().strip().lower()
+        return not needle or needle in " ".join(format_record(rec)).lower() or \
+            needle in (rec.get("error") or "").lower()
+
+    def add_record(self, rec: dict) -> None:
+        self.records.append(rec)
+        if not self.paused.get() and self.matches(rec):
+            self._insert(rec)
+
+    def _insert(self, rec: dict) -> None:
+        bad = rec.get("error") is not None or (rec.get("status") or 500) >= 400
+        self.tree.insert("", 0, iid=str(rec["id"]), values=format_record(rec),
+                         tags=("bad",) if bad else ())
+        children = self.tree.get_children()
+        if len(children) > GUI_LOG_ROWS:
+            self.tree.delete(*children[GUI_LOG_ROWS:])
+
+    def refill(self) -> None:
+        if self.paused.get():
+            return
+        self.tree.delete(*self.tree.get_children())
+        for rec in self.records:
+            if self.matches(rec):
+                self._insert(rec)
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.tree.delete(*self.tree.get_children())
+        self._set_detail("")
+
+    def show_detail(self) -> None:
+        sel = self.tree.selection()
+        rec = next((r for r in self.records if sel and str(r["id"]) == sel[0]), None)
+        self._set_detail(record_detail(rec) if rec else "")
+
+    def _set_detail(self, text: str) -> None:
+        self.detail.configure(state="normal")
+        self.detail.delete("1.0", "end")
+        self.detail.insert("1.0", text)
+        self.detail.configure(state="disabled")
+
+
+class App:
+    """The window. ``pump()`` drains the bridge's queue; tests call it instead of mainloop."""
+
+    def __init__(self, store: ConfigStore, *, host: str | None = None, port: int | None = None,
+                 start: bool | None = None):
+        _load_tk()
+        _dpi_aware()
+        self.store = store
+        self.bridge = GatewayThread(store, host=host, port=port)
+        self.root = root = tk.Tk(className="aigateway")
+        root.title(f"AI Gateway {__version__}")
+        self.colors = apply_theme(root, store.data["settings"]["theme"])
+        self._icon = _icon_image(root)
+        root.iconphoto(True, self._icon)
+        root.geometry(store.data["settings"]["window"] or "1100x720")
+        root.minsize(820, 560)
+        self.notebook = ttk.Notebook(root)
+        self.notebook.pack(fill="both", expand=True, padx=8, pady=8)
+        self.dashboard = DashboardTab(self, self.notebook)
+        self.channels = ChannelsTab(self, self.notebook)
+        self.tokens = TokensTab(self, self.notebook)
+        self.settings = SettingsTab(self, self.notebook)
+        self.logs = LogsTab(self, self.notebook)
+        for tab, title in ((self.dashboard, "Dashboard"), (self.channels, "Channels"),
+                           (self.tokens, "Tokens"), (self.settings, "Settings"),
+                           (self.logs, "Logs")):
+            self.notebook.add(tab.frame, text=title)
+        self._tasks: dict[int, Callable[[bool, Any], None]] = {}
+        self._task_ids = itertools.count(1)
+        self.confirm_answer: bool | None = None       # tests answer confirmations with this
+        root.protocol("WM_DELETE_WINDOW", self.close)
+        self._poll_id = root.after(GUI_POLL_MS, self._poll)
+        self.closed = False
+        if store.data["settings"]["start_on_open"] if start is None else start:
+            self.start()
+
+    # -- gateway control ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.bridge.running:
+            return
+        try:
+            self.bridge.start()
+        except OSError as exc:
+            s = self.store.data["settings"]
+            self.dashboard.log(f"cannot listen on {self.bridge.host or s['host']}:"
+                               f"{s['port'] if self.bridge.port is None else self.bridge.port}: "
+                               f"{exc.strerror or exc}")
+            self.dashboard.set_state(False)
+            return
+        self.dashboard.set_state(True, self.bridge.url)
+
+    def stop(self) -> None:
+        self.bridge.stop()
+        self.dashboard.set_state(False)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def run_task(self, make: Callable[[Gateway], Any], done: Callable[[bool, Any], None]) -> None:
+        tag = next(self._task_ids)
+        self._tasks[tag] = done
+        self.bridge.run_task(make, tag)
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def save(self, mutate: Callable[[], Any], message: str) -> bool:
+        try:
+            mutate()
+        except (ConfigError, KeyError) as exc:
+            self.dashboard.log(f"not saved: {exc}")
+            if messagebox is not None and self.confirm_answer is None:
+                messagebox.showerror("Not saved", str(exc), parent=self.root)
+            return False
+        self.config_changed(message)
+        return True
+
+    def config_changed(self, message: str) -> None:
+        self.bridge.apply_config()
+        self.channels.refresh()
+        self.tokens.refresh()
+        self.dashboard.log(message)
+
+    def confirm(self, title: str, question: str) -> bool:
+        if self.confirm_answer is not None:
+            return self.confirm_answer
+        return bool(messagebox.askyesno(title, question, parent=self.root))
+
+    def copy(self, text: str) -> None:
+        self.root.clipboard_clear()
+        self.root.clipboard_append(text)
+
+    def set_theme(self, name: str) -> None:
+        self.colors = apply_theme(self.root, name)
+        self.dashboard.chart.configure(background=self.colors["panel"])
+        for widget in (self.dashboard.activity, self.logs.detail):
+            widget.configure(background=self.colors["panel"], foreground=self.colors["fg"])
+        self.dashboard.draw_chart()
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    def pump(self) -> int:
+        """Handle up to GUI_BATCH queued events; return how many were handled."""
+        handled = 0
+        while handled < GUI_BATCH:
+            try:
+                kind, payload = self.bridge.events.get_nowait()
+            except queue.Empty:
+                break
+            handled += 1
+            if kind == "request":
+                self.dashboard.add_record(payload)
+                self.logs.add_record(payload)
+            elif kind == "log":
+                self.dashboard.log(payload)
+            elif kind == "state":
+                self.dashboard.set_state(payload == "running" and self.bridge.running,
+                                         self.bridge.url)
+            elif kind == "result":
+                tag, ok, value = payload
+                done = self._tasks.pop(tag, None)
+                if done is not None:
+                    done(ok, value)
+        return handled
+
+    def _poll(self) -> None:
+        if self.closed:
+            return
+        self.pump()
+        self._poll_id = self.root.after(GUI_POLL_MS, self._poll)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            geometry = self.root.winfo_geometry()
+            if geometry != self.store.data["settings"]["window"]:
+                self.store.update_settings(window=geometry)
+        except (ConfigError, OSError):
+            pass
+        self.root.after_cancel(self._poll_id)
+        self.bridge.stop()
+        self.root.destroy()
+
+    def run(self) -> None:
+        self.root.mainloop()
 
 
 # =================================================================================================
@@ -4777,7 +5886,10 @@ def main(argv: list[str] | None = None) -> int:
               f"Clients send it as 'Authorization: Bearer <token>' or 'x-api-key: <token>'.",
               flush=True)
     if not args.headless and gui_available():
-        print("aigateway: this version has no GUI yet; running headless.", file=sys.stderr)
+        App(store, host=args.host, port=args.port).run()
+        return 0
+    if not args.headless:
+        print("aigateway: no display (or no tkinter) here; running headless.", file=sys.stderr)
     return run_headless(store, args.host, args.port, args.quiet)
 
 

@@ -2350,3 +2350,236 @@ def test_09_length_cut_offs_and_reasoning_reach_the_other_dialect(gw, upstream, 
         assert [b.type for b in m.content] == ["thinking", "text"]
         assert m.content[0].thinking == "deep" and m.content[1].text == "partial"
         assert m.usage.output_tokens == 9
+
+
+# =================================================================================================
+# 13. Tk GUI: the real window under Xvfb (started here when DISPLAY is unset)
+# =================================================================================================
+
+def test_13_pieces_without_a_display():
+    rec = {"id": 1, "time": 0, "method": "POST", "route": "/v1/messages", "model": "m",
+           "channel": "b", "tried": ["a", "b"], "status": 200, "latency_ms": 12.4,
+           "ttfb_ms": 3.0, "stream": True, "token": "laptop", "bytes_in": 10, "bytes_out": 20,
+           "input_tokens": 5, "output_tokens": 7, "error": None,
+           "failures": [{"channel": "a", "status": 429, "error": "slow down"}]}
+    row = ag.format_record(rec)
+    assert row[1:] == ("/v1/messages", "m", "b", "200", "12 ms", "5/7")
+    detail = ag.record_detail(rec)
+    assert "tried: a, b" in detail and "a: 429 slow down" in detail and "laptop" in detail
+    assert ag.parse_mapping("claude-x = gpt-4o\n, fast=gpt-4o-mini") == {
+        "claude-x": "gpt-4o", "fast": "gpt-4o-mini"}
+    with pytest.raises(ValueError, match="client name = upstream name"):
+        ag.parse_mapping("oops")
+    good = {"host": "127.0.0.1", "port": "3001", "proxy": "", "max_body_mb": "8",
+            "cors_origins": "http://a, http://b", "log_file": "r.jsonl"}
+    assert ag.validate_settings_form(good)["cors_origins"] == ["http://a", "http://b"]
+    for key, value, needle in (("port", "70000", "Port"), ("port", "x", "Port"),
+                               ("host", " ", "Host"), ("proxy", "ftp://x", "Proxy"),
+                               ("max_body_mb", "-1", "Max body")):
+        with pytest.raises(ValueError, match=needle):
+            ag.validate_settings_form(dict(good, **{key: value}))
+
+
+@pytest.fixture(scope="session")
+def display():
+    if os.environ.get("DISPLAY"):
+        yield os.environ["DISPLAY"]
+        return
+    num = 90 + os.getpid() % 100
+    proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1280x800x24", "-nolisten",
+                             "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"/tmp/.X11-unix/X{num}"):
+        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
+        time.sleep(0.05)
+    os.environ["DISPLAY"] = f":{num}"
+    yield os.environ["DISPLAY"]
+    del os.environ["DISPLAY"]
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture
+def app(display, tmp_path):
+    made = []
+
+    def make(channels=(), settings=None, start=False):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"settings": dict({"port": 0}, **(settings or {})),
+                                    "channels": list(channels),
+                                    "tokens": [{"name": "main", "key": TOKEN}]}))
+        store, _ = ag.ConfigStore.load(str(path))
+        a = ag.App(store, host="127.0.0.1", start=start)
+        a.confirm_answer = True
+        made.append(a)
+        a.root.update()
+        return a
+    yield make
+    for a in made:
+        a.close()
+
+
+def pump_until(app, cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app.root.update()
+        app.pump()
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the GUI never reached the expected state")
+
+
+def test_13_window_title_icon_and_tabs(app):
+    a = app()
+    assert "AI Gateway" in a.root.title()
+    assert [a.notebook.tab(i, "text") for i in range(5)] == [
+        "Dashboard", "Channels", "Tokens", "Settings", "Logs"]
+    assert a._icon.width() == 32
+    assert a.dashboard.state.cget("text") == "● Stopped"
+
+
+def test_13_add_channel_through_the_dialog(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    d.vars["type"].set("anthropic")
+    d._type_changed()
+    assert d.vars["base_url"].get() == "https://api.anthropic.com"     # filled by the type
+    d.vars["name"].set("claude")
+    d.vars["api_key"].set("sk-ant-secret-value")
+    assert d.key_entry.cget("show") == "•"                             # masked
+    d.vars["models"].set("claude-*, opus")
+    d.mapping.insert("1.0", "sonnet = claude-sonnet-4-5")
+    d.vars["priority"].set("oops")
+    d.save()
+    assert "whole numbers" in d.error.cget("text") and not a.store.data["channels"]
+    d.vars["priority"].set("3")
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"]
+    assert saved[0]["name"] == "claude" and saved[0]["models"] == ["claude-*", "opus"]
+    assert saved[0]["model_mapping"] == {"sonnet": "claude-sonnet-4-5"}
+    assert saved[0]["priority"] == 3 and saved[0]["type"] == "anthropic"
+    assert a.channels.tree.item("1")["values"][0] == "claude"
+    a.channels.tree.selection_set("1")
+    a.channels.duplicate()
+    a.channels.tree.selection_set("1")
+    a.channels.toggle()
+    assert [c["name"] for c in a.store.data["channels"]] == ["claude", "claude (2)"]
+    assert a.store.data["channels"][0]["enabled"] is False
+    a.channels.tree.selection_set("2")
+    a.channels.delete()
+    assert [c["id"] for c in a.store.data["channels"]] == [1]
+
+
+def test_13_create_token_shows_the_key_once(app, upstream):
+    a = app([chan(upstream(), name="oa", models=["gpt-4o"])])
+    a.tokens.create()
+    d = a.tokens.dialog
+    d.name.set("ci-bot")
+    d.models.selection_set(0)
+    d.channels.selection_set(0)
+    d.save()
+    tok = a.store.data["tokens"][-1]
+    assert tok["name"] == "ci-bot" and tok["key"].startswith("sk-gw-")
+    assert tok["allowed_models"] == ["gpt-4o"] and tok["allowed_channels"] == ["oa"]
+    assert a.tokens.shown_key == tok["key"]
+    row = a.tokens.tree.item(str(tok["id"]))["values"]
+    assert tok["key"] not in " ".join(map(str, row)) and row[1] == ag.mask_secret(tok["key"])
+    a.tokens.tree.selection_set(str(tok["id"]))
+    a.tokens.toggle()
+    assert a.store.data["tokens"][-1]["enabled"] is False
+
+
+def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply(usage=(7, 3))])
+    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
+    url = a.dashboard.url_vars["openai"].get()
+    assert url.endswith("/v1")
+    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=10)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    assert a.dashboard.counters["requests"].get() == "1"
+    assert a.dashboard.counters["tokens_in"].get() == "7"
+    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
+    assert row[3] == "good" and str(row[4]) == "200"
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    detail = a.logs.detail.get("1.0", "end")
+    assert "bad: 500 down" in detail and TOKEN not in detail
+    health = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"]
+              for i in a.dashboard.health.get_children()}
+    assert health["bad"][3] == 1 and str(health["good"][1]) == "200"
+    a.logs.filter.set("nothing-matches")
+    assert not a.logs.tree.get_children()
+    a.logs.filter.set("")
+    assert len(a.logs.tree.get_children()) == 1
+    a.dashboard.stop_button.invoke()
+    assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+
+
+def test_13_channel_test_healthy_and_failing(app, upstream):
+    up = upstream([openai_chat_reply(text="pong")])
+    a = app([chan(up, name="ok", models=["gpt-4o"]),
+             chan(f"http://127.0.0.1:{dead_port()}", name="dead", models=["gpt-4o"])])
+    for cid in ("1", "2"):                 # the gateway is stopped: tests still run
+        a.channels.tree.selection_set(cid)
+        a.channels.test()
+    pump_until(a, lambda: all(not r.startswith("testing") for r in a.channels.results.values())
+               and len(a.channels.results) == 2)
+    assert a.channels.results[1].startswith("✓") and "gpt-4o" in a.channels.results[1]
+    assert a.channels.results[2].startswith("✗") and "cannot connect" in a.channels.results[2]
+    assert json.loads(up.last()["body"])["messages"][0]["content"] == "ping"
+
+
+def test_13_fetch_models_into_the_dialog(app, upstream):
+    up = upstream([Reply(body=json.dumps({"data": [{"id": "m1"}, {"id": "m2"}]}).encode())])
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    d.vars["type"].set("custom")
+    d.vars["name"].set("local")
+    d.vars["base_url"].set(up.url + "/v1")
+    d.fetch()
+    pump_until(a, lambda: hasattr(d, "picker"))
+    assert d.picker.listbox.get(0, "end") == ("m1", "m2")
+    d.picker.listbox.selection_set(1)
+    d.picker.use()
+    assert d.vars["models"].get() == "m2"
+
+
+def test_13_settings_validation_warning_and_restart_on_port_change(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running)
+    first = a.bridge.url
+    s = a.settings
+    s.vars["port"].set("99999")
+    s.save()
+    assert "Port" in s.error.cget("text")
+    s.vars["port"].set(str(dead_port()))
+    s.vars["host"].set("0.0.0.0")
+    s.flags["require_auth"].set(False)
+    s.update_warning()
+    assert "anyone on the network" in s.warning.cget("text")
+    s.vars["host"].set("127.0.0.1")
+    s.flags["require_auth"].set(True)
+    s.theme.set("dark")
+    s.save()
+    pump_until(a, lambda: a.bridge.running)
+    saved = json.loads(open(a.store.path).read())["settings"]
+    assert saved["port"] == int(s.vars["port"].get()) and saved["theme"] == "dark"
+    assert a.bridge.url != first and a.bridge.url.endswith(s.vars["port"].get())
+    assert a.colors == ag.THEMES["dark"]
+
+
+def test_13_closing_the_window_stops_the_gateway_and_saves_its_size(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running)
+    port = a.bridge.server.port
+    a.close()
+    assert not a.bridge.running
+    assert json.loads(open(a.store.path).read())["settings"]["window"]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
