@@ -5660,7 +5660,7 @@ class App:
     """The window. ``pump()`` drains the bridge's queue; tests call it instead of mainloop."""
 
     def __init__(self, store: ConfigStore, *, host: str | None = None, port: int | None = None,
-                 start: bool | None = None):
+                 start: bool | None = None, new_key: str | None = None):
         _load_tk()
         _dpi_aware()
         self.store = store
@@ -5691,6 +5691,9 @@ class App:
         self.closed = False
         if store.data["settings"]["start_on_open"] if start is None else start:
             self.start()
+        if new_key is not None:          # first run: the token made with the config file
+            self.notebook.select(self.tokens.frame)
+            self.tokens.show_once(store.data["tokens"][0]["name"], new_key)
 
     # -- gateway control ------------------------------------------------------------------------
 
@@ -5881,13 +5884,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aigateway: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if not args.headless and gui_available():
+        App(store, host=args.host, port=args.port, new_key=new_key).run()
+        return 0
     if new_key is not None:
         print(f"Created {path} with a new gateway token (shown only this once):\n  {new_key}\n"
               f"Clients send it as 'Authorization: Bearer <token>' or 'x-api-key: <token>'.",
               flush=True)
-    if not args.headless and gui_available():
-        App(store, host=args.host, port=args.port).run()
-        return 0
     if not args.headless:
         print("aigateway: no display (or no tkinter) here; running headless.", file=sys.stderr)
     return run_headless(store, args.host, args.port, args.quiet)
