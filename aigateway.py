@@ -109,6 +109,7 @@ READ_SIZE = 64 * 1024
 
 OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
+RESPONSES = "responses"
 CHANNEL_TYPES = ("openai", "anthropic", "gemini", "ollama", "custom")
 CHANNEL_DEFAULT_URLS = {
     "openai": "https://api.openai.com",
@@ -1650,7 +1651,8 @@ class HTTPServer:
 # 9.1 Dialects and errors. Each client dialect is served without conversion by the channel types
 # listed here; the body then goes through unchanged but for the model name.
 
-PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",)}
+PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",),
+                     RESPONSES: ()}      # openai/custom channels with responses_api: true too
 
 _OPENAI_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
@@ -1678,12 +1680,16 @@ def error_payload(dialect: str, err: GatewayError) -> dict:
                       "param": err.param, "code": err.code}}
 
 
-SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n",
+SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n", RESPONSES: b": keepalive\n\n",
                  ANTHROPIC: b'event: ping\ndata: {"type":"ping"}\n\n'}
 
 
 def stream_error_event(dialect: str, err: GatewayError) -> bytes:
     """An in-band error for a stream whose 200 status is already sent."""
+    if dialect == RESPONSES:
+        return b"event: error\ndata: " + json_dumps({
+            "type": "error", "code": err.code or _OPENAI_ERROR_TYPE.get(err.kind, "server_error"),
+            "message": err.message, "param": err.param}) + b"\n\n"
     data = json_dumps(error_payload(dialect, err))
     if dialect == ANTHROPIC:
         return b"event: error\ndata: " + data + b"\n\n"
@@ -1930,7 +1936,7 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
         if not isinstance(b, dict):
             continue
         t = b.get("type")
-        if t == "text" and b.get("text"):
+        if t in ("text", "output_text", "input_text") and b.get("text"):
             out.append({"type": "text", "text": b["text"]})
         elif t in ("image", "document"):
             src = b.get("source") or {}
@@ -1995,6 +2001,32 @@ class StreamDecoder:
         self._start(out)
         out.append(("finish", self._finish_reason()))
         return out
+
+
+def response_events(resp: dict) -> list[tuple]:
+    """A whole IR response as the stream events that would have carried it."""
+    out: list[tuple] = [("start", resp["id"], resp["model"])]
+    tools = 0
+    for p in resp["content"]:
+        if p["type"] in ("text", "reasoning"):
+            out.append((p["type"], p.get("text") or ""))
+        elif p["type"] == "tool_call":
+            out += [("tool", tools, p["id"], p["name"]), ("args", tools, p["arguments"])]
+            tools += 1
+    return out + [("usage", resp["usage"]), ("finish", resp["finish"])]
+
+
+class _Replay:
+    """A stream decoder for an answer that is already whole: all its events at the end."""
+
+    def __init__(self, events: list[tuple]):
+        self._events = events
+
+    def feed(self, data: bytes) -> list[tuple]:
+        return []
+
+    def close(self) -> list[tuple]:
+        return self._events
 
 
 # 9.3 OpenAI Chat Completions ---------------------------------------------------------------------
@@ -3362,16 +3394,311 @@ def ollama_url(base_url: str, path: str) -> str:
     return (base[:-3] if base.endswith("/v1") else base) + path
 
 
-# 9.8 Dispatch ------------------------------------------------------------------------------------
+# 9.8 OpenAI Responses API (client side) ---------------------------------------------------------
+# A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
+# internal form; tools the channels cannot run (web_search, file_search, namespaced tools) are
+# dropped; custom tools (Codex's apply_patch) become function tools taking {"input": string} and
+# come back as custom_tool_call items. previous_response_id is refused: the gateway keeps no
+# conversation state (Codex sends the whole conversation with store:false).
+
+_CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
+                  "required": ["input"]}
+
+
+def responses_request_to_ir(body: dict) -> dict:
+    if body.get("previous_response_id") or body.get("conversation"):
+        raise GatewayError(400, "previous_response_id and conversation are not supported: this "
+                                "gateway keeps no conversation state; send the whole "
+                                "conversation in 'input' (with store: false)",
+                           param="previous_response_id", code="unsupported_parameter")
+    if "input" not in body:
+        raise GatewayError(400, "'input' is required: a string or a list of items",
+                           param="input")
+    ir = openai_request_to_ir({"model": body.get("model"), "messages":
+                               responses_input_to_messages(body["input"],
+                                                           body.get("instructions"))})
+    for t in body.get("tools") or []:
+        if not isinstance(t, dict) or not t.get("name"):
+            continue
+        if t.get("type") == "function":
+            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
+                                "parameters": t.get("parameters") or
+                                {"type": "object", "properties": {}}})
+        elif t.get("type") == "custom":
+            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
+                                "parameters": _CUSTOM_SCHEMA, "custom": True})
+    tc = body.get("tool_choice")
+    if tc in ("auto", "none", "required"):
+        ir["tool_choice"] = tc
+    elif isinstance(tc, dict) and tc.get("name"):
+        ir["tool_choice"] = {"name": tc["name"]}
+    ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
+    mt = body.get("max_output_tokens")
+    ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
+    for key in ("temperature", "top_p"):
+        value = body.get(key)
+        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    if isinstance(effort, str):
+        ir["reasoning"] = {"effort": {"xhigh": "max"}.get(effort, effort), "budget": None}
+    fmt = (body.get("text") or {}).get("format") or {}
+    if fmt.get("type") == "json_schema":
+        ir["response_format"] = {"type": "json_schema", "name": fmt.get("name") or "output",
+                                 "schema": fmt.get("schema") or {}, "strict": fmt.get("strict")}
+    elif fmt.get("type") == "json_object":
+        ir["response_format"] = {"type": "json_object"}
+    ir["stream"] = body.get("stream") is True
+    ir["include_usage"] = True
+    ir["user"] = body.get("user") or body.get("safety_identifier")
+    return ir
+
+
+def ir_usage_to_responses(u: dict) -> dict:
+    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
+            "output_tokens": u["output"],
+            "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+            "total_tokens": u["input"] + u["output"]}
+
+
+def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[dict],
+                      usage: dict | None, created: int, error: dict | None = None,
+                      incomplete: str | None = None) -> dict:
+    tc = ir["tool_choice"]
+    return {"id": rid, "object": "response", "created_at": created, "status": status,
+            "model": model, "output": output, "error": error,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": parts_text(ir["system"]) or None, "metadata": {},
+            "parallel_tool_calls": ir["parallel_tool_calls"] is not False,
+            "temperature": ir["temperature"], "top_p": ir["top_p"],
+            "max_output_tokens": ir["max_tokens"], "previous_response_id": None,
+            "reasoning": {"effort": ir["reasoning"]["effort"]} if ir["reasoning"] else None,
+            "tool_choice": {"type": "function", "name": tc["name"]} if isinstance(tc, dict)
+            else tc or "auto",
+            "tools": [{"type": "custom", "name": t["name"], "description": t["description"]}
+                      if t.get("custom") else
+                      {"type": "function", "name": t["name"], "description": t["description"],
+                       "parameters": t["parameters"], "strict": False} for t in ir["tools"]],
+            "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
+            "usage": ir_usage_to_responses(usage) if usage else None}
+
+
+def _responses_call_item(call_id: str, name: str, arguments: str, custom: bool) -> dict:
+    if custom:
+        return {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
+                "name": name, "input": str(parse_arguments(arguments).get("input", "")),
+                "status": "completed"}
+    return {"type": "function_call", "id": new_id("fc_"), "call_id": call_id, "name": name,
+            "arguments": arguments or "{}", "status": "completed"}
+
+
+def _responses_status(finish: str) -> tuple[str, str | None]:
+    if finish == "length":
+        return "incomplete", "max_output_tokens"
+    if finish == "content_filter":
+        return "incomplete", "content_filter"
+    return "completed", None
+
+
+def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
+    custom = {t["name"] for t in ir["tools"] if t.get("custom")}
+    output: list[dict] = []
+    reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
+    if reasoning:
+        output.append({"type": "reasoning", "id": new_id("rs_"), "summary": [
+            {"type": "summary_text", "text": reasoning}]})
+    text = parts_text(resp["content"])
+    if text:
+        output.append({"type": "message", "id": new_id("msg_"), "role": "assistant",
+                       "status": "completed", "content": [
+                           {"type": "output_text", "text": text, "annotations": []}]})
+    for p in resp["content"]:
+        if p["type"] == "tool_call":
+            output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
+                                               p["name"] in custom))
+    status, reason = _responses_status(resp["finish"])
+    return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
+                             int(time.time()), incomplete=reason)
+
+
+class ResponsesStreamEncoder:
+    """IR stream events -> Responses API SSE: every event has ``type`` and a rising
+    ``sequence_number``; created and in_progress first; each output item added, filled and done
+    in order (reasoning summary, message text, function calls routed by tool index); and always a
+    terminal response.completed / response.incomplete / response.failed with usage (Codex fails
+    a stream that ends without one)."""
+
+    def __init__(self, model: str, ir: dict):
+        self.model, self.ir = model, ir
+        self.id = new_id("resp_")
+        self.created = int(time.time())
+        self.usage: dict | None = None
+        self._seq = 0
+        self._output: list[dict] = []
+        self._open: dict | None = None                # the reasoning/message item being filled
+        self._calls: dict[int, dict] = {}             # IR tool index -> open call state
+        self._custom = {t["name"] for t in ir["tools"] if t.get("custom")}
+        self._started = False
+        self._finished = False
+
+    def _ev(self, kind: str, **data: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._seq, **data}
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
+
+    def _response(self, status: str, **kw: Any) -> dict:
+        return _responses_object(self.id, self.model, self.ir, status, list(self._output),
+                                 self.usage if status != "in_progress" else None, self.created,
+                                 **kw)
+
+    def _begin(self, out: list[bytes]) -> None:
+        if not self._started:
+            self._started = True
+            out.append(self._ev("response.created", response=self._response("in_progress")))
+            out.append(self._ev("response.in_progress", response=self._response("in_progress")))
+
+    def _open_item(self, kind: str, out: list[bytes]) -> dict:
+        if self._open is not None and self._open["item"]["type"] == kind:
+            return self._open
+        self._close_open(out)
+        for call in self._calls.values():
+            self._close_call(call, out)
+        index = len(self._output)
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": new_id("rs_"), "summary": []}
+            out.append(self._ev("response.output_item.added", output_index=index, item=item))
+            out.append(self._ev("response.reasoning_summary_part.added", item_id=item["id"],
+                                output_index=index, summary_index=0,
+                                part={"type": "summary_text", "text": ""}))
+        else:
+            item = {"type": "message", "id": new_id("msg_"), "role": "assistant",
+                    "status": "in_progress", "content": []}
+            out.append(self._ev("response.output_item.added", output_index=index, item=item))
+            out.append(self._ev("response.content_part.added", item_id=item["id"],
+                                output_index=index, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": []}))
+        self._open = {"item": item, "index": index, "text": []}
+        return self._open
+
+    def _close_open(self, out: list[bytes]) -> None:
+        state, self._open = self._open, None
+        if state is None:
+            return
+        item, index, text = state["item"], state["index"], "".join(state["text"])
+        if item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out.append(self._ev("response.reasoning_summary_text.done", item_id=item["id"],
+                                output_index=index, summary_index=0, text=text))
+            out.append(self._ev("response.reasoning_summary_part.done", item_id=item["id"],
+                                output_index=index, summary_index=0, part=part))
+            item = dict(item, summary=[part])
+        else:
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out.append(self._ev("response.output_text.done", item_id=item["id"],
+                                output_index=index, content_index=0, text=text, logprobs=[]))
+            out.append(self._ev("response.content_part.done", item_id=item["id"],
+                                output_index=index, content_index=0, part=part))
+            item = dict(item, status="completed", content=[part])
+        out.append(self._ev("response.output_item.done", output_index=index, item=item))
+        self._output.append(item)
+
+    def _close_call(self, state: dict, out: list[bytes]) -> None:
+        if state["done"]:
+            return
+        state["done"] = True
+        args = "".join(state["args"])
+        item = _responses_call_item(state["call_id"], state["name"], args, state["custom"])
+        index = state["index"]
+        if state["custom"]:              # buffered: its input is only known now
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, input="", status="in_progress")))
+            out.append(self._ev("response.custom_tool_call_input.delta", item_id=item["id"],
+                                output_index=index, delta=item["input"]))
+            out.append(self._ev("response.custom_tool_call_input.done", item_id=item["id"],
+                                output_index=index, input=item["input"]))
+        else:
+            item["id"] = state["id"]
+            out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
+                                output_index=index, name=state["name"],
+                                arguments=item["arguments"]))
+        out.append(self._ev("response.output_item.done", output_index=index, item=item))
+        self._output.append(item)
+
+    def encode(self, events: list[tuple]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            kind = ev[0]
+            if kind == "usage":
+                self.usage = ev[1]
+                continue
+            if self._finished:
+                continue
+            self._begin(out)
+            if kind in ("text", "reasoning"):
+                if ev[1]:
+                    state = self._open_item("message" if kind == "text" else "reasoning", out)
+                    state["text"].append(ev[1])
+                    item = state["item"]
+                    if kind == "text":
+                        out.append(self._ev("response.output_text.delta", item_id=item["id"],
+                                            output_index=state["index"], content_index=0,
+                                            delta=ev[1], logprobs=[]))
+                    else:
+                        out.append(self._ev("response.reasoning_summary_text.delta",
+                                            item_id=item["id"], output_index=state["index"],
+                                            summary_index=0, delta=ev[1]))
+            elif kind == "tool":
+                self._close_open(out)
+                for other in self._calls.values():
+                    self._close_call(other, out)
+                custom = ev[3] in self._custom
+                state = {"id": new_id("ctc_" if custom else "fc_"), "call_id": ev[2],
+                         "name": ev[3], "args": [], "custom": custom, "done": False,
+                         "index": len(self._output)}
+                self._calls[ev[1]] = state
+                if not custom:
+                    out.append(self._ev("response.output_item.added", output_index=state["index"],
+                                        item={"type": "function_call", "id": state["id"],
+                                              "call_id": ev[2], "name": ev[3], "arguments": "",
+                                              "status": "in_progress"}))
+            elif kind == "args":
+                state = self._calls.get(ev[1])
+                if state is not None and not state["done"] and ev[2]:
+                    state["args"].append(ev[2])
+                    if not state["custom"]:
+                        out.append(self._ev("response.function_call_arguments.delta",
+                                            item_id=state["id"], output_index=state["index"],
+                                            delta=ev[2]))
+            elif kind == "finish":
+                self._close_open(out)
+                for state in self._calls.values():
+                    self._close_call(state, out)
+                status, reason = _responses_status(ev[1])
+                out.append(self._ev(f"response.{status}", response=self._response(
+                    status, incomplete=reason)))
+                self._finished = True
+            elif kind == "error":
+                err = ev[1]
+                code = {429: "rate_limit_exceeded"}.get(err.status, err.code or "server_error")
+                out.append(self._ev("response.failed", response=self._response(
+                    "failed", error={"code": code, "message": err.message})))
+                self._finished = True
+        return b"".join(out)
+
+
+# 9.9 Dispatch ------------------------------------------------------------------------------------
 # Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
 # request encoder, response decoder, stream decoder. The Responses and Gemini-native client
 # dialects plug in here with the same three functions.
 
 CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
-    OPENAI: (openai_request_to_ir, ir_to_openai_response,
+    OPENAI: (openai_request_to_ir, lambda resp, model, ir: ir_to_openai_response(resp, model),
              lambda model, ir: OpenAIStreamEncoder(model, ir["include_usage"])),
-    ANTHROPIC: (anthropic_request_to_ir, ir_to_anthropic_response,
+    ANTHROPIC: (anthropic_request_to_ir,
+                lambda resp, model, ir: ir_to_anthropic_response(resp, model),
                 lambda model, ir: AnthropicStreamEncoder(model, estimate_tokens(ir))),
+    RESPONSES: (responses_request_to_ir, ir_to_responses_response, ResponsesStreamEncoder),
 }
 _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 
@@ -3430,7 +3757,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
-    "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0,
+    "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -3598,6 +3925,7 @@ def _check_channel(ck: _Checker, channels: list[dict]) -> None:
         ck.url(ch["proxy"], f"{where}.proxy", allow_empty=True,
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
         ck.typed(ch, "verify_tls", where, (bool,), "true or false")
+        ck.typed(ch, "responses_api", where, (bool,), "true or false")
         cap = ck.typed(ch, "max_tokens_cap", where, (int,), "a whole number (0 = no cap)")
         if cap < 0:
             raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
@@ -3794,6 +4122,7 @@ ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/v1/audio/speech", ("POST",), OPENAI, "speech"),
     Route("/v1/audio/transcriptions", ("POST",), OPENAI, "transcriptions", "multipart"),
     Route("/v1/models", ("GET",), OPENAI, "models", "none"),
+    Route("/v1/responses", ("POST",), RESPONSES, "responses", reach=CHANNEL_TYPES),
     Route("/v1/messages", ("POST",), ANTHROPIC, "messages", reach=CHANNEL_TYPES),
     Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens",
           reach=CHANNEL_TYPES),
@@ -3847,7 +4176,7 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "_exact")
+                 "responses_api", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -3864,6 +4193,7 @@ class Channel:
         self.verify_tls: bool = c["verify_tls"]
         self.headers = list(c["headers"].items())
         self.max_tokens_cap: int = c["max_tokens_cap"]
+        self.responses_api: bool = c["responses_api"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -4213,7 +4543,9 @@ class Gateway:
         failures: list[tuple[Channel, UpstreamError]] = []
         for ch in chans:
             rec["tried"].append(ch.name)
-            passthrough = ch.type in PASSTHROUGH_TYPES[dialect] and not foreign
+            passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
+                dialect == RESPONSES and ch.responses_api and ch.type in ("openai", "custom"))) \
+                and not foreign
             if passthrough:
                 url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
             elif route.kind == "embeddings":
@@ -4438,7 +4770,7 @@ class Gateway:
             resp = decode_whole(answer)
             rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
                 resp["usage"]["output"]
-            out = json_dumps(CLIENT_CODECS[dialect][1](resp, model))
+            out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
             rec["bytes_out"] = len(out)
             self._trim_signatures()
             self._finish(rec)
@@ -4448,6 +4780,12 @@ class Gateway:
                 ("X-Accel-Buffering", "no")] + self._cors_headers(req.headers)
         encoder = CLIENT_CODECS[dialect][2](model, ir)
         decoder = stream_decoder()
+        ctype = up.content_type.lower()
+        if "json" in ctype and "ndjson" not in ctype:
+            # The upstream ignored stream:true and answered whole: stream it as events.
+            answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
+            resp = decode_whole(answer if isinstance(answer, dict) else {})
+            decoder = _Replay(response_events(resp))
 
         def done() -> None:
             up.aclose_nowait()

@@ -2583,3 +2583,119 @@ def test_13_closing_the_window_stops_the_gateway_and_saves_its_size(app):
     assert json.loads(open(a.store.path).read())["settings"]["window"]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+# =================================================================================================
+# 9. Responses API clients (the openai SDK's client.responses, as Codex speaks it)
+# =================================================================================================
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                   "required": ["city"]}},
+                   {"type": "function", "name": "get_time",
+                    "parameters": {"type": "object", "properties": {}}},
+                   {"type": "web_search"}]
+
+
+@pytest.mark.parametrize("ctype", CHANNEL_TYPES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_responses_api_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = g.openai()
+    items = [{"role": "user", "content": [{"type": "input_text",
+                                           "text": "weather and time?"}]}]
+
+    def call(inp):
+        kw = dict(model="gpt-5-codex", instructions="You are Codex.", input=inp,
+                  tools=RESPONSES_TOOLS, reasoning={"effort": "low"}, store=False)
+        if not stream:
+            return c.responses.create(**kw)
+        with c.responses.stream(**kw) as s:
+            types = [ev.type for ev in s]
+            final = s.get_final_response()
+        assert types[:2] == ["response.created", "response.in_progress"]
+        assert types[-1] == "response.completed"
+        return final
+    first = call(items)
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert [(o.name, json.loads(o.arguments)) for o in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert first.status == "completed" and first.usage.input_tokens == 11
+    items += [o.model_dump(exclude_none=True) for o in first.output]
+    items += [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
+              {"type": "function_call_output", "call_id": calls[1].call_id, "output": "noon"}]
+    second = call(items)
+    assert second.output_text == "got noon" and second.usage.output_tokens == 4
+    if ctype == "openai":
+        sent = json.loads(up.last()["body"])
+        assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}
+        assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "get_time"]
+        assert sent["reasoning_effort"] == "low"
+
+
+def test_09_responses_custom_tool_and_native_passthrough(gw, upstream):
+    up = upstream()
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if rec["path"].endswith("/responses"):                # native channel: untouched
+            return Reply(body=json.dumps({
+                "id": "resp_native", "object": "response", "created_at": 1, "status":
+                "completed", "model": body["model"], "output": [], "parallel_tool_calls": True,
+                "tool_choice": "auto", "tools": []}).encode())
+        assert body["tools"][0]["function"]["parameters"]["required"] == ["input"]
+        return Reply(body=json.dumps({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{
+                "index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": None, "tool_calls": [{
+                        "id": "call_p", "type": "function", "function": {
+                            "name": "apply_patch",
+                            "arguments": json.dumps({"input": patch})}}]}}]}).encode())
+    up.responder = respond
+    g = gw([chan(up, name="chat", models=["gpt-5"]),
+            chan(up, name="native", models=["gpt-4.1"], responses_api=True)])
+    custom = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}]
+    r = g.openai().responses.create(model="gpt-5", input="add a file", tools=custom)
+    item = r.output[0]
+    assert item.type == "custom_tool_call" and item.input == patch and item.call_id == "call_p"
+    with g.openai().responses.stream(model="gpt-5", input="add a file", tools=custom) as s:
+        kinds = [ev.type for ev in s]
+        final = s.get_final_response()
+    assert "response.custom_tool_call_input.done" in kinds and final.output[0].input == patch
+    body = {"model": "gpt-4.1", "input": "hi", "store": False, "new_field": {"x": 1}}
+    status, _, out = g.request("POST", "/v1/responses", body)
+    assert status == 200 and json.loads(out)["id"] == "resp_native"
+    assert json.loads(up.last()["body"]) == body                       # byte passthrough
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        g.openai().responses.create(model="gpt-5", input="x", previous_response_id="resp_1")
+
+
+def test_09_responses_stream_event_order_and_failure_bytewise():
+    ir = ag.responses_request_to_ir({"model": "m", "input": "x", "tools": RESPONSES_TOOLS})
+    raw = _openai_tool_stream()
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw,
+                          step=7)
+    events = _sse_events(out)
+    assert all(e == d["type"] for e, d in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    names = [e for e, _ in events]
+    assert names[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert names[-1] == "response.completed"
+    done = [d["item"] for e, d in events if e == "response.output_item.done"]
+    assert [i["type"] for i in done] == ["reasoning", "message", "function_call",
+                                         "function_call"]
+    added = [d["output_index"] for e, d in events if e == "response.output_item.added"]
+    assert added == [0, 1, 2, 3]
+    final = events[-1][1]["response"]
+    assert [o["type"] for o in final["output"]] == [i["type"] for i in done]
+    assert final["usage"]["input_tokens"] == 30 and final["usage"]["total_tokens"] == 39
+    broken = ag.ResponsesStreamEncoder("m", ir)
+    dec = ag.OpenAIStreamDecoder()
+    out = broken.encode(dec.feed(raw[:400])) + broken.encode(
+        [("error", ag.GatewayError(429, "slow down"))])
+    last = _sse_events(out)[-1]
+    assert last[0] == "response.failed"
+    assert last[1]["response"]["error"] == {"code": "rate_limit_exceeded",
+                                            "message": "slow down"}
