@@ -110,6 +110,7 @@ READ_SIZE = 64 * 1024
 OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
 RESPONSES = "responses"
+GEMINI = "gemini"
 CHANNEL_TYPES = ("openai", "anthropic", "gemini", "ollama", "custom")
 CHANNEL_DEFAULT_URLS = {
     "openai": "https://api.openai.com",
@@ -670,9 +671,13 @@ def _usage_numbers(usage: Any) -> tuple[int, int] | None:
 
 
 def usage_from_json(obj: Any) -> tuple[int, int] | None:
-    """Usage from a whole JSON answer or one stream event (OpenAI or Anthropic shape)."""
+    """Usage from a whole JSON answer or one stream event (OpenAI, Anthropic, Gemini shape)."""
     if not isinstance(obj, dict):
         return None
+    gem = obj.get("usageMetadata")
+    if isinstance(gem, dict):
+        return (int(gem.get("promptTokenCount") or 0), int(gem.get("candidatesTokenCount") or 0)
+                + int(gem.get("thoughtsTokenCount") or 0))
     found = _usage_numbers(obj.get("usage"))
     if found is None and isinstance(obj.get("message"), dict):     # Anthropic message_start
         found = _usage_numbers(obj["message"].get("usage"))
@@ -708,7 +713,7 @@ class SSEPassthrough:
                 self._carry = buf
                 return b""
         ready, self._carry = buf[:cut], buf[cut:]
-        if b'"usage"' in ready:
+        if b'"usage' in ready:                    # "usage" and Gemini's "usageMetadata"
             self._sniff(ready)
         return ready
 
@@ -718,7 +723,7 @@ class SSEPassthrough:
 
     def _sniff(self, ready: bytes) -> None:
         for line in ready.splitlines():
-            if line.startswith(b"data:") and b'"usage"' in line:
+            if line.startswith(b"data:") and b'"usage' in line:
                 try:
                     found = usage_from_json(json.loads(line[5:]))
                 except ValueError:
@@ -1651,7 +1656,7 @@ class HTTPServer:
 # 9.1 Dialects and errors. Each client dialect is served without conversion by the channel types
 # listed here; the body then goes through unchanged but for the model name.
 
-PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",),
+PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",), GEMINI: ("gemini",),
                      RESPONSES: ()}      # openai/custom channels with responses_api: true too
 
 _OPENAI_ERROR_TYPE = {
@@ -1661,6 +1666,11 @@ _OPENAI_ERROR_TYPE = {
     "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_exceeded",
     "conflict": "invalid_request_error", "not_implemented": "invalid_request_error",
 }
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED",
+                  409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                  500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE",
+                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED", 529: "UNAVAILABLE"}
 _ANTHROPIC_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
     "billing": "billing_error", "permission": "permission_error", "not_found": "not_found_error",
@@ -1671,7 +1681,10 @@ _ANTHROPIC_ERROR_TYPE = {
 
 
 def error_payload(dialect: str, err: GatewayError) -> dict:
-    """The error object a client of ``dialect`` expects (PROTOCOLS.md sections 1.5 and 3.8)."""
+    """The error object a client of ``dialect`` expects (PROTOCOLS.md sections 1.5, 3.8, 4.7)."""
+    if dialect == GEMINI:
+        return {"error": {"code": err.status, "message": err.message,
+                          "status": _GOOGLE_STATUS.get(err.status, "UNKNOWN")}}
     if dialect == ANTHROPIC:
         return {"type": "error", "error": {
             "type": _ANTHROPIC_ERROR_TYPE.get(err.kind, "api_error"), "message": err.message}}
@@ -1681,6 +1694,7 @@ def error_payload(dialect: str, err: GatewayError) -> dict:
 
 
 SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n", RESPONSES: b": keepalive\n\n",
+                 GEMINI: b": keepalive\n\n",
                  ANTHROPIC: b'event: ping\ndata: {"type":"ping"}\n\n'}
 
 
@@ -1732,8 +1746,19 @@ def upstream_error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def gemini_model_payload(name: str) -> dict:
+    return {"name": f"models/{name}", "baseModelId": name, "version": "001",
+            "displayName": name, "description": f"{name} through aigateway",
+            "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+            "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
+                                           "countTokens", "embedContent",
+                                           "batchEmbedContents"]}
+
+
 def models_payload(dialect: str, names: list[str], created: int) -> dict:
     """``GET /v1/models`` in OpenAI shape (section 2.6) or Anthropic shape (section 3.9)."""
+    if dialect == GEMINI:
+        return {"models": [gemini_model_payload(n) for n in names]}
     if dialect == ANTHROPIC:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
         data = [{"type": "model", "id": n, "display_name": n, "created_at": stamp}
@@ -1744,6 +1769,8 @@ def models_payload(dialect: str, names: list[str], created: int) -> dict:
 
 
 def model_payload(dialect: str, name: str, created: int) -> dict:
+    if dialect == GEMINI:
+        return gemini_model_payload(name)
     if dialect == ANTHROPIC:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
         return {"type": "model", "id": name, "display_name": name, "created_at": stamp}
@@ -3376,6 +3403,31 @@ def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     return [list(v) for v in body.get("embeddings") or []], _num(body.get("prompt_eval_count"))
 
 
+def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    vectors = []
+    for item in sorted(body.get("data") or [], key=lambda d: d.get("index", 0)):
+        emb = item.get("embedding")
+        if isinstance(emb, str):          # base64 little-endian float32
+            raw = base64.b64decode(emb)
+            emb = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        vectors.append(list(emb or []))
+    return vectors, _num((body.get("usage") or {}).get("prompt_tokens"))
+
+
+def gemini_embed_texts(kind: str, body: dict) -> tuple[list[str], Any]:
+    """(texts, outputDimensionality) of an embedContent or batchEmbedContents request."""
+    reqs = [body] if kind == "embedContent" else body.get("requests") or []
+    texts = []
+    for r in reqs:
+        parts = ((r or {}).get("content") or {}).get("parts") or []
+        texts.append("".join(p.get("text") or "" for p in parts if isinstance(p, dict)))
+    if not texts:
+        raise GatewayError(400, "no content to embed")
+    return texts, (reqs[0] or {}).get("outputDimensionality")
+
+
 def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: int,
                               as_base64: bool) -> dict:
     data = []
@@ -3386,6 +3438,9 @@ def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: in
         data.append({"object": "embedding", "index": i, "embedding": emb})
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+EMBED_DECODERS = {"gemini": gemini_embed_vectors, "ollama": ollama_embed_vectors}
 
 
 def ollama_url(base_url: str, path: str) -> str:
@@ -3687,7 +3742,249 @@ class ResponsesStreamEncoder:
         return b"".join(out)
 
 
-# 9.9 Dispatch ------------------------------------------------------------------------------------
+# 9.9 Gemini native API (client side) ------------------------------------------------------------
+# gemini-cli and the google-genai SDK. Function calls get deterministic ids (call_<turn>_<n>) so
+# that the functionResponse parts of the next turn (matched by id, else by name in order) become
+# tool results with the same ids. The model comes from the URL, not the body.
+
+_GEMINI_FINISH_OUT = {"stop": "STOP", "tool_calls": "STOP", "length": "MAX_TOKENS",
+                      "content_filter": "SAFETY"}
+
+
+def schema_from_gemini(schema: Any) -> Any:
+    """Gemini's OpenAPI-style schema (upper-case types, ``nullable``) as JSON Schema."""
+    if isinstance(schema, list):
+        return [schema_from_gemini(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: schema_from_gemini(v) if k in ("items", "anyOf") else v
+           for k, v in schema.items() if k not in ("type", "nullable", "properties",
+                                                   "propertyOrdering")}
+    if "properties" in schema and isinstance(schema["properties"], dict):
+        out["properties"] = {k: schema_from_gemini(v) for k, v in schema["properties"].items()}
+    t = schema.get("type")
+    if isinstance(t, str):
+        out["type"] = [t.lower(), "null"] if schema.get("nullable") else t.lower()
+    return out
+
+
+def _gemini_parts_to_ir(parts: list, turn: int, pending: list[tuple[str, str]],
+                        role: str) -> tuple[list[dict], list[dict]]:
+    """(ordinary parts, tool results) of one content."""
+    out: list[dict] = []
+    results: list[dict] = []
+    n = 0
+    for p in parts or []:
+        if not isinstance(p, dict):
+            continue
+        if "functionCall" in p:
+            fc = p["functionCall"] or {}
+            call_id = fc.get("id") or f"call_{turn}_{n}"
+            n += 1
+            pending.append((fc.get("name") or "", call_id))
+            out.append({"type": "tool_call", "id": call_id, "name": fc.get("name") or "",
+                        "arguments": json.dumps(fc.get("args") or {}, ensure_ascii=False)})
+        elif "functionResponse" in p:
+            fr = p["functionResponse"] or {}
+            name = fr.get("name") or ""
+            call_id = fr.get("id")
+            match = next((i for i, (nm, cid) in enumerate(pending)
+                          if (cid == call_id if call_id else nm == name)), None)
+            if match is not None:
+                call_id = pending.pop(match)[1]
+            response = fr.get("response")
+            if isinstance(response, dict) and len(response) == 1 and \
+                    isinstance(next(iter(response.values())), str):
+                text = next(iter(response.values()))
+            else:
+                text = json.dumps(response, ensure_ascii=False)
+            results.append({"type": "tool_result", "id": call_id or f"call_{name}",
+                            "name": name, "content": [{"type": "text", "text": text}],
+                            "is_error": isinstance(response, dict) and "error" in response
+                            and len(response) == 1})
+        elif isinstance(p.get("text"), str):
+            if p["text"]:
+                out.append({"type": "reasoning" if p.get("thought") and role == "model"
+                            else "text", "text": p["text"], **({"signature": None,
+                                                                "redacted": None}
+                                                               if p.get("thought") else {})})
+        elif "inlineData" in p or "inline_data" in p:
+            d = p.get("inlineData") or p.get("inline_data") or {}
+            mime = d.get("mimeType") or d.get("mime_type") or ""
+            if mime.startswith("image/"):
+                out.append({"type": "image", "media_type": mime, "data": d.get("data") or ""})
+            elif mime.startswith("audio/"):
+                out.append({"type": "audio", "format": mime.split("/")[1],
+                            "data": d.get("data") or ""})
+            else:
+                out.append({"type": "file", "media_type": mime, "data": d.get("data") or "",
+                            "filename": "file"})
+        elif "fileData" in p:
+            out.append({"type": "image", "url": (p["fileData"] or {}).get("fileUri") or ""})
+    return out, results
+
+
+def gemini_request_to_ir(body: dict) -> dict:
+    ir = empty_request(body.get("model") or "")
+    system = body.get("systemInstruction") or body.get("system_instruction")
+    if isinstance(system, dict):
+        ir["system"] = _text_only(system.get("parts") or [])
+    elif isinstance(system, str):
+        ir["system"] = _text_only(system)
+    contents = body.get("contents")
+    if isinstance(contents, dict):
+        contents = [contents]
+    if not isinstance(contents, list):
+        raise GatewayError(400, "contents: must be a list of {role, parts}")
+    pending: list[tuple[str, str]] = []
+    for turn, c in enumerate(contents):
+        if not isinstance(c, dict):
+            raise GatewayError(400, f"contents[{turn}]: must be an object")
+        role = c.get("role") or "user"
+        parts, results = _gemini_parts_to_ir(c.get("parts") or [], turn, pending, role)
+        if role == "model":
+            _append(ir["messages"], "assistant", parts)
+        else:
+            for r in results:
+                ir["messages"].append({"role": "tool", "content": [r]})
+            _append(ir["messages"], "user", parts)
+    for tool in body.get("tools") or []:
+        for d in (tool or {}).get("functionDeclarations") or \
+                (tool or {}).get("function_declarations") or []:
+            params = d.get("parametersJsonSchema") or schema_from_gemini(d.get("parameters")) \
+                or {"type": "object", "properties": {}}
+            ir["tools"].append({"name": d.get("name") or "", "parameters": params,
+                                "description": d.get("description") or ""})
+    fcc = ((body.get("toolConfig") or {}).get("functionCallingConfig") or {})
+    mode = (fcc.get("mode") or "").upper()
+    names = fcc.get("allowedFunctionNames") or []
+    if mode == "ANY":
+        ir["tool_choice"] = {"name": names[0]} if len(names) == 1 else "required"
+    elif mode in ("AUTO", "NONE"):
+        ir["tool_choice"] = mode.lower()
+    gen = body.get("generationConfig") or {}
+    for src, dst in (("maxOutputTokens", "max_tokens"), ("temperature", "temperature"),
+                     ("topP", "top_p"), ("topK", "top_k"), ("seed", "seed"),
+                     ("presencePenalty", "presence_penalty"),
+                     ("frequencyPenalty", "frequency_penalty")):
+        value = gen.get(src)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            ir[dst] = value
+    ir["stop"] = [s for s in gen.get("stopSequences") or [] if isinstance(s, str)]
+    if isinstance(gen.get("candidateCount"), int):
+        ir["n"] = gen["candidateCount"]
+    schema = gen.get("responseJsonSchema") or schema_from_gemini(gen.get("responseSchema"))
+    if schema:
+        ir["response_format"] = {"type": "json_schema", "name": "output", "schema": schema,
+                                 "strict": None}
+    elif gen.get("responseMimeType") == "application/json":
+        ir["response_format"] = {"type": "json_object"}
+    thinking = gen.get("thinkingConfig") or {}
+    if "thinkingBudget" in thinking or "thinkingLevel" in thinking:
+        budget = thinking.get("thinkingBudget")
+        level = str(thinking.get("thinkingLevel") or "").lower()
+        if budget == 0:
+            ir["reasoning"] = {"effort": "none", "budget": None}
+        elif level:
+            ir["reasoning"] = {"effort": level, "budget": None}
+        elif isinstance(budget, int) and budget > 0:
+            ir["reasoning"] = {"effort": effort_from_budget(budget), "budget": budget}
+    ir["include_usage"] = True
+    return ir
+
+
+def ir_usage_to_gemini(u: dict) -> dict:
+    out = {"promptTokenCount": u["input"], "candidatesTokenCount": u["output"] - u["reasoning"],
+           "totalTokenCount": u["input"] + u["output"]}
+    if u["reasoning"]:
+        out["thoughtsTokenCount"] = u["reasoning"]
+    if u["cache_read"]:
+        out["cachedContentTokenCount"] = u["cache_read"]
+    return out
+
+
+def _gemini_out_parts(content: list[dict]) -> list[dict]:
+    parts: list[dict] = []
+    for p in content:
+        if p["type"] == "reasoning" and p.get("text"):
+            parts.append({"text": p["text"], "thought": True})
+        elif p["type"] == "text" and p["text"]:
+            parts.append({"text": p["text"]})
+        elif p["type"] == "tool_call":
+            parts.append({"functionCall": {"id": p["id"], "name": p["name"],
+                                           "args": parse_arguments(p["arguments"])}})
+    return parts
+
+
+def ir_to_gemini_response(resp: dict, model: str, ir: dict | None = None) -> dict:
+    return {"candidates": [{"content": {"role": "model",
+                                        "parts": _gemini_out_parts(resp["content"]) or
+                                        [{"text": ""}]},
+                            "finishReason": _GEMINI_FINISH_OUT.get(resp["finish"], "STOP"),
+                            "index": 0}],
+            "usageMetadata": ir_usage_to_gemini(resp["usage"]), "modelVersion": model,
+            "responseId": resp["id"]}
+
+
+class GeminiStreamEncoder:
+    """IR stream events -> streamGenerateContent for the client: one chunk per text delta,
+    function calls held until their arguments are whole and sent as one functionCall part, the
+    last chunk with finishReason and usageMetadata. With ``alt=sse`` each chunk is an SSE
+    ``data:``; without it the chunks form one JSON array streamed piece by piece."""
+
+    def __init__(self, model: str, ir: dict):
+        self.model = model
+        self.sse = ir.get("gemini_sse", True)
+        self.usage: dict | None = None
+        self._calls: dict[int, dict] = {}
+        self._sent = 0
+        self._done = False
+
+    def _chunk(self, obj: dict) -> bytes:
+        data = json_dumps(obj)
+        self._sent += 1
+        if self.sse:
+            return b"data: " + data + b"\r\n\r\n"
+        return (b"[" if self._sent == 1 else b",\r\n") + data
+
+    def encode(self, events: list[tuple]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            kind = ev[0]
+            if kind == "usage":
+                self.usage = ev[1]
+            elif self._done:
+                continue
+            elif kind in ("text", "reasoning") and ev[1]:
+                part = {"text": ev[1], "thought": True} if kind == "reasoning" else \
+                    {"text": ev[1]}
+                out.append(self._chunk({"candidates": [{"content": {
+                    "role": "model", "parts": [part]}, "index": 0}], "modelVersion": self.model}))
+            elif kind == "tool":
+                self._calls[ev[1]] = {"id": ev[2], "name": ev[3], "args": []}
+            elif kind == "args" and ev[1] in self._calls:
+                self._calls[ev[1]]["args"].append(ev[2])
+            elif kind == "finish":
+                self._done = True
+                parts = [{"functionCall": {"id": c["id"], "name": c["name"],
+                                           "args": parse_arguments("".join(c["args"]))}}
+                         for _, c in sorted(self._calls.items())] or [{"text": ""}]
+                out.append(self._chunk({
+                    "candidates": [{"content": {"role": "model", "parts": parts},
+                                    "finishReason": _GEMINI_FINISH_OUT.get(ev[1], "STOP"),
+                                    "index": 0}],
+                    "usageMetadata": ir_usage_to_gemini(self.usage or new_usage()),
+                    "modelVersion": self.model}))
+                if not self.sse:
+                    out.append(b"]")
+            elif kind == "error":
+                self._done = True
+                err = error_payload(GEMINI, ev[1])
+                out.append(self._chunk(err) + (b"]" if not self.sse else b""))
+        return b"".join(out)
+
+
+# 9.10 Dispatch ------------------------------------------------------------------------------------
 # Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
 # request encoder, response decoder, stream decoder. The Responses and Gemini-native client
 # dialects plug in here with the same three functions.
@@ -3699,6 +3996,7 @@ CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
                 lambda resp, model, ir: ir_to_anthropic_response(resp, model),
                 lambda model, ir: AnthropicStreamEncoder(model, estimate_tokens(ir))),
     RESPONSES: (responses_request_to_ir, ir_to_responses_response, ResponsesStreamEncoder),
+    GEMINI: (gemini_request_to_ir, ir_to_gemini_response, GeminiStreamEncoder),
 }
 _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 
@@ -4129,6 +4427,15 @@ ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/health", ("GET",), OPENAI, "health", "none"),
 )}
 MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
+GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMINI, kind,
+                             reach=reach) for kind, reach in (
+    ("generateContent", CHANNEL_TYPES), ("streamGenerateContent", CHANNEL_TYPES),
+    ("countTokens", CHANNEL_TYPES), ("embedContent", ("openai", "custom", "ollama")),
+    ("batchEmbedContents", ("openai", "custom", "ollama")))}
+GEMINI_MODELS_ROUTE = Route("/v1beta/models", ("GET",), GEMINI, "models", "none")
+GEMINI_MODEL_ROUTE = Route("/v1beta/models/{model}", ("GET",), GEMINI, "model", "none")
+_GEMINI_PATH = re.compile(r"/(?:v1beta|v1alpha|v1)/models/([^:]+):([A-Za-z]+)\Z")
+_EMBED_KINDS = ("embeddings", "embedContent", "batchEmbedContents")
 IMAGES_DEFAULT_MODEL = "dall-e-2"         # what the OpenAI API assumes when `model` is left out
 
 _DROP_REQUEST_HEADERS = _HOP_BY_HOP | {
@@ -4142,9 +4449,19 @@ _DROP_RESPONSE_HEADERS = _HOP_BY_HOP | {
 
 
 def find_route(path: str) -> tuple[Route | None, str]:
-    """The route for ``path`` (with or without the /v1 prefix) and, for /v1/models/{id}, the id."""
+    """The route for ``path`` (with or without the /v1 prefix) and, for routes naming a model
+    (/v1/models/{id}, Gemini's /v1beta/models/{model}:{method}), that model."""
     if len(path) > 1 and path.endswith("/"):
         path = path.rstrip("/")
+    if ":" in path:
+        m = _GEMINI_PATH.match(path)
+        if m:
+            return GEMINI_ROUTES.get(m.group(2)), urllib.parse.unquote(m.group(1))
+    if path.startswith(("/v1beta/models", "/v1alpha/models")):
+        rest = path.split("/models", 1)[1].lstrip("/")
+        if not rest:
+            return GEMINI_MODELS_ROUTE, ""
+        return GEMINI_MODEL_ROUTE, urllib.parse.unquote(rest.removeprefix("models/"))
     route = ROUTES.get(path)
     if route is None and not path.startswith("/v1/"):
         route = ROUTES.get("/v1" + path)
@@ -4158,6 +4475,8 @@ def find_route(path: str) -> tuple[Route | None, str]:
 def guess_dialect(path: str, headers: Headers) -> str:
     if "anthropic-version" in headers or "/messages" in path:
         return ANTHROPIC
+    if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:
+        return GEMINI
     return OPENAI
 
 
@@ -4362,8 +4681,11 @@ class Gateway:
             body = {"status": "ok", "version": __version__,
                     "uptime_s": round(time.time() - self.started, 1)}
             return Response(200, [("Content-Type", "application/json")], json_dumps(body))
-        if "anthropic-version" in req.headers and route.kind in ("models", "model"):
-            dialect = ANTHROPIC
+        if route.kind in ("models", "model") and route.dialect == OPENAI:
+            if "anthropic-version" in req.headers:
+                dialect = ANTHROPIC
+            elif "x-goog-api-key" in req.headers or "key=" in req.query:
+                dialect = GEMINI          # the google-genai SDK lists models at /v1/models
         rec = self._new_record(req, route.path)
         try:
             token = self._authenticate(req)
@@ -4373,7 +4695,7 @@ class Gateway:
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
                 self._finish(rec)
                 return resp
-            return await self._proxy(req, route, dialect, token, rec)
+            return await self._proxy(req, route, dialect, token, rec, model_id)
         except GatewayError as err:
             rec["status"], rec["error"] = err.status, err.message
             self._finish(rec)
@@ -4473,7 +4795,8 @@ class Gateway:
 
     # -- proxying --------------------------------------------------------------------------------
 
-    def _parse_model(self, req: Request, route: Route) -> tuple[str, dict | None, bool]:
+    def _parse_model(self, req: Request, route: Route,
+                     path_model: str = "") -> tuple[str, dict | None, bool]:
         """(model, parsed JSON body or None, stream flag)."""
         if route.body == "multipart":
             ctype = req.headers.get("content-type") or ""
@@ -4491,6 +4814,8 @@ class Gateway:
         obj = json_loads(req.body)
         if not isinstance(obj, dict):
             raise GatewayError(400, "the request body must be a JSON object")
+        if route.dialect == GEMINI:                  # the model is in the URL
+            return path_model, obj, route.kind == "streamGenerateContent"
         model = obj.get("model")
         if model is None and route.kind == "images":
             model = IMAGES_DEFAULT_MODEL
@@ -4511,7 +4836,11 @@ class Gateway:
                 body = replace_json_model(body, model, target)
         query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
             if req.query else ""
-        url = join_base_url(ch.base_url, route.path) + (f"?{query}" if query else "")
+        if route.dialect == GEMINI:
+            url = gemini_model_path(ch.base_url, target, route.kind) + (f"?{query}" if query
+                                                                       else "")
+        else:
+            url = join_base_url(ch.base_url, route.path) + (f"?{query}" if query else "")
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers}
         hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
@@ -4522,6 +4851,9 @@ class Gateway:
                          req.headers.get("anthropic-version") or ANTHROPIC_VERSION))
             if ch.api_key and "x-api-key" not in extra:
                 hdrs.append(("x-api-key", ch.api_key))
+        elif route.dialect == GEMINI:
+            if ch.api_key and "x-goog-api-key" not in extra:
+                hdrs.append(("x-goog-api-key", ch.api_key))
         elif ch.api_key and "authorization" not in extra:
             hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
         hdrs += ch.headers
@@ -4529,8 +4861,8 @@ class Gateway:
         return url, hdrs, body
 
     async def _proxy(self, req: Request, route: Route, dialect: str, token: Token | None,
-                     rec: dict) -> Response:
-        model, obj, stream = self._parse_model(req, route)
+                     rec: dict, path_model: str = "") -> Response:
+        model, obj, stream = self._parse_model(req, route, path_model)
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
             raise GatewayError(403, f"gateway token '{token.name}' may not use model '{model}'")
@@ -4539,6 +4871,8 @@ class Gateway:
             chans = chans[:1]
         foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
         ir: dict | None = None
+        texts: list[str] | None = None              # what an embeddings request embeds
+        dims: Any = None
         inlined: dict | None = None          # ir with remote images fetched (Gemini, Ollama)
         failures: list[tuple[Channel, UpstreamError]] = []
         for ch in chans:
@@ -4548,14 +4882,18 @@ class Gateway:
                 and not foreign
             if passthrough:
                 url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
-            elif route.kind == "embeddings":
-                url, hdrs, body = self._embeddings_request(ch, obj, model)
+            elif route.kind in _EMBED_KINDS:
+                if texts is None and route.kind == "embeddings":
+                    texts, dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
+                elif texts is None:
+                    texts, dims = gemini_embed_texts(route.kind, obj or {})
+                url, hdrs, body = self._embeddings_request(ch, texts, model, dims)
             else:
                 if ir is None:
-                    ir = CLIENT_CODECS[dialect][0](obj)
+                    ir = self._client_ir(dialect, route, obj or {}, model, req)
                     ir["stream"] = stream
-                if route.kind == "count_tokens":
-                    return self._count_locally(ir, rec)
+                if route.kind in ("count_tokens", "countTokens"):
+                    return self._count_locally(ir, rec, dialect)
                 if ch.type in ("gemini", "ollama") and inlined is None:
                     inlined = await self._inline_remote_images(ir, ch)
                 url, hdrs, body = self._converted_request(
@@ -4568,8 +4906,9 @@ class Gateway:
                     rec["channel"] = ch.name
                     if passthrough:
                         return await self._answer(up, dialect, rec, req)
-                    if route.kind == "embeddings":
-                        return await self._answer_embeddings(up, ch, obj, model, rec, req)
+                    if route.kind in _EMBED_KINDS:
+                        return await self._answer_embeddings(up, ch, route, obj or {},
+                                                             texts or [], model, rec, req)
                     return await self._answer_converted(up, ch, dialect, ir, model, rec, req)
                 err_body = await up.read(MAX_ERROR_BODY)
                 retry = [(n, v) for n, v in up.headers
@@ -4666,14 +5005,25 @@ class Gateway:
             p["data"] = base64.b64encode(data).decode()
         return ir
 
-    def _count_locally(self, ir: dict, rec: dict) -> Response:
-        """count_tokens for a model on a non-Anthropic channel: a local estimate, never an
-        upstream call (Claude Code sends many of these)."""
+    @staticmethod
+    def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
+        if dialect == GEMINI:
+            if route.kind == "countTokens" and isinstance(obj.get("generateContentRequest"),
+                                                          dict):
+                obj = obj["generateContentRequest"]
+            ir = CLIENT_CODECS[GEMINI][0](dict(obj, model=model))
+            ir["gemini_sse"] = req.params.get("alt") == "sse"     # a transport hint
+            return ir
+        return CLIENT_CODECS[dialect][0](obj)
+
+    def _count_locally(self, ir: dict, rec: dict, dialect: str) -> Response:
+        """Token counting for a model on a channel of another dialect: a local estimate, never
+        an upstream call (Claude Code sends many of these)."""
         count = estimate_tokens(ir)
         rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
         self._finish(rec)
-        return Response(200, [("Content-Type", "application/json")],
-                        json_dumps({"input_tokens": count}))
+        body = {"totalTokens": count} if dialect == GEMINI else {"input_tokens": count}
+        return Response(200, [("Content-Type", "application/json")], json_dumps(body))
 
     @staticmethod
     def _native_headers(ch: Channel) -> list[tuple[str, str]]:
@@ -4709,32 +5059,35 @@ class Gateway:
             url = join_base_url(ch.base_url, "/v1/chat/completions")
         return url, self._native_headers(ch), json_dumps(body)
 
-    def _embeddings_request(self, ch: Channel, obj: dict | None, model: str
+    def _embeddings_request(self, ch: Channel, texts: list[str], model: str, dims: Any
                             ) -> tuple[str, list[tuple[str, str]], bytes]:
-        texts = embedding_inputs(obj or {})
         target = ch.upstream_model(model)
-        dims = (obj or {}).get("dimensions")
+        body: dict[str, Any]
         if ch.type == "gemini":
             url = gemini_model_path(ch.base_url, target, "batchEmbedContents")
             body = gemini_embed_request(texts, target, dims)
         else:
-            url = ollama_url(ch.base_url, "/api/embed")
+            url = ollama_url(ch.base_url, "/api/embed") if ch.type == "ollama" else \
+                join_base_url(ch.base_url, "/v1/embeddings")
             body = {"model": target, "input": texts}
             if isinstance(dims, int):
                 body["dimensions"] = dims
         return url, self._native_headers(ch), json_dumps(body)
 
-    async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, obj: dict | None,
-                                 model: str, rec: dict, req: Request) -> Response:
-        raw = await self._read_converted(up, ch)
-        answer = json_loads(raw, f"channel '{ch.name}' answer")
-        if ch.type == "gemini":
-            vectors, tokens = gemini_embed_vectors(answer)
+    async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
+                                 obj: dict, texts: list[str], model: str, rec: dict,
+                                 req: Request) -> Response:
+        answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
+        vectors, tokens = EMBED_DECODERS.get(ch.type, openai_embed_vectors)(answer)
+        tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
+        if route.kind == "embeddings":
+            payload = openai_embeddings_payload(vectors, model, tokens,
+                                                obj.get("encoding_format") == "base64")
+        elif route.kind == "embedContent":
+            payload = {"embedding": {"values": vectors[0] if vectors else []}}
         else:
-            vectors, tokens = ollama_embed_vectors(answer)
-        tokens = tokens or sum(len(t) // 4 + 1 for t in embedding_inputs(obj or {}))
-        out = json_dumps(openai_embeddings_payload(
-            vectors, model, tokens, (obj or {}).get("encoding_format") == "base64"))
+            payload = {"embeddings": [{"values": v} for v in vectors]}
+        out = json_dumps(payload)
         rec["status"], rec["input_tokens"], rec["bytes_out"] = 200, tokens, len(out)
         self._finish(rec)
         return Response(200, [("Content-Type", "application/json")] +
@@ -4848,7 +5201,7 @@ class Gateway:
             except UpstreamError as exc:
                 raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
                     from None
-            if b'"usage"' in body and "json" in ctype:
+            if b'"usage' in body and "json" in ctype:
                 try:
                     found = usage_from_json(json.loads(body))
                 except ValueError:

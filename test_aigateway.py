@@ -1973,7 +1973,7 @@ class Dialects:
                                    bool(body.get("tools")))
         parts = [{"text": text}] if kind == "text" else [
             {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
-             "thoughtSignature": "GEMSIG"},
+             "thoughtSignature": "R0VNU0lH"},
             {"functionCall": {"name": "get_time", "args": {}}}]
         usage = {"promptTokenCount": 11, "candidatesTokenCount": 4, "totalTokenCount": 15}
         if ":streamGenerateContent" in rec["path"]:
@@ -2058,7 +2058,7 @@ def test_09_anthropic_sdk_tool_loop_through_every_channel_type(gw, upstream, cty
     if ctype == "gemini":
         assert up.last()["headers"]["x-goog-api-key"] == "sk-up-KEY"
         model_turn = sent["contents"][1]["parts"]
-        assert model_turn[0]["thoughtSignature"] == "GEMSIG"                 # replayed (#12)
+        assert model_turn[0]["thoughtSignature"] == "R0VNU0lH"                 # replayed (#12)
         assert len(sent["contents"][2]["parts"]) == 2                        # (#9)
     elif ctype == "openai":
         assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "tool"]
@@ -2699,3 +2699,120 @@ def test_09_responses_stream_event_order_and_failure_bytewise():
     assert last[0] == "response.failed"
     assert last[1]["response"]["error"] == {"code": "rate_limit_exceeded",
                                             "message": "slow down"}
+
+
+# =================================================================================================
+# 9. Gemini-native clients (the google-genai SDK, as gemini-cli speaks it)
+# =================================================================================================
+
+from google import genai                                        # noqa: E402
+from google.genai import errors as genai_errors                 # noqa: E402
+from google.genai import types as genai_types                   # noqa: E402
+
+
+def _genai(g, version="v1beta", key=TOKEN):
+    return genai.Client(api_key=key, http_options=genai_types.HttpOptions(
+        base_url=g.url, api_version=version, timeout=15000))
+
+
+GENAI_TOOLS = [genai_types.Tool(function_declarations=[
+    genai_types.FunctionDeclaration(name="get_weather", description="Weather", parameters={
+        "type": "OBJECT", "properties": {"city": {"type": "STRING"}}, "required": ["city"]}),
+    genai_types.FunctionDeclaration(name="get_time", description="Time")])]
+
+
+@pytest.mark.parametrize("ctype", CHANNEL_TYPES)
+@pytest.mark.parametrize("stream,version", [(False, "v1beta"), (True, "v1beta"), (False, "v1")])
+def test_09_genai_sdk_function_calling_through_every_channel_type(gw, upstream, ctype, stream,
+                                                                  version):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = _genai(g, version)
+    config = genai_types.GenerateContentConfig(
+        tools=GENAI_TOOLS, system_instruction="Be brief.",
+        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+    contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+
+    def call():
+        if not stream:
+            return c.models.generate_content(model="gemini-2.5-pro", contents=contents,
+                                             config=config)
+        chunks = list(c.models.generate_content_stream(model="gemini-2.5-pro",
+                                                       contents=contents, config=config))
+        parts = [p for ch in chunks for cand in ch.candidates or [] if cand.content
+                 for p in cand.content.parts or []]
+        last = chunks[-1]
+        return genai_types.GenerateContentResponse(
+            candidates=[genai_types.Candidate(content=genai_types.Content(
+                role="model", parts=parts), finish_reason=last.candidates[0].finish_reason)],
+            usage_metadata=last.usage_metadata)
+    first = call()
+    calls = [p.function_call for p in first.candidates[0].content.parts if p.function_call]
+    assert [(fc.name, fc.args) for fc in calls] == [("get_weather", {"city": "Paris"}),
+                                                    ("get_time", {})]
+    assert first.candidates[0].finish_reason == "STOP"
+    assert first.usage_metadata.prompt_token_count == 11
+    contents.append(first.candidates[0].content)
+    contents.append(genai_types.Content(role="user", parts=[
+        genai_types.Part.from_function_response(name="get_weather", response={"result": "sunny"}),
+        genai_types.Part.from_function_response(name="get_time", response={"result": "noon"})]))
+    second = call()
+    text = "".join(p.text or "" for p in second.candidates[0].content.parts)
+    assert text == "got noon"
+    sent = up.last()
+    if ctype == "gemini":                                   # passthrough: body untouched
+        assert sent["path"].startswith("/v1beta/models/gemini-2.5-pro:")
+        assert ("alt=sse" in sent["path"]) == stream
+        body = json.loads(sent["body"])
+        assert body["systemInstruction"]["parts"][0]["text"] == "Be brief."
+        assert TOKEN not in json.dumps(sent["headers"]) + sent["path"]
+    elif ctype == "openai":
+        body = json.loads(sent["body"])
+        assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "tool",
+                                                         "tool"]
+        assert body["messages"][3]["tool_call_id"] == body["messages"][2]["tool_calls"][0]["id"]
+
+
+def test_09_genai_count_embed_list_and_errors(gw, upstream):
+    oa = upstream()
+
+    def respond(rec):
+        if rec["path"].endswith("/embeddings"):
+            n = len(json.loads(rec["body"])["input"])
+            return Reply(body=json.dumps({"object": "list", "data": [
+                {"object": "embedding", "index": i, "embedding": [0.25, float(i)]}
+                for i in range(n)], "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode())
+        return Dialects.openai(rec)
+    oa.responder = respond
+    gem = upstream([Reply(body=b'{"totalTokens": 77}')])
+    g = gw([chan(oa, name="oa", models=["gpt-*", "text-embedding-3-small"]),
+            chan(gem, name="gem", type="gemini", models=["gemini-*"])])
+    c = _genai(g)
+    assert c.models.count_tokens(model="gpt-4o", contents="hello " * 50).total_tokens > 40
+    assert not oa.requests                                    # a local estimate
+    assert c.models.count_tokens(model="gemini-2.5-pro", contents="hi").total_tokens == 77
+    assert gem.last()["path"] == "/v1beta/models/gemini-2.5-pro:countTokens"
+    emb = c.models.embed_content(model="text-embedding-3-small", contents=["a", "b"])
+    assert [e.values for e in emb.embeddings] == [[0.25, 0.0], [0.25, 1.0]]
+    names = [m.name for m in c.models.list()]
+    assert "models/gpt-*" not in names and "models/text-embedding-3-small" in names
+    with pytest.raises(genai_errors.ClientError) as e:
+        c.models.generate_content(model="nope-model", contents="x")
+    assert e.value.code == 404 and e.value.status == "NOT_FOUND"
+    wrong = _genai(g, key="sk-gw-wrong-key-123")
+    with pytest.raises(genai_errors.ClientError) as e2:
+        wrong.models.generate_content(model="gpt-4o", contents="x")
+    assert e2.value.code == 401 and e2.value.status == "UNAUTHENTICATED"
+
+
+def test_09_gemini_json_array_stream_without_alt_sse(gw, upstream):
+    g, up = _typed_gw(gw, upstream, "openai")
+    status, hdrs, body = g.request(
+        "POST", "/v1beta/models/gpt-4o:streamGenerateContent",
+        {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+        headers={"Authorization": None, "x-goog-api-key": TOKEN})
+    chunks = json.loads(body)
+    assert status == 200 and isinstance(chunks, list) and len(chunks) >= 2
+    assert "".join(p.get("text", "") for c in chunks
+                   for p in c["candidates"][0]["content"]["parts"]) == "hello"
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"]["promptTokenCount"] == 11
