@@ -87,6 +87,7 @@ KEEPALIVE_TIMEOUT = 75.0              # idle keep-alive connections are closed a
 BODY_IDLE_TIMEOUT = 60.0              # gap between request body bytes before 408
 WRITE_TIMEOUT = 120.0                 # a client that stops reading our answer is dropped
 KEEPALIVE_PING_SECONDS = 15.0         # a silent stream gets a ping / SSE comment this often
+CLIENT_CHECK_SECONDS = 0.5            # how often a busy connection checks its client is there
 SHUTDOWN_GRACE = 5.0                  # in-flight streams get this long when stopping
 LINGER_SECONDS = 1.0                  # after an early 413, read and discard before closing
 LINGER_BYTES = 8 * 1024 * 1024
@@ -1443,6 +1444,33 @@ class _ConnState:
         self.busy = False
 
 
+class _Sentry:
+    """Notices a client that went away while its request is being served (the connection's
+    read side reached EOF or the transport closed) and cancels the connection's task, which
+    cancels the upstream request at once instead of at the next write. One timer per busy
+    connection, every CLIENT_CHECK_SECONDS."""
+
+    __slots__ = ("_loop", "_reader", "_writer", "_task", "_handle")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 task: asyncio.Task):
+        self._loop = asyncio.get_running_loop()
+        self._reader, self._writer, self._task = reader, writer, task
+        self._handle = self._loop.call_later(CLIENT_CHECK_SECONDS, self._check)
+
+    def _check(self) -> None:
+        if self._reader.at_eof() or self._writer.transport.is_closing():
+            self._handle = None
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_later(CLIENT_CHECK_SECONDS, self._check)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 _date_cache: list[Any] = [0, ""]
 
 
@@ -1524,8 +1552,12 @@ class HTTPServer:
                 if raw is None:
                     break
                 state.busy = True
-                if not await self._one(reader, writer, watchdog, raw, client):
-                    break
+                sentry = _Sentry(reader, writer, task)               # type: ignore[arg-type]
+                try:
+                    if not await self._one(reader, writer, watchdog, raw, client):
+                        break
+                finally:
+                    sentry.close()
         except (ConnectionError, OSError, TimeoutError, asyncio.CancelledError):
             pass
         except Exception as exc:                                       # pragma: no cover
@@ -4696,6 +4728,10 @@ class Gateway:
                 self._finish(rec)
                 return resp
             return await self._proxy(req, route, dialect, token, rec, model_id)
+        except asyncio.CancelledError:
+            rec["error"] = rec["error"] or "client disconnected"
+            self._finish(rec)
+            raise
         except GatewayError as err:
             rec["status"], rec["error"] = err.status, err.message
             self._finish(rec)

@@ -187,6 +187,7 @@ class FakeUpstream:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None   # clients that leave early
         if tls_context is not None:
             self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
@@ -2816,3 +2817,53 @@ def test_09_gemini_json_array_stream_without_alt_sse(gw, upstream):
                    for p in c["candidates"][0]["content"]["parts"]) == "hello"
     assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
     assert chunks[-1]["usageMetadata"]["promptTokenCount"] == 11
+
+
+# =================================================================================================
+# Resilience: cancellation, health, keys, limits, safe defaults
+# =================================================================================================
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _tasks(g) -> int:
+    async def count():
+        return len(asyncio.all_tasks())
+    return g.thread.submit(count()).result(5)
+
+
+def test_12_disconnecting_clients_free_everything(gw, upstream):
+    """Hundreds of clients leave mid-stream and mid-request: upstream requests are cancelled,
+    and file descriptors and tasks go back to where they were."""
+    slow = upstream([Reply(chunks=openai_stream_chunks(pieces=("x",) * 50), delay=0.2,
+                           content_type="text/event-stream")])
+    hang = upstream([Reply(hang=3)])
+    g = gw([chan(slow, name="slow", models=["slow"]), chan(hang, name="hang", models=["hang"])])
+    g.request("GET", "/health")
+    base_fds, base_tasks = _open_fds(), _tasks(g)
+    body = {"model": "slow", "stream": True, "messages": []}
+    for round_ in range(4):
+        socks = []
+        for i in range(50):
+            model = "hang" if i % 5 == 0 else "slow"
+            data = json.dumps(dict(body, model=model)).encode()
+            s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                      b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n" %
+                      len(data) + data)
+            socks.append((model, s))
+        for model, s in socks:
+            if model == "slow":
+                assert s.recv(20).startswith(b"HTTP/1.1 200")     # the stream has started
+            s.close()
+    deadline = time.monotonic() + 15          # the fakes' threads notice within their delays
+    while time.monotonic() < deadline and (g.thread.server.connection_count() or _tasks(g) >
+                                           base_tasks or _open_fds() > base_fds + 2):
+        time.sleep(0.05)
+    assert g.thread.server.connection_count() == 0
+    assert _tasks(g) <= base_tasks
+    assert g.gateway.client.idle_count() <= 2                 # no half-read upstream kept
+    assert _open_fds() <= base_fds + 2
+    recs = g.records(200)
+    assert len(recs) == 200 and all(r["error"] == "client disconnected" for r in recs)
