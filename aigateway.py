@@ -102,6 +102,12 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024    # image URLs fetched for Gemini/Ollama up 
 
 EVENTS_KEPT = 1000                    # request records kept in memory for the GUI
 SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for replay, oldest dropped
+HEALTH_FAILURES = 3                   # consecutive failures that put a channel in cooldown
+COOLDOWN_SECONDS = 30.0               # first cooldown; doubles on each failed probe
+COOLDOWN_MAX_SECONDS = 300.0
+KEY_BENCH_SECONDS = 60.0              # a key answered 401/403/429 rests this long (or Retry-After)
+QUEUE_PER_SLOT = 4                    # waiting requests allowed per max_concurrency slot
+DEFAULT_MAX_CONNECTIONS = 1024        # simultaneous client connections
 REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
 REQUEST_LOG_BACKUPS = 3
 SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed unsplit
@@ -4080,6 +4086,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "log_requests": False,
     "log_file": "requests.jsonl",
     "cors_origins": [],
+    "max_connections": DEFAULT_MAX_CONNECTIONS,
+    "allow_unauthenticated_remote": False,   # needed to listen beyond loopback with auth off
+    "tls_cert": "",                   # PEM files: serve HTTPS (for LAN use)
+    "tls_key": "",
     "start_on_open": True,            # the GUI starts the gateway when it opens
     "theme": "light",                 # the GUI's theme: light or dark
     "window": "",                     # the GUI's last window geometry
@@ -4088,9 +4098,11 @@ CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
+    "api_keys": [], "max_concurrency": 0,
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
+    "rpm": 0,
 }
 
 
@@ -4183,6 +4195,20 @@ def validate_config(raw: Any, source: str) -> dict:
     ck.typed(settings, "log_file", "settings", (str,), "a file path")
     ck.str_list(settings, "cors_origins", "settings")
     ck.typed(settings, "start_on_open", "settings", (bool,), "true or false")
+    conns = ck.typed(settings, "max_connections", "settings", (int,), "a whole number")
+    if conns < 1:
+        raise ck.fail("settings.max_connections", f"{conns} is below 1", "use 1024 or so")
+    ck.typed(settings, "allow_unauthenticated_remote", "settings", (bool,), "true or false")
+    for key in ("tls_cert", "tls_key"):
+        ck.typed(settings, key, "settings", (str,), "a file path or an empty string")
+    if bool(settings["tls_cert"]) != bool(settings["tls_key"]):
+        raise ck.fail("settings.tls_cert", "tls_cert and tls_key go together",
+                      "set both PEM file paths, or neither")
+    if not is_loopback_host(settings["host"]) and not settings["require_auth"] and \
+            not settings["allow_unauthenticated_remote"]:
+        raise ck.fail("settings.host", f"{settings['host']!r} is reachable from other machines "
+                      f"and require_auth is off", "turn require_auth on, listen on 127.0.0.1, "
+                      "or set allow_unauthenticated_remote to true if you really mean it")
     if ck.typed(settings, "theme", "settings", (str,), "a theme name") not in ("light", "dark"):
         raise ck.fail("settings.theme", f"{settings['theme']!r} is not a theme",
                       'use "light" or "dark"')
@@ -4256,6 +4282,10 @@ def _check_channel(ck: _Checker, channels: list[dict]) -> None:
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
         ck.typed(ch, "verify_tls", where, (bool,), "true or false")
         ck.typed(ch, "responses_api", where, (bool,), "true or false")
+        ck.str_list(ch, "api_keys", where)
+        mc = ck.typed(ch, "max_concurrency", where, (int,), "a whole number (0 = no limit)")
+        if mc < 0:
+            raise ck.fail(f"{where}.max_concurrency", f"{mc} is negative", "use 0 for no limit")
         cap = ck.typed(ch, "max_tokens_cap", where, (int,), "a whole number (0 = no cap)")
         if cap < 0:
             raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
@@ -4286,6 +4316,9 @@ def _check_token(ck: _Checker, tokens: list[dict]) -> None:
         ck.typed(tok, "enabled", where, (bool,), "true or false")
         ck.str_list(tok, "allowed_models", where)
         ck.str_list(tok, "allowed_channels", where, allow_int=True)
+        rpm = ck.typed(tok, "rpm", where, (int,), "a whole number (0 = no limit)")
+        if rpm < 0:
+            raise ck.fail(f"{where}.rpm", f"{rpm} is negative", "use 0 for no limit")
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -4527,7 +4560,7 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "_exact")
+                 "responses_api", "keys", "max_concurrency", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -4545,6 +4578,8 @@ class Channel:
         self.headers = list(c["headers"].items())
         self.max_tokens_cap: int = c["max_tokens_cap"]
         self.responses_api: bool = c["responses_api"]
+        self.keys = tuple(dict.fromkeys(k for k in [c["api_key"], *c["api_keys"]] if k))
+        self.max_concurrency: int = c["max_concurrency"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -4556,13 +4591,21 @@ class Channel:
     def upstream_model(self, model: str) -> str:
         return self.mapping.get(model.lower(), model)
 
+    def with_key(self, key: str) -> Channel:
+        """This channel, sending ``key`` instead of its first one."""
+        if key == self.api_key:
+            return self
+        other = copy.copy(self)
+        other.api_key = key
+        return other
+
     def listed_models(self) -> list[str]:
         return [m for m in self.models if "*" not in m] + [
             k for k in self.mapping if k not in self._exact]
 
 
 class Token:
-    __slots__ = ("id", "name", "key", "enabled", "allowed_models", "allowed_channels")
+    __slots__ = ("id", "name", "key", "enabled", "allowed_models", "allowed_channels", "rpm")
 
     def __init__(self, t: dict):
         self.id: int = t["id"]
@@ -4572,6 +4615,7 @@ class Token:
         self.allowed_models: list[str] = t["allowed_models"]
         self.allowed_channels = {c.lower() if isinstance(c, str) else c
                                  for c in t["allowed_channels"]}
+        self.rpm: int = t["rpm"]
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or any(name_matches(p, model) for p in self.allowed_models)
@@ -4631,6 +4675,71 @@ class RequestLog:
             self._file = None
 
 
+class ChannelHealth:
+    """Circuit breaker of one channel. Consecutive failures (connect errors, timeouts, 5xx) or
+    a 429 put it in a cooldown (Retry-After honoured) during which routing skips it; when the
+    cooldown ends one request may go through as a probe ("half-open"): success closes the
+    breaker, failure doubles the cooldown."""
+
+    __slots__ = ("failures", "until", "backoff", "probing", "last_status", "last_error",
+                 "last_latency_ms", "inflight", "waiting", "slots")
+
+    def __init__(self):
+        self.failures = 0
+        self.until = 0.0                 # monotonic time the cooldown ends; 0 = none
+        self.backoff = COOLDOWN_SECONDS
+        self.probing = False
+        self.last_status: int | None = None
+        self.last_error: str | None = None
+        self.last_latency_ms: float | None = None
+        self.inflight = 0                # requests holding a max_concurrency slot
+        self.waiting = 0
+        self.slots: asyncio.Event | None = None     # set whenever a slot frees
+
+    def state(self, now: float) -> str:
+        if self.probing:
+            return "probing"
+        return "cooldown" if self.until > now else "ok"
+
+    def succeeded(self, status: int, latency_ms: float) -> None:
+        self.failures, self.until, self.probing = 0, 0.0, False
+        self.backoff = COOLDOWN_SECONDS
+        self.last_status, self.last_latency_ms, self.last_error = status, latency_ms, None
+
+    def failed(self, exc: UpstreamError, now: float) -> bool:
+        """Note a failure; return whether the channel went into cooldown."""
+        self.failures += 1
+        self.last_status, self.last_error = exc.upstream_status or exc.status, exc.message
+        retry_after = retry_after_seconds(exc.headers)
+        if exc.upstream_status == 429 or self.probing or self.failures >= HEALTH_FAILURES:
+            wait = retry_after if exc.upstream_status == 429 and retry_after else self.backoff
+            self.until = now + wait
+            if self.probing or self.failures > HEALTH_FAILURES:
+                self.backoff = min(self.backoff * 2, COOLDOWN_MAX_SECONDS)
+            self.probing = False
+            return True
+        return False
+
+    def snapshot(self, now: float) -> dict:
+        return {"state": self.state(now), "consecutive_failures": self.failures,
+                "cooldown_remaining_s": round(max(0.0, self.until - now), 1),
+                "last_status": self.last_status, "last_error": self.last_error,
+                "last_latency_ms": self.last_latency_ms, "in_flight": self.inflight,
+                "waiting": self.waiting}
+
+
+def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
+    for name, value in headers:
+        try:
+            if name.lower() == "retry-after-ms":
+                return float(value) / 1000
+            if name.lower() == "retry-after":
+                return float(value)
+        except ValueError:
+            continue
+    return None
+
+
 class Gateway:
     """Serves requests from the HTTP server; owns routing state, the upstream client and the
     request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
@@ -4647,6 +4756,10 @@ class Gateway:
         self._rr: dict[tuple[str, int], int] = {}
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
+        self.health: dict[int, ChannelHealth] = {}
+        self._key_turn: dict[int, int] = {}
+        self._key_bench: dict[tuple[int, str], float] = {}
+        self._rpm: dict[int, collections.deque[float]] = {}
         self._request_log: RequestLog | None = None
         self.apply_config(config)
 
@@ -4710,8 +4823,14 @@ class Gateway:
                                     f"{' or '.join(route.methods)}",
                                headers=[("Allow", ", ".join(route.methods))])
         if route.kind == "health":
-            body = {"status": "ok", "version": __version__,
-                    "uptime_s": round(time.time() - self.started, 1)}
+            body: dict[str, Any] = {"status": "ok", "version": __version__,
+                                    "uptime_s": round(time.time() - self.started, 1)}
+            if req.params.get("details") not in (None, "", "0", "false"):
+                try:
+                    self._authenticate(req)
+                except GatewayError as err:
+                    return self.render_error(None, err, OPENAI)
+                body["channels"] = self.health_report()
             return Response(200, [("Content-Type", "application/json")], json_dumps(body))
         if route.kind in ("models", "model") and route.dialect == OPENAI:
             if "anthropic-version" in req.headers:
@@ -4722,6 +4841,7 @@ class Gateway:
         try:
             token = self._authenticate(req)
             rec["token"] = token.name if token else None
+            self._check_rpm(token)
             if route.kind in ("models", "model"):
                 resp = self._models(req, dialect, token, model_id)
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
@@ -4827,7 +4947,16 @@ class Gateway:
                 shift = turn % len(members)
                 members = members[shift:] + members[:shift]
             ordered += members
-        return ordered
+        now = time.monotonic()
+        ready = []
+        for ch in ordered:
+            h = self.health.get(ch.id)
+            if h is None or (h.until <= now and not h.probing):
+                if h is not None and h.until:        # cooldown over: this one is the probe
+                    h.probing, h.until = True, 0.0
+                ready.append(ch)
+        # When every candidate is cooling down, try them anyway: an answer beats a refusal.
+        return ready or ordered
 
     # -- proxying --------------------------------------------------------------------------------
 
@@ -4911,53 +5040,168 @@ class Gateway:
         dims: Any = None
         inlined: dict | None = None          # ir with remote images fetched (Gemini, Ollama)
         failures: list[tuple[Channel, UpstreamError]] = []
-        for ch in chans:
-            rec["tried"].append(ch.name)
-            passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
-                dialect == RESPONSES and ch.responses_api and ch.type in ("openai", "custom"))) \
-                and not foreign
-            if passthrough:
-                url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
-            elif route.kind in _EMBED_KINDS:
-                if texts is None and route.kind == "embeddings":
-                    texts, dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
-                elif texts is None:
-                    texts, dims = gemini_embed_texts(route.kind, obj or {})
-                url, hdrs, body = self._embeddings_request(ch, texts, model, dims)
-            else:
-                if ir is None:
-                    ir = self._client_ir(dialect, route, obj or {}, model, req)
-                    ir["stream"] = stream
-                if route.kind in ("count_tokens", "countTokens"):
-                    return self._count_locally(ir, rec, dialect)
-                if ch.type in ("gemini", "ollama") and inlined is None:
-                    inlined = await self._inline_remote_images(ir, ch)
-                url, hdrs, body = self._converted_request(
-                    ch, inlined if ch.type in ("gemini", "ollama") else ir, model)
-            try:
-                up = await self.client.request("POST" if not passthrough else req.method, url,
-                                               hdrs, body, proxy=ch.proxy,
-                                               verify_tls=ch.verify_tls, timeout=ch.timeout)
-                if up.status < 300 or not (up.status in (401, 403, 408, 429) or up.status >= 500):
-                    rec["channel"] = ch.name
-                    if passthrough:
-                        return await self._answer(up, dialect, rec, req)
-                    if route.kind in _EMBED_KINDS:
-                        return await self._answer_embeddings(up, ch, route, obj or {},
-                                                             texts or [], model, rec, req)
-                    return await self._answer_converted(up, ch, dialect, ir, model, rec, req)
-                err_body = await up.read(MAX_ERROR_BODY)
-                retry = [(n, v) for n, v in up.headers
-                         if n.lower() in ("retry-after", "retry-after-ms")]
-                raise UpstreamError(up.status, upstream_error_message(err_body, up.status),
-                                    retryable=True, upstream_status=up.status,
-                                    code=upstream_error_code(err_body), headers=retry)
-            except UpstreamError as exc:
-                failures.append((ch, exc))
-                rec["failures"].append({"channel": ch.name, "status": exc.status,
-                                        "error": exc.message})
-                self.log(f"channel '{ch.name}' failed for {model}: {exc.status} {exc.message}")
+        for base in chans:
+            keys_tried: set[str] = set()
+            while True:
+                ch = base.with_key(self._pick_key(base, keys_tried))
+                keys_tried.add(ch.api_key)
+                rec["tried"].append(ch.name if len(keys_tried) == 1 else
+                                    f"{ch.name} (key {len(keys_tried)})")
+                passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
+                    dialect == RESPONSES and ch.responses_api and
+                    ch.type in ("openai", "custom"))) and not foreign
+                if passthrough:
+                    url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
+                elif route.kind in _EMBED_KINDS:
+                    if texts is None and route.kind == "embeddings":
+                        texts, dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
+                    elif texts is None:
+                        texts, dims = gemini_embed_texts(route.kind, obj or {})
+                    url, hdrs, body = self._embeddings_request(ch, texts, model, dims)
+                else:
+                    if ir is None:
+                        ir = self._client_ir(dialect, route, obj or {}, model, req)
+                        ir["stream"] = stream
+                    if route.kind in ("count_tokens", "countTokens"):
+                        return self._count_locally(ir, rec, dialect)
+                    if ch.type in ("gemini", "ollama") and inlined is None:
+                        inlined = await self._inline_remote_images(ir, ch)
+                    url, hdrs, body = self._converted_request(
+                        ch, inlined if ch.type in ("gemini", "ollama") else ir, model)
+                try:
+                    await self._acquire_slot(ch, rec)
+                    t0 = time.perf_counter()
+                    up = await self.client.request("POST" if not passthrough else req.method,
+                                                   url, hdrs, body, proxy=ch.proxy,
+                                                   verify_tls=ch.verify_tls, timeout=ch.timeout)
+                    if up.status < 300 or not (up.status in (401, 403, 408, 429)
+                                               or up.status >= 500):
+                        rec["channel"] = ch.name
+                        self._health(ch).succeeded(up.status,
+                                                   round((time.perf_counter() - t0) * 1000, 1))
+                        if passthrough:
+                            return await self._answer(up, dialect, rec, req)
+                        if route.kind in _EMBED_KINDS:
+                            return await self._answer_embeddings(up, ch, route, obj or {},
+                                                                 texts or [], model, rec, req)
+                        return await self._answer_converted(up, ch, dialect, ir, model, rec,
+                                                            req)
+                    err_body = await up.read(MAX_ERROR_BODY)
+                    retry = [(n, v) for n, v in up.headers
+                             if n.lower() in ("retry-after", "retry-after-ms")]
+                    raise UpstreamError(up.status, upstream_error_message(err_body, up.status),
+                                        retryable=True, upstream_status=up.status,
+                                        code=upstream_error_code(err_body), headers=retry)
+                except UpstreamError as exc:
+                    self._release_slot(rec)
+                    failures.append((ch, exc))
+                    rec["failures"].append({"channel": ch.name, "status": exc.status,
+                                            "error": exc.message})
+                    self.log(f"channel '{ch.name}' failed for {model}: {exc.status} "
+                             f"{exc.message}")
+                    if exc.upstream_status in (401, 403, 429) and len(base.keys) > 1:
+                        self._bench_key(base, ch.api_key, exc)
+                        if len(keys_tried) < len(base.keys):
+                            continue                  # the same channel with its next key
+                    self._note_failure(base, exc)
+                    break
         raise self._all_failed(failures)
+
+    # -- health, keys and limits -----------------------------------------------------------------
+
+    def _health(self, ch: Channel) -> ChannelHealth:
+        h = self.health.get(ch.id)
+        if h is None:
+            h = self.health[ch.id] = ChannelHealth()
+        return h
+
+    def _note_failure(self, ch: Channel, exc: UpstreamError) -> None:
+        if exc.code == "concurrency_limit":            # busy by our own limit, not unhealthy
+            return
+        if self._health(ch).failed(exc, time.monotonic()):
+            self.log(f"channel '{ch.name}' cools down for "
+                     f"{self.health[ch.id].until - time.monotonic():.0f} s")
+            self.on_event("health", self.health_report())
+
+    def _pick_key(self, ch: Channel, tried: set[str]) -> str:
+        """The channel's next key in turn that is neither benched nor already tried."""
+        keys = ch.keys
+        if len(keys) <= 1:
+            return keys[0] if keys else ""
+        now = time.monotonic()
+        turn = self._key_turn.get(ch.id, 0)
+        self._key_turn[ch.id] = turn + 1
+        order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
+        fresh = [k for k in order if k not in tried]
+        rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
+        if rested:
+            return rested[0]
+        return min(fresh or order, key=lambda k: self._key_bench.get((ch.id, k), 0))
+
+    def _bench_key(self, ch: Channel, key: str, exc: UpstreamError) -> None:
+        wait = retry_after_seconds(exc.headers) or KEY_BENCH_SECONDS
+        self._key_bench[(ch.id, key)] = time.monotonic() + wait
+        self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
+                 f"{exc.upstream_status}")
+
+    async def _acquire_slot(self, ch: Channel, rec: dict) -> None:
+        """Take one of the channel's max_concurrency slots, waiting in a bounded queue; a full
+        queue is this channel's failure (the next candidate is tried, else 429)."""
+        if not ch.max_concurrency:
+            return
+        h = self._health(ch)
+        while h.inflight >= ch.max_concurrency:
+            if h.waiting >= ch.max_concurrency * QUEUE_PER_SLOT:
+                raise UpstreamError(429, f"channel '{ch.name}' is at its concurrency limit "
+                                         f"({ch.max_concurrency}) with a full queue",
+                                    retryable=True, code="concurrency_limit",
+                                    headers=[("Retry-After", "1")])
+            if h.slots is None:
+                h.slots = asyncio.Event()
+            h.waiting += 1
+            try:
+                h.slots.clear()
+                await h.slots.wait()
+            finally:
+                h.waiting -= 1
+        h.inflight += 1
+        rec["_slot"] = h
+
+    @staticmethod
+    def _release_slot(rec: dict) -> None:
+        h = rec.pop("_slot", None)
+        if h is not None:
+            h.inflight -= 1
+            if h.slots is not None:
+                h.slots.set()
+
+    def _check_rpm(self, token: Token | None) -> None:
+        if token is None or not token.rpm:
+            return
+        now = time.monotonic()
+        window = self._rpm.setdefault(token.id, collections.deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= token.rpm:
+            wait = max(1, int(window[0] + 60 - now) + 1)
+            raise GatewayError(429, f"gateway token '{token.name}' is over its limit of "
+                                    f"{token.rpm} requests per minute; retry in {wait} s",
+                               code="rate_limit_exceeded", headers=[("Retry-After", str(wait))])
+        window.append(now)
+
+    def health_report(self) -> list[dict]:
+        now = time.monotonic()
+        out = []
+        for ch in self.channels:
+            h = self.health.get(ch.id)
+            entry = {"id": ch.id, "name": ch.name, "type": ch.type, "enabled": ch.enabled}
+            entry.update(h.snapshot(now) if h else ChannelHealth().snapshot(now))
+            if len(ch.keys) > 1:
+                entry["keys"] = len(ch.keys)
+                entry["keys_resting"] = sum(1 for k in ch.keys
+                                            if self._key_bench.get((ch.id, k), 0) > now)
+            out.append(entry)
+        return out
 
     def channel(self, channel_id: int) -> Channel:
         for ch in self.channels:
@@ -5218,8 +5462,9 @@ class Gateway:
                                 code=last.code, headers=last.headers)
         tried = "; ".join(f"'{c.name}': {e.message}" for c, e in failures)
         if len(failures) == 1:
-            return GatewayError(last.status, f"channel {tried}")
-        return GatewayError(last.status, f"all {len(failures)} channels failed: {tried}")
+            return GatewayError(last.status, f"channel {tried}", headers=last.headers)
+        return GatewayError(last.status, f"all {len(failures)} channels failed: {tried}",
+                            headers=last.headers)
 
     async def _answer(self, up: UpstreamResponse, dialect: str, rec: dict,
                       req: Request) -> Response:
@@ -5301,6 +5546,7 @@ class Gateway:
                 "output_tokens": None, "error": None}
 
     def _finish(self, rec: dict) -> None:
+        self._release_slot(rec)
         if "_t0" not in rec:
             return
         rec["latency_ms"] = round((time.perf_counter() - rec.pop("_t0")) * 1000, 1)

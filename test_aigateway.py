@@ -2867,3 +2867,82 @@ def test_12_disconnecting_clients_free_everything(gw, upstream):
     assert _open_fds() <= base_fds + 2
     recs = g.records(200)
     assert len(recs) == 200 and all(r["error"] == "client disconnected" for r in recs)
+
+
+def _health(g, name):
+    status, _, body = g.request("GET", "/health?details=1")
+    assert status == 200
+    return next(c for c in json.loads(body)["channels"] if c["name"] == name)
+
+
+def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "COOLDOWN_SECONDS", 0.4)
+    bad = upstream([Reply(500, b'{"error":{"message":"boom"}}')])
+    good = upstream([openai_chat_reply(text="backup")])
+    g = gw([chan(bad, name="bad"), chan(good, name="good", priority=1)])
+    c = g.openai()
+    for _ in range(3):
+        c.chat.completions.create(model="m", messages=[])
+    assert len(bad.requests) == 3 and _health(g, "bad")["state"] == "cooldown"
+    for _ in range(3):                                   # skipped while cooling down
+        c.chat.completions.create(model="m", messages=[])
+    assert len(bad.requests) == 3
+    assert g.records(6)[-1]["tried"] == ["good"]
+    time.sleep(0.45)                                    # let the cooldown run out
+    bad.replies = [openai_chat_reply(text="healed")]
+    assert c.chat.completions.create(model="m", messages=[]).choices[0].message.content == \
+        "healed"                                        # the half-open probe
+    assert _health(g, "bad")["state"] == "ok" and _health(g, "bad")["consecutive_failures"] == 0
+    status, _, body = g.request("GET", "/health?details=1", headers={"Authorization": None})
+    assert status == 401                                # details need a token
+    assert "channels" not in json.loads(g.request("GET", "/health")[2])
+
+
+def test_11_rate_limited_channel_honours_retry_after(gw, upstream):
+    busy = upstream([Reply(429, b'{"error":{"message":"slow"}}', headers={"Retry-After": "120"})])
+    good = upstream()
+    g = gw([chan(busy, name="busy"), chan(good, name="good", priority=1)])
+    g.openai().chat.completions.create(model="m", messages=[])
+    h = _health(g, "busy")
+    assert h["state"] == "cooldown" and 100 < h["cooldown_remaining_s"] <= 120
+
+
+def test_11_several_keys_used_in_turn_and_a_refused_key_rests(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: Reply(401, b'{"error":{"message":"bad key"}}') \
+        if rec["headers"]["authorization"] == "Bearer k-bad" else openai_chat_reply()
+    g = gw([chan(up, name="multi", api_key="k-one", api_keys=["k-two", "k-bad"])])
+    c = g.openai()
+    for _ in range(6):
+        c.chat.completions.create(model="m", messages=[])
+    used = [r["headers"]["authorization"] for r in up.requests]
+    assert used.count("Bearer k-bad") == 1                 # tried once, then it rests
+    assert {"Bearer k-one", "Bearer k-two"} <= set(used)
+    assert all(r["status"] == 200 for r in g.records(6))
+    h = _health(g, "multi")
+    assert h["keys"] == 3 and h["keys_resting"] == 1 and h["state"] == "ok"
+    assert "k-bad" not in json.dumps(g.events())
+
+
+def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
+    up = upstream([Reply(body=openai_chat_reply().body, hang=0.6)])
+    g = gw([chan(up, name="one", max_concurrency=1)],
+           tokens=[{"name": "main", "key": TOKEN}, {"name": "metered", "key": TOKEN2, "rpm": 2}])
+    results = []
+
+    def call():
+        status, _, body = g.request("POST", "/v1/chat/completions",
+                                    {"model": "m", "messages": []})
+        results.append(status)
+    threads = [threading.Thread(target=call) for _ in range(7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert results.count(200) == 5 and results.count(429) == 2   # 1 running + 4 queued
+    c = g.openai(api_key=TOKEN2)
+    c.chat.completions.create(model="m", messages=[])
+    c.chat.completions.create(model="m", messages=[])
+    with pytest.raises(openai.RateLimitError, match="2 requests per minute") as e:
+        c.chat.completions.create(model="m", messages=[])
+    assert int(e.value.response.headers["retry-after"]) > 0
