@@ -1491,10 +1491,12 @@ def http_date() -> str:
 class HTTPServer:
     def __init__(self, handler: Handler, error_renderer: ErrorRenderer, *,
                  max_body: Callable[[], int], log: Callable[[str], None] = lambda m: None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None,
+                 max_connections: Callable[[], int] = lambda: DEFAULT_MAX_CONNECTIONS):
         self._handler = handler
         self._render_error = error_renderer
         self._max_body = max_body
+        self._max_connections = max_connections
         self._log = log
         self._ssl = ssl_context
         self._server: asyncio.base_events.Server | None = None
@@ -1537,6 +1539,24 @@ class HTTPServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._conns) >= self._max_connections():
+            self._log("refused a connection: settings.max_connections reached")
+            watchdog = Watchdog(reader)
+            try:
+                await read_head(reader, watchdog, 1.0, 1.0)   # read it, so closing is clean
+            except (ProtocolError, TimeoutError, OSError, asyncio.IncompleteReadError):
+                pass
+            watchdog.close()
+            try:
+                await write_and_drain(writer, b"HTTP/1.1 503 Service Unavailable\r\n"
+                                      b"Content-Type: application/json\r\nRetry-After: 1\r\n"
+                                      b"Connection: close\r\nContent-Length: 79\r\n\r\n"
+                                      b'{"error":{"message":"too many connections","type":'
+                                      b'"server_error","param":null}}')
+            except (OSError, TimeoutError):
+                pass
+            await close_writer(writer)
+            return
         state = _ConnState()
         self._conns[task] = state                                      # type: ignore[index]
         peer = writer.get_extra_info("peername")
@@ -4354,6 +4374,41 @@ def atomic_write(path: str, data: bytes) -> None:
             pass
 
 
+class InstanceLock:
+    """An exclusive lock beside the configuration file, held while this process runs, so a
+    second aigateway started on the same file says so instead of fighting over it."""
+
+    def __init__(self, config_path: str):
+        self.path = config_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise ConfigError(f"another aigateway (pid {pid}) is already using "
+                              f"{self.path[:-5]}; stop it first, or give this one its own "
+                              f"file with --config") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ConfigStore:
     """The configuration file and its in-memory form. Edits go through the methods here, each of
     which validates and saves at once; ``snapshot()`` gives the server a private copy."""
@@ -5575,14 +5630,30 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
     """Serve until ``stop`` is set. Raises OSError when the address cannot be bound."""
     config = store.snapshot()
     s = config["settings"]
-    gateway = Gateway(config, config_dir=os.path.dirname(os.path.abspath(store.path)),
-                      on_event=on_event)
+    bind = host or s["host"]
+    if not is_loopback_host(bind) and not s["require_auth"] and \
+            not s["allow_unauthenticated_remote"]:
+        raise ConfigError(f"{store.path}: listening on {bind} with require_auth off needs "
+                          f"settings.allow_unauthenticated_remote: true (or turn auth on)")
+    config_dir = os.path.dirname(os.path.abspath(store.path))
+    tls = None
+    if s["tls_cert"]:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(os.path.join(config_dir, s["tls_cert"]),
+                                os.path.join(config_dir, s["tls_key"]))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{store.path}: settings.tls_cert / tls_key: cannot load them "
+                              f"({exc}); give PEM files of a certificate and its key") from None
+    gateway = Gateway(config, config_dir=config_dir, on_event=on_event)
     server = HTTPServer(gateway.handle, gateway.render_error, max_body=lambda: gateway.max_body,
-                        log=gateway.log)
+                        log=gateway.log, ssl_context=tls,
+                        max_connections=lambda: gateway.settings["max_connections"])
     try:
-        await server.start(host or s["host"], s["port"] if port is None else port)
-        gateway.log(f"listening on http://{_url_host(host or s['host'])}:{server.port}")
-        if not is_loopback_host(host or s["host"]) and not s["require_auth"]:
+        await server.start(bind, s["port"] if port is None else port)
+        scheme = "https" if tls else "http"
+        gateway.log(f"listening on {scheme}://{_url_host(bind)}:{server.port}")
+        if not is_loopback_host(bind) and not s["require_auth"]:
             gateway.log("warning: listening beyond this machine with require_auth off: anyone "
                         "who can reach the port can use your upstream keys")
         if on_ready is not None:
@@ -5620,9 +5691,10 @@ class GatewayThread:
 
     @property
     def url(self) -> str:
-        host = self.host or self.store.data["settings"]["host"]
+        settings = self.store.data["settings"]
+        host = self.host or settings["host"]
         port = self.server.port if self.server else 0
-        return f"http://{_url_host(host)}:{port}"
+        return f"{'https' if settings['tls_cert'] else 'http'}://{_url_host(host)}:{port}"
 
     def _emit(self, kind: str, payload: Any) -> None:
         self.events.put((kind, payload))
@@ -6839,6 +6911,9 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
 
     try:
         asyncio.run(serve())
+    except ConfigError as exc:
+        print(f"aigateway: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"aigateway: cannot listen on {bind_host}:{bind_port}: "
               f"{exc.strerror or exc}. Another program (or another aigateway) may hold the port; "
@@ -6857,6 +6932,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aigateway: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    lock = InstanceLock(path)
+    try:
+        lock.acquire()
+    except ConfigError as exc:
+        print(f"aigateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, store, path, new_key)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, store: ConfigStore, path: str, new_key: str | None) -> int:
     if not args.headless and gui_available():
         App(store, host=args.host, port=args.port, new_key=new_key).run()
         return 0

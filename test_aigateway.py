@@ -2946,3 +2946,57 @@ def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
     with pytest.raises(openai.RateLimitError, match="2 requests per minute") as e:
         c.chat.completions.create(model="m", messages=[])
     assert int(e.value.response.headers["retry-after"]) > 0
+
+
+def test_14_second_instance_on_the_same_config_says_so(tmp_path):
+    cfg = tmp_path / "config.json"
+    port = dead_port()
+    first = _cli("--headless", "--config", str(cfg), "--port", str(port))
+    try:
+        _wait_health(port, first)
+        second = _cli("--headless", "--config", str(cfg), "--port", str(dead_port()))
+        out, err = second.communicate(timeout=15)
+        assert second.returncode == 2 and f"pid {first.pid}" in err and "--config" in err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=15)
+
+
+def test_14_remote_without_auth_needs_an_explicit_setting(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"require_auth": False}}))
+    p = _cli("--headless", "--config", str(cfg), "--host", "0.0.0.0", "--port", str(dead_port()))
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 2 and "allow_unauthenticated_remote" in err
+    cfg.write_text(json.dumps({"settings": {"require_auth": False, "host": "0.0.0.0"}}))
+    with pytest.raises(ag.ConfigError, match="allow_unauthenticated_remote"):
+        ag.ConfigStore.load(str(cfg))
+
+
+def test_14_https_for_the_gateway_itself(tmp_path, self_signed):
+    d = tmp_path
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(d / "k.pem"), "-out",
+                    str(d / "c.pem")], check=True, capture_output=True)
+    g = GW(d / "config.json", {"tls_cert": "c.pem", "tls_key": "k.pem"})
+    try:
+        assert g.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(d / "c.pem"))
+        ctx.check_hostname = False
+        conn = http.client.HTTPSConnection("127.0.0.1", g.port, context=ctx, timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+    finally:
+        g.stop()
+
+
+def test_08_connection_cap(gw):
+    g = gw(settings={"max_connections": 2})
+    held = [socket.create_connection(("127.0.0.1", g.port), timeout=5) for _ in range(2)]
+    deadline = time.monotonic() + 5
+    while g.thread.server.connection_count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 503") and b"too many connections" in out
+    for s in held:
+        s.close()
