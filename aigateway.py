@@ -39,6 +39,7 @@ import base64
 import codecs
 import collections
 import copy
+import functools
 import hmac
 import http
 import ipaddress
@@ -1889,6 +1890,24 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   ("usage", Usage); ("finish", reason) once; ("error", GatewayError) ends a broken stream.
 #   Tool indexes are dense from 0 in order of first appearance.
 
+def guarded(status: int, what: str) -> Callable[[Callable], Callable]:
+    """Converters take input from clients and upstreams: a body of the wrong shape (a list
+    where an object belongs, a number for a name) becomes a GatewayError with ``status``
+    naming ``what`` was malformed, never another exception."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except GatewayError:
+                raise
+            except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+                raise GatewayError(status, f"malformed {what}: a field has an unexpected type "
+                                           f"or shape ({type(exc).__name__})") from None
+        return inner
+    return wrap
+
+
 UNSIGNED_THINKING = "aigateway-unsigned"      # signature we put on thinking we did not get signed
 THOUGHT_SKIP = "skip_thought_signature_validator"   # Gemini's escape hatch for foreign history
 DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
@@ -1965,6 +1984,7 @@ def effort_from_budget(budget: int) -> str:
     return "low" if budget < 2048 else "medium" if budget < 16384 else "high"
 
 
+@guarded(400, "request body")
 def estimate_tokens(ir: dict) -> int:
     """A fast local estimate of a request's prompt tokens (about 4 ASCII characters or one
     non-ASCII character per token, plus a few per message and the tool schemas)."""
@@ -2166,6 +2186,7 @@ def responses_input_to_messages(items: Any, instructions: Any = None) -> list[di
     return msgs
 
 
+@guarded(400, "request body")
 def openai_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
     msgs = body.get("messages")
@@ -2426,6 +2447,7 @@ def ir_usage_to_openai(u: dict) -> dict:
     return out
 
 
+@guarded(502, "upstream answer")
 def openai_response_to_ir(body: dict) -> dict:
     choice = (body.get("choices") or [{}])[0] or {}
     msg = choice.get("message") or {}
@@ -2449,6 +2471,7 @@ def openai_response_to_ir(body: dict) -> dict:
             "content": content, "finish": finish, "usage": openai_usage_to_ir(body.get("usage"))}
 
 
+@guarded(502, "upstream answer")
 def ir_to_openai_response(resp: dict, model: str) -> dict:
     text = parts_text(resp["content"])
     msg: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
@@ -2478,6 +2501,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         self._ids: dict[str, int] = {}
         self.usage: dict | None = None
 
+    @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for _, payload, _ in self._sse.feed(data):
@@ -2609,6 +2633,7 @@ _ANTHROPIC_STOP_OUT = {"stop": "end_turn", "length": "max_tokens", "tool_calls":
                        "content_filter": "refusal"}
 
 
+@guarded(400, "request body")
 def anthropic_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
     system = body.get("system")
@@ -2793,6 +2818,7 @@ def ir_usage_to_anthropic(u: dict) -> dict:
             "cache_read_input_tokens": u["cache_read"]}
 
 
+@guarded(502, "upstream answer")
 def anthropic_response_to_ir(body: dict) -> dict:
     content = [p for p in blocks_to_ir(body.get("content") or [], "content")
                if p["type"] in ("text", "reasoning", "tool_call")]
@@ -2801,6 +2827,7 @@ def anthropic_response_to_ir(body: dict) -> dict:
             "content": content, "finish": finish, "usage": anthropic_usage_to_ir(body.get("usage"))}
 
 
+@guarded(502, "upstream answer")
 def ir_to_anthropic_response(resp: dict, model: str) -> dict:
     blocks: list[dict] = []
     for p in resp["content"]:
@@ -2832,6 +2859,7 @@ class AnthropicStreamDecoder(StreamDecoder):
         self._blocks: dict[int, int | None] = {}    # block index -> IR tool index (None: other)
         self.usage = new_usage()
 
+    @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for name, payload, _ in self._sse.feed(data):
@@ -3216,6 +3244,7 @@ def _gemini_finish(reason: str | None, tools: bool, blocked: bool) -> str:
     return "tool_calls" if tools and finish == "stop" else finish
 
 
+@guarded(502, "upstream answer")
 def gemini_response_to_ir(body: dict, signatures: dict[str, str] | None = None) -> dict:
     cands = body.get("candidates") or []
     cand = cands[0] if cands else {}
@@ -3261,6 +3290,7 @@ class GeminiStreamDecoder(StreamDecoder):
         self._blocked = False
         self.usage: dict | None = None
 
+    @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for _, payload, _ in self._sse.feed(data):
@@ -3386,6 +3416,7 @@ def ollama_usage_to_ir(obj: dict) -> dict:
     return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
 
 
+@guarded(502, "upstream answer")
 def ollama_response_to_ir(body: dict) -> dict:
     content = _ollama_message_parts(body.get("message") or {})
     tools = any(p["type"] == "tool_call" for p in content)
@@ -3401,6 +3432,7 @@ class OllamaStreamDecoder(StreamDecoder):
         self._nd = NDJSONDecoder()
         self._final: dict | None = None
 
+    @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for obj in self._nd.feed(data):
@@ -3518,6 +3550,7 @@ _CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
                   "required": ["input"]}
 
 
+@guarded(400, "request body")
 def responses_request_to_ir(body: dict) -> dict:
     if body.get("previous_response_id") or body.get("conversation"):
         raise GatewayError(400, "previous_response_id and conversation are not supported: this "
@@ -3613,6 +3646,7 @@ def _responses_status(finish: str) -> tuple[str, str | None]:
     return "completed", None
 
 
+@guarded(502, "upstream answer")
 def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
     custom = {t["name"] for t in ir["tools"] if t.get("custom")}
     output: list[dict] = []
@@ -3882,6 +3916,7 @@ def _gemini_parts_to_ir(parts: list, turn: int, pending: list[tuple[str, str]],
     return out, results
 
 
+@guarded(400, "request body")
 def gemini_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
     system = body.get("systemInstruction") or body.get("system_instruction")
@@ -3974,6 +4009,7 @@ def _gemini_out_parts(content: list[dict]) -> list[dict]:
     return parts
 
 
+@guarded(502, "upstream answer")
 def ir_to_gemini_response(resp: dict, model: str, ir: dict | None = None) -> dict:
     return {"candidates": [{"content": {"role": "model",
                                         "parts": _gemini_out_parts(resp["content"]) or
@@ -4059,6 +4095,7 @@ CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
 _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 
 
+@guarded(400, "request body")
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
                          signatures: dict[str, str] | None = None) -> dict:

@@ -3000,3 +3000,127 @@ def test_08_connection_cap(gw):
     assert out.startswith(b"HTTP/1.1 503") and b"too many connections" in out
     for s in held:
         s.close()
+
+
+# =================================================================================================
+# Fuzzing (hypothesis): arbitrary input gives a result or the gateway's own error, and the
+# decoders give the same result fed whole or in pieces
+# =================================================================================================
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+FUZZ = hsettings(max_examples=200, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) |
+    st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) |
+    st.dictionaries(st.sampled_from(["model", "messages", "role", "content", "type", "text",
+                                     "tool_calls", "function", "arguments", "name", "id",
+                                     "tools", "input", "parts", "contents", "system", "stream",
+                                     "tool_use_id", "source", "image_url", "url", "data",
+                                     "functionCall", "functionResponse", "args", "response",
+                                     "choices", "delta", "message", "usage", "candidates",
+                                     "index", "max_tokens", "tool_choice", "thinking",
+                                     "reasoning", "output", "call_id", "finish_reason",
+                                     "generationConfig", "systemInstruction", "error"]),
+                    children, max_size=6),
+    max_leaves=30)
+
+
+def _pieces(data: bytes, cuts: list[int]):
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    prev = 0
+    for p in points + [len(data)]:
+        yield data[prev:p]
+        prev = p
+
+
+def _outcome(fn):
+    try:
+        return ("ok", fn())
+    except ag.GatewayError as exc:
+        return ("err", type(exc).__name__)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_fuzz_request_head_parser(data):
+    try:
+        ag.parse_request_head(data)
+    except ag.ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8))
+def test_fuzz_decoders_whole_equals_pieces(data, cuts):
+    def run_chunked(parts):
+        d = ag.ChunkedDecoder()
+        return b"".join(b"".join(d.feed(p)) for p in parts), d.done, d.tail
+    def run_sse(parts):
+        d = ag.SSEDecoder()
+        return [e for p in parts for e in d.feed(p)] + d.feed(b"", final=True)
+    def run_nd(parts):
+        d = ag.NDJSONDecoder()
+        return [o for p in parts for o in d.feed(p)] + d.feed(b"", final=True)
+    for run in (run_chunked, run_sse, run_nd):
+        whole = _outcome(lambda: run([data]))
+        split = _outcome(lambda: run(list(_pieces(data, cuts))))
+        if run is run_chunked and whole[0] == "ok" and split[0] == "ok":
+            assert whole[1][:2] == split[1][:2]
+        else:
+            assert whole == split
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
+       st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10))
+def test_fuzz_stream_converters(events, junk, cuts):
+    raw = b"\r\n\r\n".join(events) + junk
+    for make_dec in (ag.OpenAIStreamDecoder, ag.AnthropicStreamDecoder, ag.GeminiStreamDecoder,
+                     ag.OllamaStreamDecoder):
+        for enc in (ag.OpenAIStreamEncoder("m", True), ag.AnthropicStreamEncoder("m"),
+                    ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
+                    ag.GeminiStreamEncoder("m", {})):
+            dec = make_dec()
+            try:
+                for piece in _pieces(raw, cuts):
+                    enc.encode(dec.feed(piece))
+                enc.encode(dec.close())
+            except ag.GatewayError:
+                pass
+
+
+@FUZZ
+@given(json_values)
+def test_fuzz_request_and_response_converters(value):
+    body = value if isinstance(value, dict) else {"messages": value, "contents": value,
+                                                  "input": value}
+    for decode in (ag.openai_request_to_ir, ag.anthropic_request_to_ir,
+                   ag.responses_request_to_ir, ag.gemini_request_to_ir):
+        try:
+            ir = decode(dict(body))
+        except ag.GatewayError:
+            continue
+        for ctype in ag.CHANNEL_TYPES:
+            try:
+                ag.encode_upstream_chat(ctype, ir, "m", stream=True, max_tokens_cap=100)
+            except ag.GatewayError as exc:
+                assert exc.status == 400
+        try:
+            ag.estimate_tokens(ir)
+        except ag.GatewayError:
+            pass
+    for decode in (ag.openai_response_to_ir, ag.anthropic_response_to_ir,
+                   ag.gemini_response_to_ir, ag.ollama_response_to_ir):
+        try:
+            resp = decode(body)
+        except ag.GatewayError:
+            continue
+        ir = ag.empty_request("m")
+        for encode in ag.CLIENT_CODECS.values():
+            try:
+                encode[1](resp, "m", ir)
+            except ag.GatewayError as exc:
+                assert exc.status == 502
