@@ -6097,9 +6097,9 @@ class DashboardTab:
         left = ttk.Frame(bottom)
         left.pack(side="left", fill="both", expand=True)
         ttk.Label(left, text="Channel health", style="Muted.TLabel").pack(anchor="w")
-        self.health = _tree(left, [("channel", "Channel", 140), ("status", "Last status", 80),
-                                   ("latency", "Latency", 80), ("fails", "Recent failures", 110)],
-                            height=6)
+        self.health = _tree(left, [("channel", "Channel", 130), ("state", "State", 100),
+                                   ("status", "Last status", 70), ("latency", "Latency", 70),
+                                   ("fails", "Recent failures", 100)], height=6)
         self.health.container.pack(fill="both", expand=True)
         right = ttk.Frame(bottom)
         right.pack(side="left", fill="both", expand=True, padx=(10, 0))
@@ -6150,15 +6150,27 @@ class DashboardTab:
             row["fails"] += 1
         if rec.get("channel") and rec["channel"] != "(local estimate)":
             row = self.health_rows.setdefault(rec["channel"], {"fails": 0})
-            row.update(status=rec.get("status"), latency=f"{rec.get('ttfb_ms') or 0:.0f} ms")
+            row.update(status=rec.get("status"), latency=f"{rec.get('ttfb_ms') or 0:.0f} ms",
+                       state="ok")
         self.draw_health()
         self.draw_chart()
 
     def draw_health(self) -> None:
         self.health.delete(*self.health.get_children())
         for name, row in sorted(self.health_rows.items()):
-            self.health.insert("", "end", values=(name, row.get("status") or "",
+            self.health.insert("", "end", values=(name, row.get("state") or "ok",
+                                                  row.get("status") or "",
                                                   row.get("latency") or "", row["fails"]))
+
+    def set_health(self, report: list[dict]) -> None:
+        """A channel health report from the gateway (cooldowns, probes)."""
+        for entry in report:
+            row = self.health_rows.setdefault(entry["name"], {"fails": 0})
+            state = entry["state"]
+            if state == "cooldown":
+                state = f"cooldown {entry['cooldown_remaining_s']:.0f} s"
+            row["state"] = state
+        self.draw_health()
 
     def draw_chart(self) -> None:
         c, colors = self.chart, self.app.colors
@@ -6206,6 +6218,8 @@ class ChannelDialog:
             "priority": tk.StringVar(value=str(c.get("priority", 0))),
             "timeout": tk.StringVar(value=f"{c.get('timeout', DEFAULT_CHANNEL_TIMEOUT):g}"),
             "max_tokens_cap": tk.StringVar(value=str(c.get("max_tokens_cap", 0))),
+            "api_keys": tk.StringVar(value=", ".join(c.get("api_keys", []))),
+            "max_concurrency": tk.StringVar(value=str(c.get("max_concurrency", 0))),
             "proxy": tk.StringVar(value=c.get("proxy", "")),
             "verify_tls": tk.BooleanVar(value=c.get("verify_tls", True)),
             "enabled": tk.BooleanVar(value=c.get("enabled", True)),
@@ -6231,10 +6245,10 @@ class ChannelDialog:
         self.key_entry = ttk.Entry(keyrow, textvariable=self.vars["api_key"], show="•")
         self.key_entry.pack(side="left", fill="x", expand=True)
         ttk.Checkbutton(keyrow, text="Show", variable=self.vars["show_key"],
-                        command=lambda: self.key_entry.configure(
-                            show="" if self.vars["show_key"].get() else "•")).pack(side="left",
-                                                                                 padx=(6, 0))
+                        command=self._toggle_keys).pack(side="left", padx=(6, 0))
         field("API key", keyrow)
+        self.more_keys = ttk.Entry(body, textvariable=self.vars["api_keys"], show="•")
+        field("More API keys", self.more_keys, "comma list, used in turn")
         modelrow = ttk.Frame(body)
         ttk.Entry(modelrow, textvariable=self.vars["models"]).pack(side="left", fill="x",
                                                                    expand=True)
@@ -6251,6 +6265,8 @@ class ChannelDialog:
         field("Timeout (s)", ttk.Entry(body, textvariable=self.vars["timeout"], width=8))
         field("Max tokens cap", ttk.Entry(body, textvariable=self.vars["max_tokens_cap"],
                                           width=8), "0 = none")
+        field("Max concurrency", ttk.Entry(body, textvariable=self.vars["max_concurrency"],
+                                           width=8), "0 = no limit")
         field("Proxy", ttk.Entry(body, textvariable=self.vars["proxy"]),
               "http:// or socks5://")
         field("", ttk.Checkbutton(body, text="Verify TLS certificates",
@@ -6268,6 +6284,11 @@ class ChannelDialog:
         self.result: dict | None = None
         top.bind("<Escape>", lambda e: top.destroy())
 
+    def _toggle_keys(self) -> None:
+        show = "" if self.vars["show_key"].get() else "•"
+        self.key_entry.configure(show=show)
+        self.more_keys.configure(show=show)
+
     def _type_changed(self, _event: Any = None) -> None:
         current = self.vars["base_url"].get().strip()
         if not current or current in CHANNEL_DEFAULT_URLS.values():
@@ -6277,8 +6298,10 @@ class ChannelDialog:
         v = self.vars
         try:
             priority, cap = int(v["priority"].get()), int(v["max_tokens_cap"].get())
+            concurrency = int(v["max_concurrency"].get())
         except ValueError:
-            raise ValueError("Priority and max tokens cap are whole numbers") from None
+            raise ValueError("Priority, max tokens cap and max concurrency are whole "
+                             "numbers") from None
         try:
             timeout = float(v["timeout"].get())
         except ValueError:
@@ -6288,7 +6311,9 @@ class ChannelDialog:
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
                 "priority": priority, "timeout": int(timeout) if timeout.is_integer() else timeout,
-                "max_tokens_cap": cap, "proxy": v["proxy"].get().strip(),
+                "max_tokens_cap": cap, "max_concurrency": concurrency,
+                "api_keys": [k.strip() for k in v["api_keys"].get().split(",") if k.strip()],
+                "proxy": v["proxy"].get().strip(),
                 "verify_tls": v["verify_tls"].get(), "enabled": v["enabled"].get()}
 
     def save(self) -> None:
@@ -6542,10 +6567,14 @@ class TokenDialog:
         self.channels = self._list(body, 3, "Allowed channels (none = all)", channels,
                                    [n for n in channels if n.lower() in allowed or any(
                                        ids.get(a) == n for a in allowed)])
+        self.rpm = tk.StringVar(value=str((token or {}).get("rpm", 0)))
+        ttk.Label(body, text="Requests per minute").grid(row=4, column=0, sticky="w")
+        ttk.Entry(body, textvariable=self.rpm, width=8).grid(row=4, column=1, sticky="w",
+                                                             pady=3)
         self.error = ttk.Label(body, text="", style="Error.TLabel")
-        self.error.grid(row=4, column=0, columnspan=2, sticky="w")
+        self.error.grid(row=5, column=0, columnspan=2, sticky="w")
         buttons = ttk.Frame(body)
-        buttons.grid(row=5, column=0, columnspan=2, sticky="e", pady=(8, 0))
+        buttons.grid(row=6, column=0, columnspan=2, sticky="e", pady=(8, 0))
         ttk.Button(buttons, text="Cancel", command=top.destroy).pack(side="right")
         ttk.Button(buttons, text="Save" if token else "Create", style="Accent.TButton",
                    command=self.save).pack(side="right", padx=(0, 6))
@@ -6572,7 +6601,13 @@ class TokenDialog:
         if not name:
             self.error.configure(text="Give the token a name")
             return
-        fields = {"name": name, "allowed_models": models, "allowed_channels": channels}
+        try:
+            rpm = int(self.rpm.get() or 0)
+        except ValueError:
+            self.error.configure(text="Requests per minute is a whole number (0 = no limit)")
+            return
+        fields = {"name": name, "allowed_models": models, "allowed_channels": channels,
+                  "rpm": rpm}
         try:
             if self.token:
                 self.app.store.update_token(self.token["id"], **fields)
@@ -6857,6 +6892,8 @@ class App:
                 self.logs.add_record(payload)
             elif kind == "log":
                 self.dashboard.log(payload)
+            elif kind == "health":
+                self.dashboard.set_health(payload)
             elif kind == "state":
                 self.dashboard.set_state(payload == "running" and self.bridge.running,
                                          self.bridge.url)

@@ -2451,6 +2451,9 @@ def test_13_add_channel_through_the_dialog(app):
     d.vars["api_key"].set("sk-ant-secret-value")
     assert d.key_entry.cget("show") == "•"                             # masked
     d.vars["models"].set("claude-*, opus")
+    d.vars["api_keys"].set("sk-ant-second, sk-ant-third")
+    assert d.more_keys.cget("show") == "•"
+    d.vars["max_concurrency"].set("4")
     d.mapping.insert("1.0", "sonnet = claude-sonnet-4-5")
     d.vars["priority"].set("oops")
     d.save()
@@ -2461,6 +2464,9 @@ def test_13_add_channel_through_the_dialog(app):
     assert saved[0]["name"] == "claude" and saved[0]["models"] == ["claude-*", "opus"]
     assert saved[0]["model_mapping"] == {"sonnet": "claude-sonnet-4-5"}
     assert saved[0]["priority"] == 3 and saved[0]["type"] == "anthropic"
+    assert saved[0]["api_keys"] == ["sk-ant-second", "sk-ant-third"]
+    assert saved[0]["max_concurrency"] == 4
+    assert "sk-ant-second" not in " ".join(map(str, a.channels.tree.item("1")["values"]))
     assert a.channels.tree.item("1")["values"][0] == "claude"
     a.channels.tree.selection_set("1")
     a.channels.duplicate()
@@ -2480,10 +2486,12 @@ def test_13_create_token_shows_the_key_once(app, upstream):
     d.name.set("ci-bot")
     d.models.selection_set(0)
     d.channels.selection_set(0)
+    d.rpm.set("30")
     d.save()
     tok = a.store.data["tokens"][-1]
     assert tok["name"] == "ci-bot" and tok["key"].startswith("sk-gw-")
     assert tok["allowed_models"] == ["gpt-4o"] and tok["allowed_channels"] == ["oa"]
+    assert tok["rpm"] == 30
     assert a.tokens.shown_key == tok["key"]
     row = a.tokens.tree.item(str(tok["id"]))["values"]
     assert tok["key"] not in " ".join(map(str, row)) and row[1] == ag.mask_secret(tok["key"])
@@ -2512,11 +2520,15 @@ def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
     assert "bad: 500 down" in detail and TOKEN not in detail
     health = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"]
               for i in a.dashboard.health.get_children()}
-    assert health["bad"][3] == 1 and str(health["good"][1]) == "200"
+    assert health["bad"][4] == 1 and str(health["good"][2]) == "200"
     a.logs.filter.set("nothing-matches")
     assert not a.logs.tree.get_children()
     a.logs.filter.set("")
     assert len(a.logs.tree.get_children()) == 1
+    a.dashboard.set_health([{"name": "bad", "state": "cooldown", "cooldown_remaining_s": 12}])
+    states = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"][1]
+              for i in a.dashboard.health.get_children()}
+    assert states == {"bad": "cooldown 12 s", "good": "ok"}
     a.dashboard.stop_button.invoke()
     assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
 
