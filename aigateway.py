@@ -307,6 +307,11 @@ def now_iso(ts: float | None = None) -> str:
 
 _TOKEN_RX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)        # /v1, /v4, /v1beta in URLs
+
+
+def has_version_segment(url: str) -> bool:
+    """Whether a base URL's path already names an API version (/v1, /v4, /v1beta/openai…)."""
+    return any(_VERSION_SEGMENT.match(seg) for seg in urllib.parse.urlsplit(url).path.split("/"))
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 _REASONS[529] = "Overloaded"
 _HOP_BY_HOP = frozenset((
@@ -3122,8 +3127,7 @@ def gemini_schema(schema: Any, defs: dict | None = None) -> Any:
 
 def gemini_model_path(base_url: str, model: str, method: str) -> str:
     base = base_url.rstrip("/")
-    path = urllib.parse.urlsplit(base).path
-    if not any(_VERSION_SEGMENT.match(seg) for seg in path.split("/")):
+    if not has_version_segment(base):
         base += "/v1beta"
     return f"{base}/models/{urllib.parse.quote(model, safe='')}:{method}"
 
@@ -4641,8 +4645,7 @@ def join_base_url(base: str, suffix: str) -> str:
     """``suffix`` is a /v1/... path. When the base URL already carries a version segment
     (/v1, /v4, /v1beta...), the suffix's own /v1 is dropped."""
     base = base.rstrip("/")
-    path = urllib.parse.urlsplit(base).path
-    if any(_VERSION_SEGMENT.match(seg) for seg in path.split("/")):
+    if has_version_segment(base):
         suffix = suffix[3:] if suffix.startswith("/v1/") else suffix
     return base + suffix
 
@@ -6382,46 +6385,86 @@ class ModelPicker:
         self.top.destroy()
 
 
-class ChannelsTab:
+class _ListTab:
+    """A table of configured channels or tokens with the actions both have: a toolbar, edit on
+    double-click, enable/disable in place and delete after a confirmation."""
+
+    kind = ""                                       # "channel" or "token"
+    COLUMNS: list[tuple[str, str, int]] = []
+
+    def __init__(self, app: App, parent: Any, buttons: list[tuple[str, Callable[[], None]]]):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        bar = ttk.Frame(f)
+        bar.pack(fill="x", pady=(0, 8))
+        for i, (text, cmd) in enumerate(buttons):
+            ttk.Button(bar, text=text, command=cmd,
+                       style="Accent.TButton" if i == 0 else "TButton").pack(
+                side="left", padx=(0 if i == 0 else 6, 0))
+        self.tree = _tree(f, self.COLUMNS, height=14)
+        self.tree.container.pack(fill="both", expand=True)
+        self.tree.bind("<Double-1>", lambda e: self.edit())
+        self.dialog: Any = None
+
+    def row(self, item: dict) -> tuple:
+        raise NotImplementedError
+
+    def open_dialog(self, item: dict | None) -> None:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        self.tree.delete(*self.tree.get_children())
+        for item in self.app.store.data[self.kind + "s"]:
+            self.tree.insert("", "end", iid=str(item["id"]), values=self.row(item))
+
+    def selected(self) -> dict | None:
+        sel = self.tree.selection()
+        return self.app.store.get(self.kind, int(sel[0])) if sel else None
+
+    def edit(self) -> None:
+        item = self.selected()
+        if item:
+            self.open_dialog(item)
+
+    def toggle(self) -> None:
+        item = self.selected()
+        if item:
+            update = getattr(self.app.store, f"update_{self.kind}")
+            self.app.save(lambda: update(item["id"], enabled=not item["enabled"]),
+                          f"{self.kind} '{item['name']}' "
+                          f"{'disabled' if item['enabled'] else 'enabled'}")
+
+    def delete(self) -> None:
+        item = self.selected()
+        if item and self.app.confirm(f"Delete {self.kind}", f"Delete {self.kind} "
+                                                             f"'{item['name']}'?"):
+            remove = getattr(self.app.store, f"delete_{self.kind}")
+            self.app.save(lambda: remove(item["id"]), f"{self.kind} '{item['name']}' deleted")
+
+
+class ChannelsTab(_ListTab):
+    kind = "channel"
     COLUMNS = [("name", "Name", 130), ("type", "Type", 80), ("base_url", "Base URL", 230),
                ("models", "Models", 170), ("priority", "Priority", 60),
                ("enabled", "Enabled", 60), ("result", "Last result", 200)]
 
     def __init__(self, app: App, parent: Any):
-        self.app = app
-        self.frame = f = ttk.Frame(parent, padding=14)
-        bar = ttk.Frame(f)
-        bar.pack(fill="x", pady=(0, 8))
-        ttk.Button(bar, text="Add", style="Accent.TButton", command=self.add).pack(side="left")
-        for text, cmd in (("Edit", self.edit), ("Duplicate", self.duplicate),
-                          ("Enable / Disable", self.toggle), ("Test", self.test),
-                          ("Delete", self.delete)):
-            ttk.Button(bar, text=text, command=cmd).pack(side="left", padx=(6, 0))
-        self.tree = _tree(f, self.COLUMNS, height=14)
-        self.tree.container.pack(fill="both", expand=True)
-        self.tree.bind("<Double-1>", lambda e: self.edit())
         self.results: dict[int, str] = {}
-        self.dialog: ChannelDialog | None = None
+        super().__init__(app, parent, [("Add", self.add), ("Edit", self.edit),
+                                       ("Duplicate", self.duplicate),
+                                       ("Enable / Disable", self.toggle), ("Test", self.test),
+                                       ("Delete", self.delete)])
         self.refresh()
 
-    def refresh(self) -> None:
-        self.tree.delete(*self.tree.get_children())
-        for c in self.app.store.data["channels"]:
-            self.tree.insert("", "end", iid=str(c["id"]), values=(
-                c["name"], c["type"], c["base_url"], _short(c["models"]) or "(all)",
-                c["priority"], "yes" if c["enabled"] else "no", self.results.get(c["id"], "")))
+    def row(self, c: dict) -> tuple:
+        return (c["name"], c["type"], c["base_url"], _short(c["models"]) or "(all)",
+                c["priority"], "yes" if c["enabled"] else "no", self.results.get(c["id"], ""))
 
-    def selected(self) -> dict | None:
-        sel = self.tree.selection()
-        return self.app.store.get("channel", int(sel[0])) if sel else None
+    def open_dialog(self, item: dict | None) -> None:
+        self.dialog = ChannelDialog(self.app, item)
 
     def add(self) -> None:
-        self.dialog = ChannelDialog(self.app, None)
-
-    def edit(self) -> None:
-        c = self.selected()
-        if c:
-            self.dialog = ChannelDialog(self.app, c)
+        self.open_dialog(None)
 
     def duplicate(self) -> None:
         c = self.selected()
@@ -6434,19 +6477,6 @@ class ChannelsTab:
         fields = {k: v for k, v in c.items() if k != "id"}
         fields["name"] = f"{c['name']} ({n})"
         self.app.save(lambda: self.app.store.add_channel(**fields), f"channel duplicated")
-
-    def toggle(self) -> None:
-        c = self.selected()
-        if c:
-            self.app.save(lambda: self.app.store.update_channel(c["id"],
-                                                                enabled=not c["enabled"]),
-                          f"channel '{c['name']}' {'disabled' if c['enabled'] else 'enabled'}")
-
-    def delete(self) -> None:
-        c = self.selected()
-        if c and self.app.confirm("Delete channel", f"Delete channel '{c['name']}'?"):
-            self.app.save(lambda: self.app.store.delete_channel(c["id"]),
-                          f"channel '{c['name']}' deleted")
 
     def test(self) -> None:
         c = self.selected()
@@ -6465,59 +6495,28 @@ class ChannelsTab:
         self.app.run_task(lambda gw: gw.test_channel(ch), done)
 
 
-class TokensTab:
+class TokensTab(_ListTab):
+    kind = "token"
     COLUMNS = [("name", "Name", 140), ("key", "Key", 170), ("enabled", "Enabled", 60),
                ("models", "Allowed models", 200), ("channels", "Allowed channels", 200)]
 
     def __init__(self, app: App, parent: Any):
-        self.app = app
-        self.frame = f = ttk.Frame(parent, padding=14)
-        bar = ttk.Frame(f)
-        bar.pack(fill="x", pady=(0, 8))
-        ttk.Button(bar, text="Create", style="Accent.TButton", command=self.create).pack(
-            side="left")
-        for text, cmd in (("Edit limits", self.edit), ("Enable / Disable", self.toggle),
-                          ("Delete", self.delete)):
-            ttk.Button(bar, text=text, command=cmd).pack(side="left", padx=(6, 0))
-        self.tree = _tree(f, self.COLUMNS, height=14)
-        self.tree.container.pack(fill="both", expand=True)
-        self.tree.bind("<Double-1>", lambda e: self.edit())
-        self.dialog: TokenDialog | None = None
         self.shown_key: str | None = None
+        super().__init__(app, parent, [("Create", self.create), ("Edit limits", self.edit),
+                                       ("Enable / Disable", self.toggle),
+                                       ("Delete", self.delete)])
         self.refresh()
 
-    def refresh(self) -> None:
-        self.tree.delete(*self.tree.get_children())
-        for t in self.app.store.data["tokens"]:
-            self.tree.insert("", "end", iid=str(t["id"]), values=(
-                t["name"], mask_secret(t["key"]), "yes" if t["enabled"] else "no",
+    def row(self, t: dict) -> tuple:
+        return (t["name"], mask_secret(t["key"]), "yes" if t["enabled"] else "no",
                 _short(t["allowed_models"]) or "(all)",
-                _short(t["allowed_channels"]) or "(all)"))
+                _short(t["allowed_channels"]) or "(all)")
 
-    def selected(self) -> dict | None:
-        sel = self.tree.selection()
-        return self.app.store.get("token", int(sel[0])) if sel else None
+    def open_dialog(self, item: dict | None) -> None:
+        self.dialog = TokenDialog(self.app, item)
 
     def create(self) -> None:
-        self.dialog = TokenDialog(self.app, None)
-
-    def edit(self) -> None:
-        t = self.selected()
-        if t:
-            self.dialog = TokenDialog(self.app, t)
-
-    def toggle(self) -> None:
-        t = self.selected()
-        if t:
-            self.app.save(lambda: self.app.store.update_token(t["id"], enabled=not t["enabled"]),
-                          f"token '{t['name']}' {'disabled' if t['enabled'] else 'enabled'}")
-
-    def delete(self) -> None:
-        t = self.selected()
-        if t and self.app.confirm("Delete token", f"Delete token '{t['name']}'? Clients using "
-                                                  f"it will be refused."):
-            self.app.save(lambda: self.app.store.delete_token(t["id"]),
-                          f"token '{t['name']}' deleted")
+        self.open_dialog(None)
 
     def show_once(self, name: str, key: str) -> None:
         """The new key, shown this once with a copy button."""
