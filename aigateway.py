@@ -6,10 +6,12 @@ Run it:
     python aigateway.py --headless [--config PATH] [--host H] [--port P]
 
 It serves one local endpoint (default http://127.0.0.1:3000) that speaks the OpenAI API
-(/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/images/generations,
-/v1/audio/speech, /v1/audio/transcriptions, /v1/models) and the Anthropic API (/v1/messages,
-/v1/messages/count_tokens), and routes each request by model name to the user's upstream
-channels by priority, falling back to the next channel when one fails.
+(/v1/chat/completions, /v1/responses, /v1/completions, /v1/embeddings, /v1/images/generations,
+/v1/audio/speech, /v1/audio/transcriptions, /v1/models), the Anthropic API (/v1/messages,
+/v1/messages/count_tokens) and Gemini's native API (/v1beta/models/{model}:generateContent and
+friends), and routes each request by model name to the user's upstream channels (OpenAI,
+Anthropic, Gemini, Ollama, any OpenAI-compatible server) by priority, converting between the
+dialects through one internal form and falling back to the next channel when one fails.
 
 Threads:
     Tk thread (GUI)  --call_soon_threadsafe-->  server thread (asyncio loop)  -->  upstreams
@@ -58,7 +60,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable
 
 __all__ = [
@@ -266,10 +268,6 @@ def mask_secret(secret: str | None) -> str:
     return f"{secret[:6]}…{secret[-4:]}"
 
 
-def secret_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
 
 
@@ -293,10 +291,6 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def now_iso(ts: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts if ts is not None else time.time()))
 
 
 # =================================================================================================
@@ -415,7 +409,8 @@ def body_framing(headers: Headers, *, error_status: int = 400) -> tuple[str, int
     te = headers.get("transfer-encoding")
     if te is not None:
         if "content-length" in headers:
-            raise ProtocolError(error_status, "Content-Length with Transfer-Encoding is not allowed")
+            raise ProtocolError(error_status,
+                                "Content-Length with Transfer-Encoding is not allowed")
         codings = [c.strip().lower() for c in te.split(",") if c.strip()]
         if codings != ["chunked"]:
             raise ProtocolError(501 if error_status == 400 else error_status,
@@ -1001,7 +996,8 @@ class _Conn:
             pass
 
 
-async def _sock_recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+async def _sock_recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                             n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         data = await loop.sock_recv(sock, n - len(buf))
@@ -1882,7 +1878,7 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   {"type": "image", "url"} | {"type": "image", "media_type", "data"}       data is base64
 #   {"type": "file", "media_type", "data", "filename"}                       (PDF and such)
 #   {"type": "audio", "format", "data"}
-#   {"type": "reasoning", "text", "signature", "redacted"}   signature only when Anthropic issued it
+#   {"type": "reasoning", "text", "signature", "redacted"}   signature: only Anthropic's own
 #   {"type": "tool_call", "id", "name", "arguments"}          arguments: JSON text ("{}" when none)
 #   {"type": "tool_result", "id", "name", "content": [text|image Part], "is_error": bool}
 #                                                             only in role "tool", one per message
@@ -2629,7 +2625,7 @@ class OpenAIStreamEncoder:
         return b"".join(out)
 
 
-# 9.4 Anthropic Messages ---------------------------------------------------------------------------
+# 9.4 Anthropic Messages --------------------------------------------------------------------------
 
 _ANTHROPIC_STOP_IN = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                       "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter",
@@ -2731,7 +2727,8 @@ def _ir_to_anthropic_blocks(parts: list[dict]) -> list[dict]:
     return out
 
 
-def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_cap: int = 0) -> dict:
+def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool,
+                            max_tokens_cap: int = 0) -> dict:
     msgs: list[dict] = []
     for m in ir["messages"]:
         role = "assistant" if m["role"] == "assistant" else "user"
@@ -2812,7 +2809,8 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
 def anthropic_usage_to_ir(u: Any) -> dict:
     if not isinstance(u, dict):
         return new_usage()
-    read, write = _num(u.get("cache_read_input_tokens")), _num(u.get("cache_creation_input_tokens"))
+    read = _num(u.get("cache_read_input_tokens"))
+    write = _num(u.get("cache_creation_input_tokens"))
     return new_usage(_num(u.get("input_tokens")) + read + write, _num(u.get("output_tokens")),
                      read, write)
 
@@ -2829,7 +2827,8 @@ def anthropic_response_to_ir(body: dict) -> dict:
                if p["type"] in ("text", "reasoning", "tool_call")]
     finish = _ANTHROPIC_STOP_IN.get(body.get("stop_reason") or "end_turn", "stop")
     return {"id": body.get("id") or new_id("msg_"), "model": body.get("model") or "",
-            "content": content, "finish": finish, "usage": anthropic_usage_to_ir(body.get("usage"))}
+            "content": content, "finish": finish,
+            "usage": anthropic_usage_to_ir(body.get("usage"))}
 
 
 @guarded(502, "upstream answer")
@@ -2970,7 +2969,8 @@ class AnthropicStreamEncoder:
         if kind == "thinking":
             out.append(_event("content_block_delta", {
                 "type": "content_block_delta", "index": idx, "delta": {
-                    "type": "signature_delta", "signature": self._signature or UNSIGNED_THINKING}}))
+                    "type": "signature_delta",
+                    "signature": self._signature or UNSIGNED_THINKING}}))
             self._signature = None
         out.append(_event("content_block_stop", {"type": "content_block_stop", "index": idx}))
         self._open = None
@@ -4082,7 +4082,7 @@ class GeminiStreamEncoder:
         return b"".join(out)
 
 
-# 9.10 Dispatch ------------------------------------------------------------------------------------
+# 9.10 Dispatch -----------------------------------------------------------------------------------
 # Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
 # request encoder, response decoder, stream decoder. The Responses and Gemini-native client
 # dialects plug in here with the same three functions.
@@ -6476,7 +6476,7 @@ class ChannelsTab(_ListTab):
             n += 1
         fields = {k: v for k, v in c.items() if k != "id"}
         fields["name"] = f"{c['name']} ({n})"
-        self.app.save(lambda: self.app.store.add_channel(**fields), f"channel duplicated")
+        self.app.save(lambda: self.app.store.add_channel(**fields), "channel duplicated")
 
     def test(self) -> None:
         c = self.selected()

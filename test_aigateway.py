@@ -739,7 +739,8 @@ def test_07_socks5_and_socks5h_with_auth(upstream):
     port = proxy.server_address[1]
 
     async def go():
-        _, b1 = await _client_call(f"http://localhost:{up.port}/", proxy=f"socks5://127.0.0.1:{port}")
+        _, b1 = await _client_call(f"http://localhost:{up.port}/",
+                                   proxy=f"socks5://127.0.0.1:{port}")
         _, b2 = await _client_call(f"http://localhost:{up.port}/",
                                    proxy=f"socks5h://u:pw@127.0.0.1:{port}")
         return b1, b2
@@ -923,7 +924,8 @@ def test_09_upstream_error_message_from_any_dialect(body, expected):
 
 
 def test_09_replace_json_model_is_byte_exact_elsewhere():
-    body = b'{ "model" : "fast",\n "messages": [{"role":"user","content":"1e5 \\u00e9"}], "x": 1.10}'
+    body = (b'{ "model" : "fast",\n "messages": [{"role":"user","content":"1e5 \\u00e9"}], '
+            b'"x": 1.10}')
     out = ag.replace_json_model(body, "fast", "gpt-4o-mini")
     assert out == body.replace(b'"model" : "fast"', b'"model":"gpt-4o-mini"')
     nested = b'{"model":"a","metadata":{"model":"a"}}'
@@ -934,7 +936,8 @@ def test_09_replace_json_model_is_byte_exact_elsewhere():
 @pytest.mark.parametrize("base,expected", [
     ("https://api.openai.com", "https://api.openai.com/v1/chat/completions"),
     ("https://api.openai.com/v1/", "https://api.openai.com/v1/chat/completions"),
-    ("https://open.bigmodel.cn/api/paas/v4", "https://open.bigmodel.cn/api/paas/v4/chat/completions"),
+    ("https://open.bigmodel.cn/api/paas/v4",
+     "https://open.bigmodel.cn/api/paas/v4/chat/completions"),
     ("https://generativelanguage.googleapis.com/v1beta/openai",
      "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"),
     ("https://api.groq.com/openai", "https://api.groq.com/openai/v1/chat/completions"),
@@ -1854,7 +1857,8 @@ def test_09_count_tokens_estimate_grows_with_content():
     small = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "hi"}]))
     big = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "word " * 400}],
                                              tools=TOOLS))
-    cjk = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "漢字" * 100}]))
+    cjk = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user",
+                                                        "content": "漢字" * 100}]))
     assert 1 <= small < 20 and 400 < big < 800 and cjk >= 200
 
 
@@ -2140,7 +2144,8 @@ def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
 
 
 @pytest.mark.parametrize("ctype,status,body,sdk_error,atype", [
-    ("gemini", 429, b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}',
+    ("gemini", 429,
+     b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}',
      anthropic.RateLimitError, "rate_limit_error"),
     ("openai", 400, b'{"error":{"message":"bad schema","type":"invalid_request_error"}}',
      anthropic.BadRequestError, "invalid_request_error"),
