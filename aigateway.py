@@ -5014,7 +5014,8 @@ class Gateway:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def candidates(self, model: str, route: Route, token: Token | None) -> list[Channel]:
+    def candidates(self, model: str, route: Route, token: Token | None,
+                   rec: dict | None = None) -> list[Channel]:
         serving = [ch for ch in self.channels if ch.enabled and ch.serves(model)]
         if not serving:
             raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
@@ -5050,6 +5051,8 @@ class Gateway:
                 if h is not None and h.until:        # cooldown over: this one is the probe
                     h.probing, h.until = True, 0.0
                 ready.append(ch)
+        if rec is not None and ready:
+            rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
         # When every candidate is cooling down, try them anyway: an answer beats a refusal.
         return ready or ordered
 
@@ -5126,7 +5129,7 @@ class Gateway:
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
             raise GatewayError(403, f"gateway token '{token.name}' may not use model '{model}'")
-        chans = self.candidates(model, route, token)
+        chans = self.candidates(model, route, token, rec)
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
         foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
@@ -5635,7 +5638,7 @@ class Gateway:
     def _new_record(self, req: Request, route: str) -> dict:
         return {"id": next(self._seq), "time": time.time(), "_t0": time.perf_counter(),
                 "method": req.method, "route": route, "model": None, "stream": False,
-                "token": None, "channel": None, "tried": [], "failures": [],
+                "token": None, "channel": None, "tried": [], "failures": [], "skipped": [],
                 "status": None, "latency_ms": None, "ttfb_ms": None,
                 "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
                 "output_tokens": None, "error": None}
@@ -5993,6 +5996,8 @@ def record_detail(rec: dict) -> str:
              f"bytes in/out: {rec.get('bytes_in')}/{rec.get('bytes_out')}"]
     for f in rec.get("failures") or []:
         lines.append(f"  ✗ {f['channel']}: {f['status']} {f['error']}")
+    if rec.get("skipped"):
+        lines.append(f"skipped (cooling down): {', '.join(rec['skipped'])}")
     if rec.get("error"):
         lines.append(f"error: {rec['error']}")
     return "\n".join(lines)

@@ -2904,7 +2904,7 @@ def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream, mo
     for _ in range(3):                                   # skipped while cooling down
         c.chat.completions.create(model="m", messages=[])
     assert len(bad.requests) == 3
-    assert g.records(6)[-1]["tried"] == ["good"]
+    assert g.records(6)[-1]["tried"] == ["good"] and g.records(6)[-1]["skipped"] == ["bad"]
     time.sleep(0.45)                                    # let the cooldown run out
     bad.replies = [openai_chat_reply(text="healed")]
     assert c.chat.completions.create(model="m", messages=[]).choices[0].message.content == \
@@ -3141,3 +3141,133 @@ def test_fuzz_request_and_response_converters(value):
                 encode[1](resp, "m", ir)
             except ag.GatewayError as exc:
                 assert exc.status == 502
+
+
+# =================================================================================================
+# The real coding CLIs (Codex, gemini-cli, Claude Code) through the gateway. .ci/run installs
+# them with npm into .ci/node_modules; a machine without them skips these, CI never does.
+# =================================================================================================
+
+CLI_BIN = os.path.join(HERE, ".ci", "node_modules", ".bin")
+SHELL_TOOLS = {"exec_command": {"cmd": "echo cli-ok"},
+               "Bash": {"command": "echo cli-ok", "description": "print a word"},
+               "run_shell_command": {"command": "echo cli-ok", "description": "print a word"}}
+
+
+def _cli_bin(name):
+    path = os.path.join(CLI_BIN, name)
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"the {name} CLI is missing: .ci/run installs it")
+        pytest.skip(f"the {name} CLI is not installed (see .ci/run)")
+    return path
+
+
+def cli_upstream(rec):
+    """An OpenAI-compatible model that runs the CLI's shell tool once, then answers with what
+    the tool printed; JSON when a JSON answer is asked for (gemini-cli's router)."""
+    body = json.loads(rec["body"])
+    msgs = body.get("messages") or [{}]
+    tools = [t["function"]["name"] for t in body.get("tools") or []]
+    shell = next((t for t in SHELL_TOOLS if t in tools), None)
+    call = None
+    if msgs[-1].get("role") == "tool":
+        text = f"DONE {str(msgs[-1].get('content'))[:300]}"
+    elif body.get("response_format"):
+        text = json.dumps({"reasoning": "simple", "model_choice": "flash",
+                           "complexity_score": 1, "complexity_reasoning": "simple"})
+    elif shell:
+        text, call = "", {"index": 0, "id": "call_cli", "type": "function", "function": {
+            "name": shell, "arguments": json.dumps(SHELL_TOOLS[shell])}}
+    else:
+        text = "hello from the gateway"
+    usage = {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}
+    if not body.get("stream"):
+        msg = {"role": "assistant", "content": text or None}
+        if call:
+            msg["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}]
+        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": body["model"], "usage": usage, "choices": [{
+                                          "index": 0, "message": msg, "finish_reason":
+                                          "tool_calls" if call else "stop"}]}).encode())
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+    deltas = [{"role": "assistant", "content": ""}] + ([{"content": text}] if text else []) + \
+        ([{"tool_calls": [call]}] if call else [])
+    chunks = [dict(base, choices=[{"index": 0, "delta": d, "finish_reason": None}])
+              for d in deltas]
+    chunks.append(dict(base, choices=[{"index": 0, "delta": {},
+                                       "finish_reason": "tool_calls" if call else "stop"}]))
+    chunks.append(dict(base, choices=[], usage=usage))
+    return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                 [b"data: [DONE]\n\n"], content_type="text/event-stream")
+
+
+def _run_cli(args, env, cwd, timeout=120):
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("OPENAI", "ANTHROPIC", "GEMINI", "GOOGLE", "CODEX"))}
+    full_env.update(env)
+    p = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    return p.returncode, p.stdout + p.stderr
+
+
+def _tool_result_seen(up, needle="cli-ok"):
+    return any(needle in json.dumps(json.loads(r["body"]).get("messages", [])[-1:])
+               for r in up.requests if r["method"] == "POST")
+
+
+def test_15_codex_exec_runs_its_tool_loop_through_the_gateway(gw, upstream, tmp_path):
+    codex = _cli_bin("codex")
+    up = upstream()
+    up.responder = cli_upstream
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "gpt-5-codex"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n')
+    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "print the word"],
+                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                        "GW_TOKEN": TOKEN}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    assert _tool_result_seen(up)
+    assert all(r["route"] == "/v1/responses" and r["status"] == 200
+               for r in g.records(2) if r["route"] != "/v1/models")
+
+
+def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
+    gemini = _cli_bin("gemini")
+    up = upstream()
+    up.responder = cli_upstream
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"security": {"auth": {"selectedType": "gemini-api-key"}},
+         "selectedAuthType": "gemini-api-key"}))
+    rc, out = _run_cli([gemini, "-p", "say hello", "-m", "gemini-2.5-flash"],
+                       {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
+                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true"},
+                       tmp_path, timeout=180)
+    assert rc == 0, out[-2000:]
+    assert "hello from the gateway" in out
+    assert any(":streamGenerateContent" in r["route"] or ":generateContent" in r["route"]
+               for r in g.records())
+
+
+def test_15_claude_code_runs_its_tool_loop_through_an_openai_channel(gw, upstream, tmp_path):
+    claude = _cli_bin("claude")
+    up = upstream()
+    up.responder = cli_upstream
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
+    rc, out = _run_cli([claude, "-p", "print the word", "--allowedTools", "Bash",
+                        "--model", "claude-sonnet-4-5"],
+                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
+                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
+                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    assert _tool_result_seen(up)
+    sent = [json.loads(r["body"]) for r in up.requests]
+    assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
