@@ -6205,17 +6205,24 @@ def statistics_median(values: Iterable[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def _dialog(app: App, title: str, parent: Any = None) -> tuple[Any, Any]:
+    """A themed Toplevel over ``parent`` (the main window by default) and its padded body."""
+    top = tk.Toplevel(parent or app.root)
+    top.title(title)
+    top.transient(parent or app.root)
+    top.configure(background=app.colors["bg"])
+    body = ttk.Frame(top, padding=14)
+    body.pack(fill="both", expand=True)
+    return top, body
+
+
 class ChannelDialog:
     """Add or edit one channel. ``result`` holds the saved channel's fields after Save."""
 
     def __init__(self, app: App, channel: dict | None):
         self.app, self.channel = app, channel
-        self.top = top = tk.Toplevel(app.root)
-        top.title("Edit channel" if channel else "Add channel")
-        top.transient(app.root)
-        top.configure(background=app.colors["bg"])
-        body = ttk.Frame(top, padding=14)
-        body.pack(fill="both", expand=True)
+        self.top, body = _dialog(app, "Edit channel" if channel else "Add channel")
+        top = self.top
         c = channel or dict(CHANNEL_DEFAULTS, base_url=CHANNEL_DEFAULT_URLS["openai"])
         self.vars = {
             "name": tk.StringVar(value=c.get("name", "")),
@@ -6364,12 +6371,8 @@ class ChannelDialog:
 
 class ModelPicker:
     def __init__(self, app: App, parent: Any, names: list[str], target: Any):
-        self.top = top = tk.Toplevel(parent)
-        top.title("Pick models")
-        top.configure(background=app.colors["bg"])
+        self.top, frame = _dialog(app, "Pick models", parent)
         self.target = target
-        frame = ttk.Frame(top, padding=10)
-        frame.pack(fill="both", expand=True)
         ttk.Label(frame, text=f"{len(names)} models; select the ones to serve",
                   style="Muted.TLabel").pack(anchor="w")
         self.listbox = tk.Listbox(frame, selectmode="extended", height=14, width=48,
@@ -6526,11 +6529,7 @@ class TokensTab(_ListTab):
     def show_once(self, name: str, key: str) -> None:
         """The new key, shown this once with a copy button."""
         self.shown_key = key
-        top = tk.Toplevel(self.app.root)
-        top.title("New token")
-        top.configure(background=self.app.colors["bg"])
-        frame = ttk.Frame(top, padding=14)
-        frame.pack(fill="both", expand=True)
+        top, frame = _dialog(self.app, "New token")
         ttk.Label(frame, text=f"Token '{name}' created. Copy it now: it is shown only once.",
                   wraplength=420).pack(anchor="w")
         var = tk.StringVar(value=key)
@@ -6546,12 +6545,8 @@ class TokensTab(_ListTab):
 class TokenDialog:
     def __init__(self, app: App, token: dict | None):
         self.app, self.token = app, token
-        self.top = top = tk.Toplevel(app.root)
-        top.title("Edit token" if token else "Create token")
-        top.transient(app.root)
-        top.configure(background=app.colors["bg"])
-        body = ttk.Frame(top, padding=14)
-        body.pack(fill="both", expand=True)
+        self.top, body = _dialog(app, "Edit token" if token else "Create token")
+        top = self.top
         self.name = tk.StringVar(value=token["name"] if token else "")
         ttk.Label(body, text="Name").grid(row=0, column=0, sticky="w")
         ttk.Entry(body, textvariable=self.name, width=36).grid(row=0, column=1, sticky="we",
