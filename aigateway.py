@@ -2089,9 +2089,25 @@ class StreamDecoder:
     id_prefix = "chatcmpl-"
 
     def __init__(self):
+        self._sse = SSEDecoder()
         self._started = False
         self._tools = 0                  # tool calls seen, the next IR tool index
         self.finish: str | None = None
+
+    def _sse_objects(self, data: bytes) -> Iterable[tuple[str | None, dict]]:
+        """(event name, JSON object) for each whole SSE event in ``data``; the [DONE] sentinel
+        and events that are not JSON objects are skipped (Gemini's one-element lists opened)."""
+        for name, payload, _ in self._sse.feed(data):
+            if payload.startswith("[DONE]"):
+                continue
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(obj, list) and obj:
+                obj = obj[0]
+            if isinstance(obj, dict):
+                yield name, obj
 
     def _start(self, out: list[tuple], rid: Any = None, model: Any = None) -> None:
         if not self._started:
@@ -2497,7 +2513,6 @@ class OpenAIStreamDecoder(StreamDecoder):
 
     def __init__(self):
         super().__init__()
-        self._sse = SSEDecoder()
         self._index: dict[int, int] = {}          # upstream index -> IR index
         self._ids: dict[str, int] = {}
         self.usage: dict | None = None
@@ -2505,15 +2520,7 @@ class OpenAIStreamDecoder(StreamDecoder):
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
-        for _, payload, _ in self._sse.feed(data):
-            if payload.startswith("[DONE]"):
-                continue
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(chunk, dict):
-                continue
+        for _, chunk in self._sse_objects(data):
             if "error" in chunk:
                 err = chunk["error"] if isinstance(chunk["error"], dict) else {}
                 out.append(("error", GatewayError(502, str(err.get("message") or chunk["error"]))))
@@ -2859,20 +2866,13 @@ class AnthropicStreamDecoder(StreamDecoder):
 
     def __init__(self):
         super().__init__()
-        self._sse = SSEDecoder()
         self._blocks: dict[int, int | None] = {}    # block index -> IR tool index (None: other)
         self.usage = new_usage()
 
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
-        for name, payload, _ in self._sse.feed(data):
-            try:
-                ev = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(ev, dict):
-                continue
+        for name, ev in self._sse_objects(data):
             kind = ev.get("type") or name
             if kind == "message_start":
                 msg = ev.get("message") or {}
@@ -3288,7 +3288,6 @@ class GeminiStreamDecoder(StreamDecoder):
 
     def __init__(self, signatures: dict[str, str] | None = None):
         super().__init__()
-        self._sse = SSEDecoder()
         self._signatures = signatures
         self._reason: str | None = None
         self._blocked = False
@@ -3297,15 +3296,7 @@ class GeminiStreamDecoder(StreamDecoder):
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
-        for _, payload, _ in self._sse.feed(data):
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                continue
-            if isinstance(chunk, list) and chunk:
-                chunk = chunk[0]
-            if not isinstance(chunk, dict):
-                continue
+        for _, chunk in self._sse_objects(data):
             if "error" in chunk:
                 err = chunk["error"] if isinstance(chunk["error"], dict) else {}
                 out.append(("error", GatewayError(_num(err.get("code")) or 502,
