@@ -4426,6 +4426,8 @@ class InstanceLock:
         except OSError:
             try:
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            except OSError:                  # Windows: the locked byte cannot be read
+                pid = "?"
             finally:
                 os.close(fd)
             raise ConfigError(f"another aigateway (pid {pid}) is already using "
@@ -6809,6 +6811,10 @@ class App:
             return
         try:
             self.bridge.start()
+        except ConfigError as exc:
+            self.dashboard.log(f"cannot start: {exc}")
+            self.dashboard.set_state(False)
+            return
         except OSError as exc:
             s = self.store.data["settings"]
             self.dashboard.log(f"cannot listen on {self.bridge.host or s['host']}:"
@@ -6988,19 +6994,35 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
     return 0
 
 
+def report_error(text: str) -> None:
+    """An error for the user: on stderr, or in a message box when there is none (the windowed
+    EXE has no console)."""
+    if sys.stderr is not None:
+        print(f"aigateway: {text}", file=sys.stderr)
+        return
+    try:
+        _load_tk()
+        root = tk.Tk()
+        root.withdraw()
+        messagebox.showerror("AI Gateway", text, parent=root)
+        root.destroy()
+    except Exception:                                                  # nowhere left to say it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     path = os.path.abspath(args.config) if args.config else default_config_path()
     try:
         store, new_key = ConfigStore.load(path)
     except ConfigError as exc:
-        print(f"aigateway: invalid configuration: {exc}", file=sys.stderr)
+        report_error(f"invalid configuration: {exc}")
         return 2
     lock = InstanceLock(path)
     try:
         lock.acquire()
     except ConfigError as exc:
-        print(f"aigateway: {exc}", file=sys.stderr)
+        report_error(str(exc))
         return 2
     try:
         return _run(args, store, path, new_key)
