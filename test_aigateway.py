@@ -3271,3 +3271,16 @@ def test_15_claude_code_runs_its_tool_loop_through_an_openai_channel(gw, upstrea
     assert _tool_result_seen(up)
     sent = [json.loads(r["body"]) for r in up.requests]
     assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
+
+
+def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": {"port": 0, "require_auth": False}}))
+    store, _ = ag.ConfigStore.load(str(path))
+    a = ag.App(store, host="0.0.0.0", start=True)
+    try:
+        a.root.update()
+        assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+        assert "allow_unauthenticated_remote" in a.dashboard.activity.get("1.0", "end")
+    finally:
+        a.close()
