@@ -193,7 +193,9 @@ class FakeUpstream:
         self.port = self.server.server_address[1]
         scheme = "https" if tls_context else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A 10 ms poll: shutdown() returns in milliseconds, not serve_forever's default 0.5 s.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,),
+                                       daemon=True)
         self.thread.start()
 
     def last(self) -> dict:
@@ -636,7 +638,7 @@ class _ProxyBase(socketserver.ThreadingTCPServer):
     def __init__(self, handler):
         super().__init__(("127.0.0.1", 0), handler)
         self.seen: list = []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.01,), daemon=True).start()
 
 
 def _pipe(a: socket.socket, b: socket.socket):
