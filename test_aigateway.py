@@ -754,6 +754,66 @@ def test_07_socks5_and_socks5h_with_auth(upstream):
     proxy.shutdown()
 
 
+# -- URLs fetched for clients: address classifier and spellings (SSRF) --
+
+@pytest.mark.parametrize("addr,why", [
+    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("10.1.2.3", "private"),
+    ("172.16.0.1", "private"), ("172.31.255.255", "private"), ("192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"), ("100.64.0.1", "shared (CGNAT)"),
+    ("0.0.0.0", "'this network'"), ("0.1.2.3", "'this network'"), ("224.0.0.251", "multicast"),
+    ("239.255.255.250", "multicast"), ("255.255.255.255", "broadcast"),
+    ("240.0.0.1", "reserved"), ("192.0.2.7", "documentation"),
+    ("198.51.100.7", "documentation"), ("203.0.113.7", "documentation"),
+    ("198.18.0.1", "benchmarking"), ("192.0.0.8", "IETF protocol"),
+    ("::", "unspecified"), ("::1", "loopback"), ("fe80::1", "link-local"),
+    ("fe80::1%1", "link-local"), ("fc00::1", "private (unique local)"),
+    ("fd12:3456::1", "private (unique local)"), ("ff02::1", "multicast"),
+    ("2001:db8::1", "documentation"), ("3fff::1", "documentation"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"), ("::7f00:1", "IPv4-compatible"),
+    ("::ffff:127.0.0.1", "loopback (carried in IPv6)"),
+    ("::ffff:a9fe:a9fe", "link-local (carried in IPv6)"),
+    ("64:ff9b::a00:1", "private (carried in IPv6)"), ("64:ff9b:1::1", "local NAT64"),
+    ("2002:7f00:1::1", "loopback (carried in IPv6)"),
+    ("2002:c0a8:101::1", "private (carried in IPv6)"), ("fec0::1", "site-local"),
+    ("8.8.8.8", None), ("1.1.1.1", None), ("93.184.216.34", None), ("172.32.0.1", None),
+    ("100.128.0.1", None), ("2606:4700::1111", None), ("::ffff:8.8.8.8", None),
+    ("64:ff9b::808:808", None), ("2002:808:808::1", None),
+])
+def test_07_address_classifier(addr, why):
+    assert ag.address_refusal(__import__("ipaddress").ip_address(addr)) == why
+
+
+@pytest.mark.parametrize("spelling,addr", [
+    ("127.0.0.1", "127.0.0.1"), ("2130706433", "127.0.0.1"), ("0x7f.1", "127.0.0.1"),
+    ("0x7f000001", "127.0.0.1"), ("127.1", "127.0.0.1"), ("0177.0.0.1", "127.0.0.1"),
+    ("0177.1", "127.0.0.1"), ("localhost", "127.0.0.1"), ("::ffff:7f00:1", "::ffff:127.0.0.1"),
+    ("::ffff:127.0.0.1", "::ffff:127.0.0.1"), ("0", "0.0.0.0"), ("0xa9fea9fe", "169.254.169.254"),
+    ("2852039166", "169.254.169.254"), ("012.1", "10.0.0.1"), ("3232235777", "192.168.1.1"),
+])
+def test_07_every_spelling_resolves_to_the_address_it_means(spelling, addr):
+    """The system resolver (inet_aton rules) decides what a host string means; the classifier
+    judges the address it returns, so no spelling slips past as a 'name'."""
+    found = dict(run(ag.resolve_for_fetch(spelling, 80)))
+    assert addr in found and all(why is not None for why in found.values())
+
+
+def test_07_fetch_urls_are_normalised_and_schemes_refused():
+    target, host, port = ag._fetch_host(
+        "http://\u24db\u24de\u24d2\u24d0\u24db\u24d7\u24de\u24e2\u24e3./a b/\u00e9?k=1 2#f",
+        "image")
+    assert (target, host, port) == ("http://localhost/a%20b/%C3%A9?k=1%202", "localhost", 80)
+    assert ag._fetch_host("https://[::FFFF:7f00:1]:8443/x", "image")[1:] == ("::ffff:7f00:1",
+                                                                             8443)
+    for url, shown in [("file:///etc/passwd", "(none)"), ("ftp://files.example/x", "files.example"),
+                       ("gopher://127.0.0.1:70/", "127.0.0.1"), ("javascript:alert(1)", "(none)")]:
+        with pytest.raises(ag.GatewayError) as e:
+            ag._fetch_host(url, "image")
+        assert e.value.status == 400 and f"host '{shown}'" in e.value.message
+        assert "only http: and https:" in e.value.message and "fetch_private_urls" in e.value.message
+    with pytest.raises(ag.GatewayError, match="not a valid name"):
+        ag._fetch_host("http://a..b\udcff/", "image")
+
+
 # =================================================================================================
 # 8. HTTP server (raw sockets: an independent client that sees exactly what we send)
 # =================================================================================================
@@ -2243,7 +2303,7 @@ def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, c
     pics = upstream([Reply(body=png, content_type="image/png")])
     up = upstream()
     up.responder = getattr(Dialects, ctype)
-    g = gw([chan(up, type=ctype)])
+    g = gw([chan(up, type=ctype)], settings={"fetch_private_urls": True})     # pics: loopback
     g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": pics.url + "/cat.png"}}]}])
