@@ -1461,8 +1461,9 @@ class UrlFetcher:
             where = f"cannot fetch {what} from host '{host}'"
             addrs = () if allow_private else await self._checked(host, port, where)
             try:
+                # Per-read timeouts a little past the total one, which ends the fetch first.
                 up = await self.client.request("GET", target, headers, proxy=proxy,
-                                               timeout=self.timeout, connect_to=addrs)
+                                               timeout=self.timeout + 1, connect_to=addrs)
             except UpstreamError as exc:
                 raise GatewayError(400, f"{where}: {exc.message}") from None
             try:
@@ -1520,7 +1521,7 @@ def _fetch_host(url: str, what: str) -> tuple[str, str, int]:
     try:
         u = urllib.parse.urlsplit(url)
         port = u.port
-        host = (u.hostname or "")
+        host = u.hostname or ""
         if ":" not in host:
             host = host.encode("idna").decode("ascii").lower()
     except (ValueError, UnicodeError):
@@ -1539,7 +1540,6 @@ def _fetch_host(url: str, what: str) -> tuple[str, str, int]:
     path = urllib.parse.quote(u.path or "/", safe=_URL_SAFE)
     query = urllib.parse.quote(u.query, safe=_URL_SAFE + "?")
     return f"{scheme}://{authority}{path}{'?' + query if query else ''}", host, port
-
 
 
 # =================================================================================================
@@ -1915,7 +1915,8 @@ class HTTPServer:
 PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",), GEMINI: ("gemini",),
                      RESPONSES: ()}      # openai/custom channels with responses_api: true too
 # Channel types that take images only as inline bytes, with the media types their converters
-# inline: the gateway fetches image URLs for them (UrlFetcher). Gemini's inlineData takes PDFs too.
+# inline: the gateway fetches image URLs for them (UrlFetcher). Gemini's inlineData takes PDFs too
+# (ai.google.dev/gemini-api/docs/document-processing, "Passing PDF data inline").
 INLINE_ONLY_MEDIA = {"gemini": ("image/", "application/pdf"), "ollama": ("image/",)}
 
 _OPENAI_ERROR_TYPE = {
