@@ -756,6 +756,21 @@ def test_07_socks5_and_socks5h_with_auth(upstream):
 
 # -- URLs fetched for clients: address classifier and spellings (SSRF) --
 
+def test_07_connect_to_pins_the_address_and_keeps_the_name(upstream):
+    up = upstream([Reply(body=b"pinned", content_type="text/plain")])
+
+    async def go():
+        c = ag.UpstreamClient()
+        # .test never resolves (RFC 6761): only the given addresses are used. ::1 is refused
+        # (the fake listens on 127.0.0.1 only), so the next address is tried.
+        resp, body = await _client_call(f"http://img.test:{up.port}/a", c, method="GET",
+                                        body=b"", connect_to=("::1", "127.0.0.1"))
+        return resp.status, body
+    assert run(go()) == (200, b"pinned")
+    assert [r["path"] for r in up.requests] == ["/a"]
+    assert up.requests[0]["headers"]["host"] == f"img.test:{up.port}"
+
+
 @pytest.mark.parametrize("addr,why", [
     ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("10.1.2.3", "private"),
     ("172.16.0.1", "private"), ("172.31.255.255", "private"), ("192.168.1.1", "private"),
@@ -1611,6 +1626,32 @@ def test_11_fetch_through_a_proxy_hands_it_the_checked_address(gw, upstream):
     assert "cannot fetch image" in _fetch_error(g, f"http://10.0.0.1:{pics.port}/cat.png")
     assert len(proxy.seen) == 2                 # the second is the channel's own request
     proxy.shutdown()
+    socks = _ProxyBase(Socks5Handler)
+    g2 = gw([chan(up, type="ollama", proxy=f"socks5h://127.0.0.1:{socks.server_address[1]}")])
+    g2.gateway.fetcher.resolve = _names({"img.test": [("127.0.0.1", None)]})
+    g2.openai().chat.completions.create(**_image_chat(f"http://img.test:{pics.port}/cat.png"))
+    assert socks.seen[0] == ("connect", 1, "127.0.0.1", pics.port)     # an IP, not the name
+    assert pics.requests[-1]["headers"]["host"] == f"img.test:{pics.port}"
+    socks.shutdown()
+
+
+def test_11_fetch_over_https_sends_the_name_as_sni_and_verifies_it(gw, upstream, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    names = []
+    ctx.sni_callback = lambda sock, name, c: names.append(name)
+    pics = upstream([Reply(body=PNG, content_type="image/png")], tls_context=ctx)
+    up = upstream()
+    up.responder = Dialects.ollama
+    g = gw([chan(up, type="ollama")])
+    g.gateway.fetcher.resolve = _names({"img.test": [("127.0.0.1", None)]})
+    message = _fetch_error(g, f"https://img.test:{pics.port}/cat.png")
+    assert "host 'img.test'" in message and "TLS with img.test failed" in message
+    assert names == ["img.test"] and pics.requests == [] and up.requests == []
 
 
 # =================================================================================================
