@@ -1482,7 +1482,7 @@ class UrlFetcher:
     async def _checked(self, host: str, port: int, where: str) -> tuple[str, ...]:
         try:
             found = await self.resolve(host, port)
-        except (OSError, UnicodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise GatewayError(400, f"{where}: {_os_error_text(exc)}") from None
         # One private answer refuses the name: a name that mixes public and private addresses
         # is a rebinding setup or an internal host, and either way not for a client to reach.
@@ -1524,8 +1524,10 @@ def _fetch_host(url: str, what: str) -> tuple[str, str, int]:
         host = u.hostname or ""
         if ":" not in host:
             host = host.encode("idna").decode("ascii").lower()
+        if not host.isprintable() or " " in host:
+            raise ValueError("control character or space in the host")
     except (ValueError, UnicodeError):
-        raise GatewayError(400, f"cannot fetch {what}: the URL's host is not a valid name") \
+        raise GatewayError(400, f"cannot fetch {what}: the URL's host or port is not valid") \
             from None
     host = host[:-1] if host.endswith(".") else host
     scheme = u.scheme.lower()

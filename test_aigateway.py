@@ -827,8 +827,10 @@ def test_07_fetch_urls_are_normalised_and_schemes_refused():
         assert e.value.status == 400 and f"host '{shown}'" in e.value.message
         assert "only http: and https:" in e.value.message
         assert "fetch_private_urls" in e.value.message
-    with pytest.raises(ag.GatewayError, match="not a valid name"):
-        ag._fetch_host("http://a..b\udcff/", "image")
+    for url in ("http://a..b\udcff/", "http://img\x00.test/", "http://img test/",
+                "http://[::1/", "http://img.test:99999/"):
+        with pytest.raises(ag.GatewayError, match="host or port is not valid"):
+            ag._fetch_host(url, "image")
 
 
 # =================================================================================================
