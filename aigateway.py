@@ -102,6 +102,8 @@ POOL_IDLE_TTL = 50.0                  # servers commonly drop idle connections a
 MAX_BUFFERED_RESPONSE = 1024 * 1024   # upstream bodies up to this are read whole, else streamed
 MAX_ERROR_BODY = 256 * 1024           # how much of an upstream error body we read
 MAX_IMAGE_BYTES = 20 * 1024 * 1024    # image URLs fetched for Gemini/Ollama up to this size
+FETCH_TIMEOUT = 15.0                  # a URL fetched for a client: the whole fetch, redirects too
+FETCH_MAX_REDIRECTS = 3               # redirects followed per fetched URL, each target re-checked
 
 EVENTS_KEPT = 1000                    # request records kept in memory for the GUI
 SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for replay, oldest dropped
@@ -291,6 +293,44 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+# Addresses a URL fetched for a client must not reach unless settings.fetch_private_urls is true
+# (SSRF): the IANA special-purpose registries (RFC 6890 and updates), most specific first.
+# Whatever else ipaddress does not call global is refused as "reserved".
+_BLOCKED_NETWORKS = tuple((ipaddress.ip_network(net), why) for net, why in (
+    ("0.0.0.0/8", "'this network'"), ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (CGNAT)"), ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol"), ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay"), ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"), ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"), ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"), ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"), ("::1/128", "loopback"), ("::/96", "IPv4-compatible"),
+    ("64:ff9b:1::/48", "local NAT64"), ("100::/64", "discard"), ("2001::/32", "Teredo"),
+    ("2001:db8::/32", "documentation"), ("2001::/23", "IETF protocol"),
+    ("3fff::/20", "documentation"), ("5f00::/16", "segment routing"),
+    ("fc00::/7", "private (unique local)"), ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"), ("ff00::/8", "multicast"),
+))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a fetch on a client's behalf may not connect to ``ip`` ("loopback", "private", ...),
+    or None for a public address. IPv6 forms that carry an IPv4 address (IPv4-mapped, NAT64,
+    6to4) are judged by the address they carry."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+        if inner is not None:
+            why = address_refusal(inner)
+            return None if why is None else f"{why} (carried in IPv6)"
+    for net, why in _BLOCKED_NETWORKS:
+        if ip.version == net.version and ip in net:
+            return why
+    return None if ip.is_global and not ip.is_reserved else "reserved"
 
 
 # =================================================================================================
@@ -1066,13 +1106,15 @@ async def _socks5_tunnel(proxy: urllib.parse.SplitResult, t: _Target) -> socket.
             await loop.sock_sendall(sock, bytes([1, len(u)]) + u + bytes([len(p)]) + p)
             if (await _sock_recv_exactly(loop, sock, 2))[1] != 0:
                 raise ConnectionError("SOCKS5 proxy rejected the username or password")
-        if proxy.scheme == "socks5h":
+        try:
+            ip: Any = ipaddress.ip_address(t.host)
+        except ValueError:
+            ip = None
+        if ip is None and proxy.scheme == "socks5h":
             name = t.host.encode("idna")
             addr = bytes([3, len(name)]) + name
         else:
-            try:
-                ip = ipaddress.ip_address(t.host)
-            except ValueError:
+            if ip is None:
                 infos = await loop.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
                 ip = ipaddress.ip_address(infos[0][4][0])
             addr = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
@@ -1210,11 +1252,15 @@ class UpstreamClient:
     async def request(self, method: str, url: str, headers: list[tuple[str, str]],
                       body: bytes = b"", *, proxy: str = "", verify_tls: bool = True,
                       timeout: float = DEFAULT_CHANNEL_TIMEOUT,
-                      connect_timeout: float = CONNECT_TIMEOUT) -> UpstreamResponse:
+                      connect_timeout: float = CONNECT_TIMEOUT,
+                      connect_to: tuple[str, ...] = ()) -> UpstreamResponse:
+        """``connect_to``: addresses already resolved (and checked) for the URL's host; the
+        connection goes to one of them, directly or through the proxy, with no second name
+        lookup, while Host, TLS SNI and the certificate check keep the URL's name."""
         t = split_url(url)
         p = parse_proxy(proxy)
-        key = (t.scheme, t.host, t.port, proxy, verify_tls)
-        absolute = p is not None and p.scheme == "http" and t.scheme == "http"
+        key = (t.scheme, t.host, t.port, proxy, verify_tls, connect_to)
+        absolute = p is not None and p.scheme == "http" and t.scheme == "http" and not connect_to
         target = f"http://{_host_header(t)}{t.path}" if absolute else t.path
         hdrs = [("Host", _host_header(t))]
         hdrs += headers
@@ -1227,7 +1273,7 @@ class UpstreamClient:
             conn = self._take(key)
             fresh = conn is None
             if conn is None:
-                conn = await self._connect(t, p, key, verify_tls, connect_timeout)
+                conn = await self._connect(t, p, key, verify_tls, connect_timeout, connect_to)
             try:
                 await write_and_drain(conn.writer, head + body if len(body) < READ_SIZE else head,
                                       timeout)
@@ -1271,9 +1317,11 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     async def _connect(self, t: _Target, p: urllib.parse.SplitResult | None, key: tuple,
-                       verify_tls: bool, connect_timeout: float) -> _Conn:
+                       verify_tls: bool, connect_timeout: float,
+                       connect_to: tuple[str, ...] = ()) -> _Conn:
         try:
-            reader, writer = await timed(self._open(t, p, verify_tls), connect_timeout)
+            reader, writer = await timed(self._open(t, p, verify_tls, connect_to),
+                                         connect_timeout)
         except TimeoutError:
             raise UpstreamError(504, f"connecting to {t.host}:{t.port} timed out after "
                                      f"{connect_timeout:g} s", retryable=True) from None
@@ -1292,17 +1340,29 @@ class UpstreamClient:
         return _Conn(reader, writer, key)
 
     @staticmethod
-    async def _open(t: _Target, p: urllib.parse.SplitResult | None,
-                    verify_tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(t: _Target, p: urllib.parse.SplitResult | None, verify_tls: bool,
+                    connect_to: tuple[str, ...] = ()
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         ctx = tls_context(verify_tls) if t.scheme == "https" else None
         hostname = t.host if ctx else None
         if p is None:
-            return await asyncio.open_connection(t.host, t.port, ssl=ctx, server_hostname=hostname,
-                                                 limit=MAX_HEAD_BYTES)
-        if p.scheme == "http" and t.scheme == "http":
+            last: OSError = OSError(f"no address for {t.host}")
+            for addr in connect_to or (t.host,):
+                try:
+                    return await asyncio.open_connection(addr, t.port, ssl=ctx,
+                                                         server_hostname=hostname,
+                                                         limit=MAX_HEAD_BYTES)
+                except ssl.SSLError:
+                    raise
+                except OSError as exc:
+                    last = exc                        # refused or unreachable: the next address
+            raise last
+        if p.scheme == "http" and t.scheme == "http" and not connect_to:
             return await asyncio.open_connection(p.hostname, p.port or 8080, limit=MAX_HEAD_BYTES)
         tunnel = _socks5_tunnel if p.scheme.startswith("socks5") else _http_connect_tunnel
-        sock = await tunnel(p, t)
+        # The proxy is handed the checked address, never the name: it cannot resolve it anew.
+        sock = await tunnel(p, _Target(t.scheme, connect_to[0], t.port, t.path)
+                            if connect_to else t)
         return await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=hostname,
                                              limit=MAX_HEAD_BYTES)
 
@@ -1344,6 +1404,144 @@ def _os_error_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+# -- URLs fetched on a client's behalf (SSRF) -----------------------------------------------------
+# A client may name an image or PDF by URL that the gateway must fetch itself (for channels that
+# take only inline bytes). Only http(s); the host is resolved here, the way the system resolver
+# reads it (so 2130706433, 0x7f.1, 127.1 and 0177.0.0.1 all mean 127.0.0.1), every address is
+# judged by address_refusal, and the connection goes to a checked address (no second lookup that
+# a rebinding DNS server could answer differently). Redirects are followed up to
+# FETCH_MAX_REDIRECTS, each target checked the same way; size, total time and content type are
+# capped. Messages name the host only, never the path or query (which may hold a signed token).
+
+async def resolve_for_fetch(host: str, port: int) -> list[tuple[str, str | None]]:
+    """Every address ``host`` means to this machine's resolver, each with the reason a fetch
+    may not connect to it (None: public)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    found = dict.fromkeys(info[4][0] for info in infos)
+    return [(addr, address_refusal(ipaddress.ip_address(addr))) for addr in found]
+
+
+def media_type_accepted(media_type: str, accept: tuple[str, ...]) -> bool:
+    """``accept`` holds exact types ("application/pdf") and prefixes ("image/")."""
+    return any(media_type.startswith(a) if a.endswith("/") else media_type == a for a in accept)
+
+
+class UrlFetcher:
+    """Fetches client-named URLs with the SSRF checks above. ``resolve`` (host, port) -> [(address,
+    refusal or None)] and ``timeout`` are attributes so that tests can replace them."""
+
+    def __init__(self, client: UpstreamClient):
+        self.client = client
+        self.resolve: Callable[[str, int], Any] = resolve_for_fetch     # a coroutine function
+        self.timeout = FETCH_TIMEOUT
+
+    async def fetch(self, url: str, *, what: str, accept: tuple[str, ...], allow_private: bool,
+                    proxy: str = "") -> tuple[str, bytes]:
+        """(media type, body) of ``url``, or a GatewayError 400 naming ``what`` and the host.
+        ``allow_private`` (settings.fetch_private_urls) skips the address checks: the name is
+        then resolved by the connection (or the proxy) as for any upstream."""
+        hosts = [_fetch_host(url, what)[1]]         # the first host, then each one tried
+        try:
+            return await timed(self._fetch(url, what, accept, allow_private, proxy, hosts),
+                               self.timeout)
+        except TimeoutError:
+            raise GatewayError(400, f"cannot fetch {what} from host '{hosts[-1]}': no complete "
+                                    f"answer within {self.timeout:g} s") from None
+
+    async def _fetch(self, url: str, what: str, accept: tuple[str, ...], allow_private: bool,
+                     proxy: str, hosts: list[str]) -> tuple[str, bytes]:
+        headers = [("Accept", ", ".join(a + "*" if a.endswith("/") else a for a in accept)),
+                   ("Accept-Encoding", "identity")]
+        for _ in range(FETCH_MAX_REDIRECTS + 1):
+            target, host, port = _fetch_host(url, what)
+            hosts.append(host)
+            where = f"cannot fetch {what} from host '{host}'"
+            addrs = () if allow_private else await self._checked(host, port, where)
+            try:
+                # Per-read timeouts a little past the total one, which ends the fetch first.
+                up = await self.client.request("GET", target, headers, proxy=proxy,
+                                               timeout=self.timeout + 1, connect_to=addrs)
+            except UpstreamError as exc:
+                raise GatewayError(400, f"{where}: {exc.message}") from None
+            try:
+                if up.status in (301, 302, 303, 307, 308):
+                    location = up.headers.get("location")
+                    if not location:
+                        raise GatewayError(400, f"{where}: redirect {up.status} without Location")
+                    url = urllib.parse.urljoin(target, location.strip())
+                    continue
+                return await self._body(up, where, accept)
+            finally:
+                up.aclose_nowait()
+        raise GatewayError(400, f"cannot fetch {what} from host '{hosts[0]}': more than "
+                                f"{FETCH_MAX_REDIRECTS} redirects")
+
+    async def _checked(self, host: str, port: int, where: str) -> tuple[str, ...]:
+        try:
+            found = await self.resolve(host, port)
+        except (OSError, ValueError) as exc:
+            raise GatewayError(400, f"{where}: {_os_error_text(exc)}") from None
+        # One private answer refuses the name: a name that mixes public and private addresses
+        # is a rebinding setup or an internal host, and either way not for a client to reach.
+        for addr, why in found:
+            if why is not None:
+                raise GatewayError(400, f"{where}: it resolves to {addr}, a {why} address; the "
+                                        f"gateway fetches such addresses only when "
+                                        f"settings.fetch_private_urls is true")
+        if not found:
+            raise GatewayError(400, f"{where}: the name has no address")
+        return tuple(addr for addr, _ in found)
+
+    @staticmethod
+    async def _body(up: UpstreamResponse, where: str, accept: tuple[str, ...]
+                    ) -> tuple[str, bytes]:
+        if up.status != 200:
+            raise GatewayError(400, f"{where}: it answered {up.status}")
+        media = up.content_type.split(";")[0].strip().lower()
+        if not media_type_accepted(media, accept):
+            raise GatewayError(400, f"{where}: its content type {media[:80] or '(none)'!r} is "
+                                    f"not one of {', '.join(accept)}")
+        size = up.headers.get("content-length") or ""
+        too_large = size.isdigit() and int(size) > MAX_IMAGE_BYTES
+        data = b"" if too_large else await up.read(MAX_IMAGE_BYTES + 1)     # stops past the cap
+        if too_large or len(data) > MAX_IMAGE_BYTES:
+            raise GatewayError(400, f"{where}: larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+        return media, data
+
+
+_URL_SAFE = "/%:@!$&'()*+,;=-._~"     # RFC 3986 pchar: kept; spaces, controls, non-ASCII: escaped
+
+
+def _fetch_host(url: str, what: str) -> tuple[str, str, int]:
+    """(URL to request, host in ASCII without a trailing dot, port) of a client-named URL, or a
+    GatewayError 400: only http and https, whatever settings.fetch_private_urls says."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        port = u.port
+        host = u.hostname or ""
+        if ":" not in host:
+            host = host.encode("idna").decode("ascii").lower()
+        if not host.isprintable() or " " in host:
+            raise ValueError("control character or space in the host")
+    except (ValueError, UnicodeError):
+        raise GatewayError(400, f"cannot fetch {what}: the URL's host or port is not valid") \
+            from None
+    host = host[:-1] if host.endswith(".") else host
+    scheme = u.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise GatewayError(400, f"cannot fetch {what} from host '{host[:100] or '(none)'}': "
+                                f"scheme {scheme[:20] + ':'!r} is not fetched, only http: and "
+                                f"https: (settings.fetch_private_urls does not change this)")
+    if not host:
+        raise GatewayError(400, f"cannot fetch {what}: the URL has no host")
+    port = port or (443 if scheme == "https" else 80)
+    authority = _host_header(_Target(scheme, host, port, ""))
+    path = urllib.parse.quote(u.path or "/", safe=_URL_SAFE)
+    query = urllib.parse.quote(u.query, safe=_URL_SAFE + "?")
+    return f"{scheme}://{authority}{path}{'?' + query if query else ''}", host, port
 
 
 # =================================================================================================
@@ -1718,6 +1916,10 @@ class HTTPServer:
 
 PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",), GEMINI: ("gemini",),
                      RESPONSES: ()}      # openai/custom channels with responses_api: true too
+# Channel types that take images only as inline bytes, with the media types their converters
+# inline: the gateway fetches image URLs for them (UrlFetcher). Gemini's inlineData takes PDFs too
+# (ai.google.dev/gemini-api/docs/document-processing, "Passing PDF data inline").
+INLINE_ONLY_MEDIA = {"gemini": ("image/", "application/pdf"), "ollama": ("image/",)}
 
 _OPENAI_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
@@ -4140,6 +4342,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "cors_origins": [],
     "max_connections": DEFAULT_MAX_CONNECTIONS,
     "allow_unauthenticated_remote": False,   # needed to listen beyond loopback with auth off
+    "fetch_private_urls": False,      # image URLs may name loopback/private/link-local addresses
     "tls_cert": "",                   # PEM files: serve HTTPS (for LAN use)
     "tls_key": "",
     "start_on_open": True,            # the GUI starts the gateway when it opens
@@ -4251,6 +4454,7 @@ def validate_config(raw: Any, source: str) -> dict:
     if conns < 1:
         raise ck.fail("settings.max_connections", f"{conns} is below 1", "use 1024 or so")
     ck.typed(settings, "allow_unauthenticated_remote", "settings", (bool,), "true or false")
+    ck.typed(settings, "fetch_private_urls", "settings", (bool,), "true or false")
     for key in ("tls_cert", "tls_key"):
         ck.typed(settings, key, "settings", (str,), "a file path or an empty string")
     if bool(settings["tls_cert"]) != bool(settings["tls_key"]):
@@ -4836,6 +5040,7 @@ class Gateway:
                  on_event: Callable[[str, Any], None] | None = None,
                  client: UpstreamClient | None = None):
         self.client = client or UpstreamClient()
+        self.fetcher = UrlFetcher(self.client)
         self.on_event = on_event or (lambda kind, payload: None)
         self.config_dir = config_dir
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
@@ -5129,7 +5334,7 @@ class Gateway:
         ir: dict | None = None
         texts: list[str] | None = None              # what an embeddings request embeds
         dims: Any = None
-        inlined: dict | None = None          # ir with remote images fetched (Gemini, Ollama)
+        inlined: dict[str, dict] = {}       # by channel type: ir with image URLs fetched
         failures: list[tuple[Channel, UpstreamError]] = []
         for base in chans:
             keys_tried: set[str] = set()
@@ -5155,10 +5360,10 @@ class Gateway:
                         ir["stream"] = stream
                     if route.kind in ("count_tokens", "countTokens"):
                         return self._count_locally(ir, rec, dialect)
-                    if ch.type in ("gemini", "ollama") and inlined is None:
-                        inlined = await self._inline_remote_images(ir, ch)
+                    if ch.type in INLINE_ONLY_MEDIA and ch.type not in inlined:
+                        inlined[ch.type] = await self._inline_remote_images(ir, ch)
                     url, hdrs, body = self._converted_request(
-                        ch, inlined if ch.type in ("gemini", "ollama") else ir, model)
+                        ch, inlined.get(ch.type, ir), model)
                 try:
                     await self._acquire_slot(ch, rec)
                     t0 = time.perf_counter()
@@ -5347,8 +5552,9 @@ class Gateway:
     # -- conversion ------------------------------------------------------------------------------
 
     async def _inline_remote_images(self, ir: dict, ch: Channel) -> dict:
-        """Gemini and Ollama take images only inline: fetch http(s) image URLs (through the
-        channel's proxy, at most MAX_IMAGE_BYTES each) into base64 parts of a copy of ``ir``."""
+        """Gemini and Ollama take images only inline: fetch image URLs (UrlFetcher's checks,
+        through the channel's proxy) into base64 parts of a copy of ``ir``; a fetched PDF
+        becomes a file part."""
         def parts(msgs: list[dict]) -> Iterable[dict]:
             for m in msgs:
                 for p in m["content"]:
@@ -5361,19 +5567,12 @@ class Gateway:
         for p in parts(ir["messages"]):
             if p["type"] != "image" or "url" not in p:
                 continue
-            url = p.pop("url")
-            try:
-                up = await self.client.request("GET", url, [("Accept", "image/*")],
-                                               proxy=ch.proxy, timeout=30)
-                data = await up.read(MAX_IMAGE_BYTES + 1)
-            except UpstreamError as exc:
-                raise GatewayError(400, f"cannot fetch image {url[:200]}: {exc.message}") \
-                    from None
-            if up.status != 200 or len(data) > MAX_IMAGE_BYTES:
-                raise GatewayError(400, f"cannot fetch image {url[:200]}: "
-                                        f"{'too large' if up.status == 200 else up.status}")
-            p["media_type"] = up.content_type.split(";")[0].strip() or "image/png"
-            p["data"] = base64.b64encode(data).decode()
+            media, data = await self.fetcher.fetch(
+                p.pop("url"), what="image", accept=INLINE_ONLY_MEDIA[ch.type],
+                allow_private=self.settings["fetch_private_urls"], proxy=ch.proxy)
+            if not media.startswith("image/"):
+                p.update(type="file", filename="document.pdf")
+            p["media_type"], p["data"] = media, base64.b64encode(data).decode()
         return ir
 
     @staticmethod

@@ -754,6 +754,85 @@ def test_07_socks5_and_socks5h_with_auth(upstream):
     proxy.shutdown()
 
 
+# -- URLs fetched for clients: address classifier and spellings (SSRF) --
+
+def test_07_connect_to_pins_the_address_and_keeps_the_name(upstream):
+    up = upstream([Reply(body=b"pinned", content_type="text/plain")])
+
+    async def go():
+        c = ag.UpstreamClient()
+        # .test never resolves (RFC 6761): only the given addresses are used. ::1 is refused
+        # (the fake listens on 127.0.0.1 only), so the next address is tried.
+        resp, body = await _client_call(f"http://img.test:{up.port}/a", c, method="GET",
+                                        body=b"", connect_to=("::1", "127.0.0.1"))
+        return resp.status, body
+    assert run(go()) == (200, b"pinned")
+    assert [r["path"] for r in up.requests] == ["/a"]
+    assert up.requests[0]["headers"]["host"] == f"img.test:{up.port}"
+
+
+@pytest.mark.parametrize("addr,why", [
+    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("10.1.2.3", "private"),
+    ("172.16.0.1", "private"), ("172.31.255.255", "private"), ("192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"), ("100.64.0.1", "shared (CGNAT)"),
+    ("0.0.0.0", "'this network'"), ("0.1.2.3", "'this network'"), ("224.0.0.251", "multicast"),
+    ("239.255.255.250", "multicast"), ("255.255.255.255", "broadcast"),
+    ("240.0.0.1", "reserved"), ("192.0.2.7", "documentation"),
+    ("198.51.100.7", "documentation"), ("203.0.113.7", "documentation"),
+    ("198.18.0.1", "benchmarking"), ("192.0.0.8", "IETF protocol"),
+    ("::", "unspecified"), ("::1", "loopback"), ("fe80::1", "link-local"),
+    ("fe80::1%1", "link-local"), ("fc00::1", "private (unique local)"),
+    ("fd12:3456::1", "private (unique local)"), ("ff02::1", "multicast"),
+    ("2001:db8::1", "documentation"), ("3fff::1", "documentation"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"), ("::7f00:1", "IPv4-compatible"),
+    ("::ffff:127.0.0.1", "loopback (carried in IPv6)"),
+    ("::ffff:a9fe:a9fe", "link-local (carried in IPv6)"),
+    ("64:ff9b::a00:1", "private (carried in IPv6)"), ("64:ff9b:1::1", "local NAT64"),
+    ("2002:7f00:1::1", "loopback (carried in IPv6)"),
+    ("2002:c0a8:101::1", "private (carried in IPv6)"), ("fec0::1", "site-local"),
+    ("8.8.8.8", None), ("1.1.1.1", None), ("93.184.216.34", None), ("172.32.0.1", None),
+    ("100.128.0.1", None), ("2606:4700::1111", None), ("::ffff:8.8.8.8", None),
+    ("64:ff9b::808:808", None), ("2002:808:808::1", None),
+])
+def test_07_address_classifier(addr, why):
+    assert ag.address_refusal(__import__("ipaddress").ip_address(addr)) == why
+
+
+@pytest.mark.parametrize("spelling,addr", [
+    ("127.0.0.1", "127.0.0.1"), ("2130706433", "127.0.0.1"), ("0x7f.1", "127.0.0.1"),
+    ("0x7f000001", "127.0.0.1"), ("127.1", "127.0.0.1"), ("0177.0.0.1", "127.0.0.1"),
+    ("0177.1", "127.0.0.1"), ("localhost", "127.0.0.1"), ("::ffff:7f00:1", "::ffff:127.0.0.1"),
+    ("::ffff:127.0.0.1", "::ffff:127.0.0.1"), ("0", "0.0.0.0"), ("0xa9fea9fe", "169.254.169.254"),
+    ("2852039166", "169.254.169.254"), ("012.1", "10.0.0.1"), ("3232235777", "192.168.1.1"),
+])
+def test_07_every_spelling_resolves_to_the_address_it_means(spelling, addr):
+    """The system resolver (inet_aton rules) decides what a host string means; the classifier
+    judges the address it returns, so no spelling slips past as a 'name'."""
+    found = dict(run(ag.resolve_for_fetch(spelling, 80)))
+    assert addr in found and all(why is not None for why in found.values())
+
+
+def test_07_fetch_urls_are_normalised_and_schemes_refused():
+    target, host, port = ag._fetch_host(
+        "http://\u24db\u24de\u24d2\u24d0\u24db\u24d7\u24de\u24e2\u24e3./a b/\u00e9?k=1 2#f",
+        "image")
+    assert (target, host, port) == ("http://localhost/a%20b/%C3%A9?k=1%202", "localhost", 80)
+    assert ag._fetch_host("https://[::FFFF:7f00:1]:8443/x", "image")[1:] == ("::ffff:7f00:1",
+                                                                             8443)
+    for url, shown in [("file:///etc/passwd", "(none)"), ("ftp://files.test/x", "files.test"),
+                       ("gopher://127.0.0.1:70/", "127.0.0.1"),
+                       ("javascript:alert(1)", "(none)")]:
+        with pytest.raises(ag.GatewayError) as e:
+            ag._fetch_host(url, "image")
+        assert e.value.status == 400 and f"host '{shown}'" in e.value.message
+        assert "only http: and https:" in e.value.message
+        assert "fetch_private_urls" in e.value.message
+    for url in ("http://a..b\udcff/", "http://img\x00.test/", "http://img test/",
+                "http://[::1/", "http://img.test:99999/"):
+        with pytest.raises(ag.GatewayError, match="host or port is not valid"):
+            ag._fetch_host(url, "image")
+
+
 # =================================================================================================
 # 8. HTTP server (raw sockets: an independent client that sees exactly what we send)
 # =================================================================================================
@@ -1364,6 +1443,217 @@ def test_11_request_log_and_events_hold_no_secret(gw, upstream, tmp_path):
         assert secret not in everything
     kinds = {k for k, _ in g.events()}
     assert isinstance(kinds, set)
+
+
+# -- URLs fetched for clients (SSRF): a canary server that must never receive a request --
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(32))
+
+
+def _image_chat(url, model="m"):
+    return {"model": model, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def _names(answers):
+    """A resolver for the gateway's UrlFetcher: the test names in ``answers`` (host -> [(address,
+    refusal or None)]) answer as given, any other host through the real one."""
+    async def resolve(host, port):
+        if host in answers:
+            return answers[host]
+        return await ag.resolve_for_fetch(host, port)
+    return resolve
+
+
+def _fetch_error(g, url, ctype_model="m"):
+    status, _, body = g.request("POST", "/v1/chat/completions", _image_chat(url, ctype_model))
+    assert status == 400, body
+    err = json.loads(body)["error"]
+    assert err["type"] == "invalid_request_error" and "cannot fetch image" in err["message"]
+    return err["message"]
+
+
+@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
+def test_11_fetch_refuses_private_addresses_in_every_spelling(gw, upstream, ctype):
+    canary = upstream([Reply(body=PNG, content_type="image/png")])
+    up = upstream()
+    up.responder = getattr(Dialects, ctype)
+    g = gw([chan(up, type=ctype)])
+    p = canary.port
+    for url, host in [
+            (f"http://127.0.0.1:{p}/cat.png?sig=SECRET-SIG", "127.0.0.1"),
+            (f"http://localhost:{p}/", "localhost"), (f"http://LocalHost.:{p}/", "localhost"),
+            ("http://\u24db\u24de\u24d2\u24d0\u24db\u24d7\u24de\u24e2\u24e3:%d/" % p, "localhost"),
+            (f"http://[::1]:{p}/", "::1"), (f"http://[::ffff:127.0.0.1]:{p}/", "::ffff:127.0.0.1"),
+            (f"http://[::ffff:7f00:1]:{p}/", "::ffff:7f00:1"), (f"http://2130706433:{p}/",
+                                                                 "2130706433"),
+            (f"http://0x7f.1:{p}/", "0x7f.1"), (f"http://127.1:{p}/", "127.1"),
+            (f"http://0177.0.0.1:{p}/", "0177.0.0.1"),
+            ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+            ("http://10.0.0.1/", "10.0.0.1"), ("http://192.168.1.1/", "192.168.1.1"),
+            ("http://100.64.0.1/", "100.64.0.1"), (f"http://0.0.0.0:{p}/", "0.0.0.0"),
+            ("file:///etc/passwd", "(none)"), (f"ftp://127.0.0.1:{p}/x.png", "127.0.0.1")]:
+        message = _fetch_error(g, url)
+        assert f"host '{host}'" in message and "fetch_private_urls" in message, url
+        assert "SECRET-SIG" not in message
+    assert canary.requests == [] and up.requests == []
+    g2 = gw([chan(up, type=ctype)], settings={"fetch_private_urls": True})
+    g2.openai().chat.completions.create(**_image_chat(f"http://2130706433:{p}/cat.png"))
+    assert [r["path"] for r in canary.requests] == ["/cat.png"]
+    sent = json.loads(up.last()["body"])
+    b64 = __import__("base64").b64encode(PNG).decode()
+    assert b64 in (sent["messages"][0].get("images", []) if ctype == "ollama" else
+                   [p.get("inlineData", {}).get("data") for p in sent["contents"][0]["parts"]])
+
+
+def test_11_fetch_refusals_speak_the_clients_dialect(gw, upstream):
+    canary = upstream([Reply(body=PNG, content_type="image/png")])
+    gem, oll = upstream(), upstream()
+    gem.responder, oll.responder = Dialects.gemini, Dialects.ollama
+    g = gw([chan(gem, type="gemini", models=["claude-*"]),
+            chan(oll, type="ollama", models=["llama*"])])
+    url = f"http://127.0.0.1:{canary.port}/cat.png"
+    status, _, body = g.request("POST", "/v1/messages", {
+        "model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": url}}]}]},
+        headers={"anthropic-version": "2023-06-01"})
+    out = json.loads(body)
+    assert status == 400 and out["type"] == "error"
+    assert out["error"]["type"] == "invalid_request_error"
+    assert "host '127.0.0.1'" in out["error"]["message"]
+    assert "fetch_private_urls" in out["error"]["message"]
+    status, _, body = g.request("POST", "/v1beta/models/llama3:generateContent", {
+        "contents": [{"role": "user", "parts": [
+            {"text": "x"}, {"fileData": {"mimeType": "image/png", "fileUri": url}}]}]})
+    err = json.loads(body)["error"]
+    assert status == 400 and err["code"] == 400 and err["status"] == "INVALID_ARGUMENT"
+    assert "host '127.0.0.1'" in err["message"] and "fetch_private_urls" in err["message"]
+    assert canary.requests == gem.requests == oll.requests == []
+
+
+def _pictures(canary):
+    """A fake image host: /cat.png, /hop/N (N redirects, then the picture), /to/URL-ish paths
+    that redirect elsewhere, and answers that must be refused."""
+    big = ag.MAX_IMAGE_BYTES
+
+    def reply(rec):
+        path = rec["path"]
+        if path.startswith("/hop/"):
+            n = int(path.split("/")[2])
+            return Reply(302, headers={"Location": f"/hop/{n - 1}" if n > 1 else "/cat.png"})
+        return {
+            "/cat.png": Reply(body=PNG, content_type="image/png"),
+            "/to-canary": Reply(302, headers={
+                "Location": f"http://127.0.0.1:{canary.port}/x.png"}),
+            "/to-localhost": Reply(307, headers={"Location": f"http://localhost:{canary.port}/"}),
+            "/to-file": Reply(301, headers={"Location": "file:///etc/passwd"}),
+            "/missing": Reply(404, b"nope", content_type="text/plain"),
+            "/page": Reply(body=b"<html></html>", content_type="text/html"),
+            "/paper.pdf": Reply(body=b"%PDF-1.4 tiny", content_type="application/pdf"),
+            "/big-chunked": Reply(chunks=[b"\0" * 65536] * (big // 65536 + 4),
+                                  content_type="image/png"),
+            "/big-declared": Reply(body=b"\0" * (big + 1), content_type="image/png"),
+            "/slow": Reply(body=PNG, content_type="image/png", hang=5),
+        }[path]
+    return reply
+
+
+def test_11_fetch_pins_the_checked_address_and_rechecks_redirects(gw, upstream):
+    canary = upstream()
+    pics = upstream()
+    pics.responder = _pictures(canary)
+    up = upstream()
+    up.responder = Dialects.ollama
+    g = gw([chan(up, type="ollama")])
+    # img.test stands for a public name: the injected resolver answers 127.0.0.1 as public.
+    # .test never resolves (RFC 6761), so a second lookup by name would fail the fetch.
+    g.gateway.fetcher.resolve = _names({
+        "img.test": [("127.0.0.1", None)],
+        "mixed.test": [("127.0.0.1", None), ("10.0.0.1", "private")]})
+    base = f"http://img.test:{pics.port}"
+    g.openai().chat.completions.create(**_image_chat(base + "/cat.png"))
+    assert pics.last()["headers"]["host"] == f"img.test:{pics.port}"
+    b64 = __import__("base64").b64encode(PNG).decode()
+    assert json.loads(up.last()["body"])["messages"][0]["images"] == [b64]
+    g.openai().chat.completions.create(**_image_chat(base + "/hop/3"))       # 3: followed
+    assert [r["path"] for r in pics.requests[-4:]] == ["/hop/3", "/hop/2", "/hop/1", "/cat.png"]
+    assert "more than 3 redirects" in _fetch_error(g, base + "/hop/4")
+    message = _fetch_error(g, base + "/to-canary")
+    assert "host '127.0.0.1'" in message and "loopback" in message
+    assert "fetch_private_urls" in message
+    assert "host 'localhost'" in _fetch_error(g, base + "/to-localhost")
+    assert "scheme 'file:'" in _fetch_error(g, base + "/to-file")
+    seen = len(pics.requests)
+    message = _fetch_error(g, f"http://mixed.test:{pics.port}/cat.png")
+    assert "host 'mixed.test'" in message and "10.0.0.1, a private address" in message
+    assert len(pics.requests) == seen and canary.requests == []
+
+
+def test_11_fetch_caps_size_type_status_and_time(gw, upstream):
+    pics = upstream()
+    pics.responder = _pictures(upstream())
+    gem, oll = upstream(), upstream()
+    gem.responder, oll.responder = Dialects.gemini, Dialects.ollama
+    g = gw([chan(oll, type="ollama", models=["llama*"]),
+            chan(gem, type="gemini", models=["gemini*"])])
+    g.gateway.fetcher.resolve = _names({"img.test": [("127.0.0.1", None)]})
+    base = f"http://img.test:{pics.port}"
+    assert "host 'img.test': it answered 404" in _fetch_error(g, base + "/missing", "llama")
+    assert "content type 'text/html' is not one of image/" in _fetch_error(
+        g, base + "/page", "llama")
+    assert "content type 'application/pdf'" in _fetch_error(g, base + "/paper.pdf", "llama")
+    for path in ("/big-chunked", "/big-declared"):
+        assert "larger than 20 MiB" in _fetch_error(g, base + path, "llama")
+    g.gateway.fetcher.timeout = 0.5
+    assert "no complete answer within 0.5 s" in _fetch_error(g, base + "/slow", "llama")
+    assert oll.requests == []
+    g.openai().chat.completions.create(**_image_chat(base + "/paper.pdf", "gemini-x"))
+    parts = json.loads(gem.last()["body"])["contents"][0]["parts"]
+    pdf = __import__("base64").b64encode(b"%PDF-1.4 tiny").decode()
+    assert parts[1] == {"inlineData": {"mimeType": "application/pdf", "data": pdf}}
+
+
+def test_11_fetch_through_a_proxy_hands_it_the_checked_address(gw, upstream):
+    pics = upstream()
+    pics.responder = _pictures(upstream())
+    up = upstream()
+    up.responder = Dialects.ollama
+    proxy = _ProxyBase(HTTPProxyHandler)
+    g = gw([chan(up, type="ollama", proxy=f"http://127.0.0.1:{proxy.server_address[1]}")])
+    g.gateway.fetcher.resolve = _names({"img.test": [("127.0.0.1", None)]})
+    g.openai().chat.completions.create(**_image_chat(f"http://img.test:{pics.port}/cat.png"))
+    assert proxy.seen[0].startswith(f"CONNECT 127.0.0.1:{pics.port} HTTP/1.1")
+    assert pics.requests[0]["headers"]["host"] == f"img.test:{pics.port}"
+    assert "cannot fetch image" in _fetch_error(g, f"http://10.0.0.1:{pics.port}/cat.png")
+    assert len(proxy.seen) == 2                 # the second is the channel's own request
+    proxy.shutdown()
+    socks = _ProxyBase(Socks5Handler)
+    g2 = gw([chan(up, type="ollama", proxy=f"socks5h://127.0.0.1:{socks.server_address[1]}")])
+    g2.gateway.fetcher.resolve = _names({"img.test": [("127.0.0.1", None)]})
+    g2.openai().chat.completions.create(**_image_chat(f"http://img.test:{pics.port}/cat.png"))
+    assert socks.seen[0] == ("connect", 1, "127.0.0.1", pics.port)     # an IP, not the name
+    assert pics.requests[-1]["headers"]["host"] == f"img.test:{pics.port}"
+    socks.shutdown()
+
+
+def test_11_fetch_over_https_sends_the_name_as_sni_and_verifies_it(gw, upstream, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    names = []
+    ctx.sni_callback = lambda sock, name, c: names.append(name)
+    pics = upstream([Reply(body=PNG, content_type="image/png")], tls_context=ctx)
+    up = upstream()
+    up.responder = Dialects.ollama
+    g = gw([chan(up, type="ollama")])
+    g.gateway.fetcher.resolve = _names({"img.test": [("127.0.0.1", None)]})
+    message = _fetch_error(g, f"https://img.test:{pics.port}/cat.png")
+    assert "host 'img.test'" in message and "TLS with img.test failed" in message
+    assert names == ["img.test"] and pics.requests == [] and up.requests == []
 
 
 # =================================================================================================
@@ -2243,7 +2533,7 @@ def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, c
     pics = upstream([Reply(body=png, content_type="image/png")])
     up = upstream()
     up.responder = getattr(Dialects, ctype)
-    g = gw([chan(up, type=ctype)])
+    g = gw([chan(up, type=ctype)], settings={"fetch_private_urls": True})     # pics: loopback
     g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": pics.url + "/cat.png"}}]}])
