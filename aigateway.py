@@ -5147,7 +5147,8 @@ class Gateway:
                 ("Access-Control-Allow-Methods", allow),
                 ("Access-Control-Allow-Headers",
                  req.headers.get("access-control-request-headers") or
-                 "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"),
+                 "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, "
+                 "anthropic-beta"),
                 ("Access-Control-Max-Age", "600")]
         return Response(204, hdrs)
 

@@ -1467,6 +1467,7 @@ def test_11_cors_origins_lists_pages_and_star_allows_any(gw, upstream):
     status, hdrs, _ = g2.request("OPTIONS", "/v1/chat/completions", headers={
         "Origin": "https://any.example", "Access-Control-Request-Method": "POST"})
     assert status == 204 and "POST" in hdrs["access-control-allow-methods"]
+    assert "x-goog-api-key" in hdrs["access-control-allow-headers"]
 
 
 def test_11_json_routes_take_json_and_transcriptions_take_multipart(gw, upstream):
@@ -2747,6 +2748,33 @@ def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
     assert states == {"bad": "cooldown 12 s", "good": "ok"}
     a.dashboard.stop_button.invoke()
     assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+
+
+# -- control characters a client sent, as the window shows them ----------------------------------
+
+def test_13_control_characters_in_a_model_name_show_escaped(app, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply()])
+    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running)
+    model = "m\nFORGED LINE\r\x1b[2J\u2028x"
+    conn = http.client.HTTPConnection("127.0.0.1", a.bridge.server.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": []}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
+    assert row[2] == "m\\nFORGED LINE\\r\\x1b[2J\\u2028x"
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    detail = a.logs.detail.get("1.0", "end")
+    activity = a.dashboard.activity.get("1.0", "end")
+    assert "model=m\\nFORGED LINE\\r\\x1b[2J" in detail.splitlines()[0]
+    assert "failed for m\\nFORGED LINE\\r\\x1b[2J\\u2028x" in activity
+    for text in (detail, activity):
+        assert not any(c in text for c in "\r\x1b\u2028") and "\nFORGED" not in text
+    a.dashboard.stop_button.invoke()
 
 
 def test_13_channel_test_healthy_and_failing(app, upstream):
