@@ -1666,6 +1666,33 @@ def test_14_headless_first_run_prints_token_once_and_stops_on_sigterm(tmp_path, 
     assert key not in out2 and p2.returncode == 0
 
 
+def test_14_headless_access_line_escapes_what_a_client_sent(tmp_path, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}')])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"enable_fallback": False},
+                               "channels": [chan(up, name="one")],
+                               "tokens": [{"name": "main", "key": TOKEN}]}))
+    port = dead_port()
+    p = _cli("--headless", "--port", str(port), "--config", str(cfg))
+    try:
+        _wait_health(port, p)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        model = "m\n12:00:00 POST /v1/chat/completions gpt -> one 200 1ms\r\x1b[2K\u2028"
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": model}),
+                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert conn.getresponse().status == 500
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    lines = [ln for ln in out.splitlines() if "/v1/chat/completions" in ln]
+    assert len(lines) == 1 and " 500 " in lines[0]
+    assert "m\\n12:00:00 POST" in lines[0] and "\\r\\x1b[2K\\u2028" in lines[0]
+    failed = [ln for ln in err.splitlines() if "failed for" in ln]
+    assert len(failed) == 1 and "m\\n12:00:00" in failed[0]
+    assert not any(c in out + err for c in "\r\x1b\u2028")
+
+
 def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text('{"channels": [{"type": "nope"}]}')
