@@ -113,6 +113,13 @@ COOLDOWN_MAX_SECONDS = 300.0
 KEY_BENCH_SECONDS = 60.0              # a key answered 401/403/429 rests this long (or Retry-After)
 QUEUE_PER_SLOT = 4                    # waiting requests allowed per max_concurrency slot
 DEFAULT_MAX_CONNECTIONS = 1024        # simultaneous client connections
+AUTH_FAILURES_LIMIT = 20              # wrong tokens from one address within the window -> 429
+AUTH_FAILURES_WINDOW = 60.0           # seconds over which wrong tokens are counted
+AUTH_BLOCK_SECONDS = 60.0             # how long an address that went over the limit gets 429
+AUTH_FAILURE_ADDRESSES = 4096         # addresses tracked at most; the least recent is dropped
+# Browser origins allowed without settings.cors_origins: pages of desktop apps (the schemes
+# Ollama allows by default after its own DNS-rebinding/CSRF fixes); loopback origins are too.
+APP_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview")
 REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
 REQUEST_LOG_BACKUPS = 3
 SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed unsplit
@@ -268,6 +275,35 @@ def mask_secret(secret: str | None) -> str:
     if len(secret) <= 12:
         return "*" * len(secret)
     return f"{secret[:6]}…{secret[-4:]}"
+
+
+# C0 and C1 controls, DEL and the Unicode line/paragraph separators: each could end a log line,
+# forge one, or drive a terminal (ANSI escapes), so text a client sent never reaches a log raw.
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``,
+    ``\\u2028``), so it stays on one line and prints as it is."""
+    return _CONTROL_CHARS.sub(_escape_control, text) if _CONTROL_CHARS.search(text) else text
+
+
+def _escape_control(m: re.Match[str]) -> str:
+    c = m.group()
+    return _CONTROL_NAMES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_record(obj: Any) -> Any:
+    """``obj`` (a request record: strings, numbers, lists and dicts) with escape_controls applied
+    to every string in it."""
+    if isinstance(obj, str):
+        return escape_controls(obj)
+    if isinstance(obj, list):
+        return [escape_record(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: escape_record(v) for k, v in obj.items()}
+    return obj
 
 
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
@@ -1567,6 +1603,11 @@ class Request:
         if self._params is None:
             self._params = dict(urllib.parse.parse_qsl(self.query, keep_blank_values=True))
         return self._params
+
+    @property
+    def address(self) -> str:
+        """The client's IP address: ``client`` without its port."""
+        return self.client.rpartition(":")[0]
 
 
 class Response:
@@ -4340,6 +4381,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "log_requests": False,
     "log_file": "requests.jsonl",
     "cors_origins": [],
+    "allowed_hosts": [],              # Host names accepted beyond loopback and settings.host
     "max_connections": DEFAULT_MAX_CONNECTIONS,
     "allow_unauthenticated_remote": False,   # needed to listen beyond loopback with auth off
     "fetch_private_urls": False,      # image URLs may name loopback/private/link-local addresses
@@ -4449,6 +4491,7 @@ def validate_config(raw: Any, source: str) -> dict:
         raise ck.fail("settings.max_body_mb", f"{mb} is not positive", "use a size such as 64")
     ck.typed(settings, "log_file", "settings", (str,), "a file path")
     ck.str_list(settings, "cors_origins", "settings")
+    ck.str_list(settings, "allowed_hosts", "settings")
     ck.typed(settings, "start_on_open", "settings", (bool,), "true or false")
     conns = ck.typed(settings, "max_connections", "settings", (int,), "a whole number")
     if conns < 1:
@@ -4917,6 +4960,10 @@ class Token:
             or ch.name.lower() in self.allowed_channels
 
 
+TOKEN_PLACES = ("send it as 'Authorization: Bearer <token>', 'x-api-key: <token>', "
+                "'x-goog-api-key: <token>' or the query parameter '?key=<token>'")
+
+
 def request_token(req: Request) -> str | None:
     """The gateway token a client sent, from any of the places SDKs put it."""
     auth = req.headers.get("authorization")
@@ -4931,6 +4978,74 @@ def request_token(req: Request) -> str | None:
     if "key=" in req.query:
         return req.params.get("key") or None
     return None
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header (or of an origin without its scheme): no port, no brackets,
+    lower case, no final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def is_local_name(name: str) -> bool:
+    """A loopback host: localhost and its subdomains (RFC 6761 section 6.3: they never leave
+    the machine), 127.0.0.0/8 or ::1."""
+    return name == "localhost" or name.endswith(".localhost") or is_loopback_host(name)
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def origin_is_local(origin: str) -> bool:
+    """A browser origin allowed without settings.cors_origins: a page served from this machine
+    (http/https on a loopback host, any port) or a desktop app's page (APP_ORIGIN_SCHEMES)."""
+    scheme, sep, rest = origin.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        return False
+    return scheme in APP_ORIGIN_SCHEMES or (scheme in ("http", "https") and
+                                            is_local_name(host_name(rest)))
+
+
+class AuthThrottle:
+    """Wrong gateway tokens per client address: AUTH_FAILURES_LIMIT of them within
+    AUTH_FAILURES_WINDOW seconds block the address for AUTH_BLOCK_SECONDS. At most
+    AUTH_FAILURE_ADDRESSES are tracked (the least recently failed is dropped). Times are the
+    caller's clock, so tests drive it without waiting."""
+
+    def __init__(self, max_addresses: int = AUTH_FAILURE_ADDRESSES):
+        self.max_addresses = max_addresses
+        # address -> (times of its latest failures, monotonic end of its block or 0)
+        self._table: collections.OrderedDict[str, tuple[collections.deque[float], float]] = \
+            collections.OrderedDict()
+
+    def blocked_for(self, address: str, now: float) -> float:
+        """Seconds ``address`` is still blocked (0 when it is not)."""
+        entry = self._table.get(address)
+        return max(0.0, entry[1] - now) if entry is not None else 0.0
+
+    def failed(self, address: str, now: float) -> None:
+        times, until = self._table.pop(address, None) or \
+            (collections.deque(maxlen=AUTH_FAILURES_LIMIT), 0.0)
+        times.append(now)
+        if len(times) == AUTH_FAILURES_LIMIT and now - times[0] <= AUTH_FAILURES_WINDOW:
+            times.clear()
+            until = now + AUTH_BLOCK_SECONDS
+        self._table[address] = (times, until)
+        while len(self._table) > self.max_addresses:
+            self._table.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 class RequestLog:
@@ -5038,9 +5153,13 @@ class Gateway:
 
     def __init__(self, config: dict, *, config_dir: str = ".",
                  on_event: Callable[[str, Any], None] | None = None,
-                 client: UpstreamClient | None = None):
+                 client: UpstreamClient | None = None, listen_host: str | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.client = client or UpstreamClient()
         self.fetcher = UrlFetcher(self.client)
+        self.clock = clock                       # for the failed-auth throttle
+        self.listen_host = listen_host           # when it differs from settings.host (--host)
+        self.auth_throttle = AuthThrottle()
         self.on_event = on_event or (lambda kind, payload: None)
         self.config_dir = config_dir
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
@@ -5065,7 +5184,15 @@ class Gateway:
         self.channels = [Channel(c, s["proxy"]) for c in config["channels"]]
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
-        self.cors = {o.rstrip("/") for o in s["cors_origins"]}
+        self.cors = {o.rstrip("/").lower() for o in s["cors_origins"]}
+        self.allowed_hosts = [host_name(h) for h in s["allowed_hosts"]]
+        binds = {host_name(h) for h in (s["host"], self.listen_host) if h}
+        self.any_host_ip = bool(binds & {"0.0.0.0", "::", ""})
+        if self.any_host_ip:                     # listening on every address of the machine
+            name = socket.gethostname().lower()
+            short = name.partition(".")[0]
+            binds |= {name, short, f"{short}.local"}
+        self.host_names = binds
         log_path = os.path.join(self.config_dir, s["log_file"]) if s["log_requests"] else None
         if self._request_log is not None and self._request_log.path != log_path:
             self._request_log.close()
@@ -5079,7 +5206,7 @@ class Gateway:
             self._request_log.close()
 
     def log(self, text: str) -> None:
-        self.on_event("log", text)
+        self.on_event("log", escape_controls(text))
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -5094,7 +5221,7 @@ class Gateway:
 
     def _cors_headers(self, headers: Headers) -> list[tuple[str, str]]:
         origin = headers.get("origin")
-        if not origin or not self.cors or ("*" not in self.cors and origin not in self.cors):
+        if not origin or not self.origin_allowed(origin):
             return []
         return [("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin),
                 ("Vary", "Origin"),
@@ -5103,6 +5230,8 @@ class Gateway:
     # -- entry point -----------------------------------------------------------------------------
 
     async def handle(self, req: Request) -> Response:
+        self._check_host(req)
+        self._check_origin(req)
         if req.method == "OPTIONS":
             return self._preflight(req)
         route, model_id = find_route(req.path)
@@ -5115,6 +5244,7 @@ class Gateway:
             raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
                                     f"{' or '.join(route.methods)}",
                                headers=[("Allow", ", ".join(route.methods))])
+        self._check_content_type(req, route)
         if route.kind == "health":
             body: dict[str, Any] = {"status": "ok", "version": __version__,
                                     "uptime_s": round(time.time() - self.started, 1)}
@@ -5152,6 +5282,66 @@ class Gateway:
             resp.headers += self._cors_headers(req.headers)
             return resp
 
+    # -- who may call: Host, browser origin, body type -------------------------------------------
+
+    def _check_host(self, req: Request) -> None:
+        """Refuse a Host that is not this gateway's: a DNS-rebinding page reaches the loopback
+        port under its own name, and that name is what its requests carry."""
+        values = req.headers.get_all("host")
+        if len(values) > 1:                      # RFC 9112 section 3.2: answer 400
+            raise GatewayError(400, "the request has more than one Host header")
+        if not values:
+            if req.version == "HTTP/1.0":
+                return
+            raise GatewayError(400, "the request has no Host header (HTTP/1.1 requires one)")
+        name = host_name(values[0])
+        if is_local_name(name) or name in self.host_names or \
+                (self.any_host_ip and is_ip_literal(name)) or \
+                any(name_matches(p, name) for p in self.allowed_hosts):
+            return
+        raise GatewayError(403, f"Host {name[:100]!r} is not one of this gateway's names "
+                                f"(protection against DNS rebinding); to reach the gateway under "
+                                f"that name add it to settings.allowed_hosts",
+                           code="host_not_allowed")
+
+    def origin_allowed(self, origin: str) -> bool:
+        return origin_is_local(origin) or "*" in self.cors or \
+            origin.rstrip("/").lower() in self.cors
+
+    def _check_origin(self, req: Request) -> None:
+        """Refuse a browser page of another site: its request carries an Origin (every
+        cross-origin request and every POST does) or, without one, Sec-Fetch-Site: cross-site.
+        Content types do not matter: a "simple" text/plain POST needs no preflight."""
+        origin = req.headers.get("origin")
+        if origin is not None:
+            if not self.origin_allowed(origin):
+                raise GatewayError(403, f"requests from the web page origin {origin[:100]!r} are "
+                                        f"refused; to let that page use the gateway add the "
+                                        f"origin to settings.cors_origins",
+                                   code="origin_not_allowed")
+        elif (req.headers.get("sec-fetch-site") or "").lower() == "cross-site" and \
+                "*" not in self.cors:
+            raise GatewayError(403, "cross-site requests from web pages are refused; to allow "
+                                    "them set settings.cors_origins to [\"*\"]",
+                               code="origin_not_allowed")
+
+    @staticmethod
+    def _check_content_type(req: Request, route: Route) -> None:
+        """JSON routes take application/json (an absent Content-Type too: scripts often leave it
+        out, and a browser page that can leave it out sends an Origin); the transcription route
+        takes multipart/form-data. A form or text/plain body is what a cross-site page can send
+        without a preflight, so it never reaches an upstream."""
+        if route.body == "none" or req.method != "POST":
+            return
+        want = "multipart/form-data" if route.body == "multipart" else "application/json"
+        ctype = req.headers.get("content-type")
+        if ctype is None and route.body == "json":
+            return
+        if (ctype or "").partition(";")[0].strip().lower() != want:
+            raise GatewayError(415, f"{route.path} takes Content-Type: {want}, not "
+                                    f"{(ctype or 'none')[:100]!r}",
+                               code="unsupported_media_type")
+
     def _preflight(self, req: Request) -> Response:
         route, _ = find_route(req.path)
         allow = ", ".join((route.methods if route else ("GET", "POST")) + ("OPTIONS",))
@@ -5162,11 +5352,20 @@ class Gateway:
                 ("Access-Control-Allow-Methods", allow),
                 ("Access-Control-Allow-Headers",
                  req.headers.get("access-control-request-headers") or
-                 "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"),
+                 "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, "
+                 "anthropic-beta"),
                 ("Access-Control-Max-Age", "600")]
         return Response(204, hdrs)
 
     def _authenticate(self, req: Request) -> Token | None:
+        if not self.settings["require_auth"]:
+            return None
+        wait = self.auth_throttle.blocked_for(req.address, self.clock())
+        if wait:
+            secs = str(int(-(-wait // 1)))
+            raise GatewayError(429, f"too many wrong gateway tokens from {req.address}; retry in "
+                                    f"{secs} s", code="rate_limit_exceeded",
+                               headers=[("Retry-After", secs)])
         presented = request_token(req)
         found = None
         if presented is not None:
@@ -5174,13 +5373,12 @@ class Gateway:
             for tok in self.tokens:              # compare with every token: no early exit
                 if hmac.compare_digest(tok.key, key):
                     found = tok
-        if not self.settings["require_auth"]:
-            return None
         if presented is None:
-            raise GatewayError(401, "missing gateway token: send it as 'Authorization: Bearer "
-                                    "<token>' or 'x-api-key: <token>'")
+            raise GatewayError(401, f"missing gateway token: {TOKEN_PLACES}")
         if found is None:
-            raise GatewayError(401, "invalid gateway token", code="invalid_api_key")
+            self.auth_throttle.failed(req.address, self.clock())
+            raise GatewayError(401, f"invalid gateway token: {TOKEN_PLACES}",
+                               code="invalid_api_key")
         if not found.enabled:
             raise GatewayError(401, f"gateway token '{found.name}' is disabled",
                                code="invalid_api_key")
@@ -5260,10 +5458,7 @@ class Gateway:
                      path_model: str = "") -> tuple[str, dict | None, bool]:
         """(model, parsed JSON body or None, stream flag)."""
         if route.body == "multipart":
-            ctype = req.headers.get("content-type") or ""
-            if not ctype.lower().startswith("multipart/form-data"):
-                raise GatewayError(400, f"{route.path} takes multipart/form-data with a 'file' "
-                                        f"and a 'model' field")
+            ctype = req.headers.get("content-type") or ""     # checked by _check_content_type
             for hdrs, start, end in parse_multipart(req.body, ctype):
                 if multipart_field_name(hdrs) == "model":
                     model = req.body[start:end].decode("utf-8", "replace").strip()
@@ -5846,6 +6041,9 @@ class Gateway:
             st["errors"] += 1
         st["input_tokens"] += rec["input_tokens"] or 0
         st["output_tokens"] += rec["output_tokens"] or 0
+        # The one place records are made safe for every view of them (access line, GUI, JSONL):
+        # the model, errors and the rest may hold text a client sent.
+        rec.update(escape_record(rec))
         self.records.append(rec)
         if self._request_log is not None:
             self._request_log.write(rec)
@@ -5880,7 +6078,7 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"{store.path}: settings.tls_cert / tls_key: cannot load them "
                               f"({exc}); give PEM files of a certificate and its key") from None
-    gateway = Gateway(config, config_dir=config_dir, on_event=on_event)
+    gateway = Gateway(config, config_dir=config_dir, on_event=on_event, listen_host=bind)
     server = HTTPServer(gateway.handle, gateway.render_error, max_body=lambda: gateway.max_body,
                         log=gateway.log, ssl_context=tls,
                         max_connections=lambda: gateway.settings["max_connections"])
@@ -7139,7 +7337,7 @@ def access_line(rec: dict) -> str:
     if len(rec["tried"]) > 1:
         parts.append(f"tried={','.join(rec['tried'])}")
     if rec["error"]:
-        parts.append(f"error={rec['error'][:200]!r}")
+        parts.append(f"error=\"{rec['error'][:200]}\"")     # escaped by Gateway._finish
     return " ".join(parts)
 
 

@@ -859,9 +859,9 @@ def test_08_keep_alive_and_pipelining_answer_in_order(gw, upstream):
     reqs = b""
     for i in range(3):
         body = json.dumps({"model": f"model-{i}", "messages": []}).encode()
-        reqs += (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        reqs += (f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
                  f"{TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    reqs += b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    reqs += b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     got = _responses(raw_exchange(g.port, reqs))
     assert [s for s, _ in got] == [200, 200, 200, 200]
     assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in got[:3]] == \
@@ -874,7 +874,7 @@ def test_08_chunked_request_body(gw, upstream):
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
                        for i in range(0, len(body), 10)) + b"0\r\n\r\n"
-    out = raw_exchange(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    out = raw_exchange(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                        b"Authorization: Bearer " + TOKEN.encode() +
                        b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
     assert out.startswith(b"HTTP/1.1 200")
@@ -900,7 +900,7 @@ def test_08_framing_errors(gw, raw, status):
 def test_08_body_too_large_answered_from_content_length(gw):
     g = gw(settings={"max_body_mb": 1})
     s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
-    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: " + TOKEN.encode() +
+    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: " + TOKEN.encode() +
               b"\r\nContent-Length: 5000000\r\n\r\n")        # and no body at all
     out = s.recv(65536)
     s.close()
@@ -934,7 +934,8 @@ def test_08_head_options_404_405(gw):
     assert "POST" in hdrs["access-control-allow-methods"]
     status, hdrs, _ = g.request("OPTIONS", "/v1/chat/completions",
                                 headers={"Origin": "http://evil.example"})
-    assert status == 204 and "access-control-allow-origin" not in hdrs
+    assert status == 403 and "access-control-allow-origin" not in hdrs
+    assert "access-control-allow-methods" not in hdrs
     status, _, body = g.request("GET", "/v1/nothing-here")
     assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
     status, _, body = g.request("GET", "/v1/messages")
@@ -1654,6 +1655,214 @@ def test_11_fetch_over_https_sends_the_name_as_sni_and_verifies_it(gw, upstream,
     message = _fetch_error(g, f"https://img.test:{pics.port}/cat.png")
     assert "host 'img.test'" in message and "TLS with img.test failed" in message
     assert names == ["img.test"] and pics.requests == [] and up.requests == []
+# -- who may call: Host (DNS rebinding), browser origins, body types, failed-auth throttling -----
+
+def _chat_body(model="m"):
+    return json.dumps({"model": model, "messages": []}).encode()
+
+
+def test_11_foreign_host_is_refused_before_routing_even_with_auth_off(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)], settings={"require_auth": False})
+    for path, body, shape in (("/v1/chat/completions", _chat_body(), "openai"),
+                              ("/v1/messages", _chat_body(), "anthropic"),
+                              ("/v1beta/models/m:generateContent", b"{}", "gemini"),
+                              ("/health", None, "openai")):
+        method = "GET" if body is None else "POST"
+        status, _, data = g.request(method, path, body, headers={
+            "Host": "evil.example:3000", "Content-Type": "application/json"})
+        err = json.loads(data)
+        assert status == 403, (path, data)
+        if shape == "anthropic":
+            assert err["type"] == "error" and err["error"]["type"] == "permission_error"
+        elif shape == "gemini":
+            assert err["error"]["status"] == "PERMISSION_DENIED"
+        assert "settings.allowed_hosts" in err["error"]["message"]
+        assert "evil.example" in err["error"]["message"]
+    assert up.requests == []
+    for host in ("localhost:3000", "LOCALHOST.", "127.0.0.1", "127.8.9.10:80", "[::1]:3000",
+                 "app.localhost:5000", f"127.0.0.1:{g.port}"):
+        assert g.request("POST", "/v1/chat/completions", _chat_body(),
+                         headers={"Host": host, "Content-Type": "application/json"})[0] == 200
+    assert len(up.requests) == 7
+    # HTTP/1.1 without a Host header: 400; HTTP/1.0 may leave it out.
+    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ") and b"no Host header" in out
+    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n"
+                               b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ") and b"more than one Host" in out
+    assert raw_exchange(g.port, b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+def test_11_allowed_hosts_names_patterns_and_any(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)], settings={"allowed_hosts": ["gw.lan", "*.example.org"]})
+    for host, status in (("gw.lan", 200), ("GW.lan:3000", 200), ("a.example.org", 200),
+                         ("gw.lan.evil.com", 403), ("example.org", 403)):
+        assert g.request("GET", "/v1/models", headers={"Host": host})[0] == status, host
+    g2 = gw([chan(up)], settings={"allowed_hosts": ["*"]})
+    assert g2.request("GET", "/v1/models", headers={"Host": "anything.example"})[0] == 200
+
+
+def test_11_listening_on_every_address_accepts_ip_literals_and_the_host_name(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)], settings={"host": "0.0.0.0"})    # the fixture still binds 127.0.0.1
+    for host, status in ((socket.gethostname(), 200), ("192.0.2.7:3000", 200),
+                         ("[2001:db8::1]:3000", 200), ("evil.example", 403)):
+        assert g.request("GET", "/v1/models", headers={"Host": host})[0] == status, host
+
+
+def test_11_cross_site_pages_are_refused_whatever_the_content_type(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)])
+    for headers in ({"Origin": "https://evil.example", "Content-Type": "text/plain"},
+                    {"Origin": "https://evil.example", "Content-Type": "application/json"},
+                    {"Origin": "null", "Content-Type": "text/plain"},
+                    {"Origin": "http://localhost.evil.example"},
+                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}):
+        status, hdrs, data = g.request("POST", "/v1/chat/completions", _chat_body(), headers)
+        assert status == 403, headers
+        assert "settings.cors_origins" in json.loads(data)["error"]["message"]
+        assert "access-control-allow-origin" not in hdrs
+    status, _, data = g.request("POST", "/v1/messages", _chat_body(), {
+        "Origin": "https://evil.example", "Content-Type": "text/plain"})
+    assert status == 403 and json.loads(data)["error"]["type"] == "permission_error"
+    assert up.requests == []
+    for origin in ("http://localhost:5173", "https://127.0.0.1:8443", "http://[::1]:3000",
+                   "app://obsidian.md", "file://", "tauri://localhost",
+                   "vscode-webview://1abc", "http://tauri.localhost"):
+        status, hdrs, _ = g.request("POST", "/v1/chat/completions", _chat_body(), {
+            "Origin": origin, "Content-Type": "application/json",
+            "Sec-Fetch-Site": "cross-site"})
+        assert status == 200 and hdrs["access-control-allow-origin"] == origin, origin
+    assert len(up.requests) == 8
+
+
+def test_11_cors_origins_lists_pages_and_star_allows_any(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)], settings={"cors_origins": ["https://My.App/", "null"]})
+    for origin, status in (("https://my.app", 200), ("null", 200), ("https://other.app", 403)):
+        got, hdrs, _ = g.request("POST", "/v1/chat/completions", _chat_body(),
+                                 {"Origin": origin, "Content-Type": "application/json"})
+        assert got == status, origin
+        assert ("access-control-allow-origin" in hdrs) == (status == 200)
+    g2 = gw([chan(up)], settings={"cors_origins": ["*"]})
+    status, hdrs, _ = g2.request("POST", "/v1/chat/completions", _chat_body(),
+                                 {"Origin": "https://any.example", "Sec-Fetch-Site": "cross-site",
+                                  "Content-Type": "application/json"})
+    assert status == 200 and hdrs["access-control-allow-origin"] == "*"
+    assert g2.request("GET", "/v1/models", headers={"Sec-Fetch-Site": "cross-site"})[0] == 200
+    status, hdrs, _ = g2.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "https://any.example", "Access-Control-Request-Method": "POST"})
+    assert status == 204 and "POST" in hdrs["access-control-allow-methods"]
+    assert "x-goog-api-key" in hdrs["access-control-allow-headers"]
+
+
+def test_11_json_routes_take_json_and_transcriptions_take_multipart(gw, upstream):
+    up = upstream()
+    g = gw([chan(up)])
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"):
+        status, _, data = g.request("POST", "/v1/chat/completions", _chat_body(),
+                                    {"Content-Type": ctype})
+        msg = json.loads(data)["error"]["message"]
+        assert status == 415 and "application/json" in msg and ctype.split(";")[0] in msg
+    status, _, data = g.request("POST", "/v1/messages", _chat_body(),
+                                {"Content-Type": "text/plain"})
+    assert status == 415 and json.loads(data)["type"] == "error"
+    status, _, data = g.request("POST", "/v1beta/models/m:generateContent", b"{}",
+                                {"Content-Type": "text/plain"})
+    assert status == 415 and json.loads(data)["error"]["code"] == 415
+    assert up.requests == []
+    for ctype in ("application/json", "Application/JSON; charset=utf-8", None):
+        assert g.request("POST", "/v1/chat/completions", _chat_body(),
+                         {"Content-Type": ctype})[0] == 200, ctype
+    status, _, data = g.request("POST", "/v1/audio/transcriptions", _chat_body(),
+                                {"Content-Type": "application/json"})
+    assert status == 415 and "multipart/form-data" in json.loads(data)["error"]["message"]
+    status, _, _ = g.request("POST", "/v1/audio/transcriptions", _chat_body())
+    assert status == 415
+    up.replies = [Reply(200, b'{"text":"hi"}', {"Content-Type": "application/json"})]
+    form = (b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            b'Content-Type: audio/wav\r\n\r\nRIFF\r\n--XX--\r\n')
+    assert g.request("POST", "/v1/audio/transcriptions", form,
+                     {"Content-Type": "multipart/form-data; boundary=XX"})[0] == 200
+    assert len(up.requests) == 4
+
+
+def test_11_control_characters_from_clients_are_escaped_in_every_log(gw, upstream, tmp_path):
+    up = upstream([Reply(500, b'{"error":{"message":"nope"}}')])
+    g = gw([chan(up, name="one")], settings={"log_requests": True, "log_file": "r.jsonl",
+                                            "enable_fallback": False})
+    model = "m\n12:00:00 POST /v1/chat/completions gpt -> x 200\r\x1b[31mred\x7f\x85\u2028"
+    status, _, _ = g.request("POST", "/v1/chat/completions", _chat_body(model))
+    assert status == 500
+    g.records()
+    rec = [p for k, p in g.events() if k == "request"][-1]      # what the headless printer gets
+    line = ag.access_line(rec)
+    shown = " ".join(ag.format_record(rec)) + ag.record_detail(rec).replace("\n", " ")
+    for text in (line, shown):
+        assert not any(c in text for c in "\n\r\x1b\x7f\x85\u2028"), text
+        assert "m\\n12:00:00" in text and "\\r\\x1b[31mred\\x7f\\x85\\u2028" in text
+    assert line.count(" 500 ") == 1
+    raw = (tmp_path / "r.jsonl").read_bytes()
+    assert raw.count(b"\n") == 1 and raw.endswith(b"\n") and "\u2028".encode() not in raw
+    logged = json.loads(raw)
+    assert logged["model"] == rec["model"] and "\\u2028" in logged["model"]
+    logs = [p for k, p in g.events() if k == "log"]
+    assert any("m\\n12:00:00" in p for p in logs)
+    assert not any(c in p for p in logs for c in "\n\r\x1b\u2028")
+
+
+def _request_from(port, source, token, path="/v1/models"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15,
+                                      source_address=(source, 0))
+    headers = {"Authorization": f"Bearer {token}"} if path != "/v1/messages" else {
+        "x-api-key": token, "anthropic-version": "2023-06-01",
+        "Content-Type": "application/json"}
+    conn.request("GET" if path == "/v1/models" else "POST", path,
+                 body=None if path == "/v1/models" else _chat_body(), headers=headers)
+    resp = conn.getresponse()
+    out = resp.status, resp.getheader("Retry-After"), json.loads(resp.read())
+    conn.close()
+    return out
+
+
+def test_11_wrong_tokens_from_one_address_are_throttled(gw, upstream):
+    up = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up, type="anthropic")])
+    now = [1000.0]
+    g.gateway.clock = lambda: now[0]
+    for _ in range(19):
+        assert _request_from(g.port, "127.0.0.1", "sk-gw-guess")[0] == 401
+    now[0] += 61                          # the window moved on: these 19 no longer count
+    for i in range(ag.AUTH_FAILURES_LIMIT):
+        status, _, body = _request_from(g.port, "127.0.0.1", "sk-gw-guess")
+        assert status == 401, i
+    assert "x-goog-api-key" in body["error"]["message"] and "?key=" in body["error"]["message"]
+    status, retry, body = _request_from(g.port, "127.0.0.1", TOKEN)
+    assert status == 429 and retry == "60" and body["error"]["code"] == "rate_limit_exceeded"
+    status, retry, body = _request_from(g.port, "127.0.0.1", TOKEN, "/v1/messages")
+    assert status == 429 and retry == "60" and body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert _request_from(g.port, "127.0.0.2", TOKEN)[0] == 200
+    assert _request_from(g.port, "127.0.0.2", TOKEN, "/v1/messages")[0] == 200
+    now[0] += 30.5
+    assert _request_from(g.port, "127.0.0.1", TOKEN)[1] == "30"
+    now[0] += 30.6
+    assert _request_from(g.port, "127.0.0.1", TOKEN)[0] == 200
+    assert len(up.requests) == 1
+
+
+def test_11_auth_throttle_table_is_bounded():
+    t = ag.AuthThrottle(max_addresses=100)
+    for i in range(250):
+        t.failed(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(t) == 100
+    for _ in range(ag.AUTH_FAILURES_LIMIT):
+        t.failed("10.9.9.9", 5.0)
+    assert t.blocked_for("10.9.9.9", 5.0) == ag.AUTH_BLOCK_SECONDS
+    assert t.blocked_for("10.0.0.249", 5.0) == 0.0 and len(t) == 100
 
 
 # =================================================================================================
@@ -1743,6 +1952,33 @@ def test_14_headless_first_run_prints_token_once_and_stops_on_sigterm(tmp_path, 
     finally:
         p2.kill()
     assert key not in out2 and p2.returncode == 0
+
+
+def test_14_headless_access_line_escapes_what_a_client_sent(tmp_path, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}')])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"enable_fallback": False},
+                               "channels": [chan(up, name="one")],
+                               "tokens": [{"name": "main", "key": TOKEN}]}))
+    port = dead_port()
+    p = _cli("--headless", "--port", str(port), "--config", str(cfg))
+    try:
+        _wait_health(port, p)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        model = "m\n12:00:00 POST /v1/chat/completions gpt -> one 200 1ms\r\x1b[2K\u2028"
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": model}),
+                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert conn.getresponse().status == 500
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    lines = [ln for ln in out.splitlines() if "/v1/chat/completions" in ln]
+    assert len(lines) == 1 and " 500 " in lines[0]
+    assert "m\\n12:00:00 POST" in lines[0] and "\\r\\x1b[2K\\u2028" in lines[0]
+    failed = [ln for ln in err.splitlines() if "failed for" in ln]
+    assert len(failed) == 1 and "m\\n12:00:00" in failed[0]
+    assert not any(c in out + err for c in "\r\x1b\u2028")
 
 
 def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
@@ -2830,6 +3066,33 @@ def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
     assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
 
 
+# -- control characters a client sent, as the window shows them ----------------------------------
+
+def test_13_control_characters_in_a_model_name_show_escaped(app, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply()])
+    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running)
+    model = "m\nFORGED LINE\r\x1b[2J\u2028x"
+    conn = http.client.HTTPConnection("127.0.0.1", a.bridge.server.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": []}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
+    assert row[2] == "m\\nFORGED LINE\\r\\x1b[2J\\u2028x"
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    detail = a.logs.detail.get("1.0", "end")
+    activity = a.dashboard.activity.get("1.0", "end")
+    assert "model=m\\nFORGED LINE\\r\\x1b[2J" in detail.splitlines()[0]
+    assert "failed for m\\nFORGED LINE\\r\\x1b[2J\\u2028x" in activity
+    for text in (detail, activity):
+        assert not any(c in text for c in "\r\x1b\u2028") and "\nFORGED" not in text
+    a.dashboard.stop_button.invoke()
+
+
 def test_13_channel_test_healthy_and_failing(app, upstream):
     up = upstream([openai_chat_reply(text="pong")])
     a = app([chan(up, name="ok", models=["gpt-4o"]),
@@ -3158,7 +3421,7 @@ def test_12_disconnecting_clients_free_everything(gw, upstream):
             model = "hang" if i % 5 == 0 else "slow"
             data = json.dumps(dict(body, model=model)).encode()
             s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
                       b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n" %
                       len(data) + data)
             socks.append((model, s))
@@ -3305,7 +3568,7 @@ def test_08_connection_cap(gw):
     deadline = time.monotonic() + 5
     while g.thread.server.connection_count() < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 503") and b"too many connections" in out
     for s in held:
         s.close()

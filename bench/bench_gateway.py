@@ -193,7 +193,7 @@ def wait_health(port: int, timeout: float = 10.0) -> float:
     while time.perf_counter() - t0 < timeout:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 if s.recv(64).startswith(b"HTTP/1.1 200"):
                     return time.perf_counter()
         except OSError:

@@ -108,8 +108,9 @@ async def client_main(port: int, clients: int, seconds: float, out: str) -> None
                 if writer is None:
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 t0 = time.monotonic()
-                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                             b"Bearer " + TOKEN.encode() + b"\r\nContent-Type: application/"
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Authorization: Bearer " + TOKEN.encode() +
+                             b"\r\nContent-Type: application/"
                              b"json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 120)
                 status = int(head.split(b" ")[1])
