@@ -4246,6 +4246,10 @@ def _migrate_old_app(cfg: dict, ck: _Checker, notes: list[str]) -> None:
             settings["cors_origins"] = []
         elif "cors_origins" not in settings:
             settings["cors_origins"] = ["*"]
+    if isinstance(settings, dict) and settings.get("high_availability_mode") is True:
+        notes.append(f"{ck.source}: settings.high_availability_mode (the old app's \"any "
+                     f"channel for any model\") is not supported; requests go to the channels "
+                     f"that serve their model (give a channel no models to let it serve all)")
     channels = cfg.get("channels")
     if not isinstance(channels, list):
         return
@@ -4450,8 +4454,9 @@ def config_problems(raw: Any, source: str) -> list[str]:
             validate_config(scratch, source)
             return problems
         except ConfigError as exc:
-            problems.append(str(exc))
             where = getattr(exc, "where", "")
+            if where not in tried:            # else an echo of what was set aside there
+                problems.append(str(exc))
             match = _WHERE_RX.fullmatch(where)
             if match is None:
                 return problems
@@ -4473,10 +4478,11 @@ def _set_aside(cfg: dict, section: str, index: str | None, key: str | None, *,
     items, i = cfg[section], int(index)
     if key is not None and not again:
         items[i].pop(key, None)
-    elif section == "channels":
-        items[i] = {"name": f"set-aside-{i}-{secrets.token_hex(4)}", "type": "ollama"}
-    else:
-        items[i] = {"name": f"set-aside-{i}", "key": new_token_key()}
+        return
+    old = items[i] if isinstance(items[i], dict) else {}
+    name = old.get("name") if key != "name" and isinstance(old.get("name"), str) else ""
+    items[i] = {"name": name, "type": "ollama"} if section == "channels" else {
+        "name": name, "key": new_token_key()}        # kept: its name, for the checks by name
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -7555,14 +7561,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, store: ConfigStore, path: str, new_key: str | None) -> int:
     if not args.headless and gui_available():
-        App(store, host=args.host, port=args.port, new_key=new_key).run()
-        return 0
+        try:
+            app = App(store, host=args.host, port=args.port, new_key=new_key)
+        except Exception as exc:          # tkinter.TclError: no usable display after all
+            if tk is None or not isinstance(exc, tk.TclError):
+                raise
+            print(f"aigateway: cannot open the window ({exc}); running headless.",
+                  file=sys.stderr)
+        else:
+            app.run()
+            return 0
     if new_key is not None:
         print(f"Created {path} with a new gateway token (shown only this once):\n  {new_key}\n"
               f"Clients send it as 'Authorization: Bearer <token>' (OpenAI SDKs), "
               f"'x-api-key: <token>' (Anthropic), 'x-goog-api-key: <token>' or '?key=<token>' "
               f"(Gemini).", flush=True)
-    if not args.headless:
+    if not args.headless and not gui_available():
         print("aigateway: no display (or no tkinter) here; running headless.", file=sys.stderr)
     return run_headless(store, args.host, args.port, args.quiet)
 

@@ -1018,6 +1018,105 @@ def test_10_unknown_fields_kept_ids_never_reused_saves_atomic(tmp_path):
     assert reloaded.add_channel(name="d")["id"] == 4
 
 
+# -- the old "Light AI Gateway" app's config.json, and `config check` naming every problem ------
+
+OLD_APP_KEY = "sk-gw-" + "Q" * 48          # the old app made 48 random characters after sk-gw-
+
+
+def old_app_config(port=3000, first_url="https://api.openai.com/v1",
+                   second_url="https://api.deepseek.com/v1"):
+    """A config.json as the old app saved it (pydantic's model_dump of its models: every
+    field written, its defaults included)."""
+    return {
+        "settings": {"host": "0.0.0.0", "port": port, "log_level": "info",
+                     "require_auth": True, "default_timeout": 120, "enable_fallback": True,
+                     "enable_cors": True, "cors_origins": ["*"], "auto_start": False,
+                     "high_availability_mode": False},
+        "channels": [
+            {"id": 1, "name": "OpenAI", "type": "openai", "base_url": first_url,
+             "api_key": "sk-old-first-SECRET", "models": ["gpt-4o", "shared"],
+             "enabled": True, "priority": 1, "timeout": 60, "max_retries": 3,
+             "proxy_enabled": False, "proxy_url": "http://127.0.0.1:9", "max_concurrency": None,
+             "min_concurrency": 1, "max_adaptive_concurrency": 100},
+            {"id": 2, "name": "DeepSeek", "type": "openai", "base_url": second_url,
+             "api_key": "sk-old-second-SECRET", "models": "deepseek-chat, shared",
+             "enabled": True, "priority": 2, "timeout": 90, "max_retries": 3,
+             "proxy_enabled": False, "proxy_url": "", "max_concurrency": 4},
+            {"id": 5, "name": "GLM (web)", "type": "builtin", "base_url": "glm",
+             "api_key": "old-cookie", "models": ["glm"], "enabled": True, "priority": 1,
+             "timeout": 60},
+        ],
+        "tokens": [
+            {"id": 1, "name": "default", "key": OLD_APP_KEY, "enabled": True,
+             "allowed_channels": [2], "allowed_models": []},
+            {"id": 2, "name": "off", "key": OLD_APP_KEY[:-1] + "R", "enabled": False,
+             "allowed_channels": [], "allowed_models": ["gpt-4o"]},
+        ],
+    }
+
+
+def test_10_old_app_config_maps_its_keys_and_keeps_the_rest():
+    notes = []
+    cfg = ag.validate_config(old_app_config(), "old.json", notes)
+    s = cfg["settings"]
+    assert s["cors_origins"] == ["*"] and "enable_cors" not in s
+    assert s["host"] == "0.0.0.0" and s["require_auth"] is True and s["default_timeout"] == 120
+    assert s["log_level"] == "info" and s["high_availability_mode"] is False     # kept
+    first, second = cfg["channels"]
+    assert first["proxy"] == "" and "proxy_enabled" not in first and "proxy_url" not in first
+    assert first["max_concurrency"] == 0 and first["max_retries"] == 3 and first["timeout"] == 60
+    assert second["models"] == ["deepseek-chat", "shared"] and second["max_concurrency"] == 4
+    assert [c["id"] for c in cfg["channels"]] == [1, 2]
+    assert cfg["unsupported_channels"][0]["name"] == "GLM (web)"
+    assert cfg["next_ids"]["channel"] == 6                   # the GLM channel's id stays taken
+    assert [t["allowed_channels"] for t in cfg["tokens"]] == [[2], []]
+    assert len(notes) == 1 and "'GLM (web)'" in notes[0] and "unsupported_channels" in notes[0]
+    assert ag.validate_config(cfg, "again.json", notes) == cfg and len(notes) == 1
+
+
+@pytest.mark.parametrize("settings,origins", [
+    ({"enable_cors": True}, ["*"]),
+    ({"enable_cors": True, "cors_origins": ["https://app.example"]}, ["https://app.example"]),
+    ({"enable_cors": False, "cors_origins": ["*"]}, []),
+    ({}, []),
+])
+def test_10_old_app_enable_cors(settings, origins):
+    assert ag.validate_config({"settings": settings}, "c.json")["settings"]["cors_origins"] \
+        == origins
+
+
+def test_10_old_app_keys_with_wrong_values_are_named():
+    with pytest.raises(ag.ConfigError, match=r"settings\.enable_cors: \"yes\" is not true"):
+        ag.validate_config({"settings": {"enable_cors": "yes"}}, "c.json")
+    with pytest.raises(ag.ConfigError, match=r"settings\.default_timeout: 0 is not positive"):
+        ag.validate_config({"settings": {"default_timeout": 0}}, "c.json")
+    cfg = ag.validate_config({"settings": {"default_timeout": 45}, "channels": [
+        {"name": "a", "proxy_enabled": True, "proxy_url": "socks5h://127.0.0.1:1080"},
+        {"name": "b", "timeout": 7}]}, "c.json")
+    assert [c["timeout"] for c in cfg["channels"]] == [45, 7]
+    assert cfg["channels"][0]["proxy"] == "socks5h://127.0.0.1:1080"
+    notes = []
+    ag.validate_config({"settings": {"high_availability_mode": True}}, "c.json", notes)
+    assert "high_availability_mode" in notes[0] and "not supported" in notes[0]
+
+
+def test_10_config_problems_names_every_problem_once():
+    raw = {"settings": {"port": 70000, "require_auth": "yes", "theme": "blue"},
+           "channels": [{"type": "bogus"}, {"name": "a", "type": "custom"},
+                        {"name": "A", "timeout": -1}],
+           "tokens": [{"key": "short"}, {"key": "samesame1"}, {"key": "samesame1"}]}
+    problems = ag.config_problems(raw, "c.json")
+    wheres = [p.split(": ")[1] for p in problems]
+    assert wheres == ["settings.port", "settings.require_auth", "settings.theme",
+                      "channels[0].type", "channels[1].base_url", "channels[2].name",
+                      "channels[2].timeout", "tokens[0].key", "tokens[2].key"]
+    assert all(p.startswith("c.json: ") and "; " in p for p in problems)
+    assert ag.config_problems({"channels": []}, "c.json") == []
+    assert ag.config_problems([], "c.json") == [
+        'c.json: top level: is not a JSON object; write {"settings": {...}, "channels": [...], '
+        '"tokens": [...]}']
+
+
 # =================================================================================================
 # 11. Gateway: end to end with the official SDKs
 # =================================================================================================
@@ -1364,6 +1463,45 @@ def test_11_request_log_and_events_hold_no_secret(gw, upstream, tmp_path):
         assert secret not in everything
     kinds = {k for k, _ in g.events()}
     assert isinstance(kinds, set)
+
+
+# -- a request log that cannot be written: reported once, counted, and serving goes on ---------
+
+def test_11_request_log_on_a_full_disk_is_reported_once_and_counted(gw, upstream):
+    # /dev/full opens fine and fails every write with ENOSPC: a full disk, as the kernel says.
+    up = upstream([openai_chat_reply(text="still served")])
+    g = gw([chan(up)], settings={"log_requests": True, "log_file": "/dev/full"})
+    for _ in range(3):
+        reply = g.openai().chat.completions.create(model="m", messages=[])
+        assert reply.choices[0].message.content == "still served"
+    g.records(3)
+    status, _, body = g.request("GET", "/health?details=1")
+    assert status == 200 and json.loads(body)["request_log_errors"] == 3
+    logs = [p for k, p in g.events() if k == "log" and "request log" in p]
+    assert logs == ["cannot write the request log /dev/full (No space left on device); "
+                    "requests are served but not logged there until it works again"]
+
+
+def test_11_request_log_failure_is_reported_again_after_it_recovered(tmp_path):
+    # Read-only folders do not stop root (the suite runs as root), so the failing write is a
+    # file object whose write raises EROFS, as a remount read-only would make it.
+    heard = []
+    log = ag.RequestLog(str(tmp_path / "r.jsonl"), heard.append)
+
+    class ReadOnly:
+        def write(self, data):
+            raise OSError(30, "Read-only file system")
+
+        def close(self):
+            pass
+    log.write({"n": 1})
+    for fail in (True, True, False, True):
+        if fail:
+            log._file = ReadOnly()
+        log.write({"n": 2})
+    assert log.errors == 3 and len(heard) == 2             # the 2nd failure in a row is quiet
+    assert all("Read-only file system" in h for h in heard)
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 2
 
 
 # =================================================================================================
