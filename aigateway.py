@@ -4593,9 +4593,9 @@ class ConfigStore:
             try:
                 store.save()
             except OSError as exc:
-                raise ConfigError(f"cannot create {path} ({exc.strerror}); make its folder "
-                                  f"writable, or choose another file with --config PATH or "
-                                  f"AIGATEWAY_CONFIG") from None
+                raise ConfigError(f"cannot create {path} ({exc.strerror}); make sure its "
+                                  f"folder exists and is writable, or choose another file with "
+                                  f"--config PATH or AIGATEWAY_CONFIG") from None
             return store, key
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the file ({exc.strerror}); check its "

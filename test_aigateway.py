@@ -1616,6 +1616,307 @@ def test_14_version():
     assert p.returncode == 0 and ag.__version__ in out
 
 
+# -- start-up errors: one line naming the path or the host and the fix, exit status 2 ----------
+
+def _start_fails(*args, env=None):
+    p = _cli(*args, env=env)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "Traceback" not in err + out, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("aigateway: "), err
+    return out, lines[0]
+
+
+def test_14_start_errors_name_the_path_and_the_fix(tmp_path):
+    # The suite runs as root, whom chmod 0555 does not stop; unwritable places are /sys (where
+    # even root cannot create a file), a path under a regular file (ENOTDIR) and a directory
+    # where a file should be (EISDIR).
+    _, line = _start_fails("--headless", "--config", "/sys/aigateway-test.json")
+    assert "cannot create /sys/aigateway-test.json (Permission denied)" in line
+    assert "exists and is writable" in line and "--config PATH" in line
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _, line = _start_fails("--headless", "--config", str(blocker / "config.json"))
+    assert f"{blocker / 'config.json'}: cannot read the file (Not a directory)" in line
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"port": 0}}))
+    (tmp_path / "config.json.lock").mkdir()
+    for env in ({}, {"DISPLAY": ":4321"}):                 # headless, and the window's start
+        _, line = _start_fails("--config", str(cfg), *(["--headless"] if not env else []),
+                               env=env)
+        assert f"cannot create the lock file {cfg}.lock (Is a directory)" in line
+    (tmp_path / "config.json.lock").rmdir()
+    cfg.write_text(json.dumps({"settings": {"port": 0, "log_requests": True,
+                                            "log_file": "a-file/requests.jsonl"}}))
+    _, line = _start_fails("--headless", "--config", str(cfg))
+    assert f"cannot open the request log {blocker / 'requests.jsonl'} (Not a directory)" in line
+    assert "settings.log_file" in line and "log_requests" in line
+
+
+@pytest.mark.parametrize("host,needle", [
+    ("999.1.1.1", "cannot listen on 999.1.1.1: it is not an address or a name"),
+    ("no-such-host.invalid", "cannot listen on no-such-host.invalid: it is not an address"),
+    ("192.0.2.1", "cannot listen on 192.0.2.1: it is not an address of this machine"),
+])
+def test_14_bad_host_blames_the_host(tmp_path, host, needle):
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{}")
+    _, line = _start_fails("--headless", "--config", str(cfg), "--host", host, "--port", "0")
+    assert needle in line and "--host" in line and "port" not in line.split(";")[0]
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_14_bad_port_is_a_usage_error(tmp_path, port):
+    p = _cli("--headless", "--config", str(tmp_path / "c.json"), "--port", port)
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 2 and err.startswith("usage: aigateway") and "Traceback" not in err
+    assert "argument --port:" in err and not (tmp_path / "c.json").exists()
+
+
+def test_14_first_run_text_and_help_name_every_way_to_send_the_token(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg = tmp_path / "config.json"
+    p = _cli("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
+    out, err = p.communicate(timeout=15)
+    busy.close()
+    key = json.loads(cfg.read_text())["tokens"][0]["key"]
+    assert p.returncode == 2 and out.count(key) == 1
+    for way in ("Authorization: Bearer <token>", "x-api-key: <token>",
+                "x-goog-api-key: <token>", "?key=<token>"):
+        assert way in out
+    assert "held" not in err and "cannot listen on 127.0.0.1:" in err
+    p = _cli("--help")
+    out, _ = p.communicate(timeout=15)
+    assert p.returncode == 0 and "Gemini's native API" in out and "channels add" in out
+
+
+def test_14_bad_host_in_the_window_blames_the_host(display, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": {"port": 0}}))
+    store, _ = ag.ConfigStore.load(str(path))
+    a = ag.App(store, host="999.1.1.1", start=True)
+    try:
+        a.root.update()
+        text = a.dashboard.activity.get("1.0", "end")
+        assert not a.bridge.running and "999.1.1.1: it is not an address or a name" in text
+        assert "Another program" not in text
+    finally:
+        a.close()
+
+
+# -- management subcommands: channels, tokens, config check --------------------------------------
+
+def _run(*args, stdin=None, env=None):
+    p = _cli(*args, env=env, stdin=subprocess.PIPE)
+    out, err = p.communicate(stdin, timeout=30)
+    assert "Traceback" not in err, err
+    return p.returncode, out, err
+
+
+def test_14_channels_add_list_edit_remove(tmp_path):
+    cfg = str(tmp_path / "config.json")
+    rc, out, err = _run("channels", "add", "--config", cfg, "--name", "oa", "--type", "openai",
+                        "--api-key", "sk-upstream-SECRET-1", "--models", "gpt-4o,gpt-4o-mini",
+                        "--priority", "1")
+    assert rc == 0 and out == "added channel 'oa' (id 1)\n"
+    first_key = json.loads(open(cfg).read())["tokens"][0]["key"]
+    assert err.count(first_key) == 1 and "shown only this once" in err     # file was created
+    rc, out, _ = _run("--config", cfg, "channels", "add", "--name", "local", "--type", "custom",
+                      "--base-url", "http://127.0.0.1:8000/v1", "--api-key", "-",
+                      "--model-mapping", "fast=qwen2.5:7b", "--timeout", "30", "--disabled",
+                      "--set", "verify_tls=false", "--set", 'headers={"X-Api-Key": "hdr-SECRET"}',
+                      stdin="sk-upstream-SECRET-2\n")
+    assert rc == 0 and "id 2" in out
+    data = json.loads(open(cfg).read())
+    oa, local = data["channels"]
+    assert oa["models"] == ["gpt-4o", "gpt-4o-mini"] and oa["priority"] == 1
+    assert oa["api_key"] == "sk-upstream-SECRET-1"
+    assert local["api_key"] == "sk-upstream-SECRET-2"
+    assert local["model_mapping"] == {"fast": "qwen2.5:7b"} and local["timeout"] == 30
+    assert local["enabled"] is False and local["verify_tls"] is False
+    assert stat.S_IMODE(os.stat(cfg).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    rc, table, _ = _run("--config", cfg, "channels", "list")
+    rc2, listed, _ = _run("--config", cfg, "channels", "list", "--json")
+    assert rc == rc2 == 0
+    assert table.splitlines()[0].split() == ["ID", "NAME", "TYPE", "ENABLED", "PRIORITY",
+                                             "BASE", "URL", "MODELS", "KEY"]
+    assert "oa" in table and "sk-ups…ET-1" in table and "gpt-4o,gpt-4o-mini" in table
+    channels = json.loads(listed)
+    assert [c["id"] for c in channels] == [1, 2] and channels[1]["api_key"] == "sk-ups…ET-2"
+    assert channels[1]["headers"] == {"X-Api-Key": "**********"}
+    for secret in ("SECRET-1", "SECRET-2", "hdr-SECRET"):
+        assert secret not in table + listed
+    rc, out, _ = _run("--config", cfg, "channels", "edit", "LOCAL", "--enabled", "--name",
+                      "vllm", "--models", "")
+    assert rc == 0 and out == "changed channel 'vllm' (id 2)\n"
+    rc, out, _ = _run("--config", cfg, "channels", "edit", "1", "--priority", "5")
+    rc, out, _ = _run("--config", cfg, "channels", "remove", "oa")
+    assert rc == 0 and out == "removed channel 'oa' (id 1)\n"
+    data = json.loads(open(cfg).read())
+    assert [(c["id"], c["name"], c["enabled"], c["models"]) for c in data["channels"]] == [
+        (2, "vllm", True, [])]
+    before = open(cfg).read()
+    for args, needle in [
+        (("channels", "edit", "nope", "--priority", "1"), "no channel 'nope' in "),
+        (("channels", "remove", "7"), "no channel '7'"),
+        (("channels", "add", "--name", "VLLM", "--type", "ollama"), "channels[1].name"),
+        (("channels", "edit", "2", "--base-url", "ftp://x"), "channels[0].base_url"),
+        (("channels", "edit", "2", "--set", "timeout=0"), "channels[0].timeout"),
+    ]:
+        rc, out, err = _run("--config", cfg, *args)
+        assert rc == 2 and needle in err and out == "", (args, err)
+    for args, needle in [
+        (("channels", "add", "--name", "x", "--type", "bogus"), "argument --type: invalid"),
+        (("channels", "add", "--type", "openai"), "the following arguments are required: --name"),
+        (("channels", "edit", "2", "--priority", "high"), "argument --priority: invalid int"),
+        (("channels", "edit", "2", "--timeout", "-3"), "argument --timeout: -3 is not positive"),
+        (("channels", "edit", "2", "--enabled", "--disabled"), "not allowed with argument"),
+        (("channels", "frobnicate"), "invalid choice: 'frobnicate'"),
+        (("channels",), "the following arguments are required: ACTION"),
+    ]:
+        rc, out, err = _run("--config", cfg, *args)
+        assert rc == 2 and err.startswith("usage: aigateway") and needle in err, (args, err)
+    assert open(cfg).read() == before                         # nothing refused was written
+
+
+def test_14_tokens_create_list_disable_enable_remove(tmp_path, upstream):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [{"name": "a", "type": "ollama"},
+                                            {"name": "b", "type": "ollama"}],
+                               "tokens": [{"name": "main", "key": TOKEN}]}))
+    rc, out, err = _run("--config", str(cfg), "tokens", "create", "--name", "ci", "--models",
+                        "gpt-*,claude-*", "--channels", "B,1", "--rpm", "30")
+    assert rc == 0
+    key = out.strip()
+    assert key.startswith("sk-gw-") and out == key + "\n" and key not in err
+    assert "shown only this once" in err and "x-goog-api-key" in err
+    tok = json.loads(cfg.read_text())["tokens"][1]
+    assert tok == {"name": "ci", "allowed_models": ["gpt-*", "claude-*"],
+                   "allowed_channels": ["b", 1], "rpm": 30, "key": key, "id": 2,
+                   "enabled": True}
+    rc, table, _ = _run("--config", str(cfg), "tokens", "list")
+    rc2, listed, _ = _run("--config", str(cfg), "tokens", "list", "--json")
+    assert rc == rc2 == 0 and key not in table + listed and TOKEN not in table + listed
+    assert "ci" in table and ag.mask_secret(key) in table and "b,1" in table
+    assert [t["key"] for t in json.loads(listed)] == [ag.mask_secret(TOKEN), ag.mask_secret(key)]
+    for action, enabled in (("disable", False), ("enable", True), ("disable", False)):
+        rc, out, _ = _run("--config", str(cfg), "tokens", action, "ci")
+        assert rc == 0 and out == f"{action}d token 'ci' (id 2)\n"
+        assert json.loads(cfg.read_text())["tokens"][1]["enabled"] is enabled
+    store, _ = ag.ConfigStore.load(str(cfg))
+    t = ag.GatewayThread(store, host="127.0.0.1", port=0)
+    t.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", t.server.port, timeout=10)
+        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert conn.getresponse().status == 401                    # disabled from the CLI
+    finally:
+        t.stop()
+    rc, out, _ = _run("--config", str(cfg), "tokens", "edit", "2", "--name", "ci2", "--rpm", "0")
+    assert rc == 0 and out == "changed token 'ci2' (id 2)\n"
+    rc, out, err = _run("--config", str(cfg), "tokens", "create", "--name", "x", "--channels",
+                        "nope")
+    assert rc == 2 and "no channel 'nope'" in err and out == ""
+    rc, out, _ = _run("--config", str(cfg), "tokens", "remove", "ci2")
+    assert rc == 0 and [t["name"] for t in json.loads(cfg.read_text())["tokens"]] == ["main"]
+    rc, out, err = _run("--config", str(cfg), "tokens", "enable", "ci2")
+    assert rc == 2 and "no token 'ci2'" in err and "tokens list" in err
+    rc, out, err = _run("--config", str(tmp_path / "missing.json"), "tokens", "list")
+    assert rc == 2 and "does not exist" in err and not (tmp_path / "missing.json").exists()
+
+
+def test_14_channels_test_sends_a_real_request(tmp_path, upstream):
+    good = upstream([openai_chat_reply(text="pong")])
+    bad = upstream([Reply(401, b'{"error": {"message": "Incorrect API key provided"}}')])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [chan(good, name="good", models=["m1"]),
+                                            chan(bad, name="bad", models=["m2"])]}))
+    rc, out, err = _run("--config", str(cfg), "channels", "test", "good")
+    assert rc == 0 and out.startswith("ok: channel 'good' answered m1 in ") and "'pong'" in out
+    sent = json.loads(good.requests[0]["body"])
+    assert sent["model"] == "m1" and good.requests[0]["path"] == "/v1/chat/completions"
+    rc, out, err = _run("--config", str(cfg), "channels", "test", "2")
+    assert rc == 1 and "channel 'bad' failed" in err and "Incorrect API key" in err
+    assert "sk-upstream-secret" not in out + err
+
+
+def test_14_config_check_names_every_problem(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"port": 70000, "tls_cert": "c.pem",
+                                            "tls_key": "k.pem"},
+                               "channels": [{"type": "bogus"}, {"name": "x", "timeout": 0}],
+                               "tokens": [{"key": "short"}]}))
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    lines = out.splitlines()
+    assert rc == 2 and [line.split(": ")[2] for line in lines[:-1]] == [
+        "settings.port", "channels[0].type", "channels[1].timeout", "tokens[0].key"]
+    assert lines[-1].endswith("4 problems; aigateway will not start with this file")
+    cfg.write_text(json.dumps({"settings": {"tls_cert": "c.pem", "tls_key": "k.pem",
+                                            "host": "0.0.0.0"},
+                               "channels": [{"name": "a", "type": "openai"}],
+                               "tokens": [{"key": TOKEN, "allowed_channels": ["a", 9]}]}))
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    assert rc == 2 and "settings.tls_cert: 'c.pem' does not exist" in out
+    assert "warning: " in out and "tokens[0].allowed_channels: 9 is no channel" in out
+    assert "channels[0].api_key" in out and "0.0.0.0 is reachable" in out
+    cfg.write_text(json.dumps({"channels": [{"name": "a", "type": "ollama"}],
+                               "tokens": [{"key": TOKEN}]}))
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    assert rc == 0 and out == f"{cfg}: valid (1 channel, 1 token)\n"
+    cfg.write_text('{"settings": {"port": 1,}}')
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    assert rc == 2 and "line 1 column 25" in out
+
+
+def test_14_old_app_config_starts_and_behaves_as_it_says(tmp_path, upstream):
+    openai_up = upstream([openai_chat_reply(text="from OpenAI")])
+    deepseek_up = upstream([openai_chat_reply(text="from DeepSeek")])
+    port = dead_port()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(old_app_config(port, openai_up.url + "/v1",
+                                             deepseek_up.url + "/v1"), indent=2))
+    p = _cli("--headless", "--config", str(cfg))
+    try:
+        _wait_health(port, p)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = json.dumps({"model": "shared", "messages": [{"role": "user", "content": "hi"}]})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={
+            "Authorization": f"Bearer {OLD_APP_KEY}", "Content-Type": "application/json",
+            "Origin": "https://chat.example"})
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        # The token allows channel id 2 only: DeepSeek answers although OpenAI comes first.
+        assert resp.status == 200 and answer["choices"][0]["message"]["content"] == \
+            "from DeepSeek"
+        assert resp.getheader("Access-Control-Allow-Origin") == "*"
+        assert openai_up.requests == [] and deepseek_up.requests[0]["path"] == \
+            "/v1/chat/completions"
+        assert deepseek_up.requests[0]["headers"]["authorization"] == \
+            "Bearer sk-old-second-SECRET"
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "https://chat.example", "Access-Control-Request-Method": "POST"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.getheader("Access-Control-Allow-Origin") == "*"
+        conn.request("POST", "/v1/chat/completions", body=body.replace("shared", "gpt-4o"),
+                     headers={"Authorization": f"Bearer {OLD_APP_KEY}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status in (403, 404) and openai_up.requests == []
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    assert p.returncode == 0
+    assert "0.0.0.0 is reachable from other machines; every client needs a gateway token" in err
+    assert "'GLM (web)'" in err and "unsupported_channels" in err
+    assert json.loads(cfg.read_text())["settings"]["enable_cors"] is True  # file not rewritten
+
+
 def test_10_example_config_is_valid():
     with open(os.path.join(HERE, "config.example.json")) as f:
         cfg = ag.validate_config(json.load(f), "config.example.json")
