@@ -4,6 +4,7 @@
 Run it:
     python aigateway.py                      # GUI when a display is available, else headless
     python aigateway.py --headless [--config PATH] [--host H] [--port P]
+    python aigateway.py channels|tokens|config ACTION ...   # manage config.json (see --help)
 
 It serves one local endpoint (default http://127.0.0.1:3000) that speaks the OpenAI API
 (/v1/chat/completions, /v1/responses, /v1/completions, /v1/embeddings, /v1/images/generations,
@@ -7271,10 +7272,9 @@ def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--rpm", type=int, metavar="N", help="requests per minute (0 = no limit)")
 
 
-_CHANNEL_FLAGS = {"name": "name", "type": "type", "base_url": "base_url", "api_key": "api_key",
-                  "models": "models", "model_mapping": "model_mapping", "priority": "priority",
-                  "timeout": "timeout", "proxy": "proxy", "max_concurrency": "max_concurrency",
-                  "enabled": "enabled"}
+_CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
+                                           "model_mapping", "priority", "timeout", "proxy",
+                                           "max_concurrency", "enabled")}      # option: field
 _TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
                 "rpm": "rpm"}
 _SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
@@ -7358,6 +7358,8 @@ def run_command(args: argparse.Namespace, path: str) -> int:
     except OSError as exc:
         print(f"aigateway: cannot save {path} ({exc.strerror}); make it writable, or choose "
               f"another file with --config PATH", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
     return 2
 
 

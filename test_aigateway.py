@@ -1828,6 +1828,24 @@ def test_14_tokens_create_list_disable_enable_remove(tmp_path, upstream):
     assert rc == 2 and "does not exist" in err and not (tmp_path / "missing.json").exists()
 
 
+def test_14_an_edit_that_cannot_be_saved_is_one_line_and_changes_nothing(tmp_path, monkeypatch,
+                                                                          capsys):
+    # As root nothing but the kernel refuses a write, so the failing save is atomic_write
+    # raising EROFS, as a folder on a read-only mount would.
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [{"name": "a", "type": "ollama"}]}))
+    before = cfg.read_text()
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(ag, "atomic_write", read_only)
+    assert ag.main(["--config", str(cfg), "channels", "remove", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"aigateway: cannot save {cfg} (Read-only file system); make it writable, or "
+                   f"choose another file with --config PATH\n")
+    assert cfg.read_text() == before
+
+
 def test_14_channels_test_sends_a_real_request(tmp_path, upstream):
     good = upstream([openai_chat_reply(text="pong")])
     bad = upstream([Reply(401, b'{"error": {"message": "Incorrect API key provided"}}')])
