@@ -4235,7 +4235,9 @@ class _Checker:
 UNSUPPORTED_CHANNELS = "unsupported_channels"
 
 
-def _migrate_old_app(cfg: dict, ck: _Checker, notes: list[str]) -> None:
+def _migrate_old_app(cfg: dict, ck: _Checker, notes: list[str]) -> list[int]:
+    """Map the old app's keys in place; return each kept channel's place in the file (so that
+    messages name the entry the user sees)."""
     settings = cfg.get("settings")
     if isinstance(settings, dict) and "enable_cors" in settings:
         enable = settings["enable_cors"]
@@ -4253,9 +4255,9 @@ def _migrate_old_app(cfg: dict, ck: _Checker, notes: list[str]) -> None:
                      f"that serve their model (give a channel no models to let it serve all)")
     channels = cfg.get("channels")
     if not isinstance(channels, list):
-        return
-    kept = []
-    for ch in channels:
+        return []
+    kept, places = [], []
+    for place, ch in enumerate(channels):
         if isinstance(ch, dict):
             if "proxy_enabled" in ch or "proxy_url" in ch:
                 enabled, url = ch.pop("proxy_enabled", False), ch.pop("proxy_url", "")
@@ -4270,7 +4272,9 @@ def _migrate_old_app(cfg: dict, ck: _Checker, notes: list[str]) -> None:
                              f"have; it is kept in {UNSUPPORTED_CHANNELS} and not served")
                 continue
         kept.append(ch)
+        places.append(place)
     cfg["channels"] = kept
+    return places
 
 
 def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> dict:
@@ -4281,7 +4285,7 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
         raise ck.fail("top level", "is not a JSON object",
                       'write {"settings": {...}, "channels": [...], "tokens": [...]}')
     cfg = copy.deepcopy(raw)
-    _migrate_old_app(cfg, ck, notes if notes is not None else [])
+    places = _migrate_old_app(cfg, ck, notes if notes is not None else [])
     settings = cfg.setdefault("settings", {})
     if not isinstance(settings, dict):
         raise ck.fail("settings", "is not an object", 'write "settings": {...}')
@@ -4337,7 +4341,7 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
         kind = section[:-1]
         seen_ids: set[int] = set()
         for i, item in enumerate(items):
-            where = f"{section}[{i}]"
+            where = f"{section}[{places[i] if section == 'channels' else i}]"
             if not isinstance(item, dict):
                 raise ck.fail(where, "is not an object", "write {...}")
             if section == "channels":
@@ -4361,14 +4365,17 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
                 item["id"] = nxt
                 nxt += 1
         next_ids[kind] = nxt
-        (_check_channel if section == "channels" else _check_token)(ck, items)
+        if section == "channels":
+            _check_channel(ck, items, places)
+        else:
+            _check_token(ck, items)
     return cfg
 
 
-def _check_channel(ck: _Checker, channels: list[dict]) -> None:
+def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> None:
     names: set[str] = set()
     for i, ch in enumerate(channels):
-        where = f"channels[{i}]"
+        where = f"channels[{places[i]}]"
         ck.typed(ch, "name", where, (str,), "a name")
         if not ch["name"].strip():
             ch["name"] = f"channel-{ch['id']}"

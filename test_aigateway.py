@@ -1098,6 +1098,9 @@ def test_10_old_app_keys_with_wrong_values_are_named():
     notes = []
     ag.validate_config({"settings": {"high_availability_mode": True}}, "c.json", notes)
     assert "high_availability_mode" in notes[0] and "not supported" in notes[0]
+    with pytest.raises(ag.ConfigError, match=r"channels\[2\]\.timeout"):   # the file's place
+        ag.validate_config({"channels": [{"type": "builtin", "base_url": "kimi"},
+                                         {"name": "ok"}, {"name": "x", "timeout": -1}]}, "c")
 
 
 def test_10_config_problems_names_every_problem_once():
