@@ -7194,10 +7194,12 @@ Run "aigateway COMMAND --help" (e.g. "channels add --help") for a command's opti
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aigateway", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Personal LLM API gateway: one local endpoint that speaks the OpenAI API "
-                    "(Chat Completions, Responses, embeddings, ...), the Anthropic Messages API "
-                    "and Gemini's native API (generateContent), and routes each request by "
-                    "model to your upstream channels.", epilog=_CLI_EPILOG)
+        description="Personal LLM API gateway: one local endpoint that speaks the OpenAI API\n"
+                    "(Chat Completions, Responses, embeddings, ...), the Anthropic Messages API\n"
+                    "and Gemini's native API (generateContent, streamGenerateContent, ...), and\n"
+                    "routes each request by model to your upstream channels.\n\n"
+                    "Without a COMMAND it serves: in the window when there is a display, else\n"
+                    "headless (or with --headless).", epilog=_CLI_EPILOG)
     p.add_argument("--headless", action="store_true", help="run without the GUI")
     p.add_argument("--config", metavar="PATH", help="configuration file (default: config.json "
                    "beside the program, or $AIGATEWAY_CONFIG)")
@@ -7260,8 +7262,10 @@ def _channel_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--proxy", metavar="URL", help="http:// or socks5h:// proxy; empty = none")
     p.add_argument("--max-concurrency", type=int, metavar="N", help="0 = no limit")
     onoff = p.add_mutually_exclusive_group()
-    onoff.add_argument("--enabled", dest="enabled", action="store_const", const=True)
-    onoff.add_argument("--disabled", dest="enabled", action="store_const", const=False)
+    onoff.add_argument("--enabled", dest="enabled", action="store_const", const=True,
+                       help="route requests to it (the default for a new channel)")
+    onoff.add_argument("--disabled", dest="enabled", action="store_const", const=False,
+                       help="keep it, but route nothing to it")
     p.add_argument("--set", dest="fields", type=_field_value, action="append", default=[],
                    metavar="FIELD=JSON", help='any other channel field, e.g. verify_tls=false '
                    'or \'headers={"HTTP-Referer": "https://example.com"}\'')

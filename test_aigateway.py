@@ -1709,6 +1709,14 @@ def test_14_bad_host_in_the_window_blames_the_host(display, tmp_path):
         a.close()
 
 
+def test_14_any_origin_with_auth_off_is_warned_about_at_start(gw):
+    g = gw(settings={"cors_origins": ["*"], "require_auth": False})
+    logs = [p for k, p in g.events() if k == "log"]
+    assert any('cors_origins has "*" and require_auth is off' in line for line in logs)
+    quiet = gw(settings={"cors_origins": ["*"]})
+    assert not any("cors_origins" in p for k, p in quiet.events() if k == "log")
+
+
 # -- management subcommands: channels, tokens, config check --------------------------------------
 
 def _run(*args, stdin=None, env=None):
