@@ -7414,6 +7414,9 @@ def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
         return 0
     changes = _changes(store, args, flags) if action == "edit" else {
         "enabled": action == "enable"}
+    if "type" in changes and "base_url" not in changes and \
+            item["base_url"] == CHANNEL_DEFAULT_URLS.get(item["type"]):
+        changes["base_url"] = ""                  # the new type's own default URL
     update = store.update_channel if kind == "channel" else store.update_token
     item = update(item["id"], **changes)
     done = {"edit": "changed", "enable": "enabled", "disable": "disabled"}[action]

@@ -1763,7 +1763,10 @@ def test_14_channels_add_list_edit_remove(tmp_path):
     rc, out, _ = _run("--config", cfg, "channels", "edit", "LOCAL", "--enabled", "--name",
                       "vllm", "--models", "")
     assert rc == 0 and out == "changed channel 'vllm' (id 2)\n"
-    rc, out, _ = _run("--config", cfg, "channels", "edit", "1", "--priority", "5")
+    rc, out, _ = _run("--config", cfg, "channels", "edit", "1", "--priority", "5", "--type",
+                      "gemini")
+    assert rc == 0 and json.loads(open(cfg).read())["channels"][0]["base_url"] == \
+        "https://generativelanguage.googleapis.com"            # the default follows the type
     rc, out, _ = _run("--config", cfg, "channels", "remove", "oa")
     assert rc == 0 and out == "removed channel 'oa' (id 1)\n"
     data = json.loads(open(cfg).read())
