@@ -4303,8 +4303,9 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
     ck.url(settings["proxy"], "settings.proxy", allow_empty=True,
            schemes=("http", "socks5", "socks5h"), example="http://127.0.0.1:8080")
     mb = ck.typed(settings, "max_body_mb", "settings", (int, float), "a number of MiB")
-    if mb <= 0:
-        raise ck.fail("settings.max_body_mb", f"{mb} is not positive", "use a size such as 64")
+    if not 0 < mb < float("inf"):                     # NaN and Infinity too
+        raise ck.fail("settings.max_body_mb", f"{mb} is not a positive number",
+                      "use a size such as 64")
     ck.typed(settings, "log_file", "settings", (str,), "a file path")
     ck.str_list(settings, "cors_origins", "settings")
     ck.typed(settings, "start_on_open", "settings", (bool,), "true or false")
@@ -4327,8 +4328,8 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
                       'use "light" or "dark"')
     ck.typed(settings, "window", "settings", (str,), "a window geometry such as 1100x720")
     dt = ck.typed(settings, "default_timeout", "settings", (int, float), "a number of seconds")
-    if dt <= 0:
-        raise ck.fail("settings.default_timeout", f"{dt} is not positive",
+    if not 0 < dt < float("inf"):
+        raise ck.fail("settings.default_timeout", f"{dt} is not a positive number",
                       "use seconds, such as 300")
 
     next_ids = cfg.setdefault("next_ids", {})
@@ -4401,8 +4402,9 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
         ck.typed(ch, "priority", where, (int,), "a whole number (lower is tried first)")
         ck.typed(ch, "enabled", where, (bool,), "true or false")
         t = ck.typed(ch, "timeout", where, (int, float), "a number of seconds")
-        if t <= 0:
-            raise ck.fail(f"{where}.timeout", f"{t} is not positive", "use seconds, such as 300")
+        if not 0 < t < float("inf"):
+            raise ck.fail(f"{where}.timeout", f"{t} is not a positive number",
+                          "use seconds, such as 300")
         ck.typed(ch, "proxy", where, (str,), "a proxy URL or an empty string")
         ck.url(ch["proxy"], f"{where}.proxy", allow_empty=True,
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
@@ -7152,8 +7154,8 @@ def _positive_number(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return int(value) if value.is_integer() else value
 
 
@@ -7175,9 +7177,11 @@ def _field_value(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE")
+    def refuse(word: str) -> Any:                  # NaN and Infinity are not JSON
+        raise ValueError(word)
     try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
+        return key.strip(), json.loads(value, parse_constant=refuse)
+    except ValueError:                             # JSONDecodeError too
         return key.strip(), value                  # a bare word is a string
 
 

@@ -1088,8 +1088,9 @@ def test_10_old_app_enable_cors(settings, origins):
 def test_10_old_app_keys_with_wrong_values_are_named():
     with pytest.raises(ag.ConfigError, match=r"settings\.enable_cors: \"yes\" is not true"):
         ag.validate_config({"settings": {"enable_cors": "yes"}}, "c.json")
-    with pytest.raises(ag.ConfigError, match=r"settings\.default_timeout: 0 is not positive"):
-        ag.validate_config({"settings": {"default_timeout": 0}}, "c.json")
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(ag.ConfigError, match=r"settings\.default_timeout: .* is not a pos"):
+            ag.validate_config({"settings": {"default_timeout": bad}}, "c.json")
     cfg = ag.validate_config({"settings": {"default_timeout": 45}, "channels": [
         {"name": "a", "proxy_enabled": True, "proxy_url": "socks5h://127.0.0.1:1080"},
         {"name": "b", "timeout": 7}]}, "c.json")
@@ -1779,6 +1780,7 @@ def test_14_channels_add_list_edit_remove(tmp_path):
         (("channels", "add", "--name", "VLLM", "--type", "ollama"), "channels[1].name"),
         (("channels", "edit", "2", "--base-url", "ftp://x"), "channels[0].base_url"),
         (("channels", "edit", "2", "--set", "timeout=0"), "channels[0].timeout"),
+        (("channels", "edit", "2", "--set", "timeout=Infinity"), "channels[0].timeout"),
     ]:
         rc, out, err = _run("--config", cfg, *args)
         assert rc == 2 and needle in err and out == "", (args, err)
@@ -1786,7 +1788,8 @@ def test_14_channels_add_list_edit_remove(tmp_path):
         (("channels", "add", "--name", "x", "--type", "bogus"), "argument --type: invalid"),
         (("channels", "add", "--type", "openai"), "the following arguments are required: --name"),
         (("channels", "edit", "2", "--priority", "high"), "argument --priority: invalid int"),
-        (("channels", "edit", "2", "--timeout", "-3"), "argument --timeout: -3 is not positive"),
+        (("channels", "edit", "2", "--timeout", "-3"), "argument --timeout: -3 is not a posit"),
+        (("channels", "edit", "2", "--timeout", "inf"), "argument --timeout: inf is not a posit"),
         (("channels", "edit", "2", "--enabled", "--disabled"), "not allowed with argument"),
         (("channels", "frobnicate"), "invalid choice: 'frobnicate'"),
         (("channels",), "the following arguments are required: ACTION"),
