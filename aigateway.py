@@ -5031,6 +5031,12 @@ class Gateway:
         if log_path and self._request_log is None:
             self._request_log = RequestLog(log_path, self.log)
 
+    def open_request_log(self) -> None:
+        """At start: a request log that cannot be opened is a ConfigError naming its path
+        (later write failures are only counted and reported)."""
+        if self._request_log is not None:
+            self._request_log.open()
+
     def close(self) -> None:
         self.client.close()
         if self._request_log is not None:
@@ -5846,12 +5852,11 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
             raise ConfigError(f"{store.path}: settings.tls_cert / tls_key: cannot load them "
                               f"({exc}); give PEM files of a certificate and its key") from None
     gateway = Gateway(config, config_dir=config_dir, on_event=on_event)
-    if gateway._request_log is not None:
-        try:
-            gateway._request_log.open()
-        except ConfigError:
-            gateway.close()
-            raise
+    try:
+        gateway.open_request_log()
+    except ConfigError:
+        gateway.close()
+        raise
     server = HTTPServer(gateway.handle, gateway.render_error, max_body=lambda: gateway.max_body,
                         log=gateway.log, ssl_context=tls,
                         max_connections=lambda: gateway.settings["max_connections"])
