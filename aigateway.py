@@ -4,6 +4,7 @@
 Run it:
     python aigateway.py                      # GUI when a display is available, else headless
     python aigateway.py --headless [--config PATH] [--host H] [--port P]
+    python aigateway.py channels|tokens|config ACTION ...   # manage config.json (see --help)
 
 It serves one local endpoint (default http://127.0.0.1:3000) that speaks the OpenAI API
 (/v1/chat/completions, /v1/responses, /v1/completions, /v1/embeddings, /v1/images/generations,
@@ -41,6 +42,7 @@ import base64
 import codecs
 import collections
 import copy
+import errno
 import functools
 import hmac
 import http
@@ -125,6 +127,7 @@ REQUEST_LOG_BACKUPS = 3
 SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed unsplit
 
 READ_SIZE = 64 * 1024
+MAX_CONFIG_PROBLEMS = 100             # `config check` stops naming problems after this many
 
 OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
@@ -4390,6 +4393,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "start_on_open": True,            # the GUI starts the gateway when it opens
     "theme": "light",                 # the GUI's theme: light or dark
     "window": "",                     # the GUI's last window geometry
+    "default_timeout": DEFAULT_CHANNEL_TIMEOUT,   # a channel's timeout when it gives none
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
@@ -4419,7 +4423,9 @@ class _Checker:
         self.source = source
 
     def fail(self, where: str, problem: str, fix: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {where}: {problem}; {fix}")
+        err = ConfigError(f"{self.source}: {where}: {problem}; {fix}")
+        err.where = where                                  # type: ignore[attr-defined]
+        return err
 
     def typed(self, obj: dict, key: str, where: str, types: tuple, what: str) -> Any:
         value = obj[key]
@@ -4463,13 +4469,68 @@ class _Checker:
                             f"write a URL such as {example}")
 
 
-def validate_config(raw: Any, source: str) -> dict:
-    """Return a normalised deep copy of ``raw`` or raise ConfigError."""
+# The old "Light AI Gateway" app (which this one replaces) wrote the same three sections with a
+# few keys of its own; they are mapped here, and every other key of its is kept as it is:
+#   settings.enable_cors    true: cors_origins as written, ["*"] when absent; false: no CORS
+#   channels[].proxy_enabled + proxy_url   -> proxy (proxy_url when enabled, else none)
+#   channels[].max_concurrency null        -> 0 (no limit; the old app adapted it by itself)
+#   channels[] of type "builtin"           -> moved to unsupported_channels (not served: those
+#                                             were the old app's own clients of web chat sites)
+# Its settings.default_timeout is our default_timeout (a channel's timeout when it gives none).
+UNSUPPORTED_CHANNELS = "unsupported_channels"
+
+
+def _migrate_old_app(cfg: dict, ck: _Checker, notes: list[str]) -> list[int]:
+    """Map the old app's keys in place; return each kept channel's place in the file (so that
+    messages name the entry the user sees)."""
+    settings = cfg.get("settings")
+    if isinstance(settings, dict) and "enable_cors" in settings:
+        enable = settings["enable_cors"]
+        if not isinstance(enable, bool):
+            raise ck.fail("settings.enable_cors", f"{json.dumps(enable)[:60]} is not true or "
+                          "false", 'write true or false, or use "cors_origins": ["*"]')
+        del settings["enable_cors"]
+        if not enable:
+            settings["cors_origins"] = []
+        elif "cors_origins" not in settings:
+            settings["cors_origins"] = ["*"]
+    if isinstance(settings, dict) and settings.get("high_availability_mode") is True:
+        notes.append(f"{ck.source}: settings.high_availability_mode (the old app's \"any "
+                     f"channel for any model\") is not supported; requests go to the channels "
+                     f"that serve their model (give a channel no models to let it serve all)")
+    channels = cfg.get("channels")
+    if not isinstance(channels, list):
+        return []
+    kept, places = [], []
+    for place, ch in enumerate(channels):
+        if isinstance(ch, dict):
+            if "proxy_enabled" in ch or "proxy_url" in ch:
+                enabled, url = ch.pop("proxy_enabled", False), ch.pop("proxy_url", "")
+                if "proxy" not in ch:
+                    ch["proxy"] = url if enabled is True and isinstance(url, str) else ""
+            if "max_concurrency" in ch and ch["max_concurrency"] is None:
+                ch["max_concurrency"] = 0
+            if ch.get("type") == "builtin":
+                cfg.setdefault(UNSUPPORTED_CHANNELS, []).append(ch)
+                notes.append(f"{ck.source}: channel {ch.get('name')!r} used the old app's "
+                             f"built-in {ch.get('base_url')!r} client, which aigateway does not "
+                             f"have; it is kept in {UNSUPPORTED_CHANNELS} and not served")
+                continue
+        kept.append(ch)
+        places.append(place)
+    cfg["channels"] = kept
+    return places
+
+
+def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> dict:
+    """Return a normalised deep copy of ``raw`` or raise ConfigError. Keys of the old app's
+    file are mapped to ours; what that changed is appended to ``notes``."""
     ck = _Checker(source)
     if not isinstance(raw, dict):
         raise ck.fail("top level", "is not a JSON object",
                       'write {"settings": {...}, "channels": [...], "tokens": [...]}')
     cfg = copy.deepcopy(raw)
+    places = _migrate_old_app(cfg, ck, notes if notes is not None else [])
     settings = cfg.setdefault("settings", {})
     if not isinstance(settings, dict):
         raise ck.fail("settings", "is not an object", 'write "settings": {...}')
@@ -4487,8 +4548,9 @@ def validate_config(raw: Any, source: str) -> dict:
     ck.url(settings["proxy"], "settings.proxy", allow_empty=True,
            schemes=("http", "socks5", "socks5h"), example="http://127.0.0.1:8080")
     mb = ck.typed(settings, "max_body_mb", "settings", (int, float), "a number of MiB")
-    if mb <= 0:
-        raise ck.fail("settings.max_body_mb", f"{mb} is not positive", "use a size such as 64")
+    if not 0 < mb < float("inf"):                     # NaN and Infinity too
+        raise ck.fail("settings.max_body_mb", f"{mb} is not a positive number",
+                      "use a size such as 64")
     ck.typed(settings, "log_file", "settings", (str,), "a file path")
     ck.str_list(settings, "cors_origins", "settings")
     ck.str_list(settings, "allowed_hosts", "settings")
@@ -4512,6 +4574,10 @@ def validate_config(raw: Any, source: str) -> dict:
         raise ck.fail("settings.theme", f"{settings['theme']!r} is not a theme",
                       'use "light" or "dark"')
     ck.typed(settings, "window", "settings", (str,), "a window geometry such as 1100x720")
+    dt = ck.typed(settings, "default_timeout", "settings", (int, float), "a number of seconds")
+    if not 0 < dt < float("inf"):
+        raise ck.fail("settings.default_timeout", f"{dt} is not a positive number",
+                      "use seconds, such as 300")
 
     next_ids = cfg.setdefault("next_ids", {})
     if not isinstance(next_ids, dict):
@@ -4523,9 +4589,11 @@ def validate_config(raw: Any, source: str) -> dict:
         kind = section[:-1]
         seen_ids: set[int] = set()
         for i, item in enumerate(items):
-            where = f"{section}[{i}]"
+            where = f"{section}[{places[i] if section == 'channels' else i}]"
             if not isinstance(item, dict):
                 raise ck.fail(where, "is not an object", "write {...}")
+            if section == "channels":
+                item.setdefault("timeout", settings["default_timeout"])
             for key, value in defaults.items():
                 item.setdefault(key, copy.deepcopy(value))
             if "id" in item:
@@ -4534,6 +4602,10 @@ def validate_config(raw: Any, source: str) -> dict:
                     raise ck.fail(f"{where}.id", f"{item_id} is used twice or not positive",
                                   "give each entry its own positive id, or delete the id")
                 seen_ids.add(item_id)
+        if section == "channels":          # their ids stay taken: tokens may name them
+            aside = cfg.get(UNSUPPORTED_CHANNELS)
+            seen_ids |= {c["id"] for c in (aside if isinstance(aside, list) else [])
+                         if isinstance(c, dict) and isinstance(c.get("id"), int)}
         nxt = max([next_ids.get(kind, 1) if isinstance(next_ids.get(kind), int) else 1]
                   + [i + 1 for i in seen_ids])
         for item in items:
@@ -4541,14 +4613,17 @@ def validate_config(raw: Any, source: str) -> dict:
                 item["id"] = nxt
                 nxt += 1
         next_ids[kind] = nxt
-        (_check_channel if section == "channels" else _check_token)(ck, items)
+        if section == "channels":
+            _check_channel(ck, items, places)
+        else:
+            _check_token(ck, items)
     return cfg
 
 
-def _check_channel(ck: _Checker, channels: list[dict]) -> None:
+def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> None:
     names: set[str] = set()
     for i, ch in enumerate(channels):
-        where = f"channels[{i}]"
+        where = f"channels[{places[i]}]"
         ck.typed(ch, "name", where, (str,), "a name")
         if not ch["name"].strip():
             ch["name"] = f"channel-{ch['id']}"
@@ -4574,8 +4649,9 @@ def _check_channel(ck: _Checker, channels: list[dict]) -> None:
         ck.typed(ch, "priority", where, (int,), "a whole number (lower is tried first)")
         ck.typed(ch, "enabled", where, (bool,), "true or false")
         t = ck.typed(ch, "timeout", where, (int, float), "a number of seconds")
-        if t <= 0:
-            raise ck.fail(f"{where}.timeout", f"{t} is not positive", "use seconds, such as 300")
+        if not 0 < t < float("inf"):
+            raise ck.fail(f"{where}.timeout", f"{t} is not a positive number",
+                          "use seconds, such as 300")
         ck.typed(ch, "proxy", where, (str,), "a proxy URL or an empty string")
         ck.url(ch["proxy"], f"{where}.proxy", allow_empty=True,
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
@@ -4620,6 +4696,52 @@ def _check_token(ck: _Checker, tokens: list[dict]) -> None:
             raise ck.fail(f"{where}.rpm", f"{rpm} is negative", "use 0 for no limit")
 
 
+_WHERE_RX = re.compile(r"(settings|next_ids|channels|tokens)(?:\[(\d+)\])?(?:\.(\w+))?")
+
+
+def config_problems(raw: Any, source: str) -> list[str]:
+    """Every problem validate_config finds in ``raw``, not just the first: after each one the
+    field it names is put back to its default (or its entry replaced by a harmless one, or
+    its section emptied) in a scratch copy, and validation runs again."""
+    problems: list[str] = []
+    scratch = copy.deepcopy(raw)
+    tried: set[str] = set()
+    for _ in range(MAX_CONFIG_PROBLEMS):
+        try:
+            validate_config(scratch, source)
+            return problems
+        except ConfigError as exc:
+            where = getattr(exc, "where", "")
+            if where not in tried:            # else an echo of what was set aside there
+                problems.append(str(exc))
+            match = _WHERE_RX.fullmatch(where)
+            if match is None:
+                return problems
+            _set_aside(scratch, *match.groups(), again=where in tried)
+            tried.add(where)
+    problems.append(f"{source}: more than {MAX_CONFIG_PROBLEMS} problems; fix these first")
+    return problems
+
+
+def _set_aside(cfg: dict, section: str, index: str | None, key: str | None, *,
+               again: bool) -> None:
+    if index is None:
+        part = cfg.get(section)
+        if key is not None and not again and isinstance(part, dict):
+            part.pop(key, None)
+        else:
+            cfg[section] = [] if section in ("channels", "tokens") else {}
+        return
+    items, i = cfg[section], int(index)
+    if key is not None and not again:
+        items[i].pop(key, None)
+        return
+    old = items[i] if isinstance(items[i], dict) else {}
+    name = old.get("name") if key != "name" and isinstance(old.get("name"), str) else ""
+    items[i] = {"name": name, "type": "ollama"} if section == "channels" else {
+        "name": name, "key": new_token_key()}        # kept: its name, for the checks by name
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds either the old or the new content, never a mix,
     readable by the owner only."""
@@ -4662,7 +4784,12 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the lock file {self.path} ({exc.strerror}); make "
+                              f"its folder writable, or give aigateway a configuration file in "
+                              f"a writable folder with --config PATH") from None
         try:
             if sys.platform == "win32":
                 import msvcrt
@@ -4680,8 +4807,11 @@ class InstanceLock:
             raise ConfigError(f"another aigateway (pid {pid}) is already using "
                               f"{self.path[:-5]}; stop it first, or give this one its own "
                               f"file with --config") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:                    # a full disk: the lock holds, only the pid is lost
+            pass
         self._fd = fd
 
     def release(self) -> None:
@@ -4698,6 +4828,7 @@ class ConfigStore:
         self.path = path
         self.data = data
         self._lock = threading.RLock()
+        self.notes: list[str] = []        # what loading changed (the old app's keys mapped)
 
     @classmethod
     def load(cls, path: str, *, create: bool = True) -> tuple[ConfigStore, str | None]:
@@ -4713,10 +4844,16 @@ class ConfigStore:
             key = new_token_key()
             data = validate_config({"tokens": [{"name": "default", "key": key}]}, path)
             store = cls(path, data)
-            store.save()
+            try:
+                store.save()
+            except OSError as exc:
+                raise ConfigError(f"cannot create {path} ({exc.strerror}); make sure its "
+                                  f"folder exists and is writable, or choose another file with "
+                                  f"--config PATH or AIGATEWAY_CONFIG") from None
             return store, key
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
+            raise ConfigError(f"{path}: cannot read the file ({exc.strerror}); check its "
+                              f"permissions, or choose another file with --config PATH") from None
         try:
             raw = json.loads(raw_bytes.decode("utf-8-sig"))
         except UnicodeDecodeError:
@@ -4724,7 +4861,10 @@ class ConfigStore:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
                               f"JSON syntax there (a missing comma or quote is usual)") from None
-        return cls(path, validate_config(raw, path)), None
+        notes: list[str] = []
+        store = cls(path, validate_config(raw, path, notes))
+        store.notes = notes
+        return store, None
 
     def save(self) -> None:
         with self._lock:
@@ -5049,11 +5189,27 @@ class AuthThrottle:
 
 
 class RequestLog:
-    """Appends one JSON line per request; rotates at REQUEST_LOG_MAX_BYTES."""
+    """Appends one JSON line per request; rotates at REQUEST_LOG_MAX_BYTES. A write that fails
+    (full disk, read-only folder) loses that line, never the request: ``errors`` counts them,
+    and ``on_error(text)`` hears of the first failure after each success, so a broken disk is
+    reported once rather than on every request."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_error: Callable[[str], None] | None = None):
         self.path = path
         self._file: Any = None
+        self.errors = 0
+        self._on_error = on_error or (lambda text: None)
+        self._failing = False
+
+    def open(self) -> None:
+        """Open the file now (at start), raising ConfigError when that is impossible."""
+        try:
+            if self._file is None:
+                self._file = open(self.path, "ab")
+        except OSError as exc:
+            raise ConfigError(f"cannot open the request log {self.path} ({exc.strerror}); "
+                              f"set settings.log_file to a writable path, or turn "
+                              f"settings.log_requests off") from None
 
     def write(self, record: dict) -> None:
         try:
@@ -5063,8 +5219,15 @@ class RequestLog:
             self._file.flush()
             if self._file.tell() > REQUEST_LOG_MAX_BYTES:
                 self._rotate()
-        except OSError:
+        except OSError as exc:
+            self.errors += 1
             self.close()
+            if not self._failing:
+                self._failing = True
+                self._on_error(f"cannot write the request log {self.path} ({exc.strerror}); "
+                               f"requests are served but not logged there until it works again")
+            return
+        self._failing = False
 
     def _rotate(self) -> None:
         self.close()
@@ -5198,7 +5361,13 @@ class Gateway:
             self._request_log.close()
             self._request_log = None
         if log_path and self._request_log is None:
-            self._request_log = RequestLog(log_path)
+            self._request_log = RequestLog(log_path, self.log)
+
+    def open_request_log(self) -> None:
+        """At start: a request log that cannot be opened is a ConfigError naming its path
+        (later write failures are only counted and reported)."""
+        if self._request_log is not None:
+            self._request_log.open()
 
     def close(self) -> None:
         self.client.close()
@@ -5254,6 +5423,7 @@ class Gateway:
                 except GatewayError as err:
                     return self.render_error(None, err, OPENAI)
                 body["channels"] = self.health_report()
+                body["request_log_errors"] = self._request_log.errors if self._request_log else 0
             return Response(200, [("Content-Type", "application/json")], json_dumps(body))
         if route.kind in ("models", "model") and route.dialect == OPENAI:
             if "anthropic-version" in req.headers:
@@ -6079,6 +6249,11 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
             raise ConfigError(f"{store.path}: settings.tls_cert / tls_key: cannot load them "
                               f"({exc}); give PEM files of a certificate and its key") from None
     gateway = Gateway(config, config_dir=config_dir, on_event=on_event, listen_host=bind)
+    try:
+        gateway.open_request_log()
+    except ConfigError:
+        gateway.close()
+        raise
     server = HTTPServer(gateway.handle, gateway.render_error, max_body=lambda: gateway.max_body,
                         log=gateway.log, ssl_context=tls,
                         max_connections=lambda: gateway.settings["max_connections"])
@@ -6089,17 +6264,41 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
         if not is_loopback_host(bind) and not s["require_auth"]:
             gateway.log("warning: listening beyond this machine with require_auth off: anyone "
                         "who can reach the port can use your upstream keys")
+        elif not is_loopback_host(bind):
+            gateway.log(f"warning: {bind} is reachable from other machines; every client needs "
+                        f"a gateway token (listen on 127.0.0.1 to keep it to this machine)")
+        if "*" in s["cors_origins"] and not s["require_auth"]:
+            gateway.log('warning: cors_origins has "*" and require_auth is off: any web page '
+                        'you open can use your upstream keys')
         if on_ready is not None:
             on_ready(gateway, server)
         await stop.wait()
     finally:
         await server.stop()
         gateway.close()
-        gateway.log("stopped")
+        if server.sockets:                          # a refused start is one line, not two
+            gateway.log("stopped")
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line for a failed bind that blames what is wrong: the host or the port."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        return (f"cannot listen on {host}: it is not an address or a name this machine can "
+                f"resolve ({reason}); give an address of this machine with --host or "
+                f"settings.host, such as 127.0.0.1 (this machine only) or 0.0.0.0 (every network)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {host}: it is not an address of this machine ({reason}); "
+                f"give one of its addresses with --host or settings.host, such as 127.0.0.1")
+    if exc.errno == errno.EACCES:
+        return (f"cannot listen on {host}:{port}: permission denied (ports below 1024 need "
+                f"privileges); choose another port with --port or settings.port")
+    return (f"cannot listen on {host}:{port}: {reason}. Another program (or another aigateway) "
+            f"may hold the port; choose another with --port or settings.port.")
 
 
 class GatewayThread:
@@ -7214,9 +7413,9 @@ class App:
             return
         except OSError as exc:
             s = self.store.data["settings"]
-            self.dashboard.log(f"cannot listen on {self.bridge.host or s['host']}:"
-                               f"{s['port'] if self.bridge.port is None else self.bridge.port}: "
-                               f"{exc.strerror or exc}")
+            self.dashboard.log(listen_error(
+                self.bridge.host or s["host"],
+                s["port"] if self.bridge.port is None else self.bridge.port, exc))
             self.dashboard.set_state(False)
             return
         self.dashboard.set_state(True, self.bridge.url)
@@ -7341,18 +7540,363 @@ def access_line(rec: dict) -> str:
     return " ".join(parts)
 
 
+def _port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range; use a port from 1 to 65535 "
+                                         f"(0 picks any free port)")
+    return port
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return int(value) if value.is_integer() else value
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _mapping(text: str) -> dict[str, str]:
+    out = {}
+    for pair in _name_list(text):
+        name, eq, target = pair.partition("=")
+        if not eq or not name.strip() or not target.strip():
+            raise argparse.ArgumentTypeError(f"{pair!r} is not NAME=UPSTREAM_NAME")
+        out[name.strip()] = target.strip()
+    return out
+
+
+def _field_value(text: str) -> tuple[str, Any]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE")
+    def refuse(word: str) -> Any:                  # NaN and Infinity are not JSON
+        raise ValueError(word)
+    try:
+        return key.strip(), json.loads(value, parse_constant=refuse)
+    except ValueError:                             # JSONDecodeError too
+        return key.strip(), value                  # a bare word is a string
+
+
+_CLI_EPILOG = """\
+management commands (they edit the configuration file; a running aigateway picks the edit up):
+  channels list [--json]            channels add --name N --type T [options]
+  channels edit ID|NAME [options]   channels remove ID|NAME   channels test ID|NAME
+  tokens list [--json]              tokens create --name N [--models a,b]
+  tokens edit ID|NAME [options]     tokens enable|disable|remove ID|NAME
+  config check
+Run "aigateway COMMAND --help" (e.g. "channels add --help") for a command's options."""
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aigateway", description="Personal LLM API gateway: one "
-                                "local OpenAI- and Anthropic-compatible endpoint for your "
-                                "upstream channels.")
+    p = argparse.ArgumentParser(
+        prog="aigateway", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Personal LLM API gateway: one local endpoint that speaks the OpenAI API\n"
+                    "(Chat Completions, Responses, embeddings, ...), the Anthropic Messages API\n"
+                    "and Gemini's native API (generateContent, streamGenerateContent, ...), and\n"
+                    "routes each request by model to your upstream channels.\n\n"
+                    "Without a COMMAND it serves: in the window when there is a display, else\n"
+                    "headless (or with --headless).", epilog=_CLI_EPILOG)
     p.add_argument("--headless", action="store_true", help="run without the GUI")
     p.add_argument("--config", metavar="PATH", help="configuration file (default: config.json "
                    "beside the program, or $AIGATEWAY_CONFIG)")
     p.add_argument("--host", help="listen address for this run (default: settings.host)")
-    p.add_argument("--port", type=int, help="listen port for this run (default: settings.port)")
+    p.add_argument("--port", type=_port_number,
+                   help="listen port for this run, 0-65535 (default: settings.port)")
     p.add_argument("--quiet", action="store_true", help="no access line per request")
     p.add_argument("--version", action="version", version=f"aigateway {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="configuration file (as before the command)")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def group(name: str, help_text: str) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        return sub.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def command(actions: Any, name: str, help_text: str, *, ref: bool = False) -> Any:
+        sub = actions.add_parser(name, parents=[common], help=help_text,
+                                 description=help_text)
+        if ref:
+            sub.add_argument("ref", metavar="ID|NAME", help="the id or the name")
+        return sub
+
+    ch = group("channels", "list, add, edit, remove and test upstream channels")
+    command(ch, "list", "list the channels (keys masked)").add_argument(
+        "--json", action="store_true", help="print JSON (keys masked)")
+    _channel_options(command(ch, "add", "add a channel"), adding=True)
+    _channel_options(command(ch, "edit", "change a channel's fields", ref=True), adding=False)
+    command(ch, "remove", "delete a channel", ref=True)
+    command(ch, "test", "send a short chat request through a channel (exit 1 if it fails)",
+            ref=True)
+    tok = group("tokens", "list, create, edit, enable, disable and remove gateway tokens")
+    command(tok, "list", "list the tokens (keys masked)").add_argument(
+        "--json", action="store_true", help="print JSON (keys masked)")
+    _token_options(command(tok, "create", "create a token and print its key (only this once)"),
+                   adding=True)
+    _token_options(command(tok, "edit", "change a token's name or limits", ref=True),
+                   adding=False)
+    for name in ("enable", "disable", "remove"):
+        command(tok, name, f"{name} a token", ref=True)
+    cfg = group("config", "check the configuration file")
+    command(cfg, "check", "name every problem in the file (exit 0 when it is valid, else 2)")
     return p
+
+
+def _channel_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
+    p.add_argument("--name", required=adding, help="unique name")
+    p.add_argument("--type", required=adding, choices=CHANNEL_TYPES, help="upstream dialect")
+    p.add_argument("--base-url", help="upstream URL (default: the type's public API)")
+    p.add_argument("--api-key", metavar="KEY", help='upstream key; "-" reads it from stdin '
+                   "(keeps it out of the shell history)")
+    p.add_argument("--models", type=_name_list, metavar="a,b",
+                   help="model names served (* wildcards); empty string = every model")
+    p.add_argument("--model-mapping", type=_mapping, metavar="a=x,b=y",
+                   help="names clients use = names the upstream knows")
+    p.add_argument("--priority", type=int, help="lower is tried first")
+    p.add_argument("--timeout", type=_positive_number, metavar="SECONDS",
+                   help="to the first byte and between bytes")
+    p.add_argument("--proxy", metavar="URL", help="http:// or socks5h:// proxy; empty = none")
+    p.add_argument("--max-concurrency", type=int, metavar="N", help="0 = no limit")
+    onoff = p.add_mutually_exclusive_group()
+    onoff.add_argument("--enabled", dest="enabled", action="store_const", const=True,
+                       help="route requests to it (the default for a new channel)")
+    onoff.add_argument("--disabled", dest="enabled", action="store_const", const=False,
+                       help="keep it, but route nothing to it")
+    p.add_argument("--set", dest="fields", type=_field_value, action="append", default=[],
+                   metavar="FIELD=JSON", help='any other channel field, e.g. verify_tls=false '
+                   'or \'headers={"HTTP-Referer": "https://example.com"}\'')
+
+
+def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
+    p.add_argument("--name", required=adding, help="shown in logs instead of the key")
+    p.add_argument("--models", type=_name_list, metavar="a,b",
+                   help="models it may use (* wildcards); empty string = all")
+    p.add_argument("--channels", type=_name_list, metavar="a,b",
+                   help="channel names or ids it may use; empty string = all")
+    p.add_argument("--rpm", type=int, metavar="N", help="requests per minute (0 = no limit)")
+
+
+_CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
+                                           "model_mapping", "priority", "timeout", "proxy",
+                                           "max_concurrency", "enabled")}      # option: field
+_TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
+                "rpm": "rpm"}
+_SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
+
+
+def _masked(kind: str, item: dict) -> dict:
+    """A channel or token as listings show it: every key, secret header and proxy password
+    masked."""
+    out = copy.deepcopy(item)
+    if kind == "token":
+        out["key"] = mask_secret(out["key"])
+        return out
+    out["api_key"] = mask_secret(out["api_key"])
+    out["api_keys"] = [mask_secret(k) for k in out["api_keys"]]
+    out["headers"] = {n: mask_secret(v) if _SECRET_HEADER_RX.search(n) else v
+                      for n, v in out["headers"].items()}
+    if out["proxy"]:
+        u = urllib.parse.urlsplit(out["proxy"])
+        if u.password:
+            netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+            out["proxy"] = urllib.parse.urlunsplit(u._replace(netloc=netloc))
+    return out
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+class _CommandFailed(Exception):
+    """A management command cannot go on; the message says why (exit status 2)."""
+
+
+def _find(store: ConfigStore, kind: str, ref: str) -> dict:
+    items = store.data[kind + "s"]
+    if ref.isdigit():
+        for item in items:
+            if item["id"] == int(ref):
+                return item
+    for item in items:
+        if item["name"].lower() == ref.lower():
+            return item
+    raise _CommandFailed(f"no {kind} {ref!r} in {store.path}; "
+                         f"`aigateway {kind}s list` shows their ids and names")
+
+
+def _changes(store: ConfigStore, args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """The fields a command's options set; a token's channels must name existing channels
+    (kept as written: a name, or an id as a number)."""
+    out = {field: getattr(args, flag) for flag, field in flags.items()
+           if getattr(args, flag, None) is not None}
+    if out.get("api_key") == "-":
+        out["api_key"] = sys.stdin.readline().strip()
+    for key, value in getattr(args, "fields", []):
+        out[key] = value
+    if "allowed_channels" in out:
+        refs = []
+        for ref in out["allowed_channels"]:
+            ch = _find(store, "channel", ref)
+            refs.append(ch["id"] if ref.isdigit() and ch["id"] == int(ref) else ch["name"])
+        out["allowed_channels"] = refs
+    return out
+
+
+def run_command(args: argparse.Namespace, path: str) -> int:
+    """A management subcommand: edits go through ConfigStore, which validates every change and
+    saves the file atomically; nothing is written when a change is refused."""
+    if args.command == "config":
+        return check_config(path)
+    creating = args.action in ("add", "create")
+    try:
+        store, new_key = ConfigStore.load(path, create=creating)
+        if new_key is not None:
+            print(f"aigateway: created {path} with a gateway token named "
+                  f"'{store.data['tokens'][0]['name']}' (shown only this once): {new_key}",
+                  file=sys.stderr)
+        return _run_command(args, store)
+    except (ConfigError, _CommandFailed) as exc:
+        print(f"aigateway: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"aigateway: cannot save {path} ({exc.strerror}); make it writable, or choose "
+              f"another file with --config PATH", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
+    kind = args.command[:-1]
+    action = args.action
+    if action == "list":
+        items = [dict({"id": i["id"]}, **_masked(kind, i)) for i in store.data[kind + "s"]]
+        if args.json:
+            print(json.dumps(items, indent=2, ensure_ascii=False))
+        elif kind == "channel":
+            print(_table([(c["id"], c["name"], c["type"], "yes" if c["enabled"] else "no",
+                           c["priority"], c["base_url"], ",".join(c["models"]) or "(all)",
+                           c["api_key"] or "-") for c in items],
+                         ("ID", "NAME", "TYPE", "ENABLED", "PRIORITY", "BASE URL", "MODELS",
+                          "KEY")))
+        else:
+            print(_table([(t["id"], t["name"], "yes" if t["enabled"] else "no", t["key"],
+                           ",".join(t["allowed_models"]) or "(all)",
+                           ",".join(map(str, t["allowed_channels"])) or "(all)",
+                           t["rpm"] or "-") for t in items],
+                         ("ID", "NAME", "ENABLED", "KEY", "MODELS", "CHANNELS", "RPM")))
+        return 0
+    flags = _CHANNEL_FLAGS if kind == "channel" else _TOKEN_FLAGS
+    if action in ("add", "create"):
+        fields = _changes(store, args, flags)
+        if kind == "channel":
+            item = store.add_channel(**fields)
+            print(f"added channel {item['name']!r} (id {item['id']})")
+        else:
+            item = store.add_token(**fields)
+            print(item["key"])
+            print(f"aigateway: created token {item['name']!r} (id {item['id']}); its key, above, "
+                  f"is shown only this once. Clients send it as 'Authorization: Bearer <key>', "
+                  f"'x-api-key: <key>', 'x-goog-api-key: <key>' or '?key=<key>'.",
+                  file=sys.stderr)
+        return 0
+    item = _find(store, kind, args.ref)
+    if action == "test":
+        return _test_channel(store, item)
+    if action == "remove":
+        (store.delete_channel if kind == "channel" else store.delete_token)(item["id"])
+        print(f"removed {kind} {item['name']!r} (id {item['id']})")
+        return 0
+    changes = _changes(store, args, flags) if action == "edit" else {
+        "enabled": action == "enable"}
+    if "type" in changes and "base_url" not in changes and \
+            item["base_url"] == CHANNEL_DEFAULT_URLS.get(item["type"]):
+        changes["base_url"] = ""                  # the new type's own default URL
+    update = store.update_channel if kind == "channel" else store.update_token
+    item = update(item["id"], **changes)
+    done = {"edit": "changed", "enable": "enabled", "disable": "disabled"}[action]
+    print(f"{done} {kind} {item['name']!r} (id {item['id']})")
+    return 0
+
+
+def _test_channel(store: ConfigStore, item: dict) -> int:
+    async def test() -> dict:
+        gateway = Gateway(store.snapshot(),
+                          config_dir=os.path.dirname(os.path.abspath(store.path)))
+        try:
+            return await gateway.test_channel(gateway.channel(item["id"]))
+        finally:
+            gateway.close()
+    try:
+        result = asyncio.run(test())
+    except GatewayError as exc:
+        print(f"channel {item['name']!r} failed: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"channel {item['name']!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: channel {item['name']!r} answered {result['model']} in "
+          f"{result['latency_ms']:.0f} ms: {result['reply']!r}")
+    return 0
+
+
+def _count(items: list, word: str) -> str:
+    return f"{len(items)} {word}{'' if len(items) == 1 else 's'}"
+
+
+def check_config(path: str) -> int:
+    """`config check`: every problem (exit 2) or warnings only (exit 0), one per line."""
+    try:
+        store, _ = ConfigStore.load(path, create=False)
+    except ConfigError as exc:
+        problems = [str(exc)]
+        if getattr(exc, "where", None):
+            with open(path, "rb") as f:
+                problems = config_problems(json.loads(f.read().decode("utf-8-sig")), path)
+        for problem in problems:
+            print(f"error: {problem}")
+        print(f"{path}: {_count(problems, 'problem')}; aigateway will not start with this file")
+        return 2
+    data, warnings = store.data, list(store.notes)
+    s = data["settings"]
+    errors = [f"{path}: settings.{key}: {s[key]!r} does not exist; give the path of a PEM "
+              f"file (relative to the configuration file)" for key in ("tls_cert", "tls_key")
+              if s[key] and not os.path.isfile(os.path.join(os.path.dirname(path), s[key]))]
+    if not is_loopback_host(s["host"]):
+        warnings.append(f"{path}: settings.host: {s['host']} is reachable from other machines")
+    if s["require_auth"] and not any(t["enabled"] for t in data["tokens"]):
+        warnings.append(f"{path}: tokens: no enabled token, so every request gets 401; "
+                        f"`aigateway tokens create --name NAME` makes one")
+    names = {c["name"].lower() for c in data["channels"]} | {c["id"] for c in data["channels"]}
+    for i, t in enumerate(data["tokens"]):
+        for ref in t["allowed_channels"]:
+            if (ref.lower() if isinstance(ref, str) else ref) not in names:
+                warnings.append(f"{path}: tokens[{i}].allowed_channels: {ref!r} is no channel's "
+                                f"name or id, so it allows nothing")
+    for i, c in enumerate(data["channels"]):
+        if c["enabled"] and not c["api_key"] and c["type"] in ("openai", "anthropic", "gemini"):
+            warnings.append(f"{path}: channels[{i}].api_key: channel {c['name']!r} has no key")
+    for problem in errors:
+        print(f"error: {problem}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if errors:
+        print(f"{path}: {_count(errors, 'problem')}")
+        return 2
+    print(f"{path}: valid ({_count(data['channels'], 'channel')}, "
+          f"{_count(data['tokens'], 'token')})")
+    return 0
 
 
 def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: bool) -> int:
@@ -7382,9 +7926,7 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
         print(f"aigateway: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"aigateway: cannot listen on {bind_host}:{bind_port}: "
-              f"{exc.strerror or exc}. Another program (or another aigateway) may hold the port; "
-              f"choose another with --port or settings.port.", file=sys.stderr)
+        print(f"aigateway: {listen_error(bind_host, bind_port, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass
@@ -7410,11 +7952,16 @@ def report_error(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     path = os.path.abspath(args.config) if args.config else default_config_path()
+    if args.command is not None:
+        return run_command(args, path)
     try:
         store, new_key = ConfigStore.load(path)
     except ConfigError as exc:
-        report_error(f"invalid configuration: {exc}")
+        report_error(str(exc))
         return 2
+    if sys.stderr is not None:
+        for note in store.notes:
+            print(f"aigateway: note: {note}", file=sys.stderr)
     lock = InstanceLock(path)
     try:
         lock.acquire()
@@ -7423,19 +7970,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _run(args, store, path, new_key)
+    except OSError as exc:                    # anything else the system refused at start
+        where = f" ({exc.filename})" if exc.filename else ""
+        report_error(f"cannot start: {exc.strerror or exc}{where}")
+        return 2
     finally:
         lock.release()
 
 
 def _run(args: argparse.Namespace, store: ConfigStore, path: str, new_key: str | None) -> int:
     if not args.headless and gui_available():
-        App(store, host=args.host, port=args.port, new_key=new_key).run()
-        return 0
+        try:
+            app = App(store, host=args.host, port=args.port, new_key=new_key)
+        except Exception as exc:          # tkinter.TclError: no usable display after all
+            if tk is None or not isinstance(exc, tk.TclError):
+                raise
+            print(f"aigateway: cannot open the window ({exc}); running headless.",
+                  file=sys.stderr)
+        else:
+            app.run()
+            return 0
     if new_key is not None:
         print(f"Created {path} with a new gateway token (shown only this once):\n  {new_key}\n"
-              f"Clients send it as 'Authorization: Bearer <token>' or 'x-api-key: <token>'.",
-              flush=True)
-    if not args.headless:
+              f"Clients send it as 'Authorization: Bearer <token>' (OpenAI SDKs), "
+              f"'x-api-key: <token>' (Anthropic), 'x-goog-api-key: <token>' or '?key=<token>' "
+              f"(Gemini).", flush=True)
+    if not args.headless and not gui_available():
         print("aigateway: no display (or no tkinter) here; running headless.", file=sys.stderr)
     return run_headless(store, args.host, args.port, args.quiet)
 

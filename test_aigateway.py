@@ -1098,6 +1098,109 @@ def test_10_unknown_fields_kept_ids_never_reused_saves_atomic(tmp_path):
     assert reloaded.add_channel(name="d")["id"] == 4
 
 
+# -- the old "Light AI Gateway" app's config.json, and `config check` naming every problem ------
+
+OLD_APP_KEY = "sk-gw-" + "Q" * 48          # the old app made 48 random characters after sk-gw-
+
+
+def old_app_config(port=3000, first_url="https://api.openai.com/v1",
+                   second_url="https://api.deepseek.com/v1"):
+    """A config.json as the old app saved it (pydantic's model_dump of its models: every
+    field written, its defaults included)."""
+    return {
+        "settings": {"host": "0.0.0.0", "port": port, "log_level": "info",
+                     "require_auth": True, "default_timeout": 120, "enable_fallback": True,
+                     "enable_cors": True, "cors_origins": ["*"], "auto_start": False,
+                     "high_availability_mode": False},
+        "channels": [
+            {"id": 1, "name": "OpenAI", "type": "openai", "base_url": first_url,
+             "api_key": "sk-old-first-SECRET", "models": ["gpt-4o", "shared"],
+             "enabled": True, "priority": 1, "timeout": 60, "max_retries": 3,
+             "proxy_enabled": False, "proxy_url": "http://127.0.0.1:9", "max_concurrency": None,
+             "min_concurrency": 1, "max_adaptive_concurrency": 100},
+            {"id": 2, "name": "DeepSeek", "type": "openai", "base_url": second_url,
+             "api_key": "sk-old-second-SECRET", "models": "deepseek-chat, shared",
+             "enabled": True, "priority": 2, "timeout": 90, "max_retries": 3,
+             "proxy_enabled": False, "proxy_url": "", "max_concurrency": 4},
+            {"id": 5, "name": "GLM (web)", "type": "builtin", "base_url": "glm",
+             "api_key": "old-cookie", "models": ["glm"], "enabled": True, "priority": 1,
+             "timeout": 60},
+        ],
+        "tokens": [
+            {"id": 1, "name": "default", "key": OLD_APP_KEY, "enabled": True,
+             "allowed_channels": [2], "allowed_models": []},
+            {"id": 2, "name": "off", "key": OLD_APP_KEY[:-1] + "R", "enabled": False,
+             "allowed_channels": [], "allowed_models": ["gpt-4o"]},
+        ],
+    }
+
+
+def test_10_old_app_config_maps_its_keys_and_keeps_the_rest():
+    notes = []
+    cfg = ag.validate_config(old_app_config(), "old.json", notes)
+    s = cfg["settings"]
+    assert s["cors_origins"] == ["*"] and "enable_cors" not in s
+    assert s["host"] == "0.0.0.0" and s["require_auth"] is True and s["default_timeout"] == 120
+    assert s["log_level"] == "info" and s["high_availability_mode"] is False     # kept
+    first, second = cfg["channels"]
+    assert first["proxy"] == "" and "proxy_enabled" not in first and "proxy_url" not in first
+    assert first["max_concurrency"] == 0 and first["max_retries"] == 3 and first["timeout"] == 60
+    assert second["models"] == ["deepseek-chat", "shared"] and second["max_concurrency"] == 4
+    assert [c["id"] for c in cfg["channels"]] == [1, 2]
+    assert cfg["unsupported_channels"][0]["name"] == "GLM (web)"
+    assert cfg["next_ids"]["channel"] == 6                   # the GLM channel's id stays taken
+    assert [t["allowed_channels"] for t in cfg["tokens"]] == [[2], []]
+    assert len(notes) == 1 and "'GLM (web)'" in notes[0] and "unsupported_channels" in notes[0]
+    assert ag.validate_config(cfg, "again.json", notes) == cfg and len(notes) == 1
+
+
+@pytest.mark.parametrize("settings,origins", [
+    ({"enable_cors": True}, ["*"]),
+    ({"enable_cors": True, "cors_origins": ["https://app.example"]}, ["https://app.example"]),
+    ({"enable_cors": False, "cors_origins": ["*"]}, []),
+    ({}, []),
+])
+def test_10_old_app_enable_cors(settings, origins):
+    assert ag.validate_config({"settings": settings}, "c.json")["settings"]["cors_origins"] \
+        == origins
+
+
+def test_10_old_app_keys_with_wrong_values_are_named():
+    with pytest.raises(ag.ConfigError, match=r"settings\.enable_cors: \"yes\" is not true"):
+        ag.validate_config({"settings": {"enable_cors": "yes"}}, "c.json")
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(ag.ConfigError, match=r"settings\.default_timeout: .* is not a pos"):
+            ag.validate_config({"settings": {"default_timeout": bad}}, "c.json")
+    cfg = ag.validate_config({"settings": {"default_timeout": 45}, "channels": [
+        {"name": "a", "proxy_enabled": True, "proxy_url": "socks5h://127.0.0.1:1080"},
+        {"name": "b", "timeout": 7}]}, "c.json")
+    assert [c["timeout"] for c in cfg["channels"]] == [45, 7]
+    assert cfg["channels"][0]["proxy"] == "socks5h://127.0.0.1:1080"
+    notes = []
+    ag.validate_config({"settings": {"high_availability_mode": True}}, "c.json", notes)
+    assert "high_availability_mode" in notes[0] and "not supported" in notes[0]
+    with pytest.raises(ag.ConfigError, match=r"channels\[2\]\.timeout"):   # the file's place
+        ag.validate_config({"channels": [{"type": "builtin", "base_url": "kimi"},
+                                         {"name": "ok"}, {"name": "x", "timeout": -1}]}, "c")
+
+
+def test_10_config_problems_names_every_problem_once():
+    raw = {"settings": {"port": 70000, "require_auth": "yes", "theme": "blue"},
+           "channels": [{"type": "bogus"}, {"name": "a", "type": "custom"},
+                        {"name": "A", "timeout": -1}],
+           "tokens": [{"key": "short"}, {"key": "samesame1"}, {"key": "samesame1"}]}
+    problems = ag.config_problems(raw, "c.json")
+    wheres = [p.split(": ")[1] for p in problems]
+    assert wheres == ["settings.port", "settings.require_auth", "settings.theme",
+                      "channels[0].type", "channels[1].base_url", "channels[2].name",
+                      "channels[2].timeout", "tokens[0].key", "tokens[2].key"]
+    assert all(p.startswith("c.json: ") and "; " in p for p in problems)
+    assert ag.config_problems({"channels": []}, "c.json") == []
+    assert ag.config_problems([], "c.json") == [
+        'c.json: top level: is not a JSON object; write {"settings": {...}, "channels": [...], '
+        '"tokens": [...]}']
+
+
 # =================================================================================================
 # 11. Gateway: end to end with the official SDKs
 # =================================================================================================
@@ -1863,6 +1966,43 @@ def test_11_auth_throttle_table_is_bounded():
         t.failed("10.9.9.9", 5.0)
     assert t.blocked_for("10.9.9.9", 5.0) == ag.AUTH_BLOCK_SECONDS
     assert t.blocked_for("10.0.0.249", 5.0) == 0.0 and len(t) == 100
+# -- a request log that cannot be written: reported once, counted, and serving goes on ---------
+
+def test_11_request_log_on_a_full_disk_is_reported_once_and_counted(gw, upstream):
+    # /dev/full opens fine and fails every write with ENOSPC: a full disk, as the kernel says.
+    up = upstream([openai_chat_reply(text="still served")])
+    g = gw([chan(up)], settings={"log_requests": True, "log_file": "/dev/full"})
+    for _ in range(3):
+        reply = g.openai().chat.completions.create(model="m", messages=[])
+        assert reply.choices[0].message.content == "still served"
+    g.records(3)
+    status, _, body = g.request("GET", "/health?details=1")
+    assert status == 200 and json.loads(body)["request_log_errors"] == 3
+    logs = [p for k, p in g.events() if k == "log" and "request log" in p]
+    assert logs == ["cannot write the request log /dev/full (No space left on device); "
+                    "requests are served but not logged there until it works again"]
+
+
+def test_11_request_log_failure_is_reported_again_after_it_recovered(tmp_path):
+    # Read-only folders do not stop root (the suite runs as root), so the failing write is a
+    # file object whose write raises EROFS, as a remount read-only would make it.
+    heard = []
+    log = ag.RequestLog(str(tmp_path / "r.jsonl"), heard.append)
+
+    class ReadOnly:
+        def write(self, data):
+            raise OSError(30, "Read-only file system")
+
+        def close(self):
+            pass
+    log.write({"n": 1})
+    for fail in (True, True, False, True):
+        if fail:
+            log._file = ReadOnly()
+        log.write({"n": 2})
+    assert log.errors == 3 and len(heard) == 2             # the 2nd failure in a row is quiet
+    assert all("Read-only file system" in h for h in heard)
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 2
 
 
 # =================================================================================================
@@ -2002,6 +2142,338 @@ def test_14_version():
     p = _cli("--version")
     out, _ = p.communicate(timeout=15)
     assert p.returncode == 0 and ag.__version__ in out
+
+
+# -- start-up errors: one line naming the path or the host and the fix, exit status 2 ----------
+
+def _start_fails(*args, env=None):
+    p = _cli(*args, env=env)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "Traceback" not in err + out, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("aigateway: "), err
+    return out, lines[0]
+
+
+def test_14_start_errors_name_the_path_and_the_fix(tmp_path):
+    # The suite runs as root, whom chmod 0555 does not stop; unwritable places are /sys (where
+    # even root cannot create a file), a path under a regular file (ENOTDIR) and a directory
+    # where a file should be (EISDIR).
+    _, line = _start_fails("--headless", "--config", "/sys/aigateway-test.json")
+    assert "cannot create /sys/aigateway-test.json (Permission denied)" in line
+    assert "exists and is writable" in line and "--config PATH" in line
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _, line = _start_fails("--headless", "--config", str(blocker / "config.json"))
+    assert f"{blocker / 'config.json'}: cannot read the file (Not a directory)" in line
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"port": 0}}))
+    (tmp_path / "config.json.lock").mkdir()
+    for env in ({}, {"DISPLAY": ":4321"}):                 # headless, and the window's start
+        _, line = _start_fails("--config", str(cfg), *(["--headless"] if not env else []),
+                               env=env)
+        assert f"cannot create the lock file {cfg}.lock (Is a directory)" in line
+    (tmp_path / "config.json.lock").rmdir()
+    cfg.write_text(json.dumps({"settings": {"port": 0, "log_requests": True,
+                                            "log_file": "a-file/requests.jsonl"}}))
+    _, line = _start_fails("--headless", "--config", str(cfg))
+    assert f"cannot open the request log {blocker / 'requests.jsonl'} (Not a directory)" in line
+    assert "settings.log_file" in line and "log_requests" in line
+
+
+@pytest.mark.parametrize("host,needle", [
+    ("999.1.1.1", "cannot listen on 999.1.1.1: it is not an address or a name"),
+    ("no-such-host.invalid", "cannot listen on no-such-host.invalid: it is not an address"),
+    ("192.0.2.1", "cannot listen on 192.0.2.1: it is not an address of this machine"),
+])
+def test_14_bad_host_blames_the_host(tmp_path, host, needle):
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{}")
+    _, line = _start_fails("--headless", "--config", str(cfg), "--host", host, "--port", "0")
+    assert needle in line and "--host" in line and "port" not in line.split(";")[0]
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_14_bad_port_is_a_usage_error(tmp_path, port):
+    p = _cli("--headless", "--config", str(tmp_path / "c.json"), "--port", port)
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 2 and err.startswith("usage: aigateway") and "Traceback" not in err
+    assert "argument --port:" in err and not (tmp_path / "c.json").exists()
+
+
+def test_14_first_run_text_and_help_name_every_way_to_send_the_token(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg = tmp_path / "config.json"
+    p = _cli("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
+    out, err = p.communicate(timeout=15)
+    busy.close()
+    key = json.loads(cfg.read_text())["tokens"][0]["key"]
+    assert p.returncode == 2 and out.count(key) == 1
+    for way in ("Authorization: Bearer <token>", "x-api-key: <token>",
+                "x-goog-api-key: <token>", "?key=<token>"):
+        assert way in out
+    assert "held" not in err and "cannot listen on 127.0.0.1:" in err
+    p = _cli("--help")
+    out, _ = p.communicate(timeout=15)
+    assert p.returncode == 0 and "Gemini's native API" in out and "channels add" in out
+
+
+def test_14_bad_host_in_the_window_blames_the_host(display, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": {"port": 0}}))
+    store, _ = ag.ConfigStore.load(str(path))
+    a = ag.App(store, host="999.1.1.1", start=True)
+    try:
+        a.root.update()
+        text = a.dashboard.activity.get("1.0", "end")
+        assert not a.bridge.running and "999.1.1.1: it is not an address or a name" in text
+        assert "Another program" not in text
+    finally:
+        a.close()
+
+
+def test_14_any_origin_with_auth_off_is_warned_about_at_start(gw):
+    g = gw(settings={"cors_origins": ["*"], "require_auth": False})
+    logs = [p for k, p in g.events() if k == "log"]
+    assert any('cors_origins has "*" and require_auth is off' in line for line in logs)
+    quiet = gw(settings={"cors_origins": ["*"]})
+    assert not any("cors_origins" in p for k, p in quiet.events() if k == "log")
+
+
+# -- management subcommands: channels, tokens, config check --------------------------------------
+
+def _run(*args, stdin=None, env=None):
+    p = _cli(*args, env=env, stdin=subprocess.PIPE)
+    out, err = p.communicate(stdin, timeout=30)
+    assert "Traceback" not in err, err
+    return p.returncode, out, err
+
+
+def test_14_channels_add_list_edit_remove(tmp_path):
+    cfg = str(tmp_path / "config.json")
+    rc, out, err = _run("channels", "add", "--config", cfg, "--name", "oa", "--type", "openai",
+                        "--api-key", "sk-upstream-SECRET-1", "--models", "gpt-4o,gpt-4o-mini",
+                        "--priority", "1")
+    assert rc == 0 and out == "added channel 'oa' (id 1)\n"
+    first_key = json.loads(open(cfg).read())["tokens"][0]["key"]
+    assert err.count(first_key) == 1 and "shown only this once" in err     # file was created
+    rc, out, _ = _run("--config", cfg, "channels", "add", "--name", "local", "--type", "custom",
+                      "--base-url", "http://127.0.0.1:8000/v1", "--api-key", "-",
+                      "--model-mapping", "fast=qwen2.5:7b", "--timeout", "30", "--disabled",
+                      "--set", "verify_tls=false", "--set", 'headers={"X-Api-Key": "hdr-SECRET"}',
+                      stdin="sk-upstream-SECRET-2\n")
+    assert rc == 0 and "id 2" in out
+    data = json.loads(open(cfg).read())
+    oa, local = data["channels"]
+    assert oa["models"] == ["gpt-4o", "gpt-4o-mini"] and oa["priority"] == 1
+    assert oa["api_key"] == "sk-upstream-SECRET-1"
+    assert local["api_key"] == "sk-upstream-SECRET-2"
+    assert local["model_mapping"] == {"fast": "qwen2.5:7b"} and local["timeout"] == 30
+    assert local["enabled"] is False and local["verify_tls"] is False
+    assert stat.S_IMODE(os.stat(cfg).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    rc, table, _ = _run("--config", cfg, "channels", "list")
+    rc2, listed, _ = _run("--config", cfg, "channels", "list", "--json")
+    assert rc == rc2 == 0
+    assert table.splitlines()[0].split() == ["ID", "NAME", "TYPE", "ENABLED", "PRIORITY",
+                                             "BASE", "URL", "MODELS", "KEY"]
+    assert "oa" in table and "sk-ups…ET-1" in table and "gpt-4o,gpt-4o-mini" in table
+    channels = json.loads(listed)
+    assert [c["id"] for c in channels] == [1, 2] and channels[1]["api_key"] == "sk-ups…ET-2"
+    assert channels[1]["headers"] == {"X-Api-Key": "**********"}
+    for secret in ("SECRET-1", "SECRET-2", "hdr-SECRET"):
+        assert secret not in table + listed
+    rc, out, _ = _run("--config", cfg, "channels", "edit", "LOCAL", "--enabled", "--name",
+                      "vllm", "--models", "")
+    assert rc == 0 and out == "changed channel 'vllm' (id 2)\n"
+    rc, out, _ = _run("--config", cfg, "channels", "edit", "1", "--priority", "5", "--type",
+                      "gemini")
+    assert rc == 0 and json.loads(open(cfg).read())["channels"][0]["base_url"] == \
+        "https://generativelanguage.googleapis.com"            # the default follows the type
+    rc, out, _ = _run("--config", cfg, "channels", "remove", "oa")
+    assert rc == 0 and out == "removed channel 'oa' (id 1)\n"
+    data = json.loads(open(cfg).read())
+    assert [(c["id"], c["name"], c["enabled"], c["models"]) for c in data["channels"]] == [
+        (2, "vllm", True, [])]
+    before = open(cfg).read()
+    for args, needle in [
+        (("channels", "edit", "nope", "--priority", "1"), "no channel 'nope' in "),
+        (("channels", "remove", "7"), "no channel '7'"),
+        (("channels", "add", "--name", "VLLM", "--type", "ollama"), "channels[1].name"),
+        (("channels", "edit", "2", "--base-url", "ftp://x"), "channels[0].base_url"),
+        (("channels", "edit", "2", "--set", "timeout=0"), "channels[0].timeout"),
+        (("channels", "edit", "2", "--set", "timeout=Infinity"), "channels[0].timeout"),
+    ]:
+        rc, out, err = _run("--config", cfg, *args)
+        assert rc == 2 and needle in err and out == "", (args, err)
+    for args, needle in [
+        (("channels", "add", "--name", "x", "--type", "bogus"), "argument --type: invalid"),
+        (("channels", "add", "--type", "openai"), "the following arguments are required: --name"),
+        (("channels", "edit", "2", "--priority", "high"), "argument --priority: invalid int"),
+        (("channels", "edit", "2", "--timeout", "-3"), "argument --timeout: -3 is not a posit"),
+        (("channels", "edit", "2", "--timeout", "inf"), "argument --timeout: inf is not a posit"),
+        (("channels", "edit", "2", "--enabled", "--disabled"), "not allowed with argument"),
+        (("channels", "frobnicate"), "invalid choice: 'frobnicate'"),
+        (("channels",), "the following arguments are required: ACTION"),
+    ]:
+        rc, out, err = _run("--config", cfg, *args)
+        assert rc == 2 and err.startswith("usage: aigateway") and needle in err, (args, err)
+    assert open(cfg).read() == before                         # nothing refused was written
+
+
+def test_14_tokens_create_list_disable_enable_remove(tmp_path, upstream):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [{"name": "a", "type": "ollama"},
+                                            {"name": "b", "type": "ollama"}],
+                               "tokens": [{"name": "main", "key": TOKEN}]}))
+    rc, out, err = _run("--config", str(cfg), "tokens", "create", "--name", "ci", "--models",
+                        "gpt-*,claude-*", "--channels", "B,1", "--rpm", "30")
+    assert rc == 0
+    key = out.strip()
+    assert key.startswith("sk-gw-") and out == key + "\n" and key not in err
+    assert "shown only this once" in err and "x-goog-api-key" in err
+    tok = json.loads(cfg.read_text())["tokens"][1]
+    assert tok == {"name": "ci", "allowed_models": ["gpt-*", "claude-*"],
+                   "allowed_channels": ["b", 1], "rpm": 30, "key": key, "id": 2,
+                   "enabled": True}
+    rc, table, _ = _run("--config", str(cfg), "tokens", "list")
+    rc2, listed, _ = _run("--config", str(cfg), "tokens", "list", "--json")
+    assert rc == rc2 == 0 and key not in table + listed and TOKEN not in table + listed
+    assert "ci" in table and ag.mask_secret(key) in table and "b,1" in table
+    assert [t["key"] for t in json.loads(listed)] == [ag.mask_secret(TOKEN), ag.mask_secret(key)]
+    for action, enabled in (("disable", False), ("enable", True), ("disable", False)):
+        rc, out, _ = _run("--config", str(cfg), "tokens", action, "ci")
+        assert rc == 0 and out == f"{action}d token 'ci' (id 2)\n"
+        assert json.loads(cfg.read_text())["tokens"][1]["enabled"] is enabled
+    store, _ = ag.ConfigStore.load(str(cfg))
+    t = ag.GatewayThread(store, host="127.0.0.1", port=0)
+    t.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", t.server.port, timeout=10)
+        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert conn.getresponse().status == 401                    # disabled from the CLI
+    finally:
+        t.stop()
+    rc, out, _ = _run("--config", str(cfg), "tokens", "edit", "2", "--name", "ci2", "--rpm", "0")
+    assert rc == 0 and out == "changed token 'ci2' (id 2)\n"
+    rc, out, err = _run("--config", str(cfg), "tokens", "create", "--name", "x", "--channels",
+                        "nope")
+    assert rc == 2 and "no channel 'nope'" in err and out == ""
+    rc, out, _ = _run("--config", str(cfg), "tokens", "remove", "ci2")
+    assert rc == 0 and [t["name"] for t in json.loads(cfg.read_text())["tokens"]] == ["main"]
+    rc, out, err = _run("--config", str(cfg), "tokens", "enable", "ci2")
+    assert rc == 2 and "no token 'ci2'" in err and "tokens list" in err
+    rc, out, err = _run("--config", str(tmp_path / "missing.json"), "tokens", "list")
+    assert rc == 2 and "does not exist" in err and not (tmp_path / "missing.json").exists()
+
+
+def test_14_an_edit_that_cannot_be_saved_is_one_line_and_changes_nothing(tmp_path, monkeypatch,
+                                                                          capsys):
+    # As root nothing but the kernel refuses a write, so the failing save is atomic_write
+    # raising EROFS, as a folder on a read-only mount would.
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [{"name": "a", "type": "ollama"}]}))
+    before = cfg.read_text()
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(ag, "atomic_write", read_only)
+    assert ag.main(["--config", str(cfg), "channels", "remove", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"aigateway: cannot save {cfg} (Read-only file system); make it writable, or "
+                   f"choose another file with --config PATH\n")
+    assert cfg.read_text() == before
+
+
+def test_14_channels_test_sends_a_real_request(tmp_path, upstream):
+    good = upstream([openai_chat_reply(text="pong")])
+    bad = upstream([Reply(401, b'{"error": {"message": "Incorrect API key provided"}}')])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [chan(good, name="good", models=["m1"]),
+                                            chan(bad, name="bad", models=["m2"])]}))
+    rc, out, err = _run("--config", str(cfg), "channels", "test", "good")
+    assert rc == 0 and out.startswith("ok: channel 'good' answered m1 in ") and "'pong'" in out
+    sent = json.loads(good.requests[0]["body"])
+    assert sent["model"] == "m1" and good.requests[0]["path"] == "/v1/chat/completions"
+    rc, out, err = _run("--config", str(cfg), "channels", "test", "2")
+    assert rc == 1 and "channel 'bad' failed" in err and "Incorrect API key" in err
+    assert "sk-upstream-secret" not in out + err
+
+
+def test_14_config_check_names_every_problem(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"settings": {"port": 70000, "tls_cert": "c.pem",
+                                            "tls_key": "k.pem"},
+                               "channels": [{"type": "bogus"}, {"name": "x", "timeout": 0}],
+                               "tokens": [{"key": "short"}]}))
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    lines = out.splitlines()
+    assert rc == 2 and [line.split(": ")[2] for line in lines[:-1]] == [
+        "settings.port", "channels[0].type", "channels[1].timeout", "tokens[0].key"]
+    assert lines[-1].endswith("4 problems; aigateway will not start with this file")
+    cfg.write_text(json.dumps({"settings": {"tls_cert": "c.pem", "tls_key": "k.pem",
+                                            "host": "0.0.0.0"},
+                               "channels": [{"name": "a", "type": "openai"}],
+                               "tokens": [{"key": TOKEN, "allowed_channels": ["a", 9]}]}))
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    assert rc == 2 and "settings.tls_cert: 'c.pem' does not exist" in out
+    assert "warning: " in out and "tokens[0].allowed_channels: 9 is no channel" in out
+    assert "channels[0].api_key" in out and "0.0.0.0 is reachable" in out
+    cfg.write_text(json.dumps({"channels": [{"name": "a", "type": "ollama"}],
+                               "tokens": [{"key": TOKEN}]}))
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    assert rc == 0 and out == f"{cfg}: valid (1 channel, 1 token)\n"
+    cfg.write_text('{"settings": {"port": 1,}}')
+    rc, out, err = _run("config", "check", "--config", str(cfg))
+    assert rc == 2 and "line 1 column 25" in out
+
+
+def test_14_old_app_config_starts_and_behaves_as_it_says(tmp_path, upstream):
+    openai_up = upstream([openai_chat_reply(text="from OpenAI")])
+    deepseek_up = upstream([openai_chat_reply(text="from DeepSeek")])
+    port = dead_port()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(old_app_config(port, openai_up.url + "/v1",
+                                             deepseek_up.url + "/v1"), indent=2))
+    p = _cli("--headless", "--config", str(cfg))
+    try:
+        _wait_health(port, p)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = json.dumps({"model": "shared", "messages": [{"role": "user", "content": "hi"}]})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={
+            "Authorization": f"Bearer {OLD_APP_KEY}", "Content-Type": "application/json",
+            "Origin": "https://chat.example"})
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        # The token allows channel id 2 only: DeepSeek answers although OpenAI comes first.
+        assert resp.status == 200 and answer["choices"][0]["message"]["content"] == \
+            "from DeepSeek"
+        assert resp.getheader("Access-Control-Allow-Origin") == "*"
+        assert openai_up.requests == [] and deepseek_up.requests[0]["path"] == \
+            "/v1/chat/completions"
+        assert deepseek_up.requests[0]["headers"]["authorization"] == \
+            "Bearer sk-old-second-SECRET"
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "https://chat.example", "Access-Control-Request-Method": "POST"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.getheader("Access-Control-Allow-Origin") == "*"
+        conn.request("POST", "/v1/chat/completions", body=body.replace("shared", "gpt-4o"),
+                     headers={"Authorization": f"Bearer {OLD_APP_KEY}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status in (403, 404) and openai_up.requests == []
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    assert p.returncode == 0
+    assert "0.0.0.0 is reachable from other machines; every client needs a gateway token" in err
+    assert "'GLM (web)'" in err and "unsupported_channels" in err
+    assert json.loads(cfg.read_text())["settings"]["enable_cors"] is True  # file not rewritten
 
 
 def test_10_example_config_is_valid():
