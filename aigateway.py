@@ -42,6 +42,7 @@ import codecs
 import collections
 import copy
 import functools
+import hashlib
 import hmac
 import http
 import ipaddress
@@ -2509,12 +2510,20 @@ def ir_to_openai_response(resp: dict, model: str) -> dict:
 
 class OpenAIStreamDecoder(StreamDecoder):
     """OpenAI chat-completion SSE chunks (upstream) -> IR stream events. Tool-call fragments are
-    routed by their ``index``; a fragment without one goes by id, else to the newest call."""
+    routed by their ``index``; a fragment without one goes by id, else to the newest call.
+
+    Some servers interleave the fragments of parallel calls (index 0, 1, 0, 1 ...), which no
+    client dialect but Chat Completions can carry. So only the first call streams as it comes;
+    every later call is held, name and arguments, and emitted whole in index order when the
+    choice finishes (or the stream ends): the IR events stay sequential, one call after the
+    other, each complete before the next begins."""
 
     def __init__(self):
         super().__init__()
         self._index: dict[int, int] = {}          # upstream index -> IR index
         self._ids: dict[str, int] = {}
+        self._held: dict[int, list] = {}          # IR index -> [id, name, [argument pieces]]
+        self._released = False                    # held calls went out: call 0 is closed
         self.usage: dict | None = None
 
     @guarded(502, "upstream stream")
@@ -2535,7 +2544,23 @@ class OpenAIStreamDecoder(StreamDecoder):
                 self._delta(choice.get("delta") or {}, out)
                 if choice.get("finish_reason"):
                     self.finish = _OPENAI_FINISH_IN.get(choice["finish_reason"], "stop")
+                    self._release(out)
         return out
+
+    def _release(self, out: list[tuple]) -> None:
+        """The held calls, each whole, in index order."""
+        self._released = self._released or bool(self._held)
+        for idx in sorted(self._held):
+            tid, name, args = self._held[idx]
+            out.append(("tool", idx, tid, name))
+            if args:
+                out.append(("args", idx, "".join(args)))
+        self._held.clear()
+
+    def close(self) -> list[tuple]:
+        out: list[tuple] = []
+        self._release(out)
+        return out + super().close()
 
     def _delta(self, delta: dict, out: list[tuple]) -> None:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
@@ -2554,12 +2579,21 @@ class OpenAIStreamDecoder(StreamDecoder):
                 self._index[key] = self._tools
                 tid = tid or new_id("call_")
                 self._ids[tid] = key
-                out.append(("tool", self._tools, tid, fn.get("name") or ""))
+                if self._tools == 0:
+                    out.append(("tool", 0, tid, fn.get("name") or ""))
+                else:
+                    self._held[self._tools] = [tid, fn.get("name") or "", []]
                 self._tools += 1
+            idx = self._index[key]
+            held = self._held.get(idx)
+            if held is not None and not held[1] and fn.get("name"):
+                held[1] = fn["name"]              # a name sent after the id
             args = fn.get("arguments")
             if isinstance(args, str) and args:
-                out.append(("args", self._index[key], args))
-
+                if held is not None:
+                    held[2].append(args)
+                elif idx == 0 and not self._released:
+                    out.append(("args", 0, args))
 
 
 def _sse(data: dict) -> bytes:
@@ -4089,12 +4123,181 @@ CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 
+# Tool names each provider accepts, by channel type. OpenAI (and the servers that copy its API):
+# at most 64 of a-z, A-Z, 0-9, _ and - (Chat Completions reference, tools[].function.name).
+# Anthropic: ^[a-zA-Z0-9_-]{1,128}$ (Messages reference, tools[].name). Gemini: letters, digits,
+# _ . : and -, at most 64, starting with a letter or _ (generativelanguage v1beta
+# FunctionDeclaration.name; google-genai FunctionDeclaration.name). Ollama documents no rule.
+# A name outside its channel's rule is sent as a readable head plus 8 hex digits of its SHA-1,
+# always the same for the same name, so the tool list, the calls in earlier turns and the call
+# that comes back agree; the answer gets the client's own name back (PROTOCOLS.md 7 #4).
+TOOL_NAME_RULES: dict[str, tuple[re.Pattern, int]] = {
+    "openai": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
+    "custom": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
+    "anthropic": (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128),
+    "gemini": (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64),
+}
+
+
+def channel_tool_name(name: str, ctype: str) -> str:
+    """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
+    rule = TOOL_NAME_RULES.get(ctype)
+    if rule is None or rule[0].match(name):
+        return name
+    head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if not head[:1].isalpha():
+        head = "t_" + head
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{head[:rule[1] - 9]}_{digest}"
+
+
+def _ir_tool_names(ir: dict) -> set[str]:
+    names = {t["name"] for t in ir["tools"]}
+    for m in ir["messages"]:
+        names.update(p["name"] for p in m["content"]
+                     if p["type"] in ("tool_call", "tool_result") and p.get("name"))
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        names.add(ir["tool_choice"]["name"])
+    return names
+
+
+def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
+    """{name sent upstream: the client's name} for every tool name a channel of type ``ctype``
+    gets in another form."""
+    out = {}
+    for name in _ir_tool_names(ir):
+        short = channel_tool_name(name, ctype)
+        if short != name:
+            out[short] = name
+    return out
+
+
+def rename_ir_tools(ir: dict, ctype: str) -> dict:
+    """The request with every tool name (tool list, tool_choice, calls and results in earlier
+    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
+    if not upstream_tool_names(ir, ctype):
+        return ir
+
+    def part(p: dict) -> dict:
+        if p["type"] in ("tool_call", "tool_result") and p.get("name"):
+            return dict(p, name=channel_tool_name(p["name"], ctype))
+        return p
+
+    out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))
+                          for t in ir["tools"]],
+               messages=[dict(m, content=[part(p) for p in m["content"]])
+                         for m in ir["messages"]])
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        out["tool_choice"] = {"name": channel_tool_name(ir["tool_choice"]["name"], ctype)}
+    return out
+
+
+def restore_tool_names(resp: dict, names: dict[str, str]) -> dict:
+    """A decoded answer with the client's tool names back in its calls."""
+    if names:
+        for p in resp["content"]:
+            if p["type"] == "tool_call":
+                p["name"] = names.get(p["name"], p["name"])
+    return resp
+
+
+class RenamedStream:
+    """A stream decoder whose tool events carry the client's tool names."""
+
+    def __init__(self, inner: Any, names: dict[str, str]):
+        self._inner, self._names = inner, names
+
+    def _map(self, events: list[tuple]) -> list[tuple]:
+        return [("tool", e[1], e[2], self._names.get(e[3], e[3])) if e[0] == "tool" else e
+                for e in events]
+
+    def feed(self, data: bytes) -> list[tuple]:
+        return self._map(self._inner.feed(data))
+
+    def close(self) -> list[tuple]:
+        return self._map(self._inner.close())
+
+
+# Quirks of OpenAI-compatible servers, per channel ("quirks" in the channel's settings, checked
+# in section 10), applied to the Chat Completions body the channel gets, converted or passed
+# through:
+#   tool_call_id: "mistral9"  every tool-call id as exactly 9 of a-z, A-Z, 0-9 (Mistral answers
+#       400 "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9" otherwise), the
+#       same id for a call and its result
+#   reasoning_back: "all" (default) | "tool_calls" | "none"  which assistant turns carry their
+#       reasoning back; DeepSeek's thinking mode needs it on turns with tool calls and ignores it
+#       elsewhere (api-docs.deepseek.com/guides/thinking_mode, "tool calls")
+#   reasoning_field: "reasoning_content" (default, DeepSeek) | "reasoning" (OpenRouter, newer
+#       vLLM) the field that reasoning goes back in; answers are read in either field
+#   max_tokens_field: "max_tokens" | "max_completion_tokens"  the name the output limit goes by
+#   drop_params: [top-level keys]  parameters the server refuses (stream_options,
+#       parallel_tool_calls, ...), removed before sending
+QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
+    "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
+    "reasoning_field": ("reasoning_content", "reasoning"),
+    "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
+}
+QUIRK_LISTS = ("drop_params",)
+_MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
+
+
+def mistral_tool_id(tool_id: str) -> str:
+    """A tool-call id as exactly 9 letters and digits, derived from the original."""
+    if _MISTRAL_ID_RX.match(tool_id):
+        return tool_id
+    return hashlib.sha1(tool_id.encode()).hexdigest()[:9]
+
+
+def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Chat Completions request body with the channel's quirks applied (a new dict)."""
+    if not quirks:
+        return body
+    body = dict(body)
+    ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
+    back = quirks.get("reasoning_back") or "all"
+    field = quirks.get("reasoning_field") or "reasoning_content"
+    msgs = []
+    for m in body.get("messages") or []:
+        if not isinstance(m, dict):
+            msgs.append(m)
+            continue
+        m = dict(m)
+        if ids and isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = ids(m["tool_call_id"])
+        if ids and isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
+                               else c for c in m["tool_calls"]]
+        if m.get("role") == "assistant":
+            reasoning = m.pop("reasoning_content", None) or m.pop("reasoning", None)
+            if reasoning and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
+                m[field] = reasoning
+        msgs.append(m)
+    if "messages" in body:
+        body["messages"] = msgs
+    target = quirks.get("max_tokens_field")
+    if target:
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in body and name != target:
+                body[target] = body.pop(name)
+    for name in quirks.get("drop_params") or []:
+        body.pop(name, None)
+    return body
+
 
 @guarded(400, "request body")
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
-                         signatures: dict[str, str] | None = None) -> dict:
-    """The chat request body for a channel of type ``ctype``."""
+                         signatures: dict[str, str] | None = None,
+                         quirks: dict | None = None) -> dict:
+    """The chat request body for a channel of type ``ctype``: tool names in the forms it
+    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied."""
+    if ir["n"] > 1:
+        raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
+                                f"served: this model's channel ({ctype}) is reached by "
+                                f"conversion, which relays one choice; ask for 1 and send "
+                                f"several requests instead", param="n",
+                           code="unsupported_parameter")
+    ir = rename_ir_tools(ir, ctype)
     if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
     if ctype == "anthropic":
@@ -4105,20 +4308,28 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
         return ir_to_ollama_request(ir, model, stream=stream)
     field = "max_completion_tokens" if ctype == "openai" and \
         _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
-    return ir_to_openai_request(ir, model, stream=stream, max_tokens_field=field)
+    return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
+                                                    max_tokens_field=field), quirks)
 
 
-def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None
+def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
+                      names: dict[str, str] | None = None
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-    """(whole-answer decoder, stream decoder factory) for a channel type."""
+    """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
+    (upstream_tool_names) the calls that come back carry the client's tool names."""
     if ctype == "anthropic":
-        return anthropic_response_to_ir, AnthropicStreamDecoder
-    if ctype == "gemini":
-        return (lambda body: gemini_response_to_ir(body, signatures),
-                lambda: GeminiStreamDecoder(signatures))
-    if ctype == "ollama":
-        return ollama_response_to_ir, OllamaStreamDecoder
-    return openai_response_to_ir, OpenAIStreamDecoder
+        whole, stream = anthropic_response_to_ir, AnthropicStreamDecoder
+    elif ctype == "gemini":
+        whole, stream = (lambda body: gemini_response_to_ir(body, signatures),
+                         lambda: GeminiStreamDecoder(signatures))
+    elif ctype == "ollama":
+        whole, stream = ollama_response_to_ir, OllamaStreamDecoder
+    else:
+        whole, stream = openai_response_to_ir, OpenAIStreamDecoder
+    if not names:
+        return whole, stream
+    return (lambda body: restore_tool_names(whole(body), names),
+            lambda: RenamedStream(stream(), names))
 
 
 # =================================================================================================
@@ -4150,7 +4361,7 @@ CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
-    "api_keys": [], "max_concurrency": 0,
+    "api_keys": [], "max_concurrency": 0, "quirks": {},
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -4342,12 +4553,33 @@ def _check_channel(ck: _Checker, channels: list[dict]) -> None:
         if cap < 0:
             raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
                           "use 0 for no cap or the model's largest output, such as 8192")
+        _check_quirks(ck, ch, where)
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
             if not _TOKEN_RX.match(name.encode("latin-1", "replace")) or "\r" in value \
                     or "\n" in value:
                 raise ck.fail(f"{where}.headers", f"{name!r} is not a valid header",
                               "use header names without spaces and values without line breaks")
+
+
+def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
+    """A channel's ``quirks`` (section 9.10): an object of known keys with known values."""
+    quirks = ch["quirks"]
+    if not isinstance(quirks, dict):
+        raise ck.fail(f"{where}.quirks", "is not an object",
+                      'write an object such as {"tool_call_id": "mistral9"}, or {}')
+    known = [*QUIRK_CHOICES, *QUIRK_LISTS]
+    for key, value in quirks.items():
+        if key in QUIRK_CHOICES:
+            if value not in QUIRK_CHOICES[key]:
+                choices = ", ".join(json.dumps(c) for c in QUIRK_CHOICES[key])
+                raise ck.fail(f"{where}.quirks.{key}", f"{json.dumps(value)[:60]} is not a "
+                              f"choice", f"use one of {choices}")
+        elif key in QUIRK_LISTS:
+            ck.str_list(quirks, key, f"{where}.quirks")
+        else:
+            raise ck.fail(f"{where}.quirks", f"{key!r} is not a quirk",
+                          f"use only {', '.join(known)}")
 
 
 def _check_token(ck: _Checker, tokens: list[dict]) -> None:
@@ -4648,7 +4880,7 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "_exact")
+                 "responses_api", "keys", "max_concurrency", "quirks", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -4668,6 +4900,7 @@ class Channel:
         self.responses_api: bool = c["responses_api"]
         self.keys = tuple(dict.fromkeys(k for k in [c["api_key"], *c["api_keys"]] if k))
         self.max_concurrency: int = c["max_concurrency"]
+        self.quirks: dict = c["quirks"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -5084,6 +5317,8 @@ class Gateway:
                           obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
         body = req.body
         target = ch.upstream_model(model)
+        if ch.quirks and route.kind == "chat" and obj is not None:
+            body = json_dumps(apply_openai_quirks(dict(obj, model=model), ch.quirks))
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
@@ -5418,7 +5653,7 @@ class Gateway:
         stream = ir["stream"]
         body = encode_upstream_chat(ch.type, ir, target, stream=stream,
                                     max_tokens_cap=ch.max_tokens_cap,
-                                    signatures=self.signatures)
+                                    signatures=self.signatures, quirks=ch.quirks)
         if ch.type == "anthropic":
             url = join_base_url(ch.base_url, "/v1/messages")
         elif ch.type == "gemini":
@@ -5481,7 +5716,8 @@ class Gateway:
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
                                 model: str, rec: dict, req: Request) -> Response:
         rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
-        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures)
+        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
+                                                         upstream_tool_names(ir, ch.type))
         if up.status >= 300:
             await self._read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
