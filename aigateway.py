@@ -2072,6 +2072,8 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
                         "name": str(b.get("name") or ""),
                         "arguments": json.dumps(inp if inp is not None else {},
                                                 ensure_ascii=False)})
+        elif t == "tool_reference" and isinstance(b.get("tool_name"), str):
+            out.append({"type": "text", "text": f"Tool {b['tool_name']} is now available."})
         elif t == "tool_result":
             out.append({"type": "tool_result", "id": str(b.get("tool_use_id") or ""),
                         "name": None,
@@ -2175,6 +2177,12 @@ def chat_body_is_foreign(body: dict) -> bool:
     return False
 
 
+def namespaced_tool_name(namespace: Any, name: str) -> str:
+    """The one flat name a tool inside a Responses ``namespace`` tool goes by on every channel
+    (Codex's MCP tools: namespace "mcp__server", tool "search" -> "mcp__server__search")."""
+    return f"{namespace}__{name}" if isinstance(namespace, str) and namespace else name
+
+
 def responses_input_to_messages(items: Any, instructions: Any = None) -> list[dict]:
     """Responses-API ``input`` (a string or items) as Chat Completions messages."""
     msgs: list[dict] = []
@@ -2191,7 +2199,8 @@ def responses_input_to_messages(items: Any, instructions: Any = None) -> list[di
         elif kind in ("function_call", "custom_tool_call"):
             call = {"id": item.get("call_id") or item.get("id") or new_id("call_"),
                     "type": "function", "function": {
-                        "name": item.get("name") or "",
+                        "name": namespaced_tool_name(item.get("namespace"),
+                                                     item.get("name") or ""),
                         "arguments": item.get("arguments") if kind == "function_call"
                         else json.dumps({"input": item.get("input") or ""})}}
             if msgs and msgs[-1]["role"] == "assistant":
@@ -2699,8 +2708,18 @@ def anthropic_request_to_ir(body: dict) -> dict:
             _append(ir["messages"], "assistant", parts)
         else:
             raise GatewayError(400, f"messages.{i}.role: {role!r} is not 'user' or 'assistant'")
-    for t in body.get("tools") or []:
-        if isinstance(t, dict) and t.get("name") and t.get("type") in (None, "custom"):
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tool search (Claude Code's, or the API's tool_search_tool_* server tools): tools marked
+    # defer_loading: true reach the model only once a tool_reference block names them (in a
+    # tool_result or a tool_search_tool_result). Other providers know neither the field nor the
+    # block, so a deferred tool is sent as an ordinary one from the turn after it was referenced,
+    # and the reference becomes a line of text in its tool result. With a server-side search,
+    # which no other provider can run, every deferred tool is sent from the start.
+    server_search = any(str(t.get("type") or "").startswith("tool_search_tool") for t in tools)
+    loaded = set() if server_search else _tool_references(msgs)
+    for t in tools:
+        if t.get("name") and t.get("type") in (None, "custom") and (
+                server_search or t.get("defer_loading") is not True or t["name"] in loaded):
             ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
                                 "parameters": t.get("input_schema") or
                                 {"type": "object", "properties": {}}})
@@ -2732,6 +2751,21 @@ def anthropic_request_to_ir(body: dict) -> dict:
     ir["include_usage"] = True
     ir["user"] = (body.get("metadata") or {}).get("user_id")
     return ir
+
+
+def _tool_references(value: Any) -> set[str]:
+    """The tool names of every tool_reference block anywhere in ``value`` (messages)."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if item.get("type") == "tool_reference" and isinstance(item.get("tool_name"), str):
+                found.add(item["tool_name"])
+            stack.extend(v for v in item.values() if isinstance(v, (list, dict)))
+    return found
 
 
 def _ir_to_anthropic_blocks(parts: list[dict]) -> list[dict]:
@@ -3570,9 +3604,15 @@ def ollama_url(base_url: str, path: str) -> str:
 
 # 9.8 OpenAI Responses API (client side) ---------------------------------------------------------
 # A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
-# internal form; tools the channels cannot run (web_search, file_search, namespaced tools) are
-# dropped; custom tools (Codex's apply_patch) become function tools taking {"input": string} and
-# come back as custom_tool_call items. previous_response_id is refused: the gateway keeps no
+# internal form; tools the channels cannot run (web_search, file_search, ...) are dropped; custom
+# tools (Codex's apply_patch) become function tools taking {"input": string} and come back as
+# custom_tool_call items. Codex puts each MCP server's tools in a {"type": "namespace", "name",
+# "description", "tools": [function or custom tools]} tool (codex-rs/tools/src/tool_spec.rs,
+# ToolSpec::Namespace; responses_api.rs, ResponsesApiNamespace) and expects a call of one back as
+# a function_call item naming the inner tool with the namespace beside it ({"name": "search",
+# "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
+# tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
+# its calls go back to the client split again. previous_response_id is refused: the gateway keeps no
 # conversation state (Codex sends the whole conversation with store:false).
 
 _CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
@@ -3593,15 +3633,11 @@ def responses_request_to_ir(body: dict) -> dict:
                                responses_input_to_messages(body["input"],
                                                            body.get("instructions"))})
     for t in body.get("tools") or []:
-        if not isinstance(t, dict) or not t.get("name"):
-            continue
-        if t.get("type") == "function":
-            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
-                                "parameters": t.get("parameters") or
-                                {"type": "object", "properties": {}}})
-        elif t.get("type") == "custom":
-            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
-                                "parameters": _CUSTOM_SCHEMA, "custom": True})
+        if isinstance(t, dict) and t.get("type") == "namespace" and t.get("name"):
+            for inner in t.get("tools") or []:
+                _responses_tool(ir, inner, t["name"])
+        else:
+            _responses_tool(ir, t, None)
     tc = body.get("tool_choice")
     if tc in ("auto", "none", "required"):
         ir["tool_choice"] = tc
@@ -3627,6 +3663,23 @@ def responses_request_to_ir(body: dict) -> dict:
     ir["include_usage"] = True
     ir["user"] = body.get("user") or body.get("safety_identifier")
     return ir
+
+
+def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
+    """Add one Responses function or custom tool (inside ``namespace`` or not) to the IR."""
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+        return
+    tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
+                            "description": t.get("description") or ""}
+    if t.get("type") == "function":
+        tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+    elif t.get("type") == "custom":
+        tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
+    else:
+        return
+    if namespace:
+        tool.update(namespace=namespace, local_name=t["name"])
+    ir["tools"].append(tool)
 
 
 def ir_usage_to_responses(u: dict) -> dict:
@@ -3658,13 +3711,21 @@ def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[
             "usage": ir_usage_to_responses(usage) if usage else None}
 
 
-def _responses_call_item(call_id: str, name: str, arguments: str, custom: bool) -> dict:
-    if custom:
-        return {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
+def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | None) -> dict:
+    """The output item of a call to ``tool`` (the IR tool of that name, None when unknown):
+    a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
+    the inner tool and carries its ``namespace``."""
+    tool = tool or {}
+    if tool.get("custom"):
+        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
                 "name": name, "input": str(parse_arguments(arguments).get("input", "")),
                 "status": "completed"}
-    return {"type": "function_call", "id": new_id("fc_"), "call_id": call_id, "name": name,
-            "arguments": arguments or "{}", "status": "completed"}
+    else:
+        item = {"type": "function_call", "id": new_id("fc_"), "call_id": call_id,
+                "name": name, "arguments": arguments or "{}", "status": "completed"}
+    if tool.get("namespace"):
+        item.update(name=tool["local_name"], namespace=tool["namespace"])
+    return item
 
 
 def _responses_status(finish: str) -> tuple[str, str | None]:
@@ -3677,7 +3738,7 @@ def _responses_status(finish: str) -> tuple[str, str | None]:
 
 @guarded(502, "upstream answer")
 def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
-    custom = {t["name"] for t in ir["tools"] if t.get("custom")}
+    tools = {t["name"]: t for t in ir["tools"]}
     output: list[dict] = []
     reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
     if reasoning:
@@ -3691,7 +3752,7 @@ def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
     for p in resp["content"]:
         if p["type"] == "tool_call":
             output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
-                                               p["name"] in custom))
+                                               tools.get(p["name"])))
     status, reason = _responses_status(resp["finish"])
     return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
                              int(time.time()), incomplete=reason)
@@ -3713,7 +3774,7 @@ class ResponsesStreamEncoder:
         self._output: list[dict] = []
         self._open: dict | None = None                # the reasoning/message item being filled
         self._calls: dict[int, dict] = {}             # IR tool index -> open call state
-        self._custom = {t["name"] for t in ir["tools"] if t.get("custom")}
+        self._tools = {t["name"]: t for t in ir["tools"]}
         self._started = False
         self._finished = False
 
@@ -3783,7 +3844,8 @@ class ResponsesStreamEncoder:
             return
         state["done"] = True
         args = "".join(state["args"])
-        item = _responses_call_item(state["call_id"], state["name"], args, state["custom"])
+        item = _responses_call_item(state["call_id"], state["name"], args,
+                                    self._tools.get(state["name"]))
         index = state["index"]
         if state["custom"]:              # buffered: its input is only known now
             item["id"] = state["id"]
@@ -3796,7 +3858,7 @@ class ResponsesStreamEncoder:
         else:
             item["id"] = state["id"]
             out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
-                                output_index=index, name=state["name"],
+                                output_index=index, name=item["name"],
                                 arguments=item["arguments"]))
         out.append(self._ev("response.output_item.done", output_index=index, item=item))
         self._output.append(item)
@@ -3828,16 +3890,17 @@ class ResponsesStreamEncoder:
                 self._close_open(out)
                 for other in self._calls.values():
                     self._close_call(other, out)
-                custom = ev[3] in self._custom
+                tool = self._tools.get(ev[3])
+                custom = bool(tool and tool.get("custom"))
                 state = {"id": new_id("ctc_" if custom else "fc_"), "call_id": ev[2],
                          "name": ev[3], "args": [], "custom": custom, "done": False,
                          "index": len(self._output)}
                 self._calls[ev[1]] = state
                 if not custom:
+                    item = _responses_call_item(ev[2], ev[3], "", tool)
                     out.append(self._ev("response.output_item.added", output_index=state["index"],
-                                        item={"type": "function_call", "id": state["id"],
-                                              "call_id": ev[2], "name": ev[3], "arguments": "",
-                                              "status": "in_progress"}))
+                                        item=dict(item, id=state["id"], arguments="",
+                                                  status="in_progress")))
             elif kind == "args":
                 state = self._calls.get(ev[1])
                 if state is not None and not state["done"] and ev[2]:

@@ -2360,6 +2360,225 @@ def test_09_length_cut_offs_and_reasoning_reach_the_other_dialect(gw, upstream, 
         assert m.usage.output_tokens == 9
 
 
+# -- Tools as today's clients send them (issue 12): interleaved parallel calls, n, long tool
+# names, provider quirks, Claude Code's tool search, Codex's namespaces -----------------------
+
+def _interleaved_openai_stream():
+    """Two parallel calls whose fragments alternate (index 0, 1, 0, 1), as some
+    OpenAI-compatible servers stream them."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def ch(delta, finish=None):
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    def frag(index, args, **first):
+        tc = {"index": index, "function": {"arguments": args}}
+        if first:
+            tc.update(id=first["id"], type="function")
+            tc["function"]["name"] = first["name"]
+        return ch({"tool_calls": [tc]})
+    chunks = [ch({"role": "assistant", "content": ""}),
+              frag(0, "", id="call_a", name="get_weather"),
+              frag(1, "{\"tz\":", id="call_b", name="get_time"),
+              frag(0, "{\"city\":"), frag(1, "\"UTC\"}"), frag(0, "\"Paris\"}"),
+              ch({}, "tool_calls"),
+              dict(base, choices=[], usage={"prompt_tokens": 7, "completion_tokens": 5,
+                                            "total_tokens": 12})]
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + \
+        [b"data: [DONE]\n\n"]
+
+
+INTERLEAVED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
+
+
+def test_09_interleaved_tool_fragments_become_sequential_complete_calls():
+    raw = b"".join(_interleaved_openai_stream())
+    ir = ag.empty_request("m")
+    ir["tools"] = [{"name": "get_weather", "description": "", "parameters": {}},
+                   {"name": "get_time", "description": "", "parameters": {}}]
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("c", 1), raw)
+    events = _sse_events(out)
+    opened, closed, inputs = [], [], {}
+    for e, d in events:
+        if e == "content_block_start":
+            assert not opened or opened[-1] in closed        # one block open at a time
+            opened.append(d["index"])
+            inputs[d["index"]] = [d["content_block"]["name"], ""]
+        elif e == "content_block_stop":
+            closed.append(d["index"])
+        elif e == "content_block_delta":
+            assert d["index"] == opened[-1] and d["index"] not in closed
+            inputs[d["index"]][1] += d["delta"]["partial_json"]
+    assert [(n, json.loads(a)) for n, a in inputs.values()] == INTERLEAVED_CALLS
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw)
+    done = [d["item"] for e, d in _sse_events(out) if e == "response.output_item.done"]
+    assert [(i["name"], json.loads(i["arguments"])) for i in done] == INTERLEAVED_CALLS
+    arg_done = [d["arguments"] for e, d in _sse_events(out)
+                if e == "response.function_call_arguments.done"]
+    assert "{}" not in arg_done and len(arg_done) == 2
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.GeminiStreamEncoder("m", ir), raw)
+    parts = [p for _, d in _sse_events(out) for c in d["candidates"]
+             for p in c["content"]["parts"]]
+    assert [(p["functionCall"]["name"], p["functionCall"]["args"]) for p in parts] == \
+        INTERLEAVED_CALLS
+
+
+LONG_TOOL = "mcp__claude_ai_Some_Connector__search_the_workspace_documents_by_title_and_body"
+ODD_TOOLS = [LONG_TOOL, "files.read", "db:query", "ok_name-1"]
+
+
+@pytest.mark.parametrize("ctype", ["openai", "custom", "anthropic", "gemini", "ollama"])
+def test_09_tool_names_shortened_by_the_channels_rule(ctype):
+    for name in ODD_TOOLS:
+        short = ag.channel_tool_name(name, ctype)
+        assert short == ag.channel_tool_name(name, ctype)          # deterministic
+        rule = ag.TOOL_NAME_RULES.get(ctype)
+        if rule is None:
+            assert short == name
+            continue
+        assert rule[0].match(short)
+        if rule[0].match(name):
+            assert short == name
+        else:
+            assert short.startswith(name[:20].replace(".", "_").replace(":", "_"))
+    assert ag.channel_tool_name(LONG_TOOL, "openai") != ag.channel_tool_name(
+        LONG_TOOL + "2", "openai")
+    assert ag.channel_tool_name("files.read", "gemini") == "files.read"      # dots are allowed
+    assert ag.channel_tool_name("files.read", "openai") != "files_read"     # no collisions
+
+
+def test_09_tool_names_renamed_in_tools_history_and_choice_then_restored():
+    ir = ag.anthropic_request_to_ir({
+        "model": "m", "max_tokens": 10,
+        "tools": [{"name": n, "input_schema": {"type": "object"}} for n in ODD_TOOLS],
+        "tool_choice": {"type": "tool", "name": LONG_TOOL},
+        "messages": [{"role": "user", "content": "go"},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                                        "name": LONG_TOOL, "input": {}}]},
+                     {"role": "user", "content": [{"type": "tool_result",
+                                                   "tool_use_id": "toolu_1",
+                                                   "content": "found"}]}]})
+    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    short = ag.channel_tool_name(LONG_TOOL, "openai")
+    assert [t["function"]["name"] for t in body["tools"]] == [
+        ag.channel_tool_name(n, "openai") for n in ODD_TOOLS]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": short}}
+    assert body["messages"][1]["tool_calls"][0]["function"]["name"] == short
+    assert ir["tools"][0]["name"] == LONG_TOOL                      # the client's IR untouched
+    names = ag.upstream_tool_names(ir, "openai")
+    whole, stream = ag.upstream_decoders("openai", None, names)
+    resp = whole({"choices": [{"message": {"tool_calls": [{"id": "c", "function": {
+        "name": short, "arguments": "{}"}}]}}]})
+    assert resp["content"][0]["name"] == LONG_TOOL
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c",
+                                                                "function": {"name": short}}]}}]}
+    events = stream().feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    assert [e for e in events if e[0] == "tool"] == [("tool", 0, "c", LONG_TOOL)]
+
+
+def test_09_n_above_one_on_a_converted_route_names_n():
+    ir = ag.openai_request_to_ir({"model": "m", "n": 2, "messages": [
+        {"role": "user", "content": "x"}]})
+    for ctype in ("anthropic", "gemini", "ollama", "openai"):
+        with pytest.raises(ag.GatewayError) as exc:
+            ag.encode_upstream_chat(ctype, ir, "m", stream=False)
+        assert exc.value.status == 400 and exc.value.param == "n" and "n = 2" in str(exc.value)
+
+
+def test_09_openai_quirks_on_the_chat_body():
+    body = {"model": "m", "max_completion_tokens": 50, "stream": True,
+            "stream_options": {"include_usage": True}, "parallel_tool_calls": True,
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "plain", "reasoning_content": "r1"},
+                {"role": "assistant", "content": None, "reasoning_content": "r2",
+                 "tool_calls": [{"id": "toolu_01ABCdef", "type": "function",
+                                 "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "toolu_01ABCdef", "content": "ok"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "abcDEF123", "type": "function",
+                     "function": {"name": "f", "arguments": "{}"}}]}]}
+    out = ag.apply_openai_quirks(body, {
+        "tool_call_id": "mistral9", "reasoning_back": "tool_calls",
+        "reasoning_field": "reasoning", "max_tokens_field": "max_tokens",
+        "drop_params": ["stream_options", "parallel_tool_calls"]})
+    msgs = out["messages"]
+    new_id = msgs[2]["tool_calls"][0]["id"]
+    assert len(new_id) == 9 and new_id.isalnum() and msgs[3]["tool_call_id"] == new_id
+    assert msgs[4]["tool_calls"][0]["id"] == "abcDEF123"           # already valid: kept
+    assert "reasoning_content" not in msgs[1] and "reasoning" not in msgs[1]
+    assert msgs[2]["reasoning"] == "r2" and "reasoning_content" not in msgs[2]
+    assert out["max_tokens"] == 50 and "max_completion_tokens" not in out
+    assert "stream_options" not in out and "parallel_tool_calls" not in out
+    assert body["messages"][2]["tool_calls"][0]["id"] == "toolu_01ABCdef"   # input untouched
+    assert ag.apply_openai_quirks(body, {}) is body
+
+
+def test_09_tool_search_deferred_tools_and_tool_references():
+    """Claude Code's tool search (Anthropic docs, tool search tool: tools with
+    defer_loading: true load when a tool_reference block {"type": "tool_reference",
+    "tool_name": ...} names them in a tool_result)."""
+    tools = [{"name": "ToolSearch", "input_schema": {"type": "object"}},
+             {"name": "mcp__a__found", "defer_loading": True,
+              "input_schema": {"type": "object"}},
+             {"name": "mcp__a__hidden", "defer_loading": True,
+              "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": "find a tool"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "ToolSearch", "input": {"q": "f"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "tool_reference",
+                                                       "tool_name": "mcp__a__found"}]}]}]
+    ir = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "tools": tools,
+                                     "messages": msgs})
+    assert [t["name"] for t in ir["tools"]] == ["ToolSearch", "mcp__a__found"]
+    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    assert "defer_loading" not in json.dumps(body) and "tool_reference" not in json.dumps(body)
+    assert body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1",
+                                    "content": "Tool mcp__a__found is now available."}
+    server = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "messages": msgs[:1],
+                                         "tools": tools[1:] + [{
+                                             "type": "tool_search_tool_regex_20251119",
+                                             "name": "tool_search_tool_regex"}]})
+    assert [t["name"] for t in server["tools"]] == ["mcp__a__found", "mcp__a__hidden"]
+
+
+CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
+                   "description": "Tools in the mcp__probe namespace.",
+                   "tools": [{"type": "function", "name": "echo_words", "strict": False,
+                              "description": "Echo words back", "parameters": {
+                                  "type": "object", "properties": {"words": {"type": "string"}},
+                                  "required": ["words"]}},
+                             {"type": "custom", "name": "raw_patch", "description": "Patch"}]}
+
+
+def test_09_codex_namespaced_tools_flattened_and_split_again():
+    body = {"model": "m", "tools": [CODEX_NAMESPACE], "input": [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "call_1", "name": "echo_words",
+         "namespace": "mcp__probe", "arguments": "{\"words\":\"a\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "a"}]}
+    ir = ag.responses_request_to_ir(body)
+    assert [t["name"] for t in ir["tools"]] == ["mcp__probe__echo_words",
+                                               "mcp__probe__raw_patch"]
+    sent = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+    resp = {"id": "r", "model": "m", "finish": "tool_calls", "usage": ag.new_usage(1, 1),
+            "content": [{"type": "tool_call", "id": "call_2", "name": "mcp__probe__echo_words",
+                         "arguments": "{\"words\":\"b\"}"},
+                        {"type": "tool_call", "id": "call_3", "name": "mcp__probe__raw_patch",
+                         "arguments": "{\"input\":\"p\"}"}]}
+    out = ag.ir_to_responses_response(resp, "m", ir)["output"]
+    assert [(o["type"], o["name"], o["namespace"]) for o in out] == [
+        ("function_call", "echo_words", "mcp__probe"),
+        ("custom_tool_call", "raw_patch", "mcp__probe")]
+    raw = ag.ResponsesStreamEncoder("m", ir).encode(ag.response_events(resp))
+    items = [(e, d["item"]) for e, d in _sse_events(raw) if "item" in d]
+    assert all(i["namespace"] == "mcp__probe" and "__" not in i["name"] for _, i in items)
+    assert [i["name"] for e, i in items if e == "response.output_item.done"] == [
+        "echo_words", "raw_patch"]
+
+
 # =================================================================================================
 # 13. Tk GUI: the real window under Xvfb (started here when DISPLAY is unset)
 # =================================================================================================
