@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import socketserver
@@ -2577,6 +2578,332 @@ def test_09_codex_namespaced_tools_flattened_and_split_again():
     assert all(i["namespace"] == "mcp__probe" and "__" not in i["name"] for _, i in items)
     assert [i["name"] for e, i in items if e == "response.output_item.done"] == [
         "echo_words", "raw_patch"]
+
+
+# Provider rules the strict fakes below enforce, each as its documentation states it:
+# OpenAI: function names "must be a-z, A-Z, 0-9, or contain underscores and dashes, with a
+#   maximum length of 64" (Chat Completions API reference, tools[].function.name).
+# Gemini: FunctionDeclaration.name "must start with a letter or an underscore. Must be a-z, A-Z,
+#   0-9, or contain underscores, dots, colons and dashes, with a maximum length of 64"
+#   (google-genai types.FunctionDeclaration; generativelanguage v1beta reference).
+# Anthropic: tools[].name matches ^[a-zA-Z0-9_-]{1,128}$ (Messages API reference).
+# Mistral: "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9." is its 400 for
+#   any other id (quoted in langchain-ai/langchain#24668, anomalyco/opencode#1680).
+# DeepSeek thinking mode: on a turn with tool calls, "the reasoning_content must be fully passed
+#   back to the API in all subsequent requests", else a 400 (api-docs.deepseek.com/guides/
+#   thinking_mode, quoted in anomalyco/opencode#24722).
+STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
+                "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
+                "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
+
+
+def _refuse(ctype, message):
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}} \
+        if ctype == "anthropic" else {"error": {"message": message, "code": 400,
+                                                "type": "invalid_request_error"}}
+    return Reply(status=400, body=json.dumps(body).encode())
+
+
+def strict_upstream(ctype, mistral=False, deepseek=False):
+    """A fake of channel type ``ctype`` that enforces the rules above, calls the first tool it
+    was offered (by the name it got) or, after a tool result, answers "got <result>"."""
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if ctype == "gemini":
+            names = [d["name"] for t in body.get("tools") or []
+                     for d in t["functionDeclarations"]]
+            names += [p["functionCall"]["name"] for c in body["contents"] for p in c["parts"]
+                      if "functionCall" in p]
+            last = body["contents"][-1]["parts"][-1].get("functionResponse")
+            result = last and last["response"]["result"]
+        elif ctype == "anthropic":
+            names = [t["name"] for t in body.get("tools") or []]
+            names += [b["name"] for m in body["messages"] if isinstance(m["content"], list)
+                      for b in m["content"] if b["type"] == "tool_use"]
+            last = body["messages"][-1]["content"]
+            result = next((b["content"][0]["text"] for b in last if isinstance(b, dict) and
+                           b["type"] == "tool_result"), None) if isinstance(last, list) else None
+        else:
+            names = [t["function"]["name"] for t in body.get("tools") or []]
+            calls = [c for m in body["messages"] for c in m.get("tool_calls") or []]
+            names += [c["function"]["name"] for c in calls]
+            ids = [c["id"] for c in calls] + [m["tool_call_id"] for m in body["messages"]
+                                              if m["role"] == "tool"]
+            bad_id = next((i for i in ids if not re.fullmatch(r"[A-Za-z0-9]{9}", i)), None)
+            if mistral and bad_id:
+                return _refuse(ctype, f"Tool call id was {bad_id} but must be a-z, A-Z, 0-9, "
+                                      f"with a length of 9.")
+            if mistral and "stream_options" in body:
+                return _refuse(ctype, "stream_options: extra inputs are not permitted")
+            if deepseek and any(m["role"] == "assistant" and m.get("tool_calls") and
+                                not m.get("reasoning_content") for m in body["messages"]):
+                return _refuse(ctype, "Missing `reasoning_content` field in the assistant "
+                                      "message at message index 1.")
+            last = body["messages"][-1]
+            result = last["content"] if last["role"] == "tool" else None
+        bad = next((n for n in names if not STRICT_NAMES[ctype].match(n)), None)
+        if bad:
+            return _refuse(ctype, f"Invalid function name {bad!r}")
+        first = names[0] if names and result is None else None
+        return _answer_in(ctype, body, rec, f"got {result}" if result else "", first)
+    return respond
+
+
+def _answer_in(ctype, body, rec, text, tool):
+    """One answer in channel type ``ctype``'s own format, streamed if the request asked."""
+    args = {"q": "x"}
+    if ctype == "gemini":
+        part = {"functionCall": {"name": tool, "args": args}} if tool else {"text": text}
+        chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
+                                 "finishReason": "STOP", "index": 0}],
+                 "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}
+        if ":streamGenerateContent" in rec["path"]:
+            return Reply(chunks=[f"data: {json.dumps(chunk)}\r\n\r\n".encode()],
+                         content_type="text/event-stream")
+        return Reply(body=json.dumps(chunk).encode())
+    if ctype == "anthropic":
+        block = {"type": "tool_use", "id": "toolu_9", "name": tool, "input": args} if tool \
+            else {"type": "text", "text": text}
+        msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+               "content": [block], "stop_reason": "tool_use" if tool else "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
+        return Reply(body=json.dumps(msg).encode())
+    msg = {"role": "assistant", "content": text or None}
+    if tool:
+        msg["tool_calls"] = [{"id": "abc123XYZ", "type": "function",
+                              "function": {"name": tool, "arguments": json.dumps(args)}}]
+    if not body.get("stream"):
+        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "message": msg, "finish_reason":
+                                          "tool_calls" if tool else "stop"}]}).encode())
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    delta = dict(msg, tool_calls=[dict(c, index=0) for c in msg.get("tool_calls", [])])
+    chunks = [dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]),
+              dict(base, choices=[{"index": 0, "delta": {},
+                                   "finish_reason": "tool_calls" if tool else "stop"}])]
+    return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                 [b"data: [DONE]\n\n"], content_type="text/event-stream")
+
+
+def _anthropic_turn(c, stream, **kw):
+    kw.setdefault("max_tokens", 100)
+    if not stream:
+        return c.messages.create(**kw)
+    with c.messages.stream(**kw) as s:
+        for _ in s:
+            pass
+        return s.get_final_message()
+
+
+def test_11_interleaved_tool_streams_reach_each_client_as_whole_calls(gw, upstream):
+    up = upstream([Reply(chunks=_interleaved_openai_stream(), content_type="text/event-stream")])
+    g = gw([chan(up, type="custom")])
+    tools = [{"name": n, "input_schema": {"type": "object"}} for n in ("get_weather",
+                                                                       "get_time")]
+    m = _anthropic_turn(g.anthropic(), True, model="m", tools=tools,
+                        messages=[{"role": "user", "content": "both"}])
+    assert [(b.name, b.input) for b in m.content] == INTERLEAVED_CALLS
+    with g.openai().responses.stream(model="m", input="both", tools=[
+            {"type": "function", "name": n, "parameters": {"type": "object"}}
+            for n in ("get_weather", "get_time")]) as s:
+        for _ in s:
+            pass
+        final = s.get_final_response()
+    assert [(o.name, json.loads(o.arguments)) for o in final.output] == INTERLEAVED_CALLS
+    status, _, raw = g.request("POST", "/v1beta/models/m:streamGenerateContent?alt=sse", {
+        "contents": [{"role": "user", "parts": [{"text": "both"}]}],
+        "tools": [{"functionDeclarations": [{"name": "get_weather"}, {"name": "get_time"}]}]})
+    parts = [p for _, d in _sse_events(raw) for c in d["candidates"]
+             for p in c["content"]["parts"]]
+    assert status == 200 and [(p["functionCall"]["name"], p["functionCall"]["args"])
+                              for p in parts] == INTERLEAVED_CALLS
+
+
+def test_11_n_above_one_through_a_converting_channel_is_a_400_naming_n(gw, upstream):
+    up = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up, type="anthropic")])
+    with pytest.raises(openai.BadRequestError) as exc:
+        g.openai().chat.completions.create(model="m", n=2, messages=[
+            {"role": "user", "content": "x"}])
+    assert exc.value.body["param"] == "n" and "n = 2" in exc.value.body["message"]
+    assert up.requests == []
+
+
+@pytest.mark.parametrize("ctype", ["openai", "gemini"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_claude_code_long_mcp_tool_names_to_openai_and_gemini(gw, upstream, ctype, stream):
+    up = upstream()
+    up.responder = strict_upstream(ctype)
+    g = gw([chan(up, type=ctype)])
+    c = g.anthropic()
+    tools = [{"name": n, "description": "a tool", "input_schema": {
+        "type": "object", "properties": {"q": {"type": "string"}}}} for n in ODD_TOOLS]
+    msgs = [{"role": "user", "content": "search"}]
+    first = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
+    assert [(b.type, b.name, b.input) for b in first.content] == [
+        ("tool_use", LONG_TOOL, {"q": "x"})]
+    msgs += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+             {"role": "user", "content": [{"type": "tool_result",
+                                           "tool_use_id": first.content[0].id,
+                                           "content": "found"}]}]
+    second = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
+    assert second.content[0].text == "got found"
+    sent = json.dumps(json.loads(up.last()["body"]))
+    short = ag.channel_tool_name(LONG_TOOL, ctype)
+    assert LONG_TOOL not in sent and sent.count(short) >= 2          # the tool and the call
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_openai_and_responses_clients_with_names_the_channel_refuses(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([chan(up, type="anthropic")])
+    name = "files.read:v2"
+    kw = dict(model="m", messages=[{"role": "user", "content": "read"}], tools=[
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}])
+    if stream:
+        with g.openai().chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            r = s.get_final_completion()
+    else:
+        r = g.openai().chat.completions.create(**kw)
+    assert r.choices[0].message.tool_calls[0].function.name == name
+    sent = json.loads(up.last()["body"])
+    assert sent["tools"][0]["name"] == ag.channel_tool_name(name, "anthropic") != name
+    up2 = upstream()
+    up2.responder = strict_upstream("openai")
+    g2 = gw([chan(up2, type="openai", name="oa")])
+    long_ns = dict(CODEX_NAMESPACE, name="mcp__a_server_with_a_rather_long_descriptive_name")
+    kw = dict(model="m", input="go", tools=[long_ns])
+    if stream:
+        with g2.openai().responses.stream(**kw) as s:
+            for _ in s:
+                pass
+            out = s.get_final_response().output
+    else:
+        out = g2.openai().responses.create(**kw).output
+    assert (out[0].type, out[0].name, out[0].namespace) == (
+        "function_call", "echo_words", long_ns["name"])
+    assert all(len(t["function"]["name"]) <= 64
+               for t in json.loads(up2.last()["body"])["tools"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_codex_namespaced_mcp_tools_round_trip(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="custom")])
+    c = g.openai()
+
+    def turn(items):
+        kw = dict(model="gpt-5-codex", input=items, tools=[CODEX_NAMESPACE], store=False)
+        if not stream:
+            return c.responses.create(**kw)
+        with c.responses.stream(**kw) as s:
+            added = [ev.item for ev in s if ev.type == "response.output_item.added"]
+            final = s.get_final_response()
+        assert all(getattr(i, "namespace", None) == "mcp__probe" for i in added
+                   if i.type == "function_call")
+        return final
+    items = [{"role": "user", "content": "echo"}]
+    first = turn(items)
+    call = first.output[0]
+    assert (call.type, call.name, call.namespace, json.loads(call.arguments)) == (
+        "function_call", "echo_words", "mcp__probe", {"q": "x"})
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == [
+        "mcp__probe__echo_words", "mcp__probe__raw_patch"]
+    items += [call.model_dump(exclude_none=True),
+              {"type": "function_call_output", "call_id": call.call_id, "output": "said x"}]
+    second = turn(items)
+    assert second.output_text == "got said x"
+    history = json.loads(up.last()["body"])["messages"]
+    assert history[1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_mistral_quirks_for_claude_code_ids_and_refused_params(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai", mistral=True)
+    quirks = {"tool_call_id": "mistral9", "drop_params": ["stream_options"]}
+    g = gw([chan(up, type="custom", quirks=quirks)])
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01XyZ",
+                                               "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01XyZ",
+                                          "content": "ran"}]}]
+    m = _anthropic_turn(g.anthropic(), stream, model="m", tools=tools, messages=msgs)
+    assert m.content[0].text == "got ran"
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
+    chat = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_Ab_12345678", "type": "function",
+                 "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
+    kw = dict(model="m", messages=chat, stream_options={"include_usage": True}) if stream \
+        else dict(model="m", messages=chat)
+    if stream:
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       g.openai().chat.completions.create(stream=True, **kw) if ch.choices)
+    else:
+        text = g.openai().chat.completions.create(**kw).choices[0].message.content
+    assert text == "got ran"                               # passed through, quirks applied
+
+
+def test_11_deepseek_gets_reasoning_back_on_tool_call_turns(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("openai", deepseek=True)
+    g = gw([chan(up, type="custom", quirks={"reasoning_back": "tool_calls"})])
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "say hi",
+                                               "signature": "x"},
+                                              {"type": "text", "text": "hi"}]},
+            {"role": "user", "content": "run"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "use Bash", "signature": "x"},
+                {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "ran"}]}]
+    m = _anthropic_turn(g.anthropic(), False, model="m", messages=msgs, tools=[
+        {"name": "Bash", "input_schema": {"type": "object"}}])
+    assert m.content[0].text == "got ran"
+    sent = json.loads(up.last()["body"])["messages"]
+    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_claude_code_tool_search_to_an_openai_channel(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="openai")])
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 200, "stream": stream, "tools": [
+        {"name": "ToolSearch", "input_schema": {"type": "object"}},
+        {"name": "mcp__docs__lookup", "defer_loading": True,
+         "input_schema": {"type": "object"}},
+        {"name": "mcp__docs__unused", "defer_loading": True,
+         "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "ToolSearch", "input": {"q": "docs"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "tool_reference",
+                                                       "tool_name": "mcp__docs__lookup"}]}]}]}
+    status, _, raw = g.request("POST", "/v1/messages?beta=true", body,
+                               headers={"anthropic-version": "2023-06-01",
+                                        "anthropic-beta": "advanced-tool-use-2025-11-20"})
+    assert status == 200, raw
+    text = raw.decode()
+    assert "got Tool mcp__docs__lookup is now available." in (
+        text if not stream else "".join(d["delta"]["text"] for e, d in _sse_events(raw)
+                                        if e == "content_block_delta"))
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["ToolSearch", "mcp__docs__lookup"]
+    assert "defer_loading" not in json.dumps(sent)
 
 
 # =================================================================================================
