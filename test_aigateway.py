@@ -988,6 +988,30 @@ def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
     assert path.read_text() == text                            # never overwritten
 
 
+# -- A channel's quirks (issue 12) ----------------------------------------------------------
+
+@pytest.mark.parametrize("quirks, needle, fix", [
+    ("mistral", "channels[0].quirks: is not an object", '{"tool_call_id": "mistral9"}'),
+    ({"tool_call_id": "mistral"}, "channels[0].quirks.tool_call_id", '"mistral9"'),
+    ({"reasoning_back": True}, "channels[0].quirks.reasoning_back", '"tool_calls"'),
+    ({"reasoning_field": "thinking"}, "channels[0].quirks.reasoning_field", '"reasoning"'),
+    ({"max_tokens_field": "max"}, "channels[0].quirks.max_tokens_field", '"max_tokens"'),
+    ({"drop_params": [1]}, "channels[0].quirks.drop_params", "a list such as"),
+    ({"tool_id": "mistral9"}, "'tool_id' is not a quirk", "use only tool_call_id"),
+])
+def test_10_channel_quirks_are_checked(tmp_path, quirks, needle, fix):
+    with pytest.raises(ag.ConfigError) as e:
+        ag.validate_config({"channels": [{"base_url": "http://x", "quirks": quirks}]}, "cfg")
+    assert needle in str(e.value) and fix in str(e.value)
+    ok = ag.validate_config({"channels": [{"base_url": "http://x", "quirks": {
+        "tool_call_id": "mistral9", "drop_params": "stream_options, parallel_tool_calls"}}]},
+        "cfg")
+    assert ok["channels"][0]["quirks"]["drop_params"] == ["stream_options",
+                                                          "parallel_tool_calls"]
+    assert ag.validate_config({"channels": [{"base_url": "http://x"}]}, "c")[
+        "channels"][0]["quirks"] == {}
+
+
 def test_10_json_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{\n  "settings": {\n    "port": 3000\n    "host": "x"\n  }\n}')
