@@ -2210,7 +2210,36 @@ def responses_input_to_messages(items: Any, instructions: Any = None) -> list[di
         elif kind in ("function_call_output", "custom_tool_call_output"):
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
                          "content": item.get("output")})
+        elif kind == "tool_search_call":
+            call = {"id": item.get("call_id") or item.get("id") or new_id("call_"),
+                    "type": "function", "function": {"name": TOOL_SEARCH, "arguments":
+                                                     json.dumps(item.get("arguments") or {})}}
+            if msgs and msgs[-1]["role"] == "assistant":
+                msgs[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "tool_search_output":
+            names = [n for n, _ in _searched_tools(item)]
+            msgs.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
+                         "content": f"Tools now available: {', '.join(names)}" if names
+                         else "No tools matched."})
     return msgs
+
+
+TOOL_SEARCH = "tool_search"
+
+
+def _searched_tools(item: dict) -> list[tuple[str, tuple[dict, str | None]]]:
+    """(flat name, (tool, namespace)) of every tool a tool_search_output item loads."""
+    out = []
+    for t in item.get("tools") or []:
+        if not isinstance(t, dict):
+            continue
+        inner = [(x, t.get("name")) for x in t.get("tools") or [] if isinstance(x, dict)] \
+            if t.get("type") == "namespace" else [(t, None)]
+        out += [(namespaced_tool_name(ns, str(x.get("name") or "")), (x, ns))
+                for x, ns in inner if x.get("name")]
+    return out
 
 
 @guarded(400, "request body")
@@ -3632,12 +3661,28 @@ def responses_request_to_ir(body: dict) -> dict:
     ir = openai_request_to_ir({"model": body.get("model"), "messages":
                                responses_input_to_messages(body["input"],
                                                            body.get("instructions"))})
-    for t in body.get("tools") or []:
-        if isinstance(t, dict) and t.get("type") == "namespace" and t.get("name"):
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tool search run by the client (Codex with the models of its own catalog): the model's
+    # search is a call to a "tool_search" function that goes back to the client as a
+    # tool_search_call item; the client answers with a tool_search_output item whose tools (in
+    # namespaces, with defer_loading) the model may call from then on, so they join the tool list.
+    # Deferred tools in `tools` wait for that search; without a client search they are all sent.
+    client_search = any(t.get("type") == "tool_search" and t.get("execution") == "client"
+                        for t in tools)
+    for t in tools:
+        if t.get("type") == "namespace" and t.get("name"):
             for inner in t.get("tools") or []:
-                _responses_tool(ir, inner, t["name"])
-        else:
+                if not (client_search and isinstance(inner, dict) and inner.get("defer_loading")):
+                    _responses_tool(ir, inner, t["name"])
+        elif not (client_search and t.get("defer_loading")):
             _responses_tool(ir, t, None)
+    loaded = {t["name"] for t in ir["tools"]}
+    for item in body["input"] if isinstance(body["input"], list) else []:
+        if isinstance(item, dict) and item.get("type") == "tool_search_output":
+            for name, (t, ns) in _searched_tools(item):
+                if name not in loaded:
+                    loaded.add(name)
+                    _responses_tool(ir, t, ns)
     tc = body.get("tool_choice")
     if tc in ("auto", "none", "required"):
         ir["tool_choice"] = tc
@@ -3667,12 +3712,17 @@ def responses_request_to_ir(body: dict) -> dict:
 
 def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
     """Add one Responses function or custom tool (inside ``namespace`` or not) to the IR."""
+    if isinstance(t, dict) and t.get("type") == "tool_search":
+        t = dict(t, name=TOOL_SEARCH)
     if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
         return
     tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
                             "description": t.get("description") or ""}
     if t.get("type") == "function":
         tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+    elif t.get("type") == "tool_search" and t.get("execution") == "client":
+        tool.update(name=TOOL_SEARCH, parameters=t.get("parameters") or {
+            "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
     elif t.get("type") == "custom":
         tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
     else:
@@ -3716,6 +3766,10 @@ def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | N
     a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
     the inner tool and carries its ``namespace``."""
     tool = tool or {}
+    if tool.get("tool_search"):
+        return {"type": "tool_search_call", "id": new_id("tsc_"), "call_id": call_id,
+                "execution": "client", "arguments": parse_arguments(arguments),
+                "status": "completed"}
     if tool.get("custom"):
         item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
                 "name": name, "input": str(parse_arguments(arguments).get("input", "")),
@@ -3847,7 +3901,11 @@ class ResponsesStreamEncoder:
         item = _responses_call_item(state["call_id"], state["name"], args,
                                     self._tools.get(state["name"]))
         index = state["index"]
-        if state["custom"]:              # buffered: its input is only known now
+        if item["type"] == "tool_search_call":      # held: its arguments go as one object
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, status="in_progress")))
+        elif state["held"]:              # a custom tool's input is only known now
             item["id"] = state["id"]
             out.append(self._ev("response.output_item.added", output_index=index,
                                 item=dict(item, input="", status="in_progress")))
@@ -3891,12 +3949,12 @@ class ResponsesStreamEncoder:
                 for other in self._calls.values():
                     self._close_call(other, out)
                 tool = self._tools.get(ev[3])
-                custom = bool(tool and tool.get("custom"))
-                state = {"id": new_id("ctc_" if custom else "fc_"), "call_id": ev[2],
-                         "name": ev[3], "args": [], "custom": custom, "done": False,
-                         "index": len(self._output)}
+                held = bool(tool and (tool.get("custom") or tool.get("tool_search")))
+                prefix = "fc_" if not held else "tsc_" if tool.get("tool_search") else "ctc_"
+                state = {"id": new_id(prefix), "call_id": ev[2], "name": ev[3], "args": [],
+                         "held": held, "done": False, "index": len(self._output)}
                 self._calls[ev[1]] = state
-                if not custom:
+                if not held:
                     item = _responses_call_item(ev[2], ev[3], "", tool)
                     out.append(self._ev("response.output_item.added", output_index=state["index"],
                                         item=dict(item, id=state["id"], arguments="",
@@ -3905,7 +3963,7 @@ class ResponsesStreamEncoder:
                 state = self._calls.get(ev[1])
                 if state is not None and not state["done"] and ev[2]:
                     state["args"].append(ev[2])
-                    if not state["custom"]:
+                    if not state["held"]:
                         out.append(self._ev("response.function_call_arguments.delta",
                                             item_id=state["id"], output_index=state["index"],
                                             delta=ev[2]))

@@ -2848,6 +2848,42 @@ def test_11_codex_namespaced_mcp_tools_round_trip(gw, upstream, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_11_codex_client_side_tool_search_through_a_converting_channel(gw, upstream, stream):
+    """Codex's tool search for the models of its catalog (openai-python types/responses:
+    ToolSearchToolParam with execution "client", ResponseToolSearchCall,
+    ResponseToolSearchOutputItemParam whose tools are namespaces of deferred functions)."""
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="custom")])
+    search = {"type": "tool_search", "execution": "client", "description": "Find tools",
+              "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
+    kw = dict(model="m", tools=[search], store=False)
+    items = [{"role": "user", "content": "find an echo tool"}]
+
+    def turn():
+        if not stream:
+            return g.openai().responses.create(input=items, **kw)
+        with g.openai().responses.stream(input=items, **kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_response()
+    call = turn().output[0]
+    assert (call.type, call.execution, call.arguments) == ("tool_search_call", "client",
+                                                           {"q": "x"})
+    deferred = dict(CODEX_NAMESPACE, tools=[dict(CODEX_NAMESPACE["tools"][0],
+                                                 defer_loading=True)])
+    items += [call.model_dump(exclude_none=True),
+              {"type": "tool_search_output", "call_id": call.call_id, "execution": "client",
+               "status": "completed", "tools": [deferred]}]
+    turn()
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["tool_search",
+                                                              "mcp__probe__echo_words"]
+    assert sent["messages"][-1] == {"role": "tool", "tool_call_id": call.call_id,
+                                    "content": "Tools now available: mcp__probe__echo_words"}
+    assert "defer_loading" not in json.dumps(sent)
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_11_mistral_quirks_for_claude_code_ids_and_refused_params(gw, upstream, stream):
     up = upstream()
     up.responder = strict_upstream("openai", mistral=True)
@@ -3806,6 +3842,74 @@ def test_15_codex_exec_runs_its_tool_loop_through_the_gateway(gw, upstream, tmp_
     assert _tool_result_seen(up)
     assert all(r["route"] == "/v1/responses" and r["status"] == 200
                for r in g.records(2) if r["route"] != "/v1/models")
+
+
+# A stdio MCP server (JSON-RPC 2.0, one message a line: the MCP stdio transport) with one tool.
+MCP_ECHO_SERVER = r"""
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    result = {}
+    if msg["method"] == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {
+            "tools": {}}, "serverInfo": {"name": "probe", "version": "1"}}
+    elif msg["method"] == "tools/list":
+        result = {"tools": [{"name": "echo_words", "description": "Echo words back",
+                             "inputSchema": {"type": "object", "required": ["words"],
+                                             "properties": {"words": {"type": "string"}}}}]}
+    elif msg["method"] == "tools/call":
+        result = {"content": [{"type": "text",
+                               "text": "mcp-said " + msg["params"]["arguments"]["words"]}]}
+    print(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}), flush=True)
+"""
+
+
+def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, tmp_path):
+    codex = _cli_bin("codex")
+    up = upstream()
+    strict = strict_upstream("openai")
+
+    def respond(rec):
+        """Search for the tool (Codex defers MCP tools behind its tool_search for the models
+        of its catalog), call it once it is loaded, then answer with what it returned."""
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]
+        names = [t["function"]["name"] for t in body.get("tools") or []]
+        if "mcp__probe__echo_words" in names and last["role"] != "tool" or \
+                "tool_search" in names and len(body["messages"]) < 4:
+            name, args = ("mcp__probe__echo_words", {"words": "cli-ok"}) \
+                if "mcp__probe__echo_words" in names else ("tool_search", {"query": "echo"})
+        else:
+            return strict(rec)
+        call = {"index": 0, "id": f"call_{len(body['messages'])}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)}}
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        chunks = [dict(base, choices=[{"index": 0, "delta": {"tool_calls": [call]},
+                                       "finish_reason": None}]),
+                  dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])]
+        return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                     [b"data: [DONE]\n\n"], content_type="text/event-stream")
+    up.responder = respond
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
+    server = tmp_path / "mcp_echo.py"
+    server.write_text(MCP_ECHO_SERVER)
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "gpt-5.5"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'\n[mcp_servers.probe]\ncommand = {json.dumps(sys.executable)}\n'
+        f'args = [{json.dumps(str(server))}]\n')
+    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check",
+                        "--dangerously-bypass-approvals-and-sandbox", "echo the word"],
+                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                        "GW_TOKEN": TOKEN}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "probe/echo_words" in out and "got " in out and "mcp-said cli-ok" in out
+    assert "Model metadata" not in out                   # a model in Codex's own catalog
+    assert _tool_result_seen(up, "mcp-said cli-ok")
 
 
 def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
