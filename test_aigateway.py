@@ -3877,12 +3877,10 @@ def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, t
         body = json.loads(rec["body"])
         last = body["messages"][-1]
         names = [t["function"]["name"] for t in body.get("tools") or []]
-        if "mcp__probe__echo_words" in names and last["role"] != "tool" or \
-                "tool_search" in names and len(body["messages"]) < 4:
-            name, args = ("mcp__probe__echo_words", {"words": "cli-ok"}) \
-                if "mcp__probe__echo_words" in names else ("tool_search", {"query": "echo"})
-        else:
+        if "mcp-said" in str(last.get("content")) or "tool_search" not in names:
             return strict(rec)
+        name, args = ("mcp__probe__echo_words", {"words": "cli-ok"}) \
+            if "mcp__probe__echo_words" in names else ("tool_search", {"query": "echo"})
         call = {"index": 0, "id": f"call_{len(body['messages'])}", "type": "function",
                 "function": {"name": name, "arguments": json.dumps(args)}}
         base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
