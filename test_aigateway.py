@@ -2673,9 +2673,10 @@ def strict_upstream(ctype, mistral=False, deepseek=False):
     return respond
 
 
-def _answer_in(ctype, body, rec, text, tool):
-    """One answer in channel type ``ctype``'s own format, streamed if the request asked."""
-    args = {"q": "x"}
+def _answer_in(ctype, body, rec, text, tool, args=None):
+    """One answer in channel type ``ctype``'s own format, streamed if the request asked: the
+    text, or a call of ``tool`` with ``args``."""
+    args = args or {"q": "x"}
     if ctype == "gemini":
         part = {"functionCall": {"name": tool, "args": args}} if tool else {"text": text}
         chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
@@ -2694,7 +2695,7 @@ def _answer_in(ctype, body, rec, text, tool):
         return Reply(body=json.dumps(msg).encode())
     msg = {"role": "assistant", "content": text or None}
     if tool:
-        msg["tool_calls"] = [{"id": "abc123XYZ", "type": "function",
+        msg["tool_calls"] = [{"id": f"call{len(body['messages']):05d}", "type": "function",
                               "function": {"name": tool, "arguments": json.dumps(args)}}]
     if not body.get("stream"):
         return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
@@ -3879,16 +3880,10 @@ def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, t
         names = [t["function"]["name"] for t in body.get("tools") or []]
         if "mcp-said" in str(last.get("content")) or "tool_search" not in names:
             return strict(rec)
-        name, args = ("mcp__probe__echo_words", {"words": "cli-ok"}) \
-            if "mcp__probe__echo_words" in names else ("tool_search", {"query": "echo"})
-        call = {"index": 0, "id": f"call_{len(body['messages'])}", "type": "function",
-                "function": {"name": name, "arguments": json.dumps(args)}}
-        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-        chunks = [dict(base, choices=[{"index": 0, "delta": {"tool_calls": [call]},
-                                       "finish_reason": None}]),
-                  dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])]
-        return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
-                     [b"data: [DONE]\n\n"], content_type="text/event-stream")
+        if "mcp__probe__echo_words" in names:
+            return _answer_in("openai", body, rec, "", "mcp__probe__echo_words",
+                              {"words": "cli-ok"})
+        return _answer_in("openai", body, rec, "", "tool_search", {"query": "echo"})
     up.responder = respond
     g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
     server = tmp_path / "mcp_echo.py"
@@ -3945,6 +3940,37 @@ def test_15_claude_code_runs_its_tool_loop_through_an_openai_channel(gw, upstrea
     assert _tool_result_seen(up)
     sent = [json.loads(r["body"]) for r in up.requests]
     assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
+
+
+def test_15_claude_code_calls_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp_path):
+    claude = _cli_bin("claude")
+    full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
+    up = upstream()
+    strict = strict_upstream("openai")
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        names = [t["function"]["name"] for t in body.get("tools") or []]
+        short = next((n for n in names if n.startswith("mcp__workspace_documents_server")),
+                     None)
+        if short is None or body["messages"][-1]["role"] == "tool":
+            return strict(rec)
+        return _answer_in("openai", body, rec, "", short, {"words": "cli-ok"})
+    up.responder = respond
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
+    server = tmp_path / "mcp_docs.py"
+    server.write_text(MCP_ECHO_SERVER.replace('"echo_words"', json.dumps(full.split("__")[2])))
+    config = json.dumps({"mcpServers": {"workspace_documents_server": {
+        "command": sys.executable, "args": [str(server)]}}})
+    rc, out = _run_cli([claude, "-p", "search the documents", "--mcp-config", config,
+                        "--allowedTools", full, "--model", "claude-sonnet-4-5"],
+                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
+                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
+                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "got mcp-said cli-ok" in out
+    sent = json.dumps([json.loads(r["body"]) for r in up.requests])
+    assert full not in sent and ag.channel_tool_name(full, "custom") in sent
 
 
 def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
