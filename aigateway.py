@@ -3641,8 +3641,9 @@ def ollama_url(base_url: str, path: str) -> str:
 # a function_call item naming the inner tool with the namespace beside it ({"name": "search",
 # "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
 # tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
-# its calls go back to the client split again. previous_response_id is refused: the gateway keeps no
-# conversation state (Codex sends the whole conversation with store:false).
+# its calls go back to the client split again (the openai SDK's ResponseFunctionToolCall has the
+# same optional `namespace`). previous_response_id is refused: the gateway keeps no conversation
+# state (Codex sends the whole conversation with store:false).
 
 _CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
                   "required": ["input"]}
