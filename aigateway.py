@@ -4252,7 +4252,7 @@ _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 # FunctionDeclaration.name; google-genai FunctionDeclaration.name). Ollama documents no rule.
 # A name outside its channel's rule is sent as a readable head plus 8 hex digits of its SHA-1,
 # always the same for the same name, so the tool list, the calls in earlier turns and the call
-# that comes back agree; the answer gets the client's own name back (PROTOCOLS.md 7 #4).
+# that comes back agree; the answer gets the client's own name back.
 TOOL_NAME_RULES: dict[str, tuple[re.Pattern, int]] = {
     "openai": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
     "custom": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),

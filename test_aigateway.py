@@ -2537,6 +2537,13 @@ def test_09_openai_quirks_on_the_chat_body():
     assert "stream_options" not in out and "parallel_tool_calls" not in out
     assert body["messages"][2]["tool_calls"][0]["id"] == "toolu_01ABCdef"   # input untouched
     assert ag.apply_openai_quirks(body, {}) is body
+    # Answers are read in either reasoning field (OpenRouter and vLLM stream `reasoning`).
+    answer = ag.openai_response_to_ir({"choices": [{"message": {"reasoning": "r",
+                                                                "content": "a"}}]})
+    assert [p["type"] for p in answer["content"]] == ["reasoning", "text"]
+    chunk = {"choices": [{"index": 0, "delta": {"reasoning": "hm"}}]}
+    assert ("reasoning", "hm") in ag.OpenAIStreamDecoder().feed(
+        b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
 
 def test_09_tool_search_deferred_tools_and_tool_references():
@@ -2814,6 +2821,33 @@ def test_11_openai_and_responses_clients_with_names_the_channel_refuses(gw, upst
     assert all(len(t["function"]["name"]) <= 64
                for t in json.loads(up2.last()["body"])["tools"])
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_gemini_client_dotted_names_to_an_openai_channel(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="openai")])
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    contents = [{"role": "user", "parts": [{"text": "read"}]}]
+    tools = [{"functionDeclarations": [{"name": "files.read", "parameters": {
+        "type": "OBJECT", "properties": {"q": {"type": "STRING"}}}}]}]
+    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
+                               {"contents": contents, "tools": tools})
+    chunks = [d for _, d in _sse_events(raw)] if stream else [json.loads(raw)]
+    calls = [p["functionCall"] for c in chunks for p in c["candidates"][0]["content"]["parts"]
+             if "functionCall" in p]
+    assert status == 200 and [(c["name"], c["args"]) for c in calls] == [("files.read",
+                                                                           {"q": "x"})]
+    contents += [{"role": "model", "parts": [{"functionCall": calls[0]}]},
+                 {"role": "user", "parts": [{"functionResponse": {
+                     "id": calls[0]["id"], "name": "files.read",
+                     "response": {"result": "text"}}}]}]
+    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
+                               {"contents": contents, "tools": tools})
+    assert status == 200 and b"got text" in raw
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == \
+        sent["tools"][0]["function"]["name"] == ag.channel_tool_name("files.read", "openai")
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_11_codex_namespaced_mcp_tools_round_trip(gw, upstream, stream):
