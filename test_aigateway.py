@@ -2839,9 +2839,9 @@ def test_11_gemini_client_dotted_names_to_an_openai_channel(gw, upstream, stream
     assert status == 200 and [(c["name"], c["args"]) for c in calls] == [("files.read",
                                                                            {"q": "x"})]
     contents += [{"role": "model", "parts": [{"functionCall": calls[0]}]},
-                 {"role": "user", "parts": [{"functionResponse": {
-                     "id": calls[0]["id"], "name": "files.read",
-                     "response": {"result": "text"}}}]}]
+                 {"role": "user", "parts": [{"functionResponse": dict(
+                     {k: v for k, v in calls[0].items() if k == "id"}, name="files.read",
+                     response={"result": "text"})}]}]
     status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
                                {"contents": contents, "tools": tools})
     assert status == 200 and b"got text" in raw
