@@ -3712,7 +3712,8 @@ def responses_request_to_ir(body: dict) -> dict:
 
 
 def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
-    """Add one Responses function or custom tool (inside ``namespace`` or not) to the IR."""
+    """Add one Responses function or custom tool (inside ``namespace`` or not), or a
+    client-run tool_search, to the IR."""
     if isinstance(t, dict) and t.get("type") == "tool_search":
         t = dict(t, name=TOOL_SEARCH)
     if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
@@ -3722,7 +3723,7 @@ def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
     if t.get("type") == "function":
         tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
     elif t.get("type") == "tool_search" and t.get("execution") == "client":
-        tool.update(name=TOOL_SEARCH, parameters=t.get("parameters") or {
+        tool.update(parameters=t.get("parameters") or {
             "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
     elif t.get("type") == "custom":
         tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
@@ -4378,6 +4379,7 @@ def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
     ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
     back = quirks.get("reasoning_back") or "all"
     field = quirks.get("reasoning_field") or "reasoning_content"
+    reshape = "reasoning_back" in quirks or "reasoning_field" in quirks
     msgs = []
     for m in body.get("messages") or []:
         if not isinstance(m, dict):
@@ -4389,10 +4391,11 @@ def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
         if ids and isinstance(m.get("tool_calls"), list):
             m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
                                else c for c in m["tool_calls"]]
-        if m.get("role") == "assistant":
-            reasoning = m.pop("reasoning_content", None) or m.pop("reasoning", None)
-            if reasoning and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
-                m[field] = reasoning
+        if reshape and m.get("role") == "assistant":
+            reasoning = [m.pop(k, None) for k in ("reasoning_content", "reasoning")]
+            text = next((r for r in reasoning if isinstance(r, str) and r), None)
+            if text and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
+                m[field] = text
         msgs.append(m)
     if "messages" in body:
         body["messages"] = msgs
