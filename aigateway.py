@@ -2738,9 +2738,10 @@ def anthropic_request_to_ir(body: dict) -> dict:
         else:
             raise GatewayError(400, f"messages.{i}.role: {role!r} is not 'user' or 'assistant'")
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
-    # Tool search (Claude Code's, or the API's tool_search_tool_* server tools): tools marked
-    # defer_loading: true reach the model only once a tool_reference block names them (in a
-    # tool_result or a tool_search_tool_result). Other providers know neither the field nor the
+    # Tool search (Claude Code's, or the API's tool_search_tool_* server tools; Anthropic docs,
+    # "Tool search tool"): tools marked defer_loading: true reach the model only once a
+    # {"type": "tool_reference", "tool_name": ...} block names them (in a tool_result or a
+    # tool_search_tool_result). Other providers know neither the field nor the
     # block, so a deferred tool is sent as an ordinary one from the turn after it was referenced,
     # and the reference becomes a line of text in its tool result. With a server-side search,
     # which no other provider can run, every deferred tool is sent from the start.
@@ -3687,8 +3688,8 @@ def responses_request_to_ir(body: dict) -> dict:
     tc = body.get("tool_choice")
     if tc in ("auto", "none", "required"):
         ir["tool_choice"] = tc
-    elif isinstance(tc, dict) and tc.get("name"):
-        ir["tool_choice"] = {"name": tc["name"]}
+    elif isinstance(tc, dict) and isinstance(tc.get("name"), str) and tc["name"]:
+        ir["tool_choice"] = {"name": namespaced_tool_name(tc.get("namespace"), tc["name"])}
     ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
     mt = body.get("max_output_tokens")
     ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None

@@ -2585,7 +2585,8 @@ CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
 
 
 def test_09_codex_namespaced_tools_flattened_and_split_again():
-    body = {"model": "m", "tools": [CODEX_NAMESPACE], "input": [
+    body = {"model": "m", "tools": [CODEX_NAMESPACE], "tool_choice": {
+        "type": "function", "name": "echo_words", "namespace": "mcp__probe"}, "input": [
         {"role": "user", "content": "go"},
         {"type": "function_call", "call_id": "call_1", "name": "echo_words",
          "namespace": "mcp__probe", "arguments": "{\"words\":\"a\"}"},
@@ -2595,6 +2596,8 @@ def test_09_codex_namespaced_tools_flattened_and_split_again():
                                                "mcp__probe__raw_patch"]
     sent = ag.encode_upstream_chat("openai", ir, "m", stream=False)
     assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+    assert sent["tool_choice"] == {"type": "function",
+                                   "function": {"name": "mcp__probe__echo_words"}}
     resp = {"id": "r", "model": "m", "finish": "tool_calls", "usage": ag.new_usage(1, 1),
             "content": [{"type": "tool_call", "id": "call_2", "name": "mcp__probe__echo_words",
                          "arguments": "{\"words\":\"b\"}"},
