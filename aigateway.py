@@ -44,6 +44,7 @@ import collections
 import copy
 import errno
 import functools
+import hashlib
 import hmac
 import http
 import ipaddress
@@ -2317,6 +2318,8 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
                         "name": str(b.get("name") or ""),
                         "arguments": json.dumps(inp if inp is not None else {},
                                                 ensure_ascii=False)})
+        elif t == "tool_reference" and isinstance(b.get("tool_name"), str):
+            out.append({"type": "text", "text": f"Tool {b['tool_name']} is now available."})
         elif t == "tool_result":
             out.append({"type": "tool_result", "id": str(b.get("tool_use_id") or ""),
                         "name": None,
@@ -2420,6 +2423,12 @@ def chat_body_is_foreign(body: dict) -> bool:
     return False
 
 
+def namespaced_tool_name(namespace: Any, name: str) -> str:
+    """The one flat name a tool inside a Responses ``namespace`` tool goes by on every channel
+    (Codex's MCP tools: namespace "mcp__server", tool "search" -> "mcp__server__search")."""
+    return f"{namespace}__{name}" if isinstance(namespace, str) and namespace else name
+
+
 def responses_input_to_messages(items: Any, instructions: Any = None) -> list[dict]:
     """Responses-API ``input`` (a string or items) as Chat Completions messages."""
     msgs: list[dict] = []
@@ -2436,7 +2445,8 @@ def responses_input_to_messages(items: Any, instructions: Any = None) -> list[di
         elif kind in ("function_call", "custom_tool_call"):
             call = {"id": item.get("call_id") or item.get("id") or new_id("call_"),
                     "type": "function", "function": {
-                        "name": item.get("name") or "",
+                        "name": namespaced_tool_name(item.get("namespace"),
+                                                     item.get("name") or ""),
                         "arguments": item.get("arguments") if kind == "function_call"
                         else json.dumps({"input": item.get("input") or ""})}}
             if msgs and msgs[-1]["role"] == "assistant":
@@ -2446,7 +2456,36 @@ def responses_input_to_messages(items: Any, instructions: Any = None) -> list[di
         elif kind in ("function_call_output", "custom_tool_call_output"):
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
                          "content": item.get("output")})
+        elif kind == "tool_search_call":
+            call = {"id": item.get("call_id") or item.get("id") or new_id("call_"),
+                    "type": "function", "function": {"name": TOOL_SEARCH, "arguments":
+                                                     json.dumps(item.get("arguments") or {})}}
+            if msgs and msgs[-1]["role"] == "assistant":
+                msgs[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "tool_search_output":
+            names = [n for n, _ in _searched_tools(item)]
+            msgs.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
+                         "content": f"Tools now available: {', '.join(names)}" if names
+                         else "No tools matched."})
     return msgs
+
+
+TOOL_SEARCH = "tool_search"
+
+
+def _searched_tools(item: dict) -> list[tuple[str, tuple[dict, str | None]]]:
+    """(flat name, (tool, namespace)) of every tool a tool_search_output item loads."""
+    out = []
+    for t in item.get("tools") or []:
+        if not isinstance(t, dict):
+            continue
+        inner = [(x, t.get("name")) for x in t.get("tools") or [] if isinstance(x, dict)] \
+            if t.get("type") == "namespace" else [(t, None)]
+        out += [(namespaced_tool_name(ns, str(x.get("name") or "")), (x, ns))
+                for x, ns in inner if x.get("name")]
+    return out
 
 
 @guarded(400, "request body")
@@ -2755,12 +2794,20 @@ def ir_to_openai_response(resp: dict, model: str) -> dict:
 
 class OpenAIStreamDecoder(StreamDecoder):
     """OpenAI chat-completion SSE chunks (upstream) -> IR stream events. Tool-call fragments are
-    routed by their ``index``; a fragment without one goes by id, else to the newest call."""
+    routed by their ``index``; a fragment without one goes by id, else to the newest call.
+
+    Some servers interleave the fragments of parallel calls (index 0, 1, 0, 1 ...), which no
+    client dialect but Chat Completions can carry. So only the first call streams as it comes;
+    every later call is held, name and arguments, and emitted whole in index order when the
+    choice finishes (or the stream ends): the IR events stay sequential, one call after the
+    other, each complete before the next begins."""
 
     def __init__(self):
         super().__init__()
         self._index: dict[int, int] = {}          # upstream index -> IR index
         self._ids: dict[str, int] = {}
+        self._held: dict[int, list] = {}          # IR index -> [id, name, [argument pieces]]
+        self._released = False                    # held calls went out: call 0 is closed
         self.usage: dict | None = None
 
     @guarded(502, "upstream stream")
@@ -2781,7 +2828,23 @@ class OpenAIStreamDecoder(StreamDecoder):
                 self._delta(choice.get("delta") or {}, out)
                 if choice.get("finish_reason"):
                     self.finish = _OPENAI_FINISH_IN.get(choice["finish_reason"], "stop")
+                    self._release(out)
         return out
+
+    def _release(self, out: list[tuple]) -> None:
+        """The held calls, each whole, in index order."""
+        self._released = self._released or bool(self._held)
+        for idx in sorted(self._held):
+            tid, name, args = self._held[idx]
+            out.append(("tool", idx, tid, name))
+            if args:
+                out.append(("args", idx, "".join(args)))
+        self._held.clear()
+
+    def close(self) -> list[tuple]:
+        out: list[tuple] = []
+        self._release(out)
+        return out + super().close()
 
     def _delta(self, delta: dict, out: list[tuple]) -> None:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
@@ -2800,12 +2863,21 @@ class OpenAIStreamDecoder(StreamDecoder):
                 self._index[key] = self._tools
                 tid = tid or new_id("call_")
                 self._ids[tid] = key
-                out.append(("tool", self._tools, tid, fn.get("name") or ""))
+                if self._tools == 0:
+                    out.append(("tool", 0, tid, fn.get("name") or ""))
+                else:
+                    self._held[self._tools] = [tid, fn.get("name") or "", []]
                 self._tools += 1
+            idx = self._index[key]
+            held = self._held.get(idx)
+            if held is not None and not held[1] and fn.get("name"):
+                held[1] = fn["name"]              # a name sent after the id
             args = fn.get("arguments")
             if isinstance(args, str) and args:
-                out.append(("args", self._index[key], args))
-
+                if held is not None:
+                    held[2].append(args)
+                elif idx == 0 and not self._released:
+                    out.append(("args", 0, args))
 
 
 def _sse(data: dict) -> bytes:
@@ -2911,8 +2983,19 @@ def anthropic_request_to_ir(body: dict) -> dict:
             _append(ir["messages"], "assistant", parts)
         else:
             raise GatewayError(400, f"messages.{i}.role: {role!r} is not 'user' or 'assistant'")
-    for t in body.get("tools") or []:
-        if isinstance(t, dict) and t.get("name") and t.get("type") in (None, "custom"):
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tool search (Claude Code's, or the API's tool_search_tool_* server tools; Anthropic docs,
+    # "Tool search tool"): tools marked defer_loading: true reach the model only once a
+    # {"type": "tool_reference", "tool_name": ...} block names them (in a tool_result or a
+    # tool_search_tool_result). Other providers know neither the field nor the
+    # block, so a deferred tool is sent as an ordinary one from the turn after it was referenced,
+    # and the reference becomes a line of text in its tool result. With a server-side search,
+    # which no other provider can run, every deferred tool is sent from the start.
+    server_search = any(str(t.get("type") or "").startswith("tool_search_tool") for t in tools)
+    loaded = set() if server_search else _tool_references(msgs)
+    for t in tools:
+        if t.get("name") and t.get("type") in (None, "custom") and (
+                server_search or t.get("defer_loading") is not True or t["name"] in loaded):
             ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
                                 "parameters": t.get("input_schema") or
                                 {"type": "object", "properties": {}}})
@@ -2944,6 +3027,21 @@ def anthropic_request_to_ir(body: dict) -> dict:
     ir["include_usage"] = True
     ir["user"] = (body.get("metadata") or {}).get("user_id")
     return ir
+
+
+def _tool_references(value: Any) -> set[str]:
+    """The tool names of every tool_reference block anywhere in ``value`` (messages)."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if item.get("type") == "tool_reference" and isinstance(item.get("tool_name"), str):
+                found.add(item["tool_name"])
+            stack.extend(v for v in item.values() if isinstance(v, (list, dict)))
+    return found
 
 
 def _ir_to_anthropic_blocks(parts: list[dict]) -> list[dict]:
@@ -3782,10 +3880,17 @@ def ollama_url(base_url: str, path: str) -> str:
 
 # 9.8 OpenAI Responses API (client side) ---------------------------------------------------------
 # A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
-# internal form; tools the channels cannot run (web_search, file_search, namespaced tools) are
-# dropped; custom tools (Codex's apply_patch) become function tools taking {"input": string} and
-# come back as custom_tool_call items. previous_response_id is refused: the gateway keeps no
-# conversation state (Codex sends the whole conversation with store:false).
+# internal form; tools the channels cannot run (web_search, file_search, ...) are dropped; custom
+# tools (Codex's apply_patch) become function tools taking {"input": string} and come back as
+# custom_tool_call items. Codex puts each MCP server's tools in a {"type": "namespace", "name",
+# "description", "tools": [function or custom tools]} tool (codex-rs/tools/src/tool_spec.rs,
+# ToolSpec::Namespace; responses_api.rs, ResponsesApiNamespace) and expects a call of one back as
+# a function_call item naming the inner tool with the namespace beside it ({"name": "search",
+# "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
+# tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
+# its calls go back to the client split again (the openai SDK's ResponseFunctionToolCall has the
+# same optional `namespace`). previous_response_id is refused: the gateway keeps no conversation
+# state (Codex sends the whole conversation with store:false).
 
 _CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
                   "required": ["input"]}
@@ -3804,21 +3909,33 @@ def responses_request_to_ir(body: dict) -> dict:
     ir = openai_request_to_ir({"model": body.get("model"), "messages":
                                responses_input_to_messages(body["input"],
                                                            body.get("instructions"))})
-    for t in body.get("tools") or []:
-        if not isinstance(t, dict) or not t.get("name"):
-            continue
-        if t.get("type") == "function":
-            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
-                                "parameters": t.get("parameters") or
-                                {"type": "object", "properties": {}}})
-        elif t.get("type") == "custom":
-            ir["tools"].append({"name": t["name"], "description": t.get("description") or "",
-                                "parameters": _CUSTOM_SCHEMA, "custom": True})
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tool search run by the client (Codex with the models of its own catalog): the model's
+    # search is a call to a "tool_search" function that goes back to the client as a
+    # tool_search_call item; the client answers with a tool_search_output item whose tools (in
+    # namespaces, with defer_loading) the model may call from then on, so they join the tool list.
+    # Deferred tools in `tools` wait for that search; without a client search they are all sent.
+    client_search = any(t.get("type") == "tool_search" and t.get("execution") == "client"
+                        for t in tools)
+    for t in tools:
+        if t.get("type") == "namespace" and t.get("name"):
+            for inner in t.get("tools") or []:
+                if not (client_search and isinstance(inner, dict) and inner.get("defer_loading")):
+                    _responses_tool(ir, inner, t["name"])
+        elif not (client_search and t.get("defer_loading")):
+            _responses_tool(ir, t, None)
+    loaded = {t["name"] for t in ir["tools"]}
+    for item in body["input"] if isinstance(body["input"], list) else []:
+        if isinstance(item, dict) and item.get("type") == "tool_search_output":
+            for name, (t, ns) in _searched_tools(item):
+                if name not in loaded:
+                    loaded.add(name)
+                    _responses_tool(ir, t, ns)
     tc = body.get("tool_choice")
     if tc in ("auto", "none", "required"):
         ir["tool_choice"] = tc
-    elif isinstance(tc, dict) and tc.get("name"):
-        ir["tool_choice"] = {"name": tc["name"]}
+    elif isinstance(tc, dict) and isinstance(tc.get("name"), str) and tc["name"]:
+        ir["tool_choice"] = {"name": namespaced_tool_name(tc.get("namespace"), tc["name"])}
     ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
     mt = body.get("max_output_tokens")
     ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
@@ -3839,6 +3956,29 @@ def responses_request_to_ir(body: dict) -> dict:
     ir["include_usage"] = True
     ir["user"] = body.get("user") or body.get("safety_identifier")
     return ir
+
+
+def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
+    """Add one Responses function or custom tool (inside ``namespace`` or not), or a
+    client-run tool_search, to the IR."""
+    if isinstance(t, dict) and t.get("type") == "tool_search":
+        t = dict(t, name=TOOL_SEARCH)
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+        return
+    tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
+                            "description": t.get("description") or ""}
+    if t.get("type") == "function":
+        tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+    elif t.get("type") == "tool_search" and t.get("execution") == "client":
+        tool.update(parameters=t.get("parameters") or {
+            "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
+    elif t.get("type") == "custom":
+        tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
+    else:
+        return
+    if namespace:
+        tool.update(namespace=namespace, local_name=t["name"])
+    ir["tools"].append(tool)
 
 
 def ir_usage_to_responses(u: dict) -> dict:
@@ -3870,13 +4010,25 @@ def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[
             "usage": ir_usage_to_responses(usage) if usage else None}
 
 
-def _responses_call_item(call_id: str, name: str, arguments: str, custom: bool) -> dict:
-    if custom:
-        return {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
+def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | None) -> dict:
+    """The output item of a call to ``tool`` (the IR tool of that name, None when unknown):
+    a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
+    the inner tool and carries its ``namespace``."""
+    tool = tool or {}
+    if tool.get("tool_search"):
+        return {"type": "tool_search_call", "id": new_id("tsc_"), "call_id": call_id,
+                "execution": "client", "arguments": parse_arguments(arguments),
+                "status": "completed"}
+    if tool.get("custom"):
+        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
                 "name": name, "input": str(parse_arguments(arguments).get("input", "")),
                 "status": "completed"}
-    return {"type": "function_call", "id": new_id("fc_"), "call_id": call_id, "name": name,
-            "arguments": arguments or "{}", "status": "completed"}
+    else:
+        item = {"type": "function_call", "id": new_id("fc_"), "call_id": call_id,
+                "name": name, "arguments": arguments or "{}", "status": "completed"}
+    if tool.get("namespace"):
+        item.update(name=tool["local_name"], namespace=tool["namespace"])
+    return item
 
 
 def _responses_status(finish: str) -> tuple[str, str | None]:
@@ -3889,7 +4041,7 @@ def _responses_status(finish: str) -> tuple[str, str | None]:
 
 @guarded(502, "upstream answer")
 def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
-    custom = {t["name"] for t in ir["tools"] if t.get("custom")}
+    tools = {t["name"]: t for t in ir["tools"]}
     output: list[dict] = []
     reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
     if reasoning:
@@ -3903,7 +4055,7 @@ def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
     for p in resp["content"]:
         if p["type"] == "tool_call":
             output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
-                                               p["name"] in custom))
+                                               tools.get(p["name"])))
     status, reason = _responses_status(resp["finish"])
     return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
                              int(time.time()), incomplete=reason)
@@ -3925,7 +4077,7 @@ class ResponsesStreamEncoder:
         self._output: list[dict] = []
         self._open: dict | None = None                # the reasoning/message item being filled
         self._calls: dict[int, dict] = {}             # IR tool index -> open call state
-        self._custom = {t["name"] for t in ir["tools"] if t.get("custom")}
+        self._tools = {t["name"]: t for t in ir["tools"]}
         self._started = False
         self._finished = False
 
@@ -3995,9 +4147,14 @@ class ResponsesStreamEncoder:
             return
         state["done"] = True
         args = "".join(state["args"])
-        item = _responses_call_item(state["call_id"], state["name"], args, state["custom"])
+        item = _responses_call_item(state["call_id"], state["name"], args,
+                                    self._tools.get(state["name"]))
         index = state["index"]
-        if state["custom"]:              # buffered: its input is only known now
+        if item["type"] == "tool_search_call":      # held: its arguments go as one object
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, status="in_progress")))
+        elif state["held"]:              # a custom tool's input is only known now
             item["id"] = state["id"]
             out.append(self._ev("response.output_item.added", output_index=index,
                                 item=dict(item, input="", status="in_progress")))
@@ -4008,7 +4165,7 @@ class ResponsesStreamEncoder:
         else:
             item["id"] = state["id"]
             out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
-                                output_index=index, name=state["name"],
+                                output_index=index, name=item["name"],
                                 arguments=item["arguments"]))
         out.append(self._ev("response.output_item.done", output_index=index, item=item))
         self._output.append(item)
@@ -4040,21 +4197,22 @@ class ResponsesStreamEncoder:
                 self._close_open(out)
                 for other in self._calls.values():
                     self._close_call(other, out)
-                custom = ev[3] in self._custom
-                state = {"id": new_id("ctc_" if custom else "fc_"), "call_id": ev[2],
-                         "name": ev[3], "args": [], "custom": custom, "done": False,
-                         "index": len(self._output)}
+                tool = self._tools.get(ev[3])
+                held = bool(tool and (tool.get("custom") or tool.get("tool_search")))
+                prefix = "fc_" if not held else "tsc_" if tool.get("tool_search") else "ctc_"
+                state = {"id": new_id(prefix), "call_id": ev[2], "name": ev[3], "args": [],
+                         "held": held, "done": False, "index": len(self._output)}
                 self._calls[ev[1]] = state
-                if not custom:
+                if not held:
+                    item = _responses_call_item(ev[2], ev[3], "", tool)
                     out.append(self._ev("response.output_item.added", output_index=state["index"],
-                                        item={"type": "function_call", "id": state["id"],
-                                              "call_id": ev[2], "name": ev[3], "arguments": "",
-                                              "status": "in_progress"}))
+                                        item=dict(item, id=state["id"], arguments="",
+                                                  status="in_progress")))
             elif kind == "args":
                 state = self._calls.get(ev[1])
                 if state is not None and not state["done"] and ev[2]:
                     state["args"].append(ev[2])
-                    if not state["custom"]:
+                    if not state["held"]:
                         out.append(self._ev("response.function_call_arguments.delta",
                                             item_id=state["id"], output_index=state["index"],
                                             delta=ev[2]))
@@ -4335,12 +4493,183 @@ CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 
+# Tool names each provider accepts, by channel type. OpenAI (and the servers that copy its API):
+# at most 64 of a-z, A-Z, 0-9, _ and - (Chat Completions reference, tools[].function.name).
+# Anthropic: ^[a-zA-Z0-9_-]{1,128}$ (Messages reference, tools[].name). Gemini: letters, digits,
+# _ . : and -, at most 64, starting with a letter or _ (generativelanguage v1beta
+# FunctionDeclaration.name; google-genai FunctionDeclaration.name). Ollama documents no rule.
+# A name outside its channel's rule is sent as a readable head plus 8 hex digits of its SHA-1,
+# always the same for the same name, so the tool list, the calls in earlier turns and the call
+# that comes back agree; the answer gets the client's own name back.
+TOOL_NAME_RULES: dict[str, tuple[re.Pattern, int]] = {
+    "openai": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
+    "custom": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
+    "anthropic": (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128),
+    "gemini": (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64),
+}
+
+
+def channel_tool_name(name: str, ctype: str) -> str:
+    """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
+    rule = TOOL_NAME_RULES.get(ctype)
+    if rule is None or rule[0].match(name):
+        return name
+    head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if not head[:1].isalpha():
+        head = "t_" + head
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{head[:rule[1] - 9]}_{digest}"
+
+
+def _ir_tool_names(ir: dict) -> set[str]:
+    names = {t["name"] for t in ir["tools"]}
+    for m in ir["messages"]:
+        names.update(p["name"] for p in m["content"]
+                     if p["type"] in ("tool_call", "tool_result") and p.get("name"))
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        names.add(ir["tool_choice"]["name"])
+    return names
+
+
+def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
+    """{name sent upstream: the client's name} for every tool name a channel of type ``ctype``
+    gets in another form."""
+    out = {}
+    for name in _ir_tool_names(ir):
+        short = channel_tool_name(name, ctype)
+        if short != name:
+            out[short] = name
+    return out
+
+
+def rename_ir_tools(ir: dict, ctype: str) -> dict:
+    """The request with every tool name (tool list, tool_choice, calls and results in earlier
+    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
+    if not upstream_tool_names(ir, ctype):
+        return ir
+
+    def part(p: dict) -> dict:
+        if p["type"] in ("tool_call", "tool_result") and p.get("name"):
+            return dict(p, name=channel_tool_name(p["name"], ctype))
+        return p
+
+    out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))
+                          for t in ir["tools"]],
+               messages=[dict(m, content=[part(p) for p in m["content"]])
+                         for m in ir["messages"]])
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        out["tool_choice"] = {"name": channel_tool_name(ir["tool_choice"]["name"], ctype)}
+    return out
+
+
+def restore_tool_names(resp: dict, names: dict[str, str]) -> dict:
+    """A decoded answer with the client's tool names back in its calls."""
+    if names:
+        for p in resp["content"]:
+            if p["type"] == "tool_call":
+                p["name"] = names.get(p["name"], p["name"])
+    return resp
+
+
+class RenamedStream:
+    """A stream decoder whose tool events carry the client's tool names."""
+
+    def __init__(self, inner: Any, names: dict[str, str]):
+        self._inner, self._names = inner, names
+
+    def _map(self, events: list[tuple]) -> list[tuple]:
+        return [("tool", e[1], e[2], self._names.get(e[3], e[3])) if e[0] == "tool" else e
+                for e in events]
+
+    def feed(self, data: bytes) -> list[tuple]:
+        return self._map(self._inner.feed(data))
+
+    def close(self) -> list[tuple]:
+        return self._map(self._inner.close())
+
+
+# Quirks of OpenAI-compatible servers, per channel ("quirks" in the channel's settings, checked
+# in section 10), applied to the Chat Completions body the channel gets, converted or passed
+# through:
+#   tool_call_id: "mistral9"  every tool-call id as exactly 9 of a-z, A-Z, 0-9 (Mistral answers
+#       400 "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9" otherwise), the
+#       same id for a call and its result
+#   reasoning_back: "all" (default) | "tool_calls" | "none"  which assistant turns carry their
+#       reasoning back; DeepSeek's thinking mode needs it on turns with tool calls and ignores it
+#       elsewhere (api-docs.deepseek.com/guides/thinking_mode, "tool calls")
+#   reasoning_field: "reasoning_content" (default, DeepSeek) | "reasoning" (OpenRouter, newer
+#       vLLM) the field that reasoning goes back in; answers are read in either field
+#   max_tokens_field: "max_tokens" | "max_completion_tokens"  the name the output limit goes by
+#   drop_params: [top-level keys]  parameters the server refuses (stream_options,
+#       parallel_tool_calls, ...), removed before sending
+QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
+    "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
+    "reasoning_field": ("reasoning_content", "reasoning"),
+    "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
+}
+QUIRK_LISTS = ("drop_params",)
+_MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
+
+
+def mistral_tool_id(tool_id: str) -> str:
+    """A tool-call id as exactly 9 letters and digits, derived from the original."""
+    if _MISTRAL_ID_RX.match(tool_id):
+        return tool_id
+    return hashlib.sha1(tool_id.encode()).hexdigest()[:9]
+
+
+def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Chat Completions request body with the channel's quirks applied (a new dict)."""
+    if not quirks:
+        return body
+    body = dict(body)
+    ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
+    back = quirks.get("reasoning_back") or "all"
+    field = quirks.get("reasoning_field") or "reasoning_content"
+    reshape = "reasoning_back" in quirks or "reasoning_field" in quirks
+    msgs = []
+    for m in body.get("messages") or []:
+        if not isinstance(m, dict):
+            msgs.append(m)
+            continue
+        m = dict(m)
+        if ids and isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = ids(m["tool_call_id"])
+        if ids and isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
+                               else c for c in m["tool_calls"]]
+        if reshape and m.get("role") == "assistant":
+            reasoning = [m.pop(k, None) for k in ("reasoning_content", "reasoning")]
+            text = next((r for r in reasoning if isinstance(r, str) and r), None)
+            if text and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
+                m[field] = text
+        msgs.append(m)
+    if "messages" in body:
+        body["messages"] = msgs
+    target = quirks.get("max_tokens_field")
+    if target:
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in body and name != target:
+                body[target] = body.pop(name)
+    for name in quirks.get("drop_params") or []:
+        body.pop(name, None)
+    return body
+
 
 @guarded(400, "request body")
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
-                         signatures: dict[str, str] | None = None) -> dict:
-    """The chat request body for a channel of type ``ctype``."""
+                         signatures: dict[str, str] | None = None,
+                         quirks: dict | None = None) -> dict:
+    """The chat request body for a channel of type ``ctype``: tool names in the forms it
+    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied."""
+    if ir["n"] > 1:
+        raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
+                                f"served: this model's channel ({ctype}) is reached by "
+                                f"conversion, which relays one choice; ask for 1 and send "
+                                f"several requests instead", param="n",
+                           code="unsupported_parameter")
+    ir = rename_ir_tools(ir, ctype)
     if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
     if ctype == "anthropic":
@@ -4351,20 +4680,28 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
         return ir_to_ollama_request(ir, model, stream=stream)
     field = "max_completion_tokens" if ctype == "openai" and \
         _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
-    return ir_to_openai_request(ir, model, stream=stream, max_tokens_field=field)
+    return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
+                                                    max_tokens_field=field), quirks)
 
 
-def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None
+def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
+                      names: dict[str, str] | None = None
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-    """(whole-answer decoder, stream decoder factory) for a channel type."""
+    """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
+    (upstream_tool_names) the calls that come back carry the client's tool names."""
     if ctype == "anthropic":
-        return anthropic_response_to_ir, AnthropicStreamDecoder
-    if ctype == "gemini":
-        return (lambda body: gemini_response_to_ir(body, signatures),
-                lambda: GeminiStreamDecoder(signatures))
-    if ctype == "ollama":
-        return ollama_response_to_ir, OllamaStreamDecoder
-    return openai_response_to_ir, OpenAIStreamDecoder
+        whole, stream = anthropic_response_to_ir, AnthropicStreamDecoder
+    elif ctype == "gemini":
+        whole, stream = (lambda body: gemini_response_to_ir(body, signatures),
+                         lambda: GeminiStreamDecoder(signatures))
+    elif ctype == "ollama":
+        whole, stream = ollama_response_to_ir, OllamaStreamDecoder
+    else:
+        whole, stream = openai_response_to_ir, OpenAIStreamDecoder
+    if not names:
+        return whole, stream
+    return (lambda body: restore_tool_names(whole(body), names),
+            lambda: RenamedStream(stream(), names))
 
 
 # =================================================================================================
@@ -4399,7 +4736,7 @@ CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
-    "api_keys": [], "max_concurrency": 0,
+    "api_keys": [], "max_concurrency": 0, "quirks": {},
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -4665,12 +5002,33 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
         if cap < 0:
             raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
                           "use 0 for no cap or the model's largest output, such as 8192")
+        _check_quirks(ck, ch, where)
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
             if not _TOKEN_RX.match(name.encode("latin-1", "replace")) or "\r" in value \
                     or "\n" in value:
                 raise ck.fail(f"{where}.headers", f"{name!r} is not a valid header",
                               "use header names without spaces and values without line breaks")
+
+
+def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
+    """A channel's ``quirks`` (section 9.10): an object of known keys with known values."""
+    quirks = ch["quirks"]
+    if not isinstance(quirks, dict):
+        raise ck.fail(f"{where}.quirks", "is not an object",
+                      'write an object such as {"tool_call_id": "mistral9"}, or {}')
+    known = [*QUIRK_CHOICES, *QUIRK_LISTS]
+    for key, value in quirks.items():
+        if key in QUIRK_CHOICES:
+            if value not in QUIRK_CHOICES[key]:
+                choices = ", ".join(json.dumps(c) for c in QUIRK_CHOICES[key])
+                raise ck.fail(f"{where}.quirks.{key}", f"{json.dumps(value)[:60]} is not a "
+                              f"choice", f"use one of {choices}")
+        elif key in QUIRK_LISTS:
+            ck.str_list(quirks, key, f"{where}.quirks")
+        else:
+            raise ck.fail(f"{where}.quirks", f"{key!r} is not a quirk",
+                          f"use only {', '.join(known)}")
 
 
 def _check_token(ck: _Checker, tokens: list[dict]) -> None:
@@ -5035,7 +5393,7 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "_exact")
+                 "responses_api", "keys", "max_concurrency", "quirks", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -5055,6 +5413,7 @@ class Channel:
         self.responses_api: bool = c["responses_api"]
         self.keys = tuple(dict.fromkeys(k for k in [c["api_key"], *c["api_keys"]] if k))
         self.max_concurrency: int = c["max_concurrency"]
+        self.quirks: dict = c["quirks"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -5654,6 +6013,8 @@ class Gateway:
                           obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
         body = req.body
         target = ch.upstream_model(model)
+        if ch.quirks and route.kind == "chat" and obj is not None:
+            body = json_dumps(apply_openai_quirks(dict(obj, model=model), ch.quirks))
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
@@ -5982,7 +6343,7 @@ class Gateway:
         stream = ir["stream"]
         body = encode_upstream_chat(ch.type, ir, target, stream=stream,
                                     max_tokens_cap=ch.max_tokens_cap,
-                                    signatures=self.signatures)
+                                    signatures=self.signatures, quirks=ch.quirks)
         if ch.type == "anthropic":
             url = join_base_url(ch.base_url, "/v1/messages")
         elif ch.type == "gemini":
@@ -6045,7 +6406,8 @@ class Gateway:
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
                                 model: str, rec: dict, req: Request) -> Response:
         rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
-        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures)
+        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
+                                                         upstream_tool_names(ir, ch.type))
         if up.status >= 300:
             await self._read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)

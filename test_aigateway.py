@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import socketserver
@@ -1065,6 +1066,30 @@ def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
     msg = str(e.value)
     assert str(path) in msg and needle in msg and ";" in msg
     assert path.read_text() == text                            # never overwritten
+
+
+# -- A channel's quirks (issue 12) ----------------------------------------------------------
+
+@pytest.mark.parametrize("quirks, needle, fix", [
+    ("mistral", "channels[0].quirks: is not an object", '{"tool_call_id": "mistral9"}'),
+    ({"tool_call_id": "mistral"}, "channels[0].quirks.tool_call_id", '"mistral9"'),
+    ({"reasoning_back": True}, "channels[0].quirks.reasoning_back", '"tool_calls"'),
+    ({"reasoning_field": "thinking"}, "channels[0].quirks.reasoning_field", '"reasoning"'),
+    ({"max_tokens_field": "max"}, "channels[0].quirks.max_tokens_field", '"max_tokens"'),
+    ({"drop_params": [1]}, "channels[0].quirks.drop_params", "a list such as"),
+    ({"tool_id": "mistral9"}, "'tool_id' is not a quirk", "use only tool_call_id"),
+])
+def test_10_channel_quirks_are_checked(tmp_path, quirks, needle, fix):
+    with pytest.raises(ag.ConfigError) as e:
+        ag.validate_config({"channels": [{"base_url": "http://x", "quirks": quirks}]}, "cfg")
+    assert needle in str(e.value) and fix in str(e.value)
+    ok = ag.validate_config({"channels": [{"base_url": "http://x", "quirks": {
+        "tool_call_id": "mistral9", "drop_params": "stream_options, parallel_tool_calls"}}]},
+        "cfg")
+    assert ok["channels"][0]["quirks"]["drop_params"] == ["stream_options",
+                                                          "parallel_tool_calls"]
+    assert ag.validate_config({"channels": [{"base_url": "http://x"}]}, "c")[
+        "channels"][0]["quirks"] == {}
 
 
 def test_10_json_syntax_error_names_the_line(tmp_path):
@@ -3358,6 +3383,625 @@ def test_09_length_cut_offs_and_reasoning_reach_the_other_dialect(gw, upstream, 
         assert m.usage.output_tokens == 9
 
 
+# -- Tools as today's clients send them (issue 12): interleaved parallel calls, n, long tool
+# names, provider quirks, Claude Code's tool search, Codex's namespaces -----------------------
+
+def _interleaved_openai_stream():
+    """Two parallel calls whose fragments alternate (index 0, 1, 0, 1), as some
+    OpenAI-compatible servers stream them."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def ch(delta, finish=None):
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    def frag(index, args, **first):
+        tc = {"index": index, "function": {"arguments": args}}
+        if first:
+            tc.update(id=first["id"], type="function")
+            tc["function"]["name"] = first["name"]
+        return ch({"tool_calls": [tc]})
+    chunks = [ch({"role": "assistant", "content": ""}),
+              frag(0, "", id="call_a", name="get_weather"),
+              frag(1, "{\"tz\":", id="call_b", name="get_time"),
+              frag(0, "{\"city\":"), frag(1, "\"UTC\"}"), frag(0, "\"Paris\"}"),
+              ch({}, "tool_calls"),
+              dict(base, choices=[], usage={"prompt_tokens": 7, "completion_tokens": 5,
+                                            "total_tokens": 12})]
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + \
+        [b"data: [DONE]\n\n"]
+
+
+INTERLEAVED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
+
+
+def test_09_interleaved_tool_fragments_become_sequential_complete_calls():
+    raw = b"".join(_interleaved_openai_stream())
+    ir = ag.empty_request("m")
+    ir["tools"] = [{"name": "get_weather", "description": "", "parameters": {}},
+                   {"name": "get_time", "description": "", "parameters": {}}]
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("c", 1), raw)
+    events = _sse_events(out)
+    opened, closed, inputs = [], [], {}
+    for e, d in events:
+        if e == "content_block_start":
+            assert not opened or opened[-1] in closed        # one block open at a time
+            opened.append(d["index"])
+            inputs[d["index"]] = [d["content_block"]["name"], ""]
+        elif e == "content_block_stop":
+            closed.append(d["index"])
+        elif e == "content_block_delta":
+            assert d["index"] == opened[-1] and d["index"] not in closed
+            inputs[d["index"]][1] += d["delta"]["partial_json"]
+    assert [(n, json.loads(a)) for n, a in inputs.values()] == INTERLEAVED_CALLS
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw)
+    done = [d["item"] for e, d in _sse_events(out) if e == "response.output_item.done"]
+    assert [(i["name"], json.loads(i["arguments"])) for i in done] == INTERLEAVED_CALLS
+    arg_done = [d["arguments"] for e, d in _sse_events(out)
+                if e == "response.function_call_arguments.done"]
+    assert "{}" not in arg_done and len(arg_done) == 2
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.GeminiStreamEncoder("m", ir), raw)
+    parts = [p for _, d in _sse_events(out) for c in d["candidates"]
+             for p in c["content"]["parts"]]
+    assert [(p["functionCall"]["name"], p["functionCall"]["args"]) for p in parts] == \
+        INTERLEAVED_CALLS
+
+
+LONG_TOOL = "mcp__claude_ai_Some_Connector__search_the_workspace_documents_by_title_and_body"
+ODD_TOOLS = [LONG_TOOL, "files.read", "db:query", "ok_name-1"]
+
+
+@pytest.mark.parametrize("ctype", ["openai", "custom", "anthropic", "gemini", "ollama"])
+def test_09_tool_names_shortened_by_the_channels_rule(ctype):
+    for name in ODD_TOOLS:
+        short = ag.channel_tool_name(name, ctype)
+        assert short == ag.channel_tool_name(name, ctype)          # deterministic
+        rule = ag.TOOL_NAME_RULES.get(ctype)
+        if rule is None:
+            assert short == name
+            continue
+        assert rule[0].match(short)
+        if rule[0].match(name):
+            assert short == name
+        else:
+            assert short.startswith(name[:20].replace(".", "_").replace(":", "_"))
+    assert ag.channel_tool_name(LONG_TOOL, "openai") != ag.channel_tool_name(
+        LONG_TOOL + "2", "openai")
+    assert ag.channel_tool_name("files.read", "gemini") == "files.read"      # dots are allowed
+    assert ag.channel_tool_name("files.read", "openai") != "files_read"     # no collisions
+
+
+def test_09_tool_names_renamed_in_tools_history_and_choice_then_restored():
+    ir = ag.anthropic_request_to_ir({
+        "model": "m", "max_tokens": 10,
+        "tools": [{"name": n, "input_schema": {"type": "object"}} for n in ODD_TOOLS],
+        "tool_choice": {"type": "tool", "name": LONG_TOOL},
+        "messages": [{"role": "user", "content": "go"},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                                        "name": LONG_TOOL, "input": {}}]},
+                     {"role": "user", "content": [{"type": "tool_result",
+                                                   "tool_use_id": "toolu_1",
+                                                   "content": "found"}]}]})
+    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    short = ag.channel_tool_name(LONG_TOOL, "openai")
+    assert [t["function"]["name"] for t in body["tools"]] == [
+        ag.channel_tool_name(n, "openai") for n in ODD_TOOLS]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": short}}
+    assert body["messages"][1]["tool_calls"][0]["function"]["name"] == short
+    assert ir["tools"][0]["name"] == LONG_TOOL                      # the client's IR untouched
+    names = ag.upstream_tool_names(ir, "openai")
+    whole, stream = ag.upstream_decoders("openai", None, names)
+    resp = whole({"choices": [{"message": {"tool_calls": [{"id": "c", "function": {
+        "name": short, "arguments": "{}"}}]}}]})
+    assert resp["content"][0]["name"] == LONG_TOOL
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c",
+                                                                "function": {"name": short}}]}}]}
+    events = stream().feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    assert [e for e in events if e[0] == "tool"] == [("tool", 0, "c", LONG_TOOL)]
+
+
+def test_09_n_above_one_on_a_converted_route_names_n():
+    ir = ag.openai_request_to_ir({"model": "m", "n": 2, "messages": [
+        {"role": "user", "content": "x"}]})
+    for ctype in ("anthropic", "gemini", "ollama", "openai"):
+        with pytest.raises(ag.GatewayError) as exc:
+            ag.encode_upstream_chat(ctype, ir, "m", stream=False)
+        assert exc.value.status == 400 and exc.value.param == "n" and "n = 2" in str(exc.value)
+
+
+def test_09_openai_quirks_on_the_chat_body():
+    body = {"model": "m", "max_completion_tokens": 50, "stream": True,
+            "stream_options": {"include_usage": True}, "parallel_tool_calls": True,
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "plain", "reasoning_content": "r1"},
+                {"role": "assistant", "content": None, "reasoning_content": "r2",
+                 "tool_calls": [{"id": "toolu_01ABCdef", "type": "function",
+                                 "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "toolu_01ABCdef", "content": "ok"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "abcDEF123", "type": "function",
+                     "function": {"name": "f", "arguments": "{}"}}]}]}
+    out = ag.apply_openai_quirks(body, {
+        "tool_call_id": "mistral9", "reasoning_back": "tool_calls",
+        "reasoning_field": "reasoning", "max_tokens_field": "max_tokens",
+        "drop_params": ["stream_options", "parallel_tool_calls"]})
+    msgs = out["messages"]
+    new_id = msgs[2]["tool_calls"][0]["id"]
+    assert len(new_id) == 9 and new_id.isalnum() and msgs[3]["tool_call_id"] == new_id
+    assert msgs[4]["tool_calls"][0]["id"] == "abcDEF123"           # already valid: kept
+    assert "reasoning_content" not in msgs[1] and "reasoning" not in msgs[1]
+    assert msgs[2]["reasoning"] == "r2" and "reasoning_content" not in msgs[2]
+    assert out["max_tokens"] == 50 and "max_completion_tokens" not in out
+    assert "stream_options" not in out and "parallel_tool_calls" not in out
+    assert body["messages"][2]["tool_calls"][0]["id"] == "toolu_01ABCdef"   # input untouched
+    assert ag.apply_openai_quirks(body, {}) is body
+    # Answers are read in either reasoning field (OpenRouter and vLLM stream `reasoning`).
+    answer = ag.openai_response_to_ir({"choices": [{"message": {"reasoning": "r",
+                                                                "content": "a"}}]})
+    assert [p["type"] for p in answer["content"]] == ["reasoning", "text"]
+    chunk = {"choices": [{"index": 0, "delta": {"reasoning": "hm"}}]}
+    assert ("reasoning", "hm") in ag.OpenAIStreamDecoder().feed(
+        b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+
+def test_09_tool_search_deferred_tools_and_tool_references():
+    """Claude Code's tool search (Anthropic docs, tool search tool: tools with
+    defer_loading: true load when a tool_reference block {"type": "tool_reference",
+    "tool_name": ...} names them in a tool_result)."""
+    tools = [{"name": "ToolSearch", "input_schema": {"type": "object"}},
+             {"name": "mcp__a__found", "defer_loading": True,
+              "input_schema": {"type": "object"}},
+             {"name": "mcp__a__hidden", "defer_loading": True,
+              "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": "find a tool"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "ToolSearch", "input": {"q": "f"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "tool_reference",
+                                                       "tool_name": "mcp__a__found"}]}]}]
+    ir = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "tools": tools,
+                                     "messages": msgs})
+    assert [t["name"] for t in ir["tools"]] == ["ToolSearch", "mcp__a__found"]
+    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    assert "defer_loading" not in json.dumps(body) and "tool_reference" not in json.dumps(body)
+    assert body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1",
+                                    "content": "Tool mcp__a__found is now available."}
+    server = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "messages": msgs[:1],
+                                         "tools": tools[1:] + [{
+                                             "type": "tool_search_tool_regex_20251119",
+                                             "name": "tool_search_tool_regex"}]})
+    assert [t["name"] for t in server["tools"]] == ["mcp__a__found", "mcp__a__hidden"]
+
+
+CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
+                   "description": "Tools in the mcp__probe namespace.",
+                   "tools": [{"type": "function", "name": "echo_words", "strict": False,
+                              "description": "Echo words back", "parameters": {
+                                  "type": "object", "properties": {"words": {"type": "string"}},
+                                  "required": ["words"]}},
+                             {"type": "custom", "name": "raw_patch", "description": "Patch"}]}
+
+
+def test_09_codex_namespaced_tools_flattened_and_split_again():
+    body = {"model": "m", "tools": [CODEX_NAMESPACE], "tool_choice": {
+        "type": "function", "name": "echo_words", "namespace": "mcp__probe"}, "input": [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "call_1", "name": "echo_words",
+         "namespace": "mcp__probe", "arguments": "{\"words\":\"a\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "a"}]}
+    ir = ag.responses_request_to_ir(body)
+    assert [t["name"] for t in ir["tools"]] == ["mcp__probe__echo_words",
+                                               "mcp__probe__raw_patch"]
+    sent = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+    assert sent["tool_choice"] == {"type": "function",
+                                   "function": {"name": "mcp__probe__echo_words"}}
+    resp = {"id": "r", "model": "m", "finish": "tool_calls", "usage": ag.new_usage(1, 1),
+            "content": [{"type": "tool_call", "id": "call_2", "name": "mcp__probe__echo_words",
+                         "arguments": "{\"words\":\"b\"}"},
+                        {"type": "tool_call", "id": "call_3", "name": "mcp__probe__raw_patch",
+                         "arguments": "{\"input\":\"p\"}"}]}
+    out = ag.ir_to_responses_response(resp, "m", ir)["output"]
+    assert [(o["type"], o["name"], o["namespace"]) for o in out] == [
+        ("function_call", "echo_words", "mcp__probe"),
+        ("custom_tool_call", "raw_patch", "mcp__probe")]
+    raw = ag.ResponsesStreamEncoder("m", ir).encode(ag.response_events(resp))
+    items = [(e, d["item"]) for e, d in _sse_events(raw) if "item" in d]
+    assert all(i["namespace"] == "mcp__probe" and "__" not in i["name"] for _, i in items)
+    assert [i["name"] for e, i in items if e == "response.output_item.done"] == [
+        "echo_words", "raw_patch"]
+
+
+# Provider rules the strict fakes below enforce, each as its documentation states it:
+# OpenAI: function names "must be a-z, A-Z, 0-9, or contain underscores and dashes, with a
+#   maximum length of 64" (Chat Completions API reference, tools[].function.name).
+# Gemini: FunctionDeclaration.name "must start with a letter or an underscore. Must be a-z, A-Z,
+#   0-9, or contain underscores, dots, colons and dashes, with a maximum length of 64"
+#   (google-genai types.FunctionDeclaration; generativelanguage v1beta reference).
+# Anthropic: tools[].name matches ^[a-zA-Z0-9_-]{1,128}$ (Messages API reference).
+# Mistral: "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9." is its 400 for
+#   any other id (quoted in langchain-ai/langchain#24668, anomalyco/opencode#1680).
+# DeepSeek thinking mode: on a turn with tool calls, "the reasoning_content must be fully passed
+#   back to the API in all subsequent requests", else a 400 (api-docs.deepseek.com/guides/
+#   thinking_mode, quoted in anomalyco/opencode#24722).
+STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
+                "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
+                "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
+
+
+def _refuse(ctype, message):
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}} \
+        if ctype == "anthropic" else {"error": {"message": message, "code": 400,
+                                                "type": "invalid_request_error"}}
+    return Reply(status=400, body=json.dumps(body).encode())
+
+
+def strict_upstream(ctype, mistral=False, deepseek=False):
+    """A fake of channel type ``ctype`` that enforces the rules above, calls the first tool it
+    was offered (by the name it got) or, after a tool result, answers "got <result>"."""
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if ctype == "gemini":
+            names = [d["name"] for t in body.get("tools") or []
+                     for d in t["functionDeclarations"]]
+            names += [p["functionCall"]["name"] for c in body["contents"] for p in c["parts"]
+                      if "functionCall" in p]
+            last = body["contents"][-1]["parts"][-1].get("functionResponse")
+            result = last and last["response"]["result"]
+        elif ctype == "anthropic":
+            names = [t["name"] for t in body.get("tools") or []]
+            names += [b["name"] for m in body["messages"] if isinstance(m["content"], list)
+                      for b in m["content"] if b["type"] == "tool_use"]
+            last = body["messages"][-1]["content"]
+            result = next((b["content"][0]["text"] for b in last if isinstance(b, dict) and
+                           b["type"] == "tool_result"), None) if isinstance(last, list) else None
+        else:
+            names = [t["function"]["name"] for t in body.get("tools") or []]
+            calls = [c for m in body["messages"] for c in m.get("tool_calls") or []]
+            names += [c["function"]["name"] for c in calls]
+            ids = [c["id"] for c in calls] + [m["tool_call_id"] for m in body["messages"]
+                                              if m["role"] == "tool"]
+            bad_id = next((i for i in ids if not re.fullmatch(r"[A-Za-z0-9]{9}", i)), None)
+            if mistral and bad_id:
+                return _refuse(ctype, f"Tool call id was {bad_id} but must be a-z, A-Z, 0-9, "
+                                      f"with a length of 9.")
+            if mistral and "stream_options" in body:
+                return _refuse(ctype, "stream_options: extra inputs are not permitted")
+            if deepseek and any(m["role"] == "assistant" and m.get("tool_calls") and
+                                not m.get("reasoning_content") for m in body["messages"]):
+                return _refuse(ctype, "Missing `reasoning_content` field in the assistant "
+                                      "message at message index 1.")
+            last = body["messages"][-1]
+            result = last["content"] if last["role"] == "tool" else None
+        bad = next((n for n in names if not STRICT_NAMES[ctype].match(n)), None)
+        if bad:
+            return _refuse(ctype, f"Invalid function name {bad!r}")
+        first = names[0] if names and result is None else None
+        return _answer_in(ctype, body, rec, f"got {result}" if result else "", first)
+    return respond
+
+
+def _answer_in(ctype, body, rec, text, tool, args=None):
+    """One answer in channel type ``ctype``'s own format, streamed if the request asked: the
+    text, or a call of ``tool`` with ``args``."""
+    args = args or {"q": "x"}
+    if ctype == "gemini":
+        part = {"functionCall": {"name": tool, "args": args}} if tool else {"text": text}
+        chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
+                                 "finishReason": "STOP", "index": 0}],
+                 "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}
+        if ":streamGenerateContent" in rec["path"]:
+            return Reply(chunks=[f"data: {json.dumps(chunk)}\r\n\r\n".encode()],
+                         content_type="text/event-stream")
+        return Reply(body=json.dumps(chunk).encode())
+    if ctype == "anthropic":
+        block = {"type": "tool_use", "id": "toolu_9", "name": tool, "input": args} if tool \
+            else {"type": "text", "text": text}
+        msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+               "content": [block], "stop_reason": "tool_use" if tool else "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
+        return Reply(body=json.dumps(msg).encode())
+    msg = {"role": "assistant", "content": text or None}
+    if tool:
+        msg["tool_calls"] = [{"id": f"call{len(body['messages']):05d}", "type": "function",
+                              "function": {"name": tool, "arguments": json.dumps(args)}}]
+    if not body.get("stream"):
+        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "message": msg, "finish_reason":
+                                          "tool_calls" if tool else "stop"}]}).encode())
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    delta = dict(msg, tool_calls=[dict(c, index=0) for c in msg.get("tool_calls", [])])
+    chunks = [dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]),
+              dict(base, choices=[{"index": 0, "delta": {},
+                                   "finish_reason": "tool_calls" if tool else "stop"}])]
+    return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                 [b"data: [DONE]\n\n"], content_type="text/event-stream")
+
+
+def _anthropic_turn(c, stream, **kw):
+    kw.setdefault("max_tokens", 100)
+    if not stream:
+        return c.messages.create(**kw)
+    with c.messages.stream(**kw) as s:
+        for _ in s:
+            pass
+        return s.get_final_message()
+
+
+def test_11_interleaved_tool_streams_reach_each_client_as_whole_calls(gw, upstream):
+    up = upstream([Reply(chunks=_interleaved_openai_stream(), content_type="text/event-stream")])
+    g = gw([chan(up, type="custom")])
+    tools = [{"name": n, "input_schema": {"type": "object"}} for n in ("get_weather",
+                                                                       "get_time")]
+    m = _anthropic_turn(g.anthropic(), True, model="m", tools=tools,
+                        messages=[{"role": "user", "content": "both"}])
+    assert [(b.name, b.input) for b in m.content] == INTERLEAVED_CALLS
+    with g.openai().responses.stream(model="m", input="both", tools=[
+            {"type": "function", "name": n, "parameters": {"type": "object"}}
+            for n in ("get_weather", "get_time")]) as s:
+        for _ in s:
+            pass
+        final = s.get_final_response()
+    assert [(o.name, json.loads(o.arguments)) for o in final.output] == INTERLEAVED_CALLS
+    status, _, raw = g.request("POST", "/v1beta/models/m:streamGenerateContent?alt=sse", {
+        "contents": [{"role": "user", "parts": [{"text": "both"}]}],
+        "tools": [{"functionDeclarations": [{"name": "get_weather"}, {"name": "get_time"}]}]})
+    parts = [p for _, d in _sse_events(raw) for c in d["candidates"]
+             for p in c["content"]["parts"]]
+    assert status == 200 and [(p["functionCall"]["name"], p["functionCall"]["args"])
+                              for p in parts] == INTERLEAVED_CALLS
+
+
+def test_11_n_above_one_through_a_converting_channel_is_a_400_naming_n(gw, upstream):
+    up = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up, type="anthropic")])
+    with pytest.raises(openai.BadRequestError) as exc:
+        g.openai().chat.completions.create(model="m", n=2, messages=[
+            {"role": "user", "content": "x"}])
+    assert exc.value.body["param"] == "n" and "n = 2" in exc.value.body["message"]
+    assert up.requests == []
+
+
+@pytest.mark.parametrize("ctype", ["openai", "gemini"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_claude_code_long_mcp_tool_names_to_openai_and_gemini(gw, upstream, ctype, stream):
+    up = upstream()
+    up.responder = strict_upstream(ctype)
+    g = gw([chan(up, type=ctype)])
+    c = g.anthropic()
+    tools = [{"name": n, "description": "a tool", "input_schema": {
+        "type": "object", "properties": {"q": {"type": "string"}}}} for n in ODD_TOOLS]
+    msgs = [{"role": "user", "content": "search"}]
+    first = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
+    assert [(b.type, b.name, b.input) for b in first.content] == [
+        ("tool_use", LONG_TOOL, {"q": "x"})]
+    msgs += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+             {"role": "user", "content": [{"type": "tool_result",
+                                           "tool_use_id": first.content[0].id,
+                                           "content": "found"}]}]
+    second = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
+    assert second.content[0].text == "got found"
+    sent = json.dumps(json.loads(up.last()["body"]))
+    short = ag.channel_tool_name(LONG_TOOL, ctype)
+    assert LONG_TOOL not in sent and sent.count(short) >= 2          # the tool and the call
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_openai_and_responses_clients_with_names_the_channel_refuses(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([chan(up, type="anthropic")])
+    name = "files.read:v2"
+    kw = dict(model="m", messages=[{"role": "user", "content": "read"}], tools=[
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}])
+    if stream:
+        with g.openai().chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            r = s.get_final_completion()
+    else:
+        r = g.openai().chat.completions.create(**kw)
+    assert r.choices[0].message.tool_calls[0].function.name == name
+    sent = json.loads(up.last()["body"])
+    assert sent["tools"][0]["name"] == ag.channel_tool_name(name, "anthropic") != name
+    up2 = upstream()
+    up2.responder = strict_upstream("openai")
+    g2 = gw([chan(up2, type="openai", name="oa")])
+    long_ns = dict(CODEX_NAMESPACE, name="mcp__a_server_with_a_rather_long_descriptive_name")
+    kw = dict(model="m", input="go", tools=[long_ns])
+    if stream:
+        with g2.openai().responses.stream(**kw) as s:
+            for _ in s:
+                pass
+            out = s.get_final_response().output
+    else:
+        out = g2.openai().responses.create(**kw).output
+    assert (out[0].type, out[0].name, out[0].namespace) == (
+        "function_call", "echo_words", long_ns["name"])
+    assert all(len(t["function"]["name"]) <= 64
+               for t in json.loads(up2.last()["body"])["tools"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_gemini_client_dotted_names_to_an_openai_channel(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="openai")])
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    contents = [{"role": "user", "parts": [{"text": "read"}]}]
+    tools = [{"functionDeclarations": [{"name": "files.read", "parameters": {
+        "type": "OBJECT", "properties": {"q": {"type": "STRING"}}}}]}]
+    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
+                               {"contents": contents, "tools": tools})
+    chunks = [d for _, d in _sse_events(raw)] if stream else [json.loads(raw)]
+    calls = [p["functionCall"] for c in chunks for p in c["candidates"][0]["content"]["parts"]
+             if "functionCall" in p]
+    assert status == 200 and [(c["name"], c["args"]) for c in calls] == [("files.read",
+                                                                           {"q": "x"})]
+    contents += [{"role": "model", "parts": [{"functionCall": calls[0]}]},
+                 {"role": "user", "parts": [{"functionResponse": dict(
+                     {k: v for k, v in calls[0].items() if k == "id"}, name="files.read",
+                     response={"result": "text"})}]}]
+    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
+                               {"contents": contents, "tools": tools})
+    assert status == 200 and b"got text" in raw
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == \
+        sent["tools"][0]["function"]["name"] == ag.channel_tool_name("files.read", "openai")
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_codex_namespaced_mcp_tools_round_trip(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="custom")])
+    c = g.openai()
+
+    def turn(items):
+        kw = dict(model="gpt-5-codex", input=items, tools=[CODEX_NAMESPACE], store=False)
+        if not stream:
+            return c.responses.create(**kw)
+        with c.responses.stream(**kw) as s:
+            added = [ev.item for ev in s if ev.type == "response.output_item.added"]
+            final = s.get_final_response()
+        assert all(getattr(i, "namespace", None) == "mcp__probe" for i in added
+                   if i.type == "function_call")
+        return final
+    items = [{"role": "user", "content": "echo"}]
+    first = turn(items)
+    call = first.output[0]
+    assert (call.type, call.name, call.namespace, json.loads(call.arguments)) == (
+        "function_call", "echo_words", "mcp__probe", {"q": "x"})
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == [
+        "mcp__probe__echo_words", "mcp__probe__raw_patch"]
+    items += [call.model_dump(exclude_none=True),
+              {"type": "function_call_output", "call_id": call.call_id, "output": "said x"}]
+    second = turn(items)
+    assert second.output_text == "got said x"
+    history = json.loads(up.last()["body"])["messages"]
+    assert history[1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_codex_client_side_tool_search_through_a_converting_channel(gw, upstream, stream):
+    """Codex's tool search for the models of its catalog (openai-python types/responses:
+    ToolSearchToolParam with execution "client", ResponseToolSearchCall,
+    ResponseToolSearchOutputItemParam whose tools are namespaces of deferred functions)."""
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="custom")])
+    search = {"type": "tool_search", "execution": "client", "description": "Find tools",
+              "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
+    kw = dict(model="m", tools=[search], store=False)
+    items = [{"role": "user", "content": "find an echo tool"}]
+
+    def turn():
+        if not stream:
+            return g.openai().responses.create(input=items, **kw)
+        with g.openai().responses.stream(input=items, **kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_response()
+    call = turn().output[0]
+    assert (call.type, call.execution, call.arguments) == ("tool_search_call", "client",
+                                                           {"q": "x"})
+    deferred = dict(CODEX_NAMESPACE, tools=[dict(CODEX_NAMESPACE["tools"][0],
+                                                 defer_loading=True)])
+    items += [call.model_dump(exclude_none=True),
+              {"type": "tool_search_output", "call_id": call.call_id, "execution": "client",
+               "status": "completed", "tools": [deferred]}]
+    turn()
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["tool_search",
+                                                              "mcp__probe__echo_words"]
+    assert sent["messages"][-1] == {"role": "tool", "tool_call_id": call.call_id,
+                                    "content": "Tools now available: mcp__probe__echo_words"}
+    assert "defer_loading" not in json.dumps(sent)
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_mistral_quirks_for_claude_code_ids_and_refused_params(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai", mistral=True)
+    quirks = {"tool_call_id": "mistral9", "drop_params": ["stream_options"]}
+    g = gw([chan(up, type="custom", quirks=quirks)])
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01XyZ",
+                                               "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01XyZ",
+                                          "content": "ran"}]}]
+    m = _anthropic_turn(g.anthropic(), stream, model="m", tools=tools, messages=msgs)
+    assert m.content[0].text == "got ran"
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
+    chat = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_Ab_12345678", "type": "function",
+                 "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
+    kw = dict(model="m", messages=chat, stream_options={"include_usage": True}) if stream \
+        else dict(model="m", messages=chat)
+    if stream:
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       g.openai().chat.completions.create(stream=True, **kw) if ch.choices)
+    else:
+        text = g.openai().chat.completions.create(**kw).choices[0].message.content
+    assert text == "got ran"                               # passed through, quirks applied
+
+
+def test_11_deepseek_gets_reasoning_back_on_tool_call_turns(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("openai", deepseek=True)
+    g = gw([chan(up, type="custom", quirks={"reasoning_back": "tool_calls"})])
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "say hi",
+                                               "signature": "x"},
+                                              {"type": "text", "text": "hi"}]},
+            {"role": "user", "content": "run"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "use Bash", "signature": "x"},
+                {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "ran"}]}]
+    m = _anthropic_turn(g.anthropic(), False, model="m", messages=msgs, tools=[
+        {"name": "Bash", "input_schema": {"type": "object"}}])
+    assert m.content[0].text == "got ran"
+    sent = json.loads(up.last()["body"])["messages"]
+    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_claude_code_tool_search_to_an_openai_channel(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="openai")])
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 200, "stream": stream, "tools": [
+        {"name": "ToolSearch", "input_schema": {"type": "object"}},
+        {"name": "mcp__docs__lookup", "defer_loading": True,
+         "input_schema": {"type": "object"}},
+        {"name": "mcp__docs__unused", "defer_loading": True,
+         "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "ToolSearch", "input": {"q": "docs"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "tool_reference",
+                                                       "tool_name": "mcp__docs__lookup"}]}]}]}
+    status, _, raw = g.request("POST", "/v1/messages?beta=true", body,
+                               headers={"anthropic-version": "2023-06-01",
+                                        "anthropic-beta": "advanced-tool-use-2025-11-20"})
+    assert status == 200, raw
+    text = raw.decode()
+    assert "got Tool mcp__docs__lookup is now available." in (
+        text if not stream else "".join(d["delta"]["text"] for e, d in _sse_events(raw)
+                                        if e == "content_block_delta"))
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["ToolSearch", "mcp__docs__lookup"]
+    assert "defer_loading" not in json.dumps(sent)
+
+
 # =================================================================================================
 # 13. Tk GUI: the real window under Xvfb (started here when DISPLAY is unset)
 # =================================================================================================
@@ -4263,6 +4907,66 @@ def test_15_codex_exec_runs_its_tool_loop_through_the_gateway(gw, upstream, tmp_
                for r in g.records(2) if r["route"] != "/v1/models")
 
 
+# A stdio MCP server (JSON-RPC 2.0, one message a line: the MCP stdio transport) with one tool.
+MCP_ECHO_SERVER = r"""
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    result = {}
+    if msg["method"] == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {
+            "tools": {}}, "serverInfo": {"name": "probe", "version": "1"}}
+    elif msg["method"] == "tools/list":
+        result = {"tools": [{"name": "echo_words", "description": "Echo words back",
+                             "inputSchema": {"type": "object", "required": ["words"],
+                                             "properties": {"words": {"type": "string"}}}}]}
+    elif msg["method"] == "tools/call":
+        result = {"content": [{"type": "text",
+                               "text": "mcp-said " + msg["params"]["arguments"]["words"]}]}
+    print(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}), flush=True)
+"""
+
+
+def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, tmp_path):
+    codex = _cli_bin("codex")
+    up = upstream()
+    strict = strict_upstream("openai")
+
+    def respond(rec):
+        """Search for the tool (Codex defers MCP tools behind its tool_search for the models
+        of its catalog), call it once it is loaded, then answer with what it returned."""
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]
+        names = [t["function"]["name"] for t in body.get("tools") or []]
+        if "mcp-said" in str(last.get("content")) or "tool_search" not in names:
+            return strict(rec)
+        if "mcp__probe__echo_words" in names:
+            return _answer_in("openai", body, rec, "", "mcp__probe__echo_words",
+                              {"words": "cli-ok"})
+        return _answer_in("openai", body, rec, "", "tool_search", {"query": "echo"})
+    up.responder = respond
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
+    server = tmp_path / "mcp_echo.py"
+    server.write_text(MCP_ECHO_SERVER)
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "gpt-5.5"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'\n[mcp_servers.probe]\ncommand = {json.dumps(sys.executable)}\n'
+        f'args = [{json.dumps(str(server))}]\n')
+    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check",
+                        "--dangerously-bypass-approvals-and-sandbox", "echo the word"],
+                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                        "GW_TOKEN": TOKEN}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "probe/echo_words" in out and "got " in out and "mcp-said cli-ok" in out
+    assert "Model metadata" not in out                   # a model in Codex's own catalog
+    assert _tool_result_seen(up, "mcp-said cli-ok")
+
+
 def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
     gemini = _cli_bin("gemini")
     up = upstream()
@@ -4298,6 +5002,37 @@ def test_15_claude_code_runs_its_tool_loop_through_an_openai_channel(gw, upstrea
     assert _tool_result_seen(up)
     sent = [json.loads(r["body"]) for r in up.requests]
     assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
+
+
+def test_15_claude_code_calls_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp_path):
+    claude = _cli_bin("claude")
+    full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
+    up = upstream()
+    strict = strict_upstream("openai")
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        names = [t["function"]["name"] for t in body.get("tools") or []]
+        short = next((n for n in names if n.startswith("mcp__workspace_documents_server")),
+                     None)
+        if short is None or body["messages"][-1]["role"] == "tool":
+            return strict(rec)
+        return _answer_in("openai", body, rec, "", short, {"words": "cli-ok"})
+    up.responder = respond
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
+    server = tmp_path / "mcp_docs.py"
+    server.write_text(MCP_ECHO_SERVER.replace('"echo_words"', json.dumps(full.split("__")[2])))
+    config = json.dumps({"mcpServers": {"workspace_documents_server": {
+        "command": sys.executable, "args": [str(server)]}}})
+    rc, out = _run_cli([claude, "-p", "search the documents", "--mcp-config", config,
+                        "--allowedTools", full, "--model", "claude-sonnet-4-5"],
+                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
+                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
+                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "got mcp-said cli-ok" in out
+    sent = json.dumps([json.loads(r["body"]) for r in up.requests])
+    assert full not in sent and ag.channel_tool_name(full, "custom") in sent
 
 
 def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
