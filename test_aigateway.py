@@ -1018,6 +1018,45 @@ def test_10_unknown_fields_kept_ids_never_reused_saves_atomic(tmp_path):
     assert reloaded.add_channel(name="d")["id"] == 4
 
 
+# -- saves that never overwrite an edit they have not seen ---------------------------------
+
+def _hand_edit(path, change):
+    cfg = json.loads(open(path).read())
+    change(cfg)
+    with open(path, "w") as f:                 # in place, as an editor might
+        json.dump(cfg, f, indent=1)
+
+
+def test_10_two_stores_on_one_file_keep_both_edits(tmp_path):
+    path = str(tmp_path / "config.json")
+    one, _ = ag.ConfigStore.load(path)
+    two, _ = ag.ConfigStore.load(path)
+    one.add_channel(name="first", type="anthropic")
+    two.add_channel(name="second", type="openai")      # two has not seen "first"
+    two.update_settings(port=4000)
+    one.update_token(1, rpm=7)
+    on_disk = json.loads(open(path).read())
+    assert [(c["id"], c["name"]) for c in on_disk["channels"]] == [(1, "first"), (2, "second")]
+    assert on_disk["settings"]["port"] == 4000 and on_disk["tokens"][0]["rpm"] == 7
+    assert one.data == on_disk
+
+
+def test_10_hand_edit_between_load_and_save_survives(tmp_path):
+    path = str(tmp_path / "config.json")
+    store, _ = ag.ConfigStore.load(path)
+    _hand_edit(path, lambda c: c["settings"].update(log_file="mine.jsonl"))
+    store.update_settings(port=3999)
+    saved = json.loads(open(path).read())["settings"]
+    assert saved["log_file"] == "mine.jsonl" and saved["port"] == 3999
+    _hand_edit(path, lambda c: c["channels"].append({"name": "typed", "type": "nope"}))
+    edited = open(path).read()
+    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.type.*not saved.*fix it first"):
+        store.add_token(name="lost")
+    with pytest.raises(ag.ConfigError, match="changed by another program"):
+        store.save()
+    assert open(path).read() == edited and store.data["settings"]["port"] == 3999
+
+
 # =================================================================================================
 # 11. Gateway: end to end with the official SDKs
 # =================================================================================================
@@ -1387,6 +1426,64 @@ def test_12_apply_config_takes_effect_without_restart(gw, upstream):
     events = g.events()
     assert ("state", "running") in events
     assert any(k == "request" for k, _ in events)
+
+
+# -- hot reload of config.json --------------------------------------------------------------
+
+def _wait_event(thread, pred, timeout):
+    """The first bridge event that ``pred`` accepts within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            event = thread.events.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError("the expected event never came") from None
+        if pred(event):
+            return event
+
+
+def test_12_hand_edit_is_served_within_two_seconds_and_a_bad_one_keeps_the_last_good(
+        gw, upstream):
+    a, b = upstream([openai_chat_reply(text="A")]), upstream([openai_chat_reply(text="B")])
+    g = gw([chan(a, name="a", models=["m-a"])])
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)   # kept alive across
+
+    def ask(model):
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "x"}]}),
+            {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def health():
+        return json.loads(g.request("GET", "/health?details=1")[2])
+
+    assert ask("m-a")[0] == 200 and ask("m-b")[0] == 404
+    started = time.monotonic()
+    _hand_edit(g.store.path, lambda c: c["channels"].append(chan(b, name="b", models=["m-b"])))
+    _wait_event(g.thread, lambda e: e[0] == "log" and "reloaded" in e[1], 2.0)
+    status, body = ask("m-b")                         # same connection: nothing was dropped
+    assert time.monotonic() - started < 2.0
+    assert status == 200 and body["choices"][0]["message"]["content"] == "B"
+    assert [c["name"] for c in g.store.data["channels"]] == ["a", "b"]
+    assert "config_error" not in health()
+
+    with open(g.store.path, "w") as f:
+        f.write('{"channels": [}')
+    _, text = _wait_event(g.thread, lambda e: e[0] == "log" and "not reloaded" in e[1], 2.0)
+    assert "line 1 column 15" in text and "last good configuration" in text
+    assert ask("m-b")[0] == 200 and ask("m-a")[0] == 200           # the last good config
+    assert "line 1 column 15" in health()["config_error"]
+    assert "config_error" not in json.loads(g.request("GET", "/health")[2])   # details only
+
+    with open(g.store.path, "w") as f:
+        json.dump({"settings": {"port": 0}, "channels": [chan(b, name="b", models=["m-a"])],
+                   "tokens": [{"name": "main", "key": TOKEN}]}, f)
+    _wait_event(g.thread, lambda e: e[0] == "log" and "reloaded" in e[1], 2.0)
+    assert "config_error" not in health()
+    assert ask("m-a")[1]["choices"][0]["message"]["content"] == "B"
+    assert ask("m-b")[0] == 404
+    conn.close()
 
 
 def test_12_bind_error_is_raised_to_the_caller(tmp_path):
