@@ -1569,6 +1569,51 @@ def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
     assert p.returncode == 2 and "cannot listen" in err and "--port" in err
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX only")
+def test_14_sighup_reloads_a_headless_gateway_and_reports_a_bad_edit(tmp_path, upstream):
+    b = upstream([openai_chat_reply(text="B")])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [], "tokens": [{"name": "main", "key": TOKEN}]}))
+    port = dead_port()
+    code = ("import sys, aigateway as ag; ag.CONFIG_POLL_SECONDS = 3600; "   # only SIGHUP now
+            "sys.exit(ag.main(sys.argv[1:]))")
+    p = subprocess.Popen([sys.executable, "-c", code, "--headless", "--config", str(cfg),
+                          "--port", str(port)], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in p.stderr], daemon=True).start()
+
+    def stderr_until(needle):
+        deadline = time.monotonic() + 10
+        while True:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if needle in line:
+                return line
+
+    def get(path):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        return json.loads(conn.getresponse().read())
+    try:
+        _wait_health(port, p)
+        assert get("/v1/models")["data"] == []
+        _hand_edit(str(cfg), lambda c: c["channels"].append(chan(b, name="b", models=["m-b"])))
+        p.send_signal(signal.SIGHUP)
+        stderr_until("configuration reloaded")
+        assert [m["id"] for m in get("/v1/models")["data"]] == ["m-b"]
+        cfg.write_text('{"channels": "oops"}')
+        p.send_signal(signal.SIGHUP)
+        line = stderr_until("not reloaded")
+        assert "channels: is not a list" in line and "last good configuration" in line
+        assert "channels: is not a list" in get("/health?details=1")["config_error"]
+        assert [m["id"] for m in get("/v1/models")["data"]] == ["m-b"]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        p.kill()
+        p.wait(5)
+
+
 def test_14_version():
     p = _cli("--version")
     out, _ = p.communicate(timeout=15)
