@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import socketserver
@@ -2530,11 +2531,21 @@ def test_13_pieces_without_a_display():
             ag.validate_settings_form(dict(good, **{key: value}))
 
 
+def _need_xvfb():
+    """Without Xvfb the GUI tests skip, saying why; in CI they must run, so they fail."""
+    if shutil.which("Xvfb") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Xvfb is missing and there is no DISPLAY: CI runs the GUI tests "
+                        "(apt-get install xvfb)")
+        pytest.skip("GUI test: needs a DISPLAY or Xvfb (apt-get install xvfb); CI runs it")
+
+
 @pytest.fixture(scope="session")
 def display():
     if os.environ.get("DISPLAY"):
         yield os.environ["DISPLAY"]
         return
+    _need_xvfb()
     num = 90 + os.getpid() % 100
     proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1280x800x24", "-nolisten",
                              "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -2578,6 +2589,20 @@ def pump_until(app, cond, timeout=10.0):
             return
         time.sleep(0.01)
     raise AssertionError("the GUI never reached the expected state")
+
+
+def test_13_without_xvfb_gui_tests_skip_with_a_reason_but_fail_in_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))                  # no Xvfb on it
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"needs a DISPLAY or Xvfb \(apt-get"):
+        _need_xvfb()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="Xvfb is missing"):
+        _need_xvfb()
+    fake = tmp_path / "Xvfb"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert _need_xvfb() is None                           # with Xvfb they simply run
 
 
 def test_13_window_title_icon_and_tabs(app):
