@@ -6128,14 +6128,26 @@ def _tree(parent: Any, columns: list[tuple[str, str, int]], height: int = 10) ->
     frame = ttk.Frame(parent)
     tree = ttk.Treeview(frame, columns=[c[0] for c in columns], show="headings", height=height,
                         selectmode="browse")
-    for key, title, width in columns:
-        tree.heading(key, text=title)
-        tree.column(key, width=width, anchor="w", stretch=True)
+    for key, title, width in columns:        # only the last column stretches, so the others
+        tree.heading(key, text=title)          # keep the widths that fit their text
+        tree.column(key, width=width, anchor="w", stretch=key == columns[-1][0])
     tree.base_widths = {key: width for key, _, width in columns}
     bar = ttk.Scrollbar(frame, orient="vertical", command=tree.yview)
-    tree.configure(yscrollcommand=bar.set)
-    tree.pack(side="left", fill="both", expand=True)
-    bar.pack(side="right", fill="y")
+    across = ttk.Scrollbar(frame, orient="horizontal", command=tree.xview)
+
+    def scrolled(first: str, last: str) -> None:     # shown only when the columns overflow
+        if float(first) <= 0.0 and float(last) >= 1.0:
+            across.grid_remove()
+        else:
+            across.grid()
+        across.set(first, last)
+    tree.configure(yscrollcommand=bar.set, xscrollcommand=scrolled)
+    tree.grid(row=0, column=0, sticky="nsew")
+    bar.grid(row=0, column=1, sticky="ns")
+    across.grid(row=1, column=0, sticky="ew")
+    across.grid_remove()
+    frame.rowconfigure(0, weight=1)
+    frame.columnconfigure(0, weight=1)
     tree.container = frame
     _fit_columns(tree)
     return tree
@@ -6147,8 +6159,8 @@ def _style_font(widget: Any, style_name: str) -> Any:
 
 
 def _fit_columns(tree: Any) -> None:
-    """Size each column to its heading and its longest cell, as the fonts measure them: never
-    narrower than the heading (``minwidth``), widened for the cells up to GUI_COLUMN_MAX."""
+    """Size each column to its heading and its longest cell, as the fonts measure them (cells
+    up to GUI_COLUMN_MAX), and never narrower than that: the tree scrolls sideways instead."""
     head, cell = _style_font(tree, "Treeview.Heading"), _style_font(tree, "Treeview")
     rows = [tree.item(i, "values") for i in tree.get_children()]
     for index, key in enumerate(tree["columns"]):
@@ -6157,7 +6169,7 @@ def _fit_columns(tree: Any) -> None:
         longest = max((cell.measure(str(r[index])) for r in rows if index < len(r)), default=0)
         width = max(tree.base_widths.get(key, 0), need,
                     min(longest + GUI_CELL_PAD, GUI_COLUMN_MAX))
-        tree.column(key, minwidth=need, width=width)
+        tree.column(key, minwidth=width, width=width)
 
 
 def _short(items: Iterable[Any], limit: int = 40) -> str:

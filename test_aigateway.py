@@ -2667,11 +2667,181 @@ def test_13_create_token_shows_the_key_once(app, upstream):
     assert tok["allowed_models"] == ["gpt-4o"] and tok["allowed_channels"] == ["oa"]
     assert tok["rpm"] == 30
     assert a.tokens.shown_key == tok["key"]
+    pump_until(a, lambda: a.tokens.key_window.winfo_ismapped())
+    assert _entry_texts(a.tokens.key_window) == [tok["key"]]              # what the box shows
     row = a.tokens.tree.item(str(tok["id"]))["values"]
     assert tok["key"] not in " ".join(map(str, row)) and row[1] == ag.mask_secret(tok["key"])
     a.tokens.tree.selection_set(str(tok["id"]))
     a.tokens.toggle()
     assert a.store.data["tokens"][-1]["enabled"] is False
+
+
+# -- what a new user sees in the first minutes ---------------------------------------------
+
+def _widgets(w):
+    yield w
+    for child in w.winfo_children():
+        yield from _widgets(child)
+
+
+def _entry_texts(top):
+    return [w.get() for w in _widgets(top) if w.winfo_class() == "TEntry"]
+
+
+def _column_fits(tree, font_style):
+    """Each heading fits its column as Tk measures the heading font, and so does each cell
+    (up to the column cap) in the cell font."""
+    head = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup("Treeview.Heading", "font"))
+    cell = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup(font_style, "font"))
+    for i, key in enumerate(tree["columns"]):
+        width = tree.column(key, "width")
+        assert width >= head.measure(tree.heading(key, "text")) + 12, key
+        for item in tree.get_children():
+            text = str(tree.item(item, "values")[i])
+            assert width >= min(cell.measure(text) + 12, ag.GUI_COLUMN_MAX), (key, text)
+
+
+def test_13_first_run_shows_the_new_key_in_a_centred_dialog(display, tmp_path):
+    store, key = ag.ConfigStore.load(str(tmp_path / "config.json"))
+    a = ag.App(store, host="127.0.0.1", start=False, new_key=key)
+    try:
+        top = a.tokens.key_window
+        pump_until(a, lambda: top.winfo_ismapped())
+        assert _entry_texts(top) == [key]
+        a.root.clipboard_clear()
+        next(w for w in _widgets(top) if w.winfo_class() == "TButton" and
+             w.cget("text") == "Copy").invoke()
+        assert a.root.clipboard_get() == key
+        mid = (top.winfo_rootx() + top.winfo_width() / 2, top.winfo_rooty() +
+               top.winfo_height() / 2)
+        root_mid = (a.root.winfo_rootx() + a.root.winfo_width() / 2,
+                    a.root.winfo_rooty() + a.root.winfo_height() / 2)
+        assert abs(mid[0] - root_mid[0]) <= 2 and abs(mid[1] - root_mid[1]) <= 2
+    finally:
+        a.close()
+
+
+def test_13_columns_fit_their_text_and_details_show_it_whole(app):
+    a = app()
+    a.notebook.select(a.channels.frame)
+    pump_until(a, lambda: a.channels.hint.winfo_ismapped())
+    assert a.channels.hint.cget("text").startswith("No channels yet. Click Add")
+    a.dashboard.set_health([{"name": "a-rather-long-channel-name", "state": "cooldown",
+                             "cooldown_remaining_s": 30}])
+    a.dashboard.add_record({"id": 1, "time": time.time(), "method": "POST", "route": "/v1/x",
+                            "model": "m", "channel": "a-rather-long-channel-name",
+                            "status": 200, "latency_ms": 5.0, "ttfb_ms": None,
+                            "failures": []})
+    a.root.update()
+    _column_fits(a.dashboard.health, "Treeview")
+    error = "cannot connect to 127.0.0.1:9: connection refused " + "and more words " * 20
+    a.store.add_channel(name="dead", base_url="http://127.0.0.1:9")
+    a.channels.results[1] = f"✗ {error}"
+    a.config_changed("added")
+    a.root.update()
+    assert not a.channels.hint.winfo_ismapped()
+    _column_fits(a.channels.tree, "Treeview")
+    a.channels.tree.selection_set("1")
+    a.root.update()
+    assert a.channels.detail.cget("text") == f"Last result of 'dead': ✗ {error}"
+    rec = {"id": 2, "time": time.time(), "method": "POST", "route": "/v1/chat/completions",
+           "model": "m", "channel": None, "tried": [], "status": 401, "latency_ms": 1.2,
+           "ttfb_ms": None, "stream": False, "token": None, "bytes_in": 2, "bytes_out": 90,
+           "input_tokens": None, "output_tokens": None, "error": "no token", "failures": []}
+    a.logs.add_record(rec)
+    a.logs.tree.selection_set("2")
+    a.root.update()
+    detail = a.logs.detail.get("1.0", "end")
+    assert "first byte: —" in detail and "None" not in detail and "latency: 1 ms" in detail
+
+
+def _luminance(widget, color):
+    r, g, b = (v / 65535 for v in widget.winfo_rgb(color))
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_13_dark_theme_combobox_is_readable(app):
+    a = app(settings={"theme": "dark"})
+    a.notebook.select(a.settings.frame)
+    a.root.update()
+    box = next(w for w in _widgets(a.settings.frame) if w.winfo_class() == "TCombobox")
+    assert box.get() == "dark" and "readonly" in box.state()
+    style = ag.ttk.Style(box)
+    fg = style.lookup("TCombobox", "foreground", box.state())
+    bg = style.lookup("TCombobox", "fieldbackground", box.state())
+    light, dark = sorted((_luminance(box, fg), _luminance(box, bg)), reverse=True)
+    assert (light + 0.05) / (dark + 0.05) >= 4.5          # WCAG AA contrast for text
+    assert _luminance(box, bg) < 0.1                      # a dark field in the dark theme
+
+
+def test_13_dashboard_shows_the_gemini_base_url(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running and a.dashboard.url_vars["gemini"].get())
+    shown = {}
+    for label in _widgets(a.dashboard.frame):
+        if label.winfo_class() == "TLabel" and "base URL" in str(label.cget("text")):
+            row = label.grid_info()["row"]
+            shown[label.cget("text")] = label.master.grid_slaves(row=row, column=1)[0].get()
+    assert shown == {"OpenAI base URL": a.bridge.url + "/v1",
+                     "Anthropic base URL / Claude Code": a.bridge.url,
+                     "Gemini base URL / gemini-cli": a.bridge.url}
+
+
+def test_13_channel_dialog_edits_headers_and_responses_api(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    pump_until(a, lambda: d.top.winfo_ismapped())
+    top, root = d.top, a.root
+    assert abs(top.winfo_rootx() + top.winfo_width() / 2 -
+               (root.winfo_rootx() + root.winfo_width() / 2)) <= 2
+    d.vars["name"].set("router")
+    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nBad Name: x")
+    d.save()
+    assert "'Bad Name' is not a header name" in d.error.cget("text")
+    d.headers.delete("1.0", "end")
+    d.headers.insert("1.0", '{"X-Title": 5}')
+    d.save()
+    assert "JSON object of strings" in d.error.cget("text") and not a.store.data["channels"]
+    d.headers.delete("1.0", "end")
+    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nX-Title: aigateway")
+    next(w for w in _widgets(top) if w.winfo_class() == "TCheckbutton" and
+         "responses" in w.cget("text")).invoke()
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"][0]
+    assert saved["headers"] == {"HTTP-Referer": "https://example.com", "X-Title": "aigateway"}
+    assert saved["responses_api"] is True
+    a.channels.tree.selection_set("1")
+    a.channels.edit()
+    d2 = a.channels.dialog
+    assert d2.headers.get("1.0", "end").strip() == \
+        "HTTP-Referer: https://example.com\nX-Title: aigateway"
+    assert d2.vars["responses_api"].get() is True
+    d2.headers.delete("1.0", "end")
+    d2.headers.insert("1.0", '{"X-Title": "json form"}')
+    d2.save()
+    assert a.store.data["channels"][0]["headers"] == {"X-Title": "json form"}
+
+
+def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
+    a = app([chan(upstream(), name="one")], start=True)
+    pump_until(a, lambda: a.bridge.running)
+    _hand_edit(a.store.path, lambda c: (c["channels"].append(chan(upstream(), name="two")),
+                                        c["settings"].update(log_file="hand.jsonl")))
+    pump_until(a, lambda: len(a.channels.tree.get_children()) == 2)
+    assert [a.channels.tree.item(i, "values")[0] for i in a.channels.tree.get_children()] == \
+        ["one", "two"]
+    assert a.settings.vars["log_file"].get() == "hand.jsonl"
+    a.bridge.stop()                                  # no watcher now: the save must merge
+    _hand_edit(a.store.path, lambda c: c["settings"].update(proxy="http://127.0.0.1:1"))
+    a.settings.vars["max_body_mb"].set("9")
+    a.settings.vars["port"].set(str(dead_port()))          # the form takes no port 0
+    a.settings.save()
+    saved = json.loads(open(a.store.path).read())["settings"]
+    assert saved["max_body_mb"] == 9 and saved["proxy"] == "http://127.0.0.1:1"
+    assert saved["log_file"] == "hand.jsonl"
+    assert a.settings.vars["proxy"].get() == "http://127.0.0.1:1"
 
 
 def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
