@@ -5852,6 +5852,7 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
             await stop.wait()
         finally:
             watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
     finally:
         await server.stop()
         gateway.close()
@@ -6158,17 +6159,20 @@ def _style_font(widget: Any, style_name: str) -> Any:
     return tkfont.Font(root=widget, font=desc)
 
 
-def _fit_columns(tree: Any) -> None:
+def _fit_columns(tree: Any, added: tuple | None = None) -> None:
     """Size each column to its heading and its longest cell, as the fonts measure them (cells
-    up to GUI_COLUMN_MAX), and never narrower than that: the tree scrolls sideways instead."""
+    up to GUI_COLUMN_MAX), and never narrower than that: the tree scrolls sideways instead.
+    With ``added`` (one new row) the columns only widen for it, without measuring them all."""
     head, cell = _style_font(tree, "Treeview.Heading"), _style_font(tree, "Treeview")
-    rows = [tree.item(i, "values") for i in tree.get_children()]
+    rows = [added] if added is not None else [tree.item(i, "values")
+                                              for i in tree.get_children()]
     for index, key in enumerate(tree["columns"]):
         title = tree.heading(key, "text")
         need = head.measure(title) + GUI_CELL_PAD
         longest = max((cell.measure(str(r[index])) for r in rows if index < len(r)), default=0)
         width = max(tree.base_widths.get(key, 0), need,
-                    min(longest + GUI_CELL_PAD, GUI_COLUMN_MAX))
+                    min(longest + GUI_CELL_PAD, GUI_COLUMN_MAX),
+                    tree.column(key, "width") if added is not None else 0)
         tree.column(key, minwidth=width, width=width)
 
 
@@ -6725,7 +6729,7 @@ class ChannelsTab(_ListTab):
     kind = "channel"
     COLUMNS = [("name", "Name", 130), ("type", "Type", 80), ("base_url", "Base URL", 230),
                ("models", "Models", 170), ("priority", "Priority", 60),
-               ("enabled", "Enabled", 60), ("result", "Last result", 200)]
+               ("enabled", "Enabled", 60), ("result", "Last result", 150)]
 
     def __init__(self, app: App, parent: Any):
         self.results: dict[int, str] = {}
@@ -7059,8 +7063,9 @@ class LogsTab:
 
     def _insert(self, rec: dict) -> None:
         bad = rec.get("error") is not None or (rec.get("status") or 500) >= 400
-        self.tree.insert("", 0, iid=str(rec["id"]), values=format_record(rec),
-                         tags=("bad",) if bad else ())
+        values = format_record(rec)
+        self.tree.insert("", 0, iid=str(rec["id"]), values=values, tags=("bad",) if bad else ())
+        _fit_columns(self.tree, values)
         children = self.tree.get_children()
         if len(children) > GUI_LOG_ROWS:
             self.tree.delete(*children[GUI_LOG_ROWS:])

@@ -2751,6 +2751,7 @@ def test_13_columns_fit_their_text_and_details_show_it_whole(app):
     a.logs.add_record(rec)
     a.logs.tree.selection_set("2")
     a.root.update()
+    _column_fits(a.logs.tree, "Treeview")
     detail = a.logs.detail.get("1.0", "end")
     assert "first byte: —" in detail and "None" not in detail and "latency: 1 ms" in detail
 
