@@ -5875,6 +5875,7 @@ class GatewayThread:
         self.server: HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._reload: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -5911,7 +5912,7 @@ class GatewayThread:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._stop = asyncio.Event()
+        self._stop, self._reload = asyncio.Event(), asyncio.Event()
 
         def ready(gateway: Gateway, server: HTTPServer) -> None:
             self.gateway, self.server = gateway, server
@@ -5920,7 +5921,7 @@ class GatewayThread:
         try:
             loop.run_until_complete(run_gateway(self.store, self._stop, host=self.host,
                                                 port=self.port, on_event=self._emit,
-                                                on_ready=ready))
+                                                on_ready=ready, reload=self._reload))
         except BaseException as exc:                                   # bind errors mostly
             self._error = exc
         finally:
@@ -5943,6 +5944,15 @@ class GatewayThread:
         if thread is not None:
             thread.join(timeout)
         self._thread = None
+
+    def reload(self) -> None:
+        """Have the running gateway re-read the configuration file now (SIGHUP)."""
+        loop, event = self._loop, self._reload
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:                                       # the loop just closed
+                pass
 
     def apply_config(self) -> None:
         """Hand the store's current configuration to the running gateway."""
@@ -7255,6 +7265,8 @@ class App:
         self.root.destroy()
 
     def run(self) -> None:
+        if hasattr(signal, "SIGHUP"):       # reload, as headless does, rather than be killed
+            signal.signal(signal.SIGHUP, lambda *_: self.bridge.reload())
         self.root.mainloop()
 
 

@@ -1487,6 +1487,17 @@ def test_12_hand_edit_is_served_within_two_seconds_and_a_bad_one_keeps_the_last_
     conn.close()
 
 
+def test_12_reload_now_reads_the_file_without_waiting_for_the_poll(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "CONFIG_POLL_SECONDS", 3600.0)     # only reload() can see the edit
+    b = upstream([openai_chat_reply(text="B")])
+    g = gw()
+    _hand_edit(g.store.path, lambda c: c["channels"].append(chan(b, name="b", models=["m-b"])))
+    g.thread.reload()                                # what the window does on SIGHUP
+    _wait_event(g.thread, lambda e: e[0] == "config", 5.0)
+    assert g.openai().chat.completions.create(model="m-b", messages=[]).choices[0] \
+        .message.content == "B"
+
+
 def test_12_bind_error_is_raised_to_the_caller(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
