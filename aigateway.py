@@ -4347,10 +4347,15 @@ def _check_channel(ck: _Checker, channels: list[dict]) -> None:
                           "use 0 for no cap or the model's largest output, such as 8192")
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
-            if not _TOKEN_RX.match(name.encode("latin-1", "replace")) or "\r" in value \
-                    or "\n" in value:
+            if not header_ok(name, value):
                 raise ck.fail(f"{where}.headers", f"{name!r} is not a valid header",
                               "use header names without spaces and values without line breaks")
+
+
+def header_ok(name: str, value: str) -> bool:
+    """A channel's extra header: a token name (RFC 9110 5.1) and a value without line breaks."""
+    return bool(_TOKEN_RX.match(name.encode("latin-1", "replace"))) and "\r" not in value \
+        and "\n" not in value
 
 
 def _check_token(ck: _Checker, tokens: list[dict]) -> None:
@@ -4572,11 +4577,6 @@ class ConfigStore:
                 return False
             self.data, self._digest = data, _digest(raw)
             return True
-
-    @property
-    def problem(self) -> str | None:
-        """Why the file on disk is not in force (invalid or missing), or None."""
-        return self._problem
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -5799,7 +5799,11 @@ async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event
         gateway.config_error = None
         if not changed:
             continue
-        gateway.apply_config(store.snapshot())
+        try:
+            gateway.apply_config(store.snapshot())
+        except Exception as exc:                     # a request log that cannot be opened
+            gateway.log(f"configuration reloaded, but not all of it applies: "
+                        f"{type(exc).__name__}: {exc}")
         gateway.on_event("config", None)
         gateway.log(f"configuration reloaded from {os.path.basename(store.path)}")
         if (before["host"], before["port"]) != (gateway.settings["host"],
@@ -6258,7 +6262,7 @@ def parse_headers(text: str) -> dict[str, str]:
                 raise ValueError(f"Headers: '{line.strip()}' is not 'Name: value'")
             pairs.append((name.strip(), val.strip()))
     for name, val in pairs:
-        if not _TOKEN_RX.match(name.encode("latin-1", "replace")) or "\r" in val or "\n" in val:
+        if not header_ok(name, val):
             raise ValueError(f"Headers: '{name}' is not a header name (letters, digits and "
                              f"-, no spaces) or its value has a line break")
     return dict(pairs)
