@@ -7141,6 +7141,7 @@ class App:
         self.confirm_answer: bool | None = None       # tests answer confirmations with this
         root.protocol("WM_DELETE_WINDOW", self.close)
         self._poll_id = root.after(GUI_POLL_MS, self._poll)
+        self._followed, self._file_problem = 0.0, None
         self.closed = False
         if store.data["settings"]["start_on_open"] if start is None else start:
             self.start()
@@ -7235,9 +7236,7 @@ class App:
             elif kind == "health":
                 self.dashboard.set_health(payload)
             elif kind == "config":                     # config.json was edited on disk
-                self.channels.refresh()
-                self.tokens.refresh()
-                self.settings.reload()
+                self._show_new_config()
             elif kind == "state":
                 self.dashboard.set_state(payload == "running" and self.bridge.running,
                                          self.bridge.url)
@@ -7248,10 +7247,34 @@ class App:
                     done(ok, value)
         return handled
 
+    def _show_new_config(self) -> None:
+        self.channels.refresh()
+        self.tokens.refresh()
+        self.settings.reload()
+
+    def _follow_file(self) -> None:
+        """With the gateway stopped nothing watches config.json; the window does, so that its
+        tables show an edit made meanwhile (a running gateway reports them as events)."""
+        try:
+            changed = self.store.reload()
+        except ConfigError as exc:
+            if str(exc) != self._file_problem:
+                self._file_problem = str(exc)
+                self.dashboard.log(f"configuration not reloaded: {exc}")
+            return
+        self._file_problem = None
+        if changed:
+            self._show_new_config()
+            self.dashboard.log("configuration reloaded")
+
     def _poll(self) -> None:
         if self.closed:
             return
         self.pump()
+        now = time.monotonic()
+        if not self.bridge.running and now - self._followed >= CONFIG_POLL_SECONDS:
+            self._followed = now
+            self._follow_file()
         self._poll_id = self.root.after(GUI_POLL_MS, self._poll)
 
     def close(self) -> None:

@@ -2854,6 +2854,12 @@ def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstr
     assert saved["max_body_mb"] == 9 and saved["proxy"] == "http://127.0.0.1:1"
     assert saved["log_file"] == "hand.jsonl"
     assert a.settings.vars["proxy"].get() == "http://127.0.0.1:1"
+    _hand_edit(a.store.path, lambda c: c["channels"].pop())      # still stopped: followed too
+    pump_until(a, lambda: len(a.channels.tree.get_children()) == 1)
+    with open(a.store.path, "w") as f:
+        f.write("{")
+    pump_until(a, lambda: "configuration not reloaded" in a.dashboard.activity.get("1.0", "end"))
+    assert len(a.channels.tree.get_children()) == 1
 
 
 def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
