@@ -117,6 +117,8 @@ SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed
 CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a config.json larger than this is refused, not read
 CONFIG_POLL_SECONDS = 0.5             # a running gateway checks config.json for edits this often
 CONFIG_SAVE_ATTEMPTS = 5              # a save redone on a newer file this often before giving up
+CONFIG_SETTLE_SECONDS = 0.3           # a file written more recently may be half-written: an error
+                                      # in it is reported only if it is still there a check later
 
 READ_SIZE = 64 * 1024
 
@@ -4551,10 +4553,12 @@ class ConfigStore:
         atomic_write(self.path, data)
         self._digest, self._stamp, self._problem = _digest(data), _file_stamp(self.path), None
 
-    def reload(self, force: bool = False) -> bool:
+    def reload(self, force: bool = False, now: Callable[[], float] = time.time) -> bool:
         """Take the file on disk if it changed since it was read or written here (``force``:
         re-read it even when its stamp is the same). Returns True when a new version was taken.
-        An invalid or missing file raises ConfigError and the configuration in force stays."""
+        An invalid or missing file raises ConfigError and the configuration in force stays;
+        one written in the last CONFIG_SETTLE_SECONDS (by the clock ``now``) may still be
+        being written, so its error waits for the next call (not when forced)."""
         with self._lock:
             stamp = _file_stamp(self.path)
             if stamp == self._stamp and not force:
@@ -4570,6 +4574,10 @@ class ConfigStore:
                 if changed:
                     data = _parse_config(self.path, raw)
             except ConfigError as exc:
+                if not force and stamp is not None and \
+                        now() - stamp[0] / 1e9 < CONFIG_SETTLE_SECONDS:
+                    self._stamp = None                         # read it again next time
+                    return False
                 self._problem = str(exc)
                 raise
             self._problem = None
@@ -4588,7 +4596,7 @@ class ConfigStore:
         with self._lock:
             for _ in range(CONFIG_SAVE_ATTEMPTS):
                 try:
-                    self.reload()
+                    self.reload(force=True)        # a save is rare: always read the file
                 except ConfigError as exc:
                     if os.path.exists(self.path):
                         raise ConfigError(f"{exc} (not saved: the file changed on disk and is "

@@ -1058,6 +1058,25 @@ def test_10_hand_edit_between_load_and_save_survives(tmp_path):
     assert open(path).read() == edited and store.data["settings"]["port"] == 3999
 
 
+def test_10_reload_waits_out_a_half_written_file_then_reports_it(tmp_path):
+    path = str(tmp_path / "config.json")
+    store, _ = ag.ConfigStore.load(path)
+    assert store.reload() is False                              # nothing changed
+    with open(path, "w") as f:
+        f.write('{"settings": ')                                # an editor mid-write
+    written = os.stat(path).st_mtime_ns / 1e9
+    assert store.reload(now=lambda: written + 0.1) is False     # may still be being written
+    for _ in range(2):                                          # then reported, every time
+        with pytest.raises(ag.ConfigError, match="line 1 column 14"):
+            store.reload(now=lambda: written + 1.0)
+    with pytest.raises(ag.ConfigError, match="line 1 column 14"):
+        store.reload(force=True, now=lambda: written + 0.1)     # SIGHUP does not wait
+    assert store.data["tokens"][0]["name"] == "default"         # the last good one stays
+    with open(path, "w") as f:
+        json.dump({"tokens": [{"name": "edited", "key": TOKEN}]}, f)
+    assert store.reload() is True and store.data["tokens"][0]["name"] == "edited"
+
+
 # =================================================================================================
 # 11. Gateway: end to end with the official SDKs
 # =================================================================================================
