@@ -1506,6 +1506,21 @@ def test_12_hand_edit_is_served_within_two_seconds_and_a_bad_one_keeps_the_last_
     conn.close()
 
 
+def test_12_a_stream_in_flight_finishes_on_the_config_it_started_with(gw, upstream):
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=tuple("abcdefgh")), delay=0.15,
+                         content_type="text/event-stream")])
+    g = gw([chan(up, name="a", models=["m"])])
+    stream = g.openai().chat.completions.create(model="m", messages=[], stream=True)
+    pieces = iter(stream)
+    first = next(pieces)
+    _hand_edit(g.store.path, lambda c: c.update(channels=[]))       # its channel is gone
+    _wait_event(g.thread, lambda e: e[0] == "config", 2.0)
+    assert not g.gateway.records                      # reloaded while the stream still runs
+    text = "".join(ch.choices[0].delta.content or "" for ch in [first, *pieces] if ch.choices)
+    assert text == "abcdefgh"                                        # nothing was cut off
+    assert g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})[0] == 404
+
+
 def test_12_reload_now_reads_the_file_without_waiting_for_the_poll(gw, upstream, monkeypatch):
     monkeypatch.setattr(ag, "CONFIG_POLL_SECONDS", 3600.0)     # only reload() can see the edit
     b = upstream([openai_chat_reply(text="B")])
