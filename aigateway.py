@@ -6185,7 +6185,9 @@ def _fit_columns(tree: Any, added: tuple | None = None) -> None:
     """Size each column to its heading and its longest cell, as the fonts measure them (cells
     up to GUI_COLUMN_MAX), and never narrower than that: the tree scrolls sideways instead.
     With ``added`` (one new row) the columns only widen for it, without measuring them all."""
-    head, cell = _style_font(tree, "Treeview.Heading"), _style_font(tree, "Treeview")
+    if not hasattr(tree, "fonts"):                      # measured often: made once per tree
+        tree.fonts = (_style_font(tree, "Treeview.Heading"), _style_font(tree, "Treeview"))
+    head, cell = tree.fonts
     rows = [added] if added is not None else [tree.item(i, "values")
                                               for i in tree.get_children()]
     for index, key in enumerate(tree["columns"]):
