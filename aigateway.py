@@ -6932,8 +6932,9 @@ class TokenDialog:
         fields = {"name": name, "allowed_models": models, "allowed_channels": channels,
                   "rpm": rpm}
         try:
-            if self.token:
-                self.app.store.update_token(self.token["id"], **fields)
+            if self.token:                 # only what the user changed (see ChannelDialog.save)
+                self.app.store.update_token(self.token["id"], **{
+                    k: v for k, v in fields.items() if v != self.token.get(k)})
             else:
                 created = self.app.store.add_token(**fields)
         except ConfigError as exc:

@@ -2719,6 +2719,13 @@ def test_13_create_token_shows_the_key_once(app, upstream):
     a.tokens.tree.selection_set(str(tok["id"]))
     a.tokens.toggle()
     assert a.store.data["tokens"][-1]["enabled"] is False
+    a.tokens.tree.selection_set(str(tok["id"]))
+    a.tokens.edit()
+    _hand_edit(a.store.path, lambda c: c["tokens"][-1].update(rpm=99))   # while it is open
+    a.tokens.dialog.name.set("ci-bot-2")
+    a.tokens.dialog.save()
+    saved = json.loads(open(a.store.path).read())["tokens"][-1]
+    assert (saved["name"], saved["rpm"], saved["enabled"]) == ("ci-bot-2", 99, False)
 
 
 # -- what a new user sees in the first minutes ---------------------------------------------
@@ -2866,8 +2873,10 @@ def test_13_channel_dialog_edits_headers_and_responses_api(app):
     assert d2.vars["responses_api"].get() is True
     d2.headers.delete("1.0", "end")
     d2.headers.insert("1.0", '{"X-Title": "json form"}')
+    _hand_edit(a.store.path, lambda c: c["channels"][0].update(priority=7))  # while it is open
     d2.save()
     assert a.store.data["channels"][0]["headers"] == {"X-Title": "json form"}
+    assert json.loads(open(a.store.path).read())["channels"][0]["priority"] == 7
 
 
 def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
