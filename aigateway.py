@@ -6484,6 +6484,12 @@ def _dialog(app: App, title: str, parent: Any = None) -> tuple[Any, Any]:
     return top, body
 
 
+def _changed(fields: dict, original: dict) -> dict:
+    """The dialog's fields that differ from the item it opened with: only these are saved, so
+    an edit of the file made while the dialog was open survives."""
+    return {k: v for k, v in fields.items() if v != original.get(k)}
+
+
 def _center_over(top: Any, owner: Any) -> None:
     """Place ``top`` centred over ``owner``, kept on the screen, then show it."""
     if not top.winfo_exists():
@@ -6631,10 +6637,9 @@ class ChannelDialog:
         try:
             fields = self.fields()
             store = self.app.store
-            if self.channel:               # only what the user changed, so that an edit of
-                changed = {k: v for k, v in fields.items()      # the file meanwhile survives
-                           if v != self.channel.get(k)}
-                self.result = store.update_channel(self.channel["id"], **changed)
+            if self.channel:
+                self.result = store.update_channel(self.channel["id"],
+                                                   **_changed(fields, self.channel))
             else:
                 self.result = store.add_channel(**fields)
         except (ValueError, ConfigError) as exc:
@@ -6932,9 +6937,8 @@ class TokenDialog:
         fields = {"name": name, "allowed_models": models, "allowed_channels": channels,
                   "rpm": rpm}
         try:
-            if self.token:                 # only what the user changed (see ChannelDialog.save)
-                self.app.store.update_token(self.token["id"], **{
-                    k: v for k, v in fields.items() if v != self.token.get(k)})
+            if self.token:
+                self.app.store.update_token(self.token["id"], **_changed(fields, self.token))
             else:
                 created = self.app.store.add_token(**fields)
         except ConfigError as exc:
