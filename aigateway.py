@@ -126,6 +126,11 @@ APP_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview")
 REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
 REQUEST_LOG_BACKUPS = 3
 SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed unsplit
+CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a config.json larger than this is refused, not read
+CONFIG_POLL_SECONDS = 0.5             # a running gateway checks config.json for edits this often
+CONFIG_SAVE_ATTEMPTS = 5              # a save redone on a newer file this often before giving up
+CONFIG_SETTLE_SECONDS = 0.3           # a file written more recently may be half-written: an error
+                                      # in it is reported only if it is still there a check later
 
 READ_SIZE = 64 * 1024
 MAX_CONFIG_PROBLEMS = 100             # `config check` stops naming problems after this many
@@ -2191,7 +2196,6 @@ def anthropic_tool_id(tool_id: str) -> str:
     are rewritten deterministically, the same way for a call and its result."""
     if tool_id and _ANTHROPIC_ID_RX.match(tool_id):
         return tool_id
-    import hashlib
     digest = hashlib.sha1(tool_id.encode()).hexdigest()[:8]
     return f"toolu_{re.sub(r'[^A-Za-z0-9_-]', '_', tool_id)[:40]}_{digest}"
 
@@ -5005,8 +5009,7 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
         _check_quirks(ck, ch, where)
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
-            if not _TOKEN_RX.match(name.encode("latin-1", "replace")) or "\r" in value \
-                    or "\n" in value:
+            if not header_ok(name, value):
                 raise ck.fail(f"{where}.headers", f"{name!r} is not a valid header",
                               "use header names without spaces and values without line breaks")
 
@@ -5029,6 +5032,10 @@ def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
         else:
             raise ck.fail(f"{where}.quirks", f"{key!r} is not a quirk",
                           f"use only {', '.join(known)}")
+def header_ok(name: str, value: str) -> bool:
+    """A channel's extra header: a token name (RFC 9110 5.1) and a value without line breaks."""
+    return bool(_TOKEN_RX.match(name.encode("latin-1", "replace"))) and "\r" not in value \
+        and "\n" not in value
 
 
 def _check_token(ck: _Checker, tokens: list[dict]) -> None:
@@ -5178,15 +5185,65 @@ class InstanceLock:
             self._fd = None
 
 
+def _file_stamp(path: str) -> tuple[int, ...] | None:
+    """What changes when a file is edited or replaced: mtime, size, inode, ctime (None when
+    the file is missing)."""
+    try:
+        st = os.stat(path)
+    except OSError:                        # missing or unreadable: reading it says which
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
+def _read_config_file(path: str) -> bytes:
+    """The file's bytes, at most CONFIG_MAX_BYTES; FileNotFoundError passes through."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+    except FileNotFoundError:                   # the callers decide what a missing file means
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror}); check its "
+                          f"permissions, or choose another file with --config PATH") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: the file is larger than {CONFIG_MAX_BYTES // 2**20} MiB; "
+                          f"this is not a configuration file")
+    return raw
+
+
+def _parse_config(path: str, raw_bytes: bytes, notes: list[str] | None = None) -> dict:
+    try:
+        raw = json.loads(raw_bytes.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the file is not UTF-8 text; save it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
+                          f"JSON syntax there (a missing comma or quote is usual)") from None
+    return validate_config(raw, path, notes)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class ConfigStore:
     """The configuration file and its in-memory form. Edits go through the methods here, each of
-    which validates and saves at once; ``snapshot()`` gives the server a private copy."""
+    which validates and saves at once; ``snapshot()`` gives the server a private copy.
 
-    def __init__(self, path: str, data: dict):
+    The store remembers the file it read or wrote last (its content hash and stat stamp), so it
+    never overwrites a version it has not seen: an edit made while the file changed on disk (by
+    hand, or by another process such as the command line) is redone on the newer file, and
+    ``reload()`` takes such a version when the caller asks."""
+
+    def __init__(self, path: str, data: dict, raw: bytes | None = None):
         self.path = path
         self.data = data
         self._lock = threading.RLock()
         self.notes: list[str] = []        # what loading changed (the old app's keys mapped)
+        # the version in self.data; None: not read from the file (the data given is what counts)
+        self._digest = _digest(raw) if raw is not None else None
+        self._stamp = _file_stamp(path)
+        self._problem: str | None = None       # why the file on disk is not taken, if it is not
 
     @classmethod
     def load(cls, path: str, *, create: bool = True) -> tuple[ConfigStore, str | None]:
@@ -5194,8 +5251,7 @@ class ConfigStore:
         is returned so the caller can show it once. An invalid file raises ConfigError and is
         left untouched."""
         try:
-            with open(path, "rb") as f:
-                raw_bytes = f.read()
+            raw_bytes = _read_config_file(path)
         except FileNotFoundError:
             if not create:
                 raise ConfigError(f"{path}: the file does not exist") from None
@@ -5209,37 +5265,94 @@ class ConfigStore:
                                   f"folder exists and is writable, or choose another file with "
                                   f"--config PATH or AIGATEWAY_CONFIG") from None
             return store, key
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the file ({exc.strerror}); check its "
-                              f"permissions, or choose another file with --config PATH") from None
-        try:
-            raw = json.loads(raw_bytes.decode("utf-8-sig"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: the file is not UTF-8 text; save it as UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
-                              f"JSON syntax there (a missing comma or quote is usual)") from None
         notes: list[str] = []
-        store = cls(path, validate_config(raw, path, notes))
+        store = cls(path, _parse_config(path, raw_bytes, notes), raw_bytes)
         store.notes = notes
         return store, None
 
+    def _disk_version(self) -> tuple[bytes | None, bool]:
+        """The file's bytes (None when missing) and whether they differ from the version this
+        store read or wrote."""
+        try:
+            raw = _read_config_file(self.path)
+        except FileNotFoundError:
+            return None, False
+        return raw, self._digest is not None and _digest(raw) != self._digest
+
     def save(self) -> None:
+        """Write the in-memory configuration. Refuses with ConfigError when the file changed on
+        disk since this store read or wrote it: the other edit would be lost unseen (the edit
+        methods redo their change on the newer file instead)."""
         with self._lock:
-            atomic_write(self.path, (json.dumps(self.data, indent=2, ensure_ascii=False)
-                                     + "\n").encode())
+            if self._disk_version()[1]:
+                raise ConfigError(f"{self.path}: the file was changed by another program since "
+                                  f"it was read; reload it before saving")
+            self._write()
+
+    def _write(self) -> None:
+        data = (json.dumps(self.data, indent=2, ensure_ascii=False) + "\n").encode()
+        atomic_write(self.path, data)
+        self._digest, self._stamp, self._problem = _digest(data), _file_stamp(self.path), None
+
+    def reload(self, force: bool = False, now: Callable[[], float] = time.time) -> bool:
+        """Take the file on disk if it changed since it was read or written here (``force``:
+        re-read it even when its stamp is the same). Returns True when a new version was taken.
+        An invalid or missing file raises ConfigError and the configuration in force stays;
+        one written in the last CONFIG_SETTLE_SECONDS (by the clock ``now``) may still be
+        being written, so its error waits for the next call (not when forced)."""
+        with self._lock:
+            stamp = _file_stamp(self.path)
+            if stamp == self._stamp and not force:
+                if self._problem:
+                    raise ConfigError(self._problem)
+                return False
+            self._stamp = stamp
+            try:
+                raw, changed = self._disk_version()
+                if raw is None:
+                    raise ConfigError(f"{self.path}: the file is missing; the window's next "
+                                      f"save writes it again")
+                if changed:
+                    data = _parse_config(self.path, raw)
+            except ConfigError as exc:
+                if not force and stamp is not None and \
+                        now() - stamp[0] / 1e9 < CONFIG_SETTLE_SECONDS:
+                    self._stamp = None                         # read it again next time
+                    return False
+                self._problem = str(exc)
+                raise
+            self._problem = None
+            if not changed:
+                return False
+            self.data, self._digest = data, _digest(raw)
+            return True
 
     def snapshot(self) -> dict:
         with self._lock:
             return copy.deepcopy(self.data)
 
     def _apply(self, mutate: Callable[[dict], Any]) -> Any:
+        """Run ``mutate`` on a copy of the newest valid file, validate, save. A file changed on
+        disk meanwhile is taken first, so both edits survive; an invalid one stops the edit."""
         with self._lock:
-            candidate = copy.deepcopy(self.data)
-            result = mutate(candidate)
-            self.data = validate_config(candidate, self.path)
-            self.save()
-            return result
+            for _ in range(CONFIG_SAVE_ATTEMPTS):
+                try:
+                    self.reload(force=True)        # a save is rare: always read the file
+                except ConfigError as exc:
+                    if os.path.exists(self.path):
+                        raise ConfigError(f"{exc} (not saved: the file changed on disk and is "
+                                          f"invalid now; fix it first)") from None
+                candidate = copy.deepcopy(self.data)
+                result = mutate(candidate)
+                data = validate_config(candidate, self.path)
+                if self._disk_version()[1]:             # written again since the reload
+                    self._stamp = None
+                    continue
+                self.data = data
+                self._write()
+                return result
+            raise ConfigError(f"{self.path}: the file kept changing on disk while saving; "
+                              f"the change was not saved, try again")
 
     def update_settings(self, **changes: Any) -> None:
         self._apply(lambda d: d["settings"].update(changes))
@@ -5695,6 +5808,7 @@ class Gateway:
         self._key_bench: dict[tuple[int, str], float] = {}
         self._rpm: dict[int, collections.deque[float]] = {}
         self._request_log: RequestLog | None = None
+        self.config_error: str | None = None      # why the file on disk is not in force
         self.apply_config(config)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -5783,6 +5897,8 @@ class Gateway:
                     return self.render_error(None, err, OPENAI)
                 body["channels"] = self.health_report()
                 body["request_log_errors"] = self._request_log.errors if self._request_log else 0
+                if self.config_error:
+                    body["config_error"] = self.config_error
             return Response(200, [("Content-Type", "application/json")], json_dumps(body))
         if route.kind in ("models", "model") and route.dialect == OPENAI:
             if "anthropic-version" in req.headers:
@@ -6587,12 +6703,55 @@ class Gateway:
 # =================================================================================================
 # The only place the GUI thread and the server thread meet. The GUI calls start/stop/apply_config
 # and submit; events come back through ``events``, a queue.Queue of (kind, payload) tuples:
-# ("state", "running"|"stopped"), ("request", record), ("log", text).
+# ("state", "running"|"stopped"), ("request", record), ("log", text), ("config", None) when
+# config.json was reloaded from disk.
+
+async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event,
+                       interval: float) -> None:
+    """Apply edits of the configuration file to the running gateway: checked every
+    ``interval`` seconds and at once when ``wake`` is set (SIGHUP). An invalid file is
+    reported once (activity log, /health?details=1) and the last good configuration stays."""
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+        forced = wake.is_set()
+        wake.clear()
+        before = gateway.settings
+        try:
+            changed = await asyncio.to_thread(store.reload, forced)
+        except ConfigError as exc:
+            if gateway.config_error != str(exc):
+                gateway.config_error = str(exc)
+                gateway.log(f"configuration not reloaded: {exc}; the last good configuration "
+                            f"stays in force")
+            continue
+        if gateway.config_error is not None and not changed:
+            gateway.log("configuration file is valid again")
+        gateway.config_error = None
+        if not changed:
+            continue
+        try:
+            gateway.apply_config(store.snapshot())
+        except Exception as exc:                     # a request log that cannot be opened
+            gateway.log(f"configuration reloaded, but not all of it applies: "
+                        f"{type(exc).__name__}: {exc}")
+        gateway.on_event("config", None)
+        gateway.log(f"configuration reloaded from {os.path.basename(store.path)}")
+        if (before["host"], before["port"]) != (gateway.settings["host"],
+                                                gateway.settings["port"]):
+            gateway.log("the new host or port takes effect when the gateway restarts")
+
 
 async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | None = None,
                       port: int | None = None, on_event: Callable[[str, Any], None] | None = None,
-                      on_ready: Callable[[Gateway, HTTPServer], None] | None = None) -> None:
-    """Serve until ``stop`` is set. Raises OSError when the address cannot be bound."""
+                      on_ready: Callable[[Gateway, HTTPServer], None] | None = None,
+                      reload: asyncio.Event | None = None,
+                      poll_interval: float | None = None) -> None:
+    """Serve until ``stop`` is set, taking edits of the configuration file every
+    ``poll_interval`` seconds (CONFIG_POLL_SECONDS) and whenever ``reload`` is set. Raises
+    OSError when the address cannot be bound."""
     config = store.snapshot()
     s = config["settings"]
     bind = host or s["host"]
@@ -6632,9 +6791,16 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
         if "*" in s["cors_origins"] and not s["require_auth"]:
             gateway.log('warning: cors_origins has "*" and require_auth is off: any web page '
                         'you open can use your upstream keys')
+        watcher = asyncio.create_task(watch_config(
+            store, gateway, reload or asyncio.Event(),
+            CONFIG_POLL_SECONDS if poll_interval is None else poll_interval))
         if on_ready is not None:
             on_ready(gateway, server)
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
     finally:
         await server.stop()
         gateway.close()
@@ -6675,6 +6841,7 @@ class GatewayThread:
         self.server: HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._reload: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -6711,7 +6878,7 @@ class GatewayThread:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._stop = asyncio.Event()
+        self._stop, self._reload = asyncio.Event(), asyncio.Event()
 
         def ready(gateway: Gateway, server: HTTPServer) -> None:
             self.gateway, self.server = gateway, server
@@ -6720,7 +6887,7 @@ class GatewayThread:
         try:
             loop.run_until_complete(run_gateway(self.store, self._stop, host=self.host,
                                                 port=self.port, on_event=self._emit,
-                                                on_ready=ready))
+                                                on_ready=ready, reload=self._reload))
         except BaseException as exc:                                   # bind errors mostly
             self._error = exc
         finally:
@@ -6743,6 +6910,15 @@ class GatewayThread:
         if thread is not None:
             thread.join(timeout)
         self._thread = None
+
+    def reload(self) -> None:
+        """Have the running gateway re-read the configuration file now (SIGHUP)."""
+        loop, event = self._loop, self._reload
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:                                       # the loop just closed
+                pass
 
     def apply_config(self) -> None:
         """Hand the store's current configuration to the running gateway."""
@@ -6796,10 +6972,14 @@ class GatewayThread:
 tk: Any = None
 ttk: Any = None
 messagebox: Any = None
+tkfont: Any = None
 
 GUI_POLL_MS = 100             # how often the queue is drained
 GUI_BATCH = 500               # events handled per drain at most
 GUI_LOG_ROWS = 1000           # rows kept in the Logs table
+GUI_CELL_PAD = 24             # pixels a Treeview cell or heading adds around its text
+GUI_COLUMN_MAX = 420          # a column widens to its longest cell up to this many pixels
+GUI_RESULT_CHARS = 1000       # a channel test's error kept for the Channels tab's detail line
 CHART_MINUTES = 30            # the requests-per-minute chart's width
 
 THEMES = {
@@ -6826,12 +7006,14 @@ def gui_available() -> bool:
 
 
 def _load_tk() -> None:
-    global tk, ttk, messagebox
+    global tk, ttk, messagebox, tkfont
     if tk is None:
         import tkinter
+        import tkinter.font
         import tkinter.messagebox
         import tkinter.ttk
         tk, ttk, messagebox = tkinter, tkinter.ttk, tkinter.messagebox
+        tkfont = tkinter.font
 
 
 def _dpi_aware() -> None:
@@ -6904,7 +7086,18 @@ def apply_theme(root: Any, name: str) -> dict:
               foreground=[("selected", c["fg"])])
     style.configure("TCheckbutton", background=c["bg"])
     style.configure("TEntry", fieldbackground=c["field"], foreground=c["fg"])
-    style.configure("TCombobox", fieldbackground=c["field"], foreground=c["fg"])
+    style.configure("TCombobox", fieldbackground=c["field"], foreground=c["fg"],
+                    arrowcolor=c["fg"], background=c["panel"])
+    # clam draws a readonly Combobox with its own pale field unless the states are mapped
+    style.map("TCombobox", fieldbackground=[("readonly", c["field"]), ("disabled", c["bg"])],
+              foreground=[("readonly", c["fg"]), ("disabled", c["muted"])],
+              selectbackground=[("readonly", c["field"])],
+              selectforeground=[("readonly", c["fg"])],
+              background=[("readonly", c["panel"]), ("active", c["select"])])
+    root.option_add("*TCombobox*Listbox.background", c["field"])
+    root.option_add("*TCombobox*Listbox.foreground", c["fg"])
+    root.option_add("*TCombobox*Listbox.selectBackground", c["select"])
+    root.option_add("*TCombobox*Listbox.selectForeground", c["fg"])
     return c
 
 
@@ -6912,15 +7105,53 @@ def _tree(parent: Any, columns: list[tuple[str, str, int]], height: int = 10) ->
     frame = ttk.Frame(parent)
     tree = ttk.Treeview(frame, columns=[c[0] for c in columns], show="headings", height=height,
                         selectmode="browse")
-    for key, title, width in columns:
-        tree.heading(key, text=title)
-        tree.column(key, width=width, anchor="w", stretch=True)
+    for key, title, width in columns:        # only the last column stretches, so the others
+        tree.heading(key, text=title)          # keep the widths that fit their text
+        tree.column(key, width=width, anchor="w", stretch=key == columns[-1][0])
+    tree.base_widths = {key: width for key, _, width in columns}
     bar = ttk.Scrollbar(frame, orient="vertical", command=tree.yview)
-    tree.configure(yscrollcommand=bar.set)
-    tree.pack(side="left", fill="both", expand=True)
-    bar.pack(side="right", fill="y")
+    across = ttk.Scrollbar(frame, orient="horizontal", command=tree.xview)
+
+    def scrolled(first: str, last: str) -> None:     # shown only when the columns overflow
+        if float(first) <= 0.0 and float(last) >= 1.0:
+            across.grid_remove()
+        else:
+            across.grid()
+        across.set(first, last)
+    tree.configure(yscrollcommand=bar.set, xscrollcommand=scrolled)
+    tree.grid(row=0, column=0, sticky="nsew")
+    bar.grid(row=0, column=1, sticky="ns")
+    across.grid(row=1, column=0, sticky="ew")
+    across.grid_remove()
+    frame.rowconfigure(0, weight=1)
+    frame.columnconfigure(0, weight=1)
     tree.container = frame
+    _fit_columns(tree)
     return tree
+
+
+def _style_font(widget: Any, style_name: str) -> Any:
+    desc = ttk.Style(widget).lookup(style_name, "font") or "TkDefaultFont"
+    return tkfont.Font(root=widget, font=desc)
+
+
+def _fit_columns(tree: Any, added: tuple | None = None) -> None:
+    """Size each column to its heading and its longest cell, as the fonts measure them (cells
+    up to GUI_COLUMN_MAX), and never narrower than that: the tree scrolls sideways instead.
+    With ``added`` (one new row) the columns only widen for it, without measuring them all."""
+    if not hasattr(tree, "fonts"):                      # measured often: made once per tree
+        tree.fonts = (_style_font(tree, "Treeview.Heading"), _style_font(tree, "Treeview"))
+    head, cell = tree.fonts
+    rows = [added] if added is not None else [tree.item(i, "values")
+                                              for i in tree.get_children()]
+    for index, key in enumerate(tree["columns"]):
+        title = tree.heading(key, "text")
+        need = head.measure(title) + GUI_CELL_PAD
+        longest = max((cell.measure(str(r[index])) for r in rows if index < len(r)), default=0)
+        width = max(tree.base_widths.get(key, 0), need,
+                    min(longest + GUI_CELL_PAD, GUI_COLUMN_MAX),
+                    tree.column(key, "width") if added is not None else 0)
+        tree.column(key, minwidth=width, width=width)
 
 
 def _short(items: Iterable[Any], limit: int = 40) -> str:
@@ -6938,12 +7169,16 @@ def format_record(rec: dict) -> tuple[str, ...]:
             f"{latency:.0f} ms" if latency is not None else "", tokens)
 
 
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} ms"
+
+
 def record_detail(rec: dict) -> str:
     lines = [f"{rec['method']} {rec['route']}  model={rec.get('model') or '-'}  "
              f"status={rec.get('status')}  {'stream' if rec.get('stream') else ''}",
              f"token: {rec.get('token') or '-'}   channel: {rec.get('channel') or '-'}   "
              f"tried: {', '.join(rec.get('tried') or []) or '-'}",
-             f"latency: {rec.get('latency_ms')} ms   first byte: {rec.get('ttfb_ms')} ms   "
+             f"latency: {_ms(rec.get('latency_ms'))}   first byte: {_ms(rec.get('ttfb_ms'))}   "
              f"bytes in/out: {rec.get('bytes_in')}/{rec.get('bytes_out')}"]
     for f in rec.get("failures") or []:
         lines.append(f"  ✗ {f['channel']}: {f['status']} {f['error']}")
@@ -6965,6 +7200,36 @@ def parse_mapping(text: str) -> dict[str, str]:
             raise ValueError(f"'{item.strip()}' is not 'client name = upstream name'")
         out[left.strip()] = right.strip()
     return out
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """Extra upstream headers as a JSON object or ``Name: value`` lines -> dict; raises
+    ValueError naming the line and the fix."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"Headers: the JSON object is not valid ({exc.msg} at column "
+                             f"{exc.colno}); or write one 'Name: value' per line") from None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError('Headers: write a JSON object of strings such as '
+                             '{"HTTP-Referer": "https://example.com"}')
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            name, sep, val = line.partition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"Headers: '{line.strip()}' is not 'Name: value'")
+            pairs.append((name.strip(), val.strip()))
+    for name, val in pairs:
+        if not header_ok(name, val):
+            raise ValueError(f"Headers: '{name}' is not a header name (letters, digits and "
+                             f"-, no spaces) or its value has a line break")
+    return dict(pairs)
 
 
 def validate_settings_form(values: dict[str, str]) -> dict[str, Any]:
@@ -7021,7 +7286,8 @@ class DashboardTab:
         urls.pack(fill="x", pady=(12, 8))
         self.url_vars = {}
         for row, (label, key) in enumerate((("OpenAI base URL", "openai"),
-                                            ("Anthropic base URL / Claude Code", "anthropic"))):
+                                            ("Anthropic base URL / Claude Code", "anthropic"),
+                                            ("Gemini base URL / gemini-cli", "gemini"))):
             ttk.Label(urls, text=label, style="CardMuted.TLabel").grid(row=row, column=0,
                                                                       sticky="w", padx=(0, 12))
             var = tk.StringVar()
@@ -7080,6 +7346,7 @@ class DashboardTab:
         self.address.configure(text=f"listening on {url}" if running else "")
         self.url_vars["openai"].set(f"{url}/v1" if running else "")
         self.url_vars["anthropic"].set(url if running else "")
+        self.url_vars["gemini"].set(url if running else "")
 
     def log(self, text: str) -> None:
         self.activity.configure(state="normal")
@@ -7120,6 +7387,7 @@ class DashboardTab:
             self.health.insert("", "end", values=(name, row.get("state") or "ok",
                                                   row.get("status") or "",
                                                   row.get("latency") or "", row["fails"]))
+        _fit_columns(self.health)
 
     def set_health(self, report: list[dict]) -> None:
         """A channel health report from the gateway (cooldowns, probes)."""
@@ -7158,13 +7426,39 @@ def statistics_median(values: Iterable[float]) -> float:
 
 def _dialog(app: App, title: str, parent: Any = None) -> tuple[Any, Any]:
     """A themed Toplevel over ``parent`` (the main window by default) and its padded body."""
-    top = tk.Toplevel(parent or app.root)
+    owner = parent or app.root
+    top = tk.Toplevel(owner)
+    top.withdraw()                       # shown once built and placed, so it never jumps
     top.title(title)
-    top.transient(parent or app.root)
+    top.transient(owner)
     top.configure(background=app.colors["bg"])
     body = ttk.Frame(top, padding=14)
     body.pack(fill="both", expand=True)
+    top.after_idle(lambda: _center_over(top, owner))
     return top, body
+
+
+def _changed(fields: dict, original: dict) -> dict:
+    """The dialog's fields that differ from the item it opened with: only these are saved, so
+    an edit of the file made while the dialog was open survives."""
+    return {k: v for k, v in fields.items() if v != original.get(k)}
+
+
+def _center_over(top: Any, owner: Any) -> None:
+    """Place ``top`` centred over ``owner``, kept on the screen, then show it."""
+    if not top.winfo_exists():
+        return
+    if not owner.winfo_viewable():        # the main window is not on screen yet
+        top.after(GUI_POLL_MS, lambda: _center_over(top, owner))
+        return
+    top.update_idletasks()
+    w, h = top.winfo_reqwidth(), top.winfo_reqheight()
+    x = owner.winfo_rootx() + (owner.winfo_width() - w) // 2
+    y = owner.winfo_rooty() + (owner.winfo_height() - h) // 2
+    x = max(0, min(x, top.winfo_screenwidth() - w))
+    y = max(0, min(y, top.winfo_screenheight() - h))
+    top.geometry(f"+{x}+{y}")
+    top.deiconify()
 
 
 class ChannelDialog:
@@ -7188,6 +7482,7 @@ class ChannelDialog:
             "max_concurrency": tk.StringVar(value=str(c.get("max_concurrency", 0))),
             "proxy": tk.StringVar(value=c.get("proxy", "")),
             "verify_tls": tk.BooleanVar(value=c.get("verify_tls", True)),
+            "responses_api": tk.BooleanVar(value=c.get("responses_api", False)),
             "enabled": tk.BooleanVar(value=c.get("enabled", True)),
             "show_key": tk.BooleanVar(value=False),
         }
@@ -7235,8 +7530,16 @@ class ChannelDialog:
                                            width=8), "0 = no limit")
         field("Proxy", ttk.Entry(body, textvariable=self.vars["proxy"]),
               "http:// or socks5://")
+        self.headers = tk.Text(body, height=3, width=40, relief="flat",
+                               background=app.colors["field"], foreground=app.colors["fg"])
+        self.headers.insert("1.0", "\n".join(f"{k}: {v}" for k, v in
+                                             c.get("headers", {}).items()))
+        field("Extra headers", self.headers, "Name: value per line, or a JSON object")
         field("", ttk.Checkbutton(body, text="Verify TLS certificates",
                                   variable=self.vars["verify_tls"]))
+        field("", ttk.Checkbutton(body, text="Pass /v1/responses through",
+                                  variable=self.vars["responses_api"]),
+              "the upstream has the Responses API")
         field("", ttk.Checkbutton(body, text="Enabled", variable=self.vars["enabled"]))
         self.error = ttk.Label(body, text="", style="Error.TLabel", wraplength=420)
         self.error.grid(row=row, column=0, columnspan=3, sticky="w", pady=(6, 0))
@@ -7280,14 +7583,17 @@ class ChannelDialog:
                 "max_tokens_cap": cap, "max_concurrency": concurrency,
                 "api_keys": [k.strip() for k in v["api_keys"].get().split(",") if k.strip()],
                 "proxy": v["proxy"].get().strip(),
-                "verify_tls": v["verify_tls"].get(), "enabled": v["enabled"].get()}
+                "headers": parse_headers(self.headers.get("1.0", "end")),
+                "verify_tls": v["verify_tls"].get(), "responses_api": v["responses_api"].get(),
+                "enabled": v["enabled"].get()}
 
     def save(self) -> None:
         try:
             fields = self.fields()
             store = self.app.store
             if self.channel:
-                self.result = store.update_channel(self.channel["id"], **fields)
+                self.result = store.update_channel(self.channel["id"],
+                                                   **_changed(fields, self.channel))
             else:
                 self.result = store.add_channel(**fields)
         except (ValueError, ConfigError) as exc:
@@ -7375,6 +7681,7 @@ class _ListTab:
         self.tree.delete(*self.tree.get_children())
         for item in self.app.store.data[self.kind + "s"]:
             self.tree.insert("", "end", iid=str(item["id"]), values=self.row(item))
+        _fit_columns(self.tree)
 
     def selected(self) -> dict | None:
         sel = self.tree.selection()
@@ -7405,7 +7712,7 @@ class ChannelsTab(_ListTab):
     kind = "channel"
     COLUMNS = [("name", "Name", 130), ("type", "Type", 80), ("base_url", "Base URL", 230),
                ("models", "Models", 170), ("priority", "Priority", 60),
-               ("enabled", "Enabled", 60), ("result", "Last result", 200)]
+               ("enabled", "Enabled", 60), ("result", "Last result", 150)]
 
     def __init__(self, app: App, parent: Any):
         self.results: dict[int, str] = {}
@@ -7413,7 +7720,28 @@ class ChannelsTab(_ListTab):
                                        ("Duplicate", self.duplicate),
                                        ("Enable / Disable", self.toggle), ("Test", self.test),
                                        ("Delete", self.delete)])
+        self.hint = ttk.Label(self.tree.container, style="CardMuted.TLabel", justify="center",
+                              text="No channels yet. Click Add to connect an upstream: OpenAI, "
+                                   "Anthropic, Gemini,\nOllama or any OpenAI-compatible server "
+                                   "(or edit config.json; see the README).")
+        self.detail = ttk.Label(self.frame, text="", style="Muted.TLabel", wraplength=1000)
+        self.detail.pack(fill="x", pady=(6, 0))
+        self.tree.bind("<<TreeviewSelect>>", lambda e: self.show_detail())
         self.refresh()
+
+    def refresh(self) -> None:
+        super().refresh()
+        if self.app.store.data["channels"]:
+            self.hint.place_forget()
+        else:
+            self.hint.place(relx=0.5, rely=0.35, anchor="center")
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        """The selected channel's whole last test result, which its column may cut off."""
+        c = self.selected()
+        result = self.results.get(c["id"], "") if c else ""
+        self.detail.configure(text=f"Last result of '{c['name']}': {result}" if result else "")
 
     def row(self, c: dict) -> tuple:
         return (c["name"], c["type"], c["base_url"], _short(c["models"]) or "(all)",
@@ -7448,7 +7776,7 @@ class ChannelsTab(_ListTab):
 
         def done(ok: bool, value: Any) -> None:
             self.results[cid] = (f"✓ {value['latency_ms']:.0f} ms ({value['model']})" if ok
-                                 else f"✗ {value}"[:200])
+                                 else f"✗ {value}"[:GUI_RESULT_CHARS])
             self.app.dashboard.log(f"test of '{c['name']}': {self.results[cid]}")
             self.refresh()
         self.app.run_task(lambda gw: gw.test_channel(ch), done)
@@ -7483,8 +7811,12 @@ class TokensTab(_ListTab):
         top, frame = _dialog(self.app, "New token")
         ttk.Label(frame, text=f"Token '{name}' created. Copy it now: it is shown only once.",
                   wraplength=420).pack(anchor="w")
-        var = tk.StringVar(value=key)
-        ttk.Entry(frame, textvariable=var, state="readonly", width=56).pack(fill="x", pady=8)
+        # the text is inserted, not bound to a StringVar: a variable that only this function
+        # held was collected on return and Tk then showed an empty box
+        self.key_entry = ttk.Entry(frame, width=56)
+        self.key_entry.insert(0, key)
+        self.key_entry.configure(state="readonly")
+        self.key_entry.pack(fill="x", pady=8)
         buttons = ttk.Frame(frame)
         buttons.pack(anchor="e")
         ttk.Button(buttons, text="Copy", style="Accent.TButton",
@@ -7560,7 +7892,7 @@ class TokenDialog:
                   "rpm": rpm}
         try:
             if self.token:
-                self.app.store.update_token(self.token["id"], **fields)
+                self.app.store.update_token(self.token["id"], **_changed(fields, self.token))
             else:
                 created = self.app.store.add_token(**fields)
         except ConfigError as exc:
@@ -7576,13 +7908,13 @@ class SettingsTab:
     def __init__(self, app: App, parent: Any):
         self.app = app
         self.frame = f = ttk.Frame(parent, padding=14)
-        s = app.store.data["settings"]
-        self.vars = {k: tk.StringVar(value=str(s[k])) for k in
-                     ("host", "port", "proxy", "max_body_mb", "log_file")}
-        self.vars["cors_origins"] = tk.StringVar(value=", ".join(s["cors_origins"]))
-        self.flags = {k: tk.BooleanVar(value=s[k]) for k in
+        self.vars = {k: tk.StringVar() for k in
+                     ("host", "port", "proxy", "max_body_mb", "log_file", "cors_origins")}
+        self.flags = {k: tk.BooleanVar() for k in
                       ("require_auth", "enable_fallback", "log_requests", "start_on_open")}
-        self.theme = tk.StringVar(value=s["theme"])
+        self.theme = tk.StringVar()
+        self.shown: dict[str, Any] = {}         # each field's value as loaded from the store
+        self.reload()
         rows = [("Host", "host", "127.0.0.1 = this machine only"), ("Port", "port", ""),
                 ("Proxy", "proxy", "default for channels without their own"),
                 ("Max body (MiB)", "max_body_mb", ""),
@@ -7617,6 +7949,23 @@ class SettingsTab:
         self.vars["host"].trace_add("write", lambda *a: self.update_warning())
         self.update_warning()
 
+    def _form(self) -> dict[str, Any]:
+        fields = {k: v.get() for k, v in self.vars.items()}
+        fields.update({k: v.get() for k, v in self.flags.items()}, theme=self.theme.get())
+        return fields
+
+    def reload(self) -> None:
+        """Show the store's settings in the fields the user has not changed since they were
+        shown (after an edit of the file on disk, say); the user's own changes stay."""
+        s = self.app.store.data["settings"]
+        current = self._form()
+        for key, var in (*self.vars.items(), *self.flags.items(), ("theme", self.theme)):
+            value = ", ".join(s[key]) if key == "cors_origins" else \
+                s[key] if key in self.flags else str(s[key])
+            if key not in self.shown or current[key] == self.shown[key]:
+                var.set(value)
+            self.shown[key] = value
+
     def update_warning(self) -> None:
         host = self.vars["host"].get().strip()
         exposed = bool(host) and not is_loopback_host(host)
@@ -7638,8 +7987,13 @@ class SettingsTab:
         values.update({k: v.get() for k, v in self.flags.items()})
         values["theme"] = self.theme.get()
         old = dict(self.app.store.data["settings"])
-        if not self.app.save(lambda: self.app.store.update_settings(**values), "settings saved"):
+        form = self._form()              # saved: the fields changed here, so that an edit of
+        changed = {k: values[k] for k in values if form[k] != self.shown[k]}   # the file stays
+        if not self.app.save(lambda: self.app.store.update_settings(**changed),
+                             "settings saved"):
             return
+        self.shown = {}
+        self.reload()
         self.error.configure(text="")
         if values["theme"] != old["theme"]:
             self.app.set_theme(values["theme"])
@@ -7692,8 +8046,9 @@ class LogsTab:
 
     def _insert(self, rec: dict) -> None:
         bad = rec.get("error") is not None or (rec.get("status") or 500) >= 400
-        self.tree.insert("", 0, iid=str(rec["id"]), values=format_record(rec),
-                         tags=("bad",) if bad else ())
+        values = format_record(rec)
+        self.tree.insert("", 0, iid=str(rec["id"]), values=values, tags=("bad",) if bad else ())
+        _fit_columns(self.tree, values)
         children = self.tree.get_children()
         if len(children) > GUI_LOG_ROWS:
             self.tree.delete(*children[GUI_LOG_ROWS:])
@@ -7755,6 +8110,7 @@ class App:
         self.confirm_answer: bool | None = None       # tests answer confirmations with this
         root.protocol("WM_DELETE_WINDOW", self.close)
         self._poll_id = root.after(GUI_POLL_MS, self._poll)
+        self._followed, self._file_problem = 0.0, None
         self.closed = False
         if store.data["settings"]["start_on_open"] if start is None else start:
             self.start()
@@ -7848,6 +8204,8 @@ class App:
                 self.dashboard.log(payload)
             elif kind == "health":
                 self.dashboard.set_health(payload)
+            elif kind == "config":                     # config.json was edited on disk
+                self._show_new_config()
             elif kind == "state":
                 self.dashboard.set_state(payload == "running" and self.bridge.running,
                                          self.bridge.url)
@@ -7858,10 +8216,34 @@ class App:
                     done(ok, value)
         return handled
 
+    def _show_new_config(self) -> None:
+        self.channels.refresh()
+        self.tokens.refresh()
+        self.settings.reload()
+
+    def _follow_file(self) -> None:
+        """With the gateway stopped nothing watches config.json; the window does, so that its
+        tables show an edit made meanwhile (a running gateway reports them as events)."""
+        try:
+            changed = self.store.reload()
+        except ConfigError as exc:
+            if str(exc) != self._file_problem:
+                self._file_problem = str(exc)
+                self.dashboard.log(f"configuration not reloaded: {exc}")
+            return
+        self._file_problem = None
+        if changed:
+            self._show_new_config()
+            self.dashboard.log("configuration reloaded")
+
     def _poll(self) -> None:
         if self.closed:
             return
         self.pump()
+        now = time.monotonic()
+        if not self.bridge.running and now - self._followed >= CONFIG_POLL_SECONDS:
+            self._followed = now
+            self._follow_file()
         self._poll_id = self.root.after(GUI_POLL_MS, self._poll)
 
     def close(self) -> None:
@@ -7879,6 +8261,8 @@ class App:
         self.root.destroy()
 
     def run(self) -> None:
+        if hasattr(signal, "SIGHUP"):       # reload, as headless does, rather than be killed
+            signal.signal(signal.SIGHUP, lambda *_: self.bridge.reload())
         self.root.mainloop()
 
 
@@ -8280,7 +8664,11 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):                # Windows
                 signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-        await run_gateway(store, stop, host=bind_host, port=bind_port, on_event=on_event)
+        reload = asyncio.Event()
+        if hasattr(signal, "SIGHUP"):                                  # not on Windows
+            loop.add_signal_handler(signal.SIGHUP, reload.set)
+        await run_gateway(store, stop, host=bind_host, port=bind_port, on_event=on_event,
+                          reload=reload)
 
     try:
         asyncio.run(serve())

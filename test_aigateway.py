@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -1224,6 +1225,62 @@ def test_10_config_problems_names_every_problem_once():
     assert ag.config_problems([], "c.json") == [
         'c.json: top level: is not a JSON object; write {"settings": {...}, "channels": [...], '
         '"tokens": [...]}']
+# -- saves that never overwrite an edit they have not seen ---------------------------------
+
+def _hand_edit(path, change):
+    cfg = json.loads(open(path).read())
+    change(cfg)
+    with open(path, "w") as f:                 # in place, as an editor might
+        json.dump(cfg, f, indent=1)
+
+
+def test_10_two_stores_on_one_file_keep_both_edits(tmp_path):
+    path = str(tmp_path / "config.json")
+    one, _ = ag.ConfigStore.load(path)
+    two, _ = ag.ConfigStore.load(path)
+    one.add_channel(name="first", type="anthropic")
+    two.add_channel(name="second", type="openai")      # two has not seen "first"
+    two.update_settings(port=4000)
+    one.update_token(1, rpm=7)
+    on_disk = json.loads(open(path).read())
+    assert [(c["id"], c["name"]) for c in on_disk["channels"]] == [(1, "first"), (2, "second")]
+    assert on_disk["settings"]["port"] == 4000 and on_disk["tokens"][0]["rpm"] == 7
+    assert one.data == on_disk
+
+
+def test_10_hand_edit_between_load_and_save_survives(tmp_path):
+    path = str(tmp_path / "config.json")
+    store, _ = ag.ConfigStore.load(path)
+    _hand_edit(path, lambda c: c["settings"].update(log_file="mine.jsonl"))
+    store.update_settings(port=3999)
+    saved = json.loads(open(path).read())["settings"]
+    assert saved["log_file"] == "mine.jsonl" and saved["port"] == 3999
+    _hand_edit(path, lambda c: c["channels"].append({"name": "typed", "type": "nope"}))
+    edited = open(path).read()
+    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.type.*not saved.*fix it first"):
+        store.add_token(name="lost")
+    with pytest.raises(ag.ConfigError, match="changed by another program"):
+        store.save()
+    assert open(path).read() == edited and store.data["settings"]["port"] == 3999
+
+
+def test_10_reload_waits_out_a_half_written_file_then_reports_it(tmp_path):
+    path = str(tmp_path / "config.json")
+    store, _ = ag.ConfigStore.load(path)
+    assert store.reload() is False                              # nothing changed
+    with open(path, "w") as f:
+        f.write('{"settings": ')                                # an editor mid-write
+    written = os.stat(path).st_mtime_ns / 1e9
+    assert store.reload(now=lambda: written + 0.1) is False     # may still be being written
+    for _ in range(2):                                          # then reported, every time
+        with pytest.raises(ag.ConfigError, match="line 1 column 14"):
+            store.reload(now=lambda: written + 1.0)
+    with pytest.raises(ag.ConfigError, match="line 1 column 14"):
+        store.reload(force=True, now=lambda: written + 0.1)     # SIGHUP does not wait
+    assert store.data["tokens"][0]["name"] == "default"         # the last good one stays
+    with open(path, "w") as f:
+        json.dump({"tokens": [{"name": "edited", "key": TOKEN}]}, f)
+    assert store.reload() is True and store.data["tokens"][0]["name"] == "edited"
 
 
 # =================================================================================================
@@ -2053,6 +2110,90 @@ def test_12_apply_config_takes_effect_without_restart(gw, upstream):
     assert any(k == "request" for k, _ in events)
 
 
+# -- hot reload of config.json --------------------------------------------------------------
+
+def _wait_event(thread, pred, timeout):
+    """The first bridge event that ``pred`` accepts within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            event = thread.events.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError("the expected event never came") from None
+        if pred(event):
+            return event
+
+
+def test_12_hand_edit_is_served_within_two_seconds_and_a_bad_one_keeps_the_last_good(
+        gw, upstream):
+    a, b = upstream([openai_chat_reply(text="A")]), upstream([openai_chat_reply(text="B")])
+    g = gw([chan(a, name="a", models=["m-a"])])
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)   # kept alive across
+
+    def ask(model):
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "x"}]}),
+            {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def health():
+        return json.loads(g.request("GET", "/health?details=1")[2])
+
+    assert ask("m-a")[0] == 200 and ask("m-b")[0] == 404
+    started = time.monotonic()
+    _hand_edit(g.store.path, lambda c: c["channels"].append(chan(b, name="b", models=["m-b"])))
+    _wait_event(g.thread, lambda e: e[0] == "log" and "reloaded" in e[1], 2.0)
+    status, body = ask("m-b")                         # same connection: nothing was dropped
+    assert time.monotonic() - started < 2.0
+    assert status == 200 and body["choices"][0]["message"]["content"] == "B"
+    assert [c["name"] for c in g.store.data["channels"]] == ["a", "b"]
+    assert "config_error" not in health()
+
+    with open(g.store.path, "w") as f:
+        f.write('{"channels": [}')
+    _, text = _wait_event(g.thread, lambda e: e[0] == "log" and "not reloaded" in e[1], 2.0)
+    assert "line 1 column 15" in text and "last good configuration" in text
+    assert ask("m-b")[0] == 200 and ask("m-a")[0] == 200           # the last good config
+    assert "line 1 column 15" in health()["config_error"]
+    assert "config_error" not in json.loads(g.request("GET", "/health")[2])   # details only
+
+    with open(g.store.path, "w") as f:
+        json.dump({"settings": {"port": 0}, "channels": [chan(b, name="b", models=["m-a"])],
+                   "tokens": [{"name": "main", "key": TOKEN}]}, f)
+    _wait_event(g.thread, lambda e: e[0] == "log" and "reloaded" in e[1], 2.0)
+    assert "config_error" not in health()
+    assert ask("m-a")[1]["choices"][0]["message"]["content"] == "B"
+    assert ask("m-b")[0] == 404
+    conn.close()
+
+
+def test_12_a_stream_in_flight_finishes_on_the_config_it_started_with(gw, upstream):
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=tuple("abcdefgh")), delay=0.15,
+                         content_type="text/event-stream")])
+    g = gw([chan(up, name="a", models=["m"])])
+    stream = g.openai().chat.completions.create(model="m", messages=[], stream=True)
+    pieces = iter(stream)
+    first = next(pieces)
+    _hand_edit(g.store.path, lambda c: c.update(channels=[]))       # its channel is gone
+    _wait_event(g.thread, lambda e: e[0] == "config", 2.0)
+    assert not g.gateway.records                      # reloaded while the stream still runs
+    text = "".join(ch.choices[0].delta.content or "" for ch in [first, *pieces] if ch.choices)
+    assert text == "abcdefgh"                                        # nothing was cut off
+    assert g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})[0] == 404
+
+
+def test_12_reload_now_reads_the_file_without_waiting_for_the_poll(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "CONFIG_POLL_SECONDS", 3600.0)     # only reload() can see the edit
+    b = upstream([openai_chat_reply(text="B")])
+    g = gw()
+    _hand_edit(g.store.path, lambda c: c["channels"].append(chan(b, name="b", models=["m-b"])))
+    g.thread.reload()                                # what the window does on SIGHUP
+    _wait_event(g.thread, lambda e: e[0] == "config", 5.0)
+    assert g.openai().chat.completions.create(model="m-b", messages=[]).choices[0] \
+        .message.content == "B"
+
+
 def test_12_bind_error_is_raised_to_the_caller(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -2161,6 +2302,51 @@ def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
     out, err = p.communicate(timeout=15)
     busy.close()
     assert p.returncode == 2 and "cannot listen" in err and "--port" in err
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX only")
+def test_14_sighup_reloads_a_headless_gateway_and_reports_a_bad_edit(tmp_path, upstream):
+    b = upstream([openai_chat_reply(text="B")])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [], "tokens": [{"name": "main", "key": TOKEN}]}))
+    port = dead_port()
+    code = ("import sys, aigateway as ag; ag.CONFIG_POLL_SECONDS = 3600; "   # only SIGHUP now
+            "sys.exit(ag.main(sys.argv[1:]))")
+    p = subprocess.Popen([sys.executable, "-c", code, "--headless", "--config", str(cfg),
+                          "--port", str(port)], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in p.stderr], daemon=True).start()
+
+    def stderr_until(needle):
+        deadline = time.monotonic() + 10
+        while True:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if needle in line:
+                return line
+
+    def get(path):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        return json.loads(conn.getresponse().read())
+    try:
+        _wait_health(port, p)
+        assert get("/v1/models")["data"] == []
+        _hand_edit(str(cfg), lambda c: c["channels"].append(chan(b, name="b", models=["m-b"])))
+        p.send_signal(signal.SIGHUP)
+        stderr_until("configuration reloaded")
+        assert [m["id"] for m in get("/v1/models")["data"]] == ["m-b"]
+        cfg.write_text('{"channels": "oops"}')
+        p.send_signal(signal.SIGHUP)
+        line = stderr_until("not reloaded")
+        assert "channels: is not a list" in line and "last good configuration" in line
+        assert "channels: is not a list" in get("/health?details=1")["config_error"]
+        assert [m["id"] for m in get("/v1/models")["data"]] == ["m-b"]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        p.kill()
+        p.wait(5)
 
 
 def test_14_version():
@@ -4030,11 +4216,21 @@ def test_13_pieces_without_a_display():
             ag.validate_settings_form(dict(good, **{key: value}))
 
 
+def _need_xvfb():
+    """Without Xvfb the GUI tests skip, saying why; in CI they must run, so they fail."""
+    if shutil.which("Xvfb") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Xvfb is missing and there is no DISPLAY: CI runs the GUI tests "
+                        "(apt-get install xvfb)")
+        pytest.skip("GUI test: needs a DISPLAY or Xvfb (apt-get install xvfb); CI runs it")
+
+
 @pytest.fixture(scope="session")
 def display():
     if os.environ.get("DISPLAY"):
         yield os.environ["DISPLAY"]
         return
+    _need_xvfb()
     num = 90 + os.getpid() % 100
     proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1280x800x24", "-nolisten",
                              "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -4078,6 +4274,20 @@ def pump_until(app, cond, timeout=10.0):
             return
         time.sleep(0.01)
     raise AssertionError("the GUI never reached the expected state")
+
+
+def test_13_without_xvfb_gui_tests_skip_with_a_reason_but_fail_in_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))                  # no Xvfb on it
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"needs a DISPLAY or Xvfb \(apt-get"):
+        _need_xvfb()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="Xvfb is missing"):
+        _need_xvfb()
+    fake = tmp_path / "Xvfb"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert _need_xvfb() is None                           # with Xvfb they simply run
 
 
 def test_13_window_title_icon_and_tabs(app):
@@ -4142,11 +4352,197 @@ def test_13_create_token_shows_the_key_once(app, upstream):
     assert tok["allowed_models"] == ["gpt-4o"] and tok["allowed_channels"] == ["oa"]
     assert tok["rpm"] == 30
     assert a.tokens.shown_key == tok["key"]
+    pump_until(a, lambda: a.tokens.key_window.winfo_ismapped())
+    assert _entry_texts(a.tokens.key_window) == [tok["key"]]              # what the box shows
     row = a.tokens.tree.item(str(tok["id"]))["values"]
     assert tok["key"] not in " ".join(map(str, row)) and row[1] == ag.mask_secret(tok["key"])
     a.tokens.tree.selection_set(str(tok["id"]))
     a.tokens.toggle()
     assert a.store.data["tokens"][-1]["enabled"] is False
+    a.tokens.tree.selection_set(str(tok["id"]))
+    a.tokens.edit()
+    _hand_edit(a.store.path, lambda c: c["tokens"][-1].update(rpm=99))   # while it is open
+    a.tokens.dialog.name.set("ci-bot-2")
+    a.tokens.dialog.save()
+    saved = json.loads(open(a.store.path).read())["tokens"][-1]
+    assert (saved["name"], saved["rpm"], saved["enabled"]) == ("ci-bot-2", 99, False)
+
+
+# -- what a new user sees in the first minutes ---------------------------------------------
+
+def _widgets(w):
+    yield w
+    for child in w.winfo_children():
+        yield from _widgets(child)
+
+
+def _entry_texts(top):
+    return [w.get() for w in _widgets(top) if w.winfo_class() == "TEntry"]
+
+
+def _column_fits(tree, font_style):
+    """Each heading fits its column as Tk measures the heading font, and so does each cell
+    (up to the column cap) in the cell font."""
+    head = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup("Treeview.Heading", "font"))
+    cell = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup(font_style, "font"))
+    for i, key in enumerate(tree["columns"]):
+        width = tree.column(key, "width")
+        assert width >= head.measure(tree.heading(key, "text")) + 12, key
+        for item in tree.get_children():
+            text = str(tree.item(item, "values")[i])
+            assert width >= min(cell.measure(text) + 12, ag.GUI_COLUMN_MAX), (key, text)
+
+
+def test_13_first_run_shows_the_new_key_in_a_centred_dialog(display, tmp_path):
+    store, key = ag.ConfigStore.load(str(tmp_path / "config.json"))
+    a = ag.App(store, host="127.0.0.1", start=False, new_key=key)
+    try:
+        top = a.tokens.key_window
+        pump_until(a, lambda: top.winfo_ismapped())
+        assert _entry_texts(top) == [key]
+        a.root.clipboard_clear()
+        next(w for w in _widgets(top) if w.winfo_class() == "TButton" and
+             w.cget("text") == "Copy").invoke()
+        assert a.root.clipboard_get() == key
+        mid = (top.winfo_rootx() + top.winfo_width() / 2, top.winfo_rooty() +
+               top.winfo_height() / 2)
+        root_mid = (a.root.winfo_rootx() + a.root.winfo_width() / 2,
+                    a.root.winfo_rooty() + a.root.winfo_height() / 2)
+        assert abs(mid[0] - root_mid[0]) <= 2 and abs(mid[1] - root_mid[1]) <= 2
+    finally:
+        a.close()
+
+
+def test_13_columns_fit_their_text_and_details_show_it_whole(app):
+    a = app()
+    a.notebook.select(a.channels.frame)
+    pump_until(a, lambda: a.channels.hint.winfo_ismapped())
+    assert a.channels.hint.cget("text").startswith("No channels yet. Click Add")
+    a.dashboard.set_health([{"name": "a-rather-long-channel-name", "state": "cooldown",
+                             "cooldown_remaining_s": 30}])
+    a.dashboard.add_record({"id": 1, "time": time.time(), "method": "POST", "route": "/v1/x",
+                            "model": "m", "channel": "a-rather-long-channel-name",
+                            "status": 200, "latency_ms": 5.0, "ttfb_ms": None,
+                            "failures": []})
+    a.root.update()
+    _column_fits(a.dashboard.health, "Treeview")
+    error = "cannot connect to 127.0.0.1:9: connection refused " + "and more words " * 20
+    a.store.add_channel(name="dead", base_url="http://127.0.0.1:9")
+    a.channels.results[1] = f"✗ {error}"
+    a.config_changed("added")
+    a.root.update()
+    assert not a.channels.hint.winfo_ismapped()
+    _column_fits(a.channels.tree, "Treeview")
+    a.channels.tree.selection_set("1")
+    a.root.update()
+    assert a.channels.detail.cget("text") == f"Last result of 'dead': ✗ {error}"
+    rec = {"id": 2, "time": time.time(), "method": "POST", "route": "/v1/chat/completions",
+           "model": "m", "channel": None, "tried": [], "status": 401, "latency_ms": 1.2,
+           "ttfb_ms": None, "stream": False, "token": None, "bytes_in": 2, "bytes_out": 90,
+           "input_tokens": None, "output_tokens": None, "error": "no token", "failures": []}
+    a.logs.add_record(rec)
+    a.logs.tree.selection_set("2")
+    a.root.update()
+    _column_fits(a.logs.tree, "Treeview")
+    detail = a.logs.detail.get("1.0", "end")
+    assert "first byte: —" in detail and "None" not in detail and "latency: 1 ms" in detail
+
+
+def _luminance(widget, color):
+    r, g, b = (v / 65535 for v in widget.winfo_rgb(color))
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_13_dark_theme_combobox_is_readable(app):
+    a = app(settings={"theme": "dark"})
+    a.notebook.select(a.settings.frame)
+    a.root.update()
+    box = next(w for w in _widgets(a.settings.frame) if w.winfo_class() == "TCombobox")
+    assert box.get() == "dark" and "readonly" in box.state()
+    style = ag.ttk.Style(box)
+    fg = style.lookup("TCombobox", "foreground", box.state())
+    bg = style.lookup("TCombobox", "fieldbackground", box.state())
+    light, dark = sorted((_luminance(box, fg), _luminance(box, bg)), reverse=True)
+    assert (light + 0.05) / (dark + 0.05) >= 4.5          # WCAG AA contrast for text
+    assert _luminance(box, bg) < 0.1                      # a dark field in the dark theme
+
+
+def test_13_dashboard_shows_the_gemini_base_url(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running and a.dashboard.url_vars["gemini"].get())
+    shown = {}
+    for label in _widgets(a.dashboard.frame):
+        if label.winfo_class() == "TLabel" and "base URL" in str(label.cget("text")):
+            row = label.grid_info()["row"]
+            shown[label.cget("text")] = label.master.grid_slaves(row=row, column=1)[0].get()
+    assert shown == {"OpenAI base URL": a.bridge.url + "/v1",
+                     "Anthropic base URL / Claude Code": a.bridge.url,
+                     "Gemini base URL / gemini-cli": a.bridge.url}
+
+
+def test_13_channel_dialog_edits_headers_and_responses_api(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    pump_until(a, lambda: d.top.winfo_ismapped())
+    top, root = d.top, a.root
+    assert abs(top.winfo_rootx() + top.winfo_width() / 2 -
+               (root.winfo_rootx() + root.winfo_width() / 2)) <= 2
+    d.vars["name"].set("router")
+    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nBad Name: x")
+    d.save()
+    assert "'Bad Name' is not a header name" in d.error.cget("text")
+    d.headers.delete("1.0", "end")
+    d.headers.insert("1.0", '{"X-Title": 5}')
+    d.save()
+    assert "JSON object of strings" in d.error.cget("text") and not a.store.data["channels"]
+    d.headers.delete("1.0", "end")
+    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nX-Title: aigateway")
+    next(w for w in _widgets(top) if w.winfo_class() == "TCheckbutton" and
+         "responses" in w.cget("text")).invoke()
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"][0]
+    assert saved["headers"] == {"HTTP-Referer": "https://example.com", "X-Title": "aigateway"}
+    assert saved["responses_api"] is True
+    a.channels.tree.selection_set("1")
+    a.channels.edit()
+    d2 = a.channels.dialog
+    assert d2.headers.get("1.0", "end").strip() == \
+        "HTTP-Referer: https://example.com\nX-Title: aigateway"
+    assert d2.vars["responses_api"].get() is True
+    d2.headers.delete("1.0", "end")
+    d2.headers.insert("1.0", '{"X-Title": "json form"}')
+    _hand_edit(a.store.path, lambda c: c["channels"][0].update(priority=7))  # while it is open
+    d2.save()
+    assert a.store.data["channels"][0]["headers"] == {"X-Title": "json form"}
+    assert json.loads(open(a.store.path).read())["channels"][0]["priority"] == 7
+
+
+def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
+    a = app([chan(upstream(), name="one")], start=True)
+    pump_until(a, lambda: a.bridge.running)
+    _hand_edit(a.store.path, lambda c: (c["channels"].append(chan(upstream(), name="two")),
+                                        c["settings"].update(log_file="hand.jsonl")))
+    pump_until(a, lambda: len(a.channels.tree.get_children()) == 2)
+    assert [a.channels.tree.item(i, "values")[0] for i in a.channels.tree.get_children()] == \
+        ["one", "two"]
+    assert a.settings.vars["log_file"].get() == "hand.jsonl"
+    a.bridge.stop()                                  # no watcher now: the save must merge
+    _hand_edit(a.store.path, lambda c: c["settings"].update(proxy="http://127.0.0.1:1"))
+    a.settings.vars["max_body_mb"].set("9")
+    a.settings.vars["port"].set(str(dead_port()))          # the form takes no port 0
+    a.settings.save()
+    saved = json.loads(open(a.store.path).read())["settings"]
+    assert saved["max_body_mb"] == 9 and saved["proxy"] == "http://127.0.0.1:1"
+    assert saved["log_file"] == "hand.jsonl"
+    assert a.settings.vars["proxy"].get() == "http://127.0.0.1:1"
+    _hand_edit(a.store.path, lambda c: c["channels"].pop())      # still stopped: followed too
+    pump_until(a, lambda: len(a.channels.tree.get_children()) == 1)
+    with open(a.store.path, "w") as f:
+        f.write("{")
+    pump_until(a, lambda: "configuration not reloaded" in a.dashboard.activity.get("1.0", "end"))
+    assert len(a.channels.tree.get_children()) == 1
 
 
 def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
