@@ -5264,11 +5264,19 @@ class Gateway:
             if not ctype.lower().startswith("multipart/form-data"):
                 raise GatewayError(400, f"{route.path} takes multipart/form-data with a 'file' "
                                         f"and a 'model' field")
-            for hdrs, start, end in parse_multipart(req.body, ctype):
-                if multipart_field_name(hdrs) == "model":
-                    model = req.body[start:end].decode("utf-8", "replace").strip()
-                    if model:
-                        return model, None, False
+            # One 'model' field, in UTF-8: what is authorised is exactly what is forwarded.
+            fields = [req.body[start:end] for hdrs, start, end in
+                      parse_multipart(req.body, ctype) if multipart_field_name(hdrs) == "model"]
+            if len(fields) > 1:
+                raise GatewayError(400, "the form has more than one 'model' field",
+                                   param="model")
+            try:
+                model = fields[0].decode("utf-8").strip() if fields else ""
+            except UnicodeDecodeError:
+                raise GatewayError(400, "the form's 'model' field is not UTF-8",
+                                   param="model") from None
+            if model:
+                return model, None, False
             raise GatewayError(400, "the form has no 'model' field", param="model")
         if not req.body:
             raise GatewayError(400, "the request body is empty; send a JSON object")

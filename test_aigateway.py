@@ -120,6 +120,7 @@ class FakeUpstream:
         self.replies = list(replies or [openai_chat_reply()])
         self.responder = None
         self.lock = threading.Lock()
+        self.broken = threading.Event()         # a write failed: the gateway hung up on us
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -150,7 +151,11 @@ class FakeUpstream:
                         reply = fake.responder(rec)
                     else:
                         reply = fake.replies.pop(0) if len(fake.replies) > 1 else fake.replies[0]
-                self._write(reply)
+                try:
+                    self._write(reply)
+                except OSError:
+                    fake.broken.set()
+                    raise
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 
@@ -379,6 +384,42 @@ def test_03_json_loads_raises_400():
     assert e.value.status == 400 and "not valid JSON" in e.value.message
 
 
+# -- strict JSON (issue 9): refused with a 400 naming what and where -----------------------------
+
+@pytest.mark.parametrize("data, needle", [
+    (b'{"model":"a","model":"b"}', "'model' appears twice"),
+    (b'{"x":[{"k":1,"k":2}]}', "'k' appears twice"),
+    (b'{"t":NaN}', "NaN"), (b'[Infinity]', "Infinity"), (b'[-Infinity]', "-Infinity"),
+    (b'{"t":1e400}', "1e400 is too large"), (b'[-2.5E+999]', "too large"),
+    (b'{"m":[{"content":"\\ud800"}]}', "m[0].content"),
+    (b'{"\\udc00x":1}', "a key in the top-level object"),
+    (b'["\\ud83d x"]', "unpaired"),
+    (b"[" + b"1" * 5000 + b"]", "too many digits"),
+    (b"[" * 100_000 + b"]" * 100_000, "deeper than 256"),
+    (b'{"a":' * 300 + b"1" + b"}" * 300, "deeper than 256"),
+    (b'"\xed\xa0\x80"', "not valid UTF-8"),                # a surrogate encoded in UTF-8
+    (b"<html>bad gateway</html>", "not valid JSON"), (b'{"a": [1, 2', "not valid JSON"),
+])
+def test_03_strict_json_refuses(data, needle):
+    with pytest.raises(ag.GatewayError) as e:
+        ag.json_loads(data)
+    assert e.value.status == 400 and needle in e.value.message, e.value.message
+
+
+def test_03_strict_json_accepts_what_is_valid_and_keeps_upstream_status():
+    assert ag.json_loads('["\\ud83d\\ude00", "\\\\ud800"]') == ["\U0001f600", "\\ud800"]
+    assert ag.json_loads(b'\xef\xbb\xbf{"a": 1.5e300}') == {"a": 1.5e300}
+    deep = "[" * 256 + "]" * 256
+    assert ag.json_loads(deep) and ag.json_depth(deep) == 256
+    brackets_in_strings = '{"a": "' + "[{" * 1000 + '\\"", "b": [1]}'
+    assert ag.json_depth(brackets_in_strings) == 2
+    assert ag.json_loads(brackets_in_strings)["b"] == [1]
+    assert ag.json_loads(b'{"k":1,"k":2}', unique_keys=False) == {"k": 2}
+    with pytest.raises(ag.ProtocolError) as e:
+        ag.json_loads(b"[NaN]", "an upstream event", status=502, error=ag.ProtocolError)
+    assert e.value.status == 502 and e.value.message.startswith("an upstream event")
+
+
 # =================================================================================================
 # 4. HTTP/1.1 wire format
 # =================================================================================================
@@ -509,6 +550,41 @@ def test_05_ndjson_whole_and_bytewise():
     assert out == [{"a": 1}, {"b": [2]}, {"done": True}]
     with pytest.raises(ag.ProtocolError):
         ag.NDJSONDecoder().feed(b"not json\n")
+
+
+# -- limits on one event or line (issue 9): raised, never grown --------------------------------
+
+def test_05_sse_and_ndjson_event_limits_bytewise(monkeypatch):
+    monkeypatch.setattr(ag, "MAX_EVENT_BYTES", 64)
+    ok = b"data: " + b"a" * 40 + b"\n\n" + b"data: " + b"b" * 40 + b"\n\n"
+    assert len(_feed_bytewise(ag.SSEDecoder(), ok)) == 2     # many events, each under the limit
+    for endless in (b"data: " + b"x" * 100,                  # one endless line
+                    b"data: x\n" * 20,                       # data lines without a blank line
+                    b"data\n" * 20):
+        with pytest.raises(ag.ProtocolError) as e:
+            _feed_bytewise(ag.SSEDecoder(), endless)
+        assert e.value.status == 502 and "SSE event longer than" in e.value.message
+    assert len(_feed_bytewise(ag.NDJSONDecoder(), (b'{"a":"' + b"y" * 40 + b'"}\n') * 3)) == 3
+    with pytest.raises(ag.ProtocolError) as e:
+        _feed_bytewise(ag.NDJSONDecoder(), b'{"a":"' + b"y" * 100)
+    assert e.value.status == 502 and "NDJSON line longer than" in e.value.message
+    with pytest.raises(ag.ProtocolError) as e:
+        ag.NDJSONDecoder().feed(b'{"a": NaN}\n')
+    assert "NaN" in e.value.message
+    pt = ag.SSEPassthrough()
+    monkeypatch.setattr(ag, "SSE_CARRY_LIMIT", 16)
+    with pytest.raises(ag.ProtocolError):
+        for _ in range(10):
+            pt.feed(b"data: " + b"z" * 20)
+    assert pt.open > 0                          # the relay ends the cut event before its error
+
+
+def test_05_converted_decoder_refuses_an_event_that_is_not_json():
+    dec = ag.OpenAIStreamDecoder()
+    assert dec.feed(b"data: [DONE]\n\ndata: \n\n") == []
+    with pytest.raises(ag.ProtocolError) as e:
+        dec.feed(b'data: {"choices": [Infinity]}\n\n')
+    assert e.value.status == 502 and "Infinity" in e.value.message
 
 
 def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
