@@ -660,6 +660,117 @@ def test_07_chunked_close_delimited_gzip_and_deflate(upstream):
     assert run(go()) == [text] * 5
 
 
+# -- bounded reads from upstreams (issue 9) ------------------------------------------------------
+
+def gzip_bomb(gib: float = 1.0):
+    """``gib`` GiB of zeros, gzip-compressed as it is sent (about 1 KiB per MiB): each 1 MiB
+    segment ends in a full flush, which resets the compressor, so all but the first are the
+    same bytes and the bomb costs nothing to make."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    yield first
+    for _ in range(int(gib * 1024) - 1):
+        yield again
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def test_07_whole_answer_cap_and_bomb_inflated_in_pieces(upstream):
+    up = upstream([Reply(body=b"x" * (3 << 20)),
+                   Reply(chunks=gzip_bomb(0.0625), headers={"Content-Encoding": "gzip"}),
+                   Reply(chunks=gzip_bomb(0.0625), headers={"Content-Encoding": "gzip"}),
+                   Reply(body=b"y" * (3 << 20))])
+
+    async def go():
+        c = ag.UpstreamClient(max_response=2 << 20)
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(up.url, c)
+        assert e.value.status == 502 and "settings.max_response_mb" in e.value.message
+        resp = await c.request("POST", up.url, [], b"{}")
+        sizes = [len(piece) async for piece in resp.iter_bytes()]
+        assert sum(sizes) == 64 << 20 and max(sizes) <= ag.DECODE_PIECE   # never inflated whole
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(up.url, c)                  # the bomb read whole: refused at 2 MiB
+        assert "2 MiB limit" in e.value.message
+        resp = await c.request("POST", up.url, [], b"{}")
+        assert await resp.read(ag.MAX_ERROR_BODY) == b"y" * ag.MAX_ERROR_BODY   # error bodies
+    run(go())
+
+
+def _raw_upstream(script):
+    """A TCP server that runs ``script(conn)`` on each connection after reading the request head."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    got = conn.recv(65536)
+                    if not got:
+                        break
+                    data += got
+                try:
+                    script(conn)
+                except OSError:
+                    pass
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _wait_for_close(conn):
+    conn.settimeout(10)
+    try:
+        while conn.recv(1024):
+            pass
+    except OSError:
+        pass
+
+
+def test_07_response_head_deadline(monkeypatch):
+    monkeypatch.setattr(ag, "UPSTREAM_HEAD_TIMEOUT", 0.3)
+
+    def drip_head(conn):                     # the head begins, then never completes
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        _wait_for_close(conn)
+
+    def early_hints_forever(conn):           # interim heads do not extend the deadline
+        for _ in range(200):
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+            time.sleep(0.01)
+        _wait_for_close(conn)
+    srv1, url1 = _raw_upstream(drip_head)
+    srv2, url2 = _raw_upstream(early_hints_forever)
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(url1, timeout=30)
+        assert e.value.status == 502 and "rest of the message head" in e.value.message
+        assert time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(url2, timeout=0.5)
+        assert e.value.status == 504 and time.monotonic() - t0 < 5
+    try:
+        run(go())
+    finally:
+        srv1.close()
+        srv2.close()
+
+
 def test_07_first_byte_and_idle_timeouts(upstream):
     up = upstream([Reply(hang=3), Reply(chunks=[b"a", b"b"], delay=3)])
 
@@ -1420,6 +1531,134 @@ def test_11_bad_bodies_get_clear_errors(gw, upstream):
     status, _, out = g.request("POST", "/v1/messages", b"{oops",
                                headers={"anthropic-version": "2023-06-01"})
     assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+
+
+# -- hostile JSON and hostile upstreams (issue 9, points 4 and 5) --------------------------------
+
+def test_11_hostile_json_bodies_refused_before_any_upstream(gw, upstream):
+    up_o, up_a = upstream(), upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up_o, name="pass", models=["m", "whisper-1"]),
+            chan(up_a, name="conv", type="anthropic", models=["claude-*"])])
+    deep = b'{"model":"m","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    cases = [
+        (b'{"model":"m","model":"claude-x","messages":[]}', "'model' appears twice"),
+        (b'{"model":"m","messages":[],"temperature":NaN}', "NaN"),
+        (deep, "deeper than 256"),
+        (b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
+         "messages[0].content"),                                           # passthrough
+        (b'{"model":"claude-x","messages":[{"role":"user","content":"\\ud800"}]}',
+         "unpaired"),                                                      # converted
+    ]
+    for body, needle in cases:
+        status, _, out = g.request("POST", "/v1/chat/completions", body,
+                                   headers={"Content-Type": "application/json"})
+        err = json.loads(out)["error"]
+        assert status == 400 and needle in err["message"], (body[:60], err)
+        assert set(err) == {"message", "type", "param", "code"}
+    status, _, out = g.request("POST", "/v1/messages",
+                               b'{"model":"claude-x","max_tokens":5,"stream":Infinity,'
+                               b'"messages":[]}', headers={"anthropic-version": "2023-06-01"})
+    assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+    form = (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nother\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+            b'RIFF\r\n--B--\r\n')
+    status, _, out = g.request("POST", "/v1/audio/transcriptions", form,
+                               headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert status == 400 and "more than one 'model'" in json.loads(out)["error"]["message"]
+    assert not up_o.requests and not up_a.requests          # nothing invalid was forwarded
+
+
+def test_11_upstream_html_or_bad_json_is_502_naming_the_channel(gw, upstream):
+    html = Reply(body=b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+    up_a = upstream([html])                                      # behind an OpenAI client
+    up_o = upstream([Reply(body=b'{"id": "x", "choices": [{"mess')])   # behind Anthropic
+    up_p = upstream([Reply(body=b'{"id": "x", "usage": {"prompt_tokens": NaN}}')])
+    g = gw([chan(up_a, name="relay-a", type="anthropic", models=["claude-*"]),
+            chan(up_o, name="relay-o", models=["gpt-*"]),
+            chan(up_p, name="relay-p", models=["pass-*"])])
+    with pytest.raises(openai.APIStatusError) as e:
+        g.openai().chat.completions.create(model="claude-x", messages=[
+            {"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502 and "channel 'relay-a'" in e.value.message
+    assert "not valid JSON" in e.value.message
+    with pytest.raises(anthropic.APIStatusError) as e:
+        g.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=[
+            {"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502 and e.value.body["type"] == "error"
+    assert "channel 'relay-o'" in e.value.body["error"]["message"]
+    status, _, out = g.request("POST", "/v1/chat/completions",       # passthrough, too
+                               {"model": "pass-1", "messages": []})
+    assert status == 502 and "channel 'relay-p'" in json.loads(out)["error"]["message"]
+
+
+def test_11_converted_stream_event_that_is_not_json_gives_in_band_error(gw, upstream):
+    chunks = openai_stream_chunks(pieces=("ok",))
+    chunks.insert(2, b"data: {\"choices\": [{\"delta\": NaN\n\n")
+    up = upstream([Reply(chunks=chunks, content_type="text/event-stream")])
+    g = gw([chan(up, name="relay")])
+    status, hdrs, out = g.request("POST", "/v1/messages", {
+        "model": "gpt-x", "max_tokens": 5, "stream": True,
+        "messages": [{"role": "user", "content": "hi"}]},
+        headers={"anthropic-version": "2023-06-01"})          # read to a clean chunked end
+    events = _sse_events(out)
+    assert status == 200 and events[-1][0] == "error"
+    assert "channel 'relay'" in events[-1][1]["error"]["message"]
+    assert "NaN" in events[-1][1]["error"]["message"]
+
+
+def _reset_peak_rss() -> float:
+    with open("/proc/self/clear_refs", "w") as f:       # peak RSS (VmHWM) starts again from now
+        f.write("5")
+    return _rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _endless(piece: bytes, first: bytes = b""):
+    yield first
+    while True:
+        yield piece
+
+
+def test_11_unbounded_upstreams_end_in_errors_with_bounded_memory(gw, upstream):
+    """An endless body without a newline, a 1 GiB gzip bomb and an endless SSE line, on converted
+    and passthrough routes: each ends in a 502 or an in-band error, and the gateway's peak RSS
+    (measured: it runs in this process) grows by far less than what the upstreams sent."""
+    line = b"x" * 65536
+    body = upstream([Reply(chunks=_endless(line), close_delimited=True)])
+    bomb = upstream([Reply(chunks=gzip_bomb(1.0), headers={"Content-Encoding": "gzip"})])
+    sse = upstream([Reply(chunks=_endless(line, b'event: content_block_delta\ndata: {"a":"'),
+                          content_type="text/event-stream")])
+    sse_pt = upstream([Reply(chunks=_endless(line, b'data: {"a":"'),
+                             content_type="text/event-stream")])
+    g = gw([chan(body, name="endless", type="anthropic", models=["claude-endless"]),
+            chan(bomb, name="bomb", type="anthropic", models=["claude-bomb"]),
+            chan(sse, name="line", type="anthropic", models=["claude-line"]),
+            chan(sse_pt, name="line-pt", models=["gpt-line"])])
+    g.request("GET", "/health")
+    base = _reset_peak_rss()
+    msgs = [{"role": "user", "content": "hi"}]
+    for model, needle in (("claude-endless", "64 MiB limit (settings.max_response_mb)"),
+                          ("claude-bomb", "64 MiB limit (settings.max_response_mb)")):
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": model, "messages": msgs}, timeout=60)
+        err = json.loads(out)["error"]["message"]
+        assert status == 502 and needle in err and f"channel '{model[7:]}'" in err
+    for model in ("claude-line", "gpt-line"):
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": model, "messages": msgs, "stream": True},
+                                   timeout=60)
+        assert status == 200 and out.rstrip().endswith(b"}")      # cleanly ended, not empty
+        last = json.loads(out.rstrip().rsplit(b"\n", 1)[-1][5:])
+        assert "SSE event longer than 16 MiB" in last["error"]["message"]
+    grown = _peak_rss_mib() - base
+    assert grown < 200, f"peak RSS grew by {grown:.0f} MiB"
+    for up in (body, sse, sse_pt):                 # (the bomb is only 1 MiB on the wire)
+        assert up.broken.wait(10)                  # the gateway hung up on the endless ones
 
 
 def test_11_request_log_and_events_hold_no_secret(gw, upstream, tmp_path):
