@@ -1081,6 +1081,18 @@ async def write_and_drain(writer: asyncio.StreamWriter, data: bytes,
         await timed(writer.drain(), WRITE_TIMEOUT if timeout is None else timeout)
 
 
+def abort_connection(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection now with a reset (SO_LINGER 0): data still queued for the peer, in
+    our buffer or the kernel's, is discarded instead of waiting for a peer that does not read."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
+
+
 async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
     """Close, waiting at most ``timeout`` for unsent data to go out; a peer that does not take
     it (a client that stopped reading) gets its connection aborted, so no socket stays open."""
@@ -1088,7 +1100,7 @@ async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> No
         writer.close()
         await timed(writer.wait_closed(), timeout)
     except (TimeoutError, asyncio.CancelledError):
-        writer.transport.abort()
+        abort_connection(writer)
     except (OSError, ssl.SSLError):
         pass
 
@@ -1871,7 +1883,10 @@ class HTTPServer:
                 await write_and_drain(writer, b"0\r\n\r\n")
             return ka
         except TimeoutError:
+            # The client stopped reading: what it has not taken is dropped with the connection,
+            # not left queued in the kernel for a peer that may never read it.
             self._log(f"dropped a client that read nothing for {WRITE_TIMEOUT:g} s")
+            abort_connection(writer)
             return False
         except (ConnectionError, OSError):
             return False

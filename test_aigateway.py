@@ -1619,7 +1619,8 @@ def _peak_rss_mib() -> float:
 
 
 def _endless(piece: bytes, first: bytes = b""):
-    yield first
+    if first:                                   # (an empty chunk would end a chunked body)
+        yield first
     while True:
         yield piece
 
@@ -3322,6 +3323,42 @@ def test_14_https_for_the_gateway_itself(tmp_path, self_signed):
         assert conn.getresponse().status == 200
     finally:
         g.stop()
+
+
+def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upstream,
+                                                                        monkeypatch):
+    """A client with a tiny receive buffer that never reads a long stream: after WRITE_TIMEOUT
+    without progress it is dropped, the upstream request is cancelled (the fake sees the
+    gateway hang up) and the socket is aborted, not left open with unsent data."""
+    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.5)
+    event = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 +
+             b'"},"finish_reason":null}]}\n\n')
+    up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
+    g = gw([chan(up)])
+    g.request("GET", "/health")
+    base_fds = _open_fds()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", g.port))
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+              TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        assert up.broken.wait(30)                  # the upstream request was cancelled
+        assert g.records(1, timeout=10)[-1]["status"] == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (g.thread.server.connection_count() or
+                                               _open_fds() > base_fds + 1):
+            time.sleep(0.02)
+        assert g.thread.server.connection_count() == 0
+        assert _open_fds() <= base_fds + 1         # only our own, unread, client socket
+        s.settimeout(10)
+        with pytest.raises(ConnectionResetError):  # aborted: unsent data was dropped
+            while s.recv(65536):
+                pass
+    finally:
+        s.close()
 
 
 def test_08_connection_cap(gw):
