@@ -104,7 +104,7 @@ MAX_BUFFERED_RESPONSE = 1024 * 1024   # upstream bodies up to this are read whol
 MAX_ERROR_BODY = 256 * 1024           # how much of an upstream error body we read
 DEFAULT_MAX_RESPONSE_MB = 64          # settings.max_response_mb: a larger whole answer -> 502
 MAX_EVENT_BYTES = 16 * 1024 * 1024    # one SSE event or NDJSON line longer than this -> 502
-DECODE_PIECE = 256 * 1024             # gzip/deflate output per step: a bomb is never inflated whole
+DECODE_PIECE = 256 * 1024             # gzip/deflate output per step: no bomb is inflated whole
 UPSTREAM_HEAD_TIMEOUT = 30.0          # an upstream's head, once begun, is complete within this
 MAX_IMAGE_BYTES = 20 * 1024 * 1024    # image URLs fetched for Gemini/Ollama up to this size
 

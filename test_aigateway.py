@@ -704,7 +704,7 @@ def test_07_whole_answer_cap_and_bomb_inflated_in_pieces(upstream):
 
 
 def _raw_upstream(script):
-    """A TCP server that runs ``script(conn)`` on each connection after reading the request head."""
+    """A TCP server that runs ``script(conn)`` on each connection once the request head came."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
