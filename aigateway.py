@@ -328,8 +328,10 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
     """Parse JSON strictly or raise ``error(status)`` naming what was wrong and where:
     text that is not UTF-8, nesting deeper than JSON_MAX_DEPTH, a key twice in one object
     (unless ``unique_keys`` is off), NaN / Infinity, numbers past a double or past Python's int
-    digit limit, and escapes that leave an unpaired UTF-16 surrogate. The checks that cost more
-    than a scan run only when a scan finds what they look for."""
+    digit limit, and escapes that leave an unpaired UTF-16 surrogate. Duplicates are caught by
+    ``object_pairs_hook`` (a Python call per object, the main cost); the depth and surrogate
+    checks run only when a cheap scan finds more than JSON_MAX_DEPTH brackets or a surrogate
+    escape."""
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError as exc:
@@ -5697,7 +5699,7 @@ class Gateway:
         """The whole upstream answer, or its error in the client's shape (the client's own
         mistake, so no fallback)."""
         try:
-            raw = await up.read()
+            raw = await up.read(MAX_ERROR_BODY if up.status >= 300 else None)
         except UpstreamError as exc:
             raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
         if up.status >= 300:

@@ -1572,7 +1572,7 @@ def test_11_hostile_json_bodies_refused_before_any_upstream(gw, upstream):
 def test_11_upstream_html_or_bad_json_is_502_naming_the_channel(gw, upstream):
     html = Reply(body=b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
     up_a = upstream([html])                                      # behind an OpenAI client
-    up_o = upstream([Reply(body=b'{"id": "x", "choices": [{"mess')])   # behind Anthropic
+    up_o = upstream([html, Reply(body=b'{"id": "x", "choices": [{"mess')])   # behind Anthropic
     up_p = upstream([Reply(body=b'{"id": "x", "usage": {"prompt_tokens": NaN}}')])
     g = gw([chan(up_a, name="relay-a", type="anthropic", models=["claude-*"]),
             chan(up_o, name="relay-o", models=["gpt-*"]),
@@ -1582,11 +1582,13 @@ def test_11_upstream_html_or_bad_json_is_502_naming_the_channel(gw, upstream):
             {"role": "user", "content": "hi"}])
     assert e.value.status_code == 502 and "channel 'relay-a'" in e.value.message
     assert "not valid JSON" in e.value.message
-    with pytest.raises(anthropic.APIStatusError) as e:
-        g.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=[
-            {"role": "user", "content": "hi"}])
-    assert e.value.status_code == 502 and e.value.body["type"] == "error"
-    assert "channel 'relay-o'" in e.value.body["error"]["message"]
+    for _ in ("html", "truncated JSON"):
+        with pytest.raises(anthropic.APIStatusError) as e:
+            g.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=[
+                {"role": "user", "content": "hi"}])
+        assert e.value.status_code == 502 and e.value.body["type"] == "error"
+        assert e.value.body["error"]["type"] == "api_error"
+        assert "channel 'relay-o'" in e.value.body["error"]["message"]
     status, _, out = g.request("POST", "/v1/chat/completions",       # passthrough, too
                                {"model": "pass-1", "messages": []})
     assert status == 502 and "channel 'relay-p'" in json.loads(out)["error"]["message"]
@@ -1636,8 +1638,11 @@ def test_11_unbounded_upstreams_end_in_errors_with_bounded_memory(gw, upstream):
                           content_type="text/event-stream")])
     sse_pt = upstream([Reply(chunks=_endless(line, b'data: {"a":"'),
                              content_type="text/event-stream")])
+    err_bomb = upstream([Reply(400, chunks=gzip_bomb(1.0), headers={"Content-Encoding": "gzip"}),
+                         Reply(500, chunks=gzip_bomb(1.0), headers={"Content-Encoding": "gzip"})])
     g = gw([chan(body, name="endless", type="anthropic", models=["claude-endless"]),
             chan(bomb, name="bomb", type="anthropic", models=["claude-bomb"]),
+            chan(err_bomb, name="err-bomb", type="anthropic", models=["claude-err"]),
             chan(sse, name="line", type="anthropic", models=["claude-line"]),
             chan(sse_pt, name="line-pt", models=["gpt-line"])])
     g.request("GET", "/health")
@@ -1649,6 +1654,10 @@ def test_11_unbounded_upstreams_end_in_errors_with_bounded_memory(gw, upstream):
                                    {"model": model, "messages": msgs}, timeout=60)
         err = json.loads(out)["error"]["message"]
         assert status == 502 and needle in err and f"channel '{model[7:]}'" in err
+    for expected in (400, 500):                     # error bodies: read up to MAX_ERROR_BODY
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": "claude-err", "messages": msgs}, timeout=60)
+        assert status == expected and "channel 'err-bomb'" in json.loads(out)["error"]["message"]
     for model in ("claude-line", "gpt-line"):
         status, _, out = g.request("POST", "/v1/chat/completions",
                                    {"model": model, "messages": msgs, "stream": True},
