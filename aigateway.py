@@ -4850,9 +4850,9 @@ def guess_dialect(path: str, headers: Headers) -> str:
     return OPENAI
 
 
-def upstream_json(raw: bytes, channel: str, what: str = "answer") -> Any:
+def upstream_json(raw: bytes, channel: str, what: str = "an answer") -> Any:
     """An upstream's JSON answer, parsed strictly; anything else is the channel's fault: 502."""
-    return json_loads(raw, f"channel '{channel}' sent an {what} that", status=502)
+    return json_loads(raw, f"channel '{channel}' sent {what} that", status=502)
 
 
 def join_base_url(base: str, suffix: str) -> str:
@@ -5565,7 +5565,7 @@ class Gateway:
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
         raw = await self._read_converted(up, ch)
-        body = upstream_json(raw, ch.name, "model list")
+        body = upstream_json(raw, ch.name, "a model list")
         items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
         names = []
         for item in items:
