@@ -289,20 +289,33 @@ _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_json_pairs, parse_constant=_j
                                 parse_float=_json_float, parse_int=_json_int)
 _STRICT_JSON_EVENTS = json.JSONDecoder(parse_constant=_json_constant, parse_float=_json_float,
                                        parse_int=_json_int)
-_JSON_STRING_RX = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _JSON_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _JSON_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 _SURROGATE_ESCAPE_RX = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_RX = re.compile("[\ud800-\udfff]")
 
 
-def json_depth(text: str) -> int:
-    """The deepest nesting of arrays and objects in JSON text, brackets inside strings ignored.
-    Linear and without recursion: strings are cut out, the brackets kept as steps of +1/-1
-    (stored as 2 and 0), and the running sum minus the position is the depth."""
-    outside = _JSON_STRING_RX.sub("", text).encode("utf-8", "replace")
+def json_too_deep(text: str, limit: int = JSON_MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays/objects deeper than ``limit``, brackets inside strings
+    ignored; exact for valid JSON. Linear, no recursion, and C-level string operations but for
+    the last step: escaped backslashes and quotes are dropped so that splitting at quotes leaves
+    the text outside strings at even places; its brackets become steps of +1/-1 (stored as 2 and
+    0); each pass that removes every adjacent open-close pair takes exactly one level off; the
+    running sum of what is left, minus the position, is the rest of the depth."""
+    if "\\" in text:
+        text = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(text.split('"')[::2]).encode("utf-8", "replace")
     steps = outside.translate(_JSON_BRACKET_STEPS, _JSON_NOT_BRACKETS)
-    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
+    peeled = 0
+    while peeled < 3:                   # leaves and their parents: most brackets, cheaply
+        shorter = steps.replace(b"\x02\x00", b"")
+        if len(shorter) == len(steps):
+            break
+        steps, peeled = shorter, peeled + 1
+    if b"\x02" * (limit - peeled + 1) in steps:     # a plain run of opening brackets
+        return True
+    depth = max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
+    return depth + peeled > limit
 
 
 def _lone_surrogate_at(obj: Any) -> str | None:
@@ -339,7 +352,7 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
     if text.startswith("\ufeff"):
         text = text[1:]
     if len(text) > 2 * JSON_MAX_DEPTH and text.count("[") + text.count("{") > JSON_MAX_DEPTH \
-            and json_depth(text) > JSON_MAX_DEPTH:
+            and json_too_deep(text):
         raise error(status, f"{what} nests arrays/objects deeper than {JSON_MAX_DEPTH}")
     try:
         obj = (_STRICT_JSON if unique_keys else _STRICT_JSON_EVENTS).decode(text)

@@ -410,10 +410,14 @@ def test_03_strict_json_accepts_what_is_valid_and_keeps_upstream_status():
     assert ag.json_loads('["\\ud83d\\ude00", "\\\\ud800"]') == ["\U0001f600", "\\ud800"]
     assert ag.json_loads(b'\xef\xbb\xbf{"a": 1.5e300}') == {"a": 1.5e300}
     deep = "[" * 256 + "]" * 256
-    assert ag.json_loads(deep) and ag.json_depth(deep) == 256
-    brackets_in_strings = '{"a": "' + "[{" * 1000 + '\\"", "b": [1]}'
-    assert ag.json_depth(brackets_in_strings) == 2
-    assert ag.json_loads(brackets_in_strings)["b"] == [1]
+    assert ag.json_loads(deep) and not ag.json_too_deep(deep)
+    assert ag.json_too_deep("[" * 257 + "]" * 257)
+    comb = "[[[[[1]]]]," * 296 + "0" + "]" * 296     # 296 levels, each with a tooth 4 deep
+    assert ag.json_too_deep(comb, 299) and not ag.json_too_deep(comb, 300)
+    brackets_in_strings = '{"a": "' + "[{" * 1000 + '\\\\\\"[", "b": [[1]]}'
+    assert not ag.json_too_deep(brackets_in_strings, 3)
+    assert ag.json_too_deep(brackets_in_strings, 2)
+    assert ag.json_loads(brackets_in_strings)["b"] == [[1]]
     assert ag.json_loads(b'{"k":1,"k":2}', unique_keys=False) == {"k": 2}
     with pytest.raises(ag.ProtocolError) as e:
         ag.json_loads(b"[NaN]", "an upstream event", status=502, error=ag.ProtocolError)
