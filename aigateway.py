@@ -5810,7 +5810,10 @@ class Gateway:
         sse = ctype.startswith("text/event-stream")
         length = up.headers.get("content-length")
         small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
-        if not sse and small and "content-encoding" not in up.headers:
+        # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
+        # it is framed or compressed, so that it is checked before it is forwarded.
+        whole_json = "json" in ctype and up.status < 300 and not rec["stream"]
+        if not sse and (whole_json or (small and "content-encoding" not in up.headers)):
             try:
                 body = await up.read()
             except UpstreamError as exc:

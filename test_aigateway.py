@@ -1578,7 +1578,11 @@ def test_11_upstream_html_or_bad_json_is_502_naming_the_channel(gw, upstream):
     html = Reply(body=b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
     up_a = upstream([html])                                      # behind an OpenAI client
     up_o = upstream([html, Reply(body=b'{"id": "x", "choices": [{"mess')])   # behind Anthropic
-    up_p = upstream([Reply(body=b'{"id": "x", "usage": {"prompt_tokens": NaN}}')])
+    zipped = openai_chat_reply(usage=(21, 8)).body
+    up_p = upstream([Reply(body=b'{"id": "x", "usage": {"prompt_tokens": NaN}}'),
+                     Reply(chunks=[gzip.compress(b'{"id": "x", "choices": [')],
+                           headers={"Content-Encoding": "gzip"}),
+                     Reply(chunks=[gzip.compress(zipped)], headers={"Content-Encoding": "gzip"})])
     g = gw([chan(up_a, name="relay-a", type="anthropic", models=["claude-*"]),
             chan(up_o, name="relay-o", models=["gpt-*"]),
             chan(up_p, name="relay-p", models=["pass-*"])])
@@ -1594,9 +1598,14 @@ def test_11_upstream_html_or_bad_json_is_502_naming_the_channel(gw, upstream):
         assert e.value.status_code == 502 and e.value.body["type"] == "error"
         assert e.value.body["error"]["type"] == "api_error"
         assert "channel 'relay-o'" in e.value.body["error"]["message"]
-    status, _, out = g.request("POST", "/v1/chat/completions",       # passthrough, too
-                               {"model": "pass-1", "messages": []})
-    assert status == 502 and "channel 'relay-p'" in json.loads(out)["error"]["message"]
+    for _ in ("NaN", "truncated, gzip and chunked"):                 # passthrough, too
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": "pass-1", "messages": []})
+        assert status == 502 and "channel 'relay-p'" in json.loads(out)["error"]["message"]
+    status, _, out = g.request("POST", "/v1/chat/completions", {"model": "pass-1",
+                                                                "messages": []})
+    assert status == 200 and out == zipped                      # checked, decoded, forwarded
+    assert (g.records(5)[-1]["input_tokens"], g.records(5)[-1]["output_tokens"]) == (21, 8)
 
 
 def test_11_converted_stream_event_that_is_not_json_gives_in_band_error(gw, upstream):
