@@ -1564,6 +1564,11 @@ def test_11_hostile_json_bodies_refused_before_any_upstream(gw, upstream):
                                b'{"model":"claude-x","max_tokens":5,"stream":Infinity,'
                                b'"messages":[]}', headers={"anthropic-version": "2023-06-01"})
     assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+    status, _, out = g.request("POST", "/v1beta/models/claude-x:generateContent",
+                               b'{"contents": [{"parts": [{"text": "\\udfff"}]}]}',
+                               headers={"Content-Type": "application/json"})
+    err = json.loads(out)["error"]
+    assert status == 400 and err["status"] == "INVALID_ARGUMENT" and "contents[0]" in err["message"]
     form = (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
             b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nother\r\n'
             b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
