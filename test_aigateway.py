@@ -1568,7 +1568,8 @@ def test_11_hostile_json_bodies_refused_before_any_upstream(gw, upstream):
                                b'{"contents": [{"parts": [{"text": "\\udfff"}]}]}',
                                headers={"Content-Type": "application/json"})
     err = json.loads(out)["error"]
-    assert status == 400 and err["status"] == "INVALID_ARGUMENT" and "contents[0]" in err["message"]
+    assert status == 400 and err["status"] == "INVALID_ARGUMENT"
+    assert "contents[0].parts[0].text" in err["message"]
     form = (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
             b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nother\r\n'
             b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
