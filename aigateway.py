@@ -50,6 +50,7 @@ import http
 import ipaddress
 import itertools
 import json
+import operator
 import os
 import queue
 import re
@@ -104,10 +105,16 @@ POOL_MAX_IDLE = 32                    # idle upstream connections kept per pool 
 POOL_IDLE_TTL = 50.0                  # servers commonly drop idle connections after 60 s
 MAX_BUFFERED_RESPONSE = 1024 * 1024   # upstream bodies up to this are read whole, else streamed
 MAX_ERROR_BODY = 256 * 1024           # how much of an upstream error body we read
+DEFAULT_MAX_RESPONSE_MB = 64          # settings.max_response_mb: a larger whole answer -> 502
+MAX_EVENT_BYTES = 16 * 1024 * 1024    # one SSE event or NDJSON line longer than this -> 502
+DECODE_PIECE = 256 * 1024             # gzip/deflate output per step: no bomb is inflated whole
+UPSTREAM_HEAD_TIMEOUT = 30.0          # an upstream's head, once begun, is complete within this
 MAX_IMAGE_BYTES = 20 * 1024 * 1024    # image URLs fetched for Gemini/Ollama up to this size
 FETCH_TIMEOUT = 15.0                  # a URL fetched for a client: the whole fetch, redirects too
 FETCH_MAX_REDIRECTS = 3               # redirects followed per fetched URL, each target re-checked
 
+JSON_MAX_DEPTH = 256                  # deeper JSON -> 400; json's C scanner would raise
+                                      # RecursionError near 1,000 and converters recurse too
 EVENTS_KEPT = 1000                    # request records kept in memory for the GUI
 SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for replay, oldest dropped
 HEALTH_FAILURES = 3                   # consecutive failures that put a channel in cooldown
@@ -257,12 +264,131 @@ class Headers:
         return f"Headers({self._items!r})"
 
 
-def json_loads(data: bytes | str, what: str = "request body") -> Any:
-    """Parse JSON or raise a 400 naming what was wrong."""
+class _JSONRefused(ValueError):
+    """Raised by the strict parser's hooks; the message says what was wrong and where."""
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _JSONRefused(f"the key {key[:100]!r} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
+def _json_constant(name: str) -> Any:
+    raise _JSONRefused(f"{name} is not a JSON number")
+
+
+_INF = float("inf")
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if value == _INF or value == -_INF:
+        raise _JSONRefused(f"the number {text[:40]} is too large for a double")
+    return value
+
+
+if hasattr(sys, "get_int_max_str_digits"):
+    _json_int = None                    # int() itself refuses digits past the limit (3.11+)
+else:                                                                  # pragma: no cover
+    def _json_int(text: str) -> int:
+        if len(text) > 4300:            # the limit 3.11 introduced against quadratic int()
+            raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+        return int(text)
+
+# Duplicate keys are refused through object_pairs_hook, which costs a Python call per object;
+# stream events from an upstream skip that (the gateway is their only reader), nothing else.
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_json_pairs, parse_constant=_json_constant,
+                                parse_float=_json_float, parse_int=_json_int)
+_STRICT_JSON_EVENTS = json.JSONDecoder(parse_constant=_json_constant, parse_float=_json_float,
+                                       parse_int=_json_int)
+_JSON_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_JSON_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_SURROGATE_ESCAPE_RX = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_RX = re.compile("[\ud800-\udfff]")
+
+
+def json_too_deep(text: str, limit: int = JSON_MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays/objects deeper than ``limit``, brackets inside strings
+    ignored; exact for valid JSON. Linear, no recursion, and C-level string operations but for
+    the last step: escaped backslashes and quotes are dropped so that splitting at quotes leaves
+    the text outside strings at even places; its brackets become steps of +1/-1 (stored as 2 and
+    0); each pass that removes every adjacent open-close pair takes exactly one level off; the
+    running sum of what is left, minus the position, is the rest of the depth."""
+    if "\\" in text:
+        text = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(text.split('"')[::2]).encode("utf-8", "replace")
+    steps = outside.translate(_JSON_BRACKET_STEPS, _JSON_NOT_BRACKETS)
+    peeled = 0
+    while peeled < 3:                   # leaves and their parents: most brackets, cheaply
+        shorter = steps.replace(b"\x02\x00", b"")
+        if len(shorter) == len(steps):
+            break
+        steps, peeled = shorter, peeled + 1
+    if b"\x02" * (limit - peeled + 1) in steps:     # a plain run of opening brackets
+        return True
+    depth = max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
+    return depth + peeled > limit
+
+
+def _lone_surrogate_at(obj: Any) -> str | None:
+    """The path of the first key or string value holding an unpaired surrogate, else None."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE_RX.search(value):
+                return path or "the top-level string"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE_RX.search(key):
+                    return f"a key in {path or 'the top-level object'}"
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def json_loads(data: bytes | str, what: str = "request body", *, status: int = 400,
+               unique_keys: bool = True, error: type[GatewayError] = GatewayError) -> Any:
+    """Parse JSON strictly or raise ``error(status)`` naming what was wrong and where:
+    text that is not UTF-8, nesting deeper than JSON_MAX_DEPTH, a key twice in one object
+    (unless ``unique_keys`` is off), NaN / Infinity, numbers past a double or past Python's int
+    digit limit, and escapes that leave an unpaired UTF-16 surrogate. Duplicates are caught by
+    ``object_pairs_hook`` (a Python call per object, the main cost); the depth and surrogate
+    checks run only when a cheap scan finds more than JSON_MAX_DEPTH brackets or a surrogate
+    escape."""
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"{what} is not valid JSON: {exc}") from None
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as exc:
+        raise error(status, f"{what} is not valid UTF-8 (byte {exc.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if len(text) > 2 * JSON_MAX_DEPTH and text.count("[") + text.count("{") > JSON_MAX_DEPTH \
+            and json_too_deep(text):
+        raise error(status, f"{what} nests arrays/objects deeper than {JSON_MAX_DEPTH}")
+    try:
+        obj = (_STRICT_JSON if unique_keys else _STRICT_JSON_EVENTS).decode(text)
+    except _JSONRefused as exc:
+        raise error(status, f"{what} is refused: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise error(status, f"{what} is not valid JSON: {exc}") from None
+    except ValueError as exc:                   # int(): past sys.get_int_max_str_digits()
+        raise error(status, f"{what} is refused: a number has too many digits "
+                                   f"({str(exc)[:80]})") from None
+    except RecursionError:
+        raise error(status, f"{what} nests arrays/objects too deeply") from None
+    if _SURROGATE_ESCAPE_RX.search(text):
+        where = _lone_surrogate_at(obj)
+        if where is not None:
+            raise error(status, f"{what} is refused: a \\u escape at {where} leaves "
+                                       f"an unpaired UTF-16 surrogate")
+    return obj
 
 
 def json_dumps(obj: Any) -> bytes:
@@ -670,11 +796,13 @@ class SSEDecoder:
     split across reads is not mangled. ``feed`` returns (event, data, id) tuples; ``event`` is
     None when the stream named none."""
 
-    __slots__ = ("_dec", "_buf", "_event", "_data", "_id", "_started", "_cr")
+    __slots__ = ("_dec", "_buf", "_held", "_size", "_event", "_data", "_id", "_started", "_cr")
 
     def __init__(self):
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buf = ""
+        self._buf: list[str] = []           # pieces of the unfinished last line
+        self._held = 0                      # their length
+        self._size = 0                      # length of the data lines of the event so far
         self._event: str | None = None
         self._data: list[str] = []
         self._id: str | None = None
@@ -682,6 +810,8 @@ class SSEDecoder:
         self._cr = False
 
     def feed(self, data: bytes, final: bool = False) -> list[tuple[str | None, str, str | None]]:
+        """Raises a 502 ProtocolError once one event (its unfinished line included) holds more
+        than MAX_EVENT_BYTES characters, so an endless line cannot grow the buffer."""
         text = self._dec.decode(data, final)
         if not self._started and text:
             self._started = True
@@ -690,20 +820,41 @@ class SSEDecoder:
         if self._cr and text.startswith("\n"):
             text = text[1:]
         self._cr = False
-        buf = self._buf + text if self._buf else text
+        if not final and "\n" not in text and "\r" not in text:
+            if text:                            # no line end: held in pieces, not re-joined
+                self._buf.append(text)
+                self._held += len(text)
+                if self._held + self._size > MAX_EVENT_BYTES:
+                    raise _event_too_long("SSE event")
+            return []
+        if self._buf:
+            self._buf.append(text)
+            buf = "".join(self._buf)
+        else:
+            buf = text
         out: list[tuple[str | None, str, str | None]] = []
         lines = _SSE_EOL.split(buf) if "\r" in buf else buf.split("\n")
-        self._buf = lines.pop()                 # the unfinished last line ("" after a newline)
+        rest = lines.pop()                      # the unfinished last line ("" after a newline)
+        self._buf, self._held = ([rest], len(rest)) if rest else ([], 0)
         if buf.endswith("\r"):
             self._cr = True         # a CR ending this read may be the first half of a CRLF
+        size = self._size
         for line in lines:
             if line.startswith("data:"):        # the common case, inline
                 self._data.append(line[6:] if line.startswith("data: ") else line[5:])
+                size += len(line) + 1
             else:
                 self._line(line, out)
-        if final and self._buf:
-            self._line(self._buf, out)
-            self._buf = ""
+                if not line:
+                    size = 0
+                elif line.startswith("data"):
+                    size += len(line) + 1
+        self._size = size
+        if size + self._held > MAX_EVENT_BYTES:
+            raise _event_too_long("SSE event")
+        if final and rest:
+            self._buf, self._held = [], 0
+            self._line(rest, out)
         return out
 
     def _line(self, line: str, out: list) -> None:
@@ -725,28 +876,46 @@ class SSEDecoder:
             self._id = value
 
 
+def _event_too_long(what: str) -> ProtocolError:
+    return ProtocolError(502, f"upstream sent an {what} longer than "
+                              f"{MAX_EVENT_BYTES // (1024 * 1024)} MiB")
+
+
 class NDJSONDecoder:
     """Newline-delimited JSON (Ollama streams). ``feed`` returns parsed objects; a line that is
-    not JSON raises a 502 ProtocolError. Blank lines are skipped; CRLF is accepted."""
+    not strict JSON (section 3) or longer than MAX_EVENT_BYTES raises a 502 ProtocolError.
+    Blank lines are skipped; CRLF is accepted."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_held")
 
     def __init__(self):
-        self._buf = b""
+        self._buf: list[bytes] = []         # pieces of the unfinished last line
+        self._held = 0
 
     def feed(self, data: bytes, final: bool = False) -> list[Any]:
-        buf = self._buf + data
+        if not final and b"\n" not in data:
+            if data:
+                self._buf.append(data)
+                self._held += len(data)
+                if self._held > MAX_EVENT_BYTES:
+                    raise _event_too_long("NDJSON line")
+            return []
+        if self._buf:
+            self._buf.append(data)
+            buf = b"".join(self._buf)
+        else:
+            buf = data
         lines = buf.split(b"\n")
-        self._buf = b"" if final else lines.pop()
+        rest = b"" if final else lines.pop()
+        self._buf, self._held = ([rest], len(rest)) if rest else ([], 0)
         out = []
         for line in lines:
+            if len(line) > MAX_EVENT_BYTES or self._held > MAX_EVENT_BYTES:
+                raise _event_too_long("NDJSON line")
             line = line.strip()
             if line:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    raise ProtocolError(502, f"upstream sent a line that is not JSON: "
-                                             f"{line[:60]!r}") from None
+                out.append(json_loads(line, "an upstream NDJSON line", status=502,
+                                      unique_keys=False, error=ProtocolError))
         return out
 
 
@@ -789,22 +958,29 @@ class SSEPassthrough:
     the events report. Costs one concatenation and two searches per read; JSON is parsed only in
     events that mention usage."""
 
-    __slots__ = ("_carry", "input_tokens", "output_tokens")
+    __slots__ = ("_carry", "open", "input_tokens", "output_tokens")
 
     def __init__(self):
         self._carry = b""
+        self.open = 0               # bytes of an event flushed unsplit, still without its end
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
 
     def feed(self, data: bytes) -> bytes:
+        """Raises a 502 ProtocolError once one event runs past MAX_EVENT_BYTES."""
         buf = self._carry + data if self._carry else data
         cut = max(_end_of(buf, b"\n\n"), _end_of(buf, b"\r\n\r\n"), _end_of(buf, b"\r\r"))
         if cut == 0:
             if len(buf) > SSE_CARRY_LIMIT:
+                self.open += len(buf)
+                if self.open > MAX_EVENT_BYTES:
+                    raise _event_too_long("SSE event")
                 cut = len(buf)
             else:
                 self._carry = buf
                 return b""
+        else:
+            self.open = 0
         ready, self._carry = buf[:cut], buf[cut:]
         if b'"usage' in ready:                    # "usage" and Gemini's "usageMetadata"
             self._sniff(ready)
@@ -818,8 +994,9 @@ class SSEPassthrough:
         for line in ready.splitlines():
             if line.startswith(b"data:") and b'"usage' in line:
                 try:
-                    found = usage_from_json(json.loads(line[5:]))
-                except ValueError:
+                    found = usage_from_json(json_loads(line[5:], "an upstream event",
+                                                       status=502, unique_keys=False))
+                except GatewayError:
                     continue
                 if found:
                     # Anthropic reports input in message_start and output in message_delta.
@@ -992,22 +1169,39 @@ async def read_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str,
 
 
 async def write_and_drain(writer: asyncio.StreamWriter, data: bytes,
-                          timeout: float = WRITE_TIMEOUT) -> None:
+                          timeout: float | None = None) -> None:
     """Write; wait for the peer to read only when our send buffer is getting full (a peer that
-    reads nothing for ``timeout`` raises TimeoutError). A closed peer raises at once."""
+    reads nothing for ``timeout``, by default WRITE_TIMEOUT as it is at the call, raises
+    TimeoutError). A closed peer raises at once."""
     transport = writer.transport
     if transport.is_closing():
         raise ConnectionResetError("peer closed the connection")
     writer.write(data)
     if transport.get_write_buffer_size() > READ_SIZE:
-        await timed(writer.drain(), timeout)
+        await timed(writer.drain(), WRITE_TIMEOUT if timeout is None else timeout)
+
+
+def abort_connection(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection now with a reset (SO_LINGER 0): data still queued for the peer, in
+    our buffer or the kernel's, is discarded instead of waiting for a peer that does not read."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
 
 
 async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
+    """Close, waiting at most ``timeout`` for unsent data to go out; a peer that does not take
+    it (a client that stopped reading) gets its connection aborted, so no socket stays open."""
     try:
         writer.close()
         await timed(writer.wait_closed(), timeout)
-    except (OSError, TimeoutError, asyncio.CancelledError, ssl.SSLError):
+    except (TimeoutError, asyncio.CancelledError):
+        abort_connection(writer)
+    except (OSError, ssl.SSLError):
         pass
 
 
@@ -1225,18 +1419,24 @@ class UpstreamResponse:
     def content_type(self) -> str:
         return self.headers.get("content-type") or ""
 
-    def _decode(self, data: bytes) -> bytes:
-        if self._decoder is None:
-            return data
-        try:
-            return self._decoder.decompress(data)
-        except zlib.error:
-            if self._deflate_raw_tried or self._decoder.unused_data:
-                raise ProtocolError(502, "upstream sent a corrupt compressed body") from None
-            # "deflate" is sometimes sent raw, without the zlib wrapper (RFC 9110 section 8.4.1.2).
-            self._deflate_raw_tried = True
-            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._decode(data)
+    def _inflate(self, data: bytes) -> Iterable[bytes]:
+        """The decoded pieces of compressed ``data``, each at most DECODE_PIECE bytes: zlib is
+        asked for bounded output and fed its unconsumed tail again, so a bomb (a few KiB that
+        inflate to GiBs) is passed on piece by piece, never inflated whole in memory."""
+        while data:
+            dec = self._decoder
+            try:
+                out = dec.decompress(data, DECODE_PIECE)            # type: ignore[union-attr]
+            except zlib.error:
+                if self._deflate_raw_tried or dec.unused_data:      # type: ignore[union-attr]
+                    raise ProtocolError(502, "upstream sent a corrupt compressed body") from None
+                # "deflate" is sometimes sent raw, without the zlib wrapper (RFC 9110 8.4.1.2).
+                self._deflate_raw_tried = True
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            if out:
+                yield out
+            data = dec.unconsumed_tail                              # type: ignore[union-attr]
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
         conn = self._conn
@@ -1247,9 +1447,11 @@ class UpstreamResponse:
             async for data in iter_body(conn.reader, conn.watchdog, self._mode, self._length,
                                         self._idle, error_status=502, exact=False,
                                         overrun=overrun):
-                out = self._decode(data)
-                if out:
-                    yield out
+                if self._decoder is None:
+                    yield data
+                else:
+                    for out in self._inflate(data):
+                        yield out
             if self._decoder is not None:
                 tail = self._decoder.flush()
                 if tail:
@@ -1268,14 +1470,24 @@ class UpstreamResponse:
             self.aclose_nowait()
 
     async def read(self, limit: int | None = None) -> bytes:
+        """The decoded body. With ``limit``: its first ``limit`` bytes, the rest left unread.
+        Without: the whole body, or a 502 UpstreamError once it (decoded) passes the client's
+        ``max_response``."""
+        cap = self._client.max_response if limit is None else None
         parts, size = [], 0
         async for data in self.iter_bytes():
             parts.append(data)
             size += len(data)
             if limit is not None and size >= limit:
                 break
+            if cap is not None and size > cap:
+                self.aclose_nowait()
+                raise UpstreamError(502, f"upstream answer larger than the "
+                                         f"{cap / (1024 * 1024):g} MiB limit "
+                                         f"(settings.max_response_mb)", retryable=False)
         self.aclose_nowait()
-        return b"".join(parts)
+        body = b"".join(parts)
+        return body[:limit] if limit is not None and size > limit else body
 
     def aclose_nowait(self) -> None:
         conn, self._conn = self._conn, None
@@ -1290,9 +1502,10 @@ class UpstreamResponse:
 class UpstreamClient:
     """HTTP/1.1 client with a keep-alive pool, TLS, proxies and per-read timeouts."""
 
-    def __init__(self):
+    def __init__(self, max_response: int = DEFAULT_MAX_RESPONSE_MB * 1024 * 1024):
         self._idle: dict[tuple, list[_Conn]] = {}
         self._closed = False
+        self.max_response = max_response      # bytes: the cap on a whole answer read at once
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]],
                       body: bytes = b"", *, proxy: str = "", verify_tls: bool = True,
@@ -1324,8 +1537,11 @@ class UpstreamClient:
                                       timeout)
                 if len(body) >= READ_SIZE:
                     await write_and_drain(conn.writer, body, timeout)
-                raw = await read_head(conn.reader, conn.watchdog, timeout, timeout,
-                                      too_large_status=502)
+                # Each head, once its first byte came, is whole within UPSTREAM_HEAD_TIMEOUT;
+                # interim heads (100 Continue, 103 Early Hints) do not extend ``timeout``.
+                deadline = time.monotonic() + timeout
+                raw = await read_head(conn.reader, conn.watchdog, timeout,
+                                      min(timeout, UPSTREAM_HEAD_TIMEOUT), too_large_status=502)
                 if raw is None and not fresh and attempt == 0:
                     conn.close()              # a pooled connection the server had closed: retry
                     continue
@@ -1334,8 +1550,11 @@ class UpstreamClient:
                                         retryable=True)
                 version, status, reason, rh = parse_response_head(raw)
                 while 100 <= status < 200:                       # 100 Continue, 103 Early Hints
-                    raw = await read_head(conn.reader, conn.watchdog, timeout, timeout,
-                                          too_large_status=502)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    raw = await read_head(conn.reader, conn.watchdog, left,
+                                          min(left, UPSTREAM_HEAD_TIMEOUT), too_large_status=502)
                     if raw is None:
                         raise UpstreamError(502, "upstream closed after an interim answer",
                                             retryable=True)
@@ -1926,7 +2145,13 @@ class HTTPServer:
             if chunked:
                 await write_and_drain(writer, b"0\r\n\r\n")
             return ka
-        except (ConnectionError, OSError, TimeoutError):
+        except TimeoutError:
+            # The client stopped reading: what it has not taken is dropped with the connection,
+            # not left queued in the kernel for a peer that may never read it.
+            self._log(f"dropped a client that read nothing for {WRITE_TIMEOUT:g} s")
+            abort_connection(writer)
+            return False
+        except (ConnectionError, OSError):
             return False
         except Exception as exc:
             self._log(f"stream cut: {type(exc).__name__}: {exc}")
@@ -2027,8 +2252,8 @@ def upstream_error_message(body: bytes, status: int) -> str:
     Gemini, Ollama or plain text), shortened; never the whole body."""
     text = ""
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        obj = json_loads(body, "an upstream error", status=502, unique_keys=False)
+    except GatewayError:
         obj = None
     if isinstance(obj, list) and obj and isinstance(obj[0], dict):
         obj = obj[0]                                   # Gemini sometimes wraps errors in a list
@@ -2051,8 +2276,8 @@ def upstream_error_message(body: bytes, status: int) -> str:
 
 def upstream_error_code(body: bytes) -> str | None:
     try:
-        err = json.loads(body).get("error")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        err = json_loads(body, "an upstream error", status=502, unique_keys=False).get("error")
+    except (GatewayError, AttributeError):
         return None
     code = err.get("code") if isinstance(err, dict) else None
     return code if isinstance(code, str) else None
@@ -2097,7 +2322,7 @@ def replace_json_model(body: bytes, old: str, new: str) -> bytes:
     matches = rx.findall(body)
     if len(matches) == 1:
         return rx.sub(lambda m: b'"model":' + json.dumps(new).encode(), body, count=1)
-    obj = json.loads(body)
+    obj = json_loads(body)
     obj["model"] = new
     return json_dumps(obj)
 
@@ -2185,8 +2410,8 @@ def parse_arguments(text: str | None) -> dict:
     if not text or not text.strip():
         return {}
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = json_loads(text, "tool-call arguments")
+    except GatewayError:
         return {"raw": text}
     return value if isinstance(value, dict) else {"value": value}
 
@@ -2348,15 +2573,14 @@ class StreamDecoder:
         self.finish: str | None = None
 
     def _sse_objects(self, data: bytes) -> Iterable[tuple[str | None, dict]]:
-        """(event name, JSON object) for each whole SSE event in ``data``; the [DONE] sentinel
-        and events that are not JSON objects are skipped (Gemini's one-element lists opened)."""
+        """(event name, JSON object) for each whole SSE event in ``data``; the [DONE] sentinel,
+        blank events and JSON that is not an object are skipped (Gemini's one-element lists
+        opened); an event that is not strict JSON (section 3) raises a 502 ProtocolError."""
         for name, payload, _ in self._sse.feed(data):
-            if payload.startswith("[DONE]"):
+            if payload.startswith("[DONE]") or not payload.strip():
                 continue
-            try:
-                obj = json.loads(payload)
-            except ValueError:
-                continue
+            obj = json_loads(payload, "an upstream stream event", status=502,
+                             unique_keys=False, error=ProtocolError)
             if isinstance(obj, list) and obj:
                 obj = obj[0]
             if isinstance(obj, dict):
@@ -4722,6 +4946,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "enable_fallback": True,
     "proxy": "",
     "max_body_mb": DEFAULT_MAX_BODY_MB,
+    "max_response_mb": DEFAULT_MAX_RESPONSE_MB,   # a whole upstream answer larger -> 502
     "log_requests": False,
     "log_file": "requests.jsonl",
     "cors_origins": [],
@@ -4891,6 +5116,10 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
     mb = ck.typed(settings, "max_body_mb", "settings", (int, float), "a number of MiB")
     if not 0 < mb < float("inf"):                     # NaN and Infinity too
         raise ck.fail("settings.max_body_mb", f"{mb} is not a positive number",
+                      "use a size such as 64")
+    mb = ck.typed(settings, "max_response_mb", "settings", (int, float), "a number of MiB")
+    if not 0 < mb < float("inf"):
+        raise ck.fail("settings.max_response_mb", f"{mb} is not a positive number",
                       "use a size such as 64")
     ck.typed(settings, "log_file", "settings", (str,), "a file path")
     ck.str_list(settings, "cors_origins", "settings")
@@ -5492,6 +5721,11 @@ def guess_dialect(path: str, headers: Headers) -> str:
     return OPENAI
 
 
+def upstream_json(raw: bytes, channel: str, what: str = "an answer") -> Any:
+    """An upstream's JSON answer, parsed strictly; anything else is the channel's fault: 502."""
+    return json_loads(raw, f"channel '{channel}' sent {what} that", status=502)
+
+
 def join_base_url(base: str, suffix: str) -> str:
     """``suffix`` is a /v1/... path. When the base URL already carries a version segment
     (/v1, /v4, /v1beta...), the suffix's own /v1 is dropped."""
@@ -5820,6 +6054,7 @@ class Gateway:
         self.channels = [Channel(c, s["proxy"]) for c in config["channels"]]
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
+        self.client.max_response = int(s["max_response_mb"] * 1024 * 1024)
         self.cors = {o.rstrip("/").lower() for o in s["cors_origins"]}
         self.allowed_hosts = [host_name(h) for h in s["allowed_hosts"]]
         binds = {host_name(h) for h in (s["host"], self.listen_host) if h}
@@ -6104,11 +6339,19 @@ class Gateway:
         """(model, parsed JSON body or None, stream flag)."""
         if route.body == "multipart":
             ctype = req.headers.get("content-type") or ""     # checked by _check_content_type
-            for hdrs, start, end in parse_multipart(req.body, ctype):
-                if multipart_field_name(hdrs) == "model":
-                    model = req.body[start:end].decode("utf-8", "replace").strip()
-                    if model:
-                        return model, None, False
+            # One 'model' field, in UTF-8: what is authorised is exactly what is forwarded.
+            fields = [req.body[start:end] for hdrs, start, end in
+                      parse_multipart(req.body, ctype) if multipart_field_name(hdrs) == "model"]
+            if len(fields) > 1:
+                raise GatewayError(400, "the form has more than one 'model' field",
+                                   param="model")
+            try:
+                model = fields[0].decode("utf-8").strip() if fields else ""
+            except UnicodeDecodeError:
+                raise GatewayError(400, "the form's 'model' field is not UTF-8",
+                                   param="model") from None
+            if model:
+                return model, None, False
             raise GatewayError(400, "the form has no 'model' field", param="model")
         if not req.body:
             raise GatewayError(400, "the request body is empty; send a JSON object")
@@ -6365,7 +6608,7 @@ class Gateway:
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 60))
         raw = await self._read_converted(up, ch)
         latency = (time.perf_counter() - t0) * 1000
-        resp = upstream_decoders(ch.type)[0](json_loads(raw, f"channel '{ch.name}' answer"))
+        resp = upstream_decoders(ch.type)[0](upstream_json(raw, ch.name))
         return {"model": model, "latency_ms": round(latency, 1),
                 "reply": parts_text(resp["content"])[:200]}
 
@@ -6382,7 +6625,7 @@ class Gateway:
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
         raw = await self._read_converted(up, ch)
-        body = json_loads(raw, f"channel '{ch.name}' model list")
+        body = upstream_json(raw, ch.name, "a model list")
         items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
         names = []
         for item in items:
@@ -6489,7 +6732,7 @@ class Gateway:
     async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
                                  obj: dict, texts: list[str], model: str, rec: dict,
                                  req: Request) -> Response:
-        answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
+        answer = upstream_json(await self._read_converted(up, ch), ch.name)
         vectors, tokens = EMBED_DECODERS.get(ch.type, openai_embed_vectors)(answer)
         tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
         if route.kind == "embeddings":
@@ -6510,7 +6753,7 @@ class Gateway:
         """The whole upstream answer, or its error in the client's shape (the client's own
         mistake, so no fallback)."""
         try:
-            raw = await up.read()
+            raw = await up.read(MAX_ERROR_BODY if up.status >= 300 else None)
         except UpstreamError as exc:
             raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
         if up.status >= 300:
@@ -6529,7 +6772,7 @@ class Gateway:
         hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
         rec["status"] = 200
         if not ir["stream"]:
-            answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
+            answer = upstream_json(await self._read_converted(up, ch), ch.name)
             if not isinstance(answer, dict):
                 raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
                                         f"object")
@@ -6549,7 +6792,7 @@ class Gateway:
         ctype = up.content_type.lower()
         if "json" in ctype and "ndjson" not in ctype:
             # The upstream ignored stream:true and answered whole: stream it as events.
-            answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
+            answer = upstream_json(await self._read_converted(up, ch), ch.name)
             resp = decode_whole(answer if isinstance(answer, dict) else {})
             decoder = _Replay(response_events(resp))
 
@@ -6574,7 +6817,7 @@ class Gateway:
                     rec["bytes_out"] += len(out)
                     yield out
             out = encoder.encode(decoder.close())
-        except (UpstreamError, ProtocolError) as exc:
+        except GatewayError as exc:        # upstream failures, bad events, limits passed
             rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
             self.log(rec["error"])
             out = encoder.encode([("error", GatewayError(exc.status, rec["error"]))])
@@ -6609,17 +6852,18 @@ class Gateway:
         sse = ctype.startswith("text/event-stream")
         length = up.headers.get("content-length")
         small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
-        if not sse and small and "content-encoding" not in up.headers:
+        # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
+        # it is framed or compressed, so that it is checked before it is forwarded.
+        whole_json = "json" in ctype and up.status < 300 and not rec["stream"]
+        if not sse and (whole_json or (small and "content-encoding" not in up.headers)):
             try:
                 body = await up.read()
             except UpstreamError as exc:
                 raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
                     from None
-            if b'"usage' in body and "json" in ctype:
-                try:
-                    found = usage_from_json(json.loads(body))
-                except ValueError:
-                    found = None
+            if up.status < 300 and "json" in ctype:
+                # Forwarded as it came, but only once it parsed strictly (section 3).
+                found = usage_from_json(upstream_json(body, rec["channel"]))
                 if found:
                     rec["input_tokens"], rec["output_tokens"] = found
             if up.status >= 400:
@@ -6661,12 +6905,14 @@ class Gateway:
                 if rest:
                     rec["bytes_out"] += len(rest)
                     yield rest
-        except UpstreamError as exc:
+        except GatewayError as exc:        # upstream failures, an SSE event past its limit
             rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
             self.log(rec["error"])
             if pt is None:
                 raise
-            yield stream_error_event(dialect, GatewayError(exc.status, rec["error"]))
+            # An event cut unfinished (flushed unsplit) is ended first, so the error stands alone.
+            yield (b"\n\n" if pt.open else b"") + \
+                stream_error_event(dialect, GatewayError(exc.status, rec["error"]))
 
     # -- records ---------------------------------------------------------------------------------
 

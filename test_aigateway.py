@@ -122,6 +122,7 @@ class FakeUpstream:
         self.replies = list(replies or [openai_chat_reply()])
         self.responder = None
         self.lock = threading.Lock()
+        self.broken = threading.Event()         # a write failed: the gateway hung up on us
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -152,7 +153,11 @@ class FakeUpstream:
                         reply = fake.responder(rec)
                     else:
                         reply = fake.replies.pop(0) if len(fake.replies) > 1 else fake.replies[0]
-                self._write(reply)
+                try:
+                    self._write(reply)
+                except OSError:
+                    fake.broken.set()
+                    raise
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 
@@ -381,6 +386,46 @@ def test_03_json_loads_raises_400():
     assert e.value.status == 400 and "not valid JSON" in e.value.message
 
 
+# -- strict JSON (issue 9): refused with a 400 naming what and where -----------------------------
+
+@pytest.mark.parametrize("data, needle", [
+    (b'{"model":"a","model":"b"}', "'model' appears twice"),
+    (b'{"x":[{"k":1,"k":2}]}', "'k' appears twice"),
+    (b'{"t":NaN}', "NaN"), (b'[Infinity]', "Infinity"), (b'[-Infinity]', "-Infinity"),
+    (b'{"t":1e400}', "1e400 is too large"), (b'[-2.5E+999]', "too large"),
+    (b'{"m":[{"content":"\\ud800"}]}', "m[0].content"),
+    (b'{"\\udc00x":1}', "a key in the top-level object"),
+    (b'["\\ud83d x"]', "unpaired"),
+    (b"[" + b"1" * 5000 + b"]", "too many digits"),
+    (b"[" * 100_000 + b"]" * 100_000, "deeper than 256"),
+    (b'{"a":' * 300 + b"1" + b"}" * 300, "deeper than 256"),
+    (b'"\xed\xa0\x80"', "not valid UTF-8"),                # a surrogate encoded in UTF-8
+    (b"<html>bad gateway</html>", "not valid JSON"), (b'{"a": [1, 2', "not valid JSON"),
+])
+def test_03_strict_json_refuses(data, needle):
+    with pytest.raises(ag.GatewayError) as e:
+        ag.json_loads(data)
+    assert e.value.status == 400 and needle in e.value.message, e.value.message
+
+
+def test_03_strict_json_accepts_what_is_valid_and_keeps_upstream_status():
+    assert ag.json_loads('["\\ud83d\\ude00", "\\\\ud800"]') == ["\U0001f600", "\\ud800"]
+    assert ag.json_loads(b'\xef\xbb\xbf{"a": 1.5e300}') == {"a": 1.5e300}
+    deep = "[" * 256 + "]" * 256
+    assert ag.json_loads(deep) and not ag.json_too_deep(deep)
+    assert ag.json_too_deep("[" * 257 + "]" * 257)
+    comb = "[[[[[1]]]]," * 296 + "0" + "]" * 296     # 296 levels, each with a tooth 4 deep
+    assert ag.json_too_deep(comb, 299) and not ag.json_too_deep(comb, 300)
+    brackets_in_strings = '{"a": "' + "[{" * 1000 + '\\\\\\"[", "b": [[1]]}'
+    assert not ag.json_too_deep(brackets_in_strings, 3)
+    assert ag.json_too_deep(brackets_in_strings, 2)
+    assert ag.json_loads(brackets_in_strings)["b"] == [[1]]
+    assert ag.json_loads(b'{"k":1,"k":2}', unique_keys=False) == {"k": 2}
+    with pytest.raises(ag.ProtocolError) as e:
+        ag.json_loads(b"[NaN]", "an upstream event", status=502, error=ag.ProtocolError)
+    assert e.value.status == 502 and e.value.message.startswith("an upstream event")
+
+
 # =================================================================================================
 # 4. HTTP/1.1 wire format
 # =================================================================================================
@@ -513,6 +558,41 @@ def test_05_ndjson_whole_and_bytewise():
         ag.NDJSONDecoder().feed(b"not json\n")
 
 
+# -- limits on one event or line (issue 9): raised, never grown --------------------------------
+
+def test_05_sse_and_ndjson_event_limits_bytewise(monkeypatch):
+    monkeypatch.setattr(ag, "MAX_EVENT_BYTES", 64)
+    ok = b"data: " + b"a" * 40 + b"\n\n" + b"data: " + b"b" * 40 + b"\n\n"
+    assert len(_feed_bytewise(ag.SSEDecoder(), ok)) == 2     # many events, each under the limit
+    for endless in (b"data: " + b"x" * 100,                  # one endless line
+                    b"data: x\n" * 20,                       # data lines without a blank line
+                    b"data\n" * 20):
+        with pytest.raises(ag.ProtocolError) as e:
+            _feed_bytewise(ag.SSEDecoder(), endless)
+        assert e.value.status == 502 and "SSE event longer than" in e.value.message
+    assert len(_feed_bytewise(ag.NDJSONDecoder(), (b'{"a":"' + b"y" * 40 + b'"}\n') * 3)) == 3
+    with pytest.raises(ag.ProtocolError) as e:
+        _feed_bytewise(ag.NDJSONDecoder(), b'{"a":"' + b"y" * 100)
+    assert e.value.status == 502 and "NDJSON line longer than" in e.value.message
+    with pytest.raises(ag.ProtocolError) as e:
+        ag.NDJSONDecoder().feed(b'{"a": NaN}\n')
+    assert "NaN" in e.value.message
+    pt = ag.SSEPassthrough()
+    monkeypatch.setattr(ag, "SSE_CARRY_LIMIT", 16)
+    with pytest.raises(ag.ProtocolError):
+        for _ in range(10):
+            pt.feed(b"data: " + b"z" * 20)
+    assert pt.open > 0                          # the relay ends the cut event before its error
+
+
+def test_05_converted_decoder_refuses_an_event_that_is_not_json():
+    dec = ag.OpenAIStreamDecoder()
+    assert dec.feed(b"data: [DONE]\n\ndata: \n\n") == []
+    with pytest.raises(ag.ProtocolError) as e:
+        dec.feed(b'data: {"choices": [Infinity]}\n\n')
+    assert e.value.status == 502 and "Infinity" in e.value.message
+
+
 def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
     pt = ag.SSEPassthrough()
     events = b"".join(openai_stream_chunks(usage=(11, 4)))
@@ -584,6 +664,117 @@ def test_07_chunked_close_delimited_gzip_and_deflate(upstream):
     async def go():
         return [(await _client_call(up.url))[1] for _ in range(5)]
     assert run(go()) == [text] * 5
+
+
+# -- bounded reads from upstreams (issue 9) ------------------------------------------------------
+
+def gzip_bomb(gib: float = 1.0):
+    """``gib`` GiB of zeros, gzip-compressed as it is sent (about 1 KiB per MiB): each 1 MiB
+    segment ends in a full flush, which resets the compressor, so all but the first are the
+    same bytes and the bomb costs nothing to make."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    yield first
+    for _ in range(int(gib * 1024) - 1):
+        yield again
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def test_07_whole_answer_cap_and_bomb_inflated_in_pieces(upstream):
+    up = upstream([Reply(body=b"x" * (3 << 20)),
+                   Reply(chunks=gzip_bomb(0.0625), headers={"Content-Encoding": "gzip"}),
+                   Reply(chunks=gzip_bomb(0.0625), headers={"Content-Encoding": "gzip"}),
+                   Reply(body=b"y" * (3 << 20))])
+
+    async def go():
+        c = ag.UpstreamClient(max_response=2 << 20)
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(up.url, c)
+        assert e.value.status == 502 and "settings.max_response_mb" in e.value.message
+        resp = await c.request("POST", up.url, [], b"{}")
+        sizes = [len(piece) async for piece in resp.iter_bytes()]
+        assert sum(sizes) == 64 << 20 and max(sizes) <= ag.DECODE_PIECE   # never inflated whole
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(up.url, c)                  # the bomb read whole: refused at 2 MiB
+        assert "2 MiB limit" in e.value.message
+        resp = await c.request("POST", up.url, [], b"{}")
+        assert await resp.read(ag.MAX_ERROR_BODY) == b"y" * ag.MAX_ERROR_BODY   # error bodies
+    run(go())
+
+
+def _raw_upstream(script):
+    """A TCP server that runs ``script(conn)`` on each connection once the request head came."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    got = conn.recv(65536)
+                    if not got:
+                        break
+                    data += got
+                try:
+                    script(conn)
+                except OSError:
+                    pass
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _wait_for_close(conn):
+    conn.settimeout(10)
+    try:
+        while conn.recv(1024):
+            pass
+    except OSError:
+        pass
+
+
+def test_07_response_head_deadline(monkeypatch):
+    monkeypatch.setattr(ag, "UPSTREAM_HEAD_TIMEOUT", 0.3)
+
+    def drip_head(conn):                     # the head begins, then never completes
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        _wait_for_close(conn)
+
+    def early_hints_forever(conn):           # interim heads do not extend the deadline
+        for _ in range(200):
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+            time.sleep(0.01)
+        _wait_for_close(conn)
+    srv1, url1 = _raw_upstream(drip_head)
+    srv2, url2 = _raw_upstream(early_hints_forever)
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(url1, timeout=30)
+        assert e.value.status == 502 and "rest of the message head" in e.value.message
+        assert time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(url2, timeout=0.5)
+        assert e.value.status == 504 and time.monotonic() - t0 < 5
+    try:
+        run(go())
+    finally:
+        srv1.close()
+        srv2.close()
 
 
 def test_07_first_byte_and_idle_timeouts(upstream):
@@ -1057,6 +1248,7 @@ def test_10_missing_file_is_created_owner_only_with_one_token(tmp_path):
     ({"tokens": [{"key": "short"}]}, "tokens[0].key"),
     ({"tokens": [{"key": "samesame1"}, {"key": "samesame1"}]}, "tokens[1].key"),
     ({"settings": {"require_auth": "yes"}}, "settings.require_auth"),
+    ({"settings": {"max_response_mb": 0}}, "settings.max_response_mb: 0 is not positive"),
 ])
 def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
     path = tmp_path / "config.json"
@@ -1609,6 +1801,159 @@ def test_11_bad_bodies_get_clear_errors(gw, upstream):
     status, _, out = g.request("POST", "/v1/messages", b"{oops",
                                headers={"anthropic-version": "2023-06-01"})
     assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+
+
+# -- hostile JSON and hostile upstreams (issue 9, points 4 and 5) --------------------------------
+
+def test_11_hostile_json_bodies_refused_before_any_upstream(gw, upstream):
+    up_o, up_a = upstream(), upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up_o, name="pass", models=["m", "whisper-1"]),
+            chan(up_a, name="conv", type="anthropic", models=["claude-*"])])
+    deep = b'{"model":"m","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    cases = [
+        (b'{"model":"m","model":"claude-x","messages":[]}', "'model' appears twice"),
+        (b'{"model":"m","messages":[],"temperature":NaN}', "NaN"),
+        (deep, "deeper than 256"),
+        (b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
+         "messages[0].content"),                                           # passthrough
+        (b'{"model":"claude-x","messages":[{"role":"user","content":"\\ud800"}]}',
+         "unpaired"),                                                      # converted
+    ]
+    for body, needle in cases:
+        status, _, out = g.request("POST", "/v1/chat/completions", body,
+                                   headers={"Content-Type": "application/json"})
+        err = json.loads(out)["error"]
+        assert status == 400 and needle in err["message"], (body[:60], err)
+        assert set(err) == {"message", "type", "param", "code"}
+    status, _, out = g.request("POST", "/v1/messages",
+                               b'{"model":"claude-x","max_tokens":5,"stream":Infinity,'
+                               b'"messages":[]}', headers={"anthropic-version": "2023-06-01"})
+    assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+    status, _, out = g.request("POST", "/v1beta/models/claude-x:generateContent",
+                               b'{"contents": [{"parts": [{"text": "\\udfff"}]}]}',
+                               headers={"Content-Type": "application/json"})
+    err = json.loads(out)["error"]
+    assert status == 400 and err["status"] == "INVALID_ARGUMENT"
+    assert "contents[0].parts[0].text" in err["message"]
+    form = (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nother\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+            b'RIFF\r\n--B--\r\n')
+    status, _, out = g.request("POST", "/v1/audio/transcriptions", form,
+                               headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert status == 400 and "more than one 'model'" in json.loads(out)["error"]["message"]
+    assert not up_o.requests and not up_a.requests          # nothing invalid was forwarded
+
+
+def test_11_upstream_html_or_bad_json_is_502_naming_the_channel(gw, upstream):
+    html = Reply(body=b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+    up_a = upstream([html])                                      # behind an OpenAI client
+    up_o = upstream([html, Reply(body=b'{"id": "x", "choices": [{"mess')])   # behind Anthropic
+    zipped = openai_chat_reply(usage=(21, 8)).body
+    up_p = upstream([Reply(body=b'{"id": "x", "usage": {"prompt_tokens": NaN}}'),
+                     Reply(chunks=[gzip.compress(b'{"id": "x", "choices": [')],
+                           headers={"Content-Encoding": "gzip"}),
+                     Reply(chunks=[gzip.compress(zipped)], headers={"Content-Encoding": "gzip"})])
+    g = gw([chan(up_a, name="relay-a", type="anthropic", models=["claude-*"]),
+            chan(up_o, name="relay-o", models=["gpt-*"]),
+            chan(up_p, name="relay-p", models=["pass-*"])])
+    with pytest.raises(openai.APIStatusError) as e:
+        g.openai().chat.completions.create(model="claude-x", messages=[
+            {"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502 and "channel 'relay-a'" in e.value.message
+    assert "not valid JSON" in e.value.message
+    for _ in ("html", "truncated JSON"):
+        with pytest.raises(anthropic.APIStatusError) as e:
+            g.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=[
+                {"role": "user", "content": "hi"}])
+        assert e.value.status_code == 502 and e.value.body["type"] == "error"
+        assert e.value.body["error"]["type"] == "api_error"
+        assert "channel 'relay-o'" in e.value.body["error"]["message"]
+    for _ in ("NaN", "truncated, gzip and chunked"):                 # passthrough, too
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": "pass-1", "messages": []})
+        assert status == 502 and "channel 'relay-p'" in json.loads(out)["error"]["message"]
+    status, _, out = g.request("POST", "/v1/chat/completions", {"model": "pass-1",
+                                                                "messages": []})
+    assert status == 200 and out == zipped                      # checked, decoded, forwarded
+    assert (g.records(5)[-1]["input_tokens"], g.records(5)[-1]["output_tokens"]) == (21, 8)
+
+
+def test_11_converted_stream_event_that_is_not_json_gives_in_band_error(gw, upstream):
+    chunks = openai_stream_chunks(pieces=("ok",))
+    chunks.insert(2, b"data: {\"choices\": [{\"delta\": NaN\n\n")
+    up = upstream([Reply(chunks=chunks, content_type="text/event-stream")])
+    g = gw([chan(up, name="relay")])
+    status, hdrs, out = g.request("POST", "/v1/messages", {
+        "model": "gpt-x", "max_tokens": 5, "stream": True,
+        "messages": [{"role": "user", "content": "hi"}]},
+        headers={"anthropic-version": "2023-06-01"})          # read to a clean chunked end
+    events = _sse_events(out)
+    assert status == 200 and events[-1][0] == "error"
+    assert "channel 'relay'" in events[-1][1]["error"]["message"]
+    assert "NaN" in events[-1][1]["error"]["message"]
+
+
+def _reset_peak_rss() -> float:
+    with open("/proc/self/clear_refs", "w") as f:       # peak RSS (VmHWM) starts again from now
+        f.write("5")
+    return _rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _endless(piece: bytes, first: bytes = b""):
+    if first:                                   # (an empty chunk would end a chunked body)
+        yield first
+    while True:
+        yield piece
+
+
+def test_11_unbounded_upstreams_end_in_errors_with_bounded_memory(gw, upstream):
+    """An endless body without a newline, a 1 GiB gzip bomb and an endless SSE line, on converted
+    and passthrough routes: each ends in a 502 or an in-band error, and the gateway's peak RSS
+    (measured: it runs in this process) grows by far less than what the upstreams sent."""
+    line = b"x" * 65536
+    body = upstream([Reply(chunks=_endless(line), close_delimited=True)])
+    bomb = upstream([Reply(chunks=gzip_bomb(1.0), headers={"Content-Encoding": "gzip"})])
+    sse = upstream([Reply(chunks=_endless(line, b'event: content_block_delta\ndata: {"a":"'),
+                          content_type="text/event-stream")])
+    sse_pt = upstream([Reply(chunks=_endless(line, b'data: {"a":"'),
+                             content_type="text/event-stream")])
+    err_bomb = upstream([Reply(400, chunks=gzip_bomb(1.0), headers={"Content-Encoding": "gzip"}),
+                         Reply(500, chunks=gzip_bomb(1.0), headers={"Content-Encoding": "gzip"})])
+    g = gw([chan(body, name="endless", type="anthropic", models=["claude-endless"]),
+            chan(bomb, name="bomb", type="anthropic", models=["claude-bomb"]),
+            chan(err_bomb, name="err-bomb", type="anthropic", models=["claude-err"]),
+            chan(sse, name="line", type="anthropic", models=["claude-line"]),
+            chan(sse_pt, name="line-pt", models=["gpt-line"])])
+    g.request("GET", "/health")
+    base = _reset_peak_rss()
+    msgs = [{"role": "user", "content": "hi"}]
+    for model, needle in (("claude-endless", "64 MiB limit (settings.max_response_mb)"),
+                          ("claude-bomb", "64 MiB limit (settings.max_response_mb)")):
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": model, "messages": msgs}, timeout=60)
+        err = json.loads(out)["error"]["message"]
+        assert status == 502 and needle in err and f"channel '{model[7:]}'" in err
+    for expected in (400, 500):                     # error bodies: read up to MAX_ERROR_BODY
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": "claude-err", "messages": msgs}, timeout=60)
+        assert status == expected and "channel 'err-bomb'" in json.loads(out)["error"]["message"]
+    for model in ("claude-line", "gpt-line"):
+        status, _, out = g.request("POST", "/v1/chat/completions",
+                                   {"model": model, "messages": msgs, "stream": True},
+                                   timeout=60)
+        assert status == 200 and out.rstrip().endswith(b"}")      # cleanly ended, not empty
+        last = json.loads(out.rstrip().rsplit(b"\n", 1)[-1][5:])
+        assert "SSE event longer than 16 MiB" in last["error"]["message"]
+    grown = _peak_rss_mib() - base
+    assert grown < 200, f"peak RSS grew by {grown:.0f} MiB"
+    for up in (body, sse, sse_pt):                 # (the bomb is only 1 MiB on the wire)
+        assert up.broken.wait(10)                  # the gateway hung up on the endless ones
 
 
 def test_11_request_log_and_events_hold_no_secret(gw, upstream, tmp_path):
@@ -5072,6 +5417,42 @@ def test_14_https_for_the_gateway_itself(tmp_path, self_signed):
         assert conn.getresponse().status == 200
     finally:
         g.stop()
+
+
+def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upstream,
+                                                                        monkeypatch):
+    """A client with a tiny receive buffer that never reads a long stream: after WRITE_TIMEOUT
+    without progress it is dropped, the upstream request is cancelled (the fake sees the
+    gateway hang up) and the socket is aborted, not left open with unsent data."""
+    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.5)
+    event = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 +
+             b'"},"finish_reason":null}]}\n\n')
+    up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
+    g = gw([chan(up)])
+    g.request("GET", "/health")
+    base_fds = _open_fds()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", g.port))
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+              TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        assert up.broken.wait(30)                  # the upstream request was cancelled
+        assert g.records(1, timeout=10)[-1]["status"] == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (g.thread.server.connection_count() or
+                                               _open_fds() > base_fds + 1):
+            time.sleep(0.02)
+        assert g.thread.server.connection_count() == 0
+        assert _open_fds() <= base_fds + 1         # only our own, unread, client socket
+        s.settimeout(10)
+        with pytest.raises(ConnectionResetError):  # aborted: unsent data was dropped
+            while s.recv(65536):
+                pass
+    finally:
+        s.close()
 
 
 def test_08_connection_cap(gw):
