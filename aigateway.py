@@ -1553,8 +1553,14 @@ class UpstreamClient:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TimeoutError
-                    raw = await read_head(conn.reader, conn.watchdog, left,
-                                          min(left, UPSTREAM_HEAD_TIMEOUT), too_large_status=502)
+                    try:
+                        raw = await read_head(conn.reader, conn.watchdog, left,
+                                              min(left, UPSTREAM_HEAD_TIMEOUT),
+                                              too_large_status=502)
+                    except ProtocolError as exc:       # cut by the answer's deadline: a 504
+                        if exc.status == 408 and left < UPSTREAM_HEAD_TIMEOUT:
+                            raise TimeoutError from None
+                        raise
                     if raw is None:
                         raise UpstreamError(502, "upstream closed after an interim answer",
                                             retryable=True)

@@ -1248,7 +1248,7 @@ def test_10_missing_file_is_created_owner_only_with_one_token(tmp_path):
     ({"tokens": [{"key": "short"}]}, "tokens[0].key"),
     ({"tokens": [{"key": "samesame1"}, {"key": "samesame1"}]}, "tokens[1].key"),
     ({"settings": {"require_auth": "yes"}}, "settings.require_auth"),
-    ({"settings": {"max_response_mb": 0}}, "settings.max_response_mb: 0 is not positive"),
+    ({"settings": {"max_response_mb": 0}}, "settings.max_response_mb: 0 is not a positive number"),
 ])
 def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
     path = tmp_path / "config.json"
