@@ -4400,6 +4400,36 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
     return ir_to_openai_request(ir, model, stream=stream, max_tokens_field=field)
 
 
+def answer_is_empty(resp: dict) -> bool:
+    """A whole answer with no text or reasoning beyond white space and no tool call, whose
+    finish reason does not explain that (a length cut-off, a content filter or a refusal
+    does): a relay's blank turn, which the gateway treats as the channel's failure when
+    fallback is on."""
+    if resp["finish"] in ("length", "content_filter"):
+        return False
+    return not any(p["type"] == "tool_call" or (p["type"] in ("text", "reasoning") and (
+        p.get("text") or "").strip()) for p in resp["content"])
+
+
+def event_is_content(ev: tuple) -> bool:
+    """Whether a stream event settles that the answer is not empty (see answer_is_empty); an
+    in-band error settles it too (it is passed on as the stream's end)."""
+    kind = ev[0]
+    return kind in ("tool", "error") or (kind in ("text", "reasoning") and bool(
+        ev[1].strip())) or (
+        kind == "finish" and ev[1] in ("length", "content_filter"))
+
+
+# Client dialect -> (whole-answer decoder, stream decoder) used to look into a passed-through
+# answer for emptiness; a Responses answer is not looked into.
+PASSTHROUGH_DECODERS: dict[str, tuple[Callable[[dict], dict], Callable[[], Any]]] = {
+    OPENAI: (openai_response_to_ir, OpenAIStreamDecoder),
+    ANTHROPIC: (anthropic_response_to_ir, AnthropicStreamDecoder),
+    GEMINI: (gemini_response_to_ir, GeminiStreamDecoder),
+}
+CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent"))
+
+
 def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
                       kept: dict[str, list[dict]] | None = None
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
@@ -4427,6 +4457,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "port": DEFAULT_PORT,
     "require_auth": True,
     "enable_fallback": True,
+    "empty_answer_fallback": True,    # with fallback: a blank 200 answer tries the next channel
     "proxy": "",
     "max_body_mb": DEFAULT_MAX_BODY_MB,
     "log_requests": False,
@@ -4530,7 +4561,7 @@ def validate_config(raw: Any, source: str) -> dict:
     port = ck.typed(settings, "port", "settings", (int,), "a whole number")
     if not 0 <= port <= 65535:
         raise ck.fail("settings.port", f"{port} is out of range", "use a port from 1 to 65535")
-    for key in ("require_auth", "enable_fallback", "log_requests"):
+    for key in ("require_auth", "enable_fallback", "empty_answer_fallback", "log_requests"):
         ck.typed(settings, key, "settings", (bool,), "true or false")
     ck.typed(settings, "proxy", "settings", (str,), "a proxy URL or an empty string")
     ck.url(settings["proxy"], "settings.proxy", allow_empty=True,
@@ -5425,6 +5456,9 @@ class Gateway:
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
         foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
+        # A blank answer counts as the channel's failure while the client has seen nothing.
+        hold = self.settings["enable_fallback"] and self.settings["empty_answer_fallback"] \
+            and route.kind not in _EMBED_KINDS
         ir: dict | None = None
         texts: list[str] | None = None              # what an embeddings request embeds
         dims: Any = None
@@ -5480,12 +5514,13 @@ class Gateway:
                         self._health(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
-                            return await self._answer(up, dialect, rec, req)
+                            return await self._answer(up, dialect, rec, req, hold and (
+                                route.kind in CHAT_KINDS and dialect in PASSTHROUGH_DECODERS))
                         if route.kind in _EMBED_KINDS:
                             return await self._answer_embeddings(up, ch, route, obj or {},
                                                                  texts or [], model, rec, req)
                         return await self._answer_converted(up, ch, dialect, ir, model, rec,
-                                                            req)
+                                                            req, hold)
                     err_body = await up.read(MAX_ERROR_BODY)
                     retry = [(n, v) for n, v in up.headers
                              if n.lower() in ("retry-after", "retry-after-ms")]
@@ -5788,8 +5823,39 @@ class Gateway:
                                code=upstream_error_code(raw))
         return raw
 
+    @staticmethod
+    def _empty_answer(up: UpstreamResponse, name: str) -> UpstreamError:
+        up.aclose_nowait()
+        return UpstreamError(502, f"channel '{name}' gave an empty answer (no text, no tool "
+                                  f"call)", retryable=True)
+
+    async def _hold_until_content(self, chunks: AsyncIterator[bytes], decoder: Any, name: str,
+                                  up: UpstreamResponse, raw: list[bytes] | None = None
+                                  ) -> tuple[list[tuple], bool]:
+        """Read a stream until it shows real content (event_is_content), holding its events
+        (and, for a passthrough, its bytes in ``raw``) so that nothing reaches the client
+        before; at most EMPTY_HOLD_EVENTS events or EMPTY_HOLD_BYTES bytes, then it is released
+        as it is. Returns (events, whether the stream ended); a stream that ends without content
+        raises the channel's failure."""
+        events: list[tuple] = []
+        size = 0
+        async for data in chunks:
+            size += len(data)
+            if raw is not None:
+                raw.append(data)
+            fresh = decoder.feed(data)
+            events += fresh
+            if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
+                    or size > EMPTY_HOLD_BYTES:
+                return events, False
+        events += decoder.close()
+        if any(event_is_content(ev) for ev in events):
+            return events, True
+        raise self._empty_answer(up, name)
+
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
-                                model: str, rec: dict, req: Request) -> Response:
+                                model: str, rec: dict, req: Request,
+                                hold: bool = False) -> Response:
         rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
                                                          self.thinking)
@@ -5803,6 +5869,8 @@ class Gateway:
                 raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
                                         f"object")
             resp = decode_whole(answer)
+            if hold and answer_is_empty(resp):
+                raise self._empty_answer(up, ch.name)
             rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
                 resp["usage"]["output"]
             out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
@@ -5821,6 +5889,9 @@ class Gateway:
             answer = json_loads(await self._read_converted(up, ch), f"channel '{ch.name}' answer")
             resp = decode_whole(answer if isinstance(answer, dict) else {})
             decoder = _Replay(response_events(resp))
+        chunks = up.iter_bytes()
+        held, ended = await self._hold_until_content(chunks, decoder, ch.name, up) if hold \
+            else ([], False)
 
         def done() -> None:
             up.aclose_nowait()
@@ -5830,14 +5901,22 @@ class Gateway:
                 rec["error"] = "client disconnected"
             self._trim_signatures()
             self._finish(rec)
-        return Response(200, hdrs, StreamBody(self._relay_converted(up, decoder, encoder, rec),
-                                              done), keepalive=SSE_KEEPALIVE[dialect])
+        relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
+        return Response(200, hdrs, StreamBody(relay, done), keepalive=SSE_KEEPALIVE[dialect])
 
-    async def _relay_converted(self, up: UpstreamResponse, decoder: Any, encoder: Any,
-                               rec: dict) -> AsyncIterator[bytes]:
-        """Upstream stream -> internal events -> the client's stream format, as bytes arrive."""
+    async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
+                               rec: dict, held: list[tuple], ended: bool
+                               ) -> AsyncIterator[bytes]:
+        """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
+        ``held`` events (read while waiting for content) go first."""
         try:
-            async for data in up.iter_bytes():
+            out = encoder.encode(held)
+            if out:
+                rec["bytes_out"] += len(out)
+                yield out
+            if ended:
+                return
+            async for data in chunks:
                 out = encoder.encode(decoder.feed(data))
                 if out:
                     rec["bytes_out"] += len(out)
@@ -5869,7 +5948,7 @@ class Gateway:
                             headers=last.headers)
 
     async def _answer(self, up: UpstreamResponse, dialect: str, rec: dict,
-                      req: Request) -> Response:
+                      req: Request, hold: bool = False) -> Response:
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
         hdrs += self._cors_headers(req.headers)
         rec["status"] = up.status
@@ -5893,19 +5972,34 @@ class Gateway:
                     rec["input_tokens"], rec["output_tokens"] = found
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
+            elif hold and "json" in ctype and self._passthrough_empty(dialect, body):
+                raise self._empty_answer(up, rec["channel"])
             rec["bytes_out"] = len(body)
             self._finish(rec)
             return Response(up.status, hdrs, body)
+        pt = SSEPassthrough() if sse else None
+        chunks = up.iter_bytes()
+        held: list[bytes] = []
+        if sse and hold and up.status < 300:
+            await self._hold_until_content(chunks, PASSTHROUGH_DECODERS[dialect][1](),
+                                           rec["channel"], up, held)
         if sse:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
             rec["stream"] = True
-        return Response(up.status, hdrs, self._stream(up, dialect, sse, rec),
+        return Response(up.status, hdrs, self._stream(up, dialect, pt, rec, chunks, held),
                         keepalive=SSE_KEEPALIVE[dialect] if sse else None)
 
-    def _stream(self, up: UpstreamResponse, dialect: str, sse: bool, rec: dict) -> StreamBody:
-        pt = SSEPassthrough() if sse else None
+    @staticmethod
+    def _passthrough_empty(dialect: str, body: bytes) -> bool:
+        try:
+            obj = json.loads(body)
+            return isinstance(obj, dict) and answer_is_empty(PASSTHROUGH_DECODERS[dialect][0](obj))
+        except (ValueError, UnicodeDecodeError, GatewayError):
+            return False
 
+    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: dict,
+                chunks: AsyncIterator[bytes], held: list[bytes]) -> StreamBody:
         def done() -> None:
             up.aclose_nowait()
             if pt is not None:
@@ -5913,14 +6007,20 @@ class Gateway:
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self._finish(rec)
-        return StreamBody(self._relay(up, dialect, pt, rec), done)
+        return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
 
-    async def _relay(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None,
-                     rec: dict) -> AsyncIterator[bytes]:
-        """Pass an upstream body on as it arrives. An SSE stream that breaks gets an in-band
-        error event and a clean end; any other body is cut, so the client sees the break."""
+    async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
+                     pt: SSEPassthrough | None, rec: dict) -> AsyncIterator[bytes]:
+        """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
+        content, first). An SSE stream that breaks gets an in-band error event and a clean end;
+        any other body is cut, so the client sees the break."""
+        async def body() -> AsyncIterator[bytes]:
+            for data in held:
+                yield data
+            async for data in chunks:
+                yield data
         try:
-            async for data in up.iter_bytes():
+            async for data in body():
                 out = pt.feed(data) if pt is not None else data
                 if out:
                     rec["bytes_out"] += len(out)
