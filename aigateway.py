@@ -2962,7 +2962,8 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
     last = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
     if last is not None and last is not msgs[-1] and not _thinking_before_tools(last["content"]):
         # A tool loop whose last assistant turn has no signed thinking cannot run with thinking
-        # on ("a final assistant message must start with a thinking block"): answer without.
+        # on (Anthropic's 400: "When `thinking` is enabled, a final `assistant` message must
+        # start with a thinking block", quoted in sigoden/llm-functions#222): answer without.
         reasoning = None
     if reasoning and reasoning["effort"] != "none" and mode != "none":
         budget = reasoning["budget"] or _EFFORT_BUDGET.get(reasoning["effort"], 8192)

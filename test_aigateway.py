@@ -2839,6 +2839,270 @@ def test_09_gemini_json_array_stream_without_alt_sse(gw, upstream):
 
 
 # =================================================================================================
+# 9. Issue 12: thinking by model, Gemini 3 call ids, context overflow, empty answers
+# =================================================================================================
+
+@pytest.mark.parametrize("model,mode", [
+    ("claude-opus-4-7", "adaptive"), ("anthropic.claude-opus-4-7", "adaptive"),
+    ("claude-opus-4-8@20260601", "adaptive"), ("claude-sonnet-5", "adaptive"),
+    ("claude-mythos-preview", "adaptive"), ("claude-opus-4-6", "both"),
+    ("claude-sonnet-4-6", "both"), ("claude-sonnet-4-5-20250929", "budget"),
+    ("claude-opus-4-20250514", "budget"), ("claude-opus-4-1", "budget"),
+    ("claude-3-7-sonnet-latest", "budget"), ("claude-3-5-sonnet-20241022", "none"),
+    ("claude-3-opus-20240229", "none"), ("my-relay-model", "budget")])
+def test_09_thinking_mode_by_model_name(model, mode):
+    assert ag.anthropic_thinking_mode(model) == mode
+    assert ag.anthropic_thinking_mode(model, "adaptive") == "adaptive"
+    assert ag.anthropic_thinking_mode(model, "budget") == "budget"
+
+
+def _reasoning_ir(effort, budget=None, max_tokens=2000, **kw):
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=max_tokens,
+                         **kw)
+    ir["reasoning"] = {"effort": effort, "budget": budget}
+    return ir
+
+
+def test_09_thinking_request_follows_the_model():
+    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-7", stream=False)
+    assert body["thinking"] == {"type": "adaptive"}
+    assert body["output_config"] == {"effort": "xhigh"}
+    assert body["max_tokens"] > 32768                     # covers thinking and answer
+    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-6", stream=False)
+    assert body["thinking"] == {"type": "adaptive"} and body["output_config"]["effort"] == "max"
+    body = ag.ir_to_anthropic_request(_reasoning_ir("medium", 4000), "claude-opus-4-6",
+                                      stream=False)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 4000}
+    assert "output_config" not in body                    # the client's own budget, kept
+    body = ag.ir_to_anthropic_request(_reasoning_ir("minimal"), "claude-sonnet-4-5",
+                                      stream=False)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert "output_config" not in body
+    assert "thinking" not in ag.ir_to_anthropic_request(_reasoning_ir("high"),
+                                                        "claude-3-5-sonnet", stream=False)
+    forced = ag.ir_to_anthropic_request(_reasoning_ir("low"), "claude-opus-4-7", stream=False,
+                                        thinking_setting="budget")
+    assert forced["thinking"]["type"] == "enabled"
+    ir = _reasoning_ir("low", response_format={"type": "json_schema", "json_schema": {
+        "name": "o", "schema": {"type": "object"}}})
+    ir["reasoning"] = {"effort": "low", "budget": None}
+    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, max_tokens_cap=1500)
+    assert body["output_config"] == {"effort": "low", "format": {
+        "type": "json_schema", "schema": {"type": "object"}}}
+    assert body["max_tokens"] == 1500
+
+
+def test_09_effort_mapped_both_ways():
+    oa = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="xhigh")
+    assert oa["reasoning"] == {"effort": "xhigh", "budget": None}
+    an = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "x"}], "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "max"}})
+    assert ag.ir_to_openai_request(an, "o3", stream=False)["reasoning_effort"] == "xhigh"
+    default = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "thinking": {
+        "type": "adaptive"}, "messages": [{"role": "user", "content": "x"}]})
+    assert default["reasoning"]["effort"] == "high"           # Anthropic's default effort
+    gem = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
+                                   "generationConfig": {"thinkingConfig": {
+                                       "thinkingLevel": "LOW"}}})
+    assert gem["reasoning"] == {"effort": "low", "budget": None}
+    dyn = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
+                                   "generationConfig": {"thinkingConfig": {
+                                       "thinkingBudget": -1}}})
+    assert dyn["reasoning"]["effort"] == "high"
+    rs = ag.responses_request_to_ir({"model": "m", "input": "x", "reasoning": {
+        "effort": "xhigh"}})
+    assert rs["reasoning"]["effort"] == "xhigh"
+
+
+@pytest.mark.parametrize("model,effort,budget,expected", [
+    ("gemini-3-pro-preview", "medium", None, {"thinkingLevel": "high"}),
+    ("gemini-3-pro-preview", "none", None, {"thinkingLevel": "low"}),
+    ("gemini-3-flash-preview", "none", None, {"thinkingLevel": "minimal"}),
+    ("gemini-3-flash-preview", "medium", None, {"thinkingLevel": "medium"}),
+    ("gemini-3.1-pro", "max", None, {"thinkingLevel": "high"}),
+    ("gemini-2.5-pro", "none", None, {"thinkingBudget": 128}),
+    ("gemini-2.5-flash", "none", None, {"thinkingBudget": 0}),
+    ("gemini-2.5-flash", "max", None, {"thinkingBudget": 24576}),
+    ("gemini-2.5-flash-lite", "low", 100, {"thinkingBudget": 512}),
+    ("gemini-2.5-pro", "high", 5000, {"thinkingBudget": 5000}),
+    ("gemini-2.0-flash", "high", None, None),
+])
+def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, expected):
+    ir = _reasoning_ir(effort, budget)
+    gen = ag.ir_to_gemini_request(ir, {}, model).get("generationConfig", {})
+    cfg = gen.get("thinkingConfig")
+    if expected is None:
+        assert cfg is None
+        return
+    assert {k: v for k, v in cfg.items() if k != "includeThoughts"} == expected
+    assert not ("thinkingLevel" in cfg and "thinkingBudget" in cfg)
+
+
+def test_09_signature_only_and_redacted_thinking_survive():
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
+              "content": [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
+                          {"type": "redacted_thinking", "data": "REDACTED=="},
+                          {"type": "tool_use", "id": "toolu_9", "name": "Bash",
+                           "input": {"cmd": "ls"}}],
+              "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    kept = {}
+    resp = ag.anthropic_response_to_ir(answer, kept)
+    out = ag.ir_to_anthropic_response(resp, "c")
+    assert out["content"][:2] == [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
+                                  {"type": "redacted_thinking", "data": "REDACTED=="}]
+    assert kept == {"toolu_9": answer["content"][:2]}
+    # An OpenAI client's history has lost both; the next request to Claude gets them back.
+    msg = ag.ir_to_openai_response(resp, "c")["choices"][0]["message"]
+    ir = _ir_from_openai(reasoning_effort="high", messages=[
+        {"role": "user", "content": "list"}, msg,
+        {"role": "tool", "tool_call_id": "toolu_9", "content": "a.txt"}])
+    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept=kept)
+    assert body["messages"][1]["content"][:2] == answer["content"][:2]
+    assert body["thinking"] == {"type": "adaptive"}
+    # Without them, thinking is left off rather than refused by Claude.
+    bare = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept={})
+    assert "thinking" not in bare and "output_config" not in bare
+
+
+def test_09_signature_only_thinking_stream_round_trip():
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    raw = b"".join([
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "model": "c", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "thinking", "thinking": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "signature_delta", "signature": "SIG"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": "{}"}}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                             "usage": {"output_tokens": 5}}),
+        ev("message_stop", {"type": "message_stop"})])
+    kept = {}
+    out = _convert_stream(ag.AnthropicStreamDecoder(kept), ag.AnthropicStreamEncoder("c"), raw, 7)
+    events = [e for _, e in _sse_events(out)]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert starts[0] == {"type": "thinking", "thinking": ""}
+    sigs = [e["delta"]["signature"] for e in events
+            if e["type"] == "content_block_delta" and e["delta"]["type"] == "signature_delta"]
+    assert sigs == ["SIG"]
+    assert kept == {"toolu_1": [{"type": "thinking", "thinking": "", "signature": "SIG"}]}
+
+
+def test_09_gemini_3_call_ids_sent_back_only_to_gemini_3():
+    sigs = {}
+    resp = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"id": "fc1", "name": "read", "args": {"p": "a"}},
+         "thoughtSignature": "S1"},
+        {"functionCall": {"id": "fc2", "name": "read", "args": {"p": "b"}}}]},
+        "finishReason": "STOP"}]}, sigs)
+    assert [p["id"] for p in resp["content"]] == ["fc1", "fc2"]
+    ir = ag.empty_request("g")
+    ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "read both"}]},
+                      {"role": "assistant", "content": resp["content"]},
+                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc2",
+                                                    "name": "read", "is_error": False,
+                                                    "content": [{"type": "text",
+                                                                 "text": "B"}]}]},
+                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc1",
+                                                    "name": "read", "is_error": False,
+                                                    "content": [{"type": "text",
+                                                                 "text": "A"}]}]}]
+    g3 = ag.ir_to_gemini_request(ir, sigs, "gemini-3-flash-preview")["contents"]
+    calls = [p for p in g3[1]["parts"]]
+    assert [c["functionCall"]["id"] for c in calls] == ["fc1", "fc2"]
+    assert calls[0]["thoughtSignature"] == "S1" and "thoughtSignature" not in calls[1]
+    assert [p["functionResponse"]["id"] for p in g3[2]["parts"]] == ["fc2", "fc1"]
+    g25 = json.dumps(ag.ir_to_gemini_request(ir, sigs, "gemini-2.5-pro"))
+    assert '"id"' not in g25
+    foreign = ag.ir_to_gemini_request(ir, {}, "gemini-3-pro-preview")     # ids we minted
+    assert '"id"' not in json.dumps(foreign)
+
+
+def test_09_gemini_signature_only_last_chunk_is_no_empty_delta():
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi"}]}}]},
+              {"candidates": [{"content": {"role": "model", "parts": [
+                  {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
+               "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 1}}]
+    raw = b"".join(f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks)
+    out = _convert_stream(ag.GeminiStreamDecoder({}), ag.AnthropicStreamEncoder("g"), raw, 5)
+    deltas = [e["delta"] for _, e in _sse_events(out) if e.get("type") == "content_block_delta"]
+    assert deltas == [{"type": "text_delta", "text": "Hi"}]
+    oa = _convert_stream(ag.GeminiStreamDecoder({}), ag.OpenAIStreamEncoder("g", False), raw, 5)
+    contents = [c["choices"][0]["delta"].get("content") for _, c in _sse_events(oa)
+                if isinstance(c, dict) and c.get("choices")]
+    assert "" not in [c for c in contents if c is not None][1:]
+    assert "Hi" in contents
+
+
+OVERFLOWS = [
+    (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                      "message": "prompt is too long: 215000 tokens > 200000 "
+                                                 "maximum"}}, 215000, 200000),
+    (400, {"type": "error", "error": {"type": "invalid_request_error", "message":
+           "input length and `max_tokens` exceed context limit: 188059 + 20000 > 200000, "
+           "decrease input length or `max_tokens` and try again"}}, 208059, 200000),
+    (400, {"error": {"message": "This model's maximum context length is 128000 tokens. However,"
+                                " your messages resulted in 130015 tokens. Please reduce the "
+                                "length of the messages.", "type": "invalid_request_error",
+                     "param": "messages", "code": "context_length_exceeded"}}, 130015, 128000),
+    (400, {"error": {"message": "Your input exceeds the context window of this model.",
+                     "code": "context_length_exceeded"}}, None, None),
+    (400, {"object": "error", "message": "This model's maximum context length is 16384 tokens. "
+           "However, you requested 122946 tokens (112946 in the messages, 10000 in the "
+           "completion).", "type": "BadRequestError", "param": None, "code": 400},
+     122946, 16384),
+    (400, {"error": {"code": 400, "message": "The input token count (1200293) exceeds the "
+                     "maximum number of tokens allowed (1048576).",
+                     "status": "INVALID_ARGUMENT"}}, 1200293, 1048576),
+    (500, {"error": "the input length exceeds the context length"}, None, None),
+    (400, {"error": {"code": 400, "message": "the request exceeds the available context size, "
+                     "try increasing it", "type": "exceed_context_size_error",
+                     "n_prompt_tokens": 9000, "n_ctx": 8192}}, 9000, 8192),
+]
+
+
+@pytest.mark.parametrize("status,body,tokens,limit", OVERFLOWS)
+def test_09_context_overflow_read_from_every_provider(status, body, tokens, limit):
+    err = ag.context_overflow(json.dumps(body).encode(), status)
+    assert err is not None and err.status == 400
+    assert (err.tokens, err.limit) == (tokens, limit)
+    an = ag.error_payload(ag.ANTHROPIC, err)["error"]
+    assert an["type"] == "invalid_request_error"
+    assert an["message"].startswith("prompt is too long")
+    if tokens:
+        assert f"{tokens} tokens > {limit}" in an["message"]
+    oa = ag.error_payload(ag.OPENAI, err)["error"]
+    assert oa["code"] == "context_length_exceeded" and oa["type"] == "invalid_request_error"
+    gm = ag.error_payload(ag.GEMINI, err)["error"]
+    assert gm["code"] == 400 and gm["status"] == "INVALID_ARGUMENT"
+    resp_ev = ag.stream_error_event(ag.RESPONSES, err)
+    assert b'"code":"context_length_exceeded"' in resp_ev
+
+
+def test_09_other_errors_are_not_overflow():
+    for body in ({"error": {"message": "max_tokens: 999999 > 64000, which is the maximum"}},
+                 {"error": {"message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}},
+                 {"error": "model not found"}):
+        assert ag.context_overflow(json.dumps(body).encode(), 400) is None
+
+
+@pytest.mark.parametrize("content,finish,empty", [
+    ([], "stop", True), ([{"type": "text", "text": " \n"}], "stop", True),
+    ([], "length", False), ([], "content_filter", False),
+    ([{"type": "text", "text": "ok"}], "stop", False),
+    ([{"type": "reasoning", "text": "hm", "signature": None, "redacted": None}], "stop", False),
+    ([{"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"}], "tool_calls", False)])
+def test_09_empty_answer_table(content, finish, empty):
+    assert ag.answer_is_empty({"content": content, "finish": finish}) is empty
+
+
+# =================================================================================================
 # Resilience: cancellation, health, keys, limits, safe defaults
 # =================================================================================================
 
