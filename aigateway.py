@@ -4254,10 +4254,11 @@ def gemini_request_to_ir(body: dict) -> dict:
                                  "strict": None}
     elif gen.get("responseMimeType") == "application/json":
         ir["response_format"] = {"type": "json_object"}
-    thinking = gen.get("thinkingConfig") or {}
-    if "thinkingBudget" in thinking or "thinkingLevel" in thinking:
-        budget = thinking.get("thinkingBudget")
-        level = str(thinking.get("thinkingLevel") or "").lower()
+    thinking = gen.get("thinkingConfig") or gen.get("thinking_config") or {}
+    # Proto JSON takes snake_case too, and the google-genai SDK sends "thinking_level" so.
+    budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+    level = str(thinking.get("thinkingLevel") or thinking.get("thinking_level") or "").lower()
+    if budget is not None or level:
         if budget == 0:
             ir["reasoning"] = {"effort": "none", "budget": None}
         elif ir_effort(level):

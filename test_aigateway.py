@@ -3102,6 +3102,405 @@ def test_09_empty_answer_table(content, finish, empty):
     assert ag.answer_is_empty({"content": content, "finish": finish}) is empty
 
 
+def _anthropic_sse(blocks, stop, model="c"):
+    """An Anthropic Messages stream carrying ``blocks`` whole (one delta each)."""
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    out = [ev("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})]
+    for i, b in enumerate(blocks):
+        if b["type"] == "thinking":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": {"type": "thinking",
+                                                                    "thinking": ""}}))
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                  "delta": {"type": "signature_delta",
+                                                            "signature": b["signature"]}}))
+        elif b["type"] == "tool_use":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": dict(b, input={})}))
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                  "delta": {"type": "input_json_delta",
+                                                            "partial_json": json.dumps(
+                                                                b["input"])}}))
+        else:
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": {"type": "text",
+                                                                    "text": ""}}))
+            if b["text"]:
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "text_delta",
+                                                          "text": b["text"]}}))
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
+    out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                 "usage": {"output_tokens": 4}}),
+            ev("message_stop", {"type": "message_stop"})]
+    return Reply(chunks=out, content_type="text/event-stream")
+
+
+def _anthropic_reply(body, blocks, stop):
+    if body.get("stream"):
+        return _anthropic_sse(blocks, stop, body["model"])
+    return Reply(body=json.dumps({"id": "msg_1", "type": "message", "role": "assistant",
+                                  "model": body["model"], "content": blocks,
+                                  "stop_reason": stop, "stop_sequence": None,
+                                  "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
+
+
+def _anthropic_error(message):
+    return Reply(400, json.dumps({"type": "error", "error": {
+        "type": "invalid_request_error", "message": message}}).encode())
+
+
+SIG = "EqMBCkYIBRgCKkC0c2lnbmF0dXJl"
+
+
+def claude_opus_4_7(rec):
+    """Claude Opus 4.7 as its API behaves with thinking: a tool call after thinking sent with
+    display omitted (a signature only), then an answer once the tool result comes back."""
+    body = json.loads(rec["body"])
+    thinking = body.get("thinking") or {}
+    # Opus 4.7 takes only adaptive thinking; "enabled" with budget_tokens is a 400
+    # (platform.claude.com/docs/en/build-with-claude/adaptive-thinking; Bedrock's copy:
+    # docs.aws.amazon.com/bedrock/latest/userguide/claude-messages-adaptive-thinking.html).
+    if thinking.get("type") == "enabled":
+        return _anthropic_error("thinking.type.enabled is not supported for this model. Use "
+                                "thinking.type.adaptive and output_config.effort")
+    msgs = body["messages"]
+    if len(msgs) > 1:
+        last_assistant = msgs[-2]["content"]
+        # With thinking on, the assistant turn before the tool results must start with its
+        # thinking block, unchanged (Anthropic's 400 quoted in sigoden/llm-functions#222).
+        if thinking and last_assistant[0] != {"type": "thinking", "thinking": "",
+                                              "signature": SIG}:
+            return _anthropic_error("messages.1.content.0.type: Expected `thinking` or "
+                                    "`redacted_thinking`, but found `tool_use`. When "
+                                    "`thinking` is enabled, a final `assistant` message "
+                                    "must start with a thinking block")
+        return _anthropic_reply(body, [{"type": "text", "text": "done"}], "end_turn")
+    return _anthropic_reply(body, [{"type": "thinking", "thinking": "", "signature": SIG},
+                                   {"type": "tool_use", "id": "toolu_A", "name": "get_weather",
+                                    "input": {"city": "Paris"}}], "tool_use")
+
+
+@pytest.mark.parametrize("client", ["openai", "responses", "genai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_adaptive_thinking_tool_loop_from_every_dialect(gw, upstream, client, stream):
+    up = upstream()
+    up.responder = claude_opus_4_7
+    g = gw([chan(up, type="anthropic")])
+    model = "claude-opus-4-7"
+    if client == "openai":
+        c = g.openai()
+
+        def call(messages):
+            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="xhigh")
+            if not stream:
+                return c.chat.completions.create(**kw)
+            with c.chat.completions.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_completion()
+        msgs = [{"role": "user", "content": "weather?"}]
+        first = call(msgs).choices[0]
+        assert first.message.tool_calls[0].id == "toolu_A"
+        msgs += [first.message.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": "toolu_A", "content": "sunny"}]
+        assert call(msgs).choices[0].message.content == "done"
+        effort = "xhigh"
+    elif client == "responses":
+        c = g.openai()
+
+        def call(inp):
+            kw = dict(model=model, input=inp, tools=RESPONSES_TOOLS[:2],
+                      reasoning={"effort": "medium"}, store=False)
+            if not stream:
+                return c.responses.create(**kw)
+            with c.responses.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_response()
+        items = [{"role": "user", "content": "weather?"}]
+        first = call(items)
+        fc = [o for o in first.output if o.type == "function_call"][0]
+        items += [o.model_dump(exclude_none=True) for o in first.output]
+        items.append({"type": "function_call_output", "call_id": fc.call_id, "output": "sun"})
+        assert call(items).output_text == "done"
+        effort = "medium"
+    else:
+        c = _genai(g)
+        config = genai_types.GenerateContentConfig(
+            tools=GENAI_TOOLS, thinking_config=genai_types.ThinkingConfig(thinking_level="LOW"),
+            automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+        contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+
+        def call():
+            if not stream:
+                r = c.models.generate_content(model=model, contents=contents, config=config)
+                return r.candidates[0].content.parts
+            return [p for ch in c.models.generate_content_stream(
+                model=model, contents=contents, config=config)
+                for cand in ch.candidates or [] if cand.content for p in cand.content.parts or []]
+        parts = call()
+        fc = [p.function_call for p in parts if p.function_call][0]
+        contents.append(genai_types.Content(role="model", parts=parts))
+        contents.append(genai_types.Content(role="user", parts=[
+            genai_types.Part(function_response=genai_types.FunctionResponse(
+                id=fc.id, name=fc.name, response={"result": "sunny"}))]))
+        assert "".join(p.text or "" for p in call()) == "done"
+        effort = "low"
+    sent = [json.loads(r["body"]) for r in up.requests]
+    assert len(sent) == 2
+    assert all(b["thinking"] == {"type": "adaptive"} for b in sent)
+    assert all(b["output_config"] == {"effort": effort} for b in sent)
+    assert sent[1]["messages"][1]["content"][0] == {"type": "thinking", "thinking": "",
+                                                    "signature": SIG}
+
+
+def test_11_channel_thinking_setting_overrides_the_table(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: _anthropic_reply(json.loads(rec["body"]),
+                                                [{"type": "text", "text": "ok"}], "end_turn")
+    g = gw([chan(up, type="anthropic", thinking="adaptive")])
+    r = g.openai().chat.completions.create(model="relay-claude", reasoning_effort="low",
+                                           messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "ok"
+    assert json.loads(up.last()["body"])["thinking"] == {"type": "adaptive"}
+
+
+def gemini_fake(rec):
+    """Gemini with two parallel calls of one function. Gemini 3 gives each call an id and the
+    first call alone a thoughtSignature (ai.google.dev/gemini-api/docs/thought-signatures:
+    "only the first functionCall part" of parallel calls carries it), and needs the ids back
+    to tell the results apart; Gemini 2.x answers any "id" with a 400 (JetBrains/koog#735)."""
+    body = json.loads(rec["body"])
+    model = rec["path"].split("/models/")[1].split(":")[0]
+    three = model.startswith("gemini-3")
+    stream = ":streamGenerateContent" in rec["path"]
+    turns = body["contents"]
+    cfg = body.get("generationConfig", {}).get("thinkingConfig", {})
+    if "thinkingLevel" in cfg and "thinkingBudget" in cfg:    # docs/thinking: never both
+        return Reply(400, b'{"error":{"code":400,"message":"thinking_budget and thinking_level'
+                          b' are not supported together","status":"INVALID_ARGUMENT"}}')
+    if not three and '"id"' in json.dumps(turns):
+        return Reply(400, b'{"error":{"code":400,"message":"Invalid JSON payload received. '
+                          b'Unknown name \\"id\\" at \'contents[1].parts[0].function_call\': '
+                          b'Cannot find field.","status":"INVALID_ARGUMENT"}}')
+    results = [p["functionResponse"] for p in turns[-1]["parts"] if "functionResponse" in p]
+    if results:
+        if three:
+            calls = [p for p in turns[-2]["parts"] if "functionCall" in p]
+            assert calls[0]["thoughtSignature"] == "SIG3" and "thoughtSignature" not in calls[1]
+            assert [c["functionCall"]["id"] for c in calls] == ["fc-a", "fc-b"]
+            by_id = {r["id"]: r["response"]["result"] for r in results}
+            text = f"a={by_id['fc-a']} b={by_id['fc-b']}"
+        else:
+            text = "ok"
+        parts = [{"text": text}]
+    else:
+        parts = [{"functionCall": dict({"name": "get_weather", "args": {"city": city}},
+                                       **({"id": cid} if three else {}))}
+                 for cid, city in (("fc-a", "Paris"), ("fc-b", "Rome"))]
+        if three:
+            parts[0]["thoughtSignature"] = "SIG3"
+    usage = {"promptTokenCount": 5, "candidatesTokenCount": 2}
+    if not stream:
+        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
+                                                                  "parts": parts},
+                                                      "finishReason": "STOP"}],
+                                      "usageMetadata": usage}).encode())
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}}]} for p in parts]
+    # The last chunk may carry only a signature on an empty text part.
+    chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
+        "usageMetadata": usage})
+    return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("model", ["gemini-3-flash-preview", "gemini-2.5-flash"])
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_gemini_parallel_calls_of_one_function(gw, upstream, model, client, stream):
+    up = upstream()
+    up.responder = gemini_fake
+    g = gw([chan(up, type="gemini")])
+    if client == "anthropic":
+        c = g.anthropic()
+
+        def call(messages):
+            kw = dict(model=model, max_tokens=4000, tools=ANTHROPIC_TOOLS, messages=messages,
+                      thinking={"type": "adaptive"})
+            if not stream:
+                return c.messages.create(**kw)
+            with c.messages.stream(**kw) as s:
+                deltas = [e for e in s if e.type == "content_block_delta"]
+                assert all(getattr(e.delta, "text", "x") for e in deltas)    # none empty
+                return s.get_final_message()
+        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
+        first = call(msgs)
+        uses = [b for b in first.content if b.type == "tool_use"]
+        msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                   for b in first.content]},
+                 {"role": "user", "content": [
+                     {"type": "tool_result", "tool_use_id": uses[1].id, "content": "rain"},
+                     {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sun"}]}]
+        text = call(msgs).content[0].text
+    else:
+        c = g.openai()
+
+        def call(messages):
+            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="low")
+            if not stream:
+                return c.chat.completions.create(**kw).choices[0].message
+            with c.chat.completions.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_completion().choices[0].message
+        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
+        first = call(msgs)
+        calls = first.tool_calls
+        msgs += [first.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": calls[1].id, "content": "rain"},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"}]
+        text = call(msgs).content
+    three = model.startswith("gemini-3")
+    assert text == ("a=sun b=rain" if three else "ok")
+    cfg = json.loads(up.requests[0]["body"])["generationConfig"]["thinkingConfig"]
+    assert ("thinkingLevel" in cfg) == three and ("thinkingBudget" in cfg) != three
+
+
+def _two_channels(gw, upstream, ctype, first_reply, **settings):
+    bad, good = upstream([first_reply]), upstream()
+    good.responder = getattr(Dialects, {"custom": "openai"}.get(ctype, ctype))
+    g = gw([chan(bad, type=ctype, name="first", priority=0),
+            chan(good, type=ctype, name="second", priority=1)], settings=settings or None)
+    return g, bad, good
+
+
+OVERFLOW_CASES = [   # (channel type, status, upstream body)
+    ("anthropic", 400, OVERFLOWS[0][1]), ("openai", 400, OVERFLOWS[2][1]),
+    ("custom", 400, OVERFLOWS[4][1]), ("gemini", 400, OVERFLOWS[5][1]),
+    ("ollama", 500, OVERFLOWS[6][1]),
+]
+
+
+@pytest.mark.parametrize("ctype,status,body", OVERFLOW_CASES)
+@pytest.mark.parametrize("client", ["anthropic", "openai", "genai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_context_overflow_in_each_clients_wording(gw, upstream, ctype, status, body, client,
+                                                     stream):
+    reply = Reply(status, json.dumps(body).encode())
+    g, bad, good = _two_channels(gw, upstream, ctype, reply)
+    msgs = [{"role": "user", "content": "a very long prompt"}]
+    if client == "anthropic":
+        with pytest.raises(anthropic.BadRequestError) as e:
+            kw = dict(model="m", max_tokens=10, messages=msgs)
+            if stream:
+                with g.anthropic().messages.stream(**kw) as s:
+                    list(s)
+            else:
+                g.anthropic().messages.create(**kw)
+        err = e.value.body["error"]
+        assert err["type"] == "invalid_request_error"
+        assert err["message"].lower().startswith("prompt is too long")
+        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
+        if tokens:                       # what Claude Code reads to size its compaction
+            assert f"{tokens} tokens > {limit}" in err["message"]
+    elif client == "openai":
+        with pytest.raises(openai.BadRequestError) as e:
+            g.openai().chat.completions.create(model="m", messages=msgs, stream=stream)
+        assert e.value.code == "context_length_exceeded"
+        assert e.value.status_code == 400
+    else:
+        with pytest.raises(genai_errors.ClientError) as e:
+            gc = _genai(g)
+            call = gc.models.generate_content_stream if stream else gc.models.generate_content
+            res = call(model="m", contents="a very long prompt")
+            if stream:
+                list(res)
+        assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"
+    assert not good.requests                               # not a failure to fall back from
+    rec = g.records()[-1]
+    assert rec["status"] == 400 and rec["failures"] == []
+    assert _health(g, "first")["state"] == "ok"
+
+
+EMPTY = {
+    "openai": (Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": ""}}],
+                                      "usage": {"prompt_tokens": 3,
+                                                "completion_tokens": 0}}).encode()),
+               Reply(chunks=openai_stream_chunks(pieces=("", " ")),
+                     content_type="text/event-stream")),
+    "anthropic": (Reply(body=json.dumps(dict(anthropic_message(), content=[])).encode()),
+                  _anthropic_sse([{"type": "text", "text": ""}], "end_turn")),
+    "gemini": (Reply(body=b'{"candidates":[{"content":{"role":"model","parts":[{"text":""}]},'
+                          b'"finishReason":"STOP"}]}'),
+               Reply(chunks=[b'data: {"candidates":[{"content":{"role":"model","parts":'
+                             b'[{"text":""}]},"finishReason":"STOP"}]}\r\n\r\n'],
+                     content_type="text/event-stream")),
+}
+
+
+def _ask(g, client, stream):
+    """The answer text a client of ``client`` dialect gets for a one-line question."""
+    if client == "openai":
+        r = g.openai().chat.completions.create(model="m", stream=stream, messages=[
+            {"role": "user", "content": "x"}])
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        return r.choices[0].message.content or ""
+    if client == "anthropic":
+        kw = dict(model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        if stream:
+            with g.anthropic().messages.stream(**kw) as s:
+                return "".join(s.text_stream)
+        return "".join(b.text for b in g.anthropic().messages.create(**kw).content)
+    c = _genai(g)
+    if stream:
+        return "".join(ch.text or "" for ch in c.models.generate_content_stream(
+            model="m", contents="x"))
+    return c.models.generate_content(model="m", contents="x").text or ""
+
+
+@pytest.mark.parametrize("ctype,client", [
+    ("openai", "openai"), ("anthropic", "anthropic"), ("gemini", "genai"),     # passthrough
+    ("openai", "anthropic"), ("anthropic", "openai"), ("gemini", "openai")])   # converted
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_empty_answer_falls_back_to_the_next_channel(gw, upstream, ctype, client, stream):
+    g, bad, good = _two_channels(gw, upstream, ctype, EMPTY[ctype][stream])
+    assert _ask(g, client, stream) == "hello"
+    assert len(bad.requests) == 1 and len(good.requests) == 1
+    rec = g.records()[-1]
+    assert rec["channel"] == "second" and "empty answer" in rec["failures"][0]["error"]
+
+
+def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
+    g, bad, good = _two_channels(gw, upstream, "openai", EMPTY["openai"][True],
+                                 empty_answer_fallback=False)
+    assert _ask(g, "openai", True) == " " and not good.requests
+    cut = json.loads(EMPTY["openai"][False].body)
+    cut["choices"][0]["finish_reason"] = "length"            # explained: max_tokens reached
+    g, bad, good = _two_channels(gw, upstream, "openai", Reply(body=json.dumps(cut).encode()))
+    assert _ask(g, "anthropic", False) == "" and not good.requests
+
+
+def test_11_empty_answer_hold_is_bounded(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 200)
+    blank = Reply(chunks=openai_stream_chunks(pieces=("",) * 10),
+                  content_type="text/event-stream")
+    g, bad, good = _two_channels(gw, upstream, "openai", blank)
+    assert _ask(g, "anthropic", True) == ""       # released past 200 bytes, not tried again
+    assert not good.requests
+    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 1 << 20)
+    g, bad, good = _two_channels(gw, upstream, "openai", blank)
+    assert _ask(g, "anthropic", True) == "hello"
+
 # =================================================================================================
 # Resilience: cancellation, health, keys, limits, safe defaults
 # =================================================================================================
