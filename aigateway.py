@@ -6641,6 +6641,7 @@ class ChannelDialog:
             "max_tokens_cap": tk.StringVar(value=str(c.get("max_tokens_cap", 0))),
             "api_keys": tk.StringVar(value=", ".join(c.get("api_keys", []))),
             "max_concurrency": tk.StringVar(value=str(c.get("max_concurrency", 0))),
+            "thinking": tk.StringVar(value=c.get("thinking", "auto")),
             "proxy": tk.StringVar(value=c.get("proxy", "")),
             "verify_tls": tk.BooleanVar(value=c.get("verify_tls", True)),
             "enabled": tk.BooleanVar(value=c.get("enabled", True)),
@@ -6688,6 +6689,9 @@ class ChannelDialog:
                                           width=8), "0 = none")
         field("Max concurrency", ttk.Entry(body, textvariable=self.vars["max_concurrency"],
                                            width=8), "0 = no limit")
+        field("Claude thinking", ttk.Combobox(body, textvariable=self.vars["thinking"], width=9,
+                                              values=THINKING_MODES, state="readonly"),
+              "auto = by model name")
         field("Proxy", ttk.Entry(body, textvariable=self.vars["proxy"]),
               "http:// or socks5://")
         field("", ttk.Checkbutton(body, text="Verify TLS certificates",
@@ -6733,6 +6737,7 @@ class ChannelDialog:
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
                 "priority": priority, "timeout": int(timeout) if timeout.is_integer() else timeout,
                 "max_tokens_cap": cap, "max_concurrency": concurrency,
+                "thinking": v["thinking"].get(),
                 "api_keys": [k.strip() for k in v["api_keys"].get().split(",") if k.strip()],
                 "proxy": v["proxy"].get().strip(),
                 "verify_tls": v["verify_tls"].get(), "enabled": v["enabled"].get()}

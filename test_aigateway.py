@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import socketserver
@@ -985,6 +986,24 @@ def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
     msg = str(e.value)
     assert str(path) in msg and needle in msg and ";" in msg
     assert path.read_text() == text                            # never overwritten
+
+
+# Issue 12: the channel's thinking mode and the empty-answer fallback setting
+@pytest.mark.parametrize("config,needle", [
+    ({"channels": [{"thinking": "enabled"}]},
+     'channels[0].thinking: \'enabled\' is not a thinking mode; write "auto"'),
+    ({"channels": [{"thinking": 1}]}, "channels[0].thinking"),
+    ({"settings": {"empty_answer_fallback": "no"}}, "settings.empty_answer_fallback"),
+])
+def test_10_thinking_and_empty_answer_settings_validated(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ag.ConfigError, match=re.escape(needle)):
+        ag.ConfigStore.load(str(path))
+    path.write_text(json.dumps({"channels": [{"thinking": "budget"}]}))
+    cfg = ag.ConfigStore.load(str(path))[0].data
+    assert cfg["channels"][0]["thinking"] == "budget"
+    assert cfg["settings"]["empty_answer_fallback"] is True
 
 
 def test_10_json_syntax_error_names_the_line(tmp_path):
@@ -2484,6 +2503,21 @@ def test_13_add_channel_through_the_dialog(app):
     a.channels.tree.selection_set("2")
     a.channels.delete()
     assert [c["id"] for c in a.store.data["channels"]] == [1]
+
+
+# Issue 12: the channel dialog's Claude thinking field
+def test_13_channel_dialog_thinking_field(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    box = next(w for w in d.top.winfo_children()[0].winfo_children()
+               if w.winfo_class() == "TCombobox" and w.cget("values")
+               and "adaptive" in str(w.cget("values")))
+    assert box.get() == "auto"
+    d.vars["name"].set("relay")
+    box.set("adaptive")
+    d.save()
+    assert json.loads(open(a.store.path).read())["channels"][0]["thinking"] == "adaptive"
 
 
 def test_13_create_token_shows_the_key_once(app, upstream):
