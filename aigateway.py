@@ -5826,12 +5826,12 @@ class Gateway:
         return raw
 
     @staticmethod
-    def _empty_answer(up: UpstreamResponse, name: str) -> UpstreamError:
+    def _empty_answer(up: UpstreamResponse) -> UpstreamError:
         up.aclose_nowait()
-        return UpstreamError(502, f"channel '{name}' gave an empty answer (no text, no tool "
-                                  f"call)", retryable=True)
+        return UpstreamError(502, "answered 200 with an empty answer (no text, reasoning or "
+                                  "tool call)", retryable=True)
 
-    async def _hold_until_content(self, chunks: AsyncIterator[bytes], decoder: Any, name: str,
+    async def _hold_until_content(self, chunks: AsyncIterator[bytes], decoder: Any,
                                   up: UpstreamResponse, raw: list[bytes] | None = None
                                   ) -> tuple[list[tuple], bool]:
         """Read a stream until it shows real content (event_is_content), holding its events
@@ -5853,7 +5853,7 @@ class Gateway:
         events += decoder.close()
         if any(event_is_content(ev) for ev in events):
             return events, True
-        raise self._empty_answer(up, name)
+        raise self._empty_answer(up)
 
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
                                 model: str, rec: dict, req: Request,
@@ -5872,7 +5872,7 @@ class Gateway:
                                         f"object")
             resp = decode_whole(answer)
             if hold and answer_is_empty(resp):
-                raise self._empty_answer(up, ch.name)
+                raise self._empty_answer(up)
             rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
                 resp["usage"]["output"]
             out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
@@ -5892,7 +5892,7 @@ class Gateway:
             resp = decode_whole(answer if isinstance(answer, dict) else {})
             decoder = _Replay(response_events(resp))
         chunks = up.iter_bytes()
-        held, ended = await self._hold_until_content(chunks, decoder, ch.name, up) if hold \
+        held, ended = await self._hold_until_content(chunks, decoder, up) if hold \
             else ([], False)
 
         def done() -> None:
@@ -5975,7 +5975,7 @@ class Gateway:
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
             elif hold and "json" in ctype and self._passthrough_empty(dialect, body):
-                raise self._empty_answer(up, rec["channel"])
+                raise self._empty_answer(up)
             rec["bytes_out"] = len(body)
             self._finish(rec)
             return Response(up.status, hdrs, body)
@@ -5983,8 +5983,8 @@ class Gateway:
         chunks = up.iter_bytes()
         held: list[bytes] = []
         if sse and hold and up.status < 300:
-            await self._hold_until_content(chunks, PASSTHROUGH_DECODERS[dialect][1](),
-                                           rec["channel"], up, held)
+            await self._hold_until_content(chunks, PASSTHROUGH_DECODERS[dialect][1](), up,
+                                           held)
         if sse:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]

@@ -3522,6 +3522,11 @@ def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
     cut["choices"][0]["finish_reason"] = "length"            # explained: max_tokens reached
     g, bad, good = _two_channels(gw, upstream, "openai", Reply(body=json.dumps(cut).encode()))
     assert _ask(g, "anthropic", False) == "" and not good.requests
+    only = upstream([EMPTY["anthropic"][False]])
+    g = gw([chan(only, type="anthropic")])
+    with pytest.raises(anthropic.APIStatusError) as e:     # none left: a 5xx clients retry
+        _ask(g, "anthropic", False)
+    assert e.value.status_code == 502 and "empty answer" in e.value.message
 
 
 def test_11_empty_answer_hold_is_bounded(gw, upstream, monkeypatch):
