@@ -3977,6 +3977,20 @@ def test_15_claude_code_runs_its_tool_loop_through_an_openai_channel(gw, upstrea
     assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
 
 
+# Issue 12: Claude Code's own reading of a context overflow from another provider
+def test_15_claude_code_sees_a_context_overflow_as_prompt_too_long(gw, upstream, tmp_path):
+    claude = _cli_bin("claude")
+    up = upstream([Reply(400, json.dumps(OVERFLOWS[4][1]).encode())])       # vLLM's wording
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
+    rc, out = _run_cli([claude, "-p", "hello", "--model", "claude-sonnet-4-5"],
+                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
+                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
+                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
+    # Claude Code took it for its own "prompt is too long" and read both numbers from it.
+    assert rc != 0 and "Prompt is too long" in out, out[-2000:]
+    assert "122946" in out and "16384" in out and "API Error" not in out
+
+
 def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"settings": {"port": 0, "require_auth": False}}))
