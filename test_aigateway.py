@@ -3456,6 +3456,10 @@ def test_11_context_overflow_in_each_clients_wording(gw, upstream, ctype, status
             if stream:
                 list(res)
         assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"
+        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
+        if tokens:
+            assert f"input token count ({tokens}) exceeds the maximum number of tokens " \
+                   f"allowed ({limit})" in e.value.message
     assert not good.requests                               # not a failure to fall back from
     rec = g.records()[-1]
     assert rec["status"] == 400 and rec["failures"] == []
