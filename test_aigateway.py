@@ -3995,6 +3995,25 @@ def test_15_claude_code_sees_a_context_overflow_as_prompt_too_long(gw, upstream,
     assert "122946" in out and "16384" in out and "API Error" not in out
 
 
+# Issue 12: Codex's reading of a context overflow from another provider
+def test_15_codex_sees_a_context_overflow(gw, upstream, tmp_path):
+    codex = _cli_bin("codex")
+    up = upstream([Reply(400, json.dumps(OVERFLOWS[0][1]).encode())])     # Anthropic's wording
+    g = gw([chan(up, type="anthropic")])
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "claude-opus-4-7"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'request_max_retries = 0\nstream_max_retries = 0\n')
+    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "hello"],
+                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                        "GW_TOKEN": TOKEN}, tmp_path)
+    # Codex matched code context_length_exceeded: its own out-of-context message, no retries.
+    assert rc != 0 and "ran out of room in the model's context window" in out, out[-2000:]
+    assert len(up.requests) == 1
+
+
 def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"settings": {"port": 0, "require_auth": False}}))
