@@ -5847,6 +5847,12 @@ class Gateway:
                 raw.append(data)
             fresh = decoder.feed(data)
             events += fresh
+            for ev in fresh:        # an overflow told in-band before any content: still a 400
+                if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
+                    overflow = context_overflow(ev[1].message.encode(), ev[1].status)
+                    if overflow is not None:
+                        up.aclose_nowait()
+                        raise overflow
             if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
                     or size > EMPTY_HOLD_BYTES:
                 return events, False

@@ -3466,6 +3466,23 @@ def test_11_context_overflow_in_each_clients_wording(gw, upstream, ctype, status
     assert _health(g, "first")["state"] == "ok"
 
 
+def test_11_context_overflow_told_in_band_before_content(gw, upstream):
+    err = {"type": "error", "error": {"type": "invalid_request_error",
+                                      "message": "prompt is too long: 300000 tokens > 200000 "
+                                                 "maximum"}}
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message",
+                                                  "role": "assistant", "model": "c",
+                                                  "content": [], "usage": {"input_tokens": 1}}}
+    up = upstream([Reply(chunks=[f"event: message_start\ndata: {json.dumps(start)}\n\n".encode(),
+                                 f"event: error\ndata: {json.dumps(err)}\n\n".encode()],
+                         content_type="text/event-stream")])
+    g = gw([chan(up, type="anthropic")])
+    with pytest.raises(openai.BadRequestError) as e:
+        list(g.openai().chat.completions.create(model="c", stream=True, messages=[
+            {"role": "user", "content": "x"}]))
+    assert e.value.code == "context_length_exceeded" and "200000 tokens" in e.value.message
+
+
 EMPTY = {
     "openai": (Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
                                       "model": "m", "choices": [{
