@@ -2100,6 +2100,16 @@ def effort_from_budget(budget: int) -> str:
         if budget < 32768 else "xhigh"
 
 
+def room_for_thinking(max_tokens: int, budget: int, cap: int = 0) -> tuple[int, int]:
+    """(max_tokens, budget) so that max_tokens, which counts the thinking too on Anthropic and
+    Gemini, leaves room for an answer after the budget; never past the channel's ``cap``."""
+    if max_tokens <= budget:
+        max_tokens = budget + min(4096, max(1024, max_tokens))
+        if cap and max_tokens > cap:
+            budget, max_tokens = max(1024, cap - 1024), cap
+    return max_tokens, budget
+
+
 def ir_effort(value: Any) -> str | None:
     """A client's effort word on the IR scale (None when it is not one)."""
     value = value.lower() if isinstance(value, str) else None
@@ -2967,12 +2977,7 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
         reasoning = None
     if reasoning and reasoning["effort"] != "none" and mode != "none":
         budget = reasoning["budget"] or _EFFORT_BUDGET.get(reasoning["effort"], 8192)
-        budget = max(1024, budget)
-        if max_tokens <= budget:               # max_tokens covers the thinking and the answer
-            max_tokens = budget + min(4096, max(1024, max_tokens))
-            if max_tokens_cap and max_tokens > max_tokens_cap:
-                budget = max(1024, max_tokens_cap - 1024)
-                max_tokens = max_tokens_cap
+        max_tokens, budget = room_for_thinking(max_tokens, max(1024, budget), max_tokens_cap)
         if mode == "adaptive" or (mode == "both" and not reasoning["budget"]):
             body["thinking"] = {"type": "adaptive"}
             body["output_config"] = {"effort": anthropic_effort(reasoning["effort"], mode)}
@@ -3404,7 +3409,7 @@ def gemini_thinking_config(model: str, reasoning: dict) -> dict | None:
 
 
 def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
-                         model: str = "") -> dict:
+                         model: str = "", max_tokens_cap: int = 0) -> dict:
     """``signatures`` holds what Gemini said about its calls: thoughtSignature by call id, and
     "id:<call id>" for the ids Gemini itself sent. Gemini 3 returns functionCall.id and takes
     it back in functionCall.id / functionResponse.id (parallel calls of one function are told
@@ -3509,6 +3514,10 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
     thinking = gemini_thinking_config(model, ir["reasoning"]) if ir["reasoning"] else None
     if thinking:
         gen["thinkingConfig"] = thinking
+        # Gemini counts thoughts in maxOutputTokens (googleapis/python-genai#782, #811).
+        if thinking.get("thinkingBudget") and gen.get("maxOutputTokens"):
+            gen["maxOutputTokens"], thinking["thinkingBudget"] = room_for_thinking(
+                gen["maxOutputTokens"], thinking["thinkingBudget"], max_tokens_cap)
     if gen:
         body["generationConfig"] = gen
     return body
@@ -4394,7 +4403,7 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
         return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
                                        thinking_setting=thinking, kept=kept)
     if ctype == "gemini":
-        return ir_to_gemini_request(ir, signatures, model)
+        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
     if ctype == "ollama":
         return ir_to_ollama_request(ir, model, stream=stream)
     field = "max_completion_tokens" if ctype == "openai" and \

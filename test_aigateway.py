@@ -1668,7 +1668,7 @@ def test_09_gemini_request_schema_cleaning_and_grouped_function_responses():
     assert responses[0]["functionResponse"]["response"] == {"result": "sunny"}
     assert responses[2] == {"text": "thanks"}
     gen = body["generationConfig"]
-    assert gen["maxOutputTokens"] == 100 and gen["responseMimeType"] == "application/json"
+    assert gen["maxOutputTokens"] == 2048 and gen["responseMimeType"] == "application/json"
     assert gen["thinkingConfig"] == {"thinkingBudget": 1024, "includeThoughts": True}
 
 
@@ -2971,6 +2971,8 @@ def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, ex
         return
     assert {k: v for k, v in cfg.items() if k != "includeThoughts"} == expected
     assert not ("thinkingLevel" in cfg and "thinkingBudget" in cfg)
+    if cfg.get("thinkingBudget"):                     # maxOutputTokens counts the thinking
+        assert gen["maxOutputTokens"] > cfg["thinkingBudget"]
 
 
 def test_09_signature_only_and_redacted_thinking_survive():
