@@ -4431,14 +4431,62 @@ def event_is_content(ev: tuple) -> bool:
         kind == "finish" and ev[1] in ("length", "content_filter"))
 
 
+_RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
+
+
+def responses_answer_outline(body: dict) -> dict:
+    """A Responses API answer (passed through to a Responses client) reduced to what
+    answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
+    function, custom or built-in tool call), and incomplete as a length cut-off."""
+    content: list[dict] = []
+    for item in body.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") not in _RESPONSES_CONTENT_ITEMS:
+            content.append({"type": "tool_call", "id": "", "name": "", "arguments": ""})
+        for part in (item.get("content") or []) + (item.get("summary") or []):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif isinstance(part, dict) and isinstance(part.get("refusal"), str):
+                content.append({"type": "text", "text": part["refusal"]})
+    finish = "length" if body.get("status") == "incomplete" else "stop"
+    return {"content": content, "finish": finish}
+
+
+class ResponsesStreamOutline(StreamDecoder):
+    """Responses API SSE -> just enough IR events for event_is_content: text and reasoning
+    deltas, a "tool" event for any output item that is not a message or reasoning, an error,
+    and the finish (incomplete as a length cut-off)."""
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for name, ev in self._sse_objects(data):
+            kind = str(ev.get("type") or name or "")
+            if kind in ("response.output_text.delta", "response.refusal.delta",
+                        "response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                out.append(("text", str(ev.get("delta") or "")))
+            elif kind == "response.output_item.added" and \
+                    (ev.get("item") or {}).get("type") not in _RESPONSES_CONTENT_ITEMS:
+                out.append(("tool", self._tools, "", ""))
+                self._tools += 1
+            elif kind in ("error", "response.failed"):
+                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
+                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
+            elif kind == "response.incomplete":
+                self.finish = "length"
+        return out
+
+
 # Client dialect -> (whole-answer decoder, stream decoder) used to look into a passed-through
-# answer for emptiness; a Responses answer is not looked into.
+# answer for emptiness (the Responses ones read only what that needs).
 PASSTHROUGH_DECODERS: dict[str, tuple[Callable[[dict], dict], Callable[[], Any]]] = {
     OPENAI: (openai_response_to_ir, OpenAIStreamDecoder),
     ANTHROPIC: (anthropic_response_to_ir, AnthropicStreamDecoder),
     GEMINI: (gemini_response_to_ir, GeminiStreamDecoder),
+    RESPONSES: (responses_answer_outline, ResponsesStreamOutline),
 }
-CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent"))
+CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
+                        "responses"))
 
 
 def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,

@@ -2696,7 +2696,10 @@ def test_09_responses_custom_tool_and_native_passthrough(gw, upstream):
         if rec["path"].endswith("/responses"):                # native channel: untouched
             return Reply(body=json.dumps({
                 "id": "resp_native", "object": "response", "created_at": 1, "status":
-                "completed", "model": body["model"], "output": [], "parallel_tool_calls": True,
+                "completed", "model": body["model"], "output": [{
+                    "type": "message", "id": "msg_n", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "parallel_tool_calls": True,
                 "tool_choice": "auto", "tools": []}).encode())
         assert body["tools"][0]["function"]["parameters"]["required"] == ["input"]
         return Reply(body=json.dumps({
@@ -3535,6 +3538,47 @@ def test_11_empty_answer_falls_back_to_the_next_channel(gw, upstream, ctype, cli
     assert len(bad.requests) == 1 and len(good.requests) == 1
     rec = g.records()[-1]
     assert rec["channel"] == "second" and "empty answer" in rec["failures"][0]["error"]
+
+
+def _responses_answer(text, stream):
+    """A Responses API answer with ``text`` ("" for a blank one), whole or as its SSE events."""
+    msg = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+           "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+            "model": "gpt-5", "output": [msg], "usage": {"input_tokens": 3, "output_tokens": 1,
+                                                         "total_tokens": 4}}
+    if not stream:
+        return Reply(body=json.dumps(resp).encode())
+    evs = [("response.created", {"response": dict(resp, status="in_progress", output=[])}),
+           ("response.output_item.added", {"output_index": 0, "item": dict(
+               msg, status="in_progress", content=[])}),
+           ("response.content_part.added", {"output_index": 0, "content_index": 0,
+                                            "item_id": "msg_1", "part": {
+                                                "type": "output_text", "text": "",
+                                                "annotations": []}}),
+           ("response.output_text.delta", {"output_index": 0, "content_index": 0,
+                                           "item_id": "msg_1", "delta": text}),
+           ("response.output_item.done", {"output_index": 0, "item": msg}),
+           ("response.completed", {"response": resp})]
+    return Reply(chunks=[f"event: {n}\ndata: {json.dumps(dict(d, type=n, sequence_number=i))}"
+                         f"\n\n".encode() for i, (n, d) in enumerate(evs)],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, stream):
+    bad = upstream([_responses_answer("", stream)])
+    good = upstream([_responses_answer("hello", stream)])
+    g = gw([chan(bad, name="first", responses_api=True),
+            chan(good, name="second", priority=1, responses_api=True)])
+    c = g.openai()
+    if stream:
+        with c.responses.stream(model="gpt-5", input="x") as s:
+            text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+    else:
+        text = c.responses.create(model="gpt-5", input="x").output_text
+    assert text == "hello" and len(bad.requests) == 1
+    assert g.records()[-1]["channel"] == "second"
 
 
 def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
