@@ -117,6 +117,10 @@ JSON_MAX_DEPTH = 256                  # deeper JSON -> 400; json's C scanner wou
                                       # RecursionError near 1,000 and converters recurse too
 EVENTS_KEPT = 1000                    # request records kept in memory for the GUI
 SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for replay, oldest dropped
+THINKING_KEPT = 500                   # Claude thinking turns kept for replay to clients that drop
+THINKING_KEPT_BYTES = 256 * 1024      # ... signatures; a larger turn is not kept (bounded memory)
+EMPTY_HOLD_EVENTS = 512               # stream events held while waiting for real content
+EMPTY_HOLD_BYTES = 256 * 1024         # ... and bytes: past either, the stream is released as is
 HEALTH_FAILURES = 3                   # consecutive failures that put a channel in cooldown
 COOLDOWN_SECONDS = 30.0               # first cooldown; doubles on each failed probe
 COOLDOWN_MAX_SECONDS = 300.0
@@ -200,6 +204,17 @@ class UpstreamError(GatewayError):
         super().__init__(status, message, **kw)
         self.retryable = retryable
         self.upstream_status = upstream_status
+
+
+class ContextOverflow(GatewayError):
+    """An upstream refused a prompt longer than the model's context window. Always a 400 in
+    the client's own wording (section 9 renders it), never a channel failure: another channel
+    would refuse the same prompt. ``tokens`` and ``limit`` when the upstream named them."""
+
+    def __init__(self, message: str, tokens: int | None = None, limit: int | None = None):
+        super().__init__(400, message, code="context_length_exceeded", param="messages")
+        self.tokens = tokens
+        self.limit = limit
 
 
 class ConfigError(Exception):
@@ -1409,6 +1424,14 @@ class UpstreamResponse:
         elif enc == "deflate":
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
         self._deflate_raw_tried = False
+        self._kept: bytes | None = None
+
+    async def keep_body(self, limit: int) -> bytes:
+        """Read the body (at most ``limit`` bytes) and keep it, so that a later ``read`` or
+        ``iter_bytes`` gives the same bytes again (an error body looked at before answering)."""
+        if self._kept is None:
+            self._kept = await self.read(limit)
+        return self._kept
 
     @property
     def finished(self) -> bool:
@@ -1439,6 +1462,11 @@ class UpstreamResponse:
             data = dec.unconsumed_tail                              # type: ignore[union-attr]
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
+        if self._kept is not None:
+            kept, self._kept = self._kept, b""
+            if kept:
+                yield kept
+            return
         conn = self._conn
         if conn is None:
             return
@@ -2223,8 +2251,85 @@ _ANTHROPIC_ERROR_TYPE = {
 }
 
 
+# Context-window overflow as each provider words it, and where the numbers sit (tokens, limit):
+#   Anthropic  "prompt is too long: 215000 tokens > 200000 maximum" (the prefix is what Claude Code
+#              2.1 matches, case-insensitively, on a 400 to decide to compact; it reads the two
+#              numbers with /prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)/i, seen in
+#              its bundled cli) and "input length and `max_tokens` exceed context limit: a + b > c"
+#   OpenAI     code "context_length_exceeded"; "This model's maximum context length is L tokens.
+#              However, your messages resulted in T tokens" (vLLM, DeepSeek: "you requested T")
+#   Gemini     400 INVALID_ARGUMENT "The input token count (T) exceeds the maximum number of
+#              tokens allowed (L)." (google-gemini/gemini-cli issues #4118, #11248)
+#   Ollama     "the input length exceeds the context length" (a 400 or 500, no numbers)
+#   llama.cpp  "the request exceeds the available context size" (type exceed_context_size_error)
+#   Mistral    "Prompt contains T tokens ... too large for model with L maximum context length"
+_OVERFLOW_NUMBERS = (
+    (re.compile(r"prompt is too long\D*?(\d+)\s*tokens?\s*>\s*(\d+)", re.I), "tl"),
+    (re.compile(r"exceed context limit:\s*(\d+)\s*\+\s*(\d+)\s*>\s*(\d+)", re.I), "ttl"),
+    (re.compile(r"maximum context length is (\d+) tokens\W+however,? (?:your messages "
+                r"resulted in|you requested) (\d+) tokens", re.I), "lt"),
+    (re.compile(r"input token count \((\d+)\) exceeds the maximum number of tokens allowed "
+                r"\((\d+)\)", re.I), "tl"),
+    (re.compile(r"prompt contains (\d+) tokens.*?too large for model with (\d+) maximum "
+                r"context length", re.I | re.S), "tl"),
+)
+_OVERFLOW_RX = re.compile(
+    r"prompt is too long|context[_ ]length[_ ]exceeded|maximum context length|"
+    r"exceed context limit|exceeds the maximum number of tokens|exceeds the context length|"
+    r"exceeds the available context size|exceed_context_size|context window of this model",
+    re.I)
+
+
+def context_overflow(body: bytes, status: int) -> ContextOverflow | None:
+    """The upstream error ``body`` as a ContextOverflow when it reports a prompt longer than the
+    model's context window (in any provider's wording above), else None."""
+    message = upstream_error_message(body, status)
+    code = upstream_error_code(body) or ""
+    text = body[:MAX_ERROR_BODY].decode("utf-8", "replace")
+    if code != "context_length_exceeded" and not _OVERFLOW_RX.search(text):
+        return None
+    for rx, order in _OVERFLOW_NUMBERS:
+        m = rx.search(text)
+        if m:
+            nums = [int(g) for g in m.groups()]
+            if order == "ttl":
+                return ContextOverflow(message, nums[0] + nums[1], nums[2])
+            tokens, limit = (nums[0], nums[1]) if order == "tl" else (nums[1], nums[0])
+            return ContextOverflow(message, tokens, limit)
+    try:
+        obj = json.loads(body)
+        err = obj.get("error", obj) if isinstance(obj, dict) else {}
+        tokens, limit = _num(err.get("n_prompt_tokens")), _num(err.get("n_ctx"))  # llama.cpp
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        tokens = limit = 0
+    return ContextOverflow(message, tokens or None, limit or None)
+
+
+def overflow_message(dialect: str, err: ContextOverflow) -> str:
+    """A context overflow in the wording the client's own provider uses (see above)."""
+    known = err.tokens is not None and err.limit is not None
+    if dialect == ANTHROPIC:
+        if err.message.lower().startswith("prompt is too long"):
+            return err.message
+        if known:
+            return f"prompt is too long: {err.tokens} tokens > {err.limit} maximum"
+        return f"prompt is too long: {err.message}"
+    if dialect == GEMINI:
+        if known:
+            return (f"The input token count ({err.tokens}) exceeds the maximum number of "
+                    f"tokens allowed ({err.limit}).")
+        return err.message
+    if known:
+        return (f"This model's maximum context length is {err.limit} tokens. However, your "
+                f"messages resulted in {err.tokens} tokens. Please reduce the length of the "
+                f"messages.")
+    return err.message
+
+
 def error_payload(dialect: str, err: GatewayError) -> dict:
     """The error object a client of ``dialect`` expects (PROTOCOLS.md sections 1.5, 3.8, 4.7)."""
+    if isinstance(err, ContextOverflow):
+        err = GatewayError(400, overflow_message(dialect, err), code=err.code, param=err.param)
     if dialect == GEMINI:
         return {"error": {"code": err.status, "message": err.message,
                           "status": _GOOGLE_STATUS.get(err.status, "UNKNOWN")}}
@@ -2244,9 +2349,11 @@ SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n", RESPONSES: b": keepalive\n\n",
 def stream_error_event(dialect: str, err: GatewayError) -> bytes:
     """An in-band error for a stream whose 200 status is already sent."""
     if dialect == RESPONSES:
+        message = overflow_message(dialect, err) if isinstance(err, ContextOverflow) \
+            else err.message
         return b"event: error\ndata: " + json_dumps({
             "type": "error", "code": err.code or _OPENAI_ERROR_TYPE.get(err.kind, "server_error"),
-            "message": err.message, "param": err.param}) + b"\n\n"
+            "message": message, "param": err.param}) + b"\n\n"
     data = json_dumps(error_payload(dialect, err))
     if dialect == ANTHROPIC:
         return b"event: error\ndata: " + data + b"\n\n"
@@ -2355,13 +2462,15 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   stop: [str]
 #   response_format: None | {"type": "json_object"} | {"type": "json_schema", "name", "schema",
 #                    "strict"}
-#   reasoning: None | {"effort": "none"|"minimal"|"low"|"medium"|"high"|"max", "budget": int|None}
+#   reasoning: None | {"effort": one of EFFORTS, "budget": int | None}   budget: the client's own
+#              token budget (Anthropic budget_tokens, Gemini thinkingBudget), else None
 # Part:
 #   {"type": "text", "text"}
 #   {"type": "image", "url"} | {"type": "image", "media_type", "data"}       data is base64
 #   {"type": "file", "media_type", "data", "filename"}                       (PDF and such)
 #   {"type": "audio", "format", "data"}
-#   {"type": "reasoning", "text", "signature", "redacted"}   signature: only Anthropic's own
+#   {"type": "reasoning", "text", "signature", "redacted"}   signature: only Anthropic's own;
+#                                    text "" with a signature: thinking sent with display omitted
 #   {"type": "tool_call", "id", "name", "arguments"}          arguments: JSON text ("{}" when none)
 #   {"type": "tool_result", "id", "name", "content": [text|image Part], "is_error": bool}
 #                                                             only in role "tool", one per message
@@ -2397,7 +2506,12 @@ THOUGHT_SKIP = "skip_thought_signature_validator"   # Gemini's escape hatch for 
 DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
 _ANTHROPIC_ID_RX = re.compile(r"[A-Za-z0-9_-]+\Z")
 _DATA_URL_RX = re.compile(r"data:([^;,]+)?(?:;[^,]*)?;base64,(.*)\Z", re.S)
-_EFFORT_BUDGET = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "max": 32768}
+# Reasoning effort on one scale, weakest first: OpenAI's reasoning_effort and Responses'
+# reasoning.effort take none..xhigh; Anthropic's output_config.effort low..max; Gemini 3 a
+# thinkingLevel, 2.5 a thinkingBudget. Each dialect maps to the nearest level it has.
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+_EFFORT_BUDGET = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 32768,
+                  "max": 32768}
 
 
 def new_usage(inp: int = 0, out: int = 0, cache_read: int = 0, cache_write: int = 0,
@@ -2464,7 +2578,29 @@ def _text_only(content: Any) -> list[dict]:
 
 
 def effort_from_budget(budget: int) -> str:
-    return "low" if budget < 2048 else "medium" if budget < 16384 else "high"
+    return "low" if budget < 2048 else "medium" if budget < 16384 else "high" \
+        if budget < 32768 else "xhigh"
+
+
+def room_for_thinking(max_tokens: int, budget: int, cap: int = 0) -> tuple[int, int]:
+    """(max_tokens, budget) so that max_tokens, which counts the thinking too on Anthropic and
+    Gemini, leaves room for an answer after the budget; never past the channel's ``cap``."""
+    if max_tokens <= budget:
+        max_tokens = budget + min(4096, max(1024, max_tokens))
+        if cap and max_tokens > cap:
+            budget, max_tokens = max(1024, cap - 1024), cap
+    return max_tokens, budget
+
+
+def ir_effort(value: Any) -> str | None:
+    """A client's effort word on the IR scale (None when it is not one)."""
+    value = value.lower() if isinstance(value, str) else None
+    return value if value in EFFORTS else None
+
+
+def openai_effort(effort: str) -> str:
+    """IR effort -> OpenAI reasoning_effort / Responses reasoning.effort (none..xhigh)."""
+    return "xhigh" if effort == "max" else effort
 
 
 @guarded(400, "request body")
@@ -2815,9 +2951,8 @@ def openai_request_to_ir(body: dict) -> dict:
                                  "schema": js.get("schema") or {}, "strict": js.get("strict")}
     effort = body.get("reasoning_effort") or (body.get("reasoning") or {}).get("effort") \
         if isinstance(body.get("reasoning", {}), dict) else body.get("reasoning_effort")
-    if isinstance(effort, str):
-        effort = {"xhigh": "max"}.get(effort, effort)
-        ir["reasoning"] = {"effort": effort, "budget": None}
+    if ir_effort(effort):
+        ir["reasoning"] = {"effort": ir_effort(effort), "budget": None}
     ir["stream"] = body.get("stream") is True
     ir["include_usage"] = bool((body.get("stream_options") or {}).get("include_usage"))
     ir["user"] = body.get("user") or body.get("safety_identifier")
@@ -2926,8 +3061,7 @@ def ir_to_openai_request(ir: dict, model: str, *, stream: bool,
     elif rf:
         body["response_format"] = {"type": "json_object"}
     if ir["reasoning"]:
-        body["reasoning_effort"] = {"max": "high"}.get(ir["reasoning"]["effort"],
-                                                       ir["reasoning"]["effort"])
+        body["reasoning_effort"] = openai_effort(ir["reasoning"]["effort"])
     if ir["user"]:
         body["user"] = ir["user"]
     if ir["n"] != 1:
@@ -3193,6 +3327,45 @@ _ANTHROPIC_STOP_OUT = {"stop": "end_turn", "length": "max_tokens", "tool_calls":
                        "content_filter": "refusal"}
 
 
+# How each Claude model takes thinking, by model name (re.search, first match wins; Bedrock
+# "anthropic.claude-opus-4-7" and Vertex "claude-opus-4-7@..." ids match too). From Anthropic's
+# adaptive-thinking and effort pages (platform.claude.com/docs/en/build-with-claude/adaptive-
+# thinking, .../effort; mirrored in docs.aws.amazon.com/bedrock/latest/userguide/claude-messages-
+# adaptive-thinking.html):
+#   adaptive  Opus 4.7 and later, the Claude 5 family, Mythos, Fable: only {"type": "adaptive"}
+#             with output_config.effort; {"type": "enabled", "budget_tokens"} is a 400 there
+#   both      Opus 4.6 and Sonnet 4.6: adaptive (preferred, budgets deprecated) or budgets
+#   budget    Claude 3.7, 4.0, 4.1, 4.5 and unknown names: {"type": "enabled", "budget_tokens"}
+#   none      Claude 3.5 and older: no thinking parameter at all
+# Effort levels: "max" from Opus/Sonnet 4.6 on, "xhigh" only from Opus 4.7 on, so a 4.6 model
+# gets "max" for xhigh. A channel's "thinking" setting ("adaptive" or "budget") overrides this.
+ANTHROPIC_THINKING = (
+    (re.compile(r"claude-(?:mythos|fable)|claude-(?:opus|sonnet|haiku)-(?:[5-9]|[1-9]\d)(?!\d)"
+                r"|claude-opus-4[-.][7-9](?!\d)", re.I), "adaptive"),
+    (re.compile(r"claude-(?:opus|sonnet)-4[-.]6(?!\d)", re.I), "both"),
+    (re.compile(r"claude-3-(?:[0-6](?!\d)|opus|sonnet|haiku)|claude-(?:2|instant)", re.I), "none"),
+)
+THINKING_MODES = ("auto", "adaptive", "budget")      # a channel's "thinking" setting
+
+
+def anthropic_thinking_mode(model: str, setting: str = "auto") -> str:
+    """"adaptive", "both", "budget" or "none" for ``model`` (the table above), unless the
+    channel's ``setting`` names a mode."""
+    if setting in ("adaptive", "budget"):
+        return setting
+    for rx, mode in ANTHROPIC_THINKING:
+        if rx.search(model):
+            return mode
+    return "budget"
+
+
+def anthropic_effort(effort: str, mode: str) -> str:
+    """IR effort -> output_config.effort (low, medium, high, xhigh, max)."""
+    if effort in ("none", "minimal"):
+        return "low"
+    return "max" if effort == "xhigh" and mode == "both" else effort
+
+
 @guarded(400, "request body")
 def anthropic_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
@@ -3247,12 +3420,12 @@ def anthropic_request_to_ir(body: dict) -> dict:
             else None
     ir["stop"] = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
     thinking = body.get("thinking") or {}
-    effort = (body.get("output_config") or {}).get("effort")
+    effort = ir_effort((body.get("output_config") or {}).get("effort"))
     if thinking.get("type") == "enabled":
         budget = _num(thinking.get("budget_tokens")) or 1024
         ir["reasoning"] = {"effort": effort or effort_from_budget(budget), "budget": budget}
     elif thinking.get("type") == "adaptive" or effort:
-        ir["reasoning"] = {"effort": effort or "medium", "budget": None}
+        ir["reasoning"] = {"effort": effort or "high", "budget": None}     # Anthropic's default
     fmt = (body.get("output_config") or {}).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         ir["response_format"] = {"type": "json_schema", "name": "output",
@@ -3312,12 +3485,43 @@ def _ir_to_anthropic_blocks(parts: list[dict]) -> list[dict]:
     return out
 
 
-def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool,
-                            max_tokens_cap: int = 0) -> dict:
+def remember_thinking(kept: dict[str, list[dict]] | None, blocks: list[dict]) -> None:
+    """Keep a Claude turn's signed thinking blocks (those before its first tool_use) under that
+    call's id: clients of other dialects drop signatures, yet Claude refuses a tool loop whose
+    last assistant turn lost its thinking, so the next request gets them back from here."""
+    if kept is None:
+        return
+    thinking: list[dict] = []
+    for b in blocks:
+        if b.get("type") == "tool_use":
+            if thinking and b.get("id") and \
+                    len(json.dumps(thinking)) <= THINKING_KEPT_BYTES:
+                kept[b["id"]] = thinking
+            return
+        if b.get("type") == "redacted_thinking" and b.get("data"):
+            thinking.append({"type": "redacted_thinking", "data": b["data"]})
+        elif b.get("type") == "thinking" and b.get("signature") and \
+                b["signature"] != UNSIGNED_THINKING:
+            thinking.append({"type": "thinking", "thinking": b.get("thinking") or "",
+                             "signature": b["signature"]})
+
+
+def _thinking_before_tools(blocks: list[dict]) -> bool:
+    return not any(b["type"] == "tool_use" for b in blocks) or \
+        blocks[0]["type"] in ("thinking", "redacted_thinking")
+
+
+def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_cap: int = 0,
+                            thinking_setting: str = "auto",
+                            kept: dict[str, list[dict]] | None = None) -> dict:
     msgs: list[dict] = []
     for m in ir["messages"]:
         role = "assistant" if m["role"] == "assistant" else "user"
         blocks = _ir_to_anthropic_blocks(m["content"])
+        calls = [p["id"] for p in m["content"] if p["type"] == "tool_call"]
+        if role == "assistant" and calls and kept and not any(
+                b["type"] in ("thinking", "redacted_thinking") for b in blocks):
+            blocks = copy.deepcopy(kept.get(anthropic_tool_id(calls[0]), [])) + blocks
         if not blocks:
             continue
         if msgs and msgs[-1]["role"] == role:
@@ -3342,15 +3546,20 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool,
     if max_tokens_cap:
         max_tokens = min(max_tokens, max_tokens_cap)
     reasoning = ir["reasoning"]
-    if reasoning and reasoning["effort"] not in ("none",):
+    mode = anthropic_thinking_mode(model, thinking_setting)
+    last = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
+    if last is not None and last is not msgs[-1] and not _thinking_before_tools(last["content"]):
+        # A tool loop whose last assistant turn has no signed thinking cannot run with thinking
+        # on (Anthropic's 400: "When `thinking` is enabled, a final `assistant` message must
+        # start with a thinking block", quoted in sigoden/llm-functions#222): answer without.
+        reasoning = None
+    if reasoning and reasoning["effort"] != "none" and mode != "none":
         budget = reasoning["budget"] or _EFFORT_BUDGET.get(reasoning["effort"], 8192)
-        budget = max(1024, budget)
-        if max_tokens <= budget:
-            max_tokens = budget + min(4096, max(1024, max_tokens))
-            if max_tokens_cap and max_tokens > max_tokens_cap:
-                budget = max(1024, max_tokens_cap - 1024)
-                max_tokens = max_tokens_cap
-        if budget < max_tokens:
+        max_tokens, budget = room_for_thinking(max_tokens, max(1024, budget), max_tokens_cap)
+        if mode == "adaptive" or (mode == "both" and not reasoning["budget"]):
+            body["thinking"] = {"type": "adaptive"}
+            body["output_config"] = {"effort": anthropic_effort(reasoning["effort"], mode)}
+        elif budget < max_tokens:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     body["max_tokens"] = max_tokens
     thinking = "thinking" in body
@@ -3383,7 +3592,8 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool,
             body["tool_choice"] = choice
     rf = ir["response_format"]
     if rf and rf["type"] == "json_schema":
-        body["output_config"] = {"format": {"type": "json_schema", "schema": rf["schema"]}}
+        body.setdefault("output_config", {})["format"] = {"type": "json_schema",
+                                                          "schema": rf["schema"]}
     if ir["user"]:
         body["metadata"] = {"user_id": str(ir["user"])[:256]}
     if stream:
@@ -3407,7 +3617,8 @@ def ir_usage_to_anthropic(u: dict) -> dict:
 
 
 @guarded(502, "upstream answer")
-def anthropic_response_to_ir(body: dict) -> dict:
+def anthropic_response_to_ir(body: dict, kept: dict[str, list[dict]] | None = None) -> dict:
+    remember_thinking(kept, [b for b in body.get("content") or [] if isinstance(b, dict)])
     content = [p for p in blocks_to_ir(body.get("content") or [], "content")
                if p["type"] in ("text", "reasoning", "tool_call")]
     finish = _ANTHROPIC_STOP_IN.get(body.get("stop_reason") or "end_turn", "stop")
@@ -3420,8 +3631,10 @@ def anthropic_response_to_ir(body: dict) -> dict:
 def ir_to_anthropic_response(resp: dict, model: str) -> dict:
     blocks: list[dict] = []
     for p in resp["content"]:
-        if p["type"] == "reasoning" and p.get("text"):
-            blocks.append({"type": "thinking", "thinking": p["text"],
+        if p["type"] == "reasoning" and p.get("redacted"):
+            blocks.append({"type": "redacted_thinking", "data": p["redacted"]})
+        elif p["type"] == "reasoning" and (p.get("text") or p.get("signature")):
+            blocks.append({"type": "thinking", "thinking": p.get("text") or "",
                            "signature": p.get("signature") or UNSIGNED_THINKING})
         elif p["type"] == "text" and p["text"]:
             blocks.append({"type": "text", "text": p["text"]})
@@ -3442,10 +3655,13 @@ class AnthropicStreamDecoder(StreamDecoder):
 
     id_prefix = "msg_"
 
-    def __init__(self):
+    def __init__(self, kept: dict[str, list[dict]] | None = None):
         super().__init__()
         self._blocks: dict[int, int | None] = {}    # block index -> IR tool index (None: other)
         self.usage = new_usage()
+        self._kept = kept
+        self._thinking: list[dict] = []            # this turn's thinking blocks, for ``kept``
+        self._thinking_size = 0
 
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
@@ -3460,6 +3676,11 @@ class AnthropicStreamDecoder(StreamDecoder):
             elif kind == "content_block_start":
                 block = ev.get("content_block") or {}
                 idx = ev.get("index", len(self._blocks))
+                if self._kept is not None and \
+                        block.get("type") in ("thinking", "redacted_thinking"):
+                    self._thinking.append(dict(block))
+                if block.get("type") == "tool_use" and self._tools == 0:
+                    remember_thinking(self._kept, self._thinking + [block])
                 if block.get("type") in ("tool_use", "server_tool_use"):
                     self._blocks[idx] = self._tools
                     out.append(("tool", self._tools, block.get("id") or new_id("toolu_"),
@@ -3482,8 +3703,10 @@ class AnthropicStreamDecoder(StreamDecoder):
                         out.append(("args", tool, delta["partial_json"]))
                 elif dt == "thinking_delta":
                     out.append(("reasoning", delta.get("thinking") or ""))
+                    self._keep_thinking("thinking", delta.get("thinking") or "")
                 elif dt == "signature_delta":
                     out.append(("signature", delta.get("signature") or ""))
+                    self._keep_thinking("signature", delta.get("signature") or "")
             elif kind == "message_delta":
                 reason = (ev.get("delta") or {}).get("stop_reason")
                 if reason:
@@ -3502,6 +3725,19 @@ class AnthropicStreamDecoder(StreamDecoder):
                           "api_error": 500}.get(err.get("type"), 502)
                 out.append(("error", GatewayError(status, str(err.get("message") or "error"))))
         return out
+
+    def _keep_thinking(self, key: str, text: str) -> None:
+        """Add a delta to the open thinking block kept for replay (bounded; past the bound the
+        turn is not kept at all)."""
+        if not self._thinking or self._thinking[-1].get("type") != "thinking":
+            return
+        self._thinking_size += len(text)
+        if self._thinking_size > THINKING_KEPT_BYTES:
+            self._thinking.clear()
+            self._kept = None
+            return
+        block = self._thinking[-1]
+        block[key] = (block.get(key) or "") + text
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -3594,6 +3830,8 @@ class AnthropicStreamEncoder:
                     out.append(_delta_event(self._ensure("thinking", out), b"thinking_delta",
                                             b"thinking", ev[1]))
             elif kind == "signature":
+                if ev[1] and (self._open is None or self._open[0] != "thinking"):
+                    self._ensure("thinking", out)        # thinking sent with display omitted
                 self._signature = ev[1]
             elif kind == "tool":
                 self._close_open(out)
@@ -3710,8 +3948,54 @@ def gemini_model_path(base_url: str, model: str, method: str) -> str:
     return f"{base}/models/{urllib.parse.quote(model, safe='')}:{method}"
 
 
-def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None) -> dict:
+_GEMINI_VERSION_RX = re.compile(r"gemini-(\d+)(?:\.(\d+))?(?:-(pro|flash-lite|flash))?", re.I)
+
+
+def gemini_version(model: str) -> tuple[int, int, str]:
+    """(major, minor, "pro"|"flash"|"flash-lite"|"") of a Gemini model name; (0, 0, "") when the
+    name is not one (a channel's own alias)."""
+    m = _GEMINI_VERSION_RX.search(model)
+    if not m:
+        return 0, 0, ""
+    return int(m.group(1)), int(m.group(2) or 0), (m.group(3) or "").lower()
+
+
+def gemini_thinking_config(model: str, reasoning: dict) -> dict | None:
+    """IR reasoning -> generationConfig.thinkingConfig for ``model``: a thinkingLevel for Gemini
+    3 and later, a thinkingBudget for 2.5 (and names we cannot read), never both (a 400), none
+    for older models. Per ai.google.dev/gemini-api/docs/thinking: Gemini 3 Pro takes levels low
+    and high only and cannot turn thinking off; Flash takes minimal, low, medium, high. 2.5 Pro
+    budgets run 128..32768 (no 0), Flash 0..24576, Flash-Lite 0 or 512..24576."""
+    major, minor, variant = gemini_version(model)
+    effort = reasoning["effort"]
+    if major >= 3:
+        if variant == "pro":
+            level = "low" if effort in ("none", "minimal", "low") else "high"
+        else:
+            level = {"none": "minimal", "xhigh": "high", "max": "high"}.get(effort, effort)
+        return {"thinkingLevel": level, "includeThoughts": True}
+    if major and (major, minor) < (2, 5):
+        return None
+    budget = 0 if effort == "none" else reasoning["budget"] or _EFFORT_BUDGET.get(effort, 8192)
+    if variant == "pro":
+        budget = min(max(budget, 128), 32768)
+    elif variant:
+        budget = min(budget, 24576)
+        if variant == "flash-lite" and budget:
+            budget = max(budget, 512)
+    return {"thinkingBudget": budget, "includeThoughts": budget != 0}
+
+
+def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
+                         model: str = "", max_tokens_cap: int = 0) -> dict:
+    """``signatures`` holds what Gemini said about its calls: thoughtSignature by call id, and
+    "id:<call id>" for the ids Gemini itself sent. Gemini 3 returns functionCall.id and takes
+    it back in functionCall.id / functionResponse.id (parallel calls of one function are told
+    apart only by it; FunctionCall.id, FunctionResponse.id in ai.google.dev/api/caching); Gemini
+    2.x answers an id it did not send with 400 'Unknown name "id" at ...function_call' (reported
+    in JetBrains/koog#735), so ids go only to Gemini 3 and later, and only Gemini's own."""
     signatures = signatures or {}
+    send_ids = gemini_version(model)[0] >= 3
     names: dict[str, str] = {}
     contents: list[dict] = []
 
@@ -3735,6 +4019,8 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None) -> 
                     names[p["id"]] = p["name"]
                     part: dict[str, Any] = {"functionCall": {"name": p["name"], "args":
                                                              parse_arguments(p["arguments"])}}
+                    if send_ids and f"id:{p['id']}" in signatures:
+                        part["functionCall"]["id"] = p["id"]
                     sig = signatures.get(p["id"])
                     if sig or first_call:
                         part["thoughtSignature"] = sig or THOUGHT_SKIP
@@ -3745,8 +4031,11 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None) -> 
             for r in m["content"]:
                 name = r.get("name") or names.get(r["id"]) or "tool"
                 key = "error" if r.get("is_error") else "result"
-                add("user", [{"functionResponse": {"name": name, "response": {
-                    key: parts_text(r["content"])}}}])
+                response: dict[str, Any] = {"name": name, "response": {
+                    key: parts_text(r["content"])}}
+                if send_ids and f"id:{r['id']}" in signatures:
+                    response["id"] = r["id"]
+                add("user", [{"functionResponse": response}])
                 add("user", [{"inlineData": {"mimeType": c["media_type"], "data": c["data"]}}
                              for c in r["content"] if c["type"] == "image" and "data" in c])
         else:
@@ -3800,11 +4089,13 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None) -> 
         gen["responseMimeType"] = "application/json"
         if rf["type"] == "json_schema":
             gen["responseSchema"] = gemini_schema(rf["schema"])
-    if ir["reasoning"]:
-        effort = ir["reasoning"]["effort"]
-        budget = 0 if effort == "none" else ir["reasoning"]["budget"] or \
-            _EFFORT_BUDGET.get(effort, 8192)
-        gen["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": budget != 0}
+    thinking = gemini_thinking_config(model, ir["reasoning"]) if ir["reasoning"] else None
+    if thinking:
+        gen["thinkingConfig"] = thinking
+        # Gemini counts thoughts in maxOutputTokens (googleapis/python-genai#782, #811).
+        if thinking.get("thinkingBudget") and gen.get("maxOutputTokens"):
+            gen["maxOutputTokens"], thinking["thinkingBudget"] = room_for_thinking(
+                gen["maxOutputTokens"], thinking["thinkingBudget"], max_tokens_cap)
     if gen:
         body["generationConfig"] = gen
     return body
@@ -3844,9 +4135,12 @@ def gemini_response_to_ir(body: dict, signatures: dict[str, str] | None = None) 
 def _gemini_part(part: dict, signatures: dict[str, str] | None) -> list[dict]:
     if "functionCall" in part:
         fc = part["functionCall"] or {}
-        call_id = fc.get("id") or new_id("call_")
+        call_id = fc.get("id") if isinstance(fc.get("id"), str) and fc["id"] else \
+            new_id("call_")
         if signatures is not None and part.get("thoughtSignature"):
             signatures[call_id] = part["thoughtSignature"]
+        if signatures is not None and call_id == fc.get("id"):
+            signatures[f"id:{call_id}"] = ""               # Gemini's own id: it gets it back
         return [{"type": "tool_call", "id": call_id, "name": fc.get("name") or "",
                  "arguments": json.dumps(fc.get("args") or {}, ensure_ascii=False)}]
     text = part.get("text")
@@ -3959,7 +4253,8 @@ def ir_to_ollama_request(ir: dict, model: str, *, stream: bool) -> dict:
         body["format"] = rf["schema"] if rf["type"] == "json_schema" else "json"
     if ir["reasoning"]:
         effort = ir["reasoning"]["effort"]
-        body["think"] = False if effort == "none" else {"minimal": "low"}.get(effort, effort)
+        body["think"] = False if effort == "none" else \
+            {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
     return body
 
 
@@ -4178,8 +4473,8 @@ def responses_request_to_ir(body: dict) -> dict:
         ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
             else None
     effort = (body.get("reasoning") or {}).get("effort")
-    if isinstance(effort, str):
-        ir["reasoning"] = {"effort": {"xhigh": "max"}.get(effort, effort), "budget": None}
+    if ir_effort(effort):
+        ir["reasoning"] = {"effort": ir_effort(effort), "budget": None}
     fmt = (body.get("text") or {}).get("format") or {}
     if fmt.get("type") == "json_schema":
         ir["response_format"] = {"type": "json_schema", "name": fmt.get("name") or "output",
@@ -4233,7 +4528,8 @@ def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[
             "parallel_tool_calls": ir["parallel_tool_calls"] is not False,
             "temperature": ir["temperature"], "top_p": ir["top_p"],
             "max_output_tokens": ir["max_tokens"], "previous_response_id": None,
-            "reasoning": {"effort": ir["reasoning"]["effort"]} if ir["reasoning"] else None,
+            "reasoning": {"effort": openai_effort(ir["reasoning"]["effort"])}
+            if ir["reasoning"] else None,
             "tool_choice": {"type": "function", "name": tc["name"]} if isinstance(tc, dict)
             else tc or "auto",
             "tools": [{"type": "custom", "name": t["name"], "description": t["description"]}
@@ -4605,16 +4901,19 @@ def gemini_request_to_ir(body: dict) -> dict:
                                  "strict": None}
     elif gen.get("responseMimeType") == "application/json":
         ir["response_format"] = {"type": "json_object"}
-    thinking = gen.get("thinkingConfig") or {}
-    if "thinkingBudget" in thinking or "thinkingLevel" in thinking:
-        budget = thinking.get("thinkingBudget")
-        level = str(thinking.get("thinkingLevel") or "").lower()
+    thinking = gen.get("thinkingConfig") or gen.get("thinking_config") or {}
+    # Proto JSON takes snake_case too, and the google-genai SDK sends "thinking_level" so.
+    budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+    level = str(thinking.get("thinkingLevel") or thinking.get("thinking_level") or "").lower()
+    if budget is not None or level:
         if budget == 0:
             ir["reasoning"] = {"effort": "none", "budget": None}
-        elif level:
-            ir["reasoning"] = {"effort": level, "budget": None}
+        elif ir_effort(level):
+            ir["reasoning"] = {"effort": ir_effort(level), "budget": None}
         elif isinstance(budget, int) and budget > 0:
             ir["reasoning"] = {"effort": effort_from_budget(budget), "budget": budget}
+        elif budget == -1:                                 # dynamic: the model decides
+            ir["reasoning"] = {"effort": "high", "budget": None}
     ir["include_usage"] = True
     return ir
 
@@ -4894,9 +5193,12 @@ def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
                          signatures: dict[str, str] | None = None,
-                         quirks: dict | None = None) -> dict:
+                         quirks: dict | None = None, thinking: str = "auto",
+                         kept: dict[str, list[dict]] | None = None) -> dict:
     """The chat request body for a channel of type ``ctype``: tool names in the forms it
-    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied."""
+    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied. ``signatures`` and
+    ``kept`` are what Gemini and Claude said about earlier calls (thought signatures, thinking
+    blocks); ``thinking`` is the channel's thinking setting."""
     if ir["n"] > 1:
         raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
                                 f"served: this model's channel ({ctype}) is reached by "
@@ -4907,9 +5209,10 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
     if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
     if ctype == "anthropic":
-        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap)
+        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
+                                       thinking_setting=thinking, kept=kept)
     if ctype == "gemini":
-        return ir_to_gemini_request(ir, signatures)
+        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
     if ctype == "ollama":
         return ir_to_ollama_request(ir, model, stream=stream)
     field = "max_completion_tokens" if ctype == "openai" and \
@@ -4918,13 +5221,93 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                                                     max_tokens_field=field), quirks)
 
 
+def answer_is_empty(resp: dict) -> bool:
+    """A whole answer with no text or reasoning beyond white space and no tool call, whose
+    finish reason does not explain that (a length cut-off, a content filter or a refusal
+    does): a relay's blank turn, which the gateway treats as the channel's failure when
+    fallback is on."""
+    if resp["finish"] in ("length", "content_filter"):
+        return False
+    return not any(p["type"] == "tool_call" or (p["type"] in ("text", "reasoning") and (
+        p.get("text") or "").strip()) for p in resp["content"])
+
+
+def event_is_content(ev: tuple) -> bool:
+    """Whether a stream event settles that the answer is not empty (see answer_is_empty); an
+    in-band error settles it too (it is passed on as the stream's end)."""
+    kind = ev[0]
+    return kind in ("tool", "error") or (kind in ("text", "reasoning") and bool(
+        ev[1].strip())) or (
+        kind == "finish" and ev[1] in ("length", "content_filter"))
+
+
+_RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
+
+
+def responses_answer_outline(body: dict) -> dict:
+    """A Responses API answer (passed through to a Responses client) reduced to what
+    answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
+    function, custom or built-in tool call), and incomplete as a length cut-off."""
+    content: list[dict] = []
+    for item in body.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") not in _RESPONSES_CONTENT_ITEMS:
+            content.append({"type": "tool_call", "id": "", "name": "", "arguments": ""})
+        for part in (item.get("content") or []) + (item.get("summary") or []):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif isinstance(part, dict) and isinstance(part.get("refusal"), str):
+                content.append({"type": "text", "text": part["refusal"]})
+    finish = "length" if body.get("status") == "incomplete" else "stop"
+    return {"content": content, "finish": finish}
+
+
+class ResponsesStreamOutline(StreamDecoder):
+    """Responses API SSE -> just enough IR events for event_is_content: text and reasoning
+    deltas, a "tool" event for any output item that is not a message or reasoning, an error,
+    and the finish (incomplete as a length cut-off)."""
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for name, ev in self._sse_objects(data):
+            kind = str(ev.get("type") or name or "")
+            if kind in ("response.output_text.delta", "response.refusal.delta",
+                        "response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                out.append(("text", str(ev.get("delta") or "")))
+            elif kind == "response.output_item.added" and \
+                    (ev.get("item") or {}).get("type") not in _RESPONSES_CONTENT_ITEMS:
+                out.append(("tool", self._tools, "", ""))
+                self._tools += 1
+            elif kind in ("error", "response.failed"):
+                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
+                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
+            elif kind == "response.incomplete":
+                self.finish = "length"
+        return out
+
+
+# Client dialect -> (whole-answer decoder, stream decoder) used to look into a passed-through
+# answer for emptiness (the Responses ones read only what that needs).
+PASSTHROUGH_DECODERS: dict[str, tuple[Callable[[dict], dict], Callable[[], Any]]] = {
+    OPENAI: (openai_response_to_ir, OpenAIStreamDecoder),
+    ANTHROPIC: (anthropic_response_to_ir, AnthropicStreamDecoder),
+    GEMINI: (gemini_response_to_ir, GeminiStreamDecoder),
+    RESPONSES: (responses_answer_outline, ResponsesStreamOutline),
+}
+CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
+                        "responses"))
+
+
 def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
-                      names: dict[str, str] | None = None
+                      names: dict[str, str] | None = None,
+                      kept: dict[str, list[dict]] | None = None
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
     """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
     (upstream_tool_names) the calls that come back carry the client's tool names."""
     if ctype == "anthropic":
-        whole, stream = anthropic_response_to_ir, AnthropicStreamDecoder
+        whole, stream = (lambda body: anthropic_response_to_ir(body, kept),
+                         lambda: AnthropicStreamDecoder(kept))
     elif ctype == "gemini":
         whole, stream = (lambda body: gemini_response_to_ir(body, signatures),
                          lambda: GeminiStreamDecoder(signatures))
@@ -4950,6 +5333,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "port": DEFAULT_PORT,
     "require_auth": True,
     "enable_fallback": True,
+    "empty_answer_fallback": True,    # with fallback: a blank 200 answer tries the next channel
     "proxy": "",
     "max_body_mb": DEFAULT_MAX_BODY_MB,
     "max_response_mb": DEFAULT_MAX_RESPONSE_MB,   # a whole upstream answer larger -> 502
@@ -4971,7 +5355,7 @@ CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
-    "api_keys": [], "max_concurrency": 0, "quirks": {},
+    "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto",
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -5114,7 +5498,7 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
     port = ck.typed(settings, "port", "settings", (int,), "a whole number")
     if not 0 <= port <= 65535:
         raise ck.fail("settings.port", f"{port} is out of range", "use a port from 1 to 65535")
-    for key in ("require_auth", "enable_fallback", "log_requests"):
+    for key in ("require_auth", "enable_fallback", "empty_answer_fallback", "log_requests"):
         ck.typed(settings, key, "settings", (bool,), "true or false")
     ck.typed(settings, "proxy", "settings", (str,), "a proxy URL or an empty string")
     ck.url(settings["proxy"], "settings.proxy", allow_empty=True,
@@ -5233,6 +5617,9 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
         ck.typed(ch, "verify_tls", where, (bool,), "true or false")
         ck.typed(ch, "responses_api", where, (bool,), "true or false")
+        if ck.typed(ch, "thinking", where, (str,), "a thinking mode") not in THINKING_MODES:
+            raise ck.fail(f"{where}.thinking", f"{ch['thinking']!r} is not a thinking mode",
+                          'write "auto" (by model name), "adaptive" or "budget"')
         ck.str_list(ch, "api_keys", where)
         mc = ck.typed(ch, "max_concurrency", where, (int,), "a whole number (0 = no limit)")
         if mc < 0:
@@ -5746,7 +6133,7 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "quirks", "_exact")
+                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -5767,6 +6154,7 @@ class Channel:
         self.keys = tuple(dict.fromkeys(k for k in [c["api_key"], *c["api_keys"]] if k))
         self.max_concurrency: int = c["max_concurrency"]
         self.quirks: dict = c["quirks"]
+        self.thinking: str = c["thinking"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -6043,6 +6431,7 @@ class Gateway:
         self._rr: dict[tuple[str, int], int] = {}
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
+        self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
         self.health: dict[int, ChannelHealth] = {}
         self._key_turn: dict[int, int] = {}
         self._key_bench: dict[tuple[int, str], float] = {}
@@ -6422,6 +6811,9 @@ class Gateway:
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
         foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
+        # A blank answer counts as the channel's failure while the client has seen nothing.
+        hold = self.settings["enable_fallback"] and self.settings["empty_answer_fallback"] \
+            and route.kind not in _EMBED_KINDS
         ir: dict | None = None
         texts: list[str] | None = None              # what an embeddings request embeds
         dims: Any = None
@@ -6461,18 +6853,29 @@ class Gateway:
                     up = await self.client.request("POST" if not passthrough else req.method,
                                                    url, hdrs, body, proxy=ch.proxy,
                                                    verify_tls=ch.verify_tls, timeout=ch.timeout)
+                    overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
+                                                up.status) if up.status >= 400 else None
+                    if overflow is not None:
+                        # The channel works; the prompt is too long for any channel.
+                        rec["channel"] = ch.name
+                        self._health(ch).succeeded(up.status,
+                                                   round((time.perf_counter() - t0) * 1000, 1))
+                        self._release_slot(rec)
+                        self.log(f"channel '{ch.name}': context window exceeded for {model}")
+                        raise overflow
                     if up.status < 300 or not (up.status in (401, 403, 408, 429)
                                                or up.status >= 500):
                         rec["channel"] = ch.name
                         self._health(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
-                            return await self._answer(up, dialect, rec, req)
+                            return await self._answer(up, dialect, rec, req, hold and (
+                                route.kind in CHAT_KINDS and dialect in PASSTHROUGH_DECODERS))
                         if route.kind in _EMBED_KINDS:
                             return await self._answer_embeddings(up, ch, route, obj or {},
                                                                  texts or [], model, rec, req)
                         return await self._answer_converted(up, ch, dialect, ir, model, rec,
-                                                            req)
+                                                            req, hold)
                     err_body = await up.read(MAX_ERROR_BODY)
                     retry = [(n, v) for n, v in up.headers
                              if n.lower() in ("retry-after", "retry-after-ms")]
@@ -6708,7 +7111,8 @@ class Gateway:
         stream = ir["stream"]
         body = encode_upstream_chat(ch.type, ir, target, stream=stream,
                                     max_tokens_cap=ch.max_tokens_cap,
-                                    signatures=self.signatures, quirks=ch.quirks)
+                                    signatures=self.signatures, quirks=ch.quirks,
+                                    thinking=ch.thinking, kept=self.thinking)
         if ch.type == "anthropic":
             url = join_base_url(ch.base_url, "/v1/messages")
         elif ch.type == "gemini":
@@ -6768,11 +7172,49 @@ class Gateway:
                                code=upstream_error_code(raw))
         return raw
 
+    @staticmethod
+    def _empty_answer(up: UpstreamResponse) -> UpstreamError:
+        up.aclose_nowait()
+        return UpstreamError(502, "answered 200 with an empty answer (no text, reasoning or "
+                                  "tool call)", retryable=True)
+
+    async def _hold_until_content(self, chunks: AsyncIterator[bytes], decoder: Any,
+                                  up: UpstreamResponse, raw: list[bytes] | None = None
+                                  ) -> tuple[list[tuple], bool]:
+        """Read a stream until it shows real content (event_is_content), holding its events
+        (and, for a passthrough, its bytes in ``raw``) so that nothing reaches the client
+        before; at most EMPTY_HOLD_EVENTS events or EMPTY_HOLD_BYTES bytes, then it is released
+        as it is. Returns (events, whether the stream ended); a stream that ends without content
+        raises the channel's failure."""
+        events: list[tuple] = []
+        size = 0
+        async for data in chunks:
+            size += len(data)
+            if raw is not None:
+                raw.append(data)
+            fresh = decoder.feed(data)
+            events += fresh
+            for ev in fresh:        # an overflow told in-band before any content: still a 400
+                if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
+                    overflow = context_overflow(ev[1].message.encode(), ev[1].status)
+                    if overflow is not None:
+                        up.aclose_nowait()
+                        raise overflow
+            if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
+                    or size > EMPTY_HOLD_BYTES:
+                return events, False
+        events += decoder.close()
+        if any(event_is_content(ev) for ev in events):
+            return events, True
+        raise self._empty_answer(up)
+
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
-                                model: str, rec: dict, req: Request) -> Response:
+                                model: str, rec: dict, req: Request,
+                                hold: bool = False) -> Response:
         rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
-                                                         upstream_tool_names(ir, ch.type))
+                                                         upstream_tool_names(ir, ch.type),
+                                                         self.thinking)
         if up.status >= 300:
             await self._read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
@@ -6783,6 +7225,8 @@ class Gateway:
                 raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
                                         f"object")
             resp = decode_whole(answer)
+            if hold and answer_is_empty(resp):
+                raise self._empty_answer(up)
             rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
                 resp["usage"]["output"]
             out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
@@ -6801,6 +7245,9 @@ class Gateway:
             answer = upstream_json(await self._read_converted(up, ch), ch.name)
             resp = decode_whole(answer if isinstance(answer, dict) else {})
             decoder = _Replay(response_events(resp))
+        chunks = up.iter_bytes()
+        held, ended = await self._hold_until_content(chunks, decoder, up) if hold \
+            else ([], False)
 
         def done() -> None:
             up.aclose_nowait()
@@ -6810,14 +7257,22 @@ class Gateway:
                 rec["error"] = "client disconnected"
             self._trim_signatures()
             self._finish(rec)
-        return Response(200, hdrs, StreamBody(self._relay_converted(up, decoder, encoder, rec),
-                                              done), keepalive=SSE_KEEPALIVE[dialect])
+        relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
+        return Response(200, hdrs, StreamBody(relay, done), keepalive=SSE_KEEPALIVE[dialect])
 
-    async def _relay_converted(self, up: UpstreamResponse, decoder: Any, encoder: Any,
-                               rec: dict) -> AsyncIterator[bytes]:
-        """Upstream stream -> internal events -> the client's stream format, as bytes arrive."""
+    async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
+                               rec: dict, held: list[tuple], ended: bool
+                               ) -> AsyncIterator[bytes]:
+        """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
+        ``held`` events (read while waiting for content) go first."""
         try:
-            async for data in up.iter_bytes():
+            out = encoder.encode(held)
+            if out:
+                rec["bytes_out"] += len(out)
+                yield out
+            if ended:
+                return
+            async for data in chunks:
                 out = encoder.encode(decoder.feed(data))
                 if out:
                     rec["bytes_out"] += len(out)
@@ -6832,9 +7287,9 @@ class Gateway:
             yield out
 
     def _trim_signatures(self) -> None:
-        sigs = self.signatures
-        while len(sigs) > SIGNATURES_KEPT:
-            del sigs[next(iter(sigs))]
+        for kept, limit in ((self.signatures, SIGNATURES_KEPT), (self.thinking, THINKING_KEPT)):
+            while len(kept) > limit:
+                del kept[next(iter(kept))]
 
     @staticmethod
     def _all_failed(failures: list[tuple[Channel, UpstreamError]]) -> GatewayError:
@@ -6849,7 +7304,7 @@ class Gateway:
                             headers=last.headers)
 
     async def _answer(self, up: UpstreamResponse, dialect: str, rec: dict,
-                      req: Request) -> Response:
+                      req: Request, hold: bool = False) -> Response:
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
         hdrs += self._cors_headers(req.headers)
         rec["status"] = up.status
@@ -6874,19 +7329,34 @@ class Gateway:
                     rec["input_tokens"], rec["output_tokens"] = found
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
+            elif hold and "json" in ctype and self._passthrough_empty(dialect, body):
+                raise self._empty_answer(up)
             rec["bytes_out"] = len(body)
             self._finish(rec)
             return Response(up.status, hdrs, body)
+        pt = SSEPassthrough() if sse else None
+        chunks = up.iter_bytes()
+        held: list[bytes] = []
+        if sse and hold and up.status < 300:
+            await self._hold_until_content(chunks, PASSTHROUGH_DECODERS[dialect][1](), up,
+                                           held)
         if sse:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
             rec["stream"] = True
-        return Response(up.status, hdrs, self._stream(up, dialect, sse, rec),
+        return Response(up.status, hdrs, self._stream(up, dialect, pt, rec, chunks, held),
                         keepalive=SSE_KEEPALIVE[dialect] if sse else None)
 
-    def _stream(self, up: UpstreamResponse, dialect: str, sse: bool, rec: dict) -> StreamBody:
-        pt = SSEPassthrough() if sse else None
+    @staticmethod
+    def _passthrough_empty(dialect: str, body: bytes) -> bool:
+        try:
+            obj = json.loads(body)
+            return isinstance(obj, dict) and answer_is_empty(PASSTHROUGH_DECODERS[dialect][0](obj))
+        except (ValueError, UnicodeDecodeError, GatewayError):
+            return False
 
+    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: dict,
+                chunks: AsyncIterator[bytes], held: list[bytes]) -> StreamBody:
         def done() -> None:
             up.aclose_nowait()
             if pt is not None:
@@ -6894,14 +7364,20 @@ class Gateway:
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self._finish(rec)
-        return StreamBody(self._relay(up, dialect, pt, rec), done)
+        return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
 
-    async def _relay(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None,
-                     rec: dict) -> AsyncIterator[bytes]:
-        """Pass an upstream body on as it arrives. An SSE stream that breaks gets an in-band
-        error event and a clean end; any other body is cut, so the client sees the break."""
+    async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
+                     pt: SSEPassthrough | None, rec: dict) -> AsyncIterator[bytes]:
+        """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
+        content, first). An SSE stream that breaks gets an in-band error event and a clean end;
+        any other body is cut, so the client sees the break."""
+        async def body() -> AsyncIterator[bytes]:
+            for data in held:
+                yield data
+            async for data in chunks:
+                yield data
         try:
-            async for data in up.iter_bytes():
+            async for data in body():
                 out = pt.feed(data) if pt is not None else data
                 if out:
                     rec["bytes_out"] += len(out)
@@ -7732,6 +8208,7 @@ class ChannelDialog:
             "max_tokens_cap": tk.StringVar(value=str(c.get("max_tokens_cap", 0))),
             "api_keys": tk.StringVar(value=", ".join(c.get("api_keys", []))),
             "max_concurrency": tk.StringVar(value=str(c.get("max_concurrency", 0))),
+            "thinking": tk.StringVar(value=c.get("thinking", "auto")),
             "proxy": tk.StringVar(value=c.get("proxy", "")),
             "verify_tls": tk.BooleanVar(value=c.get("verify_tls", True)),
             "responses_api": tk.BooleanVar(value=c.get("responses_api", False)),
@@ -7780,6 +8257,9 @@ class ChannelDialog:
                                           width=8), "0 = none")
         field("Max concurrency", ttk.Entry(body, textvariable=self.vars["max_concurrency"],
                                            width=8), "0 = no limit")
+        field("Claude thinking", ttk.Combobox(body, textvariable=self.vars["thinking"], width=9,
+                                              values=THINKING_MODES, state="readonly"),
+              "auto = by model name")
         field("Proxy", ttk.Entry(body, textvariable=self.vars["proxy"]),
               "http:// or socks5://")
         self.headers = tk.Text(body, height=3, width=40, relief="flat",
@@ -7833,6 +8313,7 @@ class ChannelDialog:
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
                 "priority": priority, "timeout": int(timeout) if timeout.is_integer() else timeout,
                 "max_tokens_cap": cap, "max_concurrency": concurrency,
+                "thinking": v["thinking"].get(),
                 "api_keys": [k.strip() for k in v["api_keys"].get().split(",") if k.strip()],
                 "proxy": v["proxy"].get().strip(),
                 "headers": parse_headers(self.headers.get("1.0", "end")),

@@ -1283,6 +1283,22 @@ def test_10_channel_quirks_are_checked(tmp_path, quirks, needle, fix):
                                                           "parallel_tool_calls"]
     assert ag.validate_config({"channels": [{"base_url": "http://x"}]}, "c")[
         "channels"][0]["quirks"] == {}
+# Issue 12: the channel's thinking mode and the empty-answer fallback setting
+@pytest.mark.parametrize("config,needle", [
+    ({"channels": [{"thinking": "enabled"}]},
+     'channels[0].thinking: \'enabled\' is not a thinking mode; write "auto"'),
+    ({"channels": [{"thinking": 1}]}, "channels[0].thinking"),
+    ({"settings": {"empty_answer_fallback": "no"}}, "settings.empty_answer_fallback"),
+])
+def test_10_thinking_and_empty_answer_settings_validated(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ag.ConfigError, match=re.escape(needle)):
+        ag.ConfigStore.load(str(path))
+    path.write_text(json.dumps({"channels": [{"thinking": "budget"}]}))
+    cfg = ag.ConfigStore.load(str(path))[0].data
+    assert cfg["channels"][0]["thinking"] == "budget"
+    assert cfg["settings"]["empty_answer_fallback"] is True
 
 
 def test_10_json_syntax_error_names_the_line(tmp_path):
@@ -3203,7 +3219,7 @@ def test_09_gemini_request_schema_cleaning_and_grouped_function_responses():
     assert responses[0]["functionResponse"]["response"] == {"result": "sunny"}
     assert responses[2] == {"text": "thanks"}
     gen = body["generationConfig"]
-    assert gen["maxOutputTokens"] == 100 and gen["responseMimeType"] == "application/json"
+    assert gen["maxOutputTokens"] == 2048 and gen["responseMimeType"] == "application/json"
     assert gen["thinkingConfig"] == {"thinkingBudget": 1024, "includeThoughts": True}
 
 
@@ -4683,6 +4699,21 @@ def test_13_add_channel_through_the_dialog(app):
     assert [c["id"] for c in a.store.data["channels"]] == [1]
 
 
+# Issue 12: the channel dialog's Claude thinking field
+def test_13_channel_dialog_thinking_field(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    box = next(w for w in d.top.winfo_children()[0].winfo_children()
+               if w.winfo_class() == "TCombobox" and w.cget("values")
+               and "adaptive" in str(w.cget("values")))
+    assert box.get() == "auto"
+    d.vars["name"].set("relay")
+    box.set("adaptive")
+    d.save()
+    assert json.loads(open(a.store.path).read())["channels"][0]["thinking"] == "adaptive"
+
+
 def test_13_create_token_shows_the_key_once(app, upstream):
     a = app([chan(upstream(), name="oa", models=["gpt-4o"])])
     a.tokens.create()
@@ -5072,7 +5103,10 @@ def test_09_responses_custom_tool_and_native_passthrough(gw, upstream):
         if rec["path"].endswith("/responses"):                # native channel: untouched
             return Reply(body=json.dumps({
                 "id": "resp_native", "object": "response", "created_at": 1, "status":
-                "completed", "model": body["model"], "output": [], "parallel_tool_calls": True,
+                "completed", "model": body["model"], "output": [{
+                    "type": "message", "id": "msg_n", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "parallel_tool_calls": True,
                 "tool_choice": "auto", "tools": []}).encode())
         assert body["tools"][0]["function"]["parameters"]["required"] == ["input"]
         return Reply(body=json.dumps({
@@ -5247,6 +5281,738 @@ def test_09_gemini_json_array_stream_without_alt_sse(gw, upstream):
     assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
     assert chunks[-1]["usageMetadata"]["promptTokenCount"] == 11
 
+
+# =================================================================================================
+# 9. Issue 12: thinking by model, Gemini 3 call ids, context overflow, empty answers
+# =================================================================================================
+
+@pytest.mark.parametrize("model,mode", [
+    ("claude-opus-4-7", "adaptive"), ("anthropic.claude-opus-4-7", "adaptive"),
+    ("claude-opus-4-8@20260601", "adaptive"), ("claude-sonnet-5", "adaptive"),
+    ("claude-mythos-preview", "adaptive"), ("claude-opus-4-6", "both"),
+    ("claude-sonnet-4-6", "both"), ("claude-sonnet-4-5-20250929", "budget"),
+    ("claude-opus-4-20250514", "budget"), ("claude-opus-4-1", "budget"),
+    ("claude-3-7-sonnet-latest", "budget"), ("claude-3-5-sonnet-20241022", "none"),
+    ("claude-3-opus-20240229", "none"), ("my-relay-model", "budget")])
+def test_09_thinking_mode_by_model_name(model, mode):
+    assert ag.anthropic_thinking_mode(model) == mode
+    assert ag.anthropic_thinking_mode(model, "adaptive") == "adaptive"
+    assert ag.anthropic_thinking_mode(model, "budget") == "budget"
+
+
+def _reasoning_ir(effort, budget=None, max_tokens=2000, **kw):
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=max_tokens,
+                         **kw)
+    ir["reasoning"] = {"effort": effort, "budget": budget}
+    return ir
+
+
+def test_09_thinking_request_follows_the_model():
+    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-7", stream=False)
+    assert body["thinking"] == {"type": "adaptive"}
+    assert body["output_config"] == {"effort": "xhigh"}
+    assert body["max_tokens"] > 32768                     # covers thinking and answer
+    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-6", stream=False)
+    assert body["thinking"] == {"type": "adaptive"} and body["output_config"]["effort"] == "max"
+    body = ag.ir_to_anthropic_request(_reasoning_ir("medium", 4000), "claude-opus-4-6",
+                                      stream=False)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 4000}
+    assert "output_config" not in body                    # the client's own budget, kept
+    body = ag.ir_to_anthropic_request(_reasoning_ir("minimal"), "claude-sonnet-4-5",
+                                      stream=False)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert "output_config" not in body
+    assert "thinking" not in ag.ir_to_anthropic_request(_reasoning_ir("high"),
+                                                        "claude-3-5-sonnet", stream=False)
+    forced = ag.ir_to_anthropic_request(_reasoning_ir("low"), "claude-opus-4-7", stream=False,
+                                        thinking_setting="budget")
+    assert forced["thinking"]["type"] == "enabled"
+    ir = _reasoning_ir("low", response_format={"type": "json_schema", "json_schema": {
+        "name": "o", "schema": {"type": "object"}}})
+    ir["reasoning"] = {"effort": "low", "budget": None}
+    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, max_tokens_cap=1500)
+    assert body["output_config"] == {"effort": "low", "format": {
+        "type": "json_schema", "schema": {"type": "object"}}}
+    assert body["max_tokens"] == 1500
+
+
+def test_09_effort_mapped_both_ways():
+    oa = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="xhigh")
+    assert oa["reasoning"] == {"effort": "xhigh", "budget": None}
+    an = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "x"}], "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "max"}})
+    assert ag.ir_to_openai_request(an, "o3", stream=False)["reasoning_effort"] == "xhigh"
+    default = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "thinking": {
+        "type": "adaptive"}, "messages": [{"role": "user", "content": "x"}]})
+    assert default["reasoning"]["effort"] == "high"           # Anthropic's default effort
+    gem = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
+                                   "generationConfig": {"thinkingConfig": {
+                                       "thinkingLevel": "LOW"}}})
+    assert gem["reasoning"] == {"effort": "low", "budget": None}
+    dyn = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
+                                   "generationConfig": {"thinkingConfig": {
+                                       "thinkingBudget": -1}}})
+    assert dyn["reasoning"]["effort"] == "high"
+    rs = ag.responses_request_to_ir({"model": "m", "input": "x", "reasoning": {
+        "effort": "xhigh"}})
+    assert rs["reasoning"]["effort"] == "xhigh"
+
+
+@pytest.mark.parametrize("model,effort,budget,expected", [
+    ("gemini-3-pro-preview", "medium", None, {"thinkingLevel": "high"}),
+    ("gemini-3-pro-preview", "none", None, {"thinkingLevel": "low"}),
+    ("gemini-3-flash-preview", "none", None, {"thinkingLevel": "minimal"}),
+    ("gemini-3-flash-preview", "medium", None, {"thinkingLevel": "medium"}),
+    ("gemini-3.1-pro", "max", None, {"thinkingLevel": "high"}),
+    ("gemini-2.5-pro", "none", None, {"thinkingBudget": 128}),
+    ("gemini-2.5-flash", "none", None, {"thinkingBudget": 0}),
+    ("gemini-2.5-flash", "max", None, {"thinkingBudget": 24576}),
+    ("gemini-2.5-flash-lite", "low", 100, {"thinkingBudget": 512}),
+    ("gemini-2.5-pro", "high", 5000, {"thinkingBudget": 5000}),
+    ("gemini-2.0-flash", "high", None, None),
+])
+def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, expected):
+    ir = _reasoning_ir(effort, budget)
+    gen = ag.ir_to_gemini_request(ir, {}, model).get("generationConfig", {})
+    cfg = gen.get("thinkingConfig")
+    if expected is None:
+        assert cfg is None
+        return
+    assert {k: v for k, v in cfg.items() if k != "includeThoughts"} == expected
+    assert not ("thinkingLevel" in cfg and "thinkingBudget" in cfg)
+    if cfg.get("thinkingBudget"):                     # maxOutputTokens counts the thinking
+        assert gen["maxOutputTokens"] > cfg["thinkingBudget"]
+
+
+def test_09_signature_only_and_redacted_thinking_survive():
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
+              "content": [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
+                          {"type": "redacted_thinking", "data": "REDACTED=="},
+                          {"type": "tool_use", "id": "toolu_9", "name": "Bash",
+                           "input": {"cmd": "ls"}}],
+              "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    kept = {}
+    resp = ag.anthropic_response_to_ir(answer, kept)
+    out = ag.ir_to_anthropic_response(resp, "c")
+    assert out["content"][:2] == [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
+                                  {"type": "redacted_thinking", "data": "REDACTED=="}]
+    assert kept == {"toolu_9": answer["content"][:2]}
+    # An OpenAI client's history has lost both; the next request to Claude gets them back.
+    msg = ag.ir_to_openai_response(resp, "c")["choices"][0]["message"]
+    ir = _ir_from_openai(reasoning_effort="high", messages=[
+        {"role": "user", "content": "list"}, msg,
+        {"role": "tool", "tool_call_id": "toolu_9", "content": "a.txt"}])
+    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept=kept)
+    assert body["messages"][1]["content"][:2] == answer["content"][:2]
+    assert body["thinking"] == {"type": "adaptive"}
+    # Without them, thinking is left off rather than refused by Claude.
+    bare = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept={})
+    assert "thinking" not in bare and "output_config" not in bare
+
+
+def test_09_signature_only_thinking_stream_round_trip():
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    raw = b"".join([
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "model": "c", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "thinking", "thinking": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "signature_delta", "signature": "SIG"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": "{}"}}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                             "usage": {"output_tokens": 5}}),
+        ev("message_stop", {"type": "message_stop"})])
+    kept = {}
+    out = _convert_stream(ag.AnthropicStreamDecoder(kept), ag.AnthropicStreamEncoder("c"), raw, 7)
+    events = [e for _, e in _sse_events(out)]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert starts[0] == {"type": "thinking", "thinking": ""}
+    sigs = [e["delta"]["signature"] for e in events
+            if e["type"] == "content_block_delta" and e["delta"]["type"] == "signature_delta"]
+    assert sigs == ["SIG"]
+    assert kept == {"toolu_1": [{"type": "thinking", "thinking": "", "signature": "SIG"}]}
+
+
+def test_09_gemini_3_call_ids_sent_back_only_to_gemini_3():
+    sigs = {}
+    resp = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"id": "fc1", "name": "read", "args": {"p": "a"}},
+         "thoughtSignature": "S1"},
+        {"functionCall": {"id": "fc2", "name": "read", "args": {"p": "b"}}}]},
+        "finishReason": "STOP"}]}, sigs)
+    assert [p["id"] for p in resp["content"]] == ["fc1", "fc2"]
+    ir = ag.empty_request("g")
+    ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "read both"}]},
+                      {"role": "assistant", "content": resp["content"]},
+                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc2",
+                                                    "name": "read", "is_error": False,
+                                                    "content": [{"type": "text",
+                                                                 "text": "B"}]}]},
+                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc1",
+                                                    "name": "read", "is_error": False,
+                                                    "content": [{"type": "text",
+                                                                 "text": "A"}]}]}]
+    g3 = ag.ir_to_gemini_request(ir, sigs, "gemini-3-flash-preview")["contents"]
+    calls = [p for p in g3[1]["parts"]]
+    assert [c["functionCall"]["id"] for c in calls] == ["fc1", "fc2"]
+    assert calls[0]["thoughtSignature"] == "S1" and "thoughtSignature" not in calls[1]
+    assert [p["functionResponse"]["id"] for p in g3[2]["parts"]] == ["fc2", "fc1"]
+    g25 = json.dumps(ag.ir_to_gemini_request(ir, sigs, "gemini-2.5-pro"))
+    assert '"id"' not in g25
+    foreign = ag.ir_to_gemini_request(ir, {}, "gemini-3-pro-preview")     # ids we minted
+    assert '"id"' not in json.dumps(foreign)
+
+
+def test_09_gemini_signature_only_last_chunk_is_no_empty_delta():
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi"}]}}]},
+              {"candidates": [{"content": {"role": "model", "parts": [
+                  {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
+               "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 1}}]
+    raw = b"".join(f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks)
+    out = _convert_stream(ag.GeminiStreamDecoder({}), ag.AnthropicStreamEncoder("g"), raw, 5)
+    deltas = [e["delta"] for _, e in _sse_events(out) if e.get("type") == "content_block_delta"]
+    assert deltas == [{"type": "text_delta", "text": "Hi"}]
+    oa = _convert_stream(ag.GeminiStreamDecoder({}), ag.OpenAIStreamEncoder("g", False), raw, 5)
+    contents = [c["choices"][0]["delta"].get("content") for _, c in _sse_events(oa)
+                if isinstance(c, dict) and c.get("choices")]
+    assert "" not in [c for c in contents if c is not None][1:]
+    assert "Hi" in contents
+
+
+OVERFLOWS = [
+    (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                      "message": "prompt is too long: 215000 tokens > 200000 "
+                                                 "maximum"}}, 215000, 200000),
+    (400, {"type": "error", "error": {"type": "invalid_request_error", "message":
+           "input length and `max_tokens` exceed context limit: 188059 + 20000 > 200000, "
+           "decrease input length or `max_tokens` and try again"}}, 208059, 200000),
+    (400, {"error": {"message": "This model's maximum context length is 128000 tokens. However,"
+                                " your messages resulted in 130015 tokens. Please reduce the "
+                                "length of the messages.", "type": "invalid_request_error",
+                     "param": "messages", "code": "context_length_exceeded"}}, 130015, 128000),
+    (400, {"error": {"message": "Your input exceeds the context window of this model.",
+                     "code": "context_length_exceeded"}}, None, None),
+    (400, {"object": "error", "message": "This model's maximum context length is 16384 tokens. "
+           "However, you requested 122946 tokens (112946 in the messages, 10000 in the "
+           "completion).", "type": "BadRequestError", "param": None, "code": 400},
+     122946, 16384),
+    (400, {"error": {"code": 400, "message": "The input token count (1200293) exceeds the "
+                     "maximum number of tokens allowed (1048576).",
+                     "status": "INVALID_ARGUMENT"}}, 1200293, 1048576),
+    (500, {"error": "the input length exceeds the context length"}, None, None),
+    (400, {"error": {"code": 400, "message": "the request exceeds the available context size, "
+                     "try increasing it", "type": "exceed_context_size_error",
+                     "n_prompt_tokens": 9000, "n_ctx": 8192}}, 9000, 8192),
+]
+
+
+@pytest.mark.parametrize("status,body,tokens,limit", OVERFLOWS)
+def test_09_context_overflow_read_from_every_provider(status, body, tokens, limit):
+    err = ag.context_overflow(json.dumps(body).encode(), status)
+    assert err is not None and err.status == 400
+    assert (err.tokens, err.limit) == (tokens, limit)
+    an = ag.error_payload(ag.ANTHROPIC, err)["error"]
+    assert an["type"] == "invalid_request_error"
+    assert an["message"].startswith("prompt is too long")
+    if tokens:
+        assert f"{tokens} tokens > {limit}" in an["message"]
+    oa = ag.error_payload(ag.OPENAI, err)["error"]
+    assert oa["code"] == "context_length_exceeded" and oa["type"] == "invalid_request_error"
+    gm = ag.error_payload(ag.GEMINI, err)["error"]
+    assert gm["code"] == 400 and gm["status"] == "INVALID_ARGUMENT"
+    resp_ev = ag.stream_error_event(ag.RESPONSES, err)
+    assert b'"code":"context_length_exceeded"' in resp_ev
+
+
+def test_09_other_errors_are_not_overflow():
+    for body in ({"error": {"message": "max_tokens: 999999 > 64000, which is the maximum"}},
+                 {"error": {"message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}},
+                 {"error": "model not found"}):
+        assert ag.context_overflow(json.dumps(body).encode(), 400) is None
+
+
+@pytest.mark.parametrize("content,finish,empty", [
+    ([], "stop", True), ([{"type": "text", "text": " \n"}], "stop", True),
+    ([], "length", False), ([], "content_filter", False),
+    ([{"type": "text", "text": "ok"}], "stop", False),
+    ([{"type": "reasoning", "text": "hm", "signature": None, "redacted": None}], "stop", False),
+    ([{"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"}], "tool_calls", False)])
+def test_09_empty_answer_table(content, finish, empty):
+    assert ag.answer_is_empty({"content": content, "finish": finish}) is empty
+
+
+def _anthropic_sse(blocks, stop, model="c"):
+    """An Anthropic Messages stream carrying ``blocks`` whole (one delta each)."""
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    out = [ev("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})]
+    for i, b in enumerate(blocks):
+        if b["type"] == "thinking":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": {"type": "thinking",
+                                                                    "thinking": ""}}))
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                  "delta": {"type": "signature_delta",
+                                                            "signature": b["signature"]}}))
+        elif b["type"] == "tool_use":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": dict(b, input={})}))
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                  "delta": {"type": "input_json_delta",
+                                                            "partial_json": json.dumps(
+                                                                b["input"])}}))
+        else:
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": {"type": "text",
+                                                                    "text": ""}}))
+            if b["text"]:
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "text_delta",
+                                                          "text": b["text"]}}))
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
+    out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                 "usage": {"output_tokens": 4}}),
+            ev("message_stop", {"type": "message_stop"})]
+    return Reply(chunks=out, content_type="text/event-stream")
+
+
+def _anthropic_reply(body, blocks, stop):
+    if body.get("stream"):
+        return _anthropic_sse(blocks, stop, body["model"])
+    return Reply(body=json.dumps({"id": "msg_1", "type": "message", "role": "assistant",
+                                  "model": body["model"], "content": blocks,
+                                  "stop_reason": stop, "stop_sequence": None,
+                                  "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
+
+
+def _anthropic_error(message):
+    return Reply(400, json.dumps({"type": "error", "error": {
+        "type": "invalid_request_error", "message": message}}).encode())
+
+
+SIG = "EqMBCkYIBRgCKkC0c2lnbmF0dXJl"
+
+
+def claude_opus_4_7(rec):
+    """Claude Opus 4.7 as its API behaves with thinking: a tool call after thinking sent with
+    display omitted (a signature only), then an answer once the tool result comes back."""
+    body = json.loads(rec["body"])
+    thinking = body.get("thinking") or {}
+    # Opus 4.7 takes only adaptive thinking; "enabled" with budget_tokens is a 400
+    # (platform.claude.com/docs/en/build-with-claude/adaptive-thinking; Bedrock's copy:
+    # docs.aws.amazon.com/bedrock/latest/userguide/claude-messages-adaptive-thinking.html).
+    if thinking.get("type") == "enabled":
+        return _anthropic_error("thinking.type.enabled is not supported for this model. Use "
+                                "thinking.type.adaptive and output_config.effort")
+    msgs = body["messages"]
+    if len(msgs) > 1:
+        last_assistant = msgs[-2]["content"]
+        # With thinking on, the assistant turn before the tool results must start with its
+        # thinking block, unchanged (Anthropic's 400 quoted in sigoden/llm-functions#222).
+        if thinking and last_assistant[0] != {"type": "thinking", "thinking": "",
+                                              "signature": SIG}:
+            return _anthropic_error("messages.1.content.0.type: Expected `thinking` or "
+                                    "`redacted_thinking`, but found `tool_use`. When "
+                                    "`thinking` is enabled, a final `assistant` message "
+                                    "must start with a thinking block")
+        return _anthropic_reply(body, [{"type": "text", "text": "done"}], "end_turn")
+    return _anthropic_reply(body, [{"type": "thinking", "thinking": "", "signature": SIG},
+                                   {"type": "tool_use", "id": "toolu_A", "name": "get_weather",
+                                    "input": {"city": "Paris"}}], "tool_use")
+
+
+@pytest.mark.parametrize("client", ["openai", "responses", "genai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_adaptive_thinking_tool_loop_from_every_dialect(gw, upstream, client, stream):
+    up = upstream()
+    up.responder = claude_opus_4_7
+    g = gw([chan(up, type="anthropic")])
+    model = "claude-opus-4-7"
+    if client == "openai":
+        c = g.openai()
+
+        def call(messages):
+            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="xhigh")
+            if not stream:
+                return c.chat.completions.create(**kw)
+            with c.chat.completions.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_completion()
+        msgs = [{"role": "user", "content": "weather?"}]
+        first = call(msgs).choices[0]
+        assert first.message.tool_calls[0].id == "toolu_A"
+        msgs += [first.message.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": "toolu_A", "content": "sunny"}]
+        assert call(msgs).choices[0].message.content == "done"
+        effort = "xhigh"
+    elif client == "responses":
+        c = g.openai()
+
+        def call(inp):
+            kw = dict(model=model, input=inp, tools=RESPONSES_TOOLS[:2],
+                      reasoning={"effort": "medium"}, store=False)
+            if not stream:
+                return c.responses.create(**kw)
+            with c.responses.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_response()
+        items = [{"role": "user", "content": "weather?"}]
+        first = call(items)
+        fc = [o for o in first.output if o.type == "function_call"][0]
+        items += [o.model_dump(exclude_none=True) for o in first.output]
+        items.append({"type": "function_call_output", "call_id": fc.call_id, "output": "sun"})
+        assert call(items).output_text == "done"
+        effort = "medium"
+    else:
+        c = _genai(g)
+        config = genai_types.GenerateContentConfig(
+            tools=GENAI_TOOLS, thinking_config=genai_types.ThinkingConfig(thinking_level="LOW"),
+            automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+        contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+
+        def call():
+            if not stream:
+                r = c.models.generate_content(model=model, contents=contents, config=config)
+                return r.candidates[0].content.parts
+            return [p for ch in c.models.generate_content_stream(
+                model=model, contents=contents, config=config)
+                for cand in ch.candidates or [] if cand.content for p in cand.content.parts or []]
+        parts = call()
+        fc = [p.function_call for p in parts if p.function_call][0]
+        contents.append(genai_types.Content(role="model", parts=parts))
+        contents.append(genai_types.Content(role="user", parts=[
+            genai_types.Part(function_response=genai_types.FunctionResponse(
+                id=fc.id, name=fc.name, response={"result": "sunny"}))]))
+        assert "".join(p.text or "" for p in call()) == "done"
+        effort = "low"
+    sent = [json.loads(r["body"]) for r in up.requests]
+    assert len(sent) == 2
+    assert all(b["thinking"] == {"type": "adaptive"} for b in sent)
+    assert all(b["output_config"] == {"effort": effort} for b in sent)
+    assert sent[1]["messages"][1]["content"][0] == {"type": "thinking", "thinking": "",
+                                                    "signature": SIG}
+
+
+def test_11_channel_thinking_setting_overrides_the_table(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: _anthropic_reply(json.loads(rec["body"]),
+                                                [{"type": "text", "text": "ok"}], "end_turn")
+    g = gw([chan(up, type="anthropic", thinking="adaptive")])
+    r = g.openai().chat.completions.create(model="relay-claude", reasoning_effort="low",
+                                           messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "ok"
+    assert json.loads(up.last()["body"])["thinking"] == {"type": "adaptive"}
+
+
+def gemini_fake(rec):
+    """Gemini with two parallel calls of one function. Gemini 3 gives each call an id and the
+    first call alone a thoughtSignature (ai.google.dev/gemini-api/docs/thought-signatures:
+    "only the first functionCall part" of parallel calls carries it), and needs the ids back
+    to tell the results apart; Gemini 2.x answers any "id" with a 400 (JetBrains/koog#735)."""
+    body = json.loads(rec["body"])
+    model = rec["path"].split("/models/")[1].split(":")[0]
+    three = model.startswith("gemini-3")
+    stream = ":streamGenerateContent" in rec["path"]
+    turns = body["contents"]
+    cfg = body.get("generationConfig", {}).get("thinkingConfig", {})
+    if "thinkingLevel" in cfg and "thinkingBudget" in cfg:    # docs/thinking: never both
+        return Reply(400, b'{"error":{"code":400,"message":"thinking_budget and thinking_level'
+                          b' are not supported together","status":"INVALID_ARGUMENT"}}')
+    if not three and '"id"' in json.dumps(turns):
+        return Reply(400, b'{"error":{"code":400,"message":"Invalid JSON payload received. '
+                          b'Unknown name \\"id\\" at \'contents[1].parts[0].function_call\': '
+                          b'Cannot find field.","status":"INVALID_ARGUMENT"}}')
+    results = [p["functionResponse"] for p in turns[-1]["parts"] if "functionResponse" in p]
+    if results:
+        if three:
+            calls = [p for p in turns[-2]["parts"] if "functionCall" in p]
+            assert calls[0]["thoughtSignature"] == "SIG3" and "thoughtSignature" not in calls[1]
+            assert [c["functionCall"]["id"] for c in calls] == ["fc-a", "fc-b"]
+            by_id = {r["id"]: r["response"]["result"] for r in results}
+            text = f"a={by_id['fc-a']} b={by_id['fc-b']}"
+        else:
+            text = "ok"
+        parts = [{"text": text}]
+    else:
+        parts = [{"functionCall": dict({"name": "get_weather", "args": {"city": city}},
+                                       **({"id": cid} if three else {}))}
+                 for cid, city in (("fc-a", "Paris"), ("fc-b", "Rome"))]
+        if three:
+            parts[0]["thoughtSignature"] = "SIG3"
+    usage = {"promptTokenCount": 5, "candidatesTokenCount": 2}
+    if not stream:
+        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
+                                                                  "parts": parts},
+                                                      "finishReason": "STOP"}],
+                                      "usageMetadata": usage}).encode())
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}}]} for p in parts]
+    # The last chunk may carry only a signature on an empty text part.
+    chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
+        "usageMetadata": usage})
+    return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("model", ["gemini-3-flash-preview", "gemini-2.5-flash"])
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_gemini_parallel_calls_of_one_function(gw, upstream, model, client, stream):
+    up = upstream()
+    up.responder = gemini_fake
+    g = gw([chan(up, type="gemini")])
+    if client == "anthropic":
+        c = g.anthropic()
+
+        def call(messages):
+            kw = dict(model=model, max_tokens=4000, tools=ANTHROPIC_TOOLS, messages=messages,
+                      thinking={"type": "adaptive"})
+            if not stream:
+                return c.messages.create(**kw)
+            with c.messages.stream(**kw) as s:
+                deltas = [e for e in s if e.type == "content_block_delta"]
+                assert all(getattr(e.delta, "text", "x") for e in deltas)    # none empty
+                return s.get_final_message()
+        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
+        first = call(msgs)
+        uses = [b for b in first.content if b.type == "tool_use"]
+        msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                   for b in first.content]},
+                 {"role": "user", "content": [
+                     {"type": "tool_result", "tool_use_id": uses[1].id, "content": "rain"},
+                     {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sun"}]}]
+        text = call(msgs).content[0].text
+    else:
+        c = g.openai()
+
+        def call(messages):
+            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="low")
+            if not stream:
+                return c.chat.completions.create(**kw).choices[0].message
+            with c.chat.completions.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_completion().choices[0].message
+        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
+        first = call(msgs)
+        calls = first.tool_calls
+        msgs += [first.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": calls[1].id, "content": "rain"},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"}]
+        text = call(msgs).content
+    three = model.startswith("gemini-3")
+    assert text == ("a=sun b=rain" if three else "ok")
+    cfg = json.loads(up.requests[0]["body"])["generationConfig"]["thinkingConfig"]
+    assert ("thinkingLevel" in cfg) == three and ("thinkingBudget" in cfg) != three
+
+
+def _two_channels(gw, upstream, ctype, first_reply, **settings):
+    bad, good = upstream([first_reply]), upstream()
+    good.responder = getattr(Dialects, {"custom": "openai"}.get(ctype, ctype))
+    g = gw([chan(bad, type=ctype, name="first", priority=0),
+            chan(good, type=ctype, name="second", priority=1)], settings=settings or None)
+    return g, bad, good
+
+
+OVERFLOW_CASES = [   # (channel type, status, upstream body)
+    ("anthropic", 400, OVERFLOWS[0][1]), ("openai", 400, OVERFLOWS[2][1]),
+    ("custom", 400, OVERFLOWS[4][1]), ("gemini", 400, OVERFLOWS[5][1]),
+    ("ollama", 500, OVERFLOWS[6][1]),
+]
+
+
+@pytest.mark.parametrize("ctype,status,body", OVERFLOW_CASES)
+@pytest.mark.parametrize("client", ["anthropic", "openai", "genai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_context_overflow_in_each_clients_wording(gw, upstream, ctype, status, body, client,
+                                                     stream):
+    reply = Reply(status, json.dumps(body).encode())
+    g, bad, good = _two_channels(gw, upstream, ctype, reply)
+    msgs = [{"role": "user", "content": "a very long prompt"}]
+    if client == "anthropic":
+        with pytest.raises(anthropic.BadRequestError) as e:
+            kw = dict(model="m", max_tokens=10, messages=msgs)
+            if stream:
+                with g.anthropic().messages.stream(**kw) as s:
+                    list(s)
+            else:
+                g.anthropic().messages.create(**kw)
+        err = e.value.body["error"]
+        assert err["type"] == "invalid_request_error"
+        assert err["message"].lower().startswith("prompt is too long")
+        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
+        if tokens:                       # what Claude Code reads to size its compaction
+            assert f"{tokens} tokens > {limit}" in err["message"]
+    elif client == "openai":
+        with pytest.raises(openai.BadRequestError) as e:
+            g.openai().chat.completions.create(model="m", messages=msgs, stream=stream)
+        assert e.value.code == "context_length_exceeded"
+        assert e.value.status_code == 400
+    else:
+        with pytest.raises(genai_errors.ClientError) as e:
+            gc = _genai(g)
+            call = gc.models.generate_content_stream if stream else gc.models.generate_content
+            res = call(model="m", contents="a very long prompt")
+            if stream:
+                list(res)
+        assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"
+        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
+        if tokens:
+            assert f"input token count ({tokens}) exceeds the maximum number of tokens " \
+                   f"allowed ({limit})" in e.value.message
+    assert not good.requests                               # not a failure to fall back from
+    rec = g.records()[-1]
+    assert rec["status"] == 400 and rec["failures"] == []
+    assert _health(g, "first")["state"] == "ok"
+
+
+def test_11_context_overflow_told_in_band_before_content(gw, upstream):
+    err = {"type": "error", "error": {"type": "invalid_request_error",
+                                      "message": "prompt is too long: 300000 tokens > 200000 "
+                                                 "maximum"}}
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message",
+                                                  "role": "assistant", "model": "c",
+                                                  "content": [], "usage": {"input_tokens": 1}}}
+    up = upstream([Reply(chunks=[f"event: message_start\ndata: {json.dumps(start)}\n\n".encode(),
+                                 f"event: error\ndata: {json.dumps(err)}\n\n".encode()],
+                         content_type="text/event-stream")])
+    g = gw([chan(up, type="anthropic")])
+    with pytest.raises(openai.BadRequestError) as e:
+        list(g.openai().chat.completions.create(model="c", stream=True, messages=[
+            {"role": "user", "content": "x"}]))
+    assert e.value.code == "context_length_exceeded" and "200000 tokens" in e.value.message
+
+
+EMPTY = {
+    "openai": (Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": ""}}],
+                                      "usage": {"prompt_tokens": 3,
+                                                "completion_tokens": 0}}).encode()),
+               Reply(chunks=openai_stream_chunks(pieces=("", " ")),
+                     content_type="text/event-stream")),
+    "anthropic": (Reply(body=json.dumps(dict(anthropic_message(), content=[])).encode()),
+                  _anthropic_sse([{"type": "text", "text": ""}], "end_turn")),
+    "gemini": (Reply(body=b'{"candidates":[{"content":{"role":"model","parts":[{"text":""}]},'
+                          b'"finishReason":"STOP"}]}'),
+               Reply(chunks=[b'data: {"candidates":[{"content":{"role":"model","parts":'
+                             b'[{"text":""}]},"finishReason":"STOP"}]}\r\n\r\n'],
+                     content_type="text/event-stream")),
+}
+
+
+def _ask(g, client, stream):
+    """The answer text a client of ``client`` dialect gets for a one-line question."""
+    if client == "openai":
+        r = g.openai().chat.completions.create(model="m", stream=stream, messages=[
+            {"role": "user", "content": "x"}])
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        return r.choices[0].message.content or ""
+    if client == "anthropic":
+        kw = dict(model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        if stream:
+            with g.anthropic().messages.stream(**kw) as s:
+                return "".join(s.text_stream)
+        return "".join(b.text for b in g.anthropic().messages.create(**kw).content)
+    c = _genai(g)
+    if stream:
+        return "".join(ch.text or "" for ch in c.models.generate_content_stream(
+            model="m", contents="x"))
+    return c.models.generate_content(model="m", contents="x").text or ""
+
+
+@pytest.mark.parametrize("ctype,client", [
+    ("openai", "openai"), ("anthropic", "anthropic"), ("gemini", "genai"),     # passthrough
+    ("openai", "anthropic"), ("anthropic", "openai"), ("gemini", "openai")])   # converted
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_empty_answer_falls_back_to_the_next_channel(gw, upstream, ctype, client, stream):
+    g, bad, good = _two_channels(gw, upstream, ctype, EMPTY[ctype][stream])
+    assert _ask(g, client, stream) == "hello"
+    assert len(bad.requests) == 1 and len(good.requests) == 1
+    rec = g.records()[-1]
+    assert rec["channel"] == "second" and "empty answer" in rec["failures"][0]["error"]
+
+
+def _responses_answer(text, stream):
+    """A Responses API answer with ``text`` ("" for a blank one), whole or as its SSE events."""
+    msg = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+           "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+            "model": "gpt-5", "output": [msg], "usage": {"input_tokens": 3, "output_tokens": 1,
+                                                         "total_tokens": 4}}
+    if not stream:
+        return Reply(body=json.dumps(resp).encode())
+    evs = [("response.created", {"response": dict(resp, status="in_progress", output=[])}),
+           ("response.output_item.added", {"output_index": 0, "item": dict(
+               msg, status="in_progress", content=[])}),
+           ("response.content_part.added", {"output_index": 0, "content_index": 0,
+                                            "item_id": "msg_1", "part": {
+                                                "type": "output_text", "text": "",
+                                                "annotations": []}}),
+           ("response.output_text.delta", {"output_index": 0, "content_index": 0,
+                                           "item_id": "msg_1", "delta": text}),
+           ("response.output_item.done", {"output_index": 0, "item": msg}),
+           ("response.completed", {"response": resp})]
+    return Reply(chunks=[f"event: {n}\ndata: {json.dumps(dict(d, type=n, sequence_number=i))}"
+                         f"\n\n".encode() for i, (n, d) in enumerate(evs)],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, stream):
+    bad = upstream([_responses_answer("", stream)])
+    good = upstream([_responses_answer("hello", stream)])
+    g = gw([chan(bad, name="first", responses_api=True),
+            chan(good, name="second", priority=1, responses_api=True)])
+    c = g.openai()
+    if stream:
+        with c.responses.stream(model="gpt-5", input="x") as s:
+            text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+    else:
+        text = c.responses.create(model="gpt-5", input="x").output_text
+    assert text == "hello" and len(bad.requests) == 1
+    assert g.records()[-1]["channel"] == "second"
+
+
+def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
+    g, bad, good = _two_channels(gw, upstream, "openai", EMPTY["openai"][True],
+                                 empty_answer_fallback=False)
+    assert _ask(g, "openai", True) == " " and not good.requests
+    cut = json.loads(EMPTY["openai"][False].body)
+    cut["choices"][0]["finish_reason"] = "length"            # explained: max_tokens reached
+    g, bad, good = _two_channels(gw, upstream, "openai", Reply(body=json.dumps(cut).encode()))
+    assert _ask(g, "anthropic", False) == "" and not good.requests
+    only = upstream([EMPTY["anthropic"][False]])
+    g = gw([chan(only, type="anthropic")])
+    with pytest.raises(anthropic.APIStatusError) as e:     # none left: a 5xx clients retry
+        _ask(g, "anthropic", False)
+    assert e.value.status_code == 502 and "empty answer" in e.value.message
+
+
+def test_11_empty_answer_hold_is_bounded(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 200)
+    blank = Reply(chunks=openai_stream_chunks(pieces=("",) * 10),
+                  content_type="text/event-stream")
+    g, bad, good = _two_channels(gw, upstream, "openai", blank)
+    assert _ask(g, "anthropic", True) == ""       # released past 200 bytes, not tried again
+    assert not good.requests
+    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 1 << 20)
+    g, bad, good = _two_channels(gw, upstream, "openai", blank)
+    assert _ask(g, "anthropic", True) == "hello"
 
 # =================================================================================================
 # Resilience: cancellation, health, keys, limits, safe defaults
@@ -5810,6 +6576,37 @@ def test_15_claude_code_calls_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp
     assert "got mcp-said cli-ok" in out
     sent = json.dumps([json.loads(r["body"]) for r in up.requests])
     assert full not in sent and ag.channel_tool_name(full, "custom") in sent
+# Issue 12: Claude Code's own reading of a context overflow from another provider
+def test_15_claude_code_sees_a_context_overflow_as_prompt_too_long(gw, upstream, tmp_path):
+    claude = _cli_bin("claude")
+    up = upstream([Reply(400, json.dumps(OVERFLOWS[4][1]).encode())])       # vLLM's wording
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
+    rc, out = _run_cli([claude, "-p", "hello", "--model", "claude-sonnet-4-5"],
+                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
+                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
+                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
+    # Claude Code took it for its own "prompt is too long" and read both numbers from it.
+    assert rc != 0 and "Prompt is too long" in out, out[-2000:]
+    assert "122946" in out and "16384" in out and "API Error" not in out
+
+
+# Issue 12: Codex's reading of a context overflow from another provider
+def test_15_codex_sees_a_context_overflow(gw, upstream, tmp_path):
+    codex = _cli_bin("codex")
+    up = upstream([Reply(400, json.dumps(OVERFLOWS[0][1]).encode())])     # Anthropic's wording
+    g = gw([chan(up, type="anthropic")])
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "claude-opus-4-7"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'request_max_retries = 0\nstream_max_retries = 0\n')
+    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "hello"],
+                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                        "GW_TOKEN": TOKEN}, tmp_path)
+    # Codex matched code context_length_exceeded: its own out-of-context message, no retries.
+    assert rc != 0 and "ran out of room in the model's context window" in out, out[-2000:]
+    assert len(up.requests) == 1
 
 
 def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
