@@ -5139,8 +5139,9 @@ QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
     "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
     "reasoning_field": ("reasoning_content", "reasoning"),
     "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
+    "cache_control": ("", "strip"),               # Anthropic-compatible channels, below
 }
-QUIRK_LISTS = ("drop_params",)
+QUIRK_LISTS = ("drop_params", "drop_headers")
 _MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
 
 
@@ -5209,8 +5210,9 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
     if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
     if ctype == "anthropic":
-        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
-                                       thinking_setting=thinking, kept=kept)
+        return apply_anthropic_quirks(ir_to_anthropic_request(
+            ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
+            thinking_setting=thinking, kept=kept), quirks)
     if ctype == "gemini":
         return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
     if ctype == "ollama":
@@ -5319,6 +5321,159 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
             lambda: RenamedStream(stream(), names))
+
+
+# Quirks of Anthropic-compatible servers (the same "quirks" object, on a channel of type
+# anthropic), applied to the Messages body and headers the channel gets, converted or passed
+# through:
+#   drop_params: [top-level keys]  fields the server does not support, removed before sending
+#   drop_headers: [header names]   headers it does not support (anthropic-beta, ...)
+#   cache_control: "strip"         every cache_control marker removed (system, messages,
+#       tools), for servers that do not cache
+def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Messages request body with an Anthropic-compatible channel's quirks applied (a new
+    dict)."""
+    if not quirks:
+        return body
+    body = {k: v for k, v in body.items() if k not in (quirks.get("drop_params") or [])}
+    if quirks.get("cache_control") == "strip":
+        def strip(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items() if k != "cache_control"}
+            if isinstance(value, list):
+                return [strip(v) for v in value]
+            return value
+        for key in ("system", "messages", "tools"):
+            if key in body:
+                body[key] = strip(body[key])
+    return body
+
+
+def quirk_dropped_headers(quirks: dict | None) -> frozenset[str]:
+    """The header names (lower case) a channel's quirks say its server does not take."""
+    return frozenset(n.lower() for n in (quirks or {}).get("drop_headers") or [])
+
+
+# Presets: what a channel for a known service needs, filled in where the channel leaves it
+# out (section 10): type, base_url, headers and quirks (the channel's own win). "model_list"
+# is False where the service has no model list (the GUI's Fetch models then says so); "notes"
+# is shown by `aigateway presets` and in the channel dialog. Each entry was checked against
+# the service's documentation, cited beside it (read 2026-12-01); what could not be
+# confirmed there is left out and said so. Auth is the type's: Bearer for custom, x-api-key
+# for anthropic (each service below documents that form).
+PRESETS: dict[str, dict[str, Any]] = {
+    # api-docs.deepseek.com ("Your First API Call": base URL, Bearer; /v1 allowed for OpenAI
+    # compatibility; GET /models). Thinking mode wants reasoning back on tool-call turns only:
+    # api-docs.deepseek.com/guides/thinking_mode.
+    "deepseek": {"label": "DeepSeek", "type": "custom",
+                 "base_url": "https://api.deepseek.com/v1",
+                 "quirks": {"reasoning_back": "tool_calls"}},
+    # api-docs.deepseek.com/guides/anthropic_api: anthropic-beta, container, mcp_servers,
+    # service_tier, top_k and cache_control are "Ignored"; x-api-key supported. No model
+    # list is documented on that endpoint.
+    "deepseek-anthropic": {"label": "DeepSeek (Anthropic API)", "type": "anthropic",
+                           "base_url": "https://api.deepseek.com/anthropic",
+                           "model_list": False,
+                           "quirks": {"drop_headers": ["anthropic-beta"],
+                                      "drop_params": ["container", "mcp_servers",
+                                                      "service_tier", "top_k"],
+                                      "cache_control": "strip"}},
+    # Mistral's API (servers: https://api.mistral.ai/v1; /chat/completions, /models, Bearer)
+    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above).
+    "mistral": {"label": "Mistral", "type": "custom", "base_url": "https://api.mistral.ai/v1",
+                "quirks": {"tool_call_id": "mistral9"}},
+    # console.groq.com/docs/openai: base URL; logprobs, logit_bias and top_logprobs "will
+    # result in a 400 error"; messages[].name too (not a top-level field: not handled).
+    "groq": {"label": "Groq", "type": "custom", "base_url": "https://api.groq.com/openai/v1",
+             "quirks": {"drop_params": ["logprobs", "logit_bias", "top_logprobs"]}},
+    # openrouter.ai (quick start): base URL, Bearer; HTTP-Referer and X-Title are optional
+    # attribution headers (add them under Extra headers). Reasoning goes back in "reasoning".
+    "openrouter": {"label": "OpenRouter", "type": "custom",
+                   "base_url": "https://openrouter.ai/api/v1",
+                   "quirks": {"reasoning_field": "reasoning"},
+                   "notes": "optional headers HTTP-Referer and X-Title (app attribution)"},
+    # docs.x.ai/developers/rest-api-reference/inference: base https://api.x.ai, Bearer;
+    # docs.x.ai/api/integrations: OpenAI SDK base URL https://api.x.ai/v1.
+    "xai": {"label": "xAI (Grok)", "type": "custom", "base_url": "https://api.x.ai/v1"},
+    # Moonshot's platform (platform.moonshot.ai): OpenAI-compatible https://api.moonshot.ai/v1
+    # (China: api.moonshot.cn). Quirks: none confirmed in its docs.
+    "moonshot": {"label": "Moonshot (Kimi)", "type": "custom",
+                 "base_url": "https://api.moonshot.ai/v1"},
+    "moonshot-cn": {"label": "Moonshot (Kimi), China", "type": "custom",
+                    "base_url": "https://api.moonshot.cn/v1"},
+    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic. Its
+    # list of unsupported Messages fields could not be found: nothing is stripped.
+    "moonshot-anthropic": {"label": "Moonshot (Kimi), Anthropic API", "type": "anthropic",
+                           "base_url": "https://api.moonshot.ai/anthropic",
+                           "model_list": False},
+    # Zhipu BigModel (open.bigmodel.cn docs): OpenAI-compatible base path /api/paas/v4 (the
+    # version segment is v4: the gateway appends /chat/completions and /models to it);
+    # Z.ai is its international site with the same paths (docs.z.ai).
+    "zhipu": {"label": "Zhipu (GLM), China", "type": "custom",
+              "base_url": "https://open.bigmodel.cn/api/paas/v4"},
+    "zai": {"label": "Z.ai (GLM), international", "type": "custom",
+            "base_url": "https://api.z.ai/api/paas/v4"},
+    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic
+    # (Z.ai: https://api.z.ai/api/anthropic). Unsupported fields not documented: none stripped.
+    "zhipu-anthropic": {"label": "Zhipu (GLM), Anthropic API", "type": "anthropic",
+                        "base_url": "https://open.bigmodel.cn/api/anthropic",
+                        "model_list": False},
+    "zai-anthropic": {"label": "Z.ai (GLM), Anthropic API", "type": "anthropic",
+                      "base_url": "https://api.z.ai/api/anthropic",
+                      "model_list": False},
+    # alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope: base URLs
+    # Singapore dashscope-intl, US dashscope-us, China (Beijing) dashscope.
+    "qwen": {"label": "Qwen (DashScope), Singapore", "type": "custom",
+             "base_url": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"},
+    "qwen-us": {"label": "Qwen (DashScope), US", "type": "custom",
+                "base_url": "https://dashscope-us.aliyuncs.com/compatible-mode/v1"},
+    "qwen-cn": {"label": "Qwen (DashScope), China", "type": "custom",
+                "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"},
+    # docs.siliconflow.cn/docs/userguide/quickstart (China: api.siliconflow.cn/v1);
+    # siliconflow.com quick start (global: api.siliconflow.com/v1).
+    "siliconflow": {"label": "SiliconFlow, China", "type": "custom",
+                    "base_url": "https://api.siliconflow.cn/v1"},
+    "siliconflow-intl": {"label": "SiliconFlow, global", "type": "custom",
+                         "base_url": "https://api.siliconflow.com/v1"},
+    # docs.together.ai/docs/inference/openai-compatibility: base URL https://api.together.ai/v1.
+    "together": {"label": "Together AI", "type": "custom",
+                 "base_url": "https://api.together.ai/v1"},
+    # Fireworks' OpenAI compatibility docs: https://api.fireworks.ai/inference/v1.
+    "fireworks": {"label": "Fireworks AI", "type": "custom",
+                  "base_url": "https://api.fireworks.ai/inference/v1"},
+    # inference-docs.cerebras.ai/resources/openai: base URL https://api.cerebras.ai/v1. Lists
+    # of refused parameters come only from third parties: none dropped.
+    "cerebras": {"label": "Cerebras", "type": "custom", "base_url": "https://api.cerebras.ai/v1"},
+    # build.nvidia.com (API catalog): https://integrate.api.nvidia.com/v1, Bearer.
+    "nvidia": {"label": "NVIDIA NIM (API catalog)", "type": "custom",
+               "base_url": "https://integrate.api.nvidia.com/v1"},
+    # docs.vllm.ai (OpenAI-compatible server): http://localhost:8000/v1; key only with
+    # --api-key.
+    "vllm": {"label": "vLLM (local)", "type": "custom", "base_url": "http://localhost:8000/v1"},
+    # lmstudio.ai/docs/api/openai-api: http://localhost:1234/v1 (/v1/models, chat, responses).
+    "lmstudio": {"label": "LM Studio (local)", "type": "custom",
+                 "base_url": "http://localhost:1234/v1"},
+    # llama.cpp's tools/server README: llama-server listens on 8080 with /v1/chat/completions.
+    "llamacpp": {"label": "llama.cpp server (local)", "type": "custom",
+                 "base_url": "http://localhost:8080/v1"},
+    # docs.ollama.com/api/openai-compatibility: http://localhost:11434/v1 (key ignored).
+    "ollama-openai": {"label": "Ollama, OpenAI mode (local)", "type": "custom",
+                      "base_url": "http://localhost:11434/v1"},
+    # platform.minimax.io/docs/api-reference/text-anthropic-api: base URL; top_k,
+    # stop_sequences, service_tier, mcp_servers, context_management and container "Ignored";
+    # text and tool calls only (no image or document input).
+    "minimax-anthropic": {"label": "MiniMax (Anthropic API)", "type": "anthropic",
+                          "base_url": "https://api.minimax.io/anthropic",
+                          "model_list": False,
+                          "quirks": {"drop_params": ["top_k", "stop_sequences",
+                                                     "service_tier", "mcp_servers",
+                                                     "context_management", "container"]}},
+}
+# Perplexity is not a preset: its docs (docs.perplexity.ai/docs/sonar/openai-compatibility)
+# name POST /chat/completions at https://api.perplexity.ai and POST /v1/sonar, while the
+# gateway sends /v1/chat/completions to a base URL without a version; that path is not
+# documented there.
+
 
 
 # =================================================================================================
@@ -5553,6 +5708,7 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
             if not isinstance(item, dict):
                 raise ck.fail(where, "is not an object", "write {...}")
             if section == "channels":
+                _apply_preset(ck, item, where)
                 item.setdefault("timeout", settings["default_timeout"])
             for key, value in defaults.items():
                 item.setdefault(key, copy.deepcopy(value))
@@ -5578,6 +5734,26 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
         else:
             _check_token(ck, items)
     return cfg
+
+
+def _apply_preset(ck: _Checker, ch: dict, where: str) -> None:
+    """A channel's ``preset`` (section 9's PRESETS) fills what the channel leaves out: its
+    type when absent, an absent or empty base_url, and the preset's headers and quirks under
+    the channel's own. The name stays in the channel as written."""
+    if "preset" not in ch:
+        return
+    name = ch["preset"]
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ck.fail(f"{where}.preset", f"{json.dumps(name)[:60]} is not a preset",
+                      f"use one of {', '.join(PRESETS)} (`aigateway presets` lists them), "
+                      f"or delete the key")
+    preset = PRESETS[name]
+    ch.setdefault("type", preset["type"])
+    if not ch.get("base_url"):
+        ch["base_url"] = preset["base_url"]
+    for key in ("headers", "quirks"):
+        if preset.get(key) and isinstance(ch.get(key, {}), dict):
+            ch[key] = {**copy.deepcopy(preset[key]), **ch.get(key, {})}
 
 
 def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> None:
@@ -6133,7 +6309,8 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "_exact")
+                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "preset",
+                 "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -6155,6 +6332,7 @@ class Channel:
         self.max_concurrency: int = c["max_concurrency"]
         self.quirks: dict = c["quirks"]
         self.thinking: str = c["thinking"]
+        self.preset: str = c.get("preset", "")
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -6769,6 +6947,8 @@ class Gateway:
         target = ch.upstream_model(model)
         if ch.quirks and route.kind == "chat" and obj is not None:
             body = json_dumps(apply_openai_quirks(dict(obj, model=model), ch.quirks))
+        elif ch.quirks and route.kind == "messages" and obj is not None:
+            body = json_dumps(apply_anthropic_quirks(dict(obj, model=model), ch.quirks))
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
@@ -6783,7 +6963,7 @@ class Gateway:
         else:
             url = join_base_url(ch.base_url, route.path) + (f"?{query}" if query else "")
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
-        extra = {name.lower() for name, _ in ch.headers}
+        extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
         hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
                 and n.lower() not in listed and n.lower() not in extra
                 and not (route.dialect == ANTHROPIC and n.lower() == "anthropic-version")]
@@ -7024,6 +7204,9 @@ class Gateway:
     async def fetch_models(self, ch: Channel) -> list[str]:
         """The model names a channel's upstream lists (``/v1/models``; Gemini ``models``;
         Ollama ``/api/tags``), for the GUI's model picker."""
+        if PRESETS.get(ch.preset, {}).get("model_list") is False:
+            raise GatewayError(400, f"{PRESETS[ch.preset]['label']} has no model list the "
+                                    f"gateway can read; type the model names")
         if ch.type == "gemini":
             url = gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
         elif ch.type == "ollama":
