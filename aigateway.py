@@ -9251,11 +9251,11 @@ def _field_value(text: str) -> tuple[str, Any]:
 
 _CLI_EPILOG = """\
 management commands (they edit the configuration file; a running aigateway picks the edit up):
-  channels list [--json]            channels add --name N --type T [options]
+  channels list [--json]            channels add --name N --type T|--preset P [options]
   channels edit ID|NAME [options]   channels remove ID|NAME   channels test ID|NAME
   tokens list [--json]              tokens create --name N [--models a,b]
   tokens edit ID|NAME [options]     tokens enable|disable|remove ID|NAME
-  config check
+  config check                      presets [--json]
 Run "aigateway COMMAND --help" (e.g. "channels add --help") for a command's options."""
 
 
@@ -9311,12 +9311,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
         command(tok, name, f"{name} a token", ref=True)
     cfg = group("config", "check the configuration file")
     command(cfg, "check", "name every problem in the file (exit 0 when it is valid, else 2)")
+    help_text = "list the channel presets (known services: type, base URL, quirks)"
+    commands.add_parser("presets", help=help_text, description=help_text).add_argument(
+        "--json", action="store_true", help="print JSON")
     return p
 
 
 def _channel_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--name", required=adding, help="unique name")
-    p.add_argument("--type", required=adding, choices=CHANNEL_TYPES, help="upstream dialect")
+    p.add_argument("--type", choices=CHANNEL_TYPES,
+                   help="upstream dialect (needed when adding without --preset)")
+    p.add_argument("--preset", choices=PRESETS, metavar="NAME",
+                   help="a known service (`aigateway presets`): fills type, base URL and quirks")
     p.add_argument("--base-url", help="upstream URL (default: the type's public API)")
     p.add_argument("--api-key", metavar="KEY", help='upstream key; "-" reads it from stdin '
                    "(keeps it out of the shell history)")
@@ -9350,7 +9356,8 @@ def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
 
 _CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
                                            "model_mapping", "priority", "timeout", "proxy",
-                                           "max_concurrency", "enabled")}      # option: field
+                                           "max_concurrency", "enabled",
+                                           "preset")}                     # option: field
 _TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
                 "rpm": "rpm"}
 _SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
@@ -9421,6 +9428,8 @@ def run_command(args: argparse.Namespace, path: str) -> int:
     saves the file atomically; nothing is written when a change is refused."""
     if args.command == "config":
         return check_config(path)
+    if args.command == "presets":
+        return list_presets(args.json)
     creating = args.action in ("add", "create")
     try:
         store, new_key = ConfigStore.load(path, create=creating)
@@ -9463,6 +9472,9 @@ def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
     if action in ("add", "create"):
         fields = _changes(store, args, flags)
         if kind == "channel":
+            if "type" not in fields and "preset" not in fields:
+                raise _CommandFailed("channels add needs --type or --preset "
+                                     "(`aigateway presets` lists the presets)")
             item = store.add_channel(**fields)
             print(f"added channel {item['name']!r} (id {item['id']})")
         else:
@@ -9489,6 +9501,22 @@ def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
     item = update(item["id"], **changes)
     done = {"edit": "changed", "enable": "enabled", "disable": "disabled"}[action]
     print(f"{done} {kind} {item['name']!r} (id {item['id']})")
+    return 0
+
+
+def list_presets(as_json: bool) -> int:
+    """`aigateway presets`: the PRESETS table, as text or JSON."""
+    if as_json:
+        print(json.dumps(PRESETS, indent=2, ensure_ascii=False))
+        return 0
+    rows = []
+    for name, p in PRESETS.items():
+        notes = [", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}"
+                           for k, v in p.get("quirks", {}).items())]
+        notes += ["no model list"] if p.get("model_list") is False else []
+        notes += [p["notes"]] if p.get("notes") else []
+        rows.append((name, p["type"], p["base_url"], "; ".join(n for n in notes if n) or "-"))
+    print(_table(rows, ("PRESET", "TYPE", "BASE URL", "NOTES")))
     return 0
 
 
