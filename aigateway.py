@@ -5379,9 +5379,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                                                       "service_tier", "top_k"],
                                       "cache_control": "strip"}},
     # Mistral's API (servers: https://api.mistral.ai/v1; /chat/completions, /models, Bearer)
-    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above).
+    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above), and
+    # 422 "Extra inputs are not permitted" for stream_options and max_completion_tokens
+    # (quoted in avante-corp/avante.nvim#2347, editor-code-assistant/eca#231).
     "mistral": {"label": "Mistral", "type": "custom", "base_url": "https://api.mistral.ai/v1",
-                "quirks": {"tool_call_id": "mistral9"}},
+                "quirks": {"tool_call_id": "mistral9", "drop_params": ["stream_options"],
+                           "max_tokens_field": "max_tokens"}},
     # console.groq.com/docs/openai: base URL; logprobs, logit_bias and top_logprobs "will
     # result in a 400 error"; messages[].name too (not a top-level field: not handled).
     "groq": {"label": "Groq", "type": "custom", "base_url": "https://api.groq.com/openai/v1",
@@ -5737,10 +5740,10 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
 
 
 def _apply_preset(ck: _Checker, ch: dict, where: str) -> None:
-    """A channel's ``preset`` (section 9's PRESETS) fills what the channel leaves out: its
-    type when absent, an absent or empty base_url, and the preset's headers and quirks under
-    the channel's own. The name stays in the channel as written."""
-    if "preset" not in ch:
+    """A channel's ``preset`` (section 9's PRESETS; "" for none) fills what the channel leaves
+    out: its type when absent, an absent or empty base_url, and the preset's headers and
+    quirks under the channel's own. The name stays in the channel as written."""
+    if ch.get("preset", "") == "":
         return
     name = ch["preset"]
     if not isinstance(name, str) or name not in PRESETS:
@@ -8392,6 +8395,8 @@ class ChannelDialog:
             "api_keys": tk.StringVar(value=", ".join(c.get("api_keys", []))),
             "max_concurrency": tk.StringVar(value=str(c.get("max_concurrency", 0))),
             "thinking": tk.StringVar(value=c.get("thinking", "auto")),
+            "preset": tk.StringVar(value=c.get("preset", "")),
+            "quirks": tk.StringVar(value=json.dumps(c.get("quirks", {}), ensure_ascii=False)),
             "proxy": tk.StringVar(value=c.get("proxy", "")),
             "verify_tls": tk.BooleanVar(value=c.get("verify_tls", True)),
             "responses_api": tk.BooleanVar(value=c.get("responses_api", False)),
@@ -8409,6 +8414,13 @@ class ChannelDialog:
                                                                      sticky="w", padx=(8, 0))
             row += 1
         field("Name", ttk.Entry(body, textvariable=self.vars["name"], width=42))
+        self.preset_box = ttk.Combobox(body, textvariable=self.vars["preset"], state="readonly",
+                                       values=("", *PRESETS))
+        self.preset_box.bind("<<ComboboxSelected>>", self._preset_changed)
+        self.preset_note = ttk.Label(body, text=self._preset_note(), style="Muted.TLabel",
+                                     wraplength=260)
+        field("Preset", self.preset_box)
+        self.preset_note.grid(row=row - 1, column=2, sticky="w", padx=(8, 0))
         self.type_box = ttk.Combobox(body, textvariable=self.vars["type"], state="readonly",
                                      values=CHANNEL_TYPES)
         self.type_box.bind("<<ComboboxSelected>>", self._type_changed)
@@ -8443,6 +8455,8 @@ class ChannelDialog:
         field("Claude thinking", ttk.Combobox(body, textvariable=self.vars["thinking"], width=9,
                                               values=THINKING_MODES, state="readonly"),
               "auto = by model name")
+        field("Quirks", ttk.Entry(body, textvariable=self.vars["quirks"]),
+              'JSON, e.g. {"tool_call_id": "mistral9"}')
         field("Proxy", ttk.Entry(body, textvariable=self.vars["proxy"]),
               "http:// or socks5://")
         self.headers = tk.Text(body, height=3, width=40, relief="flat",
@@ -8473,6 +8487,33 @@ class ChannelDialog:
         self.key_entry.configure(show=show)
         self.more_keys.configure(show=show)
 
+    def _preset_note(self) -> str:
+        p = PRESETS.get(self.vars["preset"].get())
+        return "; ".join(filter(None, (p["label"], p.get("notes", "")))) if p else \
+            "a known service: fills type, base URL, quirks"
+
+    def _preset_changed(self, _event: Any = None) -> None:
+        """A preset picked: its type, base URL, quirks and headers go into the fields (the
+        user can still edit them)."""
+        name = self.vars["preset"].get()
+        self.preset_note.configure(text=self._preset_note())
+        p = PRESETS.get(name)
+        if p is None:
+            return
+        self.vars["type"].set(p["type"])
+        self.vars["base_url"].set(p["base_url"])
+        self.vars["quirks"].set(json.dumps(p.get("quirks", {}), ensure_ascii=False))
+        if p.get("headers"):
+            try:
+                headers = parse_headers(self.headers.get("1.0", "end"))
+            except ValueError:
+                headers = {}
+            self.headers.delete("1.0", "end")
+            self.headers.insert("1.0", "\n".join(f"{k}: {v}" for k, v in
+                                                 {**p["headers"], **headers}.items()))
+        if not self.vars["name"].get().strip():
+            self.vars["name"].set(name)
+
     def _type_changed(self, _event: Any = None) -> None:
         current = self.vars["base_url"].get().strip()
         if not current or current in CHANNEL_DEFAULT_URLS.values():
@@ -8490,7 +8531,16 @@ class ChannelDialog:
             timeout = float(v["timeout"].get())
         except ValueError:
             raise ValueError("Timeout is a number of seconds") from None
-        return {"name": v["name"].get().strip(), "type": v["type"].get(),
+        try:
+            quirks = json.loads(v["quirks"].get().strip() or "{}")
+        except ValueError:
+            quirks = None
+        if not isinstance(quirks, dict):
+            raise ValueError('Quirks is a JSON object, such as {"tool_call_id": "mistral9"} '
+                             'or {}')
+        preset = {"preset": v["preset"].get()} if v["preset"].get() or \
+            "preset" in (self.channel or {}) else {}
+        return {**preset, "quirks": quirks, "name": v["name"].get().strip(), "type": v["type"].get(),
                 "base_url": v["base_url"].get().strip(), "api_key": v["api_key"].get().strip(),
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
