@@ -1301,6 +1301,59 @@ def test_10_thinking_and_empty_answer_settings_validated(tmp_path, config, needl
     assert cfg["settings"]["empty_answer_fallback"] is True
 
 
+# Issue 14: presets for OpenAI- and Anthropic-compatible services
+def test_10_every_preset_validates_with_its_type_url_and_quirks():
+    chans = [{"name": name, "preset": name} for name in ag.PRESETS]
+    out = ag.validate_config({"channels": chans}, "config.json")["channels"]
+    for ch, (name, preset) in zip(out, ag.PRESETS.items()):
+        assert ch["preset"] == name and ch["type"] == preset["type"]
+        assert ch["base_url"] == preset["base_url"]
+        assert ch["quirks"] == preset.get("quirks", {})
+    by_name = {c["name"]: c for c in out}
+    assert by_name["mistral"]["quirks"]["tool_call_id"] == "mistral9"
+    assert by_name["deepseek"]["quirks"] == {"reasoning_back": "tool_calls"}
+    assert by_name["openrouter"]["quirks"] == {"reasoning_field": "reasoning"}
+    assert by_name["zhipu"]["base_url"] == "https://open.bigmodel.cn/api/paas/v4"
+    assert by_name["deepseek-anthropic"]["type"] == "anthropic"
+    assert ag.join_base_url(by_name["zhipu"]["base_url"], "/v1/chat/completions") == \
+        "https://open.bigmodel.cn/api/paas/v4/chat/completions"
+    assert ag.join_base_url(by_name["deepseek-anthropic"]["base_url"], "/v1/messages") == \
+        "https://api.deepseek.com/anthropic/v1/messages"
+
+
+def test_10_a_preset_fills_only_what_the_channel_left_out():
+    ch = ag.validate_config({"channels": [{
+        "preset": "mistral", "type": "openai", "base_url": "http://127.0.0.1:9/v1",
+        "quirks": {"drop_params": ["n"]}, "headers": {"X-Mine": "1"}}]}, "c")["channels"][0]
+    assert ch["type"] == "openai" and ch["base_url"] == "http://127.0.0.1:9/v1"
+    assert ch["quirks"] == {"tool_call_id": "mistral9", "max_tokens_field": "max_tokens",
+                            "drop_params": ["n"]}                    # the channel's own win
+    assert ch["headers"] == {"X-Mine": "1"} and ch["preset"] == "mistral"
+    empty = ag.validate_config({"channels": [{"preset": "groq", "base_url": ""}]}, "c")
+    assert empty["channels"][0]["base_url"] == "https://api.groq.com/openai/v1"
+    none = ag.validate_config({"channels": [{"preset": "", "type": "openai"}]}, "c")
+    assert none["channels"][0]["base_url"] == "https://api.openai.com"
+
+
+@pytest.mark.parametrize("preset", ["deepseak", 7, ["mistral"]])
+def test_10_an_unknown_preset_names_every_preset(preset):
+    with pytest.raises(ag.ConfigError) as e:
+        ag.validate_config({"channels": [{"name": "a", "preset": preset}]}, "config.json")
+    msg = str(e.value)
+    assert msg.startswith("config.json: channels[0].preset: ") and "is not a preset" in msg
+    assert all(name in msg for name in ag.PRESETS) and "aigateway presets" in msg
+
+
+def test_10_preset_is_kept_in_the_file_as_written(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"channels": [{"name": "ds", "preset": "deepseek"}],
+                                "tokens": [{"name": "main", "key": TOKEN}]}))
+    store, _ = ag.ConfigStore.load(str(path))
+    store.add_token(name="second")
+    saved = json.loads(path.read_text())["channels"][0]
+    assert saved["preset"] == "deepseek" and saved["base_url"] == "https://api.deepseek.com/v1"
+
+
 def test_10_json_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{\n  "settings": {\n    "port": 3000\n    "host": "x"\n  }\n}')
@@ -2894,6 +2947,30 @@ def test_14_channels_add_list_edit_remove(tmp_path):
         rc, out, err = _run("--config", cfg, *args)
         assert rc == 2 and err.startswith("usage: aigateway") and needle in err, (args, err)
     assert open(cfg).read() == before                         # nothing refused was written
+
+
+# Issue 14: `aigateway presets` and `channels add --preset`
+def test_14_presets_lists_every_preset_and_channels_add_takes_one(tmp_path):
+    rc, out, _ = _run("presets")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].split() == ["PRESET", "TYPE", "BASE", "URL", "NOTES"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
+    assert list(rows) == list(ag.PRESETS)
+    assert rows["zhipu"][1:3] == ["custom", "https://open.bigmodel.cn/api/paas/v4"]
+    assert "tool_call_id=mistral9," in rows["mistral"]
+    assert "no model list" in out and "drop_headers=anthropic-beta," in out
+    rc, out, _ = _run("presets", "--json")
+    assert rc == 0 and json.loads(out) == ag.PRESETS
+    cfg = str(tmp_path / "config.json")
+    rc, out, _ = _run("--config", cfg, "channels", "add", "--name", "m", "--preset", "mistral")
+    assert rc == 0 and out == "added channel 'm' (id 1)\n"
+    ch = json.loads(open(cfg).read())["channels"][0]
+    assert ch["preset"] == "mistral" and ch["type"] == "custom"
+    assert ch["base_url"] == "https://api.mistral.ai/v1" and ch["quirks"]["tool_call_id"]
+    rc, _, err = _run("--config", cfg, "channels", "add", "--name", "n")
+    assert rc == 2 and "needs --type or --preset" in err
+    rc, _, err = _run("--config", cfg, "channels", "add", "--name", "n", "--preset", "nope")
+    assert rc == 2 and "invalid choice: 'nope'" in err
 
 
 def test_14_tokens_create_list_disable_enable_remove(tmp_path, upstream):
@@ -4519,6 +4596,92 @@ def test_11_deepseek_gets_reasoning_back_on_tool_call_turns(gw, upstream):
     assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
 
 
+# Issue 14: preset channels end to end (the user's base_url points at the fake)
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_mistral_preset_gets_nine_letter_ids_and_no_refused_params(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai", mistral=True)
+    g = gw([{"name": "mistral", "preset": "mistral", "base_url": up.url + "/v1",
+             "api_key": "sk-upstream-secret"}])
+    chat = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_Ab_12345678", "type": "function",
+                 "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
+    kw = dict(model="mistral-large-latest", messages=chat, max_completion_tokens=50)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in g.openai().chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw) if c.choices)
+    else:
+        text = g.openai().chat.completions.create(**kw).choices[0].message.content
+    assert text == "got ran"
+    rec = up.last()
+    sent = json.loads(rec["body"])
+    assert rec["path"] == "/v1/chat/completions"
+    assert rec["headers"]["authorization"] == "Bearer sk-upstream-secret"
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", sent["messages"][2]["tool_call_id"])
+    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
+    assert "stream_options" not in sent and "max_completion_tokens" not in sent
+    assert sent["max_tokens"] == 50
+
+
+def test_11_deepseek_preset_sends_reasoning_back_on_tool_call_turns(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("openai", deepseek=True)
+    g = gw([{"name": "ds", "preset": "deepseek", "base_url": up.url + "/v1"}])
+    chat = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hi", "reasoning_content": "say hi"},
+            {"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "reasoning_content": "use Bash",
+             "tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ran"}]
+    reply = g.openai().chat.completions.create(model="deepseek-reasoner", messages=chat)
+    assert reply.choices[0].message.content == "got ran"
+    sent = json.loads(up.last()["body"])["messages"]
+    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
+
+
+def test_11_anthropic_compatible_preset_strips_what_the_service_ignores(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([{"name": "ds", "preset": "deepseek-anthropic", "base_url": up.url,
+             "api_key": "sk-upstream-secret"}])
+    m = _anthropic_turn(
+        g.anthropic(), False, model="deepseek-chat",
+        extra_body={"top_k": 5, "service_tier": "auto"},
+        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        tools=[{"name": "Bash", "input_schema": {"type": "object"},
+                "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "run",
+                                                "cache_control": {"type": "ephemeral"}}]}],
+        extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"})
+    assert m.content[0].name == "Bash"
+    rec = up.last()
+    sent = json.loads(rec["body"])
+    assert rec["path"] == "/v1/messages" and rec["headers"]["x-api-key"] == "sk-upstream-secret"
+    assert "cache_control" not in rec["body"].decode()
+    assert "top_k" not in sent and "service_tier" not in sent
+    assert sent["system"] == [{"type": "text", "text": "be brief"}]
+    assert "anthropic-beta" not in rec["headers"]
+    g2 = gw([{"name": "ds2", "preset": "deepseek-anthropic", "base_url": up.url,
+              "quirks": {"drop_params": ["temperature"]}}])
+    reply = g2.openai().chat.completions.create(                      # converted
+        model="deepseek-chat", temperature=0.5, messages=[{"role": "user", "content": "hi"}],
+        tools=[{"type": "function", "function": {"name": "Bash", "parameters": {
+            "type": "object"}}}])
+    assert reply.choices[0].message.tool_calls[0].function.name == "Bash"
+    rec = up.last()
+    assert rec["path"] == "/v1/messages" and "temperature" not in json.loads(rec["body"])
+
+
+def test_11_fetch_models_says_when_a_preset_has_no_model_list(gw):
+    g = gw([{"name": "mm", "preset": "minimax-anthropic"}])
+    ch = g.gateway.channel(g.store.data["channels"][0]["id"])
+    with pytest.raises(ag.GatewayError, match="MiniMax .* has no model list"):
+        asyncio.run(g.gateway.fetch_models(ch))
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_11_claude_code_tool_search_to_an_openai_channel(gw, upstream, stream):
     up = upstream()
@@ -4713,6 +4876,38 @@ def test_13_channel_dialog_thinking_field(app):
     box.set("adaptive")
     d.save()
     assert json.loads(open(a.store.path).read())["channels"][0]["thinking"] == "adaptive"
+
+
+# Issue 14: the channel dialog's Preset drop-down
+def test_13_channel_dialog_preset_fills_the_fields(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    assert "" in d.preset_box.cget("values") and "mistral" in d.preset_box.cget("values")
+    d.preset_box.set("mistral")
+    d.preset_box.event_generate("<<ComboboxSelected>>")
+    a.root.update()
+    texts = _entry_texts(d.top)
+    assert "mistral" in texts and "https://api.mistral.ai/v1" in texts
+    assert json.loads(d.vars["quirks"].get())["tool_call_id"] == "mistral9"
+    assert any(t.startswith('{"tool_call_id": "mistral9"') for t in texts)
+    assert d.type_box.get() == "custom" and "Mistral" in d.preset_note.cget("text")
+    d.preset_box.set("deepseek-anthropic")
+    d.preset_box.event_generate("<<ComboboxSelected>>")
+    a.root.update()
+    assert d.type_box.get() == "anthropic"
+    assert "https://api.deepseek.com/anthropic" in _entry_texts(d.top)
+    d.vars["base_url"].set("http://127.0.0.1:9")                  # still the user's to edit
+    d.vars["quirks"].set("[1]")
+    d.save()
+    assert "Quirks is a JSON object" in d.error.cget("text") and not a.store.data["channels"]
+    d.vars["quirks"].set('{"drop_headers": ["x-extra"]}')
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"][0]
+    assert saved["preset"] == "deepseek-anthropic" and saved["type"] == "anthropic"
+    assert saved["base_url"] == "http://127.0.0.1:9" and saved["name"] == "mistral"
+    assert saved["quirks"]["drop_headers"] == ["x-extra"]           # the user's over the preset
+    assert saved["quirks"]["cache_control"] == "strip"
 
 
 def test_13_create_token_shows_the_key_once(app, upstream):
