@@ -8540,7 +8540,8 @@ class ChannelDialog:
                              'or {}')
         preset = {"preset": v["preset"].get()} if v["preset"].get() or \
             "preset" in (self.channel or {}) else {}
-        return {**preset, "quirks": quirks, "name": v["name"].get().strip(), "type": v["type"].get(),
+        return {**preset, "quirks": quirks,
+                "name": v["name"].get().strip(), "type": v["type"].get(),
                 "base_url": v["base_url"].get().strip(), "api_key": v["api_key"].get().strip(),
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),

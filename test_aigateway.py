@@ -4610,8 +4610,9 @@ def test_11_mistral_preset_gets_nine_letter_ids_and_no_refused_params(gw, upstre
             {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
     kw = dict(model="mistral-large-latest", messages=chat, max_completion_tokens=50)
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in g.openai().chat.completions.create(
-            stream=True, stream_options={"include_usage": True}, **kw) if c.choices)
+        chunks = g.openai().chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     else:
         text = g.openai().chat.completions.create(**kw).choices[0].message.content
     assert text == "got ran"
