@@ -5190,6 +5190,46 @@ def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
     return body
 
 
+# Quirks of Anthropic-compatible servers (the same "quirks" object, on a channel of type
+# anthropic), applied to the Messages body and headers the channel gets, converted or passed
+# through:
+#   drop_params: [top-level keys]  fields the server does not support, removed before sending
+#   drop_headers: [header names]   headers it does not support (anthropic-beta, ...)
+#   cache_control: "strip"         every cache_control marker removed (system, messages,
+#       tools), for servers that do not cache
+def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Messages request body with an Anthropic-compatible channel's quirks applied (a new
+    dict)."""
+    if not quirks:
+        return body
+    body = {k: v for k, v in body.items() if k not in (quirks.get("drop_params") or [])}
+    if quirks.get("cache_control") != "strip":
+        return body
+
+    def strip(block: Any) -> Any:
+        """A content block or tool without its marker (a tool result's blocks too); inputs
+        and schemas are left alone: a property may be called cache_control."""
+        if not isinstance(block, dict):
+            return block
+        block = {k: v for k, v in block.items() if k != "cache_control"}
+        if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+            block["content"] = [strip(b) for b in block["content"]]
+        return block
+    for key in ("system", "tools"):
+        if isinstance(body.get(key), list):
+            body[key] = [strip(b) for b in body[key]]
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [dict(m, content=[strip(b) for b in m["content"]])
+                            if isinstance(m, dict) and isinstance(m.get("content"), list)
+                            else m for m in body["messages"]]
+    return body
+
+
+def quirk_dropped_headers(quirks: dict | None) -> frozenset[str]:
+    """The header names (lower case) a channel's quirks say its server does not take."""
+    return frozenset(n.lower() for n in (quirks or {}).get("drop_headers") or [])
+
+
 @guarded(400, "request body")
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
@@ -5321,37 +5361,6 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
             lambda: RenamedStream(stream(), names))
-
-
-# Quirks of Anthropic-compatible servers (the same "quirks" object, on a channel of type
-# anthropic), applied to the Messages body and headers the channel gets, converted or passed
-# through:
-#   drop_params: [top-level keys]  fields the server does not support, removed before sending
-#   drop_headers: [header names]   headers it does not support (anthropic-beta, ...)
-#   cache_control: "strip"         every cache_control marker removed (system, messages,
-#       tools), for servers that do not cache
-def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
-    """A Messages request body with an Anthropic-compatible channel's quirks applied (a new
-    dict)."""
-    if not quirks:
-        return body
-    body = {k: v for k, v in body.items() if k not in (quirks.get("drop_params") or [])}
-    if quirks.get("cache_control") == "strip":
-        def strip(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: strip(v) for k, v in value.items() if k != "cache_control"}
-            if isinstance(value, list):
-                return [strip(v) for v in value]
-            return value
-        for key in ("system", "messages", "tools"):
-            if key in body:
-                body[key] = strip(body[key])
-    return body
-
-
-def quirk_dropped_headers(quirks: dict | None) -> frozenset[str]:
-    """The header names (lower case) a channel's quirks say its server does not take."""
-    return frozenset(n.lower() for n in (quirks or {}).get("drop_headers") or [])
 
 
 # Presets: what a channel for a known service needs, filled in where the channel leaves it

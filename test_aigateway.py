@@ -4169,6 +4169,31 @@ def test_09_openai_quirks_on_the_chat_body():
         b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
 
+# Issue 14: quirks of Anthropic-compatible channels
+def test_09_anthropic_quirks_strip_markers_and_fields_not_inputs():
+    schema = {"type": "object", "properties": {"cache_control": {"type": "string"}}}
+    body = {"model": "m", "top_k": 3, "max_tokens": 9,
+            "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "t", "input_schema": schema, "cache_control": {}}],
+            "messages": [{"role": "user", "content": "x"},
+                         {"role": "assistant", "content": [{"type": "tool_use", "id": "a",
+                                                            "name": "t", "input": {
+                                                                "cache_control": "keep"}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a",
+                                                       "cache_control": {}, "content": [
+                                                           {"type": "text", "text": "r",
+                                                            "cache_control": {}}]}]}]}
+    out = ag.apply_anthropic_quirks(body, {"cache_control": "strip", "drop_params": ["top_k"]})
+    assert "top_k" not in out and out["max_tokens"] == 9 and "top_k" in body     # a copy
+    assert out["system"] == [{"type": "text", "text": "s"}]
+    assert out["tools"] == [{"name": "t", "input_schema": schema}]              # schema kept
+    assert out["messages"][1]["content"][0]["input"] == {"cache_control": "keep"}
+    assert out["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "a",
+                                              "content": [{"type": "text", "text": "r"}]}]
+    assert ag.apply_anthropic_quirks(body, {"drop_params": []})["system"] == body["system"]
+    assert ag.quirk_dropped_headers({"drop_headers": ["Anthropic-Beta"]}) == {"anthropic-beta"}
+
+
 def test_09_tool_search_deferred_tools_and_tool_references():
     """Claude Code's tool search (Anthropic docs, tool search tool: tools with
     defer_loading: true load when a tool_reference block {"type": "tool_reference",
