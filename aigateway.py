@@ -5140,6 +5140,7 @@ QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
     "reasoning_field": ("reasoning_content", "reasoning"),
     "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
     "cache_control": ("", "strip"),               # Anthropic-compatible channels, below
+    "auth": ("", "bearer"),
 }
 QUIRK_LISTS = ("drop_params", "drop_headers")
 _MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
@@ -5197,6 +5198,8 @@ def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
 #   drop_headers: [header names]   headers it does not support (anthropic-beta, ...)
 #   cache_control: "strip"         every cache_control marker removed (system, messages,
 #       tools), for servers that do not cache
+#   auth: "bearer"                 the key goes as Authorization: Bearer instead of x-api-key
+#       (what Claude Code sends for ANTHROPIC_AUTH_TOKEN, the form some services document)
 def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
     """A Messages request body with an Anthropic-compatible channel's quirks applied (a new
     dict)."""
@@ -5223,6 +5226,13 @@ def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
                             if isinstance(m, dict) and isinstance(m.get("content"), list)
                             else m for m in body["messages"]]
     return body
+
+
+def anthropic_auth_header(key: str, quirks: dict | None) -> tuple[str, str]:
+    """The header an Anthropic-compatible channel's key goes in."""
+    if (quirks or {}).get("auth") == "bearer":
+        return "Authorization", f"Bearer {key}"
+    return "x-api-key", key
 
 
 def quirk_dropped_headers(quirks: dict | None) -> frozenset[str]:
@@ -5368,8 +5378,8 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
 # is False where the service has no model list (the GUI's Fetch models then says so); "notes"
 # is shown by `aigateway presets` and in the channel dialog. Each entry was checked against
 # the service's documentation, cited beside it (read 2026-12-01); what could not be
-# confirmed there is left out and said so. Auth is the type's: Bearer for custom, x-api-key
-# for anthropic (each service below documents that form).
+# confirmed there is left out and said so. Auth is the type's (Bearer for custom, x-api-key
+# for anthropic) unless the "auth" quirk says otherwise.
 PRESETS: dict[str, dict[str, Any]] = {
     # api-docs.deepseek.com ("Your First API Call": base URL, Bearer; /v1 allowed for OpenAI
     # compatibility; GET /models). Thinking mode wants reasoning back on tool-call turns only:
@@ -5407,17 +5417,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # docs.x.ai/developers/rest-api-reference/inference: base https://api.x.ai, Bearer;
     # docs.x.ai/api/integrations: OpenAI SDK base URL https://api.x.ai/v1.
     "xai": {"label": "xAI (Grok)", "type": "custom", "base_url": "https://api.x.ai/v1"},
-    # Moonshot's platform (platform.moonshot.ai): OpenAI-compatible https://api.moonshot.ai/v1
-    # (China: api.moonshot.cn). Quirks: none confirmed in its docs.
+    # platform.moonshot.ai/docs/api/chat and platform.kimi.ai/docs/api/overview: base_url
+    # https://api.moonshot.ai/v1, Bearer, GET /v1/models (China: api.moonshot.cn). Quirks: none
+    # documented.
     "moonshot": {"label": "Moonshot (Kimi)", "type": "custom",
                  "base_url": "https://api.moonshot.ai/v1"},
     "moonshot-cn": {"label": "Moonshot (Kimi), China", "type": "custom",
                     "base_url": "https://api.moonshot.cn/v1"},
-    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic. Its
-    # list of unsupported Messages fields could not be found: nothing is stripped.
+    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic with
+    # the key as ANTHROPIC_AUTH_TOKEN (Bearer). Its list of unsupported Messages fields could
+    # not be found: nothing is stripped.
     "moonshot-anthropic": {"label": "Moonshot (Kimi), Anthropic API", "type": "anthropic",
                            "base_url": "https://api.moonshot.ai/anthropic",
-                           "model_list": False},
+                           "model_list": False, "quirks": {"auth": "bearer"}},
     # Zhipu BigModel (open.bigmodel.cn docs): OpenAI-compatible base path /api/paas/v4 (the
     # version segment is v4: the gateway appends /chat/completions and /models to it);
     # Z.ai is its international site with the same paths (docs.z.ai).
@@ -5425,14 +5437,15 @@ PRESETS: dict[str, dict[str, Any]] = {
               "base_url": "https://open.bigmodel.cn/api/paas/v4"},
     "zai": {"label": "Z.ai (GLM), international", "type": "custom",
             "base_url": "https://api.z.ai/api/paas/v4"},
-    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic
-    # (Z.ai: https://api.z.ai/api/anthropic). Unsupported fields not documented: none stripped.
+    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic;
+    # docs.z.ai/devpack/tool/claude: https://api.z.ai/api/anthropic; both with the key as
+    # ANTHROPIC_AUTH_TOKEN (Bearer). Unsupported fields are not documented: none stripped.
     "zhipu-anthropic": {"label": "Zhipu (GLM), Anthropic API", "type": "anthropic",
                         "base_url": "https://open.bigmodel.cn/api/anthropic",
-                        "model_list": False},
+                        "model_list": False, "quirks": {"auth": "bearer"}},
     "zai-anthropic": {"label": "Z.ai (GLM), Anthropic API", "type": "anthropic",
                       "base_url": "https://api.z.ai/api/anthropic",
-                      "model_list": False},
+                      "model_list": False, "quirks": {"auth": "bearer"}},
     # alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope: base URLs
     # Singapore dashscope-intl, US dashscope-us, China (Beijing) dashscope.
     "qwen": {"label": "Qwen (DashScope), Singapore", "type": "custom",
@@ -6982,8 +6995,9 @@ class Gateway:
         if route.dialect == ANTHROPIC:
             hdrs.append(("anthropic-version",
                          req.headers.get("anthropic-version") or ANTHROPIC_VERSION))
-            if ch.api_key and "x-api-key" not in extra:
-                hdrs.append(("x-api-key", ch.api_key))
+            auth = anthropic_auth_header(ch.api_key, ch.quirks)
+            if ch.api_key and auth[0].lower() not in extra:
+                hdrs.append(auth)
         elif route.dialect == GEMINI:
             if ch.api_key and "x-goog-api-key" not in extra:
                 hdrs.append(("x-goog-api-key", ch.api_key))
@@ -7291,7 +7305,7 @@ class Gateway:
         if ch.type == "anthropic":
             hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
             if ch.api_key:
-                hdrs.append(("x-api-key", ch.api_key))
+                hdrs.append(anthropic_auth_header(ch.api_key, ch.quirks))
         elif ch.type == "gemini":
             if ch.api_key:
                 hdrs.append(("x-goog-api-key", ch.api_key))

@@ -4701,6 +4701,23 @@ def test_11_anthropic_compatible_preset_strips_what_the_service_ignores(gw, upst
     assert rec["path"] == "/v1/messages" and "temperature" not in json.loads(rec["body"])
 
 
+def test_11_bearer_auth_preset_sends_the_key_as_claude_code_would(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([{"name": "glm", "preset": "zai-anthropic", "base_url": up.url,
+             "api_key": "sk-upstream-secret"}])
+    m = g.anthropic().messages.create(model="glm-4.7", max_tokens=50, messages=[
+        {"role": "user", "content": "hi"}], tools=[{"name": "Bash",
+                                                    "input_schema": {"type": "object"}}])
+    assert m.content[0].name == "Bash"
+    g.openai().chat.completions.create(model="glm-4.7", messages=[                # converted
+        {"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {
+            "name": "Bash", "parameters": {"type": "object"}}}])
+    for rec in up.requests:
+        assert rec["headers"]["authorization"] == "Bearer sk-upstream-secret"
+        assert "x-api-key" not in rec["headers"]
+
+
 def test_11_fetch_models_says_when_a_preset_has_no_model_list(gw):
     g = gw([{"name": "mm", "preset": "minimax-anthropic"}])
     ch = g.gateway.channel(g.store.data["channels"][0]["id"])
