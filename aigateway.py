@@ -5820,6 +5820,302 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
             lambda: RenamedStream(stream(), names))
 
 
+# 9.11 AWS Bedrock and Google Vertex AI (channel side) ------------------------------------------
+# Pure helpers for the two cloud channel types: URLs, the Anthropic Messages body as Bedrock's
+# InvokeModel and Vertex's rawPredict take it, and Bedrock's own Converse format <-> IR. The
+# streams arrive as AWS event-stream messages (EventStreamDecoder, section 5).
+
+BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
+                                                     # Messages API", request body
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"       # Google Cloud docs, "Use Claude models":
+                                                     # the rawPredict request body
+
+
+def bedrock_base_url(region: str) -> str:
+    """The bedrock-runtime endpoint of ``region`` (AWS general reference, Amazon Bedrock
+    endpoints; the anthropic SDK's AnthropicBedrock uses the same default)."""
+    return f"https://bedrock-runtime.{region}.amazonaws.com"
+
+
+def bedrock_url(base_url: str, model: str, operation: str) -> str:
+    """``operation``: invoke, invoke-with-response-stream, converse or converse-stream
+    (bedrock-runtime service model: requestUri ``/model/{modelId}/<operation>``). The model id,
+    inference-profile id or ARN is one path segment, escaped as botocore escapes it
+    (serialize.py _render_uri_template -> percent_encode): ``:`` and ``/`` become %3A, %2F."""
+    return f"{base_url.rstrip('/')}/model/{urllib.parse.quote(model, safe='')}/{operation}"
+
+
+def bedrock_invoke_body(body: dict, beta: str | None = None) -> dict:
+    """An Anthropic Messages request as Bedrock's InvokeModel body: no ``model`` (it is in the
+    path), no ``stream`` (the operation says it), ``anthropic_version`` set, and the client's
+    ``anthropic-beta`` header as the ``anthropic_beta`` list (AWS Bedrock user guide,
+    "Anthropic Claude Messages API": anthropic_beta; the anthropic SDK's Bedrock client moves
+    the header the same way). Other fields pass through untouched."""
+    out = {k: v for k, v in body.items() if k not in ("model", "stream")}
+    out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
+    betas = [b.strip() for b in (beta or "").split(",") if b.strip()]
+    if betas:
+        kept = out.get("anthropic_beta")
+        kept = kept if isinstance(kept, list) else []
+        out["anthropic_beta"] = list(dict.fromkeys(kept + betas))
+    return out
+
+
+def vertex_base_url(location: str) -> str:
+    """Vertex AI's host for ``location``: the global endpoint, or the regional one (Google
+    Cloud, "Vertex AI locations"; the anthropic SDK's AnthropicVertex uses the same)."""
+    if location == "global":
+        return "https://aiplatform.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
+
+def vertex_model_url(base_url: str, project: str, location: str, publisher: str, model: str,
+                     method: str) -> str:
+    """``.../v1/projects/{p}/locations/{l}/publishers/{publisher}/models/{m}:{method}``;
+    publisher ``google`` (generateContent, streamGenerateContent, with ``?alt=sse`` so the
+    stream is SSE) or ``anthropic`` (rawPredict, streamRawPredict)."""
+    q = functools.partial(urllib.parse.quote, safe="")
+    url = (f"{base_url.rstrip('/')}/v1/projects/{q(project)}/locations/{q(location)}/publishers/"
+           f"{q(publisher)}/models/{q(model)}:{method}")
+    return url + "?alt=sse" if method == "streamGenerateContent" else url
+
+
+def vertex_raw_predict_body(body: dict) -> dict:
+    """An Anthropic Messages request as Vertex's rawPredict/streamRawPredict body: no
+    ``model`` (it is in the URL), ``anthropic_version`` set, ``stream`` kept (the anthropic
+    SDK's AnthropicVertex keeps it; lib/vertex/_client.py). Beta flags stay in the
+    ``anthropic-beta`` header."""
+    out = {k: v for k, v in body.items() if k != "model"}
+    out["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+    return out
+
+
+# Converse (Amazon Bedrock API reference "Converse", "ConverseStream"; the shapes as the AWS API
+# model in botocore/data/bedrock-runtime/2023-09-30/service-2.json has them). Blobs are base64.
+_CONVERSE_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
+                           "image/gif": "gif", "image/webp": "webp"}
+_CONVERSE_DOC_FORMATS = {
+    "application/pdf": "pdf", "text/csv": "csv", "application/msword": "doc",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    "application/vnd.ms-excel": "xls",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+    "text/html": "html", "text/plain": "txt", "text/markdown": "md"}
+# DocumentBlock.name: letters, digits, single spaces, hyphens, parentheses, square brackets.
+_CONVERSE_DOC_NAME_RX = re.compile(r"[^A-Za-z0-9()\[\]-]+")
+_CONVERSE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls",
+                    "max_tokens": "length", "model_context_window_exceeded": "length",
+                    "guardrail_intervened": "content_filter",
+                    "content_filtered": "content_filter"}
+
+
+def _converse_media(part: dict) -> dict:
+    media = (part.get("media_type") or "").lower()
+    if part["type"] == "image":
+        if "url" in part or media not in _CONVERSE_IMAGE_FORMATS:
+            raise GatewayError(400, f"Bedrock Converse takes images as png, jpeg, gif or webp "
+                                    f"bytes, not {('a URL' if 'url' in part else media)[:60]}")
+        return {"image": {"format": _CONVERSE_IMAGE_FORMATS[media],
+                          "source": {"bytes": part["data"]}}}
+    if media not in _CONVERSE_DOC_FORMATS:
+        kinds = ", ".join(sorted(set(_CONVERSE_DOC_FORMATS.values())))
+        raise GatewayError(400, f"Bedrock Converse takes no {media[:60] or 'untyped'} files; "
+                                f"it takes {kinds}")
+    stem = (part.get("filename") or "").rsplit(".", 1)[0]
+    name = " ".join(_CONVERSE_DOC_NAME_RX.sub(" ", stem).split())[:200] or "document"
+    return {"document": {"format": _CONVERSE_DOC_FORMATS[media], "name": name,
+                         "source": {"bytes": part["data"]}}}
+
+
+def _converse_blocks(parts: list[dict]) -> list[dict]:
+    blocks: list[dict] = []
+    for p in parts:
+        kind = p["type"]
+        if kind == "text":
+            if p["text"]:
+                blocks.append({"text": p["text"]})
+        elif kind in ("image", "file"):
+            blocks.append(_converse_media(p))
+        elif kind == "reasoning":
+            # Only reasoning the model signed goes back (Claude checks it); other models'
+            # reasoning is not part of their input.
+            if p.get("redacted") and p.get("signature"):
+                blocks.append({"reasoningContent": {"redactedContent": p["signature"]}})
+            elif p.get("signature") and p["signature"] != UNSIGNED_THINKING:
+                blocks.append({"reasoningContent": {"reasoningText": {
+                    "text": p.get("text") or "", "signature": p["signature"]}}})
+        elif kind == "tool_call":
+            blocks.append({"toolUse": {"toolUseId": p["id"], "name": p["name"],
+                                       "input": parse_arguments(p["arguments"])}})
+        elif kind == "tool_result":
+            content = [{"text": c["text"]} if c["type"] == "text" else _converse_media(c)
+                       for c in p["content"] if c["type"] != "text" or c["text"]]
+            blocks.append({"toolResult": {"toolUseId": p["id"],
+                                          "content": content or [{"text": ""}],
+                                          "status": "error" if p.get("is_error") else "success"}})
+        else:
+            raise GatewayError(400, f"Bedrock Converse takes no {kind} parts")
+    return blocks
+
+
+@guarded(400, "request")
+def ir_to_converse_request(ir: dict) -> dict:
+    """An IR request as a Converse body (the model id goes in the URL). Tool results travel in
+    user turns; consecutive turns of one role are merged (Converse wants them alternating).
+    A history with tool calls needs a toolConfig even when the client sent no tools: the called
+    tools are declared then with an open schema. ``tool_choice: "none"`` has no Converse form:
+    the tools stay declared (the history may need them) with no toolChoice."""
+    messages: list[dict] = []
+    for msg in ir["messages"]:
+        role = "assistant" if msg["role"] == "assistant" else "user"
+        blocks = _converse_blocks(msg["content"])
+        if not blocks:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += blocks
+        else:
+            messages.append({"role": role, "content": blocks})
+    body: dict[str, Any] = {"messages": messages}
+    system = [{"text": p["text"]} for p in ir["system"] if p["type"] == "text" and p["text"]]
+    if system:
+        body["system"] = system
+    config = {key: ir[name] for name, key in (("max_tokens", "maxTokens"),
+                                              ("temperature", "temperature"), ("top_p", "topP"))
+              if ir.get(name) is not None}
+    if ir.get("stop"):
+        config["stopSequences"] = list(ir["stop"])
+    if config:
+        body["inferenceConfig"] = config
+    tools = [{"toolSpec": {"name": t["name"], **({"description": t["description"]}
+                                                 if t.get("description") else {}),
+                           "inputSchema": {"json": t.get("parameters") or {"type": "object"}}}}
+             for t in ir.get("tools") or []]
+    declared = {t["toolSpec"]["name"] for t in tools}
+    for msg in messages:
+        for block in msg["content"]:
+            name = block.get("toolUse", {}).get("name")
+            if name and name not in declared:
+                declared.add(name)
+                tools.append({"toolSpec": {"name": name, "inputSchema": {"json": {
+                    "type": "object"}}}})
+    if tools:
+        body["toolConfig"] = {"tools": tools}
+        choice = ir.get("tool_choice")
+        if choice == "auto":
+            body["toolConfig"]["toolChoice"] = {"auto": {}}
+        elif choice == "required":
+            body["toolConfig"]["toolChoice"] = {"any": {}}
+        elif isinstance(choice, dict):
+            body["toolConfig"]["toolChoice"] = {"tool": {"name": choice["name"]}}
+    return body
+
+
+def converse_usage_to_ir(u: Any) -> dict:
+    """TokenUsage: inputTokens leave out the cache reads and writes, counted apart."""
+    if not isinstance(u, dict):
+        return new_usage()
+    read, write = _num(u.get("cacheReadInputTokens")), _num(u.get("cacheWriteInputTokens"))
+    return new_usage(_num(u.get("inputTokens")) + read + write, _num(u.get("outputTokens")),
+                     read, write)
+
+
+def _converse_part(block: dict) -> dict | None:
+    if isinstance(block.get("text"), str):
+        return {"type": "text", "text": block["text"]}
+    if isinstance(block.get("toolUse"), dict):
+        use = block["toolUse"]
+        return {"type": "tool_call", "id": str(use["toolUseId"]), "name": str(use["name"]),
+                "arguments": json.dumps(use.get("input") or {}, ensure_ascii=False)}
+    reasoning = block.get("reasoningContent")
+    if isinstance(reasoning, dict):
+        if reasoning.get("redactedContent"):
+            return {"type": "reasoning", "text": "", "signature": reasoning["redactedContent"],
+                    "redacted": True}
+        text = reasoning.get("reasoningText") or {}
+        return {"type": "reasoning", "text": str(text.get("text") or ""),
+                "signature": text.get("signature"), "redacted": False}
+    return None
+
+
+@guarded(502, "upstream response")
+def converse_response_to_ir(body: dict, model: str = "") -> dict:
+    """A Converse answer as an IR response. Converse has no answer id: one is minted."""
+    blocks = body["output"]["message"]["content"]
+    content = [p for p in map(_converse_part, blocks) if p is not None]
+    finish = _CONVERSE_FINISH.get(body.get("stopReason"), "stop")
+    if finish == "stop" and any(p["type"] == "tool_call" for p in content):
+        finish = "tool_calls"
+    return {"id": new_id("msg_"), "model": model, "content": content, "finish": finish,
+            "usage": converse_usage_to_ir(body.get("usage"))}
+
+
+class ConverseStreamDecoder(StreamDecoder):
+    """ConverseStream (upstream, AWS event-stream bytes) -> IR stream events. Accepted order:
+    messageStart, then per content block contentBlockStart (tool use only) / contentBlockDelta*
+    / contentBlockStop, then messageStop {stopReason}, then metadata {usage}. A tool block's
+    index (contentBlockIndex) maps to the next dense IR tool index. Exception events end the
+    stream as ("error", UpstreamError) (eventstream_error, section 5)."""
+
+    id_prefix = "msg_"
+
+    def __init__(self, model: str = ""):
+        super().__init__()
+        self._frames = EventStreamDecoder()
+        self._model = model
+        self._tool_index: dict[int, int] = {}       # contentBlockIndex -> IR tool index
+
+    @guarded(502, "upstream stream")
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        try:
+            frames = self._frames.feed(data)
+        except UpstreamError as exc:
+            self._start(out, None, self._model)
+            return out + [("error", exc)]
+        for headers, payload in frames:
+            self._event(str(headers.get(":event-type") or ""), payload, out)
+        return out
+
+    def _event(self, kind: str, payload: bytes, out: list[tuple]) -> None:
+        obj = json_loads(payload or b"{}", f"an upstream {kind[:40]} event", status=502,
+                         unique_keys=False, error=ProtocolError)
+        if not isinstance(obj, dict):
+            return
+        self._start(out, None, self._model)
+        index = _num(obj.get("contentBlockIndex"))
+        if kind == "contentBlockStart":
+            use = (obj.get("start") or {}).get("toolUse")
+            if isinstance(use, dict):
+                self._tool_index[index] = self._tools
+                out.append(("tool", self._tools, str(use["toolUseId"]), str(use["name"])))
+                self._tools += 1
+        elif kind == "contentBlockDelta":
+            delta = obj.get("delta") or {}
+            if isinstance(delta.get("text"), str):
+                out.append(("text", delta["text"]))
+            elif isinstance(delta.get("toolUse"), dict) and index in self._tool_index:
+                out.append(("args", self._tool_index[index],
+                            str(delta["toolUse"].get("input") or "")))
+            elif isinstance(delta.get("reasoningContent"), dict):
+                rc = delta["reasoningContent"]
+                if isinstance(rc.get("text"), str):
+                    out.append(("reasoning", rc["text"]))
+                if isinstance(rc.get("signature"), str):
+                    out.append(("signature", rc["signature"]))
+        elif kind == "messageStop":
+            self.finish = _CONVERSE_FINISH.get(obj.get("stopReason"), "stop")
+        elif kind == "metadata" and isinstance(obj.get("usage"), dict):
+            out.append(("usage", converse_usage_to_ir(obj["usage"])))
+
+    def close(self) -> list[tuple]:
+        try:
+            self._frames.end()
+        except GatewayError as exc:
+            out: list[tuple] = []
+            self._start(out, None, self._model)
+            return out + [("error", exc)]
+        return super().close()
+
+
 # =================================================================================================
 # 10. Configuration
 # =================================================================================================
