@@ -966,8 +966,9 @@ class EventStreamDecoder:
     timestamps in epoch milliseconds), bytes (byte arrays, UUIDs) or str. Broken framing (a bad
     CRC, a length past MAX_EVENT_BYTES, more than EVENTSTREAM_MAX_HEADERS headers) is a 502
     ProtocolError. An ``exception`` or ``error`` message ends the stream as an UpstreamError:
-    raised by the ``feed`` that decodes it, or, when that call has events to return first, by
-    the next ``feed`` or ``end``. ``end`` also refuses a stream cut inside a message."""
+    raised (once) by the ``feed`` that decodes it, or, when that call has events to return
+    first, by the next ``feed`` or ``end``; later bytes are ignored. ``end`` also refuses a
+    stream cut inside a message."""
 
     __slots__ = ("_buf", "_error", "_closed")
 
@@ -981,8 +982,7 @@ class EventStreamDecoder:
         return ProtocolError(502, f"upstream sent a bad AWS event-stream: {why}")
 
     def feed(self, data: bytes) -> list[tuple[dict[str, Any], bytes]]:
-        if self._error is not None:
-            raise self._error
+        self._raise_pending()
         if self._closed:
             return []
         buf = self._buf
@@ -1018,10 +1018,14 @@ class EventStreamDecoder:
     def end(self) -> None:
         """The upstream's body ended: raises a pending exception event, or a 502 when the
         body stopped inside a message."""
-        if self._error is not None:
-            raise self._error
+        self._raise_pending()
         if self._buf:
             raise self._fail(f"the stream ended inside a message ({len(self._buf)} bytes)")
+
+    def _raise_pending(self) -> None:
+        error, self._error = self._error, None          # raised once: the stream is over
+        if error is not None:
+            raise error
 
     def _headers(self, raw: bytes) -> dict[str, Any]:
         headers: dict[str, Any] = {}
@@ -6062,15 +6066,23 @@ class ConverseStreamDecoder(StreamDecoder):
         self._frames = EventStreamDecoder()
         self._model = model
         self._tool_index: dict[int, int] = {}       # contentBlockIndex -> IR tool index
+        self._failed = False
+
+    def _error(self, exc: GatewayError) -> list[tuple]:
+        out: list[tuple] = []
+        self._start(out, None, self._model)
+        self._failed = True
+        return out + [("error", exc)]
 
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
+        if self._failed:
+            return []
         out: list[tuple] = []
         try:
             frames = self._frames.feed(data)
         except UpstreamError as exc:
-            self._start(out, None, self._model)
-            return out + [("error", exc)]
+            return self._error(exc)
         for headers, payload in frames:
             self._event(str(headers.get(":event-type") or ""), payload, out)
         return out
@@ -6107,12 +6119,12 @@ class ConverseStreamDecoder(StreamDecoder):
             out.append(("usage", converse_usage_to_ir(obj["usage"])))
 
     def close(self) -> list[tuple]:
+        if self._failed:
+            return []
         try:
             self._frames.end()
         except GatewayError as exc:
-            out: list[tuple] = []
-            self._start(out, None, self._model)
-            return out + [("error", exc)]
+            return self._error(exc)
         return super().close()
 
 

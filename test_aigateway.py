@@ -1630,6 +1630,163 @@ def test_09_replace_json_model_is_byte_exact_elsewhere():
 def test_09_join_base_url_respects_version_segments(base, expected):
     assert ag.join_base_url(base, "/v1/chat/completions") == expected
 
+# --- Bedrock and Vertex helpers (issue 14): bodies, URLs, Converse <-> IR ----------------------
+
+def test_09_bedrock_and_vertex_bodies_and_urls():
+    model = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+    req, _ = botocore_signed("bedrock-runtime", "us-east-1", lambda c: c.invoke_model(
+        modelId=model, body=b"{}"))
+    assert ag.bedrock_url(ag.bedrock_base_url("us-east-1"), model, "invoke") == req.url
+    arn = "arn:aws:bedrock:us-east-1:123:inference-profile/us.anthropic.claude-x-v1:0"
+    req, _ = botocore_signed("bedrock-runtime", "us-east-1", lambda c: c.converse_stream(
+        modelId=arn, messages=[]))
+    assert ag.bedrock_url("https://bedrock-runtime.us-east-1.amazonaws.com/", arn,
+                          "converse-stream") == req.url
+    body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": ["a"],
+            "messages": [{"role": "user", "content": "hi"}], "cache_thing": {"k": 1}}
+    assert ag.bedrock_invoke_body(body, "b, a ,c") == {
+        "max_tokens": 5, "anthropic_beta": ["a", "b", "c"], "cache_thing": {"k": 1},
+        "messages": [{"role": "user", "content": "hi"}],
+        "anthropic_version": "bedrock-2023-05-31"}
+    assert "anthropic_beta" not in ag.bedrock_invoke_body({"model": "m"})
+    assert ag.vertex_raw_predict_body(body) == {
+        "stream": True, "max_tokens": 5, "anthropic_beta": ["a"], "cache_thing": {"k": 1},
+        "messages": [{"role": "user", "content": "hi"}], "anthropic_version": "vertex-2023-10-16"}
+    assert body["model"] == "claude-x"                          # the client's body is not changed
+    assert ag.vertex_model_url(ag.vertex_base_url("global"), "my-proj", "global", "anthropic",
+                               "claude-sonnet-4-5@20250929", "streamRawPredict") == (
+        "https://aiplatform.googleapis.com/v1/projects/my-proj/locations/global/publishers/"
+        "anthropic/models/claude-sonnet-4-5%4020250929:streamRawPredict")
+    assert ag.vertex_model_url(ag.vertex_base_url("europe-west4"), "p", "europe-west4",
+                               "google", "gemini-2.5-pro", "streamGenerateContent") == (
+        "https://europe-west4-aiplatform.googleapis.com/v1/projects/p/locations/europe-west4/"
+        "publishers/google/models/gemini-2.5-pro:streamGenerateContent?alt=sse")
+
+
+def _converse_ir():
+    png = ag.base64.b64encode(b"\x89PNG fake").decode()
+    return ag.openai_request_to_ir({
+        "model": "m", "max_tokens": 100, "temperature": 0.5, "stop": ["END"],
+        "tool_choice": "required",
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is here?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                {"id": "call_2", "type": "function",
+                 "function": {"name": "old_tool", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": ""},
+            {"role": "user", "content": "Thanks"}]}), png
+
+
+def test_09_converse_request_from_ir_fits_the_aws_model():
+    import botocore.session
+    import botocore.validate
+    ir, png = _converse_ir()
+    body = ag.ir_to_converse_request(ir)
+    assert body == {
+        "messages": [
+            {"role": "user", "content": [
+                {"text": "What is here?"},
+                {"image": {"format": "png", "source": {"bytes": png}}}]},
+            {"role": "assistant", "content": [
+                {"toolUse": {"toolUseId": "call_1", "name": "get_weather",
+                             "input": {"city": "Oslo"}}},
+                {"toolUse": {"toolUseId": "call_2", "name": "old_tool", "input": {}}}]},
+            {"role": "user", "content": [
+                {"toolResult": {"toolUseId": "call_1", "content": [{"text": "Sunny"}],
+                                "status": "success"}},
+                {"toolResult": {"toolUseId": "call_2", "content": [{"text": ""}],
+                                "status": "success"}},
+                {"text": "Thanks"}]}],
+        "system": [{"text": "Be brief."}],
+        "inferenceConfig": {"maxTokens": 100, "temperature": 0.5, "stopSequences": ["END"]},
+        "toolConfig": {"tools": [
+            {"toolSpec": {"name": "get_weather", "description": "Weather now",
+                          "inputSchema": {"json": {"type": "object", "properties": {
+                              "city": {"type": "string"}}}}}},
+            {"toolSpec": {"name": "old_tool", "inputSchema": {"json": {"type": "object"}}}}],
+            "toolChoice": {"any": {}}}}
+    # botocore's validator, with the AWS API model's Converse input shape, accepts it (blobs
+    # as the bytes botocore would base64 on the wire).
+    model = botocore.session.get_session().get_service_model("bedrock-runtime")
+    params = json.loads(json.dumps(body).replace(f'"{png}"', '"__png__"'))
+    params["messages"][0]["content"][1]["image"]["source"]["bytes"] = b"\x89PNG fake"
+    botocore.validate.validate_parameters(dict(params, modelId="m"),
+                                          model.operation_model("Converse").input_shape)
+    ir["messages"][0]["content"][1] = {"type": "image", "url": "https://img.test/a.png"}
+    with pytest.raises(ag.GatewayError, match="images as png, jpeg, gif or webp bytes, not a URL"):
+        ag.ir_to_converse_request(ir)
+
+
+def test_09_converse_answers_and_streams_to_ir():
+    resp = ag.converse_response_to_ir({
+        "output": {"message": {"role": "assistant", "content": [
+            {"reasoningContent": {"reasoningText": {"text": "hmm", "signature": "sig"}}},
+            {"text": "Let me look."},
+            {"toolUse": {"toolUseId": "tu_1", "name": "get_weather",
+                         "input": {"city": "Oslo"}}}]}},
+        "stopReason": "tool_use", "metrics": {"latencyMs": 5},
+        "usage": {"inputTokens": 10, "outputTokens": 7, "totalTokens": 22,
+                  "cacheReadInputTokens": 5}}, "m1")
+    assert resp["content"] == [
+        {"type": "reasoning", "text": "hmm", "signature": "sig", "redacted": False},
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_call", "id": "tu_1", "name": "get_weather",
+         "arguments": '{"city": "Oslo"}'}]
+    assert (resp["finish"], resp["model"]) == ("tool_calls", "m1")
+    assert resp["usage"] == {"input": 15, "output": 7, "cache_read": 5, "cache_write": 0,
+                             "reasoning": 0}
+    with pytest.raises(ag.GatewayError, match="malformed upstream response") as e:
+        ag.converse_response_to_ir({"output": []})
+    assert e.value.status == 502
+    stream = b"".join([
+        es_event("messageStart", {"role": "assistant"}),
+        es_event("contentBlockDelta", {"delta": {"reasoningContent": {"text": "think"}},
+                                       "contentBlockIndex": 0}),
+        es_event("contentBlockDelta", {"delta": {"reasoningContent": {"signature": "s1"}},
+                                       "contentBlockIndex": 0}),
+        es_event("contentBlockStop", {"contentBlockIndex": 0}),
+        es_event("contentBlockDelta", {"delta": {"text": "Hi"}, "contentBlockIndex": 1}),
+        es_event("contentBlockStart", {"start": {"toolUse": {"toolUseId": "tu_9",
+                                                             "name": "f"}},
+                                       "contentBlockIndex": 2}),
+        es_event("contentBlockDelta", {"delta": {"toolUse": {"input": '{"a":'}},
+                                       "contentBlockIndex": 2}),
+        es_event("contentBlockDelta", {"delta": {"toolUse": {"input": "1}"}},
+                                       "contentBlockIndex": 2}),
+        es_event("contentBlockStop", {"contentBlockIndex": 2}),
+        es_event("messageStop", {"stopReason": "tool_use"}),
+        es_event("metadata", {"usage": {"inputTokens": 3, "outputTokens": 4,
+                                        "totalTokens": 7}, "metrics": {"latencyMs": 1}})])
+    dec, events = ag.ConverseStreamDecoder("m2"), []
+    for i in range(len(stream)):
+        events += dec.feed(stream[i:i + 1])
+    events += dec.close()
+    assert events[0][0] == "start" and events[0][2] == "m2"
+    assert events[1:] == [("reasoning", "think"), ("signature", "s1"), ("text", "Hi"),
+                          ("tool", 0, "tu_9", "f"), ("args", 0, '{"a":'), ("args", 0, "1}"),
+                          ("usage", ag.new_usage(3, 4)), ("finish", "tool_calls")]
+    dec = ag.ConverseStreamDecoder()
+    events = dec.feed(es_event("contentBlockDelta", {"delta": {"text": "par"},
+                                                     "contentBlockIndex": 0})
+                      + es_exception("throttlingException", "Too many requests"))
+    assert events[1] == ("text", "par")
+    events = dec.feed(b"") + dec.close()                  # the error once, then the end
+    assert len(events) == 1 and events[0][0] == "error" and events[0][1].status == 429
+    assert "Too many requests" in events[0][1].message
+    dec = ag.ConverseStreamDecoder()
+    events = dec.feed(es_event("messageStart", {"role": "assistant"})[:-3]) + dec.close()
+    assert events[1][0] == "error" and "ended inside a message" in events[1][1].message
+    assert dec.feed(b"more") == [] and dec.close() == []
+
 
 # =================================================================================================
 # 10. Configuration
