@@ -970,10 +970,11 @@ class EventStreamDecoder:
     first, by the next ``feed`` or ``end``; later bytes are ignored. ``end`` also refuses a
     stream cut inside a message."""
 
-    __slots__ = ("_buf", "_error", "_closed")
+    __slots__ = ("_buf", "_need", "_error", "_closed")
 
     def __init__(self):
         self._buf = bytearray()
+        self._need = 0              # length of the message begun in _buf, once its prelude came
         self._error: UpstreamError | None = None
         self._closed = False
 
@@ -987,19 +988,22 @@ class EventStreamDecoder:
             return []
         buf = self._buf
         buf += data
+        if len(buf) < (self._need or 12):
+            return []
         out: list[tuple[dict[str, Any], bytes]] = []
-        while len(buf) >= 12:
-            total, head_len, crc = struct.unpack_from("!III", buf)
-            if zlib.crc32(bytes(buf[:8])) != crc:
+        view, pos, n = bytes(buf), 0, len(buf)
+        while n - pos >= 12:
+            total, head_len, crc = struct.unpack_from("!III", view, pos)
+            if zlib.crc32(view[pos:pos + 8]) != crc:
                 raise self._fail("prelude CRC mismatch")
             if total > MAX_EVENT_BYTES:
                 raise _event_too_long("AWS event-stream message")
             if head_len > EVENTSTREAM_MAX_HEADER_BYTES or total < head_len + 16:
                 raise self._fail(f"lengths {total}/{head_len} do not fit")
-            if len(buf) < total:
+            if n - pos < total:
                 break
-            message = bytes(buf[:total])
-            del buf[:total]
+            message = view[pos:pos + total]
+            pos += total
             if zlib.crc32(message[:-4]) != struct.unpack_from("!I", message, total - 4)[0]:
                 raise self._fail("message CRC mismatch")
             headers = self._headers(message[12:12 + head_len])
@@ -1007,12 +1011,15 @@ class EventStreamDecoder:
             error = eventstream_error(headers, payload)
             if error is not None:
                 self._closed = True
-                buf.clear()
+                pos = n
                 if out:
                     self._error = error
                     break
+                buf.clear()
                 raise error
             out.append((headers, payload))
+        del buf[:pos]
+        self._need = struct.unpack_from("!I", buf)[0] if len(buf) >= 12 else 0
         return out
 
     def end(self) -> None:
