@@ -5901,6 +5901,44 @@ def vertex_raw_predict_body(body: dict) -> dict:
     return out
 
 
+class BedrockInvokeStream:
+    """InvokeModelWithResponseStream (AWS event-stream bytes) -> the Anthropic Messages SSE
+    stream it carries, so that Claude on Bedrock streams like Anthropic's own API. Each
+    ``chunk`` event holds {"bytes": base64 of one Messages stream event} (Amazon Bedrock API
+    reference, ResponseStream and PayloadPart); it becomes ``event: <type>`` and ``data:
+    <that JSON>``. Exception events raise as EventStreamDecoder raises them; call ``end`` when
+    the body ends."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self):
+        self._frames = EventStreamDecoder()
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        for headers, payload in self._frames.feed(data):
+            if headers.get(":event-type") != "chunk":
+                continue
+            part = json_loads(payload, "an upstream chunk event", status=502,
+                              unique_keys=False, error=ProtocolError)
+            try:
+                raw = base64.b64decode(part["bytes"], validate=True)
+            except (TypeError, KeyError, ValueError):
+                raise ProtocolError(502, "upstream sent a chunk event without base64 bytes") \
+                    from None
+            event = json_loads(raw, "an upstream Claude stream event", status=502,
+                               unique_keys=False, error=ProtocolError)
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise ProtocolError(502, "upstream sent a Claude stream event without a type")
+            if b"\n" in raw or b"\r" in raw:          # JSON white space may hold line ends
+                raw = json_dumps(event)
+            out.append(b"event: %s\ndata: %s\n\n" % (event["type"].encode(), raw))
+        return b"".join(out)
+
+    def end(self) -> None:
+        self._frames.end()
+
+
 # Converse (Amazon Bedrock API reference "Converse", "ConverseStream"; the shapes as the AWS API
 # model in botocore/data/bedrock-runtime/2023-09-30/service-2.json has them). Blobs are base64.
 _CONVERSE_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",

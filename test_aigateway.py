@@ -1663,6 +1663,34 @@ def test_09_bedrock_and_vertex_bodies_and_urls():
         "publishers/google/models/gemini-2.5-pro:streamGenerateContent?alt=sse")
 
 
+def test_09_bedrock_invoke_stream_is_anthropics_sse():
+    events = [json.loads(c.split(b"data: ", 1)[1]) for c in anthropic_stream_chunks()]
+    events[-1]["amazon-bedrock-invocationMetrics"] = {"inputTokenCount": 12}
+    stream = b"".join(bedrock_chunk(e) for e in events)
+    # JSON with line ends inside is sent on one data line (else SSE would cut it).
+    pretty = ag.base64.b64encode(json.dumps(events[0], indent=1).encode()).decode()
+    stream = es_event("chunk", {"bytes": pretty}) + stream
+    conv, sse = ag.BedrockInvokeStream(), b""
+    for i in range(len(stream)):
+        sse += conv.feed(stream[i:i + 1])
+    conv.end()
+    got = ag.SSEDecoder().feed(sse)
+    assert [(name, json.loads(data)) for name, data, _ in got] == [
+        (e["type"], e) for e in [events[0]] + events]
+    dec = ag.AnthropicStreamDecoder()
+    ir_events = dec.feed(sse) + dec.close()
+    assert ("text", "Hi") in ir_events and ir_events[-1] == ("finish", "stop")
+    conv = ag.BedrockInvokeStream()
+    assert conv.feed(bedrock_chunk(events[0])).startswith(b"event: message_start\ndata: {")
+    with pytest.raises(ag.UpstreamError) as e:
+        conv.feed(es_exception("modelStreamErrorException", "model failed mid-stream"))
+    assert e.value.status == 502 and e.value.upstream_status == 424
+    for bad, why in ((es_event("chunk", {"bytes": "%%"}), "without base64 bytes"),
+                     (es_event("chunk", {"bytes": "e30="}), "without a type")):
+        with pytest.raises(ag.ProtocolError, match=why):
+            ag.BedrockInvokeStream().feed(bad)
+
+
 def _converse_ir():
     png = ag.base64.b64encode(b"\x89PNG fake").decode()
     return ag.openai_request_to_ir({
