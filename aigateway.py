@@ -5856,6 +5856,21 @@ def bedrock_url(base_url: str, model: str, operation: str) -> str:
     return f"{base_url.rstrip('/')}/model/{urllib.parse.quote(model, safe='')}/{operation}"
 
 
+def bedrock_models_url(region: str) -> str:
+    """ListFoundationModels on the Bedrock control plane (host ``bedrock.{region}``, signing
+    name ``bedrock``): the text models that can be called on demand."""
+    return (f"https://bedrock.{region}.amazonaws.com/foundation-models"
+            f"?byOutputModality=TEXT&byInferenceType=ON_DEMAND")
+
+
+def bedrock_model_ids(body: Any) -> list[str]:
+    """The model ids of a ListFoundationModels answer ({"modelSummaries": [{"modelId", ...}]},
+    Amazon Bedrock API reference), in its order, each once."""
+    found = body.get("modelSummaries") if isinstance(body, dict) else None
+    ids = [m.get("modelId") for m in found or [] if isinstance(m, dict)]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, str) and i))
+
+
 def bedrock_invoke_body(body: dict, beta: str | None = None) -> dict:
     """An Anthropic Messages request as Bedrock's InvokeModel body: no ``model`` (it is in the
     path), no ``stream`` (the operation says it), ``anthropic_version`` set, and the client's

@@ -1642,6 +1642,14 @@ def test_09_bedrock_and_vertex_bodies_and_urls():
         modelId=arn, messages=[]))
     assert ag.bedrock_url("https://bedrock-runtime.us-east-1.amazonaws.com/", arn,
                           "converse-stream") == req.url
+    req, _ = botocore_signed("bedrock", "eu-west-1", lambda c: c.list_foundation_models(
+        byOutputModality="TEXT", byInferenceType="ON_DEMAND"))
+    assert ag.bedrock_models_url("eu-west-1") == req.url
+    assert ag.bedrock_model_ids({"modelSummaries": [
+        {"modelId": "amazon.nova-pro-v1:0", "modelName": "Nova Pro"}, {"modelId": ""}, 7,
+        {"modelId": "anthropic.claude-x-v1:0"}, {"modelId": "amazon.nova-pro-v1:0"}]}) == [
+        "amazon.nova-pro-v1:0", "anthropic.claude-x-v1:0"]
+    assert ag.bedrock_model_ids([]) == []
     body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": ["a"],
             "messages": [{"role": "user", "content": "hi"}], "cache_thing": {"k": 1}}
     assert ag.bedrock_invoke_body(body, "b, a ,c") == {
