@@ -137,6 +137,13 @@ APP_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview")
 REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
 REQUEST_LOG_BACKUPS = 3
 SSE_CARRY_LIMIT = 1024 * 1024         # an SSE event larger than this is flushed unsplit
+EVENTSTREAM_MAX_HEADERS = 64          # headers in one AWS event-stream message (Bedrock sends 3)
+EVENTSTREAM_MAX_HEADER_BYTES = 128 * 1024   # botocore's event-stream parser refuses more too
+GOOGLE_TOKEN_MARGIN = 300.0           # a Google access token is renewed this long before expiry
+GOOGLE_TOKEN_LAST = 30.0              # ... in the background until this little of it is left
+GOOGLE_ASSERTION_SECONDS = 3600       # JWT bearer assertion lifetime, Google's maximum
+MAX_TOKEN_RESPONSE = 64 * 1024        # a token endpoint's answer (a few hundred bytes) up to this
+MAX_KEY_PEM = 64 * 1024               # a PEM private key (a 4096-bit RSA key is ~3.3 KiB)
 CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a config.json larger than this is refused, not read
 CONFIG_POLL_SECONDS = 0.5             # a running gateway checks config.json for edits this often
 CONFIG_SAVE_ATTEMPTS = 5              # a save redone on a newer file this often before giving up
@@ -932,6 +939,171 @@ class NDJSONDecoder:
                 out.append(json_loads(line, "an upstream NDJSON line", status=502,
                                       unique_keys=False, error=ProtocolError))
         return out
+
+
+# AWS event-stream framing (Bedrock's InvokeModelWithResponseStream and ConverseStream answers,
+# "Amazon Bedrock API reference: ResponseStream"; the layout as botocore/eventstream.py reads it):
+#   prelude  total length u32 | headers length u32 | CRC32 of those 8 bytes u32
+#   headers  repeated: name length u8 | name | type u8 | value (big-endian, sizes by type)
+#   payload  total - headers - 16 bytes
+#   CRC32 of everything before it u32
+_ES_FIXED = {2: (1, "!b"), 3: (2, "!h"), 4: (4, "!i"), 5: (8, "!q"), 8: (8, "!q")}
+# Exception events (:message-type exception) by :exception-type: (status for our client,
+# whether another channel may be tried, the HTTP status AWS documents for it).
+_ES_EXCEPTIONS = {
+    "throttlingException": (429, True, 429),
+    "validationException": (400, False, 400),
+    "modelStreamErrorException": (502, True, 424),
+    "internalServerException": (502, True, 500),
+    "serviceUnavailableException": (503, True, 503),
+    "modelTimeoutException": (504, True, 408),
+}
+
+
+class EventStreamDecoder:
+    """AWS event-stream messages from bytes split anywhere. ``feed`` returns (headers, payload)
+    pairs of ``event`` messages; header values are bool, int (byte, short, int, long, and
+    timestamps in epoch milliseconds), bytes (byte arrays, UUIDs) or str. Broken framing (a bad
+    CRC, a length past MAX_EVENT_BYTES, more than EVENTSTREAM_MAX_HEADERS headers) is a 502
+    ProtocolError. An ``exception`` or ``error`` message ends the stream as an UpstreamError:
+    raised (once) by the ``feed`` that decodes it, or, when that call has events to return
+    first, by the next ``feed`` or ``end``; later bytes are ignored. ``end`` also refuses a
+    stream cut inside a message."""
+
+    __slots__ = ("_buf", "_need", "_error", "_closed")
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._need = 0              # length of the message begun in _buf, once its prelude came
+        self._error: UpstreamError | None = None
+        self._closed = False
+
+    @staticmethod
+    def _fail(why: str) -> ProtocolError:
+        return ProtocolError(502, f"upstream sent a bad AWS event-stream: {why}")
+
+    def feed(self, data: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        self._raise_pending()
+        if self._closed:
+            return []
+        buf = self._buf
+        buf += data
+        if len(buf) < (self._need or 12):
+            return []
+        out: list[tuple[dict[str, Any], bytes]] = []
+        view, pos, n = bytes(buf), 0, len(buf)
+        while n - pos >= 12:
+            total, head_len, crc = struct.unpack_from("!III", view, pos)
+            if zlib.crc32(view[pos:pos + 8]) != crc:
+                raise self._fail("prelude CRC mismatch")
+            if total > MAX_EVENT_BYTES:
+                raise _event_too_long("AWS event-stream message")
+            if head_len > EVENTSTREAM_MAX_HEADER_BYTES or total < head_len + 16:
+                raise self._fail(f"lengths {total}/{head_len} do not fit")
+            if n - pos < total:
+                break
+            message = view[pos:pos + total]
+            pos += total
+            if zlib.crc32(message[:-4]) != struct.unpack_from("!I", message, total - 4)[0]:
+                raise self._fail("message CRC mismatch")
+            headers = self._headers(message[12:12 + head_len])
+            payload = message[12 + head_len:-4]
+            error = eventstream_error(headers, payload)
+            if error is not None:
+                self._closed = True
+                pos = n
+                if out:
+                    self._error = error
+                    break
+                buf.clear()
+                raise error
+            out.append((headers, payload))
+        del buf[:pos]
+        self._need = struct.unpack_from("!I", buf)[0] if len(buf) >= 12 else 0
+        return out
+
+    def end(self) -> None:
+        """The upstream's body ended: raises a pending exception event, or a 502 when the
+        body stopped inside a message."""
+        self._raise_pending()
+        if self._buf:
+            raise self._fail(f"the stream ended inside a message ({len(self._buf)} bytes)")
+
+    def _raise_pending(self) -> None:
+        error, self._error = self._error, None          # raised once: the stream is over
+        if error is not None:
+            raise error
+
+    def _headers(self, raw: bytes) -> dict[str, Any]:
+        headers: dict[str, Any] = {}
+        pos, n = 0, len(raw)
+        try:
+            while pos < n:
+                if len(headers) >= EVENTSTREAM_MAX_HEADERS:
+                    raise self._fail(f"more than {EVENTSTREAM_MAX_HEADERS} headers")
+                size = raw[pos]
+                name = raw[pos + 1:pos + 1 + size].decode("utf-8")
+                pos += 1 + size
+                kind = raw[pos]
+                pos += 1
+                if size == 0 or pos > n:
+                    raise self._fail("a header name is empty or cut")
+                if kind in (0, 1):
+                    value: Any = kind == 0
+                elif kind in _ES_FIXED:
+                    width, fmt = _ES_FIXED[kind]
+                    if pos + width > n:
+                        raise self._fail(f"header {name[:40]!r} is cut")
+                    value = struct.unpack_from(fmt, raw, pos)[0]
+                    pos += width
+                elif kind in (6, 7):
+                    (width,) = struct.unpack_from("!H", raw, pos)
+                    value = raw[pos + 2:pos + 2 + width]
+                    pos += 2 + width
+                    if pos > n:
+                        raise self._fail(f"header {name[:40]!r} is cut")
+                    value = value.decode("utf-8") if kind == 7 else value
+                elif kind == 9:
+                    value = raw[pos:pos + 16]
+                    pos += 16
+                    if pos > n:
+                        raise self._fail(f"header {name[:40]!r} is cut")
+                else:
+                    raise self._fail(f"header {name[:40]!r} has unknown type {kind}")
+                if name in headers:
+                    raise self._fail(f"header {name[:40]!r} is repeated")
+                headers[name] = value
+        except (IndexError, struct.error):
+            raise self._fail("a header is cut") from None
+        except UnicodeDecodeError:
+            raise self._fail("a header is not UTF-8") from None
+        return headers
+
+
+def eventstream_error(headers: dict[str, Any], payload: bytes) -> UpstreamError | None:
+    """The UpstreamError an ``exception`` or ``error`` event-stream message stands for (None
+    for other messages). Exception payloads are JSON with a ``message``; error messages carry
+    ``:error-code`` and ``:error-message`` headers (botocore/parsers.py reads them the same)."""
+    kind = headers.get(":message-type")
+    if kind == "exception":
+        name = str(headers.get(":exception-type") or "unknown")
+        status, retryable, aws_status = _ES_EXCEPTIONS.get(name, (502, True, None))
+        try:
+            body = json.loads(payload) if payload else {}
+        except (ValueError, RecursionError):
+            body = {}
+        text = body.get("message") or body.get("Message") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text:
+            text = payload[:200].decode("utf-8", "replace") or "(no message)"
+    elif kind == "error":
+        name = str(headers.get(":error-code") or "unknown")
+        status, retryable, aws_status = _ES_EXCEPTIONS.get(name[:1].lower() + name[1:],
+                                                          (502, True, None))
+        text = str(headers.get(":error-message") or "(no message)")
+    else:
+        return None
+    return UpstreamError(status, f"upstream stream failed: {name[:100]}: {text[:1000]}",
+                         retryable=retryable, upstream_status=aws_status, code=name[:100])
 
 
 def _usage_numbers(usage: Any) -> tuple[int, int] | None:
@@ -1840,6 +2012,344 @@ def _fetch_host(url: str, what: str) -> tuple[str, str, int]:
     path = urllib.parse.quote(u.path or "/", safe=_URL_SAFE)
     query = urllib.parse.quote(u.query, safe=_URL_SAFE + "?")
     return f"{scheme}://{authority}{path}{'?' + query if query else ''}", host, port
+
+
+# -------------------------------------------------------------------------------------------------
+# Upstream credentials: AWS Signature Version 4, Google service-account tokens (RS256 JWT)
+# -------------------------------------------------------------------------------------------------
+
+# Headers botocore leaves out of a signature (botocore/auth.py SIGNED_HEADERS_BLACKLIST): proxies
+# and the HTTP layer may change them on the way.
+_SIGV4_UNSIGNED = frozenset((
+    "authorization", "connection", "expect", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "user-agent",
+    "x-amzn-trace-id", "host", "content-length"))
+
+
+def _sigv4_path(path: str) -> str:
+    """The canonical URI of a request path: dot segments and empty segments removed, then the
+    path (already percent-encoded on the wire) encoded once more. AWS's "Create a canonical
+    request" asks every service but S3 for this double encoding; botocore does the same
+    (SigV4Auth._normalize_url_path: quote(remove_dot_segments(path), safe='/~')), so a Bedrock
+    model id ``...-v1:0`` sent as ``...-v1%3A0`` is signed as ``...-v1%253A0``."""
+    parts: list[str] = []
+    for seg in path.split("/"):
+        if seg == "..":
+            if parts:
+                parts.pop()
+        elif seg and seg != ".":
+            parts.append(seg)
+    out = "/" + "/".join(parts)
+    if path.endswith("/") and parts:
+        out += "/"
+    return urllib.parse.quote(out, safe="/~")
+
+
+def _sigv4_query(query: str) -> str:
+    """The canonical query string: each name and value percent-encoded with only unreserved
+    characters kept, pairs sorted by name, then value (AWS "Create a canonical request")."""
+    pairs = []
+    for pair in query.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            pairs.append((urllib.parse.quote(urllib.parse.unquote(name), safe="-_.~"),
+                          urllib.parse.quote(urllib.parse.unquote(value), safe="-_.~")))
+    return "&".join(f"{k}={v}" for k, v in sorted(pairs))
+
+
+def sigv4_headers(method: str, url: str, headers: list[tuple[str, str]], body: bytes, *,
+                  region: str, service: str, access_key: str, secret_key: str,
+                  session_token: str | None = None, now: float | None = None
+                  ) -> list[tuple[str, str]]:
+    """The headers that sign a request with AWS Signature Version 4: X-Amz-Date,
+    X-Amz-Security-Token (temporary credentials only) and Authorization, to add to ``headers``.
+    Signed: Host (as UpstreamClient sends it), the X-Amz ones and every header in ``headers``
+    but those botocore leaves out. No X-Amz-Content-Sha256: botocore's SigV4Auth sends it
+    only for unsigned payloads, and no bedrock-runtime operation has one (its service model
+    marks none ``unsignedPayload``); the body's SHA-256 is still part of the signature.
+    Bedrock's signing name is ``bedrock`` (service model ``signingName``), not the host's
+    ``bedrock-runtime``. ``now``: epoch seconds, for tests."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    day = stamp[:8]
+    added = [("X-Amz-Date", stamp)]
+    if session_token:
+        added.append(("X-Amz-Security-Token", session_token))
+    u = urllib.parse.urlsplit(url)
+    signed: dict[str, list[str]] = {"host": [_host_header(split_url(url))]}
+    for name, value in headers + added:
+        key = name.lower()
+        if key not in _SIGV4_UNSIGNED:
+            signed.setdefault(key, []).append(" ".join(value.split()))
+    names = sorted(signed)
+    canonical = "\n".join([
+        method.upper(), _sigv4_path(u.path or "/"), _sigv4_query(u.query),
+        "".join(f"{k}:{','.join(signed[k])}\n" for k in names), ";".join(names),
+        hashlib.sha256(body).hexdigest()])
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    key = f"AWS4{secret_key}".encode()
+    for part in (day, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    added.append(("Authorization", f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                                   f"SignedHeaders={';'.join(names)}, Signature={signature}"))
+    return added
+
+
+# RSA private keys come as PEM: PKCS#8 "PRIVATE KEY" (what Google's service-account files hold)
+# wrapping PKCS#1 "RSA PRIVATE KEY" (RFC 5208, RFC 8017 appendix A.1.2). A small strict DER
+# reader: definite minimal lengths, nothing past an element's end, integers minimal.
+_PEM_RX = re.compile(r"-----BEGIN ((?:RSA |ENCRYPTED )?PRIVATE KEY)-----\s*([A-Za-z0-9+/=\s]*?)"
+                     r"-----END \1-----")
+_OID_RSA_ENCRYPTION = bytes.fromhex("2a864886f70d010101")            # 1.2.840.113549.1.1.1
+# DER of DigestInfo for SHA-256 up to the digest (RFC 8017 section 9.2, note 1).
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+@dataclass(frozen=True)
+class RSAKey:
+    """An RSA private key with its CRT values (RFC 8017 section 3.2, second form)."""
+    n: int
+    e: int
+    d: int
+    p: int
+    q: int
+    dp: int
+    dq: int
+    qinv: int
+
+
+def _der(data: bytes, pos: int, tag: int, what: str) -> tuple[bytes, int]:
+    """(content, position after) of the DER element tagged ``tag`` at ``pos``."""
+    if pos + 2 > len(data) or data[pos] != tag:
+        raise ValueError(f"expected {what}")
+    length, pos = data[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or pos + count > len(data) or data[pos] == 0:
+            raise ValueError(f"bad length of {what}")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+        if length < 0x80:
+            raise ValueError(f"bad length of {what}")
+    if pos + length > len(data):
+        raise ValueError(f"{what} runs past its end")
+    return data[pos:pos + length], pos + length
+
+
+def _der_int(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    raw, pos = _der(data, pos, 0x02, what)
+    if not raw or len(raw) > 1 and (raw[0] == 0 and raw[1] < 0x80
+                                     or raw[0] == 0xFF and raw[1] >= 0x80):
+        raise ValueError(f"bad integer encoding of {what}")
+    return int.from_bytes(raw, "big", signed=True), pos
+
+
+def _rsa_pkcs1(der: bytes) -> RSAKey:
+    seq, end = _der(der, 0, 0x30, "RSAPrivateKey")
+    if end != len(der):
+        raise ValueError("data after the RSAPrivateKey")
+    version, pos = _der_int(seq, 0, "the RSAPrivateKey version")
+    if version != 0:
+        raise ValueError("multi-prime RSA keys are not supported")
+    values = []
+    for what in ("n", "e", "d", "p", "q", "dP", "dQ", "qInv"):
+        value, pos = _der_int(seq, pos, f"the RSA {what}")
+        if value <= 0:
+            raise ValueError(f"the RSA {what} is not positive")
+        values.append(value)
+    if pos != len(seq):
+        raise ValueError("data after the RSA values")
+    key = RSAKey(*values)
+    if key.p * key.q != key.n or key.n.bit_length() < 2048:
+        raise ValueError("n is not p*q, or is shorter than the 2048 bits RS256 requires "
+                         "(RFC 7518 section 3.3)")
+    return key
+
+
+def rsa_private_key(pem: str) -> RSAKey:
+    """The RSA key in PEM text (PKCS#8 or PKCS#1), or a ValueError saying what is wrong; the
+    message never quotes the key."""
+    if len(pem) > MAX_KEY_PEM:
+        raise ValueError(f"the key is longer than {MAX_KEY_PEM // 1024} KiB")
+    m = _PEM_RX.search(pem)
+    if m is None:
+        raise ValueError("no '-----BEGIN PRIVATE KEY-----' ... '-----END PRIVATE KEY-----' "
+                         "block")
+    if m.group(1).startswith("ENCRYPTED"):
+        raise ValueError("the key is encrypted; a service-account key file holds it unencrypted")
+    try:
+        der = base64.b64decode("".join(m.group(2).split()), validate=True)
+    except ValueError:
+        raise ValueError("the PEM block is not valid base64") from None
+    if m.group(1) == "RSA PRIVATE KEY":
+        return _rsa_pkcs1(der)
+    seq, end = _der(der, 0, 0x30, "PrivateKeyInfo")
+    if end != len(der):
+        raise ValueError("data after the PrivateKeyInfo")
+    version, pos = _der_int(seq, 0, "the PrivateKeyInfo version")
+    if version not in (0, 1):                       # 1: OneAsymmetricKey (RFC 5958)
+        raise ValueError(f"unknown PrivateKeyInfo version {version}")
+    algorithm, pos = _der(seq, pos, 0x30, "the key algorithm")
+    oid, _ = _der(algorithm, 0, 0x06, "the key algorithm OID")
+    if oid != _OID_RSA_ENCRYPTION:
+        raise ValueError("not an RSA key (RS256 needs one)")
+    inner, _ = _der(seq, pos, 0x04, "the private key")
+    return _rsa_pkcs1(inner)
+
+
+def rs256_sign(key: RSAKey, data: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 section 8.2.1; JWS "RS256", RFC 7518 3.3).
+    The private operation uses the CRT (about 3x faster than ``pow(m, d, n)``) and is checked
+    with the public exponent, so a fault never releases a signature that leaks the key."""
+    size = (key.n.bit_length() + 7) // 8
+    digest = _SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - len(digest) - 3) + b"\x00" + digest,
+                       "big")
+    s1, s2 = pow(m, key.dp, key.p), pow(m, key.dq, key.q)
+    s = s2 + (key.qinv * (s1 - s2) % key.p) * key.q
+    if pow(s, key.e, key.n) != m:
+        raise ValueError("the RSA key's CRT values do not match it")
+    return s.to_bytes(size, "big")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+GOOGLE_JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"       # RFC 7523 section 2.1
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """What a token exchange needs from a Google service-account JSON key."""
+    email: str
+    key_id: str
+    token_uri: str
+    key: RSAKey
+
+    def __repr__(self) -> str:                  # the key stays out of logs and tracebacks
+        return f"ServiceAccount({self.email!r})"
+
+
+def service_account(info: Any, where: str = "service_account") -> ServiceAccount:
+    """A ServiceAccount from the parsed JSON key file, or a ConfigError naming ``where``, the
+    field and the fix (never the key itself)."""
+    if not isinstance(info, dict):
+        raise ConfigError(f"{where}: expected the JSON object of a service-account key file")
+    if info.get("type", "service_account") != "service_account":
+        raise ConfigError(f"{where}: 'type' is {str(info.get('type'))[:40]!r}, not "
+                          f"'service_account'; create a key for a service account in the "
+                          f"Google Cloud console (IAM > Service accounts > Keys)")
+    for field in ("client_email", "private_key"):
+        if not isinstance(info.get(field), str) or not info[field]:
+            raise ConfigError(f"{where}: '{field}' is missing; use the JSON key file exactly "
+                              f"as Google Cloud downloaded it")
+    token_uri = info.get("token_uri") or GOOGLE_TOKEN_URI
+    if not isinstance(token_uri, str) or not token_uri.startswith(("https://", "http://")):
+        raise ConfigError(f"{where}: 'token_uri' must be an http(s) URL ({GOOGLE_TOKEN_URI})")
+    try:
+        key = rsa_private_key(info["private_key"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: 'private_key' is not a usable RSA private key: {exc}; use "
+                          f"the JSON key file exactly as Google Cloud downloaded it") from None
+    key_id = info.get("private_key_id")
+    return ServiceAccount(info["client_email"], key_id if isinstance(key_id, str) else "",
+                          token_uri, key)
+
+
+def google_jwt_assertion(account: ServiceAccount, now: float,
+                         scope: str = GOOGLE_SCOPE) -> str:
+    """The signed JWT a service account trades for an access token (Google's "Using OAuth 2.0
+    for Server to Server Applications": iss, scope, aud = the token URI, iat, exp at most an
+    hour later; ``kid`` names the key as google-auth sends it)."""
+    header = {"alg": "RS256", "typ": "JWT"}
+    if account.key_id:
+        header["kid"] = account.key_id
+    iat = int(now)
+    claims = {"iss": account.email, "scope": scope, "aud": account.token_uri, "iat": iat,
+              "exp": iat + GOOGLE_ASSERTION_SECONDS}
+    signing_input = f"{_b64url(json_dumps(header))}.{_b64url(json_dumps(claims))}"
+    return f"{signing_input}.{_b64url(rs256_sign(account.key, signing_input.encode()))}"
+
+
+class GoogleTokenSource:
+    """Access tokens of one service account, exchanged at its token URI through ``client`` and
+    kept until GOOGLE_TOKEN_MARGIN before they expire. From then on one renewal runs, shared by
+    every caller: while the old token has more than GOOGLE_TOKEN_LAST left, callers keep using
+    it and do not wait; after that they wait for the renewal (all on the same one). A failed
+    renewal fails the callers waiting on it; the next call starts another. ``clock`` gives
+    epoch seconds (the JWT's iat/exp are wall-clock times)."""
+
+    def __init__(self, account: ServiceAccount, client: UpstreamClient, *,
+                 clock: Callable[[], float] = time.time, proxy: str = "",
+                 verify_tls: bool = True, timeout: float = CONNECT_TIMEOUT * 3):
+        self.account = account
+        self._client = client
+        self._clock = clock
+        self._proxy, self._verify_tls, self._timeout = proxy, verify_tls, timeout
+        self._token: str | None = None
+        self._expires = 0.0
+        self._renewal: asyncio.Future[str] | None = None
+
+    async def token(self) -> str:
+        now = self._clock()
+        if self._token is not None and now < self._expires - GOOGLE_TOKEN_MARGIN:
+            return self._token
+        if self._renewal is None:
+            self._renewal = asyncio.ensure_future(self._exchange())
+            self._renewal.add_done_callback(self._renewed)
+        if self._token is not None and now < self._expires - GOOGLE_TOKEN_LAST:
+            return self._token
+        # shield: a caller that gives up (its client left) does not cancel the others' renewal.
+        return await asyncio.shield(self._renewal)
+
+    def _renewed(self, task: asyncio.Future[str]) -> None:
+        self._renewal = None
+        if not task.cancelled():
+            task.exception()            # retrieved here too: a background renewal may fail unseen
+
+    async def _exchange(self) -> str:
+        acct = self.account
+        started = self._clock()
+        body = urllib.parse.urlencode({"grant_type": GOOGLE_JWT_GRANT,
+                                       "assertion": google_jwt_assertion(acct, started)})
+        where = f"Google's token endpoint for service account {acct.email}"
+        up = await self._client.request(
+            "POST", acct.token_uri, [("Content-Type", "application/x-www-form-urlencoded"),
+                                     ("Accept", "application/json")], body.encode(),
+            proxy=self._proxy, verify_tls=self._verify_tls, timeout=self._timeout)
+        try:
+            data = await up.read(MAX_TOKEN_RESPONSE + 1)
+        finally:
+            up.aclose_nowait()
+        if len(data) > MAX_TOKEN_RESPONSE:
+            raise UpstreamError(502, f"{where} answered more than {MAX_TOKEN_RESPONSE} bytes",
+                                retryable=True, upstream_status=up.status)
+        problem = "the JSON is null"
+        try:
+            obj = json_loads(data, f"the answer of {where}", status=502)
+        except GatewayError as exc:
+            obj, problem = None, exc.message
+        if up.status != 200:
+            # RFC 6749 section 5.2: {"error": "invalid_grant", "error_description": "..."}
+            detail = (f"{obj.get('error')}: {obj.get('error_description') or ''}"
+                      if isinstance(obj, dict) and obj.get("error") else "")
+            raise UpstreamError(502, escape_controls(f"{where} answered {up.status} "
+                                                     f"{detail[:300]}").rstrip(),
+                                retryable=True, upstream_status=up.status)
+        token = obj.get("access_token") if isinstance(obj, dict) else None
+        expires_in = obj.get("expires_in") if isinstance(obj, dict) else None
+        if obj is None or not isinstance(token, str) or not token or not isinstance(
+                expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
+            why = problem if obj is None else "no access_token and positive expires_in"
+            raise UpstreamError(502, f"{where} sent an unusable answer: {why}",
+                                retryable=True, upstream_status=up.status)
+        self._token, self._expires = token, started + expires_in
+        return token
 
 
 # =================================================================================================
@@ -5499,6 +6009,362 @@ PRESETS: dict[str, dict[str, Any]] = {
 # gateway sends /v1/chat/completions to a base URL without a version; that path is not
 # documented there.
 
+
+# 9.11 AWS Bedrock and Google Vertex AI (channel side) ------------------------------------------
+# Pure helpers for the two cloud channel types: URLs, the Anthropic Messages body as Bedrock's
+# InvokeModel and Vertex's rawPredict take it, and Bedrock's own Converse format <-> IR. The
+# streams arrive as AWS event-stream messages (EventStreamDecoder, section 5).
+
+BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
+                                                     # Messages API", request body
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"       # Google Cloud docs, "Use Claude models":
+                                                     # the rawPredict request body
+
+
+def bedrock_base_url(region: str) -> str:
+    """The bedrock-runtime endpoint of ``region`` (AWS general reference, Amazon Bedrock
+    endpoints; the anthropic SDK's AnthropicBedrock uses the same default)."""
+    return f"https://bedrock-runtime.{region}.amazonaws.com"
+
+
+def bedrock_url(base_url: str, model: str, operation: str) -> str:
+    """``operation``: invoke, invoke-with-response-stream, converse or converse-stream
+    (bedrock-runtime service model: requestUri ``/model/{modelId}/<operation>``). The model id,
+    inference-profile id or ARN is one path segment, escaped as botocore escapes it
+    (serialize.py _render_uri_template -> percent_encode): ``:`` and ``/`` become %3A, %2F."""
+    return f"{base_url.rstrip('/')}/model/{urllib.parse.quote(model, safe='')}/{operation}"
+
+
+def bedrock_models_url(region: str) -> str:
+    """ListFoundationModels on the Bedrock control plane (host ``bedrock.{region}``, signing
+    name ``bedrock``): the text models that can be called on demand."""
+    return (f"https://bedrock.{region}.amazonaws.com/foundation-models"
+            f"?byOutputModality=TEXT&byInferenceType=ON_DEMAND")
+
+
+def bedrock_model_ids(body: Any) -> list[str]:
+    """The model ids of a ListFoundationModels answer ({"modelSummaries": [{"modelId", ...}]},
+    Amazon Bedrock API reference), in its order, each once."""
+    found = body.get("modelSummaries") if isinstance(body, dict) else None
+    ids = [m.get("modelId") for m in found or [] if isinstance(m, dict)]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, str) and i))
+
+
+def bedrock_invoke_body(body: dict, beta: str | None = None) -> dict:
+    """An Anthropic Messages request as Bedrock's InvokeModel body: no ``model`` (it is in the
+    path), no ``stream`` (the operation says it), ``anthropic_version`` set, and the client's
+    ``anthropic-beta`` header as the ``anthropic_beta`` list (AWS Bedrock user guide,
+    "Anthropic Claude Messages API": anthropic_beta; the anthropic SDK's Bedrock client moves
+    the header the same way). Other fields pass through untouched."""
+    out = {k: v for k, v in body.items() if k not in ("model", "stream")}
+    out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
+    betas = [b.strip() for b in (beta or "").split(",") if b.strip()]
+    if betas:
+        kept = out.get("anthropic_beta")
+        kept = kept if isinstance(kept, list) else []
+        out["anthropic_beta"] = list(dict.fromkeys(kept + betas))
+    return out
+
+
+def vertex_base_url(location: str) -> str:
+    """Vertex AI's host for ``location``: the global endpoint, or the regional one (Google
+    Cloud, "Vertex AI locations"; the anthropic SDK's AnthropicVertex uses the same)."""
+    if location == "global":
+        return "https://aiplatform.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
+
+def vertex_model_url(base_url: str, project: str, location: str, publisher: str, model: str,
+                     method: str) -> str:
+    """``.../v1/projects/{p}/locations/{l}/publishers/{publisher}/models/{m}:{method}``;
+    publisher ``google`` (generateContent, streamGenerateContent, with ``?alt=sse`` so the
+    stream is SSE) or ``anthropic`` (rawPredict, streamRawPredict)."""
+    q = functools.partial(urllib.parse.quote, safe="")
+    url = (f"{base_url.rstrip('/')}/v1/projects/{q(project)}/locations/{q(location)}/publishers/"
+           f"{q(publisher)}/models/{q(model)}:{method}")
+    return url + "?alt=sse" if method == "streamGenerateContent" else url
+
+
+def vertex_raw_predict_body(body: dict) -> dict:
+    """An Anthropic Messages request as Vertex's rawPredict/streamRawPredict body: no
+    ``model`` (it is in the URL), ``anthropic_version`` set, ``stream`` kept (the anthropic
+    SDK's AnthropicVertex keeps it; lib/vertex/_client.py). Beta flags stay in the
+    ``anthropic-beta`` header."""
+    out = {k: v for k, v in body.items() if k != "model"}
+    out["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+    return out
+
+
+class BedrockInvokeStream:
+    """InvokeModelWithResponseStream (AWS event-stream bytes) -> the Anthropic Messages SSE
+    stream it carries, so that Claude on Bedrock streams like Anthropic's own API. Each
+    ``chunk`` event holds {"bytes": base64 of one Messages stream event} (Amazon Bedrock API
+    reference, ResponseStream and PayloadPart); it becomes ``event: <type>`` and ``data:
+    <that JSON>``. Exception events raise as EventStreamDecoder raises them; call ``end`` when
+    the body ends."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self):
+        self._frames = EventStreamDecoder()
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        for headers, payload in self._frames.feed(data):
+            if headers.get(":event-type") != "chunk":
+                continue
+            part = json_loads(payload, "an upstream chunk event", status=502,
+                              unique_keys=False, error=ProtocolError)
+            try:
+                raw = base64.b64decode(part["bytes"], validate=True)
+            except (TypeError, KeyError, ValueError):
+                raise ProtocolError(502, "upstream sent a chunk event without base64 bytes") \
+                    from None
+            event = json_loads(raw, "an upstream Claude stream event", status=502,
+                               unique_keys=False, error=ProtocolError)
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise ProtocolError(502, "upstream sent a Claude stream event without a type")
+            if b"\n" in raw or b"\r" in raw:          # JSON white space may hold line ends
+                raw = json_dumps(event)
+            out.append(b"event: %s\ndata: %s\n\n" % (event["type"].encode(), raw))
+        return b"".join(out)
+
+    def end(self) -> None:
+        self._frames.end()
+
+
+# Converse (Amazon Bedrock API reference "Converse", "ConverseStream"; the shapes as the AWS API
+# model in botocore/data/bedrock-runtime/2023-09-30/service-2.json has them). Blobs are base64.
+_CONVERSE_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
+                           "image/gif": "gif", "image/webp": "webp"}
+_CONVERSE_DOC_FORMATS = {
+    "application/pdf": "pdf", "text/csv": "csv", "application/msword": "doc",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    "application/vnd.ms-excel": "xls",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+    "text/html": "html", "text/plain": "txt", "text/markdown": "md"}
+# DocumentBlock.name: letters, digits, single spaces, hyphens, parentheses, square brackets.
+_CONVERSE_DOC_NAME_RX = re.compile(r"[^A-Za-z0-9()\[\]-]+")
+_CONVERSE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls",
+                    "max_tokens": "length", "model_context_window_exceeded": "length",
+                    "guardrail_intervened": "content_filter",
+                    "content_filtered": "content_filter"}
+
+
+def _converse_media(part: dict) -> dict:
+    media = (part.get("media_type") or "").lower()
+    if part["type"] == "image":
+        if "url" in part or media not in _CONVERSE_IMAGE_FORMATS:
+            raise GatewayError(400, f"Bedrock Converse takes images as png, jpeg, gif or webp "
+                                    f"bytes, not {('a URL' if 'url' in part else media)[:60]}")
+        return {"image": {"format": _CONVERSE_IMAGE_FORMATS[media],
+                          "source": {"bytes": part["data"]}}}
+    if media not in _CONVERSE_DOC_FORMATS:
+        kinds = ", ".join(sorted(set(_CONVERSE_DOC_FORMATS.values())))
+        raise GatewayError(400, f"Bedrock Converse takes no {media[:60] or 'untyped'} files; "
+                                f"it takes {kinds}")
+    stem = (part.get("filename") or "").rsplit(".", 1)[0]
+    name = " ".join(_CONVERSE_DOC_NAME_RX.sub(" ", stem).split())[:200] or "document"
+    return {"document": {"format": _CONVERSE_DOC_FORMATS[media], "name": name,
+                         "source": {"bytes": part["data"]}}}
+
+
+def _converse_blocks(parts: list[dict]) -> list[dict]:
+    blocks: list[dict] = []
+    for p in parts:
+        kind = p["type"]
+        if kind == "text":
+            if p["text"]:
+                blocks.append({"text": p["text"]})
+        elif kind in ("image", "file"):
+            blocks.append(_converse_media(p))
+        elif kind == "reasoning":
+            # Only reasoning the model signed goes back (Claude checks it); other models'
+            # reasoning is not part of their input.
+            if p.get("redacted") and p.get("signature"):
+                blocks.append({"reasoningContent": {"redactedContent": p["signature"]}})
+            elif p.get("signature") and p["signature"] != UNSIGNED_THINKING:
+                blocks.append({"reasoningContent": {"reasoningText": {
+                    "text": p.get("text") or "", "signature": p["signature"]}}})
+        elif kind == "tool_call":
+            blocks.append({"toolUse": {"toolUseId": p["id"], "name": p["name"],
+                                       "input": parse_arguments(p["arguments"])}})
+        elif kind == "tool_result":
+            content = [{"text": c["text"]} if c["type"] == "text" else _converse_media(c)
+                       for c in p["content"] if c["type"] != "text" or c["text"]]
+            blocks.append({"toolResult": {"toolUseId": p["id"],
+                                          "content": content or [{"text": ""}],
+                                          "status": "error" if p.get("is_error") else "success"}})
+        else:
+            raise GatewayError(400, f"Bedrock Converse takes no {kind} parts")
+    return blocks
+
+
+@guarded(400, "request")
+def ir_to_converse_request(ir: dict) -> dict:
+    """An IR request as a Converse body (the model id goes in the URL). Tool results travel in
+    user turns; consecutive turns of one role are merged (Converse wants them alternating).
+    A history with tool calls needs a toolConfig even when the client sent no tools: the called
+    tools are declared then with an open schema. ``tool_choice: "none"`` has no Converse form:
+    the tools stay declared (the history may need them) with no toolChoice."""
+    messages: list[dict] = []
+    for msg in ir["messages"]:
+        role = "assistant" if msg["role"] == "assistant" else "user"
+        blocks = _converse_blocks(msg["content"])
+        if not blocks:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += blocks
+        else:
+            messages.append({"role": role, "content": blocks})
+    body: dict[str, Any] = {"messages": messages}
+    system = [{"text": p["text"]} for p in ir["system"] if p["type"] == "text" and p["text"]]
+    if system:
+        body["system"] = system
+    config = {key: ir[name] for name, key in (("max_tokens", "maxTokens"),
+                                              ("temperature", "temperature"), ("top_p", "topP"))
+              if ir.get(name) is not None}
+    if ir.get("stop"):
+        config["stopSequences"] = list(ir["stop"])
+    if config:
+        body["inferenceConfig"] = config
+    tools = [{"toolSpec": {"name": t["name"], **({"description": t["description"]}
+                                                 if t.get("description") else {}),
+                           "inputSchema": {"json": t.get("parameters") or {"type": "object"}}}}
+             for t in ir.get("tools") or []]
+    declared = {t["toolSpec"]["name"] for t in tools}
+    for msg in messages:
+        for block in msg["content"]:
+            name = block.get("toolUse", {}).get("name")
+            if name and name not in declared:
+                declared.add(name)
+                tools.append({"toolSpec": {"name": name, "inputSchema": {"json": {
+                    "type": "object"}}}})
+    if tools:
+        body["toolConfig"] = {"tools": tools}
+        choice = ir.get("tool_choice")
+        if choice == "auto":
+            body["toolConfig"]["toolChoice"] = {"auto": {}}
+        elif choice == "required":
+            body["toolConfig"]["toolChoice"] = {"any": {}}
+        elif isinstance(choice, dict):
+            body["toolConfig"]["toolChoice"] = {"tool": {"name": choice["name"]}}
+    return body
+
+
+def converse_usage_to_ir(u: Any) -> dict:
+    """TokenUsage: inputTokens leave out the cache reads and writes, counted apart."""
+    if not isinstance(u, dict):
+        return new_usage()
+    read, write = _num(u.get("cacheReadInputTokens")), _num(u.get("cacheWriteInputTokens"))
+    return new_usage(_num(u.get("inputTokens")) + read + write, _num(u.get("outputTokens")),
+                     read, write)
+
+
+def _converse_part(block: dict) -> dict | None:
+    if isinstance(block.get("text"), str):
+        return {"type": "text", "text": block["text"]}
+    if isinstance(block.get("toolUse"), dict):
+        use = block["toolUse"]
+        return {"type": "tool_call", "id": str(use["toolUseId"]), "name": str(use["name"]),
+                "arguments": json.dumps(use.get("input") or {}, ensure_ascii=False)}
+    reasoning = block.get("reasoningContent")
+    if isinstance(reasoning, dict):
+        if reasoning.get("redactedContent"):
+            return {"type": "reasoning", "text": "", "signature": reasoning["redactedContent"],
+                    "redacted": True}
+        text = reasoning.get("reasoningText") or {}
+        return {"type": "reasoning", "text": str(text.get("text") or ""),
+                "signature": text.get("signature"), "redacted": False}
+    return None
+
+
+@guarded(502, "upstream response")
+def converse_response_to_ir(body: dict, model: str = "") -> dict:
+    """A Converse answer as an IR response. Converse has no answer id: one is minted."""
+    blocks = body["output"]["message"]["content"]
+    content = [p for p in map(_converse_part, blocks) if p is not None]
+    finish = _CONVERSE_FINISH.get(body.get("stopReason"), "stop")
+    if finish == "stop" and any(p["type"] == "tool_call" for p in content):
+        finish = "tool_calls"
+    return {"id": new_id("msg_"), "model": model, "content": content, "finish": finish,
+            "usage": converse_usage_to_ir(body.get("usage"))}
+
+
+class ConverseStreamDecoder(StreamDecoder):
+    """ConverseStream (upstream, AWS event-stream bytes) -> IR stream events. Accepted order:
+    messageStart, then per content block contentBlockStart (tool use only) / contentBlockDelta*
+    / contentBlockStop, then messageStop {stopReason}, then metadata {usage}. A tool block's
+    index (contentBlockIndex) maps to the next dense IR tool index. Exception events end the
+    stream as ("error", UpstreamError) (eventstream_error, section 5)."""
+
+    id_prefix = "msg_"
+
+    def __init__(self, model: str = ""):
+        super().__init__()
+        self._frames = EventStreamDecoder()
+        self._model = model
+        self._tool_index: dict[int, int] = {}       # contentBlockIndex -> IR tool index
+        self._failed = False
+
+    def _error(self, exc: GatewayError) -> list[tuple]:
+        out: list[tuple] = []
+        self._start(out, None, self._model)
+        self._failed = True
+        return out + [("error", exc)]
+
+    @guarded(502, "upstream stream")
+    def feed(self, data: bytes) -> list[tuple]:
+        if self._failed:
+            return []
+        out: list[tuple] = []
+        try:
+            frames = self._frames.feed(data)
+        except UpstreamError as exc:
+            return self._error(exc)
+        for headers, payload in frames:
+            self._event(str(headers.get(":event-type") or ""), payload, out)
+        return out
+
+    def _event(self, kind: str, payload: bytes, out: list[tuple]) -> None:
+        obj = json_loads(payload or b"{}", f"an upstream {kind[:40]} event", status=502,
+                         unique_keys=False, error=ProtocolError)
+        if not isinstance(obj, dict):
+            return
+        self._start(out, None, self._model)
+        index = _num(obj.get("contentBlockIndex"))
+        if kind == "contentBlockStart":
+            use = (obj.get("start") or {}).get("toolUse")
+            if isinstance(use, dict):
+                self._tool_index[index] = self._tools
+                out.append(("tool", self._tools, str(use["toolUseId"]), str(use["name"])))
+                self._tools += 1
+        elif kind == "contentBlockDelta":
+            delta = obj.get("delta") or {}
+            if isinstance(delta.get("text"), str):
+                out.append(("text", delta["text"]))
+            elif isinstance(delta.get("toolUse"), dict) and index in self._tool_index:
+                out.append(("args", self._tool_index[index],
+                            str(delta["toolUse"].get("input") or "")))
+            elif isinstance(delta.get("reasoningContent"), dict):
+                rc = delta["reasoningContent"]
+                if isinstance(rc.get("text"), str):
+                    out.append(("reasoning", rc["text"]))
+                if isinstance(rc.get("signature"), str):
+                    out.append(("signature", rc["signature"]))
+        elif kind == "messageStop":
+            self.finish = _CONVERSE_FINISH.get(obj.get("stopReason"), "stop")
+        elif kind == "metadata" and isinstance(obj.get("usage"), dict):
+            out.append(("usage", converse_usage_to_ir(obj["usage"])))
+
+    def close(self) -> list[tuple]:
+        if self._failed:
+            return []
+        try:
+            self._frames.end()
+        except GatewayError as exc:
+            return self._error(exc)
+        return super().close()
 
 
 # =================================================================================================

@@ -8,6 +8,7 @@ Every network test has a hard timeout (pytest-timeout, set in the README's test 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import gzip
 import http.client
 import http.server
@@ -609,6 +610,134 @@ def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
         pa.feed(c[5:])
     assert (pa.input_tokens, pa.output_tokens) == (12, 7)
 
+# --- AWS event-stream decoder (Bedrock streams) ----------------------------------------------
+# An encoder written here from the framing layout (prelude, headers, payload, CRCs); botocore's
+# own parser (botocore.eventstream.EventStreamBuffer; botocore has no encoder) checks it.
+
+_ES_FORMATS = {2: "!b", 3: "!h", 4: "!i", 5: "!q", 8: "!q"}
+
+
+def es_message(headers, payload=b"", *, total=None, bad_prelude=False, bad_crc=False):
+    """One event-stream message; ``headers`` are (name, type, value) triples."""
+    raw = b""
+    for name, kind, value in headers:
+        raw += bytes([len(name.encode())]) + name.encode() + bytes([kind])
+        if kind in _ES_FORMATS:
+            raw += struct.pack(_ES_FORMATS[kind], value)
+        elif kind in (6, 7):
+            data = value.encode() if kind == 7 else value
+            raw += struct.pack("!H", len(data)) + data
+        elif kind == 9:
+            raw += value
+    size = total if total is not None else 16 + len(raw) + len(payload)
+    prelude = struct.pack("!II", size, len(raw))
+    prelude += struct.pack("!I", zlib.crc32(prelude) ^ (1 if bad_prelude else 0))
+    body = prelude + raw + payload
+    return body + struct.pack("!I", zlib.crc32(body) ^ (1 if bad_crc else 0))
+
+
+def es_event(event_type, obj):
+    return es_message([(":event-type", 7, event_type), (":content-type", 7, "application/json"),
+                       (":message-type", 7, "event")], json.dumps(obj).encode())
+
+
+def es_exception(kind, message):
+    return es_message([(":exception-type", 7, kind), (":content-type", 7, "application/json"),
+                       (":message-type", 7, "exception")],
+                      json.dumps({"message": message}).encode())
+
+
+def bedrock_chunk(event):
+    """An InvokeModelWithResponseStream ``chunk`` event: {"bytes": base64 of the model's JSON}
+    (Amazon Bedrock API reference, PayloadPart)."""
+    return es_event("chunk", {"bytes": ag.base64.b64encode(json.dumps(event).encode()).decode()})
+
+
+def _es_all_types():
+    return es_message([
+        ("t", 0, None), ("f", 1, None), ("byte", 2, -7), ("short", 3, -30000),
+        ("int", 4, 2_000_000_000), ("long", 5, -(2 ** 62)), ("blob", 6, b"\x00\xffraw"),
+        ("str", 7, "h\u00e9llo \u2603"), ("when", 8, 1764590400123),
+        ("id", 9, bytes(range(16))), (":message-type", 7, "event")], b'{"x":1}')
+
+
+def test_05_eventstream_matches_botocore_fed_any_way():
+    from botocore.eventstream import EventStreamBuffer
+    stream = (_es_all_types() + bedrock_chunk({"type": "message_start"}) + es_message([], b"")
+              + es_event("contentBlockDelta", {"delta": {"text": "hi"}, "contentBlockIndex": 0}))
+    ref = EventStreamBuffer()
+    ref.add_data(stream)
+    expected = [(m.headers, m.payload) for m in ref]
+    assert len(expected) == 4 and expected[0][0]["when"] == 1764590400123
+    whole = ag.EventStreamDecoder()
+    assert whole.feed(stream) == expected
+    whole.end()
+    for step in (1, 3, 16, 101):
+        dec, got = ag.EventStreamDecoder(), []
+        for i in range(0, len(stream), step):
+            got += dec.feed(stream[i:i + step])
+        dec.end()
+        assert got == expected, step
+    headers = expected[0][0]
+    assert headers["t"] is True and headers["f"] is False and headers["str"] == "h\u00e9llo \u2603"
+    assert headers["blob"] == b"\x00\xffraw" and headers["id"] == bytes(range(16))
+
+
+def test_05_eventstream_refuses_broken_framing():
+    good = es_event("chunk", {"bytes": ""})
+    cases = [(es_event("chunk", {})[:-1] + b"\x00", "message CRC mismatch"),
+             (es_message([], b"x", bad_crc=True), "message CRC mismatch"),
+             (es_message([], b"x", bad_prelude=True), "prelude CRC mismatch"),
+             (es_message([("n", 42, None)]), "unknown type 42"),
+             (es_message([("a", 7, "1"), ("a", 7, "2")]), "'a' is repeated"),
+             (es_message([(f"h{i}", 0, None) for i in range(ag.EVENTSTREAM_MAX_HEADERS + 1)]),
+              f"more than {ag.EVENTSTREAM_MAX_HEADERS} headers"),
+             (es_message([], total=15), "do not fit")]
+    for data, why in cases:
+        dec = ag.EventStreamDecoder()
+        with pytest.raises(ag.ProtocolError, match=re.escape(why)) as e:
+            dec.feed(good + data)
+        assert e.value.status == 502
+    # The size check fires on the 12-byte prelude, before the body is buffered.
+    huge = es_message([], total=ag.MAX_EVENT_BYTES + 1)[:12]
+    with pytest.raises(ag.ProtocolError, match="longer than 16 MiB") as e:
+        ag.EventStreamDecoder().feed(huge)
+    assert e.value.status == 502
+    cut = ag.EventStreamDecoder()
+    assert len(cut.feed(good + good[:20])) == 1
+    with pytest.raises(ag.ProtocolError, match="ended inside a message"):
+        cut.end()
+
+
+def test_05_eventstream_exceptions_become_gateway_errors():
+    chunk = bedrock_chunk({"type": "content_block_delta"})
+    dec = ag.EventStreamDecoder()
+    with pytest.raises(ag.UpstreamError) as e:
+        for i in range(0, 5000):                        # byte by byte up to the exception
+            dec.feed(es_exception("throttlingException", "Too many tokens, slow down")[i:i + 1])
+    err = e.value
+    assert (err.status, err.retryable, err.upstream_status, err.kind) == (429, True, 429,
+                                                                         "rate_limit")
+    assert "throttlingException: Too many tokens, slow down" in err.message
+    # Events before the exception in the same read are returned; the error comes next.
+    dec = ag.EventStreamDecoder()
+    got = dec.feed(chunk + es_exception("validationException", "bad max_tokens") + chunk)
+    assert [h[":event-type"] for h, _ in got] == ["chunk"]
+    with pytest.raises(ag.UpstreamError) as e:
+        dec.end()
+    assert (e.value.status, e.value.retryable) == (400, False)
+    assert "bad max_tokens" in e.value.message
+    for kind, status in (("modelStreamErrorException", 502), ("internalServerException", 502),
+                         ("serviceUnavailableException", 503), ("somethingNewException", 502)):
+        with pytest.raises(ag.UpstreamError) as e:
+            ag.EventStreamDecoder().feed(es_exception(kind, "x"))
+        assert e.value.status == status and e.value.retryable and kind in e.value.message
+    error = es_message([(":message-type", 7, "error"), (":error-code", 7, "ThrottlingException"),
+                        (":error-message", 7, "Rate exceeded")])
+    with pytest.raises(ag.UpstreamError, match="ThrottlingException: Rate exceeded") as e:
+        ag.EventStreamDecoder().feed(error)
+    assert e.value.status == 429
+
 
 # =================================================================================================
 # 7. Upstream HTTP client
@@ -1025,6 +1154,287 @@ def test_07_fetch_urls_are_normalised_and_schemes_refused():
         with pytest.raises(ag.GatewayError, match="host or port is not valid"):
             ag._fetch_host(url, "image")
 
+# --- Upstream credentials: AWS SigV4 (checked against botocore), Google RS256 service accounts --
+
+class _StopSend(Exception):
+    pass
+
+
+def botocore_signed(service, region, call, session_token="FQoGZXIvYXdzEXAMPLE//token"):
+    """The request botocore's own client signs for ``call(client)``, caught before sending."""
+    import botocore.session
+    client = botocore.session.get_session().create_client(
+        service, region_name=region, aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        aws_session_token=session_token)
+    caught = []
+
+    def stop(request, **kw):
+        caught.append(request)
+        raise _StopSend
+    client.meta.events.register("before-send", stop)
+    with pytest.raises(_StopSend):
+        call(client)
+    req = caught[0]
+    headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in req.headers.items()}
+    return req, headers
+
+
+def ours_for(req, headers, service, region, session_token="FQoGZXIvYXdzEXAMPLE//token"):
+    signed = headers["Authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    given = [(k, v) for k, v in headers.items()
+             if k.lower() in signed and not k.lower().startswith(("x-amz-", "host"))]
+    stamp = headers["X-Amz-Date"]
+    now = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    return dict(ag.sigv4_headers(req.method, req.url, given, req.body or b"", region=region,
+                                 service=service, access_key="AKIDEXAMPLE",
+                                 secret_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                                 session_token=session_token, now=now))
+
+
+def test_07_sigv4_matches_botocores_client_for_bedrock():
+    model = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+    req, headers = botocore_signed("bedrock-runtime", "us-east-1", lambda c: c.invoke_model(
+        modelId=model, body=b'{"messages":[]}', contentType="application/json",
+        accept="application/json"))
+    # botocore puts the model id in the path with ':' escaped once (serialize.py
+    # _render_uri_template -> percent_encode), and signs for "bedrock".
+    assert req.url == ("https://bedrock-runtime.us-east-1.amazonaws.com/model/"
+                       "anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke")
+    assert "X-Amz-Content-SHA256" not in headers
+    ours = ours_for(req, headers, "bedrock", "us-east-1")
+    assert ours == {k: headers[k] for k in ("X-Amz-Date", "X-Amz-Security-Token",
+                                            "Authorization")}
+    assert "/us-east-1/bedrock/aws4_request" in ours["Authorization"]
+    # An inference-profile id and the streaming operation, without a session token.
+    req, headers = botocore_signed(
+        "bedrock-runtime", "eu-central-1", lambda c: c.invoke_model_with_response_stream(
+            modelId=f"eu.{model}", body=b'{"x":"\xc3\xa9"}'), session_token=None)
+    ours = ours_for(req, headers, "bedrock", "eu-central-1", session_token=None)
+    assert "X-Amz-Security-Token" not in ours
+    assert ours["Authorization"] == headers["Authorization"]
+    # ListFoundationModels: a GET with a query string, on the control-plane host.
+    req, headers = botocore_signed("bedrock", "eu-west-3", lambda c: c.list_foundation_models(
+        byProvider="Anthropic", byOutputModality="TEXT", byInferenceType="ON_DEMAND"))
+    assert "?" in req.url
+    assert ours_for(req, headers, "bedrock", "eu-west-3") == {
+        k: headers[k] for k in ("X-Amz-Date", "X-Amz-Security-Token", "Authorization")}
+
+
+def test_07_sigv4_matches_botocores_signer_at_a_fixed_time(monkeypatch):
+    import datetime
+
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+    fixed = datetime.datetime(2026, 3, 4, 5, 6, 7)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: fixed)
+    now = calendar.timegm(fixed.timetuple())
+    cases = [
+        ("GET", "https://bedrock.us-west-2.amazonaws.com/foundation-models"
+                "?b=2&a=x%20y%2Fz&a=1&empty=", [], b""),
+        ("POST", "https://bedrock-runtime.us-west-2.amazonaws.com/model/"
+                 "us.meta.llama3-3-70b-instruct-v1%3A0/converse",
+         [("Content-Type", "application/json"), ("X-Custom", "  a   b  ")], b'{"m":[]}'),
+        ("POST", "https://example.test:8443/model/a%2Fb/./x/../invoke", [("Accept", "*/*")],
+         b"\x00\x01"),
+    ]
+    for token in (None, "session-token+/="):
+        for method, url, hdrs, body in cases:
+            creds = botocore.credentials.Credentials("AKID", "secret/key", token)
+            req = botocore.awsrequest.AWSRequest(method=method, url=url, headers=dict(hdrs),
+                                                 data=body)
+            botocore.auth.SigV4Auth(creds, "bedrock", "us-west-2").add_auth(req)
+            ours = dict(ag.sigv4_headers(method, url, hdrs, body, region="us-west-2",
+                                         service="bedrock", access_key="AKID",
+                                         secret_key="secret/key", session_token=token,
+                                         now=now))
+            assert ours["X-Amz-Date"] == "20260304T050607Z"
+            assert ours["Authorization"] == req.headers["Authorization"], url
+            assert ours.get("X-Amz-Security-Token") == req.headers.get("X-Amz-Security-Token")
+
+
+@pytest.fixture(scope="module")
+def rsa_pem():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode()
+    pkcs1 = key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption()).decode()
+    return key, pkcs8, pkcs1
+
+
+def service_account_info(pem, token_uri="https://oauth2.googleapis.com/token"):
+    return {"type": "service_account", "project_id": "p", "private_key_id": "kid-123",
+            "private_key": pem, "client_email": "gw@p.iam.gserviceaccount.com",
+            "client_id": "1", "token_uri": token_uri}
+
+
+def _b64url_json(part):
+    return json.loads(ag.base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def verify_jwt(public_key, jwt):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    head, claims, sig = jwt.split(".")
+    public_key.verify(ag.base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)),
+                      f"{head}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    return _b64url_json(head), _b64url_json(claims)
+
+
+def test_07_rs256_signatures_are_cryptographys_and_the_jwt_is_googles(rsa_pem):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    key, pkcs8, pkcs1 = rsa_pem
+    for pem in (pkcs8, pkcs1):
+        parsed = ag.rsa_private_key(pem)
+        assert parsed.n == key.public_key().public_numbers().n
+        for data in (b"", b"header.claims", os.urandom(1000)):
+            # PKCS#1 v1.5 is deterministic: the same bytes as cryptography's own signature.
+            assert ag.rs256_sign(parsed, data) == key.sign(data, padding.PKCS1v15(),
+                                                           hashes.SHA256())
+    account = ag.service_account(service_account_info(pkcs8))
+    assert "PRIVATE" not in repr(account) and "gw@p.iam" in repr(account)
+    header, claims = verify_jwt(key.public_key(), ag.google_jwt_assertion(account, 1764590400.7))
+    assert header == {"alg": "RS256", "typ": "JWT", "kid": "kid-123"}
+    assert claims == {"iss": "gw@p.iam.gserviceaccount.com",
+                      "scope": "https://www.googleapis.com/auth/cloud-platform",
+                      "aud": "https://oauth2.googleapis.com/token",
+                      "iat": 1764590400, "exp": 1764590400 + 3600}
+
+
+def test_07_bad_service_account_keys_get_clear_config_errors(rsa_pem):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    _, pkcs8, _ = rsa_pem
+    body = "".join(pkcs8.splitlines()[1:-1])
+    der = ag.base64.b64decode(body)
+
+    def pem(data, label="PRIVATE KEY"):
+        text = ag.base64.b64encode(data).decode()
+        return f"-----BEGIN {label}-----\n{text}\n-----END {label}-----\n"
+    fmt = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8)
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        *fmt, serialization.NoEncryption()).decode()
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        *fmt, serialization.NoEncryption()).decode()
+    encrypted = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        *fmt, serialization.BestAvailableEncryption(b"pw")).decode()
+    cases = [("just text", "no '-----BEGIN PRIVATE KEY-----'"),
+             (pkcs8.replace(body[:10], body[:9] + "!"), "no '-----BEGIN PRIVATE KEY-----'"),
+             (pem(der[:-7]), "runs past its end"),
+             (pem(der + b"\x00"), "data after the PrivateKeyInfo"),
+             (pem(der, "RSA PRIVATE KEY"), "expected the RSA n"),
+             (ec_pem, "not an RSA key"),
+             (small, "shorter than the 2048 bits"),
+             (encrypted, "the key is encrypted"),
+             ("x" * (ag.MAX_KEY_PEM + 1), "longer than 64 KiB")]
+    for text, why in cases:
+        with pytest.raises(ag.ConfigError) as e:
+            ag.service_account(service_account_info(text), "channels[2].service_account")
+        msg = str(e.value)
+        assert msg.startswith("channels[2].service_account: 'private_key' is not a usable RSA")
+        assert why in msg and body[20:40] not in msg
+    for info, why in (([], "expected the JSON object"),
+                      (dict(service_account_info(pkcs8), type="authorized_user"),
+                       "not 'service_account'"),
+                      ({"private_key": pkcs8}, "'client_email' is missing")):
+        with pytest.raises(ag.ConfigError, match=re.escape(why)):
+            ag.service_account(info)
+
+
+class _Clock:
+    def __init__(self, now=1764590400.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def google_token_endpoint(upstream, public_key, fail_first=0):
+    """A token endpoint per Google's "Using OAuth 2.0 for Server to Server Applications": a
+    form POST of grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer and the assertion,
+    answered {"access_token", "expires_in", "token_type": "Bearer"}; refused as RFC 6749 5.2."""
+    fake = upstream()
+    issued = []
+
+    def respond(rec):
+        assert rec["headers"]["content-type"] == "application/x-www-form-urlencoded"
+        form = dict(ag.urllib.parse.parse_qsl(rec["body"].decode(), strict_parsing=True))
+        assert set(form) == {"grant_type", "assertion"}
+        assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        _, claims = verify_jwt(public_key, form["assertion"])
+        assert claims["aud"] == f"{fake.url}/token"
+        if len(issued) < fail_first:
+            issued.append(None)
+            return Reply(400, json.dumps({"error": "invalid_grant",
+                                          "error_description": "Invalid JWT Signature."}
+                                         ).encode())
+        issued.append(f"ya29.token-{len(issued)}")
+        return Reply(body=json.dumps({"access_token": issued[-1], "expires_in": 3599,
+                                      "token_type": "Bearer"}).encode())
+    fake.responder = respond
+    return fake, issued
+
+
+def test_07_google_tokens_are_cached_renewed_and_shared(upstream, rsa_pem):
+    key, pkcs8, _ = rsa_pem
+    fake, issued = google_token_endpoint(upstream, key.public_key())
+    account = ag.service_account(service_account_info(pkcs8, f"{fake.url}/token"))
+    clock = _Clock()
+
+    async def main():
+        client = ag.UpstreamClient()
+        src = ag.GoogleTokenSource(account, client, clock=clock)
+        # Twenty callers at once share one exchange.
+        assert set(await asyncio.gather(*[src.token() for _ in range(20)])) == {issued[0]}
+        assert len(fake.requests) == 1
+        clock.now += 3599 - ag.GOOGLE_TOKEN_MARGIN - 1          # cached: no new exchange
+        assert await src.token() == issued[0] and len(fake.requests) == 1
+        clock.now += 2             # within the margin: the old token now, a renewal behind it
+        assert await src.token() == issued[0]
+        assert await src.token() == issued[0]
+        renewal = src._renewal
+        assert renewal is not None and await renewal == "ya29.token-1"
+        assert await src.token() == "ya29.token-1" and len(fake.requests) == 2
+        clock.now += 3599 - ag.GOOGLE_TOKEN_LAST + 1   # nearly expired: callers wait for a new one
+        assert await asyncio.gather(src.token(), src.token()) == ["ya29.token-2"] * 2
+        assert len(fake.requests) == 3
+        client.close()
+    run(main())
+
+
+def test_07_google_token_refusals_fail_the_waiters_and_the_next_call_retries(upstream, rsa_pem):
+    key, pkcs8, _ = rsa_pem
+    fake, issued = google_token_endpoint(upstream, key.public_key(), fail_first=1)
+    account = ag.service_account(service_account_info(pkcs8, f"{fake.url}/token"))
+
+    async def main():
+        client = ag.UpstreamClient()
+        src = ag.GoogleTokenSource(account, client, clock=_Clock())
+        results = await asyncio.gather(src.token(), src.token(), return_exceptions=True)
+        for err in results:
+            assert isinstance(err, ag.UpstreamError) and err.status == 502 and err.retryable
+            assert err.upstream_status == 400
+            assert err.message == ("Google's token endpoint for service account gw@p.iam."
+                                   "gserviceaccount.com answered 400 invalid_grant: Invalid "
+                                   "JWT Signature.")
+        assert len(fake.requests) == 1
+        assert await src.token() == "ya29.token-1" and len(fake.requests) == 2
+        fake.responder = lambda rec: Reply(body=b'{"access_token": "", "expires_in": 10}')
+        src2 = ag.GoogleTokenSource(account, client, clock=_Clock())
+        with pytest.raises(ag.UpstreamError, match="unusable answer: no access_token"):
+            await src2.token()
+        fake.responder = lambda rec: Reply(body=b"<html>")
+        with pytest.raises(ag.UpstreamError, match="unusable answer: the answer of Google"):
+            await src2.token()
+        client.close()
+    run(main())
+
 
 # =================================================================================================
 # 8. HTTP server (raw sockets: an independent client that sees exactly what we send)
@@ -1219,6 +1629,199 @@ def test_09_replace_json_model_is_byte_exact_elsewhere():
 ])
 def test_09_join_base_url_respects_version_segments(base, expected):
     assert ag.join_base_url(base, "/v1/chat/completions") == expected
+
+# --- Bedrock and Vertex helpers (issue 14): bodies, URLs, Converse <-> IR ----------------------
+
+def test_09_bedrock_and_vertex_bodies_and_urls():
+    model = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+    req, _ = botocore_signed("bedrock-runtime", "us-east-1", lambda c: c.invoke_model(
+        modelId=model, body=b"{}"))
+    assert ag.bedrock_url(ag.bedrock_base_url("us-east-1"), model, "invoke") == req.url
+    arn = "arn:aws:bedrock:us-east-1:123:inference-profile/us.anthropic.claude-x-v1:0"
+    req, _ = botocore_signed("bedrock-runtime", "us-east-1", lambda c: c.converse_stream(
+        modelId=arn, messages=[]))
+    assert ag.bedrock_url("https://bedrock-runtime.us-east-1.amazonaws.com/", arn,
+                          "converse-stream") == req.url
+    req, _ = botocore_signed("bedrock", "eu-west-1", lambda c: c.list_foundation_models(
+        byOutputModality="TEXT", byInferenceType="ON_DEMAND"))
+    assert ag.bedrock_models_url("eu-west-1") == req.url
+    assert ag.bedrock_model_ids({"modelSummaries": [
+        {"modelId": "amazon.nova-pro-v1:0", "modelName": "Nova Pro"}, {"modelId": ""}, 7,
+        {"modelId": "anthropic.claude-x-v1:0"}, {"modelId": "amazon.nova-pro-v1:0"}]}) == [
+        "amazon.nova-pro-v1:0", "anthropic.claude-x-v1:0"]
+    assert ag.bedrock_model_ids([]) == []
+    body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": ["a"],
+            "messages": [{"role": "user", "content": "hi"}], "cache_thing": {"k": 1}}
+    assert ag.bedrock_invoke_body(body, "b, a ,c") == {
+        "max_tokens": 5, "anthropic_beta": ["a", "b", "c"], "cache_thing": {"k": 1},
+        "messages": [{"role": "user", "content": "hi"}],
+        "anthropic_version": "bedrock-2023-05-31"}
+    assert "anthropic_beta" not in ag.bedrock_invoke_body({"model": "m"})
+    assert ag.vertex_raw_predict_body(body) == {
+        "stream": True, "max_tokens": 5, "anthropic_beta": ["a"], "cache_thing": {"k": 1},
+        "messages": [{"role": "user", "content": "hi"}], "anthropic_version": "vertex-2023-10-16"}
+    assert body["model"] == "claude-x"                          # the client's body is not changed
+    assert ag.vertex_model_url(ag.vertex_base_url("global"), "my-proj", "global", "anthropic",
+                               "claude-sonnet-4-5@20250929", "streamRawPredict") == (
+        "https://aiplatform.googleapis.com/v1/projects/my-proj/locations/global/publishers/"
+        "anthropic/models/claude-sonnet-4-5%4020250929:streamRawPredict")
+    assert ag.vertex_model_url(ag.vertex_base_url("europe-west4"), "p", "europe-west4",
+                               "google", "gemini-2.5-pro", "streamGenerateContent") == (
+        "https://europe-west4-aiplatform.googleapis.com/v1/projects/p/locations/europe-west4/"
+        "publishers/google/models/gemini-2.5-pro:streamGenerateContent?alt=sse")
+
+
+def test_09_bedrock_invoke_stream_is_anthropics_sse():
+    events = [json.loads(c.split(b"data: ", 1)[1]) for c in anthropic_stream_chunks()]
+    events[-1]["amazon-bedrock-invocationMetrics"] = {"inputTokenCount": 12}
+    stream = b"".join(bedrock_chunk(e) for e in events)
+    # JSON with line ends inside is sent on one data line (else SSE would cut it).
+    pretty = ag.base64.b64encode(json.dumps(events[0], indent=1).encode()).decode()
+    stream = es_event("chunk", {"bytes": pretty}) + stream
+    conv, sse = ag.BedrockInvokeStream(), b""
+    for i in range(len(stream)):
+        sse += conv.feed(stream[i:i + 1])
+    conv.end()
+    got = ag.SSEDecoder().feed(sse)
+    assert [(name, json.loads(data)) for name, data, _ in got] == [
+        (e["type"], e) for e in [events[0]] + events]
+    dec = ag.AnthropicStreamDecoder()
+    ir_events = dec.feed(sse) + dec.close()
+    assert ("text", "Hi") in ir_events and ir_events[-1] == ("finish", "stop")
+    conv = ag.BedrockInvokeStream()
+    assert conv.feed(bedrock_chunk(events[0])).startswith(b"event: message_start\ndata: {")
+    with pytest.raises(ag.UpstreamError) as e:
+        conv.feed(es_exception("modelStreamErrorException", "model failed mid-stream"))
+    assert e.value.status == 502 and e.value.upstream_status == 424
+    for bad, why in ((es_event("chunk", {"bytes": "%%"}), "without base64 bytes"),
+                     (es_event("chunk", {"bytes": "e30="}), "without a type")):
+        with pytest.raises(ag.ProtocolError, match=why):
+            ag.BedrockInvokeStream().feed(bad)
+
+
+def _converse_ir():
+    png = ag.base64.b64encode(b"\x89PNG fake").decode()
+    return ag.openai_request_to_ir({
+        "model": "m", "max_tokens": 100, "temperature": 0.5, "stop": ["END"],
+        "tool_choice": "required",
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is here?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                {"id": "call_2", "type": "function",
+                 "function": {"name": "old_tool", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": ""},
+            {"role": "user", "content": "Thanks"}]}), png
+
+
+def test_09_converse_request_from_ir_fits_the_aws_model():
+    import botocore.session
+    import botocore.validate
+    ir, png = _converse_ir()
+    body = ag.ir_to_converse_request(ir)
+    assert body == {
+        "messages": [
+            {"role": "user", "content": [
+                {"text": "What is here?"},
+                {"image": {"format": "png", "source": {"bytes": png}}}]},
+            {"role": "assistant", "content": [
+                {"toolUse": {"toolUseId": "call_1", "name": "get_weather",
+                             "input": {"city": "Oslo"}}},
+                {"toolUse": {"toolUseId": "call_2", "name": "old_tool", "input": {}}}]},
+            {"role": "user", "content": [
+                {"toolResult": {"toolUseId": "call_1", "content": [{"text": "Sunny"}],
+                                "status": "success"}},
+                {"toolResult": {"toolUseId": "call_2", "content": [{"text": ""}],
+                                "status": "success"}},
+                {"text": "Thanks"}]}],
+        "system": [{"text": "Be brief."}],
+        "inferenceConfig": {"maxTokens": 100, "temperature": 0.5, "stopSequences": ["END"]},
+        "toolConfig": {"tools": [
+            {"toolSpec": {"name": "get_weather", "description": "Weather now",
+                          "inputSchema": {"json": {"type": "object", "properties": {
+                              "city": {"type": "string"}}}}}},
+            {"toolSpec": {"name": "old_tool", "inputSchema": {"json": {"type": "object"}}}}],
+            "toolChoice": {"any": {}}}}
+    # botocore's validator, with the AWS API model's Converse input shape, accepts it (blobs
+    # as the bytes botocore would base64 on the wire).
+    model = botocore.session.get_session().get_service_model("bedrock-runtime")
+    params = json.loads(json.dumps(body).replace(f'"{png}"', '"__png__"'))
+    params["messages"][0]["content"][1]["image"]["source"]["bytes"] = b"\x89PNG fake"
+    botocore.validate.validate_parameters(dict(params, modelId="m"),
+                                          model.operation_model("Converse").input_shape)
+    ir["messages"][0]["content"][1] = {"type": "image", "url": "https://img.test/a.png"}
+    with pytest.raises(ag.GatewayError, match="images as png, jpeg, gif or webp bytes, not a URL"):
+        ag.ir_to_converse_request(ir)
+
+
+def test_09_converse_answers_and_streams_to_ir():
+    resp = ag.converse_response_to_ir({
+        "output": {"message": {"role": "assistant", "content": [
+            {"reasoningContent": {"reasoningText": {"text": "hmm", "signature": "sig"}}},
+            {"text": "Let me look."},
+            {"toolUse": {"toolUseId": "tu_1", "name": "get_weather",
+                         "input": {"city": "Oslo"}}}]}},
+        "stopReason": "tool_use", "metrics": {"latencyMs": 5},
+        "usage": {"inputTokens": 10, "outputTokens": 7, "totalTokens": 22,
+                  "cacheReadInputTokens": 5}}, "m1")
+    assert resp["content"] == [
+        {"type": "reasoning", "text": "hmm", "signature": "sig", "redacted": False},
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_call", "id": "tu_1", "name": "get_weather",
+         "arguments": '{"city": "Oslo"}'}]
+    assert (resp["finish"], resp["model"]) == ("tool_calls", "m1")
+    assert resp["usage"] == {"input": 15, "output": 7, "cache_read": 5, "cache_write": 0,
+                             "reasoning": 0}
+    with pytest.raises(ag.GatewayError, match="malformed upstream response") as e:
+        ag.converse_response_to_ir({"output": []})
+    assert e.value.status == 502
+    stream = b"".join([
+        es_event("messageStart", {"role": "assistant"}),
+        es_event("contentBlockDelta", {"delta": {"reasoningContent": {"text": "think"}},
+                                       "contentBlockIndex": 0}),
+        es_event("contentBlockDelta", {"delta": {"reasoningContent": {"signature": "s1"}},
+                                       "contentBlockIndex": 0}),
+        es_event("contentBlockStop", {"contentBlockIndex": 0}),
+        es_event("contentBlockDelta", {"delta": {"text": "Hi"}, "contentBlockIndex": 1}),
+        es_event("contentBlockStart", {"start": {"toolUse": {"toolUseId": "tu_9",
+                                                             "name": "f"}},
+                                       "contentBlockIndex": 2}),
+        es_event("contentBlockDelta", {"delta": {"toolUse": {"input": '{"a":'}},
+                                       "contentBlockIndex": 2}),
+        es_event("contentBlockDelta", {"delta": {"toolUse": {"input": "1}"}},
+                                       "contentBlockIndex": 2}),
+        es_event("contentBlockStop", {"contentBlockIndex": 2}),
+        es_event("messageStop", {"stopReason": "tool_use"}),
+        es_event("metadata", {"usage": {"inputTokens": 3, "outputTokens": 4,
+                                        "totalTokens": 7}, "metrics": {"latencyMs": 1}})])
+    dec, events = ag.ConverseStreamDecoder("m2"), []
+    for i in range(len(stream)):
+        events += dec.feed(stream[i:i + 1])
+    events += dec.close()
+    assert events[0][0] == "start" and events[0][2] == "m2"
+    assert events[1:] == [("reasoning", "think"), ("signature", "s1"), ("text", "Hi"),
+                          ("tool", 0, "tu_9", "f"), ("args", 0, '{"a":'), ("args", 0, "1}"),
+                          ("usage", ag.new_usage(3, 4)), ("finish", "tool_calls")]
+    dec = ag.ConverseStreamDecoder()
+    events = dec.feed(es_event("contentBlockDelta", {"delta": {"text": "par"},
+                                                     "contentBlockIndex": 0})
+                      + es_exception("throttlingException", "Too many requests"))
+    assert events[1] == ("text", "par")
+    events = dec.feed(b"") + dec.close()                  # the error once, then the end
+    assert len(events) == 1 and events[0][0] == "error" and events[0][1].status == 429
+    assert "Too many requests" in events[0][1].message
+    dec = ag.ConverseStreamDecoder()
+    events = dec.feed(es_event("messageStart", {"role": "assistant"})[:-3]) + dec.close()
+    assert events[1][0] == "error" and "ended inside a message" in events[1][1].message
+    assert dec.feed(b"more") == [] and dec.close() == []
 
 
 # =================================================================================================
