@@ -131,6 +131,16 @@ AUTH_FAILURES_LIMIT = 20              # wrong tokens from one address within the
 AUTH_FAILURES_WINDOW = 60.0           # seconds over which wrong tokens are counted
 AUTH_BLOCK_SECONDS = 60.0             # how long an address that went over the limit gets 429
 AUTH_FAILURE_ADDRESSES = 4096         # addresses tracked at most; the least recent is dropped
+DEFAULT_AFFINITY_TTL_S = 3600         # a session sticks to its channel and key this long
+AFFINITY_MAX_SESSIONS = 10000         # sessions pinned at most; the least recently used is dropped
+AFFINITY_HASH_CHARS = 4096            # characters of system prompt + first user message hashed
+                                      # when a client names no session
+ALIAS_MAX_MEMBERS = 32                # models one settings.aliases entry may name
+OVERRIDES_MAX = 32                    # override rules per channel
+OVERRIDE_PATH_DEPTH = 16              # segments of one dotted override path
+DEBUG_CAPTURE_MAX = 500               # settings.debug_capture: requests kept at most
+DEBUG_CAPTURE_BODY_BYTES = 256 * 1024  # each captured body is cut here (memory stays bounded)
+DEBUG_CAPTURE_ATTEMPTS = 4            # upstream exchanges captured per request (fallbacks)
 # Browser origins allowed without settings.cors_origins: pages of desktop apps (the schemes
 # Ollama allows by default after its own DNS-rebinding/CSRF fixes); loopback origins are too.
 APP_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview")
@@ -5350,12 +5360,17 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "theme": "light",                 # the GUI's theme: light or dark
     "window": "",                     # the GUI's last window geometry
     "default_timeout": DEFAULT_CHANNEL_TIMEOUT,   # a channel's timeout when it gives none
+    "affinity_ttl_s": DEFAULT_AFFINITY_TTL_S,    # a session keeps its channel and key; 0 = off
+    "aliases": {},                    # {"fast": ["gpt-4o-mini", {"model": "...", "weight": 2}]}
+    "debug_capture": 0,               # keep the last N request/response bodies (masked); 0 = off
+    "debug_capture_file": "",         # ... and append them to this JSONL file (owner-only)
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
-    "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto",
+    "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto", "weight": 1,
+    "overrides": [],
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -5538,6 +5553,16 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
     if not 0 < dt < float("inf"):
         raise ck.fail("settings.default_timeout", f"{dt} is not a positive number",
                       "use seconds, such as 300")
+    ttl = ck.typed(settings, "affinity_ttl_s", "settings", (int, float), "a number of seconds")
+    if not 0 <= ttl < float("inf"):
+        raise ck.fail("settings.affinity_ttl_s", f"{ttl} is not a number of seconds",
+                      "use 3600 (an hour), or 0 to turn session affinity off")
+    _check_aliases(ck, settings)
+    n = ck.typed(settings, "debug_capture", "settings", (int,), "a whole number (0 = off)")
+    if not 0 <= n <= DEBUG_CAPTURE_MAX:
+        raise ck.fail("settings.debug_capture", f"{n} is not from 0 to {DEBUG_CAPTURE_MAX}",
+                      "use 0 (off) or the number of requests to keep, such as 20")
+    ck.typed(settings, "debug_capture_file", "settings", (str,), "a file path or an empty string")
 
     next_ids = cfg.setdefault("next_ids", {})
     if not isinstance(next_ids, dict):
@@ -5629,6 +5654,11 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
             raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
                           "use 0 for no cap or the model's largest output, such as 8192")
         _check_quirks(ck, ch, where)
+        w = ck.typed(ch, "weight", where, (int, float), "a positive number")
+        if not 0 < w < float("inf"):
+            raise ck.fail(f"{where}.weight", f"{w} is not a positive number",
+                          "use 1 (the default), or 3 to get three times the share of a 1")
+        _check_overrides(ck, ch, where)
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
             if not header_ok(name, value):
@@ -5654,6 +5684,126 @@ def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
         else:
             raise ck.fail(f"{where}.quirks", f"{key!r} is not a quirk",
                           f"use only {', '.join(known)}")
+
+
+def alias_members(entry: list) -> list[tuple[str, float]]:
+    """A validated settings.aliases entry as (model, weight) pairs."""
+    return [(m, 1.0) if isinstance(m, str) else (m["model"], float(m.get("weight", 1)))
+            for m in entry]
+
+
+def _check_aliases(ck: _Checker, settings: dict) -> None:
+    """settings.aliases: a client name -> the models that serve it, each a name or
+    {"model": name, "weight": number}."""
+    aliases = settings["aliases"]
+    example = '{"fast": ["gpt-4o-mini", {"model": "gemini-2.5-flash", "weight": 2}]}'
+    if not isinstance(aliases, dict):
+        raise ck.fail("settings.aliases", "is not an object", f"write an object such as {example}")
+    names = {k.lower() for k in aliases}
+    for name, entry in aliases.items():
+        where = "settings.aliases"          # a name config_problems can set aside
+        if not name.strip():
+            raise ck.fail("settings.aliases", "an alias has an empty name", "give it a name")
+        if not isinstance(entry, list) or not entry or len(entry) > ALIAS_MAX_MEMBERS:
+            raise ck.fail(where, f"{name!r} is not a list of 1 to {ALIAS_MAX_MEMBERS} models",
+                          f"write a list such as {example[9:-1]}")
+        for member in entry:
+            if isinstance(member, dict):
+                unknown = set(member) - {"model", "weight"}
+                if unknown or not isinstance(member.get("model"), str):
+                    raise ck.fail(where, f"{name!r}: {json.dumps(member)[:60]} is not a model "
+                                         f"entry",
+                                  'write {"model": "name", "weight": 2}')
+                weight = member.get("weight", 1)
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                        not 0 < weight < float("inf"):
+                    raise ck.fail(where, f"{name!r}: the weight of {member['model']!r} is not "
+                                         f"a positive number", "use a number such as 1 or 2")
+                model = member["model"]
+            elif isinstance(member, str):
+                model = member
+            else:
+                raise ck.fail(where, f"{name!r}: {json.dumps(member)[:60]} is not a model",
+                              'write a model name, or {"model": "name", "weight": 2}')
+            if not model.strip():
+                raise ck.fail(where, f"{name!r} names an empty model",
+                              "write the upstream model's name")
+            if model.lower() in names:
+                raise ck.fail(where, f"{name!r}: {model!r} is an alias itself",
+                              "name the upstream models directly (aliases do not nest)")
+
+
+# Headers an override may not set or remove: the channel's key goes in api_key / api_keys (kept
+# out of every log); the framing headers are the HTTP client's.
+_OVERRIDE_SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+_OVERRIDE_FRAMING_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
+_OVERRIDE_KEYS = ("models", "set", "remove", "headers", "remove_headers")
+
+
+def override_path(path: str) -> list[str] | None:
+    """A dotted override path's segments ("messages.0.role" -> ["messages", "0", "role"]), or
+    None when it is not usable (empty segments, too deep)."""
+    parts = path.split(".")
+    if not path or any(not p for p in parts) or len(parts) > OVERRIDE_PATH_DEPTH:
+        return None
+    return parts
+
+
+def _check_overrides(ck: _Checker, ch: dict, where: str) -> None:
+    """A channel's ``overrides``: rules applied to the request sent upstream (section 11)."""
+    rules = ch["overrides"]
+    example = '[{"models": "gpt-5*", "set": {"reasoning.effort": "low"}}]'
+    if not isinstance(rules, list) or len(rules) > OVERRIDES_MAX:
+        raise ck.fail(f"{where}.overrides", f"is not a list of at most {OVERRIDES_MAX} rules",
+                      f"write a list such as {example}")
+    for i, rule in enumerate(rules):
+        at = f"{where}.overrides[{i}]"
+        if not isinstance(rule, dict):
+            raise ck.fail(at, "is not an object", f"write a rule such as {example[1:-1]}")
+        unknown = [k for k in rule if k not in _OVERRIDE_KEYS]
+        if unknown:
+            raise ck.fail(at, f"{unknown[0]!r} is not an override key",
+                          f"use only {', '.join(_OVERRIDE_KEYS)}")
+        if not any(rule.get(k) for k in _OVERRIDE_KEYS[1:]):
+            raise ck.fail(at, "changes nothing", "give it set, remove, headers or remove_headers")
+        models = rule.get("models", [])
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ck.fail(f"{at}.models", "is not a model pattern or a list of them",
+                          'write "gpt-4o*" or ["gpt-4o", "o3*"] (leave it out for every model)')
+        sets, removes = rule.get("set", {}), rule.get("remove", [])
+        if not isinstance(sets, dict):
+            raise ck.fail(f"{at}.set", "is not an object",
+                          'write dotted paths and values, such as {"reasoning.effort": "low"}')
+        if not isinstance(removes, list) or not all(isinstance(p, str) for p in removes):
+            raise ck.fail(f"{at}.remove", "is not a list of paths",
+                          'write a list such as ["stream_options", "metadata.user_id"]')
+        for path in [*sets, *removes]:
+            if override_path(path) is None:
+                raise ck.fail(at, f"{path!r} is not a dotted path",
+                              f"write names joined by dots (list items by number), at most "
+                              f"{OVERRIDE_PATH_DEPTH} deep, such as \"messages.0.role\"")
+        hdrs, dropped = rule.get("headers", {}), rule.get("remove_headers", [])
+        if not isinstance(hdrs, dict) or not all(isinstance(v, str) for v in hdrs.values()):
+            raise ck.fail(f"{at}.headers", "is not an object of strings",
+                          'write an object such as {"X-Title": "aigateway"}')
+        if not isinstance(dropped, list) or not all(isinstance(h, str) for h in dropped):
+            raise ck.fail(f"{at}.remove_headers", "is not a list of header names",
+                          'write a list such as ["anthropic-beta"]')
+        for name in [*hdrs, *dropped]:
+            low = name.lower()
+            if low in _OVERRIDE_SECRET_HEADERS:
+                raise ck.fail(at, f"{name!r} carries the channel's key",
+                              "put the key in the channel's api_key (it is kept out of logs)")
+            if low in _OVERRIDE_FRAMING_HEADERS:
+                raise ck.fail(at, f"{name!r} is set by the HTTP client",
+                              "leave it out of the override")
+            if not header_ok(name, hdrs.get(name, "")):
+                raise ck.fail(at, f"{name!r} is not a valid header",
+                              "use header names without spaces and values without line breaks")
+
+
 def header_ok(name: str, value: str) -> bool:
     """A channel's extra header: a token name (RFC 9110 5.1) and a value without line breaks."""
     return bool(_TOKEN_RX.match(name.encode("latin-1", "replace"))) and "\r" not in value \
