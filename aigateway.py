@@ -1435,6 +1435,7 @@ class UpstreamResponse:
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
         self._deflate_raw_tried = False
         self._kept: bytes | None = None
+        self.tap: Callable[[bytes], None] | None = None   # sees the decoded body as it is read
 
     async def keep_body(self, limit: int) -> bytes:
         """Read the body (at most ``limit`` bytes) and keep it, so that a later ``read`` or
@@ -1486,14 +1487,14 @@ class UpstreamResponse:
                                         self._idle, error_status=502, exact=False,
                                         overrun=overrun):
                 if self._decoder is None:
-                    yield data
+                    yield self._tapped(data)
                 else:
                     for out in self._inflate(data):
-                        yield out
+                        yield self._tapped(out)
             if self._decoder is not None:
                 tail = self._decoder.flush()
                 if tail:
-                    yield tail
+                    yield self._tapped(tail)
             self._done = True
             self._keep = self._keep and not overrun
         except TimeoutError:
@@ -1506,6 +1507,11 @@ class UpstreamResponse:
                                      f"{_os_error_text(exc)}", retryable=True) from None
         finally:
             self.aclose_nowait()
+
+    def _tapped(self, data: bytes) -> bytes:
+        if self.tap is not None:
+            self.tap(data)
+        return data
 
     async def read(self, limit: int | None = None) -> bytes:
         """The decoded body. With ``limit``: its first ``limit`` bytes, the rest left unread.
@@ -6283,7 +6289,8 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "_exact")
+                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "weight",
+                 "overrides", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -6305,6 +6312,8 @@ class Channel:
         self.max_concurrency: int = c["max_concurrency"]
         self.quirks: dict = c["quirks"]
         self.thinking: str = c["thinking"]
+        self.weight = float(c["weight"])
+        self.overrides: list[dict] = c["overrides"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -6322,6 +6331,12 @@ class Channel:
             return self
         other = copy.copy(self)
         other.api_key = key
+        return other
+
+    def for_alias(self, alias: str, member: str) -> Channel:
+        """This channel serving ``alias`` (settings.aliases) as its member model ``member``."""
+        other = copy.copy(self)
+        other.mapping = dict(self.mapping, **{alias.lower(): self.upstream_model(member)})
         return other
 
     def listed_models(self) -> list[str]:
@@ -6455,7 +6470,7 @@ class RequestLog:
         """Open the file now (at start), raising ConfigError when that is impossible."""
         try:
             if self._file is None:
-                self._file = open(self.path, "ab")
+                self._file = self._open()
         except OSError as exc:
             raise ConfigError(f"cannot open the request log {self.path} ({exc.strerror}); "
                               f"set settings.log_file to a writable path, or turn "
@@ -6464,7 +6479,7 @@ class RequestLog:
     def write(self, record: dict) -> None:
         try:
             if self._file is None:
-                self._file = open(self.path, "ab")
+                self._file = self._open()
             self._file.write(json_dumps(record) + b"\n")
             self._file.flush()
             if self._file.tell() > REQUEST_LOG_MAX_BYTES:
@@ -6478,6 +6493,12 @@ class RequestLog:
                                f"requests are served but not logged there until it works again")
             return
         self._failing = False
+
+    def _open(self) -> Any:
+        """Append, owner-only: a log may hold what clients sent."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     getattr(os, "O_BINARY", 0), 0o600)
+        return os.fdopen(fd, "ab")
 
     def _rotate(self) -> None:
         self.close()
@@ -6560,6 +6581,331 @@ def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
     return None
 
 
+# -- session affinity, weights, aliases, overrides, debug capture (issue 13) ----------------------
+
+# Where clients name their session, first found (header names are case-insensitive):
+#   X-Claude-Code-Session-Id   Claude Code since v2.1.86, one UUID per session (coder/aibridge
+#                              pull request 241; Anthropic's LLM-gateway protocol page)
+#   session_id / session-id    Codex: codex-rs/codex-api/src/requests/headers.rs
+#                              (build_conversation_headers sends the conversation id as
+#                              "session_id"; newer builds spell it "session-id")
+#   prompt_cache_key           OpenAI's body field for grouping cached prompts (Codex sets it too)
+#   metadata.user_id           Anthropic's body field; Claude Code puts its session id in it
+SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "session-id")
+
+
+def session_key(headers: Headers, obj: dict | None) -> str | None:
+    """The session a request belongs to (see SESSION_HEADERS), else a hash of its system prompt
+    and first user message; None when the body has neither."""
+    for name in SESSION_HEADERS:
+        value = (headers.get(name) or "").strip()
+        if value:
+            return f"h:{value[:200]}"
+    obj = obj or {}
+    pck = obj.get("prompt_cache_key")
+    if isinstance(pck, str) and pck:
+        return f"p:{pck[:200]}"
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) and meta["user_id"]:
+        return f"u:{meta['user_id'][:400]}"
+    # Field names of every dialect (chat/Messages, Responses, Gemini), read without judging them.
+    system = obj.get("system") or obj.get("instructions") or obj.get("systemInstruction")
+    turns = obj.get("messages") or obj.get("input") or obj.get("contents")
+    first_user = None
+    if isinstance(turns, list):
+        for m in turns:
+            if not isinstance(m, dict):
+                continue
+            if m.get("role") in ("system", "developer") and system is None:
+                system = m.get("content")
+            elif m.get("role") == "user":
+                first_user = m.get("content", m.get("parts"))
+                break
+    elif isinstance(turns, str):
+        first_user = turns
+    if system is None and first_user is None:
+        return None
+    text = json.dumps([system, first_user], sort_keys=True, default=str)[:AFFINITY_HASH_CHARS]
+    return "s:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+class Affinity:
+    """Which channel, upstream model and key served a session last: (scope) -> pin, where a
+    scope is (gateway token id, requested model, session key). A pin lasts ``ttl`` seconds after
+    the request that last used it (0 = affinity off); at most ``max_sessions`` are kept, the
+    least recently used dropped first. Times come from ``clock`` (tests drive it)."""
+
+    def __init__(self, ttl: float = DEFAULT_AFFINITY_TTL_S,
+                 clock: Callable[[], float] = time.monotonic,
+                 max_sessions: int = AFFINITY_MAX_SESSIONS):
+        self.ttl, self.clock, self.max_sessions = ttl, clock, max_sessions
+        self._table: collections.OrderedDict[tuple, tuple[float, tuple]] = \
+            collections.OrderedDict()
+
+    def lookup(self, scope: tuple) -> tuple | None:
+        """The pin of ``scope``, (channel id, upstream model, key index), or None."""
+        entry = self._table.get(scope)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            del self._table[scope]
+            return None
+        return entry[1]
+
+    def served(self, scope: tuple, before: tuple | None, pin: tuple) -> str:
+        """Pin ``scope`` to what served it; "new", "hit" (the pin held) or "repinned"."""
+        self._table.pop(scope, None)
+        self._table[scope] = (self.clock() + self.ttl, pin)
+        while len(self._table) > self.max_sessions:
+            self._table.popitem(last=False)
+        return "new" if before is None else "hit" if before == pin else "repinned"
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def pinned_first(chans: list[Channel], pin: tuple | None, model: str) -> list[Channel]:
+    """``chans`` with the pinned one (same channel, same upstream model) first, the rest in
+    their order, so that a failing pin falls back as usual."""
+    if pin is None:
+        return chans
+    for i, ch in enumerate(chans):
+        if (ch.id, ch.upstream_model(model)) == pin[:2]:
+            return [ch] + chans[:i] + chans[i + 1:]
+    return chans
+
+
+WEIGHT_STATES_MAX = 4096      # weighted-turn states kept (one per model and priority or alias)
+
+
+def pin_key(pin: tuple | None, ch: Channel, model: str) -> int | None:
+    """The key index a session's pin names for ``ch`` (None: no pin on this channel)."""
+    return pin[2] if pin is not None and pin[:2] == (ch.id, ch.upstream_model(model)) else None
+
+
+def key_index(ch: Channel, key: str) -> int:
+    return ch.keys.index(key) if key in ch.keys else 0
+
+
+def weighted_order(members: list, weights: list[float], current: dict) -> list:
+    """Smooth weighted round-robin (the one nginx uses): each turn every member's running
+    score grows by its weight, the highest (the first on a tie) is picked and loses the total.
+    Over any run of sum(weights) turns each member is picked in proportion to its weight, evenly
+    spread; with equal weights it is plain round-robin. ``current`` holds the scores between
+    calls (members are hashable keys). Returns the members, the picked one first and the others
+    following it in their order (the fallback order)."""
+    for key in [k for k in current if k not in members]:
+        del current[key]
+    for m, w in zip(members, weights):
+        current[m] = current.get(m, 0.0) + w
+    best = max(range(len(members)), key=lambda i: (current[members[i]], -i))
+    current[members[best]] -= sum(weights)
+    return members[best:] + members[:best]
+
+
+def _override_target(obj: Any, parts: list[str], create: bool) -> tuple[Any, Any] | None:
+    """The container holding the last segment of ``parts`` and its key (an int for a list),
+    making missing objects on the way when ``create``; None when the path cannot be reached."""
+    cur = obj
+    for i, seg in enumerate(parts):
+        if isinstance(cur, list):
+            if not seg.isdigit() or int(seg) >= len(cur):
+                return None
+            key: Any = int(seg)
+        elif isinstance(cur, dict):
+            key = seg
+            if i < len(parts) - 1 and key not in cur:
+                if not create:
+                    return None
+                cur[key] = {}
+        else:
+            return None
+        if i == len(parts) - 1:
+            return cur, key
+        cur = cur[key]
+    return None
+
+
+def apply_overrides(body: bytes, headers: list[tuple[str, str]], rules: list[dict],
+                    models: tuple[str, ...]) -> tuple[bytes, list[tuple[str, str]]]:
+    """A channel's override rules (validated in section 10) applied to the request about to be
+    sent: the rules whose ``models`` patterns match one of ``models`` (the name the client asked
+    for, the name sent upstream), in order. ``set`` and ``remove`` take dotted paths ("a.b",
+    "messages.0.role": a number indexes a list); a path that does not reach is skipped. The body
+    is re-serialised only when a body rule applies (and only when it is a JSON object)."""
+    picked = [r for r in rules if not r.get("models") or any(
+        name_matches(p, m) for p in ([r["models"]] if isinstance(r["models"], str)
+                                     else r["models"]) for m in models)]
+    if not picked:
+        return body, headers
+    obj: Any = None
+    if any(r.get("set") or r.get("remove") for r in picked):
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            obj = None                                   # a form or other body: headers only
+    for rule in picked:
+        if isinstance(obj, dict):
+            for path, value in (rule.get("set") or {}).items():
+                found = _override_target(obj, path.split("."), create=True)
+                if found is not None:
+                    found[0][found[1]] = copy.deepcopy(value)
+            for path in rule.get("remove") or []:
+                found = _override_target(obj, path.split("."), create=False)
+                if found is not None and (isinstance(found[0], list) or found[1] in found[0]):
+                    del found[0][found[1]]
+        drop = {h.lower() for h in [*(rule.get("remove_headers") or []),
+                                    *(rule.get("headers") or {})]}
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        headers += list((rule.get("headers") or {}).items())
+    return (json_dumps(obj) if isinstance(obj, dict) else body), headers
+
+
+# Headers whose values are credentials: a capture shows them masked.
+_SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "x-api-key",
+                             "x-goog-api-key", "api-key", "cookie"))
+_KEY_PARAM_RX = re.compile(r"([?&](?:key|api_key|api-key)=)[^&\s\"']+", re.I)
+_BEARER_RX = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
+
+
+def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every known secret, bearer credential and ?key= value masked."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    text = _BEARER_RX.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+    return _KEY_PARAM_RX.sub(lambda m: m.group(1) + "***", text)
+
+
+class DebugCapture:
+    """The last ``keep`` requests' bodies for the Logs tab (off when 0): the client's request,
+    each upstream request (up to DEBUG_CAPTURE_ATTEMPTS) and the start of each upstream answer,
+    every body cut at DEBUG_CAPTURE_BODY_BYTES. Secrets (the configured keys and tokens, the
+    credential headers, bearer values, ?key=) are masked when a body is captured and again when
+    it is shown or written. With a ``path``, each finished request is appended to it as one JSON
+    line (owner-only file). The Tk thread reads ``text()`` while the server loop writes, so the
+    entries are guarded by a lock."""
+
+    def __init__(self) -> None:
+        self.keep = 0
+        self._entries: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._secrets: list[str] = []
+        self._file: RequestLog | None = None
+
+    def configure(self, keep: int, path: str | None, secrets: Iterable[str],
+                  on_error: Callable[[str], None]) -> None:
+        with self._lock:
+            self.keep = keep
+            self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+            while len(self._entries) > keep:
+                self._entries.popitem(last=False)
+        if self._file is not None and (not keep or self._file.path != path):
+            self._file.close()
+            self._file = None
+        if keep and path and self._file is None:
+            self._file = RequestLog(path, on_error)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _body(self, data: bytes) -> str:
+        cut = len(data) > DEBUG_CAPTURE_BODY_BYTES
+        text = data[:DEBUG_CAPTURE_BODY_BYTES].decode("utf-8", "replace")
+        return mask_text(text, self._secrets) + (
+            f"\n… (cut at {DEBUG_CAPTURE_BODY_BYTES // 1024} KiB of {len(data)} bytes)"
+            if cut else "")
+
+    def _headers(self, headers: Iterable[tuple[str, str]]) -> list[list[str]]:
+        return [[n, mask_secret(v) if n.lower() in _SECRET_HEADERS else
+                 mask_text(v, self._secrets)] for n, v in headers]
+
+    def client(self, rec_id: int, req: Request) -> None:
+        if not self.keep:
+            return
+        target = req.path + (f"?{req.query}" if req.query else "")
+        entry = {"id": rec_id, "time": time.time(), "client_request": {
+            "method": req.method, "target": mask_text(target, self._secrets),
+            "headers": self._headers(req.headers), "body": self._body(req.body)},
+            "upstream": []}
+        with self._lock:
+            self._entries[rec_id] = entry
+            while len(self._entries) > self.keep:
+                self._entries.popitem(last=False)
+
+    def upstream(self, rec_id: int, method: str, url: str, headers: list[tuple[str, str]],
+                 body: bytes) -> dict | None:
+        """Note an upstream request; returns its exchange for ``response`` (None: not kept)."""
+        with self._lock:
+            entry = self._entries.get(rec_id)
+            if entry is None or len(entry["upstream"]) >= DEBUG_CAPTURE_ATTEMPTS:
+                return None
+            exchange = {"request": {"method": method, "url": mask_text(url, self._secrets),
+                                    "headers": self._headers(headers),
+                                    "body": self._body(body)}, "response": None}
+            entry["upstream"].append(exchange)
+            return exchange
+
+    def response(self, exchange: dict | None, up: UpstreamResponse) -> None:
+        """Note an upstream answer's head, and tap its body's first bytes as they are read."""
+        if exchange is None:
+            return
+        raw = bytearray()
+        with self._lock:
+            exchange["response"] = {"status": up.status, "headers": self._headers(up.headers),
+                                    "raw": raw}
+
+        def tap(data: bytes) -> None:
+            room = DEBUG_CAPTURE_BODY_BYTES + 1 - len(raw)
+            if room > 0:
+                with self._lock:
+                    raw.extend(data[:room])
+        up.tap = tap
+
+    def _finished(self, entry: dict) -> dict:
+        """A copy of ``entry`` with the answers' bodies as masked text."""
+        out = copy.deepcopy({k: v for k, v in entry.items() if k != "upstream"})
+        out["upstream"] = []
+        for ex in entry["upstream"]:
+            resp = ex["response"]
+            if resp is not None:
+                resp = dict(resp, body=self._body(bytes(resp["raw"])))
+                del resp["raw"]
+            out["upstream"].append({"request": dict(ex["request"]), "response": resp})
+        return out
+
+    def finish(self, rec_id: int) -> None:
+        if self._file is None:
+            return
+        with self._lock:
+            entry = self._entries.get(rec_id)
+            done = self._finished(entry) if entry is not None else None
+        if done is not None:
+            self._file.write(done)
+
+    def text(self, rec_id: int) -> str:
+        """What the Logs tab shows for a request: its bodies, masked; "" when not captured."""
+        with self._lock:
+            entry = self._entries.get(rec_id)
+            if entry is None:
+                return ""
+            e = self._finished(entry)
+
+        def block(title: str, headers: list, body: str) -> list[str]:
+            return [f"── {title}", *(f"{n}: {v}" for n, v in headers), "", body, ""]
+        c = e["client_request"]
+        lines = block(f"client request: {c['method']} {c['target']}", c["headers"], c["body"])
+        for i, ex in enumerate(e["upstream"], 1):
+            r = ex["request"]
+            lines += block(f"upstream request {i}: {r['method']} {r['url']}", r["headers"],
+                           r["body"])
+            if ex["response"] is not None:
+                a = ex["response"]
+                lines += block(f"upstream answer {i}: {a['status']}", a["headers"], a["body"])
+        return "\n".join(lines).rstrip() + "\n"
+
+
 class Gateway:
     """Serves requests from the HTTP server; owns routing state, the upstream client and the
     request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
@@ -6578,7 +6924,9 @@ class Gateway:
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.stats = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
         self.started = time.time()
-        self._rr: dict[tuple[str, int], int] = {}
+        self._rr: dict[tuple, dict] = {}        # weighted-turn scores (weighted_order)
+        self.affinity = Affinity(clock=clock)
+        self.capture = DebugCapture()
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
@@ -6609,6 +6957,12 @@ class Gateway:
             short = name.partition(".")[0]
             binds |= {name, short, f"{short}.local"}
         self.host_names = binds
+        self.affinity.ttl = s["affinity_ttl_s"]
+        self.aliases = {k.lower(): alias_members(v) for k, v in s["aliases"].items()}
+        capture_file = s["debug_capture_file"]
+        self.capture.configure(s["debug_capture"], capture_file and os.path.join(
+            self.config_dir, capture_file), [k for ch in self.channels for k in ch.keys] +
+            [t["key"] for t in config["tokens"]], self.log)
         log_path = os.path.join(self.config_dir, s["log_file"]) if s["log_requests"] else None
         if self._request_log is not None and self._request_log.path != log_path:
             self._request_log.close()
@@ -6624,6 +6978,7 @@ class Gateway:
 
     def close(self) -> None:
         self.client.close()
+        self.capture.close()
         if self._request_log is not None:
             self._request_log.close()
 
@@ -6858,11 +7213,8 @@ class Gateway:
                                              key=lambda c: c.priority):
             members = list(group)
             if len(members) > 1:
-                key = (model.lower(), prio)
-                turn = self._rr.get(key, 0)
-                self._rr[key] = turn + 1
-                shift = turn % len(members)
-                members = members[shift:] + members[:shift]
+                members = weighted_order(members, [ch.weight for ch in members],
+                                         self._turns((model.lower(), prio)))
             ordered += members
         now = time.monotonic()
         ready = []
@@ -6876,6 +7228,54 @@ class Gateway:
             rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
         # When every candidate is cooling down, try them anyway: an answer beats a refusal.
         return ready or ordered
+
+    def _turns(self, key: tuple) -> dict:
+        """The weighted-turn scores kept for ``key``, at most WEIGHT_STATES_MAX of them."""
+        turns = self._rr.get(key)
+        if turns is None:
+            while len(self._rr) >= WEIGHT_STATES_MAX:
+                del self._rr[next(iter(self._rr))]
+            turns = self._rr[key] = {}
+        return turns
+
+    def route_channels(self, model: str, route: Route, token: Token | None,
+                       rec: dict) -> list[Channel]:
+        """The channels to try for ``model``: an alias (settings.aliases) is served by its
+        members, weighted in turn, each member's channels in the usual order, then the next
+        member's as fallback; any other name by ``candidates``."""
+        members = self.aliases.get(model.lower())
+        if not members:
+            return self.candidates(model, route, token, rec)
+        order = weighted_order([m for m, _ in members], [w for _, w in members],
+                               self._turns(("alias", model.lower())))
+        chans: list[Channel] = []
+        refused: GatewayError | None = None
+        skipped: list[str] = []
+        for member in order:
+            seen: dict = {}
+            try:
+                chans += [ch.for_alias(model, member)
+                          for ch in self.candidates(member, route, token, seen)]
+            except GatewayError as exc:           # this member has no channel: the next one
+                refused = refused or exc
+            skipped += seen.get("skipped", [])
+        if not chans:
+            raise refused or GatewayError(404, f"model '{model}' is not served",
+                                          code="model_not_found", param="model")
+        rec["skipped"] = skipped
+        return chans
+
+    def _session(self, token: Token | None, model: str, route: Route, req: Request,
+                 obj: dict | None) -> tuple[tuple | None, tuple | None]:
+        """(affinity scope, its pin) of a chat request; (None, None) when affinity is off or
+        the request names no session."""
+        if not self.affinity.ttl or route.kind not in CHAT_KINDS:
+            return None, None
+        key = session_key(req.headers, obj)
+        if key is None:
+            return None, None
+        scope = (token.id if token else None, model.lower(), key)
+        return scope, self.affinity.lookup(scope)
 
     # -- proxying --------------------------------------------------------------------------------
 
@@ -6957,7 +7357,10 @@ class Gateway:
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
             raise GatewayError(403, f"gateway token '{token.name}' may not use model '{model}'")
-        chans = self.candidates(model, route, token, rec)
+        self.capture.client(rec["id"], req)
+        chans = self.route_channels(model, route, token, rec)
+        scope, pin = self._session(token, model, route, req, obj)
+        chans = pinned_first(chans, pin, model)
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
         foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
@@ -6972,8 +7375,9 @@ class Gateway:
         for base in chans:
             keys_tried: set[str] = set()
             while True:
-                ch = base.with_key(self._pick_key(base, keys_tried))
+                ch = base.with_key(self._pick_key(base, keys_tried, pin_key(pin, base, model)))
                 keys_tried.add(ch.api_key)
+                rec["upstream_model"] = ch.upstream_model(model)
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
                 passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
@@ -6997,12 +7401,17 @@ class Gateway:
                         inlined[ch.type] = await self._inline_remote_images(ir, ch)
                     url, hdrs, body = self._converted_request(
                         ch, inlined.get(ch.type, ir), model)
+                if ch.overrides:
+                    body, hdrs = apply_overrides(body, hdrs, ch.overrides,
+                                                 (model, rec["upstream_model"]))
+                method = "POST" if not passthrough else req.method
+                exchange = self.capture.upstream(rec["id"], method, url, hdrs, body)
                 try:
                     await self._acquire_slot(ch, rec)
                     t0 = time.perf_counter()
-                    up = await self.client.request("POST" if not passthrough else req.method,
-                                                   url, hdrs, body, proxy=ch.proxy,
+                    up = await self.client.request(method, url, hdrs, body, proxy=ch.proxy,
                                                    verify_tls=ch.verify_tls, timeout=ch.timeout)
+                    self.capture.response(exchange, up)
                     overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
                                                 up.status) if up.status >= 400 else None
                     if overflow is not None:
@@ -7016,6 +7425,9 @@ class Gateway:
                     if up.status < 300 or not (up.status in (401, 403, 408, 429)
                                                or up.status >= 500):
                         rec["channel"] = ch.name
+                        if scope is not None and up.status < 300:
+                            rec["affinity"] = self.affinity.served(scope, pin, (
+                                base.id, rec["upstream_model"], key_index(base, ch.api_key)))
                         self._health(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
@@ -7063,14 +7475,17 @@ class Gateway:
                      f"{self.health[ch.id].until - time.monotonic():.0f} s")
             self.on_event("health", self.health_report())
 
-    def _pick_key(self, ch: Channel, tried: set[str]) -> str:
-        """The channel's next key in turn that is neither benched nor already tried."""
+    def _pick_key(self, ch: Channel, tried: set[str], prefer: int | None = None) -> str:
+        """The channel's next key in turn that is neither benched nor already tried (the key
+        ``prefer`` first: the one a session is pinned to)."""
         keys = ch.keys
         if len(keys) <= 1:
             return keys[0] if keys else ""
         now = time.monotonic()
         turn = self._key_turn.get(ch.id, 0)
         self._key_turn[ch.id] = turn + 1
+        if prefer is not None and prefer < len(keys):
+            turn = prefer
         order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
         fresh = [k for k in order if k not in tried]
         rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
@@ -7554,12 +7969,14 @@ class Gateway:
                 "token": None, "channel": None, "tried": [], "failures": [], "skipped": [],
                 "status": None, "latency_ms": None, "ttfb_ms": None,
                 "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
-                "output_tokens": None, "error": None}
+                "output_tokens": None, "error": None, "upstream_model": None,
+                "affinity": None}
 
     def _finish(self, rec: dict) -> None:
         self._release_slot(rec)
         if "_t0" not in rec:
             return
+        self.capture.finish(rec["id"])
         rec["latency_ms"] = round((time.perf_counter() - rec.pop("_t0")) * 1000, 1)
         st = self.stats
         st["requests"] += 1
@@ -8058,6 +8475,10 @@ def record_detail(rec: dict) -> str:
              f"tried: {', '.join(rec.get('tried') or []) or '-'}",
              f"latency: {_ms(rec.get('latency_ms'))}   first byte: {_ms(rec.get('ttfb_ms'))}   "
              f"bytes in/out: {rec.get('bytes_in')}/{rec.get('bytes_out')}"]
+    if rec.get("upstream_model") and rec["upstream_model"] != rec.get("model"):
+        lines.append(f"sent upstream as: {rec['upstream_model']}")
+    if rec.get("affinity"):
+        lines.append(f"session affinity: {rec['affinity']}")
     for f in rec.get("failures") or []:
         lines.append(f"  ✗ {f['channel']}: {f['status']} {f['error']}")
     if rec.get("skipped"):
@@ -8913,6 +9334,11 @@ class LogsTab:
                               background=app.colors["panel"], foreground=app.colors["fg"],
                               font=("TkFixedFont", 9), state="disabled")
         panes.add(self.detail, weight=1)
+        # The selected request's bodies, when settings.debug_capture keeps them (masked).
+        self.bodies = tk.Text(panes, height=8, wrap="none", relief="flat",
+                              background=app.colors["panel"], foreground=app.colors["fg"],
+                              font=("TkFixedFont", 9), state="disabled")
+        panes.add(self.bodies, weight=2)
         self.tree.bind("<<TreeviewSelect>>", lambda e: self.show_detail())
         self.tree.tag_configure("bad", foreground=app.colors["bad"])
         self.records: collections.deque[dict] = collections.deque(maxlen=GUI_LOG_ROWS)
@@ -8948,17 +9374,24 @@ class LogsTab:
         self.records.clear()
         self.tree.delete(*self.tree.get_children())
         self._set_detail("")
+        self._set_detail("", self.bodies)
 
     def show_detail(self) -> None:
         sel = self.tree.selection()
         rec = next((r for r in self.records if sel and str(r["id"]) == sel[0]), None)
         self._set_detail(record_detail(rec) if rec else "")
+        gateway = self.app.bridge.gateway
+        bodies = gateway.capture.text(rec["id"]) if rec and gateway else ""
+        if rec and not bodies:
+            bodies = "(no bodies kept: set settings.debug_capture to keep the last N)"
+        self._set_detail(bodies, self.bodies)
 
-    def _set_detail(self, text: str) -> None:
-        self.detail.configure(state="normal")
-        self.detail.delete("1.0", "end")
-        self.detail.insert("1.0", text)
-        self.detail.configure(state="disabled")
+    def _set_detail(self, text: str, widget: Any = None) -> None:
+        widget = widget or self.detail
+        widget.configure(state="normal")
+        widget.delete("1.0", "end")
+        widget.insert("1.0", text)
+        widget.configure(state="disabled")
 
 
 class App:
@@ -9065,7 +9498,7 @@ class App:
     def set_theme(self, name: str) -> None:
         self.colors = apply_theme(self.root, name)
         self.dashboard.chart.configure(background=self.colors["panel"])
-        for widget in (self.dashboard.activity, self.logs.detail):
+        for widget in (self.dashboard.activity, self.logs.detail, self.logs.bodies):
             widget.configure(background=self.colors["panel"], foreground=self.colors["fg"])
         self.dashboard.draw_chart()
 
