@@ -5739,8 +5739,8 @@ def _check_aliases(ck: _Checker, settings: dict) -> None:
                               "name the upstream models directly (aliases do not nest)")
 
 
-# Headers an override may not set or remove: the channel's key goes in api_key / api_keys (kept
-# out of every log); the framing headers are the HTTP client's.
+# Headers an override may not set: the channel's key goes in api_key / api_keys (kept out of
+# every log); nor set or remove: the framing headers, which are the HTTP client's.
 _OVERRIDE_SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 _OVERRIDE_FRAMING_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
 _OVERRIDE_KEYS = ("models", "set", "remove", "headers", "remove_headers")
@@ -5799,7 +5799,7 @@ def _check_overrides(ck: _Checker, ch: dict, where: str) -> None:
                           'write a list such as ["anthropic-beta"]')
         for name in [*hdrs, *dropped]:
             low = name.lower()
-            if low in _OVERRIDE_SECRET_HEADERS:
+            if low in _OVERRIDE_SECRET_HEADERS and name in hdrs:     # removing one is fine
                 raise ck.fail(at, f"{name!r} carries the channel's key",
                               "put the key in the channel's api_key (it is kept out of logs)")
             if low in _OVERRIDE_FRAMING_HEADERS:
@@ -8775,6 +8775,7 @@ class ChannelDialog:
             "api_key": tk.StringVar(value=c.get("api_key", "")),
             "models": tk.StringVar(value=", ".join(c.get("models", []))),
             "priority": tk.StringVar(value=str(c.get("priority", 0))),
+            "weight": tk.StringVar(value=f"{c.get('weight', 1):g}"),
             "timeout": tk.StringVar(value=f"{c.get('timeout', DEFAULT_CHANNEL_TIMEOUT):g}"),
             "max_tokens_cap": tk.StringVar(value=str(c.get("max_tokens_cap", 0))),
             "api_keys": tk.StringVar(value=", ".join(c.get("api_keys", []))),
@@ -8823,6 +8824,8 @@ class ChannelDialog:
         field("Model mapping", self.mapping, "client name = upstream name")
         field("Priority", ttk.Entry(body, textvariable=self.vars["priority"], width=8),
               "lower is tried first")
+        field("Weight", ttk.Entry(body, textvariable=self.vars["weight"], width=8),
+              "share among channels of equal priority")
         field("Timeout (s)", ttk.Entry(body, textvariable=self.vars["timeout"], width=8))
         field("Max tokens cap", ttk.Entry(body, textvariable=self.vars["max_tokens_cap"],
                                           width=8), "0 = none")
@@ -8878,11 +8881,16 @@ class ChannelDialog:
             timeout = float(v["timeout"].get())
         except ValueError:
             raise ValueError("Timeout is a number of seconds") from None
+        try:
+            weight = float(v["weight"].get())
+        except ValueError:
+            raise ValueError("Weight is a positive number, such as 1 or 3") from None
         return {"name": v["name"].get().strip(), "type": v["type"].get(),
                 "base_url": v["base_url"].get().strip(), "api_key": v["api_key"].get().strip(),
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
                 "priority": priority, "timeout": int(timeout) if timeout.is_integer() else timeout,
+                "weight": int(weight) if weight.is_integer() else weight,
                 "max_tokens_cap": cap, "max_concurrency": concurrency,
                 "thinking": v["thinking"].get(),
                 "api_keys": [k.strip() for k in v["api_keys"].get().split(",") if k.strip()],

@@ -1301,6 +1301,64 @@ def test_10_thinking_and_empty_answer_settings_validated(tmp_path, config, needl
     assert cfg["settings"]["empty_answer_fallback"] is True
 
 
+# -- issue 13: affinity, weights, aliases, overrides and debug capture settings --------------------
+
+@pytest.mark.parametrize("config,needle", [
+    ({"settings": {"affinity_ttl_s": -1}},
+     "settings.affinity_ttl_s: -1 is not a number of seconds; use 3600"),
+    ({"settings": {"aliases": ["fast"]}}, "settings.aliases: is not an object; write an object"),
+    ({"settings": {"aliases": {"fast": []}}},
+     "settings.aliases: 'fast' is not a list of 1 to 32 models"),
+    ({"settings": {"aliases": {"fast": [{"model": "a", "weight": 0}]}}},
+     "settings.aliases: 'fast': the weight of 'a' is not a positive number"),
+    ({"settings": {"aliases": {"fast": [{"name": "a"}]}}},
+     "'fast': {\"name\": \"a\"} is not a model entry; write {\"model\": \"name\", \"weight\": 2}"),
+    ({"settings": {"aliases": {"fast": ["slow"], "slow": ["m"]}}},
+     "'fast': 'slow' is an alias itself; name the upstream models directly"),
+    ({"settings": {"debug_capture": 501}}, "settings.debug_capture: 501 is not from 0 to 500"),
+    ({"settings": {"debug_capture_file": 5}}, "settings.debug_capture_file"),
+    ({"channels": [{"weight": 0}]}, "channels[0].weight: 0 is not a positive number; use 1"),
+    ({"channels": [{"weight": "3"}]}, "channels[0].weight: \"3\" is not a positive number"),
+    ({"channels": [{"overrides": {"set": {}}}]},
+     "channels[0].overrides: is not a list of at most 32 rules"),
+    ({"channels": [{"overrides": [{"sett": {"a": 1}}]}]},
+     "channels[0].overrides[0]: 'sett' is not an override key; use only models, set"),
+    ({"channels": [{"overrides": [{"models": "m"}]}]},
+     "channels[0].overrides[0]: changes nothing; give it set, remove"),
+    ({"channels": [{"overrides": [{"set": {"a..b": 1}}]}]},
+     "channels[0].overrides[0]: 'a..b' is not a dotted path"),
+    ({"channels": [{"overrides": [{"remove": "a"}]}]},
+     "channels[0].overrides[0].remove: is not a list of paths"),
+    ({"channels": [{"overrides": [{"models": 5, "remove": ["a"]}]}]},
+     "channels[0].overrides[0].models: is not a model pattern or a list of them"),
+    ({"channels": [{"overrides": [{"headers": {"X-Api-Key": "sk-1"}}]}]},
+     "'X-Api-Key' carries the channel's key; put the key in the channel's api_key"),
+    ({"channels": [{"overrides": [{"remove_headers": ["Content-Length"]}]}]},
+     "'Content-Length' is set by the HTTP client"),
+    ({"channels": [{"overrides": [{"headers": {"X-A": "1\r\nX-B: 2"}}]}]},
+     "'X-A' is not a valid header"),
+])
+def test_10_routing_settings_validated(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ag.ConfigError, match=re.escape(needle)):
+        ag.ConfigStore.load(str(path))
+
+
+def test_10_routing_settings_defaults_and_good_values(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": {"aliases": {"fast": [
+        "mini", {"model": "flash", "weight": 2.5}]}},
+        "channels": [{"weight": 3, "overrides": [{"models": ["gpt-*"], "set": {
+            "messages.0.role": "developer"}, "remove_headers": ["Authorization"]}]}, {}]}))
+    cfg = ag.ConfigStore.load(str(path))[0].data
+    s = cfg["settings"]
+    assert (s["affinity_ttl_s"], s["debug_capture"], s["debug_capture_file"]) == (3600, 0, "")
+    assert ag.alias_members(s["aliases"]["fast"]) == [("mini", 1.0), ("flash", 2.5)]
+    assert [c["weight"] for c in cfg["channels"]] == [3, 1]
+    assert cfg["channels"][1]["overrides"] == []
+
+
 def test_10_json_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{\n  "settings": {\n    "port": 3000\n    "host": "x"\n  }\n}')
