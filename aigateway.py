@@ -7241,29 +7241,27 @@ class Gateway:
     def route_channels(self, model: str, route: Route, token: Token | None,
                        rec: dict) -> list[Channel]:
         """The channels to try for ``model``: an alias (settings.aliases) is served by its
-        members, weighted in turn, each member's channels in the usual order, then the next
-        member's as fallback; any other name by ``candidates``."""
+        members that have channels, weighted in turn, each member's channels in the usual order,
+        then the next member's as fallback; any other name by ``candidates``."""
         members = self.aliases.get(model.lower())
         if not members:
             return self.candidates(model, route, token, rec)
-        order = weighted_order([m for m, _ in members], [w for _, w in members],
-                               self._turns(("alias", model.lower())))
-        chans: list[Channel] = []
+        served: dict[str, tuple[float, list[Channel]]] = {}
         refused: GatewayError | None = None
         skipped: list[str] = []
-        for member in order:
+        for member, weight in members:
             seen: dict = {}
             try:
-                chans += [ch.for_alias(model, member)
-                          for ch in self.candidates(member, route, token, seen)]
-            except GatewayError as exc:           # this member has no channel: the next one
+                served[member] = (weight, self.candidates(member, route, token, seen))
+            except GatewayError as exc:      # this member has no channel: it gets no turn
                 refused = refused or exc
             skipped += seen.get("skipped", [])
-        if not chans:
-            raise refused or GatewayError(404, f"model '{model}' is not served",
-                                          code="model_not_found", param="model")
+        if refused is not None and not served:
+            raise refused
+        order = weighted_order(list(served), [served[m][0] for m in served],
+                               self._turns(("alias", model.lower())))
         rec["skipped"] = skipped
-        return chans
+        return [ch.for_alias(model, m) for m in order for ch in served[m][1]]
 
     def _session(self, token: Token | None, model: str, route: Route, req: Request,
                  obj: dict | None) -> tuple[tuple | None, tuple | None]:
