@@ -6818,7 +6818,10 @@ class DebugCapture:
             if cut else "")
 
     def _headers(self, headers: Iterable[tuple[str, str]]) -> list[list[str]]:
-        return [[n, mask_secret(v) if n.lower() in _SECRET_HEADERS else
+        def masked(value: str) -> str:              # "Bearer sk-…1234": the scheme stays
+            scheme, sep, cred = value.strip().partition(" ")
+            return f"{scheme} {mask_secret(cred)}" if sep else mask_secret(value)
+        return [[n, masked(v) if n.lower() in _SECRET_HEADERS else
                  mask_text(v, self._secrets)] for n, v in headers]
 
     def client(self, rec_id: int, req: Request) -> None:

@@ -2779,8 +2779,8 @@ def test_11_debug_capture_keeps_bodies_masked_and_writes_them(gw, upstream, tmp_
     text = g.gateway.capture.text(rec["id"])
     for secret in (TOKEN, "sk-upstream-secret"):
         assert secret not in text
-    assert f"authorization: {ag.mask_secret('Bearer ' + TOKEN)}" in text.lower() or \
-        "authorization: bearer" in text.lower()
+    for key in (TOKEN, "sk-upstream-secret"):              # the client's, then the channel's
+        assert f"authorization: bearer {ag.mask_secret(key)}".lower() in text.lower()
     assert "── client request: POST /v1/chat/completions" in text
     assert "── upstream request 1: POST http://127.0.0.1" in text
     assert "── upstream answer 1: 500" in text and "── upstream answer 2: 200" in text
@@ -5321,6 +5321,46 @@ def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
     assert states == {"bad": "cooldown 12 s", "good": "ok"}
     a.dashboard.stop_button.invoke()
     assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+
+
+# -- issue 13: captured bodies in the Logs tab, a channel's weight in its dialog ------------------
+
+def test_13_logs_tab_shows_the_captured_bodies_masked(app, upstream):
+    up = upstream([openai_chat_reply(text="captured answer")])
+    a = app([chan(up, name="one")], settings={"debug_capture": 5})
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
+    client = openai.OpenAI(base_url=a.dashboard.url_vars["openai"].get(), api_key=TOKEN,
+                           max_retries=0, timeout=10)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "show me"}])
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    shown = a.logs.bodies.get("1.0", "end")
+    assert "── client request: POST /v1/chat/completions" in shown
+    assert "── upstream answer 1: 200" in shown
+    assert "show me" in shown and "captured answer" in shown
+    assert f"Bearer {ag.mask_secret(TOKEN)}" in shown
+    assert TOKEN not in shown and "sk-upstream-secret" not in shown
+    a.logs.clear()
+    assert a.logs.bodies.get("1.0", "end").strip() == ""
+
+
+def test_13_channel_dialog_weight_field(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    assert d.vars["weight"].get() == "1"
+    d.vars["name"].set("weighted")
+    d.vars["weight"].set("heavy")
+    d.save()
+    assert d.error.cget("text") == "Weight is a positive number, such as 1 or 3"
+    d.vars["weight"].set("0")
+    d.save()
+    assert "weight: 0 is not a positive number" in d.error.cget("text")
+    d.vars["weight"].set("2.5")
+    d.save()
+    assert json.loads(open(a.store.path).read())["channels"][0]["weight"] == 2.5
 
 
 # -- control characters a client sent, as the window shows them ----------------------------------
