@@ -6962,6 +6962,7 @@ class Gateway:
         self.host_names = binds
         self.affinity.ttl = s["affinity_ttl_s"]
         self.aliases = {k.lower(): alias_members(v) for k, v in s["aliases"].items()}
+        self.alias_names = list(s["aliases"])
         capture_file = s["debug_capture_file"]
         self.capture.configure(s["debug_capture"], capture_file and os.path.join(
             self.config_dir, capture_file), [k for ch in self.channels for k in ch.keys] +
@@ -7177,6 +7178,10 @@ class Gateway:
                 if name.lower() not in seen and (token is None or token.may_use_model(name)):
                     seen.add(name.lower())
                     names.append(name)
+        for name in self.alias_names:              # an alias is a model clients may pick
+            if name.lower() not in seen and (token is None or token.may_use_model(name)):
+                seen.add(name.lower())
+                names.append(name)
         created = int(self.started)
         if model_id:
             if model_id.lower() not in seen:

@@ -2707,6 +2707,9 @@ def test_11_aliases_weighted_with_fallback_across_models(gw, upstream):
     assert rec["tried"] == ["mini-ch", "flash-ch"] and rec["channel"] == "flash-ch"
     assert rec["upstream_model"] == "gemini-2.5-flash-001"
     assert "sent upstream as: gemini-2.5-flash-001" in ag.record_detail(rec)
+    listed = [m.id for m in client.models.list()]
+    assert listed == ["gpt-4o-mini", "gemini-2.5-flash", "fast"]
+    assert client.models.retrieve("fast").id == "fast"
     g3 = gw([chan(mini, name="mini-ch", models=["gpt-4o-mini"])],
             settings={"aliases": {"ghost": ["nowhere-model"]}})
     with pytest.raises(openai.NotFoundError) as e:
