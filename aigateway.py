@@ -5839,7 +5839,9 @@ def _check_token(ck: _Checker, tokens: list[dict]) -> None:
             raise ck.fail(f"{where}.rpm", f"{rpm} is negative", "use 0 for no limit")
 
 
-_WHERE_RX = re.compile(r"(settings|next_ids|channels|tokens)(?:\[(\d+)\])?(?:\.(\w+))?")
+# A deeper field (channels[0].overrides[1], settings.aliases) names the top field set aside.
+_WHERE_RX = re.compile(r"(settings|next_ids|channels|tokens)(?:\[(\d+)\])?(?:\.(\w+))?"
+                       r"(?:[.\[].*)?")
 
 
 def config_problems(raw: Any, source: str) -> list[str]:

@@ -1359,6 +1359,15 @@ def test_10_routing_settings_defaults_and_good_values(tmp_path):
     assert cfg["channels"][1]["overrides"] == []
 
 
+def test_10_config_problems_names_every_routing_problem():
+    problems = ag.config_problems({"settings": {"aliases": {"a": []}, "debug_capture": -3},
+                                   "channels": [{"overrides": [{"sett": 1}], "weight": 0}]},
+                                  "cfg")
+    assert [p.split(": ")[1] for p in problems] == [
+        "settings.aliases", "settings.debug_capture", "channels[0].weight",
+        "channels[0].overrides[0]"]
+
+
 def test_10_json_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{\n  "settings": {\n    "port": 3000\n    "host": "x"\n  }\n}')
