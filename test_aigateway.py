@@ -2537,6 +2537,7 @@ SESSION_SOURCES = {
     "claude_header": lambda s: ({"X-Claude-Code-Session-Id": s}, {}),
     # Codex: codex-rs/codex-api/src/requests/headers.rs sends the conversation id as session_id.
     "codex_header": lambda s: ({"session_id": s}, {}),
+    "codex_hyphen_header": lambda s: ({"Session-Id": s}, {}),
     "prompt_cache_key": lambda s: ({}, {"prompt_cache_key": s}),
     "metadata_user_id": lambda s: ({}, {"metadata": {"user_id": f"user_x_session_{s}"}}),
     "system_and_first_user": lambda s: ({}, {"messages": [
@@ -2777,6 +2778,19 @@ def test_11_overrides_on_the_wire_for_a_converted_route(gw, upstream):
     assert "temperature" not in sent and sent["stream_options"] == {"include_usage": False}
     assert up.last()["headers"]["x-vendor"] == "quirk"
     assert "accept-encoding" not in up.last()["headers"]
+
+
+def test_11_overrides_skip_paths_that_do_not_reach_and_forms():
+    body = json.dumps({"a": "text", "l": [1, 2], "o": {}}).encode()
+    rules = [{"set": {"a.b": 1, "l.5": 0, "l.1": 9, "o.x.y": True, "new": [1]},
+              "remove": ["l.7", "o.missing", "l.0"], "headers": {"X-A": "1"}}]
+    out, hdrs = ag.apply_overrides(body, [("x-a", "old"), ("Keep", "k")], rules, ("m",))
+    assert json.loads(out) == {"a": "text", "l": [9], "o": {"x": {"y": True}}, "new": [1]}
+    assert hdrs == [("Keep", "k"), ("X-A", "1")]
+    form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--b--\r\n"
+    assert ag.apply_overrides(form, [], rules, ("m",)) == (form, [("X-A", "1")])
+    assert ag.apply_overrides(body, [], [dict(rules[0], models="gpt-*")], ("m", "m2")) == \
+        (body, [])
 
 
 def test_11_debug_capture_keeps_bodies_masked_and_writes_them(gw, upstream, tmp_path):
