@@ -133,8 +133,8 @@ AUTH_BLOCK_SECONDS = 60.0             # how long an address that went over the l
 AUTH_FAILURE_ADDRESSES = 4096         # addresses tracked at most; the least recent is dropped
 DEFAULT_AFFINITY_TTL_S = 3600         # a session sticks to its channel and key this long
 AFFINITY_MAX_SESSIONS = 10000         # sessions pinned at most; the least recently used is dropped
-AFFINITY_HASH_CHARS = 4096            # characters of system prompt + first user message hashed
-                                      # when a client names no session
+AFFINITY_HASH_CHARS = 4096            # characters of the system prompt, and of the first user
+                                      # message, hashed when a client names no session
 ALIAS_MAX_MEMBERS = 32                # models one settings.aliases entry may name
 OVERRIDES_MAX = 32                    # override rules per channel
 OVERRIDE_PATH_DEPTH = 16              # segments of one dotted override path
@@ -6627,8 +6627,30 @@ def session_key(headers: Headers, obj: dict | None) -> str | None:
         first_user = turns
     if system is None and first_user is None:
         return None
-    text = json.dumps([system, first_user], sort_keys=True, default=str)[:AFFINITY_HASH_CHARS]
+    text = _text_prefix(system, AFFINITY_HASH_CHARS) + "\x01" + \
+        _text_prefix(first_user, AFFINITY_HASH_CHARS)
     return "s:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def _text_prefix(value: Any, budget: int) -> str:
+    """The first ``budget`` characters of the keys and values in ``value``, depth first (keys
+    sorted), visiting at most ``budget`` items: a prompt's cost to hash stays bounded however
+    large it is (a long system prompt, a first message with an image)."""
+    out: list[str] = []
+    size, stack = 0, [value]
+    for _ in range(budget):
+        if not stack or size >= budget:
+            break
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [x for k in sorted(item, reverse=True) for x in (item[k], k)]
+        elif isinstance(item, list):
+            stack += reversed(item)
+        else:
+            piece = item if isinstance(item, str) else repr(item)
+            out.append(piece[:budget - size] + "\x00")
+            size += len(out[-1])
+    return "".join(out)
 
 
 class Affinity:
