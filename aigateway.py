@@ -131,6 +131,16 @@ AUTH_FAILURES_LIMIT = 20              # wrong tokens from one address within the
 AUTH_FAILURES_WINDOW = 60.0           # seconds over which wrong tokens are counted
 AUTH_BLOCK_SECONDS = 60.0             # how long an address that went over the limit gets 429
 AUTH_FAILURE_ADDRESSES = 4096         # addresses tracked at most; the least recent is dropped
+DEFAULT_AFFINITY_TTL_S = 3600         # a session sticks to its channel and key this long
+AFFINITY_MAX_SESSIONS = 10000         # sessions pinned at most; the least recently used is dropped
+AFFINITY_HASH_CHARS = 4096            # characters of the system prompt, and of the first user
+                                      # message, hashed when a client names no session
+ALIAS_MAX_MEMBERS = 32                # models one settings.aliases entry may name
+OVERRIDES_MAX = 32                    # override rules per channel
+OVERRIDE_PATH_DEPTH = 16              # segments of one dotted override path
+DEBUG_CAPTURE_MAX = 500               # settings.debug_capture: requests kept at most
+DEBUG_CAPTURE_BODY_BYTES = 256 * 1024  # each captured body is cut here (memory stays bounded)
+DEBUG_CAPTURE_ATTEMPTS = 4            # upstream exchanges captured per request (fallbacks)
 # Browser origins allowed without settings.cors_origins: pages of desktop apps (the schemes
 # Ollama allows by default after its own DNS-rebinding/CSRF fixes); loopback origins are too.
 APP_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview")
@@ -1597,6 +1607,7 @@ class UpstreamResponse:
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
         self._deflate_raw_tried = False
         self._kept: bytes | None = None
+        self.tap: Callable[[bytes], None] | None = None   # sees the decoded body as it is read
 
     async def keep_body(self, limit: int) -> bytes:
         """Read the body (at most ``limit`` bytes) and keep it, so that a later ``read`` or
@@ -1648,14 +1659,14 @@ class UpstreamResponse:
                                         self._idle, error_status=502, exact=False,
                                         overrun=overrun):
                 if self._decoder is None:
-                    yield data
+                    yield self._tapped(data)
                 else:
                     for out in self._inflate(data):
-                        yield out
+                        yield self._tapped(out)
             if self._decoder is not None:
                 tail = self._decoder.flush()
                 if tail:
-                    yield tail
+                    yield self._tapped(tail)
             self._done = True
             self._keep = self._keep and not overrun
         except TimeoutError:
@@ -1668,6 +1679,11 @@ class UpstreamResponse:
                                      f"{_os_error_text(exc)}", retryable=True) from None
         finally:
             self.aclose_nowait()
+
+    def _tapped(self, data: bytes) -> bytes:
+        if self.tap is not None:
+            self.tap(data)
+        return data
 
     async def read(self, limit: int | None = None) -> bytes:
         """The decoded body. With ``limit``: its first ``limit`` bytes, the rest left unread.
@@ -6396,12 +6412,17 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "theme": "light",                 # the GUI's theme: light or dark
     "window": "",                     # the GUI's last window geometry
     "default_timeout": DEFAULT_CHANNEL_TIMEOUT,   # a channel's timeout when it gives none
+    "affinity_ttl_s": DEFAULT_AFFINITY_TTL_S,    # a session keeps its channel and key; 0 = off
+    "aliases": {},                    # {"fast": ["gpt-4o-mini", {"model": "...", "weight": 2}]}
+    "debug_capture": 0,               # keep the last N request/response bodies (masked); 0 = off
+    "debug_capture_file": "",         # ... and append them to this JSONL file (owner-only)
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
-    "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto",
+    "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto", "weight": 1,
+    "overrides": [],
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
@@ -6584,6 +6605,16 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
     if not 0 < dt < float("inf"):
         raise ck.fail("settings.default_timeout", f"{dt} is not a positive number",
                       "use seconds, such as 300")
+    ttl = ck.typed(settings, "affinity_ttl_s", "settings", (int, float), "a number of seconds")
+    if not 0 <= ttl < float("inf"):
+        raise ck.fail("settings.affinity_ttl_s", f"{ttl} is not a number of seconds",
+                      "use 3600 (an hour), or 0 to turn session affinity off")
+    _check_aliases(ck, settings)
+    n = ck.typed(settings, "debug_capture", "settings", (int,), "a whole number (0 = off)")
+    if not 0 <= n <= DEBUG_CAPTURE_MAX:
+        raise ck.fail("settings.debug_capture", f"{n} is not from 0 to {DEBUG_CAPTURE_MAX}",
+                      "use 0 (off) or the number of requests to keep, such as 20")
+    ck.typed(settings, "debug_capture_file", "settings", (str,), "a file path or an empty string")
 
     next_ids = cfg.setdefault("next_ids", {})
     if not isinstance(next_ids, dict):
@@ -6696,6 +6727,11 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
             raise ck.fail(f"{where}.max_tokens_cap", f"{cap} is negative",
                           "use 0 for no cap or the model's largest output, such as 8192")
         _check_quirks(ck, ch, where)
+        w = ck.typed(ch, "weight", where, (int, float), "a positive number")
+        if not 0 < w < float("inf"):
+            raise ck.fail(f"{where}.weight", f"{w} is not a positive number",
+                          "use 1 (the default), or 3 to get three times the share of a 1")
+        _check_overrides(ck, ch, where)
         hdrs = ck.str_map(ch, "headers", where, '{"HTTP-Referer": "https://example.com"}')
         for name, value in hdrs.items():
             if not header_ok(name, value):
@@ -6721,6 +6757,126 @@ def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
         else:
             raise ck.fail(f"{where}.quirks", f"{key!r} is not a quirk",
                           f"use only {', '.join(known)}")
+
+
+def alias_members(entry: list) -> list[tuple[str, float]]:
+    """A validated settings.aliases entry as (model, weight) pairs."""
+    return [(m, 1.0) if isinstance(m, str) else (m["model"], float(m.get("weight", 1)))
+            for m in entry]
+
+
+def _check_aliases(ck: _Checker, settings: dict) -> None:
+    """settings.aliases: a client name -> the models that serve it, each a name or
+    {"model": name, "weight": number}."""
+    aliases = settings["aliases"]
+    example = '{"fast": ["gpt-4o-mini", {"model": "gemini-2.5-flash", "weight": 2}]}'
+    if not isinstance(aliases, dict):
+        raise ck.fail("settings.aliases", "is not an object", f"write an object such as {example}")
+    names = {k.lower() for k in aliases}
+    for name, entry in aliases.items():
+        where = "settings.aliases"          # a name config_problems can set aside
+        if not name.strip():
+            raise ck.fail("settings.aliases", "an alias has an empty name", "give it a name")
+        if not isinstance(entry, list) or not entry or len(entry) > ALIAS_MAX_MEMBERS:
+            raise ck.fail(where, f"{name!r} is not a list of 1 to {ALIAS_MAX_MEMBERS} models",
+                          f"write a list such as {example[9:-1]}")
+        for member in entry:
+            if isinstance(member, dict):
+                unknown = set(member) - {"model", "weight"}
+                if unknown or not isinstance(member.get("model"), str):
+                    raise ck.fail(where, f"{name!r}: {json.dumps(member)[:60]} is not a model "
+                                         f"entry",
+                                  'write {"model": "name", "weight": 2}')
+                weight = member.get("weight", 1)
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                        not 0 < weight < float("inf"):
+                    raise ck.fail(where, f"{name!r}: the weight of {member['model']!r} is not "
+                                         f"a positive number", "use a number such as 1 or 2")
+                model = member["model"]
+            elif isinstance(member, str):
+                model = member
+            else:
+                raise ck.fail(where, f"{name!r}: {json.dumps(member)[:60]} is not a model",
+                              'write a model name, or {"model": "name", "weight": 2}')
+            if not model.strip():
+                raise ck.fail(where, f"{name!r} names an empty model",
+                              "write the upstream model's name")
+            if model.lower() in names:
+                raise ck.fail(where, f"{name!r}: {model!r} is an alias itself",
+                              "name the upstream models directly (aliases do not nest)")
+
+
+# Headers an override may not set: the channel's key goes in api_key / api_keys (kept out of
+# every log); nor set or remove: the framing headers, which are the HTTP client's.
+_OVERRIDE_SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+_OVERRIDE_FRAMING_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
+_OVERRIDE_KEYS = ("models", "set", "remove", "headers", "remove_headers")
+
+
+def override_path(path: str) -> list[str] | None:
+    """A dotted override path's segments ("messages.0.role" -> ["messages", "0", "role"]), or
+    None when it is not usable (empty segments, too deep)."""
+    parts = path.split(".")
+    if not path or any(not p for p in parts) or len(parts) > OVERRIDE_PATH_DEPTH:
+        return None
+    return parts
+
+
+def _check_overrides(ck: _Checker, ch: dict, where: str) -> None:
+    """A channel's ``overrides``: rules applied to the request sent upstream (section 11)."""
+    rules = ch["overrides"]
+    example = '[{"models": "gpt-5*", "set": {"reasoning.effort": "low"}}]'
+    if not isinstance(rules, list) or len(rules) > OVERRIDES_MAX:
+        raise ck.fail(f"{where}.overrides", f"is not a list of at most {OVERRIDES_MAX} rules",
+                      f"write a list such as {example}")
+    for i, rule in enumerate(rules):
+        at = f"{where}.overrides[{i}]"
+        if not isinstance(rule, dict):
+            raise ck.fail(at, "is not an object", f"write a rule such as {example[1:-1]}")
+        unknown = [k for k in rule if k not in _OVERRIDE_KEYS]
+        if unknown:
+            raise ck.fail(at, f"{unknown[0]!r} is not an override key",
+                          f"use only {', '.join(_OVERRIDE_KEYS)}")
+        if not any(rule.get(k) for k in _OVERRIDE_KEYS[1:]):
+            raise ck.fail(at, "changes nothing", "give it set, remove, headers or remove_headers")
+        models = rule.get("models", [])
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ck.fail(f"{at}.models", "is not a model pattern or a list of them",
+                          'write "gpt-4o*" or ["gpt-4o", "o3*"] (leave it out for every model)')
+        sets, removes = rule.get("set", {}), rule.get("remove", [])
+        if not isinstance(sets, dict):
+            raise ck.fail(f"{at}.set", "is not an object",
+                          'write dotted paths and values, such as {"reasoning.effort": "low"}')
+        if not isinstance(removes, list) or not all(isinstance(p, str) for p in removes):
+            raise ck.fail(f"{at}.remove", "is not a list of paths",
+                          'write a list such as ["stream_options", "metadata.user_id"]')
+        for path in [*sets, *removes]:
+            if override_path(path) is None:
+                raise ck.fail(at, f"{path!r} is not a dotted path",
+                              f"write names joined by dots (list items by number), at most "
+                              f"{OVERRIDE_PATH_DEPTH} deep, such as \"messages.0.role\"")
+        hdrs, dropped = rule.get("headers", {}), rule.get("remove_headers", [])
+        if not isinstance(hdrs, dict) or not all(isinstance(v, str) for v in hdrs.values()):
+            raise ck.fail(f"{at}.headers", "is not an object of strings",
+                          'write an object such as {"X-Title": "aigateway"}')
+        if not isinstance(dropped, list) or not all(isinstance(h, str) for h in dropped):
+            raise ck.fail(f"{at}.remove_headers", "is not a list of header names",
+                          'write a list such as ["anthropic-beta"]')
+        for name in [*hdrs, *dropped]:
+            low = name.lower()
+            if low in _OVERRIDE_SECRET_HEADERS and name in hdrs:     # removing one is fine
+                raise ck.fail(at, f"{name!r} carries the channel's key",
+                              "put the key in the channel's api_key (it is kept out of logs)")
+            if low in _OVERRIDE_FRAMING_HEADERS:
+                raise ck.fail(at, f"{name!r} is set by the HTTP client",
+                              "leave it out of the override")
+            if not header_ok(name, hdrs.get(name, "")):
+                raise ck.fail(at, f"{name!r} is not a valid header",
+                              "use header names without spaces and values without line breaks")
+
+
 def header_ok(name: str, value: str) -> bool:
     """A channel's extra header: a token name (RFC 9110 5.1) and a value without line breaks."""
     return bool(_TOKEN_RX.match(name.encode("latin-1", "replace"))) and "\r" not in value \
@@ -6750,7 +6906,9 @@ def _check_token(ck: _Checker, tokens: list[dict]) -> None:
             raise ck.fail(f"{where}.rpm", f"{rpm} is negative", "use 0 for no limit")
 
 
-_WHERE_RX = re.compile(r"(settings|next_ids|channels|tokens)(?:\[(\d+)\])?(?:\.(\w+))?")
+# A deeper field (channels[0].overrides[1], settings.aliases) names the top field set aside.
+_WHERE_RX = re.compile(r"(settings|next_ids|channels|tokens)(?:\[(\d+)\])?(?:\.(\w+))?"
+                       r"(?:[.\[].*)?")
 
 
 def config_problems(raw: Any, source: str) -> list[str]:
@@ -7201,7 +7359,7 @@ class Channel:
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
                  "responses_api", "keys", "max_concurrency", "quirks", "thinking", "preset",
-                 "_exact")
+                 "weight", "overrides", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -7224,6 +7382,8 @@ class Channel:
         self.quirks: dict = c["quirks"]
         self.thinking: str = c["thinking"]
         self.preset: str = c.get("preset", "")
+        self.weight = float(c["weight"])
+        self.overrides: list[dict] = c["overrides"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
 
     def serves(self, model: str) -> bool:
@@ -7241,6 +7401,12 @@ class Channel:
             return self
         other = copy.copy(self)
         other.api_key = key
+        return other
+
+    def for_alias(self, alias: str, member: str) -> Channel:
+        """This channel serving ``alias`` (settings.aliases) as its member model ``member``."""
+        other = copy.copy(self)
+        other.mapping = dict(self.mapping, **{alias.lower(): self.upstream_model(member)})
         return other
 
     def listed_models(self) -> list[str]:
@@ -7374,7 +7540,7 @@ class RequestLog:
         """Open the file now (at start), raising ConfigError when that is impossible."""
         try:
             if self._file is None:
-                self._file = open(self.path, "ab")
+                self._file = self._open()
         except OSError as exc:
             raise ConfigError(f"cannot open the request log {self.path} ({exc.strerror}); "
                               f"set settings.log_file to a writable path, or turn "
@@ -7383,7 +7549,7 @@ class RequestLog:
     def write(self, record: dict) -> None:
         try:
             if self._file is None:
-                self._file = open(self.path, "ab")
+                self._file = self._open()
             self._file.write(json_dumps(record) + b"\n")
             self._file.flush()
             if self._file.tell() > REQUEST_LOG_MAX_BYTES:
@@ -7397,6 +7563,12 @@ class RequestLog:
                                f"requests are served but not logged there until it works again")
             return
         self._failing = False
+
+    def _open(self) -> Any:
+        """Append, owner-only: a log may hold what clients sent."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     getattr(os, "O_BINARY", 0), 0o600)
+        return os.fdopen(fd, "ab")
 
     def _rotate(self) -> None:
         self.close()
@@ -7479,6 +7651,356 @@ def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
     return None
 
 
+# -- session affinity, weights, aliases, overrides, debug capture (issue 13) ----------------------
+
+# Where clients name their session, first found (header names are case-insensitive):
+#   X-Claude-Code-Session-Id   Claude Code since v2.1.86, one UUID per session (coder/aibridge
+#                              pull request 241; Anthropic's LLM-gateway protocol page)
+#   session_id / session-id    Codex: codex-rs/codex-api/src/requests/headers.rs
+#                              (build_conversation_headers sends the conversation id as
+#                              "session_id"; newer builds spell it "session-id")
+#   prompt_cache_key           OpenAI's body field for grouping cached prompts (Codex sets it too)
+#   metadata.user_id           Anthropic's body field; Claude Code puts its session id in it
+SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "session-id")
+
+
+def session_key(headers: Headers, obj: dict | None) -> str | None:
+    """The session a request belongs to (see SESSION_HEADERS), else a hash of its system prompt
+    and first user message; None when the body has neither."""
+    for name in SESSION_HEADERS:
+        value = (headers.get(name) or "").strip()
+        if value:
+            return f"h:{value[:200]}"
+    obj = obj or {}
+    pck = obj.get("prompt_cache_key")
+    if isinstance(pck, str) and pck:
+        return f"p:{pck[:200]}"
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) and meta["user_id"]:
+        return f"u:{meta['user_id'][:400]}"
+    # Field names of every dialect (chat/Messages, Responses, Gemini), read without judging them.
+    system = obj.get("system") or obj.get("instructions") or obj.get("systemInstruction")
+    turns = obj.get("messages") or obj.get("input") or obj.get("contents")
+    first_user = None
+    if isinstance(turns, list):
+        for m in turns:
+            if not isinstance(m, dict):
+                continue
+            if m.get("role") in ("system", "developer") and system is None:
+                system = m.get("content")
+            elif m.get("role") == "user":
+                first_user = m.get("content", m.get("parts"))
+                break
+    elif isinstance(turns, str):
+        first_user = turns
+    if system is None and first_user is None:
+        return None
+    text = _text_prefix(system, AFFINITY_HASH_CHARS) + "\x01" + \
+        _text_prefix(first_user, AFFINITY_HASH_CHARS)
+    return "s:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def _text_prefix(value: Any, budget: int) -> str:
+    """The first ``budget`` characters of the keys and values in ``value``, depth first (keys
+    sorted), visiting at most ``budget`` items: a prompt's cost to hash stays bounded however
+    large it is (a long system prompt, a first message with an image)."""
+    out: list[str] = []
+    size, stack = 0, [value]
+    for _ in range(budget):
+        if not stack or size >= budget:
+            break
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [x for k in sorted(item, reverse=True) for x in (item[k], k)]
+        elif isinstance(item, list):
+            stack += reversed(item)
+        else:
+            piece = item if isinstance(item, str) else repr(item)
+            out.append(piece[:budget - size] + "\x00")
+            size += len(out[-1])
+    return "".join(out)
+
+
+class Affinity:
+    """Which channel, upstream model and key served a session last: (scope) -> pin, where a
+    scope is (gateway token id, requested model, session key). A pin lasts ``ttl`` seconds after
+    the request that last used it (0 = affinity off); at most ``max_sessions`` are kept, the
+    least recently used dropped first. Times come from ``clock`` (tests drive it)."""
+
+    def __init__(self, ttl: float = DEFAULT_AFFINITY_TTL_S,
+                 clock: Callable[[], float] = time.monotonic,
+                 max_sessions: int = AFFINITY_MAX_SESSIONS):
+        self.ttl, self.clock, self.max_sessions = ttl, clock, max_sessions
+        self._table: collections.OrderedDict[tuple, tuple[float, tuple]] = \
+            collections.OrderedDict()
+
+    def lookup(self, scope: tuple) -> tuple | None:
+        """The pin of ``scope``, (channel id, upstream model, key index), or None."""
+        entry = self._table.get(scope)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            del self._table[scope]
+            return None
+        return entry[1]
+
+    def served(self, scope: tuple, before: tuple | None, pin: tuple) -> str:
+        """Pin ``scope`` to what served it; "new", "hit" (the pin held) or "repinned"."""
+        self._table.pop(scope, None)
+        self._table[scope] = (self.clock() + self.ttl, pin)
+        while len(self._table) > self.max_sessions:
+            self._table.popitem(last=False)
+        return "new" if before is None else "hit" if before == pin else "repinned"
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def pinned_first(chans: list[Channel], pin: tuple | None, model: str) -> list[Channel]:
+    """``chans`` with the pinned one (same channel, same upstream model) first, the rest in
+    their order, so that a failing pin falls back as usual."""
+    if pin is None:
+        return chans
+    for i, ch in enumerate(chans):
+        if (ch.id, ch.upstream_model(model)) == pin[:2]:
+            return [ch] + chans[:i] + chans[i + 1:]
+    return chans
+
+
+WEIGHT_STATES_MAX = 4096      # weighted-turn states kept (one per model and priority or alias)
+
+
+def pin_key(pin: tuple | None, ch: Channel, model: str) -> int | None:
+    """The key index a session's pin names for ``ch`` (None: no pin on this channel)."""
+    return pin[2] if pin is not None and pin[:2] == (ch.id, ch.upstream_model(model)) else None
+
+
+def key_index(ch: Channel, key: str) -> int:
+    return ch.keys.index(key) if key in ch.keys else 0
+
+
+def weighted_order(members: list, weights: list[float], current: dict) -> list:
+    """Smooth weighted round-robin (the one nginx uses): each turn every member's running
+    score grows by its weight, the highest (the first on a tie) is picked and loses the total.
+    Over any run of sum(weights) turns each member is picked in proportion to its weight, evenly
+    spread; with equal weights it is plain round-robin. ``current`` holds the scores between
+    calls (members are hashable keys). Returns the members, the picked one first and the others
+    following it in their order (the fallback order)."""
+    for key in [k for k in current if k not in members]:
+        del current[key]
+    for m, w in zip(members, weights):
+        current[m] = current.get(m, 0.0) + w
+    best = max(range(len(members)), key=lambda i: (current[members[i]], -i))
+    current[members[best]] -= sum(weights)
+    return members[best:] + members[:best]
+
+
+def _override_target(obj: Any, parts: list[str], create: bool) -> tuple[Any, Any] | None:
+    """The container holding the last segment of ``parts`` and its key (an int for a list),
+    making missing objects on the way when ``create``; None when the path cannot be reached."""
+    cur = obj
+    for i, seg in enumerate(parts):
+        if isinstance(cur, list):
+            if not seg.isdigit() or int(seg) >= len(cur):
+                return None
+            key: Any = int(seg)
+        elif isinstance(cur, dict):
+            key = seg
+            if i < len(parts) - 1 and key not in cur:
+                if not create:
+                    return None
+                cur[key] = {}
+        else:
+            return None
+        if i == len(parts) - 1:
+            return cur, key
+        cur = cur[key]
+    return None
+
+
+def apply_overrides(body: bytes, headers: list[tuple[str, str]], rules: list[dict],
+                    models: tuple[str, ...]) -> tuple[bytes, list[tuple[str, str]]]:
+    """A channel's override rules (validated in section 10) applied to the request about to be
+    sent: the rules whose ``models`` patterns match one of ``models`` (the name the client asked
+    for, the name sent upstream), in order. ``set`` and ``remove`` take dotted paths ("a.b",
+    "messages.0.role": a number indexes a list); a path that does not reach is skipped. The body
+    is re-serialised only when a body rule applies (and only when it is a JSON object)."""
+    picked = [r for r in rules if not r.get("models") or any(
+        name_matches(p, m) for p in ([r["models"]] if isinstance(r["models"], str)
+                                     else r["models"]) for m in models)]
+    if not picked:
+        return body, headers
+    obj: Any = None
+    if any(r.get("set") or r.get("remove") for r in picked):
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            obj = None                                   # a form or other body: headers only
+    for rule in picked:
+        if isinstance(obj, dict):
+            for path, value in (rule.get("set") or {}).items():
+                found = _override_target(obj, path.split("."), create=True)
+                if found is not None:
+                    found[0][found[1]] = copy.deepcopy(value)
+            for path in rule.get("remove") or []:
+                found = _override_target(obj, path.split("."), create=False)
+                if found is not None and (isinstance(found[0], list) or found[1] in found[0]):
+                    del found[0][found[1]]
+        drop = {h.lower() for h in [*(rule.get("remove_headers") or []),
+                                    *(rule.get("headers") or {})]}
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        headers += list((rule.get("headers") or {}).items())
+    return (json_dumps(obj) if isinstance(obj, dict) else body), headers
+
+
+# Headers whose values are credentials: a capture shows them masked.
+_SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "x-api-key",
+                             "x-goog-api-key", "api-key", "cookie"))
+_KEY_PARAM_RX = re.compile(r"([?&](?:key|api_key|api-key)=)[^&\s\"']+", re.I)
+_BEARER_RX = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
+
+
+def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every known secret, bearer credential and ?key= value masked."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    text = _BEARER_RX.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+    return _KEY_PARAM_RX.sub(lambda m: m.group(1) + "***", text)
+
+
+class DebugCapture:
+    """The last ``keep`` requests' bodies for the Logs tab (off when 0): the client's request,
+    each upstream request (up to DEBUG_CAPTURE_ATTEMPTS) and the start of each upstream answer,
+    every body cut at DEBUG_CAPTURE_BODY_BYTES. Secrets (the configured keys and tokens, the
+    credential headers, bearer values, ?key=) are masked when a body is captured and again when
+    it is shown or written. With a ``path``, each finished request is appended to it as one JSON
+    line (owner-only file). The Tk thread reads ``text()`` while the server loop writes, so the
+    entries are guarded by a lock."""
+
+    def __init__(self) -> None:
+        self.keep = 0
+        self._entries: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._secrets: list[str] = []
+        self._file: RequestLog | None = None
+
+    def configure(self, keep: int, path: str | None, secrets: Iterable[str],
+                  on_error: Callable[[str], None]) -> None:
+        with self._lock:
+            self.keep = keep
+            self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+            while len(self._entries) > keep:
+                self._entries.popitem(last=False)
+        if self._file is not None and (not keep or self._file.path != path):
+            self._file.close()
+            self._file = None
+        if keep and path and self._file is None:
+            self._file = RequestLog(path, on_error)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _body(self, data: bytes) -> str:
+        cut = len(data) > DEBUG_CAPTURE_BODY_BYTES
+        text = data[:DEBUG_CAPTURE_BODY_BYTES].decode("utf-8", "replace")
+        return mask_text(text, self._secrets) + (
+            f"\n… (cut at {DEBUG_CAPTURE_BODY_BYTES // 1024} KiB of {len(data)} bytes)"
+            if cut else "")
+
+    def _headers(self, headers: Iterable[tuple[str, str]]) -> list[list[str]]:
+        def masked(value: str) -> str:              # "Bearer sk-…1234": the scheme stays
+            scheme, sep, cred = value.strip().partition(" ")
+            return f"{scheme} {mask_secret(cred)}" if sep else mask_secret(value)
+        return [[n, masked(v) if n.lower() in _SECRET_HEADERS else
+                 mask_text(v, self._secrets)] for n, v in headers]
+
+    def client(self, rec_id: int, req: Request) -> None:
+        if not self.keep:
+            return
+        target = req.path + (f"?{req.query}" if req.query else "")
+        entry = {"id": rec_id, "time": time.time(), "client_request": {
+            "method": req.method, "target": mask_text(target, self._secrets),
+            "headers": self._headers(req.headers), "body": self._body(req.body)},
+            "upstream": []}
+        with self._lock:
+            self._entries[rec_id] = entry
+            while len(self._entries) > self.keep:
+                self._entries.popitem(last=False)
+
+    def upstream(self, rec_id: int, method: str, url: str, headers: list[tuple[str, str]],
+                 body: bytes) -> dict | None:
+        """Note an upstream request; returns its exchange for ``response`` (None: not kept)."""
+        with self._lock:
+            entry = self._entries.get(rec_id)
+            if entry is None or len(entry["upstream"]) >= DEBUG_CAPTURE_ATTEMPTS:
+                return None
+            exchange = {"request": {"method": method, "url": mask_text(url, self._secrets),
+                                    "headers": self._headers(headers),
+                                    "body": self._body(body)}, "response": None}
+            entry["upstream"].append(exchange)
+            return exchange
+
+    def response(self, exchange: dict | None, up: UpstreamResponse) -> None:
+        """Note an upstream answer's head, and tap its body's first bytes as they are read."""
+        if exchange is None:
+            return
+        raw = bytearray()
+        with self._lock:
+            exchange["response"] = {"status": up.status, "headers": self._headers(up.headers),
+                                    "raw": raw}
+
+        def tap(data: bytes) -> None:
+            room = DEBUG_CAPTURE_BODY_BYTES + 1 - len(raw)
+            if room > 0:
+                with self._lock:
+                    raw.extend(data[:room])
+        up.tap = tap
+
+    def _finished(self, entry: dict) -> dict:
+        """A copy of ``entry`` with the answers' bodies as masked text."""
+        out = copy.deepcopy({k: v for k, v in entry.items() if k != "upstream"})
+        out["upstream"] = []
+        for ex in entry["upstream"]:
+            resp = ex["response"]
+            if resp is not None:
+                resp = dict(resp, body=self._body(bytes(resp["raw"])))
+                del resp["raw"]
+            out["upstream"].append({"request": dict(ex["request"]), "response": resp})
+        return out
+
+    def finish(self, rec_id: int) -> None:
+        if self._file is None:
+            return
+        with self._lock:
+            entry = self._entries.get(rec_id)
+            done = self._finished(entry) if entry is not None else None
+        if done is not None:
+            self._file.write(done)
+
+    def text(self, rec_id: int) -> str:
+        """What the Logs tab shows for a request: its bodies, masked; "" when not captured."""
+        with self._lock:
+            entry = self._entries.get(rec_id)
+            if entry is None:
+                return ""
+            e = self._finished(entry)
+
+        def block(title: str, headers: list, body: str) -> list[str]:
+            return [f"── {title}", *(f"{n}: {v}" for n, v in headers), "", body, ""]
+        c = e["client_request"]
+        lines = block(f"client request: {c['method']} {c['target']}", c["headers"], c["body"])
+        for i, ex in enumerate(e["upstream"], 1):
+            r = ex["request"]
+            lines += block(f"upstream request {i}: {r['method']} {r['url']}", r["headers"],
+                           r["body"])
+            if ex["response"] is not None:
+                a = ex["response"]
+                lines += block(f"upstream answer {i}: {a['status']}", a["headers"], a["body"])
+        return "\n".join(lines).rstrip() + "\n"
+
+
 class Gateway:
     """Serves requests from the HTTP server; owns routing state, the upstream client and the
     request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
@@ -7497,7 +8019,9 @@ class Gateway:
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.stats = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
         self.started = time.time()
-        self._rr: dict[tuple[str, int], int] = {}
+        self._rr: dict[tuple, dict] = {}        # weighted-turn scores (weighted_order)
+        self.affinity = Affinity(clock=clock)
+        self.capture = DebugCapture()
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
@@ -7528,6 +8052,13 @@ class Gateway:
             short = name.partition(".")[0]
             binds |= {name, short, f"{short}.local"}
         self.host_names = binds
+        self.affinity.ttl = s["affinity_ttl_s"]
+        self.aliases = {k.lower(): alias_members(v) for k, v in s["aliases"].items()}
+        self.alias_names = list(s["aliases"])
+        capture_file = s["debug_capture_file"]
+        self.capture.configure(s["debug_capture"], capture_file and os.path.join(
+            self.config_dir, capture_file), [k for ch in self.channels for k in ch.keys] +
+            [t["key"] for t in config["tokens"]], self.log)
         log_path = os.path.join(self.config_dir, s["log_file"]) if s["log_requests"] else None
         if self._request_log is not None and self._request_log.path != log_path:
             self._request_log.close()
@@ -7543,6 +8074,7 @@ class Gateway:
 
     def close(self) -> None:
         self.client.close()
+        self.capture.close()
         if self._request_log is not None:
             self._request_log.close()
 
@@ -7738,6 +8270,10 @@ class Gateway:
                 if name.lower() not in seen and (token is None or token.may_use_model(name)):
                     seen.add(name.lower())
                     names.append(name)
+        for name in self.alias_names:              # an alias is a model clients may pick
+            if name.lower() not in seen and (token is None or token.may_use_model(name)):
+                seen.add(name.lower())
+                names.append(name)
         created = int(self.started)
         if model_id:
             if model_id.lower() not in seen:
@@ -7777,11 +8313,8 @@ class Gateway:
                                              key=lambda c: c.priority):
             members = list(group)
             if len(members) > 1:
-                key = (model.lower(), prio)
-                turn = self._rr.get(key, 0)
-                self._rr[key] = turn + 1
-                shift = turn % len(members)
-                members = members[shift:] + members[:shift]
+                members = weighted_order(members, [ch.weight for ch in members],
+                                         self._turns((model.lower(), prio)))
             ordered += members
         now = time.monotonic()
         ready = []
@@ -7795,6 +8328,52 @@ class Gateway:
             rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
         # When every candidate is cooling down, try them anyway: an answer beats a refusal.
         return ready or ordered
+
+    def _turns(self, key: tuple) -> dict:
+        """The weighted-turn scores kept for ``key``, at most WEIGHT_STATES_MAX of them."""
+        turns = self._rr.get(key)
+        if turns is None:
+            while len(self._rr) >= WEIGHT_STATES_MAX:
+                del self._rr[next(iter(self._rr))]
+            turns = self._rr[key] = {}
+        return turns
+
+    def route_channels(self, model: str, route: Route, token: Token | None,
+                       rec: dict) -> list[Channel]:
+        """The channels to try for ``model``: an alias (settings.aliases) is served by its
+        members that have channels, weighted in turn, each member's channels in the usual order,
+        then the next member's as fallback; any other name by ``candidates``."""
+        members = self.aliases.get(model.lower())
+        if not members:
+            return self.candidates(model, route, token, rec)
+        served: dict[str, tuple[float, list[Channel]]] = {}
+        refused: GatewayError | None = None
+        skipped: list[str] = []
+        for member, weight in members:
+            seen: dict = {}
+            try:
+                served[member] = (weight, self.candidates(member, route, token, seen))
+            except GatewayError as exc:      # this member has no channel: it gets no turn
+                refused = refused or exc
+            skipped += seen.get("skipped", [])
+        if refused is not None and not served:
+            raise refused
+        order = weighted_order(list(served), [served[m][0] for m in served],
+                               self._turns(("alias", model.lower())))
+        rec["skipped"] = skipped
+        return [ch.for_alias(model, m) for m in order for ch in served[m][1]]
+
+    def _session(self, token: Token | None, model: str, route: Route, req: Request,
+                 obj: dict | None) -> tuple[tuple | None, tuple | None]:
+        """(affinity scope, its pin) of a chat request; (None, None) when affinity is off or
+        the request names no session."""
+        if not self.affinity.ttl or route.kind not in CHAT_KINDS:
+            return None, None
+        key = session_key(req.headers, obj)
+        if key is None:
+            return None, None
+        scope = (token.id if token else None, model.lower(), key)
+        return scope, self.affinity.lookup(scope)
 
     # -- proxying --------------------------------------------------------------------------------
 
@@ -7879,7 +8458,10 @@ class Gateway:
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
             raise GatewayError(403, f"gateway token '{token.name}' may not use model '{model}'")
-        chans = self.candidates(model, route, token, rec)
+        self.capture.client(rec["id"], req)
+        chans = self.route_channels(model, route, token, rec)
+        scope, pin = self._session(token, model, route, req, obj)
+        chans = pinned_first(chans, pin, model)
         if not self.settings["enable_fallback"]:
             chans = chans[:1]
         foreign = route.kind == "chat" and chat_body_is_foreign(obj or {})
@@ -7894,8 +8476,9 @@ class Gateway:
         for base in chans:
             keys_tried: set[str] = set()
             while True:
-                ch = base.with_key(self._pick_key(base, keys_tried))
+                ch = base.with_key(self._pick_key(base, keys_tried, pin_key(pin, base, model)))
                 keys_tried.add(ch.api_key)
+                rec["upstream_model"] = ch.upstream_model(model)
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
                 passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
@@ -7919,12 +8502,17 @@ class Gateway:
                         inlined[ch.type] = await self._inline_remote_images(ir, ch)
                     url, hdrs, body = self._converted_request(
                         ch, inlined.get(ch.type, ir), model)
+                if ch.overrides:
+                    body, hdrs = apply_overrides(body, hdrs, ch.overrides,
+                                                 (model, rec["upstream_model"]))
+                method = "POST" if not passthrough else req.method
+                exchange = self.capture.upstream(rec["id"], method, url, hdrs, body)
                 try:
                     await self._acquire_slot(ch, rec)
                     t0 = time.perf_counter()
-                    up = await self.client.request("POST" if not passthrough else req.method,
-                                                   url, hdrs, body, proxy=ch.proxy,
+                    up = await self.client.request(method, url, hdrs, body, proxy=ch.proxy,
                                                    verify_tls=ch.verify_tls, timeout=ch.timeout)
+                    self.capture.response(exchange, up)
                     overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
                                                 up.status) if up.status >= 400 else None
                     if overflow is not None:
@@ -7938,6 +8526,9 @@ class Gateway:
                     if up.status < 300 or not (up.status in (401, 403, 408, 429)
                                                or up.status >= 500):
                         rec["channel"] = ch.name
+                        if scope is not None and up.status < 300:
+                            rec["affinity"] = self.affinity.served(scope, pin, (
+                                base.id, rec["upstream_model"], key_index(base, ch.api_key)))
                         self._health(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
@@ -7985,14 +8576,17 @@ class Gateway:
                      f"{self.health[ch.id].until - time.monotonic():.0f} s")
             self.on_event("health", self.health_report())
 
-    def _pick_key(self, ch: Channel, tried: set[str]) -> str:
-        """The channel's next key in turn that is neither benched nor already tried."""
+    def _pick_key(self, ch: Channel, tried: set[str], prefer: int | None = None) -> str:
+        """The channel's next key in turn that is neither benched nor already tried (the key
+        ``prefer`` first: the one a session is pinned to)."""
         keys = ch.keys
         if len(keys) <= 1:
             return keys[0] if keys else ""
         now = time.monotonic()
         turn = self._key_turn.get(ch.id, 0)
         self._key_turn[ch.id] = turn + 1
+        if prefer is not None and prefer < len(keys):
+            turn = prefer
         order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
         fresh = [k for k in order if k not in tried]
         rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
@@ -8479,12 +9073,14 @@ class Gateway:
                 "token": None, "channel": None, "tried": [], "failures": [], "skipped": [],
                 "status": None, "latency_ms": None, "ttfb_ms": None,
                 "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
-                "output_tokens": None, "error": None}
+                "output_tokens": None, "error": None, "upstream_model": None,
+                "affinity": None}
 
     def _finish(self, rec: dict) -> None:
         self._release_slot(rec)
         if "_t0" not in rec:
             return
+        self.capture.finish(rec["id"])
         rec["latency_ms"] = round((time.perf_counter() - rec.pop("_t0")) * 1000, 1)
         st = self.stats
         st["requests"] += 1
@@ -8983,6 +9579,10 @@ def record_detail(rec: dict) -> str:
              f"tried: {', '.join(rec.get('tried') or []) or '-'}",
              f"latency: {_ms(rec.get('latency_ms'))}   first byte: {_ms(rec.get('ttfb_ms'))}   "
              f"bytes in/out: {rec.get('bytes_in')}/{rec.get('bytes_out')}"]
+    if rec.get("upstream_model") and rec["upstream_model"] != rec.get("model"):
+        lines.append(f"sent upstream as: {rec['upstream_model']}")
+    if rec.get("affinity"):
+        lines.append(f"session affinity: {rec['affinity']}")
     for f in rec.get("failures") or []:
         lines.append(f"  ✗ {f['channel']}: {f['status']} {f['error']}")
     if rec.get("skipped"):
@@ -9279,6 +9879,7 @@ class ChannelDialog:
             "api_key": tk.StringVar(value=c.get("api_key", "")),
             "models": tk.StringVar(value=", ".join(c.get("models", []))),
             "priority": tk.StringVar(value=str(c.get("priority", 0))),
+            "weight": tk.StringVar(value=f"{c.get('weight', 1):g}"),
             "timeout": tk.StringVar(value=f"{c.get('timeout', DEFAULT_CHANNEL_TIMEOUT):g}"),
             "max_tokens_cap": tk.StringVar(value=str(c.get("max_tokens_cap", 0))),
             "api_keys": tk.StringVar(value=", ".join(c.get("api_keys", []))),
@@ -9336,6 +9937,8 @@ class ChannelDialog:
         field("Model mapping", self.mapping, "client name = upstream name")
         field("Priority", ttk.Entry(body, textvariable=self.vars["priority"], width=8),
               "lower is tried first")
+        field("Weight", ttk.Entry(body, textvariable=self.vars["weight"], width=8),
+              "share among channels of equal priority")
         field("Timeout (s)", ttk.Entry(body, textvariable=self.vars["timeout"], width=8))
         field("Max tokens cap", ttk.Entry(body, textvariable=self.vars["max_tokens_cap"],
                                           width=8), "0 = none")
@@ -9427,6 +10030,10 @@ class ChannelDialog:
         if not isinstance(quirks, dict):
             raise ValueError('Quirks is a JSON object, such as {"tool_call_id": "mistral9"} '
                              'or {}')
+        try:
+            weight = float(v["weight"].get())
+        except ValueError:
+            raise ValueError("Weight is a positive number, such as 1 or 3") from None
         preset = {"preset": v["preset"].get()} if v["preset"].get() or \
             "preset" in (self.channel or {}) else {}
         return {**preset, "quirks": quirks,
@@ -9435,6 +10042,7 @@ class ChannelDialog:
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
                 "model_mapping": parse_mapping(self.mapping.get("1.0", "end")),
                 "priority": priority, "timeout": int(timeout) if timeout.is_integer() else timeout,
+                "weight": int(weight) if weight.is_integer() else weight,
                 "max_tokens_cap": cap, "max_concurrency": concurrency,
                 "thinking": v["thinking"].get(),
                 "api_keys": [k.strip() for k in v["api_keys"].get().split(",") if k.strip()],
@@ -9886,6 +10494,11 @@ class LogsTab:
                               background=app.colors["panel"], foreground=app.colors["fg"],
                               font=("TkFixedFont", 9), state="disabled")
         panes.add(self.detail, weight=1)
+        # The selected request's bodies, when settings.debug_capture keeps them (masked).
+        self.bodies = tk.Text(panes, height=8, wrap="none", relief="flat",
+                              background=app.colors["panel"], foreground=app.colors["fg"],
+                              font=("TkFixedFont", 9), state="disabled")
+        panes.add(self.bodies, weight=2)
         self.tree.bind("<<TreeviewSelect>>", lambda e: self.show_detail())
         self.tree.tag_configure("bad", foreground=app.colors["bad"])
         self.records: collections.deque[dict] = collections.deque(maxlen=GUI_LOG_ROWS)
@@ -9921,17 +10534,24 @@ class LogsTab:
         self.records.clear()
         self.tree.delete(*self.tree.get_children())
         self._set_detail("")
+        self._set_detail("", self.bodies)
 
     def show_detail(self) -> None:
         sel = self.tree.selection()
         rec = next((r for r in self.records if sel and str(r["id"]) == sel[0]), None)
         self._set_detail(record_detail(rec) if rec else "")
+        gateway = self.app.bridge.gateway
+        bodies = gateway.capture.text(rec["id"]) if rec and gateway else ""
+        if rec and not bodies:
+            bodies = "(no bodies kept: set settings.debug_capture to keep the last N)"
+        self._set_detail(bodies, self.bodies)
 
-    def _set_detail(self, text: str) -> None:
-        self.detail.configure(state="normal")
-        self.detail.delete("1.0", "end")
-        self.detail.insert("1.0", text)
-        self.detail.configure(state="disabled")
+    def _set_detail(self, text: str, widget: Any = None) -> None:
+        widget = widget or self.detail
+        widget.configure(state="normal")
+        widget.delete("1.0", "end")
+        widget.insert("1.0", text)
+        widget.configure(state="disabled")
 
 
 class App:
@@ -10038,7 +10658,7 @@ class App:
     def set_theme(self, name: str) -> None:
         self.colors = apply_theme(self.root, name)
         self.dashboard.chart.configure(background=self.colors["panel"])
-        for widget in (self.dashboard.activity, self.logs.detail):
+        for widget in (self.dashboard.activity, self.logs.detail, self.logs.bodies):
             widget.configure(background=self.colors["panel"], foreground=self.colors["fg"])
         self.dashboard.draw_chart()
 

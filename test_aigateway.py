@@ -1955,6 +1955,71 @@ def test_10_preset_is_kept_in_the_file_as_written(tmp_path):
     store.add_token(name="second")
     saved = json.loads(path.read_text())["channels"][0]
     assert saved["preset"] == "deepseek" and saved["base_url"] == "https://api.deepseek.com/v1"
+# -- issue 13: affinity, weights, aliases, overrides and debug capture settings ----------------
+
+@pytest.mark.parametrize("config,needle", [
+    ({"settings": {"affinity_ttl_s": -1}},
+     "settings.affinity_ttl_s: -1 is not a number of seconds; use 3600"),
+    ({"settings": {"aliases": ["fast"]}}, "settings.aliases: is not an object; write an object"),
+    ({"settings": {"aliases": {"fast": []}}},
+     "settings.aliases: 'fast' is not a list of 1 to 32 models"),
+    ({"settings": {"aliases": {"fast": [{"model": "a", "weight": 0}]}}},
+     "settings.aliases: 'fast': the weight of 'a' is not a positive number"),
+    ({"settings": {"aliases": {"fast": [{"name": "a"}]}}},
+     "'fast': {\"name\": \"a\"} is not a model entry; write {\"model\": \"name\", \"weight\": 2}"),
+    ({"settings": {"aliases": {"fast": ["slow"], "slow": ["m"]}}},
+     "'fast': 'slow' is an alias itself; name the upstream models directly"),
+    ({"settings": {"debug_capture": 501}}, "settings.debug_capture: 501 is not from 0 to 500"),
+    ({"settings": {"debug_capture_file": 5}}, "settings.debug_capture_file"),
+    ({"channels": [{"weight": 0}]}, "channels[0].weight: 0 is not a positive number; use 1"),
+    ({"channels": [{"weight": "3"}]}, "channels[0].weight: \"3\" is not a positive number"),
+    ({"channels": [{"overrides": {"set": {}}}]},
+     "channels[0].overrides: is not a list of at most 32 rules"),
+    ({"channels": [{"overrides": [{"sett": {"a": 1}}]}]},
+     "channels[0].overrides[0]: 'sett' is not an override key; use only models, set"),
+    ({"channels": [{"overrides": [{"models": "m"}]}]},
+     "channels[0].overrides[0]: changes nothing; give it set, remove"),
+    ({"channels": [{"overrides": [{"set": {"a..b": 1}}]}]},
+     "channels[0].overrides[0]: 'a..b' is not a dotted path"),
+    ({"channels": [{"overrides": [{"remove": "a"}]}]},
+     "channels[0].overrides[0].remove: is not a list of paths"),
+    ({"channels": [{"overrides": [{"models": 5, "remove": ["a"]}]}]},
+     "channels[0].overrides[0].models: is not a model pattern or a list of them"),
+    ({"channels": [{"overrides": [{"headers": {"X-Api-Key": "sk-1"}}]}]},
+     "'X-Api-Key' carries the channel's key; put the key in the channel's api_key"),
+    ({"channels": [{"overrides": [{"remove_headers": ["Content-Length"]}]}]},
+     "'Content-Length' is set by the HTTP client"),
+    ({"channels": [{"overrides": [{"headers": {"X-A": "1\r\nX-B: 2"}}]}]},
+     "'X-A' is not a valid header"),
+])
+def test_10_routing_settings_validated(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ag.ConfigError, match=re.escape(needle)):
+        ag.ConfigStore.load(str(path))
+
+
+def test_10_routing_settings_defaults_and_good_values(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": {"aliases": {"fast": [
+        "mini", {"model": "flash", "weight": 2.5}]}},
+        "channels": [{"weight": 3, "overrides": [{"models": ["gpt-*"], "set": {
+            "messages.0.role": "developer"}, "remove_headers": ["Authorization"]}]}, {}]}))
+    cfg = ag.ConfigStore.load(str(path))[0].data
+    s = cfg["settings"]
+    assert (s["affinity_ttl_s"], s["debug_capture"], s["debug_capture_file"]) == (3600, 0, "")
+    assert ag.alias_members(s["aliases"]["fast"]) == [("mini", 1.0), ("flash", 2.5)]
+    assert [c["weight"] for c in cfg["channels"]] == [3, 1]
+    assert cfg["channels"][1]["overrides"] == []
+
+
+def test_10_config_problems_names_every_routing_problem():
+    problems = ag.config_problems({"settings": {"aliases": {"a": []}, "debug_capture": -3},
+                                   "channels": [{"overrides": [{"sett": 1}], "weight": 0}]},
+                                  "cfg")
+    assert [p.split(": ")[1] for p in problems] == [
+        "settings.aliases", "settings.debug_capture", "channels[0].weight",
+        "channels[0].overrides[0]"]
 
 
 def test_10_json_syntax_error_names_the_line(tmp_path):
@@ -3103,6 +3168,333 @@ def test_11_request_log_failure_is_reported_again_after_it_recovered(tmp_path):
     assert log.errors == 3 and len(heard) == 2             # the 2nd failure in a row is quiet
     assert all("Read-only file system" in h for h in heard)
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 2
+
+
+# -- issue 13: session affinity, weights, aliases, request overrides, debug capture ---------------
+
+def _served_by(*ups):
+    """How many requests each fake received (by the fakes' own records)."""
+    return [len(u.requests) for u in ups]
+
+
+def _chat_record(g, headers=None, body=None):
+    """Send one chat request through ``g``; its record."""
+    count = len(g.gateway.records)
+    status, _, _ = g.request("POST", "/v1/chat/completions",
+                             body or {"model": "m", "messages": []}, headers=headers)
+    assert status == 200
+    return g.records(count + 1)[-1]
+
+
+SESSION_SOURCES = {
+    # Claude Code (v2.1.86+) sends this header on every request of a session.
+    "claude_header": lambda s: ({"X-Claude-Code-Session-Id": s}, {}),
+    # Codex: codex-rs/codex-api/src/requests/headers.rs sends the conversation id as session_id.
+    "codex_header": lambda s: ({"session_id": s}, {}),
+    "codex_hyphen_header": lambda s: ({"Session-Id": s}, {}),
+    "prompt_cache_key": lambda s: ({}, {"prompt_cache_key": s}),
+    "metadata_user_id": lambda s: ({}, {"metadata": {"user_id": f"user_x_session_{s}"}}),
+    "system_and_first_user": lambda s: ({}, {"messages": [
+        {"role": "system", "content": f"You are {s}"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yes"}, {"role": "user", "content": "more"}]}),
+}
+
+
+@pytest.mark.parametrize("source", list(SESSION_SOURCES))
+def test_11_affinity_pins_a_session_for_each_session_key_source(gw, upstream, source):
+    a, b = upstream(), upstream()
+    g = gw([chan(a, name="a"), chan(b, name="b")])
+
+    def ask(session, turn=0):
+        hdrs, extra = SESSION_SOURCES[source](session)
+        body = {"model": "m", "messages": [{"role": "user", "content": f"turn {turn}"}]}
+        body.update(extra)
+        if source == "system_and_first_user":
+            body["messages"] = body["messages"][:2 + turn]    # the conversation grows
+        return _chat_record(g, hdrs, body)
+    first = ask("one")
+    second = ask("two")
+    assert (first["channel"], first["affinity"]) == ("a", "new")
+    assert (second["channel"], second["affinity"]) == ("b", "new")
+    for turn in range(1, 3):                  # without affinity these would alternate
+        r1, r2 = ask("one", turn), ask("two", turn)
+        assert (r1["channel"], r1["affinity"]) == ("a", "hit")
+        assert (r2["channel"], r2["affinity"]) == ("b", "hit")
+    assert _served_by(a, b) == [3, 3]
+
+
+def test_11_affinity_for_anthropic_metadata_and_codex_responses(gw, upstream):
+    a1 = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    a2 = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    o1, o2 = upstream(), upstream()
+    g = gw([chan(a1, name="a1", type="anthropic", models=["claude-*"]),
+            chan(a2, name="a2", type="anthropic", models=["claude-*"]),
+            chan(o1, name="o1", models=["gpt-*"]), chan(o2, name="o2", models=["gpt-*"])])
+    client = g.anthropic()
+    for user in ("u1", "u2", "u1", "u2", "u1"):
+        client.messages.create(model="claude-x", max_tokens=5, metadata={"user_id": user},
+                               messages=[{"role": "user", "content": "x"}])
+    assert _served_by(a1, a2) == [3, 2]
+    assert [json.loads(r["body"])["metadata"]["user_id"] for r in a1.requests] == ["u1"] * 3
+    for sid in ("c1", "c2", "c1", "c1"):       # Codex on /v1/responses, converted to chat
+        status, _, _ = g.request("POST", "/v1/responses", {"model": "gpt-5", "input": "hi"},
+                                 headers={"session_id": sid})
+        assert status == 200
+    assert _served_by(o1, o2) == [3, 1]
+
+
+def test_11_different_sessions_spread_and_affinity_off(gw, upstream):
+    a, b = upstream(), upstream()
+    g = gw([chan(a, name="a"), chan(b, name="b")])
+    for i in range(20):
+        g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
+                  headers={"X-Claude-Code-Session-Id": f"s{i}"})
+    assert _served_by(a, b) == [10, 10]
+    assert len(g.gateway.affinity) == 20
+    g2 = gw([chan(a, name="a"), chan(b, name="b")], settings={"affinity_ttl_s": 0})
+    for _ in range(4):
+        g2.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
+                   headers={"X-Claude-Code-Session-Id": "same"})
+    assert _served_by(a, b) == [12, 12]                # alternating: no pin
+    assert {r["affinity"] for r in g2.records(4)} == {None}
+
+
+def test_11_affinity_repins_after_a_failure_and_pins_the_key(gw, upstream):
+    failing = threading.Event()
+    a, b = upstream(), upstream()
+    a.responder = lambda rec: Reply(500, b'{"error":{"message":"a down"}}') \
+        if failing.is_set() else openai_chat_reply()
+    g = gw([chan(a, name="a", api_keys=["sk-upstream-second"]), chan(b, name="b")])
+
+    def ask(session):
+        return _chat_record(g, {"X-Claude-Code-Session-Id": session})
+    assert ask("s")["channel"] == "a"
+    assert ask("other")["channel"] == "b"
+    key = a.requests[0]["headers"]["authorization"]
+    for _ in range(3):
+        assert ask("s")["affinity"] == "hit"
+    assert {r["headers"]["authorization"] for r in a.requests} == {key}   # same key each time
+    failing.set()
+    rec = ask("s")
+    assert rec["tried"] == ["a", "b"] and rec["channel"] == "b"
+    assert rec["affinity"] == "repinned"
+    failing.clear()
+    before = len(a.requests)
+    rec = ask("s")
+    assert (rec["channel"], rec["affinity"]) == ("b", "hit") and len(a.requests) == before
+
+
+def test_11_affinity_expires_after_its_ttl_by_the_injected_clock(gw, upstream):
+    a, b = upstream(), upstream()
+    g = gw([chan(a, name="a"), chan(b, name="b")], settings={"affinity_ttl_s": 100})
+    now = [1000.0]
+    g.gateway.affinity.clock = lambda: now[0]
+
+    def ask():
+        r = _chat_record(g, {"X-Claude-Code-Session-Id": "s"})
+        return r["channel"], r["affinity"]
+    assert ask() == ("a", "new")
+    now[0] += 99                                   # each use keeps the pin another 100 s
+    assert ask() == ("a", "hit")
+    now[0] += 99
+    assert ask() == ("a", "hit")
+    now[0] += 100                                  # idle for the whole TTL: a new pin
+    assert ask() == ("b", "new")
+    assert ask() == ("b", "hit")
+
+
+def test_11_affinity_table_is_bounded():
+    now = [0.0]
+    aff = ag.Affinity(ttl=10, clock=lambda: now[0], max_sessions=3)
+    for i in range(5):
+        aff.served(("t", "m", f"s{i}"), None, (1, "m", 0))
+    assert len(aff) == 3 and aff.lookup(("t", "m", "s0")) is None
+    assert aff.lookup(("t", "m", "s4")) == (1, "m", 0)
+
+
+def test_11_weights_share_equal_priorities_in_proportion(gw, upstream):
+    a, b, c = upstream(), upstream(), upstream()
+    g = gw([chan(a, name="a", weight=3), chan(b, name="b"),
+            chan(c, name="c", priority=1, weight=50)])          # a lower priority: fallback only
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=15)
+    for _ in range(40):                                         # over the wire
+        conn.request("POST", "/v1/chat/completions", body=b'{"model":"m","messages":[]}',
+                     headers={"Authorization": f"Bearer {TOKEN}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+    conn.close()
+    assert _served_by(a, b, c) == [30, 10, 0]
+    # Smooth: the 1 in 4 is spread out, never a run of the light channel.
+    order = [r["channel"] for r in g.records(40)[:8]]
+    assert order.count("b") == 2 and "b, b" not in ", ".join(order)
+    # Many more routing decisions of the same gateway (each one a request's first choice; the
+    # wire costs ~35 ms a request on the test machine, so these 400 skip it).
+    route = ag.ROUTES["/v1/chat/completions"]
+    firsts = [g.gateway.candidates("m", route, None)[0].name for _ in range(400)]
+    assert abs(firsts.count("a") - 300) <= 10 and abs(firsts.count("b") - 100) <= 10
+    assert g.gateway.candidates("m", route, None)[-1].name == "c"        # c stays the fallback
+
+
+def test_11_weighted_order_is_plain_round_robin_with_equal_weights():
+    state: dict = {}
+    firsts = [ag.weighted_order(["x", "y", "z"], [1, 1, 1], state) for _ in range(4)]
+    assert firsts == [["x", "y", "z"], ["y", "z", "x"], ["z", "x", "y"], ["x", "y", "z"]]
+    state = {}
+    assert [ag.weighted_order(["x", "y"], [3, 1], state)[0] for _ in range(8)] == \
+        ["x", "x", "y", "x"] * 2
+    assert ag.weighted_order(["y", "w"], [1, 1], state) == ["y", "w"]   # x's score is dropped
+    assert set(state) == {"y", "w"}
+
+
+def test_11_aliases_weighted_with_fallback_across_models(gw, upstream):
+    mini, flash = upstream(), upstream()
+    g = gw([chan(mini, name="mini-ch", models=["gpt-4o-mini"]),
+            chan(flash, name="flash-ch", models=["gemini-2.5-flash"],
+                 model_mapping={"gemini-2.5-flash": "gemini-2.5-flash-001"})],
+           settings={"aliases": {"fast": [{"model": "gpt-4o-mini", "weight": 2},
+                                          "gemini-2.5-flash", "nowhere-model"]}})
+    client = g.openai()
+    for _ in range(30):
+        r = client.chat.completions.create(model="fast", messages=[])
+        assert r.choices[0].message.content == "hello"
+    assert _served_by(mini, flash) == [20, 10]
+    assert {json.loads(r["body"])["model"] for r in mini.requests} == {"gpt-4o-mini"}
+    assert {json.loads(r["body"])["model"] for r in flash.requests} == {"gemini-2.5-flash-001"}
+    recs = g.records(30)
+    assert {(r["model"], r["upstream_model"]) for r in recs} == {
+        ("fast", "gpt-4o-mini"), ("fast", "gemini-2.5-flash-001")}
+    mini.replies = [Reply(503, b'{"error":{"message":"mini overloaded"}}')]
+    client.chat.completions.create(model="fast", messages=[])
+    rec = g.records(31)[-1]
+    assert rec["tried"] == ["mini-ch", "flash-ch"] and rec["channel"] == "flash-ch"
+    assert rec["upstream_model"] == "gemini-2.5-flash-001"
+    assert "sent upstream as: gemini-2.5-flash-001" in ag.record_detail(rec)
+    listed = [m.id for m in client.models.list()]
+    assert listed == ["gpt-4o-mini", "gemini-2.5-flash", "fast"]
+    assert client.models.retrieve("fast").id == "fast"
+    g3 = gw([chan(mini, name="mini-ch", models=["gpt-4o-mini"])],
+            settings={"aliases": {"ghost": ["nowhere-model"]}})
+    with pytest.raises(openai.NotFoundError) as e:
+        g3.openai().chat.completions.create(model="ghost", messages=[])
+    assert "nowhere-model" in e.value.body["message"]
+
+
+OVERRIDES = [{"models": "gpt-4o*", "set": {"temperature": 0.25, "metadata.tag": "gw",
+                                           "messages.0.role": "developer"},
+              "remove": ["max_tokens", "messages.1", "no.such.path"],
+              "headers": {"X-Title": "aigateway"}, "remove_headers": ["X-Drop-Me"]},
+             {"models": ["other-*"], "set": {"never": True}}]
+
+
+def test_11_overrides_on_the_wire_for_passthrough(gw, upstream):
+    up = upstream()
+    g = gw([chan(up, name="o", overrides=OVERRIDES)])
+    body = (b'{"model": "gpt-4o",  "max_tokens": 9, "messages": [{"role": "system", '
+            b'"content": "s"}, {"role": "user", "content": "u"}], "x": 1}')
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=15)
+    for model in (b"gpt-4o", b"plain"):
+        conn.request("POST", "/v1/chat/completions", body=body.replace(b"gpt-4o", model),
+                     headers={"Authorization": f"Bearer {TOKEN}", "X-Drop-Me": "1",
+                              "X-Keep-Me": "2", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+    conn.close()
+    changed, untouched = up.requests
+    sent = json.loads(changed["body"])
+    assert sent == {"model": "gpt-4o", "temperature": 0.25, "metadata": {"tag": "gw"},
+                    "messages": [{"role": "developer", "content": "s"}], "x": 1}
+    assert changed["headers"]["x-title"] == "aigateway" and "x-drop-me" not in changed["headers"]
+    assert changed["headers"]["x-keep-me"] == "2"
+    assert changed["headers"]["authorization"] == "Bearer sk-upstream-secret"
+    # No rule for this model: the body goes byte for byte as the client sent it.
+    assert untouched["body"] == body.replace(b"gpt-4o", b"plain")
+    assert untouched["headers"]["x-drop-me"] == "1" and "x-title" not in untouched["headers"]
+
+
+def test_11_overrides_on_the_wire_for_a_converted_route(gw, upstream):
+    up = upstream()
+    rules = [{"models": "gpt-4o-2024*", "set": {"stream_options.include_usage": False,
+                                                "reasoning_effort": "low"},
+              "remove": ["temperature"], "headers": {"X-Vendor": "quirk"},
+              "remove_headers": ["Accept-Encoding"]}]
+    g = gw([chan(up, name="o", model_mapping={"gpt-4o": "gpt-4o-2024-11-20"},
+                 overrides=rules)])
+    status, _, _ = g.request("POST", "/v1/messages", {
+        "model": "gpt-4o", "max_tokens": 7, "temperature": 0.5,
+        "messages": [{"role": "user", "content": "x"}]},
+        headers={"anthropic-version": "2023-06-01"})
+    assert status == 200
+    sent = json.loads(up.last()["body"])
+    assert sent["model"] == "gpt-4o-2024-11-20" and sent["reasoning_effort"] == "low"
+    assert "temperature" not in sent and sent["stream_options"] == {"include_usage": False}
+    assert up.last()["headers"]["x-vendor"] == "quirk"
+    assert "accept-encoding" not in up.last()["headers"]
+
+
+def test_11_overrides_skip_paths_that_do_not_reach_and_forms():
+    body = json.dumps({"a": "text", "l": [1, 2], "o": {}}).encode()
+    rules = [{"set": {"a.b": 1, "l.5": 0, "l.1": 9, "o.x.y": True, "new": [1]},
+              "remove": ["l.7", "o.missing", "l.0"], "headers": {"X-A": "1"}}]
+    out, hdrs = ag.apply_overrides(body, [("x-a", "old"), ("Keep", "k")], rules, ("m",))
+    assert json.loads(out) == {"a": "text", "l": [9], "o": {"x": {"y": True}}, "new": [1]}
+    assert hdrs == [("Keep", "k"), ("X-A", "1")]
+    form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--b--\r\n"
+    assert ag.apply_overrides(form, [], rules, ("m",)) == (form, [("X-A", "1")])
+    assert ag.apply_overrides(body, [], [dict(rules[0], models="gpt-*")], ("m", "m2")) == \
+        (body, [])
+
+
+def test_11_debug_capture_keeps_bodies_masked_and_writes_them(gw, upstream, tmp_path):
+    up = upstream([Reply(500, b'{"error":{"message":"echo sk-upstream-secret"}}'),
+                   openai_stream_reply(pieces=("strea", "med")), openai_chat_reply()])
+    g = gw([chan(up, name="one"), chan(up, name="two", priority=1)],
+           settings={"debug_capture": 2, "debug_capture_file": "capture.jsonl"})
+    with g.openai().chat.completions.create(model="m", stream=True, messages=[
+            {"role": "user", "content": f"my token is {TOKEN}, say hi"}]) as s:
+        assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == "streamed"
+    rec = g.records(1)[-1]
+    text = g.gateway.capture.text(rec["id"])
+    for secret in (TOKEN, "sk-upstream-secret"):
+        assert secret not in text
+    for key in (TOKEN, "sk-upstream-secret"):              # the client's, then the channel's
+        assert f"authorization: bearer {ag.mask_secret(key)}".lower() in text.lower()
+    assert "── client request: POST /v1/chat/completions" in text
+    assert "── upstream request 1: POST http://127.0.0.1" in text
+    assert "── upstream answer 1: 500" in text and "── upstream answer 2: 200" in text
+    assert '"content": "strea"' in text.replace('":"', '": "') and "say hi" in text
+    assert ag.mask_secret("sk-upstream-secret") in text
+    st, _, _ = g.request("POST", f"/v1beta/models/m:generateContent?key={TOKEN}",
+                         {"contents": [{"role": "user", "parts": [{"text": "q"}]}]},
+                         headers={"Authorization": None})
+    assert st == 200
+    gem = g.records(2)[-1]
+    gtext = g.gateway.capture.text(gem["id"])
+    assert "key=***" in gtext and TOKEN not in gtext
+    g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+    assert g.gateway.capture.text(rec["id"]) == ""           # only the last 2 are kept
+    path = tmp_path / "capture.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    first = json.loads(lines[0])
+    assert first["id"] == rec["id"] and len(first["upstream"]) == 2
+    assert "data: " in first["upstream"][1]["response"]["body"]
+    assert TOKEN not in path.read_text() and "sk-upstream-secret" not in path.read_text()
+
+
+def test_11_debug_capture_off_by_default_and_bodies_bounded(gw, upstream, monkeypatch):
+    up = upstream()
+    g = gw([chan(up)])
+    g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+    assert g.gateway.capture.text(g.records(1)[-1]["id"]) == ""
+    monkeypatch.setattr(ag, "DEBUG_CAPTURE_BODY_BYTES", 40)
+    g2 = gw([chan(up)], settings={"debug_capture": 1})
+    g2.request("POST", "/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "y" * 5000}]})
+    text = g2.gateway.capture.text(g2.records(1)[-1]["id"])
+    assert "y" * 200 not in text and "(cut at 0 KiB of" in text
 
 
 # =================================================================================================
@@ -5794,6 +6186,46 @@ def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
     assert states == {"bad": "cooldown 12 s", "good": "ok"}
     a.dashboard.stop_button.invoke()
     assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+
+
+# -- issue 13: captured bodies in the Logs tab, a channel's weight in its dialog ------------------
+
+def test_13_logs_tab_shows_the_captured_bodies_masked(app, upstream):
+    up = upstream([openai_chat_reply(text="captured answer")])
+    a = app([chan(up, name="one")], settings={"debug_capture": 5})
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
+    client = openai.OpenAI(base_url=a.dashboard.url_vars["openai"].get(), api_key=TOKEN,
+                           max_retries=0, timeout=10)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "show me"}])
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    shown = a.logs.bodies.get("1.0", "end")
+    assert "── client request: POST /v1/chat/completions" in shown
+    assert "── upstream answer 1: 200" in shown
+    assert "show me" in shown and "captured answer" in shown
+    assert f"Bearer {ag.mask_secret(TOKEN)}" in shown
+    assert TOKEN not in shown and "sk-upstream-secret" not in shown
+    a.logs.clear()
+    assert a.logs.bodies.get("1.0", "end").strip() == ""
+
+
+def test_13_channel_dialog_weight_field(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    assert d.vars["weight"].get() == "1"
+    d.vars["name"].set("weighted")
+    d.vars["weight"].set("heavy")
+    d.save()
+    assert d.error.cget("text") == "Weight is a positive number, such as 1 or 3"
+    d.vars["weight"].set("0")
+    d.save()
+    assert "weight: 0 is not a positive number" in d.error.cget("text")
+    d.vars["weight"].set("2.5")
+    d.save()
+    assert json.loads(open(a.store.path).read())["channels"][0]["weight"] == 2.5
 
 
 # -- control characters a client sent, as the window shows them ----------------------------------
