@@ -22,12 +22,31 @@ In headless mode the asyncio loop runs on the main thread and there is no queue 
 Outline (``grep -n '^# [0-9]*\\. ' aigateway.py``):
     0. Docstring, imports, __all__      7. Upstream HTTP client        12. Server thread bridge
     1. Constants and limits             8. HTTP server                 13. Tk GUI
-    2. Errors                           9. Converters                  14. Command line and main()
+    2. Errors                           9. Converters and adapters     14. Command line and main()
     3. Small helpers                   10. Configuration
     4. HTTP/1.1 wire format (no I/O)   11. Gateway
     5. Incremental decoders (no I/O)
     6. Stream helpers
 Each section uses only the sections above it.
+
+Adding a provider (section 9): every dialect converts to and from one internal form (the "IR",
+documented at 9.2). A client dialect is a DialectAdapter in DIALECTS; a channel type is a
+ProviderAdapter in PROVIDERS. The gateway (section 11) never compares a provider name: it asks
+the channel's adapter
+    relays(dialect, responses_api)   whether a client's body goes through unchanged
+    auth_headers(key, incoming)      the key header(s) (Bearer, x-api-key, api-key, ...)
+    passthrough_url / chat_url / models_url / embeddings_url
+    encode_chat(ir, model, ...)      IR -> the provider's chat body (tool names already fit
+                                     tool_name_rule; max_tokens capped unless caps_in_encoder)
+    decoders(signatures, kept)       (whole answer -> IR, factory of a StreamDecoding)
+    encode_embeddings / embed_vectors / parse_models / quirks
+and reads its attributes (default_url, needs_key, embeds, inline_media, serves_as_is). A new
+channel type is one subclass that overrides what differs from its nearest relative (Azure is
+OpenAIProvider with other URLs and an api-key header), one PROVIDERS entry, and its config
+fields in section 10; CHANNEL_TYPES, the default URLs, the routes' reach, the GUI's type list
+and the command line's --type choices follow from the registry. A new client dialect is a
+DialectAdapter (request_to_ir, response, stream_encoder, error_payload, stream_error,
+keepalive, models_payload, count_payload, passthrough_decoders) plus its routes in section 11.
 """
 
 # =================================================================================================
@@ -65,7 +84,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -150,14 +169,13 @@ OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
 RESPONSES = "responses"
 GEMINI = "gemini"
-CHANNEL_TYPES = ("openai", "anthropic", "gemini", "ollama", "custom")
-CHANNEL_DEFAULT_URLS = {
-    "openai": "https://api.openai.com",
-    "anthropic": "https://api.anthropic.com",
-    "gemini": "https://generativelanguage.googleapis.com",
-    "ollama": "http://localhost:11434",
-    "custom": "",
-}
+# Channel types (a channel's "type"): each names one ProviderAdapter in PROVIDERS (section 9).
+TYPE_OPENAI = "openai"
+TYPE_ANTHROPIC = "anthropic"
+TYPE_GEMINI = "gemini"
+TYPE_OLLAMA = "ollama"
+TYPE_CUSTOM = "custom"                # any OpenAI-compatible server
+TYPE_AZURE = "azure"                  # Azure OpenAI
 ANTHROPIC_VERSION = "2023-06-01"
 TOKEN_PREFIX = "sk-gw-"
 
@@ -538,6 +556,15 @@ _HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 ))
+
+
+def join_base_url(base: str, suffix: str) -> str:
+    """``suffix`` is a /v1/... path. When the base URL already carries a version segment
+    (/v1, /v4, /v1beta...), the suffix's own /v1 is dropped."""
+    base = base.rstrip("/")
+    if has_version_segment(base):
+        suffix = suffix[3:] if suffix.startswith("/v1/") else suffix
+    return base + suffix
 
 
 @dataclass(slots=True)
@@ -1024,8 +1051,11 @@ class SSEPassthrough:
 # =================================================================================================
 # 6. Stream helpers
 # =================================================================================================
-# The only code that touches StreamReader/StreamWriter directly. Heads are read with readuntil,
-# whose LimitOverrunError tells an oversized head apart from a closed connection.
+# Reading and writing asyncio streams under time limits: request heads (readuntil, whose
+# LimitOverrunError tells an oversized head apart from a closed connection), bodies in each
+# framing, drained writes, and the Watchdog that gives up on a silent peer. Sections 7 and 8 read
+# and write through these; only section 8's keep-alive pinger and 413 linger touch a stream
+# themselves.
 
 if sys.version_info >= (3, 11):
     async def timed(aw: Any, seconds: float) -> Any:
@@ -1847,7 +1877,8 @@ def _fetch_host(url: str, what: str) -> tuple[str, str, int]:
 # =================================================================================================
 # Keep-alive loop over asyncio streams. Pipelined requests are answered in order because one
 # connection task reads the next head only after it has answered the current request. It knows
-# nothing about LLMs: the gateway gives it a handler and an error renderer.
+# nothing about LLMs: the gateway gives it a handler and an error renderer, and every error it
+# answers itself (a bad head, a body over the limit, too many connections) goes through that.
 
 @dataclass(slots=True)
 class Request:
@@ -2045,17 +2076,16 @@ class HTTPServer:
         if len(self._conns) >= self._max_connections():
             self._log("refused a connection: settings.max_connections reached")
             watchdog = Watchdog(reader)
+            head = None
             try:
-                await read_head(reader, watchdog, 1.0, 1.0)   # read it, so closing is clean
+                raw = await read_head(reader, watchdog, 1.0, 1.0)   # read it: closing is clean
+                head = parse_request_head(raw) if raw else None
             except (ProtocolError, TimeoutError, OSError, asyncio.IncompleteReadError):
                 pass
             watchdog.close()
+            busy = GatewayError(503, "too many connections", headers=[("Retry-After", "1")])
             try:
-                await write_and_drain(writer, b"HTTP/1.1 503 Service Unavailable\r\n"
-                                      b"Content-Type: application/json\r\nRetry-After: 1\r\n"
-                                      b"Connection: close\r\nContent-Length: 79\r\n\r\n"
-                                      b'{"error":{"message":"too many connections","type":'
-                                      b'"server_error","param":null}}')
+                await self._send(writer, head, self._render_error(head, busy), False)
             except (OSError, TimeoutError):
                 pass
             await close_writer(writer)
@@ -2218,17 +2248,14 @@ class HTTPServer:
 
 
 # =================================================================================================
-# 9. Converters (pure, dict in -> dict out)
+# 9. Converters and provider adapters (dict in -> dict out)
 # =================================================================================================
-# 9.1 Dialects and errors. Each client dialect is served without conversion by the channel types
-# listed here; the body then goes through unchanged but for the model name.
-
-PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",), GEMINI: ("gemini",),
-                     RESPONSES: ()}      # openai/custom channels with responses_api: true too
-# Channel types that take images only as inline bytes, with the media types their converters
-# inline: the gateway fetches image URLs for them (UrlFetcher). Gemini's inlineData takes PDFs too
-# (ai.google.dev/gemini-api/docs/document-processing, "Passing PDF data inline").
-INLINE_ONLY_MEDIA = {"gemini": ("image/", "application/pdf"), "ollama": ("image/",)}
+# No I/O: every function maps dicts (or bytes of a stream) to dicts. The only state they touch is
+# what the caller passes in: the gateway's memory of Gemini thought signatures and Claude thinking
+# blocks (see 9.2), which decoders write and encoders read.
+#
+# 9.1 Dialects and errors: every client dialect's error bodies, in-band stream errors and model
+# lists, and what upstream error bodies of any dialect say.
 
 _OPENAI_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
@@ -2341,11 +2368,6 @@ def error_payload(dialect: str, err: GatewayError) -> dict:
                       "param": err.param, "code": err.code}}
 
 
-SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n", RESPONSES: b": keepalive\n\n",
-                 GEMINI: b": keepalive\n\n",
-                 ANTHROPIC: b'event: ping\ndata: {"type":"ping"}\n\n'}
-
-
 def stream_error_event(dialect: str, err: GatewayError) -> bytes:
     """An in-band error for a stream whose 200 status is already sent."""
     if dialect == RESPONSES:
@@ -2455,7 +2477,11 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   model: str                       stream: bool              include_usage: bool
 #   system: [Part]                   text parts of every system/developer message, in order
 #   messages: [{"role": "user"|"assistant"|"tool", "content": [Part]}]
-#   tools: [{"name", "description", "parameters": JSON Schema}]
+#   tools: [{"name", "description", "parameters": JSON Schema, optional keys:
+#            "custom": True          a Responses custom (free-text) tool, its input as {"input"}
+#            "tool_search": True     Codex's client-run tool_search
+#            "namespace", "local_name"   a tool inside a Responses namespace; "name" is then
+#                                    namespaced_tool_name(namespace, local_name)}]
 #   tool_choice: None | "auto" | "none" | "required" | {"name": str}
 #   parallel_tool_calls: bool | None  n: int                  user: str | None
 #   max_tokens, temperature, top_p, top_k, seed, presence_penalty, frequency_penalty: num | None
@@ -2464,6 +2490,8 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #                    "strict"}
 #   reasoning: None | {"effort": one of EFFORTS, "budget": int | None}   budget: the client's own
 #              token budget (Anthropic budget_tokens, Gemini thinkingBudget), else None
+#   gemini_sse: bool                 only from Gemini clients: they asked for ?alt=sse (a transport
+#                                    hint for the stream encoder; absent from other dialects)
 # Part:
 #   {"type": "text", "text"}
 #   {"type": "image", "url"} | {"type": "image", "media_type", "data"}       data is base64
@@ -2482,6 +2510,139 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   ("reasoning", s), ("signature", s), ("tool", index, id, name), ("args", index, s),
 #   ("usage", Usage); ("finish", reason) once; ("error", GatewayError) ends a broken stream.
 #   Tool indexes are dense from 0 in order of first appearance.
+# Provider memory kept by the gateway between turns, passed in and written by the converters:
+#   signatures: {tool call id: Gemini thoughtSignature}   (Gemini decoders write, encoder reads)
+#   kept: {tool call id: [Claude thinking blocks]}        (Anthropic decoders write, encoder reads)
+#
+# The adapter interface. A client dialect is a DialectAdapter in DIALECTS, a channel type a
+# ProviderAdapter in PROVIDERS (both at the end of this section); the gateway (section 11) asks
+# them every provider question and compares no provider name itself.
+
+
+class StreamDecoding(Protocol):
+    """Upstream stream bytes -> IR stream events (see "Stream events" above)."""
+
+    def feed(self, data: bytes) -> list[tuple]: ...
+
+    def close(self) -> list[tuple]: ...
+
+
+class StreamEncoding(Protocol):
+    """IR stream events -> a client dialect's stream bytes; ``usage`` is the last IR Usage
+    seen (for the request log)."""
+
+    usage: dict | None
+
+    def encode(self, events: list[tuple]) -> bytes: ...
+
+
+class DialectAdapter:
+    """What the gateway asks of a client dialect. Subclasses override what differs."""
+
+    name = ""
+    keepalive = b": keepalive\n\n"           # sent on an idle stream
+    model_in_path = False                     # the model is named in the URL, not the body
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        raise NotImplementedError
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        raise NotImplementedError
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        raise NotImplementedError
+
+    def error_payload(self, err: GatewayError) -> dict:
+        return error_payload(self.name, err)
+
+    def stream_error(self, err: GatewayError) -> bytes:
+        return stream_error_event(self.name, err)
+
+    def models_payload(self, names: list[str], created: int) -> dict:
+        return models_payload(self.name, names, created)
+
+    def model_payload(self, name: str, created: int) -> dict:
+        return model_payload(self.name, name, created)
+
+    def count_payload(self, count: int) -> dict:
+        return {"input_tokens": count}
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        """(whole-answer decoder, stream decoder factory) that look into an answer passed
+        through unchanged, for emptiness."""
+        raise NotImplementedError
+
+
+class ProviderAdapter:
+    """What the gateway asks of a channel type. ``ch`` is a Channel (section 11): base_url,
+    api_key, api_version, responses_api. Subclasses override what differs."""
+
+    name = ""
+    default_url = ""                          # "" when the user must write one
+    serves_as_is: tuple[str, ...] = ()        # client dialects relayed without conversion
+    responses_as_is = False                   # ... and Responses too with responses_api: true
+    needs_key = False                         # an empty api_key is worth a warning
+    embeds = False                            # reached by conversion for embeddings
+    inline_media: tuple[str, ...] = ()        # takes only these media inline (URLs fetched)
+    tool_name_rule: tuple[re.Pattern, int] | None = None    # (accepted names, longest)
+    caps_in_encoder = False                   # encode_chat applies max_tokens_cap itself
+    replaces_headers: frozenset[str] = frozenset()   # client headers its own replace
+
+    def relays(self, dialect: str, responses_api: bool) -> bool:
+        """Whether a ``dialect`` client's request goes to this channel type unchanged."""
+        return dialect in self.serves_as_is or (
+            dialect == RESPONSES and responses_api and self.responses_as_is)
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {api_key}")] if api_key else []
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        """Where a passed-through request for route ``path`` (a /v1/... path) goes."""
+        return join_base_url(ch.base_url, path)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return join_base_url(ch.base_url, "/v1/chat/completions")
+
+    def models_url(self, ch: Any) -> str:
+        return join_base_url(ch.base_url, "/v1/models")
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return join_base_url(ch.base_url, "/v1/embeddings")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        """The chat request body, from an IR whose tool names already fit tool_name_rule."""
+        raise NotImplementedError
+
+    def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
+        body: dict[str, Any] = {"model": model, "input": texts}
+        if isinstance(dims, int):
+            body["dimensions"] = dims
+        return body
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        """(whole-answer decoder, stream decoder factory) to IR."""
+        raise NotImplementedError
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        raise NotImplementedError
+
+    def parse_models(self, body: Any) -> list[str]:
+        """Model names in the upstream's model list."""
+        items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
+        names = []
+        for item in items:
+            name = item.get("id") or item.get("name") if isinstance(item, dict) else None
+            if isinstance(name, str) and name:
+                names.append(name[7:] if name.startswith("models/") else name)
+        return names
+
+    def quirks(self, body: dict, quirks: dict | None) -> dict:
+        """A passed-through chat body with the channel's ``quirks`` applied."""
+        return body
 
 def guarded(status: int, what: str) -> Callable[[Callable], Callable]:
     """Converters take input from clients and upstreams: a body of the wrong shape (a list
@@ -4398,9 +4559,6 @@ def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: in
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-EMBED_DECODERS = {"gemini": gemini_embed_vectors, "ollama": ollama_embed_vectors}
-
-
 def ollama_url(base_url: str, path: str) -> str:
     """Ollama's native API lives at the root even when the channel URL names its /v1."""
     base = base_url.rstrip("/")
@@ -5011,19 +5169,9 @@ class GeminiStreamEncoder:
 
 
 # 9.10 Dispatch -----------------------------------------------------------------------------------
-# Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
-# request encoder, response decoder, stream decoder. The Responses and Gemini-native client
-# dialects plug in here with the same three functions.
+# What every channel type's request shares (tool names in the forms the channel accepts, the
+# max_tokens cap, the OpenAI-compatible quirks) and the empty-answer check; then the adapters.
 
-CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
-    OPENAI: (openai_request_to_ir, lambda resp, model, ir: ir_to_openai_response(resp, model),
-             lambda model, ir: OpenAIStreamEncoder(model, ir["include_usage"])),
-    ANTHROPIC: (anthropic_request_to_ir,
-                lambda resp, model, ir: ir_to_anthropic_response(resp, model),
-                lambda model, ir: AnthropicStreamEncoder(model, estimate_tokens(ir))),
-    RESPONSES: (responses_request_to_ir, ir_to_responses_response, ResponsesStreamEncoder),
-    GEMINI: (gemini_request_to_ir, ir_to_gemini_response, GeminiStreamEncoder),
-}
 _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 
 # Tool names each provider accepts, by channel type. OpenAI (and the servers that copy its API):
@@ -5034,17 +5182,14 @@ _MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
 # A name outside its channel's rule is sent as a readable head plus 8 hex digits of its SHA-1,
 # always the same for the same name, so the tool list, the calls in earlier turns and the call
 # that comes back agree; the answer gets the client's own name back.
-TOOL_NAME_RULES: dict[str, tuple[re.Pattern, int]] = {
-    "openai": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
-    "custom": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
-    "anthropic": (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128),
-    "gemini": (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64),
-}
+OPENAI_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64)
+ANTHROPIC_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128)
+GEMINI_TOOL_NAMES = (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64)
 
 
 def channel_tool_name(name: str, ctype: str) -> str:
     """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
-    rule = TOOL_NAME_RULES.get(ctype)
+    rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
     if rule is None or rule[0].match(name):
         return name
     head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
@@ -5205,20 +5350,13 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                                 f"conversion, which relays one choice; ask for 1 and send "
                                 f"several requests instead", param="n",
                            code="unsupported_parameter")
+    provider = PROVIDERS[ctype]
     ir = rename_ir_tools(ir, ctype)
-    if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
+    if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
-    if ctype == "anthropic":
-        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
-                                       thinking_setting=thinking, kept=kept)
-    if ctype == "gemini":
-        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
-    if ctype == "ollama":
-        return ir_to_ollama_request(ir, model, stream=stream)
-    field = "max_completion_tokens" if ctype == "openai" and \
-        _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
-    return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
-                                                    max_tokens_field=field), quirks)
+    return provider.encode_chat(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
+                                signatures=signatures, quirks=quirks, thinking=thinking,
+                                kept=kept)
 
 
 def answer_is_empty(resp: dict) -> bool:
@@ -5287,14 +5425,6 @@ class ResponsesStreamOutline(StreamDecoder):
         return out
 
 
-# Client dialect -> (whole-answer decoder, stream decoder) used to look into a passed-through
-# answer for emptiness (the Responses ones read only what that needs).
-PASSTHROUGH_DECODERS: dict[str, tuple[Callable[[dict], dict], Callable[[], Any]]] = {
-    OPENAI: (openai_response_to_ir, OpenAIStreamDecoder),
-    ANTHROPIC: (anthropic_response_to_ir, AnthropicStreamDecoder),
-    GEMINI: (gemini_response_to_ir, GeminiStreamDecoder),
-    RESPONSES: (responses_answer_outline, ResponsesStreamOutline),
-}
 CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
                         "responses"))
 
@@ -5305,20 +5435,302 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
     """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
     (upstream_tool_names) the calls that come back carry the client's tool names."""
-    if ctype == "anthropic":
-        whole, stream = (lambda body: anthropic_response_to_ir(body, kept),
-                         lambda: AnthropicStreamDecoder(kept))
-    elif ctype == "gemini":
-        whole, stream = (lambda body: gemini_response_to_ir(body, signatures),
-                         lambda: GeminiStreamDecoder(signatures))
-    elif ctype == "ollama":
-        whole, stream = ollama_response_to_ir, OllamaStreamDecoder
-    else:
-        whole, stream = openai_response_to_ir, OpenAIStreamDecoder
+    whole, stream = PROVIDERS[ctype].decoders(signatures, kept)
     if not names:
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
             lambda: RenamedStream(stream(), names))
+
+
+# 9.11 Adapters and registries --------------------------------------------------------------------
+# One DialectAdapter per client dialect and one ProviderAdapter per channel type, each answering
+# the questions of section 9.2 with the converters above; DIALECTS and PROVIDERS are the only way
+# the gateway reaches them. A new channel type is one subclass here and one PROVIDERS entry.
+
+class OpenAIDialect(DialectAdapter):
+    name = OPENAI
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return openai_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_openai_response(resp, model)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return OpenAIStreamEncoder(model, ir["include_usage"])
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return openai_response_to_ir, OpenAIStreamDecoder
+
+
+class ResponsesDialect(OpenAIDialect):
+    name = RESPONSES
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return responses_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_responses_response(resp, model, ir)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return ResponsesStreamEncoder(model, ir)
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
+
+
+class AnthropicDialect(DialectAdapter):
+    name = ANTHROPIC
+    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return anthropic_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_anthropic_response(resp, model)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return AnthropicStreamEncoder(model, estimate_tokens(ir))
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return anthropic_response_to_ir, AnthropicStreamDecoder
+
+
+class GeminiDialect(DialectAdapter):
+    name = GEMINI
+    model_in_path = True
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        if kind == "countTokens" and isinstance(body.get("generateContentRequest"), dict):
+            body = body["generateContentRequest"]
+        ir = gemini_request_to_ir(dict(body, model=model))
+        ir["gemini_sse"] = params.get("alt") == "sse"        # a transport hint
+        return ir
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_gemini_response(resp, model, ir)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return GeminiStreamEncoder(model, ir)
+
+    def count_payload(self, count: int) -> dict:
+        return {"totalTokens": count}
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return gemini_response_to_ir, GeminiStreamDecoder
+
+
+def models_dialect(headers: Headers, query: str) -> str:
+    """The dialect of a model list asked for at OpenAI's /v1/models: Anthropic's SDK sends
+    anthropic-version, the google-genai SDK its key header or ?key=."""
+    if "anthropic-version" in headers:
+        return ANTHROPIC
+    if "x-goog-api-key" in headers or "key=" in query:
+        return GEMINI
+    return OPENAI
+
+
+class OpenAIProvider(ProviderAdapter):
+    name = TYPE_OPENAI
+    default_url = "https://api.openai.com"
+    serves_as_is = (OPENAI,)
+    responses_as_is = True
+    needs_key = True
+    embeds = True
+    tool_name_rule = OPENAI_TOOL_NAMES
+    max_completion_field = True      # o-series, gpt-5 and gpt-4.1 take max_completion_tokens
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        field = "max_completion_tokens" if self.max_completion_field and \
+            _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
+        return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
+                                                        max_tokens_field=field), quirks)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return openai_response_to_ir, OpenAIStreamDecoder
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return openai_embed_vectors(body)
+
+    def quirks(self, body: dict, quirks: dict | None) -> dict:
+        return apply_openai_quirks(body, quirks)
+
+
+class CustomProvider(OpenAIProvider):
+    """Any OpenAI-compatible server (vLLM, llama.cpp, LM Studio, OpenRouter, ...)."""
+
+    name = TYPE_CUSTOM
+    default_url = ""
+    needs_key = False
+    max_completion_field = False
+
+
+class AnthropicProvider(ProviderAdapter):
+    name = TYPE_ANTHROPIC
+    default_url = "https://api.anthropic.com"
+    serves_as_is = (ANTHROPIC,)
+    needs_key = True
+    tool_name_rule = ANTHROPIC_TOOL_NAMES
+    caps_in_encoder = True
+    replaces_headers = frozenset(("anthropic-version",))
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        version = (incoming.get("anthropic-version") if incoming is not None else None) \
+            or ANTHROPIC_VERSION
+        return [("anthropic-version", version)] + ([("x-api-key", api_key)] if api_key else [])
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return join_base_url(ch.base_url, "/v1/messages")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
+                                       thinking_setting=thinking, kept=kept)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return (lambda body: anthropic_response_to_ir(body, kept),
+                lambda: AnthropicStreamDecoder(kept))
+
+
+class GeminiProvider(ProviderAdapter):
+    name = TYPE_GEMINI
+    default_url = "https://generativelanguage.googleapis.com"
+    serves_as_is = (GEMINI,)
+    needs_key = True
+    embeds = True
+    # Gemini's inlineData takes PDFs too (ai.google.dev/gemini-api/docs/document-processing,
+    # "Passing PDF data inline"); image URLs are fetched for it (UrlFetcher).
+    inline_media = ("image/", "application/pdf")
+    tool_name_rule = GEMINI_TOOL_NAMES
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        return [("x-goog-api-key", api_key)] if api_key else []
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        return gemini_model_path(ch.base_url, model, kind)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return gemini_model_path(ch.base_url, model, "streamGenerateContent?alt=sse"
+                                 if stream else "generateContent")
+
+    def models_url(self, ch: Any) -> str:
+        return gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return gemini_model_path(ch.base_url, model, "batchEmbedContents")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
+
+    def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
+        return gemini_embed_request(texts, model, dims)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return (lambda body: gemini_response_to_ir(body, signatures),
+                lambda: GeminiStreamDecoder(signatures))
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return gemini_embed_vectors(body)
+
+
+class OllamaProvider(ProviderAdapter):
+    name = TYPE_OLLAMA
+    default_url = "http://localhost:11434"
+    embeds = True
+    inline_media = ("image/",)        # images only as base64 (image URLs are fetched for it)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return ollama_url(ch.base_url, "/api/chat")
+
+    def models_url(self, ch: Any) -> str:
+        return ollama_url(ch.base_url, "/api/tags")
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return ollama_url(ch.base_url, "/api/embed")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        return ir_to_ollama_request(ir, model, stream=stream)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return ollama_response_to_ir, OllamaStreamDecoder
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return ollama_embed_vectors(body)
+
+
+# Azure OpenAI: the OpenAI wire format at other URLs and with another key header.
+# learn.microsoft.com/azure/ai-foundry/openai/reference ("API specs", "Authentication"): a
+# resource endpoint https://{resource}.openai.azure.com, the key in an `api-key` header, the
+# deployment in the path (/openai/deployments/{deployment}/chat/completions, /embeddings,
+# /images/generations, /audio/...) and a dated ?api-version; the latest GA data-plane inference
+# version there is 2024-10-21. Responses, in the dated form, is /openai/responses?api-version=
+# with the deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses).
+# The v1 API (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle) drops the
+# api-version and the deployment segment: {endpoint}/openai/v1/chat/completions, /responses,
+# /embeddings, /models, with the deployment as "model" in the body.
+AZURE_API_VERSION = "2024-10-21"
+_AZURE_UNDEPLOYED = ("/models", "/responses")     # dated-form paths without a deployment
+
+
+class AzureProvider(OpenAIProvider):
+    name = TYPE_AZURE
+    default_url = ""                         # each resource has its own endpoint
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        return [("api-key", api_key)] if api_key else []
+
+    @staticmethod
+    def url(ch: Any, model: str, suffix: str) -> str:
+        """``suffix`` (such as /chat/completions) on the channel's endpoint, in the v1 form when
+        its base_url ends in /openai/v1, else in the dated form for deployment ``model``."""
+        base = ch.base_url.rstrip("/")
+        if base.endswith("/openai/v1"):
+            return base + suffix
+        base = base[:-7] if base.endswith("/openai") else base
+        query = "?api-version=" + urllib.parse.quote(ch.api_version or AZURE_API_VERSION)
+        if suffix in _AZURE_UNDEPLOYED:
+            return f"{base}/openai{suffix}{query}"
+        return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        return self.url(ch, model, path[3:] if path.startswith("/v1/") else path)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return self.url(ch, model, "/chat/completions")
+
+    def models_url(self, ch: Any) -> str:
+        return self.url(ch, "", "/models")
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return self.url(ch, model, "/embeddings")
+
+
+DIALECTS: dict[str, DialectAdapter] = {d.name: d for d in (
+    OpenAIDialect(), ResponsesDialect(), AnthropicDialect(), GeminiDialect())}
+PROVIDERS: dict[str, ProviderAdapter] = {p.name: p for p in (
+    OpenAIProvider(), AnthropicProvider(), GeminiProvider(), OllamaProvider(), CustomProvider(),
+    AzureProvider())}
+# Derived views, for validation, routes, the GUI and the command line.
+CHANNEL_TYPES = tuple(PROVIDERS)
+CHANNEL_DEFAULT_URLS = {name: p.default_url for name, p in PROVIDERS.items()}
+PASSTHROUGH_TYPES = {d: tuple(n for n, p in PROVIDERS.items() if d in p.serves_as_is)
+                     for d in DIALECTS}
+EMBEDDING_TYPES = tuple(n for n, p in PROVIDERS.items() if p.embeds)
+TOOL_NAME_RULES = {n: p.tool_name_rule for n, p in PROVIDERS.items() if p.tool_name_rule}
 
 
 # =================================================================================================
@@ -5352,9 +5764,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "default_timeout": DEFAULT_CHANNEL_TIMEOUT,   # a channel's timeout when it gives none
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
-    "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
+    "name": "", "type": TYPE_OPENAI, "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
+    "api_version": "",
     "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto",
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
@@ -5617,6 +6030,7 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
         ck.typed(ch, "verify_tls", where, (bool,), "true or false")
         ck.typed(ch, "responses_api", where, (bool,), "true or false")
+        ck.typed(ch, "api_version", where, (str,), 'an API version such as "2024-10-21", or ""')
         if ck.typed(ch, "thinking", where, (str,), "a thinking mode") not in THINKING_MODES:
             raise ck.fail(f"{where}.thinking", f"{ch['thinking']!r} is not a thinking mode",
                           'write "auto" (by model name), "adaptive" or "budget"')
@@ -6034,7 +6448,9 @@ class ConfigStore:
 # =================================================================================================
 # 11. Gateway
 # =================================================================================================
-# Auth, routing (model -> channels), fallback, proxying, request records. Runs on the server loop.
+# Auth, routing (model -> channels), fallback over channels and keys, health and limits, relaying
+# (passed through or converted by the adapters of section 9, which it asks every provider
+# question), request records and events. Runs on the server loop.
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -6049,7 +6465,7 @@ class Route:
 ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/v1/chat/completions", ("POST",), OPENAI, "chat", reach=CHANNEL_TYPES),
     Route("/v1/completions", ("POST",), OPENAI, "completions"),
-    Route("/v1/embeddings", ("POST",), OPENAI, "embeddings", reach=("gemini", "ollama")),
+    Route("/v1/embeddings", ("POST",), OPENAI, "embeddings", reach=EMBEDDING_TYPES),
     Route("/v1/images/generations", ("POST",), OPENAI, "images"),
     Route("/v1/audio/speech", ("POST",), OPENAI, "speech"),
     Route("/v1/audio/transcriptions", ("POST",), OPENAI, "transcriptions", "multipart"),
@@ -6064,8 +6480,8 @@ MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
 GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMINI, kind,
                              reach=reach) for kind, reach in (
     ("generateContent", CHANNEL_TYPES), ("streamGenerateContent", CHANNEL_TYPES),
-    ("countTokens", CHANNEL_TYPES), ("embedContent", ("openai", "custom", "ollama")),
-    ("batchEmbedContents", ("openai", "custom", "ollama")))}
+    ("countTokens", CHANNEL_TYPES), ("embedContent", EMBEDDING_TYPES),
+    ("batchEmbedContents", EMBEDDING_TYPES))}
 GEMINI_MODELS_ROUTE = Route("/v1beta/models", ("GET",), GEMINI, "models", "none")
 GEMINI_MODEL_ROUTE = Route("/v1beta/models/{model}", ("GET",), GEMINI, "model", "none")
 _GEMINI_PATH = re.compile(r"/(?:v1beta|v1alpha|v1)/models/([^:]+):([A-Za-z]+)\Z")
@@ -6119,21 +6535,13 @@ def upstream_json(raw: bytes, channel: str, what: str = "an answer") -> Any:
     return json_loads(raw, f"channel '{channel}' sent {what} that", status=502)
 
 
-def join_base_url(base: str, suffix: str) -> str:
-    """``suffix`` is a /v1/... path. When the base URL already carries a version segment
-    (/v1, /v4, /v1beta...), the suffix's own /v1 is dropped."""
-    base = base.rstrip("/")
-    if has_version_segment(base):
-        suffix = suffix[3:] if suffix.startswith("/v1/") else suffix
-    return base + suffix
-
-
 class Channel:
     """A configured upstream, prepared for routing."""
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "_exact")
+                 "responses_api", "api_version", "keys", "max_concurrency", "quirks", "thinking",
+                 "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -6151,6 +6559,7 @@ class Channel:
         self.headers = list(c["headers"].items())
         self.max_tokens_cap: int = c["max_tokens_cap"]
         self.responses_api: bool = c["responses_api"]
+        self.api_version: str = c.get("api_version", "")
         self.keys = tuple(dict.fromkeys(k for k in [c["api_key"], *c["api_keys"]] if k))
         self.max_concurrency: int = c["max_concurrency"]
         self.quirks: dict = c["quirks"]
@@ -6420,7 +6829,7 @@ class Gateway:
                  clock: Callable[[], float] = time.monotonic):
         self.client = client or UpstreamClient()
         self.fetcher = UrlFetcher(self.client)
-        self.clock = clock                       # for the failed-auth throttle
+        self.clock = clock                       # cooldowns, keys' rest, rpm, auth throttle
         self.listen_host = listen_host           # when it differs from settings.host (--host)
         self.auth_throttle = AuthThrottle()
         self.on_event = on_event or (lambda kind, payload: None)
@@ -6478,7 +6887,7 @@ class Gateway:
             self._request_log.close()
 
     def log(self, text: str) -> None:
-        self.on_event("log", escape_controls(text))
+        self.on_event(EVENT_LOG, escape_controls(text))
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -6489,7 +6898,7 @@ class Gateway:
         hdrs = [("Content-Type", "application/json")] + err.headers
         if head is not None:
             hdrs += self._cors_headers(head.headers)
-        return Response(err.status, hdrs, json_dumps(error_payload(dialect, err)))
+        return Response(err.status, hdrs, json_dumps(DIALECTS[dialect].error_payload(err)))
 
     def _cors_headers(self, headers: Headers) -> list[tuple[str, str]]:
         origin = headers.get("origin")
@@ -6530,11 +6939,8 @@ class Gateway:
                 if self.config_error:
                     body["config_error"] = self.config_error
             return Response(200, [("Content-Type", "application/json")], json_dumps(body))
-        if route.kind in ("models", "model") and route.dialect == OPENAI:
-            if "anthropic-version" in req.headers:
-                dialect = ANTHROPIC
-            elif "x-goog-api-key" in req.headers or "key=" in req.query:
-                dialect = GEMINI          # the google-genai SDK lists models at /v1/models
+        if route.path in ("/v1/models", MODEL_ROUTE.path):
+            dialect = models_dialect(req.headers, req.query)
         rec = self._new_record(req, route.path)
         try:
             token = self._authenticate(req)
@@ -6677,9 +7083,9 @@ class Gateway:
                                            for ch in self.channels):
                     raise GatewayError(404, f"model '{model_id}' is not served by any enabled "
                                             f"channel", code="model_not_found")
-            payload = model_payload(dialect, model_id, created)
+            payload = DIALECTS[dialect].model_payload(model_id, created)
         else:
-            payload = models_payload(dialect, names, created)
+            payload = DIALECTS[dialect].models_payload(names, created)
         return Response(200, [("Content-Type", "application/json")] +
                         self._cors_headers(req.headers), json_dumps(payload))
 
@@ -6714,7 +7120,7 @@ class Gateway:
                 shift = turn % len(members)
                 members = members[shift:] + members[:shift]
             ordered += members
-        now = time.monotonic()
+        now = self.clock()
         ready = []
         for ch in ordered:
             h = self.health.get(ch.id)
@@ -6753,7 +7159,7 @@ class Gateway:
         obj = json_loads(req.body)
         if not isinstance(obj, dict):
             raise GatewayError(400, "the request body must be a JSON object")
-        if route.dialect == GEMINI:                  # the model is in the URL
+        if DIALECTS[route.dialect].model_in_path:
             return path_model, obj, route.kind == "streamGenerateContent"
         model = obj.get("model")
         if model is None and route.kind == "images":
@@ -6768,7 +7174,7 @@ class Gateway:
         body = req.body
         target = ch.upstream_model(model)
         if ch.quirks and route.kind == "chat" and obj is not None:
-            body = json_dumps(apply_openai_quirks(dict(obj, model=model), ch.quirks))
+            body = json_dumps(PROVIDERS[ch.type].quirks(dict(obj, model=model), ch.quirks))
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
@@ -6777,26 +7183,17 @@ class Gateway:
                 body = replace_json_model(body, model, target)
         query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
             if req.query else ""
-        if route.dialect == GEMINI:
-            url = gemini_model_path(ch.base_url, target, route.kind) + (f"?{query}" if query
-                                                                       else "")
-        else:
-            url = join_base_url(ch.base_url, route.path) + (f"?{query}" if query else "")
+        provider = PROVIDERS[ch.type]
+        url = provider.passthrough_url(ch, route.path, route.kind, target)
+        if query:
+            url += ("&" if "?" in url else "?") + query
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers}
         hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
                 and n.lower() not in listed and n.lower() not in extra
-                and not (route.dialect == ANTHROPIC and n.lower() == "anthropic-version")]
-        if route.dialect == ANTHROPIC:
-            hdrs.append(("anthropic-version",
-                         req.headers.get("anthropic-version") or ANTHROPIC_VERSION))
-            if ch.api_key and "x-api-key" not in extra:
-                hdrs.append(("x-api-key", ch.api_key))
-        elif route.dialect == GEMINI:
-            if ch.api_key and "x-goog-api-key" not in extra:
-                hdrs.append(("x-goog-api-key", ch.api_key))
-        elif ch.api_key and "authorization" not in extra:
-            hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+                and n.lower() not in provider.replaces_headers]
+        hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers)
+                 if n.lower() not in extra]
         hdrs += ch.headers
         hdrs.append(("Accept-Encoding", "gzip, deflate"))
         return url, hdrs, body
@@ -6826,9 +7223,8 @@ class Gateway:
                 keys_tried.add(ch.api_key)
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
-                passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
-                    dialect == RESPONSES and ch.responses_api and
-                    ch.type in ("openai", "custom"))) and not foreign
+                provider = PROVIDERS[ch.type]
+                passthrough = provider.relays(dialect, ch.responses_api) and not foreign
                 if passthrough:
                     url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
                 elif route.kind in _EMBED_KINDS:
@@ -6843,7 +7239,7 @@ class Gateway:
                         ir["stream"] = stream
                     if route.kind in ("count_tokens", "countTokens"):
                         return self._count_locally(ir, rec, dialect)
-                    if ch.type in INLINE_ONLY_MEDIA and ch.type not in inlined:
+                    if provider.inline_media and ch.type not in inlined:
                         inlined[ch.type] = await self._inline_remote_images(ir, ch)
                     url, hdrs, body = self._converted_request(
                         ch, inlined.get(ch.type, ir), model)
@@ -6870,7 +7266,7 @@ class Gateway:
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
                             return await self._answer(up, dialect, rec, req, hold and (
-                                route.kind in CHAT_KINDS and dialect in PASSTHROUGH_DECODERS))
+                                route.kind in CHAT_KINDS))
                         if route.kind in _EMBED_KINDS:
                             return await self._answer_embeddings(up, ch, route, obj or {},
                                                                  texts or [], model, rec, req)
@@ -6908,17 +7304,17 @@ class Gateway:
     def _note_failure(self, ch: Channel, exc: UpstreamError) -> None:
         if exc.code == "concurrency_limit":            # busy by our own limit, not unhealthy
             return
-        if self._health(ch).failed(exc, time.monotonic()):
+        if self._health(ch).failed(exc, self.clock()):
             self.log(f"channel '{ch.name}' cools down for "
-                     f"{self.health[ch.id].until - time.monotonic():.0f} s")
-            self.on_event("health", self.health_report())
+                     f"{self.health[ch.id].until - self.clock():.0f} s")
+            self.on_event(EVENT_HEALTH, self.health_report())
 
     def _pick_key(self, ch: Channel, tried: set[str]) -> str:
         """The channel's next key in turn that is neither benched nor already tried."""
         keys = ch.keys
         if len(keys) <= 1:
             return keys[0] if keys else ""
-        now = time.monotonic()
+        now = self.clock()
         turn = self._key_turn.get(ch.id, 0)
         self._key_turn[ch.id] = turn + 1
         order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
@@ -6930,7 +7326,7 @@ class Gateway:
 
     def _bench_key(self, ch: Channel, key: str, exc: UpstreamError) -> None:
         wait = retry_after_seconds(exc.headers) or KEY_BENCH_SECONDS
-        self._key_bench[(ch.id, key)] = time.monotonic() + wait
+        self._key_bench[(ch.id, key)] = self.clock() + wait
         self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
                  f"{exc.upstream_status}")
 
@@ -6968,7 +7364,7 @@ class Gateway:
     def _check_rpm(self, token: Token | None) -> None:
         if token is None or not token.rpm:
             return
-        now = time.monotonic()
+        now = self.clock()
         window = self._rpm.setdefault(token.id, collections.deque())
         while window and window[0] <= now - 60:
             window.popleft()
@@ -6980,7 +7376,7 @@ class Gateway:
         window.append(now)
 
     def health_report(self) -> list[dict]:
-        now = time.monotonic()
+        now = self.clock()
         out = []
         for ch in self.channels:
             h = self.health.get(ch.id)
@@ -7024,24 +7420,13 @@ class Gateway:
     async def fetch_models(self, ch: Channel) -> list[str]:
         """The model names a channel's upstream lists (``/v1/models``; Gemini ``models``;
         Ollama ``/api/tags``), for the GUI's model picker."""
-        if ch.type == "gemini":
-            url = gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
-        elif ch.type == "ollama":
-            url = ollama_url(ch.base_url, "/api/tags")
-        else:
-            url = join_base_url(ch.base_url, "/v1/models")
+        provider = PROVIDERS[ch.type]
+        url = provider.models_url(ch)
         hdrs = [(n, v) for n, v in self._native_headers(ch) if n.lower() != "content-type"]
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
         raw = await self._read_converted(up, ch)
-        body = upstream_json(raw, ch.name, "a model list")
-        items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
-        names = []
-        for item in items:
-            name = item.get("id") or item.get("name") if isinstance(item, dict) else None
-            if isinstance(name, str) and name:
-                names.append(name[7:] if name.startswith("models/") else name)
-        return names
+        return provider.parse_models(upstream_json(raw, ch.name, "a model list"))
 
     # -- conversion ------------------------------------------------------------------------------
 
@@ -7062,7 +7447,7 @@ class Gateway:
             if p["type"] != "image" or "url" not in p:
                 continue
             media, data = await self.fetcher.fetch(
-                p.pop("url"), what="image", accept=INLINE_ONLY_MEDIA[ch.type],
+                p.pop("url"), what="image", accept=PROVIDERS[ch.type].inline_media,
                 allow_private=self.settings["fetch_private_urls"], proxy=ch.proxy)
             if not media.startswith("image/"):
                 p.update(type="file", filename="document.pdf")
@@ -7071,14 +7456,7 @@ class Gateway:
 
     @staticmethod
     def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
-        if dialect == GEMINI:
-            if route.kind == "countTokens" and isinstance(obj.get("generateContentRequest"),
-                                                          dict):
-                obj = obj["generateContentRequest"]
-            ir = CLIENT_CODECS[GEMINI][0](dict(obj, model=model))
-            ir["gemini_sse"] = req.params.get("alt") == "sse"     # a transport hint
-            return ir
-        return CLIENT_CODECS[dialect][0](obj)
+        return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
 
     def _count_locally(self, ir: dict, rec: dict, dialect: str) -> Response:
         """Token counting for a model on a channel of another dialect: a local estimate, never
@@ -7086,22 +7464,14 @@ class Gateway:
         count = estimate_tokens(ir)
         rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
         self._finish(rec)
-        body = {"totalTokens": count} if dialect == GEMINI else {"input_tokens": count}
+        body = DIALECTS[dialect].count_payload(count)
         return Response(200, [("Content-Type", "application/json")], json_dumps(body))
 
     @staticmethod
     def _native_headers(ch: Channel) -> list[tuple[str, str]]:
         """Headers for a request the gateway builds itself in the channel's own dialect."""
-        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate")]
-        if ch.type == "anthropic":
-            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
-            if ch.api_key:
-                hdrs.append(("x-api-key", ch.api_key))
-        elif ch.type == "gemini":
-            if ch.api_key:
-                hdrs.append(("x-goog-api-key", ch.api_key))
-        elif ch.api_key:
-            hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate"),
+                *PROVIDERS[ch.type].auth_headers(ch.api_key)]
         extra = {n.lower() for n, _ in ch.headers}
         return [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
 
@@ -7113,37 +7483,21 @@ class Gateway:
                                     max_tokens_cap=ch.max_tokens_cap,
                                     signatures=self.signatures, quirks=ch.quirks,
                                     thinking=ch.thinking, kept=self.thinking)
-        if ch.type == "anthropic":
-            url = join_base_url(ch.base_url, "/v1/messages")
-        elif ch.type == "gemini":
-            url = gemini_model_path(ch.base_url, target, "streamGenerateContent?alt=sse"
-                                    if stream else "generateContent")
-        elif ch.type == "ollama":
-            url = ollama_url(ch.base_url, "/api/chat")
-        else:
-            url = join_base_url(ch.base_url, "/v1/chat/completions")
+        url = PROVIDERS[ch.type].chat_url(ch, target, stream)
         return url, self._native_headers(ch), json_dumps(body)
 
     def _embeddings_request(self, ch: Channel, texts: list[str], model: str, dims: Any
                             ) -> tuple[str, list[tuple[str, str]], bytes]:
         target = ch.upstream_model(model)
-        body: dict[str, Any]
-        if ch.type == "gemini":
-            url = gemini_model_path(ch.base_url, target, "batchEmbedContents")
-            body = gemini_embed_request(texts, target, dims)
-        else:
-            url = ollama_url(ch.base_url, "/api/embed") if ch.type == "ollama" else \
-                join_base_url(ch.base_url, "/v1/embeddings")
-            body = {"model": target, "input": texts}
-            if isinstance(dims, int):
-                body["dimensions"] = dims
-        return url, self._native_headers(ch), json_dumps(body)
+        provider = PROVIDERS[ch.type]
+        return (provider.embeddings_url(ch, target), self._native_headers(ch),
+                json_dumps(provider.encode_embeddings(texts, target, dims)))
 
     async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
                                  obj: dict, texts: list[str], model: str, rec: dict,
                                  req: Request) -> Response:
         answer = upstream_json(await self._read_converted(up, ch), ch.name)
-        vectors, tokens = EMBED_DECODERS.get(ch.type, openai_embed_vectors)(answer)
+        vectors, tokens = PROVIDERS[ch.type].embed_vectors(answer)
         tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
         if route.kind == "embeddings":
             payload = openai_embeddings_payload(vectors, model, tokens,
@@ -7229,7 +7583,7 @@ class Gateway:
                 raise self._empty_answer(up)
             rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
                 resp["usage"]["output"]
-            out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
+            out = json_dumps(DIALECTS[dialect].response(resp, model, ir))
             rec["bytes_out"] = len(out)
             self._trim_signatures()
             self._finish(rec)
@@ -7237,7 +7591,7 @@ class Gateway:
         rec["stream"] = True
         hdrs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
                 ("X-Accel-Buffering", "no")] + self._cors_headers(req.headers)
-        encoder = CLIENT_CODECS[dialect][2](model, ir)
+        encoder = DIALECTS[dialect].stream_encoder(model, ir)
         decoder = stream_decoder()
         ctype = up.content_type.lower()
         if "json" in ctype and "ndjson" not in ctype:
@@ -7258,7 +7612,7 @@ class Gateway:
             self._trim_signatures()
             self._finish(rec)
         relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
-        return Response(200, hdrs, StreamBody(relay, done), keepalive=SSE_KEEPALIVE[dialect])
+        return Response(200, hdrs, StreamBody(relay, done), keepalive=DIALECTS[dialect].keepalive)
 
     async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
                                rec: dict, held: list[tuple], ended: bool
@@ -7338,20 +7692,21 @@ class Gateway:
         chunks = up.iter_bytes()
         held: list[bytes] = []
         if sse and hold and up.status < 300:
-            await self._hold_until_content(chunks, PASSTHROUGH_DECODERS[dialect][1](), up,
-                                           held)
+            stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
+            await self._hold_until_content(chunks, stream_decoder(), up, held)
         if sse:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
             rec["stream"] = True
         return Response(up.status, hdrs, self._stream(up, dialect, pt, rec, chunks, held),
-                        keepalive=SSE_KEEPALIVE[dialect] if sse else None)
+                        keepalive=DIALECTS[dialect].keepalive if sse else None)
 
     @staticmethod
     def _passthrough_empty(dialect: str, body: bytes) -> bool:
         try:
             obj = json.loads(body)
-            return isinstance(obj, dict) and answer_is_empty(PASSTHROUGH_DECODERS[dialect][0](obj))
+            return isinstance(obj, dict) and answer_is_empty(
+                DIALECTS[dialect].passthrough_decoders()[0](obj))
         except (ValueError, UnicodeDecodeError, GatewayError):
             return False
 
@@ -7394,7 +7749,7 @@ class Gateway:
                 raise
             # An event cut unfinished (flushed unsplit) is ended first, so the error stands alone.
             yield (b"\n\n" if pt.open else b"") + \
-                stream_error_event(dialect, GatewayError(exc.status, rec["error"]))
+                DIALECTS[dialect].stream_error(GatewayError(exc.status, rec["error"]))
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -7423,16 +7778,23 @@ class Gateway:
         self.records.append(rec)
         if self._request_log is not None:
             self._request_log.write(rec)
-        self.on_event("request", rec)
+        self.on_event(EVENT_REQUEST, rec)
 
 
 # =================================================================================================
 # 12. Server thread bridge
 # =================================================================================================
 # The only place the GUI thread and the server thread meet. The GUI calls start/stop/apply_config
-# and submit; events come back through ``events``, a queue.Queue of (kind, payload) tuples:
-# ("state", "running"|"stopped"), ("request", record), ("log", text), ("config", None) when
-# config.json was reloaded from disk.
+# and run_task; events come back through ``events``, a queue.Queue of (kind, payload) tuples of
+# the kinds below. The Gateway (section 11) emits request, log and health through the on_event
+# callback it is given; the bridge adds config, state and result.
+
+EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
+EVENT_LOG = "log"                # a line for the activity log (str)
+EVENT_HEALTH = "health"          # Gateway.health_report(), when a channel starts to cool down
+EVENT_CONFIG = "config"          # None: config.json was reloaded from disk
+EVENT_STATE = "state"            # "running" | "stopped"
+EVENT_RESULT = "result"          # (tag, ok, value or error text) of a run_task
 
 async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event,
                        interval: float) -> None:
@@ -7465,7 +7827,7 @@ async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event
         except Exception as exc:                     # a request log that cannot be opened
             gateway.log(f"configuration reloaded, but not all of it applies: "
                         f"{type(exc).__name__}: {exc}")
-        gateway.on_event("config", None)
+        gateway.on_event(EVENT_CONFIG, None)
         gateway.log(f"configuration reloaded from {os.path.basename(store.path)}")
         if (before["host"], before["port"]) != (gateway.settings["host"],
                                                 gateway.settings["port"]):
@@ -7611,7 +7973,7 @@ class GatewayThread:
         def ready(gateway: Gateway, server: HTTPServer) -> None:
             self.gateway, self.server = gateway, server
             self._ready.set()
-            self._emit("state", "running")
+            self._emit(EVENT_STATE, "running")
         try:
             loop.run_until_complete(run_gateway(self.store, self._stop, host=self.host,
                                                 port=self.port, on_event=self._emit,
@@ -7626,7 +7988,7 @@ class GatewayThread:
                 loop.close()
             self._loop = None
             self._ready.set()
-            self._emit("state", "stopped")
+            self._emit(EVENT_STATE, "stopped")
 
     def stop(self, timeout: float = SHUTDOWN_GRACE + 5) -> None:
         loop, stop, thread = self._loop, self._stop, self._thread
@@ -7661,11 +8023,11 @@ class GatewayThread:
         ("result", (tag, ok, value or error text)). Never blocks the caller."""
         async def wrapped(gateway: Gateway) -> None:
             try:
-                self._emit("result", (tag, True, await make(gateway)))
+                self._emit(EVENT_RESULT, (tag, True, await make(gateway)))
             except GatewayError as exc:
-                self._emit("result", (tag, False, exc.message))
+                self._emit(EVENT_RESULT, (tag, False, exc.message))
             except Exception as exc:                                   # reported, not raised
-                self._emit("result", (tag, False, f"{type(exc).__name__}: {exc}"))
+                self._emit(EVENT_RESULT, (tag, False, f"{type(exc).__name__}: {exc}"))
 
         loop, gateway = self._loop, self.gateway
         if loop is not None and gateway is not None:
@@ -8196,10 +8558,10 @@ class ChannelDialog:
         self.app, self.channel = app, channel
         self.top, body = _dialog(app, "Edit channel" if channel else "Add channel")
         top = self.top
-        c = channel or dict(CHANNEL_DEFAULTS, base_url=CHANNEL_DEFAULT_URLS["openai"])
+        c = channel or dict(CHANNEL_DEFAULTS, base_url=CHANNEL_DEFAULT_URLS[TYPE_OPENAI])
         self.vars = {
             "name": tk.StringVar(value=c.get("name", "")),
-            "type": tk.StringVar(value=c.get("type", "openai")),
+            "type": tk.StringVar(value=c.get("type", TYPE_OPENAI)),
             "base_url": tk.StringVar(value=c.get("base_url", "")),
             "api_key": tk.StringVar(value=c.get("api_key", "")),
             "models": tk.StringVar(value=", ".join(c.get("models", []))),
@@ -8930,19 +9292,19 @@ class App:
             except queue.Empty:
                 break
             handled += 1
-            if kind == "request":
+            if kind == EVENT_REQUEST:
                 self.dashboard.add_record(payload)
                 self.logs.add_record(payload)
-            elif kind == "log":
+            elif kind == EVENT_LOG:
                 self.dashboard.log(payload)
-            elif kind == "health":
+            elif kind == EVENT_HEALTH:
                 self.dashboard.set_health(payload)
-            elif kind == "config":                     # config.json was edited on disk
+            elif kind == EVENT_CONFIG:                     # config.json was edited on disk
                 self._show_new_config()
-            elif kind == "state":
+            elif kind == EVENT_STATE:
                 self.dashboard.set_state(payload == "running" and self.bridge.running,
                                          self.bridge.url)
-            elif kind == "result":
+            elif kind == EVENT_RESULT:
                 tag, ok, value = payload
                 done = self._tasks.pop(tag, None)
                 if done is not None:
@@ -9364,7 +9726,7 @@ def check_config(path: str) -> int:
                 warnings.append(f"{path}: tokens[{i}].allowed_channels: {ref!r} is no channel's "
                                 f"name or id, so it allows nothing")
     for i, c in enumerate(data["channels"]):
-        if c["enabled"] and not c["api_key"] and c["type"] in ("openai", "anthropic", "gemini"):
+        if c["enabled"] and not c["api_key"] and PROVIDERS[c["type"]].needs_key:
             warnings.append(f"{path}: channels[{i}].api_key: channel {c['name']!r} has no key")
     for problem in errors:
         print(f"error: {problem}")
@@ -9384,9 +9746,9 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
     bind_port = settings["port"] if port is None else port
 
     def on_event(kind: str, payload: Any) -> None:
-        if kind == "request" and not quiet:
+        if kind == EVENT_REQUEST and not quiet:
             print(access_line(payload), flush=True)
-        elif kind == "log":
+        elif kind == EVENT_LOG:
             print(f"{time.strftime('%H:%M:%S')} {payload}", file=sys.stderr, flush=True)
 
     async def serve() -> None:
