@@ -6819,6 +6819,24 @@ def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
     return None
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One request's state while the gateway serves it. ``record`` holds the logged fields
+    (Gateway.records, the request log, the GUI; see _new_record), read and written as
+    ``exchange[key]``; the timing and the concurrency slot it holds are private."""
+
+    record: dict
+    t0: float                                # perf_counter when the request came in
+    slot: ChannelHealth | None = None        # whose max_concurrency slot it holds
+    finished: bool = False                   # recorded (at most once)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.record[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.record[key] = value
+
+
 class Gateway:
     """Serves requests from the HTTP server; owns routing state, the upstream client and the
     request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
@@ -7015,12 +7033,12 @@ class Gateway:
         if route.body == "none" or req.method != "POST":
             return
         want = "multipart/form-data" if route.body == "multipart" else "application/json"
-        ctype = req.headers.get("content-type")
-        if ctype is None and route.body == "json":
+        content_type = req.headers.get("content-type")
+        if content_type is None and route.body == "json":
             return
-        if (ctype or "").partition(";")[0].strip().lower() != want:
+        if (content_type or "").partition(";")[0].strip().lower() != want:
             raise GatewayError(415, f"{route.path} takes Content-Type: {want}, not "
-                                    f"{(ctype or 'none')[:100]!r}",
+                                    f"{(content_type or 'none')[:100]!r}",
                                code="unsupported_media_type")
 
     def _preflight(self, req: Request) -> Response:
@@ -7092,7 +7110,7 @@ class Gateway:
     # -- routing ---------------------------------------------------------------------------------
 
     def candidates(self, model: str, route: Route, token: Token | None,
-                   rec: dict | None = None) -> list[Channel]:
+                   rec: Exchange | None = None) -> list[Channel]:
         serving = [ch for ch in self.channels if ch.enabled and ch.serves(model)]
         if not serving:
             raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
@@ -7139,10 +7157,10 @@ class Gateway:
                      path_model: str = "") -> tuple[str, dict | None, bool]:
         """(model, parsed JSON body or None, stream flag)."""
         if route.body == "multipart":
-            ctype = req.headers.get("content-type") or ""     # checked by _check_content_type
+            form = req.headers.get("content-type") or ""     # checked by _check_content_type
             # One 'model' field, in UTF-8: what is authorised is exactly what is forwarded.
             fields = [req.body[start:end] for hdrs, start, end in
-                      parse_multipart(req.body, ctype) if multipart_field_name(hdrs) == "model"]
+                      parse_multipart(req.body, form) if multipart_field_name(hdrs) == "model"]
             if len(fields) > 1:
                 raise GatewayError(400, "the form has more than one 'model' field",
                                    param="model")
@@ -7199,7 +7217,7 @@ class Gateway:
         return url, hdrs, body
 
     async def _proxy(self, req: Request, route: Route, dialect: str, token: Token | None,
-                     rec: dict, path_model: str = "") -> Response:
+                     rec: Exchange, path_model: str = "") -> Response:
         model, obj, stream = self._parse_model(req, route, path_model)
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
@@ -7330,7 +7348,7 @@ class Gateway:
         self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
                  f"{exc.upstream_status}")
 
-    async def _acquire_slot(self, ch: Channel, rec: dict) -> None:
+    async def _acquire_slot(self, ch: Channel, rec: Exchange) -> None:
         """Take one of the channel's max_concurrency slots, waiting in a bounded queue; a full
         queue is this channel's failure (the next candidate is tried, else 429)."""
         if not ch.max_concurrency:
@@ -7351,11 +7369,11 @@ class Gateway:
             finally:
                 h.waiting -= 1
         h.inflight += 1
-        rec["_slot"] = h
+        rec.slot = h
 
     @staticmethod
-    def _release_slot(rec: dict) -> None:
-        h = rec.pop("_slot", None)
+    def _release_slot(rec: Exchange) -> None:
+        h, rec.slot = rec.slot, None
         if h is not None:
             h.inflight -= 1
             if h.slots is not None:
@@ -7458,7 +7476,7 @@ class Gateway:
     def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
         return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
 
-    def _count_locally(self, ir: dict, rec: dict, dialect: str) -> Response:
+    def _count_locally(self, ir: dict, rec: Exchange, dialect: str) -> Response:
         """Token counting for a model on a channel of another dialect: a local estimate, never
         an upstream call (Claude Code sends many of these)."""
         count = estimate_tokens(ir)
@@ -7494,7 +7512,7 @@ class Gateway:
                 json_dumps(provider.encode_embeddings(texts, target, dims)))
 
     async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
-                                 obj: dict, texts: list[str], model: str, rec: dict,
+                                 obj: dict, texts: list[str], model: str, rec: Exchange,
                                  req: Request) -> Response:
         answer = upstream_json(await self._read_converted(up, ch), ch.name)
         vectors, tokens = PROVIDERS[ch.type].embed_vectors(answer)
@@ -7563,9 +7581,9 @@ class Gateway:
         raise self._empty_answer(up)
 
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
-                                model: str, rec: dict, req: Request,
+                                model: str, rec: Exchange, req: Request,
                                 hold: bool = False) -> Response:
-        rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
+        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
                                                          upstream_tool_names(ir, ch.type),
                                                          self.thinking)
@@ -7593,8 +7611,8 @@ class Gateway:
                 ("X-Accel-Buffering", "no")] + self._cors_headers(req.headers)
         encoder = DIALECTS[dialect].stream_encoder(model, ir)
         decoder = stream_decoder()
-        ctype = up.content_type.lower()
-        if "json" in ctype and "ndjson" not in ctype:
+        content_type = up.content_type.lower()
+        if "json" in content_type and "ndjson" not in content_type:
             # The upstream ignored stream:true and answered whole: stream it as events.
             answer = upstream_json(await self._read_converted(up, ch), ch.name)
             resp = decode_whole(answer if isinstance(answer, dict) else {})
@@ -7615,7 +7633,7 @@ class Gateway:
         return Response(200, hdrs, StreamBody(relay, done), keepalive=DIALECTS[dialect].keepalive)
 
     async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
-                               rec: dict, held: list[tuple], ended: bool
+                               rec: Exchange, held: list[tuple], ended: bool
                                ) -> AsyncIterator[bytes]:
         """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
         ``held`` events (read while waiting for content) go first."""
@@ -7657,33 +7675,33 @@ class Gateway:
         return GatewayError(last.status, f"all {len(failures)} channels failed: {tried}",
                             headers=last.headers)
 
-    async def _answer(self, up: UpstreamResponse, dialect: str, rec: dict,
+    async def _answer(self, up: UpstreamResponse, dialect: str, rec: Exchange,
                       req: Request, hold: bool = False) -> Response:
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
         hdrs += self._cors_headers(req.headers)
         rec["status"] = up.status
-        rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
-        ctype = up.content_type.lower()
-        sse = ctype.startswith("text/event-stream")
+        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
+        content_type = up.content_type.lower()
+        sse = content_type.startswith("text/event-stream")
         length = up.headers.get("content-length")
         small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
         # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
         # it is framed or compressed, so that it is checked before it is forwarded.
-        whole_json = "json" in ctype and up.status < 300 and not rec["stream"]
+        whole_json = "json" in content_type and up.status < 300 and not rec["stream"]
         if not sse and (whole_json or (small and "content-encoding" not in up.headers)):
             try:
                 body = await up.read()
             except UpstreamError as exc:
                 raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
                     from None
-            if up.status < 300 and "json" in ctype:
+            if up.status < 300 and "json" in content_type:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
                 found = usage_from_json(upstream_json(body, rec["channel"]))
                 if found:
                     rec["input_tokens"], rec["output_tokens"] = found
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
-            elif hold and "json" in ctype and self._passthrough_empty(dialect, body):
+            elif hold and "json" in content_type and self._passthrough_empty(dialect, body):
                 raise self._empty_answer(up)
             rec["bytes_out"] = len(body)
             self._finish(rec)
@@ -7710,7 +7728,7 @@ class Gateway:
         except (ValueError, UnicodeDecodeError, GatewayError):
             return False
 
-    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: dict,
+    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: Exchange,
                 chunks: AsyncIterator[bytes], held: list[bytes]) -> StreamBody:
         def done() -> None:
             up.aclose_nowait()
@@ -7722,7 +7740,7 @@ class Gateway:
         return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
 
     async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
-                     pt: SSEPassthrough | None, rec: dict) -> AsyncIterator[bytes]:
+                     pt: SSEPassthrough | None, rec: Exchange) -> AsyncIterator[bytes]:
         """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
         content, first). An SSE stream that breaks gets an in-band error event and a clean end;
         any other body is cut, so the client sees the break."""
@@ -7753,19 +7771,20 @@ class Gateway:
 
     # -- records ---------------------------------------------------------------------------------
 
-    def _new_record(self, req: Request, route: str) -> dict:
-        return {"id": next(self._seq), "time": time.time(), "_t0": time.perf_counter(),
-                "method": req.method, "route": route, "model": None, "stream": False,
-                "token": None, "channel": None, "tried": [], "failures": [], "skipped": [],
-                "status": None, "latency_ms": None, "ttfb_ms": None,
-                "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
-                "output_tokens": None, "error": None}
+    def _new_record(self, req: Request, route: str) -> Exchange:
+        return Exchange({"id": next(self._seq), "time": time.time(),
+                         "method": req.method, "route": route, "model": None, "stream": False,
+                         "token": None, "channel": None, "tried": [], "failures": [],
+                         "skipped": [], "status": None, "latency_ms": None, "ttfb_ms": None,
+                         "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
+                         "output_tokens": None, "error": None}, time.perf_counter())
 
-    def _finish(self, rec: dict) -> None:
+    def _finish(self, rec: Exchange) -> None:
         self._release_slot(rec)
-        if "_t0" not in rec:
+        if rec.finished:
             return
-        rec["latency_ms"] = round((time.perf_counter() - rec.pop("_t0")) * 1000, 1)
+        rec.finished = True
+        rec["latency_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         st = self.stats
         st["requests"] += 1
         if rec["error"] or (rec["status"] or 500) >= 400:
@@ -7774,11 +7793,12 @@ class Gateway:
         st["output_tokens"] += rec["output_tokens"] or 0
         # The one place records are made safe for every view of them (access line, GUI, JSONL):
         # the model, errors and the rest may hold text a client sent.
-        rec.update(escape_record(rec))
-        self.records.append(rec)
+        record = rec.record
+        record.update(escape_record(record))
+        self.records.append(record)
         if self._request_log is not None:
-            self._request_log.write(rec)
-        self.on_event(EVENT_REQUEST, rec)
+            self._request_log.write(record)
+        self.on_event(EVENT_REQUEST, record)
 
 
 # =================================================================================================
