@@ -2644,6 +2644,7 @@ class ProviderAdapter:
         """A passed-through chat body with the channel's ``quirks`` applied."""
         return body
 
+
 def guarded(status: int, what: str) -> Callable[[Callable], Callable]:
     """Converters take input from clients and upstreams: a body of the wrong shape (a list
     where an object belongs, a number for a name) becomes a GatewayError with ``status``
@@ -2861,7 +2862,6 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
     return out
 
 
-
 class StreamDecoder:
     """What every upstream stream decoder shares: the ("start", id, model) event exactly once,
     and at the end one ("finish", reason) event, where a turn with any tool call that ended
@@ -2932,6 +2932,8 @@ class _Replay:
 
 
 # 9.3 OpenAI Chat Completions ---------------------------------------------------------------------
+# The openai client dialect and the openai and custom channel types (custom: any OpenAI-
+# compatible server, with its quirks), embeddings included.
 
 _FOREIGN_PART_TYPES = frozenset(("tool_use", "tool_result", "input_text", "output_text",
                                  "input_image", "image"))
@@ -3479,7 +3481,593 @@ class OpenAIStreamEncoder:
         return b"".join(out)
 
 
-# 9.4 Anthropic Messages --------------------------------------------------------------------------
+def embedding_inputs(body: dict) -> list[str]:
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return [inp]
+    if isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
+        return inp
+    raise GatewayError(400, "'input' must be a string or a list of strings for this channel "
+                            "(token arrays reach only OpenAI-compatible channels)", param="input")
+
+
+def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    vectors = []
+    for item in sorted(body.get("data") or [], key=lambda d: d.get("index", 0)):
+        emb = item.get("embedding")
+        if isinstance(emb, str):          # base64 little-endian float32
+            raw = base64.b64decode(emb)
+            emb = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        vectors.append(list(emb or []))
+    return vectors, _num((body.get("usage") or {}).get("prompt_tokens"))
+
+
+def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: int,
+                              as_base64: bool) -> dict:
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any = vec
+        if as_base64:        # little-endian float32, as the OpenAI API sends it
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
+
+# OpenAI's tool names (and the servers' that copy its API): at most 64 of a-z, A-Z, 0-9, _ and -
+# (Chat Completions reference, tools[].function.name).
+OPENAI_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64)
+
+
+# Quirks of OpenAI-compatible servers, per channel ("quirks" in the channel's settings, checked
+# in section 10), applied to the Chat Completions body the channel gets, converted or passed
+# through:
+#   tool_call_id: "mistral9"  every tool-call id as exactly 9 of a-z, A-Z, 0-9 (Mistral answers
+#       400 "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9" otherwise), the
+#       same id for a call and its result
+#   reasoning_back: "all" (default) | "tool_calls" | "none"  which assistant turns carry their
+#       reasoning back; DeepSeek's thinking mode needs it on turns with tool calls and ignores it
+#       elsewhere (api-docs.deepseek.com/guides/thinking_mode, "tool calls")
+#   reasoning_field: "reasoning_content" (default, DeepSeek) | "reasoning" (OpenRouter, newer
+#       vLLM) the field that reasoning goes back in; answers are read in either field
+#   max_tokens_field: "max_tokens" | "max_completion_tokens"  the name the output limit goes by
+#   drop_params: [top-level keys]  parameters the server refuses (stream_options,
+#       parallel_tool_calls, ...), removed before sending
+QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
+    "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
+    "reasoning_field": ("reasoning_content", "reasoning"),
+    "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
+}
+QUIRK_LISTS = ("drop_params",)
+_MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
+
+
+def mistral_tool_id(tool_id: str) -> str:
+    """A tool-call id as exactly 9 letters and digits, derived from the original."""
+    if _MISTRAL_ID_RX.match(tool_id):
+        return tool_id
+    return hashlib.sha1(tool_id.encode()).hexdigest()[:9]
+
+
+def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Chat Completions request body with the channel's quirks applied (a new dict)."""
+    if not quirks:
+        return body
+    body = dict(body)
+    ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
+    back = quirks.get("reasoning_back") or "all"
+    field = quirks.get("reasoning_field") or "reasoning_content"
+    reshape = "reasoning_back" in quirks or "reasoning_field" in quirks
+    msgs = []
+    for m in body.get("messages") or []:
+        if not isinstance(m, dict):
+            msgs.append(m)
+            continue
+        m = dict(m)
+        if ids and isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = ids(m["tool_call_id"])
+        if ids and isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
+                               else c for c in m["tool_calls"]]
+        if reshape and m.get("role") == "assistant":
+            reasoning = [m.pop(k, None) for k in ("reasoning_content", "reasoning")]
+            text = next((r for r in reasoning if isinstance(r, str) and r), None)
+            if text and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
+                m[field] = text
+        msgs.append(m)
+    if "messages" in body:
+        body["messages"] = msgs
+    target = quirks.get("max_tokens_field")
+    if target:
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in body and name != target:
+                body[target] = body.pop(name)
+    for name in quirks.get("drop_params") or []:
+        body.pop(name, None)
+    return body
+
+
+class OpenAIDialect(DialectAdapter):
+    name = OPENAI
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return openai_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_openai_response(resp, model)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return OpenAIStreamEncoder(model, ir["include_usage"])
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return openai_response_to_ir, OpenAIStreamDecoder
+
+
+class OpenAIProvider(ProviderAdapter):
+    name = TYPE_OPENAI
+    default_url = "https://api.openai.com"
+    serves_as_is = (OPENAI,)
+    responses_as_is = True
+    needs_key = True
+    embeds = True
+    tool_name_rule = OPENAI_TOOL_NAMES
+    max_completion_field = True      # o-series, gpt-5 and gpt-4.1 take max_completion_tokens
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        field = "max_completion_tokens" if self.max_completion_field and \
+            _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
+        return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
+                                                        max_tokens_field=field), quirks)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return openai_response_to_ir, OpenAIStreamDecoder
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return openai_embed_vectors(body)
+
+    def quirks(self, body: dict, quirks: dict | None) -> dict:
+        return apply_openai_quirks(body, quirks)
+
+
+class CustomProvider(OpenAIProvider):
+    """Any OpenAI-compatible server (vLLM, llama.cpp, LM Studio, OpenRouter, ...)."""
+
+    name = TYPE_CUSTOM
+    default_url = ""
+    needs_key = False
+    max_completion_field = False
+
+
+# 9.4 OpenAI Responses ----------------------------------------------------------------------------
+# The responses client dialect (Codex). Channels relay it only with responses_api: true;
+# otherwise it is converted like any other dialect.
+
+# A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
+# internal form; tools the channels cannot run (web_search, file_search, ...) are dropped; custom
+# tools (Codex's apply_patch) become function tools taking {"input": string} and come back as
+# custom_tool_call items. Codex puts each MCP server's tools in a {"type": "namespace", "name",
+# "description", "tools": [function or custom tools]} tool (codex-rs/tools/src/tool_spec.rs,
+# ToolSpec::Namespace; responses_api.rs, ResponsesApiNamespace) and expects a call of one back as
+# a function_call item naming the inner tool with the namespace beside it ({"name": "search",
+# "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
+# tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
+# its calls go back to the client split again (the openai SDK's ResponseFunctionToolCall has the
+# same optional `namespace`). previous_response_id is refused: the gateway keeps no conversation
+# state (Codex sends the whole conversation with store:false).
+
+_CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
+                  "required": ["input"]}
+
+
+@guarded(400, "request body")
+def responses_request_to_ir(body: dict) -> dict:
+    if body.get("previous_response_id") or body.get("conversation"):
+        raise GatewayError(400, "previous_response_id and conversation are not supported: this "
+                                "gateway keeps no conversation state; send the whole "
+                                "conversation in 'input' (with store: false)",
+                           param="previous_response_id", code="unsupported_parameter")
+    if "input" not in body:
+        raise GatewayError(400, "'input' is required: a string or a list of items",
+                           param="input")
+    ir = openai_request_to_ir({"model": body.get("model"), "messages":
+                               responses_input_to_messages(body["input"],
+                                                           body.get("instructions"))})
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tool search run by the client (Codex with the models of its own catalog): the model's
+    # search is a call to a "tool_search" function that goes back to the client as a
+    # tool_search_call item; the client answers with a tool_search_output item whose tools (in
+    # namespaces, with defer_loading) the model may call from then on, so they join the tool list.
+    # Deferred tools in `tools` wait for that search; without a client search they are all sent.
+    client_search = any(t.get("type") == "tool_search" and t.get("execution") == "client"
+                        for t in tools)
+    for t in tools:
+        if t.get("type") == "namespace" and t.get("name"):
+            for inner in t.get("tools") or []:
+                if not (client_search and isinstance(inner, dict) and inner.get("defer_loading")):
+                    _responses_tool(ir, inner, t["name"])
+        elif not (client_search and t.get("defer_loading")):
+            _responses_tool(ir, t, None)
+    loaded = {t["name"] for t in ir["tools"]}
+    for item in body["input"] if isinstance(body["input"], list) else []:
+        if isinstance(item, dict) and item.get("type") == "tool_search_output":
+            for name, (t, ns) in _searched_tools(item):
+                if name not in loaded:
+                    loaded.add(name)
+                    _responses_tool(ir, t, ns)
+    tc = body.get("tool_choice")
+    if tc in ("auto", "none", "required"):
+        ir["tool_choice"] = tc
+    elif isinstance(tc, dict) and isinstance(tc.get("name"), str) and tc["name"]:
+        ir["tool_choice"] = {"name": namespaced_tool_name(tc.get("namespace"), tc["name"])}
+    ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
+    mt = body.get("max_output_tokens")
+    ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
+    for key in ("temperature", "top_p"):
+        value = body.get(key)
+        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    if ir_effort(effort):
+        ir["reasoning"] = {"effort": ir_effort(effort), "budget": None}
+    fmt = (body.get("text") or {}).get("format") or {}
+    if fmt.get("type") == "json_schema":
+        ir["response_format"] = {"type": "json_schema", "name": fmt.get("name") or "output",
+                                 "schema": fmt.get("schema") or {}, "strict": fmt.get("strict")}
+    elif fmt.get("type") == "json_object":
+        ir["response_format"] = {"type": "json_object"}
+    ir["stream"] = body.get("stream") is True
+    ir["include_usage"] = True
+    ir["user"] = body.get("user") or body.get("safety_identifier")
+    return ir
+
+
+def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
+    """Add one Responses function or custom tool (inside ``namespace`` or not), or a
+    client-run tool_search, to the IR."""
+    if isinstance(t, dict) and t.get("type") == "tool_search":
+        t = dict(t, name=TOOL_SEARCH)
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+        return
+    tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
+                            "description": t.get("description") or ""}
+    if t.get("type") == "function":
+        tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+    elif t.get("type") == "tool_search" and t.get("execution") == "client":
+        tool.update(parameters=t.get("parameters") or {
+            "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
+    elif t.get("type") == "custom":
+        tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
+    else:
+        return
+    if namespace:
+        tool.update(namespace=namespace, local_name=t["name"])
+    ir["tools"].append(tool)
+
+
+def ir_usage_to_responses(u: dict) -> dict:
+    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
+            "output_tokens": u["output"],
+            "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+            "total_tokens": u["input"] + u["output"]}
+
+
+def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[dict],
+                      usage: dict | None, created: int, error: dict | None = None,
+                      incomplete: str | None = None) -> dict:
+    tc = ir["tool_choice"]
+    return {"id": rid, "object": "response", "created_at": created, "status": status,
+            "model": model, "output": output, "error": error,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": parts_text(ir["system"]) or None, "metadata": {},
+            "parallel_tool_calls": ir["parallel_tool_calls"] is not False,
+            "temperature": ir["temperature"], "top_p": ir["top_p"],
+            "max_output_tokens": ir["max_tokens"], "previous_response_id": None,
+            "reasoning": {"effort": openai_effort(ir["reasoning"]["effort"])}
+            if ir["reasoning"] else None,
+            "tool_choice": {"type": "function", "name": tc["name"]} if isinstance(tc, dict)
+            else tc or "auto",
+            "tools": [{"type": "custom", "name": t["name"], "description": t["description"]}
+                      if t.get("custom") else
+                      {"type": "function", "name": t["name"], "description": t["description"],
+                       "parameters": t["parameters"], "strict": False} for t in ir["tools"]],
+            "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
+            "usage": ir_usage_to_responses(usage) if usage else None}
+
+
+def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | None) -> dict:
+    """The output item of a call to ``tool`` (the IR tool of that name, None when unknown):
+    a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
+    the inner tool and carries its ``namespace``."""
+    tool = tool or {}
+    if tool.get("tool_search"):
+        return {"type": "tool_search_call", "id": new_id("tsc_"), "call_id": call_id,
+                "execution": "client", "arguments": parse_arguments(arguments),
+                "status": "completed"}
+    if tool.get("custom"):
+        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
+                "name": name, "input": str(parse_arguments(arguments).get("input", "")),
+                "status": "completed"}
+    else:
+        item = {"type": "function_call", "id": new_id("fc_"), "call_id": call_id,
+                "name": name, "arguments": arguments or "{}", "status": "completed"}
+    if tool.get("namespace"):
+        item.update(name=tool["local_name"], namespace=tool["namespace"])
+    return item
+
+
+def _responses_status(finish: str) -> tuple[str, str | None]:
+    if finish == "length":
+        return "incomplete", "max_output_tokens"
+    if finish == "content_filter":
+        return "incomplete", "content_filter"
+    return "completed", None
+
+
+@guarded(502, "upstream answer")
+def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
+    tools = {t["name"]: t for t in ir["tools"]}
+    output: list[dict] = []
+    reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
+    if reasoning:
+        output.append({"type": "reasoning", "id": new_id("rs_"), "summary": [
+            {"type": "summary_text", "text": reasoning}]})
+    text = parts_text(resp["content"])
+    if text:
+        output.append({"type": "message", "id": new_id("msg_"), "role": "assistant",
+                       "status": "completed", "content": [
+                           {"type": "output_text", "text": text, "annotations": []}]})
+    for p in resp["content"]:
+        if p["type"] == "tool_call":
+            output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
+                                               tools.get(p["name"])))
+    status, reason = _responses_status(resp["finish"])
+    return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
+                             int(time.time()), incomplete=reason)
+
+
+class ResponsesStreamEncoder:
+    """IR stream events -> Responses API SSE: every event has ``type`` and a rising
+    ``sequence_number``; created and in_progress first; each output item added, filled and done
+    in order (reasoning summary, message text, function calls routed by tool index); and always a
+    terminal response.completed / response.incomplete / response.failed with usage (Codex fails
+    a stream that ends without one)."""
+
+    def __init__(self, model: str, ir: dict):
+        self.model, self.ir = model, ir
+        self.id = new_id("resp_")
+        self.created = int(time.time())
+        self.usage: dict | None = None
+        self._seq = 0
+        self._output: list[dict] = []
+        self._open: dict | None = None                # the reasoning/message item being filled
+        self._calls: dict[int, dict] = {}             # IR tool index -> open call state
+        self._tools = {t["name"]: t for t in ir["tools"]}
+        self._started = False
+        self._finished = False
+
+    def _ev(self, kind: str, **data: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._seq, **data}
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
+
+    def _response(self, status: str, **kw: Any) -> dict:
+        return _responses_object(self.id, self.model, self.ir, status, list(self._output),
+                                 self.usage if status != "in_progress" else None, self.created,
+                                 **kw)
+
+    def _begin(self, out: list[bytes]) -> None:
+        if not self._started:
+            self._started = True
+            out.append(self._ev("response.created", response=self._response("in_progress")))
+            out.append(self._ev("response.in_progress", response=self._response("in_progress")))
+
+    def _open_item(self, kind: str, out: list[bytes]) -> dict:
+        if self._open is not None and self._open["item"]["type"] == kind:
+            return self._open
+        self._close_open(out)
+        for call in self._calls.values():
+            self._close_call(call, out)
+        index = len(self._output)
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": new_id("rs_"), "summary": []}
+            out.append(self._ev("response.output_item.added", output_index=index, item=item))
+            out.append(self._ev("response.reasoning_summary_part.added", item_id=item["id"],
+                                output_index=index, summary_index=0,
+                                part={"type": "summary_text", "text": ""}))
+        else:
+            item = {"type": "message", "id": new_id("msg_"), "role": "assistant",
+                    "status": "in_progress", "content": []}
+            out.append(self._ev("response.output_item.added", output_index=index, item=item))
+            out.append(self._ev("response.content_part.added", item_id=item["id"],
+                                output_index=index, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": []}))
+        self._open = {"item": item, "index": index, "text": []}
+        return self._open
+
+    def _close_open(self, out: list[bytes]) -> None:
+        state, self._open = self._open, None
+        if state is None:
+            return
+        item, index, text = state["item"], state["index"], "".join(state["text"])
+        if item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out.append(self._ev("response.reasoning_summary_text.done", item_id=item["id"],
+                                output_index=index, summary_index=0, text=text))
+            out.append(self._ev("response.reasoning_summary_part.done", item_id=item["id"],
+                                output_index=index, summary_index=0, part=part))
+            item = dict(item, summary=[part])
+        else:
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out.append(self._ev("response.output_text.done", item_id=item["id"],
+                                output_index=index, content_index=0, text=text, logprobs=[]))
+            out.append(self._ev("response.content_part.done", item_id=item["id"],
+                                output_index=index, content_index=0, part=part))
+            item = dict(item, status="completed", content=[part])
+        out.append(self._ev("response.output_item.done", output_index=index, item=item))
+        self._output.append(item)
+
+    def _close_call(self, state: dict, out: list[bytes]) -> None:
+        if state["done"]:
+            return
+        state["done"] = True
+        args = "".join(state["args"])
+        item = _responses_call_item(state["call_id"], state["name"], args,
+                                    self._tools.get(state["name"]))
+        index = state["index"]
+        if item["type"] == "tool_search_call":      # held: its arguments go as one object
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, status="in_progress")))
+        elif state["held"]:              # a custom tool's input is only known now
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, input="", status="in_progress")))
+            out.append(self._ev("response.custom_tool_call_input.delta", item_id=item["id"],
+                                output_index=index, delta=item["input"]))
+            out.append(self._ev("response.custom_tool_call_input.done", item_id=item["id"],
+                                output_index=index, input=item["input"]))
+        else:
+            item["id"] = state["id"]
+            out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
+                                output_index=index, name=item["name"],
+                                arguments=item["arguments"]))
+        out.append(self._ev("response.output_item.done", output_index=index, item=item))
+        self._output.append(item)
+
+    def encode(self, events: list[tuple]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            kind = ev[0]
+            if kind == "usage":
+                self.usage = ev[1]
+                continue
+            if self._finished:
+                continue
+            self._begin(out)
+            if kind in ("text", "reasoning"):
+                if ev[1]:
+                    state = self._open_item("message" if kind == "text" else "reasoning", out)
+                    state["text"].append(ev[1])
+                    item = state["item"]
+                    if kind == "text":
+                        out.append(self._ev("response.output_text.delta", item_id=item["id"],
+                                            output_index=state["index"], content_index=0,
+                                            delta=ev[1], logprobs=[]))
+                    else:
+                        out.append(self._ev("response.reasoning_summary_text.delta",
+                                            item_id=item["id"], output_index=state["index"],
+                                            summary_index=0, delta=ev[1]))
+            elif kind == "tool":
+                self._close_open(out)
+                for other in self._calls.values():
+                    self._close_call(other, out)
+                tool = self._tools.get(ev[3])
+                held = bool(tool and (tool.get("custom") or tool.get("tool_search")))
+                prefix = "fc_" if not held else "tsc_" if tool.get("tool_search") else "ctc_"
+                state = {"id": new_id(prefix), "call_id": ev[2], "name": ev[3], "args": [],
+                         "held": held, "done": False, "index": len(self._output)}
+                self._calls[ev[1]] = state
+                if not held:
+                    item = _responses_call_item(ev[2], ev[3], "", tool)
+                    out.append(self._ev("response.output_item.added", output_index=state["index"],
+                                        item=dict(item, id=state["id"], arguments="",
+                                                  status="in_progress")))
+            elif kind == "args":
+                state = self._calls.get(ev[1])
+                if state is not None and not state["done"] and ev[2]:
+                    state["args"].append(ev[2])
+                    if not state["held"]:
+                        out.append(self._ev("response.function_call_arguments.delta",
+                                            item_id=state["id"], output_index=state["index"],
+                                            delta=ev[2]))
+            elif kind == "finish":
+                self._close_open(out)
+                for state in self._calls.values():
+                    self._close_call(state, out)
+                status, reason = _responses_status(ev[1])
+                out.append(self._ev(f"response.{status}", response=self._response(
+                    status, incomplete=reason)))
+                self._finished = True
+            elif kind == "error":
+                err = ev[1]
+                code = {429: "rate_limit_exceeded"}.get(err.status, err.code or "server_error")
+                out.append(self._ev("response.failed", response=self._response(
+                    "failed", error={"code": code, "message": err.message})))
+                self._finished = True
+        return b"".join(out)
+
+
+_RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
+
+
+def responses_answer_outline(body: dict) -> dict:
+    """A Responses API answer (passed through to a Responses client) reduced to what
+    answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
+    function, custom or built-in tool call), and incomplete as a length cut-off."""
+    content: list[dict] = []
+    for item in body.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") not in _RESPONSES_CONTENT_ITEMS:
+            content.append({"type": "tool_call", "id": "", "name": "", "arguments": ""})
+        for part in (item.get("content") or []) + (item.get("summary") or []):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif isinstance(part, dict) and isinstance(part.get("refusal"), str):
+                content.append({"type": "text", "text": part["refusal"]})
+    finish = "length" if body.get("status") == "incomplete" else "stop"
+    return {"content": content, "finish": finish}
+
+
+class ResponsesStreamOutline(StreamDecoder):
+    """Responses API SSE -> just enough IR events for event_is_content: text and reasoning
+    deltas, a "tool" event for any output item that is not a message or reasoning, an error,
+    and the finish (incomplete as a length cut-off)."""
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for name, ev in self._sse_objects(data):
+            kind = str(ev.get("type") or name or "")
+            if kind in ("response.output_text.delta", "response.refusal.delta",
+                        "response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                out.append(("text", str(ev.get("delta") or "")))
+            elif kind == "response.output_item.added" and \
+                    (ev.get("item") or {}).get("type") not in _RESPONSES_CONTENT_ITEMS:
+                out.append(("tool", self._tools, "", ""))
+                self._tools += 1
+            elif kind in ("error", "response.failed"):
+                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
+                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
+            elif kind == "response.incomplete":
+                self.finish = "length"
+        return out
+
+
+class ResponsesDialect(OpenAIDialect):
+    name = RESPONSES
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return responses_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_responses_response(resp, model, ir)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return ResponsesStreamEncoder(model, ir)
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
+
+
+# 9.5 Anthropic Messages --------------------------------------------------------------------------
+# The anthropic client dialect (Claude Code) and the anthropic channel type.
 
 _ANTHROPIC_STOP_IN = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                       "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter",
@@ -4022,8 +4610,59 @@ class AnthropicStreamEncoder:
                 self._finished = True
         return b"".join(out)
 
+# Anthropic's tool names: ^[a-zA-Z0-9_-]{1,128}$ (Messages reference, tools[].name).
+ANTHROPIC_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128)
 
-# 9.5 Gemini (native generateContent) -----------------------------------------------------------
+
+class AnthropicDialect(DialectAdapter):
+    name = ANTHROPIC
+    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return anthropic_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_anthropic_response(resp, model)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return AnthropicStreamEncoder(model, estimate_tokens(ir))
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return anthropic_response_to_ir, AnthropicStreamDecoder
+
+
+class AnthropicProvider(ProviderAdapter):
+    name = TYPE_ANTHROPIC
+    default_url = "https://api.anthropic.com"
+    serves_as_is = (ANTHROPIC,)
+    needs_key = True
+    tool_name_rule = ANTHROPIC_TOOL_NAMES
+    caps_in_encoder = True
+    replaces_headers = frozenset(("anthropic-version",))
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        version = (incoming.get("anthropic-version") if incoming is not None else None) \
+            or ANTHROPIC_VERSION
+        return [("anthropic-version", version)] + ([("x-api-key", api_key)] if api_key else [])
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return join_base_url(ch.base_url, "/v1/messages")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
+                                       thinking_setting=thinking, kept=kept)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return (lambda body: anthropic_response_to_ir(body, kept),
+                lambda: AnthropicStreamDecoder(kept))
+
+
+# 9.6 Gemini (generateContent) --------------------------------------------------------------------
+# The gemini channel type first, then the gemini client dialect (gemini-cli, google-genai).
 
 _GEMINI_SCHEMA_KEYS = frozenset((
     "type", "format", "title", "description", "nullable", "enum", "items", "properties",
@@ -4360,145 +4999,6 @@ class GeminiStreamDecoder(StreamDecoder):
         return _gemini_finish(self._reason, self._tools > 0, self._blocked)
 
 
-# 9.6 Ollama (native /api/chat) ------------------------------------------------------------------
-
-def ir_to_ollama_request(ir: dict, model: str, *, stream: bool) -> dict:
-    msgs: list[dict] = []
-    system = parts_text(ir["system"])
-    if system:
-        msgs.append({"role": "system", "content": system})
-    names: dict[str, str] = {}
-    for m in ir["messages"]:
-        if m["role"] == "tool":
-            for r in m["content"]:
-                text = parts_text(r["content"])
-                msgs.append({"role": "tool", "content": f"Error: {text}" if r.get("is_error")
-                             else text, "tool_call_id": r["id"],
-                             "tool_name": r.get("name") or names.get(r["id"], "")})
-            continue
-        out: dict[str, Any] = {"role": m["role"], "content": parts_text(m["content"])}
-        images = [p["data"] for p in m["content"] if p["type"] == "image" and "data" in p]
-        if images:
-            out["images"] = images
-        thinking = "".join(p.get("text") or "" for p in m["content"] if p["type"] == "reasoning")
-        if thinking:
-            out["thinking"] = thinking
-        calls = []
-        for p in m["content"]:
-            if p["type"] == "tool_call":
-                names[p["id"]] = p["name"]
-                calls.append({"id": p["id"], "function": {
-                    "name": p["name"], "arguments": parse_arguments(p["arguments"])}})
-        if calls:
-            out["tool_calls"] = calls
-        msgs.append(out)
-    body: dict[str, Any] = {"model": model, "messages": msgs, "stream": stream}
-    if ir["tools"]:
-        body["tools"] = [{"type": "function", "function": {
-            "name": t["name"], "description": t.get("description") or "",
-            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
-            for t in ir["tools"]]
-    options: dict[str, Any] = {}
-    for src, dst in (("max_tokens", "num_predict"), ("temperature", "temperature"),
-                     ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
-                     ("presence_penalty", "presence_penalty"),
-                     ("frequency_penalty", "frequency_penalty")):
-        if ir[src] is not None:
-            options[dst] = ir[src]
-    if ir["stop"]:
-        options["stop"] = ir["stop"]
-    if options:
-        body["options"] = options
-    rf = ir["response_format"]
-    if rf:
-        body["format"] = rf["schema"] if rf["type"] == "json_schema" else "json"
-    if ir["reasoning"]:
-        effort = ir["reasoning"]["effort"]
-        body["think"] = False if effort == "none" else \
-            {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
-    return body
-
-
-def _ollama_message_parts(msg: dict) -> list[dict]:
-    out: list[dict] = []
-    if isinstance(msg.get("thinking"), str) and msg["thinking"]:
-        out.append({"type": "reasoning", "text": msg["thinking"], "signature": None,
-                    "redacted": None})
-    if isinstance(msg.get("content"), str) and msg["content"]:
-        out.append({"type": "text", "text": msg["content"]})
-    for c in msg.get("tool_calls") or []:
-        fn = c.get("function") or {}
-        args = fn.get("arguments")
-        out.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
-                    "name": fn.get("name") or "",
-                    "arguments": args if isinstance(args, str) else json.dumps(
-                        args or {}, ensure_ascii=False)})
-    return out
-
-
-def _ollama_finish(obj: dict, tools: bool) -> str:
-    reason = "length" if obj.get("done_reason") == "length" else "stop"
-    return "tool_calls" if tools and reason == "stop" else reason
-
-
-def ollama_usage_to_ir(obj: dict) -> dict:
-    return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
-
-
-@guarded(502, "upstream answer")
-def ollama_response_to_ir(body: dict) -> dict:
-    content = _ollama_message_parts(body.get("message") or {})
-    tools = any(p["type"] == "tool_call" for p in content)
-    return {"id": new_id("chatcmpl-"), "model": body.get("model") or "", "content": content,
-            "finish": _ollama_finish(body, tools), "usage": ollama_usage_to_ir(body)}
-
-
-class OllamaStreamDecoder(StreamDecoder):
-    """Ollama NDJSON objects (upstream) -> IR stream events; a line with ``error`` ends it."""
-
-    def __init__(self):
-        super().__init__()
-        self._nd = NDJSONDecoder()
-        self._final: dict | None = None
-
-    @guarded(502, "upstream stream")
-    def feed(self, data: bytes) -> list[tuple]:
-        out: list[tuple] = []
-        for obj in self._nd.feed(data):
-            if not isinstance(obj, dict):
-                continue
-            if obj.get("error"):
-                out.append(("error", GatewayError(502, str(obj["error"]))))
-                continue
-            self._start(out, None, obj.get("model"))
-            for p in _ollama_message_parts(obj.get("message") or {}):
-                if p["type"] == "tool_call":
-                    out.append(("tool", self._tools, p["id"], p["name"]))
-                    out.append(("args", self._tools, p["arguments"]))
-                    self._tools += 1
-                else:
-                    out.append(("text" if p["type"] == "text" else "reasoning", p["text"]))
-            if obj.get("done"):
-                self._final = obj
-                out.append(("usage", ollama_usage_to_ir(obj)))
-        return out
-
-    def _finish_reason(self) -> str:
-        return _ollama_finish(self._final or {}, self._tools > 0)
-
-
-# 9.7 Embeddings (OpenAI /v1/embeddings -> Gemini batchEmbedContents, Ollama /api/embed) -------
-
-def embedding_inputs(body: dict) -> list[str]:
-    inp = body.get("input")
-    if isinstance(inp, str):
-        return [inp]
-    if isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
-        return inp
-    raise GatewayError(400, "'input' must be a string or a list of strings for this channel "
-                            "(token arrays reach only OpenAI-compatible channels)", param="input")
-
-
 def gemini_embed_request(texts: list[str], model: str, dimensions: Any = None) -> dict:
     reqs = []
     for text in texts:
@@ -4516,25 +5016,6 @@ def gemini_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     return [list(e.get("values") or []) for e in items], 0
 
 
-def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
-    if not isinstance(body, dict):
-        raise GatewayError(502, "the embeddings answer is not an object")
-    return [list(v) for v in body.get("embeddings") or []], _num(body.get("prompt_eval_count"))
-
-
-def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
-    if not isinstance(body, dict):
-        raise GatewayError(502, "the embeddings answer is not an object")
-    vectors = []
-    for item in sorted(body.get("data") or [], key=lambda d: d.get("index", 0)):
-        emb = item.get("embedding")
-        if isinstance(emb, str):          # base64 little-endian float32
-            raw = base64.b64decode(emb)
-            emb = list(struct.unpack(f"<{len(raw) // 4}f", raw))
-        vectors.append(list(emb or []))
-    return vectors, _num((body.get("usage") or {}).get("prompt_tokens"))
-
-
 def gemini_embed_texts(kind: str, body: dict) -> tuple[list[str], Any]:
     """(texts, outputDimensionality) of an embedContent or batchEmbedContents request."""
     reqs = [body] if kind == "embedContent" else body.get("requests") or []
@@ -4547,381 +5028,6 @@ def gemini_embed_texts(kind: str, body: dict) -> tuple[list[str], Any]:
     return texts, (reqs[0] or {}).get("outputDimensionality")
 
 
-def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: int,
-                              as_base64: bool) -> dict:
-    data = []
-    for i, vec in enumerate(vectors):
-        emb: Any = vec
-        if as_base64:        # little-endian float32, as the OpenAI API sends it
-            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-def ollama_url(base_url: str, path: str) -> str:
-    """Ollama's native API lives at the root even when the channel URL names its /v1."""
-    base = base_url.rstrip("/")
-    return (base[:-3] if base.endswith("/v1") else base) + path
-
-
-# 9.8 OpenAI Responses API (client side) ---------------------------------------------------------
-# A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
-# internal form; tools the channels cannot run (web_search, file_search, ...) are dropped; custom
-# tools (Codex's apply_patch) become function tools taking {"input": string} and come back as
-# custom_tool_call items. Codex puts each MCP server's tools in a {"type": "namespace", "name",
-# "description", "tools": [function or custom tools]} tool (codex-rs/tools/src/tool_spec.rs,
-# ToolSpec::Namespace; responses_api.rs, ResponsesApiNamespace) and expects a call of one back as
-# a function_call item naming the inner tool with the namespace beside it ({"name": "search",
-# "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
-# tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
-# its calls go back to the client split again (the openai SDK's ResponseFunctionToolCall has the
-# same optional `namespace`). previous_response_id is refused: the gateway keeps no conversation
-# state (Codex sends the whole conversation with store:false).
-
-_CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
-                  "required": ["input"]}
-
-
-@guarded(400, "request body")
-def responses_request_to_ir(body: dict) -> dict:
-    if body.get("previous_response_id") or body.get("conversation"):
-        raise GatewayError(400, "previous_response_id and conversation are not supported: this "
-                                "gateway keeps no conversation state; send the whole "
-                                "conversation in 'input' (with store: false)",
-                           param="previous_response_id", code="unsupported_parameter")
-    if "input" not in body:
-        raise GatewayError(400, "'input' is required: a string or a list of items",
-                           param="input")
-    ir = openai_request_to_ir({"model": body.get("model"), "messages":
-                               responses_input_to_messages(body["input"],
-                                                           body.get("instructions"))})
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
-    # Tool search run by the client (Codex with the models of its own catalog): the model's
-    # search is a call to a "tool_search" function that goes back to the client as a
-    # tool_search_call item; the client answers with a tool_search_output item whose tools (in
-    # namespaces, with defer_loading) the model may call from then on, so they join the tool list.
-    # Deferred tools in `tools` wait for that search; without a client search they are all sent.
-    client_search = any(t.get("type") == "tool_search" and t.get("execution") == "client"
-                        for t in tools)
-    for t in tools:
-        if t.get("type") == "namespace" and t.get("name"):
-            for inner in t.get("tools") or []:
-                if not (client_search and isinstance(inner, dict) and inner.get("defer_loading")):
-                    _responses_tool(ir, inner, t["name"])
-        elif not (client_search and t.get("defer_loading")):
-            _responses_tool(ir, t, None)
-    loaded = {t["name"] for t in ir["tools"]}
-    for item in body["input"] if isinstance(body["input"], list) else []:
-        if isinstance(item, dict) and item.get("type") == "tool_search_output":
-            for name, (t, ns) in _searched_tools(item):
-                if name not in loaded:
-                    loaded.add(name)
-                    _responses_tool(ir, t, ns)
-    tc = body.get("tool_choice")
-    if tc in ("auto", "none", "required"):
-        ir["tool_choice"] = tc
-    elif isinstance(tc, dict) and isinstance(tc.get("name"), str) and tc["name"]:
-        ir["tool_choice"] = {"name": namespaced_tool_name(tc.get("namespace"), tc["name"])}
-    ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
-    mt = body.get("max_output_tokens")
-    ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
-    for key in ("temperature", "top_p"):
-        value = body.get(key)
-        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
-            else None
-    effort = (body.get("reasoning") or {}).get("effort")
-    if ir_effort(effort):
-        ir["reasoning"] = {"effort": ir_effort(effort), "budget": None}
-    fmt = (body.get("text") or {}).get("format") or {}
-    if fmt.get("type") == "json_schema":
-        ir["response_format"] = {"type": "json_schema", "name": fmt.get("name") or "output",
-                                 "schema": fmt.get("schema") or {}, "strict": fmt.get("strict")}
-    elif fmt.get("type") == "json_object":
-        ir["response_format"] = {"type": "json_object"}
-    ir["stream"] = body.get("stream") is True
-    ir["include_usage"] = True
-    ir["user"] = body.get("user") or body.get("safety_identifier")
-    return ir
-
-
-def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
-    """Add one Responses function or custom tool (inside ``namespace`` or not), or a
-    client-run tool_search, to the IR."""
-    if isinstance(t, dict) and t.get("type") == "tool_search":
-        t = dict(t, name=TOOL_SEARCH)
-    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
-        return
-    tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
-                            "description": t.get("description") or ""}
-    if t.get("type") == "function":
-        tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
-    elif t.get("type") == "tool_search" and t.get("execution") == "client":
-        tool.update(parameters=t.get("parameters") or {
-            "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
-    elif t.get("type") == "custom":
-        tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
-    else:
-        return
-    if namespace:
-        tool.update(namespace=namespace, local_name=t["name"])
-    ir["tools"].append(tool)
-
-
-def ir_usage_to_responses(u: dict) -> dict:
-    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
-            "output_tokens": u["output"],
-            "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
-            "total_tokens": u["input"] + u["output"]}
-
-
-def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[dict],
-                      usage: dict | None, created: int, error: dict | None = None,
-                      incomplete: str | None = None) -> dict:
-    tc = ir["tool_choice"]
-    return {"id": rid, "object": "response", "created_at": created, "status": status,
-            "model": model, "output": output, "error": error,
-            "incomplete_details": {"reason": incomplete} if incomplete else None,
-            "instructions": parts_text(ir["system"]) or None, "metadata": {},
-            "parallel_tool_calls": ir["parallel_tool_calls"] is not False,
-            "temperature": ir["temperature"], "top_p": ir["top_p"],
-            "max_output_tokens": ir["max_tokens"], "previous_response_id": None,
-            "reasoning": {"effort": openai_effort(ir["reasoning"]["effort"])}
-            if ir["reasoning"] else None,
-            "tool_choice": {"type": "function", "name": tc["name"]} if isinstance(tc, dict)
-            else tc or "auto",
-            "tools": [{"type": "custom", "name": t["name"], "description": t["description"]}
-                      if t.get("custom") else
-                      {"type": "function", "name": t["name"], "description": t["description"],
-                       "parameters": t["parameters"], "strict": False} for t in ir["tools"]],
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
-            "usage": ir_usage_to_responses(usage) if usage else None}
-
-
-def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | None) -> dict:
-    """The output item of a call to ``tool`` (the IR tool of that name, None when unknown):
-    a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
-    the inner tool and carries its ``namespace``."""
-    tool = tool or {}
-    if tool.get("tool_search"):
-        return {"type": "tool_search_call", "id": new_id("tsc_"), "call_id": call_id,
-                "execution": "client", "arguments": parse_arguments(arguments),
-                "status": "completed"}
-    if tool.get("custom"):
-        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
-                "name": name, "input": str(parse_arguments(arguments).get("input", "")),
-                "status": "completed"}
-    else:
-        item = {"type": "function_call", "id": new_id("fc_"), "call_id": call_id,
-                "name": name, "arguments": arguments or "{}", "status": "completed"}
-    if tool.get("namespace"):
-        item.update(name=tool["local_name"], namespace=tool["namespace"])
-    return item
-
-
-def _responses_status(finish: str) -> tuple[str, str | None]:
-    if finish == "length":
-        return "incomplete", "max_output_tokens"
-    if finish == "content_filter":
-        return "incomplete", "content_filter"
-    return "completed", None
-
-
-@guarded(502, "upstream answer")
-def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
-    tools = {t["name"]: t for t in ir["tools"]}
-    output: list[dict] = []
-    reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
-    if reasoning:
-        output.append({"type": "reasoning", "id": new_id("rs_"), "summary": [
-            {"type": "summary_text", "text": reasoning}]})
-    text = parts_text(resp["content"])
-    if text:
-        output.append({"type": "message", "id": new_id("msg_"), "role": "assistant",
-                       "status": "completed", "content": [
-                           {"type": "output_text", "text": text, "annotations": []}]})
-    for p in resp["content"]:
-        if p["type"] == "tool_call":
-            output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
-                                               tools.get(p["name"])))
-    status, reason = _responses_status(resp["finish"])
-    return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
-                             int(time.time()), incomplete=reason)
-
-
-class ResponsesStreamEncoder:
-    """IR stream events -> Responses API SSE: every event has ``type`` and a rising
-    ``sequence_number``; created and in_progress first; each output item added, filled and done
-    in order (reasoning summary, message text, function calls routed by tool index); and always a
-    terminal response.completed / response.incomplete / response.failed with usage (Codex fails
-    a stream that ends without one)."""
-
-    def __init__(self, model: str, ir: dict):
-        self.model, self.ir = model, ir
-        self.id = new_id("resp_")
-        self.created = int(time.time())
-        self.usage: dict | None = None
-        self._seq = 0
-        self._output: list[dict] = []
-        self._open: dict | None = None                # the reasoning/message item being filled
-        self._calls: dict[int, dict] = {}             # IR tool index -> open call state
-        self._tools = {t["name"]: t for t in ir["tools"]}
-        self._started = False
-        self._finished = False
-
-    def _ev(self, kind: str, **data: Any) -> bytes:
-        data = {"type": kind, "sequence_number": self._seq, **data}
-        self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
-
-    def _response(self, status: str, **kw: Any) -> dict:
-        return _responses_object(self.id, self.model, self.ir, status, list(self._output),
-                                 self.usage if status != "in_progress" else None, self.created,
-                                 **kw)
-
-    def _begin(self, out: list[bytes]) -> None:
-        if not self._started:
-            self._started = True
-            out.append(self._ev("response.created", response=self._response("in_progress")))
-            out.append(self._ev("response.in_progress", response=self._response("in_progress")))
-
-    def _open_item(self, kind: str, out: list[bytes]) -> dict:
-        if self._open is not None and self._open["item"]["type"] == kind:
-            return self._open
-        self._close_open(out)
-        for call in self._calls.values():
-            self._close_call(call, out)
-        index = len(self._output)
-        if kind == "reasoning":
-            item = {"type": "reasoning", "id": new_id("rs_"), "summary": []}
-            out.append(self._ev("response.output_item.added", output_index=index, item=item))
-            out.append(self._ev("response.reasoning_summary_part.added", item_id=item["id"],
-                                output_index=index, summary_index=0,
-                                part={"type": "summary_text", "text": ""}))
-        else:
-            item = {"type": "message", "id": new_id("msg_"), "role": "assistant",
-                    "status": "in_progress", "content": []}
-            out.append(self._ev("response.output_item.added", output_index=index, item=item))
-            out.append(self._ev("response.content_part.added", item_id=item["id"],
-                                output_index=index, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": []}))
-        self._open = {"item": item, "index": index, "text": []}
-        return self._open
-
-    def _close_open(self, out: list[bytes]) -> None:
-        state, self._open = self._open, None
-        if state is None:
-            return
-        item, index, text = state["item"], state["index"], "".join(state["text"])
-        if item["type"] == "reasoning":
-            part = {"type": "summary_text", "text": text}
-            out.append(self._ev("response.reasoning_summary_text.done", item_id=item["id"],
-                                output_index=index, summary_index=0, text=text))
-            out.append(self._ev("response.reasoning_summary_part.done", item_id=item["id"],
-                                output_index=index, summary_index=0, part=part))
-            item = dict(item, summary=[part])
-        else:
-            part = {"type": "output_text", "text": text, "annotations": []}
-            out.append(self._ev("response.output_text.done", item_id=item["id"],
-                                output_index=index, content_index=0, text=text, logprobs=[]))
-            out.append(self._ev("response.content_part.done", item_id=item["id"],
-                                output_index=index, content_index=0, part=part))
-            item = dict(item, status="completed", content=[part])
-        out.append(self._ev("response.output_item.done", output_index=index, item=item))
-        self._output.append(item)
-
-    def _close_call(self, state: dict, out: list[bytes]) -> None:
-        if state["done"]:
-            return
-        state["done"] = True
-        args = "".join(state["args"])
-        item = _responses_call_item(state["call_id"], state["name"], args,
-                                    self._tools.get(state["name"]))
-        index = state["index"]
-        if item["type"] == "tool_search_call":      # held: its arguments go as one object
-            item["id"] = state["id"]
-            out.append(self._ev("response.output_item.added", output_index=index,
-                                item=dict(item, status="in_progress")))
-        elif state["held"]:              # a custom tool's input is only known now
-            item["id"] = state["id"]
-            out.append(self._ev("response.output_item.added", output_index=index,
-                                item=dict(item, input="", status="in_progress")))
-            out.append(self._ev("response.custom_tool_call_input.delta", item_id=item["id"],
-                                output_index=index, delta=item["input"]))
-            out.append(self._ev("response.custom_tool_call_input.done", item_id=item["id"],
-                                output_index=index, input=item["input"]))
-        else:
-            item["id"] = state["id"]
-            out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
-                                output_index=index, name=item["name"],
-                                arguments=item["arguments"]))
-        out.append(self._ev("response.output_item.done", output_index=index, item=item))
-        self._output.append(item)
-
-    def encode(self, events: list[tuple]) -> bytes:
-        out: list[bytes] = []
-        for ev in events:
-            kind = ev[0]
-            if kind == "usage":
-                self.usage = ev[1]
-                continue
-            if self._finished:
-                continue
-            self._begin(out)
-            if kind in ("text", "reasoning"):
-                if ev[1]:
-                    state = self._open_item("message" if kind == "text" else "reasoning", out)
-                    state["text"].append(ev[1])
-                    item = state["item"]
-                    if kind == "text":
-                        out.append(self._ev("response.output_text.delta", item_id=item["id"],
-                                            output_index=state["index"], content_index=0,
-                                            delta=ev[1], logprobs=[]))
-                    else:
-                        out.append(self._ev("response.reasoning_summary_text.delta",
-                                            item_id=item["id"], output_index=state["index"],
-                                            summary_index=0, delta=ev[1]))
-            elif kind == "tool":
-                self._close_open(out)
-                for other in self._calls.values():
-                    self._close_call(other, out)
-                tool = self._tools.get(ev[3])
-                held = bool(tool and (tool.get("custom") or tool.get("tool_search")))
-                prefix = "fc_" if not held else "tsc_" if tool.get("tool_search") else "ctc_"
-                state = {"id": new_id(prefix), "call_id": ev[2], "name": ev[3], "args": [],
-                         "held": held, "done": False, "index": len(self._output)}
-                self._calls[ev[1]] = state
-                if not held:
-                    item = _responses_call_item(ev[2], ev[3], "", tool)
-                    out.append(self._ev("response.output_item.added", output_index=state["index"],
-                                        item=dict(item, id=state["id"], arguments="",
-                                                  status="in_progress")))
-            elif kind == "args":
-                state = self._calls.get(ev[1])
-                if state is not None and not state["done"] and ev[2]:
-                    state["args"].append(ev[2])
-                    if not state["held"]:
-                        out.append(self._ev("response.function_call_arguments.delta",
-                                            item_id=state["id"], output_index=state["index"],
-                                            delta=ev[2]))
-            elif kind == "finish":
-                self._close_open(out)
-                for state in self._calls.values():
-                    self._close_call(state, out)
-                status, reason = _responses_status(ev[1])
-                out.append(self._ev(f"response.{status}", response=self._response(
-                    status, incomplete=reason)))
-                self._finished = True
-            elif kind == "error":
-                err = ev[1]
-                code = {429: "rate_limit_exceeded"}.get(err.status, err.code or "server_error")
-                out.append(self._ev("response.failed", response=self._response(
-                    "failed", error={"code": code, "message": err.message})))
-                self._finished = True
-        return b"".join(out)
-
-
-# 9.9 Gemini native API (client side) ------------------------------------------------------------
 # gemini-cli and the google-genai SDK. Function calls get deterministic ids (call_<turn>_<n>) so
 # that the functionResponse parts of the next turn (matched by id, else by name in order) become
 # tool results with the same ids. The model comes from the URL, not the body.
@@ -5167,26 +5273,308 @@ class GeminiStreamEncoder:
                 out.append(self._chunk(err) + (b"]" if not self.sse else b""))
         return b"".join(out)
 
-
-# 9.10 Dispatch -----------------------------------------------------------------------------------
-# What every channel type's request shares (tool names in the forms the channel accepts, the
-# max_tokens cap, the OpenAI-compatible quirks) and the empty-answer check; then the adapters.
-
-_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
-
-# Tool names each provider accepts, by channel type. OpenAI (and the servers that copy its API):
-# at most 64 of a-z, A-Z, 0-9, _ and - (Chat Completions reference, tools[].function.name).
-# Anthropic: ^[a-zA-Z0-9_-]{1,128}$ (Messages reference, tools[].name). Gemini: letters, digits,
-# _ . : and -, at most 64, starting with a letter or _ (generativelanguage v1beta
-# FunctionDeclaration.name; google-genai FunctionDeclaration.name). Ollama documents no rule.
-# A name outside its channel's rule is sent as a readable head plus 8 hex digits of its SHA-1,
-# always the same for the same name, so the tool list, the calls in earlier turns and the call
-# that comes back agree; the answer gets the client's own name back.
-OPENAI_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64)
-ANTHROPIC_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128)
+# Gemini's tool names: letters, digits, _ . : and -, at most 64, starting with a letter or _
+# (generativelanguage v1beta FunctionDeclaration.name; google-genai FunctionDeclaration.name).
 GEMINI_TOOL_NAMES = (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64)
 
 
+class GeminiDialect(DialectAdapter):
+    name = GEMINI
+    model_in_path = True
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        if kind == "countTokens" and isinstance(body.get("generateContentRequest"), dict):
+            body = body["generateContentRequest"]
+        ir = gemini_request_to_ir(dict(body, model=model))
+        ir["gemini_sse"] = params.get("alt") == "sse"        # a transport hint
+        return ir
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_gemini_response(resp, model, ir)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return GeminiStreamEncoder(model, ir)
+
+    def count_payload(self, count: int) -> dict:
+        return {"totalTokens": count}
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return gemini_response_to_ir, GeminiStreamDecoder
+
+
+class GeminiProvider(ProviderAdapter):
+    name = TYPE_GEMINI
+    default_url = "https://generativelanguage.googleapis.com"
+    serves_as_is = (GEMINI,)
+    needs_key = True
+    embeds = True
+    # Gemini's inlineData takes PDFs too (ai.google.dev/gemini-api/docs/document-processing,
+    # "Passing PDF data inline"); image URLs are fetched for it (UrlFetcher).
+    inline_media = ("image/", "application/pdf")
+    tool_name_rule = GEMINI_TOOL_NAMES
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        return [("x-goog-api-key", api_key)] if api_key else []
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        return gemini_model_path(ch.base_url, model, kind)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return gemini_model_path(ch.base_url, model, "streamGenerateContent?alt=sse"
+                                 if stream else "generateContent")
+
+    def models_url(self, ch: Any) -> str:
+        return gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return gemini_model_path(ch.base_url, model, "batchEmbedContents")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
+
+    def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
+        return gemini_embed_request(texts, model, dims)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return (lambda body: gemini_response_to_ir(body, signatures),
+                lambda: GeminiStreamDecoder(signatures))
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return gemini_embed_vectors(body)
+
+
+# 9.7 Ollama (native /api/chat) -------------------------------------------------------------------
+# The ollama channel type (channel only: Ollama clients use its OpenAI-compatible /v1).
+
+def ir_to_ollama_request(ir: dict, model: str, *, stream: bool) -> dict:
+    msgs: list[dict] = []
+    system = parts_text(ir["system"])
+    if system:
+        msgs.append({"role": "system", "content": system})
+    names: dict[str, str] = {}
+    for m in ir["messages"]:
+        if m["role"] == "tool":
+            for r in m["content"]:
+                text = parts_text(r["content"])
+                msgs.append({"role": "tool", "content": f"Error: {text}" if r.get("is_error")
+                             else text, "tool_call_id": r["id"],
+                             "tool_name": r.get("name") or names.get(r["id"], "")})
+            continue
+        out: dict[str, Any] = {"role": m["role"], "content": parts_text(m["content"])}
+        images = [p["data"] for p in m["content"] if p["type"] == "image" and "data" in p]
+        if images:
+            out["images"] = images
+        thinking = "".join(p.get("text") or "" for p in m["content"] if p["type"] == "reasoning")
+        if thinking:
+            out["thinking"] = thinking
+        calls = []
+        for p in m["content"]:
+            if p["type"] == "tool_call":
+                names[p["id"]] = p["name"]
+                calls.append({"id": p["id"], "function": {
+                    "name": p["name"], "arguments": parse_arguments(p["arguments"])}})
+        if calls:
+            out["tool_calls"] = calls
+        msgs.append(out)
+    body: dict[str, Any] = {"model": model, "messages": msgs, "stream": stream}
+    if ir["tools"]:
+        body["tools"] = [{"type": "function", "function": {
+            "name": t["name"], "description": t.get("description") or "",
+            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
+            for t in ir["tools"]]
+    options: dict[str, Any] = {}
+    for src, dst in (("max_tokens", "num_predict"), ("temperature", "temperature"),
+                     ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+                     ("presence_penalty", "presence_penalty"),
+                     ("frequency_penalty", "frequency_penalty")):
+        if ir[src] is not None:
+            options[dst] = ir[src]
+    if ir["stop"]:
+        options["stop"] = ir["stop"]
+    if options:
+        body["options"] = options
+    rf = ir["response_format"]
+    if rf:
+        body["format"] = rf["schema"] if rf["type"] == "json_schema" else "json"
+    if ir["reasoning"]:
+        effort = ir["reasoning"]["effort"]
+        body["think"] = False if effort == "none" else \
+            {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
+    return body
+
+
+def _ollama_message_parts(msg: dict) -> list[dict]:
+    out: list[dict] = []
+    if isinstance(msg.get("thinking"), str) and msg["thinking"]:
+        out.append({"type": "reasoning", "text": msg["thinking"], "signature": None,
+                    "redacted": None})
+    if isinstance(msg.get("content"), str) and msg["content"]:
+        out.append({"type": "text", "text": msg["content"]})
+    for c in msg.get("tool_calls") or []:
+        fn = c.get("function") or {}
+        args = fn.get("arguments")
+        out.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
+                    "name": fn.get("name") or "",
+                    "arguments": args if isinstance(args, str) else json.dumps(
+                        args or {}, ensure_ascii=False)})
+    return out
+
+
+def _ollama_finish(obj: dict, tools: bool) -> str:
+    reason = "length" if obj.get("done_reason") == "length" else "stop"
+    return "tool_calls" if tools and reason == "stop" else reason
+
+
+def ollama_usage_to_ir(obj: dict) -> dict:
+    return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
+
+
+@guarded(502, "upstream answer")
+def ollama_response_to_ir(body: dict) -> dict:
+    content = _ollama_message_parts(body.get("message") or {})
+    tools = any(p["type"] == "tool_call" for p in content)
+    return {"id": new_id("chatcmpl-"), "model": body.get("model") or "", "content": content,
+            "finish": _ollama_finish(body, tools), "usage": ollama_usage_to_ir(body)}
+
+
+class OllamaStreamDecoder(StreamDecoder):
+    """Ollama NDJSON objects (upstream) -> IR stream events; a line with ``error`` ends it."""
+
+    def __init__(self):
+        super().__init__()
+        self._nd = NDJSONDecoder()
+        self._final: dict | None = None
+
+    @guarded(502, "upstream stream")
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for obj in self._nd.feed(data):
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("error"):
+                out.append(("error", GatewayError(502, str(obj["error"]))))
+                continue
+            self._start(out, None, obj.get("model"))
+            for p in _ollama_message_parts(obj.get("message") or {}):
+                if p["type"] == "tool_call":
+                    out.append(("tool", self._tools, p["id"], p["name"]))
+                    out.append(("args", self._tools, p["arguments"]))
+                    self._tools += 1
+                else:
+                    out.append(("text" if p["type"] == "text" else "reasoning", p["text"]))
+            if obj.get("done"):
+                self._final = obj
+                out.append(("usage", ollama_usage_to_ir(obj)))
+        return out
+
+    def _finish_reason(self) -> str:
+        return _ollama_finish(self._final or {}, self._tools > 0)
+
+
+def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    return [list(v) for v in body.get("embeddings") or []], _num(body.get("prompt_eval_count"))
+
+
+def ollama_url(base_url: str, path: str) -> str:
+    """Ollama's native API lives at the root even when the channel URL names its /v1."""
+    base = base_url.rstrip("/")
+    return (base[:-3] if base.endswith("/v1") else base) + path
+
+
+class OllamaProvider(ProviderAdapter):
+    name = TYPE_OLLAMA
+    default_url = "http://localhost:11434"
+    embeds = True
+    inline_media = ("image/",)        # images only as base64 (image URLs are fetched for it)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return ollama_url(ch.base_url, "/api/chat")
+
+    def models_url(self, ch: Any) -> str:
+        return ollama_url(ch.base_url, "/api/tags")
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return ollama_url(ch.base_url, "/api/embed")
+
+    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
+                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
+                    kept: dict[str, list[dict]] | None) -> dict:
+        return ir_to_ollama_request(ir, model, stream=stream)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return ollama_response_to_ir, OllamaStreamDecoder
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return ollama_embed_vectors(body)
+
+
+# 9.8 Azure OpenAI --------------------------------------------------------------------------------
+# The azure channel type (channel only): the OpenAI wire format at other URLs.
+
+# Azure OpenAI: the OpenAI wire format at other URLs and with another key header.
+# learn.microsoft.com/azure/ai-foundry/openai/reference ("API specs", "Authentication"): a
+# resource endpoint https://{resource}.openai.azure.com, the key in an `api-key` header, the
+# deployment in the path (/openai/deployments/{deployment}/chat/completions, /embeddings,
+# /images/generations, /audio/...) and a dated ?api-version; the latest GA data-plane inference
+# version there is 2024-10-21. Responses, in the dated form, is /openai/responses?api-version=
+# with the deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses).
+# The v1 API (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle) drops the
+# api-version and the deployment segment: {endpoint}/openai/v1/chat/completions, /responses,
+# /embeddings, /models, with the deployment as "model" in the body.
+AZURE_API_VERSION = "2024-10-21"
+_AZURE_UNDEPLOYED = ("/models", "/responses")     # dated-form paths without a deployment
+
+
+class AzureProvider(OpenAIProvider):
+    name = TYPE_AZURE
+    default_url = ""                         # each resource has its own endpoint
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None
+                     ) -> list[tuple[str, str]]:
+        return [("api-key", api_key)] if api_key else []
+
+    @staticmethod
+    def url(ch: Any, model: str, suffix: str) -> str:
+        """``suffix`` (such as /chat/completions) on the channel's endpoint, in the v1 form when
+        its base_url ends in /openai/v1, else in the dated form for deployment ``model``."""
+        base = ch.base_url.rstrip("/")
+        if base.endswith("/openai/v1"):
+            return base + suffix
+        base = base[:-7] if base.endswith("/openai") else base
+        query = "?api-version=" + urllib.parse.quote(ch.api_version or AZURE_API_VERSION)
+        if suffix in _AZURE_UNDEPLOYED:
+            return f"{base}/openai{suffix}{query}"
+        return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        return self.url(ch, model, path[3:] if path.startswith("/v1/") else path)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return self.url(ch, model, "/chat/completions")
+
+    def models_url(self, ch: Any) -> str:
+        return self.url(ch, "", "/models")
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return self.url(ch, model, "/embeddings")
+
+
+# 9.9 Dispatch and registries ---------------------------------------------------------------------
+# What every channel type's request shares (tool names in the forms the channel accepts,
+# the max_tokens cap), the empty-answer check, and the two registries: DIALECTS (client
+# side) and PROVIDERS (channel side), the only way the gateway reaches an adapter.
+
+# Each channel type's adapter names the tool names it accepts (tool_name_rule; Ollama documents
+# no rule). A name outside its channel's rule is sent as a readable head plus 8 hex digits of its
+# SHA-1, always the same for the same name, so the tool list, the calls in earlier turns and the
+# call that comes back agree; the answer gets the client's own name back.
 def channel_tool_name(name: str, ctype: str) -> str:
     """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
     rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
@@ -5266,74 +5654,6 @@ class RenamedStream:
         return self._map(self._inner.close())
 
 
-# Quirks of OpenAI-compatible servers, per channel ("quirks" in the channel's settings, checked
-# in section 10), applied to the Chat Completions body the channel gets, converted or passed
-# through:
-#   tool_call_id: "mistral9"  every tool-call id as exactly 9 of a-z, A-Z, 0-9 (Mistral answers
-#       400 "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9" otherwise), the
-#       same id for a call and its result
-#   reasoning_back: "all" (default) | "tool_calls" | "none"  which assistant turns carry their
-#       reasoning back; DeepSeek's thinking mode needs it on turns with tool calls and ignores it
-#       elsewhere (api-docs.deepseek.com/guides/thinking_mode, "tool calls")
-#   reasoning_field: "reasoning_content" (default, DeepSeek) | "reasoning" (OpenRouter, newer
-#       vLLM) the field that reasoning goes back in; answers are read in either field
-#   max_tokens_field: "max_tokens" | "max_completion_tokens"  the name the output limit goes by
-#   drop_params: [top-level keys]  parameters the server refuses (stream_options,
-#       parallel_tool_calls, ...), removed before sending
-QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
-    "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
-    "reasoning_field": ("reasoning_content", "reasoning"),
-    "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
-}
-QUIRK_LISTS = ("drop_params",)
-_MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
-
-
-def mistral_tool_id(tool_id: str) -> str:
-    """A tool-call id as exactly 9 letters and digits, derived from the original."""
-    if _MISTRAL_ID_RX.match(tool_id):
-        return tool_id
-    return hashlib.sha1(tool_id.encode()).hexdigest()[:9]
-
-
-def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
-    """A Chat Completions request body with the channel's quirks applied (a new dict)."""
-    if not quirks:
-        return body
-    body = dict(body)
-    ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
-    back = quirks.get("reasoning_back") or "all"
-    field = quirks.get("reasoning_field") or "reasoning_content"
-    reshape = "reasoning_back" in quirks or "reasoning_field" in quirks
-    msgs = []
-    for m in body.get("messages") or []:
-        if not isinstance(m, dict):
-            msgs.append(m)
-            continue
-        m = dict(m)
-        if ids and isinstance(m.get("tool_call_id"), str):
-            m["tool_call_id"] = ids(m["tool_call_id"])
-        if ids and isinstance(m.get("tool_calls"), list):
-            m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
-                               else c for c in m["tool_calls"]]
-        if reshape and m.get("role") == "assistant":
-            reasoning = [m.pop(k, None) for k in ("reasoning_content", "reasoning")]
-            text = next((r for r in reasoning if isinstance(r, str) and r), None)
-            if text and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
-                m[field] = text
-        msgs.append(m)
-    if "messages" in body:
-        body["messages"] = msgs
-    target = quirks.get("max_tokens_field")
-    if target:
-        for name in ("max_tokens", "max_completion_tokens"):
-            if name in body and name != target:
-                body[target] = body.pop(name)
-    for name in quirks.get("drop_params") or []:
-        body.pop(name, None)
-    return body
-
-
 @guarded(400, "request body")
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
@@ -5379,52 +5699,6 @@ def event_is_content(ev: tuple) -> bool:
         kind == "finish" and ev[1] in ("length", "content_filter"))
 
 
-_RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
-
-
-def responses_answer_outline(body: dict) -> dict:
-    """A Responses API answer (passed through to a Responses client) reduced to what
-    answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
-    function, custom or built-in tool call), and incomplete as a length cut-off."""
-    content: list[dict] = []
-    for item in body.get("output") or []:
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") not in _RESPONSES_CONTENT_ITEMS:
-            content.append({"type": "tool_call", "id": "", "name": "", "arguments": ""})
-        for part in (item.get("content") or []) + (item.get("summary") or []):
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                content.append({"type": "text", "text": part["text"]})
-            elif isinstance(part, dict) and isinstance(part.get("refusal"), str):
-                content.append({"type": "text", "text": part["refusal"]})
-    finish = "length" if body.get("status") == "incomplete" else "stop"
-    return {"content": content, "finish": finish}
-
-
-class ResponsesStreamOutline(StreamDecoder):
-    """Responses API SSE -> just enough IR events for event_is_content: text and reasoning
-    deltas, a "tool" event for any output item that is not a message or reasoning, an error,
-    and the finish (incomplete as a length cut-off)."""
-
-    def feed(self, data: bytes) -> list[tuple]:
-        out: list[tuple] = []
-        for name, ev in self._sse_objects(data):
-            kind = str(ev.get("type") or name or "")
-            if kind in ("response.output_text.delta", "response.refusal.delta",
-                        "response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
-                out.append(("text", str(ev.get("delta") or "")))
-            elif kind == "response.output_item.added" and \
-                    (ev.get("item") or {}).get("type") not in _RESPONSES_CONTENT_ITEMS:
-                out.append(("tool", self._tools, "", ""))
-                self._tools += 1
-            elif kind in ("error", "response.failed"):
-                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
-                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
-            elif kind == "response.incomplete":
-                self.finish = "length"
-        return out
-
-
 CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
                         "responses"))
 
@@ -5442,84 +5716,6 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
             lambda: RenamedStream(stream(), names))
 
 
-# 9.11 Adapters and registries --------------------------------------------------------------------
-# One DialectAdapter per client dialect and one ProviderAdapter per channel type, each answering
-# the questions of section 9.2 with the converters above; DIALECTS and PROVIDERS are the only way
-# the gateway reaches them. A new channel type is one subclass here and one PROVIDERS entry.
-
-class OpenAIDialect(DialectAdapter):
-    name = OPENAI
-
-    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
-        return openai_request_to_ir(body)
-
-    def response(self, resp: dict, model: str, ir: dict) -> dict:
-        return ir_to_openai_response(resp, model)
-
-    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
-        return OpenAIStreamEncoder(model, ir["include_usage"])
-
-    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-        return openai_response_to_ir, OpenAIStreamDecoder
-
-
-class ResponsesDialect(OpenAIDialect):
-    name = RESPONSES
-
-    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
-        return responses_request_to_ir(body)
-
-    def response(self, resp: dict, model: str, ir: dict) -> dict:
-        return ir_to_responses_response(resp, model, ir)
-
-    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
-        return ResponsesStreamEncoder(model, ir)
-
-    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-        return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
-
-
-class AnthropicDialect(DialectAdapter):
-    name = ANTHROPIC
-    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
-
-    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
-        return anthropic_request_to_ir(body)
-
-    def response(self, resp: dict, model: str, ir: dict) -> dict:
-        return ir_to_anthropic_response(resp, model)
-
-    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
-        return AnthropicStreamEncoder(model, estimate_tokens(ir))
-
-    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-        return anthropic_response_to_ir, AnthropicStreamDecoder
-
-
-class GeminiDialect(DialectAdapter):
-    name = GEMINI
-    model_in_path = True
-
-    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
-        if kind == "countTokens" and isinstance(body.get("generateContentRequest"), dict):
-            body = body["generateContentRequest"]
-        ir = gemini_request_to_ir(dict(body, model=model))
-        ir["gemini_sse"] = params.get("alt") == "sse"        # a transport hint
-        return ir
-
-    def response(self, resp: dict, model: str, ir: dict) -> dict:
-        return ir_to_gemini_response(resp, model, ir)
-
-    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
-        return GeminiStreamEncoder(model, ir)
-
-    def count_payload(self, count: int) -> dict:
-        return {"totalTokens": count}
-
-    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-        return gemini_response_to_ir, GeminiStreamDecoder
-
-
 def models_dialect(headers: Headers, query: str) -> str:
     """The dialect of a model list asked for at OpenAI's /v1/models: Anthropic's SDK sends
     anthropic-version, the google-genai SDK its key header or ?key=."""
@@ -5530,200 +5726,12 @@ def models_dialect(headers: Headers, query: str) -> str:
     return OPENAI
 
 
-class OpenAIProvider(ProviderAdapter):
-    name = TYPE_OPENAI
-    default_url = "https://api.openai.com"
-    serves_as_is = (OPENAI,)
-    responses_as_is = True
-    needs_key = True
-    embeds = True
-    tool_name_rule = OPENAI_TOOL_NAMES
-    max_completion_field = True      # o-series, gpt-5 and gpt-4.1 take max_completion_tokens
-
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        field = "max_completion_tokens" if self.max_completion_field and \
-            _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
-        return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
-                                                        max_tokens_field=field), quirks)
-
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
-        return openai_response_to_ir, OpenAIStreamDecoder
-
-    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
-        return openai_embed_vectors(body)
-
-    def quirks(self, body: dict, quirks: dict | None) -> dict:
-        return apply_openai_quirks(body, quirks)
-
-
-class CustomProvider(OpenAIProvider):
-    """Any OpenAI-compatible server (vLLM, llama.cpp, LM Studio, OpenRouter, ...)."""
-
-    name = TYPE_CUSTOM
-    default_url = ""
-    needs_key = False
-    max_completion_field = False
-
-
-class AnthropicProvider(ProviderAdapter):
-    name = TYPE_ANTHROPIC
-    default_url = "https://api.anthropic.com"
-    serves_as_is = (ANTHROPIC,)
-    needs_key = True
-    tool_name_rule = ANTHROPIC_TOOL_NAMES
-    caps_in_encoder = True
-    replaces_headers = frozenset(("anthropic-version",))
-
-    def auth_headers(self, api_key: str, incoming: Headers | None = None
-                     ) -> list[tuple[str, str]]:
-        version = (incoming.get("anthropic-version") if incoming is not None else None) \
-            or ANTHROPIC_VERSION
-        return [("anthropic-version", version)] + ([("x-api-key", api_key)] if api_key else [])
-
-    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return join_base_url(ch.base_url, "/v1/messages")
-
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
-                                       thinking_setting=thinking, kept=kept)
-
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
-        return (lambda body: anthropic_response_to_ir(body, kept),
-                lambda: AnthropicStreamDecoder(kept))
-
-
-class GeminiProvider(ProviderAdapter):
-    name = TYPE_GEMINI
-    default_url = "https://generativelanguage.googleapis.com"
-    serves_as_is = (GEMINI,)
-    needs_key = True
-    embeds = True
-    # Gemini's inlineData takes PDFs too (ai.google.dev/gemini-api/docs/document-processing,
-    # "Passing PDF data inline"); image URLs are fetched for it (UrlFetcher).
-    inline_media = ("image/", "application/pdf")
-    tool_name_rule = GEMINI_TOOL_NAMES
-
-    def auth_headers(self, api_key: str, incoming: Headers | None = None
-                     ) -> list[tuple[str, str]]:
-        return [("x-goog-api-key", api_key)] if api_key else []
-
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
-        return gemini_model_path(ch.base_url, model, kind)
-
-    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return gemini_model_path(ch.base_url, model, "streamGenerateContent?alt=sse"
-                                 if stream else "generateContent")
-
-    def models_url(self, ch: Any) -> str:
-        return gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
-
-    def embeddings_url(self, ch: Any, model: str) -> str:
-        return gemini_model_path(ch.base_url, model, "batchEmbedContents")
-
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
-
-    def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
-        return gemini_embed_request(texts, model, dims)
-
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
-        return (lambda body: gemini_response_to_ir(body, signatures),
-                lambda: GeminiStreamDecoder(signatures))
-
-    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
-        return gemini_embed_vectors(body)
-
-
-class OllamaProvider(ProviderAdapter):
-    name = TYPE_OLLAMA
-    default_url = "http://localhost:11434"
-    embeds = True
-    inline_media = ("image/",)        # images only as base64 (image URLs are fetched for it)
-
-    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return ollama_url(ch.base_url, "/api/chat")
-
-    def models_url(self, ch: Any) -> str:
-        return ollama_url(ch.base_url, "/api/tags")
-
-    def embeddings_url(self, ch: Any, model: str) -> str:
-        return ollama_url(ch.base_url, "/api/embed")
-
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        return ir_to_ollama_request(ir, model, stream=stream)
-
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
-        return ollama_response_to_ir, OllamaStreamDecoder
-
-    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
-        return ollama_embed_vectors(body)
-
-
-# Azure OpenAI: the OpenAI wire format at other URLs and with another key header.
-# learn.microsoft.com/azure/ai-foundry/openai/reference ("API specs", "Authentication"): a
-# resource endpoint https://{resource}.openai.azure.com, the key in an `api-key` header, the
-# deployment in the path (/openai/deployments/{deployment}/chat/completions, /embeddings,
-# /images/generations, /audio/...) and a dated ?api-version; the latest GA data-plane inference
-# version there is 2024-10-21. Responses, in the dated form, is /openai/responses?api-version=
-# with the deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses).
-# The v1 API (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle) drops the
-# api-version and the deployment segment: {endpoint}/openai/v1/chat/completions, /responses,
-# /embeddings, /models, with the deployment as "model" in the body.
-AZURE_API_VERSION = "2024-10-21"
-_AZURE_UNDEPLOYED = ("/models", "/responses")     # dated-form paths without a deployment
-
-
-class AzureProvider(OpenAIProvider):
-    name = TYPE_AZURE
-    default_url = ""                         # each resource has its own endpoint
-
-    def auth_headers(self, api_key: str, incoming: Headers | None = None
-                     ) -> list[tuple[str, str]]:
-        return [("api-key", api_key)] if api_key else []
-
-    @staticmethod
-    def url(ch: Any, model: str, suffix: str) -> str:
-        """``suffix`` (such as /chat/completions) on the channel's endpoint, in the v1 form when
-        its base_url ends in /openai/v1, else in the dated form for deployment ``model``."""
-        base = ch.base_url.rstrip("/")
-        if base.endswith("/openai/v1"):
-            return base + suffix
-        base = base[:-7] if base.endswith("/openai") else base
-        query = "?api-version=" + urllib.parse.quote(ch.api_version or AZURE_API_VERSION)
-        if suffix in _AZURE_UNDEPLOYED:
-            return f"{base}/openai{suffix}{query}"
-        return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
-
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
-        return self.url(ch, model, path[3:] if path.startswith("/v1/") else path)
-
-    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return self.url(ch, model, "/chat/completions")
-
-    def models_url(self, ch: Any) -> str:
-        return self.url(ch, "", "/models")
-
-    def embeddings_url(self, ch: Any, model: str) -> str:
-        return self.url(ch, model, "/embeddings")
-
-
 DIALECTS: dict[str, DialectAdapter] = {d.name: d for d in (
     OpenAIDialect(), ResponsesDialect(), AnthropicDialect(), GeminiDialect())}
 PROVIDERS: dict[str, ProviderAdapter] = {p.name: p for p in (
     OpenAIProvider(), AnthropicProvider(), GeminiProvider(), OllamaProvider(), CustomProvider(),
     AzureProvider())}
+
 # Derived views, for validation, routes, the GUI and the command line.
 CHANNEL_TYPES = tuple(PROVIDERS)
 CHANNEL_DEFAULT_URLS = {name: p.default_url for name, p in PROVIDERS.items()}
@@ -6051,7 +6059,7 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
 
 
 def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
-    """A channel's ``quirks`` (section 9.10): an object of known keys with known values."""
+    """A channel's ``quirks`` (section 9.3): an object of known keys with known values."""
     quirks = ch["quirks"]
     if not isinstance(quirks, dict):
         raise ck.fail(f"{where}.quirks", "is not an object",
