@@ -2573,6 +2573,18 @@ class DialectAdapter:
         raise NotImplementedError
 
 
+@dataclass(slots=True)
+class ChatOptions:
+    """What a channel's chat request is built with besides the IR and the model."""
+
+    stream: bool
+    max_tokens_cap: int = 0                  # the channel's max_tokens_cap (0 = none)
+    signatures: dict[str, str] | None = None     # Gemini thought signatures (see above)
+    quirks: dict | None = None               # the channel's quirks (OpenAI-compatible types)
+    thinking: str = "auto"                   # the channel's thinking setting (Anthropic)
+    kept: dict[str, list[dict]] | None = None    # Claude thinking blocks (see above)
+
+
 class ProviderAdapter:
     """What the gateway asks of a channel type. ``ch`` is a Channel (section 11): base_url,
     api_key, api_version, responses_api. Subclasses override what differs."""
@@ -2601,18 +2613,23 @@ class ProviderAdapter:
         """Where a passed-through request for route ``path`` (a /v1/... path) goes."""
         return join_base_url(ch.base_url, path)
 
+    chat_path, models_path, embeddings_path = "/v1/chat/completions", "/v1/models", \
+        "/v1/embeddings"
+
+    def join(self, base_url: str, path: str) -> str:
+        """``path`` (one of the *_path above) on the channel's base URL."""
+        return join_base_url(base_url, path)
+
     def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return join_base_url(ch.base_url, "/v1/chat/completions")
+        return self.join(ch.base_url, self.chat_path)
 
     def models_url(self, ch: Any) -> str:
-        return join_base_url(ch.base_url, "/v1/models")
+        return self.join(ch.base_url, self.models_path)
 
     def embeddings_url(self, ch: Any, model: str) -> str:
-        return join_base_url(ch.base_url, "/v1/embeddings")
+        return self.join(ch.base_url, self.embeddings_path)
 
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
         """The chat request body, from an IR whose tool names already fit tool_name_rule."""
         raise NotImplementedError
 
@@ -3617,13 +3634,11 @@ class OpenAIProvider(ProviderAdapter):
     tool_name_rule = OPENAI_TOOL_NAMES
     max_completion_field = True      # o-series, gpt-5 and gpt-4.1 take max_completion_tokens
 
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
         field = "max_completion_tokens" if self.max_completion_field and \
             _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
-        return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
-                                                        max_tokens_field=field), quirks)
+        return apply_openai_quirks(ir_to_openai_request(ir, model, stream=opts.stream,
+                                                        max_tokens_field=field), opts.quirks)
 
     def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
                  ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
@@ -4057,10 +4072,12 @@ class ResponsesDialect(OpenAIDialect):
         return responses_request_to_ir(body)
 
     def response(self, resp: dict, model: str, ir: dict) -> dict:
+        """The request's IR shapes the answer: custom and namespaced tools' calls come back as
+        their own item types, and the response object echoes the request's settings."""
         return ir_to_responses_response(resp, model, ir)
 
     def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
-        return ResponsesStreamEncoder(model, ir)
+        return ResponsesStreamEncoder(model, ir)        # the IR for the same reason
 
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
@@ -4639,6 +4656,7 @@ class AnthropicProvider(ProviderAdapter):
     tool_name_rule = ANTHROPIC_TOOL_NAMES
     caps_in_encoder = True
     replaces_headers = frozenset(("anthropic-version",))
+    chat_path = "/v1/messages"
 
     def auth_headers(self, api_key: str, incoming: Headers | None = None
                      ) -> list[tuple[str, str]]:
@@ -4646,14 +4664,10 @@ class AnthropicProvider(ProviderAdapter):
             or ANTHROPIC_VERSION
         return [("anthropic-version", version)] + ([("x-api-key", api_key)] if api_key else [])
 
-    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return join_base_url(ch.base_url, "/v1/messages")
-
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        return ir_to_anthropic_request(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
-                                       thinking_setting=thinking, kept=kept)
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        return ir_to_anthropic_request(ir, model, stream=opts.stream,
+                                       max_tokens_cap=opts.max_tokens_cap,
+                                       thinking_setting=opts.thinking, kept=opts.kept)
 
     def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
                  ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
@@ -5330,10 +5344,8 @@ class GeminiProvider(ProviderAdapter):
     def embeddings_url(self, ch: Any, model: str) -> str:
         return gemini_model_path(ch.base_url, model, "batchEmbedContents")
 
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        return ir_to_gemini_request(ir, opts.signatures, model, opts.max_tokens_cap)
 
     def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
         return gemini_embed_request(texts, model, dims)
@@ -5493,19 +5505,13 @@ class OllamaProvider(ProviderAdapter):
     embeds = True
     inline_media = ("image/",)        # images only as base64 (image URLs are fetched for it)
 
-    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return ollama_url(ch.base_url, "/api/chat")
+    chat_path, models_path, embeddings_path = "/api/chat", "/api/tags", "/api/embed"
 
-    def models_url(self, ch: Any) -> str:
-        return ollama_url(ch.base_url, "/api/tags")
+    def join(self, base_url: str, path: str) -> str:
+        return ollama_url(base_url, path)
 
-    def embeddings_url(self, ch: Any, model: str) -> str:
-        return ollama_url(ch.base_url, "/api/embed")
-
-    def encode_chat(self, ir: dict, model: str, *, stream: bool, max_tokens_cap: int,
-                    signatures: dict[str, str] | None, quirks: dict | None, thinking: str,
-                    kept: dict[str, list[dict]] | None) -> dict:
-        return ir_to_ollama_request(ir, model, stream=stream)
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        return ir_to_ollama_request(ir, model, stream=opts.stream)
 
     def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
                  ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
@@ -5541,7 +5547,7 @@ class AzureProvider(OpenAIProvider):
         return [("api-key", api_key)] if api_key else []
 
     @staticmethod
-    def url(ch: Any, model: str, suffix: str) -> str:
+    def deployment_url(ch: Any, model: str, suffix: str) -> str:
         """``suffix`` (such as /chat/completions) on the channel's endpoint, in the v1 form when
         its base_url ends in /openai/v1, else in the dated form for deployment ``model``."""
         base = ch.base_url.rstrip("/")
@@ -5554,16 +5560,16 @@ class AzureProvider(OpenAIProvider):
         return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
 
     def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
-        return self.url(ch, model, path[3:] if path.startswith("/v1/") else path)
+        return self.deployment_url(ch, model, path[3:] if path.startswith("/v1/") else path)
 
     def chat_url(self, ch: Any, model: str, stream: bool) -> str:
-        return self.url(ch, model, "/chat/completions")
+        return self.passthrough_url(ch, self.chat_path, "chat", model)
 
     def models_url(self, ch: Any) -> str:
-        return self.url(ch, "", "/models")
+        return self.passthrough_url(ch, self.models_path, "models", "")
 
     def embeddings_url(self, ch: Any, model: str) -> str:
-        return self.url(ch, model, "/embeddings")
+        return self.passthrough_url(ch, self.embeddings_path, "embeddings", model)
 
 
 # 9.9 Dispatch and registries ---------------------------------------------------------------------
@@ -5674,9 +5680,8 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
     ir = rename_ir_tools(ir, ctype)
     if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
-    return provider.encode_chat(ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
-                                signatures=signatures, quirks=quirks, thinking=thinking,
-                                kept=kept)
+    return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
+                                                       quirks, thinking, kept))
 
 
 def answer_is_empty(resp: dict) -> bool:
