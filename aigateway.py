@@ -961,33 +961,6 @@ class NDJSONDecoder:
         return out
 
 
-def _usage_numbers(usage: Any) -> tuple[int, int] | None:
-    """(input tokens, output tokens) from an OpenAI or Anthropic ``usage`` object."""
-    if not isinstance(usage, dict):
-        return None
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    if "input_tokens" in usage or "output_tokens" in usage:
-        inp = sum(int(usage.get(k) or 0) for k in (
-            "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-        return inp, int(usage.get("output_tokens") or 0)
-    return None
-
-
-def usage_from_json(obj: Any) -> tuple[int, int] | None:
-    """Usage from a whole JSON answer or one stream event (OpenAI, Anthropic, Gemini shape)."""
-    if not isinstance(obj, dict):
-        return None
-    gem = obj.get("usageMetadata")
-    if isinstance(gem, dict):
-        return (int(gem.get("promptTokenCount") or 0), int(gem.get("candidatesTokenCount") or 0)
-                + int(gem.get("thoughtsTokenCount") or 0))
-    found = _usage_numbers(obj.get("usage"))
-    if found is None and isinstance(obj.get("message"), dict):     # Anthropic message_start
-        found = _usage_numbers(obj["message"].get("usage"))
-    return found
-
-
 def _end_of(buf: bytes, sep: bytes) -> int:
     """Offset just past the last ``sep`` in ``buf``, or 0."""
     i = buf.rfind(sep)
@@ -997,12 +970,14 @@ def _end_of(buf: bytes, sep: bytes) -> int:
 class SSEPassthrough:
     """Passes an SSE byte stream on whole events at a time, so that a stream cut by an upstream
     failure never leaves a half event before the in-band error event, and notes the token usage
-    the events report. Costs one concatenation and two searches per read; JSON is parsed only in
-    events that mention usage."""
+    the events report, read by ``usage`` ((input, output) tokens of one event, or None: the
+    client dialect's parser, section 9). Costs one concatenation and two searches per read; JSON
+    is parsed only in events that mention usage."""
 
-    __slots__ = ("_carry", "open", "input_tokens", "output_tokens")
+    __slots__ = ("_carry", "open", "input_tokens", "output_tokens", "_usage")
 
-    def __init__(self):
+    def __init__(self, usage: Callable[[Any], tuple[int, int] | None] = lambda obj: None):
+        self._usage = usage
         self._carry = b""
         self.open = 0               # bytes of an event flushed unsplit, still without its end
         self.input_tokens: int | None = None
@@ -1036,8 +1011,8 @@ class SSEPassthrough:
         for line in ready.splitlines():
             if line.startswith(b"data:") and b'"usage' in line:
                 try:
-                    found = usage_from_json(json_loads(line[5:], "an upstream event",
-                                                       status=502, unique_keys=False))
+                    found = self._usage(json_loads(line[5:], "an upstream event",
+                                                   status=502, unique_keys=False))
                 except GatewayError:
                     continue
                 if found:
@@ -2567,6 +2542,11 @@ class DialectAdapter:
     def count_payload(self, count: int) -> dict:
         return {"input_tokens": count}
 
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        """(input, output) tokens a whole answer or one stream event of this dialect reports,
+        or None: how the gateway counts the tokens of an answer it passes through."""
+        raise NotImplementedError
+
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         """(whole-answer decoder, stream decoder factory) that look into an answer passed
         through unchanged, for emptiness."""
@@ -3623,6 +3603,13 @@ class OpenAIDialect(DialectAdapter):
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return openai_response_to_ir, OpenAIStreamDecoder
 
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        u = obj.get("usage") if isinstance(obj, dict) else None
+        if not isinstance(u, dict) or not ("prompt_tokens" in u or "completion_tokens" in u):
+            return None
+        ir = openai_usage_to_ir(u)
+        return ir["input"], ir["output"]
+
 
 class OpenAIProvider(ProviderAdapter):
     name = TYPE_OPENAI
@@ -4081,6 +4068,15 @@ class ResponsesDialect(OpenAIDialect):
 
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        """A whole answer's usage, or a response.completed (incomplete, failed) event's."""
+        if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
+            obj = obj["response"]
+        u = obj.get("usage") if isinstance(obj, dict) else None
+        if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
+            return None
+        return _num(u.get("input_tokens")), _num(u.get("output_tokens"))
 
 
 # 9.5 Anthropic Messages --------------------------------------------------------------------------
@@ -4646,6 +4642,18 @@ class AnthropicDialect(DialectAdapter):
 
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return anthropic_response_to_ir, AnthropicStreamDecoder
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        """A whole message's usage, message_start's (input) or message_delta's (output)."""
+        if not isinstance(obj, dict):
+            return None
+        u = obj.get("usage")
+        if u is None and isinstance(obj.get("message"), dict):
+            u = obj["message"].get("usage")
+        if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
+            return None
+        ir = anthropic_usage_to_ir(u)
+        return ir["input"], ir["output"]
 
 
 class AnthropicProvider(ProviderAdapter):
@@ -5314,6 +5322,13 @@ class GeminiDialect(DialectAdapter):
 
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return gemini_response_to_ir, GeminiStreamDecoder
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        u = obj.get("usageMetadata") if isinstance(obj, dict) else None
+        if not isinstance(u, dict):
+            return None
+        ir = gemini_usage_to_ir(u)
+        return ir["input"], ir["output"]
 
 
 class GeminiProvider(ProviderAdapter):
@@ -7709,7 +7724,7 @@ class Gateway:
                     from None
             if up.status < 300 and "json" in content_type:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
-                found = usage_from_json(upstream_json(body, rec["channel"]))
+                found = DIALECTS[dialect].usage(upstream_json(body, rec["channel"]))
                 if found:
                     rec["input_tokens"], rec["output_tokens"] = found
             if up.status >= 400:
@@ -7719,7 +7734,7 @@ class Gateway:
             rec["bytes_out"] = len(body)
             self._finish(rec)
             return Response(up.status, hdrs, body)
-        pt = SSEPassthrough() if sse else None
+        pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
         chunks = up.iter_bytes()
         held: list[bytes] = []
         if sse and hold and up.status < 300:

@@ -596,7 +596,7 @@ def test_05_converted_decoder_refuses_an_event_that_is_not_json():
 
 
 def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
-    pt = ag.SSEPassthrough()
+    pt = ag.SSEPassthrough(ag.DIALECTS[ag.OPENAI].usage)
     events = b"".join(openai_stream_chunks(usage=(11, 4)))
     out = b""
     for i in range(0, len(events), 7):
@@ -605,7 +605,7 @@ def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
         out += piece
     assert out + pt.flush() == events
     assert (pt.input_tokens, pt.output_tokens) == (11, 4)
-    pa = ag.SSEPassthrough()
+    pa = ag.SSEPassthrough(ag.DIALECTS[ag.ANTHROPIC].usage)
     for c in anthropic_stream_chunks():
         pa.feed(c[:5])
         pa.feed(c[5:])
