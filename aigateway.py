@@ -6865,6 +6865,110 @@ class Exchange:
         self.record[key] = value
 
 
+class Limits:
+    """Each channel's health (cooldowns after failures, concurrency slots), its keys' turns and
+    rest, and each token's requests-per-minute window, all read on the gateway's ``clock``."""
+
+    def __init__(self, clock: Callable[[], float], log: Callable[[str], None]):
+        self.clock, self.log = clock, log
+        self.health: dict[int, ChannelHealth] = {}
+        self._key_turn: dict[int, int] = {}
+        self._key_bench: dict[tuple[int, str], float] = {}
+        self._rpm: dict[int, collections.deque[float]] = {}
+
+    def health_of(self, ch: Channel) -> ChannelHealth:
+        h = self.health.get(ch.id)
+        if h is None:
+            h = self.health[ch.id] = ChannelHealth()
+        return h
+
+    def failed(self, ch: Channel, exc: UpstreamError) -> bool:
+        """Note a failure; True when the channel starts to cool down."""
+        if exc.code == "concurrency_limit":            # busy by our own limit, not unhealthy
+            return False
+        return self.health_of(ch).failed(exc, self.clock())
+
+    def pick_key(self, ch: Channel, tried: set[str]) -> str:
+        """The channel's next key in turn that is neither benched nor already tried."""
+        keys = ch.keys
+        if len(keys) <= 1:
+            return keys[0] if keys else ""
+        now = self.clock()
+        turn = self._key_turn.get(ch.id, 0)
+        self._key_turn[ch.id] = turn + 1
+        order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
+        fresh = [k for k in order if k not in tried]
+        rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
+        if rested:
+            return rested[0]
+        return min(fresh or order, key=lambda k: self._key_bench.get((ch.id, k), 0))
+
+    def bench_key(self, ch: Channel, key: str, exc: UpstreamError) -> None:
+        wait = retry_after_seconds(exc.headers) or KEY_BENCH_SECONDS
+        self._key_bench[(ch.id, key)] = self.clock() + wait
+        self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
+                 f"{exc.upstream_status}")
+
+    async def acquire_slot(self, ch: Channel, rec: Exchange) -> None:
+        """Take one of the channel's max_concurrency slots, waiting in a bounded queue; a full
+        queue is this channel's failure (the next candidate is tried, else 429)."""
+        if not ch.max_concurrency:
+            return
+        h = self.health_of(ch)
+        while h.inflight >= ch.max_concurrency:
+            if h.waiting >= ch.max_concurrency * QUEUE_PER_SLOT:
+                raise UpstreamError(429, f"channel '{ch.name}' is at its concurrency limit "
+                                         f"({ch.max_concurrency}) with a full queue",
+                                    retryable=True, code="concurrency_limit",
+                                    headers=[("Retry-After", "1")])
+            if h.slots is None:
+                h.slots = asyncio.Event()
+            h.waiting += 1
+            try:
+                h.slots.clear()
+                await h.slots.wait()
+            finally:
+                h.waiting -= 1
+        h.inflight += 1
+        rec.slot = h
+
+    @staticmethod
+    def release_slot(rec: Exchange) -> None:
+        h, rec.slot = rec.slot, None
+        if h is not None:
+            h.inflight -= 1
+            if h.slots is not None:
+                h.slots.set()
+
+    def check_rpm(self, token: Token | None) -> None:
+        if token is None or not token.rpm:
+            return
+        now = self.clock()
+        window = self._rpm.setdefault(token.id, collections.deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= token.rpm:
+            wait = max(1, int(window[0] + 60 - now) + 1)
+            raise GatewayError(429, f"gateway token '{token.name}' is over its limit of "
+                                    f"{token.rpm} requests per minute; retry in {wait} s",
+                               code="rate_limit_exceeded", headers=[("Retry-After", str(wait))])
+        window.append(now)
+
+    def report(self, channels: list[Channel]) -> list[dict]:
+        now = self.clock()
+        out = []
+        for ch in channels:
+            h = self.health.get(ch.id)
+            entry = {"id": ch.id, "name": ch.name, "type": ch.type, "enabled": ch.enabled}
+            entry.update(h.snapshot(now) if h else ChannelHealth().snapshot(now))
+            if len(ch.keys) > 1:
+                entry["keys"] = len(ch.keys)
+                entry["keys_resting"] = sum(1 for k in ch.keys
+                                            if self._key_bench.get((ch.id, k), 0) > now)
+            out.append(entry)
+        return out
+
+
 class Gateway:
     """Serves requests from the HTTP server; owns routing state, the upstream client and the
     request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
@@ -6887,10 +6991,8 @@ class Gateway:
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
-        self.health: dict[int, ChannelHealth] = {}
-        self._key_turn: dict[int, int] = {}
-        self._key_bench: dict[tuple[int, str], float] = {}
-        self._rpm: dict[int, collections.deque[float]] = {}
+        self.limits = Limits(lambda: self.clock(), self.log)
+        self.health = self.limits.health         # by channel id (routing skips cooling ones)
         self._request_log: RequestLog | None = None
         self.config_error: str | None = None      # why the file on disk is not in force
         self.apply_config(config)
@@ -6991,7 +7093,7 @@ class Gateway:
         try:
             token = self._authenticate(req)
             rec["token"] = token.name if token else None
-            self._check_rpm(token)
+            self.limits.check_rpm(token)
             if route.kind in ("models", "model"):
                 resp = self._models(req, dialect, token, model_id)
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
@@ -7265,7 +7367,7 @@ class Gateway:
         for base in chans:
             keys_tried: set[str] = set()
             while True:
-                ch = base.with_key(self._pick_key(base, keys_tried))
+                ch = base.with_key(self.limits.pick_key(base, keys_tried))
                 keys_tried.add(ch.api_key)
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
@@ -7290,7 +7392,7 @@ class Gateway:
                     url, hdrs, body = self._converted_request(
                         ch, inlined.get(ch.type, ir), model)
                 try:
-                    await self._acquire_slot(ch, rec)
+                    await self.limits.acquire_slot(ch, rec)
                     t0 = time.perf_counter()
                     up = await self.client.request("POST" if not passthrough else req.method,
                                                    url, hdrs, body, proxy=ch.proxy,
@@ -7300,15 +7402,15 @@ class Gateway:
                     if overflow is not None:
                         # The channel works; the prompt is too long for any channel.
                         rec["channel"] = ch.name
-                        self._health(ch).succeeded(up.status,
+                        self.limits.health_of(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
-                        self._release_slot(rec)
+                        self.limits.release_slot(rec)
                         self.log(f"channel '{ch.name}': context window exceeded for {model}")
                         raise overflow
                     if up.status < 300 or not (up.status in (401, 403, 408, 429)
                                                or up.status >= 500):
                         rec["channel"] = ch.name
-                        self._health(ch).succeeded(up.status,
+                        self.limits.health_of(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
                             return await self._answer(up, dialect, rec, req, hold and (
@@ -7325,115 +7427,30 @@ class Gateway:
                                         retryable=True, upstream_status=up.status,
                                         code=upstream_error_code(err_body), headers=retry)
                 except UpstreamError as exc:
-                    self._release_slot(rec)
+                    self.limits.release_slot(rec)
                     failures.append((ch, exc))
                     rec["failures"].append({"channel": ch.name, "status": exc.status,
                                             "error": exc.message})
                     self.log(f"channel '{ch.name}' failed for {model}: {exc.status} "
                              f"{exc.message}")
                     if exc.upstream_status in (401, 403, 429) and len(base.keys) > 1:
-                        self._bench_key(base, ch.api_key, exc)
+                        self.limits.bench_key(base, ch.api_key, exc)
                         if len(keys_tried) < len(base.keys):
                             continue                  # the same channel with its next key
                     self._note_failure(base, exc)
                     break
         raise self._all_failed(failures)
 
-    # -- health, keys and limits -----------------------------------------------------------------
-
-    def _health(self, ch: Channel) -> ChannelHealth:
-        h = self.health.get(ch.id)
-        if h is None:
-            h = self.health[ch.id] = ChannelHealth()
-        return h
+    # -- health, keys and limits (Limits) ---------------------------------------------------------
 
     def _note_failure(self, ch: Channel, exc: UpstreamError) -> None:
-        if exc.code == "concurrency_limit":            # busy by our own limit, not unhealthy
-            return
-        if self._health(ch).failed(exc, self.clock()):
+        if self.limits.failed(ch, exc):
             self.log(f"channel '{ch.name}' cools down for "
                      f"{self.health[ch.id].until - self.clock():.0f} s")
             self.on_event(EVENT_HEALTH, self.health_report())
 
-    def _pick_key(self, ch: Channel, tried: set[str]) -> str:
-        """The channel's next key in turn that is neither benched nor already tried."""
-        keys = ch.keys
-        if len(keys) <= 1:
-            return keys[0] if keys else ""
-        now = self.clock()
-        turn = self._key_turn.get(ch.id, 0)
-        self._key_turn[ch.id] = turn + 1
-        order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
-        fresh = [k for k in order if k not in tried]
-        rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
-        if rested:
-            return rested[0]
-        return min(fresh or order, key=lambda k: self._key_bench.get((ch.id, k), 0))
-
-    def _bench_key(self, ch: Channel, key: str, exc: UpstreamError) -> None:
-        wait = retry_after_seconds(exc.headers) or KEY_BENCH_SECONDS
-        self._key_bench[(ch.id, key)] = self.clock() + wait
-        self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
-                 f"{exc.upstream_status}")
-
-    async def _acquire_slot(self, ch: Channel, rec: Exchange) -> None:
-        """Take one of the channel's max_concurrency slots, waiting in a bounded queue; a full
-        queue is this channel's failure (the next candidate is tried, else 429)."""
-        if not ch.max_concurrency:
-            return
-        h = self._health(ch)
-        while h.inflight >= ch.max_concurrency:
-            if h.waiting >= ch.max_concurrency * QUEUE_PER_SLOT:
-                raise UpstreamError(429, f"channel '{ch.name}' is at its concurrency limit "
-                                         f"({ch.max_concurrency}) with a full queue",
-                                    retryable=True, code="concurrency_limit",
-                                    headers=[("Retry-After", "1")])
-            if h.slots is None:
-                h.slots = asyncio.Event()
-            h.waiting += 1
-            try:
-                h.slots.clear()
-                await h.slots.wait()
-            finally:
-                h.waiting -= 1
-        h.inflight += 1
-        rec.slot = h
-
-    @staticmethod
-    def _release_slot(rec: Exchange) -> None:
-        h, rec.slot = rec.slot, None
-        if h is not None:
-            h.inflight -= 1
-            if h.slots is not None:
-                h.slots.set()
-
-    def _check_rpm(self, token: Token | None) -> None:
-        if token is None or not token.rpm:
-            return
-        now = self.clock()
-        window = self._rpm.setdefault(token.id, collections.deque())
-        while window and window[0] <= now - 60:
-            window.popleft()
-        if len(window) >= token.rpm:
-            wait = max(1, int(window[0] + 60 - now) + 1)
-            raise GatewayError(429, f"gateway token '{token.name}' is over its limit of "
-                                    f"{token.rpm} requests per minute; retry in {wait} s",
-                               code="rate_limit_exceeded", headers=[("Retry-After", str(wait))])
-        window.append(now)
-
     def health_report(self) -> list[dict]:
-        now = self.clock()
-        out = []
-        for ch in self.channels:
-            h = self.health.get(ch.id)
-            entry = {"id": ch.id, "name": ch.name, "type": ch.type, "enabled": ch.enabled}
-            entry.update(h.snapshot(now) if h else ChannelHealth().snapshot(now))
-            if len(ch.keys) > 1:
-                entry["keys"] = len(ch.keys)
-                entry["keys_resting"] = sum(1 for k in ch.keys
-                                            if self._key_bench.get((ch.id, k), 0) > now)
-            out.append(entry)
-        return out
+        return self.limits.report(self.channels)
 
     def channel(self, channel_id: int) -> Channel:
         for ch in self.channels:
@@ -7808,7 +7825,7 @@ class Gateway:
                          "output_tokens": None, "error": None}, time.perf_counter())
 
     def _finish(self, rec: Exchange) -> None:
-        self._release_slot(rec)
+        self.limits.release_slot(rec)
         if rec.finished:
             return
         rec.finished = True
