@@ -6969,9 +6969,145 @@ class Limits:
         return out
 
 
+class Access:
+    """Who may call: the Host (DNS rebinding), the browser Origin, the body's type and the
+    gateway token (with the failed-token throttle, on the gateway's ``clock``); and the CORS
+    headers an allowed page gets."""
+
+    def __init__(self, clock: Callable[[], float], listen_host: str | None):
+        self.clock = clock
+        self.listen_host = listen_host           # when it differs from settings.host (--host)
+        self.throttle = AuthThrottle()
+
+    def configure(self, s: dict, tokens: list[Token]) -> None:
+        self.require_auth: bool = s["require_auth"]
+        self.tokens = tokens
+        self.cors = {o.rstrip("/").lower() for o in s["cors_origins"]}
+        self.allowed_hosts = [host_name(h) for h in s["allowed_hosts"]]
+        binds = {host_name(h) for h in (s["host"], self.listen_host) if h}
+        self.any_host_ip = bool(binds & {"0.0.0.0", "::", ""})
+        if self.any_host_ip:                     # listening on every address of the machine
+            name = socket.gethostname().lower()
+            short = name.partition(".")[0]
+            binds |= {name, short, f"{short}.local"}
+        self.host_names = binds
+
+    def cors_headers(self, headers: Headers) -> list[tuple[str, str]]:
+        origin = headers.get("origin")
+        if not origin or not self.origin_allowed(origin):
+            return []
+        return [("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin),
+                ("Vary", "Origin"),
+                ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
+
+    def check_host(self, req: Request) -> None:
+        """Refuse a Host that is not this gateway's: a DNS-rebinding page reaches the loopback
+        port under its own name, and that name is what its requests carry."""
+        values = req.headers.get_all("host")
+        if len(values) > 1:                      # RFC 9112 section 3.2: answer 400
+            raise GatewayError(400, "the request has more than one Host header")
+        if not values:
+            if req.version == "HTTP/1.0":
+                return
+            raise GatewayError(400, "the request has no Host header (HTTP/1.1 requires one)")
+        name = host_name(values[0])
+        if is_local_name(name) or name in self.host_names or \
+                (self.any_host_ip and is_ip_literal(name)) or \
+                any(name_matches(p, name) for p in self.allowed_hosts):
+            return
+        raise GatewayError(403, f"Host {name[:100]!r} is not one of this gateway's names "
+                                f"(protection against DNS rebinding); to reach the gateway under "
+                                f"that name add it to settings.allowed_hosts",
+                           code="host_not_allowed")
+
+    def origin_allowed(self, origin: str) -> bool:
+        return origin_is_local(origin) or "*" in self.cors or \
+            origin.rstrip("/").lower() in self.cors
+
+    def check_origin(self, req: Request) -> None:
+        """Refuse a browser page of another site: its request carries an Origin (every
+        cross-origin request and every POST does) or, without one, Sec-Fetch-Site: cross-site.
+        Content types do not matter: a "simple" text/plain POST needs no preflight."""
+        origin = req.headers.get("origin")
+        if origin is not None:
+            if not self.origin_allowed(origin):
+                raise GatewayError(403, f"requests from the web page origin {origin[:100]!r} are "
+                                        f"refused; to let that page use the gateway add the "
+                                        f"origin to settings.cors_origins",
+                                   code="origin_not_allowed")
+        elif (req.headers.get("sec-fetch-site") or "").lower() == "cross-site" and \
+                "*" not in self.cors:
+            raise GatewayError(403, "cross-site requests from web pages are refused; to allow "
+                                    "them set settings.cors_origins to [\"*\"]",
+                               code="origin_not_allowed")
+
+    @staticmethod
+    def check_content_type(req: Request, route: Route) -> None:
+        """JSON routes take application/json (an absent Content-Type too: scripts often leave it
+        out, and a browser page that can leave it out sends an Origin); the transcription route
+        takes multipart/form-data. A form or text/plain body is what a cross-site page can send
+        without a preflight, so it never reaches an upstream."""
+        if route.body == "none" or req.method != "POST":
+            return
+        want = "multipart/form-data" if route.body == "multipart" else "application/json"
+        content_type = req.headers.get("content-type")
+        if content_type is None and route.body == "json":
+            return
+        if (content_type or "").partition(";")[0].strip().lower() != want:
+            raise GatewayError(415, f"{route.path} takes Content-Type: {want}, not "
+                                    f"{(content_type or 'none')[:100]!r}",
+                               code="unsupported_media_type")
+
+    def preflight(self, req: Request) -> Response:
+        route, _ = find_route(req.path)
+        allow = ", ".join((route.methods if route else ("GET", "POST")) + ("OPTIONS",))
+        hdrs = [("Allow", allow)]
+        cors = self.cors_headers(req.headers)
+        if cors:
+            hdrs += cors + [
+                ("Access-Control-Allow-Methods", allow),
+                ("Access-Control-Allow-Headers",
+                 req.headers.get("access-control-request-headers") or
+                 "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, "
+                 "anthropic-beta"),
+                ("Access-Control-Max-Age", "600")]
+        return Response(204, hdrs)
+
+    def authenticate(self, req: Request) -> Token | None:
+        if not self.require_auth:
+            return None
+        wait = self.throttle.blocked_for(req.address, self.clock())
+        if wait:
+            secs = str(int(-(-wait // 1)))
+            raise GatewayError(429, f"too many wrong gateway tokens from {req.address}; retry in "
+                                    f"{secs} s", code="rate_limit_exceeded",
+                               headers=[("Retry-After", secs)])
+        presented = request_token(req)
+        found = None
+        if presented is not None:
+            key = presented.encode()
+            for tok in self.tokens:              # compare with every token: no early exit
+                if hmac.compare_digest(tok.key, key):
+                    found = tok
+        if presented is None:
+            raise GatewayError(401, f"missing gateway token: {TOKEN_PLACES}")
+        if found is None:
+            self.throttle.failed(req.address, self.clock())
+            raise GatewayError(401, f"invalid gateway token: {TOKEN_PLACES}",
+                               code="invalid_api_key")
+        if not found.enabled:
+            raise GatewayError(401, f"gateway token '{found.name}' is disabled",
+                               code="invalid_api_key")
+        return found
+
+
 class Gateway:
-    """Serves requests from the HTTP server; owns routing state, the upstream client and the
-    request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
+    """Serves requests from the HTTP server, as a pipeline: ``access`` (Access) checks who
+    calls, find_route and candidates pick the route and the channels in order, _proxy relays to
+    them (passed through or converted by the adapters of section 9) with fallback, ``limits``
+    (Limits) keeps health, keys and rates, and _finish records the Exchange. The facade the
+    bridge, the GUI and the command line use. ``on_event(kind, payload)`` receives the events
+    of section 12 (request, log, health)."""
 
     def __init__(self, config: dict, *, config_dir: str = ".",
                  on_event: Callable[[str, Any], None] | None = None,
@@ -6980,8 +7116,7 @@ class Gateway:
         self.client = client or UpstreamClient()
         self.fetcher = UrlFetcher(self.client)
         self.clock = clock                       # cooldowns, keys' rest, rpm, auth throttle
-        self.listen_host = listen_host           # when it differs from settings.host (--host)
-        self.auth_throttle = AuthThrottle()
+        self.access = Access(lambda: self.clock(), listen_host)
         self.on_event = on_event or (lambda kind, payload: None)
         self.config_dir = config_dir
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
@@ -7007,15 +7142,7 @@ class Gateway:
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
         self.client.max_response = int(s["max_response_mb"] * 1024 * 1024)
-        self.cors = {o.rstrip("/").lower() for o in s["cors_origins"]}
-        self.allowed_hosts = [host_name(h) for h in s["allowed_hosts"]]
-        binds = {host_name(h) for h in (s["host"], self.listen_host) if h}
-        self.any_host_ip = bool(binds & {"0.0.0.0", "::", ""})
-        if self.any_host_ip:                     # listening on every address of the machine
-            name = socket.gethostname().lower()
-            short = name.partition(".")[0]
-            binds |= {name, short, f"{short}.local"}
-        self.host_names = binds
+        self.access.configure(s, self.tokens)
         log_path = os.path.join(self.config_dir, s["log_file"]) if s["log_requests"] else None
         if self._request_log is not None and self._request_log.path != log_path:
             self._request_log.close()
@@ -7045,24 +7172,16 @@ class Gateway:
             dialect = guess_dialect(head.path, head.headers) if head else OPENAI
         hdrs = [("Content-Type", "application/json")] + err.headers
         if head is not None:
-            hdrs += self._cors_headers(head.headers)
+            hdrs += self.access.cors_headers(head.headers)
         return Response(err.status, hdrs, json_dumps(DIALECTS[dialect].error_payload(err)))
-
-    def _cors_headers(self, headers: Headers) -> list[tuple[str, str]]:
-        origin = headers.get("origin")
-        if not origin or not self.origin_allowed(origin):
-            return []
-        return [("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin),
-                ("Vary", "Origin"),
-                ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
 
     # -- entry point -----------------------------------------------------------------------------
 
     async def handle(self, req: Request) -> Response:
-        self._check_host(req)
-        self._check_origin(req)
+        self.access.check_host(req)
+        self.access.check_origin(req)
         if req.method == "OPTIONS":
-            return self._preflight(req)
+            return self.access.preflight(req)
         route, model_id = find_route(req.path)
         if route is None:
             raise GatewayError(404, f"no route {req.path}: see /v1/models, /v1/chat/completions "
@@ -7073,13 +7192,13 @@ class Gateway:
             raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
                                     f"{' or '.join(route.methods)}",
                                headers=[("Allow", ", ".join(route.methods))])
-        self._check_content_type(req, route)
+        self.access.check_content_type(req, route)
         if route.kind == "health":
             body: dict[str, Any] = {"status": "ok", "version": __version__,
                                     "uptime_s": round(time.time() - self.started, 1)}
             if req.params.get("details") not in (None, "", "0", "false"):
                 try:
-                    self._authenticate(req)
+                    self.access.authenticate(req)
                 except GatewayError as err:
                     return self.render_error(None, err, OPENAI)
                 body["channels"] = self.health_report()
@@ -7091,7 +7210,7 @@ class Gateway:
             dialect = models_dialect(req.headers, req.query)
         rec = self._new_record(req, route.path)
         try:
-            token = self._authenticate(req)
+            token = self.access.authenticate(req)
             rec["token"] = token.name if token else None
             self.limits.check_rpm(token)
             if route.kind in ("models", "model"):
@@ -7108,110 +7227,8 @@ class Gateway:
             rec["status"], rec["error"] = err.status, err.message
             self._finish(rec)
             resp = self.render_error(None, err, dialect)
-            resp.headers += self._cors_headers(req.headers)
+            resp.headers += self.access.cors_headers(req.headers)
             return resp
-
-    # -- who may call: Host, browser origin, body type -------------------------------------------
-
-    def _check_host(self, req: Request) -> None:
-        """Refuse a Host that is not this gateway's: a DNS-rebinding page reaches the loopback
-        port under its own name, and that name is what its requests carry."""
-        values = req.headers.get_all("host")
-        if len(values) > 1:                      # RFC 9112 section 3.2: answer 400
-            raise GatewayError(400, "the request has more than one Host header")
-        if not values:
-            if req.version == "HTTP/1.0":
-                return
-            raise GatewayError(400, "the request has no Host header (HTTP/1.1 requires one)")
-        name = host_name(values[0])
-        if is_local_name(name) or name in self.host_names or \
-                (self.any_host_ip and is_ip_literal(name)) or \
-                any(name_matches(p, name) for p in self.allowed_hosts):
-            return
-        raise GatewayError(403, f"Host {name[:100]!r} is not one of this gateway's names "
-                                f"(protection against DNS rebinding); to reach the gateway under "
-                                f"that name add it to settings.allowed_hosts",
-                           code="host_not_allowed")
-
-    def origin_allowed(self, origin: str) -> bool:
-        return origin_is_local(origin) or "*" in self.cors or \
-            origin.rstrip("/").lower() in self.cors
-
-    def _check_origin(self, req: Request) -> None:
-        """Refuse a browser page of another site: its request carries an Origin (every
-        cross-origin request and every POST does) or, without one, Sec-Fetch-Site: cross-site.
-        Content types do not matter: a "simple" text/plain POST needs no preflight."""
-        origin = req.headers.get("origin")
-        if origin is not None:
-            if not self.origin_allowed(origin):
-                raise GatewayError(403, f"requests from the web page origin {origin[:100]!r} are "
-                                        f"refused; to let that page use the gateway add the "
-                                        f"origin to settings.cors_origins",
-                                   code="origin_not_allowed")
-        elif (req.headers.get("sec-fetch-site") or "").lower() == "cross-site" and \
-                "*" not in self.cors:
-            raise GatewayError(403, "cross-site requests from web pages are refused; to allow "
-                                    "them set settings.cors_origins to [\"*\"]",
-                               code="origin_not_allowed")
-
-    @staticmethod
-    def _check_content_type(req: Request, route: Route) -> None:
-        """JSON routes take application/json (an absent Content-Type too: scripts often leave it
-        out, and a browser page that can leave it out sends an Origin); the transcription route
-        takes multipart/form-data. A form or text/plain body is what a cross-site page can send
-        without a preflight, so it never reaches an upstream."""
-        if route.body == "none" or req.method != "POST":
-            return
-        want = "multipart/form-data" if route.body == "multipart" else "application/json"
-        content_type = req.headers.get("content-type")
-        if content_type is None and route.body == "json":
-            return
-        if (content_type or "").partition(";")[0].strip().lower() != want:
-            raise GatewayError(415, f"{route.path} takes Content-Type: {want}, not "
-                                    f"{(content_type or 'none')[:100]!r}",
-                               code="unsupported_media_type")
-
-    def _preflight(self, req: Request) -> Response:
-        route, _ = find_route(req.path)
-        allow = ", ".join((route.methods if route else ("GET", "POST")) + ("OPTIONS",))
-        hdrs = [("Allow", allow)]
-        cors = self._cors_headers(req.headers)
-        if cors:
-            hdrs += cors + [
-                ("Access-Control-Allow-Methods", allow),
-                ("Access-Control-Allow-Headers",
-                 req.headers.get("access-control-request-headers") or
-                 "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, "
-                 "anthropic-beta"),
-                ("Access-Control-Max-Age", "600")]
-        return Response(204, hdrs)
-
-    def _authenticate(self, req: Request) -> Token | None:
-        if not self.settings["require_auth"]:
-            return None
-        wait = self.auth_throttle.blocked_for(req.address, self.clock())
-        if wait:
-            secs = str(int(-(-wait // 1)))
-            raise GatewayError(429, f"too many wrong gateway tokens from {req.address}; retry in "
-                                    f"{secs} s", code="rate_limit_exceeded",
-                               headers=[("Retry-After", secs)])
-        presented = request_token(req)
-        found = None
-        if presented is not None:
-            key = presented.encode()
-            for tok in self.tokens:              # compare with every token: no early exit
-                if hmac.compare_digest(tok.key, key):
-                    found = tok
-        if presented is None:
-            raise GatewayError(401, f"missing gateway token: {TOKEN_PLACES}")
-        if found is None:
-            self.auth_throttle.failed(req.address, self.clock())
-            raise GatewayError(401, f"invalid gateway token: {TOKEN_PLACES}",
-                               code="invalid_api_key")
-        if not found.enabled:
-            raise GatewayError(401, f"gateway token '{found.name}' is disabled",
-                               code="invalid_api_key")
-        return found
 
     def _models(self, req: Request, dialect: str, token: Token | None, model_id: str) -> Response:
         names: list[str] = []
@@ -7235,7 +7252,7 @@ class Gateway:
         else:
             payload = DIALECTS[dialect].models_payload(names, created)
         return Response(200, [("Content-Type", "application/json")] +
-                        self._cors_headers(req.headers), json_dumps(payload))
+                        self.access.cors_headers(req.headers), json_dumps(payload))
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -7287,7 +7304,7 @@ class Gateway:
                      path_model: str = "") -> tuple[str, dict | None, bool]:
         """(model, parsed JSON body or None, stream flag)."""
         if route.body == "multipart":
-            form = req.headers.get("content-type") or ""     # checked by _check_content_type
+            form = req.headers.get("content-type") or ""     # checked by check_content_type
             # One 'model' field, in UTF-8: what is authorised is exactly what is forwarded.
             fields = [req.body[start:end] for hdrs, start, end in
                       parse_multipart(req.body, form) if multipart_field_name(hdrs) == "model"]
@@ -7573,7 +7590,7 @@ class Gateway:
         rec["status"], rec["input_tokens"], rec["bytes_out"] = 200, tokens, len(out)
         self._finish(rec)
         return Response(200, [("Content-Type", "application/json")] +
-                        self._cors_headers(req.headers), out)
+                        self.access.cors_headers(req.headers), out)
 
     @staticmethod
     async def _read_converted(up: UpstreamResponse, ch: Channel) -> bytes:
@@ -7634,7 +7651,7 @@ class Gateway:
                                                          self.thinking)
         if up.status >= 300:
             await self._read_converted(up, ch)
-        hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
+        hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
         rec["status"] = 200
         if not ir["stream"]:
             answer = upstream_json(await self._read_converted(up, ch), ch.name)
@@ -7653,7 +7670,7 @@ class Gateway:
             return Response(200, hdrs, out)
         rec["stream"] = True
         hdrs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                ("X-Accel-Buffering", "no")] + self._cors_headers(req.headers)
+                ("X-Accel-Buffering", "no")] + self.access.cors_headers(req.headers)
         encoder = DIALECTS[dialect].stream_encoder(model, ir)
         decoder = stream_decoder()
         content_type = up.content_type.lower()
@@ -7723,7 +7740,7 @@ class Gateway:
     async def _answer(self, up: UpstreamResponse, dialect: str, rec: Exchange,
                       req: Request, hold: bool = False) -> Response:
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
-        hdrs += self._cors_headers(req.headers)
+        hdrs += self.access.cors_headers(req.headers)
         rec["status"] = up.status
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         content_type = up.content_type.lower()
