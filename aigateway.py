@@ -5736,6 +5736,15 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
             lambda: RenamedStream(stream(), names))
 
 
+def guess_dialect(path: str, headers: Headers) -> str:
+    """The dialect of a request the gateway could not route (for its error's shape)."""
+    if "anthropic-version" in headers or "/messages" in path:
+        return ANTHROPIC
+    if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:
+        return GEMINI
+    return OPENAI
+
+
 def models_dialect(headers: Headers, query: str) -> str:
     """The dialect of a model list asked for at OpenAI's /v1/models: Anthropic's SDK sends
     anthropic-version, the google-genai SDK its key header or ?key=."""
@@ -6548,14 +6557,6 @@ def find_route(path: str) -> tuple[Route | None, str]:
     if route is None and path.startswith("/v1/models/") and len(path) > 11:
         return MODEL_ROUTE, urllib.parse.unquote(path[11:])
     return route, ""
-
-
-def guess_dialect(path: str, headers: Headers) -> str:
-    if "anthropic-version" in headers or "/messages" in path:
-        return ANTHROPIC
-    if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:
-        return GEMINI
-    return OPENAI
 
 
 def upstream_json(raw: bytes, channel: str, what: str = "an answer") -> Any:

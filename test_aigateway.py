@@ -3841,6 +3841,8 @@ def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, c
      ["gemini-2.5-pro"]),
     ("ollama", "/api/tags", {"models": [{"name": "llama3.2:latest", "model": "llama3.2"}]},
      ["llama3.2:latest"]),
+    ("azure", f"/openai/models?api-version={ag.AZURE_API_VERSION}",
+     {"object": "list", "data": [{"id": "gpt-4o"}]}, ["gpt-4o"]),
 ])
 def test_11_fetch_models_from_each_channel_type(gw, upstream, ctype, path, answer, expected):
     up = upstream([Reply(body=json.dumps(answer).encode())])
