@@ -242,6 +242,9 @@ class ConfigError(Exception):
 # =================================================================================================
 # 3. Small helpers
 # =================================================================================================
+# Case-insensitive headers, strict JSON (duplicate keys, NaN, depth and lone surrogates refused),
+# ids and keys, secret masking and control-character escaping for logs, model-name patterns, and
+# which addresses count as loopback or private.
 
 class Headers:
     """Ordered, case-insensitive HTTP headers. Repeated names are kept as separate entries."""
@@ -7867,10 +7870,11 @@ class Gateway:
 # =================================================================================================
 # 12. Server thread bridge
 # =================================================================================================
-# The only place the GUI thread and the server thread meet. The GUI calls start/stop/apply_config
-# and run_task; events come back through ``events``, a queue.Queue of (kind, payload) tuples of
-# the kinds below. The Gateway (section 11) emits request, log and health through the on_event
-# callback it is given; the bridge adds config, state and result.
+# The only place the GUI thread and the server thread meet. The GUI calls start/stop/reload/
+# apply_config and run_task (tests also submit); events come back through ``events``, a
+# queue.Queue of (kind, payload) tuples of the kinds below. The Gateway (section 11) emits
+# request, log and health through the on_event callback it is given; the bridge adds config,
+# state and result.
 
 EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
 EVENT_LOG = "log"                # a line for the activity log (str)
@@ -9447,6 +9451,9 @@ class App:
 # =================================================================================================
 # 14. Command line and main()
 # =================================================================================================
+# The access line of the headless console, the management commands (channels, tokens, config:
+# edits of config.json through ConfigStore), start-up checks and main(): the GUI when a display
+# is there, else the server on this thread.
 
 def access_line(rec: dict) -> str:
     """One line per request for the headless console; never a secret."""
