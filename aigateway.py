@@ -6958,6 +6958,22 @@ class Limits:
                                code="rate_limit_exceeded", headers=[("Retry-After", str(wait))])
         window.append(now)
 
+    def ready(self, ordered: list[Channel], rec: Exchange | None = None) -> list[Channel]:
+        """``ordered`` without the channels cooling down (the first one whose cooldown is over
+        becomes the probe); all of them when every one is cooling down."""
+        now = self.clock()
+        ready = []
+        for ch in ordered:
+            h = self.health.get(ch.id)
+            if h is None or (h.until <= now and not h.probing):
+                if h is not None and h.until:        # cooldown over: this one is the probe
+                    h.probing, h.until = True, 0.0
+                ready.append(ch)
+        if rec is not None and ready:
+            rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
+        # When every candidate is cooling down, try them anyway: an answer beats a refusal.
+        return ready or ordered
+
     def report(self, channels: list[Channel]) -> list[dict]:
         now = self.clock()
         out = []
@@ -6971,6 +6987,46 @@ class Limits:
                                             if self._key_bench.get((ch.id, k), 0) > now)
             out.append(entry)
         return out
+
+
+class Router:
+    """Which channels may serve a request, in the order to try them: enabled, serving the model,
+    allowed for the token, reaching the route's dialect (as is or by conversion), by priority,
+    equal priorities taking turns."""
+
+    def __init__(self):
+        self._turns: dict[tuple[str, int], int] = {}
+
+    def order(self, channels: list[Channel], model: str, route: Route, token: Token | None
+              ) -> list[Channel]:
+        serving = [ch for ch in channels if ch.enabled and ch.serves(model)]
+        if not serving:
+            raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
+                               code="model_not_found", param="model")
+        if token is not None:
+            serving = [ch for ch in serving if token.may_use_channel(ch)]
+            if not serving:
+                raise GatewayError(403, f"gateway token '{token.name}' may not use the channels "
+                                        f"that serve '{model}'")
+        reach = PASSTHROUGH_TYPES[route.dialect] + route.reach
+        usable = [ch for ch in serving if ch.type in reach]
+        if not usable:
+            kinds = ", ".join(sorted({f"{ch.type} channel '{ch.name}'" for ch in serving}))
+            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} "
+                                    f"reaches only {', '.join(dict.fromkeys(reach))} channels",
+                               code="conversion_not_available")
+        ordered: list[Channel] = []
+        for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
+                                             key=lambda c: c.priority):
+            members = list(group)
+            if len(members) > 1:
+                key = (model.lower(), prio)
+                turn = self._turns.get(key, 0)
+                self._turns[key] = turn + 1
+                shift = turn % len(members)
+                members = members[shift:] + members[:shift]
+            ordered += members
+        return ordered
 
 
 class Access:
@@ -7126,7 +7182,7 @@ class Gateway:
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.stats = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
         self.started = time.time()
-        self._rr: dict[tuple[str, int], int] = {}
+        self.router = Router()
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
@@ -7262,45 +7318,8 @@ class Gateway:
 
     def candidates(self, model: str, route: Route, token: Token | None,
                    rec: Exchange | None = None) -> list[Channel]:
-        serving = [ch for ch in self.channels if ch.enabled and ch.serves(model)]
-        if not serving:
-            raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
-                               code="model_not_found", param="model")
-        if token is not None:
-            serving = [ch for ch in serving if token.may_use_channel(ch)]
-            if not serving:
-                raise GatewayError(403, f"gateway token '{token.name}' may not use the channels "
-                                        f"that serve '{model}'")
-        reach = PASSTHROUGH_TYPES[route.dialect] + route.reach
-        usable = [ch for ch in serving if ch.type in reach]
-        if not usable:
-            kinds = ", ".join(sorted({f"{ch.type} channel '{ch.name}'" for ch in serving}))
-            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} "
-                                    f"reaches only {', '.join(dict.fromkeys(reach))} channels",
-                               code="conversion_not_available")
-        ordered: list[Channel] = []
-        for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
-                                             key=lambda c: c.priority):
-            members = list(group)
-            if len(members) > 1:
-                key = (model.lower(), prio)
-                turn = self._rr.get(key, 0)
-                self._rr[key] = turn + 1
-                shift = turn % len(members)
-                members = members[shift:] + members[:shift]
-            ordered += members
-        now = self.clock()
-        ready = []
-        for ch in ordered:
-            h = self.health.get(ch.id)
-            if h is None or (h.until <= now and not h.probing):
-                if h is not None and h.until:        # cooldown over: this one is the probe
-                    h.probing, h.until = True, 0.0
-                ready.append(ch)
-        if rec is not None and ready:
-            rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
-        # When every candidate is cooling down, try them anyway: an answer beats a refusal.
-        return ready or ordered
+        """The channels to try for ``model`` in order (Router), cooling ones left out (Limits)."""
+        return self.limits.ready(self.router.order(self.channels, model, route, token), rec)
 
     # -- proxying --------------------------------------------------------------------------------
 
