@@ -22,12 +22,31 @@ In headless mode the asyncio loop runs on the main thread and there is no queue 
 Outline (``grep -n '^# [0-9]*\\. ' aigateway.py``):
     0. Docstring, imports, __all__      7. Upstream HTTP client        12. Server thread bridge
     1. Constants and limits             8. HTTP server                 13. Tk GUI
-    2. Errors                           9. Converters                  14. Command line and main()
+    2. Errors                           9. Converters and adapters     14. Command line and main()
     3. Small helpers                   10. Configuration
     4. HTTP/1.1 wire format (no I/O)   11. Gateway
     5. Incremental decoders (no I/O)
     6. Stream helpers
 Each section uses only the sections above it.
+
+Adding a provider (section 9): every dialect converts to and from one internal form (the "IR",
+documented at 9.2). A client dialect is a DialectAdapter in DIALECTS; a channel type is a
+ProviderAdapter in PROVIDERS. The gateway (section 11) never compares a provider name: it asks
+the channel's adapter
+    relays(dialect, responses_api)   whether a client's body goes through unchanged
+    auth_headers(key, incoming)      the key header(s) (Bearer, x-api-key, api-key, ...)
+    passthrough_url / chat_url / models_url / embeddings_url
+    encode_chat(ir, model, ...)      IR -> the provider's chat body (tool names already fit
+                                     tool_name_rule; max_tokens capped unless caps_in_encoder)
+    decoders(signatures, kept)       (whole answer -> IR, factory of a StreamDecoding)
+    encode_embeddings / embed_vectors / parse_models / quirks
+and reads its attributes (default_url, needs_key, embeds, inline_media, serves_as_is). A new
+channel type is one subclass that overrides what differs from its nearest relative (Azure is
+OpenAIProvider with other URLs and an api-key header), one PROVIDERS entry, and its config
+fields in section 10; CHANNEL_TYPES, the default URLs, the routes' reach, the GUI's type list
+and the command line's --type choices follow from the registry. A new client dialect is a
+DialectAdapter (request_to_ir, response, stream_encoder, error_payload, stream_error,
+keepalive, models_payload, count_payload, passthrough_decoders) plus its routes in section 11.
 """
 
 # =================================================================================================
@@ -65,7 +84,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -167,14 +186,13 @@ OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
 RESPONSES = "responses"
 GEMINI = "gemini"
-CHANNEL_TYPES = ("openai", "anthropic", "gemini", "ollama", "custom")
-CHANNEL_DEFAULT_URLS = {
-    "openai": "https://api.openai.com",
-    "anthropic": "https://api.anthropic.com",
-    "gemini": "https://generativelanguage.googleapis.com",
-    "ollama": "http://localhost:11434",
-    "custom": "",
-}
+# Channel types (a channel's "type"): each names one ProviderAdapter in PROVIDERS (section 9).
+TYPE_OPENAI = "openai"
+TYPE_ANTHROPIC = "anthropic"
+TYPE_GEMINI = "gemini"
+TYPE_OLLAMA = "ollama"
+TYPE_CUSTOM = "custom"                # any OpenAI-compatible server
+TYPE_AZURE = "azure"                  # Azure OpenAI
 ANTHROPIC_VERSION = "2023-06-01"
 TOKEN_PREFIX = "sk-gw-"
 
@@ -241,6 +259,9 @@ class ConfigError(Exception):
 # =================================================================================================
 # 3. Small helpers
 # =================================================================================================
+# Case-insensitive headers, strict JSON (duplicate keys, NaN, depth and lone surrogates refused),
+# ids and keys, secret masking and control-character escaping for logs, model-name patterns, and
+# which addresses count as loopback or private.
 
 class Headers:
     """Ordered, case-insensitive HTTP headers. Repeated names are kept as separate entries."""
@@ -555,6 +576,15 @@ _HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 ))
+
+
+def join_base_url(base: str, suffix: str) -> str:
+    """``suffix`` is a /v1/... path. When the base URL already carries a version segment
+    (/v1, /v4, /v1beta...), the suffix's own /v1 is dropped."""
+    base = base.rstrip("/")
+    if has_version_segment(base):
+        suffix = suffix[3:] if suffix.startswith("/v1/") else suffix
+    return base + suffix
 
 
 @dataclass(slots=True)
@@ -1116,33 +1146,6 @@ def eventstream_error(headers: dict[str, Any], payload: bytes) -> UpstreamError 
                          retryable=retryable, upstream_status=aws_status, code=name[:100])
 
 
-def _usage_numbers(usage: Any) -> tuple[int, int] | None:
-    """(input tokens, output tokens) from an OpenAI or Anthropic ``usage`` object."""
-    if not isinstance(usage, dict):
-        return None
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    if "input_tokens" in usage or "output_tokens" in usage:
-        inp = sum(int(usage.get(k) or 0) for k in (
-            "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-        return inp, int(usage.get("output_tokens") or 0)
-    return None
-
-
-def usage_from_json(obj: Any) -> tuple[int, int] | None:
-    """Usage from a whole JSON answer or one stream event (OpenAI, Anthropic, Gemini shape)."""
-    if not isinstance(obj, dict):
-        return None
-    gem = obj.get("usageMetadata")
-    if isinstance(gem, dict):
-        return (int(gem.get("promptTokenCount") or 0), int(gem.get("candidatesTokenCount") or 0)
-                + int(gem.get("thoughtsTokenCount") or 0))
-    found = _usage_numbers(obj.get("usage"))
-    if found is None and isinstance(obj.get("message"), dict):     # Anthropic message_start
-        found = _usage_numbers(obj["message"].get("usage"))
-    return found
-
-
 def _end_of(buf: bytes, sep: bytes) -> int:
     """Offset just past the last ``sep`` in ``buf``, or 0."""
     i = buf.rfind(sep)
@@ -1152,12 +1155,14 @@ def _end_of(buf: bytes, sep: bytes) -> int:
 class SSEPassthrough:
     """Passes an SSE byte stream on whole events at a time, so that a stream cut by an upstream
     failure never leaves a half event before the in-band error event, and notes the token usage
-    the events report. Costs one concatenation and two searches per read; JSON is parsed only in
-    events that mention usage."""
+    the events report, read by ``usage`` ((input, output) tokens of one event, or None: the
+    client dialect's parser, section 9). Costs one concatenation and two searches per read; JSON
+    is parsed only in events that mention usage."""
 
-    __slots__ = ("_carry", "open", "input_tokens", "output_tokens")
+    __slots__ = ("_carry", "open", "input_tokens", "output_tokens", "_usage")
 
-    def __init__(self):
+    def __init__(self, usage: Callable[[Any], tuple[int, int] | None] = lambda obj: None):
+        self._usage = usage
         self._carry = b""
         self.open = 0               # bytes of an event flushed unsplit, still without its end
         self.input_tokens: int | None = None
@@ -1191,8 +1196,8 @@ class SSEPassthrough:
         for line in ready.splitlines():
             if line.startswith(b"data:") and b'"usage' in line:
                 try:
-                    found = usage_from_json(json_loads(line[5:], "an upstream event",
-                                                       status=502, unique_keys=False))
+                    found = self._usage(json_loads(line[5:], "an upstream event",
+                                                   status=502, unique_keys=False))
                 except GatewayError:
                     continue
                 if found:
@@ -1206,8 +1211,11 @@ class SSEPassthrough:
 # =================================================================================================
 # 6. Stream helpers
 # =================================================================================================
-# The only code that touches StreamReader/StreamWriter directly. Heads are read with readuntil,
-# whose LimitOverrunError tells an oversized head apart from a closed connection.
+# Reading and writing asyncio streams under time limits: request heads (readuntil, whose
+# LimitOverrunError tells an oversized head apart from a closed connection), bodies in each
+# framing, drained writes, and the Watchdog that gives up on a silent peer. Sections 7 and 8 read
+# and write through these; only section 8's keep-alive pinger and 413 linger touch a stream
+# themselves.
 
 if sys.version_info >= (3, 11):
     async def timed(aw: Any, seconds: float) -> Any:
@@ -2373,7 +2381,8 @@ class GoogleTokenSource:
 # =================================================================================================
 # Keep-alive loop over asyncio streams. Pipelined requests are answered in order because one
 # connection task reads the next head only after it has answered the current request. It knows
-# nothing about LLMs: the gateway gives it a handler and an error renderer.
+# nothing about LLMs: the gateway gives it a handler and an error renderer, and every error it
+# answers itself (a bad head, a body over the limit, too many connections) goes through that.
 
 @dataclass(slots=True)
 class Request:
@@ -2571,17 +2580,16 @@ class HTTPServer:
         if len(self._conns) >= self._max_connections():
             self._log("refused a connection: settings.max_connections reached")
             watchdog = Watchdog(reader)
+            head = None
             try:
-                await read_head(reader, watchdog, 1.0, 1.0)   # read it, so closing is clean
+                raw = await read_head(reader, watchdog, 1.0, 1.0)   # read it: closing is clean
+                head = parse_request_head(raw) if raw else None
             except (ProtocolError, TimeoutError, OSError, asyncio.IncompleteReadError):
                 pass
             watchdog.close()
+            busy = GatewayError(503, "too many connections", headers=[("Retry-After", "1")])
             try:
-                await write_and_drain(writer, b"HTTP/1.1 503 Service Unavailable\r\n"
-                                      b"Content-Type: application/json\r\nRetry-After: 1\r\n"
-                                      b"Connection: close\r\nContent-Length: 79\r\n\r\n"
-                                      b'{"error":{"message":"too many connections","type":'
-                                      b'"server_error","param":null}}')
+                await self._send(writer, head, self._render_error(head, busy), False)
             except (OSError, TimeoutError):
                 pass
             await close_writer(writer)
@@ -2744,17 +2752,14 @@ class HTTPServer:
 
 
 # =================================================================================================
-# 9. Converters (pure, dict in -> dict out)
+# 9. Converters and provider adapters (dict in -> dict out)
 # =================================================================================================
-# 9.1 Dialects and errors. Each client dialect is served without conversion by the channel types
-# listed here; the body then goes through unchanged but for the model name.
-
-PASSTHROUGH_TYPES = {OPENAI: ("openai", "custom"), ANTHROPIC: ("anthropic",), GEMINI: ("gemini",),
-                     RESPONSES: ()}      # openai/custom channels with responses_api: true too
-# Channel types that take images only as inline bytes, with the media types their converters
-# inline: the gateway fetches image URLs for them (UrlFetcher). Gemini's inlineData takes PDFs too
-# (ai.google.dev/gemini-api/docs/document-processing, "Passing PDF data inline").
-INLINE_ONLY_MEDIA = {"gemini": ("image/", "application/pdf"), "ollama": ("image/",)}
+# No I/O: every function maps dicts (or bytes of a stream) to dicts. The only state they touch is
+# what the caller passes in: the gateway's memory of Gemini thought signatures and Claude thinking
+# blocks (see 9.2), which decoders write and encoders read.
+#
+# 9.1 Dialects and errors: every client dialect's error bodies, in-band stream errors and model
+# lists, and what upstream error bodies of any dialect say.
 
 _OPENAI_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
@@ -2867,11 +2872,6 @@ def error_payload(dialect: str, err: GatewayError) -> dict:
                       "param": err.param, "code": err.code}}
 
 
-SSE_KEEPALIVE = {OPENAI: b": keepalive\n\n", RESPONSES: b": keepalive\n\n",
-                 GEMINI: b": keepalive\n\n",
-                 ANTHROPIC: b'event: ping\ndata: {"type":"ping"}\n\n'}
-
-
 def stream_error_event(dialect: str, err: GatewayError) -> bytes:
     """An in-band error for a stream whose 200 status is already sent."""
     if dialect == RESPONSES:
@@ -2981,7 +2981,11 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   model: str                       stream: bool              include_usage: bool
 #   system: [Part]                   text parts of every system/developer message, in order
 #   messages: [{"role": "user"|"assistant"|"tool", "content": [Part]}]
-#   tools: [{"name", "description", "parameters": JSON Schema}]
+#   tools: [{"name", "description", "parameters": JSON Schema, optional keys:
+#            "custom": True          a Responses custom (free-text) tool, its input as {"input"}
+#            "tool_search": True     Codex's client-run tool_search
+#            "namespace", "local_name"   a tool inside a Responses namespace; "name" is then
+#                                    namespaced_tool_name(namespace, local_name)}]
 #   tool_choice: None | "auto" | "none" | "required" | {"name": str}
 #   parallel_tool_calls: bool | None  n: int                  user: str | None
 #   max_tokens, temperature, top_p, top_k, seed, presence_penalty, frequency_penalty: num | None
@@ -2990,6 +2994,8 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #                    "strict"}
 #   reasoning: None | {"effort": one of EFFORTS, "budget": int | None}   budget: the client's own
 #              token budget (Anthropic budget_tokens, Gemini thinkingBudget), else None
+#   gemini_sse: bool                 only from Gemini clients: they asked for ?alt=sse (a transport
+#                                    hint for the stream encoder; absent from other dialects)
 # Part:
 #   {"type": "text", "text"}
 #   {"type": "image", "url"} | {"type": "image", "media_type", "data"}       data is base64
@@ -3008,6 +3014,162 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   ("reasoning", s), ("signature", s), ("tool", index, id, name), ("args", index, s),
 #   ("usage", Usage); ("finish", reason) once; ("error", GatewayError) ends a broken stream.
 #   Tool indexes are dense from 0 in order of first appearance.
+# Provider memory kept by the gateway between turns, passed in and written by the converters:
+#   signatures: {tool call id: Gemini thoughtSignature}   (Gemini decoders write, encoder reads)
+#   kept: {tool call id: [Claude thinking blocks]}        (Anthropic decoders write, encoder reads)
+#
+# The adapter interface. A client dialect is a DialectAdapter in DIALECTS, a channel type a
+# ProviderAdapter in PROVIDERS (both at the end of this section); the gateway (section 11) asks
+# them every provider question and compares no provider name itself.
+
+
+class StreamDecoding(Protocol):
+    """Upstream stream bytes -> IR stream events (see "Stream events" above)."""
+
+    def feed(self, data: bytes) -> list[tuple]: ...
+
+    def close(self) -> list[tuple]: ...
+
+
+class StreamEncoding(Protocol):
+    """IR stream events -> a client dialect's stream bytes; ``usage`` is the last IR Usage
+    seen (for the request log)."""
+
+    usage: dict | None
+
+    def encode(self, events: list[tuple]) -> bytes: ...
+
+
+class DialectAdapter:
+    """What the gateway asks of a client dialect. Subclasses override what differs."""
+
+    name = ""
+    keepalive = b": keepalive\n\n"           # sent on an idle stream
+    model_in_path = False                     # the model is named in the URL, not the body
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        raise NotImplementedError
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        raise NotImplementedError
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        raise NotImplementedError
+
+    def error_payload(self, err: GatewayError) -> dict:
+        return error_payload(self.name, err)
+
+    def stream_error(self, err: GatewayError) -> bytes:
+        return stream_error_event(self.name, err)
+
+    def models_payload(self, names: list[str], created: int) -> dict:
+        return models_payload(self.name, names, created)
+
+    def model_payload(self, name: str, created: int) -> dict:
+        return model_payload(self.name, name, created)
+
+    def count_payload(self, count: int) -> dict:
+        return {"input_tokens": count}
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        """(input, output) tokens a whole answer or one stream event of this dialect reports,
+        or None: how the gateway counts the tokens of an answer it passes through."""
+        raise NotImplementedError
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        """(whole-answer decoder, stream decoder factory) that look into an answer passed
+        through unchanged, for emptiness."""
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class ChatOptions:
+    """What a channel's chat request is built with besides the IR and the model."""
+
+    stream: bool
+    max_tokens_cap: int = 0                  # the channel's max_tokens_cap (0 = none)
+    signatures: dict[str, str] | None = None     # Gemini thought signatures (see above)
+    quirks: dict | None = None               # the channel's quirks (OpenAI-compatible types)
+    thinking: str = "auto"                   # the channel's thinking setting (Anthropic)
+    kept: dict[str, list[dict]] | None = None    # Claude thinking blocks (see above)
+
+
+class ProviderAdapter:
+    """What the gateway asks of a channel type. ``ch`` is a Channel (section 11): base_url,
+    api_key, api_version, responses_api. Subclasses override what differs."""
+
+    name = ""
+    default_url = ""                          # "" when the user must write one
+    serves_as_is: tuple[str, ...] = ()        # client dialects relayed without conversion
+    responses_as_is = False                   # ... and Responses too with responses_api: true
+    needs_key = False                         # an empty api_key is worth a warning
+    embeds = False                            # reached by conversion for embeddings
+    inline_media: tuple[str, ...] = ()        # takes only these media inline (URLs fetched)
+    tool_name_rule: tuple[re.Pattern, int] | None = None    # (accepted names, longest)
+    caps_in_encoder = False                   # encode_chat applies max_tokens_cap itself
+    replaces_headers: frozenset[str] = frozenset()   # client headers its own replace
+
+    def relays(self, dialect: str, responses_api: bool) -> bool:
+        """Whether a ``dialect`` client's request goes to this channel type unchanged."""
+        return dialect in self.serves_as_is or (
+            dialect == RESPONSES and responses_api and self.responses_as_is)
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None,
+                     quirks: dict | None = None) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {api_key}")] if api_key else []
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        """Where a passed-through request for route ``path`` (a /v1/... path) goes."""
+        return join_base_url(ch.base_url, path)
+
+    chat_path, models_path, embeddings_path = "/v1/chat/completions", "/v1/models", \
+        "/v1/embeddings"
+
+    def join(self, base_url: str, path: str) -> str:
+        """``path`` (one of the *_path above) on the channel's base URL."""
+        return join_base_url(base_url, path)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return self.join(ch.base_url, self.chat_path)
+
+    def models_url(self, ch: Any) -> str:
+        return self.join(ch.base_url, self.models_path)
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return self.join(ch.base_url, self.embeddings_path)
+
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        """The chat request body, from an IR whose tool names already fit tool_name_rule."""
+        raise NotImplementedError
+
+    def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
+        body: dict[str, Any] = {"model": model, "input": texts}
+        if isinstance(dims, int):
+            body["dimensions"] = dims
+        return body
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        """(whole-answer decoder, stream decoder factory) to IR."""
+        raise NotImplementedError
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        raise NotImplementedError
+
+    def parse_models(self, body: Any) -> list[str]:
+        """Model names in the upstream's model list."""
+        items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
+        names = []
+        for item in items:
+            name = item.get("id") or item.get("name") if isinstance(item, dict) else None
+            if isinstance(name, str) and name:
+                names.append(name[7:] if name.startswith("models/") else name)
+        return names
+
+    def quirks(self, body: dict, quirks: dict | None) -> dict:
+        """A passed-through chat body with the channel's ``quirks`` applied."""
+        return body
+
 
 def guarded(status: int, what: str) -> Callable[[Callable], Callable]:
     """Converters take input from clients and upstreams: a body of the wrong shape (a list
@@ -3226,7 +3388,6 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
     return out
 
 
-
 class StreamDecoder:
     """What every upstream stream decoder shares: the ("start", id, model) event exactly once,
     and at the end one ("finish", reason) event, where a turn with any tool call that ended
@@ -3297,6 +3458,8 @@ class _Replay:
 
 
 # 9.3 OpenAI Chat Completions ---------------------------------------------------------------------
+# The openai client dialect and the openai and custom channel types (custom: any OpenAI-
+# compatible server, with its quirks), embeddings included.
 
 _FOREIGN_PART_TYPES = frozenset(("tool_use", "tool_result", "input_text", "output_text",
                                  "input_image", "image"))
@@ -3844,7 +4007,660 @@ class OpenAIStreamEncoder:
         return b"".join(out)
 
 
-# 9.4 Anthropic Messages --------------------------------------------------------------------------
+def embedding_inputs(body: dict) -> list[str]:
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return [inp]
+    if isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
+        return inp
+    raise GatewayError(400, "'input' must be a string or a list of strings for this channel "
+                            "(token arrays reach only OpenAI-compatible channels)", param="input")
+
+
+def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    vectors = []
+    for item in sorted(body.get("data") or [], key=lambda d: d.get("index", 0)):
+        emb = item.get("embedding")
+        if isinstance(emb, str):          # base64 little-endian float32
+            raw = base64.b64decode(emb)
+            emb = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        vectors.append(list(emb or []))
+    return vectors, _num((body.get("usage") or {}).get("prompt_tokens"))
+
+
+def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: int,
+                              as_base64: bool) -> dict:
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any = vec
+        if as_base64:        # little-endian float32, as the OpenAI API sends it
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
+
+# OpenAI's tool names (and the servers' that copy its API): at most 64 of a-z, A-Z, 0-9, _ and -
+# (Chat Completions reference, tools[].function.name).
+OPENAI_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64)
+
+
+# Quirks of OpenAI-compatible servers, per channel ("quirks" in the channel's settings, checked
+# in section 10), applied to the Chat Completions body the channel gets, converted or passed
+# through:
+#   tool_call_id: "mistral9"  every tool-call id as exactly 9 of a-z, A-Z, 0-9 (Mistral answers
+#       400 "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9" otherwise), the
+#       same id for a call and its result
+#   reasoning_back: "all" (default) | "tool_calls" | "none"  which assistant turns carry their
+#       reasoning back; DeepSeek's thinking mode needs it on turns with tool calls and ignores it
+#       elsewhere (api-docs.deepseek.com/guides/thinking_mode, "tool calls")
+#   reasoning_field: "reasoning_content" (default, DeepSeek) | "reasoning" (OpenRouter, newer
+#       vLLM) the field that reasoning goes back in; answers are read in either field
+#   max_tokens_field: "max_tokens" | "max_completion_tokens"  the name the output limit goes by
+#   drop_params: [top-level keys]  parameters the server refuses (stream_options,
+#       parallel_tool_calls, ...), removed before sending
+QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
+    "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
+    "reasoning_field": ("reasoning_content", "reasoning"),
+    "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
+    "cache_control": ("", "strip"),               # Anthropic-compatible channels, below
+    "auth": ("", "bearer"),
+}
+QUIRK_LISTS = ("drop_params", "drop_headers")
+_MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
+
+
+def mistral_tool_id(tool_id: str) -> str:
+    """A tool-call id as exactly 9 letters and digits, derived from the original."""
+    if _MISTRAL_ID_RX.match(tool_id):
+        return tool_id
+    return hashlib.sha1(tool_id.encode()).hexdigest()[:9]
+
+
+def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Chat Completions request body with the channel's quirks applied (a new dict)."""
+    if not quirks:
+        return body
+    body = dict(body)
+    ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
+    back = quirks.get("reasoning_back") or "all"
+    field = quirks.get("reasoning_field") or "reasoning_content"
+    reshape = "reasoning_back" in quirks or "reasoning_field" in quirks
+    msgs = []
+    for m in body.get("messages") or []:
+        if not isinstance(m, dict):
+            msgs.append(m)
+            continue
+        m = dict(m)
+        if ids and isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = ids(m["tool_call_id"])
+        if ids and isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
+                               else c for c in m["tool_calls"]]
+        if reshape and m.get("role") == "assistant":
+            reasoning = [m.pop(k, None) for k in ("reasoning_content", "reasoning")]
+            text = next((r for r in reasoning if isinstance(r, str) and r), None)
+            if text and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
+                m[field] = text
+        msgs.append(m)
+    if "messages" in body:
+        body["messages"] = msgs
+    target = quirks.get("max_tokens_field")
+    if target:
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in body and name != target:
+                body[target] = body.pop(name)
+    for name in quirks.get("drop_params") or []:
+        body.pop(name, None)
+    return body
+
+
+# Quirks of Anthropic-compatible servers (the same "quirks" object, on a channel of type
+# anthropic), applied to the Messages body and headers the channel gets, converted or passed
+# through:
+#   drop_params: [top-level keys]  fields the server does not support, removed before sending
+#   drop_headers: [header names]   headers it does not support (anthropic-beta, ...)
+#   cache_control: "strip"         every cache_control marker removed (system, messages,
+#       tools), for servers that do not cache
+#   auth: "bearer"                 the key goes as Authorization: Bearer instead of x-api-key
+#       (what Claude Code sends for ANTHROPIC_AUTH_TOKEN, the form some services document)
+def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
+    """A Messages request body with an Anthropic-compatible channel's quirks applied (a new
+    dict)."""
+    if not quirks:
+        return body
+    body = {k: v for k, v in body.items() if k not in (quirks.get("drop_params") or [])}
+    if quirks.get("cache_control") != "strip":
+        return body
+
+    def strip(block: Any) -> Any:
+        """A content block or tool without its marker (a tool result's blocks too); inputs
+        and schemas are left alone: a property may be called cache_control."""
+        if not isinstance(block, dict):
+            return block
+        block = {k: v for k, v in block.items() if k != "cache_control"}
+        if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+            block["content"] = [strip(b) for b in block["content"]]
+        return block
+    for key in ("system", "tools"):
+        if isinstance(body.get(key), list):
+            body[key] = [strip(b) for b in body[key]]
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [dict(m, content=[strip(b) for b in m["content"]])
+                            if isinstance(m, dict) and isinstance(m.get("content"), list)
+                            else m for m in body["messages"]]
+    return body
+
+
+def anthropic_auth_header(key: str, quirks: dict | None) -> tuple[str, str]:
+    """The header an Anthropic-compatible channel's key goes in."""
+    if (quirks or {}).get("auth") == "bearer":
+        return "Authorization", f"Bearer {key}"
+    return "x-api-key", key
+
+
+def quirk_dropped_headers(quirks: dict | None) -> frozenset[str]:
+    """The header names (lower case) a channel's quirks say its server does not take."""
+    return frozenset(n.lower() for n in (quirks or {}).get("drop_headers") or [])
+
+
+class OpenAIDialect(DialectAdapter):
+    name = OPENAI
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return openai_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_openai_response(resp, model)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return OpenAIStreamEncoder(model, ir["include_usage"])
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return openai_response_to_ir, OpenAIStreamDecoder
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        u = obj.get("usage") if isinstance(obj, dict) else None
+        if not isinstance(u, dict) or not ("prompt_tokens" in u or "completion_tokens" in u):
+            return None
+        ir = openai_usage_to_ir(u)
+        return ir["input"], ir["output"]
+
+
+class OpenAIProvider(ProviderAdapter):
+    name = TYPE_OPENAI
+    default_url = "https://api.openai.com"
+    serves_as_is = (OPENAI,)
+    responses_as_is = True
+    needs_key = True
+    embeds = True
+    tool_name_rule = OPENAI_TOOL_NAMES
+    max_completion_field = True      # o-series, gpt-5 and gpt-4.1 take max_completion_tokens
+
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        field = "max_completion_tokens" if self.max_completion_field and \
+            _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
+        return apply_openai_quirks(ir_to_openai_request(ir, model, stream=opts.stream,
+                                                        max_tokens_field=field), opts.quirks)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return openai_response_to_ir, OpenAIStreamDecoder
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return openai_embed_vectors(body)
+
+    def quirks(self, body: dict, quirks: dict | None) -> dict:
+        return apply_openai_quirks(body, quirks)
+
+
+class CustomProvider(OpenAIProvider):
+    """Any OpenAI-compatible server (vLLM, llama.cpp, LM Studio, OpenRouter, ...)."""
+
+    name = TYPE_CUSTOM
+    default_url = ""
+    needs_key = False
+    max_completion_field = False
+
+
+# 9.4 OpenAI Responses ----------------------------------------------------------------------------
+# The responses client dialect (Codex). Channels relay it only with responses_api: true;
+# otherwise it is converted like any other dialect.
+
+# A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
+# internal form; tools the channels cannot run (web_search, file_search, ...) are dropped; custom
+# tools (Codex's apply_patch) become function tools taking {"input": string} and come back as
+# custom_tool_call items. Codex puts each MCP server's tools in a {"type": "namespace", "name",
+# "description", "tools": [function or custom tools]} tool (codex-rs/tools/src/tool_spec.rs,
+# ToolSpec::Namespace; responses_api.rs, ResponsesApiNamespace) and expects a call of one back as
+# a function_call item naming the inner tool with the namespace beside it ({"name": "search",
+# "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
+# tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
+# its calls go back to the client split again (the openai SDK's ResponseFunctionToolCall has the
+# same optional `namespace`). previous_response_id is refused: the gateway keeps no conversation
+# state (Codex sends the whole conversation with store:false).
+
+_CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
+                  "required": ["input"]}
+
+
+@guarded(400, "request body")
+def responses_request_to_ir(body: dict) -> dict:
+    if body.get("previous_response_id") or body.get("conversation"):
+        raise GatewayError(400, "previous_response_id and conversation are not supported: this "
+                                "gateway keeps no conversation state; send the whole "
+                                "conversation in 'input' (with store: false)",
+                           param="previous_response_id", code="unsupported_parameter")
+    if "input" not in body:
+        raise GatewayError(400, "'input' is required: a string or a list of items",
+                           param="input")
+    ir = openai_request_to_ir({"model": body.get("model"), "messages":
+                               responses_input_to_messages(body["input"],
+                                                           body.get("instructions"))})
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tool search run by the client (Codex with the models of its own catalog): the model's
+    # search is a call to a "tool_search" function that goes back to the client as a
+    # tool_search_call item; the client answers with a tool_search_output item whose tools (in
+    # namespaces, with defer_loading) the model may call from then on, so they join the tool list.
+    # Deferred tools in `tools` wait for that search; without a client search they are all sent.
+    client_search = any(t.get("type") == "tool_search" and t.get("execution") == "client"
+                        for t in tools)
+    for t in tools:
+        if t.get("type") == "namespace" and t.get("name"):
+            for inner in t.get("tools") or []:
+                if not (client_search and isinstance(inner, dict) and inner.get("defer_loading")):
+                    _responses_tool(ir, inner, t["name"])
+        elif not (client_search and t.get("defer_loading")):
+            _responses_tool(ir, t, None)
+    loaded = {t["name"] for t in ir["tools"]}
+    for item in body["input"] if isinstance(body["input"], list) else []:
+        if isinstance(item, dict) and item.get("type") == "tool_search_output":
+            for name, (t, ns) in _searched_tools(item):
+                if name not in loaded:
+                    loaded.add(name)
+                    _responses_tool(ir, t, ns)
+    tc = body.get("tool_choice")
+    if tc in ("auto", "none", "required"):
+        ir["tool_choice"] = tc
+    elif isinstance(tc, dict) and isinstance(tc.get("name"), str) and tc["name"]:
+        ir["tool_choice"] = {"name": namespaced_tool_name(tc.get("namespace"), tc["name"])}
+    ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
+    mt = body.get("max_output_tokens")
+    ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
+    for key in ("temperature", "top_p"):
+        value = body.get(key)
+        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    if ir_effort(effort):
+        ir["reasoning"] = {"effort": ir_effort(effort), "budget": None}
+    fmt = (body.get("text") or {}).get("format") or {}
+    if fmt.get("type") == "json_schema":
+        ir["response_format"] = {"type": "json_schema", "name": fmt.get("name") or "output",
+                                 "schema": fmt.get("schema") or {}, "strict": fmt.get("strict")}
+    elif fmt.get("type") == "json_object":
+        ir["response_format"] = {"type": "json_object"}
+    ir["stream"] = body.get("stream") is True
+    ir["include_usage"] = True
+    ir["user"] = body.get("user") or body.get("safety_identifier")
+    return ir
+
+
+def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
+    """Add one Responses function or custom tool (inside ``namespace`` or not), or a
+    client-run tool_search, to the IR."""
+    if isinstance(t, dict) and t.get("type") == "tool_search":
+        t = dict(t, name=TOOL_SEARCH)
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+        return
+    tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
+                            "description": t.get("description") or ""}
+    if t.get("type") == "function":
+        tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+    elif t.get("type") == "tool_search" and t.get("execution") == "client":
+        tool.update(parameters=t.get("parameters") or {
+            "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
+    elif t.get("type") == "custom":
+        tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
+    else:
+        return
+    if namespace:
+        tool.update(namespace=namespace, local_name=t["name"])
+    ir["tools"].append(tool)
+
+
+def ir_usage_to_responses(u: dict) -> dict:
+    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
+            "output_tokens": u["output"],
+            "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+            "total_tokens": u["input"] + u["output"]}
+
+
+def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[dict],
+                      usage: dict | None, created: int, error: dict | None = None,
+                      incomplete: str | None = None) -> dict:
+    tc = ir["tool_choice"]
+    return {"id": rid, "object": "response", "created_at": created, "status": status,
+            "model": model, "output": output, "error": error,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": parts_text(ir["system"]) or None, "metadata": {},
+            "parallel_tool_calls": ir["parallel_tool_calls"] is not False,
+            "temperature": ir["temperature"], "top_p": ir["top_p"],
+            "max_output_tokens": ir["max_tokens"], "previous_response_id": None,
+            "reasoning": {"effort": openai_effort(ir["reasoning"]["effort"])}
+            if ir["reasoning"] else None,
+            "tool_choice": {"type": "function", "name": tc["name"]} if isinstance(tc, dict)
+            else tc or "auto",
+            "tools": [{"type": "custom", "name": t["name"], "description": t["description"]}
+                      if t.get("custom") else
+                      {"type": "function", "name": t["name"], "description": t["description"],
+                       "parameters": t["parameters"], "strict": False} for t in ir["tools"]],
+            "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
+            "usage": ir_usage_to_responses(usage) if usage else None}
+
+
+def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | None) -> dict:
+    """The output item of a call to ``tool`` (the IR tool of that name, None when unknown):
+    a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
+    the inner tool and carries its ``namespace``."""
+    tool = tool or {}
+    if tool.get("tool_search"):
+        return {"type": "tool_search_call", "id": new_id("tsc_"), "call_id": call_id,
+                "execution": "client", "arguments": parse_arguments(arguments),
+                "status": "completed"}
+    if tool.get("custom"):
+        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
+                "name": name, "input": str(parse_arguments(arguments).get("input", "")),
+                "status": "completed"}
+    else:
+        item = {"type": "function_call", "id": new_id("fc_"), "call_id": call_id,
+                "name": name, "arguments": arguments or "{}", "status": "completed"}
+    if tool.get("namespace"):
+        item.update(name=tool["local_name"], namespace=tool["namespace"])
+    return item
+
+
+def _responses_status(finish: str) -> tuple[str, str | None]:
+    if finish == "length":
+        return "incomplete", "max_output_tokens"
+    if finish == "content_filter":
+        return "incomplete", "content_filter"
+    return "completed", None
+
+
+@guarded(502, "upstream answer")
+def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
+    tools = {t["name"]: t for t in ir["tools"]}
+    output: list[dict] = []
+    reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
+    if reasoning:
+        output.append({"type": "reasoning", "id": new_id("rs_"), "summary": [
+            {"type": "summary_text", "text": reasoning}]})
+    text = parts_text(resp["content"])
+    if text:
+        output.append({"type": "message", "id": new_id("msg_"), "role": "assistant",
+                       "status": "completed", "content": [
+                           {"type": "output_text", "text": text, "annotations": []}]})
+    for p in resp["content"]:
+        if p["type"] == "tool_call":
+            output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
+                                               tools.get(p["name"])))
+    status, reason = _responses_status(resp["finish"])
+    return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
+                             int(time.time()), incomplete=reason)
+
+
+class ResponsesStreamEncoder:
+    """IR stream events -> Responses API SSE: every event has ``type`` and a rising
+    ``sequence_number``; created and in_progress first; each output item added, filled and done
+    in order (reasoning summary, message text, function calls routed by tool index); and always a
+    terminal response.completed / response.incomplete / response.failed with usage (Codex fails
+    a stream that ends without one)."""
+
+    def __init__(self, model: str, ir: dict):
+        self.model, self.ir = model, ir
+        self.id = new_id("resp_")
+        self.created = int(time.time())
+        self.usage: dict | None = None
+        self._seq = 0
+        self._output: list[dict] = []
+        self._open: dict | None = None                # the reasoning/message item being filled
+        self._calls: dict[int, dict] = {}             # IR tool index -> open call state
+        self._tools = {t["name"]: t for t in ir["tools"]}
+        self._started = False
+        self._finished = False
+
+    def _ev(self, kind: str, **data: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._seq, **data}
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
+
+    def _response(self, status: str, **kw: Any) -> dict:
+        return _responses_object(self.id, self.model, self.ir, status, list(self._output),
+                                 self.usage if status != "in_progress" else None, self.created,
+                                 **kw)
+
+    def _begin(self, out: list[bytes]) -> None:
+        if not self._started:
+            self._started = True
+            out.append(self._ev("response.created", response=self._response("in_progress")))
+            out.append(self._ev("response.in_progress", response=self._response("in_progress")))
+
+    def _open_item(self, kind: str, out: list[bytes]) -> dict:
+        if self._open is not None and self._open["item"]["type"] == kind:
+            return self._open
+        self._close_open(out)
+        for call in self._calls.values():
+            self._close_call(call, out)
+        index = len(self._output)
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": new_id("rs_"), "summary": []}
+            out.append(self._ev("response.output_item.added", output_index=index, item=item))
+            out.append(self._ev("response.reasoning_summary_part.added", item_id=item["id"],
+                                output_index=index, summary_index=0,
+                                part={"type": "summary_text", "text": ""}))
+        else:
+            item = {"type": "message", "id": new_id("msg_"), "role": "assistant",
+                    "status": "in_progress", "content": []}
+            out.append(self._ev("response.output_item.added", output_index=index, item=item))
+            out.append(self._ev("response.content_part.added", item_id=item["id"],
+                                output_index=index, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": []}))
+        self._open = {"item": item, "index": index, "text": []}
+        return self._open
+
+    def _close_open(self, out: list[bytes]) -> None:
+        state, self._open = self._open, None
+        if state is None:
+            return
+        item, index, text = state["item"], state["index"], "".join(state["text"])
+        if item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out.append(self._ev("response.reasoning_summary_text.done", item_id=item["id"],
+                                output_index=index, summary_index=0, text=text))
+            out.append(self._ev("response.reasoning_summary_part.done", item_id=item["id"],
+                                output_index=index, summary_index=0, part=part))
+            item = dict(item, summary=[part])
+        else:
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out.append(self._ev("response.output_text.done", item_id=item["id"],
+                                output_index=index, content_index=0, text=text, logprobs=[]))
+            out.append(self._ev("response.content_part.done", item_id=item["id"],
+                                output_index=index, content_index=0, part=part))
+            item = dict(item, status="completed", content=[part])
+        out.append(self._ev("response.output_item.done", output_index=index, item=item))
+        self._output.append(item)
+
+    def _close_call(self, state: dict, out: list[bytes]) -> None:
+        if state["done"]:
+            return
+        state["done"] = True
+        args = "".join(state["args"])
+        item = _responses_call_item(state["call_id"], state["name"], args,
+                                    self._tools.get(state["name"]))
+        index = state["index"]
+        if item["type"] == "tool_search_call":      # held: its arguments go as one object
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, status="in_progress")))
+        elif state["held"]:              # a custom tool's input is only known now
+            item["id"] = state["id"]
+            out.append(self._ev("response.output_item.added", output_index=index,
+                                item=dict(item, input="", status="in_progress")))
+            out.append(self._ev("response.custom_tool_call_input.delta", item_id=item["id"],
+                                output_index=index, delta=item["input"]))
+            out.append(self._ev("response.custom_tool_call_input.done", item_id=item["id"],
+                                output_index=index, input=item["input"]))
+        else:
+            item["id"] = state["id"]
+            out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
+                                output_index=index, name=item["name"],
+                                arguments=item["arguments"]))
+        out.append(self._ev("response.output_item.done", output_index=index, item=item))
+        self._output.append(item)
+
+    def encode(self, events: list[tuple]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            kind = ev[0]
+            if kind == "usage":
+                self.usage = ev[1]
+                continue
+            if self._finished:
+                continue
+            self._begin(out)
+            if kind in ("text", "reasoning"):
+                if ev[1]:
+                    state = self._open_item("message" if kind == "text" else "reasoning", out)
+                    state["text"].append(ev[1])
+                    item = state["item"]
+                    if kind == "text":
+                        out.append(self._ev("response.output_text.delta", item_id=item["id"],
+                                            output_index=state["index"], content_index=0,
+                                            delta=ev[1], logprobs=[]))
+                    else:
+                        out.append(self._ev("response.reasoning_summary_text.delta",
+                                            item_id=item["id"], output_index=state["index"],
+                                            summary_index=0, delta=ev[1]))
+            elif kind == "tool":
+                self._close_open(out)
+                for other in self._calls.values():
+                    self._close_call(other, out)
+                tool = self._tools.get(ev[3])
+                held = bool(tool and (tool.get("custom") or tool.get("tool_search")))
+                prefix = "fc_" if not held else "tsc_" if tool.get("tool_search") else "ctc_"
+                state = {"id": new_id(prefix), "call_id": ev[2], "name": ev[3], "args": [],
+                         "held": held, "done": False, "index": len(self._output)}
+                self._calls[ev[1]] = state
+                if not held:
+                    item = _responses_call_item(ev[2], ev[3], "", tool)
+                    out.append(self._ev("response.output_item.added", output_index=state["index"],
+                                        item=dict(item, id=state["id"], arguments="",
+                                                  status="in_progress")))
+            elif kind == "args":
+                state = self._calls.get(ev[1])
+                if state is not None and not state["done"] and ev[2]:
+                    state["args"].append(ev[2])
+                    if not state["held"]:
+                        out.append(self._ev("response.function_call_arguments.delta",
+                                            item_id=state["id"], output_index=state["index"],
+                                            delta=ev[2]))
+            elif kind == "finish":
+                self._close_open(out)
+                for state in self._calls.values():
+                    self._close_call(state, out)
+                status, reason = _responses_status(ev[1])
+                out.append(self._ev(f"response.{status}", response=self._response(
+                    status, incomplete=reason)))
+                self._finished = True
+            elif kind == "error":
+                err = ev[1]
+                code = {429: "rate_limit_exceeded"}.get(err.status, err.code or "server_error")
+                out.append(self._ev("response.failed", response=self._response(
+                    "failed", error={"code": code, "message": err.message})))
+                self._finished = True
+        return b"".join(out)
+
+
+_RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
+
+
+def responses_answer_outline(body: dict) -> dict:
+    """A Responses API answer (passed through to a Responses client) reduced to what
+    answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
+    function, custom or built-in tool call), and incomplete as a length cut-off."""
+    content: list[dict] = []
+    for item in body.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") not in _RESPONSES_CONTENT_ITEMS:
+            content.append({"type": "tool_call", "id": "", "name": "", "arguments": ""})
+        for part in (item.get("content") or []) + (item.get("summary") or []):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif isinstance(part, dict) and isinstance(part.get("refusal"), str):
+                content.append({"type": "text", "text": part["refusal"]})
+    finish = "length" if body.get("status") == "incomplete" else "stop"
+    return {"content": content, "finish": finish}
+
+
+class ResponsesStreamOutline(StreamDecoder):
+    """Responses API SSE -> just enough IR events for event_is_content: text and reasoning
+    deltas, a "tool" event for any output item that is not a message or reasoning, an error,
+    and the finish (incomplete as a length cut-off)."""
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for name, ev in self._sse_objects(data):
+            kind = str(ev.get("type") or name or "")
+            if kind in ("response.output_text.delta", "response.refusal.delta",
+                        "response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                out.append(("text", str(ev.get("delta") or "")))
+            elif kind == "response.output_item.added" and \
+                    (ev.get("item") or {}).get("type") not in _RESPONSES_CONTENT_ITEMS:
+                out.append(("tool", self._tools, "", ""))
+                self._tools += 1
+            elif kind in ("error", "response.failed"):
+                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
+                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
+            elif kind == "response.incomplete":
+                self.finish = "length"
+        return out
+
+
+class ResponsesDialect(OpenAIDialect):
+    name = RESPONSES
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return responses_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        """The request's IR shapes the answer: custom and namespaced tools' calls come back as
+        their own item types, and the response object echoes the request's settings."""
+        return ir_to_responses_response(resp, model, ir)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return ResponsesStreamEncoder(model, ir)        # the IR for the same reason
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        """A whole answer's usage, or a response.completed (incomplete, failed) event's."""
+        if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
+            obj = obj["response"]
+        u = obj.get("usage") if isinstance(obj, dict) else None
+        if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
+            return None
+        return _num(u.get("input_tokens")), _num(u.get("output_tokens"))
+
+
+# 9.5 Anthropic Messages --------------------------------------------------------------------------
+# The anthropic client dialect (Claude Code) and the anthropic channel type.
 
 _ANTHROPIC_STOP_IN = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                       "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter",
@@ -4387,8 +5203,72 @@ class AnthropicStreamEncoder:
                 self._finished = True
         return b"".join(out)
 
+# Anthropic's tool names: ^[a-zA-Z0-9_-]{1,128}$ (Messages reference, tools[].name).
+ANTHROPIC_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128)
 
-# 9.5 Gemini (native generateContent) -----------------------------------------------------------
+
+class AnthropicDialect(DialectAdapter):
+    name = ANTHROPIC
+    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        return anthropic_request_to_ir(body)
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_anthropic_response(resp, model)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return AnthropicStreamEncoder(model, estimate_tokens(ir))
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return anthropic_response_to_ir, AnthropicStreamDecoder
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        """A whole message's usage, message_start's (input) or message_delta's (output)."""
+        if not isinstance(obj, dict):
+            return None
+        u = obj.get("usage")
+        if u is None and isinstance(obj.get("message"), dict):
+            u = obj["message"].get("usage")
+        if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
+            return None
+        ir = anthropic_usage_to_ir(u)
+        return ir["input"], ir["output"]
+
+
+class AnthropicProvider(ProviderAdapter):
+    name = TYPE_ANTHROPIC
+    default_url = "https://api.anthropic.com"
+    serves_as_is = (ANTHROPIC,)
+    needs_key = True
+    tool_name_rule = ANTHROPIC_TOOL_NAMES
+    caps_in_encoder = True
+    replaces_headers = frozenset(("anthropic-version",))
+    chat_path = "/v1/messages"
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None,
+                     quirks: dict | None = None) -> list[tuple[str, str]]:
+        version = (incoming.get("anthropic-version") if incoming is not None else None) \
+            or ANTHROPIC_VERSION
+        return [("anthropic-version", version)] + (
+            [anthropic_auth_header(api_key, quirks)] if api_key else [])
+
+    def quirks(self, body: dict, quirks: dict | None) -> dict:
+        return apply_anthropic_quirks(body, quirks)
+
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        return apply_anthropic_quirks(ir_to_anthropic_request(
+            ir, model, stream=opts.stream, max_tokens_cap=opts.max_tokens_cap,
+            thinking_setting=opts.thinking, kept=opts.kept), opts.quirks)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return (lambda body: anthropic_response_to_ir(body, kept),
+                lambda: AnthropicStreamDecoder(kept))
+
+
+# 9.6 Gemini (generateContent) --------------------------------------------------------------------
+# The gemini channel type first, then the gemini client dialect (gemini-cli, google-genai).
 
 _GEMINI_SCHEMA_KEYS = frozenset((
     "type", "format", "title", "description", "nullable", "enum", "items", "properties",
@@ -4725,145 +5605,6 @@ class GeminiStreamDecoder(StreamDecoder):
         return _gemini_finish(self._reason, self._tools > 0, self._blocked)
 
 
-# 9.6 Ollama (native /api/chat) ------------------------------------------------------------------
-
-def ir_to_ollama_request(ir: dict, model: str, *, stream: bool) -> dict:
-    msgs: list[dict] = []
-    system = parts_text(ir["system"])
-    if system:
-        msgs.append({"role": "system", "content": system})
-    names: dict[str, str] = {}
-    for m in ir["messages"]:
-        if m["role"] == "tool":
-            for r in m["content"]:
-                text = parts_text(r["content"])
-                msgs.append({"role": "tool", "content": f"Error: {text}" if r.get("is_error")
-                             else text, "tool_call_id": r["id"],
-                             "tool_name": r.get("name") or names.get(r["id"], "")})
-            continue
-        out: dict[str, Any] = {"role": m["role"], "content": parts_text(m["content"])}
-        images = [p["data"] for p in m["content"] if p["type"] == "image" and "data" in p]
-        if images:
-            out["images"] = images
-        thinking = "".join(p.get("text") or "" for p in m["content"] if p["type"] == "reasoning")
-        if thinking:
-            out["thinking"] = thinking
-        calls = []
-        for p in m["content"]:
-            if p["type"] == "tool_call":
-                names[p["id"]] = p["name"]
-                calls.append({"id": p["id"], "function": {
-                    "name": p["name"], "arguments": parse_arguments(p["arguments"])}})
-        if calls:
-            out["tool_calls"] = calls
-        msgs.append(out)
-    body: dict[str, Any] = {"model": model, "messages": msgs, "stream": stream}
-    if ir["tools"]:
-        body["tools"] = [{"type": "function", "function": {
-            "name": t["name"], "description": t.get("description") or "",
-            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
-            for t in ir["tools"]]
-    options: dict[str, Any] = {}
-    for src, dst in (("max_tokens", "num_predict"), ("temperature", "temperature"),
-                     ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
-                     ("presence_penalty", "presence_penalty"),
-                     ("frequency_penalty", "frequency_penalty")):
-        if ir[src] is not None:
-            options[dst] = ir[src]
-    if ir["stop"]:
-        options["stop"] = ir["stop"]
-    if options:
-        body["options"] = options
-    rf = ir["response_format"]
-    if rf:
-        body["format"] = rf["schema"] if rf["type"] == "json_schema" else "json"
-    if ir["reasoning"]:
-        effort = ir["reasoning"]["effort"]
-        body["think"] = False if effort == "none" else \
-            {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
-    return body
-
-
-def _ollama_message_parts(msg: dict) -> list[dict]:
-    out: list[dict] = []
-    if isinstance(msg.get("thinking"), str) and msg["thinking"]:
-        out.append({"type": "reasoning", "text": msg["thinking"], "signature": None,
-                    "redacted": None})
-    if isinstance(msg.get("content"), str) and msg["content"]:
-        out.append({"type": "text", "text": msg["content"]})
-    for c in msg.get("tool_calls") or []:
-        fn = c.get("function") or {}
-        args = fn.get("arguments")
-        out.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
-                    "name": fn.get("name") or "",
-                    "arguments": args if isinstance(args, str) else json.dumps(
-                        args or {}, ensure_ascii=False)})
-    return out
-
-
-def _ollama_finish(obj: dict, tools: bool) -> str:
-    reason = "length" if obj.get("done_reason") == "length" else "stop"
-    return "tool_calls" if tools and reason == "stop" else reason
-
-
-def ollama_usage_to_ir(obj: dict) -> dict:
-    return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
-
-
-@guarded(502, "upstream answer")
-def ollama_response_to_ir(body: dict) -> dict:
-    content = _ollama_message_parts(body.get("message") or {})
-    tools = any(p["type"] == "tool_call" for p in content)
-    return {"id": new_id("chatcmpl-"), "model": body.get("model") or "", "content": content,
-            "finish": _ollama_finish(body, tools), "usage": ollama_usage_to_ir(body)}
-
-
-class OllamaStreamDecoder(StreamDecoder):
-    """Ollama NDJSON objects (upstream) -> IR stream events; a line with ``error`` ends it."""
-
-    def __init__(self):
-        super().__init__()
-        self._nd = NDJSONDecoder()
-        self._final: dict | None = None
-
-    @guarded(502, "upstream stream")
-    def feed(self, data: bytes) -> list[tuple]:
-        out: list[tuple] = []
-        for obj in self._nd.feed(data):
-            if not isinstance(obj, dict):
-                continue
-            if obj.get("error"):
-                out.append(("error", GatewayError(502, str(obj["error"]))))
-                continue
-            self._start(out, None, obj.get("model"))
-            for p in _ollama_message_parts(obj.get("message") or {}):
-                if p["type"] == "tool_call":
-                    out.append(("tool", self._tools, p["id"], p["name"]))
-                    out.append(("args", self._tools, p["arguments"]))
-                    self._tools += 1
-                else:
-                    out.append(("text" if p["type"] == "text" else "reasoning", p["text"]))
-            if obj.get("done"):
-                self._final = obj
-                out.append(("usage", ollama_usage_to_ir(obj)))
-        return out
-
-    def _finish_reason(self) -> str:
-        return _ollama_finish(self._final or {}, self._tools > 0)
-
-
-# 9.7 Embeddings (OpenAI /v1/embeddings -> Gemini batchEmbedContents, Ollama /api/embed) -------
-
-def embedding_inputs(body: dict) -> list[str]:
-    inp = body.get("input")
-    if isinstance(inp, str):
-        return [inp]
-    if isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
-        return inp
-    raise GatewayError(400, "'input' must be a string or a list of strings for this channel "
-                            "(token arrays reach only OpenAI-compatible channels)", param="input")
-
-
 def gemini_embed_request(texts: list[str], model: str, dimensions: Any = None) -> dict:
     reqs = []
     for text in texts:
@@ -4881,25 +5622,6 @@ def gemini_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     return [list(e.get("values") or []) for e in items], 0
 
 
-def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
-    if not isinstance(body, dict):
-        raise GatewayError(502, "the embeddings answer is not an object")
-    return [list(v) for v in body.get("embeddings") or []], _num(body.get("prompt_eval_count"))
-
-
-def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
-    if not isinstance(body, dict):
-        raise GatewayError(502, "the embeddings answer is not an object")
-    vectors = []
-    for item in sorted(body.get("data") or [], key=lambda d: d.get("index", 0)):
-        emb = item.get("embedding")
-        if isinstance(emb, str):          # base64 little-endian float32
-            raw = base64.b64decode(emb)
-            emb = list(struct.unpack(f"<{len(raw) // 4}f", raw))
-        vectors.append(list(emb or []))
-    return vectors, _num((body.get("usage") or {}).get("prompt_tokens"))
-
-
 def gemini_embed_texts(kind: str, body: dict) -> tuple[list[str], Any]:
     """(texts, outputDimensionality) of an embedContent or batchEmbedContents request."""
     reqs = [body] if kind == "embedContent" else body.get("requests") or []
@@ -4912,384 +5634,6 @@ def gemini_embed_texts(kind: str, body: dict) -> tuple[list[str], Any]:
     return texts, (reqs[0] or {}).get("outputDimensionality")
 
 
-def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: int,
-                              as_base64: bool) -> dict:
-    data = []
-    for i, vec in enumerate(vectors):
-        emb: Any = vec
-        if as_base64:        # little-endian float32, as the OpenAI API sends it
-            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-EMBED_DECODERS = {"gemini": gemini_embed_vectors, "ollama": ollama_embed_vectors}
-
-
-def ollama_url(base_url: str, path: str) -> str:
-    """Ollama's native API lives at the root even when the channel URL names its /v1."""
-    base = base_url.rstrip("/")
-    return (base[:-3] if base.endswith("/v1") else base) + path
-
-
-# 9.8 OpenAI Responses API (client side) ---------------------------------------------------------
-# A Responses request becomes Chat-shaped messages first (responses_input_to_messages) and then the
-# internal form; tools the channels cannot run (web_search, file_search, ...) are dropped; custom
-# tools (Codex's apply_patch) become function tools taking {"input": string} and come back as
-# custom_tool_call items. Codex puts each MCP server's tools in a {"type": "namespace", "name",
-# "description", "tools": [function or custom tools]} tool (codex-rs/tools/src/tool_spec.rs,
-# ToolSpec::Namespace; responses_api.rs, ResponsesApiNamespace) and expects a call of one back as
-# a function_call item naming the inner tool with the namespace beside it ({"name": "search",
-# "namespace": "mcp__server", ...}), which it also sends in later turns' input. Here each inner
-# tool is one IR tool under its flat name (namespaced_tool_name), remembering its namespace, and
-# its calls go back to the client split again (the openai SDK's ResponseFunctionToolCall has the
-# same optional `namespace`). previous_response_id is refused: the gateway keeps no conversation
-# state (Codex sends the whole conversation with store:false).
-
-_CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
-                  "required": ["input"]}
-
-
-@guarded(400, "request body")
-def responses_request_to_ir(body: dict) -> dict:
-    if body.get("previous_response_id") or body.get("conversation"):
-        raise GatewayError(400, "previous_response_id and conversation are not supported: this "
-                                "gateway keeps no conversation state; send the whole "
-                                "conversation in 'input' (with store: false)",
-                           param="previous_response_id", code="unsupported_parameter")
-    if "input" not in body:
-        raise GatewayError(400, "'input' is required: a string or a list of items",
-                           param="input")
-    ir = openai_request_to_ir({"model": body.get("model"), "messages":
-                               responses_input_to_messages(body["input"],
-                                                           body.get("instructions"))})
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
-    # Tool search run by the client (Codex with the models of its own catalog): the model's
-    # search is a call to a "tool_search" function that goes back to the client as a
-    # tool_search_call item; the client answers with a tool_search_output item whose tools (in
-    # namespaces, with defer_loading) the model may call from then on, so they join the tool list.
-    # Deferred tools in `tools` wait for that search; without a client search they are all sent.
-    client_search = any(t.get("type") == "tool_search" and t.get("execution") == "client"
-                        for t in tools)
-    for t in tools:
-        if t.get("type") == "namespace" and t.get("name"):
-            for inner in t.get("tools") or []:
-                if not (client_search and isinstance(inner, dict) and inner.get("defer_loading")):
-                    _responses_tool(ir, inner, t["name"])
-        elif not (client_search and t.get("defer_loading")):
-            _responses_tool(ir, t, None)
-    loaded = {t["name"] for t in ir["tools"]}
-    for item in body["input"] if isinstance(body["input"], list) else []:
-        if isinstance(item, dict) and item.get("type") == "tool_search_output":
-            for name, (t, ns) in _searched_tools(item):
-                if name not in loaded:
-                    loaded.add(name)
-                    _responses_tool(ir, t, ns)
-    tc = body.get("tool_choice")
-    if tc in ("auto", "none", "required"):
-        ir["tool_choice"] = tc
-    elif isinstance(tc, dict) and isinstance(tc.get("name"), str) and tc["name"]:
-        ir["tool_choice"] = {"name": namespaced_tool_name(tc.get("namespace"), tc["name"])}
-    ir["parallel_tool_calls"] = body.get("parallel_tool_calls")
-    mt = body.get("max_output_tokens")
-    ir["max_tokens"] = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
-    for key in ("temperature", "top_p"):
-        value = body.get(key)
-        ir[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
-            else None
-    effort = (body.get("reasoning") or {}).get("effort")
-    if ir_effort(effort):
-        ir["reasoning"] = {"effort": ir_effort(effort), "budget": None}
-    fmt = (body.get("text") or {}).get("format") or {}
-    if fmt.get("type") == "json_schema":
-        ir["response_format"] = {"type": "json_schema", "name": fmt.get("name") or "output",
-                                 "schema": fmt.get("schema") or {}, "strict": fmt.get("strict")}
-    elif fmt.get("type") == "json_object":
-        ir["response_format"] = {"type": "json_object"}
-    ir["stream"] = body.get("stream") is True
-    ir["include_usage"] = True
-    ir["user"] = body.get("user") or body.get("safety_identifier")
-    return ir
-
-
-def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
-    """Add one Responses function or custom tool (inside ``namespace`` or not), or a
-    client-run tool_search, to the IR."""
-    if isinstance(t, dict) and t.get("type") == "tool_search":
-        t = dict(t, name=TOOL_SEARCH)
-    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
-        return
-    tool: dict[str, Any] = {"name": namespaced_tool_name(namespace, t["name"]),
-                            "description": t.get("description") or ""}
-    if t.get("type") == "function":
-        tool["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
-    elif t.get("type") == "tool_search" and t.get("execution") == "client":
-        tool.update(parameters=t.get("parameters") or {
-            "type": "object", "properties": {"query": {"type": "string"}}}, tool_search=True)
-    elif t.get("type") == "custom":
-        tool.update(parameters=_CUSTOM_SCHEMA, custom=True)
-    else:
-        return
-    if namespace:
-        tool.update(namespace=namespace, local_name=t["name"])
-    ir["tools"].append(tool)
-
-
-def ir_usage_to_responses(u: dict) -> dict:
-    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
-            "output_tokens": u["output"],
-            "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
-            "total_tokens": u["input"] + u["output"]}
-
-
-def _responses_object(rid: str, model: str, ir: dict, status: str, output: list[dict],
-                      usage: dict | None, created: int, error: dict | None = None,
-                      incomplete: str | None = None) -> dict:
-    tc = ir["tool_choice"]
-    return {"id": rid, "object": "response", "created_at": created, "status": status,
-            "model": model, "output": output, "error": error,
-            "incomplete_details": {"reason": incomplete} if incomplete else None,
-            "instructions": parts_text(ir["system"]) or None, "metadata": {},
-            "parallel_tool_calls": ir["parallel_tool_calls"] is not False,
-            "temperature": ir["temperature"], "top_p": ir["top_p"],
-            "max_output_tokens": ir["max_tokens"], "previous_response_id": None,
-            "reasoning": {"effort": openai_effort(ir["reasoning"]["effort"])}
-            if ir["reasoning"] else None,
-            "tool_choice": {"type": "function", "name": tc["name"]} if isinstance(tc, dict)
-            else tc or "auto",
-            "tools": [{"type": "custom", "name": t["name"], "description": t["description"]}
-                      if t.get("custom") else
-                      {"type": "function", "name": t["name"], "description": t["description"],
-                       "parameters": t["parameters"], "strict": False} for t in ir["tools"]],
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
-            "usage": ir_usage_to_responses(usage) if usage else None}
-
-
-def _responses_call_item(call_id: str, name: str, arguments: str, tool: dict | None) -> dict:
-    """The output item of a call to ``tool`` (the IR tool of that name, None when unknown):
-    a custom_tool_call for a custom tool, else a function_call; a namespaced tool's call names
-    the inner tool and carries its ``namespace``."""
-    tool = tool or {}
-    if tool.get("tool_search"):
-        return {"type": "tool_search_call", "id": new_id("tsc_"), "call_id": call_id,
-                "execution": "client", "arguments": parse_arguments(arguments),
-                "status": "completed"}
-    if tool.get("custom"):
-        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call_id,
-                "name": name, "input": str(parse_arguments(arguments).get("input", "")),
-                "status": "completed"}
-    else:
-        item = {"type": "function_call", "id": new_id("fc_"), "call_id": call_id,
-                "name": name, "arguments": arguments or "{}", "status": "completed"}
-    if tool.get("namespace"):
-        item.update(name=tool["local_name"], namespace=tool["namespace"])
-    return item
-
-
-def _responses_status(finish: str) -> tuple[str, str | None]:
-    if finish == "length":
-        return "incomplete", "max_output_tokens"
-    if finish == "content_filter":
-        return "incomplete", "content_filter"
-    return "completed", None
-
-
-@guarded(502, "upstream answer")
-def ir_to_responses_response(resp: dict, model: str, ir: dict) -> dict:
-    tools = {t["name"]: t for t in ir["tools"]}
-    output: list[dict] = []
-    reasoning = "".join(p.get("text") or "" for p in resp["content"] if p["type"] == "reasoning")
-    if reasoning:
-        output.append({"type": "reasoning", "id": new_id("rs_"), "summary": [
-            {"type": "summary_text", "text": reasoning}]})
-    text = parts_text(resp["content"])
-    if text:
-        output.append({"type": "message", "id": new_id("msg_"), "role": "assistant",
-                       "status": "completed", "content": [
-                           {"type": "output_text", "text": text, "annotations": []}]})
-    for p in resp["content"]:
-        if p["type"] == "tool_call":
-            output.append(_responses_call_item(p["id"], p["name"], p["arguments"],
-                                               tools.get(p["name"])))
-    status, reason = _responses_status(resp["finish"])
-    return _responses_object(new_id("resp_"), model, ir, status, output, resp["usage"],
-                             int(time.time()), incomplete=reason)
-
-
-class ResponsesStreamEncoder:
-    """IR stream events -> Responses API SSE: every event has ``type`` and a rising
-    ``sequence_number``; created and in_progress first; each output item added, filled and done
-    in order (reasoning summary, message text, function calls routed by tool index); and always a
-    terminal response.completed / response.incomplete / response.failed with usage (Codex fails
-    a stream that ends without one)."""
-
-    def __init__(self, model: str, ir: dict):
-        self.model, self.ir = model, ir
-        self.id = new_id("resp_")
-        self.created = int(time.time())
-        self.usage: dict | None = None
-        self._seq = 0
-        self._output: list[dict] = []
-        self._open: dict | None = None                # the reasoning/message item being filled
-        self._calls: dict[int, dict] = {}             # IR tool index -> open call state
-        self._tools = {t["name"]: t for t in ir["tools"]}
-        self._started = False
-        self._finished = False
-
-    def _ev(self, kind: str, **data: Any) -> bytes:
-        data = {"type": kind, "sequence_number": self._seq, **data}
-        self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + json_dumps(data) + b"\n\n"
-
-    def _response(self, status: str, **kw: Any) -> dict:
-        return _responses_object(self.id, self.model, self.ir, status, list(self._output),
-                                 self.usage if status != "in_progress" else None, self.created,
-                                 **kw)
-
-    def _begin(self, out: list[bytes]) -> None:
-        if not self._started:
-            self._started = True
-            out.append(self._ev("response.created", response=self._response("in_progress")))
-            out.append(self._ev("response.in_progress", response=self._response("in_progress")))
-
-    def _open_item(self, kind: str, out: list[bytes]) -> dict:
-        if self._open is not None and self._open["item"]["type"] == kind:
-            return self._open
-        self._close_open(out)
-        for call in self._calls.values():
-            self._close_call(call, out)
-        index = len(self._output)
-        if kind == "reasoning":
-            item = {"type": "reasoning", "id": new_id("rs_"), "summary": []}
-            out.append(self._ev("response.output_item.added", output_index=index, item=item))
-            out.append(self._ev("response.reasoning_summary_part.added", item_id=item["id"],
-                                output_index=index, summary_index=0,
-                                part={"type": "summary_text", "text": ""}))
-        else:
-            item = {"type": "message", "id": new_id("msg_"), "role": "assistant",
-                    "status": "in_progress", "content": []}
-            out.append(self._ev("response.output_item.added", output_index=index, item=item))
-            out.append(self._ev("response.content_part.added", item_id=item["id"],
-                                output_index=index, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": []}))
-        self._open = {"item": item, "index": index, "text": []}
-        return self._open
-
-    def _close_open(self, out: list[bytes]) -> None:
-        state, self._open = self._open, None
-        if state is None:
-            return
-        item, index, text = state["item"], state["index"], "".join(state["text"])
-        if item["type"] == "reasoning":
-            part = {"type": "summary_text", "text": text}
-            out.append(self._ev("response.reasoning_summary_text.done", item_id=item["id"],
-                                output_index=index, summary_index=0, text=text))
-            out.append(self._ev("response.reasoning_summary_part.done", item_id=item["id"],
-                                output_index=index, summary_index=0, part=part))
-            item = dict(item, summary=[part])
-        else:
-            part = {"type": "output_text", "text": text, "annotations": []}
-            out.append(self._ev("response.output_text.done", item_id=item["id"],
-                                output_index=index, content_index=0, text=text, logprobs=[]))
-            out.append(self._ev("response.content_part.done", item_id=item["id"],
-                                output_index=index, content_index=0, part=part))
-            item = dict(item, status="completed", content=[part])
-        out.append(self._ev("response.output_item.done", output_index=index, item=item))
-        self._output.append(item)
-
-    def _close_call(self, state: dict, out: list[bytes]) -> None:
-        if state["done"]:
-            return
-        state["done"] = True
-        args = "".join(state["args"])
-        item = _responses_call_item(state["call_id"], state["name"], args,
-                                    self._tools.get(state["name"]))
-        index = state["index"]
-        if item["type"] == "tool_search_call":      # held: its arguments go as one object
-            item["id"] = state["id"]
-            out.append(self._ev("response.output_item.added", output_index=index,
-                                item=dict(item, status="in_progress")))
-        elif state["held"]:              # a custom tool's input is only known now
-            item["id"] = state["id"]
-            out.append(self._ev("response.output_item.added", output_index=index,
-                                item=dict(item, input="", status="in_progress")))
-            out.append(self._ev("response.custom_tool_call_input.delta", item_id=item["id"],
-                                output_index=index, delta=item["input"]))
-            out.append(self._ev("response.custom_tool_call_input.done", item_id=item["id"],
-                                output_index=index, input=item["input"]))
-        else:
-            item["id"] = state["id"]
-            out.append(self._ev("response.function_call_arguments.done", item_id=item["id"],
-                                output_index=index, name=item["name"],
-                                arguments=item["arguments"]))
-        out.append(self._ev("response.output_item.done", output_index=index, item=item))
-        self._output.append(item)
-
-    def encode(self, events: list[tuple]) -> bytes:
-        out: list[bytes] = []
-        for ev in events:
-            kind = ev[0]
-            if kind == "usage":
-                self.usage = ev[1]
-                continue
-            if self._finished:
-                continue
-            self._begin(out)
-            if kind in ("text", "reasoning"):
-                if ev[1]:
-                    state = self._open_item("message" if kind == "text" else "reasoning", out)
-                    state["text"].append(ev[1])
-                    item = state["item"]
-                    if kind == "text":
-                        out.append(self._ev("response.output_text.delta", item_id=item["id"],
-                                            output_index=state["index"], content_index=0,
-                                            delta=ev[1], logprobs=[]))
-                    else:
-                        out.append(self._ev("response.reasoning_summary_text.delta",
-                                            item_id=item["id"], output_index=state["index"],
-                                            summary_index=0, delta=ev[1]))
-            elif kind == "tool":
-                self._close_open(out)
-                for other in self._calls.values():
-                    self._close_call(other, out)
-                tool = self._tools.get(ev[3])
-                held = bool(tool and (tool.get("custom") or tool.get("tool_search")))
-                prefix = "fc_" if not held else "tsc_" if tool.get("tool_search") else "ctc_"
-                state = {"id": new_id(prefix), "call_id": ev[2], "name": ev[3], "args": [],
-                         "held": held, "done": False, "index": len(self._output)}
-                self._calls[ev[1]] = state
-                if not held:
-                    item = _responses_call_item(ev[2], ev[3], "", tool)
-                    out.append(self._ev("response.output_item.added", output_index=state["index"],
-                                        item=dict(item, id=state["id"], arguments="",
-                                                  status="in_progress")))
-            elif kind == "args":
-                state = self._calls.get(ev[1])
-                if state is not None and not state["done"] and ev[2]:
-                    state["args"].append(ev[2])
-                    if not state["held"]:
-                        out.append(self._ev("response.function_call_arguments.delta",
-                                            item_id=state["id"], output_index=state["index"],
-                                            delta=ev[2]))
-            elif kind == "finish":
-                self._close_open(out)
-                for state in self._calls.values():
-                    self._close_call(state, out)
-                status, reason = _responses_status(ev[1])
-                out.append(self._ev(f"response.{status}", response=self._response(
-                    status, incomplete=reason)))
-                self._finished = True
-            elif kind == "error":
-                err = ev[1]
-                code = {429: "rate_limit_exceeded"}.get(err.status, err.code or "server_error")
-                out.append(self._ev("response.failed", response=self._response(
-                    "failed", error={"code": code, "message": err.message})))
-                self._finished = True
-        return b"".join(out)
-
-
-# 9.9 Gemini native API (client side) ------------------------------------------------------------
 # gemini-cli and the google-genai SDK. Function calls get deterministic ids (call_<turn>_<n>) so
 # that the functionResponse parts of the next turn (matched by id, else by name in order) become
 # tool results with the same ids. The model comes from the URL, not the body.
@@ -5535,42 +5879,310 @@ class GeminiStreamEncoder:
                 out.append(self._chunk(err) + (b"]" if not self.sse else b""))
         return b"".join(out)
 
-
-# 9.10 Dispatch -----------------------------------------------------------------------------------
-# Client side: request decoder, response encoder, stream encoder. Upstream side (by channel type):
-# request encoder, response decoder, stream decoder. The Responses and Gemini-native client
-# dialects plug in here with the same three functions.
-
-CLIENT_CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
-    OPENAI: (openai_request_to_ir, lambda resp, model, ir: ir_to_openai_response(resp, model),
-             lambda model, ir: OpenAIStreamEncoder(model, ir["include_usage"])),
-    ANTHROPIC: (anthropic_request_to_ir,
-                lambda resp, model, ir: ir_to_anthropic_response(resp, model),
-                lambda model, ir: AnthropicStreamEncoder(model, estimate_tokens(ir))),
-    RESPONSES: (responses_request_to_ir, ir_to_responses_response, ResponsesStreamEncoder),
-    GEMINI: (gemini_request_to_ir, ir_to_gemini_response, GeminiStreamEncoder),
-}
-_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
-
-# Tool names each provider accepts, by channel type. OpenAI (and the servers that copy its API):
-# at most 64 of a-z, A-Z, 0-9, _ and - (Chat Completions reference, tools[].function.name).
-# Anthropic: ^[a-zA-Z0-9_-]{1,128}$ (Messages reference, tools[].name). Gemini: letters, digits,
-# _ . : and -, at most 64, starting with a letter or _ (generativelanguage v1beta
-# FunctionDeclaration.name; google-genai FunctionDeclaration.name). Ollama documents no rule.
-# A name outside its channel's rule is sent as a readable head plus 8 hex digits of its SHA-1,
-# always the same for the same name, so the tool list, the calls in earlier turns and the call
-# that comes back agree; the answer gets the client's own name back.
-TOOL_NAME_RULES: dict[str, tuple[re.Pattern, int]] = {
-    "openai": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
-    "custom": (re.compile(r"[A-Za-z0-9_-]{1,64}\Z"), 64),
-    "anthropic": (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128),
-    "gemini": (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64),
-}
+# Gemini's tool names: letters, digits, _ . : and -, at most 64, starting with a letter or _
+# (generativelanguage v1beta FunctionDeclaration.name; google-genai FunctionDeclaration.name).
+GEMINI_TOOL_NAMES = (re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"), 64)
 
 
+class GeminiDialect(DialectAdapter):
+    name = GEMINI
+    model_in_path = True
+
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+        if kind == "countTokens" and isinstance(body.get("generateContentRequest"), dict):
+            body = body["generateContentRequest"]
+        ir = gemini_request_to_ir(dict(body, model=model))
+        ir["gemini_sse"] = params.get("alt") == "sse"        # a transport hint
+        return ir
+
+    def response(self, resp: dict, model: str, ir: dict) -> dict:
+        return ir_to_gemini_response(resp, model, ir)
+
+    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+        return GeminiStreamEncoder(model, ir)
+
+    def count_payload(self, count: int) -> dict:
+        return {"totalTokens": count}
+
+    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+        return gemini_response_to_ir, GeminiStreamDecoder
+
+    def usage(self, obj: Any) -> tuple[int, int] | None:
+        u = obj.get("usageMetadata") if isinstance(obj, dict) else None
+        if not isinstance(u, dict):
+            return None
+        ir = gemini_usage_to_ir(u)
+        return ir["input"], ir["output"]
+
+
+class GeminiProvider(ProviderAdapter):
+    name = TYPE_GEMINI
+    default_url = "https://generativelanguage.googleapis.com"
+    serves_as_is = (GEMINI,)
+    needs_key = True
+    embeds = True
+    # Gemini's inlineData takes PDFs too (ai.google.dev/gemini-api/docs/document-processing,
+    # "Passing PDF data inline"); image URLs are fetched for it (UrlFetcher).
+    inline_media = ("image/", "application/pdf")
+    tool_name_rule = GEMINI_TOOL_NAMES
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None,
+                     quirks: dict | None = None) -> list[tuple[str, str]]:
+        return [("x-goog-api-key", api_key)] if api_key else []
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        return gemini_model_path(ch.base_url, model, kind)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return gemini_model_path(ch.base_url, model, "streamGenerateContent?alt=sse"
+                                 if stream else "generateContent")
+
+    def models_url(self, ch: Any) -> str:
+        return gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return gemini_model_path(ch.base_url, model, "batchEmbedContents")
+
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        return ir_to_gemini_request(ir, opts.signatures, model, opts.max_tokens_cap)
+
+    def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
+        return gemini_embed_request(texts, model, dims)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return (lambda body: gemini_response_to_ir(body, signatures),
+                lambda: GeminiStreamDecoder(signatures))
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return gemini_embed_vectors(body)
+
+
+# 9.7 Ollama (native /api/chat) -------------------------------------------------------------------
+# The ollama channel type (channel only: Ollama clients use its OpenAI-compatible /v1).
+
+def ir_to_ollama_request(ir: dict, model: str, *, stream: bool) -> dict:
+    msgs: list[dict] = []
+    system = parts_text(ir["system"])
+    if system:
+        msgs.append({"role": "system", "content": system})
+    names: dict[str, str] = {}
+    for m in ir["messages"]:
+        if m["role"] == "tool":
+            for r in m["content"]:
+                text = parts_text(r["content"])
+                msgs.append({"role": "tool", "content": f"Error: {text}" if r.get("is_error")
+                             else text, "tool_call_id": r["id"],
+                             "tool_name": r.get("name") or names.get(r["id"], "")})
+            continue
+        out: dict[str, Any] = {"role": m["role"], "content": parts_text(m["content"])}
+        images = [p["data"] for p in m["content"] if p["type"] == "image" and "data" in p]
+        if images:
+            out["images"] = images
+        thinking = "".join(p.get("text") or "" for p in m["content"] if p["type"] == "reasoning")
+        if thinking:
+            out["thinking"] = thinking
+        calls = []
+        for p in m["content"]:
+            if p["type"] == "tool_call":
+                names[p["id"]] = p["name"]
+                calls.append({"id": p["id"], "function": {
+                    "name": p["name"], "arguments": parse_arguments(p["arguments"])}})
+        if calls:
+            out["tool_calls"] = calls
+        msgs.append(out)
+    body: dict[str, Any] = {"model": model, "messages": msgs, "stream": stream}
+    if ir["tools"]:
+        body["tools"] = [{"type": "function", "function": {
+            "name": t["name"], "description": t.get("description") or "",
+            "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
+            for t in ir["tools"]]
+    options: dict[str, Any] = {}
+    for src, dst in (("max_tokens", "num_predict"), ("temperature", "temperature"),
+                     ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+                     ("presence_penalty", "presence_penalty"),
+                     ("frequency_penalty", "frequency_penalty")):
+        if ir[src] is not None:
+            options[dst] = ir[src]
+    if ir["stop"]:
+        options["stop"] = ir["stop"]
+    if options:
+        body["options"] = options
+    rf = ir["response_format"]
+    if rf:
+        body["format"] = rf["schema"] if rf["type"] == "json_schema" else "json"
+    if ir["reasoning"]:
+        effort = ir["reasoning"]["effort"]
+        body["think"] = False if effort == "none" else \
+            {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
+    return body
+
+
+def _ollama_message_parts(msg: dict) -> list[dict]:
+    out: list[dict] = []
+    if isinstance(msg.get("thinking"), str) and msg["thinking"]:
+        out.append({"type": "reasoning", "text": msg["thinking"], "signature": None,
+                    "redacted": None})
+    if isinstance(msg.get("content"), str) and msg["content"]:
+        out.append({"type": "text", "text": msg["content"]})
+    for c in msg.get("tool_calls") or []:
+        fn = c.get("function") or {}
+        args = fn.get("arguments")
+        out.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
+                    "name": fn.get("name") or "",
+                    "arguments": args if isinstance(args, str) else json.dumps(
+                        args or {}, ensure_ascii=False)})
+    return out
+
+
+def _ollama_finish(obj: dict, tools: bool) -> str:
+    reason = "length" if obj.get("done_reason") == "length" else "stop"
+    return "tool_calls" if tools and reason == "stop" else reason
+
+
+def ollama_usage_to_ir(obj: dict) -> dict:
+    return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
+
+
+@guarded(502, "upstream answer")
+def ollama_response_to_ir(body: dict) -> dict:
+    content = _ollama_message_parts(body.get("message") or {})
+    tools = any(p["type"] == "tool_call" for p in content)
+    return {"id": new_id("chatcmpl-"), "model": body.get("model") or "", "content": content,
+            "finish": _ollama_finish(body, tools), "usage": ollama_usage_to_ir(body)}
+
+
+class OllamaStreamDecoder(StreamDecoder):
+    """Ollama NDJSON objects (upstream) -> IR stream events; a line with ``error`` ends it."""
+
+    def __init__(self):
+        super().__init__()
+        self._nd = NDJSONDecoder()
+        self._final: dict | None = None
+
+    @guarded(502, "upstream stream")
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for obj in self._nd.feed(data):
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("error"):
+                out.append(("error", GatewayError(502, str(obj["error"]))))
+                continue
+            self._start(out, None, obj.get("model"))
+            for p in _ollama_message_parts(obj.get("message") or {}):
+                if p["type"] == "tool_call":
+                    out.append(("tool", self._tools, p["id"], p["name"]))
+                    out.append(("args", self._tools, p["arguments"]))
+                    self._tools += 1
+                else:
+                    out.append(("text" if p["type"] == "text" else "reasoning", p["text"]))
+            if obj.get("done"):
+                self._final = obj
+                out.append(("usage", ollama_usage_to_ir(obj)))
+        return out
+
+    def _finish_reason(self) -> str:
+        return _ollama_finish(self._final or {}, self._tools > 0)
+
+
+def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
+    if not isinstance(body, dict):
+        raise GatewayError(502, "the embeddings answer is not an object")
+    return [list(v) for v in body.get("embeddings") or []], _num(body.get("prompt_eval_count"))
+
+
+def ollama_url(base_url: str, path: str) -> str:
+    """Ollama's native API lives at the root even when the channel URL names its /v1."""
+    base = base_url.rstrip("/")
+    return (base[:-3] if base.endswith("/v1") else base) + path
+
+
+class OllamaProvider(ProviderAdapter):
+    name = TYPE_OLLAMA
+    default_url = "http://localhost:11434"
+    embeds = True
+    inline_media = ("image/",)        # images only as base64 (image URLs are fetched for it)
+
+    chat_path, models_path, embeddings_path = "/api/chat", "/api/tags", "/api/embed"
+
+    def join(self, base_url: str, path: str) -> str:
+        return ollama_url(base_url, path)
+
+    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+        return ir_to_ollama_request(ir, model, stream=opts.stream)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
+                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+        return ollama_response_to_ir, OllamaStreamDecoder
+
+    def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
+        return ollama_embed_vectors(body)
+
+
+# 9.8 Azure OpenAI --------------------------------------------------------------------------------
+# The azure channel type (channel only): the OpenAI wire format at other URLs.
+
+# Azure OpenAI: the OpenAI wire format at other URLs and with another key header.
+# learn.microsoft.com/azure/ai-foundry/openai/reference ("API specs", "Authentication"): a
+# resource endpoint https://{resource}.openai.azure.com, the key in an `api-key` header, the
+# deployment in the path (/openai/deployments/{deployment}/chat/completions, /embeddings,
+# /images/generations, /audio/...) and a dated ?api-version; the latest GA data-plane inference
+# version there is 2024-10-21. Responses, in the dated form, is /openai/responses?api-version=
+# with the deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses).
+# The v1 API (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle) drops the
+# api-version and the deployment segment: {endpoint}/openai/v1/chat/completions, /responses,
+# /embeddings, /models, with the deployment as "model" in the body.
+AZURE_API_VERSION = "2024-10-21"
+_AZURE_UNDEPLOYED = ("/models", "/responses")     # dated-form paths without a deployment
+
+
+class AzureProvider(OpenAIProvider):
+    name = TYPE_AZURE
+    default_url = ""                         # each resource has its own endpoint
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None,
+                     quirks: dict | None = None) -> list[tuple[str, str]]:
+        return [("api-key", api_key)] if api_key else []
+
+    @staticmethod
+    def deployment_url(ch: Any, model: str, suffix: str) -> str:
+        """``suffix`` (such as /chat/completions) on the channel's endpoint, in the v1 form when
+        its base_url ends in /openai/v1, else in the dated form for deployment ``model``."""
+        base = ch.base_url.rstrip("/")
+        if base.endswith("/openai/v1"):
+            return base + suffix
+        base = base[:-7] if base.endswith("/openai") else base
+        query = "?api-version=" + urllib.parse.quote(ch.api_version or AZURE_API_VERSION)
+        if suffix in _AZURE_UNDEPLOYED:
+            return f"{base}/openai{suffix}{query}"
+        return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+        return self.deployment_url(ch, model, path[3:] if path.startswith("/v1/") else path)
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        return self.passthrough_url(ch, self.chat_path, "chat", model)
+
+    def models_url(self, ch: Any) -> str:
+        return self.passthrough_url(ch, self.models_path, "models", "")
+
+    def embeddings_url(self, ch: Any, model: str) -> str:
+        return self.passthrough_url(ch, self.embeddings_path, "embeddings", model)
+
+
+# 9.9 Dispatch and registries ---------------------------------------------------------------------
+# What every channel type's request shares (tool names in the forms the channel accepts,
+# the max_tokens cap), the empty-answer check, and the two registries: DIALECTS (client
+# side) and PROVIDERS (channel side), the only way the gateway reaches an adapter.
+
+# Each channel type's adapter names the tool names it accepts (tool_name_rule; Ollama documents
+# no rule). A name outside its channel's rule is sent as a readable head plus 8 hex digits of its
+# SHA-1, always the same for the same name, so the tool list, the calls in earlier turns and the
+# call that comes back agree; the answer gets the client's own name back.
 def channel_tool_name(name: str, ctype: str) -> str:
     """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
-    rule = TOOL_NAME_RULES.get(ctype)
+    rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
     if rule is None or rule[0].match(name):
         return name
     head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
@@ -5647,125 +6259,6 @@ class RenamedStream:
         return self._map(self._inner.close())
 
 
-# Quirks of OpenAI-compatible servers, per channel ("quirks" in the channel's settings, checked
-# in section 10), applied to the Chat Completions body the channel gets, converted or passed
-# through:
-#   tool_call_id: "mistral9"  every tool-call id as exactly 9 of a-z, A-Z, 0-9 (Mistral answers
-#       400 "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9" otherwise), the
-#       same id for a call and its result
-#   reasoning_back: "all" (default) | "tool_calls" | "none"  which assistant turns carry their
-#       reasoning back; DeepSeek's thinking mode needs it on turns with tool calls and ignores it
-#       elsewhere (api-docs.deepseek.com/guides/thinking_mode, "tool calls")
-#   reasoning_field: "reasoning_content" (default, DeepSeek) | "reasoning" (OpenRouter, newer
-#       vLLM) the field that reasoning goes back in; answers are read in either field
-#   max_tokens_field: "max_tokens" | "max_completion_tokens"  the name the output limit goes by
-#   drop_params: [top-level keys]  parameters the server refuses (stream_options,
-#       parallel_tool_calls, ...), removed before sending
-QUIRK_CHOICES: dict[str, tuple[str, ...]] = {
-    "tool_call_id": ("", "mistral9"), "reasoning_back": ("all", "tool_calls", "none"),
-    "reasoning_field": ("reasoning_content", "reasoning"),
-    "max_tokens_field": ("", "max_tokens", "max_completion_tokens"),
-    "cache_control": ("", "strip"),               # Anthropic-compatible channels, below
-    "auth": ("", "bearer"),
-}
-QUIRK_LISTS = ("drop_params", "drop_headers")
-_MISTRAL_ID_RX = re.compile(r"[A-Za-z0-9]{9}\Z")
-
-
-def mistral_tool_id(tool_id: str) -> str:
-    """A tool-call id as exactly 9 letters and digits, derived from the original."""
-    if _MISTRAL_ID_RX.match(tool_id):
-        return tool_id
-    return hashlib.sha1(tool_id.encode()).hexdigest()[:9]
-
-
-def apply_openai_quirks(body: dict, quirks: dict | None) -> dict:
-    """A Chat Completions request body with the channel's quirks applied (a new dict)."""
-    if not quirks:
-        return body
-    body = dict(body)
-    ids = mistral_tool_id if quirks.get("tool_call_id") == "mistral9" else None
-    back = quirks.get("reasoning_back") or "all"
-    field = quirks.get("reasoning_field") or "reasoning_content"
-    reshape = "reasoning_back" in quirks or "reasoning_field" in quirks
-    msgs = []
-    for m in body.get("messages") or []:
-        if not isinstance(m, dict):
-            msgs.append(m)
-            continue
-        m = dict(m)
-        if ids and isinstance(m.get("tool_call_id"), str):
-            m["tool_call_id"] = ids(m["tool_call_id"])
-        if ids and isinstance(m.get("tool_calls"), list):
-            m["tool_calls"] = [dict(c, id=ids(str(c.get("id") or ""))) if isinstance(c, dict)
-                               else c for c in m["tool_calls"]]
-        if reshape and m.get("role") == "assistant":
-            reasoning = [m.pop(k, None) for k in ("reasoning_content", "reasoning")]
-            text = next((r for r in reasoning if isinstance(r, str) and r), None)
-            if text and (back == "all" or back == "tool_calls" and m.get("tool_calls")):
-                m[field] = text
-        msgs.append(m)
-    if "messages" in body:
-        body["messages"] = msgs
-    target = quirks.get("max_tokens_field")
-    if target:
-        for name in ("max_tokens", "max_completion_tokens"):
-            if name in body and name != target:
-                body[target] = body.pop(name)
-    for name in quirks.get("drop_params") or []:
-        body.pop(name, None)
-    return body
-
-
-# Quirks of Anthropic-compatible servers (the same "quirks" object, on a channel of type
-# anthropic), applied to the Messages body and headers the channel gets, converted or passed
-# through:
-#   drop_params: [top-level keys]  fields the server does not support, removed before sending
-#   drop_headers: [header names]   headers it does not support (anthropic-beta, ...)
-#   cache_control: "strip"         every cache_control marker removed (system, messages,
-#       tools), for servers that do not cache
-#   auth: "bearer"                 the key goes as Authorization: Bearer instead of x-api-key
-#       (what Claude Code sends for ANTHROPIC_AUTH_TOKEN, the form some services document)
-def apply_anthropic_quirks(body: dict, quirks: dict | None) -> dict:
-    """A Messages request body with an Anthropic-compatible channel's quirks applied (a new
-    dict)."""
-    if not quirks:
-        return body
-    body = {k: v for k, v in body.items() if k not in (quirks.get("drop_params") or [])}
-    if quirks.get("cache_control") != "strip":
-        return body
-
-    def strip(block: Any) -> Any:
-        """A content block or tool without its marker (a tool result's blocks too); inputs
-        and schemas are left alone: a property may be called cache_control."""
-        if not isinstance(block, dict):
-            return block
-        block = {k: v for k, v in block.items() if k != "cache_control"}
-        if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-            block["content"] = [strip(b) for b in block["content"]]
-        return block
-    for key in ("system", "tools"):
-        if isinstance(body.get(key), list):
-            body[key] = [strip(b) for b in body[key]]
-    if isinstance(body.get("messages"), list):
-        body["messages"] = [dict(m, content=[strip(b) for b in m["content"]])
-                            if isinstance(m, dict) and isinstance(m.get("content"), list)
-                            else m for m in body["messages"]]
-    return body
-
-
-def anthropic_auth_header(key: str, quirks: dict | None) -> tuple[str, str]:
-    """The header an Anthropic-compatible channel's key goes in."""
-    if (quirks or {}).get("auth") == "bearer":
-        return "Authorization", f"Bearer {key}"
-    return "x-api-key", key
-
-
-def quirk_dropped_headers(quirks: dict | None) -> frozenset[str]:
-    """The header names (lower case) a channel's quirks say its server does not take."""
-    return frozenset(n.lower() for n in (quirks or {}).get("drop_headers") or [])
-
-
 @guarded(400, "request body")
 def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
@@ -5782,21 +6275,12 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                                 f"conversion, which relays one choice; ask for 1 and send "
                                 f"several requests instead", param="n",
                            code="unsupported_parameter")
+    provider = PROVIDERS[ctype]
     ir = rename_ir_tools(ir, ctype)
-    if max_tokens_cap and ctype != "anthropic" and ir["max_tokens"]:
+    if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
-    if ctype == "anthropic":
-        return apply_anthropic_quirks(ir_to_anthropic_request(
-            ir, model, stream=stream, max_tokens_cap=max_tokens_cap,
-            thinking_setting=thinking, kept=kept), quirks)
-    if ctype == "gemini":
-        return ir_to_gemini_request(ir, signatures, model, max_tokens_cap)
-    if ctype == "ollama":
-        return ir_to_ollama_request(ir, model, stream=stream)
-    field = "max_completion_tokens" if ctype == "openai" and \
-        _MAX_COMPLETION_MODELS.match(model) else "max_tokens"
-    return apply_openai_quirks(ir_to_openai_request(ir, model, stream=stream,
-                                                    max_tokens_field=field), quirks)
+    return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
+                                                       quirks, thinking, kept))
 
 
 def answer_is_empty(resp: dict) -> bool:
@@ -5819,60 +6303,6 @@ def event_is_content(ev: tuple) -> bool:
         kind == "finish" and ev[1] in ("length", "content_filter"))
 
 
-_RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
-
-
-def responses_answer_outline(body: dict) -> dict:
-    """A Responses API answer (passed through to a Responses client) reduced to what
-    answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
-    function, custom or built-in tool call), and incomplete as a length cut-off."""
-    content: list[dict] = []
-    for item in body.get("output") or []:
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") not in _RESPONSES_CONTENT_ITEMS:
-            content.append({"type": "tool_call", "id": "", "name": "", "arguments": ""})
-        for part in (item.get("content") or []) + (item.get("summary") or []):
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                content.append({"type": "text", "text": part["text"]})
-            elif isinstance(part, dict) and isinstance(part.get("refusal"), str):
-                content.append({"type": "text", "text": part["refusal"]})
-    finish = "length" if body.get("status") == "incomplete" else "stop"
-    return {"content": content, "finish": finish}
-
-
-class ResponsesStreamOutline(StreamDecoder):
-    """Responses API SSE -> just enough IR events for event_is_content: text and reasoning
-    deltas, a "tool" event for any output item that is not a message or reasoning, an error,
-    and the finish (incomplete as a length cut-off)."""
-
-    def feed(self, data: bytes) -> list[tuple]:
-        out: list[tuple] = []
-        for name, ev in self._sse_objects(data):
-            kind = str(ev.get("type") or name or "")
-            if kind in ("response.output_text.delta", "response.refusal.delta",
-                        "response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
-                out.append(("text", str(ev.get("delta") or "")))
-            elif kind == "response.output_item.added" and \
-                    (ev.get("item") or {}).get("type") not in _RESPONSES_CONTENT_ITEMS:
-                out.append(("tool", self._tools, "", ""))
-                self._tools += 1
-            elif kind in ("error", "response.failed"):
-                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
-                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
-            elif kind == "response.incomplete":
-                self.finish = "length"
-        return out
-
-
-# Client dialect -> (whole-answer decoder, stream decoder) used to look into a passed-through
-# answer for emptiness (the Responses ones read only what that needs).
-PASSTHROUGH_DECODERS: dict[str, tuple[Callable[[dict], dict], Callable[[], Any]]] = {
-    OPENAI: (openai_response_to_ir, OpenAIStreamDecoder),
-    ANTHROPIC: (anthropic_response_to_ir, AnthropicStreamDecoder),
-    GEMINI: (gemini_response_to_ir, GeminiStreamDecoder),
-    RESPONSES: (responses_answer_outline, ResponsesStreamOutline),
-}
 CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
                         "responses"))
 
@@ -5883,16 +6313,7 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
     """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
     (upstream_tool_names) the calls that come back carry the client's tool names."""
-    if ctype == "anthropic":
-        whole, stream = (lambda body: anthropic_response_to_ir(body, kept),
-                         lambda: AnthropicStreamDecoder(kept))
-    elif ctype == "gemini":
-        whole, stream = (lambda body: gemini_response_to_ir(body, signatures),
-                         lambda: GeminiStreamDecoder(signatures))
-    elif ctype == "ollama":
-        whole, stream = ollama_response_to_ir, OllamaStreamDecoder
-    else:
-        whole, stream = openai_response_to_ir, OpenAIStreamDecoder
+    whole, stream = PROVIDERS[ctype].decoders(signatures, kept)
     if not names:
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
@@ -6383,6 +6804,40 @@ class ConverseStreamDecoder(StreamDecoder):
         return super().close()
 
 
+def guess_dialect(path: str, headers: Headers) -> str:
+    """The dialect of a request the gateway could not route (for its error's shape)."""
+    if "anthropic-version" in headers or "/messages" in path:
+        return ANTHROPIC
+    if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:
+        return GEMINI
+    return OPENAI
+
+
+def models_dialect(headers: Headers, query: str) -> str:
+    """The dialect of a model list asked for at OpenAI's /v1/models: Anthropic's SDK sends
+    anthropic-version, the google-genai SDK its key header or ?key=."""
+    if "anthropic-version" in headers:
+        return ANTHROPIC
+    if "x-goog-api-key" in headers or "key=" in query:
+        return GEMINI
+    return OPENAI
+
+
+DIALECTS: dict[str, DialectAdapter] = {d.name: d for d in (
+    OpenAIDialect(), ResponsesDialect(), AnthropicDialect(), GeminiDialect())}
+PROVIDERS: dict[str, ProviderAdapter] = {p.name: p for p in (
+    OpenAIProvider(), AnthropicProvider(), GeminiProvider(), OllamaProvider(), CustomProvider(),
+    AzureProvider())}
+
+# Derived views, for validation, routes, the GUI and the command line.
+CHANNEL_TYPES = tuple(PROVIDERS)
+CHANNEL_DEFAULT_URLS = {name: p.default_url for name, p in PROVIDERS.items()}
+PASSTHROUGH_TYPES = {d: tuple(n for n, p in PROVIDERS.items() if d in p.serves_as_is)
+                     for d in DIALECTS}
+EMBEDDING_TYPES = tuple(n for n, p in PROVIDERS.items() if p.embeds)
+TOOL_NAME_RULES = {n: p.tool_name_rule for n, p in PROVIDERS.items() if p.tool_name_rule}
+
+
 # =================================================================================================
 # 10. Configuration
 # =================================================================================================
@@ -6418,9 +6873,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "debug_capture_file": "",         # ... and append them to this JSONL file (owner-only)
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
-    "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
+    "name": "", "type": TYPE_OPENAI, "base_url": "", "api_key": "", "models": [],
     "model_mapping": {}, "priority": 0, "enabled": True, "timeout": DEFAULT_CHANNEL_TIMEOUT,
     "proxy": "", "verify_tls": True, "headers": {}, "max_tokens_cap": 0, "responses_api": False,
+    "api_version": "",
     "api_keys": [], "max_concurrency": 0, "quirks": {}, "thinking": "auto", "weight": 1,
     "overrides": [],
 }
@@ -6715,6 +7171,7 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
                schemes=("http", "socks5", "socks5h"), example="socks5h://127.0.0.1:1080")
         ck.typed(ch, "verify_tls", where, (bool,), "true or false")
         ck.typed(ch, "responses_api", where, (bool,), "true or false")
+        ck.typed(ch, "api_version", where, (str,), 'an API version such as "2024-10-21", or ""')
         if ck.typed(ch, "thinking", where, (str,), "a thinking mode") not in THINKING_MODES:
             raise ck.fail(f"{where}.thinking", f"{ch['thinking']!r} is not a thinking mode",
                           'write "auto" (by model name), "adaptive" or "budget"')
@@ -6740,7 +7197,7 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
 
 
 def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
-    """A channel's ``quirks`` (section 9.10): an object of known keys with known values."""
+    """A channel's ``quirks`` (section 9.3): an object of known keys with known values."""
     quirks = ch["quirks"]
     if not isinstance(quirks, dict):
         raise ck.fail(f"{where}.quirks", "is not an object",
@@ -7259,7 +7716,9 @@ class ConfigStore:
 # =================================================================================================
 # 11. Gateway
 # =================================================================================================
-# Auth, routing (model -> channels), fallback, proxying, request records. Runs on the server loop.
+# Auth, routing (model -> channels), fallback over channels and keys, health and limits, relaying
+# (passed through or converted by the adapters of section 9, which it asks every provider
+# question), request records and events. Runs on the server loop.
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -7274,7 +7733,7 @@ class Route:
 ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/v1/chat/completions", ("POST",), OPENAI, "chat", reach=CHANNEL_TYPES),
     Route("/v1/completions", ("POST",), OPENAI, "completions"),
-    Route("/v1/embeddings", ("POST",), OPENAI, "embeddings", reach=("gemini", "ollama")),
+    Route("/v1/embeddings", ("POST",), OPENAI, "embeddings", reach=EMBEDDING_TYPES),
     Route("/v1/images/generations", ("POST",), OPENAI, "images"),
     Route("/v1/audio/speech", ("POST",), OPENAI, "speech"),
     Route("/v1/audio/transcriptions", ("POST",), OPENAI, "transcriptions", "multipart"),
@@ -7289,8 +7748,8 @@ MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
 GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMINI, kind,
                              reach=reach) for kind, reach in (
     ("generateContent", CHANNEL_TYPES), ("streamGenerateContent", CHANNEL_TYPES),
-    ("countTokens", CHANNEL_TYPES), ("embedContent", ("openai", "custom", "ollama")),
-    ("batchEmbedContents", ("openai", "custom", "ollama")))}
+    ("countTokens", CHANNEL_TYPES), ("embedContent", EMBEDDING_TYPES),
+    ("batchEmbedContents", EMBEDDING_TYPES))}
 GEMINI_MODELS_ROUTE = Route("/v1beta/models", ("GET",), GEMINI, "models", "none")
 GEMINI_MODEL_ROUTE = Route("/v1beta/models/{model}", ("GET",), GEMINI, "model", "none")
 _GEMINI_PATH = re.compile(r"/(?:v1beta|v1alpha|v1)/models/([^:]+):([A-Za-z]+)\Z")
@@ -7331,26 +7790,9 @@ def find_route(path: str) -> tuple[Route | None, str]:
     return route, ""
 
 
-def guess_dialect(path: str, headers: Headers) -> str:
-    if "anthropic-version" in headers or "/messages" in path:
-        return ANTHROPIC
-    if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:
-        return GEMINI
-    return OPENAI
-
-
 def upstream_json(raw: bytes, channel: str, what: str = "an answer") -> Any:
     """An upstream's JSON answer, parsed strictly; anything else is the channel's fault: 502."""
     return json_loads(raw, f"channel '{channel}' sent {what} that", status=502)
-
-
-def join_base_url(base: str, suffix: str) -> str:
-    """``suffix`` is a /v1/... path. When the base URL already carries a version segment
-    (/v1, /v4, /v1beta...), the suffix's own /v1 is dropped."""
-    base = base.rstrip("/")
-    if has_version_segment(base):
-        suffix = suffix[3:] if suffix.startswith("/v1/") else suffix
-    return base + suffix
 
 
 class Channel:
@@ -7358,8 +7800,8 @@ class Channel:
 
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
-                 "responses_api", "keys", "max_concurrency", "quirks", "thinking", "preset",
-                 "weight", "overrides", "_exact")
+                 "responses_api", "api_version", "keys", "max_concurrency", "quirks", "thinking",
+                 "preset", "weight", "overrides", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -7377,6 +7819,7 @@ class Channel:
         self.headers = list(c["headers"].items())
         self.max_tokens_cap: int = c["max_tokens_cap"]
         self.responses_api: bool = c["responses_api"]
+        self.api_version: str = c.get("api_version", "")
         self.keys = tuple(dict.fromkeys(k for k in [c["api_key"], *c["api_keys"]] if k))
         self.max_concurrency: int = c["max_concurrency"]
         self.quirks: dict = c["quirks"]
@@ -8001,9 +8444,332 @@ class DebugCapture:
         return "\n".join(lines).rstrip() + "\n"
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One request's state while the gateway serves it. ``record`` holds the logged fields
+    (Gateway.records, the request log, the GUI; see _new_record), read and written as
+    ``exchange[key]``; the timing and the concurrency slot it holds are private."""
+
+    record: dict
+    t0: float                                # perf_counter when the request came in
+    slot: ChannelHealth | None = None        # whose max_concurrency slot it holds
+    finished: bool = False                   # recorded (at most once)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.record[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.record[key] = value
+
+
+class Limits:
+    """Each channel's health (cooldowns after failures, concurrency slots), its keys' turns and
+    rest, and each token's requests-per-minute window, all read on the gateway's ``clock``."""
+
+    def __init__(self, clock: Callable[[], float], log: Callable[[str], None]):
+        self.clock, self.log = clock, log
+        self.health: dict[int, ChannelHealth] = {}
+        self._key_turn: dict[int, int] = {}
+        self._key_bench: dict[tuple[int, str], float] = {}
+        self._rpm: dict[int, collections.deque[float]] = {}
+
+    def health_of(self, ch: Channel) -> ChannelHealth:
+        h = self.health.get(ch.id)
+        if h is None:
+            h = self.health[ch.id] = ChannelHealth()
+        return h
+
+    def failed(self, ch: Channel, exc: UpstreamError) -> bool:
+        """Note a failure; True when the channel starts to cool down."""
+        if exc.code == "concurrency_limit":            # busy by our own limit, not unhealthy
+            return False
+        return self.health_of(ch).failed(exc, self.clock())
+
+    def pick_key(self, ch: Channel, tried: set[str], prefer: int | None = None) -> str:
+        """The channel's next key in turn that is neither benched nor already tried (the key
+        ``prefer`` first: the one a session is pinned to)."""
+        keys = ch.keys
+        if len(keys) <= 1:
+            return keys[0] if keys else ""
+        now = self.clock()
+        turn = self._key_turn.get(ch.id, 0)
+        self._key_turn[ch.id] = turn + 1
+        if prefer is not None and prefer < len(keys):
+            turn = prefer
+        order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
+        fresh = [k for k in order if k not in tried]
+        rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
+        if rested:
+            return rested[0]
+        return min(fresh or order, key=lambda k: self._key_bench.get((ch.id, k), 0))
+
+    def bench_key(self, ch: Channel, key: str, exc: UpstreamError) -> None:
+        wait = retry_after_seconds(exc.headers) or KEY_BENCH_SECONDS
+        self._key_bench[(ch.id, key)] = self.clock() + wait
+        self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
+                 f"{exc.upstream_status}")
+
+    async def acquire_slot(self, ch: Channel, rec: Exchange) -> None:
+        """Take one of the channel's max_concurrency slots, waiting in a bounded queue; a full
+        queue is this channel's failure (the next candidate is tried, else 429)."""
+        if not ch.max_concurrency:
+            return
+        h = self.health_of(ch)
+        while h.inflight >= ch.max_concurrency:
+            if h.waiting >= ch.max_concurrency * QUEUE_PER_SLOT:
+                raise UpstreamError(429, f"channel '{ch.name}' is at its concurrency limit "
+                                         f"({ch.max_concurrency}) with a full queue",
+                                    retryable=True, code="concurrency_limit",
+                                    headers=[("Retry-After", "1")])
+            if h.slots is None:
+                h.slots = asyncio.Event()
+            h.waiting += 1
+            try:
+                h.slots.clear()
+                await h.slots.wait()
+            finally:
+                h.waiting -= 1
+        h.inflight += 1
+        rec.slot = h
+
+    @staticmethod
+    def release_slot(rec: Exchange) -> None:
+        h, rec.slot = rec.slot, None
+        if h is not None:
+            h.inflight -= 1
+            if h.slots is not None:
+                h.slots.set()
+
+    def check_rpm(self, token: Token | None) -> None:
+        if token is None or not token.rpm:
+            return
+        now = self.clock()
+        window = self._rpm.setdefault(token.id, collections.deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= token.rpm:
+            wait = max(1, int(window[0] + 60 - now) + 1)
+            raise GatewayError(429, f"gateway token '{token.name}' is over its limit of "
+                                    f"{token.rpm} requests per minute; retry in {wait} s",
+                               code="rate_limit_exceeded", headers=[("Retry-After", str(wait))])
+        window.append(now)
+
+    def ready(self, ordered: list[Channel], rec: Exchange | None = None) -> list[Channel]:
+        """``ordered`` without the channels cooling down (the first one whose cooldown is over
+        becomes the probe); all of them when every one is cooling down."""
+        now = self.clock()
+        ready = []
+        for ch in ordered:
+            h = self.health.get(ch.id)
+            if h is None or (h.until <= now and not h.probing):
+                if h is not None and h.until:        # cooldown over: this one is the probe
+                    h.probing, h.until = True, 0.0
+                ready.append(ch)
+        if rec is not None and ready:
+            rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
+        # When every candidate is cooling down, try them anyway: an answer beats a refusal.
+        return ready or ordered
+
+    def report(self, channels: list[Channel]) -> list[dict]:
+        now = self.clock()
+        out = []
+        for ch in channels:
+            h = self.health.get(ch.id)
+            entry = {"id": ch.id, "name": ch.name, "type": ch.type, "enabled": ch.enabled}
+            entry.update(h.snapshot(now) if h else ChannelHealth().snapshot(now))
+            if len(ch.keys) > 1:
+                entry["keys"] = len(ch.keys)
+                entry["keys_resting"] = sum(1 for k in ch.keys
+                                            if self._key_bench.get((ch.id, k), 0) > now)
+            out.append(entry)
+        return out
+
+
+class Router:
+    """Which channels may serve a request, in the order to try them: enabled, serving the model,
+    allowed for the token, reaching the route's dialect (as is or by conversion), by priority,
+    equal priorities taking turns."""
+
+    def __init__(self):
+        self._scores: dict[tuple, dict] = {}     # weighted-turn scores (weighted_order)
+
+    def turns(self, key: tuple) -> dict:
+        """The weighted-turn scores kept for ``key``, at most WEIGHT_STATES_MAX of them."""
+        turns = self._scores.get(key)
+        if turns is None:
+            while len(self._scores) >= WEIGHT_STATES_MAX:
+                del self._scores[next(iter(self._scores))]
+            turns = self._scores[key] = {}
+        return turns
+
+    def order(self, channels: list[Channel], model: str, route: Route, token: Token | None
+              ) -> list[Channel]:
+        serving = [ch for ch in channels if ch.enabled and ch.serves(model)]
+        if not serving:
+            raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
+                               code="model_not_found", param="model")
+        if token is not None:
+            serving = [ch for ch in serving if token.may_use_channel(ch)]
+            if not serving:
+                raise GatewayError(403, f"gateway token '{token.name}' may not use the channels "
+                                        f"that serve '{model}'")
+        reach = PASSTHROUGH_TYPES[route.dialect] + route.reach
+        usable = [ch for ch in serving if ch.type in reach]
+        if not usable:
+            kinds = ", ".join(sorted({f"{ch.type} channel '{ch.name}'" for ch in serving}))
+            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} "
+                                    f"reaches only {', '.join(dict.fromkeys(reach))} channels",
+                               code="conversion_not_available")
+        ordered: list[Channel] = []
+        for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
+                                             key=lambda c: c.priority):
+            members = list(group)
+            if len(members) > 1:
+                members = weighted_order(members, [ch.weight for ch in members],
+                                         self.turns((model.lower(), prio)))
+            ordered += members
+        return ordered
+
+
+class Access:
+    """Who may call: the Host (DNS rebinding), the browser Origin, the body's type and the
+    gateway token (with the failed-token throttle, on the gateway's ``clock``); and the CORS
+    headers an allowed page gets."""
+
+    def __init__(self, clock: Callable[[], float], listen_host: str | None):
+        self.clock = clock
+        self.listen_host = listen_host           # when it differs from settings.host (--host)
+        self.throttle = AuthThrottle()
+
+    def configure(self, s: dict, tokens: list[Token]) -> None:
+        self.require_auth: bool = s["require_auth"]
+        self.tokens = tokens
+        self.cors = {o.rstrip("/").lower() for o in s["cors_origins"]}
+        self.allowed_hosts = [host_name(h) for h in s["allowed_hosts"]]
+        binds = {host_name(h) for h in (s["host"], self.listen_host) if h}
+        self.any_host_ip = bool(binds & {"0.0.0.0", "::", ""})
+        if self.any_host_ip:                     # listening on every address of the machine
+            name = socket.gethostname().lower()
+            short = name.partition(".")[0]
+            binds |= {name, short, f"{short}.local"}
+        self.host_names = binds
+
+    def cors_headers(self, headers: Headers) -> list[tuple[str, str]]:
+        origin = headers.get("origin")
+        if not origin or not self.origin_allowed(origin):
+            return []
+        return [("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin),
+                ("Vary", "Origin"),
+                ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
+
+    def check_host(self, req: Request) -> None:
+        """Refuse a Host that is not this gateway's: a DNS-rebinding page reaches the loopback
+        port under its own name, and that name is what its requests carry."""
+        values = req.headers.get_all("host")
+        if len(values) > 1:                      # RFC 9112 section 3.2: answer 400
+            raise GatewayError(400, "the request has more than one Host header")
+        if not values:
+            if req.version == "HTTP/1.0":
+                return
+            raise GatewayError(400, "the request has no Host header (HTTP/1.1 requires one)")
+        name = host_name(values[0])
+        if is_local_name(name) or name in self.host_names or \
+                (self.any_host_ip and is_ip_literal(name)) or \
+                any(name_matches(p, name) for p in self.allowed_hosts):
+            return
+        raise GatewayError(403, f"Host {name[:100]!r} is not one of this gateway's names "
+                                f"(protection against DNS rebinding); to reach the gateway under "
+                                f"that name add it to settings.allowed_hosts",
+                           code="host_not_allowed")
+
+    def origin_allowed(self, origin: str) -> bool:
+        return origin_is_local(origin) or "*" in self.cors or \
+            origin.rstrip("/").lower() in self.cors
+
+    def check_origin(self, req: Request) -> None:
+        """Refuse a browser page of another site: its request carries an Origin (every
+        cross-origin request and every POST does) or, without one, Sec-Fetch-Site: cross-site.
+        Content types do not matter: a "simple" text/plain POST needs no preflight."""
+        origin = req.headers.get("origin")
+        if origin is not None:
+            if not self.origin_allowed(origin):
+                raise GatewayError(403, f"requests from the web page origin {origin[:100]!r} are "
+                                        f"refused; to let that page use the gateway add the "
+                                        f"origin to settings.cors_origins",
+                                   code="origin_not_allowed")
+        elif (req.headers.get("sec-fetch-site") or "").lower() == "cross-site" and \
+                "*" not in self.cors:
+            raise GatewayError(403, "cross-site requests from web pages are refused; to allow "
+                                    "them set settings.cors_origins to [\"*\"]",
+                               code="origin_not_allowed")
+
+    @staticmethod
+    def check_content_type(req: Request, route: Route) -> None:
+        """JSON routes take application/json (an absent Content-Type too: scripts often leave it
+        out, and a browser page that can leave it out sends an Origin); the transcription route
+        takes multipart/form-data. A form or text/plain body is what a cross-site page can send
+        without a preflight, so it never reaches an upstream."""
+        if route.body == "none" or req.method != "POST":
+            return
+        want = "multipart/form-data" if route.body == "multipart" else "application/json"
+        content_type = req.headers.get("content-type")
+        if content_type is None and route.body == "json":
+            return
+        if (content_type or "").partition(";")[0].strip().lower() != want:
+            raise GatewayError(415, f"{route.path} takes Content-Type: {want}, not "
+                                    f"{(content_type or 'none')[:100]!r}",
+                               code="unsupported_media_type")
+
+    def preflight(self, req: Request) -> Response:
+        route, _ = find_route(req.path)
+        allow = ", ".join((route.methods if route else ("GET", "POST")) + ("OPTIONS",))
+        hdrs = [("Allow", allow)]
+        cors = self.cors_headers(req.headers)
+        if cors:
+            hdrs += cors + [
+                ("Access-Control-Allow-Methods", allow),
+                ("Access-Control-Allow-Headers",
+                 req.headers.get("access-control-request-headers") or
+                 "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, "
+                 "anthropic-beta"),
+                ("Access-Control-Max-Age", "600")]
+        return Response(204, hdrs)
+
+    def authenticate(self, req: Request) -> Token | None:
+        if not self.require_auth:
+            return None
+        wait = self.throttle.blocked_for(req.address, self.clock())
+        if wait:
+            secs = str(int(-(-wait // 1)))
+            raise GatewayError(429, f"too many wrong gateway tokens from {req.address}; retry in "
+                                    f"{secs} s", code="rate_limit_exceeded",
+                               headers=[("Retry-After", secs)])
+        presented = request_token(req)
+        found = None
+        if presented is not None:
+            key = presented.encode()
+            for tok in self.tokens:              # compare with every token: no early exit
+                if hmac.compare_digest(tok.key, key):
+                    found = tok
+        if presented is None:
+            raise GatewayError(401, f"missing gateway token: {TOKEN_PLACES}")
+        if found is None:
+            self.throttle.failed(req.address, self.clock())
+            raise GatewayError(401, f"invalid gateway token: {TOKEN_PLACES}",
+                               code="invalid_api_key")
+        if not found.enabled:
+            raise GatewayError(401, f"gateway token '{found.name}' is disabled",
+                               code="invalid_api_key")
+        return found
+
+
 class Gateway:
-    """Serves requests from the HTTP server; owns routing state, the upstream client and the
-    request records. ``on_event(kind, payload)`` receives ("request", record) and ("log", text)."""
+    """Serves requests from the HTTP server, as a pipeline: ``access`` (Access) checks who
+    calls, find_route and candidates pick the route and the channels in order, _proxy relays to
+    them (passed through or converted by the adapters of section 9) with fallback, ``limits``
+    (Limits) keeps health, keys and rates, and _finish records the Exchange. The facade the
+    bridge, the GUI and the command line use. ``on_event(kind, payload)`` receives the events
+    of section 12 (request, log, health)."""
 
     def __init__(self, config: dict, *, config_dir: str = ".",
                  on_event: Callable[[str, Any], None] | None = None,
@@ -8011,24 +8777,21 @@ class Gateway:
                  clock: Callable[[], float] = time.monotonic):
         self.client = client or UpstreamClient()
         self.fetcher = UrlFetcher(self.client)
-        self.clock = clock                       # for the failed-auth throttle
-        self.listen_host = listen_host           # when it differs from settings.host (--host)
-        self.auth_throttle = AuthThrottle()
+        self.clock = clock                       # cooldowns, keys' rest, rpm, auth throttle
+        self.access = Access(lambda: self.clock(), listen_host)
         self.on_event = on_event or (lambda kind, payload: None)
         self.config_dir = config_dir
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.stats = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
         self.started = time.time()
-        self._rr: dict[tuple, dict] = {}        # weighted-turn scores (weighted_order)
+        self.router = Router()
         self.affinity = Affinity(clock=clock)
         self.capture = DebugCapture()
         self._seq = itertools.count(1)
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
-        self.health: dict[int, ChannelHealth] = {}
-        self._key_turn: dict[int, int] = {}
-        self._key_bench: dict[tuple[int, str], float] = {}
-        self._rpm: dict[int, collections.deque[float]] = {}
+        self.limits = Limits(lambda: self.clock(), self.log)
+        self.health = self.limits.health         # by channel id (routing skips cooling ones)
         self._request_log: RequestLog | None = None
         self.config_error: str | None = None      # why the file on disk is not in force
         self.apply_config(config)
@@ -8043,15 +8806,7 @@ class Gateway:
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
         self.client.max_response = int(s["max_response_mb"] * 1024 * 1024)
-        self.cors = {o.rstrip("/").lower() for o in s["cors_origins"]}
-        self.allowed_hosts = [host_name(h) for h in s["allowed_hosts"]]
-        binds = {host_name(h) for h in (s["host"], self.listen_host) if h}
-        self.any_host_ip = bool(binds & {"0.0.0.0", "::", ""})
-        if self.any_host_ip:                     # listening on every address of the machine
-            name = socket.gethostname().lower()
-            short = name.partition(".")[0]
-            binds |= {name, short, f"{short}.local"}
-        self.host_names = binds
+        self.access.configure(s, self.tokens)
         self.affinity.ttl = s["affinity_ttl_s"]
         self.aliases = {k.lower(): alias_members(v) for k, v in s["aliases"].items()}
         self.alias_names = list(s["aliases"])
@@ -8079,7 +8834,7 @@ class Gateway:
             self._request_log.close()
 
     def log(self, text: str) -> None:
-        self.on_event("log", escape_controls(text))
+        self.on_event(EVENT_LOG, escape_controls(text))
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -8089,24 +8844,16 @@ class Gateway:
             dialect = guess_dialect(head.path, head.headers) if head else OPENAI
         hdrs = [("Content-Type", "application/json")] + err.headers
         if head is not None:
-            hdrs += self._cors_headers(head.headers)
-        return Response(err.status, hdrs, json_dumps(error_payload(dialect, err)))
-
-    def _cors_headers(self, headers: Headers) -> list[tuple[str, str]]:
-        origin = headers.get("origin")
-        if not origin or not self.origin_allowed(origin):
-            return []
-        return [("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin),
-                ("Vary", "Origin"),
-                ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
+            hdrs += self.access.cors_headers(head.headers)
+        return Response(err.status, hdrs, json_dumps(DIALECTS[dialect].error_payload(err)))
 
     # -- entry point -----------------------------------------------------------------------------
 
     async def handle(self, req: Request) -> Response:
-        self._check_host(req)
-        self._check_origin(req)
+        self.access.check_host(req)
+        self.access.check_origin(req)
         if req.method == "OPTIONS":
-            return self._preflight(req)
+            return self.access.preflight(req)
         route, model_id = find_route(req.path)
         if route is None:
             raise GatewayError(404, f"no route {req.path}: see /v1/models, /v1/chat/completions "
@@ -8117,13 +8864,13 @@ class Gateway:
             raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
                                     f"{' or '.join(route.methods)}",
                                headers=[("Allow", ", ".join(route.methods))])
-        self._check_content_type(req, route)
+        self.access.check_content_type(req, route)
         if route.kind == "health":
             body: dict[str, Any] = {"status": "ok", "version": __version__,
                                     "uptime_s": round(time.time() - self.started, 1)}
             if req.params.get("details") not in (None, "", "0", "false"):
                 try:
-                    self._authenticate(req)
+                    self.access.authenticate(req)
                 except GatewayError as err:
                     return self.render_error(None, err, OPENAI)
                 body["channels"] = self.health_report()
@@ -8131,16 +8878,13 @@ class Gateway:
                 if self.config_error:
                     body["config_error"] = self.config_error
             return Response(200, [("Content-Type", "application/json")], json_dumps(body))
-        if route.kind in ("models", "model") and route.dialect == OPENAI:
-            if "anthropic-version" in req.headers:
-                dialect = ANTHROPIC
-            elif "x-goog-api-key" in req.headers or "key=" in req.query:
-                dialect = GEMINI          # the google-genai SDK lists models at /v1/models
+        if route.path in ("/v1/models", MODEL_ROUTE.path):
+            dialect = models_dialect(req.headers, req.query)
         rec = self._new_record(req, route.path)
         try:
-            token = self._authenticate(req)
+            token = self.access.authenticate(req)
             rec["token"] = token.name if token else None
-            self._check_rpm(token)
+            self.limits.check_rpm(token)
             if route.kind in ("models", "model"):
                 resp = self._models(req, dialect, token, model_id)
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
@@ -8155,110 +8899,8 @@ class Gateway:
             rec["status"], rec["error"] = err.status, err.message
             self._finish(rec)
             resp = self.render_error(None, err, dialect)
-            resp.headers += self._cors_headers(req.headers)
+            resp.headers += self.access.cors_headers(req.headers)
             return resp
-
-    # -- who may call: Host, browser origin, body type -------------------------------------------
-
-    def _check_host(self, req: Request) -> None:
-        """Refuse a Host that is not this gateway's: a DNS-rebinding page reaches the loopback
-        port under its own name, and that name is what its requests carry."""
-        values = req.headers.get_all("host")
-        if len(values) > 1:                      # RFC 9112 section 3.2: answer 400
-            raise GatewayError(400, "the request has more than one Host header")
-        if not values:
-            if req.version == "HTTP/1.0":
-                return
-            raise GatewayError(400, "the request has no Host header (HTTP/1.1 requires one)")
-        name = host_name(values[0])
-        if is_local_name(name) or name in self.host_names or \
-                (self.any_host_ip and is_ip_literal(name)) or \
-                any(name_matches(p, name) for p in self.allowed_hosts):
-            return
-        raise GatewayError(403, f"Host {name[:100]!r} is not one of this gateway's names "
-                                f"(protection against DNS rebinding); to reach the gateway under "
-                                f"that name add it to settings.allowed_hosts",
-                           code="host_not_allowed")
-
-    def origin_allowed(self, origin: str) -> bool:
-        return origin_is_local(origin) or "*" in self.cors or \
-            origin.rstrip("/").lower() in self.cors
-
-    def _check_origin(self, req: Request) -> None:
-        """Refuse a browser page of another site: its request carries an Origin (every
-        cross-origin request and every POST does) or, without one, Sec-Fetch-Site: cross-site.
-        Content types do not matter: a "simple" text/plain POST needs no preflight."""
-        origin = req.headers.get("origin")
-        if origin is not None:
-            if not self.origin_allowed(origin):
-                raise GatewayError(403, f"requests from the web page origin {origin[:100]!r} are "
-                                        f"refused; to let that page use the gateway add the "
-                                        f"origin to settings.cors_origins",
-                                   code="origin_not_allowed")
-        elif (req.headers.get("sec-fetch-site") or "").lower() == "cross-site" and \
-                "*" not in self.cors:
-            raise GatewayError(403, "cross-site requests from web pages are refused; to allow "
-                                    "them set settings.cors_origins to [\"*\"]",
-                               code="origin_not_allowed")
-
-    @staticmethod
-    def _check_content_type(req: Request, route: Route) -> None:
-        """JSON routes take application/json (an absent Content-Type too: scripts often leave it
-        out, and a browser page that can leave it out sends an Origin); the transcription route
-        takes multipart/form-data. A form or text/plain body is what a cross-site page can send
-        without a preflight, so it never reaches an upstream."""
-        if route.body == "none" or req.method != "POST":
-            return
-        want = "multipart/form-data" if route.body == "multipart" else "application/json"
-        ctype = req.headers.get("content-type")
-        if ctype is None and route.body == "json":
-            return
-        if (ctype or "").partition(";")[0].strip().lower() != want:
-            raise GatewayError(415, f"{route.path} takes Content-Type: {want}, not "
-                                    f"{(ctype or 'none')[:100]!r}",
-                               code="unsupported_media_type")
-
-    def _preflight(self, req: Request) -> Response:
-        route, _ = find_route(req.path)
-        allow = ", ".join((route.methods if route else ("GET", "POST")) + ("OPTIONS",))
-        hdrs = [("Allow", allow)]
-        cors = self._cors_headers(req.headers)
-        if cors:
-            hdrs += cors + [
-                ("Access-Control-Allow-Methods", allow),
-                ("Access-Control-Allow-Headers",
-                 req.headers.get("access-control-request-headers") or
-                 "authorization, content-type, x-api-key, x-goog-api-key, anthropic-version, "
-                 "anthropic-beta"),
-                ("Access-Control-Max-Age", "600")]
-        return Response(204, hdrs)
-
-    def _authenticate(self, req: Request) -> Token | None:
-        if not self.settings["require_auth"]:
-            return None
-        wait = self.auth_throttle.blocked_for(req.address, self.clock())
-        if wait:
-            secs = str(int(-(-wait // 1)))
-            raise GatewayError(429, f"too many wrong gateway tokens from {req.address}; retry in "
-                                    f"{secs} s", code="rate_limit_exceeded",
-                               headers=[("Retry-After", secs)])
-        presented = request_token(req)
-        found = None
-        if presented is not None:
-            key = presented.encode()
-            for tok in self.tokens:              # compare with every token: no early exit
-                if hmac.compare_digest(tok.key, key):
-                    found = tok
-        if presented is None:
-            raise GatewayError(401, f"missing gateway token: {TOKEN_PLACES}")
-        if found is None:
-            self.auth_throttle.failed(req.address, self.clock())
-            raise GatewayError(401, f"invalid gateway token: {TOKEN_PLACES}",
-                               code="invalid_api_key")
-        if not found.enabled:
-            raise GatewayError(401, f"gateway token '{found.name}' is disabled",
-                               code="invalid_api_key")
-        return found
 
     def _models(self, req: Request, dialect: str, token: Token | None, model_id: str) -> Response:
         names: list[str] = []
@@ -8282,61 +8924,18 @@ class Gateway:
                                            for ch in self.channels):
                     raise GatewayError(404, f"model '{model_id}' is not served by any enabled "
                                             f"channel", code="model_not_found")
-            payload = model_payload(dialect, model_id, created)
+            payload = DIALECTS[dialect].model_payload(model_id, created)
         else:
-            payload = models_payload(dialect, names, created)
+            payload = DIALECTS[dialect].models_payload(names, created)
         return Response(200, [("Content-Type", "application/json")] +
-                        self._cors_headers(req.headers), json_dumps(payload))
+                        self.access.cors_headers(req.headers), json_dumps(payload))
 
     # -- routing ---------------------------------------------------------------------------------
 
     def candidates(self, model: str, route: Route, token: Token | None,
-                   rec: dict | None = None) -> list[Channel]:
-        serving = [ch for ch in self.channels if ch.enabled and ch.serves(model)]
-        if not serving:
-            raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
-                               code="model_not_found", param="model")
-        if token is not None:
-            serving = [ch for ch in serving if token.may_use_channel(ch)]
-            if not serving:
-                raise GatewayError(403, f"gateway token '{token.name}' may not use the channels "
-                                        f"that serve '{model}'")
-        reach = PASSTHROUGH_TYPES[route.dialect] + route.reach
-        usable = [ch for ch in serving if ch.type in reach]
-        if not usable:
-            kinds = ", ".join(sorted({f"{ch.type} channel '{ch.name}'" for ch in serving}))
-            raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} "
-                                    f"reaches only {', '.join(dict.fromkeys(reach))} channels",
-                               code="conversion_not_available")
-        ordered: list[Channel] = []
-        for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
-                                             key=lambda c: c.priority):
-            members = list(group)
-            if len(members) > 1:
-                members = weighted_order(members, [ch.weight for ch in members],
-                                         self._turns((model.lower(), prio)))
-            ordered += members
-        now = time.monotonic()
-        ready = []
-        for ch in ordered:
-            h = self.health.get(ch.id)
-            if h is None or (h.until <= now and not h.probing):
-                if h is not None and h.until:        # cooldown over: this one is the probe
-                    h.probing, h.until = True, 0.0
-                ready.append(ch)
-        if rec is not None and ready:
-            rec["skipped"] = [ch.name for ch in ordered if ch not in ready]
-        # When every candidate is cooling down, try them anyway: an answer beats a refusal.
-        return ready or ordered
-
-    def _turns(self, key: tuple) -> dict:
-        """The weighted-turn scores kept for ``key``, at most WEIGHT_STATES_MAX of them."""
-        turns = self._rr.get(key)
-        if turns is None:
-            while len(self._rr) >= WEIGHT_STATES_MAX:
-                del self._rr[next(iter(self._rr))]
-            turns = self._rr[key] = {}
-        return turns
+                   rec: Exchange | None = None) -> list[Channel]:
+        """The channels to try for ``model`` in order (Router), cooling ones left out (Limits)."""
+        return self.limits.ready(self.router.order(self.channels, model, route, token), rec)
 
     def route_channels(self, model: str, route: Route, token: Token | None,
                        rec: dict) -> list[Channel]:
@@ -8359,7 +8958,7 @@ class Gateway:
         if refused is not None and not served:
             raise refused
         order = weighted_order(list(served), [served[m][0] for m in served],
-                               self._turns(("alias", model.lower())))
+                               self.router.turns(("alias", model.lower())))
         rec["skipped"] = skipped
         return [ch.for_alias(model, m) for m in order for ch in served[m][1]]
 
@@ -8381,10 +8980,10 @@ class Gateway:
                      path_model: str = "") -> tuple[str, dict | None, bool]:
         """(model, parsed JSON body or None, stream flag)."""
         if route.body == "multipart":
-            ctype = req.headers.get("content-type") or ""     # checked by _check_content_type
+            form = req.headers.get("content-type") or ""     # checked by check_content_type
             # One 'model' field, in UTF-8: what is authorised is exactly what is forwarded.
             fields = [req.body[start:end] for hdrs, start, end in
-                      parse_multipart(req.body, ctype) if multipart_field_name(hdrs) == "model"]
+                      parse_multipart(req.body, form) if multipart_field_name(hdrs) == "model"]
             if len(fields) > 1:
                 raise GatewayError(400, "the form has more than one 'model' field",
                                    param="model")
@@ -8401,7 +9000,7 @@ class Gateway:
         obj = json_loads(req.body)
         if not isinstance(obj, dict):
             raise GatewayError(400, "the request body must be a JSON object")
-        if route.dialect == GEMINI:                  # the model is in the URL
+        if DIALECTS[route.dialect].model_in_path:
             return path_model, obj, route.kind == "streamGenerateContent"
         model = obj.get("model")
         if model is None and route.kind == "images":
@@ -8415,10 +9014,8 @@ class Gateway:
                           obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
         body = req.body
         target = ch.upstream_model(model)
-        if ch.quirks and route.kind == "chat" and obj is not None:
-            body = json_dumps(apply_openai_quirks(dict(obj, model=model), ch.quirks))
-        elif ch.quirks and route.kind == "messages" and obj is not None:
-            body = json_dumps(apply_anthropic_quirks(dict(obj, model=model), ch.quirks))
+        if ch.quirks and route.kind in ("chat", "messages") and obj is not None:
+            body = json_dumps(PROVIDERS[ch.type].quirks(dict(obj, model=model), ch.quirks))
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
@@ -8427,33 +9024,23 @@ class Gateway:
                 body = replace_json_model(body, model, target)
         query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
             if req.query else ""
-        if route.dialect == GEMINI:
-            url = gemini_model_path(ch.base_url, target, route.kind) + (f"?{query}" if query
-                                                                       else "")
-        else:
-            url = join_base_url(ch.base_url, route.path) + (f"?{query}" if query else "")
+        provider = PROVIDERS[ch.type]
+        url = provider.passthrough_url(ch, route.path, route.kind, target)
+        if query:
+            url += ("&" if "?" in url else "?") + query
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
         hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
                 and n.lower() not in listed and n.lower() not in extra
-                and not (route.dialect == ANTHROPIC and n.lower() == "anthropic-version")]
-        if route.dialect == ANTHROPIC:
-            hdrs.append(("anthropic-version",
-                         req.headers.get("anthropic-version") or ANTHROPIC_VERSION))
-            auth = anthropic_auth_header(ch.api_key, ch.quirks)
-            if ch.api_key and auth[0].lower() not in extra:
-                hdrs.append(auth)
-        elif route.dialect == GEMINI:
-            if ch.api_key and "x-goog-api-key" not in extra:
-                hdrs.append(("x-goog-api-key", ch.api_key))
-        elif ch.api_key and "authorization" not in extra:
-            hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+                and n.lower() not in provider.replaces_headers]
+        hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
+                 if n.lower() not in extra]
         hdrs += ch.headers
         hdrs.append(("Accept-Encoding", "gzip, deflate"))
         return url, hdrs, body
 
     async def _proxy(self, req: Request, route: Route, dialect: str, token: Token | None,
-                     rec: dict, path_model: str = "") -> Response:
+                     rec: Exchange, path_model: str = "") -> Response:
         model, obj, stream = self._parse_model(req, route, path_model)
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
@@ -8476,14 +9063,14 @@ class Gateway:
         for base in chans:
             keys_tried: set[str] = set()
             while True:
-                ch = base.with_key(self._pick_key(base, keys_tried, pin_key(pin, base, model)))
+                ch = base.with_key(self.limits.pick_key(base, keys_tried,
+                                                        pin_key(pin, base, model)))
                 keys_tried.add(ch.api_key)
                 rec["upstream_model"] = ch.upstream_model(model)
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
-                passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
-                    dialect == RESPONSES and ch.responses_api and
-                    ch.type in ("openai", "custom"))) and not foreign
+                provider = PROVIDERS[ch.type]
+                passthrough = provider.relays(dialect, ch.responses_api) and not foreign
                 if passthrough:
                     url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
                 elif route.kind in _EMBED_KINDS:
@@ -8498,7 +9085,7 @@ class Gateway:
                         ir["stream"] = stream
                     if route.kind in ("count_tokens", "countTokens"):
                         return self._count_locally(ir, rec, dialect)
-                    if ch.type in INLINE_ONLY_MEDIA and ch.type not in inlined:
+                    if provider.inline_media and ch.type not in inlined:
                         inlined[ch.type] = await self._inline_remote_images(ir, ch)
                     url, hdrs, body = self._converted_request(
                         ch, inlined.get(ch.type, ir), model)
@@ -8508,7 +9095,7 @@ class Gateway:
                 method = "POST" if not passthrough else req.method
                 exchange = self.capture.upstream(rec["id"], method, url, hdrs, body)
                 try:
-                    await self._acquire_slot(ch, rec)
+                    await self.limits.acquire_slot(ch, rec)
                     t0 = time.perf_counter()
                     up = await self.client.request(method, url, hdrs, body, proxy=ch.proxy,
                                                    verify_tls=ch.verify_tls, timeout=ch.timeout)
@@ -8518,9 +9105,9 @@ class Gateway:
                     if overflow is not None:
                         # The channel works; the prompt is too long for any channel.
                         rec["channel"] = ch.name
-                        self._health(ch).succeeded(up.status,
+                        self.limits.health_of(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
-                        self._release_slot(rec)
+                        self.limits.release_slot(rec)
                         self.log(f"channel '{ch.name}': context window exceeded for {model}")
                         raise overflow
                     if up.status < 300 or not (up.status in (401, 403, 408, 429)
@@ -8529,11 +9116,11 @@ class Gateway:
                         if scope is not None and up.status < 300:
                             rec["affinity"] = self.affinity.served(scope, pin, (
                                 base.id, rec["upstream_model"], key_index(base, ch.api_key)))
-                        self._health(ch).succeeded(up.status,
+                        self.limits.health_of(ch).succeeded(up.status,
                                                    round((time.perf_counter() - t0) * 1000, 1))
                         if passthrough:
                             return await self._answer(up, dialect, rec, req, hold and (
-                                route.kind in CHAT_KINDS and dialect in PASSTHROUGH_DECODERS))
+                                route.kind in CHAT_KINDS))
                         if route.kind in _EMBED_KINDS:
                             return await self._answer_embeddings(up, ch, route, obj or {},
                                                                  texts or [], model, rec, req)
@@ -8546,118 +9133,30 @@ class Gateway:
                                         retryable=True, upstream_status=up.status,
                                         code=upstream_error_code(err_body), headers=retry)
                 except UpstreamError as exc:
-                    self._release_slot(rec)
+                    self.limits.release_slot(rec)
                     failures.append((ch, exc))
                     rec["failures"].append({"channel": ch.name, "status": exc.status,
                                             "error": exc.message})
                     self.log(f"channel '{ch.name}' failed for {model}: {exc.status} "
                              f"{exc.message}")
                     if exc.upstream_status in (401, 403, 429) and len(base.keys) > 1:
-                        self._bench_key(base, ch.api_key, exc)
+                        self.limits.bench_key(base, ch.api_key, exc)
                         if len(keys_tried) < len(base.keys):
                             continue                  # the same channel with its next key
                     self._note_failure(base, exc)
                     break
         raise self._all_failed(failures)
 
-    # -- health, keys and limits -----------------------------------------------------------------
-
-    def _health(self, ch: Channel) -> ChannelHealth:
-        h = self.health.get(ch.id)
-        if h is None:
-            h = self.health[ch.id] = ChannelHealth()
-        return h
+    # -- health, keys and limits (Limits) ---------------------------------------------------------
 
     def _note_failure(self, ch: Channel, exc: UpstreamError) -> None:
-        if exc.code == "concurrency_limit":            # busy by our own limit, not unhealthy
-            return
-        if self._health(ch).failed(exc, time.monotonic()):
+        if self.limits.failed(ch, exc):
             self.log(f"channel '{ch.name}' cools down for "
-                     f"{self.health[ch.id].until - time.monotonic():.0f} s")
-            self.on_event("health", self.health_report())
-
-    def _pick_key(self, ch: Channel, tried: set[str], prefer: int | None = None) -> str:
-        """The channel's next key in turn that is neither benched nor already tried (the key
-        ``prefer`` first: the one a session is pinned to)."""
-        keys = ch.keys
-        if len(keys) <= 1:
-            return keys[0] if keys else ""
-        now = time.monotonic()
-        turn = self._key_turn.get(ch.id, 0)
-        self._key_turn[ch.id] = turn + 1
-        if prefer is not None and prefer < len(keys):
-            turn = prefer
-        order = [keys[(turn + i) % len(keys)] for i in range(len(keys))]
-        fresh = [k for k in order if k not in tried]
-        rested = [k for k in fresh if self._key_bench.get((ch.id, k), 0) <= now]
-        if rested:
-            return rested[0]
-        return min(fresh or order, key=lambda k: self._key_bench.get((ch.id, k), 0))
-
-    def _bench_key(self, ch: Channel, key: str, exc: UpstreamError) -> None:
-        wait = retry_after_seconds(exc.headers) or KEY_BENCH_SECONDS
-        self._key_bench[(ch.id, key)] = time.monotonic() + wait
-        self.log(f"channel '{ch.name}': key {mask_secret(key)} rests {wait:.0f} s after "
-                 f"{exc.upstream_status}")
-
-    async def _acquire_slot(self, ch: Channel, rec: dict) -> None:
-        """Take one of the channel's max_concurrency slots, waiting in a bounded queue; a full
-        queue is this channel's failure (the next candidate is tried, else 429)."""
-        if not ch.max_concurrency:
-            return
-        h = self._health(ch)
-        while h.inflight >= ch.max_concurrency:
-            if h.waiting >= ch.max_concurrency * QUEUE_PER_SLOT:
-                raise UpstreamError(429, f"channel '{ch.name}' is at its concurrency limit "
-                                         f"({ch.max_concurrency}) with a full queue",
-                                    retryable=True, code="concurrency_limit",
-                                    headers=[("Retry-After", "1")])
-            if h.slots is None:
-                h.slots = asyncio.Event()
-            h.waiting += 1
-            try:
-                h.slots.clear()
-                await h.slots.wait()
-            finally:
-                h.waiting -= 1
-        h.inflight += 1
-        rec["_slot"] = h
-
-    @staticmethod
-    def _release_slot(rec: dict) -> None:
-        h = rec.pop("_slot", None)
-        if h is not None:
-            h.inflight -= 1
-            if h.slots is not None:
-                h.slots.set()
-
-    def _check_rpm(self, token: Token | None) -> None:
-        if token is None or not token.rpm:
-            return
-        now = time.monotonic()
-        window = self._rpm.setdefault(token.id, collections.deque())
-        while window and window[0] <= now - 60:
-            window.popleft()
-        if len(window) >= token.rpm:
-            wait = max(1, int(window[0] + 60 - now) + 1)
-            raise GatewayError(429, f"gateway token '{token.name}' is over its limit of "
-                                    f"{token.rpm} requests per minute; retry in {wait} s",
-                               code="rate_limit_exceeded", headers=[("Retry-After", str(wait))])
-        window.append(now)
+                     f"{self.health[ch.id].until - self.clock():.0f} s")
+            self.on_event(EVENT_HEALTH, self.health_report())
 
     def health_report(self) -> list[dict]:
-        now = time.monotonic()
-        out = []
-        for ch in self.channels:
-            h = self.health.get(ch.id)
-            entry = {"id": ch.id, "name": ch.name, "type": ch.type, "enabled": ch.enabled}
-            entry.update(h.snapshot(now) if h else ChannelHealth().snapshot(now))
-            if len(ch.keys) > 1:
-                entry["keys"] = len(ch.keys)
-                entry["keys_resting"] = sum(1 for k in ch.keys
-                                            if self._key_bench.get((ch.id, k), 0) > now)
-            out.append(entry)
-        return out
+        return self.limits.report(self.channels)
 
     def channel(self, channel_id: int) -> Channel:
         for ch in self.channels:
@@ -8693,24 +9192,13 @@ class Gateway:
         if PRESETS.get(ch.preset, {}).get("model_list") is False:
             raise GatewayError(400, f"{PRESETS[ch.preset]['label']} has no model list the "
                                     f"gateway can read; type the model names")
-        if ch.type == "gemini":
-            url = gemini_model_path(ch.base_url, "", "").rsplit("/", 1)[0] + "?pageSize=1000"
-        elif ch.type == "ollama":
-            url = ollama_url(ch.base_url, "/api/tags")
-        else:
-            url = join_base_url(ch.base_url, "/v1/models")
+        provider = PROVIDERS[ch.type]
+        url = provider.models_url(ch)
         hdrs = [(n, v) for n, v in self._native_headers(ch) if n.lower() != "content-type"]
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
         raw = await self._read_converted(up, ch)
-        body = upstream_json(raw, ch.name, "a model list")
-        items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
-        names = []
-        for item in items:
-            name = item.get("id") or item.get("name") if isinstance(item, dict) else None
-            if isinstance(name, str) and name:
-                names.append(name[7:] if name.startswith("models/") else name)
-        return names
+        return provider.parse_models(upstream_json(raw, ch.name, "a model list"))
 
     # -- conversion ------------------------------------------------------------------------------
 
@@ -8731,7 +9219,7 @@ class Gateway:
             if p["type"] != "image" or "url" not in p:
                 continue
             media, data = await self.fetcher.fetch(
-                p.pop("url"), what="image", accept=INLINE_ONLY_MEDIA[ch.type],
+                p.pop("url"), what="image", accept=PROVIDERS[ch.type].inline_media,
                 allow_private=self.settings["fetch_private_urls"], proxy=ch.proxy)
             if not media.startswith("image/"):
                 p.update(type="file", filename="document.pdf")
@@ -8740,37 +9228,22 @@ class Gateway:
 
     @staticmethod
     def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
-        if dialect == GEMINI:
-            if route.kind == "countTokens" and isinstance(obj.get("generateContentRequest"),
-                                                          dict):
-                obj = obj["generateContentRequest"]
-            ir = CLIENT_CODECS[GEMINI][0](dict(obj, model=model))
-            ir["gemini_sse"] = req.params.get("alt") == "sse"     # a transport hint
-            return ir
-        return CLIENT_CODECS[dialect][0](obj)
+        return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
 
-    def _count_locally(self, ir: dict, rec: dict, dialect: str) -> Response:
+    def _count_locally(self, ir: dict, rec: Exchange, dialect: str) -> Response:
         """Token counting for a model on a channel of another dialect: a local estimate, never
         an upstream call (Claude Code sends many of these)."""
         count = estimate_tokens(ir)
         rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
         self._finish(rec)
-        body = {"totalTokens": count} if dialect == GEMINI else {"input_tokens": count}
+        body = DIALECTS[dialect].count_payload(count)
         return Response(200, [("Content-Type", "application/json")], json_dumps(body))
 
     @staticmethod
     def _native_headers(ch: Channel) -> list[tuple[str, str]]:
         """Headers for a request the gateway builds itself in the channel's own dialect."""
-        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate")]
-        if ch.type == "anthropic":
-            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
-            if ch.api_key:
-                hdrs.append(anthropic_auth_header(ch.api_key, ch.quirks))
-        elif ch.type == "gemini":
-            if ch.api_key:
-                hdrs.append(("x-goog-api-key", ch.api_key))
-        elif ch.api_key:
-            hdrs.append(("Authorization", f"Bearer {ch.api_key}"))
+        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate"),
+                *PROVIDERS[ch.type].auth_headers(ch.api_key, None, ch.quirks)]
         extra = {n.lower() for n, _ in ch.headers}
         return [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
 
@@ -8782,37 +9255,21 @@ class Gateway:
                                     max_tokens_cap=ch.max_tokens_cap,
                                     signatures=self.signatures, quirks=ch.quirks,
                                     thinking=ch.thinking, kept=self.thinking)
-        if ch.type == "anthropic":
-            url = join_base_url(ch.base_url, "/v1/messages")
-        elif ch.type == "gemini":
-            url = gemini_model_path(ch.base_url, target, "streamGenerateContent?alt=sse"
-                                    if stream else "generateContent")
-        elif ch.type == "ollama":
-            url = ollama_url(ch.base_url, "/api/chat")
-        else:
-            url = join_base_url(ch.base_url, "/v1/chat/completions")
+        url = PROVIDERS[ch.type].chat_url(ch, target, stream)
         return url, self._native_headers(ch), json_dumps(body)
 
     def _embeddings_request(self, ch: Channel, texts: list[str], model: str, dims: Any
                             ) -> tuple[str, list[tuple[str, str]], bytes]:
         target = ch.upstream_model(model)
-        body: dict[str, Any]
-        if ch.type == "gemini":
-            url = gemini_model_path(ch.base_url, target, "batchEmbedContents")
-            body = gemini_embed_request(texts, target, dims)
-        else:
-            url = ollama_url(ch.base_url, "/api/embed") if ch.type == "ollama" else \
-                join_base_url(ch.base_url, "/v1/embeddings")
-            body = {"model": target, "input": texts}
-            if isinstance(dims, int):
-                body["dimensions"] = dims
-        return url, self._native_headers(ch), json_dumps(body)
+        provider = PROVIDERS[ch.type]
+        return (provider.embeddings_url(ch, target), self._native_headers(ch),
+                json_dumps(provider.encode_embeddings(texts, target, dims)))
 
     async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
-                                 obj: dict, texts: list[str], model: str, rec: dict,
+                                 obj: dict, texts: list[str], model: str, rec: Exchange,
                                  req: Request) -> Response:
         answer = upstream_json(await self._read_converted(up, ch), ch.name)
-        vectors, tokens = EMBED_DECODERS.get(ch.type, openai_embed_vectors)(answer)
+        vectors, tokens = PROVIDERS[ch.type].embed_vectors(answer)
         tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
         if route.kind == "embeddings":
             payload = openai_embeddings_payload(vectors, model, tokens,
@@ -8825,7 +9282,7 @@ class Gateway:
         rec["status"], rec["input_tokens"], rec["bytes_out"] = 200, tokens, len(out)
         self._finish(rec)
         return Response(200, [("Content-Type", "application/json")] +
-                        self._cors_headers(req.headers), out)
+                        self.access.cors_headers(req.headers), out)
 
     @staticmethod
     async def _read_converted(up: UpstreamResponse, ch: Channel) -> bytes:
@@ -8878,15 +9335,15 @@ class Gateway:
         raise self._empty_answer(up)
 
     async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
-                                model: str, rec: dict, req: Request,
+                                model: str, rec: Exchange, req: Request,
                                 hold: bool = False) -> Response:
-        rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
+        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
                                                          upstream_tool_names(ir, ch.type),
                                                          self.thinking)
         if up.status >= 300:
             await self._read_converted(up, ch)
-        hdrs = [("Content-Type", "application/json")] + self._cors_headers(req.headers)
+        hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
         rec["status"] = 200
         if not ir["stream"]:
             answer = upstream_json(await self._read_converted(up, ch), ch.name)
@@ -8898,18 +9355,18 @@ class Gateway:
                 raise self._empty_answer(up)
             rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
                 resp["usage"]["output"]
-            out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
+            out = json_dumps(DIALECTS[dialect].response(resp, model, ir))
             rec["bytes_out"] = len(out)
             self._trim_signatures()
             self._finish(rec)
             return Response(200, hdrs, out)
         rec["stream"] = True
         hdrs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                ("X-Accel-Buffering", "no")] + self._cors_headers(req.headers)
-        encoder = CLIENT_CODECS[dialect][2](model, ir)
+                ("X-Accel-Buffering", "no")] + self.access.cors_headers(req.headers)
+        encoder = DIALECTS[dialect].stream_encoder(model, ir)
         decoder = stream_decoder()
-        ctype = up.content_type.lower()
-        if "json" in ctype and "ndjson" not in ctype:
+        content_type = up.content_type.lower()
+        if "json" in content_type and "ndjson" not in content_type:
             # The upstream ignored stream:true and answered whole: stream it as events.
             answer = upstream_json(await self._read_converted(up, ch), ch.name)
             resp = decode_whole(answer if isinstance(answer, dict) else {})
@@ -8927,10 +9384,10 @@ class Gateway:
             self._trim_signatures()
             self._finish(rec)
         relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
-        return Response(200, hdrs, StreamBody(relay, done), keepalive=SSE_KEEPALIVE[dialect])
+        return Response(200, hdrs, StreamBody(relay, done), keepalive=DIALECTS[dialect].keepalive)
 
     async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
-                               rec: dict, held: list[tuple], ended: bool
+                               rec: Exchange, held: list[tuple], ended: bool
                                ) -> AsyncIterator[bytes]:
         """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
         ``held`` events (read while waiting for content) go first."""
@@ -8972,59 +9429,60 @@ class Gateway:
         return GatewayError(last.status, f"all {len(failures)} channels failed: {tried}",
                             headers=last.headers)
 
-    async def _answer(self, up: UpstreamResponse, dialect: str, rec: dict,
+    async def _answer(self, up: UpstreamResponse, dialect: str, rec: Exchange,
                       req: Request, hold: bool = False) -> Response:
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
-        hdrs += self._cors_headers(req.headers)
+        hdrs += self.access.cors_headers(req.headers)
         rec["status"] = up.status
-        rec["ttfb_ms"] = round((time.perf_counter() - rec["_t0"]) * 1000, 1)
-        ctype = up.content_type.lower()
-        sse = ctype.startswith("text/event-stream")
+        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
+        content_type = up.content_type.lower()
+        sse = content_type.startswith("text/event-stream")
         length = up.headers.get("content-length")
         small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
         # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
         # it is framed or compressed, so that it is checked before it is forwarded.
-        whole_json = "json" in ctype and up.status < 300 and not rec["stream"]
+        whole_json = "json" in content_type and up.status < 300 and not rec["stream"]
         if not sse and (whole_json or (small and "content-encoding" not in up.headers)):
             try:
                 body = await up.read()
             except UpstreamError as exc:
                 raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
                     from None
-            if up.status < 300 and "json" in ctype:
+            if up.status < 300 and "json" in content_type:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
-                found = usage_from_json(upstream_json(body, rec["channel"]))
+                found = DIALECTS[dialect].usage(upstream_json(body, rec["channel"]))
                 if found:
                     rec["input_tokens"], rec["output_tokens"] = found
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
-            elif hold and "json" in ctype and self._passthrough_empty(dialect, body):
+            elif hold and "json" in content_type and self._passthrough_empty(dialect, body):
                 raise self._empty_answer(up)
             rec["bytes_out"] = len(body)
             self._finish(rec)
             return Response(up.status, hdrs, body)
-        pt = SSEPassthrough() if sse else None
+        pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
         chunks = up.iter_bytes()
         held: list[bytes] = []
         if sse and hold and up.status < 300:
-            await self._hold_until_content(chunks, PASSTHROUGH_DECODERS[dialect][1](), up,
-                                           held)
+            stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
+            await self._hold_until_content(chunks, stream_decoder(), up, held)
         if sse:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
             rec["stream"] = True
         return Response(up.status, hdrs, self._stream(up, dialect, pt, rec, chunks, held),
-                        keepalive=SSE_KEEPALIVE[dialect] if sse else None)
+                        keepalive=DIALECTS[dialect].keepalive if sse else None)
 
     @staticmethod
     def _passthrough_empty(dialect: str, body: bytes) -> bool:
         try:
             obj = json.loads(body)
-            return isinstance(obj, dict) and answer_is_empty(PASSTHROUGH_DECODERS[dialect][0](obj))
+            return isinstance(obj, dict) and answer_is_empty(
+                DIALECTS[dialect].passthrough_decoders()[0](obj))
         except (ValueError, UnicodeDecodeError, GatewayError):
             return False
 
-    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: dict,
+    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: Exchange,
                 chunks: AsyncIterator[bytes], held: list[bytes]) -> StreamBody:
         def done() -> None:
             up.aclose_nowait()
@@ -9036,7 +9494,7 @@ class Gateway:
         return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
 
     async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
-                     pt: SSEPassthrough | None, rec: dict) -> AsyncIterator[bytes]:
+                     pt: SSEPassthrough | None, rec: Exchange) -> AsyncIterator[bytes]:
         """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
         content, first). An SSE stream that breaks gets an in-band error event and a clean end;
         any other body is cut, so the client sees the break."""
@@ -9063,25 +9521,26 @@ class Gateway:
                 raise
             # An event cut unfinished (flushed unsplit) is ended first, so the error stands alone.
             yield (b"\n\n" if pt.open else b"") + \
-                stream_error_event(dialect, GatewayError(exc.status, rec["error"]))
+                DIALECTS[dialect].stream_error(GatewayError(exc.status, rec["error"]))
 
     # -- records ---------------------------------------------------------------------------------
 
-    def _new_record(self, req: Request, route: str) -> dict:
-        return {"id": next(self._seq), "time": time.time(), "_t0": time.perf_counter(),
-                "method": req.method, "route": route, "model": None, "stream": False,
-                "token": None, "channel": None, "tried": [], "failures": [], "skipped": [],
-                "status": None, "latency_ms": None, "ttfb_ms": None,
-                "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
-                "output_tokens": None, "error": None, "upstream_model": None,
-                "affinity": None}
+    def _new_record(self, req: Request, route: str) -> Exchange:
+        return Exchange({"id": next(self._seq), "time": time.time(),
+                         "method": req.method, "route": route, "model": None, "stream": False,
+                         "token": None, "channel": None, "tried": [], "failures": [],
+                         "skipped": [], "status": None, "latency_ms": None, "ttfb_ms": None,
+                         "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
+                         "output_tokens": None, "error": None, "upstream_model": None,
+                         "affinity": None}, time.perf_counter())
 
-    def _finish(self, rec: dict) -> None:
-        self._release_slot(rec)
-        if "_t0" not in rec:
+    def _finish(self, rec: Exchange) -> None:
+        self.limits.release_slot(rec)
+        if rec.finished:
             return
         self.capture.finish(rec["id"])
-        rec["latency_ms"] = round((time.perf_counter() - rec.pop("_t0")) * 1000, 1)
+        rec.finished = True
+        rec["latency_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         st = self.stats
         st["requests"] += 1
         if rec["error"] or (rec["status"] or 500) >= 400:
@@ -9090,20 +9549,29 @@ class Gateway:
         st["output_tokens"] += rec["output_tokens"] or 0
         # The one place records are made safe for every view of them (access line, GUI, JSONL):
         # the model, errors and the rest may hold text a client sent.
-        rec.update(escape_record(rec))
-        self.records.append(rec)
+        record = rec.record
+        record.update(escape_record(record))
+        self.records.append(record)
         if self._request_log is not None:
-            self._request_log.write(rec)
-        self.on_event("request", rec)
+            self._request_log.write(record)
+        self.on_event(EVENT_REQUEST, record)
 
 
 # =================================================================================================
 # 12. Server thread bridge
 # =================================================================================================
-# The only place the GUI thread and the server thread meet. The GUI calls start/stop/apply_config
-# and submit; events come back through ``events``, a queue.Queue of (kind, payload) tuples:
-# ("state", "running"|"stopped"), ("request", record), ("log", text), ("config", None) when
-# config.json was reloaded from disk.
+# The only place the GUI thread and the server thread meet. The GUI calls start/stop/reload/
+# apply_config and run_task (tests also submit); events come back through ``events``, a
+# queue.Queue of (kind, payload) tuples of the kinds below. The Gateway (section 11) emits
+# request, log and health through the on_event callback it is given; the bridge adds config,
+# state and result.
+
+EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
+EVENT_LOG = "log"                # a line for the activity log (str)
+EVENT_HEALTH = "health"          # Gateway.health_report(), when a channel starts to cool down
+EVENT_CONFIG = "config"          # None: config.json was reloaded from disk
+EVENT_STATE = "state"            # "running" | "stopped"
+EVENT_RESULT = "result"          # (tag, ok, value or error text) of a run_task
 
 async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event,
                        interval: float) -> None:
@@ -9136,7 +9604,7 @@ async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event
         except Exception as exc:                     # a request log that cannot be opened
             gateway.log(f"configuration reloaded, but not all of it applies: "
                         f"{type(exc).__name__}: {exc}")
-        gateway.on_event("config", None)
+        gateway.on_event(EVENT_CONFIG, None)
         gateway.log(f"configuration reloaded from {os.path.basename(store.path)}")
         if (before["host"], before["port"]) != (gateway.settings["host"],
                                                 gateway.settings["port"]):
@@ -9282,7 +9750,7 @@ class GatewayThread:
         def ready(gateway: Gateway, server: HTTPServer) -> None:
             self.gateway, self.server = gateway, server
             self._ready.set()
-            self._emit("state", "running")
+            self._emit(EVENT_STATE, "running")
         try:
             loop.run_until_complete(run_gateway(self.store, self._stop, host=self.host,
                                                 port=self.port, on_event=self._emit,
@@ -9297,7 +9765,7 @@ class GatewayThread:
                 loop.close()
             self._loop = None
             self._ready.set()
-            self._emit("state", "stopped")
+            self._emit(EVENT_STATE, "stopped")
 
     def stop(self, timeout: float = SHUTDOWN_GRACE + 5) -> None:
         loop, stop, thread = self._loop, self._stop, self._thread
@@ -9332,11 +9800,11 @@ class GatewayThread:
         ("result", (tag, ok, value or error text)). Never blocks the caller."""
         async def wrapped(gateway: Gateway) -> None:
             try:
-                self._emit("result", (tag, True, await make(gateway)))
+                self._emit(EVENT_RESULT, (tag, True, await make(gateway)))
             except GatewayError as exc:
-                self._emit("result", (tag, False, exc.message))
+                self._emit(EVENT_RESULT, (tag, False, exc.message))
             except Exception as exc:                                   # reported, not raised
-                self._emit("result", (tag, False, f"{type(exc).__name__}: {exc}"))
+                self._emit(EVENT_RESULT, (tag, False, f"{type(exc).__name__}: {exc}"))
 
         loop, gateway = self._loop, self.gateway
         if loop is not None and gateway is not None:
@@ -9871,10 +10339,10 @@ class ChannelDialog:
         self.app, self.channel = app, channel
         self.top, body = _dialog(app, "Edit channel" if channel else "Add channel")
         top = self.top
-        c = channel or dict(CHANNEL_DEFAULTS, base_url=CHANNEL_DEFAULT_URLS["openai"])
+        c = channel or dict(CHANNEL_DEFAULTS, base_url=CHANNEL_DEFAULT_URLS[TYPE_OPENAI])
         self.vars = {
             "name": tk.StringVar(value=c.get("name", "")),
-            "type": tk.StringVar(value=c.get("type", "openai")),
+            "type": tk.StringVar(value=c.get("type", TYPE_OPENAI)),
             "base_url": tk.StringVar(value=c.get("base_url", "")),
             "api_key": tk.StringVar(value=c.get("api_key", "")),
             "models": tk.StringVar(value=", ".join(c.get("models", []))),
@@ -10673,19 +11141,19 @@ class App:
             except queue.Empty:
                 break
             handled += 1
-            if kind == "request":
+            if kind == EVENT_REQUEST:
                 self.dashboard.add_record(payload)
                 self.logs.add_record(payload)
-            elif kind == "log":
+            elif kind == EVENT_LOG:
                 self.dashboard.log(payload)
-            elif kind == "health":
+            elif kind == EVENT_HEALTH:
                 self.dashboard.set_health(payload)
-            elif kind == "config":                     # config.json was edited on disk
+            elif kind == EVENT_CONFIG:                     # config.json was edited on disk
                 self._show_new_config()
-            elif kind == "state":
+            elif kind == EVENT_STATE:
                 self.dashboard.set_state(payload == "running" and self.bridge.running,
                                          self.bridge.url)
-            elif kind == "result":
+            elif kind == EVENT_RESULT:
                 tag, ok, value = payload
                 done = self._tasks.pop(tag, None)
                 if done is not None:
@@ -10745,6 +11213,9 @@ class App:
 # =================================================================================================
 # 14. Command line and main()
 # =================================================================================================
+# The access line of the headless console, the management commands (channels, tokens, config:
+# edits of config.json through ConfigStore), start-up checks and main(): the GUI when a display
+# is there, else the server on this thread.
 
 def access_line(rec: dict) -> str:
     """One line per request for the headless console; never a secret."""
@@ -11135,7 +11606,7 @@ def check_config(path: str) -> int:
                 warnings.append(f"{path}: tokens[{i}].allowed_channels: {ref!r} is no channel's "
                                 f"name or id, so it allows nothing")
     for i, c in enumerate(data["channels"]):
-        if c["enabled"] and not c["api_key"] and c["type"] in ("openai", "anthropic", "gemini"):
+        if c["enabled"] and not c["api_key"] and PROVIDERS[c["type"]].needs_key:
             warnings.append(f"{path}: channels[{i}].api_key: channel {c['name']!r} has no key")
     for problem in errors:
         print(f"error: {problem}")
@@ -11155,9 +11626,9 @@ def run_headless(store: ConfigStore, host: str | None, port: int | None, quiet: 
     bind_port = settings["port"] if port is None else port
 
     def on_event(kind: str, payload: Any) -> None:
-        if kind == "request" and not quiet:
+        if kind == EVENT_REQUEST and not quiet:
             print(access_line(payload), flush=True)
-        elif kind == "log":
+        elif kind == EVENT_LOG:
             print(f"{time.strftime('%H:%M:%S')} {payload}", file=sys.stderr, flush=True)
 
     async def serve() -> None:

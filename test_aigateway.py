@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import copy
 import gzip
 import http.client
 import http.server
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 
 import anthropic
@@ -595,7 +597,7 @@ def test_05_converted_decoder_refuses_an_event_that_is_not_json():
 
 
 def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
-    pt = ag.SSEPassthrough()
+    pt = ag.SSEPassthrough(ag.DIALECTS[ag.OPENAI].usage)
     events = b"".join(openai_stream_chunks(usage=(11, 4)))
     out = b""
     for i in range(0, len(events), 7):
@@ -604,7 +606,7 @@ def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
         out += piece
     assert out + pt.flush() == events
     assert (pt.input_tokens, pt.output_tokens) == (11, 4)
-    pa = ag.SSEPassthrough()
+    pa = ag.SSEPassthrough(ag.DIALECTS[ag.ANTHROPIC].usage)
     for c in anthropic_stream_chunks():
         pa.feed(c[:5])
         pa.feed(c[5:])
@@ -2522,7 +2524,7 @@ def test_11_route_without_conversion_gives_clear_error(gw, upstream):
     with pytest.raises(openai.APIStatusError) as e:
         g.openai().images.generate(model="gemini-image", prompt="x")
     assert e.value.status_code == 501 and "gemini channel 'gem'" in str(e.value)
-    assert "reaches only openai, custom channels" in str(e.value)
+    assert "reaches only openai, custom, azure channels" in str(e.value)
     assert not up.requests
 
 
@@ -4911,6 +4913,8 @@ def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, c
      ["gemini-2.5-pro"]),
     ("ollama", "/api/tags", {"models": [{"name": "llama3.2:latest", "model": "llama3.2"}]},
      ["llama3.2:latest"]),
+    ("azure", f"/openai/models?api-version={ag.AZURE_API_VERSION}",
+     {"object": "list", "data": [{"id": "gpt-4o"}]}, ["gpt-4o"]),
 ])
 def test_11_fetch_models_from_each_channel_type(gw, upstream, ctype, path, answer, expected):
     up = upstream([Reply(body=json.dumps(answer).encode())])
@@ -5749,6 +5753,160 @@ def test_11_claude_code_tool_search_to_an_openai_channel(gw, upstream, stream):
     sent = json.loads(up.last()["body"])
     assert [t["function"]["name"] for t in sent["tools"]] == ["ToolSearch", "mcp__docs__lookup"]
     assert "defer_loading" not in json.dumps(sent)
+
+
+# Azure OpenAI channels (issue 11). The fake enforces Azure's rules as its docs state them:
+# learn.microsoft.com/azure/ai-foundry/openai/reference ("Authentication": the key goes in an
+# `api-key` header; "API specs": data-plane calls are
+# {endpoint}/openai/deployments/{deployment-id}/{operation}?api-version={version}, a dated
+# version being required); the Responses API in the dated form is /openai/responses with the
+# deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses); the v1
+# API is {endpoint}/openai/v1/{operation} with the deployment as "model" and no dated
+# api-version (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle).
+AZURE_KEY = "azure-secret-key"
+_AZURE_DATED = re.compile(r"/openai/deployments/([^/?]+)/(chat/completions|embeddings)\Z")
+_AZURE_OPS = ("chat/completions", "embeddings", "responses")
+
+
+def _azure_error(status, code, message):
+    return Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode())
+
+
+def azure_upstream(upstream):
+    """A fake Azure OpenAI resource; rec["deployment"] and rec["query"] say what it saw."""
+    up = upstream()
+
+    def respond(rec):
+        path, _, query = rec["path"].partition("?")
+        params = urllib.parse.parse_qs(query)
+        rec["query"] = params
+        if rec["headers"].get("api-key") != AZURE_KEY:
+            return _azure_error(401, "401", "Access denied due to invalid subscription key or "
+                                            "wrong API endpoint.")
+        body = json.loads(rec["body"] or b"{}")
+        if path.startswith("/openai/v1/"):
+            op = path[len("/openai/v1/"):]
+            if op not in _AZURE_OPS or "api-version" in params:
+                return _azure_error(404, "404", "Resource not found")
+            rec["deployment"] = body.get("model")
+        else:
+            if not params.get("api-version"):
+                return _azure_error(404, "404", "Resource not found")
+            m = _AZURE_DATED.match(path)
+            if path == "/openai/responses":
+                op, rec["deployment"] = "responses", body.get("model")
+            elif m:
+                rec["deployment"], op = urllib.parse.unquote(m.group(1)), m.group(2)
+            else:
+                return _azure_error(404, "404", "Resource not found")
+        if not rec["deployment"]:
+            return _azure_error(404, "DeploymentNotFound", "The API deployment for this "
+                                                           "resource does not exist.")
+        if op == "embeddings":
+            return Reply(body=json.dumps({"object": "list", "model": "text-embedding-3-small",
+                                          "data": [{"object": "embedding", "index": 0,
+                                                    "embedding": [0.25, -0.5]}],
+                                          "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+                                         ).encode())
+        if op == "responses":
+            return Reply(body=json.dumps({
+                "id": "resp_azure", "object": "response", "created_at": 1, "status":
+                "completed", "model": body["model"], "output": [{
+                    "type": "message", "id": "msg_a", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "from azure",
+                                 "annotations": []}]}],
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}).encode())
+        if body.get("stream"):
+            return openai_stream_reply(model=rec["deployment"], pieces=("az", "ure"))
+        return openai_chat_reply(model=rec["deployment"], text="from azure")
+    up.responder = respond
+    return up
+
+
+def azure_chan(up, suffix="", **kw):
+    return chan(up.url + suffix, type="azure", api_key=AZURE_KEY, **kw)
+
+
+def test_09_azure_dated_form_from_the_openai_sdk(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([azure_chan(up, models=["gpt-4o", "emb"], responses_api=True,
+                       model_mapping={"gpt-4o": "my gpt4o"})])
+    c = g.openai()
+    r = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "from azure"
+    rec = up.last()
+    assert rec["path"] == "/openai/deployments/my%20gpt4o/chat/completions?api-version=" \
+        + ag.AZURE_API_VERSION and rec["deployment"] == "my gpt4o"
+    assert "authorization" not in rec["headers"]
+    with c.chat.completions.create(model="gpt-4o", stream=True,
+                                   messages=[{"role": "user", "content": "x"}]) as s:
+        assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == "azure"
+    e = c.embeddings.create(model="emb", input="a")
+    assert e.data[0].embedding == [0.25, -0.5] and up.last()["deployment"] == "emb"
+    out = c.responses.create(model="gpt-4o", input="hi")
+    assert out.output_text == "from azure"
+    assert up.last()["path"] == f"/openai/responses?api-version={ag.AZURE_API_VERSION}"
+    assert up.last()["deployment"] == "my gpt4o"
+
+
+def test_09_azure_v1_form_and_own_api_version(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([azure_chan(up, "/openai/v1", name="v1", models=["gpt-4o", "emb"],
+                       responses_api=True),
+            azure_chan(up, name="dated", models=["old"], api_version="2024-06-01")])
+    c = g.openai()
+    assert c.chat.completions.create(model="gpt-4o", messages=[
+        {"role": "user", "content": "x"}]).choices[0].message.content == "from azure"
+    assert up.last()["path"] == "/openai/v1/chat/completions"
+    assert up.last()["deployment"] == "gpt-4o"
+    assert c.responses.create(model="gpt-4o", input="hi").output_text == "from azure"
+    assert up.last()["path"] == "/openai/v1/responses"
+    assert c.embeddings.create(model="emb", input="a").data[0].embedding == [0.25, -0.5]
+    assert up.last()["path"] == "/openai/v1/embeddings"
+    c.chat.completions.create(model="old", messages=[{"role": "user", "content": "x"}])
+    assert up.last()["query"] == {"api-version": ["2024-06-01"]}
+
+
+def test_09_azure_reached_by_conversion(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([azure_chan(up, models=["claude-on-azure", "gpt-4o"],
+                       model_mapping={"claude-on-azure": "gpt4o-deploy"})])
+    msg = g.anthropic().messages.create(model="claude-on-azure", max_tokens=50, messages=[
+        {"role": "user", "content": "x"}])
+    assert msg.content[0].text == "from azure" and msg.model == "claude-on-azure"
+    rec = up.last()
+    assert rec["path"].startswith("/openai/deployments/gpt4o-deploy/chat/completions?")
+    assert json.loads(rec["body"])["messages"] == [{"role": "user", "content": "x"}]
+    with g.anthropic().messages.stream(model="claude-on-azure", max_tokens=50, messages=[
+            {"role": "user", "content": "x"}]) as s:
+        assert "".join(s.text_stream) == "azure"
+    # A Responses client on a channel without responses_api is converted to chat.
+    assert g.openai().responses.create(model="gpt-4o", input="hi").output_text == "from azure"
+    assert up.last()["path"].startswith("/openai/deployments/gpt-4o/chat/completions?")
+
+
+def test_09_azure_wrong_key_is_the_channels_failure(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([chan(up.url, type="azure", api_key="wrong", models=["gpt-4o"])])
+    with pytest.raises(openai.APIStatusError) as e:
+        g.openai().chat.completions.create(model="gpt-4o", messages=[
+            {"role": "user", "content": "x"}])
+    assert e.value.status_code == 401 and "invalid subscription key" in str(e.value)
+    assert up.last()["headers"]["api-key"] == "wrong"
+
+
+def test_10_azure_channel_config_is_checked(tmp_path):
+    base = {"settings": {}, "tokens": [], "channels": [
+        {"id": 1, "name": "az", "type": "azure", "base_url": "", "api_key": "k"}]}
+    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.base_url"):
+        ag.validate_config(copy.deepcopy(base), "config.json")
+    base["channels"][0].update(base_url="https://res.openai.azure.com", api_version=5)
+    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.api_version"):
+        ag.validate_config(copy.deepcopy(base), "config.json")
+    base["channels"][0]["api_version"] = "2024-06-01"
+    cfg = ag.validate_config(base, "config.json")
+    assert cfg["channels"][0]["type"] == "azure" and cfg["channels"][0]["api_version"] == \
+        "2024-06-01"
 
 
 # =================================================================================================
@@ -7259,7 +7417,9 @@ def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, strea
     else:
         text = c.responses.create(model="gpt-5", input="x").output_text
     assert text == "hello" and len(bad.requests) == 1
-    assert g.records()[-1]["channel"] == "second"
+    rec = g.records()[-1]
+    assert rec["channel"] == "second"
+    assert (rec["input_tokens"], rec["output_tokens"]) == (3, 1)     # read in either form
 
 
 def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
@@ -7344,11 +7504,21 @@ def _health(g, name):
     return next(c for c in json.loads(body)["channels"] if c["name"] == name)
 
 
-def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream, monkeypatch):
-    monkeypatch.setattr(ag, "COOLDOWN_SECONDS", 0.4)
+class FakeClock:
+    """A monotonic clock the test moves: ``Gateway.clock`` for cooldowns, rest and limits."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream):
     bad = upstream([Reply(500, b'{"error":{"message":"boom"}}')])
     good = upstream([openai_chat_reply(text="backup")])
     g = gw([chan(bad, name="bad"), chan(good, name="good", priority=1)])
+    g.gateway.clock = clock = FakeClock()
     c = g.openai()
     for _ in range(3):
         c.chat.completions.create(model="m", messages=[])
@@ -7357,7 +7527,10 @@ def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream, mo
         c.chat.completions.create(model="m", messages=[])
     assert len(bad.requests) == 3
     assert g.records(6)[-1]["tried"] == ["good"] and g.records(6)[-1]["skipped"] == ["bad"]
-    time.sleep(0.45)                                    # let the cooldown run out
+    clock.now += ag.COOLDOWN_SECONDS - 0.01                # not yet over: still skipped
+    c.chat.completions.create(model="m", messages=[])
+    assert len(bad.requests) == 3
+    clock.now += 0.02                                   # the cooldown has run out
     bad.replies = [openai_chat_reply(text="healed")]
     assert c.chat.completions.create(model="m", messages=[]).choices[0].message.content == \
         "healed"                                        # the half-open probe
@@ -7624,9 +7797,9 @@ def test_fuzz_request_and_response_converters(value):
         except ag.GatewayError:
             continue
         ir = ag.empty_request("m")
-        for encode in ag.CLIENT_CODECS.values():
+        for dialect in ag.DIALECTS.values():
             try:
-                encode[1](resp, "m", ir)
+                dialect.response(resp, "m", ir)
             except ag.GatewayError as exc:
                 assert exc.status == 502
 
