@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import http.client
 import http.server
+import importlib
 import json
 import os
 import queue
@@ -28,11 +29,26 @@ import threading
 import time
 import zlib
 
-import anthropic
-import openai
 import pytest
 
 import aigateway as ag
+
+
+class _Lazy:
+    """A module imported on first use. The SDKs take seconds to import; collecting the suite,
+    or running a few tests with -k, need not pay for the ones it does not use."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):            # pytest's collection probes; the SDKs' API is public
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self._name), attr)
+
+
+anthropic = _Lazy("anthropic")
+openai = _Lazy("openai")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "sk-gw-test-token-0123456789"
@@ -3719,17 +3735,17 @@ def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
 @pytest.mark.parametrize("ctype,status,body,sdk_error,atype", [
     ("gemini", 429,
      b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}',
-     anthropic.RateLimitError, "rate_limit_error"),
+     "RateLimitError", "rate_limit_error"),
     ("openai", 400, b'{"error":{"message":"bad schema","type":"invalid_request_error"}}',
-     anthropic.BadRequestError, "invalid_request_error"),
-    ("ollama", 404, b'{"error":"model \'x\' not found"}', anthropic.NotFoundError,
+     "BadRequestError", "invalid_request_error"),
+    ("ollama", 404, b'{"error":"model \'x\' not found"}', "NotFoundError",
      "not_found_error"),
 ])
 def test_09_upstream_errors_translated_to_client_shape(gw, upstream, ctype, status, body,
                                                        sdk_error, atype):
     up = upstream([Reply(status, body)])
     g = gw([chan(up, type=ctype)])
-    with pytest.raises(sdk_error) as e:
+    with pytest.raises(getattr(anthropic, sdk_error)) as e:
         g.anthropic().messages.create(model="m", max_tokens=10,
                                       messages=[{"role": "user", "content": "x"}])
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == atype
@@ -5170,9 +5186,9 @@ def test_09_responses_stream_event_order_and_failure_bytewise():
 # 9. Gemini-native clients (the google-genai SDK, as gemini-cli speaks it)
 # =================================================================================================
 
-from google import genai                                        # noqa: E402
-from google.genai import errors as genai_errors                 # noqa: E402
-from google.genai import types as genai_types                   # noqa: E402
+genai = _Lazy("google.genai")
+genai_errors = _Lazy("google.genai.errors")
+genai_types = _Lazy("google.genai.types")
 
 
 def _genai(g, version="v1beta", key=TOKEN):
@@ -5180,10 +5196,12 @@ def _genai(g, version="v1beta", key=TOKEN):
         base_url=g.url, api_version=version, timeout=15000))
 
 
-GENAI_TOOLS = [genai_types.Tool(function_declarations=[
-    genai_types.FunctionDeclaration(name="get_weather", description="Weather", parameters={
-        "type": "OBJECT", "properties": {"city": {"type": "STRING"}}, "required": ["city"]}),
-    genai_types.FunctionDeclaration(name="get_time", description="Time")])]
+def _genai_tools():
+    return [genai_types.Tool(function_declarations=[
+        genai_types.FunctionDeclaration(name="get_weather", description="Weather", parameters={
+            "type": "OBJECT", "properties": {"city": {"type": "STRING"}},
+            "required": ["city"]}),
+        genai_types.FunctionDeclaration(name="get_time", description="Time")])]
 
 
 @pytest.mark.parametrize("ctype", CHANNEL_TYPES)
@@ -5193,7 +5211,7 @@ def test_09_genai_sdk_function_calling_through_every_channel_type(gw, upstream, 
     g, up = _typed_gw(gw, upstream, ctype)
     c = _genai(g, version)
     config = genai_types.GenerateContentConfig(
-        tools=GENAI_TOOLS, system_instruction="Be brief.",
+        tools=_genai_tools(), system_instruction="Be brief.",
         automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
     contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
 
@@ -5679,7 +5697,7 @@ def test_11_adaptive_thinking_tool_loop_from_every_dialect(gw, upstream, client,
     else:
         c = _genai(g)
         config = genai_types.GenerateContentConfig(
-            tools=GENAI_TOOLS, thinking_config=genai_types.ThinkingConfig(thinking_level="LOW"),
+            tools=_genai_tools(), thinking_config=genai_types.ThinkingConfig(thinking_level="LOW"),
             automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
         contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
 
@@ -6239,25 +6257,57 @@ def test_08_connection_cap(gw):
 # decoders give the same result fed whole or in pieces
 # =================================================================================================
 
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+def fuzz(strategies):
+    """The test runs the decorated check on examples hypothesis draws from
+    ``strategies(st)``, deterministically (``derandomize``: the same examples every run, no
+    example database) and a bounded number of them. Hypothesis is imported when a fuzz test
+    runs, not at collection."""
+    def wrap(check):
+        def test():
+            HealthCheck, given, settings, st = _hypothesis()
+            settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                     database=None, suppress_health_check=[HealthCheck.too_slow])(
+                given(*strategies(st))(check))()
+        test.__name__, test.__qualname__, test.__doc__ = \
+            check.__name__, check.__qualname__, check.__doc__
+        return test
+    return wrap
 
-FUZZ = hsettings(max_examples=200, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow])
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) |
-    st.text(max_size=20),
-    lambda children: st.lists(children, max_size=5) |
-    st.dictionaries(st.sampled_from(["model", "messages", "role", "content", "type", "text",
-                                     "tool_calls", "function", "arguments", "name", "id",
-                                     "tools", "input", "parts", "contents", "system", "stream",
-                                     "tool_use_id", "source", "image_url", "url", "data",
-                                     "functionCall", "functionResponse", "args", "response",
-                                     "choices", "delta", "message", "usage", "candidates",
-                                     "index", "max_tokens", "tool_choice", "thinking",
-                                     "reasoning", "output", "call_id", "finish_reason",
-                                     "generationConfig", "systemInstruction", "error"]),
-                    children, max_size=6),
-    max_leaves=30)
+
+FUZZ_EXAMPLES = 100
+
+
+def _hypothesis():
+    """hypothesis, imported without pytest's assert rewriting: pytest rewrites every module of a
+    package that ships a pytest plugin, as hypothesis does, and without a bytecode cache
+    (PYTHONDONTWRITEBYTECODE) that turns a one-second import into several. Its own asserts are
+    not what these tests check."""
+    if "hypothesis.strategies" not in sys.modules:
+        hooks = [f for f in sys.meta_path if type(f).__name__ == "AssertionRewritingHook"]
+        for hook in hooks:
+            sys.meta_path.remove(hook)
+        try:
+            importlib.import_module("hypothesis.strategies")
+        finally:
+            sys.meta_path[:0] = hooks
+    from hypothesis import HealthCheck, given, settings, strategies
+    return HealthCheck, given, settings, strategies
+
+
+def json_values(st):
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) |
+        st.text(max_size=20),
+        lambda children: st.lists(children, max_size=5) |
+        st.dictionaries(st.sampled_from([
+            "model", "messages", "role", "content", "type", "text", "tool_calls", "function",
+            "arguments", "name", "id", "tools", "input", "parts", "contents", "system",
+            "stream", "tool_use_id", "source", "image_url", "url", "data", "functionCall",
+            "functionResponse", "args", "response", "choices", "delta", "message", "usage",
+            "candidates", "index", "max_tokens", "tool_choice", "thinking", "reasoning",
+            "output", "call_id", "finish_reason", "generationConfig", "systemInstruction",
+            "error"]), children, max_size=6),
+        max_leaves=30)
 
 
 def _pieces(data: bytes, cuts: list[int]):
@@ -6275,8 +6325,7 @@ def _outcome(fn):
         return ("err", type(exc).__name__)
 
 
-@FUZZ
-@given(st.binary(max_size=300))
+@fuzz(lambda st: [st.binary(max_size=300)])
 def test_fuzz_request_head_parser(data):
     try:
         ag.parse_request_head(data)
@@ -6284,8 +6333,7 @@ def test_fuzz_request_head_parser(data):
         pass
 
 
-@FUZZ
-@given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8))
+@fuzz(lambda st: [st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8)])
 def test_fuzz_decoders_whole_equals_pieces(data, cuts):
     def run_chunked(parts):
         d = ag.ChunkedDecoder()
@@ -6305,9 +6353,9 @@ def test_fuzz_decoders_whole_equals_pieces(data, cuts):
             assert whole == split
 
 
-@FUZZ
-@given(st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
-       st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10))
+@fuzz(lambda st: [
+    st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
+    st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10)])
 def test_fuzz_stream_converters(events, junk, cuts):
     raw = b"\r\n\r\n".join(events) + junk
     for make_dec in (ag.OpenAIStreamDecoder, ag.AnthropicStreamDecoder, ag.GeminiStreamDecoder,
@@ -6324,8 +6372,7 @@ def test_fuzz_stream_converters(events, junk, cuts):
                 pass
 
 
-@FUZZ
-@given(json_values)
+@fuzz(lambda st: [json_values(st)])
 def test_fuzz_request_and_response_converters(value):
     body = value if isinstance(value, dict) else {"messages": value, "contents": value,
                                                   "input": value}
