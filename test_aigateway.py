@@ -8,10 +8,12 @@ Every network test has a hard timeout (pytest-timeout, set in the README's test 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import http.client
 import http.server
 import importlib
+import io
 import json
 import os
 import queue
@@ -2591,6 +2593,9 @@ def test_12_bind_error_is_raised_to_the_caller(tmp_path):
 # =================================================================================================
 
 def _cli(*args, env=None, **kw):
+    """``python aigateway.py ARGS`` in a new process: the real entry point, for the tests that
+    need a running headless gateway or signals. Each start compiles the whole script again, so
+    the rest run main() in this process (``_run``)."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, "aigateway.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})), **kw)
@@ -2668,18 +2673,16 @@ def test_14_headless_access_line_escapes_what_a_client_sent(tmp_path, upstream):
 def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text('{"channels": [{"type": "nope"}]}')
-    p = _cli("--headless", "--config", str(cfg))
-    out, err = p.communicate(timeout=15)
-    assert p.returncode == 2 and "channels[0].type" in err and str(cfg) in err
+    rc, out, err = _run("--headless", "--config", str(cfg))
+    assert rc == 2 and "channels[0].type" in err and str(cfg) in err
     assert cfg.read_text() == '{"channels": [{"type": "nope"}]}'
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     cfg.write_text("{}")
-    p = _cli("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
-    out, err = p.communicate(timeout=15)
+    rc, out, err = _run("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
     busy.close()
-    assert p.returncode == 2 and "cannot listen" in err and "--port" in err
+    assert rc == 2 and "cannot listen" in err and "--port" in err
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX only")
@@ -2728,17 +2731,15 @@ def test_14_sighup_reloads_a_headless_gateway_and_reports_a_bad_edit(tmp_path, u
 
 
 def test_14_version():
-    p = _cli("--version")
-    out, _ = p.communicate(timeout=15)
-    assert p.returncode == 0 and ag.__version__ in out
+    rc, out, _ = _run("--version")
+    assert rc == 0 and ag.__version__ in out
 
 
 # -- start-up errors: one line naming the path or the host and the fix, exit status 2 ----------
 
 def _start_fails(*args, env=None):
-    p = _cli(*args, env=env)
-    out, err = p.communicate(timeout=30)
-    assert p.returncode == 2 and "Traceback" not in err + out, (out, err)
+    rc, out, err = _run(*args, env=env)
+    assert rc == 2, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("aigateway: "), err
     return out, lines[0]
@@ -2784,9 +2785,8 @@ def test_14_bad_host_blames_the_host(tmp_path, host, needle):
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
 def test_14_bad_port_is_a_usage_error(tmp_path, port):
-    p = _cli("--headless", "--config", str(tmp_path / "c.json"), "--port", port)
-    out, err = p.communicate(timeout=15)
-    assert p.returncode == 2 and err.startswith("usage: aigateway") and "Traceback" not in err
+    rc, out, err = _run("--headless", "--config", str(tmp_path / "c.json"), "--port", port)
+    assert rc == 2 and err.startswith("usage: aigateway")
     assert "argument --port:" in err and not (tmp_path / "c.json").exists()
 
 
@@ -2795,18 +2795,16 @@ def test_14_first_run_text_and_help_name_every_way_to_send_the_token(tmp_path):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     cfg = tmp_path / "config.json"
-    p = _cli("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
-    out, err = p.communicate(timeout=15)
+    rc, out, err = _run("--headless", "--config", str(cfg), "--port", str(busy.getsockname()[1]))
     busy.close()
     key = json.loads(cfg.read_text())["tokens"][0]["key"]
-    assert p.returncode == 2 and out.count(key) == 1
+    assert rc == 2 and out.count(key) == 1
     for way in ("Authorization: Bearer <token>", "x-api-key: <token>",
                 "x-goog-api-key: <token>", "?key=<token>"):
         assert way in out
     assert "held" not in err and "cannot listen on 127.0.0.1:" in err
-    p = _cli("--help")
-    out, _ = p.communicate(timeout=15)
-    assert p.returncode == 0 and "Gemini's native API" in out and "channels add" in out
+    rc, out, _ = _run("--help")
+    assert rc == 0 and "Gemini's native API" in out and "channels add" in out
 
 
 def test_14_bad_host_in_the_window_blames_the_host(display, tmp_path):
@@ -2833,11 +2831,29 @@ def test_14_any_origin_with_auth_off_is_warned_about_at_start(gw):
 
 # -- management subcommands: channels, tokens, config check --------------------------------------
 
-def _run(*args, stdin=None, env=None):
-    p = _cli(*args, env=env, stdin=subprocess.PIPE)
-    out, err = p.communicate(stdin, timeout=30)
-    assert "Traceback" not in err, err
-    return p.returncode, out, err
+def _run(*args, stdin="", env=None):
+    """main(ARGS) in this process, as ``python aigateway.py ARGS`` runs it, with ``stdin`` as
+    its input and ``env`` added to the environment: its exit status (argparse's SystemExit
+    too), stdout and stderr. An exception it lets out fails the test, as does a traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    saved_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = ag.main(list(args))
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.stdin = saved_stdin
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert "Traceback" not in err.getvalue() + out.getvalue(), err.getvalue()
+    return rc, out.getvalue(), err.getvalue()
 
 
 def test_14_channels_add_list_edit_remove(tmp_path):
@@ -6168,9 +6184,8 @@ def test_14_second_instance_on_the_same_config_says_so(tmp_path):
     first = _cli("--headless", "--config", str(cfg), "--port", str(port))
     try:
         _wait_health(port, first)
-        second = _cli("--headless", "--config", str(cfg), "--port", str(dead_port()))
-        out, err = second.communicate(timeout=15)
-        assert second.returncode == 2 and f"pid {first.pid}" in err and "--config" in err
+        rc, out, err = _run("--headless", "--config", str(cfg), "--port", str(dead_port()))
+        assert rc == 2 and f"pid {first.pid}" in err and "--config" in err
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=15)
@@ -6179,9 +6194,9 @@ def test_14_second_instance_on_the_same_config_says_so(tmp_path):
 def test_14_remote_without_auth_needs_an_explicit_setting(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"settings": {"require_auth": False}}))
-    p = _cli("--headless", "--config", str(cfg), "--host", "0.0.0.0", "--port", str(dead_port()))
-    out, err = p.communicate(timeout=15)
-    assert p.returncode == 2 and "allow_unauthenticated_remote" in err
+    rc, out, err = _run("--headless", "--config", str(cfg), "--host", "0.0.0.0", "--port",
+                        str(dead_port()))
+    assert rc == 2 and "allow_unauthenticated_remote" in err
     cfg.write_text(json.dumps({"settings": {"require_auth": False, "host": "0.0.0.0"}}))
     with pytest.raises(ag.ConfigError, match="allow_unauthenticated_remote"):
         ag.ConfigStore.load(str(cfg))
