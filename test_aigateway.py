@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -140,7 +141,7 @@ class FakeUpstream:
         self.replies = list(replies or [openai_chat_reply()])
         self.responder = None
         self.lock = threading.Lock()
-        self.broken = threading.Event()         # a write failed: the gateway hung up on us
+        self.broken = threading.Event()         # the gateway hung up on us mid-answer
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -179,9 +180,23 @@ class FakeUpstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 
+            def _pause(self, seconds: float):
+                """Wait ``seconds``, or less when the gateway hangs up meanwhile (a real server
+                learns it on its next write): the fake's thread and socket then go at once,
+                not after the whole scripted pause."""
+                conn, left = self.connection, seconds
+                deadline = time.monotonic() + seconds
+                while left > 0 and not isinstance(conn, ssl.SSLSocket):
+                    if not select.select([conn], [], [], left)[0]:
+                        return
+                    if conn.recv(1, socket.MSG_PEEK) == b"":
+                        raise ConnectionResetError("the gateway hung up")
+                    break                           # bytes of a next request: sit it out
+                time.sleep(max(0.0, deadline - time.monotonic()))
+
             def _write(self, r: Reply):
                 if r.hang:
-                    time.sleep(r.hang)
+                    self._pause(r.hang)
                 self.send_response(r.status)
                 for k, v in r.headers.items():
                     self.send_header(k, v)
@@ -206,7 +221,7 @@ class FakeUpstream:
                     self.wfile.write(c if r.close_delimited else b"%x\r\n%s\r\n" % (len(c), c))
                     self.wfile.flush()
                     if r.delay:
-                        time.sleep(r.delay)
+                        self._pause(r.delay)
                 if not r.close_delimited:
                     self.wfile.write(b"0\r\n\r\n")
 
@@ -801,10 +816,10 @@ def test_07_first_byte_and_idle_timeouts(upstream):
     async def go():
         t0 = time.monotonic()
         with pytest.raises(ag.UpstreamError) as e1:
-            await _client_call(up.url, timeout=0.5)
+            await _client_call(up.url, timeout=0.25)
         assert e1.value.status == 504 and time.monotonic() - t0 < 2.5
         with pytest.raises(ag.UpstreamError) as e2:
-            await _client_call(up.url, timeout=1.0)
+            await _client_call(up.url, timeout=0.5)
         assert e2.value.status == 504 and "silent" in e2.value.message
     run(go())
 
@@ -818,16 +833,28 @@ def test_07_connect_error_is_retryable_502():
     assert err.status == 502 and err.retryable and "cannot connect" in err.message
 
 
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory):
+@pytest.fixture(scope="session")
+def cert_files(tmp_path_factory):
+    """A self-signed certificate for localhost and its key (paths), made once: an EC P-256
+    key is made in milliseconds where RSA-2048 takes a second."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
+    return cert, key
+
+
+def server_context(cert_files) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
+    ctx.load_cert_chain(*map(str, cert_files))
     return ctx
+
+
+@pytest.fixture
+def self_signed(cert_files):
+    return server_context(cert_files)
 
 
 def test_07_tls_verification_on_by_default_and_off_per_channel(upstream, self_signed):
@@ -1156,7 +1183,7 @@ def test_08_head_options_404_405(gw):
 
 
 def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
-    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a",) * 10), delay=0.1,
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a",) * 10), delay=0.05,
                          content_type="text/event-stream")])
     g = gw([chan(up)])
     got = {}
@@ -1535,7 +1562,7 @@ def test_11_openai_chat_non_stream_passthrough(gw, upstream):
 
 
 def test_11_openai_chat_stream_passthrough_is_not_buffered(gw, upstream):
-    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a", "b", "c")), delay=0.3,
+    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a", "b", "c")), delay=0.1,
                          content_type="text/event-stream")])
     g = gw([chan(up)])
     arrivals = []
@@ -1545,7 +1572,7 @@ def test_11_openai_chat_stream_passthrough_is_not_buffered(gw, upstream):
             arrivals.append((time.monotonic(), chunk))
     text = "".join(c.choices[0].delta.content or "" for _, c in arrivals if c.choices)
     assert text == "abc" and arrivals[-1][1].usage.completion_tokens == 2
-    assert arrivals[-1][0] - arrivals[0][0] > 1.0            # events arrived as they were sent
+    assert arrivals[-1][0] - arrivals[0][0] > 0.3            # events arrived as they were sent
     rec = g.records()[-1]
     assert rec["stream"] and rec["input_tokens"] == 9 and rec["output_tokens"] == 2
 
@@ -1745,7 +1772,7 @@ def test_11_fallback_moves_to_next_channel(gw, upstream, first):
         bad = chan(f"http://127.0.0.1:{dead_port()}", name="bad")
     else:
         up_bad = upstream([Reply(hang=5) if first == "hang" else first])
-        bad = chan(up_bad, name="bad", timeout=1)
+        bad = chan(up_bad, name="bad", timeout=0.3)
     g = gw([bad, chan(good, name="good", priority=5)])
     r = g.openai().chat.completions.create(model="m", messages=[])
     assert r.choices[0].message.content == "from backup"
@@ -2203,13 +2230,8 @@ def test_11_fetch_through_a_proxy_hands_it_the_checked_address(gw, upstream):
     socks.shutdown()
 
 
-def test_11_fetch_over_https_sends_the_name_as_sni_and_verifies_it(gw, upstream, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
+def test_11_fetch_over_https_sends_the_name_as_sni_and_verifies_it(gw, upstream, cert_files):
+    ctx = server_context(cert_files)
     names = []
     ctx.sni_callback = lambda sock, name, c: names.append(name)
     pics = upstream([Reply(body=PNG, content_type="image/png")], tls_context=ctx)
@@ -2549,8 +2571,14 @@ def test_12_hand_edit_is_served_within_two_seconds_and_a_bad_one_keeps_the_last_
 
 
 def test_12_a_stream_in_flight_finishes_on_the_config_it_started_with(gw, upstream):
-    up = upstream([Reply(chunks=openai_stream_chunks(pieces=tuple("abcdefgh")), delay=0.15,
-                         content_type="text/event-stream")])
+    reloaded = threading.Event()
+
+    def held():                                       # the rest waits for the reload
+        chunks = openai_stream_chunks(pieces=tuple("abcdefgh"))
+        yield from chunks[:2]                         # the role, then "a": the answer began
+        reloaded.wait(10)
+        yield from chunks[2:]
+    up = upstream([Reply(chunks=held(), content_type="text/event-stream")])
     g = gw([chan(up, name="a", models=["m"])])
     stream = g.openai().chat.completions.create(model="m", messages=[], stream=True)
     pieces = iter(stream)
@@ -2558,6 +2586,7 @@ def test_12_a_stream_in_flight_finishes_on_the_config_it_started_with(gw, upstre
     _hand_edit(g.store.path, lambda c: c.update(channels=[]))       # its channel is gone
     _wait_event(g.thread, lambda e: e[0] == "config", 2.0)
     assert not g.gateway.records                      # reloaded while the stream still runs
+    reloaded.set()
     text = "".join(ch.choices[0].delta.content or "" for ch in [first, *pieces] if ch.choices)
     assert text == "abcdefgh"                                        # nothing was cut off
     assert g.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})[0] == 404
@@ -3819,10 +3848,10 @@ def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
 
 
 def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
-    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.12)
+    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.03)
     up = upstream()
     up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
-                                     delay=0.4, content_type="text/event-stream")
+                                     delay=0.1, content_type="text/event-stream")
     g = gw([chan(up, name="oa", models=["gpt-*"]),
             chan(up, name="gem-as-openai", type="openai", models=["other"])])
     status, _, body = g.request("POST", "/v1/messages", {
@@ -6155,7 +6184,7 @@ def test_11_several_keys_used_in_turn_and_a_refused_key_rests(gw, upstream):
 
 
 def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
-    up = upstream([Reply(body=openai_chat_reply().body, hang=0.6)])
+    up = upstream([Reply(body=openai_chat_reply().body, hang=0.3)])
     g = gw([chan(up, name="one", max_concurrency=1)],
            tokens=[{"name": "main", "key": TOKEN}, {"name": "metered", "key": TOKEN2, "rpm": 2}])
     results = []
@@ -6202,11 +6231,10 @@ def test_14_remote_without_auth_needs_an_explicit_setting(tmp_path):
         ag.ConfigStore.load(str(cfg))
 
 
-def test_14_https_for_the_gateway_itself(tmp_path, self_signed):
+def test_14_https_for_the_gateway_itself(tmp_path, cert_files):
     d = tmp_path
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(d / "k.pem"), "-out",
-                    str(d / "c.pem")], check=True, capture_output=True)
+    shutil.copy(cert_files[0], d / "c.pem")
+    shutil.copy(cert_files[1], d / "k.pem")
     g = GW(d / "config.json", {"tls_cert": "c.pem", "tls_key": "k.pem"})
     try:
         assert g.url.startswith("https://")
@@ -6215,6 +6243,7 @@ def test_14_https_for_the_gateway_itself(tmp_path, self_signed):
         conn = http.client.HTTPSConnection("127.0.0.1", g.port, context=ctx, timeout=10)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
+        conn.close()                # else stopping waits a second for its TLS close_notify
     finally:
         g.stop()
 
