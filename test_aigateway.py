@@ -6614,7 +6614,9 @@ def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
          "selectedAuthType": "gemini-api-key"}))
     rc, out = _run_cli([gemini, "-p", "say hello", "-m", "gemini-2.5-flash"],
                        {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
-                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true"},
+                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
+                        # it would start itself again with a bigger heap: a second node start
+                        "GEMINI_CLI_NO_RELAUNCH": "true"},
                        tmp_path, timeout=180)
     assert rc == 0, out[-2000:]
     assert "hello from the gateway" in out
