@@ -678,6 +678,106 @@ def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
 
 
 # =================================================================================================
+# 6. Stream helpers (over a real TCP connection: our end as asyncio streams, the peer plain)
+# =================================================================================================
+
+async def _streams(limit=ag.MAX_HEAD_BYTES):
+    """Our end of a loopback TCP connection as asyncio streams, and the peer's plain socket."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        peer, _ = listener.accept()
+    reader, writer = await asyncio.open_connection(sock=ours, limit=limit)
+    peer.settimeout(5)
+    return reader, writer, peer
+
+
+def test_06_read_head_whole_split_closed_idle_and_slow():
+    async def go():
+        reader, writer, peer = await _streams()
+        watchdog = ag.Watchdog(reader)
+        peer.sendall(b"GET / HTTP/1.1\r\nHo")
+        asyncio.get_running_loop().call_later(0.02, peer.sendall, b"st: x\r\n\r\nGET /next")
+        assert await ag.read_head(reader, watchdog, 1, 1) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert await reader.read(9) == b"GET /next"          # nothing past the head was taken
+        with pytest.raises(TimeoutError):                    # idle: nothing within first_timeout
+            await ag.read_head(reader, ag.Watchdog(reader), 0.05, 1)
+        reader, writer, peer = await _streams()
+        peer.sendall(b"GET / HTTP/1.1\r\n")                  # the rest never comes
+        with pytest.raises(ag.ProtocolError) as e:
+            await ag.read_head(reader, ag.Watchdog(reader), 1, 0.05)
+        assert e.value.status == 408 and "rest of the message head" in e.value.message
+        reader, writer, peer = await _streams()
+        peer.sendall(b"GET / HTTP/1.1\r\nHost:")
+        peer.shutdown(socket.SHUT_WR)
+        with pytest.raises(ag.ProtocolError) as e:
+            await ag.read_head(reader, ag.Watchdog(reader), 1, 1)
+        assert e.value.status == 400 and "closed in the middle" in e.value.message
+        reader, writer, peer = await _streams()
+        peer.close()                                         # closed before a byte: not an error
+        assert await ag.read_head(reader, ag.Watchdog(reader), 1, 1) is None
+        reader, writer, peer = await _streams(limit=64)
+        peer.sendall(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n\r\n")
+        with pytest.raises(ag.ProtocolError) as e:
+            await ag.read_head(reader, ag.Watchdog(reader), 1, 1, too_large_status=502)
+        assert e.value.status == 502 and "message head larger than" in e.value.message
+    run(go())
+
+
+def test_06_iter_body_framings_pipelining_limit_and_early_close():
+    async def body(data, mode, length=0, shut=True, **kw):
+        reader, writer, peer = await _streams()
+        peer.sendall(data)
+        if shut:
+            peer.shutdown(socket.SHUT_WR)
+        got = await ag.read_body(reader, ag.Watchdog(reader), mode, length, 0.2, **kw)
+        return got, await reader.read()
+
+    async def go():
+        assert await body(b"4\r\nWiki\r\n5;x=1\r\npedia\r\n0\r\n\r\nPOST /next",
+                          "chunked") == (b"Wikipedia", b"POST /next")    # the next one intact
+        assert await body(b"hello world", "length", 5) == (b"hello", b" world")
+        assert await body(b"all of it", "close") == (b"all of it", b"")
+        assert await body(b"not a body", "none") == (b"", b"not a body")
+        with pytest.raises(ag.ProtocolError, match="3 body bytes still to come") as e:
+            await body(b"ab", "length", 5, error_status=502)
+        assert e.value.status == 502
+        with pytest.raises(ag.ProtocolError, match="closed inside a chunked body"):
+            await body(b"5\r\nab", "chunked")
+        with pytest.raises(ag.GatewayError, match="too much"):
+            await body(b"x" * 100, "close", limit=10,
+                       limit_error=lambda: ag.GatewayError(413, "too much"))
+        with pytest.raises(TimeoutError):                    # a silent peer: the read times out
+            await body(b"ab", "length", 5, shut=False)
+    run(go())
+
+
+def test_06_write_and_drain_and_close_writer_with_a_peer_that_does_not_read():
+    async def go():
+        reader, writer, peer = await _streams()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):                    # the buffers fill; nobody reads
+            for _ in range(1000):
+                await ag.write_and_drain(writer, b"x" * 65536, timeout=0.1)
+        assert time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        await ag.close_writer(writer, timeout=0.1)           # unsent data: aborted, not kept
+        assert time.monotonic() - t0 < 2 and writer.transport.is_closing()
+        def drain():
+            while peer.recv(1 << 20):
+                pass
+        with pytest.raises(ConnectionResetError):            # the reset dropped what was queued
+            await asyncio.to_thread(drain)                   # (the loop closes the socket)
+        with pytest.raises(ConnectionResetError, match="peer closed"):
+            await ag.write_and_drain(writer, b"late")
+        reader, writer, peer = await _streams()
+        await ag.write_and_drain(writer, b"hello")
+        await ag.close_writer(writer)                        # a reading peer gets it all, then EOF
+        assert await asyncio.to_thread(peer.recv, 100) == b"hello"
+        assert await asyncio.to_thread(peer.recv, 100) == b""
+    run(go())
+
+
+# =================================================================================================
 # 7. Upstream HTTP client
 # =================================================================================================
 
