@@ -1282,8 +1282,8 @@ def test_08_body_too_large_answered_from_content_length(gw):
 
 
 def test_08_stalled_head_gets_408_and_idle_connection_closes(gw, monkeypatch):
-    monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.5)
-    monkeypatch.setattr(ag, "KEEPALIVE_TIMEOUT", 0.8)
+    monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.2)
+    monkeypatch.setattr(ag, "KEEPALIVE_TIMEOUT", 0.3)
     g = gw()
     t0 = time.monotonic()
     out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost:")
@@ -1338,7 +1338,7 @@ def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
 
 
 def test_08_server_survives_garbage(gw, monkeypatch):
-    monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.3)
+    monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.1)
     g = gw()
     for junk in (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n" * 3, b"\r\n\r\n",
                  os.urandom(2000), b"\x16\x03\x01\x02\x00" + os.urandom(300)):
@@ -2757,11 +2757,23 @@ def test_12_bind_error_is_raised_to_the_caller(tmp_path):
 
 def _cli(*args, env=None, **kw):
     """``python aigateway.py ARGS`` in a new process: the real entry point, for the tests that
-    need a running headless gateway or signals. Each start compiles the whole script again, so
-    the rest run main() in this process (``_run``)."""
+    need a running headless gateway or signals. The rest run main() in this process (``_run``):
+    a start costs a Python start-up."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, "aigateway.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), **kw)
+                            env=_child_env(env), **kw)
+
+
+def _child_env(env=None) -> dict:
+    """The environment for a Python child: with a bytecode cache outside the tree, so that the
+    modules it imports (aigateway for ``-c`` children) are compiled once per run, not per start,
+    even where PYTHONDONTWRITEBYTECODE is set."""
+    out = dict(os.environ, PYTHONPYCACHEPREFIX=PYCACHE, **(env or {}))
+    out.pop("PYTHONDONTWRITEBYTECODE", None)
+    return out
+
+
+PYCACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"aigateway-tests-pycache-{os.getuid()}")
 
 
 def _wait_health(port, proc, timeout=10):
@@ -2858,7 +2870,7 @@ def test_14_sighup_reloads_a_headless_gateway_and_reports_a_bad_edit(tmp_path, u
             "sys.exit(ag.main(sys.argv[1:]))")
     p = subprocess.Popen([sys.executable, "-c", code, "--headless", "--config", str(cfg),
                           "--port", str(port)], cwd=HERE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, env=_child_env())
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in p.stderr], daemon=True).start()
 
