@@ -307,11 +307,14 @@ class GW:
 
     def openai(self, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", TOKEN),
-                             max_retries=0, timeout=kw.pop("timeout", 15), **kw)
+                             max_retries=0, timeout=kw.pop("timeout", 15),
+                             http_client=openai.DefaultHttpxClient(verify=sdk_tls()), **kw)
 
     def anthropic(self, **kw):
         return anthropic.Anthropic(base_url=self.url, api_key=kw.pop("api_key", TOKEN),
-                                   max_retries=0, timeout=kw.pop("timeout", 15), **kw)
+                                   max_retries=0, timeout=kw.pop("timeout", 15),
+                                   http_client=anthropic.DefaultHttpxClient(verify=sdk_tls()),
+                                   **kw)
 
     def request(self, method, path, body=None, headers=None, timeout=15):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -329,6 +332,17 @@ class GW:
 
     def stop(self):
         self.thread.stop()
+
+
+def sdk_tls() -> ssl.SSLContext:
+    """One TLS context for every SDK client the tests make: each SDK would otherwise load the
+    system's CA certificates again for each client (about 0.1 s, hundreds of times)."""
+    if not _SDK_TLS:
+        _SDK_TLS.append(ssl.create_default_context())
+    return _SDK_TLS[0]
+
+
+_SDK_TLS: list[ssl.SSLContext] = []
 
 
 @pytest.fixture
@@ -5136,7 +5150,8 @@ def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
     pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
     url = a.dashboard.url_vars["openai"].get()
     assert url.endswith("/v1")
-    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=10)
+    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=10,
+                           http_client=openai.DefaultHttpxClient(verify=sdk_tls()))
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
     assert a.dashboard.counters["requests"].get() == "1"
@@ -5384,7 +5399,8 @@ genai_types = _Lazy("google.genai.types")
 
 def _genai(g, version="v1beta", key=TOKEN):
     return genai.Client(api_key=key, http_options=genai_types.HttpOptions(
-        base_url=g.url, api_version=version, timeout=15000))
+        base_url=g.url, api_version=version, timeout=15000,
+        client_args={"verify": sdk_tls()}, async_client_args={"verify": sdk_tls()}))
 
 
 def _genai_tools():
