@@ -5400,7 +5400,8 @@ genai_types = _Lazy("google.genai.types")
 def _genai(g, version="v1beta", key=TOKEN):
     return genai.Client(api_key=key, http_options=genai_types.HttpOptions(
         base_url=g.url, api_version=version, timeout=15000,
-        client_args={"verify": sdk_tls()}, async_client_args={"verify": sdk_tls()}))
+        client_args={"verify": sdk_tls()},
+        async_client_args={"verify": sdk_tls(), "ssl": sdk_tls()}))     # "ssl": for websockets
 
 
 def _genai_tools():
