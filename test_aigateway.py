@@ -967,7 +967,7 @@ def test_07_first_byte_and_idle_timeouts(upstream):
             await _client_call(up.url, timeout=0.25)
         assert e1.value.status == 504 and time.monotonic() - t0 < 2.5
         with pytest.raises(ag.UpstreamError) as e2:
-            await _client_call(up.url, timeout=0.5)
+            await _client_call(up.url, timeout=1.0)
         assert e2.value.status == 504 and "silent" in e2.value.message
     run(go())
 
@@ -1920,7 +1920,7 @@ def test_11_fallback_moves_to_next_channel(gw, upstream, first):
         bad = chan(f"http://127.0.0.1:{dead_port()}", name="bad")
     else:
         up_bad = upstream([Reply(hang=5) if first == "hang" else first])
-        bad = chan(up_bad, name="bad", timeout=0.3)
+        bad = chan(up_bad, name="bad", timeout=0.3 if first == "hang" else 1)
     g = gw([bad, chan(good, name="good", priority=5)])
     r = g.openai().chat.completions.create(model="m", messages=[])
     assert r.choices[0].message.content == "from backup"
