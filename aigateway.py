@@ -42,6 +42,7 @@ import base64
 import codecs
 import collections
 import copy
+import datetime
 import errno
 import functools
 import hashlib
@@ -57,6 +58,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import sys
@@ -143,6 +145,17 @@ CONFIG_SAVE_ATTEMPTS = 5              # a save redone on a newer file this often
 CONFIG_SETTLE_SECONDS = 0.3           # a file written more recently may be half-written: an error
                                       # in it is reported only if it is still there a check later
 
+USAGE_QUEUE_LIMIT = 20_000           # usage rows waiting for the writer; beyond, rows are dropped
+                                      # (and counted) rather than making a request wait on disk
+USAGE_BATCH_ROWS = 1_000              # rows the writer inserts per transaction at most
+USAGE_WRITER_IDLE = 1.0               # seconds the writer sleeps on an empty queue (prunes then)
+USAGE_PRUNE_SECONDS = 3600.0          # old rows are pruned this often
+USAGE_DEFAULT_RETENTION_DAYS = 400
+USAGE_REPORT_GROUPS = 1_000           # rows a usage report lists at most
+USAGE_TPM_WINDOW = 60.0               # seconds the tokens-per-minute limit looks back over
+USAGE_TPM_EVENTS = 10_000             # recent requests kept per token for tpm at most
+ESTIMATE_BYTES_PER_TOKEN = 4          # a rough count when an upstream reports no usage
+PRICES_IMPORT_MAX_BYTES = 64 * 1024 * 1024   # a models.dev api.json is ~2 MB
 READ_SIZE = 64 * 1024
 MAX_CONFIG_PROBLEMS = 100             # `config check` stops naming problems after this many
 
@@ -934,30 +947,59 @@ class NDJSONDecoder:
         return out
 
 
-def _usage_numbers(usage: Any) -> tuple[int, int] | None:
-    """(input tokens, output tokens) from an OpenAI or Anthropic ``usage`` object."""
+USAGE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning")
+
+
+def _usage_numbers(usage: Any) -> dict[str, int] | None:
+    """Token counts from an OpenAI (Chat or Responses) or Anthropic ``usage`` object, in the
+    internal form of section 9: "input" is the whole prompt (cached tokens included), "output"
+    includes reasoning."""
     if not isinstance(usage, dict):
         return None
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+    def num(obj: Any, key: str) -> int:
+        value = obj.get(key) if isinstance(obj, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else 0
+    if "prompt_tokens" in usage or "completion_tokens" in usage:       # Chat Completions
+        pd, cd = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+        return {"input": num(usage, "prompt_tokens"), "output": num(usage, "completion_tokens"),
+                "cache_read": num(pd, "cached_tokens"),
+                "cache_write": num(pd, "cache_write_tokens"),
+                "reasoning": num(cd, "reasoning_tokens")}
     if "input_tokens" in usage or "output_tokens" in usage:
-        inp = sum(int(usage.get(k) or 0) for k in (
-            "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-        return inp, int(usage.get("output_tokens") or 0)
+        if "input_tokens_details" in usage or "output_tokens_details" in usage:   # Responses
+            return {"input": num(usage, "input_tokens"), "output": num(usage, "output_tokens"),
+                    "cache_read": num(usage.get("input_tokens_details"), "cached_tokens"),
+                    "cache_write": 0,
+                    "reasoning": num(usage.get("output_tokens_details"), "reasoning_tokens")}
+        read, write = num(usage, "cache_read_input_tokens"), \
+            num(usage, "cache_creation_input_tokens")              # Anthropic: input excludes
+        return {"input": num(usage, "input_tokens") + read + write,
+                "output": num(usage, "output_tokens"), "cache_read": read, "cache_write": write,
+                "reasoning": 0}
     return None
 
 
-def usage_from_json(obj: Any) -> tuple[int, int] | None:
-    """Usage from a whole JSON answer or one stream event (OpenAI, Anthropic, Gemini shape)."""
+def usage_from_json(obj: Any) -> dict[str, int] | None:
+    """Usage (keys USAGE_KEYS) from a whole JSON answer or one stream event (OpenAI Chat and
+    Responses, Anthropic, Gemini shape)."""
     if not isinstance(obj, dict):
         return None
     gem = obj.get("usageMetadata")
     if isinstance(gem, dict):
-        return (int(gem.get("promptTokenCount") or 0), int(gem.get("candidatesTokenCount") or 0)
-                + int(gem.get("thoughtsTokenCount") or 0))
+        found = {k: gem.get(f) for k, f in (
+            ("input", "promptTokenCount"), ("output", "candidatesTokenCount"),
+            ("cache_read", "cachedContentTokenCount"), ("reasoning", "thoughtsTokenCount"))}
+        got = {k: v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+               for k, v in found.items()}
+        got["output"] += got["reasoning"]             # candidates exclude the thoughts
+        got["cache_write"] = 0
+        return got
     found = _usage_numbers(obj.get("usage"))
-    if found is None and isinstance(obj.get("message"), dict):     # Anthropic message_start
-        found = _usage_numbers(obj["message"].get("usage"))
+    for outer in ("message", "response"):      # Anthropic message_start, Responses events
+        if found is None and isinstance(obj.get(outer), dict):
+            found = _usage_numbers(obj[outer].get("usage"))
     return found
 
 
@@ -973,13 +1015,20 @@ class SSEPassthrough:
     the events report. Costs one concatenation and two searches per read; JSON is parsed only in
     events that mention usage."""
 
-    __slots__ = ("_carry", "open", "input_tokens", "output_tokens")
+    __slots__ = ("_carry", "open", "usage")
 
     def __init__(self):
         self._carry = b""
         self.open = 0               # bytes of an event flushed unsplit, still without its end
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
+        self.usage: dict[str, int] | None = None
+
+    @property
+    def input_tokens(self) -> int | None:
+        return None if self.usage is None else self.usage["input"]
+
+    @property
+    def output_tokens(self) -> int | None:
+        return None if self.usage is None else self.usage["output"]
 
     def feed(self, data: bytes) -> bytes:
         """Raises a 502 ProtocolError once one event runs past MAX_EVENT_BYTES."""
@@ -1015,10 +1064,10 @@ class SSEPassthrough:
                     continue
                 if found:
                     # Anthropic reports input in message_start and output in message_delta.
-                    if found[0] or self.input_tokens is None:
-                        self.input_tokens = found[0]
-                    if found[1] or self.output_tokens is None:
-                        self.output_tokens = found[1]
+                    if self.usage is None:
+                        self.usage = found
+                    else:
+                        self.usage.update((k, v) for k, v in found.items() if v)
 
 
 # =================================================================================================
@@ -5350,6 +5399,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "theme": "light",                 # the GUI's theme: light or dark
     "window": "",                     # the GUI's last window geometry
     "default_timeout": DEFAULT_CHANNEL_TIMEOUT,   # a channel's timeout when it gives none
+    "usage_db": "usage.db",           # SQLite usage history beside config.json; "" = off
+    "usage_retention_days": USAGE_DEFAULT_RETENTION_DAYS,
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": "openai", "base_url": "", "api_key": "", "models": [],
@@ -5359,8 +5410,10 @@ CHANNEL_DEFAULTS: dict[str, Any] = {
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
-    "rpm": 0,
+    "rpm": 0, "limits": {}, "expires_at": "",
 }
+LIMIT_KINDS = ("requests_per_day", "tokens_per_day", "cost_per_day", "cost_per_month", "tpm")
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")     # USD per million tokens
 
 
 def default_config_path() -> str:
@@ -5538,6 +5591,12 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
     if not 0 < dt < float("inf"):
         raise ck.fail("settings.default_timeout", f"{dt} is not a positive number",
                       "use seconds, such as 300")
+    ck.typed(settings, "usage_db", "settings", (str,), 'a file path, or "" for no history')
+    days = ck.typed(settings, "usage_retention_days", "settings", (int,), "a number of days")
+    if days < 1:
+        raise ck.fail("settings.usage_retention_days", f"{days} is below 1",
+                      f"keep {USAGE_DEFAULT_RETENTION_DAYS} days or so")
+    _check_prices(ck, cfg.setdefault("prices", {}))
 
     next_ids = cfg.setdefault("next_ids", {})
     if not isinstance(next_ids, dict):
@@ -5681,6 +5740,56 @@ def _check_token(ck: _Checker, tokens: list[dict]) -> None:
         rpm = ck.typed(tok, "rpm", where, (int,), "a whole number (0 = no limit)")
         if rpm < 0:
             raise ck.fail(f"{where}.rpm", f"{rpm} is negative", "use 0 for no limit")
+        limits = tok["limits"]
+        if not isinstance(limits, dict):
+            raise ck.fail(f"{where}.limits", "is not an object",
+                          'write {"requests_per_day": 1000, "cost_per_month": 20}, or {}')
+        for kind, value in limits.items():
+            if kind not in LIMIT_KINDS:
+                raise ck.fail(f"{where}.limits", f"{kind!r} is not a limit",
+                              f"use only {', '.join(LIMIT_KINDS)}")
+            whole = not kind.startswith("cost")
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or not 0 <= value < float("inf"):
+                raise ck.fail(f"{where}.limits.{kind}", f"{json.dumps(value)[:60]} is not a "
+                              f"{'whole number' if whole else 'number'} of 0 or more",
+                              "use 0 for no limit" if whole else "write US dollars, such as 5")
+        expires = ck.typed(tok, "expires_at", where, (str,), 'an ISO date, or "" for never')
+        if expires and parse_utc(expires) is None:
+            raise ck.fail(f"{where}.expires_at", f"{expires[:40]!r} is not an ISO date",
+                          'write a UTC date such as "2026-12-31" or "2026-12-31T18:00:00Z"')
+
+
+def parse_utc(text: str) -> float | None:
+    """Epoch seconds of an ISO date ("2026-12-31": its midnight) or date-time (UTC unless it
+    names an offset), or None."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def _check_prices(ck: _Checker, prices: Any) -> None:
+    """The top-level ``prices``: model pattern (``*`` wildcards) -> USD per million tokens."""
+    example = '{"gpt-5*": {"input": 1.25, "output": 10, "cache_read": 0.125}}'
+    if not isinstance(prices, dict):
+        raise ck.fail("prices", "is not an object", f"write {example}, or {{}}")
+    for pattern, entry in prices.items():
+        where = f"prices.{pattern[:60]}"
+        if not pattern.strip():
+            raise ck.fail("prices", "has an empty model pattern", f"write {example}")
+        if not isinstance(entry, dict):
+            raise ck.fail(where, "is not an object", f"write {example}")
+        for key, value in entry.items():
+            if key not in PRICE_FIELDS:
+                raise ck.fail(where, f"{key!r} is not a price", f"use {', '.join(PRICE_FIELDS)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 <= value < float("inf"):
+                raise ck.fail(f"{where}.{key}", f"{json.dumps(value)[:60]} is not a price",
+                              "write US dollars per million tokens, such as 2.5")
 
 
 _WHERE_RX = re.compile(r"(settings|next_ids|channels|tokens)(?:\[(\d+)\])?(?:\.(\w+))?")
@@ -6059,6 +6168,7 @@ ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens",
           reach=CHANNEL_TYPES),
     Route("/health", ("GET",), OPENAI, "health", "none"),
+    Route("/usage", ("GET",), OPENAI, "usage", "none"),
 )}
 MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
 GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMINI, kind,
@@ -6180,7 +6290,8 @@ class Channel:
 
 
 class Token:
-    __slots__ = ("id", "name", "key", "enabled", "allowed_models", "allowed_channels", "rpm")
+    __slots__ = ("id", "name", "key", "enabled", "allowed_models", "allowed_channels", "rpm",
+                 "limits", "expires")
 
     def __init__(self, t: dict):
         self.id: int = t["id"]
@@ -6191,6 +6302,8 @@ class Token:
         self.allowed_channels = {c.lower() if isinstance(c, str) else c
                                  for c in t["allowed_channels"]}
         self.rpm: int = t["rpm"]
+        self.limits: dict[str, float] = {k: v for k, v in t["limits"].items() if v}
+        self.expires: float | None = parse_utc(t["expires_at"]) if t["expires_at"] else None
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or any(name_matches(p, model) for p in self.allowed_models)
@@ -6398,6 +6511,526 @@ class ChannelHealth:
                 "waiting": self.waiting}
 
 
+# -- usage: prices, the store, per-token limits ----------------------------------------------
+# One row per proxied request goes to a SQLite file (settings.usage_db) through a bounded queue
+# and one writer thread, so no request waits on the disk. The writer also keeps a daily rollup
+# (day, token, model, channel), which reports and charts read: a 30-day report touches a few
+# thousand rollup rows however many requests there were. Per-token limits are checked against
+# counters in memory, seeded from the database at start, so they survive restarts and cost no
+# disk I/O per request.
+
+# Built-in prices, USD per million tokens, taken 2026-12-01 from the providers' pricing pages:
+# https://developers.openai.com/api/docs/pricing (via https://www.morphllm.com/openai-api-pricing
+# and https://chatgptpricing-akr.pages.dev/api-pricing), https://platform.claude.com/docs/en/
+# about-claude/pricing, https://ai.google.dev/gemini-api/docs/pricing (prompts up to 200k
+# tokens). "cache_write" is Anthropic's 5-minute cache write. Entries in config.json's "prices"
+# win over these.
+BUILTIN_PRICES_DATE = "2026-12-01"
+BUILTIN_PRICES: dict[str, dict[str, float]] = {
+    "gpt-5.5*": {"input": 5.0, "output": 30.0, "cache_read": 0.5},
+    "gpt-5.5-pro*": {"input": 30.0, "output": 180.0},
+    "gpt-5.4*": {"input": 2.5, "output": 15.0, "cache_read": 0.25},
+    "gpt-5.4-mini*": {"input": 0.75, "output": 4.5, "cache_read": 0.075},
+    "gpt-5.4-nano*": {"input": 0.2, "output": 1.25, "cache_read": 0.02},
+    "gpt-5.4-pro*": {"input": 30.0, "output": 180.0},
+    "gpt-5.2*": {"input": 1.75, "output": 14.0, "cache_read": 0.175},
+    "gpt-5.2-pro*": {"input": 21.0, "output": 168.0},
+    "gpt-5*": {"input": 1.25, "output": 10.0, "cache_read": 0.125},
+    "gpt-5-mini*": {"input": 0.25, "output": 2.0, "cache_read": 0.025},
+    "gpt-5-nano*": {"input": 0.05, "output": 0.4, "cache_read": 0.005},
+    "gpt-4.1*": {"input": 2.0, "output": 8.0, "cache_read": 0.5},
+    "gpt-4.1-mini*": {"input": 0.4, "output": 1.6, "cache_read": 0.1},
+    "gpt-4.1-nano*": {"input": 0.1, "output": 0.4, "cache_read": 0.025},
+    "gpt-4o*": {"input": 2.5, "output": 10.0, "cache_read": 1.25},
+    "gpt-4o-mini*": {"input": 0.15, "output": 0.6, "cache_read": 0.075},
+    "o1*": {"input": 15.0, "output": 60.0, "cache_read": 7.5},
+    "o3*": {"input": 2.0, "output": 8.0, "cache_read": 0.5},
+    "o3-mini*": {"input": 1.1, "output": 4.4, "cache_read": 0.55},
+    "o3-pro*": {"input": 20.0, "output": 80.0},
+    "o4-mini*": {"input": 1.1, "output": 4.4, "cache_read": 0.275},
+    "claude-opus-4-5*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-opus-4-6*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-opus-4-7*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-opus-4-1*": {"input": 15.0, "output": 75.0, "cache_read": 1.5, "cache_write": 18.75},
+    "claude-opus-4-2025*": {"input": 15.0, "output": 75.0, "cache_read": 1.5,
+                            "cache_write": 18.75},
+    "claude-sonnet-4*": {"input": 3.0, "output": 15.0, "cache_read": 0.3, "cache_write": 3.75},
+    "claude-haiku-4-5*": {"input": 1.0, "output": 5.0, "cache_read": 0.1, "cache_write": 1.25},
+    "gemini-3*-pro*": {"input": 2.0, "output": 12.0, "cache_read": 0.2},
+    "gemini-3*-flash*": {"input": 0.5, "output": 3.0, "cache_read": 0.05},
+    "gemini-2.5-pro*": {"input": 1.25, "output": 10.0, "cache_read": 0.125},
+    "gemini-2.5-flash*": {"input": 0.3, "output": 2.5, "cache_read": 0.03},
+    "gemini-2.5-flash-lite*": {"input": 0.1, "output": 0.4, "cache_read": 0.01},
+}
+
+
+class PriceBook:
+    """Model name -> price entry: the user's patterns first, then the built-in ones; among the
+    patterns of one source that match, the longest (the most specific) wins. A name with a
+    vendor prefix ("anthropic/claude-...") is looked up without it when it matches nothing."""
+
+    def __init__(self, user: dict[str, dict[str, float]]):
+        self.sources = [sorted(src.items(), key=lambda kv: -len(kv[0]))
+                        for src in (user, BUILTIN_PRICES)]
+        self._cache: dict[str, dict[str, float] | None] = {}
+
+    def lookup(self, model: str) -> dict[str, float] | None:
+        key = model.lower()
+        if key not in self._cache:
+            found = None
+            for name in dict.fromkeys((model, model.rpartition("/")[2])):
+                for src in self.sources:
+                    found = next((e for p, e in src if name_matches(p, name)), None)
+                    if found is not None:
+                        break
+                if found is not None:
+                    break
+            if len(self._cache) >= USAGE_REPORT_GROUPS:
+                self._cache.clear()
+            self._cache[key] = found
+        return self._cache[key]
+
+
+def usage_cost(price: dict[str, float] | None, usage: dict[str, int]) -> float | None:
+    """USD for one request's usage (keys USAGE_KEYS, "input" the whole prompt): fresh input,
+    cache reads and cache writes each at their price (input's when they have none), output
+    (reasoning included) at the output price."""
+    if price is None:
+        return None
+    inp = price.get("input", 0.0)
+    fresh = max(0, usage["input"] - usage["cache_read"] - usage["cache_write"])
+    return (fresh * inp + usage["cache_read"] * price.get("cache_read", inp)
+            + usage["cache_write"] * price.get("cache_write", inp)
+            + usage["output"] * price.get("output", 0.0)) / 1e6
+
+
+def prices_from_models_dev(obj: Any) -> dict[str, dict[str, float]]:
+    """Prices from a models.dev-style file: {provider: {"models": {id: {"cost": {...}}}}}, or
+    one provider's {"models": {...}}, or {id: {"cost": {...}}}. Costs are USD per million
+    tokens there too; entries without a cost are skipped."""
+    if not isinstance(obj, dict):
+        raise ConfigError("the prices file is not a JSON object")
+    providers = [obj] if "models" in obj else list(obj.values())
+    out: dict[str, dict[str, float]] = {}
+    for prov in providers:
+        models = prov.get("models") if isinstance(prov, dict) and "models" in prov else None
+        if models is None and isinstance(prov, dict) and "cost" in prov:
+            models = {prov.get("id", ""): prov}
+        for mid, m in (models or {}).items() if isinstance(models, dict) else ():
+            cost = m.get("cost") if isinstance(m, dict) else None
+            name = m.get("id", mid) if isinstance(m, dict) else mid
+            if not isinstance(cost, dict) or not isinstance(name, str) or not name.strip():
+                continue
+            entry = {k: float(v) for k, v in cost.items() if k in PRICE_FIELDS and
+                     isinstance(v, (int, float)) and not isinstance(v, bool) and
+                     0 <= v < float("inf")}
+            if "input" in entry or "output" in entry:
+                out.setdefault(name, entry)
+    if not out:
+        raise ConfigError("the prices file names no model with a cost; it should look like "
+                          'models.dev\'s api.json: {"openai": {"models": {"gpt-4o": '
+                          '{"cost": {"input": 2.5, "output": 10}}}}}')
+    return out
+
+
+USAGE_COLUMNS = ("time", "day", "token_id", "token", "dialect", "route", "model",
+                 "upstream_model", "channel", "key_index", "status", "error_class", "stream",
+                 "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cache_read_tokens",
+                 "cache_write_tokens", "reasoning_tokens", "cost", "cost_estimated")
+_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
+         "cache_write_tokens", "reasoning_tokens", "cost", "estimated")
+# Each step brings the schema from version i to i + 1; a file of a newer version is refused.
+USAGE_MIGRATIONS = (
+    """CREATE TABLE requests (id INTEGER PRIMARY KEY, time REAL NOT NULL, day INTEGER NOT NULL,
+        token_id INTEGER NOT NULL, token TEXT NOT NULL, dialect TEXT, route TEXT,
+        model TEXT NOT NULL, upstream_model TEXT, channel TEXT NOT NULL, key_index INTEGER,
+        status INTEGER, error_class TEXT, stream INTEGER, latency_ms REAL, ttfb_ms REAL,
+        input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER,
+        cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost REAL,
+        cost_estimated INTEGER);
+    CREATE INDEX requests_time ON requests (time);
+    CREATE TABLE daily (day INTEGER NOT NULL, token_id INTEGER NOT NULL, token TEXT NOT NULL,
+        model TEXT NOT NULL, channel TEXT NOT NULL, requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cache_read_tokens INTEGER NOT NULL, cache_write_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL, cost REAL NOT NULL, estimated INTEGER NOT NULL,
+        PRIMARY KEY (day, token_id, model, channel)) WITHOUT ROWID;""",
+)
+_DAILY_UPSERT = (
+    f"INSERT INTO daily (day, token_id, model, channel, token, {', '.join(_SUMS)}) "
+    f"VALUES ({', '.join('?' * (5 + len(_SUMS)))}) "
+    f"ON CONFLICT (day, token_id, model, channel) DO UPDATE SET token = excluded.token, "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS))
+
+
+def open_usage_db(path: str) -> sqlite3.Connection:
+    """The usage database, created or migrated to the current schema (WAL mode)."""
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")    # WAL: durable to the last checkpoint
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > len(USAGE_MIGRATIONS):
+            raise ConfigError(f"{path} was written by a newer aigateway (usage schema "
+                              f"{version}); upgrade, or set settings.usage_db to another file")
+        for step in range(version, len(USAGE_MIGRATIONS)):
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in USAGE_MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version VALUES (?)", (step + 1,))
+            conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise ConfigError(f"cannot use the usage database {path}: {exc}; fix or delete it, or "
+                          f"set settings.usage_db to another file (\"\" turns history off)") \
+            from None
+    return conn
+
+
+def utc_day(t: float) -> int:
+    return int(t // 86400)
+
+
+def day_text(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+
+
+def month_start(t: float) -> float:
+    g = time.gmtime(t)
+    return datetime.datetime(g.tm_year, g.tm_mon, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def next_month(t: float) -> float:
+    g = time.gmtime(t)
+    y, m = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
+    return datetime.datetime(y, m, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def parse_since(text: str, now: float) -> int:
+    """The first UTC day of "7d" (today and the 6 before), "YYYY-MM-DD", or raises ValueError."""
+    text = (text or "").strip()
+    if text[:-1].isdigit() and text.endswith("d") and 0 < int(text[:-1]) <= 100_000:
+        return utc_day(now) - int(text[:-1]) + 1
+    if len(text) == 10:
+        when = parse_utc(text)
+        if when is not None:
+            return utc_day(when)
+    raise ValueError(f"since={text[:40]!r} is not a period: write 7d, 30d or a date such as "
+                     f"2026-11-01")
+
+
+USAGE_GROUPS = {"model": "model", "channel": "channel", "token": "token", "day": "day"}
+
+
+def usage_report(conn: sqlite3.Connection, since_day: int, by: str,
+                 token_id: int | None = None) -> list[dict]:
+    """Sums from the daily rollup since ``since_day``, one row per model, channel, token or
+    day (days oldest first, others costliest first), with the cache-hit rate:
+    cache_read / (input + cache_read), input here being the fresh part of the prompt."""
+    col = USAGE_GROUPS[by]
+    where, args = "day >= ?", [since_day]
+    if token_id is not None:
+        where, args = where + " AND token_id = ?", args + [token_id]
+    order = "day" if by == "day" else "cost DESC, requests DESC"
+    rows = conn.execute(
+        f"SELECT {col}, {', '.join(f'SUM({c})' for c in _SUMS)} FROM daily WHERE {where} "
+        f"GROUP BY {col} ORDER BY {order} LIMIT {USAGE_REPORT_GROUPS}", args).fetchall()
+    out = []
+    for key, *sums in rows:
+        row = dict(zip(_SUMS, sums))
+        row["cost"] = round(row["cost"], 6)
+        row["cost_estimated"] = bool(row.pop("estimated"))
+        fresh = row["input_tokens"] - row["cache_read_tokens"] - row["cache_write_tokens"]
+        seen = max(0, fresh) + row["cache_read_tokens"]
+        row["cache_hit_rate"] = round(row["cache_read_tokens"] / seen, 4) if seen else 0.0
+        out.append(dict({by: day_text(key) if by == "day" else key}, **row))
+    return out
+
+
+def usage_totals(rows: list[dict]) -> dict:
+    total = {k: sum(r[k] for r in rows) for k in _SUMS if k != "estimated"}
+    total["cost"] = round(total["cost"], 6)
+    total["cost_estimated"] = any(r["cost_estimated"] for r in rows)
+    fresh = max(0, total["input_tokens"] - total["cache_read_tokens"]
+                - total["cache_write_tokens"])
+    seen = fresh + total["cache_read_tokens"]
+    total["cache_hit_rate"] = round(total["cache_read_tokens"] / seen, 4) if seen else 0.0
+    return total
+
+
+def token_spend(conn: sqlite3.Connection, now: float) -> dict[int, dict[str, float]]:
+    """Each token's use that its limits count: requests, tokens and cost of today (UTC), cost of
+    this UTC month and tokens of the last minute."""
+    today, first = utc_day(now), utc_day(month_start(now))
+    out: dict[int, dict[str, float]] = {}
+    for tid, day, reqs, toks, cost in conn.execute(
+            "SELECT token_id, day, SUM(requests), SUM(input_tokens + output_tokens), SUM(cost) "
+            "FROM daily WHERE day >= ? GROUP BY token_id, day", (min(today, first),)):
+        spend = out.setdefault(tid, dict.fromkeys(LIMIT_KINDS, 0))
+        spend["cost_per_month"] += cost
+        if day == today:
+            spend["requests_per_day"], spend["tokens_per_day"], spend["cost_per_day"] = \
+                reqs, toks, cost
+    for tid, toks in conn.execute(
+            "SELECT token_id, SUM(input_tokens + output_tokens) FROM requests WHERE time > ? "
+            "GROUP BY token_id", (now - USAGE_TPM_WINDOW,)):
+        out.setdefault(tid, dict.fromkeys(LIMIT_KINDS, 0))["tpm"] = toks
+    return out
+
+
+def error_class(rec: dict) -> str:
+    """A short name for why a request failed, or "" when it did not."""
+    status = rec["status"] or 0
+    if status == 0 or (status < 400 and rec["error"]):
+        return "client_disconnected" if rec["error"] == "client disconnected" else \
+            "stream_broken" if rec["error"] else "no_answer"
+    if status < 400:
+        return ""
+    if status == 429:
+        return "rate_limited"
+    if status in (401, 403):
+        return "refused"
+    if status >= 500:
+        return "upstream" if rec["failures"] else "gateway"
+    return "bad_request"
+
+
+class UsageStore:
+    """Usage rows to ``path`` (None: counters only, no history) by one writer thread, and the
+    per-token counters the limits are checked against. ``record`` runs on the server loop and
+    never blocks; ``clock`` is the wall clock (UTC days and months)."""
+
+    def __init__(self, path: str | None, *, prices: dict, retention_days: int,
+                 clock: Callable[[], float] = time.time,
+                 on_error: Callable[[str], None] = lambda text: None):
+        self.path, self.clock, self.on_error = path, clock, on_error
+        self.retention_days = retention_days
+        self.prices = PriceBook(prices)
+        self.dropped = 0                     # rows refused because the queue was full
+        self.write_errors = 0
+        self.written = 0
+        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=USAGE_QUEUE_LIMIT)
+        self._spend: dict[int, dict[str, float]] = {}
+        self._recent: dict[int, collections.deque[tuple[float, int]]] = {}
+        now = clock()
+        self._day, self._month = utc_day(now), month_start(now)
+        self._thread: threading.Thread | None = None
+        if path is not None:
+            conn = open_usage_db(path)
+            try:
+                self._spend = token_spend(conn, now)
+                for tid, t, toks in conn.execute(
+                        "SELECT token_id, time, input_tokens + output_tokens FROM requests "
+                        "WHERE time > ? ORDER BY time", (now - USAGE_TPM_WINDOW,)):
+                    self._recent.setdefault(tid, collections.deque(
+                        maxlen=USAGE_TPM_EVENTS)).append((t, toks))
+            finally:
+                conn.close()
+            self._thread = threading.Thread(target=self._writer, name="usage-writer",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- on the server loop ----------------------------------------------------------------------
+
+    def record(self, rec: dict, token_id: int | None, upstream_model: str | None) -> None:
+        """Note one finished request (a record of Gateway._finish that names a model)."""
+        now = rec["time"]
+        usage = {k: rec.get(f"{k}_tokens") or 0 for k in USAGE_KEYS}
+        estimated = rec["input_tokens"] is None and rec["output_tokens"] is None
+        if estimated:
+            if (rec["status"] or 500) < 400:
+                usage["input"] = rec["bytes_in"] // ESTIMATE_BYTES_PER_TOKEN
+                usage["output"] = rec["bytes_out"] // ESTIMATE_BYTES_PER_TOKEN
+            else:
+                estimated = False            # refused: nothing to pay
+        cost = usage_cost(self.prices.lookup(upstream_model or rec["model"]), usage) or 0.0
+        rec["cost"], rec["cost_estimated"] = round(cost, 8), estimated
+        tid = token_id or 0
+        self._count(tid, usage["input"] + usage["output"], cost, now)
+        if self._thread is None:
+            return
+        row = (now, utc_day(now), tid, rec["token"] or "", rec.get("dialect"), rec["route"],
+               rec["model"], upstream_model, rec["channel"] or "", rec.get("key_index"),
+               rec["status"], error_class(rec), int(bool(rec["stream"])), rec["latency_ms"],
+               rec["ttfb_ms"], usage["input"], usage["output"], usage["cache_read"],
+               usage["cache_write"], usage["reasoning"], cost, int(estimated))
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+
+    def _roll(self, now: float) -> None:
+        day = utc_day(now)
+        if day != self._day:
+            self._day = day
+            for spend in self._spend.values():
+                spend["requests_per_day"] = spend["tokens_per_day"] = spend["cost_per_day"] = 0
+            if month_start(now) != self._month:
+                self._month = month_start(now)
+                for spend in self._spend.values():
+                    spend["cost_per_month"] = 0
+
+    def _count(self, tid: int, tokens: int, cost: float, now: float) -> None:
+        self._roll(now)
+        spend = self._spend.get(tid)
+        if spend is None:
+            spend = self._spend[tid] = dict.fromkeys(LIMIT_KINDS, 0)
+        spend["requests_per_day"] += 1
+        spend["tokens_per_day"] += tokens
+        spend["cost_per_day"] += cost
+        spend["cost_per_month"] += cost
+        recent = self._recent.get(tid)
+        if recent is None:
+            recent = self._recent[tid] = collections.deque(maxlen=USAGE_TPM_EVENTS)
+        recent.append((now, tokens))
+
+    def spend(self, tid: int) -> dict[str, float]:
+        """A token's use as its limits count it, now."""
+        now = self.clock()
+        self._roll(now)
+        out = dict(self._spend.get(tid) or dict.fromkeys(LIMIT_KINDS, 0))
+        recent = self._recent.get(tid)
+        while recent and recent[0][0] <= now - USAGE_TPM_WINDOW:
+            recent.popleft()
+        out["tpm"] = sum(t for _, t in recent) if recent else 0
+        return out
+
+    def check(self, token: Any, spending: bool = True) -> None:
+        """Raise 401 for an expired token and, for a request that spends (not a listing),
+        429 for one past a limit (the message names the limit, the use and when it resets;
+        Retry-After says it in seconds)."""
+        now = self.clock()
+        if token.expires is not None and now >= token.expires:
+            raise GatewayError(401, f"gateway token '{token.name}' expired at "
+                                    f"{_utc_text(token.expires)}; ask for a new one or move "
+                                    f"its expires_at", code="token_expired")
+        if not token.limits or not spending:
+            return
+        spend = self.spend(token.id)
+        for kind in LIMIT_KINDS:
+            limit = token.limits.get(kind)
+            if not limit or spend[kind] < limit:
+                continue
+            if kind == "tpm":
+                recent = self._recent[token.id]
+                total, reset = spend[kind], now + USAGE_TPM_WINDOW
+                for t, toks in recent:       # oldest first: when enough of them have aged out
+                    total -= toks
+                    if total < limit:
+                        reset = t + USAGE_TPM_WINDOW
+                        break
+            elif kind == "cost_per_month":
+                reset = next_month(now)
+            else:
+                reset = (utc_day(now) + 1) * 86400.0
+            used = f"${spend[kind]:.4f} of ${limit:g}" if kind.startswith("cost") else \
+                f"{int(spend[kind])} of {limit}"
+            period = {"tpm": "in the last minute", "cost_per_month": "this month (UTC)"}.get(
+                kind, "today (UTC)")
+            wait = max(1, int(-(-(reset - now) // 1)))
+            raise GatewayError(429, f"gateway token '{token.name}' reached its {kind} limit: "
+                                    f"{used} used {period}; it resets at {_utc_text(reset)} "
+                                    f"(in {wait} s)",
+                               code="insufficient_quota" if kind.startswith("cost") else
+                               "rate_limit_exceeded", headers=[("Retry-After", str(wait))])
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- on the writer thread --------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        try:
+            conn = open_usage_db(self.path or "")
+        except ConfigError as exc:
+            self.write_errors += 1
+            self.on_error(str(exc))
+            return
+        pruned = 0.0
+        try:
+            while True:
+                if self.clock() - pruned > USAGE_PRUNE_SECONDS:
+                    pruned = self.clock()
+                    self._prune(conn, pruned)
+                try:
+                    row = self._queue.get(timeout=USAGE_WRITER_IDLE)
+                except queue.Empty:
+                    continue
+                batch, stop = [], row is None
+                if row is not None:
+                    batch.append(row)
+                while not stop and len(batch) < USAGE_BATCH_ROWS:
+                    try:
+                        row = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if row is None:
+                        stop = True
+                    else:
+                        batch.append(row)
+                if batch:
+                    self._write(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
+        daily: dict[tuple, list] = {}
+        for r in batch:
+            key = (r[1], r[2], r[6], r[8])                   # day, token_id, model, channel
+            sums = daily.get(key)
+            if sums is None:
+                sums = daily[key] = [r[3]] + [0] * len(_SUMS)
+            sums[1] += 1
+            sums[2] += 1 if r[11] else 0
+            for i, col in enumerate(range(15, 21)):          # tokens and cost
+                sums[3 + i] += r[col] or 0
+            sums[9] |= r[21]
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(f"INSERT INTO requests ({', '.join(USAGE_COLUMNS)}) VALUES "
+                             f"({', '.join('?' * len(USAGE_COLUMNS))})", batch)
+            conn.executemany(_DAILY_UPSERT, [k + tuple(v) for k, v in daily.items()])
+            conn.execute("COMMIT")
+            self.written += len(batch)
+        except sqlite3.Error as exc:
+            self.write_errors += 1
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.on_error(f"usage database {self.path}: {len(batch)} rows not written ({exc})")
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        cutoff = utc_day(now) - self.retention_days
+        try:
+            conn.execute("DELETE FROM requests WHERE time < ?", (cutoff * 86400.0,))
+            conn.execute("DELETE FROM daily WHERE day < ?", (cutoff,))
+        except sqlite3.Error as exc:
+            self.on_error(f"usage database {self.path}: old rows not pruned ({exc})")
+
+
+def _utc_text(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def note_usage(rec: dict, usage: dict | None) -> None:
+    """Put an answer's token usage (keys USAGE_KEYS) on a request record."""
+    if usage:
+        for k in USAGE_KEYS:
+            rec[f"{k}_tokens"] = usage.get(k) or 0
+
+
 def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
     for name, value in headers:
         try:
@@ -6417,7 +7050,8 @@ class Gateway:
     def __init__(self, config: dict, *, config_dir: str = ".",
                  on_event: Callable[[str, Any], None] | None = None,
                  client: UpstreamClient | None = None, listen_host: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.client = client or UpstreamClient()
         self.fetcher = UrlFetcher(self.client)
         self.clock = clock                       # for the failed-auth throttle
@@ -6437,6 +7071,8 @@ class Gateway:
         self._key_bench: dict[tuple[int, str], float] = {}
         self._rpm: dict[int, collections.deque[float]] = {}
         self._request_log: RequestLog | None = None
+        self.usage: UsageStore | None = None
+        self.wall_clock = wall_clock             # UTC days and months of the usage limits
         self.config_error: str | None = None      # why the file on disk is not in force
         self.apply_config(config)
 
@@ -6465,6 +7101,22 @@ class Gateway:
             self._request_log = None
         if log_path and self._request_log is None:
             self._request_log = RequestLog(log_path, self.log)
+        self._open_usage(config)
+
+    def _open_usage(self, config: dict) -> None:
+        """The usage store of settings.usage_db (relative to the config file); a new price table
+        alone does not reopen it."""
+        s = config["settings"]
+        path = os.path.join(self.config_dir, s["usage_db"]) if s["usage_db"] else None
+        if self.usage is not None and self.usage.path == path and \
+                self.usage.retention_days == s["usage_retention_days"]:
+            self.usage.prices = PriceBook(config["prices"])
+            return
+        if self.usage is not None:
+            self.usage.close()
+        self.usage = UsageStore(path, prices=config["prices"],
+                                retention_days=s["usage_retention_days"], clock=self.wall_clock,
+                                on_error=self.log)
 
     def open_request_log(self) -> None:
         """At start: a request log that cannot be opened is a ConfigError naming its path
@@ -6476,6 +7128,8 @@ class Gateway:
         self.client.close()
         if self._request_log is not None:
             self._request_log.close()
+        if self.usage is not None:
+            self.usage.close()
 
     def log(self, text: str) -> None:
         self.on_event("log", escape_controls(text))
@@ -6536,10 +7190,15 @@ class Gateway:
             elif "x-goog-api-key" in req.headers or "key=" in req.query:
                 dialect = GEMINI          # the google-genai SDK lists models at /v1/models
         rec = self._new_record(req, route.path)
+        rec["dialect"] = dialect
         try:
             token = self._authenticate(req)
-            rec["token"] = token.name if token else None
+            rec["token"], rec["token_id"] = (token.name, token.id) if token else (None, None)
             self._check_rpm(token)
+            if token is not None and self.usage is not None:
+                self.usage.check(token, spending=route.kind not in ("models", "model", "usage"))
+            if route.kind == "usage":
+                return await self._usage_answer(req, token, rec)
             if route.kind in ("models", "model"):
                 resp = self._models(req, dialect, token, model_id)
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
@@ -6658,6 +7317,40 @@ class Gateway:
             raise GatewayError(401, f"gateway token '{found.name}' is disabled",
                                code="invalid_api_key")
         return found
+
+    async def _usage_answer(self, req: Request, token: Token | None, rec: dict) -> Response:
+        """GET /usage?since=7d|YYYY-MM-DD&by=model|channel|token|day: the usage history as
+        JSON; a gateway token sees its own requests only (all of them with auth off)."""
+        by, since = req.params.get("by") or "model", req.params.get("since") or "30d"
+        if by not in USAGE_GROUPS:
+            raise GatewayError(400, f"by={by[:40]!r} is not a grouping: use "
+                                    f"{', '.join(USAGE_GROUPS)}", param="by")
+        try:
+            first = parse_since(since, self.wall_clock())
+        except ValueError as exc:
+            raise GatewayError(400, str(exc), param="since") from None
+        store = self.usage
+        if store is None or store.path is None:
+            raise GatewayError(404, "usage history is off: set settings.usage_db to a file "
+                                    "name such as \"usage.db\"", code="usage_off")
+
+        def query() -> list[dict]:
+            conn = open_usage_db(store.path or "")
+            try:
+                return usage_report(conn, first, by, token.id if token else None)
+            finally:
+                conn.close()
+        try:
+            rows = await asyncio.to_thread(query)
+        except (ConfigError, sqlite3.Error) as exc:
+            raise GatewayError(500, f"the usage database cannot be read: {exc}") from None
+        body = json_dumps({"object": "usage", "since": day_text(first), "by": by,
+                           "rows": rows, "totals": usage_totals(rows),
+                           "dropped_rows": store.dropped})
+        rec["status"], rec["bytes_out"] = 200, len(body)
+        self._finish(rec)
+        return Response(200, [("Content-Type", "application/json")] +
+                        self._cors_headers(req.headers), body)
 
     def _models(self, req: Request, dialect: str, token: Token | None, model_id: str) -> Response:
         names: list[str] = []
@@ -6824,6 +7517,7 @@ class Gateway:
             while True:
                 ch = base.with_key(self._pick_key(base, keys_tried))
                 keys_tried.add(ch.api_key)
+                rec["key_index"] = base.keys.index(ch.api_key) if ch.api_key in base.keys else 0
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
                 passthrough = (ch.type in PASSTHROUGH_TYPES[dialect] or (
@@ -7227,8 +7921,7 @@ class Gateway:
             resp = decode_whole(answer)
             if hold and answer_is_empty(resp):
                 raise self._empty_answer(up)
-            rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
-                resp["usage"]["output"]
+            note_usage(rec, resp["usage"])
             out = json_dumps(CLIENT_CODECS[dialect][1](resp, model, ir))
             rec["bytes_out"] = len(out)
             self._trim_signatures()
@@ -7251,8 +7944,7 @@ class Gateway:
 
         def done() -> None:
             up.aclose_nowait()
-            usage = encoder.usage or {}
-            rec["input_tokens"], rec["output_tokens"] = usage.get("input"), usage.get("output")
+            note_usage(rec, encoder.usage)
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self._trim_signatures()
@@ -7324,9 +8016,7 @@ class Gateway:
                     from None
             if up.status < 300 and "json" in ctype:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
-                found = usage_from_json(upstream_json(body, rec["channel"]))
-                if found:
-                    rec["input_tokens"], rec["output_tokens"] = found
+                note_usage(rec, usage_from_json(upstream_json(body, rec["channel"])))
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
             elif hold and "json" in ctype and self._passthrough_empty(dialect, body):
@@ -7360,7 +8050,7 @@ class Gateway:
         def done() -> None:
             up.aclose_nowait()
             if pt is not None:
-                rec["input_tokens"], rec["output_tokens"] = pt.input_tokens, pt.output_tokens
+                note_usage(rec, pt.usage)
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self._finish(rec)
@@ -7404,7 +8094,8 @@ class Gateway:
                 "token": None, "channel": None, "tried": [], "failures": [], "skipped": [],
                 "status": None, "latency_ms": None, "ttfb_ms": None,
                 "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
-                "output_tokens": None, "error": None}
+                "output_tokens": None, "cache_read_tokens": None, "cache_write_tokens": None,
+                "reasoning_tokens": None, "error": None}
 
     def _finish(self, rec: dict) -> None:
         self._release_slot(rec)
@@ -7420,6 +8111,10 @@ class Gateway:
         # The one place records are made safe for every view of them (access line, GUI, JSONL):
         # the model, errors and the rest may hold text a client sent.
         rec.update(escape_record(rec))
+        if self.usage is not None and rec["model"] is not None:
+            ch = next((c for c in self.channels if c.name == rec["channel"]), None)
+            self.usage.record(rec, rec.get("token_id"),
+                              ch.upstream_model(rec["model"]) if ch else None)
         self.records.append(rec)
         if self._request_log is not None:
             self._request_log.write(rec)
