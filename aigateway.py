@@ -42,6 +42,7 @@ import base64
 import codecs
 import collections
 import copy
+import csv
 import datetime
 import errno
 import functools
@@ -6088,6 +6089,15 @@ class ConfigStore:
     def update_settings(self, **changes: Any) -> None:
         self._apply(lambda d: d["settings"].update(changes))
 
+    def update_prices(self, changes: dict[str, dict], remove: Iterable[str] = ()) -> None:
+        """Set (replace) the price entries of ``changes`` and delete those of ``remove``."""
+        def mutate(d: dict) -> None:
+            prices = d.setdefault("prices", {})
+            for pattern in remove:
+                prices.pop(pattern, None)
+            prices.update(copy.deepcopy(changes))
+        self._apply(mutate)
+
     def _add(self, kind: str, fields: dict) -> dict:
         def mutate(d: dict) -> dict:
             item = dict(fields)
@@ -6838,7 +6848,7 @@ class UsageStore:
 
     def record(self, rec: dict, token_id: int | None, upstream_model: str | None) -> None:
         """Note one finished request (a record of Gateway._finish that names a model)."""
-        now = rec["time"]
+        now = self.clock()
         usage = {k: rec.get(f"{k}_tokens") or 0 for k in USAGE_KEYS}
         estimated = rec["input_tokens"] is None and rec["output_tokens"] is None
         if estimated:
@@ -9768,6 +9778,8 @@ management commands (they edit the configuration file; a running aigateway picks
   tokens list [--json]              tokens create --name N [--models a,b]
   tokens edit ID|NAME [options]     tokens enable|disable|remove ID|NAME
   config check
+  usage [--since 7d|30d|YYYY-MM-DD] [--by model|channel|token|day] [--format table|csv|json]
+  prices import FILE                (a models.dev-style api.json)
 Run "aigateway COMMAND --help" (e.g. "channels add --help") for a command's options."""
 
 
@@ -9823,6 +9835,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
         command(tok, name, f"{name} a token", ref=True)
     cfg = group("config", "check the configuration file")
     command(cfg, "check", "name every problem in the file (exit 0 when it is valid, else 2)")
+    use = commands.add_parser("usage", parents=[common], help="what the requests cost, from "
+                              "the usage history", description="Sums from the usage history "
+                              "(settings.usage_db); costs marked ~ are estimated.")
+    use.add_argument("--since", default="7d", metavar="7d|30d|YYYY-MM-DD",
+                     help="the first UTC day (default 7d: today and the 6 days before)")
+    use.add_argument("--by", default="model", choices=tuple(USAGE_GROUPS))
+    use.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    pri = group("prices", "the price table used for costs")
+    command(pri, "import", "add or replace prices from a models.dev-style JSON file "
+            "(such as https://models.dev/api.json, downloaded)").add_argument(
+        "file", metavar="FILE")
     return p
 
 
@@ -9933,6 +9956,15 @@ def run_command(args: argparse.Namespace, path: str) -> int:
     saves the file atomically; nothing is written when a change is refused."""
     if args.command == "config":
         return check_config(path)
+    if args.command in ("usage", "prices"):
+        try:
+            store, _ = ConfigStore.load(path)
+            return (usage_command if args.command == "usage" else prices_command)(args, store)
+        except (ConfigError, _CommandFailed) as exc:
+            print(f"aigateway: {exc}", file=sys.stderr)
+        except OSError as exc:
+            print(f"aigateway: {exc.filename or path}: {exc.strerror}", file=sys.stderr)
+        return 2
     creating = args.action in ("add", "create")
     try:
         store, new_key = ConfigStore.load(path, create=creating)
@@ -10001,6 +10033,68 @@ def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
     item = update(item["id"], **changes)
     done = {"edit": "changed", "enable": "enabled", "disable": "disabled"}[action]
     print(f"{done} {kind} {item['name']!r} (id {item['id']})")
+    return 0
+
+
+def usage_command(args: argparse.Namespace, store: ConfigStore) -> int:
+    """`aigateway usage`: the usage report as a table, CSV or JSON on stdout."""
+    name = store.data["settings"]["usage_db"]
+    if not name:
+        raise _CommandFailed(f"usage history is off in {store.path} (settings.usage_db is "
+                             f"empty); set it to a file name such as \"usage.db\"")
+    try:
+        first = parse_since(args.since, time.time())
+    except ValueError as exc:
+        raise _CommandFailed(str(exc)) from None
+    conn = open_usage_db(os.path.join(os.path.dirname(os.path.abspath(store.path)), name))
+    try:
+        rows = usage_report(conn, first, args.by)
+    finally:
+        conn.close()
+    total = usage_totals(rows)
+    if args.format == "json":
+        print(json.dumps({"since": day_text(first), "by": args.by, "rows": rows,
+                          "totals": total}, indent=2, ensure_ascii=False))
+        return 0
+    fields = (args.by,) + tuple(k for k in rows[0] if k != args.by) if rows else \
+        (args.by, *_SUMS[:-2], "cost", "cost_estimated", "cache_hit_rate")
+    if args.format == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(fields)
+        out.writerows([[r[f] for f in fields] for r in rows])
+        return 0
+
+    def line(key: Any, r: dict) -> tuple:
+        return (key if key not in (None, "") else "-", r["requests"], r["errors"],
+                r["input_tokens"], r["output_tokens"], r["cache_read_tokens"],
+                r["cache_write_tokens"], r["reasoning_tokens"],
+                f"{r['cache_hit_rate'] * 100:.1f}%",
+                ("~" if r["cost_estimated"] else "") + f"{r['cost']:.4f}")
+    print(f"usage since {day_text(first)} (UTC) by {args.by}; ~ = estimated")
+    print(_table([line(r[args.by], r) for r in rows] + [line("TOTAL", total)],
+                 (args.by.upper(), "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHE READ",
+                  "CACHE WRITE", "REASONING", "CACHE HIT", "COST $")))
+    return 0
+
+
+def import_prices(store: ConfigStore, file: str) -> int:
+    """Add or replace the prices a models.dev-style file names; return how many."""
+    with open(file, "rb") as f:
+        raw = f.read(PRICES_IMPORT_MAX_BYTES + 1)
+    if len(raw) > PRICES_IMPORT_MAX_BYTES:
+        raise ConfigError(f"{file} is larger than {PRICES_IMPORT_MAX_BYTES // 2**20} MiB")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is not JSON: {exc}") from None
+    prices = prices_from_models_dev(obj)
+    store.update_prices(prices)
+    return len(prices)
+
+
+def prices_command(args: argparse.Namespace, store: ConfigStore) -> int:
+    count = import_prices(store, args.file)
+    print(f"imported {count} prices into {store.path}")
     return 0
 
 

@@ -2449,6 +2449,270 @@ def test_11_request_log_failure_is_reported_again_after_it_recovered(tmp_path):
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 2
 
 
+# -- usage history, prices and per-token limits (issue 13) ---------------------------------------
+
+PRICE_ALL = {"*": {"input": 2, "output": 10, "cache_read": 0.5, "cache_write": 4}}
+
+
+def _usage_gw(gw, channels, tokens=None, prices=PRICE_ALL, **settings):
+    g = gw(channels, settings, tokens)
+    g.store.update_prices(prices)
+    g.thread.apply_config()
+    return g
+
+
+def _db_rows(path, where="1"):
+    conn = ag.open_usage_db(str(path))
+    conn.row_factory = lambda cur, row: dict(zip([c[0] for c in cur.description], row))
+    try:
+        return conn.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_11_usage_costs_from_reported_usage_in_every_dialect(gw, upstream, tmp_path):
+    oa = upstream([Reply(body=json.dumps({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-x",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+                  "prompt_tokens_details": {"cached_tokens": 400},
+                  "completion_tokens_details": {"reasoning_tokens": 50}}}).encode())])
+    msg = anthropic_message()
+    msg["usage"] = {"input_tokens": 100, "output_tokens": 50, "cache_read_input_tokens": 800,
+                    "cache_creation_input_tokens": 100}
+    an = upstream([Reply(body=json.dumps(msg).encode())])
+    ge = upstream([Reply(body=json.dumps({
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]},
+                        "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 100,
+                          "cachedContentTokenCount": 500, "thoughtsTokenCount": 100,
+                          "totalTokenCount": 1200}}).encode())])
+    re_ = upstream([Reply(body=json.dumps({
+        "id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+        "model": "resp-x", "output": [{"type": "message", "id": "m1", "role": "assistant",
+                                       "status": "completed", "content": [
+                                           {"type": "output_text", "text": "ok",
+                                            "annotations": []}]}],
+        "usage": {"input_tokens": 1000, "output_tokens": 300, "total_tokens": 1300,
+                  "input_tokens_details": {"cached_tokens": 200},
+                  "output_tokens_details": {"reasoning_tokens": 100}}}).encode())])
+    g = _usage_gw(gw, [chan(oa, name="oa", models=["gpt-x"]),
+                       chan(an, name="an", type="anthropic", models=["claude-x"]),
+                       chan(ge, name="ge", type="gemini", models=["gem-x"]),
+                       chan(re_, name="re", models=["resp-x"], responses_api=True)])
+    g.openai().chat.completions.create(model="gpt-x", messages=[{"role": "user",
+                                                                 "content": "hi"}])
+    g.anthropic().messages.create(model="claude-x", max_tokens=10,
+                                  messages=[{"role": "user", "content": "hi"}])
+    # An OpenAI client on the Anthropic channel: converted, the cache tokens carried over.
+    r = g.openai().chat.completions.create(model="claude-x", messages=[{"role": "user",
+                                                                        "content": "hi"}])
+    assert r.usage.prompt_tokens_details.cached_tokens == 800
+    status, _, _ = g.request("POST", "/v1beta/models/gem-x:generateContent",
+                             {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert status == 200
+    g.openai().responses.create(model="resp-x", input="hi")
+    recs = g.records(5)
+    got = [(r["route"], r["channel"], r["input_tokens"], r["output_tokens"],
+            r["cache_read_tokens"], r["cache_write_tokens"], r["reasoning_tokens"],
+            round(r["cost"] * 1e6, 3), r["cost_estimated"]) for r in recs]
+    assert got == [
+        ("/v1/chat/completions", "oa", 1000, 200, 400, 0, 50, 3400.0, False),
+        ("/v1/messages", "an", 1000, 50, 800, 100, 0, 1500.0, False),
+        ("/v1/chat/completions", "an", 1000, 50, 800, 100, 0, 1500.0, False),
+        ("/v1beta/models/{model}:generateContent", "ge", 1000, 200, 500, 0, 100, 3250.0, False),
+        ("/v1/responses", "re", 1000, 300, 200, 0, 100, 4700.0, False)]
+    g.stop()                                     # the writer writes what is queued, then stops
+    rows = _db_rows(tmp_path / "usage.db")
+    assert [(r["dialect"], r["model"], r["channel"], r["token"], r["status"],
+             r["cache_read_tokens"], round(r["cost"] * 1e6, 3)) for r in rows] == [
+        ("openai", "gpt-x", "oa", "main", 200, 400, 3400.0),
+        ("anthropic", "claude-x", "an", "main", 200, 800, 1500.0),
+        ("openai", "claude-x", "an", "main", 200, 800, 1500.0),
+        ("gemini", "gem-x", "ge", "main", 200, 500, 3250.0),
+        ("responses", "resp-x", "re", "main", 200, 200, 4700.0)]
+    assert all(r["latency_ms"] is not None and r["key_index"] == 0 for r in rows)
+
+
+def test_11_usage_streams_and_estimates(gw, upstream, tmp_path):
+    up = upstream([openai_stream_reply(usage=(30, 6)),
+                   Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                          "model": "m", "choices": [{
+                                              "index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant",
+                                                          "content": "x" * 400}}]}).encode())])
+    g = _usage_gw(gw, [chan(up, models=["m"], model_mapping={"m": "m-up"})])
+    with g.openai().chat.completions.create(model="m", stream=True, messages=[
+            {"role": "user", "content": "hi"}]) as s:
+        list(s)
+    g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    first, second = g.records(2)
+    assert (first["stream"], first["input_tokens"], first["output_tokens"],
+            round(first["cost"] * 1e6, 3), first["cost_estimated"]) == (True, 30, 6, 120.0,
+                                                                        False)
+    # No usage reported: about a token per 4 bytes each way, and marked estimated.
+    assert second["input_tokens"] is None and second["cost_estimated"] is True
+    expect = (second["bytes_in"] // 4 * 2 + second["bytes_out"] // 4 * 10) / 1e6
+    assert second["cost"] == pytest.approx(expect)
+    g.stop()
+    rows = _db_rows(tmp_path / "usage.db")
+    assert [(r["stream"], r["upstream_model"], r["cost_estimated"]) for r in rows] == [
+        (1, "m-up", 0), (0, "m-up", 1)]
+
+
+class _Clock:
+    def __init__(self, iso="2026-12-01T23:00:00Z"):
+        self.now = ag.parse_utc(iso)
+
+    def __call__(self):
+        return self.now
+
+
+def _limited_gw(gw, up, limits, clock, **tok):
+    g = _usage_gw(gw, [chan(up, models=["m"], type=tok.pop("type", "openai"))],
+                  tokens=[dict({"name": "kid", "key": TOKEN, "limits": limits}, **tok)])
+    g.gateway.usage.clock = g.gateway.wall_clock = clock
+    return g
+
+
+def _chat(g, path="/v1/chat/completions", body=None, headers=None):
+    status, hdrs, data = g.request("POST", path, body or {
+        "model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        headers=headers)
+    return status, hdrs, json.loads(data)
+
+
+def test_11_limit_requests_per_day_in_each_dialect_and_after_a_restart(gw, upstream, tmp_path):
+    up = upstream()
+    clock = _Clock()
+    g = _limited_gw(gw, up, {"requests_per_day": 2}, clock)
+    assert _chat(g)[0] == 200 and _chat(g)[0] == 200
+    status, hdrs, body = _chat(g)
+    assert status == 429 and hdrs["retry-after"] == "3600"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["message"] == (
+        "gateway token 'kid' reached its requests_per_day limit: 2 of 2 used today (UTC); it "
+        "resets at 2026-12-02T00:00:00Z (in 3600 s)")
+    status, _, body = _chat(g, "/v1/messages", headers={"anthropic-version": "2023-06-01"},
+                            body={"model": "m", "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 429 and body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error" and "2 of 2" in body["error"]["message"]
+    status, _, body = _chat(g, "/v1beta/models/m:generateContent",
+                            body={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert status == 429 and body["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert len(up.requests) == 2                         # refused before routing
+    assert g.request("GET", "/v1/models")[0] == 200       # listing spends nothing
+    g.stop()
+    # A new gateway on the same database: the count came back from it.
+    g2 = _limited_gw(gw, up, {"requests_per_day": 2}, clock)
+    g2.gateway.usage.close()                   # seeded at the real "now": again at the clock's
+    g2.gateway.usage = ag.UsageStore(str(tmp_path / "usage.db"), prices={},
+                                     retention_days=400, clock=clock)
+    status, _, body = _chat(g2)
+    assert status == 429 and "2 of 2 used today" in body["error"]["message"]
+    clock.now += 3600                                    # the next UTC day
+    assert _chat(g2)[0] == 200
+
+
+def test_11_limit_tokens_cost_and_tpm(gw, upstream):
+    up = upstream([openai_chat_reply(usage=(600, 400))])  # 1000 tokens, $0.0012 + $0.004
+    clock = _Clock("2026-12-31T12:00:00Z")
+    g = _limited_gw(gw, up, {"tokens_per_day": 1500}, clock)
+    assert _chat(g)[0] == 200 and _chat(g)[0] == 200
+    status, hdrs, body = _chat(g)
+    assert status == 429 and hdrs["retry-after"] == str(12 * 3600)
+    assert "tokens_per_day limit: 2000 of 1500 used today" in body["error"]["message"]
+    g.stop()
+    g = _limited_gw(gw, up, {"cost_per_month": 0.01}, clock)
+    clock.now += 86400 * 31                              # a month on: the counts started over
+    assert [_chat(g)[0] for _ in range(2)] == [200, 200]
+    status, hdrs, body = _chat(g)
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+    assert body["error"]["message"] == (
+        "gateway token 'kid' reached its cost_per_month limit: $0.0104 of $0.01 used this "
+        "month (UTC); it resets at 2027-02-01T00:00:00Z (in 43200 s)")
+    g.stop()
+    g = _limited_gw(gw, up, {"cost_per_day": 0.004}, clock)
+    assert _chat(g)[0] == 200
+    status, _, body = _chat(g)
+    assert status == 429 and "cost_per_day limit: $0.0052 of $0.004" in body["error"]["message"]
+    g.stop()
+    g = _limited_gw(gw, up, {"tpm": 1500}, clock)
+    clock.now += 1000
+    assert _chat(g)[0] == 200
+    clock.now += 10
+    assert _chat(g)[0] == 200
+    status, hdrs, body = _chat(g)
+    assert status == 429 and hdrs["retry-after"] == "50"      # when the first one ages out
+    assert "tpm limit: 2000 of 1500 used in the last minute" in body["error"]["message"]
+    clock.now += 50
+    assert _chat(g)[0] == 200
+
+
+def test_11_expired_token_is_401_in_the_clients_dialect(gw, upstream):
+    up = upstream()
+    g = _limited_gw(gw, up, {}, _Clock(), expires_at="2026-12-01")
+    status, _, body = _chat(g)
+    assert status == 401 and body["error"]["code"] == "token_expired"
+    assert body["error"]["message"] == ("gateway token 'kid' expired at 2026-12-01T00:00:00Z; "
+                                        "ask for a new one or move its expires_at")
+    status, _, body = _chat(g, "/v1/messages", headers={"anthropic-version": "2023-06-01"})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert not up.requests
+
+
+def _write_usage(path, rows, clock):
+    """Rows through the real store: (model, channel, token id, token, input, output, cache
+    read, status, day offset)."""
+    store = ag.UsageStore(str(path), prices=PRICE_ALL, retention_days=400, clock=clock)
+    base = clock.now
+    for model, channel, tid, token, inp, out, read, status, days in rows:
+        clock.now = base - days * 86400
+        rec = {"time": clock.now, "token": token, "dialect": "openai",
+               "route": "/v1/chat/completions", "model": model, "channel": channel,
+               "status": status, "error": None if status < 400 else "x", "failures": [],
+               "stream": False, "latency_ms": 10.0, "ttfb_ms": 5.0, "bytes_in": 10,
+               "bytes_out": 10, "input_tokens": inp, "output_tokens": out,
+               "cache_read_tokens": read, "cache_write_tokens": 0, "reasoning_tokens": 0}
+        store.record(rec, tid, None)
+    clock.now = base
+    store.close()
+
+
+USAGE_SAMPLE = [("gpt-x", "oa", 1, "main", 1000, 100, 500, 200, 0),
+                ("gpt-x", "oa", 2, "kid", 1000, 100, 0, 200, 1),
+                ("claude-x", "an", 1, "main", 2000, 0, 1000, 200, 2),
+                ("claude-x", "an", 1, "main", 0, 0, 0, 500, 2),
+                ("old-x", "oa", 1, "main", 5, 5, 0, 200, 40)]
+
+
+def test_11_usage_endpoint(gw, tmp_path):
+    clock = _Clock()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    g = gw(tokens=[{"name": "main", "key": TOKEN}, {"name": "kid", "key": "sk-gw-kid-token"}])
+    g.gateway.wall_clock = clock
+    status, _, data = g.request("GET", "/usage?since=7d&by=model")
+    body = json.loads(data)
+    assert status == 200 and body["since"] == "2026-11-25" and body["by"] == "model"
+    # Token 'main' sees its own requests only: claude-x (2 requests, one failed), gpt-x (1).
+    assert [(r["model"], r["requests"], r["errors"], r["input_tokens"], r["cache_hit_rate"],
+             round(r["cost"] * 1e6)) for r in body["rows"]] == [
+        ("claude-x", 2, 1, 2000, 0.5, 2500), ("gpt-x", 1, 0, 1000, 0.5, 2250)]
+    assert body["totals"]["requests"] == 3 and body["totals"]["cache_hit_rate"] == 0.5
+    status, _, data = g.request("GET", "/usage?by=day",
+                                headers={"Authorization": "Bearer sk-gw-kid-token"})
+    assert [(r["day"], r["requests"]) for r in json.loads(data)["rows"]] == [("2026-11-30", 1)]
+    status, _, data = g.request("GET", "/usage?since=yesterday")
+    assert status == 400 and json.loads(data)["error"]["param"] == "since"
+    assert "write 7d, 30d or a date" in json.loads(data)["error"]["message"]
+    status, _, data = g.request("GET", "/usage?by=colour")
+    assert status == 400 and json.loads(data)["error"]["message"].startswith("by='colour'")
+    assert g.request("GET", "/usage", headers={"Authorization": None})[0] == 401
+    assert g.request("POST", "/usage", {})[0] == 405
+
+
 # =================================================================================================
 # 12. Server thread bridge
 # =================================================================================================
