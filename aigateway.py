@@ -6747,7 +6747,8 @@ def usage_report(conn: sqlite3.Connection, since_day: int, by: str,
         where, args = where + " AND token_id = ?", args + [token_id]
     order = "day" if by == "day" else "cost DESC, requests DESC"
     rows = conn.execute(
-        f"SELECT {col}, {', '.join(f'SUM({c})' for c in _SUMS)} FROM daily WHERE {where} "
+        f"SELECT {col}, {', '.join(f'SUM({c}) AS {c}' for c in _SUMS)} FROM daily "
+        f"WHERE {where} "
         f"GROUP BY {col} ORDER BY {order} LIMIT {USAGE_REPORT_GROUPS}", args).fetchall()
     out = []
     for key, *sums in rows:

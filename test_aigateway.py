@@ -3088,6 +3088,68 @@ def _run(*args, stdin=None, env=None):
     return p.returncode, out, err
 
 
+# -- usage and prices subcommands (issue 13) ------------------------------------------------------
+
+def _usage_config(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"tokens": [{"name": "main", "key": TOKEN}]}))
+    clock = _Clock()
+    clock.now = time.time()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    return str(cfg)
+
+
+def test_14_usage_subcommand_in_each_format(tmp_path):
+    cfg = _usage_config(tmp_path)
+    rc, out, err = _run("usage", "--config", cfg, "--since", "7d", "--by", "model")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("usage since ") and lines[0].endswith("by model; ~ = estimated")
+    assert lines[1].split() == ["MODEL", "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHE",
+                                "READ", "CACHE", "WRITE", "REASONING", "CACHE", "HIT", "COST",
+                                "$"]
+    assert [ln.split() for ln in lines[2:]] == [
+        ["gpt-x", "2", "0", "2000", "200", "500", "0", "0", "25.0%", "0.0053"],
+        ["claude-x", "2", "1", "2000", "0", "1000", "0", "0", "50.0%", "0.0025"],
+        ["TOTAL", "4", "1", "4000", "200", "1500", "0", "0", "37.5%", "0.0077"]]
+    rc, out, _ = _run("usage", "--config", cfg, "--since", "90d", "--by", "token",
+                      "--format", "csv")
+    assert rc == 0 and out.splitlines() == [
+        "token,requests,errors,input_tokens,output_tokens,cache_read_tokens,"
+        "cache_write_tokens,reasoning_tokens,cost,cost_estimated,cache_hit_rate",
+        "main,4,1,3005,105,1500,0,0,0.00481,False,0.4992",
+        "kid,1,0,1000,100,0,0,0,0.003,False,0.0"]
+    rc, out, _ = _run("usage", "--config", cfg, "--by", "channel", "--format", "json")
+    body = json.loads(out)
+    assert rc == 0 and [(r["channel"], r["requests"]) for r in body["rows"]] == [
+        ("oa", 2), ("an", 2)]
+    assert body["totals"]["cost"] == 0.00775
+    rc, out, err = _run("usage", "--config", cfg, "--since", "last week")
+    assert rc == 2 and out == "" and "is not a period: write 7d, 30d" in err
+
+
+def test_14_prices_import_from_a_models_dev_file(tmp_path):
+    cfg = _usage_config(tmp_path)
+    src = tmp_path / "api.json"
+    src.write_text(json.dumps({
+        "openai": {"id": "openai", "models": {
+            "gpt-x": {"id": "gpt-x", "cost": {"input": 1.5, "output": 6, "cache_read": 0.1}},
+            "no-cost": {"id": "no-cost"}}},
+        "anthropic": {"id": "anthropic", "models": {
+            "claude-x": {"id": "claude-x", "cost": {"input": 3, "output": 15,
+                                                    "cache_read": 0.3, "cache_write": 3.75,
+                                                    "reasoning": 15}}}}}))
+    rc, out, err = _run("prices", "import", str(src), "--config", cfg)
+    assert (rc, err) == (0, "") and out == f"imported 2 prices into {cfg}\n"
+    prices = json.loads(open(cfg).read())["prices"]
+    assert prices == {"gpt-x": {"input": 1.5, "output": 6.0, "cache_read": 0.1},
+                      "claude-x": {"input": 3.0, "output": 15.0, "cache_read": 0.3,
+                                   "cache_write": 3.75}}
+    src.write_text('{"openai": {"models": {}}}')
+    rc, _, err = _run("prices", "import", str(src), "--config", cfg)
+    assert rc == 2 and "names no model with a cost" in err
+
+
 def test_14_channels_add_list_edit_remove(tmp_path):
     cfg = str(tmp_path / "config.json")
     rc, out, err = _run("channels", "add", "--config", cfg, "--name", "oa", "--type", "openai",
