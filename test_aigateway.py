@@ -1301,6 +1301,56 @@ def test_10_thinking_and_empty_answer_settings_validated(tmp_path, config, needl
     assert cfg["settings"]["empty_answer_fallback"] is True
 
 
+# Issue 13: usage settings, prices and a token's limits and expiry
+_TOK = {"name": "t", "key": "sk-gw-0123456789"}
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"settings": {"usage_retention_days": 0}},
+     "settings.usage_retention_days: 0 is below 1; keep 400 days or so"),
+    ({"settings": {"usage_db": None}}, "settings.usage_db"),
+    ({"prices": {"gpt-*": {"input": -1}}},
+     "prices.gpt-*.input: -1 is not a price; write US dollars per million tokens"),
+    ({"prices": {"gpt-*": {"inptu": 1}}}, "prices.gpt-*: 'inptu' is not a price; use input, "
+     "output, cache_read, cache_write"),
+    ({"prices": []}, "prices: is not an object"),
+    ({"tokens": [dict(_TOK, limits={"requests_per_hour": 5})]},
+     "tokens[0].limits: 'requests_per_hour' is not a limit; use only requests_per_day, "
+     "tokens_per_day, cost_per_day, cost_per_month, tpm"),
+    ({"tokens": [dict(_TOK, limits={"tpm": 2.5})]},
+     "tokens[0].limits.tpm: 2.5 is not a whole number of 0 or more; use 0 for no limit"),
+    ({"tokens": [dict(_TOK, limits={"cost_per_day": "5"})]},
+     'tokens[0].limits.cost_per_day: "5" is not a number of 0 or more; write US dollars'),
+    ({"tokens": [dict(_TOK, expires_at="next year")]},
+     "tokens[0].expires_at: 'next year' is not an ISO date; write a UTC date such as"),
+])
+def test_10_usage_prices_and_limits_validated(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ag.ConfigError, match=re.escape(needle)):
+        ag.ConfigStore.load(str(path))
+    path.write_text(json.dumps({"tokens": [dict(_TOK, limits={"cost_per_month": 2.5},
+                                                expires_at="2027-01-01T12:00:00Z")],
+                                "prices": {"m*": {"input": 1, "output": 2}}}))
+    cfg = ag.ConfigStore.load(str(path))[0].data
+    assert cfg["settings"]["usage_db"] == "usage.db"
+    assert cfg["settings"]["usage_retention_days"] == 400
+    tok = ag.Token(cfg["tokens"][0])
+    assert tok.limits == {"cost_per_month": 2.5} and tok.expires == ag.parse_utc("2027-01-01T12:00Z")
+
+
+def test_10_prices_most_specific_pattern_and_user_first():
+    book = ag.PriceBook({"gpt-4o*": {"input": 9, "output": 9}})
+    assert book.lookup("gpt-4o-mini") == {"input": 9, "output": 9}         # the user's wins
+    assert ag.PriceBook({}).lookup("gpt-4o-mini-2024-07-18")["input"] == 0.15
+    assert ag.PriceBook({}).lookup("gpt-4o")["input"] == 2.5
+    assert ag.PriceBook({}).lookup("anthropic/claude-opus-4-7")["cache_write"] == 6.25
+    assert ag.PriceBook({}).lookup("gemini-2.5-flash-lite")["output"] == 0.4
+    assert ag.PriceBook({}).lookup("my-local-llama") is None
+    usage = {"input": 1000, "output": 100, "cache_read": 600, "cache_write": 200, "reasoning": 0}
+    assert ag.usage_cost({"input": 1, "output": 2}, usage) == pytest.approx(1200 / 1e6)
+
+
 def test_10_json_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{\n  "settings": {\n    "port": 3000\n    "host": "x"\n  }\n}')
