@@ -6150,6 +6150,53 @@ class ConfigStore:
         self._delete("token", token_id)
 
 
+def prices_from_models_dev(obj: Any) -> dict[str, dict[str, float]]:
+    """Prices from a models.dev-style file: {provider: {"models": {id: {"cost": {...}}}}}, or
+    one provider's {"models": {...}}, or {id: {"cost": {...}}}. Costs are USD per million
+    tokens there too; entries without a cost are skipped."""
+    if not isinstance(obj, dict):
+        raise ConfigError("the prices file is not a JSON object")
+    providers = [obj] if "models" in obj else list(obj.values())
+    out: dict[str, dict[str, float]] = {}
+    for prov in providers:
+        models = prov.get("models") if isinstance(prov, dict) and "models" in prov else None
+        if models is None and isinstance(prov, dict) and "cost" in prov:
+            models = {prov.get("id", ""): prov}
+        for mid, m in (models or {}).items() if isinstance(models, dict) else ():
+            cost = m.get("cost") if isinstance(m, dict) else None
+            name = m.get("id", mid) if isinstance(m, dict) else mid
+            if not isinstance(cost, dict) or not isinstance(name, str) or not name.strip():
+                continue
+            entry = {k: float(v) for k, v in cost.items() if k in PRICE_FIELDS and
+                     isinstance(v, (int, float)) and not isinstance(v, bool) and
+                     0 <= v < float("inf")}
+            if "input" in entry or "output" in entry:
+                out.setdefault(name, entry)
+    if not out:
+        raise ConfigError("the prices file names no model with a cost; it should look like "
+                          'models.dev\'s api.json: {"openai": {"models": {"gpt-4o": '
+                          '{"cost": {"input": 2.5, "output": 10}}}}}')
+    return out
+
+
+def import_prices(store: ConfigStore, file: str) -> int:
+    """Add or replace the prices a models.dev-style file names; return how many."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(PRICES_IMPORT_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    if len(raw) > PRICES_IMPORT_MAX_BYTES:
+        raise ConfigError(f"{file} is larger than {PRICES_IMPORT_MAX_BYTES // 2**20} MiB")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is not JSON: {exc}") from None
+    prices = prices_from_models_dev(obj)
+    store.update_prices(prices)
+    return len(prices)
+
+
 # =================================================================================================
 # 11. Gateway
 # =================================================================================================
@@ -6612,35 +6659,6 @@ def usage_cost(price: dict[str, float] | None, usage: dict[str, int]) -> float |
     return (fresh * inp + usage["cache_read"] * price.get("cache_read", inp)
             + usage["cache_write"] * price.get("cache_write", inp)
             + usage["output"] * price.get("output", 0.0)) / 1e6
-
-
-def prices_from_models_dev(obj: Any) -> dict[str, dict[str, float]]:
-    """Prices from a models.dev-style file: {provider: {"models": {id: {"cost": {...}}}}}, or
-    one provider's {"models": {...}}, or {id: {"cost": {...}}}. Costs are USD per million
-    tokens there too; entries without a cost are skipped."""
-    if not isinstance(obj, dict):
-        raise ConfigError("the prices file is not a JSON object")
-    providers = [obj] if "models" in obj else list(obj.values())
-    out: dict[str, dict[str, float]] = {}
-    for prov in providers:
-        models = prov.get("models") if isinstance(prov, dict) and "models" in prov else None
-        if models is None and isinstance(prov, dict) and "cost" in prov:
-            models = {prov.get("id", ""): prov}
-        for mid, m in (models or {}).items() if isinstance(models, dict) else ():
-            cost = m.get("cost") if isinstance(m, dict) else None
-            name = m.get("id", mid) if isinstance(m, dict) else mid
-            if not isinstance(cost, dict) or not isinstance(name, str) or not name.strip():
-                continue
-            entry = {k: float(v) for k, v in cost.items() if k in PRICE_FIELDS and
-                     isinstance(v, (int, float)) and not isinstance(v, bool) and
-                     0 <= v < float("inf")}
-            if "input" in entry or "output" in entry:
-                out.setdefault(name, entry)
-    if not out:
-        raise ConfigError("the prices file names no model with a cost; it should look like "
-                          'models.dev\'s api.json: {"openai": {"models": {"gpt-4o": '
-                          '{"cost": {"input": 2.5, "output": 10}}}}}')
-    return out
 
 
 USAGE_COLUMNS = ("time", "day", "token_id", "token", "dialect", "route", "model",
@@ -9517,6 +9535,262 @@ class LogsTab:
         self.detail.configure(state="disabled")
 
 
+class PriceDialog:
+    """Add or edit one row of the price table; ``result`` is (pattern, entry) after Save."""
+
+    def __init__(self, app: App, pattern: str = "", entry: dict | None = None,
+                 parent: Any = None):
+        self.app, self.original, self.result = app, pattern, None
+        self.top, body = _dialog(app, "Edit price" if pattern else "Add price", parent)
+        self.vars = {"pattern": tk.StringVar(value=pattern)}
+        self.vars.update({k: tk.StringVar(value=f"{(entry or {})[k]:g}" if k in (entry or {})
+                                          else "") for k in PRICE_FIELDS})
+        labels = [("pattern", "Model pattern (* wildcards)")] + [
+            (k, f"{k.replace('_', ' ').capitalize()} $/Mtok") for k in PRICE_FIELDS]
+        for row, (key, label) in enumerate(labels):
+            ttk.Label(body, text=label).grid(row=row, column=0, sticky="w", pady=2)
+            ttk.Entry(body, textvariable=self.vars[key], width=30).grid(
+                row=row, column=1, sticky="we", padx=(8, 0), pady=2)
+        self.error = ttk.Label(body, text="", style="Bad.TLabel")
+        self.error.grid(row=len(labels), column=0, columnspan=2, sticky="w")
+        buttons = ttk.Frame(body)
+        buttons.grid(row=len(labels) + 1, column=0, columnspan=2, sticky="e", pady=(8, 0))
+        ttk.Button(buttons, text="Cancel", command=self.top.destroy).pack(side="right")
+        ttk.Button(buttons, text="Save", style="Accent.TButton",
+                   command=self.save).pack(side="right", padx=6)
+
+    def values(self) -> tuple[str, dict[str, float]]:
+        pattern = self.vars["pattern"].get().strip()
+        if not pattern:
+            raise ValueError("write a model pattern, such as gpt-5*")
+        entry = {}
+        for key in PRICE_FIELDS:
+            text = self.vars[key].get().strip()
+            if text:
+                try:
+                    entry[key] = float(text)
+                except ValueError:
+                    raise ValueError(f"{key}: {text[:20]!r} is not a number") from None
+        return pattern, entry
+
+    def save(self) -> None:
+        try:
+            pattern, entry = self.values()
+        except ValueError as exc:
+            self.error.configure(text=str(exc))
+            return
+        gone = [self.original] if self.original and self.original != pattern else []
+        if self.app.save(lambda: self.app.store.update_prices({pattern: entry}, gone),
+                         f"price for {pattern} saved"):
+            self.result = (pattern, entry)
+            self.top.destroy()
+
+
+class UsageTab:
+    """The usage history: cost and tokens per day (a Canvas chart), sums by model, channel and
+    token with their cache-hit rate, each token's use against its limits, and the price table.
+    It reads the database itself (a reader beside the gateway's writer, WAL mode)."""
+
+    RANGES = ("7 days", "30 days", "90 days")
+    SUM_COLUMNS = [("requests", "Requests", 70), ("tokens", "Tokens in/out", 130),
+                   ("cache", "Cache hit", 70), ("cost", "Cost $", 90)]
+
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        bar = ttk.Frame(f)
+        bar.pack(fill="x")
+        ttk.Label(bar, text="Range").pack(side="left")
+        self.range = tk.StringVar(value=self.RANGES[1])
+        box = ttk.Combobox(bar, textvariable=self.range, values=self.RANGES, state="readonly",
+                           width=10)
+        box.pack(side="left", padx=6)
+        box.bind("<<ComboboxSelected>>", lambda e: self.refresh())
+        ttk.Button(bar, text="Refresh", command=self.refresh).pack(side="left")
+        self.summary = ttk.Label(bar, text="", style="Muted.TLabel")
+        self.summary.pack(side="left", padx=12)
+        colors = app.colors
+        self.chart = tk.Canvas(f, height=120, background=colors["panel"],
+                               highlightthickness=1, highlightbackground=colors["border"])
+        self.chart.pack(fill="x", pady=(8, 8))
+        self.chart.bind("<Configure>", lambda e: self.draw_chart())
+        self.views = ttk.Notebook(f)
+        self.views.pack(fill="both", expand=True)
+        self.trees = {}
+        for by, title in (("model", "By model"), ("channel", "By channel"), ("token", "By token")):
+            tree = _tree(self.views, [(by, by.capitalize(), 200)] + self.SUM_COLUMNS, height=8)
+            self.views.add(tree.container, text=title)
+            self.trees[by] = tree
+        self.limits = _tree(self.views, [("token", "Token", 140), ("limit", "Limit", 130),
+                                         ("used", "Used", 110), ("allowed", "Allowed", 110),
+                                         ("expires", "Expires", 160)], height=8)
+        self.views.add(self.limits.container, text="Token limits")
+        prices = ttk.Frame(self.views)
+        self.prices = _tree(prices, [("pattern", "Model pattern", 190)] + [
+            (k, f"{k.replace('_', ' ')} $/Mtok", 100) for k in PRICE_FIELDS] +
+            [("source", "Source", 140)], height=7)
+        self.prices.container.pack(fill="both", expand=True)
+        buttons = ttk.Frame(prices)
+        buttons.pack(fill="x", pady=(6, 0))
+        for text, command in (("Add", self.add_price), ("Edit", self.edit_price),
+                              ("Remove", self.remove_price), ("Import file…", self.import_file)):
+            ttk.Button(buttons, text=text, command=command).pack(side="left", padx=(0, 6))
+        self.views.add(prices, text="Prices")
+        self.days: list[dict] = []
+        self.error: str | None = None
+        self.refresh()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def db_path(self) -> str | None:
+        name = self.app.store.data["settings"]["usage_db"]
+        return os.path.join(os.path.dirname(os.path.abspath(self.app.store.path)), name) \
+            if name else None
+
+    def refresh(self) -> None:
+        self.fill_prices()
+        path, now = self.db_path(), time.time()
+        span = int(self.range.get().split()[0])
+        first = utc_day(now) - span + 1
+        reports: dict[str, list[dict]] = {by: [] for by in (*self.trees, "day")}
+        spend: dict[int, dict[str, float]] = {}
+        self.error = None if path else "usage history is off (settings.usage_db is empty)"
+        if path:
+            try:
+                conn = open_usage_db(path)
+                try:
+                    for by in reports:
+                        reports[by] = usage_report(conn, first, by)
+                    spend = token_spend(conn, now)
+                finally:
+                    conn.close()
+            except (ConfigError, sqlite3.Error) as exc:
+                self.error = str(exc)
+        by_day = {r["day"]: r for r in reports["day"]}
+        self.days = [by_day.get(day_text(d)) or {"day": day_text(d), "cost": 0.0,
+                                                 "input_tokens": 0, "output_tokens": 0}
+                     for d in range(first, utc_day(now) + 1)]
+        for by, tree in self.trees.items():
+            tree.delete(*tree.get_children())
+            for r in reports[by]:
+                tree.insert("", "end", values=(r[by] or "-", *self.sums(r)))
+        total = usage_totals(reports["model"])
+        self.summary.configure(text=self.error or (
+            f"{total['requests']} requests, {total['input_tokens']}/{total['output_tokens']} "
+            f"tokens, cache hit {total['cache_hit_rate'] * 100:.1f}%, "
+            f"{'~' if total['cost_estimated'] else ''}${total['cost']:.4f}"))
+        self.fill_limits(spend)
+        self.draw_chart()
+
+    @staticmethod
+    def sums(r: dict) -> tuple:
+        return (r["requests"], f"{r['input_tokens']}/{r['output_tokens']}",
+                f"{r['cache_hit_rate'] * 100:.1f}%",
+                ("~" if r["cost_estimated"] else "") + f"{r['cost']:.4f}")
+
+    def fill_limits(self, spend: dict[int, dict[str, float]]) -> None:
+        self.limits.delete(*self.limits.get_children())
+        for t in self.app.store.data["tokens"]:
+            used = spend.get(t["id"]) or dict.fromkeys(LIMIT_KINDS, 0)
+            kinds = [k for k in LIMIT_KINDS if t["limits"].get(k)] or [None]
+            for kind in kinds:
+                if kind is None:
+                    row = ("(none)", f"{int(used['requests_per_day'])} today", "-")
+                elif kind.startswith("cost"):
+                    row = (kind, f"${used[kind]:.4f}", f"${t['limits'][kind]:g}")
+                else:
+                    row = (kind, str(int(used[kind])), str(t["limits"][kind]))
+                self.limits.insert("", "end", values=(t["name"], *row,
+                                                      t["expires_at"] or "never"))
+
+    def fill_prices(self) -> None:
+        self.prices.delete(*self.prices.get_children())
+        user = self.app.store.data.get("prices") or {}
+        rows = [(p, e, "yours") for p, e in sorted(user.items())] + [
+            (p, e, f"built-in {BUILTIN_PRICES_DATE}") for p, e in BUILTIN_PRICES.items()
+            if p not in user]
+        for pattern, entry, source in rows:
+            self.prices.insert("", "end", iid=f"{source[0]}:{pattern}", values=(
+                pattern, *(f"{entry[k]:g}" if k in entry else "-" for k in PRICE_FIELDS),
+                source))
+
+    def draw_chart(self) -> None:
+        """Cost per day as bars, tokens per day as a line, over the chosen range."""
+        c, colors = self.chart, self.app.colors
+        c.delete("all")
+        width, height = max(c.winfo_width(), 100), max(c.winfo_height(), 60)
+        days = self.days
+        if not days:
+            return
+        top_cost = max(d["cost"] for d in days)
+        top_tokens = max(d["input_tokens"] + d["output_tokens"] for d in days)
+        step = width / len(days)
+        base = height - 16
+        c.create_line(0, base, width, base, fill=colors["border"])
+        points = []
+        for i, d in enumerate(days):
+            if d["cost"]:
+                h = (base - 22) * d["cost"] / top_cost
+                c.create_rectangle(i * step + 1, base - h, (i + 1) * step - 1, base,
+                                   fill=colors["accent"], outline="", tags=("cost",))
+            if top_tokens:
+                tokens = d["input_tokens"] + d["output_tokens"]
+                points += [i * step + step / 2, base - (base - 22) * tokens / top_tokens]
+        if len(points) >= 4:
+            c.create_line(*points, fill=colors["muted"], width=2, tags=("tokens",))
+        c.create_text(6, 4, anchor="nw", fill=colors["muted"], font=("TkDefaultFont", 8),
+                      tags=("caption",),
+                      text=f"cost per day (bars, peak ${top_cost:.4f}) and tokens per day "
+                           f"(line, peak {top_tokens}), {days[0]['day']} to {days[-1]['day']}"
+                      if top_cost or top_tokens else "no usage in this range")
+
+    # -- the price table -------------------------------------------------------------------------
+
+    def _selected_price(self) -> tuple[str, dict] | None:
+        sel = self.prices.selection()
+        if not sel:
+            return None
+        pattern = sel[0].partition(":")[2]
+        user = self.app.store.data.get("prices") or {}
+        return pattern, user.get(pattern) or BUILTIN_PRICES.get(pattern, {})
+
+    def add_price(self) -> Any:
+        dialog = PriceDialog(self.app)
+        dialog.top.bind("<Destroy>", lambda e: self.fill_prices(), add="+")
+        return dialog
+
+    def edit_price(self) -> Any:
+        chosen = self._selected_price()
+        if chosen is None:
+            return None
+        dialog = PriceDialog(self.app, *chosen)
+        dialog.top.bind("<Destroy>", lambda e: self.fill_prices(), add="+")
+        return dialog
+
+    def remove_price(self) -> None:
+        chosen = self._selected_price()
+        user = self.app.store.data.get("prices") or {}
+        if chosen is None or chosen[0] not in user:
+            self.app.dashboard.log("only your own prices can be removed (built-in ones can "
+                                   "be overridden by a row of yours)")
+            return
+        if self.app.save(lambda: self.app.store.update_prices({}, [chosen[0]]),
+                         f"price for {chosen[0]} removed"):
+            self.fill_prices()
+
+    def import_file(self, path: str | None = None) -> None:
+        if path is None:
+            from tkinter import filedialog
+            path = filedialog.askopenfilename(parent=self.app.root, title="Import prices",
+                                              filetypes=[("JSON", "*.json"), ("All", "*")])
+            if not path:
+                return
+        self.app.save(lambda: self.app.dashboard.log(
+            f"imported {import_prices(self.app.store, path)} prices from {path}"),
+            "prices imported")
+        self.fill_prices()
+
+
 class App:
     """The window. ``pump()`` drains the bridge's queue; tests call it instead of mainloop."""
 
@@ -9540,9 +9814,10 @@ class App:
         self.tokens = TokensTab(self, self.notebook)
         self.settings = SettingsTab(self, self.notebook)
         self.logs = LogsTab(self, self.notebook)
+        self.usage = UsageTab(self, self.notebook)
         for tab, title in ((self.dashboard, "Dashboard"), (self.channels, "Channels"),
-                           (self.tokens, "Tokens"), (self.settings, "Settings"),
-                           (self.logs, "Logs")):
+                           (self.tokens, "Tokens"), (self.usage, "Usage"),
+                           (self.settings, "Settings"), (self.logs, "Logs")):
             self.notebook.add(tab.frame, text=title)
         self._tasks: dict[int, Callable[[bool, Any], None]] = {}
         self._task_ids = itertools.count(1)
@@ -10076,21 +10351,6 @@ def usage_command(args: argparse.Namespace, store: ConfigStore) -> int:
                  (args.by.upper(), "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHE READ",
                   "CACHE WRITE", "REASONING", "CACHE HIT", "COST $")))
     return 0
-
-
-def import_prices(store: ConfigStore, file: str) -> int:
-    """Add or replace the prices a models.dev-style file names; return how many."""
-    with open(file, "rb") as f:
-        raw = f.read(PRICES_IMPORT_MAX_BYTES + 1)
-    if len(raw) > PRICES_IMPORT_MAX_BYTES:
-        raise ConfigError(f"{file} is larger than {PRICES_IMPORT_MAX_BYTES // 2**20} MiB")
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file} is not JSON: {exc}") from None
-    prices = prices_from_models_dev(obj)
-    store.update_prices(prices)
-    return len(prices)
 
 
 def prices_command(args: argparse.Namespace, store: ConfigStore) -> int:

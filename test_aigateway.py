@@ -5031,8 +5031,8 @@ def test_13_without_xvfb_gui_tests_skip_with_a_reason_but_fail_in_ci(tmp_path, m
 def test_13_window_title_icon_and_tabs(app):
     a = app()
     assert "AI Gateway" in a.root.title()
-    assert [a.notebook.tab(i, "text") for i in range(5)] == [
-        "Dashboard", "Channels", "Tokens", "Settings", "Logs"]
+    assert [a.notebook.tab(i, "text") for i in range(6)] == [
+        "Dashboard", "Channels", "Tokens", "Usage", "Settings", "Logs"]
     assert a._icon.width() == 32
     assert a.dashboard.state.cget("text") == "● Stopped"
 
@@ -5410,6 +5410,61 @@ def test_13_settings_validation_warning_and_restart_on_port_change(app):
     assert saved["port"] == int(s.vars["port"].get()) and saved["theme"] == "dark"
     assert a.bridge.url != first and a.bridge.url.endswith(s.vars["port"].get())
     assert a.colors == ag.THEMES["dark"]
+
+
+# -- the Usage tab (issue 13) ----------------------------------------------------------------------
+
+def _rows(tree):
+    return [tuple(str(v) for v in tree.item(i, "values")) for i in tree.get_children()]
+
+
+def test_13_usage_tab_shows_the_history_limits_and_prices(app, tmp_path):
+    clock = _Clock()
+    clock.now = time.time()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    a = app()
+    a.store.update_token(1, limits={"requests_per_day": 10, "tokens_per_day": 5000})
+    a.notebook.select(a.usage.frame)
+    a.usage.range.set("7 days")
+    a.usage.refresh()
+    a.root.update()
+    u = a.usage
+    assert _rows(u.trees["model"]) == [("gpt-x", "2", "2000/200", "25.0%", "0.0053"),
+                                       ("claude-x", "2", "2000/0", "50.0%", "0.0025")]
+    assert _rows(u.trees["channel"])[0] == ("oa", "2", "2000/200", "25.0%", "0.0053")
+    assert [r[0] for r in _rows(u.trees["token"])] == ["main", "kid"]
+    assert u.summary.cget("text") == "4 requests, 4000/200 tokens, cache hit 37.5%, $0.0077"
+    caption = u.chart.itemcget(u.chart.find_withtag("caption")[0], "text")
+    assert caption.startswith("cost per day (bars, peak $0.0030) and tokens per day")
+    assert len(u.chart.find_withtag("cost")) == 3           # three days with a cost
+    assert _rows(u.limits) == [("main", "requests_per_day", "1", "10", "never"),
+                               ("main", "tokens_per_day", "1100", "5000", "never")]
+    a.usage.range.set("90 days")
+    a.usage.refresh()
+    assert len(u.days) == 90 and _rows(u.trees["model"])[-1][0] == "old-x"
+    # Prices: the built-in rows with their date, then one of ours added through the dialog.
+    prices = _rows(u.prices)
+    assert ("claude-opus-4-7*", "5", "25", "0.5", "6.25", "built-in 2026-12-01") in prices
+    dialog = u.add_price()
+    dialog.vars["pattern"].set("gpt-x")
+    dialog.vars["input"].set("abc")
+    dialog.save()
+    assert dialog.error.cget("text") == "input: 'abc' is not a number"
+    dialog.vars["input"].set("1.5")
+    dialog.vars["output"].set("6")
+    dialog.save()
+    a.root.update()
+    assert _rows(u.prices)[0] == ("gpt-x", "1.5", "6", "-", "-", "yours")
+    assert json.loads((tmp_path / "config.json").read_text())["prices"] == {
+        "gpt-x": {"input": 1.5, "output": 6.0}}
+    u.prices.selection_set("y:gpt-x")
+    u.remove_price()
+    assert _rows(u.prices)[0][5].startswith("built-in")
+    src = tmp_path / "api.json"
+    src.write_text(json.dumps({"x": {"models": {"m1": {"id": "m1", "cost": {"input": 1,
+                                                                            "output": 2}}}}}))
+    u.import_file(str(src))
+    assert _rows(u.prices)[0] == ("m1", "1", "2", "-", "-", "yours")
 
 
 def test_13_closing_the_window_stops_the_gateway_and_saves_its_size(app):
