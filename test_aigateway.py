@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import ssl
 import stat
 import struct
@@ -2961,6 +2962,52 @@ def test_14_headless_access_line_escapes_what_a_client_sent(tmp_path, upstream):
     failed = [ln for ln in err.splitlines() if "failed for" in ln]
     assert len(failed) == 1 and "m\\n12:00:00" in failed[0]
     assert not any(c in out + err for c in "\r\x1b\u2028")
+
+
+def test_14_usage_db_survives_kill_9_under_load(tmp_path, upstream):
+    up = upstream([openai_chat_reply(usage=(50, 5))])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [chan(up, name="one")],
+                               "tokens": [{"name": "main", "key": TOKEN}]}))
+    port = dead_port()
+    p = _cli("--headless", "--port", str(port), "--config", str(cfg))
+    stop = threading.Event()
+
+    def load():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        while not stop.is_set():
+            try:
+                conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m"}),
+                             {"Authorization": f"Bearer {TOKEN}", "Host": "localhost",
+                              "Content-Type": "application/json"})
+                conn.getresponse().read()
+            except OSError:
+                return
+    try:
+        _wait_health(port, p)
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+        for w in workers:
+            w.start()
+        served = 0
+        for line in p.stdout:                  # an access line follows each queued row
+            served += "/v1/chat/completions" in line
+            if served >= 400:
+                break
+        p.send_signal(signal.SIGKILL)          # in the middle of the load
+        p.wait(timeout=10)
+    finally:
+        stop.set()
+        p.kill()
+        p.communicate(timeout=10)
+    conn = sqlite3.connect(str(tmp_path / "usage.db"))
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        rows, tokens = conn.execute("SELECT COUNT(*), SUM(input_tokens) FROM requests").fetchone()
+        assert rows > 0 and tokens == rows * 50
+        daily = conn.execute("SELECT SUM(requests) FROM daily").fetchone()[0]
+        assert daily == rows                 # the rollup was written in the same transactions
+    finally:
+        conn.close()
 
 
 def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
