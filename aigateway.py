@@ -148,8 +148,10 @@ CONFIG_SETTLE_SECONDS = 0.3           # a file written more recently may be half
 
 USAGE_QUEUE_LIMIT = 20_000           # usage rows waiting for the writer; beyond, rows are dropped
                                       # (and counted) rather than making a request wait on disk
-USAGE_BATCH_ROWS = 1_000              # rows the writer inserts per transaction at most
-USAGE_WRITER_IDLE = 1.0               # seconds the writer sleeps on an empty queue (prunes then)
+USAGE_BATCH_ROWS = 1_000              # rows the writer inserts per transaction at most; a full
+                                      # batch wakes it at once
+USAGE_FLUSH_SECONDS = 0.25            # else it writes what is queued this often (a request never
+                                      # wakes it: that would cost a thread switch each)
 USAGE_PRUNE_SECONDS = 3600.0          # old rows are pruned this often
 USAGE_DEFAULT_RETENTION_DAYS = 400
 USAGE_REPORT_GROUPS = 1_000           # rows a usage report lists at most
@@ -6842,7 +6844,9 @@ class UsageStore:
         self.dropped = 0                     # rows refused because the queue was full
         self.write_errors = 0
         self.written = 0
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=USAGE_QUEUE_LIMIT)
+        self._rows: collections.deque[tuple] = collections.deque()     # appends are atomic
+        self._wake = threading.Event()
+        self._closing = False
         self._spend: dict[int, dict[str, float]] = {}
         self._recent: dict[int, collections.deque[tuple[float, int]]] = {}
         now = clock()
@@ -6887,10 +6891,12 @@ class UsageStore:
                rec["status"], error_class(rec), int(bool(rec["stream"])), rec["latency_ms"],
                rec["ttfb_ms"], usage["input"], usage["output"], usage["cache_read"],
                usage["cache_write"], usage["reasoning"], cost, int(estimated))
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+        if len(self._rows) >= USAGE_QUEUE_LIMIT:
             self.dropped += 1
+            return
+        self._rows.append(row)
+        if len(self._rows) >= USAGE_BATCH_ROWS:
+            self._wake.set()
 
     def _roll(self, now: float) -> None:
         day = utc_day(now)
@@ -6970,10 +6976,8 @@ class UsageStore:
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
         if self._thread is not None:
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                pass
+            self._closing = True
+            self._wake.set()
             self._thread.join(timeout)
             self._thread = None
 
@@ -6992,25 +6996,15 @@ class UsageStore:
                 if self.clock() - pruned > USAGE_PRUNE_SECONDS:
                     pruned = self.clock()
                     self._prune(conn, pruned)
-                try:
-                    row = self._queue.get(timeout=USAGE_WRITER_IDLE)
-                except queue.Empty:
-                    continue
-                batch, stop = [], row is None
-                if row is not None:
-                    batch.append(row)
-                while not stop and len(batch) < USAGE_BATCH_ROWS:
-                    try:
-                        row = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if row is None:
-                        stop = True
-                    else:
-                        batch.append(row)
-                if batch:
+                self._wake.wait(USAGE_FLUSH_SECONDS)
+                self._wake.clear()
+                closing = self._closing              # read before the last drain
+                while self._rows:
+                    batch = []
+                    while self._rows and len(batch) < USAGE_BATCH_ROWS:
+                        batch.append(self._rows.popleft())
                     self._write(conn, batch)
-                if stop:
+                if closing:
                     return
         finally:
             conn.close()

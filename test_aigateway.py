@@ -2964,6 +2964,16 @@ def test_14_headless_access_line_escapes_what_a_client_sent(tmp_path, upstream):
     assert not any(c in out + err for c in "\r\x1b\u2028")
 
 
+def _count_rows(path):
+    conn = sqlite3.connect(str(path), timeout=10)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    except sqlite3.OperationalError:           # the table is not made yet
+        return 0
+    finally:
+        conn.close()
+
+
 def test_14_usage_db_survives_kill_9_under_load(tmp_path, upstream):
     up = upstream([openai_chat_reply(usage=(50, 5))])
     cfg = tmp_path / "config.json"
@@ -2991,8 +3001,8 @@ def test_14_usage_db_survives_kill_9_under_load(tmp_path, upstream):
         served = 0
         for line in p.stdout:                  # an access line follows each queued row
             served += "/v1/chat/completions" in line
-            if served >= 400:
-                break
+            if served >= 300 and served % 20 == 0 and _count_rows(tmp_path / "usage.db"):
+                break                          # some batches are written, more are coming
         p.send_signal(signal.SIGKILL)          # in the middle of the load
         p.wait(timeout=10)
     finally:
