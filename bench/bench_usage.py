@@ -36,7 +36,7 @@ ANSWER = json.dumps({
                  "message": {"role": "assistant", "content": "ok " * 40}}],
     "usage": {"prompt_tokens": 120, "completion_tokens": 40, "total_tokens": 160,
               "prompt_tokens_details": {"cached_tokens": 64}}}).encode()
-BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 class Upstream(http.server.BaseHTTPRequestHandler):
