@@ -74,7 +74,7 @@ __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
     "Headers", "ChunkedDecoder", "SSEDecoder", "NDJSONDecoder", "SSEPassthrough",
     "UpstreamClient", "HTTPServer", "Request", "Response",
-    "ConfigStore", "Gateway", "GatewayThread", "main",
+    "ConfigStore", "Gateway", "UsageStore", "PriceBook", "GatewayThread", "main",
 ]
 
 # =================================================================================================
@@ -6872,7 +6872,10 @@ class UsageStore:
     def record(self, rec: dict, token_id: int | None, upstream_model: str | None) -> None:
         """Note one finished request (a record of Gateway._finish that names a model)."""
         now = self.clock()
-        usage = {k: rec.get(f"{k}_tokens") or 0 for k in USAGE_KEYS}
+        usage = {"input": rec["input_tokens"] or 0, "output": rec["output_tokens"] or 0,
+                 "cache_read": rec.get("cache_read_tokens") or 0,
+                 "cache_write": rec.get("cache_write_tokens") or 0,
+                 "reasoning": rec.get("reasoning_tokens") or 0}
         estimated = rec["input_tokens"] is None and rec["output_tokens"] is None
         if estimated:
             if (rec["status"] or 500) < 400:

@@ -1337,7 +1337,8 @@ def test_10_usage_prices_and_limits_validated(tmp_path, config, needle):
     assert cfg["settings"]["usage_db"] == "usage.db"
     assert cfg["settings"]["usage_retention_days"] == 400
     tok = ag.Token(cfg["tokens"][0])
-    assert tok.limits == {"cost_per_month": 2.5} and tok.expires == ag.parse_utc("2027-01-01T12:00Z")
+    assert tok.limits == {"cost_per_month": 2.5}
+    assert tok.expires == ag.parse_utc("2027-01-01T12:00Z")
 
 
 def test_10_prices_most_specific_pattern_and_user_first():
@@ -5469,7 +5470,7 @@ def test_13_settings_validation_warning_and_restart_on_port_change(app):
     assert a.colors == ag.THEMES["dark"]
 
 
-# -- the Usage tab (issue 13) ----------------------------------------------------------------------
+# -- the Usage tab (issue 13) ---------------------------------------------------------------------
 
 def _rows(tree):
     return [tuple(str(v) for v in tree.item(i, "values")) for i in tree.get_children()]
