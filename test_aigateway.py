@@ -3344,7 +3344,7 @@ def test_14_tokens_create_list_disable_enable_remove(tmp_path, upstream):
     tok = json.loads(cfg.read_text())["tokens"][1]
     assert tok == {"name": "ci", "allowed_models": ["gpt-*", "claude-*"],
                    "allowed_channels": ["b", 1], "rpm": 30, "key": key, "id": 2,
-                   "enabled": True}
+                   "enabled": True, "limits": {}, "expires_at": ""}
     rc, table, _ = _run("--config", str(cfg), "tokens", "list")
     rc2, listed, _ = _run("--config", str(cfg), "tokens", "list", "--json")
     assert rc == rc2 == 0 and key not in table + listed and TOKEN not in table + listed
