@@ -10032,6 +10032,16 @@ def _mapping(text: str) -> dict[str, str]:
     return out
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a JSON object")
+    return value
+
+
 def _field_value(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
@@ -10154,13 +10164,17 @@ def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--channels", type=_name_list, metavar="a,b",
                    help="channel names or ids it may use; empty string = all")
     p.add_argument("--rpm", type=int, metavar="N", help="requests per minute (0 = no limit)")
+    p.add_argument("--limits", type=_json_object, metavar="JSON",
+                   help='e.g. \'{"requests_per_day": 500, "cost_per_month": 10}\' '
+                        "(requests_per_day, tokens_per_day, cost_per_day, cost_per_month, tpm)")
+    p.add_argument("--expires-at", metavar="DATE", help='ISO date or date-time, UTC; "" = never')
 
 
 _CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
                                            "model_mapping", "priority", "timeout", "proxy",
                                            "max_concurrency", "enabled")}      # option: field
 _TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
-                "rpm": "rpm"}
+                "rpm": "rpm", "limits": "limits", "expires_at": "expires_at"}
 _SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
 
 

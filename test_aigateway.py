@@ -3236,6 +3236,25 @@ def test_14_usage_subcommand_in_each_format(tmp_path):
     assert rc == 2 and out == "" and "is not a period: write 7d, 30d" in err
 
 
+def test_14_tokens_limits_and_expiry_options(tmp_path):
+    cfg = str(tmp_path / "config.json")
+    rc, _, _ = _run("tokens", "create", "--config", cfg, "--name", "kid", "--limits",
+                    '{"requests_per_day": 50, "cost_per_month": 2.5}', "--expires-at",
+                    "2027-06-30")
+    assert rc == 0
+    tok = json.loads(open(cfg).read())["tokens"][1]
+    assert (tok["limits"], tok["expires_at"]) == (
+        {"requests_per_day": 50, "cost_per_month": 2.5}, "2027-06-30")
+    rc, _, err = _run("tokens", "edit", "kid", "--config", cfg, "--limits", '{"rpd": 1}')
+    assert rc == 2 and "'rpd' is not a limit; use only requests_per_day" in err
+    rc, _, err = _run("tokens", "edit", "kid", "--config", cfg, "--limits", "[1]")
+    assert rc == 2 and "'[1]' is not a JSON object" in err
+    rc, out, _ = _run("tokens", "edit", "kid", "--config", cfg, "--limits", "{}",
+                      "--expires-at", "")
+    tok = json.loads(open(cfg).read())["tokens"][1]
+    assert rc == 0 and (tok["limits"], tok["expires_at"]) == ({}, "")
+
+
 def test_14_prices_import_from_a_models_dev_file(tmp_path):
     cfg = _usage_config(tmp_path)
     src = tmp_path / "api.json"
