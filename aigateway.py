@@ -6235,6 +6235,8 @@ GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMI
     ("generateContent", CHANNEL_TYPES), ("streamGenerateContent", CHANNEL_TYPES),
     ("countTokens", CHANNEL_TYPES), ("embedContent", ("openai", "custom", "ollama")),
     ("batchEmbedContents", ("openai", "custom", "ollama")))}
+# Token counting is free at every provider: it is not usage (no row, no cost, no limit use).
+UNBILLED_ROUTES = {ROUTES["/v1/messages/count_tokens"].path, GEMINI_ROUTES["countTokens"].path}
 GEMINI_MODELS_ROUTE = Route("/v1beta/models", ("GET",), GEMINI, "models", "none")
 GEMINI_MODEL_ROUTE = Route("/v1beta/models/{model}", ("GET",), GEMINI, "model", "none")
 _GEMINI_PATH = re.compile(r"/(?:v1beta|v1alpha|v1)/models/([^:]+):([A-Za-z]+)\Z")
@@ -8137,7 +8139,8 @@ class Gateway:
         # The one place records are made safe for every view of them (access line, GUI, JSONL):
         # the model, errors and the rest may hold text a client sent.
         rec.update(escape_record(rec))
-        if self.usage is not None and rec["model"] is not None:
+        if self.usage is not None and rec["model"] is not None and \
+                rec["route"] not in UNBILLED_ROUTES:
             ch = next((c for c in self.channels if c.name == rec["channel"]), None)
             self.usage.record(rec, rec.get("token_id"),
                               ch.upstream_model(rec["model"]) if ch else None)

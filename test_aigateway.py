@@ -2599,7 +2599,11 @@ def test_11_usage_streams_and_estimates(gw, upstream, tmp_path):
             {"role": "user", "content": "hi"}]) as s:
         list(s)
     g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-    first, second = g.records(2)
+    status, _, _ = g.request("POST", "/v1/messages/count_tokens", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200                           # counted, but free: no usage row
+    first, second, counted = g.records(3)
+    assert counted["route"] == "/v1/messages/count_tokens" and "cost" not in counted
     assert (first["stream"], first["input_tokens"], first["output_tokens"],
             round(first["cost"] * 1e6, 3), first["cost_estimated"]) == (True, 30, 6, 120.0,
                                                                         False)
