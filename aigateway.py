@@ -9639,6 +9639,11 @@ class UsageTab:
         self.days: list[dict] = []
         self.error: str | None = None
         self.refresh()
+        app.notebook.bind("<<NotebookTabChanged>>", self._shown, add="+")
+
+    def _shown(self, event: Any) -> None:
+        if self.app.notebook.select() == str(self.frame):
+            self.refresh()
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -5505,9 +5505,8 @@ def test_13_usage_tab_shows_the_history_limits_and_prices(app, tmp_path):
     _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
     a = app()
     a.store.update_token(1, limits={"requests_per_day": 10, "tokens_per_day": 5000})
-    a.notebook.select(a.usage.frame)
     a.usage.range.set("7 days")
-    a.usage.refresh()
+    a.notebook.select(a.usage.frame)              # opening the tab reads the database again
     a.root.update()
     u = a.usage
     assert _rows(u.trees["model"]) == [("gpt-x", "2", "2000/200", "25.0%", "0.0053"),
