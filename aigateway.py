@@ -6181,11 +6181,13 @@ def prices_from_models_dev(obj: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def import_prices(store: ConfigStore, file: str) -> int:
-    """Add or replace the prices a models.dev-style file names; return how many."""
+def import_prices(store: ConfigStore, file: str, raw: bytes | None = None) -> int:
+    """Add or replace the prices a models.dev-style file names (``raw``: its bytes, already
+    fetched); return how many."""
     try:
-        with open(file, "rb") as f:
-            raw = f.read(PRICES_IMPORT_MAX_BYTES + 1)
+        if raw is None:
+            with open(file, "rb") as f:
+                raw = f.read(PRICES_IMPORT_MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
     if len(raw) > PRICES_IMPORT_MAX_BYTES:
@@ -10134,9 +10136,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     use.add_argument("--by", default="model", choices=tuple(USAGE_GROUPS))
     use.add_argument("--format", default="table", choices=("table", "csv", "json"))
     pri = group("prices", "the price table used for costs")
-    command(pri, "import", "add or replace prices from a models.dev-style JSON file "
-            "(such as https://models.dev/api.json, downloaded)").add_argument(
-        "file", metavar="FILE")
+    command(pri, "import", "add or replace prices from a models.dev-style JSON file or URL "
+            "(such as https://models.dev/api.json, fetched through settings.proxy)").add_argument(
+        "file", metavar="FILE|URL")
     return p
 
 
@@ -10372,8 +10374,30 @@ def usage_command(args: argparse.Namespace, store: ConfigStore) -> int:
     return 0
 
 
+def fetch_prices_file(url: str, proxy: str) -> bytes:
+    """GET a prices file through the gateway's upstream client (and the global proxy)."""
+    async def get() -> bytes:
+        client = UpstreamClient(max_response=PRICES_IMPORT_MAX_BYTES)
+        try:
+            up = await client.request("GET", url, [("Accept", "application/json"),
+                                                   ("Accept-Encoding", "gzip, deflate")],
+                                      proxy=proxy, timeout=DEFAULT_CHANNEL_TIMEOUT)
+            body = await up.read()
+            if up.status != 200:
+                raise ConfigError(f"{url} answered {up.status}")
+            return body
+        except GatewayError as exc:
+            raise ConfigError(f"cannot fetch {url}: {exc.message}") from None
+        finally:
+            client.close()
+    return asyncio.run(get())
+
+
 def prices_command(args: argparse.Namespace, store: ConfigStore) -> int:
-    count = import_prices(store, args.file)
+    raw = None
+    if args.file.startswith(("http://", "https://")):
+        raw = fetch_prices_file(args.file, store.data["settings"]["proxy"])
+    count = import_prices(store, args.file, raw)
     print(f"imported {count} prices into {store.path}")
     return 0
 

@@ -3281,6 +3281,20 @@ def test_14_prices_import_from_a_models_dev_file(tmp_path):
     assert rc == 2 and "names no model with a cost" in err
 
 
+
+def test_14_prices_import_from_a_url(tmp_path, upstream):
+    cfg = _usage_config(tmp_path)
+    up = upstream([Reply(body=json.dumps({"models": {"m2": {"id": "m2", "cost": {
+        "input": 0.5, "output": 1}}}}).encode())])
+    rc, out, err = _run("prices", "import", f"{up.url}/api.json", "--config", cfg)
+    assert (rc, err) == (0, "") and out.startswith("imported 1 prices")
+    assert up.last()["path"] == "/api.json" and up.last()["method"] == "GET"
+    assert json.loads(open(cfg).read())["prices"] == {"m2": {"input": 0.5, "output": 1.0}}
+    up.replies = [Reply(404, b"{}")]
+    rc, _, err = _run("prices", "import", f"{up.url}/api.json", "--config", cfg)
+    assert rc == 2 and f"{up.url}/api.json answered 404" in err
+
+
 def test_14_channels_add_list_edit_remove(tmp_path):
     cfg = str(tmp_path / "config.json")
     rc, out, err = _run("channels", "add", "--config", cfg, "--name", "oa", "--type", "openai",
