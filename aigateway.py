@@ -10072,7 +10072,7 @@ management commands (they edit the configuration file; a running aigateway picks
   tokens edit ID|NAME [options]     tokens enable|disable|remove ID|NAME
   config check
   usage [--since 7d|30d|YYYY-MM-DD] [--by model|channel|token|day] [--format table|csv|json]
-  prices import FILE                (a models.dev-style api.json)
+  prices import FILE|URL            (a models.dev-style api.json)
 Run "aigateway COMMAND --help" (e.g. "channels add --help") for a command's options."""
 
 
