@@ -61,6 +61,8 @@ import base64
 import codecs
 import collections
 import copy
+import csv
+import datetime
 import errno
 import functools
 import hashlib
@@ -76,6 +78,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import sys
@@ -90,7 +93,7 @@ __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
     "Headers", "ChunkedDecoder", "SSEDecoder", "NDJSONDecoder", "SSEPassthrough",
     "UpstreamClient", "HTTPServer", "Request", "Response",
-    "ConfigStore", "Gateway", "GatewayThread", "main",
+    "ConfigStore", "Gateway", "UsageStore", "PriceBook", "GatewayThread", "main",
 ]
 
 # =================================================================================================
@@ -179,6 +182,19 @@ CONFIG_SAVE_ATTEMPTS = 5              # a save redone on a newer file this often
 CONFIG_SETTLE_SECONDS = 0.3           # a file written more recently may be half-written: an error
                                       # in it is reported only if it is still there a check later
 
+USAGE_QUEUE_LIMIT = 20_000           # usage rows waiting for the writer; beyond, rows are dropped
+                                      # (and counted) rather than making a request wait on disk
+USAGE_BATCH_ROWS = 1_000              # rows the writer inserts per transaction at most; a full
+                                      # batch wakes it at once
+USAGE_FLUSH_SECONDS = 0.25            # else it writes what is queued this often (a request never
+                                      # wakes it: that would cost a thread switch each)
+USAGE_PRUNE_SECONDS = 3600.0          # old rows are pruned this often
+USAGE_DEFAULT_RETENTION_DAYS = 400
+USAGE_REPORT_GROUPS = 1_000           # rows a usage report lists at most
+USAGE_TPM_WINDOW = 60.0               # seconds the tokens-per-minute limit looks back over
+USAGE_TPM_EVENTS = 10_000             # recent requests kept per token for tpm at most
+ESTIMATE_BYTES_PER_TOKEN = 4          # a rough count when an upstream reports no usage
+PRICES_IMPORT_MAX_BYTES = 64 * 1024 * 1024   # a models.dev api.json is ~2 MB
 READ_SIZE = 64 * 1024
 MAX_CONFIG_PROBLEMS = 100             # `config check` stops naming problems after this many
 
@@ -1155,18 +1171,25 @@ def _end_of(buf: bytes, sep: bytes) -> int:
 class SSEPassthrough:
     """Passes an SSE byte stream on whole events at a time, so that a stream cut by an upstream
     failure never leaves a half event before the in-band error event, and notes the token usage
-    the events report, read by ``usage`` ((input, output) tokens of one event, or None: the
+    the events report, read by ``usage`` (one event's usage in the IR form, or None: the
     client dialect's parser, section 9). Costs one concatenation and two searches per read; JSON
     is parsed only in events that mention usage."""
 
-    __slots__ = ("_carry", "open", "input_tokens", "output_tokens", "_usage")
+    __slots__ = ("_carry", "open", "usage", "_usage")
 
-    def __init__(self, usage: Callable[[Any], tuple[int, int] | None] = lambda obj: None):
+    def __init__(self, usage: Callable[[Any], dict | None] = lambda obj: None):
         self._usage = usage
         self._carry = b""
         self.open = 0               # bytes of an event flushed unsplit, still without its end
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
+        self.usage: dict[str, int] | None = None
+
+    @property
+    def input_tokens(self) -> int | None:
+        return None if self.usage is None else self.usage["input"]
+
+    @property
+    def output_tokens(self) -> int | None:
+        return None if self.usage is None else self.usage["output"]
 
     def feed(self, data: bytes) -> bytes:
         """Raises a 502 ProtocolError once one event runs past MAX_EVENT_BYTES."""
@@ -1202,10 +1225,10 @@ class SSEPassthrough:
                     continue
                 if found:
                     # Anthropic reports input in message_start and output in message_delta.
-                    if found[0] or self.input_tokens is None:
-                        self.input_tokens = found[0]
-                    if found[1] or self.output_tokens is None:
-                        self.output_tokens = found[1]
+                    if self.usage is None:
+                        self.usage = found
+                    else:
+                        self.usage.update((k, v) for k, v in found.items() if v)
 
 
 # =================================================================================================
@@ -3071,9 +3094,10 @@ class DialectAdapter:
     def count_payload(self, count: int) -> dict:
         return {"input_tokens": count}
 
-    def usage(self, obj: Any) -> tuple[int, int] | None:
-        """(input, output) tokens a whole answer or one stream event of this dialect reports,
-        or None: how the gateway counts the tokens of an answer it passes through."""
+    def usage(self, obj: Any) -> dict | None:
+        """The usage (IR form: input, output, cache_read, cache_write, reasoning) a whole
+        answer or one stream event of this dialect reports, or None: how the gateway counts the
+        tokens of an answer it passes through."""
         raise NotImplementedError
 
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
@@ -4183,12 +4207,11 @@ class OpenAIDialect(DialectAdapter):
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return openai_response_to_ir, OpenAIStreamDecoder
 
-    def usage(self, obj: Any) -> tuple[int, int] | None:
+    def usage(self, obj: Any) -> dict | None:
         u = obj.get("usage") if isinstance(obj, dict) else None
         if not isinstance(u, dict) or not ("prompt_tokens" in u or "completion_tokens" in u):
             return None
-        ir = openai_usage_to_ir(u)
-        return ir["input"], ir["output"]
+        return openai_usage_to_ir(u)
 
 
 class OpenAIProvider(ProviderAdapter):
@@ -4649,14 +4672,19 @@ class ResponsesDialect(OpenAIDialect):
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return responses_answer_outline, ResponsesStreamOutline     # only what emptiness needs
 
-    def usage(self, obj: Any) -> tuple[int, int] | None:
+    def usage(self, obj: Any) -> dict | None:
         """A whole answer's usage, or a response.completed (incomplete, failed) event's."""
         if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
             obj = obj["response"]
         u = obj.get("usage") if isinstance(obj, dict) else None
         if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
             return None
-        return _num(u.get("input_tokens")), _num(u.get("output_tokens"))
+        details = u.get("input_tokens_details")
+        out_details = u.get("output_tokens_details")
+        return new_usage(_num(u.get("input_tokens")), _num(u.get("output_tokens")),
+                         _num(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+                         0, _num(out_details.get("reasoning_tokens"))
+                         if isinstance(out_details, dict) else 0)
 
 
 # 9.5 Anthropic Messages --------------------------------------------------------------------------
@@ -5223,7 +5251,7 @@ class AnthropicDialect(DialectAdapter):
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return anthropic_response_to_ir, AnthropicStreamDecoder
 
-    def usage(self, obj: Any) -> tuple[int, int] | None:
+    def usage(self, obj: Any) -> dict | None:
         """A whole message's usage, message_start's (input) or message_delta's (output)."""
         if not isinstance(obj, dict):
             return None
@@ -5232,8 +5260,7 @@ class AnthropicDialect(DialectAdapter):
             u = obj["message"].get("usage")
         if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
             return None
-        ir = anthropic_usage_to_ir(u)
-        return ir["input"], ir["output"]
+        return anthropic_usage_to_ir(u)
 
 
 class AnthropicProvider(ProviderAdapter):
@@ -5907,12 +5934,11 @@ class GeminiDialect(DialectAdapter):
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return gemini_response_to_ir, GeminiStreamDecoder
 
-    def usage(self, obj: Any) -> tuple[int, int] | None:
+    def usage(self, obj: Any) -> dict | None:
         u = obj.get("usageMetadata") if isinstance(obj, dict) else None
         if not isinstance(u, dict):
             return None
-        ir = gemini_usage_to_ir(u)
-        return ir["input"], ir["output"]
+        return gemini_usage_to_ir(u)
 
 
 class GeminiProvider(ProviderAdapter):
@@ -6871,6 +6897,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "aliases": {},                    # {"fast": ["gpt-4o-mini", {"model": "...", "weight": 2}]}
     "debug_capture": 0,               # keep the last N request/response bodies (masked); 0 = off
     "debug_capture_file": "",         # ... and append them to this JSONL file (owner-only)
+    "usage_db": "usage.db",           # SQLite usage history beside config.json; "" = off
+    "usage_retention_days": USAGE_DEFAULT_RETENTION_DAYS,
 }
 CHANNEL_DEFAULTS: dict[str, Any] = {
     "name": "", "type": TYPE_OPENAI, "base_url": "", "api_key": "", "models": [],
@@ -6882,8 +6910,10 @@ CHANNEL_DEFAULTS: dict[str, Any] = {
 }
 TOKEN_DEFAULTS: dict[str, Any] = {
     "name": "", "key": "", "enabled": True, "allowed_models": [], "allowed_channels": [],
-    "rpm": 0,
+    "rpm": 0, "limits": {}, "expires_at": "",
 }
+LIMIT_KINDS = ("requests_per_day", "tokens_per_day", "cost_per_day", "cost_per_month", "tpm")
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")     # USD per million tokens
 
 
 def default_config_path() -> str:
@@ -7071,6 +7101,12 @@ def validate_config(raw: Any, source: str, notes: list[str] | None = None) -> di
         raise ck.fail("settings.debug_capture", f"{n} is not from 0 to {DEBUG_CAPTURE_MAX}",
                       "use 0 (off) or the number of requests to keep, such as 20")
     ck.typed(settings, "debug_capture_file", "settings", (str,), "a file path or an empty string")
+    ck.typed(settings, "usage_db", "settings", (str,), 'a file path, or "" for no history')
+    days = ck.typed(settings, "usage_retention_days", "settings", (int,), "a number of days")
+    if days < 1:
+        raise ck.fail("settings.usage_retention_days", f"{days} is below 1",
+                      f"keep {USAGE_DEFAULT_RETENTION_DAYS} days or so")
+    _check_prices(ck, cfg.setdefault("prices", {}))
 
     next_ids = cfg.setdefault("next_ids", {})
     if not isinstance(next_ids, dict):
@@ -7361,6 +7397,56 @@ def _check_token(ck: _Checker, tokens: list[dict]) -> None:
         rpm = ck.typed(tok, "rpm", where, (int,), "a whole number (0 = no limit)")
         if rpm < 0:
             raise ck.fail(f"{where}.rpm", f"{rpm} is negative", "use 0 for no limit")
+        limits = tok["limits"]
+        if not isinstance(limits, dict):
+            raise ck.fail(f"{where}.limits", "is not an object",
+                          'write {"requests_per_day": 1000, "cost_per_month": 20}, or {}')
+        for kind, value in limits.items():
+            if kind not in LIMIT_KINDS:
+                raise ck.fail(f"{where}.limits", f"{kind!r} is not a limit",
+                              f"use only {', '.join(LIMIT_KINDS)}")
+            whole = not kind.startswith("cost")
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or not 0 <= value < float("inf"):
+                raise ck.fail(f"{where}.limits.{kind}", f"{json.dumps(value)[:60]} is not a "
+                              f"{'whole number' if whole else 'number'} of 0 or more",
+                              "use 0 for no limit" if whole else "write US dollars, such as 5")
+        expires = ck.typed(tok, "expires_at", where, (str,), 'an ISO date, or "" for never')
+        if expires and parse_utc(expires) is None:
+            raise ck.fail(f"{where}.expires_at", f"{expires[:40]!r} is not an ISO date",
+                          'write a UTC date such as "2026-12-31" or "2026-12-31T18:00:00Z"')
+
+
+def parse_utc(text: str) -> float | None:
+    """Epoch seconds of an ISO date ("2026-12-31": its midnight) or date-time (UTC unless it
+    names an offset), or None."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def _check_prices(ck: _Checker, prices: Any) -> None:
+    """The top-level ``prices``: model pattern (``*`` wildcards) -> USD per million tokens."""
+    example = '{"gpt-5*": {"input": 1.25, "output": 10, "cache_read": 0.125}}'
+    if not isinstance(prices, dict):
+        raise ck.fail("prices", "is not an object", f"write {example}, or {{}}")
+    for pattern, entry in prices.items():
+        where = f"prices.{pattern[:60]}"
+        if not pattern.strip():
+            raise ck.fail("prices", "has an empty model pattern", f"write {example}")
+        if not isinstance(entry, dict):
+            raise ck.fail(where, "is not an object", f"write {example}")
+        for key, value in entry.items():
+            if key not in PRICE_FIELDS:
+                raise ck.fail(where, f"{key!r} is not a price", f"use {', '.join(PRICE_FIELDS)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 <= value < float("inf"):
+                raise ck.fail(f"{where}.{key}", f"{json.dumps(value)[:60]} is not a price",
+                              "write US dollars per million tokens, such as 2.5")
 
 
 # A deeper field (channels[0].overrides[1], settings.aliases) names the top field set aside.
@@ -7661,6 +7747,15 @@ class ConfigStore:
     def update_settings(self, **changes: Any) -> None:
         self._apply(lambda d: d["settings"].update(changes))
 
+    def update_prices(self, changes: dict[str, dict], remove: Iterable[str] = ()) -> None:
+        """Set (replace) the price entries of ``changes`` and delete those of ``remove``."""
+        def mutate(d: dict) -> None:
+            prices = d.setdefault("prices", {})
+            for pattern in remove:
+                prices.pop(pattern, None)
+            prices.update(copy.deepcopy(changes))
+        self._apply(mutate)
+
     def _add(self, kind: str, fields: dict) -> dict:
         def mutate(d: dict) -> dict:
             item = dict(fields)
@@ -7713,6 +7808,55 @@ class ConfigStore:
         self._delete("token", token_id)
 
 
+def prices_from_models_dev(obj: Any) -> dict[str, dict[str, float]]:
+    """Prices from a models.dev-style file: {provider: {"models": {id: {"cost": {...}}}}}, or
+    one provider's {"models": {...}}, or {id: {"cost": {...}}}. Costs are USD per million
+    tokens there too; entries without a cost are skipped."""
+    if not isinstance(obj, dict):
+        raise ConfigError("the prices file is not a JSON object")
+    providers = [obj] if "models" in obj else list(obj.values())
+    out: dict[str, dict[str, float]] = {}
+    for prov in providers:
+        models = prov.get("models") if isinstance(prov, dict) and "models" in prov else None
+        if models is None and isinstance(prov, dict) and "cost" in prov:
+            models = {prov.get("id", ""): prov}
+        for mid, m in (models or {}).items() if isinstance(models, dict) else ():
+            cost = m.get("cost") if isinstance(m, dict) else None
+            name = m.get("id", mid) if isinstance(m, dict) else mid
+            if not isinstance(cost, dict) or not isinstance(name, str) or not name.strip():
+                continue
+            entry = {k: float(v) for k, v in cost.items() if k in PRICE_FIELDS and
+                     isinstance(v, (int, float)) and not isinstance(v, bool) and
+                     0 <= v < float("inf")}
+            if "input" in entry or "output" in entry:
+                out.setdefault(name, entry)
+    if not out:
+        raise ConfigError("the prices file names no model with a cost; it should look like "
+                          'models.dev\'s api.json: {"openai": {"models": {"gpt-4o": '
+                          '{"cost": {"input": 2.5, "output": 10}}}}}')
+    return out
+
+
+def import_prices(store: ConfigStore, file: str, raw: bytes | None = None) -> int:
+    """Add or replace the prices a models.dev-style file names (``raw``: its bytes, already
+    fetched); return how many."""
+    try:
+        if raw is None:
+            with open(file, "rb") as f:
+                raw = f.read(PRICES_IMPORT_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    if len(raw) > PRICES_IMPORT_MAX_BYTES:
+        raise ConfigError(f"{file} is larger than {PRICES_IMPORT_MAX_BYTES // 2**20} MiB")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is not JSON: {exc}") from None
+    prices = prices_from_models_dev(obj)
+    store.update_prices(prices)
+    return len(prices)
+
+
 # =================================================================================================
 # 11. Gateway
 # =================================================================================================
@@ -7743,6 +7887,7 @@ ROUTES: dict[str, Route] = {r.path: r for r in (
     Route("/v1/messages/count_tokens", ("POST",), ANTHROPIC, "count_tokens",
           reach=CHANNEL_TYPES),
     Route("/health", ("GET",), OPENAI, "health", "none"),
+    Route("/usage", ("GET",), OPENAI, "usage", "none"),
 )}
 MODEL_ROUTE = Route("/v1/models/{model}", ("GET",), OPENAI, "model", "none")
 GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMINI, kind,
@@ -7750,6 +7895,8 @@ GEMINI_ROUTES = {kind: Route(f"/v1beta/models/{{model}}:{kind}", ("POST",), GEMI
     ("generateContent", CHANNEL_TYPES), ("streamGenerateContent", CHANNEL_TYPES),
     ("countTokens", CHANNEL_TYPES), ("embedContent", EMBEDDING_TYPES),
     ("batchEmbedContents", EMBEDDING_TYPES))}
+# Token counting is free at every provider: it is not usage (no row, no cost, no limit use).
+UNBILLED_ROUTES = {ROUTES["/v1/messages/count_tokens"].path, GEMINI_ROUTES["countTokens"].path}
 GEMINI_MODELS_ROUTE = Route("/v1beta/models", ("GET",), GEMINI, "models", "none")
 GEMINI_MODEL_ROUTE = Route("/v1beta/models/{model}", ("GET",), GEMINI, "model", "none")
 _GEMINI_PATH = re.compile(r"/(?:v1beta|v1alpha|v1)/models/([^:]+):([A-Za-z]+)\Z")
@@ -7858,7 +8005,8 @@ class Channel:
 
 
 class Token:
-    __slots__ = ("id", "name", "key", "enabled", "allowed_models", "allowed_channels", "rpm")
+    __slots__ = ("id", "name", "key", "enabled", "allowed_models", "allowed_channels", "rpm",
+                 "limits", "expires")
 
     def __init__(self, t: dict):
         self.id: int = t["id"]
@@ -7869,6 +8017,8 @@ class Token:
         self.allowed_channels = {c.lower() if isinstance(c, str) else c
                                  for c in t["allowed_channels"]}
         self.rpm: int = t["rpm"]
+        self.limits: dict[str, float] = {k: v for k, v in t["limits"].items() if v}
+        self.expires: float | None = parse_utc(t["expires_at"]) if t["expires_at"] else None
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or any(name_matches(p, model) for p in self.allowed_models)
@@ -8444,6 +8594,493 @@ class DebugCapture:
         return "\n".join(lines).rstrip() + "\n"
 
 
+# -- usage: prices, the store, per-token limits ----------------------------------------------
+# One row per proxied request goes to a SQLite file (settings.usage_db) through a bounded queue
+# and one writer thread, so no request waits on the disk. The writer also keeps a daily rollup
+# (day, token, model, channel), which reports and charts read: a 30-day report touches a few
+# thousand rollup rows however many requests there were. Per-token limits are checked against
+# counters in memory, seeded from the database at start, so they survive restarts and cost no
+# disk I/O per request.
+
+# Built-in prices, USD per million tokens, taken 2026-12-01 from the providers' pricing pages:
+# https://developers.openai.com/api/docs/pricing (via https://www.morphllm.com/openai-api-pricing
+# and https://chatgptpricing-akr.pages.dev/api-pricing), https://platform.claude.com/docs/en/
+# about-claude/pricing, https://ai.google.dev/gemini-api/docs/pricing (prompts up to 200k
+# tokens). "cache_write" is Anthropic's 5-minute cache write. Entries in config.json's "prices"
+# win over these.
+BUILTIN_PRICES_DATE = "2026-12-01"
+BUILTIN_PRICES: dict[str, dict[str, float]] = {
+    "gpt-5.5*": {"input": 5.0, "output": 30.0, "cache_read": 0.5},
+    "gpt-5.5-pro*": {"input": 30.0, "output": 180.0},
+    "gpt-5.4*": {"input": 2.5, "output": 15.0, "cache_read": 0.25},
+    "gpt-5.4-mini*": {"input": 0.75, "output": 4.5, "cache_read": 0.075},
+    "gpt-5.4-nano*": {"input": 0.2, "output": 1.25, "cache_read": 0.02},
+    "gpt-5.4-pro*": {"input": 30.0, "output": 180.0},
+    "gpt-5.2*": {"input": 1.75, "output": 14.0, "cache_read": 0.175},
+    "gpt-5.2-pro*": {"input": 21.0, "output": 168.0},
+    "gpt-5*": {"input": 1.25, "output": 10.0, "cache_read": 0.125},
+    "gpt-5-mini*": {"input": 0.25, "output": 2.0, "cache_read": 0.025},
+    "gpt-5-nano*": {"input": 0.05, "output": 0.4, "cache_read": 0.005},
+    "gpt-4.1*": {"input": 2.0, "output": 8.0, "cache_read": 0.5},
+    "gpt-4.1-mini*": {"input": 0.4, "output": 1.6, "cache_read": 0.1},
+    "gpt-4.1-nano*": {"input": 0.1, "output": 0.4, "cache_read": 0.025},
+    "gpt-4o*": {"input": 2.5, "output": 10.0, "cache_read": 1.25},
+    "gpt-4o-mini*": {"input": 0.15, "output": 0.6, "cache_read": 0.075},
+    "o1*": {"input": 15.0, "output": 60.0, "cache_read": 7.5},
+    "o3*": {"input": 2.0, "output": 8.0, "cache_read": 0.5},
+    "o3-mini*": {"input": 1.1, "output": 4.4, "cache_read": 0.55},
+    "o3-pro*": {"input": 20.0, "output": 80.0},
+    "o4-mini*": {"input": 1.1, "output": 4.4, "cache_read": 0.275},
+    "claude-opus-4-5*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-opus-4-6*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-opus-4-7*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-opus-4-1*": {"input": 15.0, "output": 75.0, "cache_read": 1.5, "cache_write": 18.75},
+    "claude-opus-4-2025*": {"input": 15.0, "output": 75.0, "cache_read": 1.5,
+                            "cache_write": 18.75},
+    "claude-sonnet-4*": {"input": 3.0, "output": 15.0, "cache_read": 0.3, "cache_write": 3.75},
+    "claude-haiku-4-5*": {"input": 1.0, "output": 5.0, "cache_read": 0.1, "cache_write": 1.25},
+    "gemini-3*-pro*": {"input": 2.0, "output": 12.0, "cache_read": 0.2},
+    "gemini-3*-flash*": {"input": 0.5, "output": 3.0, "cache_read": 0.05},
+    "gemini-2.5-pro*": {"input": 1.25, "output": 10.0, "cache_read": 0.125},
+    "gemini-2.5-flash*": {"input": 0.3, "output": 2.5, "cache_read": 0.03},
+    "gemini-2.5-flash-lite*": {"input": 0.1, "output": 0.4, "cache_read": 0.01},
+}
+
+
+class PriceBook:
+    """Model name -> price entry: the user's patterns first, then the built-in ones; among the
+    patterns of one source that match, the longest (the most specific) wins. A name with a
+    vendor prefix ("anthropic/claude-...") is looked up without it when it matches nothing."""
+
+    def __init__(self, user: dict[str, dict[str, float]]):
+        self.sources = [sorted(src.items(), key=lambda kv: -len(kv[0]))
+                        for src in (user, BUILTIN_PRICES)]
+        self._cache: dict[str, dict[str, float] | None] = {}
+
+    def lookup(self, model: str) -> dict[str, float] | None:
+        key = model.lower()
+        if key not in self._cache:
+            found = None
+            for name in dict.fromkeys((model, model.rpartition("/")[2])):
+                for src in self.sources:
+                    found = next((e for p, e in src if name_matches(p, name)), None)
+                    if found is not None:
+                        break
+                if found is not None:
+                    break
+            if len(self._cache) >= USAGE_REPORT_GROUPS:
+                self._cache.clear()
+            self._cache[key] = found
+        return self._cache[key]
+
+
+def usage_cost(price: dict[str, float] | None, usage: dict[str, int]) -> float | None:
+    """USD for one request's usage (keys USAGE_KEYS, "input" the whole prompt): fresh input,
+    cache reads and cache writes each at their price (input's when they have none), output
+    (reasoning included) at the output price."""
+    if price is None:
+        return None
+    inp = price.get("input", 0.0)
+    fresh = max(0, usage["input"] - usage["cache_read"] - usage["cache_write"])
+    return (fresh * inp + usage["cache_read"] * price.get("cache_read", inp)
+            + usage["cache_write"] * price.get("cache_write", inp)
+            + usage["output"] * price.get("output", 0.0)) / 1e6
+
+
+USAGE_COLUMNS = ("time", "day", "token_id", "token", "dialect", "route", "model",
+                 "upstream_model", "channel", "key_index", "status", "error_class", "stream",
+                 "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cache_read_tokens",
+                 "cache_write_tokens", "reasoning_tokens", "cost", "cost_estimated")
+_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
+         "cache_write_tokens", "reasoning_tokens", "cost", "estimated")
+# Each step brings the schema from version i to i + 1; a file of a newer version is refused.
+USAGE_MIGRATIONS = (
+    """CREATE TABLE requests (id INTEGER PRIMARY KEY, time REAL NOT NULL, day INTEGER NOT NULL,
+        token_id INTEGER NOT NULL, token TEXT NOT NULL, dialect TEXT, route TEXT,
+        model TEXT NOT NULL, upstream_model TEXT, channel TEXT NOT NULL, key_index INTEGER,
+        status INTEGER, error_class TEXT, stream INTEGER, latency_ms REAL, ttfb_ms REAL,
+        input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER,
+        cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost REAL,
+        cost_estimated INTEGER);
+    CREATE INDEX requests_time ON requests (time);
+    CREATE TABLE daily (day INTEGER NOT NULL, token_id INTEGER NOT NULL, token TEXT NOT NULL,
+        model TEXT NOT NULL, channel TEXT NOT NULL, requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cache_read_tokens INTEGER NOT NULL, cache_write_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL, cost REAL NOT NULL, estimated INTEGER NOT NULL,
+        PRIMARY KEY (day, token_id, model, channel)) WITHOUT ROWID;""",
+)
+_DAILY_UPSERT = (
+    f"INSERT INTO daily (day, token_id, model, channel, token, {', '.join(_SUMS)}) "
+    f"VALUES ({', '.join('?' * (5 + len(_SUMS)))}) "
+    f"ON CONFLICT (day, token_id, model, channel) DO UPDATE SET token = excluded.token, "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS))
+
+
+def open_usage_db(path: str) -> sqlite3.Connection:
+    """The usage database, created or migrated to the current schema (WAL mode)."""
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")    # WAL: durable to the last checkpoint
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > len(USAGE_MIGRATIONS):
+            raise ConfigError(f"{path} was written by a newer aigateway (usage schema "
+                              f"{version}); upgrade, or set settings.usage_db to another file")
+        for step in range(version, len(USAGE_MIGRATIONS)):
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in USAGE_MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version VALUES (?)", (step + 1,))
+            conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise ConfigError(f"cannot use the usage database {path}: {exc}; fix or delete it, or "
+                          f"set settings.usage_db to another file (\"\" turns history off)") \
+            from None
+    return conn
+
+
+def utc_day(t: float) -> int:
+    return int(t // 86400)
+
+
+def day_text(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+
+
+def month_start(t: float) -> float:
+    g = time.gmtime(t)
+    return datetime.datetime(g.tm_year, g.tm_mon, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def next_month(t: float) -> float:
+    g = time.gmtime(t)
+    y, m = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
+    return datetime.datetime(y, m, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def parse_since(text: str, now: float) -> int:
+    """The first UTC day of "7d" (today and the 6 before), "YYYY-MM-DD", or raises ValueError."""
+    text = (text or "").strip()
+    if text[:-1].isdigit() and text.endswith("d") and 0 < int(text[:-1]) <= 100_000:
+        return utc_day(now) - int(text[:-1]) + 1
+    if len(text) == 10:
+        when = parse_utc(text)
+        if when is not None:
+            return utc_day(when)
+    raise ValueError(f"since={text[:40]!r} is not a period: write 7d, 30d or a date such as "
+                     f"2026-11-01")
+
+
+USAGE_GROUPS = {"model": "model", "channel": "channel", "token": "token", "day": "day"}
+
+
+def usage_report(conn: sqlite3.Connection, since_day: int, by: str,
+                 token_id: int | None = None) -> list[dict]:
+    """Sums from the daily rollup since ``since_day``, one row per model, channel, token or
+    day (days oldest first, others costliest first), with the cache-hit rate:
+    cache_read / (input + cache_read), input here being the fresh part of the prompt."""
+    col = USAGE_GROUPS[by]
+    where, args = "day >= ?", [since_day]
+    if token_id is not None:
+        where, args = where + " AND token_id = ?", args + [token_id]
+    order = "day" if by == "day" else "cost DESC, requests DESC"
+    rows = conn.execute(
+        f"SELECT {col}, {', '.join(f'SUM({c}) AS {c}' for c in _SUMS)} FROM daily "
+        f"WHERE {where} "
+        f"GROUP BY {col} ORDER BY {order} LIMIT {USAGE_REPORT_GROUPS}", args).fetchall()
+    out = []
+    for key, *sums in rows:
+        row = dict(zip(_SUMS, sums))
+        row["cost"] = round(row["cost"], 6)
+        row["cost_estimated"] = bool(row.pop("estimated"))
+        fresh = row["input_tokens"] - row["cache_read_tokens"] - row["cache_write_tokens"]
+        seen = max(0, fresh) + row["cache_read_tokens"]
+        row["cache_hit_rate"] = round(row["cache_read_tokens"] / seen, 4) if seen else 0.0
+        out.append(dict({by: day_text(key) if by == "day" else key}, **row))
+    return out
+
+
+def usage_totals(rows: list[dict]) -> dict:
+    total = {k: sum(r[k] for r in rows) for k in _SUMS if k != "estimated"}
+    total["cost"] = round(total["cost"], 6)
+    total["cost_estimated"] = any(r["cost_estimated"] for r in rows)
+    fresh = max(0, total["input_tokens"] - total["cache_read_tokens"]
+                - total["cache_write_tokens"])
+    seen = fresh + total["cache_read_tokens"]
+    total["cache_hit_rate"] = round(total["cache_read_tokens"] / seen, 4) if seen else 0.0
+    return total
+
+
+def token_spend(conn: sqlite3.Connection, now: float) -> dict[int, dict[str, float]]:
+    """Each token's use that its limits count: requests, tokens and cost of today (UTC), cost of
+    this UTC month and tokens of the last minute."""
+    today, first = utc_day(now), utc_day(month_start(now))
+    out: dict[int, dict[str, float]] = {}
+    for tid, day, reqs, toks, cost in conn.execute(
+            "SELECT token_id, day, SUM(requests), SUM(input_tokens + output_tokens), SUM(cost) "
+            "FROM daily WHERE day >= ? GROUP BY token_id, day", (min(today, first),)):
+        spend = out.setdefault(tid, dict.fromkeys(LIMIT_KINDS, 0))
+        spend["cost_per_month"] += cost
+        if day == today:
+            spend["requests_per_day"], spend["tokens_per_day"], spend["cost_per_day"] = \
+                reqs, toks, cost
+    for tid, toks in conn.execute(
+            "SELECT token_id, SUM(input_tokens + output_tokens) FROM requests WHERE time > ? "
+            "GROUP BY token_id", (now - USAGE_TPM_WINDOW,)):
+        out.setdefault(tid, dict.fromkeys(LIMIT_KINDS, 0))["tpm"] = toks
+    return out
+
+
+def error_class(rec: dict) -> str:
+    """A short name for why a request failed, or "" when it did not."""
+    status = rec["status"] or 0
+    if status == 0 or (status < 400 and rec["error"]):
+        return "client_disconnected" if rec["error"] == "client disconnected" else \
+            "stream_broken" if rec["error"] else "no_answer"
+    if status < 400:
+        return ""
+    if status == 429:
+        return "rate_limited"
+    if status in (401, 403):
+        return "refused"
+    if status >= 500:
+        return "upstream" if rec["failures"] else "gateway"
+    return "bad_request"
+
+
+class UsageStore:
+    """Usage rows to ``path`` (None: counters only, no history) by one writer thread, and the
+    per-token counters the limits are checked against. ``record`` runs on the server loop and
+    never blocks; ``clock`` is the wall clock (UTC days and months)."""
+
+    def __init__(self, path: str | None, *, prices: dict, retention_days: int,
+                 clock: Callable[[], float] = time.time,
+                 on_error: Callable[[str], None] = lambda text: None):
+        self.path, self.clock, self.on_error = path, clock, on_error
+        self.retention_days = retention_days
+        self.prices = PriceBook(prices)
+        self.dropped = 0                     # rows refused because the queue was full
+        self.write_errors = 0
+        self.written = 0
+        self._rows: collections.deque[tuple] = collections.deque()     # appends are atomic
+        self._wake = threading.Event()
+        self._closing = False
+        self._spend: dict[int, dict[str, float]] = {}
+        self._recent: dict[int, collections.deque[tuple[float, int]]] = {}
+        now = clock()
+        self._day, self._month = utc_day(now), month_start(now)
+        self._thread: threading.Thread | None = None
+        if path is not None:
+            conn = open_usage_db(path)
+            try:
+                self._spend = token_spend(conn, now)
+                for tid, t, toks in conn.execute(
+                        "SELECT token_id, time, input_tokens + output_tokens FROM requests "
+                        "WHERE time > ? ORDER BY time", (now - USAGE_TPM_WINDOW,)):
+                    self._recent.setdefault(tid, collections.deque(
+                        maxlen=USAGE_TPM_EVENTS)).append((t, toks))
+            finally:
+                conn.close()
+            self._thread = threading.Thread(target=self._writer, name="usage-writer",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- on the server loop ----------------------------------------------------------------------
+
+    def record(self, rec: dict, token_id: int | None, upstream_model: str | None) -> None:
+        """Note one finished request (a record of Gateway._finish that names a model)."""
+        now = self.clock()
+        usage = {"input": rec["input_tokens"] or 0, "output": rec["output_tokens"] or 0,
+                 "cache_read": rec.get("cache_read_tokens") or 0,
+                 "cache_write": rec.get("cache_write_tokens") or 0,
+                 "reasoning": rec.get("reasoning_tokens") or 0}
+        estimated = rec["input_tokens"] is None and rec["output_tokens"] is None
+        if estimated:
+            if (rec["status"] or 500) < 400:
+                usage["input"] = rec["bytes_in"] // ESTIMATE_BYTES_PER_TOKEN
+                usage["output"] = rec["bytes_out"] // ESTIMATE_BYTES_PER_TOKEN
+            else:
+                estimated = False            # refused: nothing to pay
+        cost = usage_cost(self.prices.lookup(upstream_model or rec["model"]), usage) or 0.0
+        rec["cost"], rec["cost_estimated"] = round(cost, 8), estimated
+        tid = token_id or 0
+        self._count(tid, usage["input"] + usage["output"], cost, now)
+        if self._thread is None:
+            return
+        row = (now, utc_day(now), tid, rec["token"] or "", rec.get("dialect"), rec["route"],
+               rec["model"], upstream_model, rec["channel"] or "", rec.get("key_index"),
+               rec["status"], error_class(rec), int(bool(rec["stream"])), rec["latency_ms"],
+               rec["ttfb_ms"], usage["input"], usage["output"], usage["cache_read"],
+               usage["cache_write"], usage["reasoning"], cost, int(estimated))
+        if len(self._rows) >= USAGE_QUEUE_LIMIT:
+            self.dropped += 1
+            return
+        self._rows.append(row)
+        if len(self._rows) >= USAGE_BATCH_ROWS:
+            self._wake.set()
+
+    def _roll(self, now: float) -> None:
+        day = utc_day(now)
+        if day != self._day:
+            self._day = day
+            for spend in self._spend.values():
+                spend["requests_per_day"] = spend["tokens_per_day"] = spend["cost_per_day"] = 0
+            if month_start(now) != self._month:
+                self._month = month_start(now)
+                for spend in self._spend.values():
+                    spend["cost_per_month"] = 0
+
+    def _count(self, tid: int, tokens: int, cost: float, now: float) -> None:
+        self._roll(now)
+        spend = self._spend.get(tid)
+        if spend is None:
+            spend = self._spend[tid] = dict.fromkeys(LIMIT_KINDS, 0)
+        spend["requests_per_day"] += 1
+        spend["tokens_per_day"] += tokens
+        spend["cost_per_day"] += cost
+        spend["cost_per_month"] += cost
+        recent = self._recent.get(tid)
+        if recent is None:
+            recent = self._recent[tid] = collections.deque(maxlen=USAGE_TPM_EVENTS)
+        recent.append((now, tokens))
+
+    def spend(self, tid: int) -> dict[str, float]:
+        """A token's use as its limits count it, now."""
+        now = self.clock()
+        self._roll(now)
+        out = dict(self._spend.get(tid) or dict.fromkeys(LIMIT_KINDS, 0))
+        recent = self._recent.get(tid)
+        while recent and recent[0][0] <= now - USAGE_TPM_WINDOW:
+            recent.popleft()
+        out["tpm"] = sum(t for _, t in recent) if recent else 0
+        return out
+
+    def check(self, token: Any, spending: bool = True) -> None:
+        """Raise 401 for an expired token and, for a request that spends (not a listing),
+        429 for one past a limit (the message names the limit, the use and when it resets;
+        Retry-After says it in seconds)."""
+        now = self.clock()
+        if token.expires is not None and now >= token.expires:
+            raise GatewayError(401, f"gateway token '{token.name}' expired at "
+                                    f"{_utc_text(token.expires)}; ask for a new one or move "
+                                    f"its expires_at", code="token_expired")
+        if not token.limits or not spending:
+            return
+        spend = self.spend(token.id)
+        for kind in LIMIT_KINDS:
+            limit = token.limits.get(kind)
+            if not limit or spend[kind] < limit:
+                continue
+            if kind == "tpm":
+                recent = self._recent[token.id]
+                total, reset = spend[kind], now + USAGE_TPM_WINDOW
+                for t, toks in recent:       # oldest first: when enough of them have aged out
+                    total -= toks
+                    if total < limit:
+                        reset = t + USAGE_TPM_WINDOW
+                        break
+            elif kind == "cost_per_month":
+                reset = next_month(now)
+            else:
+                reset = (utc_day(now) + 1) * 86400.0
+            used = f"${spend[kind]:.4f} of ${limit:g}" if kind.startswith("cost") else \
+                f"{int(spend[kind])} of {limit}"
+            period = {"tpm": "in the last minute", "cost_per_month": "this month (UTC)"}.get(
+                kind, "today (UTC)")
+            wait = max(1, int(-(-(reset - now) // 1)))
+            raise GatewayError(429, f"gateway token '{token.name}' reached its {kind} limit: "
+                                    f"{used} used {period}; it resets at {_utc_text(reset)} "
+                                    f"(in {wait} s)",
+                               code="insufficient_quota" if kind.startswith("cost") else
+                               "rate_limit_exceeded", headers=[("Retry-After", str(wait))])
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._thread is not None:
+            self._closing = True
+            self._wake.set()
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- on the writer thread --------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        try:
+            conn = open_usage_db(self.path or "")
+        except ConfigError as exc:
+            self.write_errors += 1
+            self.on_error(str(exc))
+            return
+        pruned = 0.0
+        try:
+            while True:
+                if self.clock() - pruned > USAGE_PRUNE_SECONDS:
+                    pruned = self.clock()
+                    self._prune(conn, pruned)
+                self._wake.wait(USAGE_FLUSH_SECONDS)
+                self._wake.clear()
+                closing = self._closing              # read before the last drain
+                while self._rows:
+                    batch = []
+                    while self._rows and len(batch) < USAGE_BATCH_ROWS:
+                        batch.append(self._rows.popleft())
+                    self._write(conn, batch)
+                if closing:
+                    return
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
+        daily: dict[tuple, list] = {}
+        for r in batch:
+            key = (r[1], r[2], r[6], r[8])                   # day, token_id, model, channel
+            sums = daily.get(key)
+            if sums is None:
+                sums = daily[key] = [r[3]] + [0] * len(_SUMS)
+            sums[1] += 1
+            sums[2] += 1 if r[11] else 0
+            for i, col in enumerate(range(15, 21)):          # tokens and cost
+                sums[3 + i] += r[col] or 0
+            sums[9] |= r[21]
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(f"INSERT INTO requests ({', '.join(USAGE_COLUMNS)}) VALUES "
+                             f"({', '.join('?' * len(USAGE_COLUMNS))})", batch)
+            conn.executemany(_DAILY_UPSERT, [k + tuple(v) for k, v in daily.items()])
+            conn.execute("COMMIT")
+            self.written += len(batch)
+        except sqlite3.Error as exc:
+            self.write_errors += 1
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.on_error(f"usage database {self.path}: {len(batch)} rows not written ({exc})")
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        cutoff = utc_day(now) - self.retention_days
+        try:
+            conn.execute("DELETE FROM requests WHERE time < ?", (cutoff * 86400.0,))
+            conn.execute("DELETE FROM daily WHERE day < ?", (cutoff,))
+        except sqlite3.Error as exc:
+            self.on_error(f"usage database {self.path}: old rows not pruned ({exc})")
+
+
+def _utc_text(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def note_usage(rec: dict, usage: dict | None) -> None:
+    """Put an answer's token usage (keys USAGE_KEYS) on a request record."""
+    if usage:
+        for k in USAGE_KEYS:
+            rec[f"{k}_tokens"] = usage.get(k) or 0
+
+
 @dataclass(slots=True)
 class Exchange:
     """One request's state while the gateway serves it. ``record`` holds the logged fields
@@ -8774,7 +9411,8 @@ class Gateway:
     def __init__(self, config: dict, *, config_dir: str = ".",
                  on_event: Callable[[str, Any], None] | None = None,
                  client: UpstreamClient | None = None, listen_host: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.client = client or UpstreamClient()
         self.fetcher = UrlFetcher(self.client)
         self.clock = clock                       # cooldowns, keys' rest, rpm, auth throttle
@@ -8793,6 +9431,8 @@ class Gateway:
         self.limits = Limits(lambda: self.clock(), self.log)
         self.health = self.limits.health         # by channel id (routing skips cooling ones)
         self._request_log: RequestLog | None = None
+        self.usage: UsageStore | None = None
+        self.wall_clock = wall_clock             # UTC days and months of the usage limits
         self.config_error: str | None = None      # why the file on disk is not in force
         self.apply_config(config)
 
@@ -8820,6 +9460,22 @@ class Gateway:
             self._request_log = None
         if log_path and self._request_log is None:
             self._request_log = RequestLog(log_path, self.log)
+        self._open_usage(config)
+
+    def _open_usage(self, config: dict) -> None:
+        """The usage store of settings.usage_db (relative to the config file); a new price table
+        alone does not reopen it."""
+        s = config["settings"]
+        path = os.path.join(self.config_dir, s["usage_db"]) if s["usage_db"] else None
+        if self.usage is not None and self.usage.path == path and \
+                self.usage.retention_days == s["usage_retention_days"]:
+            self.usage.prices = PriceBook(config["prices"])
+            return
+        if self.usage is not None:
+            self.usage.close()
+        self.usage = UsageStore(path, prices=config["prices"],
+                                retention_days=s["usage_retention_days"], clock=self.wall_clock,
+                                on_error=self.log)
 
     def open_request_log(self) -> None:
         """At start: a request log that cannot be opened is a ConfigError naming its path
@@ -8832,6 +9488,8 @@ class Gateway:
         self.capture.close()
         if self._request_log is not None:
             self._request_log.close()
+        if self.usage is not None:
+            self.usage.close()
 
     def log(self, text: str) -> None:
         self.on_event(EVENT_LOG, escape_controls(text))
@@ -8881,10 +9539,15 @@ class Gateway:
         if route.path in ("/v1/models", MODEL_ROUTE.path):
             dialect = models_dialect(req.headers, req.query)
         rec = self._new_record(req, route.path)
+        rec["dialect"] = dialect
         try:
             token = self.access.authenticate(req)
-            rec["token"] = token.name if token else None
+            rec["token"], rec["token_id"] = (token.name, token.id) if token else (None, None)
             self.limits.check_rpm(token)
+            if token is not None and self.usage is not None:
+                self.usage.check(token, spending=route.kind not in ("models", "model", "usage"))
+            if route.kind == "usage":
+                return await self._usage_answer(req, token, rec)
             if route.kind in ("models", "model"):
                 resp = self._models(req, dialect, token, model_id)
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
@@ -8901,6 +9564,40 @@ class Gateway:
             resp = self.render_error(None, err, dialect)
             resp.headers += self.access.cors_headers(req.headers)
             return resp
+
+    async def _usage_answer(self, req: Request, token: Token | None, rec: dict) -> Response:
+        """GET /usage?since=7d|YYYY-MM-DD&by=model|channel|token|day: the usage history as
+        JSON; a gateway token sees its own requests only (all of them with auth off)."""
+        by, since = req.params.get("by") or "model", req.params.get("since") or "30d"
+        if by not in USAGE_GROUPS:
+            raise GatewayError(400, f"by={by[:40]!r} is not a grouping: use "
+                                    f"{', '.join(USAGE_GROUPS)}", param="by")
+        try:
+            first = parse_since(since, self.wall_clock())
+        except ValueError as exc:
+            raise GatewayError(400, str(exc), param="since") from None
+        store = self.usage
+        if store is None or store.path is None:
+            raise GatewayError(404, "usage history is off: set settings.usage_db to a file "
+                                    "name such as \"usage.db\"", code="usage_off")
+
+        def query() -> list[dict]:
+            conn = open_usage_db(store.path or "")
+            try:
+                return usage_report(conn, first, by, token.id if token else None)
+            finally:
+                conn.close()
+        try:
+            rows = await asyncio.to_thread(query)
+        except (ConfigError, sqlite3.Error) as exc:
+            raise GatewayError(500, f"the usage database cannot be read: {exc}") from None
+        body = json_dumps({"object": "usage", "since": day_text(first), "by": by,
+                           "rows": rows, "totals": usage_totals(rows),
+                           "dropped_rows": store.dropped})
+        rec["status"], rec["bytes_out"] = 200, len(body)
+        self._finish(rec)
+        return Response(200, [("Content-Type", "application/json")] +
+                        self._cors_headers(req.headers), body)
 
     def _models(self, req: Request, dialect: str, token: Token | None, model_id: str) -> Response:
         names: list[str] = []
@@ -9067,6 +9764,7 @@ class Gateway:
                                                         pin_key(pin, base, model)))
                 keys_tried.add(ch.api_key)
                 rec["upstream_model"] = ch.upstream_model(model)
+                rec["key_index"] = base.keys.index(ch.api_key) if ch.api_key in base.keys else 0
                 rec["tried"].append(ch.name if len(keys_tried) == 1 else
                                     f"{ch.name} (key {len(keys_tried)})")
                 provider = PROVIDERS[ch.type]
@@ -9353,8 +10051,7 @@ class Gateway:
             resp = decode_whole(answer)
             if hold and answer_is_empty(resp):
                 raise self._empty_answer(up)
-            rec["input_tokens"], rec["output_tokens"] = resp["usage"]["input"], \
-                resp["usage"]["output"]
+            note_usage(rec, resp["usage"])
             out = json_dumps(DIALECTS[dialect].response(resp, model, ir))
             rec["bytes_out"] = len(out)
             self._trim_signatures()
@@ -9377,8 +10074,7 @@ class Gateway:
 
         def done() -> None:
             up.aclose_nowait()
-            usage = encoder.usage or {}
-            rec["input_tokens"], rec["output_tokens"] = usage.get("input"), usage.get("output")
+            note_usage(rec, encoder.usage)
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self._trim_signatures()
@@ -9450,9 +10146,7 @@ class Gateway:
                     from None
             if up.status < 300 and "json" in content_type:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
-                found = DIALECTS[dialect].usage(upstream_json(body, rec["channel"]))
-                if found:
-                    rec["input_tokens"], rec["output_tokens"] = found
+                note_usage(rec, DIALECTS[dialect].usage(upstream_json(body, rec["channel"])))
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
             elif hold and "json" in content_type and self._passthrough_empty(dialect, body):
@@ -9487,7 +10181,7 @@ class Gateway:
         def done() -> None:
             up.aclose_nowait()
             if pt is not None:
-                rec["input_tokens"], rec["output_tokens"] = pt.input_tokens, pt.output_tokens
+                note_usage(rec, pt.usage)
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self._finish(rec)
@@ -9531,8 +10225,9 @@ class Gateway:
                          "token": None, "channel": None, "tried": [], "failures": [],
                          "skipped": [], "status": None, "latency_ms": None, "ttfb_ms": None,
                          "bytes_in": len(req.body), "bytes_out": 0, "input_tokens": None,
-                         "output_tokens": None, "error": None, "upstream_model": None,
-                         "affinity": None}, time.perf_counter())
+                         "output_tokens": None, "cache_read_tokens": None,
+                         "cache_write_tokens": None, "reasoning_tokens": None, "error": None,
+                         "upstream_model": None, "affinity": None}, time.perf_counter())
 
     def _finish(self, rec: Exchange) -> None:
         self.limits.release_slot(rec)
@@ -9551,6 +10246,11 @@ class Gateway:
         # the model, errors and the rest may hold text a client sent.
         record = rec.record
         record.update(escape_record(record))
+        if self.usage is not None and record["model"] is not None and \
+                record["route"] not in UNBILLED_ROUTES:
+            ch = next((c for c in self.channels if c.name == record["channel"]), None)
+            self.usage.record(record, record.get("token_id"), record.get("upstream_model") or (
+                ch.upstream_model(record["model"]) if ch else None))
         self.records.append(record)
         if self._request_log is not None:
             self._request_log.write(record)
@@ -11022,6 +11722,267 @@ class LogsTab:
         widget.configure(state="disabled")
 
 
+class PriceDialog:
+    """Add or edit one row of the price table; ``result`` is (pattern, entry) after Save."""
+
+    def __init__(self, app: App, pattern: str = "", entry: dict | None = None,
+                 parent: Any = None):
+        self.app, self.original, self.result = app, pattern, None
+        self.top, body = _dialog(app, "Edit price" if pattern else "Add price", parent)
+        self.vars = {"pattern": tk.StringVar(value=pattern)}
+        self.vars.update({k: tk.StringVar(value=f"{(entry or {})[k]:g}" if k in (entry or {})
+                                          else "") for k in PRICE_FIELDS})
+        labels = [("pattern", "Model pattern (* wildcards)")] + [
+            (k, f"{k.replace('_', ' ').capitalize()} $/Mtok") for k in PRICE_FIELDS]
+        for row, (key, label) in enumerate(labels):
+            ttk.Label(body, text=label).grid(row=row, column=0, sticky="w", pady=2)
+            ttk.Entry(body, textvariable=self.vars[key], width=30).grid(
+                row=row, column=1, sticky="we", padx=(8, 0), pady=2)
+        self.error = ttk.Label(body, text="", style="Bad.TLabel")
+        self.error.grid(row=len(labels), column=0, columnspan=2, sticky="w")
+        buttons = ttk.Frame(body)
+        buttons.grid(row=len(labels) + 1, column=0, columnspan=2, sticky="e", pady=(8, 0))
+        ttk.Button(buttons, text="Cancel", command=self.top.destroy).pack(side="right")
+        ttk.Button(buttons, text="Save", style="Accent.TButton",
+                   command=self.save).pack(side="right", padx=6)
+
+    def values(self) -> tuple[str, dict[str, float]]:
+        pattern = self.vars["pattern"].get().strip()
+        if not pattern:
+            raise ValueError("write a model pattern, such as gpt-5*")
+        entry = {}
+        for key in PRICE_FIELDS:
+            text = self.vars[key].get().strip()
+            if text:
+                try:
+                    entry[key] = float(text)
+                except ValueError:
+                    raise ValueError(f"{key}: {text[:20]!r} is not a number") from None
+        return pattern, entry
+
+    def save(self) -> None:
+        try:
+            pattern, entry = self.values()
+        except ValueError as exc:
+            self.error.configure(text=str(exc))
+            return
+        gone = [self.original] if self.original and self.original != pattern else []
+        if self.app.save(lambda: self.app.store.update_prices({pattern: entry}, gone),
+                         f"price for {pattern} saved"):
+            self.result = (pattern, entry)
+            self.top.destroy()
+
+
+class UsageTab:
+    """The usage history: cost and tokens per day (a Canvas chart), sums by model, channel and
+    token with their cache-hit rate, each token's use against its limits, and the price table.
+    It reads the database itself (a reader beside the gateway's writer, WAL mode)."""
+
+    RANGES = ("7 days", "30 days", "90 days")
+    SUM_COLUMNS = [("requests", "Requests", 70), ("tokens", "Tokens in/out", 130),
+                   ("cache", "Cache hit", 70), ("cost", "Cost $", 90)]
+
+    def __init__(self, app: App, parent: Any):
+        self.app = app
+        self.frame = f = ttk.Frame(parent, padding=14)
+        bar = ttk.Frame(f)
+        bar.pack(fill="x")
+        ttk.Label(bar, text="Range").pack(side="left")
+        self.range = tk.StringVar(value=self.RANGES[1])
+        box = ttk.Combobox(bar, textvariable=self.range, values=self.RANGES, state="readonly",
+                           width=10)
+        box.pack(side="left", padx=6)
+        box.bind("<<ComboboxSelected>>", lambda e: self.refresh())
+        ttk.Button(bar, text="Refresh", command=self.refresh).pack(side="left")
+        self.summary = ttk.Label(bar, text="", style="Muted.TLabel")
+        self.summary.pack(side="left", padx=12)
+        colors = app.colors
+        self.chart = tk.Canvas(f, height=120, background=colors["panel"],
+                               highlightthickness=1, highlightbackground=colors["border"])
+        self.chart.pack(fill="x", pady=(8, 8))
+        self.chart.bind("<Configure>", lambda e: self.draw_chart())
+        self.views = ttk.Notebook(f)
+        self.views.pack(fill="both", expand=True)
+        self.trees = {}
+        for by, title in (("model", "By model"), ("channel", "By channel"), ("token", "By token")):
+            tree = _tree(self.views, [(by, by.capitalize(), 200)] + self.SUM_COLUMNS, height=8)
+            self.views.add(tree.container, text=title)
+            self.trees[by] = tree
+        self.limits = _tree(self.views, [("token", "Token", 140), ("limit", "Limit", 130),
+                                         ("used", "Used", 110), ("allowed", "Allowed", 110),
+                                         ("expires", "Expires", 160)], height=8)
+        self.views.add(self.limits.container, text="Token limits")
+        prices = ttk.Frame(self.views)
+        self.prices = _tree(prices, [("pattern", "Model pattern", 190)] + [
+            (k, f"{k.replace('_', ' ')} $/Mtok", 100) for k in PRICE_FIELDS] +
+            [("source", "Source", 140)], height=7)
+        self.prices.container.pack(fill="both", expand=True)
+        buttons = ttk.Frame(prices)
+        buttons.pack(fill="x", pady=(6, 0))
+        for text, command in (("Add", self.add_price), ("Edit", self.edit_price),
+                              ("Remove", self.remove_price), ("Import file…", self.import_file)):
+            ttk.Button(buttons, text=text, command=command).pack(side="left", padx=(0, 6))
+        self.views.add(prices, text="Prices")
+        self.days: list[dict] = []
+        self.error: str | None = None
+        self.refresh()
+        app.notebook.bind("<<NotebookTabChanged>>", self._shown, add="+")
+
+    def _shown(self, event: Any) -> None:
+        if self.app.notebook.select() == str(self.frame):
+            self.refresh()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def db_path(self) -> str | None:
+        name = self.app.store.data["settings"]["usage_db"]
+        return os.path.join(os.path.dirname(os.path.abspath(self.app.store.path)), name) \
+            if name else None
+
+    def refresh(self) -> None:
+        self.fill_prices()
+        path, now = self.db_path(), time.time()
+        span = int(self.range.get().split()[0])
+        first = utc_day(now) - span + 1
+        reports: dict[str, list[dict]] = {by: [] for by in (*self.trees, "day")}
+        spend: dict[int, dict[str, float]] = {}
+        self.error = None if path else "usage history is off (settings.usage_db is empty)"
+        if path:
+            try:
+                conn = open_usage_db(path)
+                try:
+                    for by in reports:
+                        reports[by] = usage_report(conn, first, by)
+                    spend = token_spend(conn, now)
+                finally:
+                    conn.close()
+            except (ConfigError, sqlite3.Error) as exc:
+                self.error = str(exc)
+        by_day = {r["day"]: r for r in reports["day"]}
+        self.days = [by_day.get(day_text(d)) or {"day": day_text(d), "cost": 0.0,
+                                                 "input_tokens": 0, "output_tokens": 0}
+                     for d in range(first, utc_day(now) + 1)]
+        for by, tree in self.trees.items():
+            tree.delete(*tree.get_children())
+            for r in reports[by]:
+                tree.insert("", "end", values=(r[by] or "-", *self.sums(r)))
+        total = usage_totals(reports["model"])
+        self.summary.configure(text=self.error or (
+            f"{total['requests']} requests, {total['input_tokens']}/{total['output_tokens']} "
+            f"tokens, cache hit {total['cache_hit_rate'] * 100:.1f}%, "
+            f"{'~' if total['cost_estimated'] else ''}${total['cost']:.4f}"))
+        self.fill_limits(spend)
+        self.draw_chart()
+
+    @staticmethod
+    def sums(r: dict) -> tuple:
+        return (r["requests"], f"{r['input_tokens']}/{r['output_tokens']}",
+                f"{r['cache_hit_rate'] * 100:.1f}%",
+                ("~" if r["cost_estimated"] else "") + f"{r['cost']:.4f}")
+
+    def fill_limits(self, spend: dict[int, dict[str, float]]) -> None:
+        self.limits.delete(*self.limits.get_children())
+        for t in self.app.store.data["tokens"]:
+            used = spend.get(t["id"]) or dict.fromkeys(LIMIT_KINDS, 0)
+            kinds = [k for k in LIMIT_KINDS if t["limits"].get(k)] or [None]
+            for kind in kinds:
+                if kind is None:
+                    row = ("(none)", f"{int(used['requests_per_day'])} today", "-")
+                elif kind.startswith("cost"):
+                    row = (kind, f"${used[kind]:.4f}", f"${t['limits'][kind]:g}")
+                else:
+                    row = (kind, str(int(used[kind])), str(t["limits"][kind]))
+                self.limits.insert("", "end", values=(t["name"], *row,
+                                                      t["expires_at"] or "never"))
+
+    def fill_prices(self) -> None:
+        self.prices.delete(*self.prices.get_children())
+        user = self.app.store.data.get("prices") or {}
+        rows = [(p, e, "yours") for p, e in sorted(user.items())] + [
+            (p, e, f"built-in {BUILTIN_PRICES_DATE}") for p, e in BUILTIN_PRICES.items()
+            if p not in user]
+        for pattern, entry, source in rows:
+            self.prices.insert("", "end", iid=f"{source[0]}:{pattern}", values=(
+                pattern, *(f"{entry[k]:g}" if k in entry else "-" for k in PRICE_FIELDS),
+                source))
+
+    def draw_chart(self) -> None:
+        """Cost per day as bars, tokens per day as a line, over the chosen range."""
+        c, colors = self.chart, self.app.colors
+        c.delete("all")
+        width, height = max(c.winfo_width(), 100), max(c.winfo_height(), 60)
+        days = self.days
+        if not days:
+            return
+        top_cost = max(d["cost"] for d in days)
+        top_tokens = max(d["input_tokens"] + d["output_tokens"] for d in days)
+        step = width / len(days)
+        base = height - 16
+        c.create_line(0, base, width, base, fill=colors["border"])
+        points = []
+        for i, d in enumerate(days):
+            if d["cost"]:
+                h = (base - 22) * d["cost"] / top_cost
+                c.create_rectangle(i * step + 1, base - h, (i + 1) * step - 1, base,
+                                   fill=colors["accent"], outline="", tags=("cost",))
+            if top_tokens:
+                tokens = d["input_tokens"] + d["output_tokens"]
+                points += [i * step + step / 2, base - (base - 22) * tokens / top_tokens]
+        if len(points) >= 4:
+            c.create_line(*points, fill=colors["muted"], width=2, tags=("tokens",))
+        c.create_text(6, 4, anchor="nw", fill=colors["muted"], font=("TkDefaultFont", 8),
+                      tags=("caption",),
+                      text=f"cost per day (bars, peak ${top_cost:.4f}) and tokens per day "
+                           f"(line, peak {top_tokens}), {days[0]['day']} to {days[-1]['day']}"
+                      if top_cost or top_tokens else "no usage in this range")
+
+    # -- the price table -------------------------------------------------------------------------
+
+    def _selected_price(self) -> tuple[str, dict] | None:
+        sel = self.prices.selection()
+        if not sel:
+            return None
+        pattern = sel[0].partition(":")[2]
+        user = self.app.store.data.get("prices") or {}
+        return pattern, user.get(pattern) or BUILTIN_PRICES.get(pattern, {})
+
+    def add_price(self) -> Any:
+        dialog = PriceDialog(self.app)
+        dialog.top.bind("<Destroy>", lambda e: self.fill_prices(), add="+")
+        return dialog
+
+    def edit_price(self) -> Any:
+        chosen = self._selected_price()
+        if chosen is None:
+            return None
+        dialog = PriceDialog(self.app, *chosen)
+        dialog.top.bind("<Destroy>", lambda e: self.fill_prices(), add="+")
+        return dialog
+
+    def remove_price(self) -> None:
+        chosen = self._selected_price()
+        user = self.app.store.data.get("prices") or {}
+        if chosen is None or chosen[0] not in user:
+            self.app.dashboard.log("only your own prices can be removed (built-in ones can "
+                                   "be overridden by a row of yours)")
+            return
+        if self.app.save(lambda: self.app.store.update_prices({}, [chosen[0]]),
+                         f"price for {chosen[0]} removed"):
+            self.fill_prices()
+
+    def import_file(self, path: str | None = None) -> None:
+        if path is None:
+            from tkinter import filedialog
+            path = filedialog.askopenfilename(parent=self.app.root, title="Import prices",
+                                              filetypes=[("JSON", "*.json"), ("All", "*")])
+            if not path:
+                return
+        self.app.save(lambda: self.app.dashboard.log(
+            f"imported {import_prices(self.app.store, path)} prices from {path}"),
+            "prices imported")
+        self.fill_prices()
+
+
 class App:
     """The window. ``pump()`` drains the bridge's queue; tests call it instead of mainloop."""
 
@@ -11045,9 +12006,10 @@ class App:
         self.tokens = TokensTab(self, self.notebook)
         self.settings = SettingsTab(self, self.notebook)
         self.logs = LogsTab(self, self.notebook)
+        self.usage = UsageTab(self, self.notebook)
         for tab, title in ((self.dashboard, "Dashboard"), (self.channels, "Channels"),
-                           (self.tokens, "Tokens"), (self.settings, "Settings"),
-                           (self.logs, "Logs")):
+                           (self.tokens, "Tokens"), (self.usage, "Usage"),
+                           (self.settings, "Settings"), (self.logs, "Logs")):
             self.notebook.add(tab.frame, text=title)
         self._tasks: dict[int, Callable[[bool, Any], None]] = {}
         self._task_ids = itertools.count(1)
@@ -11268,6 +12230,16 @@ def _mapping(text: str) -> dict[str, str]:
     return out
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a JSON object")
+    return value
+
+
 def _field_value(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
@@ -11287,6 +12259,8 @@ management commands (they edit the configuration file; a running aigateway picks
   tokens list [--json]              tokens create --name N [--models a,b]
   tokens edit ID|NAME [options]     tokens enable|disable|remove ID|NAME
   config check                      presets [--json]
+  usage [--since 7d|30d|YYYY-MM-DD] [--by model|channel|token|day] [--format table|csv|json]
+  prices import FILE|URL            (a models.dev-style api.json)
 Run "aigateway COMMAND --help" (e.g. "channels add --help") for a command's options."""
 
 
@@ -11345,6 +12319,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     help_text = "list the channel presets (known services: type, base URL, quirks)"
     commands.add_parser("presets", help=help_text, description=help_text).add_argument(
         "--json", action="store_true", help="print JSON")
+    use = commands.add_parser("usage", parents=[common], help="what the requests cost, from "
+                              "the usage history", description="Sums from the usage history "
+                              "(settings.usage_db); costs marked ~ are estimated.")
+    use.add_argument("--since", default="7d", metavar="7d|30d|YYYY-MM-DD",
+                     help="the first UTC day (default 7d: today and the 6 days before)")
+    use.add_argument("--by", default="model", choices=tuple(USAGE_GROUPS))
+    use.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    pri = group("prices", "the price table used for costs")
+    command(pri, "import", "add or replace prices from a models.dev-style JSON file or URL "
+            "(such as https://models.dev/api.json, fetched through settings.proxy)").add_argument(
+        "file", metavar="FILE|URL")
     return p
 
 
@@ -11383,6 +12368,10 @@ def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--channels", type=_name_list, metavar="a,b",
                    help="channel names or ids it may use; empty string = all")
     p.add_argument("--rpm", type=int, metavar="N", help="requests per minute (0 = no limit)")
+    p.add_argument("--limits", type=_json_object, metavar="JSON",
+                   help='e.g. \'{"requests_per_day": 500, "cost_per_month": 10}\' '
+                        "(requests_per_day, tokens_per_day, cost_per_day, cost_per_month, tpm)")
+    p.add_argument("--expires-at", metavar="DATE", help='ISO date or date-time, UTC; "" = never')
 
 
 _CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
@@ -11390,7 +12379,7 @@ _CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key",
                                            "max_concurrency", "enabled",
                                            "preset")}                     # option: field
 _TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
-                "rpm": "rpm"}
+                "rpm": "rpm", "limits": "limits", "expires_at": "expires_at"}
 _SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
 
 
@@ -11461,6 +12450,15 @@ def run_command(args: argparse.Namespace, path: str) -> int:
         return check_config(path)
     if args.command == "presets":
         return list_presets(args.json)
+    if args.command in ("usage", "prices"):
+        try:
+            store, _ = ConfigStore.load(path)
+            return (usage_command if args.command == "usage" else prices_command)(args, store)
+        except (ConfigError, _CommandFailed) as exc:
+            print(f"aigateway: {exc}", file=sys.stderr)
+        except OSError as exc:
+            print(f"aigateway: {exc.filename or path}: {exc.strerror}", file=sys.stderr)
+        return 2
     creating = args.action in ("add", "create")
     try:
         store, new_key = ConfigStore.load(path, create=creating)
@@ -11548,6 +12546,75 @@ def list_presets(as_json: bool) -> int:
         notes += [p["notes"]] if p.get("notes") else []
         rows.append((name, p["type"], p["base_url"], "; ".join(n for n in notes if n) or "-"))
     print(_table(rows, ("PRESET", "TYPE", "BASE URL", "NOTES")))
+    return 0
+
+
+def usage_command(args: argparse.Namespace, store: ConfigStore) -> int:
+    """`aigateway usage`: the usage report as a table, CSV or JSON on stdout."""
+    name = store.data["settings"]["usage_db"]
+    if not name:
+        raise _CommandFailed(f"usage history is off in {store.path} (settings.usage_db is "
+                             f"empty); set it to a file name such as \"usage.db\"")
+    try:
+        first = parse_since(args.since, time.time())
+    except ValueError as exc:
+        raise _CommandFailed(str(exc)) from None
+    conn = open_usage_db(os.path.join(os.path.dirname(os.path.abspath(store.path)), name))
+    try:
+        rows = usage_report(conn, first, args.by)
+    finally:
+        conn.close()
+    total = usage_totals(rows)
+    if args.format == "json":
+        print(json.dumps({"since": day_text(first), "by": args.by, "rows": rows,
+                          "totals": total}, indent=2, ensure_ascii=False))
+        return 0
+    fields = (args.by,) + tuple(k for k in rows[0] if k != args.by) if rows else \
+        (args.by, *_SUMS[:-2], "cost", "cost_estimated", "cache_hit_rate")
+    if args.format == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(fields)
+        out.writerows([[r[f] for f in fields] for r in rows])
+        return 0
+
+    def line(key: Any, r: dict) -> tuple:
+        return (key if key not in (None, "") else "-", r["requests"], r["errors"],
+                r["input_tokens"], r["output_tokens"], r["cache_read_tokens"],
+                r["cache_write_tokens"], r["reasoning_tokens"],
+                f"{r['cache_hit_rate'] * 100:.1f}%",
+                ("~" if r["cost_estimated"] else "") + f"{r['cost']:.4f}")
+    print(f"usage since {day_text(first)} (UTC) by {args.by}; ~ = estimated")
+    print(_table([line(r[args.by], r) for r in rows] + [line("TOTAL", total)],
+                 (args.by.upper(), "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHE READ",
+                  "CACHE WRITE", "REASONING", "CACHE HIT", "COST $")))
+    return 0
+
+
+def fetch_prices_file(url: str, proxy: str) -> bytes:
+    """GET a prices file through the gateway's upstream client (and the global proxy)."""
+    async def get() -> bytes:
+        client = UpstreamClient(max_response=PRICES_IMPORT_MAX_BYTES)
+        try:
+            up = await client.request("GET", url, [("Accept", "application/json"),
+                                                   ("Accept-Encoding", "gzip, deflate")],
+                                      proxy=proxy, timeout=DEFAULT_CHANNEL_TIMEOUT)
+            body = await up.read()
+            if up.status != 200:
+                raise ConfigError(f"{url} answered {up.status}")
+            return body
+        except GatewayError as exc:
+            raise ConfigError(f"cannot fetch {url}: {exc.message}") from None
+        finally:
+            client.close()
+    return asyncio.run(get())
+
+
+def prices_command(args: argparse.Namespace, store: ConfigStore) -> int:
+    raw = None
+    if args.file.startswith(("http://", "https://")):
+        raw = fetch_prices_file(args.file, store.data["settings"]["proxy"])
+    count = import_prices(store, args.file, raw)
+    print(f"imported {count} prices into {store.path}")
     return 0
 
 

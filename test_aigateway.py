@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import ssl
 import stat
 import struct
@@ -2150,6 +2151,8 @@ def test_10_preset_is_kept_in_the_file_as_written(tmp_path):
     store.add_token(name="second")
     saved = json.loads(path.read_text())["channels"][0]
     assert saved["preset"] == "deepseek" and saved["base_url"] == "https://api.deepseek.com/v1"
+
+
 # -- issue 13: affinity, weights, aliases, overrides and debug capture settings ----------------
 
 @pytest.mark.parametrize("config,needle", [
@@ -2215,6 +2218,57 @@ def test_10_config_problems_names_every_routing_problem():
     assert [p.split(": ")[1] for p in problems] == [
         "settings.aliases", "settings.debug_capture", "channels[0].weight",
         "channels[0].overrides[0]"]
+
+
+# Issue 13: usage settings, prices and a token's limits and expiry
+_TOK = {"name": "t", "key": "sk-gw-0123456789"}
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"settings": {"usage_retention_days": 0}},
+     "settings.usage_retention_days: 0 is below 1; keep 400 days or so"),
+    ({"settings": {"usage_db": None}}, "settings.usage_db"),
+    ({"prices": {"gpt-*": {"input": -1}}},
+     "prices.gpt-*.input: -1 is not a price; write US dollars per million tokens"),
+    ({"prices": {"gpt-*": {"inptu": 1}}}, "prices.gpt-*: 'inptu' is not a price; use input, "
+     "output, cache_read, cache_write"),
+    ({"prices": []}, "prices: is not an object"),
+    ({"tokens": [dict(_TOK, limits={"requests_per_hour": 5})]},
+     "tokens[0].limits: 'requests_per_hour' is not a limit; use only requests_per_day, "
+     "tokens_per_day, cost_per_day, cost_per_month, tpm"),
+    ({"tokens": [dict(_TOK, limits={"tpm": 2.5})]},
+     "tokens[0].limits.tpm: 2.5 is not a whole number of 0 or more; use 0 for no limit"),
+    ({"tokens": [dict(_TOK, limits={"cost_per_day": "5"})]},
+     'tokens[0].limits.cost_per_day: "5" is not a number of 0 or more; write US dollars'),
+    ({"tokens": [dict(_TOK, expires_at="next year")]},
+     "tokens[0].expires_at: 'next year' is not an ISO date; write a UTC date such as"),
+])
+def test_10_usage_prices_and_limits_validated(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ag.ConfigError, match=re.escape(needle)):
+        ag.ConfigStore.load(str(path))
+    path.write_text(json.dumps({"tokens": [dict(_TOK, limits={"cost_per_month": 2.5},
+                                                expires_at="2027-01-01T12:00:00Z")],
+                                "prices": {"m*": {"input": 1, "output": 2}}}))
+    cfg = ag.ConfigStore.load(str(path))[0].data
+    assert cfg["settings"]["usage_db"] == "usage.db"
+    assert cfg["settings"]["usage_retention_days"] == 400
+    tok = ag.Token(cfg["tokens"][0])
+    assert tok.limits == {"cost_per_month": 2.5}
+    assert tok.expires == ag.parse_utc("2027-01-01T12:00Z")
+
+
+def test_10_prices_most_specific_pattern_and_user_first():
+    book = ag.PriceBook({"gpt-4o*": {"input": 9, "output": 9}})
+    assert book.lookup("gpt-4o-mini") == {"input": 9, "output": 9}         # the user's wins
+    assert ag.PriceBook({}).lookup("gpt-4o-mini-2024-07-18")["input"] == 0.15
+    assert ag.PriceBook({}).lookup("gpt-4o")["input"] == 2.5
+    assert ag.PriceBook({}).lookup("anthropic/claude-opus-4-7")["cache_write"] == 6.25
+    assert ag.PriceBook({}).lookup("gemini-2.5-flash-lite")["output"] == 0.4
+    assert ag.PriceBook({}).lookup("my-local-llama") is None
+    usage = {"input": 1000, "output": 100, "cache_read": 600, "cache_write": 200, "reasoning": 0}
+    assert ag.usage_cost({"input": 1, "output": 2}, usage) == pytest.approx(1200 / 1e6)
 
 
 def test_10_json_syntax_error_names_the_line(tmp_path):
@@ -3687,6 +3741,274 @@ def test_11_debug_capture_off_by_default_and_bodies_bounded(gw, upstream, monkey
     assert "y" * 200 not in text and "(cut at 0 KiB of" in text
 
 
+# -- usage history, prices and per-token limits (issue 13) ---------------------------------------
+
+PRICE_ALL = {"*": {"input": 2, "output": 10, "cache_read": 0.5, "cache_write": 4}}
+
+
+def _usage_gw(gw, channels, tokens=None, prices=PRICE_ALL, **settings):
+    g = gw(channels, settings, tokens)
+    g.store.update_prices(prices)
+    g.thread.apply_config()
+    return g
+
+
+def _db_rows(path, where="1"):
+    conn = ag.open_usage_db(str(path))
+    conn.row_factory = lambda cur, row: dict(zip([c[0] for c in cur.description], row))
+    try:
+        return conn.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_11_usage_costs_from_reported_usage_in_every_dialect(gw, upstream, tmp_path):
+    oa = upstream([Reply(body=json.dumps({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-x",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+                  "prompt_tokens_details": {"cached_tokens": 400},
+                  "completion_tokens_details": {"reasoning_tokens": 50}}}).encode())])
+    msg = anthropic_message()
+    msg["usage"] = {"input_tokens": 100, "output_tokens": 50, "cache_read_input_tokens": 800,
+                    "cache_creation_input_tokens": 100}
+    an = upstream([Reply(body=json.dumps(msg).encode())])
+    ge = upstream([Reply(body=json.dumps({
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]},
+                        "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 100,
+                          "cachedContentTokenCount": 500, "thoughtsTokenCount": 100,
+                          "totalTokenCount": 1200}}).encode())])
+    re_ = upstream([Reply(body=json.dumps({
+        "id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+        "model": "resp-x", "output": [{"type": "message", "id": "m1", "role": "assistant",
+                                       "status": "completed", "content": [
+                                           {"type": "output_text", "text": "ok",
+                                            "annotations": []}]}],
+        "usage": {"input_tokens": 1000, "output_tokens": 300, "total_tokens": 1300,
+                  "input_tokens_details": {"cached_tokens": 200},
+                  "output_tokens_details": {"reasoning_tokens": 100}}}).encode())])
+    g = _usage_gw(gw, [chan(oa, name="oa", models=["gpt-x"]),
+                       chan(an, name="an", type="anthropic", models=["claude-x"]),
+                       chan(ge, name="ge", type="gemini", models=["gem-x"]),
+                       chan(re_, name="re", models=["resp-x"], responses_api=True)])
+    g.openai().chat.completions.create(model="gpt-x", messages=[{"role": "user",
+                                                                 "content": "hi"}])
+    g.anthropic().messages.create(model="claude-x", max_tokens=10,
+                                  messages=[{"role": "user", "content": "hi"}])
+    # An OpenAI client on the Anthropic channel: converted, the cache tokens carried over.
+    r = g.openai().chat.completions.create(model="claude-x", messages=[{"role": "user",
+                                                                        "content": "hi"}])
+    assert r.usage.prompt_tokens_details.cached_tokens == 800
+    status, _, _ = g.request("POST", "/v1beta/models/gem-x:generateContent",
+                             {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert status == 200
+    g.openai().responses.create(model="resp-x", input="hi")
+    recs = g.records(5)
+    got = [(r["route"], r["channel"], r["input_tokens"], r["output_tokens"],
+            r["cache_read_tokens"], r["cache_write_tokens"], r["reasoning_tokens"],
+            round(r["cost"] * 1e6, 3), r["cost_estimated"]) for r in recs]
+    assert got == [
+        ("/v1/chat/completions", "oa", 1000, 200, 400, 0, 50, 3400.0, False),
+        ("/v1/messages", "an", 1000, 50, 800, 100, 0, 1500.0, False),
+        ("/v1/chat/completions", "an", 1000, 50, 800, 100, 0, 1500.0, False),
+        ("/v1beta/models/{model}:generateContent", "ge", 1000, 200, 500, 0, 100, 3250.0, False),
+        ("/v1/responses", "re", 1000, 300, 200, 0, 100, 4700.0, False)]
+    g.stop()                                     # the writer writes what is queued, then stops
+    rows = _db_rows(tmp_path / "usage.db")
+    assert [(r["dialect"], r["model"], r["channel"], r["token"], r["status"],
+             r["cache_read_tokens"], round(r["cost"] * 1e6, 3)) for r in rows] == [
+        ("openai", "gpt-x", "oa", "main", 200, 400, 3400.0),
+        ("anthropic", "claude-x", "an", "main", 200, 800, 1500.0),
+        ("openai", "claude-x", "an", "main", 200, 800, 1500.0),
+        ("gemini", "gem-x", "ge", "main", 200, 500, 3250.0),
+        ("responses", "resp-x", "re", "main", 200, 200, 4700.0)]
+    assert all(r["latency_ms"] is not None and r["key_index"] == 0 for r in rows)
+
+
+def test_11_usage_streams_and_estimates(gw, upstream, tmp_path):
+    up = upstream([openai_stream_reply(usage=(30, 6)),
+                   Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                          "model": "m", "choices": [{
+                                              "index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant",
+                                                          "content": "x" * 400}}]}).encode())])
+    g = _usage_gw(gw, [chan(up, models=["m"], model_mapping={"m": "m-up"})])
+    with g.openai().chat.completions.create(model="m", stream=True, messages=[
+            {"role": "user", "content": "hi"}]) as s:
+        list(s)
+    g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    status, _, _ = g.request("POST", "/v1/messages/count_tokens", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200                           # counted, but free: no usage row
+    first, second, counted = g.records(3)
+    assert counted["route"] == "/v1/messages/count_tokens" and "cost" not in counted
+    assert (first["stream"], first["input_tokens"], first["output_tokens"],
+            round(first["cost"] * 1e6, 3), first["cost_estimated"]) == (True, 30, 6, 120.0,
+                                                                        False)
+    # No usage reported: about a token per 4 bytes each way, and marked estimated.
+    assert second["input_tokens"] is None and second["cost_estimated"] is True
+    expect = (second["bytes_in"] // 4 * 2 + second["bytes_out"] // 4 * 10) / 1e6
+    assert second["cost"] == pytest.approx(expect)
+    g.stop()
+    rows = _db_rows(tmp_path / "usage.db")
+    assert [(r["stream"], r["upstream_model"], r["cost_estimated"]) for r in rows] == [
+        (1, "m-up", 0), (0, "m-up", 1)]
+
+
+class _Clock:
+    def __init__(self, iso="2026-12-01T23:00:00Z"):
+        self.now = ag.parse_utc(iso)
+
+    def __call__(self):
+        return self.now
+
+
+def _limited_gw(gw, up, limits, clock, **tok):
+    g = _usage_gw(gw, [chan(up, models=["m"], type=tok.pop("type", "openai"))],
+                  tokens=[dict({"name": "kid", "key": TOKEN, "limits": limits}, **tok)])
+    g.gateway.usage.clock = g.gateway.wall_clock = clock
+    return g
+
+
+def _chat(g, path="/v1/chat/completions", body=None, headers=None):
+    status, hdrs, data = g.request("POST", path, body or {
+        "model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        headers=headers)
+    return status, hdrs, json.loads(data)
+
+
+def test_11_limit_requests_per_day_in_each_dialect_and_after_a_restart(gw, upstream, tmp_path):
+    up = upstream()
+    clock = _Clock()
+    g = _limited_gw(gw, up, {"requests_per_day": 2}, clock)
+    assert _chat(g)[0] == 200 and _chat(g)[0] == 200
+    status, hdrs, body = _chat(g)
+    assert status == 429 and hdrs["retry-after"] == "3600"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["message"] == (
+        "gateway token 'kid' reached its requests_per_day limit: 2 of 2 used today (UTC); it "
+        "resets at 2026-12-02T00:00:00Z (in 3600 s)")
+    status, _, body = _chat(g, "/v1/messages", headers={"anthropic-version": "2023-06-01"},
+                            body={"model": "m", "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 429 and body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error" and "2 of 2" in body["error"]["message"]
+    status, _, body = _chat(g, "/v1beta/models/m:generateContent",
+                            body={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert status == 429 and body["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert len(up.requests) == 2                         # refused before routing
+    assert g.request("GET", "/v1/models")[0] == 200       # listing spends nothing
+    g.stop()
+    # A new gateway on the same database: the count came back from it.
+    g2 = _limited_gw(gw, up, {"requests_per_day": 2}, clock)
+    g2.gateway.usage.close()                   # seeded at the real "now": again at the clock's
+    g2.gateway.usage = ag.UsageStore(str(tmp_path / "usage.db"), prices={},
+                                     retention_days=400, clock=clock)
+    status, _, body = _chat(g2)
+    assert status == 429 and "2 of 2 used today" in body["error"]["message"]
+    clock.now += 3600                                    # the next UTC day
+    assert _chat(g2)[0] == 200
+
+
+def test_11_limit_tokens_cost_and_tpm(gw, upstream):
+    up = upstream([openai_chat_reply(usage=(600, 400))])  # 1000 tokens, $0.0012 + $0.004
+    clock = _Clock("2026-12-31T12:00:00Z")
+    g = _limited_gw(gw, up, {"tokens_per_day": 1500}, clock)
+    assert _chat(g)[0] == 200 and _chat(g)[0] == 200
+    status, hdrs, body = _chat(g)
+    assert status == 429 and hdrs["retry-after"] == str(12 * 3600)
+    assert "tokens_per_day limit: 2000 of 1500 used today" in body["error"]["message"]
+    g.stop()
+    g = _limited_gw(gw, up, {"cost_per_month": 0.01}, clock)
+    clock.now += 86400 * 31                              # a month on: the counts started over
+    assert [_chat(g)[0] for _ in range(2)] == [200, 200]
+    status, hdrs, body = _chat(g)
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+    assert body["error"]["message"] == (
+        "gateway token 'kid' reached its cost_per_month limit: $0.0104 of $0.01 used this "
+        "month (UTC); it resets at 2027-02-01T00:00:00Z (in 43200 s)")
+    g.stop()
+    g = _limited_gw(gw, up, {"cost_per_day": 0.004}, clock)
+    assert _chat(g)[0] == 200
+    status, _, body = _chat(g)
+    assert status == 429 and "cost_per_day limit: $0.0052 of $0.004" in body["error"]["message"]
+    g.stop()
+    g = _limited_gw(gw, up, {"tpm": 1500}, clock)
+    clock.now += 1000
+    assert _chat(g)[0] == 200
+    clock.now += 10
+    assert _chat(g)[0] == 200
+    status, hdrs, body = _chat(g)
+    assert status == 429 and hdrs["retry-after"] == "50"      # when the first one ages out
+    assert "tpm limit: 2000 of 1500 used in the last minute" in body["error"]["message"]
+    clock.now += 50
+    assert _chat(g)[0] == 200
+
+
+def test_11_expired_token_is_401_in_the_clients_dialect(gw, upstream):
+    up = upstream()
+    g = _limited_gw(gw, up, {}, _Clock(), expires_at="2026-12-01")
+    status, _, body = _chat(g)
+    assert status == 401 and body["error"]["code"] == "token_expired"
+    assert body["error"]["message"] == ("gateway token 'kid' expired at 2026-12-01T00:00:00Z; "
+                                        "ask for a new one or move its expires_at")
+    status, _, body = _chat(g, "/v1/messages", headers={"anthropic-version": "2023-06-01"})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert not up.requests
+
+
+def _write_usage(path, rows, clock):
+    """Rows through the real store: (model, channel, token id, token, input, output, cache
+    read, status, day offset)."""
+    store = ag.UsageStore(str(path), prices=PRICE_ALL, retention_days=400, clock=clock)
+    base = clock.now
+    for model, channel, tid, token, inp, out, read, status, days in rows:
+        clock.now = base - days * 86400
+        rec = {"time": clock.now, "token": token, "dialect": "openai",
+               "route": "/v1/chat/completions", "model": model, "channel": channel,
+               "status": status, "error": None if status < 400 else "x", "failures": [],
+               "stream": False, "latency_ms": 10.0, "ttfb_ms": 5.0, "bytes_in": 10,
+               "bytes_out": 10, "input_tokens": inp, "output_tokens": out,
+               "cache_read_tokens": read, "cache_write_tokens": 0, "reasoning_tokens": 0}
+        store.record(rec, tid, None)
+    clock.now = base
+    store.close()
+
+
+USAGE_SAMPLE = [("gpt-x", "oa", 1, "main", 1000, 100, 500, 200, 0),
+                ("gpt-x", "oa", 2, "kid", 1000, 100, 0, 200, 1),
+                ("claude-x", "an", 1, "main", 2000, 0, 1000, 200, 2),
+                ("claude-x", "an", 1, "main", 0, 0, 0, 500, 2),
+                ("old-x", "oa", 1, "main", 5, 5, 0, 200, 40)]
+
+
+def test_11_usage_endpoint(gw, tmp_path):
+    clock = _Clock()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    g = gw(tokens=[{"name": "main", "key": TOKEN}, {"name": "kid", "key": "sk-gw-kid-token"}])
+    g.gateway.wall_clock = clock
+    status, _, data = g.request("GET", "/usage?since=7d&by=model")
+    body = json.loads(data)
+    assert status == 200 and body["since"] == "2026-11-25" and body["by"] == "model"
+    # Token 'main' sees its own requests only: claude-x (2 requests, one failed), gpt-x (1).
+    assert [(r["model"], r["requests"], r["errors"], r["input_tokens"], r["cache_hit_rate"],
+             round(r["cost"] * 1e6)) for r in body["rows"]] == [
+        ("claude-x", 2, 1, 2000, 0.5, 2500), ("gpt-x", 1, 0, 1000, 0.5, 2250)]
+    assert body["totals"]["requests"] == 3 and body["totals"]["cache_hit_rate"] == 0.5
+    status, _, data = g.request("GET", "/usage?by=day",
+                                headers={"Authorization": "Bearer sk-gw-kid-token"})
+    assert [(r["day"], r["requests"]) for r in json.loads(data)["rows"]] == [("2026-11-30", 1)]
+    status, _, data = g.request("GET", "/usage?since=yesterday")
+    assert status == 400 and json.loads(data)["error"]["param"] == "since"
+    assert "write 7d, 30d or a date" in json.loads(data)["error"]["message"]
+    status, _, data = g.request("GET", "/usage?by=colour")
+    assert status == 400 and json.loads(data)["error"]["message"].startswith("by='colour'")
+    assert g.request("GET", "/usage", headers={"Authorization": None})[0] == 401
+    assert g.request("POST", "/usage", {})[0] == 405
+
+
 # =================================================================================================
 # 12. Server thread bridge
 # =================================================================================================
@@ -3909,6 +4231,62 @@ def test_14_headless_access_line_escapes_what_a_client_sent(tmp_path, upstream):
     assert not any(c in out + err for c in "\r\x1b\u2028")
 
 
+def _count_rows(path):
+    conn = sqlite3.connect(str(path), timeout=10)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    except sqlite3.OperationalError:           # the table is not made yet
+        return 0
+    finally:
+        conn.close()
+
+
+def test_14_usage_db_survives_kill_9_under_load(tmp_path, upstream):
+    up = upstream([openai_chat_reply(usage=(50, 5))])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"channels": [chan(up, name="one")],
+                               "tokens": [{"name": "main", "key": TOKEN}]}))
+    port = dead_port()
+    p = _cli("--headless", "--port", str(port), "--config", str(cfg))
+    stop = threading.Event()
+
+    def load():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        while not stop.is_set():
+            try:
+                conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m"}),
+                             {"Authorization": f"Bearer {TOKEN}", "Host": "localhost",
+                              "Content-Type": "application/json"})
+                conn.getresponse().read()
+            except OSError:
+                return
+    try:
+        _wait_health(port, p)
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+        for w in workers:
+            w.start()
+        served = 0
+        for line in p.stdout:                  # an access line follows each queued row
+            served += "/v1/chat/completions" in line
+            if served >= 300 and served % 20 == 0 and _count_rows(tmp_path / "usage.db"):
+                break                          # some batches are written, more are coming
+        p.send_signal(signal.SIGKILL)          # in the middle of the load
+        p.wait(timeout=10)
+    finally:
+        stop.set()
+        p.kill()
+        p.communicate(timeout=10)
+    conn = sqlite3.connect(str(tmp_path / "usage.db"))
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        rows, tokens = conn.execute("SELECT COUNT(*), SUM(input_tokens) FROM requests").fetchone()
+        assert rows > 0 and tokens == rows * 50
+        daily = conn.execute("SELECT SUM(requests) FROM daily").fetchone()[0]
+        assert daily == rows                 # the rollup was written in the same transactions
+    finally:
+        conn.close()
+
+
 def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text('{"channels": [{"type": "nope"}]}')
@@ -4095,6 +4473,101 @@ def _run(*args, stdin="", env=None):
     return rc, out.getvalue(), err.getvalue()
 
 
+# -- usage and prices subcommands (issue 13) ------------------------------------------------------
+
+def _usage_config(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"tokens": [{"name": "main", "key": TOKEN}]}))
+    clock = _Clock()
+    clock.now = time.time()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    return str(cfg)
+
+
+def test_14_usage_subcommand_in_each_format(tmp_path):
+    cfg = _usage_config(tmp_path)
+    rc, out, err = _run("usage", "--config", cfg, "--since", "7d", "--by", "model")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("usage since ") and lines[0].endswith("by model; ~ = estimated")
+    assert lines[1].split() == ["MODEL", "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHE",
+                                "READ", "CACHE", "WRITE", "REASONING", "CACHE", "HIT", "COST",
+                                "$"]
+    assert [ln.split() for ln in lines[2:]] == [
+        ["gpt-x", "2", "0", "2000", "200", "500", "0", "0", "25.0%", "0.0053"],
+        ["claude-x", "2", "1", "2000", "0", "1000", "0", "0", "50.0%", "0.0025"],
+        ["TOTAL", "4", "1", "4000", "200", "1500", "0", "0", "37.5%", "0.0077"]]
+    rc, out, _ = _run("usage", "--config", cfg, "--since", "90d", "--by", "token",
+                      "--format", "csv")
+    assert rc == 0 and out.splitlines() == [
+        "token,requests,errors,input_tokens,output_tokens,cache_read_tokens,"
+        "cache_write_tokens,reasoning_tokens,cost,cost_estimated,cache_hit_rate",
+        "main,4,1,3005,105,1500,0,0,0.00481,False,0.4992",
+        "kid,1,0,1000,100,0,0,0,0.003,False,0.0"]
+    rc, out, _ = _run("usage", "--config", cfg, "--by", "channel", "--format", "json")
+    body = json.loads(out)
+    assert rc == 0 and [(r["channel"], r["requests"]) for r in body["rows"]] == [
+        ("oa", 2), ("an", 2)]
+    assert body["totals"]["cost"] == 0.00775
+    rc, out, err = _run("usage", "--config", cfg, "--since", "last week")
+    assert rc == 2 and out == "" and "is not a period: write 7d, 30d" in err
+
+
+def test_14_tokens_limits_and_expiry_options(tmp_path):
+    cfg = str(tmp_path / "config.json")
+    rc, _, _ = _run("tokens", "create", "--config", cfg, "--name", "kid", "--limits",
+                    '{"requests_per_day": 50, "cost_per_month": 2.5}', "--expires-at",
+                    "2027-06-30")
+    assert rc == 0
+    tok = json.loads(open(cfg).read())["tokens"][1]
+    assert (tok["limits"], tok["expires_at"]) == (
+        {"requests_per_day": 50, "cost_per_month": 2.5}, "2027-06-30")
+    rc, _, err = _run("tokens", "edit", "kid", "--config", cfg, "--limits", '{"rpd": 1}')
+    assert rc == 2 and "'rpd' is not a limit; use only requests_per_day" in err
+    rc, _, err = _run("tokens", "edit", "kid", "--config", cfg, "--limits", "[1]")
+    assert rc == 2 and "'[1]' is not a JSON object" in err
+    rc, out, _ = _run("tokens", "edit", "kid", "--config", cfg, "--limits", "{}",
+                      "--expires-at", "")
+    tok = json.loads(open(cfg).read())["tokens"][1]
+    assert rc == 0 and (tok["limits"], tok["expires_at"]) == ({}, "")
+
+
+def test_14_prices_import_from_a_models_dev_file(tmp_path):
+    cfg = _usage_config(tmp_path)
+    src = tmp_path / "api.json"
+    src.write_text(json.dumps({
+        "openai": {"id": "openai", "models": {
+            "gpt-x": {"id": "gpt-x", "cost": {"input": 1.5, "output": 6, "cache_read": 0.1}},
+            "no-cost": {"id": "no-cost"}}},
+        "anthropic": {"id": "anthropic", "models": {
+            "claude-x": {"id": "claude-x", "cost": {"input": 3, "output": 15,
+                                                    "cache_read": 0.3, "cache_write": 3.75,
+                                                    "reasoning": 15}}}}}))
+    rc, out, err = _run("prices", "import", str(src), "--config", cfg)
+    assert (rc, err) == (0, "") and out == f"imported 2 prices into {cfg}\n"
+    prices = json.loads(open(cfg).read())["prices"]
+    assert prices == {"gpt-x": {"input": 1.5, "output": 6.0, "cache_read": 0.1},
+                      "claude-x": {"input": 3.0, "output": 15.0, "cache_read": 0.3,
+                                   "cache_write": 3.75}}
+    src.write_text('{"openai": {"models": {}}}')
+    rc, _, err = _run("prices", "import", str(src), "--config", cfg)
+    assert rc == 2 and "names no model with a cost" in err
+
+
+
+def test_14_prices_import_from_a_url(tmp_path, upstream):
+    cfg = _usage_config(tmp_path)
+    up = upstream([Reply(body=json.dumps({"models": {"m2": {"id": "m2", "cost": {
+        "input": 0.5, "output": 1}}}}).encode())])
+    rc, out, err = _run("prices", "import", f"{up.url}/api.json", "--config", cfg)
+    assert (rc, err) == (0, "") and out.startswith("imported 1 prices")
+    assert up.last()["path"] == "/api.json" and up.last()["method"] == "GET"
+    assert json.loads(open(cfg).read())["prices"] == {"m2": {"input": 0.5, "output": 1.0}}
+    up.replies = [Reply(404, b"{}")]
+    rc, _, err = _run("prices", "import", f"{up.url}/api.json", "--config", cfg)
+    assert rc == 2 and f"{up.url}/api.json answered 404" in err
+
+
 def test_14_channels_add_list_edit_remove(tmp_path):
     cfg = str(tmp_path / "config.json")
     rc, out, err = _run("channels", "add", "--config", cfg, "--name", "oa", "--type", "openai",
@@ -4205,7 +4678,7 @@ def test_14_tokens_create_list_disable_enable_remove(tmp_path, upstream):
     tok = json.loads(cfg.read_text())["tokens"][1]
     assert tok == {"name": "ci", "allowed_models": ["gpt-*", "claude-*"],
                    "allowed_channels": ["b", 1], "rpm": 30, "key": key, "id": 2,
-                   "enabled": True}
+                   "enabled": True, "limits": {}, "expires_at": ""}
     rc, table, _ = _run("--config", str(cfg), "tokens", "list")
     rc2, listed, _ = _run("--config", str(cfg), "tokens", "list", "--json")
     assert rc == rc2 == 0 and key not in table + listed and TOKEN not in table + listed
@@ -6235,8 +6708,8 @@ def test_13_without_xvfb_gui_tests_skip_with_a_reason_but_fail_in_ci(tmp_path, m
 def test_13_window_title_icon_and_tabs(app):
     a = app()
     assert "AI Gateway" in a.root.title()
-    assert [a.notebook.tab(i, "text") for i in range(5)] == [
-        "Dashboard", "Channels", "Tokens", "Settings", "Logs"]
+    assert [a.notebook.tab(i, "text") for i in range(6)] == [
+        "Dashboard", "Channels", "Tokens", "Usage", "Settings", "Logs"]
     assert a._icon.width() == 32
     assert a.dashboard.state.cget("text") == "● Stopped"
 
@@ -6687,6 +7160,60 @@ def test_13_settings_validation_warning_and_restart_on_port_change(app):
     assert saved["port"] == int(s.vars["port"].get()) and saved["theme"] == "dark"
     assert a.bridge.url != first and a.bridge.url.endswith(s.vars["port"].get())
     assert a.colors == ag.THEMES["dark"]
+
+
+# -- the Usage tab (issue 13) ---------------------------------------------------------------------
+
+def _rows(tree):
+    return [tuple(str(v) for v in tree.item(i, "values")) for i in tree.get_children()]
+
+
+def test_13_usage_tab_shows_the_history_limits_and_prices(app, tmp_path):
+    clock = _Clock()
+    clock.now = time.time()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    a = app()
+    a.store.update_token(1, limits={"requests_per_day": 10, "tokens_per_day": 5000})
+    a.usage.range.set("7 days")
+    a.notebook.select(a.usage.frame)              # opening the tab reads the database again
+    a.root.update()
+    u = a.usage
+    assert _rows(u.trees["model"]) == [("gpt-x", "2", "2000/200", "25.0%", "0.0053"),
+                                       ("claude-x", "2", "2000/0", "50.0%", "0.0025")]
+    assert _rows(u.trees["channel"])[0] == ("oa", "2", "2000/200", "25.0%", "0.0053")
+    assert [r[0] for r in _rows(u.trees["token"])] == ["main", "kid"]
+    assert u.summary.cget("text") == "4 requests, 4000/200 tokens, cache hit 37.5%, $0.0077"
+    caption = u.chart.itemcget(u.chart.find_withtag("caption")[0], "text")
+    assert caption.startswith("cost per day (bars, peak $0.0030) and tokens per day")
+    assert len(u.chart.find_withtag("cost")) == 3           # three days with a cost
+    assert _rows(u.limits) == [("main", "requests_per_day", "1", "10", "never"),
+                               ("main", "tokens_per_day", "1100", "5000", "never")]
+    a.usage.range.set("90 days")
+    a.usage.refresh()
+    assert len(u.days) == 90 and _rows(u.trees["model"])[-1][0] == "old-x"
+    # Prices: the built-in rows with their date, then one of ours added through the dialog.
+    prices = _rows(u.prices)
+    assert ("claude-opus-4-7*", "5", "25", "0.5", "6.25", "built-in 2026-12-01") in prices
+    dialog = u.add_price()
+    dialog.vars["pattern"].set("gpt-x")
+    dialog.vars["input"].set("abc")
+    dialog.save()
+    assert dialog.error.cget("text") == "input: 'abc' is not a number"
+    dialog.vars["input"].set("1.5")
+    dialog.vars["output"].set("6")
+    dialog.save()
+    a.root.update()
+    assert _rows(u.prices)[0] == ("gpt-x", "1.5", "6", "-", "-", "yours")
+    assert json.loads((tmp_path / "config.json").read_text())["prices"] == {
+        "gpt-x": {"input": 1.5, "output": 6.0}}
+    u.prices.selection_set("y:gpt-x")
+    u.remove_price()
+    assert _rows(u.prices)[0][5].startswith("built-in")
+    src = tmp_path / "api.json"
+    src.write_text(json.dumps({"x": {"models": {"m1": {"id": "m1", "cost": {"input": 1,
+                                                                            "output": 2}}}}}))
+    u.import_file(str(src))
+    assert _rows(u.prices)[0] == ("m1", "1", "2", "-", "-", "yours")
 
 
 def test_13_closing_the_window_stops_the_gateway_and_saves_its_size(app):
