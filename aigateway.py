@@ -9074,6 +9074,9 @@ def _utc_text(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+USAGE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning")   # new_usage's keys
+
+
 def note_usage(rec: dict, usage: dict | None) -> None:
     """Put an answer's token usage (keys USAGE_KEYS) on a request record."""
     if usage:
