@@ -9077,7 +9077,7 @@ def _utc_text(t: float) -> str:
 USAGE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning")   # new_usage's keys
 
 
-def note_usage(rec: dict, usage: dict | None) -> None:
+def note_usage(rec: Any, usage: dict | None) -> None:
     """Put an answer's token usage (keys USAGE_KEYS) on a request record."""
     if usage:
         for k in USAGE_KEYS:
@@ -9568,7 +9568,8 @@ class Gateway:
             resp.headers += self.access.cors_headers(req.headers)
             return resp
 
-    async def _usage_answer(self, req: Request, token: Token | None, rec: dict) -> Response:
+    async def _usage_answer(self, req: Request, token: Token | None,
+                            rec: Exchange) -> Response:
         """GET /usage?since=7d|YYYY-MM-DD&by=model|channel|token|day: the usage history as
         JSON; a gateway token sees its own requests only (all of them with auth off)."""
         by, since = req.params.get("by") or "model", req.params.get("since") or "30d"
@@ -9600,7 +9601,7 @@ class Gateway:
         rec["status"], rec["bytes_out"] = 200, len(body)
         self._finish(rec)
         return Response(200, [("Content-Type", "application/json")] +
-                        self._cors_headers(req.headers), body)
+                        self.access.cors_headers(req.headers), body)
 
     def _models(self, req: Request, dialect: str, token: Token | None, model_id: str) -> Response:
         names: list[str] = []
@@ -9638,7 +9639,7 @@ class Gateway:
         return self.limits.ready(self.router.order(self.channels, model, route, token), rec)
 
     def route_channels(self, model: str, route: Route, token: Token | None,
-                       rec: dict) -> list[Channel]:
+                       rec: Exchange) -> list[Channel]:
         """The channels to try for ``model``: an alias (settings.aliases) is served by its
         members that have channels, weighted in turn, each member's channels in the usual order,
         then the next member's as fallback; any other name by ``candidates``."""
