@@ -40,7 +40,7 @@ import sys
 
 # Start-up cache.  "python aigateway.py" makes CPython compile this whole file (a script's bytecode
 # is never cached), and it keeps the script's syntax tree (~25 MiB) alive until the script ends.
-# So on POSIX the run command stores the compiled module in a bytecode cache (the __pycache__ beside
+# So on POSIX the run command keeps the compiled module in a bytecode cache (the __pycache__ beside
 # the file, else $XDG_CACHE_HOME/aigateway) and replaces itself with a fresh interpreter that
 # imports the module from there and calls main().  The cache is keyed like any import cache (the
 # source's mtime and size); AIGATEWAY_NO_CACHE=1 turns it off; frozen builds never use it.
