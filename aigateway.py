@@ -105,8 +105,8 @@ def _start_from_bytecode_cache(code: object) -> None:
                                       "-c", _CACHED_START, src, prefix or "", *sys.argv[1:]])
 
 
-if __name__ == "__main__" and not getattr(sys, "frozen", False):
-    _start_from_bytecode_cache(sys._getframe().f_code)
+if __name__ == "__main__" and __spec__ is None and not getattr(sys, "frozen", False):
+    _start_from_bytecode_cache(sys._getframe().f_code)      # a script; -m imports from cache
 
 import argparse
 import asyncio

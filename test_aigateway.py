@@ -3122,14 +3122,17 @@ def test_14_run_command_from_a_read_only_directory(tmp_path):
         os.chmod(ro, 0o755)
 
 
-def test_14_frozen_builds_and_the_off_switch_skip_the_cache(tmp_path):
+def test_14_frozen_builds_python_m_and_the_off_switch_skip_the_cache(tmp_path):
     app = _app_copy(tmp_path)
     path = str(app / "aigateway.py")
     frozen = _run_app(app, tmp_path, cmd=[
         sys.executable, "-c", "import runpy, sys; sys.frozen = True; "
         f"sys.argv = [{path!r}, '--version']; runpy.run_path({path!r}, run_name='__main__')"])
     off = _run_app(app, tmp_path, "--version", AIGATEWAY_NO_CACHE="1")
-    for run in (frozen, off):
+    # "python -m aigateway" is an import (Python's own cache rules): no second interpreter
+    module = _run_app(app, tmp_path, cmd=[sys.executable, "-m", "aigateway", "--version"],
+                      PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(app))
+    for run in (frozen, off, module):
         assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
     assert _pycs(tmp_path) == []
 
