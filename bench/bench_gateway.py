@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: aigateway against a direct call and against the floor proxy, in the same run.
 
-    python bench/bench_gateway.py [--quick] [--seconds 3] [--rounds 3] [--long-seconds 30]
+    python bench/bench_gateway.py [--quick] [--no-hold] [--seconds 3] [--rounds 3]
+                                  [--long-streams 1000] [--long-seconds 30]
 
 Starts a fast fake upstream (asyncio, plain HTTP and TLS with a throw-away self-signed
 certificate), the gateway (headless, as documented: ``python aigateway.py``) and the floor
@@ -530,7 +531,8 @@ class Bench:
     def config(self, port: int, up: int, tls: int) -> str:
         cfg = os.path.join(self.tmp, f"config-{port}.json")
         with open(cfg, "w") as f:
-            json.dump({"settings": {"port": port},
+            json.dump({"settings": {"port": port,
+                                    "empty_answer_fallback": not self.args.no_hold},
                        "channels": [
                            {"name": "bench", "type": "openai", "models": ["bench-model"],
                             "base_url": f"http://127.0.0.1:{up}", "api_key": "sk-upstream"},
@@ -757,6 +759,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--long-streams", type=int, default=1000)
     ap.add_argument("--long-seconds", type=float, default=30.0)
+    ap.add_argument("--no-hold", action="store_true",
+                    help="empty_answer_fallback off: streams are not decoded to find content")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.long_streams, args.long_seconds = 1.0, 1, 100, 3.0
