@@ -55,6 +55,78 @@ keepalive, models_payload, count_payload, passthrough_decoders) plus its routes 
 
 from __future__ import annotations
 
+import sys
+
+# Start-up cache.  "python aigateway.py" makes CPython compile this whole file (a script's bytecode
+# is never cached), and it keeps the script's syntax tree (~25 MiB) alive until the script ends.
+# So on POSIX the run command keeps the compiled module in a bytecode cache (the __pycache__ beside
+# the file, else $XDG_CACHE_HOME/aigateway) and replaces itself with a fresh interpreter that
+# imports the module from there and calls main().  The cache is keyed like any import cache (the
+# source's mtime and size); AIGATEWAY_NO_CACHE=1 turns it off; frozen builds never use it.
+_CACHED_START = (
+    "import os, sys, importlib.util as u; p = sys.argv[1];"
+    " sys.pycache_prefix = sys.argv[2] or None; s = u.spec_from_file_location('aigateway', p);"
+    " c = s.loader.get_code('aigateway');"
+    " sys.pycache_prefix = None; m = u.module_from_spec(s); sys.modules['aigateway'] = m;"
+    " sys.argv = sys.argv[1:2] + sys.argv[3:]; sys.path[0] = os.path.dirname(p);"
+    " exec(c, m.__dict__); sys.exit(m.main())")
+
+
+def _start_from_bytecode_cache(code: object) -> None:
+    """Exec a fresh interpreter that runs this file from cached bytecode, writing the cache from
+    ``code`` (this script's own code object, so nothing is compiled twice) when it is missing or
+    stale.  Returns only when no cache can be read or written: the plain run then goes on."""
+    import importlib.util
+    import marshal
+    import os
+    if os.name != "posix" or os.environ.get("AIGATEWAY_NO_CACHE") or not sys.executable:
+        return
+    src = os.path.abspath(__file__)
+    try:
+        st = os.stat(src)
+    except OSError:
+        return
+    stamp = (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+    head = importlib.util.MAGIC_NUMBER + bytes(4) + b"".join(n.to_bytes(4, "little")
+                                                            for n in stamp)
+    user = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "aigateway")
+    saved = sys.pycache_prefix
+    for prefix, writable in ((saved, not sys.dont_write_bytecode), (user, True)):
+        try:
+            sys.pycache_prefix = prefix
+            path = importlib.util.cache_from_source(src)
+        finally:
+            sys.pycache_prefix = saved
+        try:
+            with open(path, "rb") as f:
+                fresh = f.read(16) == head
+        except OSError:
+            fresh = False
+        if not fresh and writable:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(tmp, "wb") as f:
+                    f.write(head + marshal.dumps(code))
+                os.replace(tmp, path)
+                fresh = True
+            except OSError:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        if fresh:
+            import subprocess
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *subprocess._args_from_interpreter_flags(),
+                                      "-c", _CACHED_START, src, prefix or "", *sys.argv[1:]])
+
+
+if __name__ == "__main__" and __spec__ is None and not getattr(sys, "frozen", False):
+    _start_from_bytecode_cache(sys._getframe().f_code)      # a script; -m imports from cache
+
 import argparse
 import asyncio
 import base64
@@ -81,7 +153,6 @@ import socket
 import sqlite3
 import ssl
 import struct
-import sys
 import threading
 import time
 import urllib.parse

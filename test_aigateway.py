@@ -4817,6 +4817,93 @@ def test_14_old_app_config_starts_and_behaves_as_it_says(tmp_path, upstream):
     assert json.loads(cfg.read_text())["settings"]["enable_cors"] is True  # file not rewritten
 
 
+
+# -- start-up cache: "python aigateway.py" runs the module from cached bytecode ------------------
+
+def _app_copy(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(os.path.join(HERE, "aigateway.py"), app / "aigateway.py")
+    return app
+
+
+def _run_app(app, tmp_path, *args, cmd=None, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", "AIGATEWAY_NO_CACHE", "PYTHONPYCACHEPREFIX")}
+    env.update({"XDG_CACHE_HOME": str(tmp_path / "xdg"), **extra})
+    return subprocess.run(cmd or [sys.executable, str(app / "aigateway.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def _pycs(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.pyc"))
+
+
+def test_14_run_command_starts_from_the_cache_and_recompiles_an_edited_file(tmp_path):
+    app = _app_copy(tmp_path)
+    first = _run_app(app, tmp_path, "--version")
+    assert (first.returncode, first.stdout) == (0, f"aigateway {ag.__version__}\n"), first.stderr
+    pyc = app / "__pycache__" / f"aigateway.{sys.implementation.cache_tag}.pyc"
+    assert _pycs(app) == [str(pyc.relative_to(app))] and _pycs(tmp_path / "app") == _pycs(app)
+    assert not (tmp_path / "xdg").exists()
+    # a second start runs what the cache holds: swap in code that says so, same header
+    import marshal
+    head = pyc.read_bytes()[:16]
+    pyc.write_bytes(head + marshal.dumps(compile(
+        "print('from the cache'); main = int", "x", "exec")))
+    second = _run_app(app, tmp_path, "--version")
+    assert (second.returncode, second.stdout) == (0, "from the cache\n"), second.stderr
+    # an edited file (new size) is compiled again and the cache rewritten
+    with open(app / "aigateway.py", "a") as f:
+        f.write("\n# edited\n")
+    third = _run_app(app, tmp_path, "--version")
+    assert (third.returncode, third.stdout) == (0, f"aigateway {ag.__version__}\n"), third.stderr
+    size = (app / "aigateway.py").stat().st_size
+    assert pyc.read_bytes()[12:16] == size.to_bytes(4, "little")
+
+
+def test_14_run_command_caches_in_the_user_dir_without_bytecode_writing(tmp_path):
+    app = _app_copy(tmp_path)
+    run = _run_app(app, tmp_path, "--version", PYTHONDONTWRITEBYTECODE="1")
+    assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
+    assert _pycs(app) == []
+    cached = _pycs(tmp_path / "xdg")
+    assert len(cached) == 1 and cached[0].startswith("aigateway" + str(app))
+
+
+def test_14_run_command_from_a_read_only_directory(tmp_path):
+    app = _app_copy(tmp_path)
+    ro = tmp_path / "ro"
+    app.rename(ro)
+    os.chmod(ro, 0o555)
+    try:
+        # the __pycache__ beside it cannot be made (refused here even for root: a file is in
+        # the way), so the cache goes to the user dir
+        run = _run_app(ro, tmp_path, "--version", PYTHONPYCACHEPREFIX=str(ro / "aigateway.py"))
+        assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
+        assert _pycs(ro) == [] and len(_pycs(tmp_path / "xdg")) == 1
+        # nowhere to write at all: the plain run still works
+        run = _run_app(ro, tmp_path, "--version", PYTHONPYCACHEPREFIX=str(ro / "aigateway.py"),
+                       XDG_CACHE_HOME=str(ro / "aigateway.py"))
+        assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_14_frozen_builds_python_m_and_the_off_switch_skip_the_cache(tmp_path):
+    app = _app_copy(tmp_path)
+    path = str(app / "aigateway.py")
+    frozen = _run_app(app, tmp_path, cmd=[
+        sys.executable, "-c", "import runpy, sys; sys.frozen = True; "
+        f"sys.argv = [{path!r}, '--version']; runpy.run_path({path!r}, run_name='__main__')"])
+    off = _run_app(app, tmp_path, "--version", AIGATEWAY_NO_CACHE="1")
+    # "python -m aigateway" is an import (Python's own cache rules): no second interpreter
+    module = _run_app(app, tmp_path, cmd=[sys.executable, "-m", "aigateway", "--version"],
+                      PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(app))
+    for run in (frozen, off, module):
+        assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
+    assert _pycs(tmp_path) == []
+
 def test_10_example_config_is_valid():
     with open(os.path.join(HERE, "config.example.json")) as f:
         cfg = ag.validate_config(json.load(f), "config.example.json")

@@ -1,30 +1,45 @@
 #!/usr/bin/env python3
-"""Benchmark: aigateway against a direct call to the same upstream, in the same run.
+"""Benchmark: aigateway against a direct call and against the floor proxy, in the same run.
 
-    python bench/bench_gateway.py [--seconds 5] [--concurrency 16]
+    python bench/bench_gateway.py [--quick] [--no-hold] [--seconds 3] [--rounds 3]
+                                  [--long-streams 1000] [--long-seconds 30]
 
-Starts a fast fake upstream (asyncio, one process), the gateway (headless, pinned to one core
-where the OS allows it) and drives load from a separate process. Prints req/s, p50/p99 latency
-and gateway CPU per request for the gateway and for the direct path, the gateway's idle RSS and
-start-up time, and the gateway CPU for passing through a 200-chunk SSE stream. Figures are
-printed as ratios against the direct call; nothing here asserts a time.
+Starts a fast fake upstream (asyncio, plain HTTP and TLS with a throw-away self-signed
+certificate), the gateway (headless, as documented: ``python aigateway.py``) and the floor
+(``bench/floor_proxy.py``, a minimal stdlib asyncio reverse proxy), and drives load from separate
+processes. The gateway and the floor are pinned to core 0, the upstream and the load to the
+others (where the OS allows it); all traffic is on 127.0.0.1. Each throughput figure is the
+median of the rounds. It prints every target of issue 15 next to its figure, as ratios to the
+floor and to the direct call; nothing here asserts a time. ``--quick`` is a smoke run (one short
+round, 100 long streams for 3 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import os
+import re
+import resource
+import shutil
 import socket
+import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GATEWAY = os.path.join(os.path.dirname(HERE), "aigateway.py")
+FLOOR = os.path.join(HERE, "floor_proxy.py")
 TOKEN = "sk-gw-bench-token-0123456789"
+MIB = 1024 * 1024
+DELAY_BUCKET_US = 100           # per-event delay histogram resolution
+DELAY_BUCKETS = 20_000          # up to 2 s; later events count in the last bucket
 
 COMPLETION = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
@@ -33,20 +48,107 @@ COMPLETION = json.dumps({
         "role": "assistant", "refusal": None,
         "content": "The quick brown fox jumps over the lazy dog. " * 6}}],
     "usage": {"prompt_tokens": 21, "completion_tokens": 60, "total_tokens": 81}}).encode()
-STREAM_EVENTS = [b"data: " + json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
-    "model": "bench-model", "choices": [{"index": 0, "delta": {"content": f"tok{i} "},
-                                         "finish_reason": None}]}).encode() + b"\n\n"
-    for i in range(199)] + [b"data: [DONE]\n\n"]
-STREAM_BURST = b"".join(b"%x\r\n%s\r\n" % (len(ev), ev) for ev in STREAM_EVENTS) + b"0\r\n\r\n"
+
+
+def sse(obj: dict, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def openai_chunk(i: int, t: float | None = None) -> bytes:
+    body = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "bench-model", "choices": [{"index": 0, "delta": {"content": f"tok{i} "},
+                                                 "finish_reason": None}]}
+    if t is not None:
+        body["i"], body["t"] = i, t
+    return sse(body)
+
+
+OPENAI_EVENTS = [openai_chunk(i) for i in range(199)] + [b"data: [DONE]\n\n"]
+ANTHROPIC_EVENTS = [
+    sse({"type": "message_start", "message": {
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-bench",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 21, "output_tokens": 1}}}, "message_start"),
+    sse({"type": "content_block_start", "index": 0,
+         "content_block": {"type": "text", "text": ""}}, "content_block_start"),
+    *[sse({"type": "content_block_delta", "index": 0,
+           "delta": {"type": "text_delta", "text": f"tok{i} "}}, "content_block_delta")
+      for i in range(196)],
+    sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+    sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": 196}}, "message_delta"),
+    sse({"type": "message_stop"}, "message_stop")]
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def burst(events: list[bytes]) -> bytes:
+    return b"".join(chunk(ev) for ev in events) + b"0\r\n\r\n"
+
+
+OPENAI_BURST, ANTHROPIC_BURST = burst(OPENAI_EVENTS), burst(ANTHROPIC_EVENTS)
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
 
 
 # -- fake upstream ----------------------------------------------------------------------------
 
+class Ticker:
+    """One timer per pace drives every paced stream of that pace (1,000 streams cost one
+    wake-up per tick, not 1,000), so the upstream is never the bottleneck."""
+    tickers: dict[float, "Ticker"] = {}
+
+    def __init__(self, pace: float):
+        self.pace, self.streams = pace, set()
+        asyncio.ensure_future(self.run())
+
+    @classmethod
+    def add(cls, pace: float, stream: "PacedStream") -> None:
+        ticker = cls.tickers.get(pace)
+        if ticker is None:
+            ticker = cls.tickers[pace] = Ticker(pace)
+        ticker.streams.add(stream)
+
+    async def run(self):
+        due = time.perf_counter()
+        while self.streams:
+            due += self.pace
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            for stream in list(self.streams):
+                if not stream.step():
+                    self.streams.discard(stream)
+        del Ticker.tickers[self.pace]
+
+
+class PacedStream:
+    def __init__(self, transport, events: int):
+        self.t, self.i, self.n = transport, 0, events
+
+    def step(self) -> bool:
+        if self.t.is_closing():
+            return False
+        if self.i < self.n:
+            self.t.write(chunk(openai_chunk(self.i, time.perf_counter())))
+            self.i += 1
+            return True
+        self.t.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        return False
+
+
 class UpstreamProtocol(asyncio.Protocol):
+    tls_connections = 0
+
+    def __init__(self, tls: bool = False):
+        self.tls = tls
+
     def connection_made(self, transport):
         self.t = transport
         self.buf = b""
+        if self.tls:
+            UpstreamProtocol.tls_connections += 1
 
     def data_received(self, data):
         self.buf += data
@@ -56,46 +158,53 @@ class UpstreamProtocol(asyncio.Protocol):
                 return
             head = self.buf[:end].lower()
             i = head.find(b"content-length:")
-            n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0
-                         else len(head)]) if i >= 0 else 0
+            j = head.find(b"\r\n", i)
+            n = int(head[i + 15:j if j > 0 else len(head)]) if i >= 0 else 0
             if len(self.buf) < end + 4 + n:
                 return
             body = self.buf[end + 4:end + 4 + n]
             self.buf = self.buf[end + 4 + n:]
-            if b'"stream":true' in body:
-                asyncio.ensure_future(self.stream(paced=b'"paced":true' in body))
-            else:
-                self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(COMPLETION), COMPLETION))
+            self.answer(head, body)
 
-    async def stream(self, paced: bool):
-        """200 events, each its own chunk: all in one write (burst) or 1 ms apart (paced, as a
-        model streams: every event is then a separate read and write for the gateway)."""
-        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
-        if not paced:
-            self.t.write(head + STREAM_BURST)
-            return
-        self.t.write(head)
-        for ev in STREAM_EVENTS:
-            self.t.write(b"%x\r\n%s\r\n" % (len(ev), ev))
-            await asyncio.sleep(0.001)
-        self.t.write(b"0\r\n\r\n")
+    def answer(self, head: bytes, body: bytes) -> None:
+        if head.startswith(b"get /stats"):
+            out = json.dumps({"tls_connections": UpstreamProtocol.tls_connections}).encode()
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(out), out))
+            self.t.close()
+        elif b'"stream":true' not in body:
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(COMPLETION), COMPLETION))
+        elif b'"pace_ms"' not in body:
+            anthropic = head.startswith(b"post /v1/messages")
+            self.t.write(STREAM_HEAD + (ANTHROPIC_BURST if anthropic else OPENAI_BURST))
+        else:
+            req = json.loads(body)
+            self.t.write(STREAM_HEAD)
+            Ticker.add(req["pace_ms"] / 1000, PacedStream(self.t, req["events"]))
 
 
-def run_upstream(port: int) -> None:
+def run_upstream(port: int, tls_port: int, cert: str, key: str) -> None:
     async def main():
-        server = await asyncio.get_running_loop().create_server(UpstreamProtocol, "127.0.0.1",
-                                                                port)
-        await server.serve_forever()
+        loop = asyncio.get_running_loop()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        plain = await loop.create_server(UpstreamProtocol, "127.0.0.1", port, backlog=2048)
+        tls = await loop.create_server(lambda: UpstreamProtocol(tls=True), "127.0.0.1",
+                                       tls_port, ssl=ctx, backlog=2048)
+        async with plain, tls:
+            await asyncio.gather(plain.serve_forever(), tls.serve_forever())
     asyncio.run(main())
 
 
 # -- load generator ----------------------------------------------------------------------------
 
 class ClientProtocol(asyncio.Protocol):
-    def __init__(self, request: bytes, deadline: float, latencies: list, done: asyncio.Future):
-        self.request, self.deadline, self.lat, self.done = request, deadline, latencies, done
+    """Sends the same request again and again on one keep-alive connection until the deadline;
+    records each latency and, for streams, the time to the first event."""
+
+    def __init__(self, request: bytes, deadline: float, stats: dict, done: asyncio.Future):
+        self.request, self.deadline, self.stats, self.done = request, deadline, stats, done
         self.buf = b""
 
     def connection_made(self, transport):
@@ -104,11 +213,14 @@ class ClientProtocol(asyncio.Protocol):
 
     def send(self):
         self.t0 = time.perf_counter()
+        self.first = None
         self.buf = b""
         self.t.write(self.request)
 
     def data_received(self, data):
         self.buf += data
+        if self.first is None and b"data:" in data:
+            self.first = time.perf_counter()
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             return
@@ -123,11 +235,14 @@ class ClientProtocol(asyncio.Protocol):
             if len(self.buf) < end + 4 + n:
                 return
         if not self.buf.startswith(b"HTTP/1.1 200"):
-            self.done.set_exception(RuntimeError(self.buf[:300].decode("latin-1")))
+            if not self.done.done():
+                self.done.set_exception(RuntimeError(self.buf[:300].decode("latin-1")))
             self.t.close()
             return
         now = time.perf_counter()
-        self.lat.append(now - self.t0)
+        self.stats["lat"].append(now - self.t0)
+        if self.first is not None:
+            self.stats["ttfb"].append(self.first - self.t0)
         if now < self.deadline:
             self.send()
         else:
@@ -140,27 +255,136 @@ class ClientProtocol(asyncio.Protocol):
             self.done.set_result(None)
 
 
+def request_bytes(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"x-api-key: {TOKEN}\r\nanthropic-version: 2023-06-01\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
 def run_load(port: int, path: str, body: bytes, concurrency: int, seconds: float) -> dict:
-    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-               ).encode() + body
+    request = request_bytes(path, body)
 
     async def main():
         loop = asyncio.get_running_loop()
-        lat: list[float] = []
+        stats: dict[str, list[float]] = {"lat": [], "ttfb": []}
         deadline = time.perf_counter() + seconds
         futs = []
         t0 = time.perf_counter()
         for _ in range(concurrency):
             fut = loop.create_future()
-            await loop.create_connection(lambda f=fut: ClientProtocol(request, deadline, lat, f),
+            await loop.create_connection(lambda f=fut: ClientProtocol(request, deadline, stats, f),
                                          "127.0.0.1", port)
             futs.append(fut)
         await asyncio.gather(*futs)
         elapsed = time.perf_counter() - t0
-        lat.sort()
+        lat = sorted(stats["lat"])
         return {"requests": len(lat), "rps": len(lat) / elapsed,
-                "p50_ms": lat[len(lat) // 2] * 1000, "p99_ms": lat[int(len(lat) * 0.99)] * 1000}
+                "p50_ms": lat[len(lat) // 2] * 1000, "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
+                "ttfb_ms": statistics.median(stats["ttfb"]) * 1000 if stats["ttfb"] else None}
+    return asyncio.run(main())
+
+
+_EVENT = re.compile(rb'"i":(\d+),"t":([0-9.e+-]+)')
+
+
+class LongStream(asyncio.Protocol):
+    """One paced stream: de-chunks the body, checks that the events arrive complete and in order
+    (0, 1, 2, ... then [DONE]) and records each event's delay since the upstream wrote it."""
+
+    def __init__(self, events: int, hist: list[int], done: asyncio.Future, request: bytes):
+        self.events, self.hist, self.done, self.request = events, hist, done, request
+        self.raw = b""
+        self.body = b""
+        self.head_done = False
+        self.next = 0
+        self.exact = True
+        self.finished = False
+
+    def connection_made(self, transport):
+        self.t = transport
+        transport.write(self.request)
+
+    def data_received(self, data):
+        now = time.perf_counter()
+        self.raw += data
+        if not self.head_done:
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not self.raw.startswith(b"HTTP/1.1 200"):
+                self.exact = False
+            self.head_done, self.raw = True, self.raw[end + 4:]
+        while True:                                   # de-chunk what is complete
+            eol = self.raw.find(b"\r\n")
+            if eol < 0:
+                break
+            size = int(self.raw[:eol].split(b";")[0], 16)
+            if len(self.raw) < eol + 2 + size + 2:
+                break
+            self.body += self.raw[eol + 2:eol + 2 + size]
+            self.raw = self.raw[eol + 4 + size:]
+            if size == 0:
+                self.finished = True
+                break
+        while True:
+            end = self.body.find(b"\n\n")
+            if end < 0:
+                break
+            event, self.body = self.body[:end], self.body[end + 2:]
+            m = _EVENT.search(event)
+            if m is None:
+                if event.strip() == b"data: [DONE]" and self.next != self.events:
+                    self.exact = False
+                continue
+            if int(m.group(1)) != self.next:
+                self.exact = False
+            self.next += 1
+            us = int((now - float(m.group(2))) * 1e6) // DELAY_BUCKET_US
+            self.hist[min(max(us, 0), DELAY_BUCKETS - 1)] += 1
+        if self.finished:
+            self.t.close()
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(self.finished and self.exact and self.next == self.events)
+
+
+def percentile(hist: list[int], q: float) -> float:
+    """The q-quantile in ms of a delay histogram."""
+    total, seen = sum(hist), 0
+    for i, n in enumerate(hist):
+        seen += n
+        if total and seen >= q * total:
+            return (i + 0.5) * DELAY_BUCKET_US / 1000
+    return float("nan")
+
+
+def run_long(port: int, path: str, streams: int, events: int, pace_ms: int) -> dict:
+    body = json.dumps({"model": "bench-model", "stream": True, "pace_ms": pace_ms,
+                       "events": events, "messages": [{"role": "user", "content": "Long."}]},
+                      separators=(",", ":")).encode()
+    request = request_bytes(path, body)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        hist = [0] * DELAY_BUCKETS
+        futs, transports = [], []
+        t0 = time.perf_counter()
+        for _ in range(streams):
+            fut = loop.create_future()
+            tr, _ = await loop.create_connection(
+                lambda f=fut: LongStream(events, hist, f, request), "127.0.0.1", port)
+            futs.append(fut)
+            transports.append(tr)
+        # bounded: a stream still open a minute past its length counts as not exact
+        await asyncio.wait(futs, timeout=events * pace_ms / 1000 + 60)
+        elapsed = time.perf_counter() - t0
+        for tr in transports:
+            tr.abort()
+        ok = [f.done() and f.result() for f in futs]
+        return {"streams": streams, "exact": sum(ok), "p50_ms": percentile(hist, 0.5),
+                "p99_ms": percentile(hist, 0.99), "events": sum(hist), "seconds": elapsed}
     return asyncio.run(main())
 
 
@@ -188,9 +412,13 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def wait_health(port: int, timeout: float = 10.0) -> float:
+def wait_health(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> float:
+    """Seconds since now-ish until GET /health answers 200 (or, for the floor and the bare
+    interpreter, until the port accepts a connection)."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -198,144 +426,356 @@ def wait_health(port: int, timeout: float = 10.0) -> float:
                     return time.perf_counter()
         except OSError:
             time.sleep(0.002)
-    raise RuntimeError("gateway did not start")
-
-
-def load_in_subprocess(port: int, path: str, body: bytes, concurrency: int, seconds: float,
-                       cores: set[int] | None) -> dict:
-    code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import bench_gateway as b; "
-            f"print(json.dumps(b.run_load({port}, {path!r}, {body!r}, {concurrency}, "
-            f"{seconds})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         preexec_fn=pin(cores), check=True)
-    return json.loads(out.stdout)
+    raise RuntimeError(f"{proc.args} did not start")
 
 
 def pin(cores: set[int] | None):
-    if not cores or not hasattr(os, "sched_setaffinity"):
-        return None
-    return lambda: os.sched_setaffinity(0, cores)
+    def setup():
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)
+    return setup
 
 
-def converter_micro(rounds: int = 300) -> tuple[float, float]:
-    """Pure conversion CPU, in this process: an Anthropic request to OpenAI and the OpenAI
-    answer back; and a 200-chunk OpenAI stream decoded and re-encoded as Anthropic events."""
-    sys.path.insert(0, os.path.dirname(GATEWAY))
-    import aigateway as ag
-    req = {"model": "m", "max_tokens": 1024, "system": "Be brief.", "messages": [
-        {"role": "user", "content": "Say something about foxes."}]}
-    answer = json.loads(COMPLETION)
-    t0 = time.process_time()
-    for _ in range(rounds):
-        ir = ag.anthropic_request_to_ir(req)
-        ag.json_dumps(ag.ir_to_openai_request(ir, "m", stream=False))
-        ag.json_dumps(ag.ir_to_anthropic_response(ag.openai_response_to_ir(answer), "m"))
-    whole = (time.process_time() - t0) / rounds
-    raw = b"".join(STREAM_EVENTS)
-    t0 = time.process_time()
-    for _ in range(rounds // 10):
-        dec, enc = ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("m", 10)
-        for ev in STREAM_EVENTS:                      # one read per event, as when paced
-            enc.encode(dec.feed(ev))
-        enc.encode(dec.close())
-    stream = (time.process_time() - t0) / (rounds // 10)
-    del raw
-    return whole, stream
+def in_subprocess(func: str, args: tuple, cores: set[int] | None) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import bench_gateway as b; "
+            f"print(json.dumps(b.{func}(*{args!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         preexec_fn=pin(cores))
+    if out.returncode:
+        raise RuntimeError(f"{func}{args[:2]} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def upstream_stats(port: int) -> dict:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk_ := s.recv(65536):
+            data += chunk_
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def gateway_imports() -> str:
+    """The gateway's own top-level imports, as one line of code for the bare interpreter."""
+    with open(GATEWAY, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            names.append(node.module)
+    return "import " + ", ".join(dict.fromkeys(names))
+
+
+def make_cert(tmp: str) -> tuple[str, str]:
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class Sampler(threading.Thread):
+    """Samples a process's RSS every 100 ms until stopped; keeps the peak."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.1):
+            self.peak = max(self.peak, rss_mib(self.pid))
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        ncpu = os.cpu_count() or 1
+        self.ncpu = ncpu
+        self.gw_cores = {0} if ncpu > 1 else None
+        self.other = set(range(1, ncpu)) if ncpu > 1 else None
+        self.tmp = tempfile.mkdtemp(prefix="aigw-bench-")
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, argv: list[str], cores, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=pin(cores), env=env)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def start_measured(self, argv: list[str], port: int, env: dict | None = None,
+                       health: bool = True) -> tuple[subprocess.Popen, float, float]:
+        """Starts a server; returns it, its start-up time (to /health 200, or to the first
+        accepted connection) and its RSS once idle."""
+        t0 = time.perf_counter()
+        proc = self.spawn(argv, self.gw_cores, env)
+        if health:
+            t1 = wait_health(port, proc)
+        else:
+            t1 = wait_accept(port, proc)
+        time.sleep(0.5)
+        return proc, t1 - t0, rss_mib(proc.pid)
+
+    def config(self, port: int, up: int, tls: int) -> str:
+        cfg = os.path.join(self.tmp, f"config-{port}.json")
+        with open(cfg, "w") as f:
+            json.dump({"settings": {"port": port,
+                                    "empty_answer_fallback": not self.args.no_hold},
+                       "channels": [
+                           {"name": "bench", "type": "openai", "models": ["bench-model"],
+                            "base_url": f"http://127.0.0.1:{up}", "api_key": "sk-upstream"},
+                           {"name": "bench-anthropic", "type": "anthropic",
+                            "models": ["claude-bench"], "base_url": f"http://127.0.0.1:{up}",
+                            "api_key": "sk-ant-upstream"},
+                           {"name": "bench-tls", "type": "openai", "models": ["tls-model"],
+                            "base_url": f"https://127.0.0.1:{tls}", "api_key": "sk-upstream"}],
+                       "tokens": [{"name": "bench", "key": TOKEN}]}, f)
+        return cfg
+
+    def load(self, port: int, path: str, body: bytes, conc: int, pid: int) -> dict:
+        c0 = cpu_seconds(pid) if pid else 0.0
+        res = in_subprocess("run_load", (port, path, body, conc, self.args.seconds), self.other)
+        res["cpu_us"] = ((cpu_seconds(pid) - c0) / res["requests"] * 1e6) if pid else None
+        return res
+
+    def run(self) -> None:
+        a = self.args
+        self.load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        cert, key = make_cert(self.tmp)
+        up, up_tls = free_port(), free_port()
+        self.spawn([sys.executable, __file__, "--upstream", str(up), str(up_tls), cert, key],
+                   self.other)
+        env = dict(os.environ, SSL_CERT_FILE=cert, XDG_CACHE_HOME=os.path.join(self.tmp, "xdg"))
+        env.pop("AIGATEWAY_NO_CACHE", None)
+        fig: dict[str, float] = {}
+
+        # start-up and idle memory: gateway (cold cache, then warm), without the cache, floor,
+        # and a bare interpreter that makes the gateway's imports
+        gw_port = free_port()
+        gw_cmd = [sys.executable, GATEWAY, "--headless", "--quiet", "--config",
+                  self.config(gw_port, up, up_tls)]
+        proc, fig["start_cold"], _ = self.start_measured(gw_cmd, gw_port, env)
+        self.stop(proc)
+        starts, rsss = [], []
+        for _ in range(3):
+            proc, st, rss = self.start_measured(gw_cmd, gw_port, env)
+            starts.append(st)
+            rsss.append(rss)
+            self.stop(proc)
+        fig["start"], fig["idle_rss"] = statistics.median(starts), statistics.median(rsss)
+        proc, fig["start_nocache"], fig["idle_rss_nocache"] = self.start_measured(
+            gw_cmd, gw_port, dict(env, AIGATEWAY_NO_CACHE="1"))
+        self.stop(proc)
+        bare_port = free_port()
+        bare = (f"{gateway_imports()}; import socket as _s; l = _s.socket(); "
+                f"l.bind(('127.0.0.1', {bare_port})); l.listen(); import time; "
+                f"[l.accept()[0].close() for _ in range(1000)]")
+        proc, fig["start_bare"], fig["idle_rss_bare"] = self.start_measured(
+            [sys.executable, "-c", bare], bare_port, env, health=False)
+        self.stop(proc)
+        fl_port = free_port()
+        floor, fig["start_floor"], fig["idle_rss_floor"] = self.start_measured(
+            [sys.executable, FLOOR, str(fl_port), str(up)], fl_port, env, health=False)
+
+        gw, _, _ = self.start_measured(gw_cmd, gw_port, env)
+        targets = {"direct": (up, 0), "floor": (fl_port, floor.pid), "gateway": (gw_port, gw.pid)}
+        chat, msgs = "/v1/chat/completions", "/v1/messages"
+
+        def body(model: str, stream: bool, **extra) -> bytes:
+            return json.dumps({"model": model, "max_tokens": 1024, "stream": stream, **extra,
+                               "messages": [{"role": "user", "content": "Say something."}]},
+                              separators=(",", ":")).encode()
+        c = a.concurrency
+        phases = {
+            "nonstream": [(t, chat, body("bench-model", False), c) for t in targets],
+            "stream": [(t, chat, body("bench-model", True), c) for t in targets],
+            "conv_o2a": [("gateway", msgs, body("bench-model", True), c)],
+            "pass_anth": [("gateway", msgs, body("claude-bench", True), c)],
+            "conv_a2o": [("gateway", chat, body("claude-bench", True), c)],
+            "paced": [(t, chat, body("bench-model", True, pace_ms=2, events=500), 4)
+                      for t in targets],
+            "tls": [("gateway", chat, body("tls-model", False), c)],
+        }
+        rounds: dict[tuple[str, str], list[dict]] = {}
+        handshakes = []
+        for _ in range(a.rounds):
+            for phase, runs in phases.items():
+                for target, path, b, conc in runs:
+                    port, pid = targets[target]
+                    h0 = upstream_stats(up)["tls_connections"]
+                    res = self.load(port, path, b, conc, pid)
+                    if phase == "tls":
+                        hs = upstream_stats(up)["tls_connections"] - h0
+                        handshakes.append((hs, hs / res["requests"] * 1000))
+                    rounds.setdefault((phase, target), []).append(res)
+        med = {k: {m: statistics.median(r[m] for r in v) if v[0][m] is not None else None
+                   for m in v[0]} for k, v in rounds.items()}
+        # over all rounds: the pool's connections are made once, then reused
+        tls_requests = sum(r["requests"] for r in rounds[("tls", "gateway")])
+        fig["handshakes_total"] = sum(h for h, _ in handshakes)
+        fig["handshakes"] = fig["handshakes_total"] / tls_requests * 1000
+        fig["busy_rss"] = rss_mib(gw.pid)
+        self.stop(floor)
+
+        # many long streams: direct first (the baseline delay), then through the gateway
+        events = int(a.long_seconds * 1000 / 20)
+        long_direct = in_subprocess("run_long", (up, chat, a.long_streams, events, 20),
+                                    self.other)
+        before = rss_mib(gw.pid)
+        sampler = Sampler(gw.pid)
+        sampler.start()
+        c0 = cpu_seconds(gw.pid)
+        long_gw = in_subprocess("run_long", (gw_port, chat, a.long_streams, events, 20),
+                                self.other)
+        long_gw["cpu_share"] = (cpu_seconds(gw.pid) - c0) / long_gw["seconds"]
+        sampler.stop.set()
+        sampler.join()
+        self.stop(gw)
+        self.report(fig, med, long_direct, long_gw, before, sampler.peak, events)
+
+    def report(self, fig, med, long_direct, long_gw, before, peak, events) -> None:
+        a = self.args
+        print(f"aigateway benchmark  (python {sys.version.split()[0]}, {self.ncpu} cores, "
+              f"gateway and floor pinned to {'core 0' if self.gw_cores else 'any core'}, "
+              f"median of {a.rounds} round(s) of {a.seconds:g} s, {a.concurrency} clients)")
+        print(f"{'row':<44}{'direct':>10}{'floor':>10}{'gateway':>10}")
+
+        def row(label, key, metric, fmt="{:>10.0f}"):
+            cells = []
+            for t in ("direct", "floor", "gateway"):
+                v = med.get((key, t), {}).get(metric)
+                cells.append(fmt.format(v) if v is not None else f"{'':>10}")
+            print(f"{label:<44}{''.join(cells)}")
+        row("non-streaming req/s", "nonstream", "rps")
+        row("non-streaming p50 ms", "nonstream", "p50_ms", "{:>10.3f}")
+        row("non-streaming CPU us/req", "nonstream", "cpu_us")
+        row("200-event SSE passthrough streams/s", "stream", "rps")
+        row("200-event SSE passthrough CPU us/stream", "stream", "cpu_us")
+        row("paced 500 x 2 ms: time to first event ms", "paced", "ttfb_ms", "{:>10.3f}")
+        for key, label in (("conv_o2a", "converted OpenAI -> Anthropic"),
+                           ("pass_anth", "Anthropic passthrough"),
+                           ("conv_a2o", "converted Anthropic -> OpenAI"),
+                           ("tls", "non-streaming, TLS upstream")):
+            row(f"{label} /s", key, "rps")
+            row(f"{label} CPU us", key, "cpu_us")
+        g = lambda k, t="gateway": med[(k, t)]                          # noqa: E731
+        ld, lg = long_direct, long_gw
+        per_stream_kib = (peak - before) * 1024 / lg["streams"]
+        targets = [
+            ("1 idle RSS vs bare interpreter (MiB)", f"{fig['idle_rss']:.1f} vs "
+             f"{fig['idle_rss_bare']:.1f}", fig["idle_rss"] - fig["idle_rss_bare"], "<= +3",
+             fig["idle_rss"] - fig["idle_rss_bare"] <= 3),
+            ("1 start-up to first /health 200 (s)", f"{fig['start']:.3f}", fig["start"],
+             "<= 0.15", fig["start"] <= 0.15),
+            ("2 converted O->A stream CPU / passthrough", f"{g('conv_o2a')['cpu_us']:.0f} us",
+             g("conv_o2a")["cpu_us"] / g("stream")["cpu_us"], "<= 2.5x",
+             g("conv_o2a")["cpu_us"] / g("stream")["cpu_us"] <= 2.5),
+            ("2 converted A->O stream CPU / passthrough", f"{g('conv_a2o')['cpu_us']:.0f} us",
+             g("conv_a2o")["cpu_us"] / g("pass_anth")["cpu_us"], "<= 2.5x",
+             g("conv_a2o")["cpu_us"] / g("pass_anth")["cpu_us"] <= 2.5),
+            ("3 non-streaming CPU/req vs floor", f"{g('nonstream')['cpu_us']:.0f} us",
+             g("nonstream")["cpu_us"] / g("nonstream", "floor")["cpu_us"], "<= 3x",
+             g("nonstream")["cpu_us"] / g("nonstream", "floor")["cpu_us"] <= 3),
+            ("3 passthrough stream CPU vs floor", f"{g('stream')['cpu_us']:.0f} us",
+             g("stream")["cpu_us"] / g("stream", "floor")["cpu_us"], "<= 2x",
+             g("stream")["cpu_us"] / g("stream", "floor")["cpu_us"] <= 2),
+        ]
+        added_gw = g("paced")["ttfb_ms"] - g("paced", "direct")["ttfb_ms"]
+        added_fl = g("paced", "floor")["ttfb_ms"] - g("paced", "direct")["ttfb_ms"]
+        targets.append(("3 added first-byte time vs floor's", f"{added_gw:+.3f} ms vs "
+                        f"{added_fl:+.3f}", added_gw / added_fl if added_fl > 0 else
+                        float("nan"), "<= 2x", added_gw <= 2 * added_fl if added_fl > 0 else
+                        None))
+        targets += [
+            (f"4 long streams exact ({lg['streams']} x {events} events)",
+             f"{lg['exact']}/{lg['streams']}", lg["exact"] / lg["streams"], "all",
+             lg["exact"] == lg["streams"]),
+            ("4 events delivered; gateway CPU busy", f"{lg['events']}; "
+             f"{lg['cpu_share'] * 100:.0f}%", lg["events"] / (lg["streams"] * events),
+             f"{lg['streams'] * events}", lg["events"] == lg["streams"] * events),
+            ("4 direct: streams exact; events delivered", f"{ld['exact']}; {ld['events']}",
+             ld["events"] / (ld["streams"] * events), "(baseline)", None),
+            ("4 per-event delay p99 (ms; direct p99)", f"{lg['p99_ms']:.1f} "
+             f"({ld['p99_ms']:.1f})", lg["p99_ms"] - ld["p99_ms"], "<= 5 ms added",
+             lg["p99_ms"] - ld["p99_ms"] <= 5),
+            ("4 RSS at peak (MiB)", f"{peak:.1f}", peak, "<= 90", peak <= 90),
+            ("4 memory per concurrent stream (KiB)", f"{per_stream_kib:.1f}", per_stream_kib,
+             "(print)", True),
+            ("5 TLS handshakes per 1,000 requests (in all)",
+             f"{fig['handshakes']:.1f} ({fig['handshakes_total']:.0f})",
+             fig["handshakes"], "in all <= 32", fig["handshakes_total"] <= 32),
+            ("5 TLS CPU/req vs plain HTTP", f"{g('tls')['cpu_us']:.0f} us",
+             g("tls")["cpu_us"] / g("nonstream")["cpu_us"], "(print)", True),
+        ]
+        print()
+        print(f"{'target':<46}{'figure':>20}{'ratio':>9}  {'target':<15}met")
+        for label, figure, ratio, goal, met in targets:
+            verdict = "-" if met is None else "yes" if met else "NO"
+            print(f"{label:<46}{figure:>20}{ratio:>9.2f}  {goal:<15}{verdict}")
+        print()
+        if self.load_before is not None:
+            print(f"load average (1 min) at the start {self.load_before[0]:.1f}, at the end "
+                  f"{os.getloadavg()[0]:.1f}, on {self.ncpu} cores: other work on the machine "
+                  f"skews every figure")
+        print(f"start-up: cold cache {fig['start_cold']:.3f} s, warm {fig['start']:.3f} s, "
+              f"AIGATEWAY_NO_CACHE=1 {fig['start_nocache']:.3f} s, floor "
+              f"{fig['start_floor']:.3f} s, bare interpreter {fig['start_bare']:.3f} s")
+        print(f"idle RSS: gateway {fig['idle_rss']:.1f} MiB, AIGATEWAY_NO_CACHE=1 "
+              f"{fig['idle_rss_nocache']:.1f} MiB, floor {fig['idle_rss_floor']:.1f} MiB, "
+              f"bare interpreter {fig['idle_rss_bare']:.1f} MiB; after the load phases "
+              f"{fig['busy_rss']:.1f} MiB, before the long streams {before:.1f} MiB")
+
+
+def wait_accept(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return time.perf_counter()
+        except OSError:
+            time.sleep(0.002)
+    raise RuntimeError(f"{proc.args} did not start")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: short, one round")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per load phase")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--long-streams", type=int, default=1000)
+    ap.add_argument("--long-seconds", type=float, default=30.0)
+    ap.add_argument("--no-hold", action="store_true",
+                    help="empty_answer_fallback off: streams are not decoded to find content")
     args = ap.parse_args()
-    ncpu = os.cpu_count() or 1
-    gw_cores = {0} if ncpu > 1 else None
-    other = set(range(1, ncpu)) if ncpu > 1 else None
-
-    up_port, gw_port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)],
-                                preexec_fn=pin(other))
-    tmp = tempfile.mkdtemp()
-    cfg = os.path.join(tmp, "config.json")
-    with open(cfg, "w") as f:
-        json.dump({"settings": {"port": gw_port},
-                   "channels": [{"name": "bench", "type": "openai",
-                                 "base_url": f"http://127.0.0.1:{up_port}",
-                                 "api_key": "sk-upstream"}],
-                   "tokens": [{"name": "bench", "key": TOKEN}]}, f)
-    t0 = time.perf_counter()
-    gw = subprocess.Popen([sys.executable, GATEWAY, "--headless", "--quiet", "--config", cfg],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          preexec_fn=pin(gw_cores))
+    if args.quick:
+        args.seconds, args.rounds, args.long_streams, args.long_seconds = 1.0, 1, 100, 3.0
+    bench = Bench(args)
     try:
-        startup = wait_health(gw_port) - t0
-        time.sleep(0.5)
-        idle_rss = rss_mib(gw.pid)
-        body = json.dumps({"model": "bench-model", "messages": [
-            {"role": "user", "content": "Say something about foxes."}]},
-            separators=(",", ":")).encode()
-        path = "/v1/chat/completions"
-        results = {}
-        for label, conc in (("1 client", 1), (f"{args.concurrency} clients", args.concurrency)):
-            direct = load_in_subprocess(up_port, path, body, conc, args.seconds, other)
-            c0 = cpu_seconds(gw.pid)
-            via = load_in_subprocess(gw_port, path, body, conc, args.seconds, other)
-            cpu = (cpu_seconds(gw.pid) - c0) / via["requests"]
-            results[label] = (direct, via, cpu)
-        streams = {}
-        for label, paced in (("burst", False), ("paced 1 ms", True)):
-            sbody = json.dumps({"model": "bench-model", "stream": True, "paced": paced,
-                                "messages": [{"role": "user", "content": "Stream please."}]},
-                               separators=(",", ":")).encode()
-            sdirect = load_in_subprocess(up_port, path, sbody, 4, args.seconds, other)
-            c0 = cpu_seconds(gw.pid)
-            svia = load_in_subprocess(gw_port, path, sbody, 4, args.seconds, other)
-            streams[label] = (sdirect, svia, (cpu_seconds(gw.pid) - c0) / svia["requests"])
-        conv = {}
-        for label, stream in (("non-stream", False), ("200-chunk stream", True)):
-            abody = json.dumps({"model": "bench-model", "max_tokens": 1024, "stream": stream,
-                                "messages": [{"role": "user", "content": "Say something."}]},
-                               separators=(",", ":")).encode()
-            c0 = cpu_seconds(gw.pid)
-            via = load_in_subprocess(gw_port, "/v1/messages", abody, 4, args.seconds, other)
-            conv[label] = (via, (cpu_seconds(gw.pid) - c0) / via["requests"])
-        busy_rss = rss_mib(gw.pid)
+        bench.run()
     finally:
-        gw.terminate()
-        upstream.terminate()
-        gw.wait(10)
-        upstream.wait(10)
-
-    print(f"aigateway benchmark  (python {sys.version.split()[0]}, {ncpu} cores, gateway "
-          f"pinned to {'core 0' if gw_cores else 'any core'}, {args.seconds:g} s per phase)")
-    print(f"{'phase':<28}{'direct':>14}{'gateway':>14}{'ratio':>10}")
-    for label, (direct, via, cpu) in results.items():
-        print(f"{label + ' req/s':<28}{direct['rps']:>14.0f}{via['rps']:>14.0f}"
-              f"{via['rps'] / direct['rps']:>10.2f}")
-        print(f"{label + ' p50 ms':<28}{direct['p50_ms']:>14.3f}{via['p50_ms']:>14.3f}"
-              f"{via['p50_ms'] / direct['p50_ms']:>10.2f}")
-        print(f"{label + ' p99 ms':<28}{direct['p99_ms']:>14.3f}{via['p99_ms']:>14.3f}"
-              f"{via['p99_ms'] / direct['p99_ms']:>10.2f}")
-        print(f"{label + ' gateway CPU/req':<28}{'':>14}{cpu * 1e6:>12.0f}us")
-    one = results["1 client"]
-    print(f"{'added p50 at 1 client':<28}{'':>14}{(one[1]['p50_ms'] - one[0]['p50_ms']):>12.3f}ms")
-    for label, (sdirect, svia, scpu) in streams.items():
-        print(f"{'SSE ' + label + ' streams/s':<28}{sdirect['rps']:>14.1f}{svia['rps']:>14.1f}"
-              f"{svia['rps'] / sdirect['rps']:>10.2f}")
-        print(f"{'SSE ' + label + ' CPU/stream':<28}{'':>14}{scpu * 1e3:>12.3f}ms")
-    for label, (via, cpu) in conv.items():
-        print(f"{'Anthropic->OpenAI ' + label:<36}{via['rps']:>6.0f}/s CPU/req "
-              f"{cpu * 1e6:>8.0f}us")
-    micro = converter_micro()
-    print(f"{'converter only, non-stream':<36}{micro[0] * 1e6:>8.0f}us CPU per exchange")
-    print(f"{'converter only, 200-chunk stream':<36}{micro[1] * 1e3:>8.3f}ms CPU per stream")
-    print(f"{'start to first /health 200':<28}{'':>14}{startup:>13.3f}s")
-    print(f"{'idle RSS':<28}{'':>14}{idle_rss:>10.1f} MiB")
-    print(f"{'RSS after load':<28}{'':>14}{busy_rss:>10.1f} MiB")
+        for proc in bench.procs:
+            if proc.poll() is None:
+                bench.stop(proc)
+        shutil.rmtree(bench.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--upstream":
-        run_upstream(int(sys.argv[2]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--upstream":
+        run_upstream(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
         main()
