@@ -34,7 +34,7 @@ documented at 9.2). A client dialect is a DialectAdapter in DIALECTS; a channel 
 ProviderAdapter in PROVIDERS. The gateway (section 11) never compares a provider name: it asks
 the channel's adapter
     relays(dialect, responses_api)   whether a client's body goes through unchanged
-    auth_headers(key, incoming)      the key header(s) (Bearer, x-api-key, api-key, ...)
+    auth_headers(key, incoming, quirks)  the key header(s) (Bearer, x-api-key, api-key, ...)
     passthrough_url / chat_url / models_url / embeddings_url
     encode_chat(ir, model, ...)      IR -> the provider's chat body (tool names already fit
                                      tool_name_rule; max_tokens capped unless caps_in_encoder)
