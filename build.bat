@@ -6,7 +6,7 @@ setlocal
 python -m PyInstaller --onefile --windowed --name aigateway --clean --noconfirm ^
   --exclude-module unittest --exclude-module pydoc --exclude-module pydoc_data ^
   --exclude-module doctest --exclude-module pdb --exclude-module xmlrpc ^
-  --exclude-module lib2to3 --exclude-module sqlite3 --exclude-module multiprocessing ^
+  --exclude-module lib2to3 --exclude-module multiprocessing ^
   --exclude-module tkinter.tix --exclude-module decimal --exclude-module _decimal ^
   --exclude-module pickle --exclude-module _pickle --exclude-module bz2 --exclude-module lzma ^
   --exclude-module email --exclude-module xml ^
