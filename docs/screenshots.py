@@ -57,10 +57,11 @@ def main() -> None:
         json.dump({"settings": {"port": 3000, "window": "1100x720+0+0"}, "channels": [
             {"name": "openai", "type": "custom", "base_url": up, "api_key": "sk-demo-123456789",
              "models": ["gpt-4o", "gpt-4o-mini"], "priority": 0},
+            # Nothing leaves the machine: these two point at a closed loopback port.
             {"name": "anthropic", "type": "anthropic", "api_key": "sk-ant-demo-123456789",
-             "models": ["claude-*"], "priority": 0},
+             "base_url": "http://127.0.0.1:9", "models": ["claude-*"], "priority": 0},
             {"name": "gemini", "type": "gemini", "api_key": "AIza-demo-123456789",
-             "models": ["gemini-*"], "priority": 5},
+             "base_url": "http://127.0.0.1:9", "models": ["gemini-*"], "priority": 5},
             {"name": "local-ollama", "type": "ollama", "models": ["qwen3-coder:30b"],
              "priority": 10, "enabled": False}],
             "tokens": [{"name": "laptop", "key": "sk-gw-demo-laptop-0123456789"},
@@ -89,8 +90,9 @@ def main() -> None:
             pass
     pump(1.0)
     app.logs.tree.selection_set(app.logs.tree.get_children()[0])
-    for index, name in enumerate(("dashboard", "channels", "tokens", "settings", "logs")):
-        app.notebook.select(index)
+    titles = {app.notebook.tab(t, "text").lower(): t for t in app.notebook.tabs()}
+    for name in ("dashboard", "channels", "tokens", "usage", "settings", "logs"):
+        app.notebook.select(titles[name])
         pump(0.4)
         out = os.path.join(HERE, f"screenshot-{name}.png")
         subprocess.run(f"xwd -root -silent -display {display} | convert xwd:- -resize 75% "
