@@ -158,7 +158,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterable, Literal, Protocol, TypedDict
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -3112,6 +3112,123 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   signatures: {tool call id: Gemini thoughtSignature}   (Gemini decoders write, encoder reads)
 #   kept: {tool call id: [Claude thinking blocks]}        (Anthropic decoders write, encoder reads)
 #
+# The same IR as TypedDicts, to name in signatures (documentation only: the IR stays plain
+# dicts, nothing is checked at run time). A total=False type's keys may each be absent.
+
+
+class IRText(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+class IRImage(TypedDict, total=False):
+    type: Literal["image"]                   # with "url", or with "media_type" and "data"
+    url: str
+    media_type: str
+    data: str                                # base64
+
+
+class IRFile(TypedDict):
+    type: Literal["file"]
+    media_type: str
+    data: str                                # base64
+    filename: str
+
+
+class IRAudio(TypedDict):
+    type: Literal["audio"]
+    format: str
+    data: str                                # base64
+
+
+class IRReasoning(TypedDict):
+    type: Literal["reasoning"]
+    text: str
+    signature: str | None                    # only Anthropic's own
+    redacted: bool
+
+
+class IRToolCall(TypedDict):
+    type: Literal["tool_call"]
+    id: str
+    name: str
+    arguments: str                           # JSON text ("{}" when none)
+
+
+class IRToolResult(TypedDict):
+    type: Literal["tool_result"]
+    id: str
+    name: str | None
+    content: list[IRText | IRImage]
+    is_error: bool
+
+
+IRPart = IRText | IRImage | IRFile | IRAudio | IRReasoning | IRToolCall | IRToolResult
+
+
+class IRMessage(TypedDict):
+    role: Literal["user", "assistant", "tool"]
+    content: list[IRPart]
+
+
+class IRTool(TypedDict, total=False):
+    name: str                                # always there
+    description: str                         # always there
+    parameters: dict                         # JSON Schema; always there
+    custom: bool
+    tool_search: bool
+    namespace: str
+    local_name: str
+
+
+class IRReasoningAsk(TypedDict):
+    effort: str                              # one of EFFORTS
+    budget: int | None
+
+
+class _IRRequestKeys(TypedDict):
+    model: str
+    stream: bool
+    include_usage: bool
+    system: list[IRPart]
+    messages: list[IRMessage]
+    tools: list[IRTool]
+    tool_choice: None | str | dict           # "auto", "none", "required" or {"name": str}
+    parallel_tool_calls: bool | None
+    n: int
+    user: str | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    stop: list[str]
+    response_format: dict | None
+    reasoning: IRReasoningAsk | None
+
+
+class IRRequest(_IRRequestKeys, total=False):
+    gemini_sse: bool                         # only from Gemini clients
+
+
+class IRUsage(TypedDict):
+    input: int                               # the whole prompt, cached included
+    output: int                              # reasoning included
+    cache_read: int
+    cache_write: int
+    reasoning: int
+
+
+class IRResponse(TypedDict):
+    id: str
+    model: str
+    content: list[IRPart]                    # text, reasoning and tool_call parts
+    finish: Literal["stop", "length", "tool_calls", "content_filter"]
+    usage: IRUsage
+
+
 # The adapter interface. A client dialect is a DialectAdapter in DIALECTS, a channel type a
 # ProviderAdapter in PROVIDERS (both at the end of this section); the gateway (section 11) asks
 # them every provider question and compares no provider name itself.
@@ -3129,7 +3246,7 @@ class StreamEncoding(Protocol):
     """IR stream events -> a client dialect's stream bytes; ``usage`` is the last IR Usage
     seen (for the request log)."""
 
-    usage: dict | None
+    usage: IRUsage | None
 
     def encode(self, events: list[tuple]) -> bytes: ...
 
@@ -3141,13 +3258,13 @@ class DialectAdapter:
     keepalive = b": keepalive\n\n"           # sent on an idle stream
     model_in_path = False                     # the model is named in the URL, not the body
 
-    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> IRRequest:
         raise NotImplementedError
 
-    def response(self, resp: dict, model: str, ir: dict) -> dict:
+    def response(self, resp: IRResponse, model: str, ir: IRRequest) -> dict:
         raise NotImplementedError
 
-    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+    def stream_encoder(self, model: str, ir: IRRequest) -> StreamEncoding:
         raise NotImplementedError
 
     def error_payload(self, err: GatewayError) -> dict:
@@ -3165,13 +3282,13 @@ class DialectAdapter:
     def count_payload(self, count: int) -> dict:
         return {"input_tokens": count}
 
-    def usage(self, obj: Any) -> dict | None:
+    def usage(self, obj: Any) -> IRUsage | None:
         """The usage (IR form: input, output, cache_read, cache_write, reasoning) a whole
         answer or one stream event of this dialect reports, or None: how the gateway counts the
         tokens of an answer it passes through."""
         raise NotImplementedError
 
-    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+    def passthrough_decoders(self) -> tuple[Callable[[dict], IRResponse], Callable[[], Any]]:
         """(whole-answer decoder, stream decoder factory) that look into an answer passed
         through unchanged, for emptiness."""
         raise NotImplementedError
@@ -3233,7 +3350,7 @@ class ProviderAdapter:
     def embeddings_url(self, ch: Any, model: str) -> str:
         return self.join(ch.base_url, self.embeddings_path)
 
-    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+    def encode_chat(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
         """The chat request body, from an IR whose tool names already fit tool_name_rule."""
         raise NotImplementedError
 
@@ -3244,7 +3361,7 @@ class ProviderAdapter:
         return body
 
     def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+                 ) -> tuple[Callable[[dict], IRResponse], Callable[[], StreamDecoding]]:
         """(whole-answer decoder, stream decoder factory) to IR."""
         raise NotImplementedError
 
