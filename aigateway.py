@@ -9609,7 +9609,7 @@ class Job:
     foreign: bool                            # a chat body only the converter understands
     hold: bool                               # a blank answer is the channel's failure
     inlined: dict[str, dict]                 # by channel type: ir with image URLs fetched
-    ir: dict | None = None
+    ir: IRRequest | None = None              # the client's request in IR, once converted
     texts: list[str] | None = None           # what an embeddings request embeds
     dims: Any = None
 
@@ -9656,7 +9656,7 @@ class Relay:
             while True:
                 attempt = await self.build(job, base, self._take_key(job, base, keys_tried))
                 if attempt.answer == "local":
-                    return self._count_locally(job.ir or {}, job.rec, job.dialect)
+                    return self._count_locally(job)
                 try:
                     return await self.send(job, attempt)
                 except UpstreamError as exc:
@@ -9737,13 +9737,10 @@ class Relay:
             self.limits.health_of(ch).succeeded(up.status,
                                                 round((time.perf_counter() - t0) * 1000, 1))
             if at.answer == "passthrough":
-                return await self._answer(up, job.dialect, rec, job.req,
-                                          job.hold and job.route.kind in CHAT_KINDS)
+                return await self._answer(job, up)
             if at.answer == "embeddings":
-                return await self._answer_embeddings(up, ch, job.route, job.obj or {},
-                                                     job.texts or [], job.model, rec, job.req)
-            return await self._answer_converted(up, ch, job.dialect, job.ir or {}, job.model,
-                                                rec, job.req, job.hold)
+                return await self._answer_embeddings(job, up, ch)
+            return await self._answer_converted(job, up, ch)
         err_body = await up.read(MAX_ERROR_BODY)
         retry = [(n, v) for n, v in up.headers if n.lower() in ("retry-after", "retry-after-ms")]
         raise UpstreamError(up.status, upstream_error_message(err_body, up.status),
@@ -9857,9 +9854,10 @@ class Relay:
     def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
         return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
 
-    def _count_locally(self, ir: dict, rec: Exchange, dialect: str) -> Response:
+    def _count_locally(self, job: Job) -> Response:
         """Token counting for a model on a channel of another dialect: a local estimate, never
         an upstream call (Claude Code sends many of these)."""
+        ir, rec, dialect = job.ir, job.rec, job.dialect
         count = estimate_tokens(ir)
         rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
         self.finish(rec)
@@ -9868,8 +9866,11 @@ class Relay:
 
     # -- answers ---------------------------------------------------------------------------------
 
-    async def _answer(self, up: UpstreamResponse, dialect: str, rec: Exchange,
-                      req: Request, hold: bool = False) -> Response:
+    async def _answer(self, job: Job, up: UpstreamResponse) -> Response:
+        """The answer of a channel the request was passed through to, forwarded as it came
+        (a whole JSON answer checked and, holding, looked into for content first)."""
+        dialect, rec, req = job.dialect, job.rec, job.req
+        hold = job.hold and job.route.kind in CHAT_KINDS
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
         hdrs += self.access.cors_headers(req.headers)
         rec["status"] = up.status
@@ -9960,9 +9961,11 @@ class Relay:
             yield (b"\n\n" if pt.open else b"") + \
                 DIALECTS[dialect].stream_error(GatewayError(exc.status, rec["error"]))
 
-    async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
-                                model: str, rec: Exchange, req: Request,
-                                hold: bool = False) -> Response:
+    async def _answer_converted(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
+        """The answer of a channel in another dialect, converted through the IR to the
+        client's, whole or as a stream."""
+        dialect, ir, model, rec, req = job.dialect, job.ir, job.model, job.rec, job.req
+        hold = job.hold
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
                                                          upstream_tool_names(ir, ch.type),
@@ -10036,9 +10039,10 @@ class Relay:
             rec["bytes_out"] += len(out)
             yield out
 
-    async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
-                                 obj: dict, texts: list[str], model: str, rec: Exchange,
-                                 req: Request) -> Response:
+    async def _answer_embeddings(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
+        """Converted embeddings, in the shape of the client's route."""
+        route, obj, model, rec, req = job.route, job.obj or {}, job.model, job.rec, job.req
+        texts = job.texts or []
         answer = upstream_json(await self.read_converted(up, ch), ch.name)
         vectors, tokens = PROVIDERS[ch.type].embed_vectors(answer)
         tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
