@@ -8048,9 +8048,10 @@ def import_prices(store: ConfigStore, file: str, raw: bytes | None = None) -> in
 # =================================================================================================
 # 11. Gateway
 # =================================================================================================
-# Auth, routing (model -> channels), fallback over channels and keys, health and limits, relaying
-# (passed through or converted by the adapters of section 9, which it asks every provider
-# question), request records and events. Runs on the server loop.
+# Auth (Access), routing (Router: model -> channels), health and limits (Limits), relaying with
+# fallback over channels and keys (Relay: passed through or converted by the adapters of section
+# 9, which it asks every provider question), request records and events; the Gateway at the end
+# is the facade over them. Runs on the server loop.
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -9658,7 +9659,8 @@ class Relay:
                 if attempt.answer == "local":
                     return self._count_locally(job)
                 try:
-                    return await self.send(job, attempt)
+                    up = await self.send(job, attempt)
+                    return await self.answer(job, attempt, up)
                 except UpstreamError as exc:
                     failures.append((attempt.ch, exc))
                     if not self._failed(job, attempt, exc, keys_tried):
@@ -9708,10 +9710,11 @@ class Relay:
                                          (model, job.rec["upstream_model"]))
         return Attempt(base, ch, answer, method, url, hdrs, body)
 
-    async def send(self, job: Job, at: Attempt) -> Response:
-        """Send one try and answer the client from it; raises UpstreamError when the channel
-        failed in a way the next key or channel may not (401, 403, 408, 429, 5xx, a blank
-        answer), ContextOverflow when the prompt is too long for any channel."""
+    async def send(self, job: Job, at: Attempt) -> UpstreamResponse:
+        """Send one try, holding a concurrency slot of its channel; the upstream's answer when
+        the channel served (any status but the ones below). Raises UpstreamError when the
+        next key or channel may serve (401, 403, 408, 429, 5xx), ContextOverflow when the
+        prompt is too long for any channel."""
         ch, rec = at.ch, job.rec
         exchange = self.capture.upstream(rec["id"], at.method, at.url, at.headers, at.body)
         await self.limits.acquire_slot(ch, rec)
@@ -9736,16 +9739,21 @@ class Relay:
                     at.base.id, rec["upstream_model"], key_index(at.base, ch.api_key)))
             self.limits.health_of(ch).succeeded(up.status,
                                                 round((time.perf_counter() - t0) * 1000, 1))
-            if at.answer == "passthrough":
-                return await self._answer(job, up)
-            if at.answer == "embeddings":
-                return await self._answer_embeddings(job, up, ch)
-            return await self._answer_converted(job, up, ch)
+            return up
         err_body = await up.read(MAX_ERROR_BODY)
         retry = [(n, v) for n, v in up.headers if n.lower() in ("retry-after", "retry-after-ms")]
         raise UpstreamError(up.status, upstream_error_message(err_body, up.status),
                             retryable=True, upstream_status=up.status,
                             code=upstream_error_code(err_body), headers=retry)
+
+    async def answer(self, job: Job, at: Attempt, up: UpstreamResponse) -> Response:
+        """The client's answer from the upstream's, by the try's answer kind; raises
+        UpstreamError for a blank answer while holding (the next channel is tried)."""
+        if at.answer == "passthrough":
+            return await self._answer(job, up)
+        if at.answer == "embeddings":
+            return await self._answer_embeddings(job, up, at.ch)
+        return await self._answer_converted(job, up, at.ch)
 
     def _failed(self, job: Job, at: Attempt, exc: UpstreamError, keys_tried: set[str]) -> bool:
         """Count a failed try: release its slot, note it in the record and the log, bench its
