@@ -10254,34 +10254,17 @@ class Gateway:
     # -- entry point -----------------------------------------------------------------------------
 
     async def handle(self, req: Request) -> Response:
+        """One request through the pipeline: access (host, origin, preflight, then who calls),
+        limits (rate, usage), the router, the relay. A failure past the route is answered in
+        the client's dialect and recorded."""
         self.access.check_host(req)
         self.access.check_origin(req)
         if req.method == "OPTIONS":
             return self.access.preflight(req)
-        route, model_id = find_route(req.path)
-        if route is None:
-            raise GatewayError(404, f"no route {req.path}: see /v1/models, /v1/chat/completions "
-                                    f"or /v1/messages", code="not_found")
-        dialect = route.dialect
-        method = "GET" if req.method == "HEAD" else req.method
-        if method not in route.methods:
-            raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
-                                    f"{' or '.join(route.methods)}",
-                               headers=[("Allow", ", ".join(route.methods))])
-        self.access.check_content_type(req, route)
+        route, model_id = self._checked_route(req)
         if route.kind == "health":
-            body: dict[str, Any] = {"status": "ok", "version": __version__,
-                                    "uptime_s": round(time.time() - self.started, 1)}
-            if req.params.get("details") not in (None, "", "0", "false"):
-                try:
-                    self.access.authenticate(req)
-                except GatewayError as err:
-                    return self.render_error(None, err, OPENAI)
-                body["channels"] = self.health_report()
-                body["request_log_errors"] = self._request_log.errors if self._request_log else 0
-                if self.config_error:
-                    body["config_error"] = self.config_error
-            return Response(200, [("Content-Type", "application/json")], json_dumps(body))
+            return self._health_answer(req)
+        dialect = route.dialect
         if route.path in ("/v1/models", MODEL_ROUTE.path):
             dialect = models_dialect(req.headers, req.query)
         rec = self._new_record(req, route.path)
@@ -10311,6 +10294,36 @@ class Gateway:
             resp = self.render_error(None, err, dialect)
             resp.headers += self.access.cors_headers(req.headers)
             return resp
+
+    def _checked_route(self, req: Request) -> tuple[Route, str]:
+        """The route of ``req`` and the model its path names; 404, 405 or 415 otherwise."""
+        route, model_id = find_route(req.path)
+        if route is None:
+            raise GatewayError(404, f"no route {req.path}: see /v1/models, /v1/chat/completions "
+                                    f"or /v1/messages", code="not_found")
+        method = "GET" if req.method == "HEAD" else req.method
+        if method not in route.methods:
+            raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
+                                    f"{' or '.join(route.methods)}",
+                               headers=[("Allow", ", ".join(route.methods))])
+        self.access.check_content_type(req, route)
+        return route, model_id
+
+    def _health_answer(self, req: Request) -> Response:
+        """GET /health: up and its version; ?details=1 (authenticated) adds the channels'
+        health, request log errors and a configuration error."""
+        body: dict[str, Any] = {"status": "ok", "version": __version__,
+                                "uptime_s": round(time.time() - self.started, 1)}
+        if req.params.get("details") not in (None, "", "0", "false"):
+            try:
+                self.access.authenticate(req)
+            except GatewayError as err:
+                return self.render_error(None, err, OPENAI)
+            body["channels"] = self.health_report()
+            body["request_log_errors"] = self._request_log.errors if self._request_log else 0
+            if self.config_error:
+                body["config_error"] = self.config_error
+        return Response(200, [("Content-Type", "application/json")], json_dumps(body))
 
     async def _usage_answer(self, req: Request, token: Token | None,
                             rec: Exchange) -> Response:
