@@ -158,7 +158,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterable, Literal, Protocol, TypedDict
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -3112,6 +3112,123 @@ def replace_multipart_field(body: bytes, content_type: str, name: str, value: st
 #   signatures: {tool call id: Gemini thoughtSignature}   (Gemini decoders write, encoder reads)
 #   kept: {tool call id: [Claude thinking blocks]}        (Anthropic decoders write, encoder reads)
 #
+# The same IR as TypedDicts, to name in signatures (documentation only: the IR stays plain
+# dicts, nothing is checked at run time). A total=False type's keys may each be absent.
+
+
+class IRText(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+class IRImage(TypedDict, total=False):
+    type: Literal["image"]                   # with "url", or with "media_type" and "data"
+    url: str
+    media_type: str
+    data: str                                # base64
+
+
+class IRFile(TypedDict):
+    type: Literal["file"]
+    media_type: str
+    data: str                                # base64
+    filename: str
+
+
+class IRAudio(TypedDict):
+    type: Literal["audio"]
+    format: str
+    data: str                                # base64
+
+
+class IRReasoning(TypedDict):
+    type: Literal["reasoning"]
+    text: str
+    signature: str | None                    # only Anthropic's own
+    redacted: bool
+
+
+class IRToolCall(TypedDict):
+    type: Literal["tool_call"]
+    id: str
+    name: str
+    arguments: str                           # JSON text ("{}" when none)
+
+
+class IRToolResult(TypedDict):
+    type: Literal["tool_result"]
+    id: str
+    name: str | None
+    content: list[IRText | IRImage]
+    is_error: bool
+
+
+IRPart = IRText | IRImage | IRFile | IRAudio | IRReasoning | IRToolCall | IRToolResult
+
+
+class IRMessage(TypedDict):
+    role: Literal["user", "assistant", "tool"]
+    content: list[IRPart]
+
+
+class IRTool(TypedDict, total=False):
+    name: str                                # always there
+    description: str                         # always there
+    parameters: dict                         # JSON Schema; always there
+    custom: bool
+    tool_search: bool
+    namespace: str
+    local_name: str
+
+
+class IRReasoningAsk(TypedDict):
+    effort: str                              # one of EFFORTS
+    budget: int | None
+
+
+class _IRRequestKeys(TypedDict):
+    model: str
+    stream: bool
+    include_usage: bool
+    system: list[IRPart]
+    messages: list[IRMessage]
+    tools: list[IRTool]
+    tool_choice: None | str | dict           # "auto", "none", "required" or {"name": str}
+    parallel_tool_calls: bool | None
+    n: int
+    user: str | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    stop: list[str]
+    response_format: dict | None
+    reasoning: IRReasoningAsk | None
+
+
+class IRRequest(_IRRequestKeys, total=False):
+    gemini_sse: bool                         # only from Gemini clients
+
+
+class IRUsage(TypedDict):
+    input: int                               # the whole prompt, cached included
+    output: int                              # reasoning included
+    cache_read: int
+    cache_write: int
+    reasoning: int
+
+
+class IRResponse(TypedDict):
+    id: str
+    model: str
+    content: list[IRPart]                    # text, reasoning and tool_call parts
+    finish: Literal["stop", "length", "tool_calls", "content_filter"]
+    usage: IRUsage
+
+
 # The adapter interface. A client dialect is a DialectAdapter in DIALECTS, a channel type a
 # ProviderAdapter in PROVIDERS (both at the end of this section); the gateway (section 11) asks
 # them every provider question and compares no provider name itself.
@@ -3129,7 +3246,7 @@ class StreamEncoding(Protocol):
     """IR stream events -> a client dialect's stream bytes; ``usage`` is the last IR Usage
     seen (for the request log)."""
 
-    usage: dict | None
+    usage: IRUsage | None
 
     def encode(self, events: list[tuple]) -> bytes: ...
 
@@ -3141,13 +3258,13 @@ class DialectAdapter:
     keepalive = b": keepalive\n\n"           # sent on an idle stream
     model_in_path = False                     # the model is named in the URL, not the body
 
-    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
+    def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> IRRequest:
         raise NotImplementedError
 
-    def response(self, resp: dict, model: str, ir: dict) -> dict:
+    def response(self, resp: IRResponse, model: str, ir: IRRequest) -> dict:
         raise NotImplementedError
 
-    def stream_encoder(self, model: str, ir: dict) -> StreamEncoding:
+    def stream_encoder(self, model: str, ir: IRRequest) -> StreamEncoding:
         raise NotImplementedError
 
     def error_payload(self, err: GatewayError) -> dict:
@@ -3165,13 +3282,13 @@ class DialectAdapter:
     def count_payload(self, count: int) -> dict:
         return {"input_tokens": count}
 
-    def usage(self, obj: Any) -> dict | None:
+    def usage(self, obj: Any) -> IRUsage | None:
         """The usage (IR form: input, output, cache_read, cache_write, reasoning) a whole
         answer or one stream event of this dialect reports, or None: how the gateway counts the
         tokens of an answer it passes through."""
         raise NotImplementedError
 
-    def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+    def passthrough_decoders(self) -> tuple[Callable[[dict], IRResponse], Callable[[], Any]]:
         """(whole-answer decoder, stream decoder factory) that look into an answer passed
         through unchanged, for emptiness."""
         raise NotImplementedError
@@ -3233,7 +3350,7 @@ class ProviderAdapter:
     def embeddings_url(self, ch: Any, model: str) -> str:
         return self.join(ch.base_url, self.embeddings_path)
 
-    def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
+    def encode_chat(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
         """The chat request body, from an IR whose tool names already fit tool_name_rule."""
         raise NotImplementedError
 
@@ -3244,7 +3361,7 @@ class ProviderAdapter:
         return body
 
     def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+                 ) -> tuple[Callable[[dict], IRResponse], Callable[[], StreamDecoding]]:
         """(whole-answer decoder, stream decoder factory) to IR."""
         raise NotImplementedError
 
@@ -7931,9 +8048,10 @@ def import_prices(store: ConfigStore, file: str, raw: bytes | None = None) -> in
 # =================================================================================================
 # 11. Gateway
 # =================================================================================================
-# Auth, routing (model -> channels), fallback over channels and keys, health and limits, relaying
-# (passed through or converted by the adapters of section 9, which it asks every provider
-# question), request records and events. Runs on the server loop.
+# Auth (Access), routing (Router: model -> channels), health and limits (Limits), relaying with
+# fallback over channels and keys (Relay: passed through or converted by the adapters of section
+# 9, which it asks every provider question), request records and events; the Gateway at the end
+# is the facade over them. Runs on the server loop.
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -9474,13 +9592,556 @@ class Access:
         return found
 
 
+@dataclass(slots=True)
+class Job:
+    """One routed request as the Relay serves it: what the Gateway parsed and decided (model,
+    body, session pin, whether to hold for content), and what the relay builds from the body
+    once and reuses on every channel (the IR, the texts to embed, images fetched inline)."""
+
+    req: Request
+    route: Route
+    dialect: str
+    rec: Exchange
+    model: str
+    obj: dict | None                         # the parsed JSON body (None for a form)
+    stream: bool
+    scope: tuple | None                      # affinity scope and its pin (Gateway._session)
+    pin: tuple | None
+    foreign: bool                            # a chat body only the converter understands
+    hold: bool                               # a blank answer is the channel's failure
+    inlined: dict[str, dict]                 # by channel type: ir with image URLs fetched
+    ir: IRRequest | None = None              # the client's request in IR, once converted
+    texts: list[str] | None = None           # what an embeddings request embeds
+    dims: Any = None
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of one channel with one key: the upstream request and how its answer is read
+    (``answer``: "passthrough", "embeddings", "converted", or "local" for a token count
+    estimated here and never sent)."""
+
+    base: Channel                            # as routed (its keys, health, affinity id)
+    ch: Channel                              # with the key of this try
+    answer: str
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class Relay:
+    """The relay job of the Gateway: for each channel in the routed order and each of its keys,
+    build the upstream request (passed through, converted or embeddings), send it, answer the
+    client from the first that serves, and count the others' failures (Limits) for fallback.
+    ``finish`` records an Exchange; ``on_health`` tells that a channel started to cool down."""
+
+    def __init__(self, client: UpstreamClient, fetcher: UrlFetcher, limits: Limits,
+                 affinity: Affinity, capture: DebugCapture, access: Access, *,
+                 log: Callable[[str], None], finish: Callable[[Exchange], None],
+                 on_health: Callable[[], None]):
+        self.client, self.fetcher, self.limits = client, fetcher, limits
+        self.affinity, self.capture, self.access = affinity, capture, access
+        self.log, self.finish, self.on_health = log, finish, on_health
+        self.settings: dict = {}                 # the Gateway's, set by apply_config
+        self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
+        self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
+
+    # -- the fallback loop -----------------------------------------------------------------------
+
+    async def run(self, job: Job, chans: list[Channel]) -> Response:
+        """Try ``chans`` in order, each with its keys in turn, until one answers."""
+        failures: list[tuple[Channel, UpstreamError]] = []
+        for base in chans:
+            keys_tried: set[str] = set()
+            while True:
+                attempt = await self.build(job, base, self._take_key(job, base, keys_tried))
+                if attempt.answer == "local":
+                    return self._count_locally(job)
+                try:
+                    up = await self.send(job, attempt)
+                    return await self.answer(job, attempt, up)
+                except UpstreamError as exc:
+                    failures.append((attempt.ch, exc))
+                    if not self._failed(job, attempt, exc, keys_tried):
+                        break
+        raise self._all_failed(failures)
+
+    def _take_key(self, job: Job, base: Channel, keys_tried: set[str]) -> Channel:
+        """``base`` with its next key to try (the session's pinned key first)."""
+        ch = base.with_key(self.limits.pick_key(base, keys_tried,
+                                                pin_key(job.pin, base, job.model)))
+        keys_tried.add(ch.api_key)
+        rec = job.rec
+        rec["upstream_model"] = ch.upstream_model(job.model)
+        rec["key_index"] = base.keys.index(ch.api_key) if ch.api_key in base.keys else 0
+        rec["tried"].append(ch.name if len(keys_tried) == 1 else
+                            f"{ch.name} (key {len(keys_tried)})")
+        return ch
+
+    async def build(self, job: Job, base: Channel, ch: Channel) -> Attempt:
+        """The upstream request of one try: the client's own request when the channel speaks
+        its dialect, else one the adapters convert (embeddings apart); overrides last."""
+        route, model, obj = job.route, job.model, job.obj
+        provider = PROVIDERS[ch.type]
+        method = "POST"
+        if provider.relays(job.dialect, ch.responses_api) and not job.foreign:
+            answer, method = "passthrough", job.req.method
+            url, hdrs, body = self._upstream_request(ch, route, job.req, model, obj)
+        elif route.kind in _EMBED_KINDS:
+            if job.texts is None and route.kind == "embeddings":
+                job.texts, job.dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
+            elif job.texts is None:
+                job.texts, job.dims = gemini_embed_texts(route.kind, obj or {})
+            answer = "embeddings"
+            url, hdrs, body = self._embeddings_request(ch, job.texts, model, job.dims)
+        else:
+            if job.ir is None:
+                job.ir = self._client_ir(job.dialect, route, obj or {}, model, job.req)
+                job.ir["stream"] = job.stream
+            if route.kind in ("count_tokens", "countTokens"):
+                return Attempt(base, ch, "local", method, "", [], b"")
+            if provider.inline_media and ch.type not in job.inlined:
+                job.inlined[ch.type] = await self._inline_remote_images(job.ir, ch)
+            answer = "converted"
+            url, hdrs, body = self.converted_request(ch, job.inlined.get(ch.type, job.ir), model)
+        if ch.overrides:
+            body, hdrs = apply_overrides(body, hdrs, ch.overrides,
+                                         (model, job.rec["upstream_model"]))
+        return Attempt(base, ch, answer, method, url, hdrs, body)
+
+    async def send(self, job: Job, at: Attempt) -> UpstreamResponse:
+        """Send one try, holding a concurrency slot of its channel; the upstream's answer when
+        the channel served (any status but the ones below). Raises UpstreamError when the
+        next key or channel may serve (401, 403, 408, 429, 5xx), ContextOverflow when the
+        prompt is too long for any channel."""
+        ch, rec = at.ch, job.rec
+        exchange = self.capture.upstream(rec["id"], at.method, at.url, at.headers, at.body)
+        await self.limits.acquire_slot(ch, rec)
+        t0 = time.perf_counter()
+        up = await self.client.request(at.method, at.url, at.headers, at.body, proxy=ch.proxy,
+                                       verify_tls=ch.verify_tls, timeout=ch.timeout)
+        self.capture.response(exchange, up)
+        overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
+                                    up.status) if up.status >= 400 else None
+        if overflow is not None:
+            # The channel works; the prompt is too long for any channel.
+            rec["channel"] = ch.name
+            self.limits.health_of(ch).succeeded(up.status,
+                                                round((time.perf_counter() - t0) * 1000, 1))
+            self.limits.release_slot(rec)
+            self.log(f"channel '{ch.name}': context window exceeded for {job.model}")
+            raise overflow
+        if up.status < 300 or not (up.status in (401, 403, 408, 429) or up.status >= 500):
+            rec["channel"] = ch.name
+            if job.scope is not None and up.status < 300:
+                rec["affinity"] = self.affinity.served(job.scope, job.pin, (
+                    at.base.id, rec["upstream_model"], key_index(at.base, ch.api_key)))
+            self.limits.health_of(ch).succeeded(up.status,
+                                                round((time.perf_counter() - t0) * 1000, 1))
+            return up
+        err_body = await up.read(MAX_ERROR_BODY)
+        retry = [(n, v) for n, v in up.headers if n.lower() in ("retry-after", "retry-after-ms")]
+        raise UpstreamError(up.status, upstream_error_message(err_body, up.status),
+                            retryable=True, upstream_status=up.status,
+                            code=upstream_error_code(err_body), headers=retry)
+
+    async def answer(self, job: Job, at: Attempt, up: UpstreamResponse) -> Response:
+        """The client's answer from the upstream's, by the try's answer kind; raises
+        UpstreamError for a blank answer while holding (the next channel is tried)."""
+        if at.answer == "passthrough":
+            return await self._answer(job, up)
+        if at.answer == "embeddings":
+            return await self._answer_embeddings(job, up, at.ch)
+        return await self._answer_converted(job, up, at.ch)
+
+    def _failed(self, job: Job, at: Attempt, exc: UpstreamError, keys_tried: set[str]) -> bool:
+        """Count a failed try: release its slot, note it in the record and the log, bench its
+        key (401, 403, 429 of a channel with more keys) or cool the channel down. True when the
+        same channel is tried again with its next key."""
+        ch, base, rec = at.ch, at.base, job.rec
+        self.limits.release_slot(rec)
+        rec["failures"].append({"channel": ch.name, "status": exc.status, "error": exc.message})
+        self.log(f"channel '{ch.name}' failed for {job.model}: {exc.status} {exc.message}")
+        if exc.upstream_status in (401, 403, 429) and len(base.keys) > 1:
+            self.limits.bench_key(base, ch.api_key, exc)
+            if len(keys_tried) < len(base.keys):
+                return True
+        if self.limits.failed(base, exc):
+            self.log(f"channel '{base.name}' cools down for "
+                     f"{self.limits.health_of(base).until - self.limits.clock():.0f} s")
+            self.on_health()
+        return False
+
+    # -- request builders ------------------------------------------------------------------------
+
+    def _upstream_request(self, ch: Channel, route: Route, req: Request, model: str,
+                          obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
+        body = req.body
+        target = ch.upstream_model(model)
+        if ch.quirks and route.kind in ("chat", "messages") and obj is not None:
+            body = json_dumps(PROVIDERS[ch.type].quirks(dict(obj, model=model), ch.quirks))
+        if target != model:
+            if obj is None:
+                body = replace_multipart_field(body, req.headers.get("content-type") or "",
+                                               "model", target)
+            elif "model" in obj:
+                body = replace_json_model(body, model, target)
+        query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
+            if req.query else ""
+        provider = PROVIDERS[ch.type]
+        url = provider.passthrough_url(ch, route.path, route.kind, target)
+        if query:
+            url += ("&" if "?" in url else "?") + query
+        listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
+        extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
+        hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
+                and n.lower() not in listed and n.lower() not in extra
+                and n.lower() not in provider.replaces_headers]
+        hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
+                 if n.lower() not in extra]
+        hdrs += ch.headers
+        hdrs.append(("Accept-Encoding", "gzip, deflate"))
+        return url, hdrs, body
+
+    def converted_request(self, ch: Channel, ir: dict, model: str
+                          ) -> tuple[str, list[tuple[str, str]], bytes]:
+        """(url, headers, body) of a chat request the adapters build from ``ir`` in the
+        channel's own dialect."""
+        target = ch.upstream_model(model)
+        stream = ir["stream"]
+        body = encode_upstream_chat(ch.type, ir, target, stream=stream,
+                                    max_tokens_cap=ch.max_tokens_cap,
+                                    signatures=self.signatures, quirks=ch.quirks,
+                                    thinking=ch.thinking, kept=self.thinking)
+        url = PROVIDERS[ch.type].chat_url(ch, target, stream)
+        return url, self.native_headers(ch), json_dumps(body)
+
+    def _embeddings_request(self, ch: Channel, texts: list[str], model: str, dims: Any
+                            ) -> tuple[str, list[tuple[str, str]], bytes]:
+        target = ch.upstream_model(model)
+        provider = PROVIDERS[ch.type]
+        return (provider.embeddings_url(ch, target), self.native_headers(ch),
+                json_dumps(provider.encode_embeddings(texts, target, dims)))
+
+    @staticmethod
+    def native_headers(ch: Channel) -> list[tuple[str, str]]:
+        """Headers for a request the gateway builds itself in the channel's own dialect."""
+        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate"),
+                *PROVIDERS[ch.type].auth_headers(ch.api_key, None, ch.quirks)]
+        extra = {n.lower() for n, _ in ch.headers}
+        return [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
+
+    # -- conversion ------------------------------------------------------------------------------
+
+    async def _inline_remote_images(self, ir: dict, ch: Channel) -> dict:
+        """Gemini and Ollama take images only inline: fetch image URLs (UrlFetcher's checks,
+        through the channel's proxy) into base64 parts of a copy of ``ir``; a fetched PDF
+        becomes a file part."""
+        def parts(msgs: list[dict]) -> Iterable[dict]:
+            for m in msgs:
+                for p in m["content"]:
+                    yield p
+                    if p["type"] == "tool_result":
+                        yield from p["content"]
+        if not any(p["type"] == "image" and "url" in p for p in parts(ir["messages"])):
+            return ir
+        ir = copy.deepcopy(ir)
+        for p in parts(ir["messages"]):
+            if p["type"] != "image" or "url" not in p:
+                continue
+            media, data = await self.fetcher.fetch(
+                p.pop("url"), what="image", accept=PROVIDERS[ch.type].inline_media,
+                allow_private=self.settings["fetch_private_urls"], proxy=ch.proxy)
+            if not media.startswith("image/"):
+                p.update(type="file", filename="document.pdf")
+            p["media_type"], p["data"] = media, base64.b64encode(data).decode()
+        return ir
+
+    @staticmethod
+    def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
+        return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
+
+    def _count_locally(self, job: Job) -> Response:
+        """Token counting for a model on a channel of another dialect: a local estimate, never
+        an upstream call (Claude Code sends many of these)."""
+        ir, rec, dialect = job.ir, job.rec, job.dialect
+        count = estimate_tokens(ir)
+        rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
+        self.finish(rec)
+        body = DIALECTS[dialect].count_payload(count)
+        return Response(200, [("Content-Type", "application/json")], json_dumps(body))
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    async def _answer(self, job: Job, up: UpstreamResponse) -> Response:
+        """The answer of a channel the request was passed through to, forwarded as it came
+        (a whole JSON answer checked and, holding, looked into for content first)."""
+        dialect, rec, req = job.dialect, job.rec, job.req
+        hold = job.hold and job.route.kind in CHAT_KINDS
+        hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
+        hdrs += self.access.cors_headers(req.headers)
+        rec["status"] = up.status
+        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
+        content_type = up.content_type.lower()
+        sse = content_type.startswith("text/event-stream")
+        length = up.headers.get("content-length")
+        small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
+        # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
+        # it is framed or compressed, so that it is checked before it is forwarded.
+        whole_json = "json" in content_type and up.status < 300 and not rec["stream"]
+        if not sse and (whole_json or (small and "content-encoding" not in up.headers)):
+            try:
+                body = await up.read()
+            except UpstreamError as exc:
+                raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
+                    from None
+            if up.status < 300 and "json" in content_type:
+                # Forwarded as it came, but only once it parsed strictly (section 3).
+                note_usage(rec, DIALECTS[dialect].usage(upstream_json(body, rec["channel"])))
+            if up.status >= 400:
+                rec["error"] = upstream_error_message(body, up.status)
+            elif hold and "json" in content_type and self._passthrough_empty(dialect, body):
+                raise self._empty_answer(up)
+            rec["bytes_out"] = len(body)
+            self.finish(rec)
+            return Response(up.status, hdrs, body)
+        pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
+        chunks = up.iter_bytes()
+        held: list[bytes] = []
+        if sse and hold and up.status < 300:
+            stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
+            await self._hold_until_content(chunks, stream_decoder(), up, held)
+        if sse:
+            hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
+            hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+            rec["stream"] = True
+        return Response(up.status, hdrs, self._stream(up, dialect, pt, rec, chunks, held),
+                        keepalive=DIALECTS[dialect].keepalive if sse else None)
+
+    @staticmethod
+    def _passthrough_empty(dialect: str, body: bytes) -> bool:
+        try:
+            obj = json.loads(body)
+            return isinstance(obj, dict) and answer_is_empty(
+                DIALECTS[dialect].passthrough_decoders()[0](obj))
+        except (ValueError, UnicodeDecodeError, GatewayError):
+            return False
+
+    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: Exchange,
+                chunks: AsyncIterator[bytes], held: list[bytes]) -> StreamBody:
+        def done() -> None:
+            up.aclose_nowait()
+            if pt is not None:
+                note_usage(rec, pt.usage)
+            if rec["error"] is None and not up.finished:
+                rec["error"] = "client disconnected"
+            self.finish(rec)
+        return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
+
+    async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
+                     pt: SSEPassthrough | None, rec: Exchange) -> AsyncIterator[bytes]:
+        """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
+        content, first). An SSE stream that breaks gets an in-band error event and a clean end;
+        any other body is cut, so the client sees the break."""
+        async def body() -> AsyncIterator[bytes]:
+            for data in held:
+                yield data
+            async for data in chunks:
+                yield data
+        try:
+            async for data in body():
+                out = pt.feed(data) if pt is not None else data
+                if out:
+                    rec["bytes_out"] += len(out)
+                    yield out
+            if pt is not None:
+                rest = pt.flush()
+                if rest:
+                    rec["bytes_out"] += len(rest)
+                    yield rest
+        except GatewayError as exc:        # upstream failures, an SSE event past its limit
+            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
+            self.log(rec["error"])
+            if pt is None:
+                raise
+            # An event cut unfinished (flushed unsplit) is ended first, so the error stands alone.
+            yield (b"\n\n" if pt.open else b"") + \
+                DIALECTS[dialect].stream_error(GatewayError(exc.status, rec["error"]))
+
+    async def _answer_converted(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
+        """The answer of a channel in another dialect, converted through the IR to the
+        client's, whole or as a stream."""
+        dialect, ir, model, rec, req = job.dialect, job.ir, job.model, job.rec, job.req
+        hold = job.hold
+        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
+        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
+                                                         upstream_tool_names(ir, ch.type),
+                                                         self.thinking)
+        if up.status >= 300:
+            await self.read_converted(up, ch)
+        hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
+        rec["status"] = 200
+        if not ir["stream"]:
+            answer = upstream_json(await self.read_converted(up, ch), ch.name)
+            if not isinstance(answer, dict):
+                raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
+                                        f"object")
+            resp = decode_whole(answer)
+            if hold and answer_is_empty(resp):
+                raise self._empty_answer(up)
+            note_usage(rec, resp["usage"])
+            out = json_dumps(DIALECTS[dialect].response(resp, model, ir))
+            rec["bytes_out"] = len(out)
+            self._trim_signatures()
+            self.finish(rec)
+            return Response(200, hdrs, out)
+        rec["stream"] = True
+        hdrs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                ("X-Accel-Buffering", "no")] + self.access.cors_headers(req.headers)
+        encoder = DIALECTS[dialect].stream_encoder(model, ir)
+        decoder = stream_decoder()
+        content_type = up.content_type.lower()
+        if "json" in content_type and "ndjson" not in content_type:
+            # The upstream ignored stream:true and answered whole: stream it as events.
+            answer = upstream_json(await self.read_converted(up, ch), ch.name)
+            resp = decode_whole(answer if isinstance(answer, dict) else {})
+            decoder = _Replay(response_events(resp))
+        chunks = up.iter_bytes()
+        held, ended = await self._hold_until_content(chunks, decoder, up) if hold \
+            else ([], False)
+
+        def done() -> None:
+            up.aclose_nowait()
+            note_usage(rec, encoder.usage)
+            if rec["error"] is None and not up.finished:
+                rec["error"] = "client disconnected"
+            self._trim_signatures()
+            self.finish(rec)
+        relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
+        return Response(200, hdrs, StreamBody(relay, done), keepalive=DIALECTS[dialect].keepalive)
+
+    async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
+                               rec: Exchange, held: list[tuple], ended: bool
+                               ) -> AsyncIterator[bytes]:
+        """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
+        ``held`` events (read while waiting for content) go first."""
+        try:
+            out = encoder.encode(held)
+            if out:
+                rec["bytes_out"] += len(out)
+                yield out
+            if ended:
+                return
+            async for data in chunks:
+                out = encoder.encode(decoder.feed(data))
+                if out:
+                    rec["bytes_out"] += len(out)
+                    yield out
+            out = encoder.encode(decoder.close())
+        except GatewayError as exc:        # upstream failures, bad events, limits passed
+            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
+            self.log(rec["error"])
+            out = encoder.encode([("error", GatewayError(exc.status, rec["error"]))])
+        if out:
+            rec["bytes_out"] += len(out)
+            yield out
+
+    async def _answer_embeddings(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
+        """Converted embeddings, in the shape of the client's route."""
+        route, obj, model, rec, req = job.route, job.obj or {}, job.model, job.rec, job.req
+        texts = job.texts or []
+        answer = upstream_json(await self.read_converted(up, ch), ch.name)
+        vectors, tokens = PROVIDERS[ch.type].embed_vectors(answer)
+        tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
+        if route.kind == "embeddings":
+            payload = openai_embeddings_payload(vectors, model, tokens,
+                                                obj.get("encoding_format") == "base64")
+        elif route.kind == "embedContent":
+            payload = {"embedding": {"values": vectors[0] if vectors else []}}
+        else:
+            payload = {"embeddings": [{"values": v} for v in vectors]}
+        out = json_dumps(payload)
+        rec["status"], rec["input_tokens"], rec["bytes_out"] = 200, tokens, len(out)
+        self.finish(rec)
+        return Response(200, [("Content-Type", "application/json")] +
+                        self.access.cors_headers(req.headers), out)
+
+    @staticmethod
+    async def read_converted(up: UpstreamResponse, ch: Channel) -> bytes:
+        """The whole upstream answer, or its error in the client's shape (the client's own
+        mistake, so no fallback)."""
+        try:
+            raw = await up.read(MAX_ERROR_BODY if up.status >= 300 else None)
+        except UpstreamError as exc:
+            raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
+        if up.status >= 300:
+            raise GatewayError(up.status, f"channel '{ch.name}': "
+                                          f"{upstream_error_message(raw, up.status)}",
+                               code=upstream_error_code(raw))
+        return raw
+
+    @staticmethod
+    def _empty_answer(up: UpstreamResponse) -> UpstreamError:
+        up.aclose_nowait()
+        return UpstreamError(502, "answered 200 with an empty answer (no text, reasoning or "
+                                  "tool call)", retryable=True)
+
+    async def _hold_until_content(self, chunks: AsyncIterator[bytes], decoder: Any,
+                                  up: UpstreamResponse, raw: list[bytes] | None = None
+                                  ) -> tuple[list[tuple], bool]:
+        """Read a stream until it shows real content (event_is_content), holding its events
+        (and, for a passthrough, its bytes in ``raw``) so that nothing reaches the client
+        before; at most EMPTY_HOLD_EVENTS events or EMPTY_HOLD_BYTES bytes, then it is released
+        as it is. Returns (events, whether the stream ended); a stream that ends without content
+        raises the channel's failure."""
+        events: list[tuple] = []
+        size = 0
+        async for data in chunks:
+            size += len(data)
+            if raw is not None:
+                raw.append(data)
+            fresh = decoder.feed(data)
+            events += fresh
+            for ev in fresh:        # an overflow told in-band before any content: still a 400
+                if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
+                    overflow = context_overflow(ev[1].message.encode(), ev[1].status)
+                    if overflow is not None:
+                        up.aclose_nowait()
+                        raise overflow
+            if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
+                    or size > EMPTY_HOLD_BYTES:
+                return events, False
+        events += decoder.close()
+        if any(event_is_content(ev) for ev in events):
+            return events, True
+        raise self._empty_answer(up)
+
+    def _trim_signatures(self) -> None:
+        for kept, limit in ((self.signatures, SIGNATURES_KEPT), (self.thinking, THINKING_KEPT)):
+            while len(kept) > limit:
+                del kept[next(iter(kept))]
+
+    @staticmethod
+    def _all_failed(failures: list[tuple[Channel, UpstreamError]]) -> GatewayError:
+        ch, last = failures[-1]
+        if last.upstream_status is not None:
+            return GatewayError(last.upstream_status, f"channel '{ch.name}': {last.message}",
+                                code=last.code, headers=last.headers)
+        tried = "; ".join(f"'{c.name}': {e.message}" for c, e in failures)
+        if len(failures) == 1:
+            return GatewayError(last.status, f"channel {tried}", headers=last.headers)
+        return GatewayError(last.status, f"all {len(failures)} channels failed: {tried}",
+                            headers=last.headers)
+
+
 class Gateway:
     """Serves requests from the HTTP server, as a pipeline: ``access`` (Access) checks who
-    calls, find_route and candidates pick the route and the channels in order, _proxy relays to
-    them (passed through or converted by the adapters of section 9) with fallback, ``limits``
-    (Limits) keeps health, keys and rates, and _finish records the Exchange. The facade the
-    bridge, the GUI and the command line use. ``on_event(kind, payload)`` receives the events
-    of section 12 (request, log, health)."""
+    calls, ``limits`` (Limits) and ``usage`` their rate and spending, find_route and _route
+    (Router) pick the route and the channels in order, ``relay`` (Relay) sends to them
+    (passed through or converted by the adapters of section 9) with fallback, and _finish
+    records the Exchange. The facade the bridge, the GUI and the command line use.
+    ``on_event(kind, payload)`` receives the events of section 12 (request, log, health)."""
 
     def __init__(self, config: dict, *, config_dir: str = ".",
                  on_event: Callable[[str, Any], None] | None = None,
@@ -9500,22 +10161,33 @@ class Gateway:
         self.affinity = Affinity(clock=clock)
         self.capture = DebugCapture()
         self._seq = itertools.count(1)
-        self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
-        self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
         self.limits = Limits(lambda: self.clock(), self.log)
         self.health = self.limits.health         # by channel id (routing skips cooling ones)
+        self.relay = Relay(self.client, self.fetcher, self.limits, self.affinity, self.capture,
+                           self.access, log=self.log, finish=self._finish,
+                           on_health=lambda: self.on_event(EVENT_HEALTH, self.health_report()))
         self._request_log: RequestLog | None = None
         self.usage: UsageStore | None = None
         self.wall_clock = wall_clock             # UTC days and months of the usage limits
         self.config_error: str | None = None      # why the file on disk is not in force
         self.apply_config(config)
 
+    @property
+    def signatures(self) -> dict[str, str]:
+        """Gemini thoughtSignature by tool-call id (kept by the Relay)."""
+        return self.relay.signatures
+
+    @property
+    def thinking(self) -> dict[str, list[dict]]:
+        """Claude's signed thinking by tool-call id (kept by the Relay)."""
+        return self.relay.thinking
+
     # -- configuration ---------------------------------------------------------------------------
 
     def apply_config(self, config: dict) -> None:
         """Take a new validated configuration; requests already running keep their channels."""
         s = config["settings"]
-        self.settings = s
+        self.settings = self.relay.settings = s
         self.channels = [Channel(c, s["proxy"]) for c in config["channels"]]
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
@@ -9582,34 +10254,17 @@ class Gateway:
     # -- entry point -----------------------------------------------------------------------------
 
     async def handle(self, req: Request) -> Response:
+        """One request through the pipeline: access (host, origin, preflight, then who calls),
+        limits (rate, usage), the router, the relay. A failure past the route is answered in
+        the client's dialect and recorded."""
         self.access.check_host(req)
         self.access.check_origin(req)
         if req.method == "OPTIONS":
             return self.access.preflight(req)
-        route, model_id = find_route(req.path)
-        if route is None:
-            raise GatewayError(404, f"no route {req.path}: see /v1/models, /v1/chat/completions "
-                                    f"or /v1/messages", code="not_found")
-        dialect = route.dialect
-        method = "GET" if req.method == "HEAD" else req.method
-        if method not in route.methods:
-            raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
-                                    f"{' or '.join(route.methods)}",
-                               headers=[("Allow", ", ".join(route.methods))])
-        self.access.check_content_type(req, route)
+        route, model_id = self._checked_route(req)
         if route.kind == "health":
-            body: dict[str, Any] = {"status": "ok", "version": __version__,
-                                    "uptime_s": round(time.time() - self.started, 1)}
-            if req.params.get("details") not in (None, "", "0", "false"):
-                try:
-                    self.access.authenticate(req)
-                except GatewayError as err:
-                    return self.render_error(None, err, OPENAI)
-                body["channels"] = self.health_report()
-                body["request_log_errors"] = self._request_log.errors if self._request_log else 0
-                if self.config_error:
-                    body["config_error"] = self.config_error
-            return Response(200, [("Content-Type", "application/json")], json_dumps(body))
+            return self._health_answer(req)
+        dialect = route.dialect
         if route.path in ("/v1/models", MODEL_ROUTE.path):
             dialect = models_dialect(req.headers, req.query)
         rec = self._new_record(req, route.path)
@@ -9627,7 +10282,8 @@ class Gateway:
                 rec["status"], rec["bytes_out"] = resp.status, len(resp.body)  # type: ignore
                 self._finish(rec)
                 return resp
-            return await self._proxy(req, route, dialect, token, rec, model_id)
+            job, chans = self._route(req, route, dialect, token, rec, model_id)
+            return await self.relay.run(job, chans)
         except asyncio.CancelledError:
             rec["error"] = rec["error"] or "client disconnected"
             self._finish(rec)
@@ -9638,6 +10294,36 @@ class Gateway:
             resp = self.render_error(None, err, dialect)
             resp.headers += self.access.cors_headers(req.headers)
             return resp
+
+    def _checked_route(self, req: Request) -> tuple[Route, str]:
+        """The route of ``req`` and the model its path names; 404, 405 or 415 otherwise."""
+        route, model_id = find_route(req.path)
+        if route is None:
+            raise GatewayError(404, f"no route {req.path}: see /v1/models, /v1/chat/completions "
+                                    f"or /v1/messages", code="not_found")
+        method = "GET" if req.method == "HEAD" else req.method
+        if method not in route.methods:
+            raise GatewayError(405, f"{req.method} is not allowed on {route.path}; use "
+                                    f"{' or '.join(route.methods)}",
+                               headers=[("Allow", ", ".join(route.methods))])
+        self.access.check_content_type(req, route)
+        return route, model_id
+
+    def _health_answer(self, req: Request) -> Response:
+        """GET /health: up and its version; ?details=1 (authenticated) adds the channels'
+        health, request log errors and a configuration error."""
+        body: dict[str, Any] = {"status": "ok", "version": __version__,
+                                "uptime_s": round(time.time() - self.started, 1)}
+        if req.params.get("details") not in (None, "", "0", "false"):
+            try:
+                self.access.authenticate(req)
+            except GatewayError as err:
+                return self.render_error(None, err, OPENAI)
+            body["channels"] = self.health_report()
+            body["request_log_errors"] = self._request_log.errors if self._request_log else 0
+            if self.config_error:
+                body["config_error"] = self.config_error
+        return Response(200, [("Content-Type", "application/json")], json_dumps(body))
 
     async def _usage_answer(self, req: Request, token: Token | None,
                             rec: Exchange) -> Response:
@@ -9746,7 +10432,7 @@ class Gateway:
         scope = (token.id if token else None, model.lower(), key)
         return scope, self.affinity.lookup(scope)
 
-    # -- proxying --------------------------------------------------------------------------------
+    # -- the model and the channels of a request ----------------------------------------------
 
     def _parse_model(self, req: Request, route: Route,
                      path_model: str = "") -> tuple[str, dict | None, bool]:
@@ -9782,37 +10468,11 @@ class Gateway:
                                param="model", code="missing_required_parameter")
         return model, obj, obj.get("stream") is True
 
-    def _upstream_request(self, ch: Channel, route: Route, req: Request, model: str,
-                          obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
-        body = req.body
-        target = ch.upstream_model(model)
-        if ch.quirks and route.kind in ("chat", "messages") and obj is not None:
-            body = json_dumps(PROVIDERS[ch.type].quirks(dict(obj, model=model), ch.quirks))
-        if target != model:
-            if obj is None:
-                body = replace_multipart_field(body, req.headers.get("content-type") or "",
-                                               "model", target)
-            elif "model" in obj:
-                body = replace_json_model(body, model, target)
-        query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
-            if req.query else ""
-        provider = PROVIDERS[ch.type]
-        url = provider.passthrough_url(ch, route.path, route.kind, target)
-        if query:
-            url += ("&" if "?" in url else "?") + query
-        listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
-        extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
-        hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
-                and n.lower() not in listed and n.lower() not in extra
-                and n.lower() not in provider.replaces_headers]
-        hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
-                 if n.lower() not in extra]
-        hdrs += ch.headers
-        hdrs.append(("Accept-Encoding", "gzip, deflate"))
-        return url, hdrs, body
-
-    async def _proxy(self, req: Request, route: Route, dialect: str, token: Token | None,
-                     rec: Exchange, path_model: str = "") -> Response:
+    def _route(self, req: Request, route: Route, dialect: str, token: Token | None,
+               rec: Exchange, path_model: str = "") -> tuple[Job, list[Channel]]:
+        """The Relay's job for a request and the channels to try, in order: the model the
+        token may use, its alias members' or its own channels, the session's pinned one first,
+        only the first without fallback."""
         model, obj, stream = self._parse_model(req, route, path_model)
         rec["model"], rec["stream"] = model, stream
         if token is not None and not token.may_use_model(model):
@@ -9827,106 +10487,10 @@ class Gateway:
         # A blank answer counts as the channel's failure while the client has seen nothing.
         hold = self.settings["enable_fallback"] and self.settings["empty_answer_fallback"] \
             and route.kind not in _EMBED_KINDS
-        ir: dict | None = None
-        texts: list[str] | None = None              # what an embeddings request embeds
-        dims: Any = None
-        inlined: dict[str, dict] = {}       # by channel type: ir with image URLs fetched
-        failures: list[tuple[Channel, UpstreamError]] = []
-        for base in chans:
-            keys_tried: set[str] = set()
-            while True:
-                ch = base.with_key(self.limits.pick_key(base, keys_tried,
-                                                        pin_key(pin, base, model)))
-                keys_tried.add(ch.api_key)
-                rec["upstream_model"] = ch.upstream_model(model)
-                rec["key_index"] = base.keys.index(ch.api_key) if ch.api_key in base.keys else 0
-                rec["tried"].append(ch.name if len(keys_tried) == 1 else
-                                    f"{ch.name} (key {len(keys_tried)})")
-                provider = PROVIDERS[ch.type]
-                passthrough = provider.relays(dialect, ch.responses_api) and not foreign
-                if passthrough:
-                    url, hdrs, body = self._upstream_request(ch, route, req, model, obj)
-                elif route.kind in _EMBED_KINDS:
-                    if texts is None and route.kind == "embeddings":
-                        texts, dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
-                    elif texts is None:
-                        texts, dims = gemini_embed_texts(route.kind, obj or {})
-                    url, hdrs, body = self._embeddings_request(ch, texts, model, dims)
-                else:
-                    if ir is None:
-                        ir = self._client_ir(dialect, route, obj or {}, model, req)
-                        ir["stream"] = stream
-                    if route.kind in ("count_tokens", "countTokens"):
-                        return self._count_locally(ir, rec, dialect)
-                    if provider.inline_media and ch.type not in inlined:
-                        inlined[ch.type] = await self._inline_remote_images(ir, ch)
-                    url, hdrs, body = self._converted_request(
-                        ch, inlined.get(ch.type, ir), model)
-                if ch.overrides:
-                    body, hdrs = apply_overrides(body, hdrs, ch.overrides,
-                                                 (model, rec["upstream_model"]))
-                method = "POST" if not passthrough else req.method
-                exchange = self.capture.upstream(rec["id"], method, url, hdrs, body)
-                try:
-                    await self.limits.acquire_slot(ch, rec)
-                    t0 = time.perf_counter()
-                    up = await self.client.request(method, url, hdrs, body, proxy=ch.proxy,
-                                                   verify_tls=ch.verify_tls, timeout=ch.timeout)
-                    self.capture.response(exchange, up)
-                    overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
-                                                up.status) if up.status >= 400 else None
-                    if overflow is not None:
-                        # The channel works; the prompt is too long for any channel.
-                        rec["channel"] = ch.name
-                        self.limits.health_of(ch).succeeded(up.status,
-                                                   round((time.perf_counter() - t0) * 1000, 1))
-                        self.limits.release_slot(rec)
-                        self.log(f"channel '{ch.name}': context window exceeded for {model}")
-                        raise overflow
-                    if up.status < 300 or not (up.status in (401, 403, 408, 429)
-                                               or up.status >= 500):
-                        rec["channel"] = ch.name
-                        if scope is not None and up.status < 300:
-                            rec["affinity"] = self.affinity.served(scope, pin, (
-                                base.id, rec["upstream_model"], key_index(base, ch.api_key)))
-                        self.limits.health_of(ch).succeeded(up.status,
-                                                   round((time.perf_counter() - t0) * 1000, 1))
-                        if passthrough:
-                            return await self._answer(up, dialect, rec, req, hold and (
-                                route.kind in CHAT_KINDS))
-                        if route.kind in _EMBED_KINDS:
-                            return await self._answer_embeddings(up, ch, route, obj or {},
-                                                                 texts or [], model, rec, req)
-                        return await self._answer_converted(up, ch, dialect, ir, model, rec,
-                                                            req, hold)
-                    err_body = await up.read(MAX_ERROR_BODY)
-                    retry = [(n, v) for n, v in up.headers
-                             if n.lower() in ("retry-after", "retry-after-ms")]
-                    raise UpstreamError(up.status, upstream_error_message(err_body, up.status),
-                                        retryable=True, upstream_status=up.status,
-                                        code=upstream_error_code(err_body), headers=retry)
-                except UpstreamError as exc:
-                    self.limits.release_slot(rec)
-                    failures.append((ch, exc))
-                    rec["failures"].append({"channel": ch.name, "status": exc.status,
-                                            "error": exc.message})
-                    self.log(f"channel '{ch.name}' failed for {model}: {exc.status} "
-                             f"{exc.message}")
-                    if exc.upstream_status in (401, 403, 429) and len(base.keys) > 1:
-                        self.limits.bench_key(base, ch.api_key, exc)
-                        if len(keys_tried) < len(base.keys):
-                            continue                  # the same channel with its next key
-                    self._note_failure(base, exc)
-                    break
-        raise self._all_failed(failures)
+        return Job(req, route, dialect, rec, model, obj, stream, scope, pin, foreign, hold,
+                   inlined={}), chans
 
     # -- health, keys and limits (Limits) ---------------------------------------------------------
-
-    def _note_failure(self, ch: Channel, exc: UpstreamError) -> None:
-        if self.limits.failed(ch, exc):
-            self.log(f"channel '{ch.name}' cools down for "
-                     f"{self.health[ch.id].until - self.clock():.0f} s")
-            self.on_event(EVENT_HEALTH, self.health_report())
 
     def health_report(self) -> list[dict]:
         return self.limits.report(self.channels)
@@ -9949,11 +10513,11 @@ class Gateway:
         ir = empty_request(model)
         ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "ping"}]}]
         ir["max_tokens"] = 16
-        url, hdrs, body = self._converted_request(ch, ir, model)
+        url, hdrs, body = self.relay.converted_request(ch, ir, model)
         t0 = time.perf_counter()
         up = await self.client.request("POST", url, hdrs, body, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 60))
-        raw = await self._read_converted(up, ch)
+        raw = await self.relay.read_converted(up, ch)
         latency = (time.perf_counter() - t0) * 1000
         resp = upstream_decoders(ch.type)[0](upstream_json(raw, ch.name))
         return {"model": model, "latency_ms": round(latency, 1),
@@ -9967,330 +10531,11 @@ class Gateway:
                                     f"gateway can read; type the model names")
         provider = PROVIDERS[ch.type]
         url = provider.models_url(ch)
-        hdrs = [(n, v) for n, v in self._native_headers(ch) if n.lower() != "content-type"]
+        hdrs = [(n, v) for n, v in self.relay.native_headers(ch) if n.lower() != "content-type"]
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
-        raw = await self._read_converted(up, ch)
+        raw = await self.relay.read_converted(up, ch)
         return provider.parse_models(upstream_json(raw, ch.name, "a model list"))
-
-    # -- conversion ------------------------------------------------------------------------------
-
-    async def _inline_remote_images(self, ir: dict, ch: Channel) -> dict:
-        """Gemini and Ollama take images only inline: fetch image URLs (UrlFetcher's checks,
-        through the channel's proxy) into base64 parts of a copy of ``ir``; a fetched PDF
-        becomes a file part."""
-        def parts(msgs: list[dict]) -> Iterable[dict]:
-            for m in msgs:
-                for p in m["content"]:
-                    yield p
-                    if p["type"] == "tool_result":
-                        yield from p["content"]
-        if not any(p["type"] == "image" and "url" in p for p in parts(ir["messages"])):
-            return ir
-        ir = copy.deepcopy(ir)
-        for p in parts(ir["messages"]):
-            if p["type"] != "image" or "url" not in p:
-                continue
-            media, data = await self.fetcher.fetch(
-                p.pop("url"), what="image", accept=PROVIDERS[ch.type].inline_media,
-                allow_private=self.settings["fetch_private_urls"], proxy=ch.proxy)
-            if not media.startswith("image/"):
-                p.update(type="file", filename="document.pdf")
-            p["media_type"], p["data"] = media, base64.b64encode(data).decode()
-        return ir
-
-    @staticmethod
-    def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
-        return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
-
-    def _count_locally(self, ir: dict, rec: Exchange, dialect: str) -> Response:
-        """Token counting for a model on a channel of another dialect: a local estimate, never
-        an upstream call (Claude Code sends many of these)."""
-        count = estimate_tokens(ir)
-        rec["status"], rec["channel"], rec["input_tokens"] = 200, "(local estimate)", count
-        self._finish(rec)
-        body = DIALECTS[dialect].count_payload(count)
-        return Response(200, [("Content-Type", "application/json")], json_dumps(body))
-
-    @staticmethod
-    def _native_headers(ch: Channel) -> list[tuple[str, str]]:
-        """Headers for a request the gateway builds itself in the channel's own dialect."""
-        hdrs = [("Content-Type", "application/json"), ("Accept-Encoding", "gzip, deflate"),
-                *PROVIDERS[ch.type].auth_headers(ch.api_key, None, ch.quirks)]
-        extra = {n.lower() for n, _ in ch.headers}
-        return [(n, v) for n, v in hdrs if n.lower() not in extra] + ch.headers
-
-    def _converted_request(self, ch: Channel, ir: dict, model: str
-                           ) -> tuple[str, list[tuple[str, str]], bytes]:
-        target = ch.upstream_model(model)
-        stream = ir["stream"]
-        body = encode_upstream_chat(ch.type, ir, target, stream=stream,
-                                    max_tokens_cap=ch.max_tokens_cap,
-                                    signatures=self.signatures, quirks=ch.quirks,
-                                    thinking=ch.thinking, kept=self.thinking)
-        url = PROVIDERS[ch.type].chat_url(ch, target, stream)
-        return url, self._native_headers(ch), json_dumps(body)
-
-    def _embeddings_request(self, ch: Channel, texts: list[str], model: str, dims: Any
-                            ) -> tuple[str, list[tuple[str, str]], bytes]:
-        target = ch.upstream_model(model)
-        provider = PROVIDERS[ch.type]
-        return (provider.embeddings_url(ch, target), self._native_headers(ch),
-                json_dumps(provider.encode_embeddings(texts, target, dims)))
-
-    async def _answer_embeddings(self, up: UpstreamResponse, ch: Channel, route: Route,
-                                 obj: dict, texts: list[str], model: str, rec: Exchange,
-                                 req: Request) -> Response:
-        answer = upstream_json(await self._read_converted(up, ch), ch.name)
-        vectors, tokens = PROVIDERS[ch.type].embed_vectors(answer)
-        tokens = tokens or sum(len(t) // 4 + 1 for t in texts)
-        if route.kind == "embeddings":
-            payload = openai_embeddings_payload(vectors, model, tokens,
-                                                obj.get("encoding_format") == "base64")
-        elif route.kind == "embedContent":
-            payload = {"embedding": {"values": vectors[0] if vectors else []}}
-        else:
-            payload = {"embeddings": [{"values": v} for v in vectors]}
-        out = json_dumps(payload)
-        rec["status"], rec["input_tokens"], rec["bytes_out"] = 200, tokens, len(out)
-        self._finish(rec)
-        return Response(200, [("Content-Type", "application/json")] +
-                        self.access.cors_headers(req.headers), out)
-
-    @staticmethod
-    async def _read_converted(up: UpstreamResponse, ch: Channel) -> bytes:
-        """The whole upstream answer, or its error in the client's shape (the client's own
-        mistake, so no fallback)."""
-        try:
-            raw = await up.read(MAX_ERROR_BODY if up.status >= 300 else None)
-        except UpstreamError as exc:
-            raise GatewayError(exc.status, f"channel '{ch.name}': {exc.message}") from None
-        if up.status >= 300:
-            raise GatewayError(up.status, f"channel '{ch.name}': "
-                                          f"{upstream_error_message(raw, up.status)}",
-                               code=upstream_error_code(raw))
-        return raw
-
-    @staticmethod
-    def _empty_answer(up: UpstreamResponse) -> UpstreamError:
-        up.aclose_nowait()
-        return UpstreamError(502, "answered 200 with an empty answer (no text, reasoning or "
-                                  "tool call)", retryable=True)
-
-    async def _hold_until_content(self, chunks: AsyncIterator[bytes], decoder: Any,
-                                  up: UpstreamResponse, raw: list[bytes] | None = None
-                                  ) -> tuple[list[tuple], bool]:
-        """Read a stream until it shows real content (event_is_content), holding its events
-        (and, for a passthrough, its bytes in ``raw``) so that nothing reaches the client
-        before; at most EMPTY_HOLD_EVENTS events or EMPTY_HOLD_BYTES bytes, then it is released
-        as it is. Returns (events, whether the stream ended); a stream that ends without content
-        raises the channel's failure."""
-        events: list[tuple] = []
-        size = 0
-        async for data in chunks:
-            size += len(data)
-            if raw is not None:
-                raw.append(data)
-            fresh = decoder.feed(data)
-            events += fresh
-            for ev in fresh:        # an overflow told in-band before any content: still a 400
-                if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
-                    overflow = context_overflow(ev[1].message.encode(), ev[1].status)
-                    if overflow is not None:
-                        up.aclose_nowait()
-                        raise overflow
-            if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
-                    or size > EMPTY_HOLD_BYTES:
-                return events, False
-        events += decoder.close()
-        if any(event_is_content(ev) for ev in events):
-            return events, True
-        raise self._empty_answer(up)
-
-    async def _answer_converted(self, up: UpstreamResponse, ch: Channel, dialect: str, ir: dict,
-                                model: str, rec: Exchange, req: Request,
-                                hold: bool = False) -> Response:
-        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
-        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
-                                                         upstream_tool_names(ir, ch.type),
-                                                         self.thinking)
-        if up.status >= 300:
-            await self._read_converted(up, ch)
-        hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
-        rec["status"] = 200
-        if not ir["stream"]:
-            answer = upstream_json(await self._read_converted(up, ch), ch.name)
-            if not isinstance(answer, dict):
-                raise GatewayError(502, f"channel '{ch.name}' sent an answer that is not an "
-                                        f"object")
-            resp = decode_whole(answer)
-            if hold and answer_is_empty(resp):
-                raise self._empty_answer(up)
-            note_usage(rec, resp["usage"])
-            out = json_dumps(DIALECTS[dialect].response(resp, model, ir))
-            rec["bytes_out"] = len(out)
-            self._trim_signatures()
-            self._finish(rec)
-            return Response(200, hdrs, out)
-        rec["stream"] = True
-        hdrs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                ("X-Accel-Buffering", "no")] + self.access.cors_headers(req.headers)
-        encoder = DIALECTS[dialect].stream_encoder(model, ir)
-        decoder = stream_decoder()
-        content_type = up.content_type.lower()
-        if "json" in content_type and "ndjson" not in content_type:
-            # The upstream ignored stream:true and answered whole: stream it as events.
-            answer = upstream_json(await self._read_converted(up, ch), ch.name)
-            resp = decode_whole(answer if isinstance(answer, dict) else {})
-            decoder = _Replay(response_events(resp))
-        chunks = up.iter_bytes()
-        held, ended = await self._hold_until_content(chunks, decoder, up) if hold \
-            else ([], False)
-
-        def done() -> None:
-            up.aclose_nowait()
-            note_usage(rec, encoder.usage)
-            if rec["error"] is None and not up.finished:
-                rec["error"] = "client disconnected"
-            self._trim_signatures()
-            self._finish(rec)
-        relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
-        return Response(200, hdrs, StreamBody(relay, done), keepalive=DIALECTS[dialect].keepalive)
-
-    async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
-                               rec: Exchange, held: list[tuple], ended: bool
-                               ) -> AsyncIterator[bytes]:
-        """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
-        ``held`` events (read while waiting for content) go first."""
-        try:
-            out = encoder.encode(held)
-            if out:
-                rec["bytes_out"] += len(out)
-                yield out
-            if ended:
-                return
-            async for data in chunks:
-                out = encoder.encode(decoder.feed(data))
-                if out:
-                    rec["bytes_out"] += len(out)
-                    yield out
-            out = encoder.encode(decoder.close())
-        except GatewayError as exc:        # upstream failures, bad events, limits passed
-            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
-            self.log(rec["error"])
-            out = encoder.encode([("error", GatewayError(exc.status, rec["error"]))])
-        if out:
-            rec["bytes_out"] += len(out)
-            yield out
-
-    def _trim_signatures(self) -> None:
-        for kept, limit in ((self.signatures, SIGNATURES_KEPT), (self.thinking, THINKING_KEPT)):
-            while len(kept) > limit:
-                del kept[next(iter(kept))]
-
-    @staticmethod
-    def _all_failed(failures: list[tuple[Channel, UpstreamError]]) -> GatewayError:
-        ch, last = failures[-1]
-        if last.upstream_status is not None:
-            return GatewayError(last.upstream_status, f"channel '{ch.name}': {last.message}",
-                                code=last.code, headers=last.headers)
-        tried = "; ".join(f"'{c.name}': {e.message}" for c, e in failures)
-        if len(failures) == 1:
-            return GatewayError(last.status, f"channel {tried}", headers=last.headers)
-        return GatewayError(last.status, f"all {len(failures)} channels failed: {tried}",
-                            headers=last.headers)
-
-    async def _answer(self, up: UpstreamResponse, dialect: str, rec: Exchange,
-                      req: Request, hold: bool = False) -> Response:
-        hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
-        hdrs += self.access.cors_headers(req.headers)
-        rec["status"] = up.status
-        rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
-        content_type = up.content_type.lower()
-        sse = content_type.startswith("text/event-stream")
-        length = up.headers.get("content-length")
-        small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
-        # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
-        # it is framed or compressed, so that it is checked before it is forwarded.
-        whole_json = "json" in content_type and up.status < 300 and not rec["stream"]
-        if not sse and (whole_json or (small and "content-encoding" not in up.headers)):
-            try:
-                body = await up.read()
-            except UpstreamError as exc:
-                raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
-                    from None
-            if up.status < 300 and "json" in content_type:
-                # Forwarded as it came, but only once it parsed strictly (section 3).
-                note_usage(rec, DIALECTS[dialect].usage(upstream_json(body, rec["channel"])))
-            if up.status >= 400:
-                rec["error"] = upstream_error_message(body, up.status)
-            elif hold and "json" in content_type and self._passthrough_empty(dialect, body):
-                raise self._empty_answer(up)
-            rec["bytes_out"] = len(body)
-            self._finish(rec)
-            return Response(up.status, hdrs, body)
-        pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
-        chunks = up.iter_bytes()
-        held: list[bytes] = []
-        if sse and hold and up.status < 300:
-            stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
-            await self._hold_until_content(chunks, stream_decoder(), up, held)
-        if sse:
-            hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
-            hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-            rec["stream"] = True
-        return Response(up.status, hdrs, self._stream(up, dialect, pt, rec, chunks, held),
-                        keepalive=DIALECTS[dialect].keepalive if sse else None)
-
-    @staticmethod
-    def _passthrough_empty(dialect: str, body: bytes) -> bool:
-        try:
-            obj = json.loads(body)
-            return isinstance(obj, dict) and answer_is_empty(
-                DIALECTS[dialect].passthrough_decoders()[0](obj))
-        except (ValueError, UnicodeDecodeError, GatewayError):
-            return False
-
-    def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: Exchange,
-                chunks: AsyncIterator[bytes], held: list[bytes]) -> StreamBody:
-        def done() -> None:
-            up.aclose_nowait()
-            if pt is not None:
-                note_usage(rec, pt.usage)
-            if rec["error"] is None and not up.finished:
-                rec["error"] = "client disconnected"
-            self._finish(rec)
-        return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
-
-    async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
-                     pt: SSEPassthrough | None, rec: Exchange) -> AsyncIterator[bytes]:
-        """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
-        content, first). An SSE stream that breaks gets an in-band error event and a clean end;
-        any other body is cut, so the client sees the break."""
-        async def body() -> AsyncIterator[bytes]:
-            for data in held:
-                yield data
-            async for data in chunks:
-                yield data
-        try:
-            async for data in body():
-                out = pt.feed(data) if pt is not None else data
-                if out:
-                    rec["bytes_out"] += len(out)
-                    yield out
-            if pt is not None:
-                rest = pt.flush()
-                if rest:
-                    rec["bytes_out"] += len(rest)
-                    yield rest
-        except GatewayError as exc:        # upstream failures, an SSE event past its limit
-            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
-            self.log(rec["error"])
-            if pt is None:
-                raise
-            # An event cut unfinished (flushed unsplit) is ended first, so the error stands alone.
-            yield (b"\n\n" if pt.open else b"") + \
-                DIALECTS[dialect].stream_error(GatewayError(exc.status, rec["error"]))
 
     # -- records ---------------------------------------------------------------------------------
 
