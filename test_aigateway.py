@@ -1175,6 +1175,101 @@ def _open_fds() -> int:
 
 
 # =================================================================================================
+# 0. Docstring, imports, __all__
+# =================================================================================================
+
+def test_00_imports_only_the_standard_library():
+    """The gateway runs on a bare Python: every import anywhere in the module, lazy ones in
+    functions included, is of the standard library."""
+    import ast
+    with open(ag.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert {"asyncio", "tkinter", "sqlite3"} <= names
+    assert names - sys.stdlib_module_names - {"__future__"} == set()
+
+
+def test_00_all_names_exist_and_the_outline_names_every_section():
+    assert len(set(ag.__all__)) == len(ag.__all__)
+    assert [name for name in ag.__all__ if not hasattr(ag, name)] == []
+    with open(ag.__file__, encoding="utf-8") as f:
+        banners = re.findall(r"^# (\d+)\. (.+)$", f.read(), re.M)
+    assert [int(num) for num, _ in banners] == list(range(15))
+    outline = ag.__doc__.split("Outline")[1].split("Each section")[0]
+    for num, title in banners:
+        assert f"{num}. {title.split()[0]}" in outline, (num, title)
+
+
+# =================================================================================================
+# 1. Constants and limits
+# =================================================================================================
+
+def test_01_limits_are_positive_and_fit_inside_each_other():
+    numbers = {name: value for name, value in vars(ag).items()
+               if name.isupper() and type(value) in (int, float)}
+    assert len(numbers) > 50 and [n for n, v in numbers.items() if v <= 0] == []
+    assert ag.MAX_REQUEST_LINE < ag.MAX_HEAD_BYTES and ag.MAX_CHUNK_LINE < ag.MAX_HEAD_BYTES
+    assert ag.DECODE_PIECE <= ag.MAX_BUFFERED_RESPONSE <= ag.DEFAULT_MAX_RESPONSE_MB << 20
+    assert ag.MAX_ERROR_BODY <= ag.DEFAULT_MAX_RESPONSE_MB << 20
+    assert ag.SSE_CARRY_LIMIT <= ag.MAX_EVENT_BYTES
+    assert ag.USAGE_BATCH_ROWS <= ag.USAGE_QUEUE_LIMIT
+    assert ag.DEBUG_CAPTURE_BODY_BYTES <= ag.DEFAULT_MAX_BODY_MB << 20
+
+
+def test_01_timers_are_ordered_as_their_comments_say():
+    assert ag.CLIENT_CHECK_SECONDS < ag.KEEPALIVE_PING_SECONDS < ag.WRITE_TIMEOUT
+    assert ag.POOL_IDLE_TTL < 60                   # servers commonly drop idle ones after 60 s
+    assert ag.COOLDOWN_SECONDS <= ag.COOLDOWN_MAX_SECONDS
+    assert ag.GOOGLE_TOKEN_LAST < ag.GOOGLE_TOKEN_MARGIN < ag.GOOGLE_ASSERTION_SECONDS <= 3600
+    assert ag.CONFIG_SETTLE_SECONDS < ag.CONFIG_POLL_SECONDS      # an error is seen twice
+    assert ag.USAGE_FLUSH_SECONDS < ag.USAGE_PRUNE_SECONDS
+
+
+def test_01_defaults_are_loopback_and_names_are_distinct():
+    import ipaddress
+    assert ipaddress.ip_address(ag.DEFAULT_HOST).is_loopback and 0 < ag.DEFAULT_PORT < 65536
+    assert len({ag.OPENAI, ag.ANTHROPIC, ag.RESPONSES, ag.GEMINI}) == 4
+    types = [ag.TYPE_OPENAI, ag.TYPE_ANTHROPIC, ag.TYPE_GEMINI, ag.TYPE_OLLAMA, ag.TYPE_CUSTOM,
+             ag.TYPE_AZURE]
+    assert len(set(types)) == len(types)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", ag.__version__) and ag.TOKEN_PREFIX == "sk-gw-"
+
+
+# =================================================================================================
+# 2. Errors
+# =================================================================================================
+
+@pytest.mark.parametrize("status, kind", [
+    (400, "invalid_request"), (401, "authentication"), (404, "not_found"),
+    (413, "request_too_large"), (429, "rate_limit"), (502, "bad_gateway"), (504, "timeout"),
+    (418, "invalid_request"), (599, "api_error")])
+def test_02_error_kind_follows_the_status(status, kind):
+    err = ag.GatewayError(status, "why")
+    assert (err.status, err.kind, str(err), err.message) == (status, kind, "why", "why")
+    assert ag.GatewayError(status, "why", kind="permission").kind == "permission"
+
+
+def test_02_error_classes_carry_what_the_client_is_told():
+    a, b = ag.GatewayError(400, "x"), ag.GatewayError(400, "y")
+    a.headers.append(("Retry-After", "1"))
+    assert b.headers == [] and (a.code, a.param) == (None, None)
+    up = ag.UpstreamError(503, "busy", retryable=True, upstream_status=529, code="c")
+    assert isinstance(up, ag.GatewayError) and up.kind == "overloaded"
+    assert (up.retryable, up.upstream_status, up.code) == (True, 529, "c")
+    assert issubclass(ag.ProtocolError, ag.GatewayError)
+    over = ag.ContextOverflow("too long", tokens=300_000, limit=200_000)
+    assert (over.status, over.kind, over.code, over.param) == (
+        400, "invalid_request", "context_length_exceeded", "messages")
+    assert (over.tokens, over.limit) == (300_000, 200_000)
+    assert not issubclass(ag.ConfigError, ag.GatewayError)     # never an HTTP answer
+
+
+# =================================================================================================
 # 3. Small helpers
 # =================================================================================================
 
