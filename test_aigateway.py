@@ -1078,13 +1078,21 @@ def display():
         yield os.environ["DISPLAY"]
         return
     _need_xvfb()
-    num = 90 + os.getpid() % 100
-    proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1280x800x24", "-nolisten",
-                             "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(f"/tmp/.X11-unix/X{num}"):
-        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
-        time.sleep(0.05)
+    # Xvfb picks a free display itself and writes its number to the pipe once it accepts
+    # clients: parallel workers (pytest -n) and other users' Xvfbs never collide.
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(writer), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], pass_fds=(writer,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(writer)
+    answer = b""
+    with open(reader, "rb", buffering=0) as pipe:
+        while not answer.endswith(b"\n"):
+            assert select.select([pipe], [], [], 10)[0], "Xvfb did not start in 10 s"
+            piece = pipe.read(16)
+            assert piece, "Xvfb exited without naming its display"
+            answer += piece
+    num = int(answer)
     os.environ["DISPLAY"] = f":{num}"
     yield os.environ["DISPLAY"]
     del os.environ["DISPLAY"]
@@ -1170,8 +1178,14 @@ OVERFLOWS = [
 SIG = "EqMBCkYIBRgCKkC0c2lnbmF0dXJl"
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_sockets() -> int:
+    """Sockets this process holds. Files are not counted: the usage database opens its -wal
+    and -shm files when its writer first needs them, whatever other tests ran before."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):          # the listing's own fd is gone by now
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
 
 
 # =================================================================================================
@@ -2419,7 +2433,7 @@ def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upst
     up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
     g = gw([chan(up)])
     g.request("GET", "/health")
-    base_fds = _open_fds()
+    base_socks = _open_sockets()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", g.port))
@@ -2432,10 +2446,10 @@ def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upst
         assert g.records(1, timeout=10)[-1]["status"] == 200
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (g.thread.server.connection_count() or
-                                               _open_fds() > base_fds + 1):
+                                               _open_sockets() > base_socks + 1):
             time.sleep(0.02)
         assert g.thread.server.connection_count() == 0
-        assert _open_fds() <= base_fds + 1         # only our own, unread, client socket
+        assert _open_sockets() <= base_socks + 1         # only our own, unread, client socket
         s.settimeout(10)
         with pytest.raises(ConnectionResetError):  # aborted: unsent data was dropped
             while s.recv(65536):
@@ -7188,13 +7202,13 @@ def _tasks(g) -> int:
 
 def test_12_disconnecting_clients_free_everything(gw, upstream):
     """Hundreds of clients leave mid-stream and mid-request: upstream requests are cancelled,
-    and file descriptors and tasks go back to where they were."""
+    and sockets and tasks go back to where they were."""
     slow = upstream([Reply(chunks=openai_stream_chunks(pieces=("x",) * 50), delay=0.2,
                            content_type="text/event-stream")])
     hang = upstream([Reply(hang=3)])
     g = gw([chan(slow, name="slow", models=["slow"]), chan(hang, name="hang", models=["hang"])])
     g.request("GET", "/health")
-    base_fds, base_tasks = _open_fds(), _tasks(g)
+    base_socks, base_tasks = _open_sockets(), _tasks(g)
     body = {"model": "slow", "stream": True, "messages": []}
     for round_ in range(4):
         socks = []
@@ -7212,12 +7226,12 @@ def test_12_disconnecting_clients_free_everything(gw, upstream):
             s.close()
     deadline = time.monotonic() + 15          # the fakes' threads notice within their delays
     while time.monotonic() < deadline and (g.thread.server.connection_count() or _tasks(g) >
-                                           base_tasks or _open_fds() > base_fds + 2):
+                                           base_tasks or _open_sockets() > base_socks + 2):
         time.sleep(0.05)
     assert g.thread.server.connection_count() == 0
     assert _tasks(g) <= base_tasks
     assert g.gateway.client.idle_count() <= 2                 # no half-read upstream kept
-    assert _open_fds() <= base_fds + 2
+    assert _open_sockets() <= base_socks + 2
     recs = g.records(200)
     assert len(recs) == 200 and all(r["error"] == "client disconnected" for r in recs)
 
