@@ -1882,7 +1882,7 @@ def test_07_first_byte_and_idle_timeouts(upstream):
             await _client_call(up.url, timeout=0.25)
         assert e1.value.status == 504 and time.monotonic() - t0 < 2.5
         with pytest.raises(ag.UpstreamError) as e2:
-            await _client_call(up.url, timeout=1.0)
+            await _client_call(up.url, timeout=0.5)
         assert e2.value.status == 504 and "silent" in e2.value.message
     run(go())
 
@@ -3260,7 +3260,7 @@ def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
     monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.03)
     up = upstream()
     up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
-                                     delay=0.1, content_type="text/event-stream")
+                                     delay=0.05, content_type="text/event-stream")
     g = gw([chan(up, name="oa", models=["gpt-*"]),
             chan(up, name="gem-as-openai", type="openai", models=["other"])])
     status, _, body = g.request("POST", "/v1/messages", {
