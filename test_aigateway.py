@@ -136,6 +136,12 @@ def anthropic_stream_chunks(model="claude-x", pieces=("Hi", " there")):
     return out
 
 
+class _FakeServer(http.server.ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of the gateway's connections overflows
+    # it and each dropped SYN costs the gateway a 1 s retransmission before it is accepted.
+    request_queue_size = 128
+
+
 class FakeUpstream:
     """A stdlib ThreadingHTTPServer that records requests and answers from ``self.replies``
     (a list consumed in order; the last one repeats) or ``self.responder(record)``."""
@@ -229,7 +235,7 @@ class FakeUpstream:
                 if not r.close_delimited:
                     self.wfile.write(b"0\r\n\r\n")
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _FakeServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None   # clients that leave early
         if tls_context is not None:
