@@ -136,6 +136,12 @@ def anthropic_stream_chunks(model="claude-x", pieces=("Hi", " there")):
     return out
 
 
+class _FakeServer(http.server.ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of the gateway's connections overflows
+    # it and each dropped SYN costs the gateway a 1 s retransmission before it is accepted.
+    request_queue_size = 128
+
+
 class FakeUpstream:
     """A stdlib ThreadingHTTPServer that records requests and answers from ``self.replies``
     (a list consumed in order; the last one repeats) or ``self.responder(record)``."""
@@ -229,7 +235,7 @@ class FakeUpstream:
                 if not r.close_delimited:
                     self.wfile.write(b"0\r\n\r\n")
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _FakeServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None   # clients that leave early
         if tls_context is not None:
@@ -435,6 +441,848 @@ def test_sse_parser_of_the_tests_follows_the_whatwg_rules():
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+# --- AWS event-stream decoder (Bedrock streams) ----------------------------------------------
+# An encoder written here from the framing layout (prelude, headers, payload, CRCs); botocore's
+# own parser (botocore.eventstream.EventStreamBuffer; botocore has no encoder) checks it.
+
+_ES_FORMATS = {2: "!b", 3: "!h", 4: "!i", 5: "!q", 8: "!q"}
+
+
+def es_message(headers, payload=b"", *, total=None, bad_prelude=False, bad_crc=False):
+    """One event-stream message; ``headers`` are (name, type, value) triples."""
+    raw = b""
+    for name, kind, value in headers:
+        raw += bytes([len(name.encode())]) + name.encode() + bytes([kind])
+        if kind in _ES_FORMATS:
+            raw += struct.pack(_ES_FORMATS[kind], value)
+        elif kind in (6, 7):
+            data = value.encode() if kind == 7 else value
+            raw += struct.pack("!H", len(data)) + data
+        elif kind == 9:
+            raw += value
+    size = total if total is not None else 16 + len(raw) + len(payload)
+    prelude = struct.pack("!II", size, len(raw))
+    prelude += struct.pack("!I", zlib.crc32(prelude) ^ (1 if bad_prelude else 0))
+    body = prelude + raw + payload
+    return body + struct.pack("!I", zlib.crc32(body) ^ (1 if bad_crc else 0))
+
+
+def es_event(event_type, obj):
+    return es_message([(":event-type", 7, event_type), (":content-type", 7, "application/json"),
+                       (":message-type", 7, "event")], json.dumps(obj).encode())
+
+
+def es_exception(kind, message):
+    return es_message([(":exception-type", 7, kind), (":content-type", 7, "application/json"),
+                       (":message-type", 7, "exception")],
+                      json.dumps({"message": message}).encode())
+
+
+def bedrock_chunk(event):
+    """An InvokeModelWithResponseStream ``chunk`` event: {"bytes": base64 of the model's JSON}
+    (Amazon Bedrock API reference, PayloadPart)."""
+    return es_event("chunk", {"bytes": ag.base64.b64encode(json.dumps(event).encode()).decode()})
+
+
+# -- bounded reads from upstreams (issue 9) ------------------------------------------------------
+
+def gzip_bomb(gib: float = 1.0):
+    """``gib`` GiB of zeros, gzip-compressed as it is sent (about 1 KiB per MiB): each 1 MiB
+    segment ends in a full flush, which resets the compressor, so all but the first are the
+    same bytes and the bomb costs nothing to make."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    yield first
+    for _ in range(int(gib * 1024) - 1):
+        yield again
+
+
+@pytest.fixture(scope="session")
+def cert_files(tmp_path_factory):
+    """A self-signed certificate for localhost and its key (paths), made once: an EC P-256
+    key is made in milliseconds where RSA-2048 takes a second."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def server_context(cert_files) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*map(str, cert_files))
+    return ctx
+
+
+class _ProxyBase(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, handler):
+        super().__init__(("127.0.0.1", 0), handler)
+        self.seen: list = []
+        threading.Thread(target=self.serve_forever, args=(0.01,), daemon=True).start()
+
+
+def _pipe(a: socket.socket, b: socket.socket):
+    def one(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+    t = threading.Thread(target=one, args=(b, a), daemon=True)
+    t.start()
+    one(a, b)
+    t.join(5)
+
+
+class HTTPProxyHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.request.recv(1)
+        line = data.split(b"\r\n")[0].decode()
+        self.server.seen.append(data.decode())
+        method, target, _ = line.split(" ")
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream_sock = socket.create_connection((host, int(port)))
+            self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:                                   # absolute-form: forward as is
+            u = target.split("/", 3)
+            host, port = u[2].rsplit(":", 1)
+            upstream_sock = socket.create_connection((host, int(port)))
+            upstream_sock.sendall(data)
+        _pipe(self.request, upstream_sock)
+
+
+class Socks5Handler(socketserver.BaseRequestHandler):
+    def _exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            buf += self.request.recv(n - len(buf))
+        return buf
+
+    def handle(self):
+        ver, n = self._exact(2)
+        methods = self._exact(n)
+        if 2 in methods:
+            self.request.sendall(b"\x05\x02")
+            _, ulen = self._exact(2)
+            user = self._exact(ulen)
+            plen = self._exact(1)[0]
+            pw = self._exact(plen)
+            self.server.seen.append(("auth", user, pw))
+            self.request.sendall(b"\x01\x00")
+        else:
+            self.request.sendall(b"\x05\x00")
+        _, cmd, _, atyp = self._exact(4)
+        if atyp == 3:
+            host = self._exact(self._exact(1)[0]).decode()
+        else:
+            host = socket.inet_ntoa(self._exact(4))
+        port = struct.unpack("!H", self._exact(2))[0]
+        self.server.seen.append(("connect", atyp, host, port))
+        upstream_sock = socket.create_connection((host, port))
+        self.request.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + b"\x00\x00")
+        _pipe(self.request, upstream_sock)
+
+
+# --- Upstream credentials: AWS SigV4 (checked against botocore), Google RS256 service accounts --
+
+class _StopSend(Exception):
+    pass
+
+
+def botocore_signed(service, region, call, session_token="FQoGZXIvYXdzEXAMPLE//token"):
+    """The request botocore's own client signs for ``call(client)``, caught before sending."""
+    import botocore.session
+    client = botocore.session.get_session().create_client(
+        service, region_name=region, aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        aws_session_token=session_token)
+    caught = []
+
+    def stop(request, **kw):
+        caught.append(request)
+        raise _StopSend
+    client.meta.events.register("before-send", stop)
+    with pytest.raises(_StopSend):
+        call(client)
+    req = caught[0]
+    headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in req.headers.items()}
+    return req, headers
+
+
+class _Clock:
+    def __init__(self, now=1764590400.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+# -- the old "Light AI Gateway" app's config.json, and `config check` naming every problem ------
+
+OLD_APP_KEY = "sk-gw-" + "Q" * 48          # the old app made 48 random characters after sk-gw-
+
+
+def old_app_config(port=3000, first_url="https://api.openai.com/v1",
+                   second_url="https://api.deepseek.com/v1"):
+    """A config.json as the old app saved it (pydantic's model_dump of its models: every
+    field written, its defaults included)."""
+    return {
+        "settings": {"host": "0.0.0.0", "port": port, "log_level": "info",
+                     "require_auth": True, "default_timeout": 120, "enable_fallback": True,
+                     "enable_cors": True, "cors_origins": ["*"], "auto_start": False,
+                     "high_availability_mode": False},
+        "channels": [
+            {"id": 1, "name": "OpenAI", "type": "openai", "base_url": first_url,
+             "api_key": "sk-old-first-SECRET", "models": ["gpt-4o", "shared"],
+             "enabled": True, "priority": 1, "timeout": 60, "max_retries": 3,
+             "proxy_enabled": False, "proxy_url": "http://127.0.0.1:9", "max_concurrency": None,
+             "min_concurrency": 1, "max_adaptive_concurrency": 100},
+            {"id": 2, "name": "DeepSeek", "type": "openai", "base_url": second_url,
+             "api_key": "sk-old-second-SECRET", "models": "deepseek-chat, shared",
+             "enabled": True, "priority": 2, "timeout": 90, "max_retries": 3,
+             "proxy_enabled": False, "proxy_url": "", "max_concurrency": 4},
+            {"id": 5, "name": "GLM (web)", "type": "builtin", "base_url": "glm",
+             "api_key": "old-cookie", "models": ["glm"], "enabled": True, "priority": 1,
+             "timeout": 60},
+        ],
+        "tokens": [
+            {"id": 1, "name": "default", "key": OLD_APP_KEY, "enabled": True,
+             "allowed_channels": [2], "allowed_models": []},
+            {"id": 2, "name": "off", "key": OLD_APP_KEY[:-1] + "R", "enabled": False,
+             "allowed_channels": [], "allowed_models": ["gpt-4o"]},
+        ],
+    }
+
+
+# -- saves that never overwrite an edit they have not seen ---------------------------------
+
+def _hand_edit(path, change):
+    cfg = json.loads(open(path).read())
+    change(cfg)
+    with open(path, "w") as f:                 # in place, as an editor might
+        json.dump(cfg, f, indent=1)
+
+
+def _endless(piece: bytes, first: bytes = b""):
+    if first:                                   # (an empty chunk would end a chunked body)
+        yield first
+    while True:
+        yield piece
+
+
+# -- usage history, prices and per-token limits (issue 13) ---------------------------------------
+
+PRICE_ALL = {"*": {"input": 2, "output": 10, "cache_read": 0.5, "cache_write": 4}}
+
+
+class _Clock:
+    def __init__(self, iso="2026-12-01T23:00:00Z"):
+        self.now = ag.parse_utc(iso)
+
+    def __call__(self):
+        return self.now
+
+
+def _write_usage(path, rows, clock):
+    """Rows through the real store: (model, channel, token id, token, input, output, cache
+    read, status, day offset)."""
+    store = ag.UsageStore(str(path), prices=PRICE_ALL, retention_days=400, clock=clock)
+    base = clock.now
+    for model, channel, tid, token, inp, out, read, status, days in rows:
+        clock.now = base - days * 86400
+        rec = {"time": clock.now, "token": token, "dialect": "openai",
+               "route": "/v1/chat/completions", "model": model, "channel": channel,
+               "status": status, "error": None if status < 400 else "x", "failures": [],
+               "stream": False, "latency_ms": 10.0, "ttfb_ms": 5.0, "bytes_in": 10,
+               "bytes_out": 10, "input_tokens": inp, "output_tokens": out,
+               "cache_read_tokens": read, "cache_write_tokens": 0, "reasoning_tokens": 0}
+        store.record(rec, tid, None)
+    clock.now = base
+    store.close()
+
+
+USAGE_SAMPLE = [("gpt-x", "oa", 1, "main", 1000, 100, 500, 200, 0),
+                ("gpt-x", "oa", 2, "kid", 1000, 100, 0, 200, 1),
+                ("claude-x", "an", 1, "main", 2000, 0, 1000, 200, 2),
+                ("claude-x", "an", 1, "main", 0, 0, 0, 500, 2),
+                ("old-x", "oa", 1, "main", 5, 5, 0, 200, 40)]
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                         "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {}}}}]
+
+
+def _sse_events(data: bytes):
+    return [(e, json.loads(d) if d != "[DONE]" else d) for e, d in sse_parse(data)]
+
+
+def _openai_tool_stream(usage=True):
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def ch(delta, finish=None):
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+    chunks = [ch({"role": "assistant", "content": ""}), ch({"reasoning_content": "think "}),
+              ch({"content": "Checking"}),
+              ch({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": ""}}]}),
+              ch({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+              ch({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+              ch({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                  "function": {"name": "get_time", "arguments": "{}"}}]}),
+              ch({}, "tool_calls")]
+    if usage:
+        chunks.append(dict(base, choices=[], usage={"prompt_tokens": 30,
+                                                    "completion_tokens": 9,
+                                                    "total_tokens": 39}))
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks) + \
+        b"data: [DONE]\r\n\r\n"
+
+
+class Dialects:
+    """Fake upstream answers in each channel type's own format. The fake answers a request whose
+    last turn is a tool result with text quoting it; a request with tools with two parallel
+    calls; anything else with "hello"."""
+
+    @staticmethod
+    def plan(last_text: str | None, has_tools: bool):
+        if last_text is not None:
+            return "text", f"got {last_text}"
+        return ("tools", None) if has_tools else ("text", "hello")
+
+    @staticmethod
+    def openai(rec):
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]
+        kind, text = Dialects.plan(last["content"] if last["role"] == "tool" else None,
+                                   bool(body.get("tools")))
+        if body.get("stream"):
+            base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+            deltas = [({"role": "assistant", "content": ""}, None)]
+            if kind == "text":
+                deltas += [({"content": text[:3]}, None), ({"content": text[3:]}, None),
+                           ({}, "stop")]
+            else:
+                deltas += [({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather",
+                                                          "arguments": "{\"city\""}}]}, None),
+                           ({"tool_calls": [{"index": 0, "function": {
+                               "arguments": ":\"Paris\"}"}}]}, None),
+                           ({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                                             "function": {"name": "get_time",
+                                                          "arguments": "{}"}}]}, None),
+                           ({}, "tool_calls")]
+            chunks = [dict(base, choices=[{"index": 0, "delta": d, "finish_reason": f}])
+                      for d, f in deltas]
+            chunks.append(dict(base, choices=[], usage={"prompt_tokens": 11,
+                                                        "completion_tokens": 4,
+                                                        "total_tokens": 15}))
+            return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                         [b"data: [DONE]\n\n"], content_type="text/event-stream")
+        msg = {"role": "assistant", "content": text}
+        if kind == "tools":
+            msg = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "call_2", "type": "function", "function": {
+                    "name": "get_time", "arguments": "{}"}}]}
+        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "message": msg,
+                                          "finish_reason": "tool_calls" if kind == "tools"
+                                          else "stop"}],
+                                      "usage": {"prompt_tokens": 11, "completion_tokens": 4,
+                                                "total_tokens": 15}}).encode())
+
+    @staticmethod
+    def anthropic(rec):
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]["content"]
+        result = next((b for b in reversed(last) if isinstance(b, dict)
+                       and b["type"] == "tool_result"), None) if isinstance(last, list) else None
+        kind, text = Dialects.plan(
+            None if result is None else (result["content"][0]["text"]
+                                         if isinstance(result["content"], list)
+                                         else result["content"]),
+            bool(body.get("tools")))
+        blocks = [{"type": "text", "text": text}] if kind == "text" else [
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+             "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}]
+        stop = "end_turn" if kind == "text" else "tool_use"
+        if not body.get("stream"):
+            return Reply(body=json.dumps({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                "content": blocks, "stop_reason": stop, "stop_sequence": None,
+                "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
+
+        def ev(name, data):
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+        out = [ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [], "stop_reason": None, "usage": {"input_tokens": 11,
+                                                          "output_tokens": 1}}})]
+        for i, b in enumerate(blocks):
+            if b["type"] == "text":
+                out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                      "content_block": {"type": "text",
+                                                                        "text": ""}}))
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "text_delta",
+                                                          "text": b["text"]}}))
+            else:
+                out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                      "content_block": dict(b, input={})}))
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "input_json_delta",
+                                                          "partial_json": json.dumps(
+                                                              b["input"])}}))
+            out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
+        out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                     "usage": {"output_tokens": 4}}),
+                ev("message_stop", {"type": "message_stop"})]
+        return Reply(chunks=out, content_type="text/event-stream")
+
+    @staticmethod
+    def gemini(rec):
+        body = json.loads(rec["body"])
+        last = body["contents"][-1]["parts"]
+        resp = next((p["functionResponse"] for p in reversed(last) if "functionResponse" in p),
+                    None)
+        kind, text = Dialects.plan(None if resp is None else resp["response"]["result"],
+                                   bool(body.get("tools")))
+        parts = [{"text": text}] if kind == "text" else [
+            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+             "thoughtSignature": "R0VNU0lH"},
+            {"functionCall": {"name": "get_time", "args": {}}}]
+        usage = {"promptTokenCount": 11, "candidatesTokenCount": 4, "totalTokenCount": 15}
+        if ":streamGenerateContent" in rec["path"]:
+            chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]},
+                                       "index": 0}]} for p in parts]
+            chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+                {"text": ""}]}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage})
+            return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
+                         content_type="text/event-stream", close_delimited=True)
+        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
+                                                                  "parts": parts},
+                                                      "finishReason": "STOP"}],
+                                      "usageMetadata": usage}).encode())
+
+    @staticmethod
+    def ollama(rec):
+        body = json.loads(rec["body"])
+        last = body["messages"][-1]
+        kind, text = Dialects.plan(last["content"] if last["role"] == "tool" else None,
+                                   bool(body.get("tools")))
+        msg = {"role": "assistant", "content": text or ""}
+        if kind == "tools":
+            msg["tool_calls"] = [{"function": {"name": "get_weather",
+                                               "arguments": {"city": "Paris"}}},
+                                 {"function": {"name": "get_time", "arguments": {}}}]
+        final = {"model": "l", "message": {"role": "assistant", "content": ""}, "done": True,
+                 "done_reason": "stop", "prompt_eval_count": 11, "eval_count": 4}
+        if body.get("stream"):
+            return Reply(chunks=[json.dumps({"model": "l", "message": msg, "done": False})
+                                 .encode() + b"\n", json.dumps(final).encode() + b"\n"],
+                         content_type="application/x-ndjson")
+        return Reply(body=json.dumps(dict(final, message=msg)).encode())
+
+
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]
+
+
+# -- Tools as today's clients send them (issue 12): interleaved parallel calls, n, long tool
+# names, provider quirks, Claude Code's tool search, Codex's namespaces -----------------------
+
+def _interleaved_openai_stream():
+    """Two parallel calls whose fragments alternate (index 0, 1, 0, 1), as some
+    OpenAI-compatible servers stream them."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def ch(delta, finish=None):
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    def frag(index, args, **first):
+        tc = {"index": index, "function": {"arguments": args}}
+        if first:
+            tc.update(id=first["id"], type="function")
+            tc["function"]["name"] = first["name"]
+        return ch({"tool_calls": [tc]})
+    chunks = [ch({"role": "assistant", "content": ""}),
+              frag(0, "", id="call_a", name="get_weather"),
+              frag(1, "{\"tz\":", id="call_b", name="get_time"),
+              frag(0, "{\"city\":"), frag(1, "\"UTC\"}"), frag(0, "\"Paris\"}"),
+              ch({}, "tool_calls"),
+              dict(base, choices=[], usage={"prompt_tokens": 7, "completion_tokens": 5,
+                                            "total_tokens": 12})]
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + \
+        [b"data: [DONE]\n\n"]
+
+
+INTERLEAVED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
+
+
+LONG_TOOL = "mcp__claude_ai_Some_Connector__search_the_workspace_documents_by_title_and_body"
+ODD_TOOLS = [LONG_TOOL, "files.read", "db:query", "ok_name-1"]
+
+
+CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
+                   "description": "Tools in the mcp__probe namespace.",
+                   "tools": [{"type": "function", "name": "echo_words", "strict": False,
+                              "description": "Echo words back", "parameters": {
+                                  "type": "object", "properties": {"words": {"type": "string"}},
+                                  "required": ["words"]}},
+                             {"type": "custom", "name": "raw_patch", "description": "Patch"}]}
+
+
+# Provider rules the strict fakes below enforce, each as its documentation states it:
+# OpenAI: function names "must be a-z, A-Z, 0-9, or contain underscores and dashes, with a
+#   maximum length of 64" (Chat Completions API reference, tools[].function.name).
+# Gemini: FunctionDeclaration.name "must start with a letter or an underscore. Must be a-z, A-Z,
+#   0-9, or contain underscores, dots, colons and dashes, with a maximum length of 64"
+#   (google-genai types.FunctionDeclaration; generativelanguage v1beta reference).
+# Anthropic: tools[].name matches ^[a-zA-Z0-9_-]{1,128}$ (Messages API reference).
+# Mistral: "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9." is its 400 for
+#   any other id (quoted in langchain-ai/langchain#24668, anomalyco/opencode#1680).
+# DeepSeek thinking mode: on a turn with tool calls, "the reasoning_content must be fully passed
+#   back to the API in all subsequent requests", else a 400 (api-docs.deepseek.com/guides/
+#   thinking_mode, quoted in anomalyco/opencode#24722).
+STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
+                "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
+                "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
+
+
+def _refuse(ctype, message):
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}} \
+        if ctype == "anthropic" else {"error": {"message": message, "code": 400,
+                                                "type": "invalid_request_error"}}
+    return Reply(status=400, body=json.dumps(body).encode())
+
+
+def strict_upstream(ctype, mistral=False, deepseek=False):
+    """A fake of channel type ``ctype`` that enforces the rules above, calls the first tool it
+    was offered (by the name it got) or, after a tool result, answers "got <result>"."""
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if ctype == "gemini":
+            names = [d["name"] for t in body.get("tools") or []
+                     for d in t["functionDeclarations"]]
+            names += [p["functionCall"]["name"] for c in body["contents"] for p in c["parts"]
+                      if "functionCall" in p]
+            last = body["contents"][-1]["parts"][-1].get("functionResponse")
+            result = last and last["response"]["result"]
+        elif ctype == "anthropic":
+            names = [t["name"] for t in body.get("tools") or []]
+            names += [b["name"] for m in body["messages"] if isinstance(m["content"], list)
+                      for b in m["content"] if b["type"] == "tool_use"]
+            last = body["messages"][-1]["content"]
+            result = next((b["content"][0]["text"] for b in last if isinstance(b, dict) and
+                           b["type"] == "tool_result"), None) if isinstance(last, list) else None
+        else:
+            names = [t["function"]["name"] for t in body.get("tools") or []]
+            calls = [c for m in body["messages"] for c in m.get("tool_calls") or []]
+            names += [c["function"]["name"] for c in calls]
+            ids = [c["id"] for c in calls] + [m["tool_call_id"] for m in body["messages"]
+                                              if m["role"] == "tool"]
+            bad_id = next((i for i in ids if not re.fullmatch(r"[A-Za-z0-9]{9}", i)), None)
+            if mistral and bad_id:
+                return _refuse(ctype, f"Tool call id was {bad_id} but must be a-z, A-Z, 0-9, "
+                                      f"with a length of 9.")
+            if mistral and "stream_options" in body:
+                return _refuse(ctype, "stream_options: extra inputs are not permitted")
+            if deepseek and any(m["role"] == "assistant" and m.get("tool_calls") and
+                                not m.get("reasoning_content") for m in body["messages"]):
+                return _refuse(ctype, "Missing `reasoning_content` field in the assistant "
+                                      "message at message index 1.")
+            last = body["messages"][-1]
+            result = last["content"] if last["role"] == "tool" else None
+        bad = next((n for n in names if not STRICT_NAMES[ctype].match(n)), None)
+        if bad:
+            return _refuse(ctype, f"Invalid function name {bad!r}")
+        first = names[0] if names and result is None else None
+        return _answer_in(ctype, body, rec, f"got {result}" if result else "", first)
+    return respond
+
+
+def _answer_in(ctype, body, rec, text, tool, args=None):
+    """One answer in channel type ``ctype``'s own format, streamed if the request asked: the
+    text, or a call of ``tool`` with ``args``."""
+    args = args or {"q": "x"}
+    if ctype == "gemini":
+        part = {"functionCall": {"name": tool, "args": args}} if tool else {"text": text}
+        chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
+                                 "finishReason": "STOP", "index": 0}],
+                 "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}
+        if ":streamGenerateContent" in rec["path"]:
+            return Reply(chunks=[f"data: {json.dumps(chunk)}\r\n\r\n".encode()],
+                         content_type="text/event-stream")
+        return Reply(body=json.dumps(chunk).encode())
+    if ctype == "anthropic":
+        block = {"type": "tool_use", "id": "toolu_9", "name": tool, "input": args} if tool \
+            else {"type": "text", "text": text}
+        msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+               "content": [block], "stop_reason": "tool_use" if tool else "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
+        return Reply(body=json.dumps(msg).encode())
+    msg = {"role": "assistant", "content": text or None}
+    if tool:
+        msg["tool_calls"] = [{"id": f"call{len(body['messages']):05d}", "type": "function",
+                              "function": {"name": tool, "arguments": json.dumps(args)}}]
+    if not body.get("stream"):
+        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "message": msg, "finish_reason":
+                                          "tool_calls" if tool else "stop"}]}).encode())
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    delta = dict(msg, tool_calls=[dict(c, index=0) for c in msg.get("tool_calls", [])])
+    chunks = [dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]),
+              dict(base, choices=[{"index": 0, "delta": {},
+                                   "finish_reason": "tool_calls" if tool else "stop"}])]
+    return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
+                 [b"data: [DONE]\n\n"], content_type="text/event-stream")
+
+
+def _need_xvfb():
+    """Without Xvfb the GUI tests skip, saying why; in CI they must run, so they fail."""
+    if shutil.which("Xvfb") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Xvfb is missing and there is no DISPLAY: CI runs the GUI tests "
+                        "(apt-get install xvfb)")
+        pytest.skip("GUI test: needs a DISPLAY or Xvfb (apt-get install xvfb); CI runs it")
+
+
+@pytest.fixture(scope="session")
+def display():
+    if os.environ.get("DISPLAY"):
+        yield os.environ["DISPLAY"]
+        return
+    _need_xvfb()
+    # Xvfb picks a free display itself and writes its number to the pipe once it accepts
+    # clients: parallel workers (pytest -n) and other users' Xvfbs never collide.
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(writer), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], pass_fds=(writer,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(writer)
+    answer = b""
+    with open(reader, "rb", buffering=0) as pipe:
+        while not answer.endswith(b"\n"):
+            assert select.select([pipe], [], [], 10)[0], "Xvfb did not start in 10 s"
+            piece = pipe.read(16)
+            assert piece, "Xvfb exited without naming its display"
+            answer += piece
+    num = int(answer)
+    os.environ["DISPLAY"] = f":{num}"
+    yield os.environ["DISPLAY"]
+    del os.environ["DISPLAY"]
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture
+def app(display, tmp_path):
+    made = []
+
+    def make(channels=(), settings=None, start=False):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"settings": dict({"port": 0}, **(settings or {})),
+                                    "channels": list(channels),
+                                    "tokens": [{"name": "main", "key": TOKEN}]}))
+        store, _ = ag.ConfigStore.load(str(path))
+        a = ag.App(store, host="127.0.0.1", start=start)
+        a.confirm_answer = True
+        made.append(a)
+        a.root.update()
+        return a
+    yield make
+    for a in made:
+        a.close()
+
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                   "required": ["city"]}},
+                   {"type": "function", "name": "get_time",
+                    "parameters": {"type": "object", "properties": {}}},
+                   {"type": "web_search"}]
+
+
+genai = _Lazy("google.genai")
+genai_errors = _Lazy("google.genai.errors")
+genai_types = _Lazy("google.genai.types")
+
+
+def _genai(g, version="v1beta", key=TOKEN):
+    return genai.Client(api_key=key, http_options=genai_types.HttpOptions(
+        base_url=g.url, api_version=version, timeout=15000,
+        client_args={"verify": sdk_tls()},
+        async_client_args={"verify": sdk_tls(), "ssl": sdk_tls()}))     # "ssl": for websockets
+
+
+def _genai_tools():
+    return [genai_types.Tool(function_declarations=[
+        genai_types.FunctionDeclaration(name="get_weather", description="Weather", parameters={
+            "type": "OBJECT", "properties": {"city": {"type": "STRING"}},
+            "required": ["city"]}),
+        genai_types.FunctionDeclaration(name="get_time", description="Time")])]
+
+
+OVERFLOWS = [
+    (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                      "message": "prompt is too long: 215000 tokens > 200000 "
+                                                 "maximum"}}, 215000, 200000),
+    (400, {"type": "error", "error": {"type": "invalid_request_error", "message":
+           "input length and `max_tokens` exceed context limit: 188059 + 20000 > 200000, "
+           "decrease input length or `max_tokens` and try again"}}, 208059, 200000),
+    (400, {"error": {"message": "This model's maximum context length is 128000 tokens. However,"
+                                " your messages resulted in 130015 tokens. Please reduce the "
+                                "length of the messages.", "type": "invalid_request_error",
+                     "param": "messages", "code": "context_length_exceeded"}}, 130015, 128000),
+    (400, {"error": {"message": "Your input exceeds the context window of this model.",
+                     "code": "context_length_exceeded"}}, None, None),
+    (400, {"object": "error", "message": "This model's maximum context length is 16384 tokens. "
+           "However, you requested 122946 tokens (112946 in the messages, 10000 in the "
+           "completion).", "type": "BadRequestError", "param": None, "code": 400},
+     122946, 16384),
+    (400, {"error": {"code": 400, "message": "The input token count (1200293) exceeds the "
+                     "maximum number of tokens allowed (1048576).",
+                     "status": "INVALID_ARGUMENT"}}, 1200293, 1048576),
+    (500, {"error": "the input length exceeds the context length"}, None, None),
+    (400, {"error": {"code": 400, "message": "the request exceeds the available context size, "
+                     "try increasing it", "type": "exceed_context_size_error",
+                     "n_prompt_tokens": 9000, "n_ctx": 8192}}, 9000, 8192),
+]
+
+
+SIG = "EqMBCkYIBRgCKkC0c2lnbmF0dXJl"
+
+
+def _open_sockets() -> int:
+    """Sockets this process holds. Files are not counted: the usage database opens its -wal
+    and -shm files when its writer first needs them, whatever other tests ran before."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):          # the listing's own fd is gone by now
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+# =================================================================================================
+# 0. Docstring, imports, __all__
+# =================================================================================================
+
+def test_00_imports_only_the_standard_library():
+    """The gateway runs on a bare Python: every import statement anywhere in the module, lazy
+    ones in functions included, names a module of the standard library."""
+    with open(ag.__file__, encoding="utf-8") as f:
+        source = f.read()
+    names = set(re.findall(r"^[ \t]*from[ \t]+(\w+)\S*[ \t]+import\b", source, re.M))
+    for line in re.findall(r"^[ \t]*import[ \t]+(.+)$", source, re.M):
+        names.update(part.split()[0].split(".")[0] for part in line.split(","))
+    assert {"asyncio", "tkinter", "sqlite3", "dataclasses", "importlib"} <= names
+    assert names - sys.stdlib_module_names - {"__future__"} == set()
+
+
+def test_00_all_names_exist_and_the_outline_names_every_section():
+    assert len(set(ag.__all__)) == len(ag.__all__)
+    assert [name for name in ag.__all__ if not hasattr(ag, name)] == []
+    with open(ag.__file__, encoding="utf-8") as f:
+        banners = re.findall(r"^# (\d+)\. (.+)$", f.read(), re.M)
+    assert [int(num) for num, _ in banners] == list(range(15))
+    outline = ag.__doc__.split("Outline")[1].split("Each section")[0]
+    for num, title in banners:
+        assert f"{num}. {title.split()[0]}" in outline, (num, title)
+
+
+# =================================================================================================
+# 1. Constants and limits
+# =================================================================================================
+
+def test_01_limits_are_positive_and_fit_inside_each_other():
+    numbers = {name: value for name, value in vars(ag).items()
+               if name.isupper() and type(value) in (int, float)}
+    assert len(numbers) > 50 and [n for n, v in numbers.items() if v <= 0] == []
+    assert ag.MAX_REQUEST_LINE < ag.MAX_HEAD_BYTES and ag.MAX_CHUNK_LINE < ag.MAX_HEAD_BYTES
+    assert ag.DECODE_PIECE <= ag.MAX_BUFFERED_RESPONSE <= ag.DEFAULT_MAX_RESPONSE_MB << 20
+    assert ag.MAX_ERROR_BODY <= ag.DEFAULT_MAX_RESPONSE_MB << 20
+    assert ag.SSE_CARRY_LIMIT <= ag.MAX_EVENT_BYTES
+    assert ag.USAGE_BATCH_ROWS <= ag.USAGE_QUEUE_LIMIT
+    assert ag.DEBUG_CAPTURE_BODY_BYTES <= ag.DEFAULT_MAX_BODY_MB << 20
+
+
+def test_01_timers_are_ordered_as_their_comments_say():
+    assert ag.CLIENT_CHECK_SECONDS < ag.KEEPALIVE_PING_SECONDS < ag.WRITE_TIMEOUT
+    assert ag.POOL_IDLE_TTL < 60                   # servers commonly drop idle ones after 60 s
+    assert ag.COOLDOWN_SECONDS <= ag.COOLDOWN_MAX_SECONDS
+    assert ag.GOOGLE_TOKEN_LAST < ag.GOOGLE_TOKEN_MARGIN < ag.GOOGLE_ASSERTION_SECONDS <= 3600
+    assert ag.CONFIG_SETTLE_SECONDS < ag.CONFIG_POLL_SECONDS      # an error is seen twice
+    assert ag.USAGE_FLUSH_SECONDS < ag.USAGE_PRUNE_SECONDS
+
+
+def test_01_defaults_are_loopback_and_names_are_distinct():
+    import ipaddress
+    assert ipaddress.ip_address(ag.DEFAULT_HOST).is_loopback and 0 < ag.DEFAULT_PORT < 65536
+    assert len({ag.OPENAI, ag.ANTHROPIC, ag.RESPONSES, ag.GEMINI}) == 4
+    types = [ag.TYPE_OPENAI, ag.TYPE_ANTHROPIC, ag.TYPE_GEMINI, ag.TYPE_OLLAMA, ag.TYPE_CUSTOM,
+             ag.TYPE_AZURE]
+    assert len(set(types)) == len(types)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", ag.__version__) and ag.TOKEN_PREFIX == "sk-gw-"
+
+
+# =================================================================================================
+# 2. Errors
+# =================================================================================================
+
+@pytest.mark.parametrize("status, kind", [
+    (400, "invalid_request"), (401, "authentication"), (404, "not_found"),
+    (413, "request_too_large"), (429, "rate_limit"), (502, "bad_gateway"), (504, "timeout"),
+    (418, "invalid_request"), (599, "api_error")])
+def test_02_error_kind_follows_the_status(status, kind):
+    err = ag.GatewayError(status, "why")
+    assert (err.status, err.kind, str(err), err.message) == (status, kind, "why", "why")
+    assert ag.GatewayError(status, "why", kind="permission").kind == "permission"
+
+
+def test_02_error_classes_carry_what_the_client_is_told():
+    a, b = ag.GatewayError(400, "x"), ag.GatewayError(400, "y")
+    a.headers.append(("Retry-After", "1"))
+    assert b.headers == [] and (a.code, a.param) == (None, None)
+    up = ag.UpstreamError(503, "busy", retryable=True, upstream_status=529, code="c")
+    assert isinstance(up, ag.GatewayError) and up.kind == "overloaded"
+    assert (up.retryable, up.upstream_status, up.code) == (True, 529, "c")
+    assert issubclass(ag.ProtocolError, ag.GatewayError)
+    over = ag.ContextOverflow("too long", tokens=300_000, limit=200_000)
+    assert (over.status, over.kind, over.code, over.param) == (
+        400, "invalid_request", "context_length_exceeded", "messages")
+    assert (over.tokens, over.limit) == (300_000, 200_000)
+    assert not issubclass(ag.ConfigError, ag.GatewayError)     # never an HTTP answer
 
 
 # =================================================================================================
@@ -694,48 +1542,6 @@ def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
         pa.feed(c[5:])
     assert (pa.input_tokens, pa.output_tokens) == (12, 7)
 
-# --- AWS event-stream decoder (Bedrock streams) ----------------------------------------------
-# An encoder written here from the framing layout (prelude, headers, payload, CRCs); botocore's
-# own parser (botocore.eventstream.EventStreamBuffer; botocore has no encoder) checks it.
-
-_ES_FORMATS = {2: "!b", 3: "!h", 4: "!i", 5: "!q", 8: "!q"}
-
-
-def es_message(headers, payload=b"", *, total=None, bad_prelude=False, bad_crc=False):
-    """One event-stream message; ``headers`` are (name, type, value) triples."""
-    raw = b""
-    for name, kind, value in headers:
-        raw += bytes([len(name.encode())]) + name.encode() + bytes([kind])
-        if kind in _ES_FORMATS:
-            raw += struct.pack(_ES_FORMATS[kind], value)
-        elif kind in (6, 7):
-            data = value.encode() if kind == 7 else value
-            raw += struct.pack("!H", len(data)) + data
-        elif kind == 9:
-            raw += value
-    size = total if total is not None else 16 + len(raw) + len(payload)
-    prelude = struct.pack("!II", size, len(raw))
-    prelude += struct.pack("!I", zlib.crc32(prelude) ^ (1 if bad_prelude else 0))
-    body = prelude + raw + payload
-    return body + struct.pack("!I", zlib.crc32(body) ^ (1 if bad_crc else 0))
-
-
-def es_event(event_type, obj):
-    return es_message([(":event-type", 7, event_type), (":content-type", 7, "application/json"),
-                       (":message-type", 7, "event")], json.dumps(obj).encode())
-
-
-def es_exception(kind, message):
-    return es_message([(":exception-type", 7, kind), (":content-type", 7, "application/json"),
-                       (":message-type", 7, "exception")],
-                      json.dumps({"message": message}).encode())
-
-
-def bedrock_chunk(event):
-    """An InvokeModelWithResponseStream ``chunk`` event: {"bytes": base64 of the model's JSON}
-    (Amazon Bedrock API reference, PayloadPart)."""
-    return es_event("chunk", {"bytes": ag.base64.b64encode(json.dumps(event).encode()).decode()})
-
 
 def _es_all_types():
     return es_message([
@@ -979,27 +1785,6 @@ def test_07_chunked_close_delimited_gzip_and_deflate(upstream):
     assert run(go()) == [text] * 5
 
 
-# -- bounded reads from upstreams (issue 9) ------------------------------------------------------
-
-def gzip_bomb(gib: float = 1.0):
-    """``gib`` GiB of zeros, gzip-compressed as it is sent (about 1 KiB per MiB): each 1 MiB
-    segment ends in a full flush, which resets the compressor, so all but the first are the
-    same bytes and the bomb costs nothing to make."""
-    c = zlib.compressobj(9, zlib.DEFLATED, 31)
-    zeros = bytes(1 << 20)
-    first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
-    again = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
-    yield first
-    for _ in range(int(gib * 1024) - 1):
-        yield again
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
-
-
 def test_07_whole_answer_cap_and_bomb_inflated_in_pieces(upstream):
     up = upstream([Reply(body=b"x" * (3 << 20)),
                    Reply(chunks=gzip_bomb(0.0625), headers={"Content-Encoding": "gzip"}),
@@ -1099,7 +1884,7 @@ def test_07_first_byte_and_idle_timeouts(upstream):
             await _client_call(up.url, timeout=0.25)
         assert e1.value.status == 504 and time.monotonic() - t0 < 2.5
         with pytest.raises(ag.UpstreamError) as e2:
-            await _client_call(up.url, timeout=1.0)
+            await _client_call(up.url, timeout=0.5)
         assert e2.value.status == 504 and "silent" in e2.value.message
     run(go())
 
@@ -1111,25 +1896,6 @@ def test_07_connect_error_is_retryable_502():
         return e.value
     err = run(go())
     assert err.status == 502 and err.retryable and "cannot connect" in err.message
-
-
-@pytest.fixture(scope="session")
-def cert_files(tmp_path_factory):
-    """A self-signed certificate for localhost and its key (paths), made once: an EC P-256
-    key is made in milliseconds where RSA-2048 takes a second."""
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
-
-
-def server_context(cert_files) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(*map(str, cert_files))
-    return ctx
 
 
 @pytest.fixture
@@ -1147,90 +1913,6 @@ def test_07_tls_verification_on_by_default_and_off_per_channel(upstream, self_si
         resp, body = await _client_call(up.url, verify_tls=False)
         assert resp.status == 200 and b"hello" in body
     run(go())
-
-
-class _ProxyBase(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, handler):
-        super().__init__(("127.0.0.1", 0), handler)
-        self.seen: list = []
-        threading.Thread(target=self.serve_forever, args=(0.01,), daemon=True).start()
-
-
-def _pipe(a: socket.socket, b: socket.socket):
-    def one(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-    t = threading.Thread(target=one, args=(b, a), daemon=True)
-    t.start()
-    one(a, b)
-    t.join(5)
-
-
-class HTTPProxyHandler(socketserver.BaseRequestHandler):
-    def handle(self):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += self.request.recv(1)
-        line = data.split(b"\r\n")[0].decode()
-        self.server.seen.append(data.decode())
-        method, target, _ = line.split(" ")
-        if method == "CONNECT":
-            host, port = target.rsplit(":", 1)
-            upstream_sock = socket.create_connection((host, int(port)))
-            self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        else:                                   # absolute-form: forward as is
-            u = target.split("/", 3)
-            host, port = u[2].rsplit(":", 1)
-            upstream_sock = socket.create_connection((host, int(port)))
-            upstream_sock.sendall(data)
-        _pipe(self.request, upstream_sock)
-
-
-class Socks5Handler(socketserver.BaseRequestHandler):
-    def _exact(self, n):
-        buf = b""
-        while len(buf) < n:
-            buf += self.request.recv(n - len(buf))
-        return buf
-
-    def handle(self):
-        ver, n = self._exact(2)
-        methods = self._exact(n)
-        if 2 in methods:
-            self.request.sendall(b"\x05\x02")
-            _, ulen = self._exact(2)
-            user = self._exact(ulen)
-            plen = self._exact(1)[0]
-            pw = self._exact(plen)
-            self.server.seen.append(("auth", user, pw))
-            self.request.sendall(b"\x01\x00")
-        else:
-            self.request.sendall(b"\x05\x00")
-        _, cmd, _, atyp = self._exact(4)
-        if atyp == 3:
-            host = self._exact(self._exact(1)[0]).decode()
-        else:
-            host = socket.inet_ntoa(self._exact(4))
-        port = struct.unpack("!H", self._exact(2))[0]
-        self.server.seen.append(("connect", atyp, host, port))
-        upstream_sock = socket.create_connection((host, port))
-        self.request.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + b"\x00\x00")
-        _pipe(self.request, upstream_sock)
 
 
 def test_07_http_proxy_connect_tunnel_and_absolute_form(upstream, self_signed):
@@ -1349,31 +2031,6 @@ def test_07_fetch_urls_are_normalised_and_schemes_refused():
                 "http://[::1/", "http://img.test:99999/"):
         with pytest.raises(ag.GatewayError, match="host or port is not valid"):
             ag._fetch_host(url, "image")
-
-# --- Upstream credentials: AWS SigV4 (checked against botocore), Google RS256 service accounts --
-
-class _StopSend(Exception):
-    pass
-
-
-def botocore_signed(service, region, call, session_token="FQoGZXIvYXdzEXAMPLE//token"):
-    """The request botocore's own client signs for ``call(client)``, caught before sending."""
-    import botocore.session
-    client = botocore.session.get_session().create_client(
-        service, region_name=region, aws_access_key_id="AKIDEXAMPLE",
-        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-        aws_session_token=session_token)
-    caught = []
-
-    def stop(request, **kw):
-        caught.append(request)
-        raise _StopSend
-    client.meta.events.register("before-send", stop)
-    with pytest.raises(_StopSend):
-        call(client)
-    req = caught[0]
-    headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in req.headers.items()}
-    return req, headers
 
 
 def ours_for(req, headers, service, region, session_token="FQoGZXIvYXdzEXAMPLE//token"):
@@ -1541,14 +2198,6 @@ def test_07_bad_service_account_keys_get_clear_config_errors(rsa_pem):
                       ({"private_key": pkcs8}, "'client_email' is missing")):
         with pytest.raises(ag.ConfigError, match=re.escape(why)):
             ag.service_account(info)
-
-
-class _Clock:
-    def __init__(self, now=1764590400.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def google_token_endpoint(upstream, public_key, fail_first=0):
@@ -1775,8 +2424,56 @@ def test_08_server_survives_garbage(gw, monkeypatch):
     assert g.request("GET", "/health")[0] == 200
 
 
+def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upstream,
+                                                                        monkeypatch):
+    """A client with a tiny receive buffer that never reads a long stream: after WRITE_TIMEOUT
+    without progress it is dropped, the upstream request is cancelled (the fake sees the
+    gateway hang up) and the socket is aborted, not left open with unsent data."""
+    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.5)
+    event = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 +
+             b'"},"finish_reason":null}]}\n\n')
+    up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
+    g = gw([chan(up)])
+    g.request("GET", "/health")
+    base_socks = _open_sockets()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", g.port))
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " +
+              TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        assert up.broken.wait(30)                  # the upstream request was cancelled
+        assert g.records(1, timeout=10)[-1]["status"] == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (g.thread.server.connection_count() or
+                                               _open_sockets() > base_socks + 1):
+            time.sleep(0.02)
+        assert g.thread.server.connection_count() == 0
+        assert _open_sockets() <= base_socks + 1         # only our own, unread, client socket
+        s.settimeout(10)
+        with pytest.raises(ConnectionResetError):  # aborted: unsent data was dropped
+            while s.recv(65536):
+                pass
+    finally:
+        s.close()
+
+
+def test_08_connection_cap(gw):
+    g = gw(settings={"max_connections": 2})
+    held = [socket.create_connection(("127.0.0.1", g.port), timeout=5) for _ in range(2)]
+    deadline = time.monotonic() + 5
+    while g.thread.server.connection_count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 503") and b"too many connections" in out
+    for s in held:
+        s.close()
+
+
 # =================================================================================================
-# 9. Converters (error shapes and model rewriting used by passthrough)
+# 9. Converters and provider adapters: tables, stream state machines, every channel type
 # =================================================================================================
 
 def test_09_error_payloads_have_every_key():
@@ -2018,6 +2715,1467 @@ def test_09_converse_answers_and_streams_to_ir():
     events = dec.feed(es_event("messageStart", {"role": "assistant"})[:-3]) + dec.close()
     assert events[1][0] == "error" and "ended inside a message" in events[1][1].message
     assert dec.feed(b"more") == [] and dec.close() == []
+
+
+# -- Converters: tables, stream state machines, and every channel type end to end -----------------
+def _ir_from_openai(**body):
+    body.setdefault("model", "m")
+    return ag.openai_request_to_ir(body)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+    {"role": "user", "content": [
+        {"type": "text", "text": "What is in this image, and the weather?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "functions.get_weather:0", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
+    {"role": "user", "content": "thanks"},
+    {"role": "system", "content": "Late system note."},
+]
+
+
+def test_09_openai_to_anthropic_request_table():
+    ir = _ir_from_openai(messages=CONVERSATION, tools=TOOLS, temperature=1.5, top_p=0.5,
+                         stop=["  ", "END"], tool_choice="required", parallel_tool_calls=False)
+    body = ag.ir_to_anthropic_request(ir, "claude-x", stream=False)
+    assert body["system"] == [{"type": "text", "text": "You are terse."},
+                              {"type": "text", "text": "Use tools."},
+                              {"type": "text", "text": "Late system note."}]   # section 7 #24
+    assert body["max_tokens"] == ag.DEFAULT_ANTHROPIC_MAX_TOKENS                 # required
+    assert body["temperature"] == 1.0 and "top_p" not in body                    # #20, clamped
+    assert body["stop_sequences"] == ["END"]
+    assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    user = body["messages"][0]["content"]
+    assert user[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": "iVBORw0KGgo="}}
+    assert user[2] == {"type": "image", "source": {"type": "url",
+                                                    "url": "https://example.com/cat.jpg"}}
+    calls = body["messages"][1]["content"]
+    assert [c["type"] for c in calls] == ["tool_use", "tool_use"]
+    assert calls[0]["input"] == {"city": "Paris"} and calls[1]["input"] == {}    # #15
+    assert ag._ANTHROPIC_ID_RX.match(calls[0]["id"]) and calls[0]["id"] != "call_b"   # #14
+    results = body["messages"][2]["content"]                                     # #8
+    assert [b["type"] for b in results] == ["tool_result", "tool_result", "text"]
+    assert results[0]["tool_use_id"] == calls[0]["id"]
+    assert results[1]["tool_use_id"] == "call_b" and results[2]["text"] == "thanks"
+    assert body["tools"][0]["input_schema"]["required"] == ["city"]
+
+
+def test_09_reasoning_effort_to_thinking_budget_and_max_tokens():
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="high",
+                         max_tokens=2000, temperature=0.3, tools=TOOLS, tool_choice="required")
+    body = ag.ir_to_anthropic_request(ir, "c", stream=True)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 24576}       # #21
+    assert body["max_tokens"] > 24576 and "temperature" not in body
+    assert body["tool_choice"] == {"type": "auto"} and body["stream"] is True
+    capped = ag.ir_to_anthropic_request(ir, "c", stream=False, max_tokens_cap=8000)
+    assert capped["max_tokens"] == 8000 and capped["thinking"]["budget_tokens"] < 8000
+
+
+def test_09_anthropic_to_openai_request_table():
+    body = {"model": "claude-x", "max_tokens": 32000, "stream": True,
+            "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "Bash", "description": "run", "input_schema": {
+                "type": "object", "properties": {"cmd": {"type": "string"}}},
+                "cache_control": {"type": "ephemeral"}},
+                {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+            "thinking": {"type": "enabled", "budget_tokens": 4000},
+            "metadata": {"user_id": "u1"}, "top_k": 5,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "sig=="},
+                    {"type": "text", "text": "Let me run it."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                     "input": {"cmd": "ls"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                     "content": [{"type": "text", "text": "denied"},
+                                 {"type": "image", "source": {"type": "base64",
+                                  "media_type": "image/png", "data": "AAA"}}]},
+                    {"type": "text", "text": "try again"}]}]}
+    ir = ag.anthropic_request_to_ir(body)
+    out = ag.ir_to_openai_request(ir, "o3-mini", stream=True,
+                                  max_tokens_field="max_completion_tokens")
+    assert out["messages"][0] == {"role": "system", "content": "sys"}
+    assert [t["function"]["name"] for t in out["tools"]] == ["Bash"]        # server tool dropped
+    assert out["parallel_tool_calls"] is False and out["max_completion_tokens"] == 32000
+    assert out["reasoning_effort"] == "medium" and out["user"] == "u1"
+    assert out["stream_options"] == {"include_usage": True}
+    asst = out["messages"][2]
+    assert asst["content"] == "Let me run it." and asst["reasoning_content"] == "hmm"
+    assert asst["tool_calls"][0]["function"] == {"name": "Bash", "arguments": '{"cmd": "ls"}'}
+    roles = [m["role"] for m in out["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "user", "user"]
+    assert out["messages"][3] == {"role": "tool", "tool_call_id": "toolu_1",
+                                  "content": "Error: denied"}
+    assert out["messages"][4]["content"][0]["image_url"]["url"] == "data:image/png;base64,AAA"
+    assert out["messages"][5]["content"] == "try again"                     # #17
+
+
+def test_09_foreign_thinking_never_reaches_anthropic():
+    ir = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "ours", "signature": ag.UNSIGNED_THINKING},
+            {"type": "thinking", "thinking": "theirs", "signature": "EqQBCkgIARABGAIiQ=="},
+            {"type": "text", "text": "a"}]},
+        {"role": "user", "content": "y"}]})
+    blocks = ag.ir_to_anthropic_request(ir, "c", stream=False)["messages"][1]["content"]
+    assert blocks == [{"type": "thinking", "thinking": "theirs",
+                       "signature": "EqQBCkgIARABGAIiQ=="}, {"type": "text", "text": "a"}]
+
+
+def test_09_gemini_request_schema_cleaning_and_grouped_function_responses():
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+              "additionalProperties": False,
+              "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
+              "properties": {
+                  "city": {"type": ["string", "null"], "description": "City"},
+                  "unit": {"$ref": "#/$defs/Unit"},
+                  "days": {"type": "integer", "exclusiveMinimum": 0, "const": 3},
+                  "tags": {"type": "array", "items": {"type": "string", "format": "uri"},
+                           "uniqueItems": True},
+                  "format": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+              "required": ["city", "ghost"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}},
+             TOOLS[1]]
+    ir = _ir_from_openai(messages=CONVERSATION, tools=tools, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}, max_tokens=100,
+        reasoning_effort="low", response_format={"type": "json_object"})
+    body = ag.ir_to_gemini_request(ir, {"call_b": "sig-b"})
+    params = body["tools"][0]["functionDeclarations"][0]["parameters"]
+    assert params == {"type": "OBJECT", "required": ["city"], "properties": {
+        "city": {"type": "STRING", "nullable": True, "description": "City"},
+        "unit": {"type": "STRING", "enum": ["c", "f"]},
+        "days": {"type": "INTEGER"},
+        "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
+        "format": {"type": "STRING", "nullable": True}}}                    # #10, #11
+    assert "parameters" not in body["tools"][0]["functionDeclarations"][1]
+    assert body["toolConfig"] == {"functionCallingConfig": {
+        "mode": "ANY", "allowedFunctionNames": ["get_weather"]}}
+    assert body["systemInstruction"]["parts"][0]["text"].startswith("You are terse.")
+    roles = [c["role"] for c in body["contents"]]
+    assert roles == ["user", "model", "user"]
+    calls = body["contents"][1]["parts"]
+    assert calls[0]["thoughtSignature"] == ag.THOUGHT_SKIP                  # #12 foreign history
+    assert calls[1]["thoughtSignature"] == "sig-b"                          # replayed
+    responses = body["contents"][2]["parts"]                                # #9: one content
+    assert [p["functionResponse"]["name"] for p in responses[:2]] == ["get_weather", "get_time"]
+    assert responses[0]["functionResponse"]["response"] == {"result": "sunny"}
+    assert responses[2] == {"text": "thanks"}
+    gen = body["generationConfig"]
+    assert gen["maxOutputTokens"] == 2048 and gen["responseMimeType"] == "application/json"
+    assert gen["thinkingConfig"] == {"thinkingBudget": 1024, "includeThoughts": True}
+
+
+def test_09_ollama_request_objects_strings_and_images():
+    ir = _ir_from_openai(messages=CONVERSATION, tools=TOOLS, max_tokens=50, stop="x",
+                         response_format={"type": "json_schema", "json_schema": {
+                             "name": "o", "schema": {"type": "object"}}})
+    body = ag.ir_to_ollama_request(ir, "llama3", stream=True)
+    assert body["stream"] is True and body["options"] == {"num_predict": 50, "stop": ["x"]}
+    assert body["format"] == {"type": "object"}
+    user = body["messages"][1]
+    assert isinstance(user["content"], str) and user["images"] == ["iVBORw0KGgo="]   # #16
+    call = body["messages"][2]["tool_calls"][0]
+    assert call["function"]["arguments"] == {"city": "Paris"}
+    assert body["messages"][3] == {"role": "tool", "content": "sunny",
+                                   "tool_call_id": "functions.get_weather:0",
+                                   "tool_name": "get_weather"}
+
+
+def test_09_responses_to_ir_usage_and_finish():
+    r = ag.anthropic_response_to_ir({"id": "msg_1", "content": [
+        {"type": "thinking", "thinking": "t", "signature": "s"},
+        {"type": "text", "text": "a"},
+        {"type": "tool_use", "id": "toolu_9", "name": "f", "input": {"x": 1}}],
+        "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 5,
+                                             "cache_read_input_tokens": 90,
+                                             "cache_creation_input_tokens": 3}})
+    o = ag.ir_to_openai_response(r, "m")
+    assert o["choices"][0]["finish_reason"] == "tool_calls"
+    assert o["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"x": 1}'
+    assert o["usage"] == {"prompt_tokens": 103, "completion_tokens": 5, "total_tokens": 108,
+                          "prompt_tokens_details": {"cached_tokens": 90,
+                                                    "cache_write_tokens": 3}}
+    back = ag.ir_to_anthropic_response(ag.openai_response_to_ir(o), "c")
+    assert back["usage"] == {"input_tokens": 10, "output_tokens": 5,
+                             "cache_creation_input_tokens": 3, "cache_read_input_tokens": 90}
+    assert back["stop_reason"] == "tool_use" and back["content"][-1]["input"] == {"x": 1}
+    g = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "plan", "thought": True}, {"text": "ok"},
+        {"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": "GS"}]},
+        "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 7,
+        "candidatesTokenCount": 2, "thoughtsTokenCount": 3, "cachedContentTokenCount": 4}},
+        sigs := {})
+    assert g["finish"] == "tool_calls"                                       # #7
+    assert [p["type"] for p in g["content"]] == ["reasoning", "text", "tool_call"]
+    assert sigs == {g["content"][2]["id"]: "GS"}
+    assert g["usage"] == ag.new_usage(7, 5, 4, 0, 3)
+    blocked = ag.gemini_response_to_ir({"promptFeedback": {"blockReason": "SAFETY"}})
+    assert blocked["finish"] == "content_filter"
+    ol = ag.ollama_response_to_ir({"message": {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": {"q": 1}}}]}, "done": True,
+        "done_reason": "stop", "prompt_eval_count": 4, "eval_count": 6})
+    assert ol["finish"] == "tool_calls" and ol["content"][0]["arguments"] == '{"q": 1}'
+
+
+def _convert_stream(decoder, encoder, raw: bytes, step: int = 1) -> bytes:
+    out = b""
+    for i in range(0, len(raw), step):
+        out += encoder.encode(decoder.feed(raw[i:i + step]))
+    return out + encoder.encode(decoder.close())
+
+
+def test_09_openai_stream_to_anthropic_events_bytewise():
+    raw = _openai_tool_stream()
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("claude-x", 17),
+                          raw, step=1)
+    assert all(block.startswith(b"event: ") for block in out.split(b"\n\n") if block)   # #1
+    events = _sse_events(out)
+    assert all(e == d["type"] for e, d in events)
+    names = [e for e, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    start = events[0][1]["message"]
+    assert start["usage"]["input_tokens"] == 17 and "output_tokens" in start["usage"]   # #2
+    opened, closed = [], []
+    for e, d in events:
+        if e == "content_block_start":
+            assert d["index"] == len(opened) and (not opened or opened[-1] in closed)
+            opened.append(d["index"])
+        elif e == "content_block_stop":
+            closed.append(d["index"])
+        elif e == "content_block_delta":
+            assert d["index"] == opened[-1] and d["index"] not in closed
+    assert opened == closed == [0, 1, 2, 3]
+    blocks = [d["content_block"] for e, d in events if e == "content_block_start"]
+    assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use", "tool_use"]
+    assert blocks[2] == {"type": "tool_use", "id": "call_a", "name": "get_weather",
+                         "input": {}}                                       # #3
+    args = "".join(d["delta"]["partial_json"] for e, d in events
+                   if e == "content_block_delta" and d["index"] == 2)
+    assert json.loads(args) == {"city": "Paris"}
+    final = events[-2][1]
+    assert final["delta"]["stop_reason"] == "tool_use"
+    assert final["usage"]["input_tokens"] == 30 and final["usage"]["output_tokens"] == 9
+
+
+def test_09_anthropic_stream_to_openai_chunks_bytewise():
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    raw = b"".join([
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1,
+                                                  "cache_read_input_tokens": 100}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "text", "text": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "text_delta", "text": "Hi"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                   "delta": {"type": "input_json_delta", "partial_json": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                   "delta": {"type": "input_json_delta",
+                                             "partial_json": "{\"a\":1}"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ev("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
+            "type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 2}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                             "usage": {"output_tokens": 12}}),
+        ev("message_stop", {"type": "message_stop"})])
+    for include_usage in (False, True):
+        out = _convert_stream(ag.AnthropicStreamDecoder(),
+                              ag.OpenAIStreamEncoder("m", include_usage), raw, step=3)
+        chunks = [d for _, d in _sse_events(out)]
+        assert chunks[-1] == "[DONE]"
+        body = chunks[:-1]
+        assert body[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert sum("role" in c["choices"][0]["delta"] for c in body if c["choices"]) == 1
+        tool_deltas = [tc for c in body if c["choices"]
+                       for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+        assert [t["index"] for t in tool_deltas] == [0, 0, 1]                # #4 dense
+        assert [("id" in t, "name" in t.get("function", {})) for t in tool_deltas] == \
+            [(True, True), (False, False), (True, True)]                     # #5 first only
+        finishes = [c["choices"][0]["finish_reason"] for c in body if c["choices"]]
+        assert finishes[-1] == "tool_calls" and finishes.count(None) == len(finishes) - 1
+        usage_chunks = [c for c in body if not c["choices"]]
+        if include_usage:                                                    # #6
+            assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == []
+            assert usage_chunks[0]["usage"]["prompt_tokens"] == 105
+            assert usage_chunks[0]["usage"]["completion_tokens"] == 12
+        else:
+            assert usage_chunks == [] and all("usage" not in c for c in body)
+
+
+def test_09_gemini_stream_tool_call_then_stop_chunk_finishes_with_tool_calls():
+    chunks = [
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": "Let me "}]}}]},
+        {"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": "a", "args": {"x": 1}}, "thoughtSignature": "S1"},
+            {"functionCall": {"name": "b", "args": {}}}]}}]},
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
+                         "finishReason": "STOP"}],
+         "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 4}}]
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
+    sigs = {}
+    out = _convert_stream(ag.GeminiStreamDecoder(sigs), ag.OpenAIStreamEncoder("g", True), raw,
+                          step=5)
+    body = [d for _, d in _sse_events(out)][:-1]
+    calls = [tc for c in body if c["choices"] for tc in c["choices"][0]["delta"].get(
+        "tool_calls", [])]
+    assert [c["index"] for c in calls if "id" in c] == [0, 1]
+    assert len({c["id"] for c in calls if "id" in c}) == 2
+    assert body[-2]["choices"][0]["finish_reason"] == "tool_calls"          # #7
+    assert body[-1]["usage"]["prompt_tokens"] == 8
+    assert list(sigs.values()) == ["S1"]
+
+
+def test_09_ollama_stream_to_anthropic_with_mid_stream_error():
+    lines = [{"model": "l", "message": {"role": "assistant", "content": "Hel"}, "done": False},
+             {"model": "l", "message": {"role": "assistant", "content": "lo"}, "done": False},
+             {"error": "model crashed"}]
+    raw = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    out = _convert_stream(ag.OllamaStreamDecoder(), ag.AnthropicStreamEncoder("l"), raw, step=4)
+    events = _sse_events(out)
+    assert events[-1][0] == "error" and "model crashed" in events[-1][1]["error"]["message"]
+    assert "message_stop" not in [e for e, _ in events]
+
+
+def test_09_count_tokens_estimate_grows_with_content():
+    small = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "hi"}]))
+    big = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "word " * 400}],
+                                             tools=TOOLS))
+    cjk = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user",
+                                                        "content": "漢字" * 100}]))
+    assert 1 <= small < 20 and 400 < big < 800 and cjk >= 200
+
+
+CHANNEL_TYPES = ["openai", "anthropic", "gemini", "ollama"]
+
+
+def _typed_gw(gw, upstream, ctype, **extra):
+    up = upstream()
+    up.responder = getattr(Dialects, ctype)
+    return gw([chan(up, type=ctype, api_key="sk-up-KEY", **extra)]), up
+
+
+@pytest.mark.parametrize("ctype", ["openai", "gemini", "ollama"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_anthropic_sdk_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = g.anthropic()
+    msgs = [{"role": "user", "content": "weather in Paris and the time?"}]
+
+    def call(messages):
+        kw = dict(model="claude-test", max_tokens=32000, tools=ANTHROPIC_TOOLS,
+                  messages=messages)
+        if not stream:
+            return c.messages.create(**kw)
+        with c.messages.stream(**kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_message()
+    first = call(msgs)
+    assert first.stop_reason == "tool_use"
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert [(u.name, u.input) for u in uses] == [("get_weather", {"city": "Paris"}),
+                                                 ("get_time", {})]
+    assert first.usage.input_tokens > 0
+    msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                               for b in first.content]},
+             {"role": "user", "content": [
+                 {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sunny"},
+                 {"type": "tool_result", "tool_use_id": uses[1].id, "content": "noon"}]}]
+    second = call(msgs)
+    assert second.stop_reason == "end_turn"
+    assert second.content[0].text == "got noon"
+    assert second.usage.output_tokens == 4
+    sent = json.loads(up.last()["body"])
+    assert "sk-up-KEY" in json.dumps(up.last()["headers"]) or ctype == "ollama"
+    if ctype == "gemini":
+        assert up.last()["headers"]["x-goog-api-key"] == "sk-up-KEY"
+        model_turn = sent["contents"][1]["parts"]
+        assert model_turn[0]["thoughtSignature"] == "R0VNU0lH"                 # replayed (#12)
+        assert len(sent["contents"][2]["parts"]) == 2                        # (#9)
+    elif ctype == "openai":
+        assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "tool"]
+        assert sent["max_tokens"] == 32000
+    else:
+        assert sent["messages"][2]["tool_name"] == "get_weather"
+        assert sent["stream"] is stream
+
+
+@pytest.mark.parametrize("ctype", ["anthropic", "gemini", "ollama"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_openai_sdk_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = g.openai()
+    msgs = [{"role": "user", "content": "weather and time?"}]
+
+    def call(messages):
+        kw = dict(model="any-model", messages=messages, tools=TOOLS)
+        if not stream:
+            return c.chat.completions.create(**kw)
+        with c.chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_completion()
+    first = call(msgs)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert calls[0].id != calls[1].id
+    msgs.append(choice.message.model_dump(exclude_none=True, exclude={"parsed"}))
+    msgs += [{"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
+             {"role": "tool", "tool_call_id": calls[1].id, "content": "noon"}]
+    second = call(msgs)
+    assert second.choices[0].message.content == "got noon"
+    assert second.choices[0].finish_reason == "stop"
+    if not stream:
+        assert second.usage.prompt_tokens == 11 and second.usage.completion_tokens == 4
+    if ctype == "anthropic":
+        sent = json.loads(up.last()["body"])
+        assert up.last()["headers"]["x-api-key"] == "sk-up-KEY"
+        assert sent["max_tokens"] == ag.DEFAULT_ANTHROPIC_MAX_TOKENS
+        assert sent["messages"][-1]["content"][0]["type"] == "tool_result"
+
+
+def test_09_claude_code_style_request_to_openai_channel(gw, upstream):
+    """What Claude Code sends: ?beta=true, anthropic-beta, cache_control, context_management,
+    metadata, system blocks, a huge max_tokens; a channel cap clamps it."""
+    g, up = _typed_gw(gw, upstream, "openai", max_tokens_cap=8192)
+    status, hdrs, body = g.request(
+        "POST", "/v1/messages?beta=true", {
+            "model": "claude-test", "max_tokens": 64000, "stream": False,
+            "system": [{"type": "text", "text": "You are Claude Code.",
+                        "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+            "metadata": {"user_id": "user_abc"},
+            "context_management": {"edits": []}},
+        headers={"Authorization": None, "x-api-key": TOKEN, "anthropic-version": "2023-06-01",
+                 "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"})
+    assert status == 200, body
+    msg = json.loads(body)
+    assert msg["type"] == "message" and msg["content"] == [{"type": "text", "text": "hello"}]
+    sent = json.loads(up.last()["body"])
+    assert sent["max_tokens"] == 8192 and "context_management" not in sent
+    assert "cache_control" not in json.dumps(sent) and sent["user"] == "user_abc"
+    assert "anthropic-beta" not in up.last()["headers"]
+
+
+def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
+    g, up = _typed_gw(gw, upstream, "openai")
+    r = g.anthropic().messages.count_tokens(
+        model="claude-x", messages=[{"role": "user", "content": "hello " * 100}],
+        tools=ANTHROPIC_TOOLS)
+    assert 100 < r.input_tokens < 300 and not up.requests
+    assert g.records()[-1]["channel"] == "(local estimate)"
+
+
+@pytest.mark.parametrize("ctype,status,body,sdk_error,atype", [
+    ("gemini", 429,
+     b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}',
+     "RateLimitError", "rate_limit_error"),
+    ("openai", 400, b'{"error":{"message":"bad schema","type":"invalid_request_error"}}',
+     "BadRequestError", "invalid_request_error"),
+    ("ollama", 404, b'{"error":"model \'x\' not found"}', "NotFoundError",
+     "not_found_error"),
+])
+def test_09_upstream_errors_translated_to_client_shape(gw, upstream, ctype, status, body,
+                                                       sdk_error, atype):
+    up = upstream([Reply(status, body)])
+    g = gw([chan(up, type=ctype)])
+    with pytest.raises(getattr(anthropic, sdk_error)) as e:
+        g.anthropic().messages.create(model="m", max_tokens=10,
+                                      messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == atype
+    msg = e.value.body["error"]["message"]
+    assert upstream_text(body) in msg
+
+
+def upstream_text(body: bytes) -> str:
+    return ag.upstream_error_message(body, 0)
+
+
+def test_09_converted_stream_survives_upstream_reset(gw, upstream):
+    chunks = _openai_tool_stream().split(b"\r\n\r\n")
+    up = upstream([Reply(chunks=[c + b"\r\n\r\n" for c in chunks if c], reset_after=4,
+                         content_type="text/event-stream")])
+    g = gw([chan(up)])
+    with pytest.raises(anthropic.APIStatusError, match="broke off"):
+        with g.anthropic().messages.stream(model="m", max_tokens=10, messages=[
+                {"role": "user", "content": "x"}]) as s:
+            for _ in s:
+                pass
+
+
+@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
+def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
+    up = upstream()
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if ctype == "gemini":
+            assert rec["path"].endswith("/v1beta/models/text-emb-4:batchEmbedContents")
+            return Reply(body=json.dumps({"embeddings": [
+                {"values": [0.5, float(i)]} for i, _ in enumerate(body["requests"])]}).encode())
+        assert rec["path"] == "/api/embed"
+        return Reply(body=json.dumps({"model": body["model"], "embeddings": [
+            [0.5, float(i)] for i, _ in enumerate(body["input"])],
+            "prompt_eval_count": 6}).encode())
+    up.responder = respond
+    g = gw([chan(up, type=ctype, model_mapping={"emb": "text-emb-4"})])
+    r = g.openai().embeddings.create(model="emb", input=["a", "b"])
+    assert [d.embedding for d in r.data] == [[0.5, 0.0], [0.5, 1.0]]
+    assert r.model == "emb" and r.usage.prompt_tokens > 0
+    sent = json.loads(up.last()["body"])
+    if ctype == "gemini":
+        assert sent["requests"][1] == {"model": "models/text-emb-4",
+                                       "content": {"parts": [{"text": "b"}]}}
+    else:
+        assert sent == {"model": "text-emb-4", "input": ["a", "b"]}
+    b64 = g.openai().embeddings.create(model="emb", input="a", encoding_format="base64")
+    raw = b64.data[0].embedding
+    assert raw == [0.5, 0.0] or struct.unpack("<2f", __import__("base64").b64decode(raw)) == \
+        (0.5, 0.0)
+    with pytest.raises(openai.BadRequestError, match="list of strings"):
+        g.openai().embeddings.create(model="emb", input=[[1, 2, 3]])
+
+
+def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.03)
+    up = upstream()
+    up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
+                                     delay=0.05, content_type="text/event-stream")
+    g = gw([chan(up, name="oa", models=["gpt-*"]),
+            chan(up, name="gem-as-openai", type="openai", models=["other"])])
+    status, _, body = g.request("POST", "/v1/messages", {
+        "model": "gpt-x", "max_tokens": 10, "stream": True,
+        "messages": [{"role": "user", "content": "x"}]},
+        headers={"anthropic-version": "2023-06-01"}, timeout=30)
+    events = _sse_events(body)
+    names = [e for e, _ in events]
+    assert status == 200 and names.count("ping") >= 2 and names[-1] == "message_stop"
+    assert all(e == d["type"] for e, d in events)
+    status, _, body = g.request("POST", "/v1/chat/completions", {
+        "model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        timeout=30)
+    assert body.count(b": keepalive\n\n") >= 2
+    assert [d for _, d in _sse_events(body)][-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
+def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, ctype):
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(64)
+    pics = upstream([Reply(body=png, content_type="image/png")])
+    up = upstream()
+    up.responder = getattr(Dialects, ctype)
+    g = gw([chan(up, type=ctype)], settings={"fetch_private_urls": True})     # pics: loopback
+    g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": pics.url + "/cat.png"}}]}])
+    sent = json.loads(up.last()["body"])
+    b64 = __import__("base64").b64encode(png).decode()
+    if ctype == "gemini":
+        assert sent["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png",
+                                                                  "data": b64}}
+    else:
+        assert sent["messages"][0]["images"] == [b64]
+    missing = upstream([Reply(404, b"nope", content_type="text/plain")])
+    with pytest.raises(openai.BadRequestError, match="cannot fetch image"):
+        g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": missing.url + "/x.png"}}]}])
+
+
+def test_09_cursor_style_foreign_bodies_are_normalised_even_for_openai_channels(gw, upstream):
+    up = upstream()
+    up.responder = Dialects.openai
+    g = gw([chan(up)])
+    responses_shaped = {"model": "m", "instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": "{\"city\":\"Paris\"}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}]}
+    status, _, body = g.request("POST", "/v1/chat/completions", responses_shaped)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "got sunny"
+    sent = json.loads(up.last()["body"])
+    assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "tool"]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    anthropic_shaped = {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": "noon"}]}],
+        "tools": [{"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]}
+    status, _, body = g.request("POST", "/v1/chat/completions", anthropic_shaped)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "got noon"
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_time",
+                                                                "arguments": "{}"}
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "t1", "content": "noon"}
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "x_new_field": 1}
+    g.request("POST", "/v1/chat/completions", plain)
+    assert json.loads(up.last()["body"]) == plain                    # still byte passthrough
+
+
+def test_09_max_completion_tokens_for_reasoning_models_on_openai_channels():
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=100)
+    assert "max_completion_tokens" in ag.encode_upstream_chat("openai", ir, "o3-mini",
+                                                              stream=False)   # #18
+    assert "max_completion_tokens" in ag.encode_upstream_chat("openai", ir, "gpt-5", stream=False)
+    assert ag.encode_upstream_chat("openai", ir, "gpt-4o", stream=False)["max_tokens"] == 100
+    assert ag.encode_upstream_chat("custom", ir, "o3", stream=False)["max_tokens"] == 100
+    assert ag.encode_upstream_chat("ollama", ir, "l", stream=False,
+                                   max_tokens_cap=50)["options"]["num_predict"] == 50
+
+
+@pytest.mark.parametrize("ctype", ["anthropic", "openai", "gemini", "ollama"])
+def test_09_length_cut_offs_and_reasoning_reach_the_other_dialect(gw, upstream, ctype):
+    up = upstream()
+    answers = {
+        "anthropic": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                      "content": [{"type": "thinking", "thinking": "deep", "signature": "S"},
+                                  {"type": "text", "text": "partial"}],
+                      "stop_reason": "max_tokens", "usage": {"input_tokens": 3,
+                                                             "output_tokens": 9}},
+        "openai": {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "finish_reason": "length", "message": {
+                       "role": "assistant", "content": "partial",
+                       "reasoning_content": "deep"}}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 9}},
+        "gemini": {"candidates": [{"content": {"role": "model", "parts": [
+            {"text": "deep", "thought": True}, {"text": "partial"}]},
+            "finishReason": "MAX_TOKENS"}], "usageMetadata": {"promptTokenCount": 3,
+                                                              "candidatesTokenCount": 9}},
+        "ollama": {"model": "m", "message": {"role": "assistant", "content": "partial",
+                                             "thinking": "deep"}, "done": True,
+                   "done_reason": "length", "prompt_eval_count": 3, "eval_count": 9}}
+    up.replies = [Reply(body=json.dumps(answers[ctype]).encode())]
+    g = gw([chan(up, type=ctype)])
+    if ctype == "anthropic":
+        r = g.openai().chat.completions.create(model="m", messages=[{"role": "user",
+                                                                     "content": "x"}])
+        assert r.choices[0].finish_reason == "length"
+        assert r.choices[0].message.content == "partial"
+        assert r.choices[0].message.model_extra["reasoning_content"] == "deep"
+    else:
+        m = g.anthropic().messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "x"}])
+        assert m.stop_reason == "max_tokens"
+        assert [b.type for b in m.content] == ["thinking", "text"]
+        assert m.content[0].thinking == "deep" and m.content[1].text == "partial"
+        assert m.usage.output_tokens == 9
+
+
+def test_09_interleaved_tool_fragments_become_sequential_complete_calls():
+    raw = b"".join(_interleaved_openai_stream())
+    ir = ag.empty_request("m")
+    ir["tools"] = [{"name": "get_weather", "description": "", "parameters": {}},
+                   {"name": "get_time", "description": "", "parameters": {}}]
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("c", 1), raw)
+    events = _sse_events(out)
+    opened, closed, inputs = [], [], {}
+    for e, d in events:
+        if e == "content_block_start":
+            assert not opened or opened[-1] in closed        # one block open at a time
+            opened.append(d["index"])
+            inputs[d["index"]] = [d["content_block"]["name"], ""]
+        elif e == "content_block_stop":
+            closed.append(d["index"])
+        elif e == "content_block_delta":
+            assert d["index"] == opened[-1] and d["index"] not in closed
+            inputs[d["index"]][1] += d["delta"]["partial_json"]
+    assert [(n, json.loads(a)) for n, a in inputs.values()] == INTERLEAVED_CALLS
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw)
+    done = [d["item"] for e, d in _sse_events(out) if e == "response.output_item.done"]
+    assert [(i["name"], json.loads(i["arguments"])) for i in done] == INTERLEAVED_CALLS
+    arg_done = [d["arguments"] for e, d in _sse_events(out)
+                if e == "response.function_call_arguments.done"]
+    assert "{}" not in arg_done and len(arg_done) == 2
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.GeminiStreamEncoder("m", ir), raw)
+    parts = [p for _, d in _sse_events(out) for c in d["candidates"]
+             for p in c["content"]["parts"]]
+    assert [(p["functionCall"]["name"], p["functionCall"]["args"]) for p in parts] == \
+        INTERLEAVED_CALLS
+
+
+@pytest.mark.parametrize("ctype", ["openai", "custom", "anthropic", "gemini", "ollama"])
+def test_09_tool_names_shortened_by_the_channels_rule(ctype):
+    for name in ODD_TOOLS:
+        short = ag.channel_tool_name(name, ctype)
+        assert short == ag.channel_tool_name(name, ctype)          # deterministic
+        rule = ag.TOOL_NAME_RULES.get(ctype)
+        if rule is None:
+            assert short == name
+            continue
+        assert rule[0].match(short)
+        if rule[0].match(name):
+            assert short == name
+        else:
+            assert short.startswith(name[:20].replace(".", "_").replace(":", "_"))
+    assert ag.channel_tool_name(LONG_TOOL, "openai") != ag.channel_tool_name(
+        LONG_TOOL + "2", "openai")
+    assert ag.channel_tool_name("files.read", "gemini") == "files.read"      # dots are allowed
+    assert ag.channel_tool_name("files.read", "openai") != "files_read"     # no collisions
+
+
+def test_09_tool_names_renamed_in_tools_history_and_choice_then_restored():
+    ir = ag.anthropic_request_to_ir({
+        "model": "m", "max_tokens": 10,
+        "tools": [{"name": n, "input_schema": {"type": "object"}} for n in ODD_TOOLS],
+        "tool_choice": {"type": "tool", "name": LONG_TOOL},
+        "messages": [{"role": "user", "content": "go"},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                                        "name": LONG_TOOL, "input": {}}]},
+                     {"role": "user", "content": [{"type": "tool_result",
+                                                   "tool_use_id": "toolu_1",
+                                                   "content": "found"}]}]})
+    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    short = ag.channel_tool_name(LONG_TOOL, "openai")
+    assert [t["function"]["name"] for t in body["tools"]] == [
+        ag.channel_tool_name(n, "openai") for n in ODD_TOOLS]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": short}}
+    assert body["messages"][1]["tool_calls"][0]["function"]["name"] == short
+    assert ir["tools"][0]["name"] == LONG_TOOL                      # the client's IR untouched
+    names = ag.upstream_tool_names(ir, "openai")
+    whole, stream = ag.upstream_decoders("openai", None, names)
+    resp = whole({"choices": [{"message": {"tool_calls": [{"id": "c", "function": {
+        "name": short, "arguments": "{}"}}]}}]})
+    assert resp["content"][0]["name"] == LONG_TOOL
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c",
+                                                                "function": {"name": short}}]}}]}
+    events = stream().feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    assert [e for e in events if e[0] == "tool"] == [("tool", 0, "c", LONG_TOOL)]
+
+
+def test_09_n_above_one_on_a_converted_route_names_n():
+    ir = ag.openai_request_to_ir({"model": "m", "n": 2, "messages": [
+        {"role": "user", "content": "x"}]})
+    for ctype in ("anthropic", "gemini", "ollama", "openai"):
+        with pytest.raises(ag.GatewayError) as exc:
+            ag.encode_upstream_chat(ctype, ir, "m", stream=False)
+        assert exc.value.status == 400 and exc.value.param == "n" and "n = 2" in str(exc.value)
+
+
+def test_09_openai_quirks_on_the_chat_body():
+    body = {"model": "m", "max_completion_tokens": 50, "stream": True,
+            "stream_options": {"include_usage": True}, "parallel_tool_calls": True,
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "plain", "reasoning_content": "r1"},
+                {"role": "assistant", "content": None, "reasoning_content": "r2",
+                 "tool_calls": [{"id": "toolu_01ABCdef", "type": "function",
+                                 "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "toolu_01ABCdef", "content": "ok"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "abcDEF123", "type": "function",
+                     "function": {"name": "f", "arguments": "{}"}}]}]}
+    out = ag.apply_openai_quirks(body, {
+        "tool_call_id": "mistral9", "reasoning_back": "tool_calls",
+        "reasoning_field": "reasoning", "max_tokens_field": "max_tokens",
+        "drop_params": ["stream_options", "parallel_tool_calls"]})
+    msgs = out["messages"]
+    new_id = msgs[2]["tool_calls"][0]["id"]
+    assert len(new_id) == 9 and new_id.isalnum() and msgs[3]["tool_call_id"] == new_id
+    assert msgs[4]["tool_calls"][0]["id"] == "abcDEF123"           # already valid: kept
+    assert "reasoning_content" not in msgs[1] and "reasoning" not in msgs[1]
+    assert msgs[2]["reasoning"] == "r2" and "reasoning_content" not in msgs[2]
+    assert out["max_tokens"] == 50 and "max_completion_tokens" not in out
+    assert "stream_options" not in out and "parallel_tool_calls" not in out
+    assert body["messages"][2]["tool_calls"][0]["id"] == "toolu_01ABCdef"   # input untouched
+    assert ag.apply_openai_quirks(body, {}) is body
+    # Answers are read in either reasoning field (OpenRouter and vLLM stream `reasoning`).
+    answer = ag.openai_response_to_ir({"choices": [{"message": {"reasoning": "r",
+                                                                "content": "a"}}]})
+    assert [p["type"] for p in answer["content"]] == ["reasoning", "text"]
+    chunk = {"choices": [{"index": 0, "delta": {"reasoning": "hm"}}]}
+    assert ("reasoning", "hm") in ag.OpenAIStreamDecoder().feed(
+        b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+
+# Issue 14: quirks of Anthropic-compatible channels
+def test_09_anthropic_quirks_strip_markers_and_fields_not_inputs():
+    schema = {"type": "object", "properties": {"cache_control": {"type": "string"}}}
+    body = {"model": "m", "top_k": 3, "max_tokens": 9,
+            "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "t", "input_schema": schema, "cache_control": {}}],
+            "messages": [{"role": "user", "content": "x"},
+                         {"role": "assistant", "content": [{"type": "tool_use", "id": "a",
+                                                            "name": "t", "input": {
+                                                                "cache_control": "keep"}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a",
+                                                       "cache_control": {}, "content": [
+                                                           {"type": "text", "text": "r",
+                                                            "cache_control": {}}]}]}]}
+    out = ag.apply_anthropic_quirks(body, {"cache_control": "strip", "drop_params": ["top_k"]})
+    assert "top_k" not in out and out["max_tokens"] == 9 and "top_k" in body     # a copy
+    assert out["system"] == [{"type": "text", "text": "s"}]
+    assert out["tools"] == [{"name": "t", "input_schema": schema}]              # schema kept
+    assert out["messages"][1]["content"][0]["input"] == {"cache_control": "keep"}
+    assert out["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "a",
+                                              "content": [{"type": "text", "text": "r"}]}]
+    assert ag.apply_anthropic_quirks(body, {"drop_params": []})["system"] == body["system"]
+    assert ag.quirk_dropped_headers({"drop_headers": ["Anthropic-Beta"]}) == {"anthropic-beta"}
+
+
+def test_09_tool_search_deferred_tools_and_tool_references():
+    """Claude Code's tool search (Anthropic docs, tool search tool: tools with
+    defer_loading: true load when a tool_reference block {"type": "tool_reference",
+    "tool_name": ...} names them in a tool_result)."""
+    tools = [{"name": "ToolSearch", "input_schema": {"type": "object"}},
+             {"name": "mcp__a__found", "defer_loading": True,
+              "input_schema": {"type": "object"}},
+             {"name": "mcp__a__hidden", "defer_loading": True,
+              "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": "find a tool"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "ToolSearch", "input": {"q": "f"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "tool_reference",
+                                                       "tool_name": "mcp__a__found"}]}]}]
+    ir = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "tools": tools,
+                                     "messages": msgs})
+    assert [t["name"] for t in ir["tools"]] == ["ToolSearch", "mcp__a__found"]
+    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    assert "defer_loading" not in json.dumps(body) and "tool_reference" not in json.dumps(body)
+    assert body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1",
+                                    "content": "Tool mcp__a__found is now available."}
+    server = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "messages": msgs[:1],
+                                         "tools": tools[1:] + [{
+                                             "type": "tool_search_tool_regex_20251119",
+                                             "name": "tool_search_tool_regex"}]})
+    assert [t["name"] for t in server["tools"]] == ["mcp__a__found", "mcp__a__hidden"]
+
+
+def test_09_codex_namespaced_tools_flattened_and_split_again():
+    body = {"model": "m", "tools": [CODEX_NAMESPACE], "tool_choice": {
+        "type": "function", "name": "echo_words", "namespace": "mcp__probe"}, "input": [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "call_1", "name": "echo_words",
+         "namespace": "mcp__probe", "arguments": "{\"words\":\"a\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "a"}]}
+    ir = ag.responses_request_to_ir(body)
+    assert [t["name"] for t in ir["tools"]] == ["mcp__probe__echo_words",
+                                               "mcp__probe__raw_patch"]
+    sent = ag.encode_upstream_chat("openai", ir, "m", stream=False)
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+    assert sent["tool_choice"] == {"type": "function",
+                                   "function": {"name": "mcp__probe__echo_words"}}
+    resp = {"id": "r", "model": "m", "finish": "tool_calls", "usage": ag.new_usage(1, 1),
+            "content": [{"type": "tool_call", "id": "call_2", "name": "mcp__probe__echo_words",
+                         "arguments": "{\"words\":\"b\"}"},
+                        {"type": "tool_call", "id": "call_3", "name": "mcp__probe__raw_patch",
+                         "arguments": "{\"input\":\"p\"}"}]}
+    out = ag.ir_to_responses_response(resp, "m", ir)["output"]
+    assert [(o["type"], o["name"], o["namespace"]) for o in out] == [
+        ("function_call", "echo_words", "mcp__probe"),
+        ("custom_tool_call", "raw_patch", "mcp__probe")]
+    raw = ag.ResponsesStreamEncoder("m", ir).encode(ag.response_events(resp))
+    items = [(e, d["item"]) for e, d in _sse_events(raw) if "item" in d]
+    assert all(i["namespace"] == "mcp__probe" and "__" not in i["name"] for _, i in items)
+    assert [i["name"] for e, i in items if e == "response.output_item.done"] == [
+        "echo_words", "raw_patch"]
+
+
+# Azure OpenAI channels (issue 11). The fake enforces Azure's rules as its docs state them:
+# learn.microsoft.com/azure/ai-foundry/openai/reference ("Authentication": the key goes in an
+# `api-key` header; "API specs": data-plane calls are
+# {endpoint}/openai/deployments/{deployment-id}/{operation}?api-version={version}, a dated
+# version being required); the Responses API in the dated form is /openai/responses with the
+# deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses); the v1
+# API is {endpoint}/openai/v1/{operation} with the deployment as "model" and no dated
+# api-version (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle).
+AZURE_KEY = "azure-secret-key"
+_AZURE_DATED = re.compile(r"/openai/deployments/([^/?]+)/(chat/completions|embeddings)\Z")
+_AZURE_OPS = ("chat/completions", "embeddings", "responses")
+
+
+def _azure_error(status, code, message):
+    return Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode())
+
+
+def azure_upstream(upstream):
+    """A fake Azure OpenAI resource; rec["deployment"] and rec["query"] say what it saw."""
+    up = upstream()
+
+    def respond(rec):
+        path, _, query = rec["path"].partition("?")
+        params = urllib.parse.parse_qs(query)
+        rec["query"] = params
+        if rec["headers"].get("api-key") != AZURE_KEY:
+            return _azure_error(401, "401", "Access denied due to invalid subscription key or "
+                                            "wrong API endpoint.")
+        body = json.loads(rec["body"] or b"{}")
+        if path.startswith("/openai/v1/"):
+            op = path[len("/openai/v1/"):]
+            if op not in _AZURE_OPS or "api-version" in params:
+                return _azure_error(404, "404", "Resource not found")
+            rec["deployment"] = body.get("model")
+        else:
+            if not params.get("api-version"):
+                return _azure_error(404, "404", "Resource not found")
+            m = _AZURE_DATED.match(path)
+            if path == "/openai/responses":
+                op, rec["deployment"] = "responses", body.get("model")
+            elif m:
+                rec["deployment"], op = urllib.parse.unquote(m.group(1)), m.group(2)
+            else:
+                return _azure_error(404, "404", "Resource not found")
+        if not rec["deployment"]:
+            return _azure_error(404, "DeploymentNotFound", "The API deployment for this "
+                                                           "resource does not exist.")
+        if op == "embeddings":
+            return Reply(body=json.dumps({"object": "list", "model": "text-embedding-3-small",
+                                          "data": [{"object": "embedding", "index": 0,
+                                                    "embedding": [0.25, -0.5]}],
+                                          "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+                                         ).encode())
+        if op == "responses":
+            return Reply(body=json.dumps({
+                "id": "resp_azure", "object": "response", "created_at": 1, "status":
+                "completed", "model": body["model"], "output": [{
+                    "type": "message", "id": "msg_a", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "from azure",
+                                 "annotations": []}]}],
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}).encode())
+        if body.get("stream"):
+            return openai_stream_reply(model=rec["deployment"], pieces=("az", "ure"))
+        return openai_chat_reply(model=rec["deployment"], text="from azure")
+    up.responder = respond
+    return up
+
+
+def azure_chan(up, suffix="", **kw):
+    return chan(up.url + suffix, type="azure", api_key=AZURE_KEY, **kw)
+
+
+def test_09_azure_dated_form_from_the_openai_sdk(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([azure_chan(up, models=["gpt-4o", "emb"], responses_api=True,
+                       model_mapping={"gpt-4o": "my gpt4o"})])
+    c = g.openai()
+    r = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "from azure"
+    rec = up.last()
+    assert rec["path"] == "/openai/deployments/my%20gpt4o/chat/completions?api-version=" \
+        + ag.AZURE_API_VERSION and rec["deployment"] == "my gpt4o"
+    assert "authorization" not in rec["headers"]
+    with c.chat.completions.create(model="gpt-4o", stream=True,
+                                   messages=[{"role": "user", "content": "x"}]) as s:
+        assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == "azure"
+    e = c.embeddings.create(model="emb", input="a")
+    assert e.data[0].embedding == [0.25, -0.5] and up.last()["deployment"] == "emb"
+    out = c.responses.create(model="gpt-4o", input="hi")
+    assert out.output_text == "from azure"
+    assert up.last()["path"] == f"/openai/responses?api-version={ag.AZURE_API_VERSION}"
+    assert up.last()["deployment"] == "my gpt4o"
+
+
+def test_09_azure_v1_form_and_own_api_version(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([azure_chan(up, "/openai/v1", name="v1", models=["gpt-4o", "emb"],
+                       responses_api=True),
+            azure_chan(up, name="dated", models=["old"], api_version="2024-06-01")])
+    c = g.openai()
+    assert c.chat.completions.create(model="gpt-4o", messages=[
+        {"role": "user", "content": "x"}]).choices[0].message.content == "from azure"
+    assert up.last()["path"] == "/openai/v1/chat/completions"
+    assert up.last()["deployment"] == "gpt-4o"
+    assert c.responses.create(model="gpt-4o", input="hi").output_text == "from azure"
+    assert up.last()["path"] == "/openai/v1/responses"
+    assert c.embeddings.create(model="emb", input="a").data[0].embedding == [0.25, -0.5]
+    assert up.last()["path"] == "/openai/v1/embeddings"
+    c.chat.completions.create(model="old", messages=[{"role": "user", "content": "x"}])
+    assert up.last()["query"] == {"api-version": ["2024-06-01"]}
+
+
+def test_09_azure_reached_by_conversion(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([azure_chan(up, models=["claude-on-azure", "gpt-4o"],
+                       model_mapping={"claude-on-azure": "gpt4o-deploy"})])
+    msg = g.anthropic().messages.create(model="claude-on-azure", max_tokens=50, messages=[
+        {"role": "user", "content": "x"}])
+    assert msg.content[0].text == "from azure" and msg.model == "claude-on-azure"
+    rec = up.last()
+    assert rec["path"].startswith("/openai/deployments/gpt4o-deploy/chat/completions?")
+    assert json.loads(rec["body"])["messages"] == [{"role": "user", "content": "x"}]
+    with g.anthropic().messages.stream(model="claude-on-azure", max_tokens=50, messages=[
+            {"role": "user", "content": "x"}]) as s:
+        assert "".join(s.text_stream) == "azure"
+    # A Responses client on a channel without responses_api is converted to chat.
+    assert g.openai().responses.create(model="gpt-4o", input="hi").output_text == "from azure"
+    assert up.last()["path"].startswith("/openai/deployments/gpt-4o/chat/completions?")
+
+
+def test_09_azure_wrong_key_is_the_channels_failure(gw, upstream):
+    up = azure_upstream(upstream)
+    g = gw([chan(up.url, type="azure", api_key="wrong", models=["gpt-4o"])])
+    with pytest.raises(openai.APIStatusError) as e:
+        g.openai().chat.completions.create(model="gpt-4o", messages=[
+            {"role": "user", "content": "x"}])
+    assert e.value.status_code == 401 and "invalid subscription key" in str(e.value)
+    assert up.last()["headers"]["api-key"] == "wrong"
+
+
+# -- Responses API clients (the openai SDK's client.responses, as Codex speaks it) ----------------
+@pytest.mark.parametrize("ctype", CHANNEL_TYPES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_responses_api_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = g.openai()
+    items = [{"role": "user", "content": [{"type": "input_text",
+                                           "text": "weather and time?"}]}]
+
+    def call(inp):
+        kw = dict(model="gpt-5-codex", instructions="You are Codex.", input=inp,
+                  tools=RESPONSES_TOOLS, reasoning={"effort": "low"}, store=False)
+        if not stream:
+            return c.responses.create(**kw)
+        with c.responses.stream(**kw) as s:
+            types = [ev.type for ev in s]
+            final = s.get_final_response()
+        assert types[:2] == ["response.created", "response.in_progress"]
+        assert types[-1] == "response.completed"
+        return final
+    first = call(items)
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert [(o.name, json.loads(o.arguments)) for o in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert first.status == "completed" and first.usage.input_tokens == 11
+    items += [o.model_dump(exclude_none=True) for o in first.output]
+    items += [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
+              {"type": "function_call_output", "call_id": calls[1].call_id, "output": "noon"}]
+    second = call(items)
+    assert second.output_text == "got noon" and second.usage.output_tokens == 4
+    if ctype == "openai":
+        sent = json.loads(up.last()["body"])
+        assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}
+        assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "get_time"]
+        assert sent["reasoning_effort"] == "low"
+
+
+def test_09_responses_custom_tool_and_native_passthrough(gw, upstream):
+    up = upstream()
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if rec["path"].endswith("/responses"):                # native channel: untouched
+            return Reply(body=json.dumps({
+                "id": "resp_native", "object": "response", "created_at": 1, "status":
+                "completed", "model": body["model"], "output": [{
+                    "type": "message", "id": "msg_n", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto", "tools": []}).encode())
+        assert body["tools"][0]["function"]["parameters"]["required"] == ["input"]
+        return Reply(body=json.dumps({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{
+                "index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": None, "tool_calls": [{
+                        "id": "call_p", "type": "function", "function": {
+                            "name": "apply_patch",
+                            "arguments": json.dumps({"input": patch})}}]}}]}).encode())
+    up.responder = respond
+    g = gw([chan(up, name="chat", models=["gpt-5"]),
+            chan(up, name="native", models=["gpt-4.1"], responses_api=True)])
+    custom = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}]
+    r = g.openai().responses.create(model="gpt-5", input="add a file", tools=custom)
+    item = r.output[0]
+    assert item.type == "custom_tool_call" and item.input == patch and item.call_id == "call_p"
+    with g.openai().responses.stream(model="gpt-5", input="add a file", tools=custom) as s:
+        kinds = [ev.type for ev in s]
+        final = s.get_final_response()
+    assert "response.custom_tool_call_input.done" in kinds and final.output[0].input == patch
+    body = {"model": "gpt-4.1", "input": "hi", "store": False, "new_field": {"x": 1}}
+    status, _, out = g.request("POST", "/v1/responses", body)
+    assert status == 200 and json.loads(out)["id"] == "resp_native"
+    assert json.loads(up.last()["body"]) == body                       # byte passthrough
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        g.openai().responses.create(model="gpt-5", input="x", previous_response_id="resp_1")
+
+
+def test_09_responses_stream_event_order_and_failure_bytewise():
+    ir = ag.responses_request_to_ir({"model": "m", "input": "x", "tools": RESPONSES_TOOLS})
+    raw = _openai_tool_stream()
+    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw,
+                          step=7)
+    events = _sse_events(out)
+    assert all(e == d["type"] for e, d in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    names = [e for e, _ in events]
+    assert names[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert names[-1] == "response.completed"
+    done = [d["item"] for e, d in events if e == "response.output_item.done"]
+    assert [i["type"] for i in done] == ["reasoning", "message", "function_call",
+                                         "function_call"]
+    added = [d["output_index"] for e, d in events if e == "response.output_item.added"]
+    assert added == [0, 1, 2, 3]
+    final = events[-1][1]["response"]
+    assert [o["type"] for o in final["output"]] == [i["type"] for i in done]
+    assert final["usage"]["input_tokens"] == 30 and final["usage"]["total_tokens"] == 39
+    broken = ag.ResponsesStreamEncoder("m", ir)
+    dec = ag.OpenAIStreamDecoder()
+    out = broken.encode(dec.feed(raw[:400])) + broken.encode(
+        [("error", ag.GatewayError(429, "slow down"))])
+    last = _sse_events(out)[-1]
+    assert last[0] == "response.failed"
+    assert last[1]["response"]["error"] == {"code": "rate_limit_exceeded",
+                                            "message": "slow down"}
+
+
+# -- Gemini-native clients (the google-genai SDK, as gemini-cli speaks it) ------------------------
+@pytest.mark.parametrize("ctype", CHANNEL_TYPES)
+@pytest.mark.parametrize("stream,version", [(False, "v1beta"), (True, "v1beta"), (False, "v1")])
+def test_09_genai_sdk_function_calling_through_every_channel_type(gw, upstream, ctype, stream,
+                                                                  version):
+    g, up = _typed_gw(gw, upstream, ctype)
+    c = _genai(g, version)
+    config = genai_types.GenerateContentConfig(
+        tools=_genai_tools(), system_instruction="Be brief.",
+        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+    contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+
+    def call():
+        if not stream:
+            return c.models.generate_content(model="gemini-2.5-pro", contents=contents,
+                                             config=config)
+        chunks = list(c.models.generate_content_stream(model="gemini-2.5-pro",
+                                                       contents=contents, config=config))
+        parts = [p for ch in chunks for cand in ch.candidates or [] if cand.content
+                 for p in cand.content.parts or []]
+        last = chunks[-1]
+        return genai_types.GenerateContentResponse(
+            candidates=[genai_types.Candidate(content=genai_types.Content(
+                role="model", parts=parts), finish_reason=last.candidates[0].finish_reason)],
+            usage_metadata=last.usage_metadata)
+    first = call()
+    calls = [p.function_call for p in first.candidates[0].content.parts if p.function_call]
+    assert [(fc.name, fc.args) for fc in calls] == [("get_weather", {"city": "Paris"}),
+                                                    ("get_time", {})]
+    assert first.candidates[0].finish_reason == "STOP"
+    assert first.usage_metadata.prompt_token_count == 11
+    contents.append(first.candidates[0].content)
+    contents.append(genai_types.Content(role="user", parts=[
+        genai_types.Part.from_function_response(name="get_weather", response={"result": "sunny"}),
+        genai_types.Part.from_function_response(name="get_time", response={"result": "noon"})]))
+    second = call()
+    text = "".join(p.text or "" for p in second.candidates[0].content.parts)
+    assert text == "got noon"
+    sent = up.last()
+    if ctype == "gemini":                                   # passthrough: body untouched
+        assert sent["path"].startswith("/v1beta/models/gemini-2.5-pro:")
+        assert ("alt=sse" in sent["path"]) == stream
+        body = json.loads(sent["body"])
+        assert body["systemInstruction"]["parts"][0]["text"] == "Be brief."
+        assert TOKEN not in json.dumps(sent["headers"]) + sent["path"]
+    elif ctype == "openai":
+        body = json.loads(sent["body"])
+        assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "tool",
+                                                         "tool"]
+        assert body["messages"][3]["tool_call_id"] == body["messages"][2]["tool_calls"][0]["id"]
+
+
+def test_09_genai_count_embed_list_and_errors(gw, upstream):
+    oa = upstream()
+
+    def respond(rec):
+        if rec["path"].endswith("/embeddings"):
+            n = len(json.loads(rec["body"])["input"])
+            return Reply(body=json.dumps({"object": "list", "data": [
+                {"object": "embedding", "index": i, "embedding": [0.25, float(i)]}
+                for i in range(n)], "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode())
+        return Dialects.openai(rec)
+    oa.responder = respond
+    gem = upstream([Reply(body=b'{"totalTokens": 77}')])
+    g = gw([chan(oa, name="oa", models=["gpt-*", "text-embedding-3-small"]),
+            chan(gem, name="gem", type="gemini", models=["gemini-*"])])
+    c = _genai(g)
+    assert c.models.count_tokens(model="gpt-4o", contents="hello " * 50).total_tokens > 40
+    assert not oa.requests                                    # a local estimate
+    assert c.models.count_tokens(model="gemini-2.5-pro", contents="hi").total_tokens == 77
+    assert gem.last()["path"] == "/v1beta/models/gemini-2.5-pro:countTokens"
+    emb = c.models.embed_content(model="text-embedding-3-small", contents=["a", "b"])
+    assert [e.values for e in emb.embeddings] == [[0.25, 0.0], [0.25, 1.0]]
+    names = [m.name for m in c.models.list()]
+    assert "models/gpt-*" not in names and "models/text-embedding-3-small" in names
+    with pytest.raises(genai_errors.ClientError) as e:
+        c.models.generate_content(model="nope-model", contents="x")
+    assert e.value.code == 404 and e.value.status == "NOT_FOUND"
+    wrong = _genai(g, key="sk-gw-wrong-key-123")
+    with pytest.raises(genai_errors.ClientError) as e2:
+        wrong.models.generate_content(model="gpt-4o", contents="x")
+    assert e2.value.code == 401 and e2.value.status == "UNAUTHENTICATED"
+
+
+def test_09_gemini_json_array_stream_without_alt_sse(gw, upstream):
+    g, up = _typed_gw(gw, upstream, "openai")
+    status, hdrs, body = g.request(
+        "POST", "/v1beta/models/gpt-4o:streamGenerateContent",
+        {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+        headers={"Authorization": None, "x-goog-api-key": TOKEN})
+    chunks = json.loads(body)
+    assert status == 200 and isinstance(chunks, list) and len(chunks) >= 2
+    assert "".join(p.get("text", "") for c in chunks
+                   for p in c["candidates"][0]["content"]["parts"]) == "hello"
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"]["promptTokenCount"] == 11
+
+
+# -- Issue 12: thinking by model, Gemini 3 call ids, context overflow, empty answers --------------
+@pytest.mark.parametrize("model,mode", [
+    ("claude-opus-4-7", "adaptive"), ("anthropic.claude-opus-4-7", "adaptive"),
+    ("claude-opus-4-8@20260601", "adaptive"), ("claude-sonnet-5", "adaptive"),
+    ("claude-mythos-preview", "adaptive"), ("claude-opus-4-6", "both"),
+    ("claude-sonnet-4-6", "both"), ("claude-sonnet-4-5-20250929", "budget"),
+    ("claude-opus-4-20250514", "budget"), ("claude-opus-4-1", "budget"),
+    ("claude-3-7-sonnet-latest", "budget"), ("claude-3-5-sonnet-20241022", "none"),
+    ("claude-3-opus-20240229", "none"), ("my-relay-model", "budget")])
+def test_09_thinking_mode_by_model_name(model, mode):
+    assert ag.anthropic_thinking_mode(model) == mode
+    assert ag.anthropic_thinking_mode(model, "adaptive") == "adaptive"
+    assert ag.anthropic_thinking_mode(model, "budget") == "budget"
+
+
+def _reasoning_ir(effort, budget=None, max_tokens=2000, **kw):
+    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=max_tokens,
+                         **kw)
+    ir["reasoning"] = {"effort": effort, "budget": budget}
+    return ir
+
+
+def test_09_thinking_request_follows_the_model():
+    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-7", stream=False)
+    assert body["thinking"] == {"type": "adaptive"}
+    assert body["output_config"] == {"effort": "xhigh"}
+    assert body["max_tokens"] > 32768                     # covers thinking and answer
+    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-6", stream=False)
+    assert body["thinking"] == {"type": "adaptive"} and body["output_config"]["effort"] == "max"
+    body = ag.ir_to_anthropic_request(_reasoning_ir("medium", 4000), "claude-opus-4-6",
+                                      stream=False)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 4000}
+    assert "output_config" not in body                    # the client's own budget, kept
+    body = ag.ir_to_anthropic_request(_reasoning_ir("minimal"), "claude-sonnet-4-5",
+                                      stream=False)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert "output_config" not in body
+    assert "thinking" not in ag.ir_to_anthropic_request(_reasoning_ir("high"),
+                                                        "claude-3-5-sonnet", stream=False)
+    forced = ag.ir_to_anthropic_request(_reasoning_ir("low"), "claude-opus-4-7", stream=False,
+                                        thinking_setting="budget")
+    assert forced["thinking"]["type"] == "enabled"
+    ir = _reasoning_ir("low", response_format={"type": "json_schema", "json_schema": {
+        "name": "o", "schema": {"type": "object"}}})
+    ir["reasoning"] = {"effort": "low", "budget": None}
+    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, max_tokens_cap=1500)
+    assert body["output_config"] == {"effort": "low", "format": {
+        "type": "json_schema", "schema": {"type": "object"}}}
+    assert body["max_tokens"] == 1500
+
+
+def test_09_effort_mapped_both_ways():
+    oa = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="xhigh")
+    assert oa["reasoning"] == {"effort": "xhigh", "budget": None}
+    an = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "x"}], "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "max"}})
+    assert ag.ir_to_openai_request(an, "o3", stream=False)["reasoning_effort"] == "xhigh"
+    default = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "thinking": {
+        "type": "adaptive"}, "messages": [{"role": "user", "content": "x"}]})
+    assert default["reasoning"]["effort"] == "high"           # Anthropic's default effort
+    gem = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
+                                   "generationConfig": {"thinkingConfig": {
+                                       "thinkingLevel": "LOW"}}})
+    assert gem["reasoning"] == {"effort": "low", "budget": None}
+    dyn = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
+                                   "generationConfig": {"thinkingConfig": {
+                                       "thinkingBudget": -1}}})
+    assert dyn["reasoning"]["effort"] == "high"
+    rs = ag.responses_request_to_ir({"model": "m", "input": "x", "reasoning": {
+        "effort": "xhigh"}})
+    assert rs["reasoning"]["effort"] == "xhigh"
+
+
+@pytest.mark.parametrize("model,effort,budget,expected", [
+    ("gemini-3-pro-preview", "medium", None, {"thinkingLevel": "high"}),
+    ("gemini-3-pro-preview", "none", None, {"thinkingLevel": "low"}),
+    ("gemini-3-flash-preview", "none", None, {"thinkingLevel": "minimal"}),
+    ("gemini-3-flash-preview", "medium", None, {"thinkingLevel": "medium"}),
+    ("gemini-3.1-pro", "max", None, {"thinkingLevel": "high"}),
+    ("gemini-2.5-pro", "none", None, {"thinkingBudget": 128}),
+    ("gemini-2.5-flash", "none", None, {"thinkingBudget": 0}),
+    ("gemini-2.5-flash", "max", None, {"thinkingBudget": 24576}),
+    ("gemini-2.5-flash-lite", "low", 100, {"thinkingBudget": 512}),
+    ("gemini-2.5-pro", "high", 5000, {"thinkingBudget": 5000}),
+    ("gemini-2.0-flash", "high", None, None),
+])
+def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, expected):
+    ir = _reasoning_ir(effort, budget)
+    gen = ag.ir_to_gemini_request(ir, {}, model).get("generationConfig", {})
+    cfg = gen.get("thinkingConfig")
+    if expected is None:
+        assert cfg is None
+        return
+    assert {k: v for k, v in cfg.items() if k != "includeThoughts"} == expected
+    assert not ("thinkingLevel" in cfg and "thinkingBudget" in cfg)
+    if cfg.get("thinkingBudget"):                     # maxOutputTokens counts the thinking
+        assert gen["maxOutputTokens"] > cfg["thinkingBudget"]
+
+
+def test_09_signature_only_and_redacted_thinking_survive():
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
+              "content": [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
+                          {"type": "redacted_thinking", "data": "REDACTED=="},
+                          {"type": "tool_use", "id": "toolu_9", "name": "Bash",
+                           "input": {"cmd": "ls"}}],
+              "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    kept = {}
+    resp = ag.anthropic_response_to_ir(answer, kept)
+    out = ag.ir_to_anthropic_response(resp, "c")
+    assert out["content"][:2] == [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
+                                  {"type": "redacted_thinking", "data": "REDACTED=="}]
+    assert kept == {"toolu_9": answer["content"][:2]}
+    # An OpenAI client's history has lost both; the next request to Claude gets them back.
+    msg = ag.ir_to_openai_response(resp, "c")["choices"][0]["message"]
+    ir = _ir_from_openai(reasoning_effort="high", messages=[
+        {"role": "user", "content": "list"}, msg,
+        {"role": "tool", "tool_call_id": "toolu_9", "content": "a.txt"}])
+    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept=kept)
+    assert body["messages"][1]["content"][:2] == answer["content"][:2]
+    assert body["thinking"] == {"type": "adaptive"}
+    # Without them, thinking is left off rather than refused by Claude.
+    bare = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept={})
+    assert "thinking" not in bare and "output_config" not in bare
+
+
+def test_09_signature_only_thinking_stream_round_trip():
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    raw = b"".join([
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "model": "c", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "thinking", "thinking": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "signature_delta", "signature": "SIG"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": "{}"}}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                             "usage": {"output_tokens": 5}}),
+        ev("message_stop", {"type": "message_stop"})])
+    kept = {}
+    out = _convert_stream(ag.AnthropicStreamDecoder(kept), ag.AnthropicStreamEncoder("c"), raw, 7)
+    events = [e for _, e in _sse_events(out)]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert starts[0] == {"type": "thinking", "thinking": ""}
+    sigs = [e["delta"]["signature"] for e in events
+            if e["type"] == "content_block_delta" and e["delta"]["type"] == "signature_delta"]
+    assert sigs == ["SIG"]
+    assert kept == {"toolu_1": [{"type": "thinking", "thinking": "", "signature": "SIG"}]}
+
+
+def test_09_gemini_3_call_ids_sent_back_only_to_gemini_3():
+    sigs = {}
+    resp = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"id": "fc1", "name": "read", "args": {"p": "a"}},
+         "thoughtSignature": "S1"},
+        {"functionCall": {"id": "fc2", "name": "read", "args": {"p": "b"}}}]},
+        "finishReason": "STOP"}]}, sigs)
+    assert [p["id"] for p in resp["content"]] == ["fc1", "fc2"]
+    ir = ag.empty_request("g")
+    ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "read both"}]},
+                      {"role": "assistant", "content": resp["content"]},
+                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc2",
+                                                    "name": "read", "is_error": False,
+                                                    "content": [{"type": "text",
+                                                                 "text": "B"}]}]},
+                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc1",
+                                                    "name": "read", "is_error": False,
+                                                    "content": [{"type": "text",
+                                                                 "text": "A"}]}]}]
+    g3 = ag.ir_to_gemini_request(ir, sigs, "gemini-3-flash-preview")["contents"]
+    calls = [p for p in g3[1]["parts"]]
+    assert [c["functionCall"]["id"] for c in calls] == ["fc1", "fc2"]
+    assert calls[0]["thoughtSignature"] == "S1" and "thoughtSignature" not in calls[1]
+    assert [p["functionResponse"]["id"] for p in g3[2]["parts"]] == ["fc2", "fc1"]
+    g25 = json.dumps(ag.ir_to_gemini_request(ir, sigs, "gemini-2.5-pro"))
+    assert '"id"' not in g25
+    foreign = ag.ir_to_gemini_request(ir, {}, "gemini-3-pro-preview")     # ids we minted
+    assert '"id"' not in json.dumps(foreign)
+
+
+def test_09_gemini_signature_only_last_chunk_is_no_empty_delta():
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi"}]}}]},
+              {"candidates": [{"content": {"role": "model", "parts": [
+                  {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
+               "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 1}}]
+    raw = b"".join(f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks)
+    out = _convert_stream(ag.GeminiStreamDecoder({}), ag.AnthropicStreamEncoder("g"), raw, 5)
+    deltas = [e["delta"] for _, e in _sse_events(out) if e.get("type") == "content_block_delta"]
+    assert deltas == [{"type": "text_delta", "text": "Hi"}]
+    oa = _convert_stream(ag.GeminiStreamDecoder({}), ag.OpenAIStreamEncoder("g", False), raw, 5)
+    contents = [c["choices"][0]["delta"].get("content") for _, c in _sse_events(oa)
+                if isinstance(c, dict) and c.get("choices")]
+    assert "" not in [c for c in contents if c is not None][1:]
+    assert "Hi" in contents
+
+
+@pytest.mark.parametrize("status,body,tokens,limit", OVERFLOWS)
+def test_09_context_overflow_read_from_every_provider(status, body, tokens, limit):
+    err = ag.context_overflow(json.dumps(body).encode(), status)
+    assert err is not None and err.status == 400
+    assert (err.tokens, err.limit) == (tokens, limit)
+    an = ag.error_payload(ag.ANTHROPIC, err)["error"]
+    assert an["type"] == "invalid_request_error"
+    assert an["message"].startswith("prompt is too long")
+    if tokens:
+        assert f"{tokens} tokens > {limit}" in an["message"]
+    oa = ag.error_payload(ag.OPENAI, err)["error"]
+    assert oa["code"] == "context_length_exceeded" and oa["type"] == "invalid_request_error"
+    gm = ag.error_payload(ag.GEMINI, err)["error"]
+    assert gm["code"] == 400 and gm["status"] == "INVALID_ARGUMENT"
+    resp_ev = ag.stream_error_event(ag.RESPONSES, err)
+    assert b'"code":"context_length_exceeded"' in resp_ev
+
+
+def test_09_other_errors_are_not_overflow():
+    for body in ({"error": {"message": "max_tokens: 999999 > 64000, which is the maximum"}},
+                 {"error": {"message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}},
+                 {"error": "model not found"}):
+        assert ag.context_overflow(json.dumps(body).encode(), 400) is None
+
+
+@pytest.mark.parametrize("content,finish,empty", [
+    ([], "stop", True), ([{"type": "text", "text": " \n"}], "stop", True),
+    ([], "length", False), ([], "content_filter", False),
+    ([{"type": "text", "text": "ok"}], "stop", False),
+    ([{"type": "reasoning", "text": "hm", "signature": None, "redacted": None}], "stop", False),
+    ([{"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"}], "tool_calls", False)])
+def test_09_empty_answer_table(content, finish, empty):
+    assert ag.answer_is_empty({"content": content, "finish": finish}) is empty
 
 
 # =================================================================================================
@@ -2302,43 +4460,6 @@ def test_10_unknown_fields_kept_ids_never_reused_saves_atomic(tmp_path):
     assert reloaded.add_channel(name="d")["id"] == 4
 
 
-# -- the old "Light AI Gateway" app's config.json, and `config check` naming every problem ------
-
-OLD_APP_KEY = "sk-gw-" + "Q" * 48          # the old app made 48 random characters after sk-gw-
-
-
-def old_app_config(port=3000, first_url="https://api.openai.com/v1",
-                   second_url="https://api.deepseek.com/v1"):
-    """A config.json as the old app saved it (pydantic's model_dump of its models: every
-    field written, its defaults included)."""
-    return {
-        "settings": {"host": "0.0.0.0", "port": port, "log_level": "info",
-                     "require_auth": True, "default_timeout": 120, "enable_fallback": True,
-                     "enable_cors": True, "cors_origins": ["*"], "auto_start": False,
-                     "high_availability_mode": False},
-        "channels": [
-            {"id": 1, "name": "OpenAI", "type": "openai", "base_url": first_url,
-             "api_key": "sk-old-first-SECRET", "models": ["gpt-4o", "shared"],
-             "enabled": True, "priority": 1, "timeout": 60, "max_retries": 3,
-             "proxy_enabled": False, "proxy_url": "http://127.0.0.1:9", "max_concurrency": None,
-             "min_concurrency": 1, "max_adaptive_concurrency": 100},
-            {"id": 2, "name": "DeepSeek", "type": "openai", "base_url": second_url,
-             "api_key": "sk-old-second-SECRET", "models": "deepseek-chat, shared",
-             "enabled": True, "priority": 2, "timeout": 90, "max_retries": 3,
-             "proxy_enabled": False, "proxy_url": "", "max_concurrency": 4},
-            {"id": 5, "name": "GLM (web)", "type": "builtin", "base_url": "glm",
-             "api_key": "old-cookie", "models": ["glm"], "enabled": True, "priority": 1,
-             "timeout": 60},
-        ],
-        "tokens": [
-            {"id": 1, "name": "default", "key": OLD_APP_KEY, "enabled": True,
-             "allowed_channels": [2], "allowed_models": []},
-            {"id": 2, "name": "off", "key": OLD_APP_KEY[:-1] + "R", "enabled": False,
-             "allowed_channels": [], "allowed_models": ["gpt-4o"]},
-        ],
-    }
-
-
 def test_10_old_app_config_maps_its_keys_and_keeps_the_rest():
     notes = []
     cfg = ag.validate_config(old_app_config(), "old.json", notes)
@@ -2403,13 +4524,6 @@ def test_10_config_problems_names_every_problem_once():
     assert ag.config_problems([], "c.json") == [
         'c.json: top level: is not a JSON object; write {"settings": {...}, "channels": [...], '
         '"tokens": [...]}']
-# -- saves that never overwrite an edit they have not seen ---------------------------------
-
-def _hand_edit(path, change):
-    cfg = json.loads(open(path).read())
-    change(cfg)
-    with open(path, "w") as f:                 # in place, as an editor might
-        json.dump(cfg, f, indent=1)
 
 
 def test_10_two_stores_on_one_file_keep_both_edits(tmp_path):
@@ -2461,9 +4575,35 @@ def test_10_reload_waits_out_a_half_written_file_then_reports_it(tmp_path):
     assert store.reload() is True and store.data["tokens"][0]["name"] == "edited"
 
 
+def test_10_example_config_is_valid():
+    with open(os.path.join(HERE, "config.example.json")) as f:
+        cfg = ag.validate_config(json.load(f), "config.example.json")
+    assert [c["type"] for c in cfg["channels"]] == ["openai", "custom", "anthropic", "custom"]
+
+
+def test_10_azure_channel_config_is_checked(tmp_path):
+    base = {"settings": {}, "tokens": [], "channels": [
+        {"id": 1, "name": "az", "type": "azure", "base_url": "", "api_key": "k"}]}
+    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.base_url"):
+        ag.validate_config(copy.deepcopy(base), "config.json")
+    base["channels"][0].update(base_url="https://res.openai.azure.com", api_version=5)
+    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.api_version"):
+        ag.validate_config(copy.deepcopy(base), "config.json")
+    base["channels"][0]["api_version"] = "2024-06-01"
+    cfg = ag.validate_config(base, "config.json")
+    assert cfg["channels"][0]["type"] == "azure" and cfg["channels"][0]["api_version"] == \
+        "2024-06-01"
+
+
 # =================================================================================================
 # 11. Gateway: end to end with the official SDKs
 # =================================================================================================
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
 
 def test_11_openai_chat_non_stream_passthrough(gw, upstream):
     up = upstream([openai_chat_reply(model="gpt-4o-2024", text="pong", usage=(7, 1))])
@@ -2890,13 +5030,6 @@ def _reset_peak_rss() -> float:
 def _peak_rss_mib() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def _endless(piece: bytes, first: bytes = b""):
-    if first:                                   # (an empty chunk would end a chunked body)
-        yield first
-    while True:
-        yield piece
 
 
 def test_11_unbounded_upstreams_end_in_errors_with_bounded_memory(gw, upstream):
@@ -3741,11 +5874,6 @@ def test_11_debug_capture_off_by_default_and_bodies_bounded(gw, upstream, monkey
     assert "y" * 200 not in text and "(cut at 0 KiB of" in text
 
 
-# -- usage history, prices and per-token limits (issue 13) ---------------------------------------
-
-PRICE_ALL = {"*": {"input": 2, "output": 10, "cache_read": 0.5, "cache_write": 4}}
-
-
 def _usage_gw(gw, channels, tokens=None, prices=PRICE_ALL, **settings):
     g = gw(channels, settings, tokens)
     g.store.update_prices(prices)
@@ -3857,14 +5985,6 @@ def test_11_usage_streams_and_estimates(gw, upstream, tmp_path):
         (1, "m-up", 0), (0, "m-up", 1)]
 
 
-class _Clock:
-    def __init__(self, iso="2026-12-01T23:00:00Z"):
-        self.now = ag.parse_utc(iso)
-
-    def __call__(self):
-        return self.now
-
-
 def _limited_gw(gw, up, limits, clock, **tok):
     g = _usage_gw(gw, [chan(up, models=["m"], type=tok.pop("type", "openai"))],
                   tokens=[dict({"name": "kid", "key": TOKEN, "limits": limits}, **tok)])
@@ -3959,31 +6079,6 @@ def test_11_expired_token_is_401_in_the_clients_dialect(gw, upstream):
     assert not up.requests
 
 
-def _write_usage(path, rows, clock):
-    """Rows through the real store: (model, channel, token id, token, input, output, cache
-    read, status, day offset)."""
-    store = ag.UsageStore(str(path), prices=PRICE_ALL, retention_days=400, clock=clock)
-    base = clock.now
-    for model, channel, tid, token, inp, out, read, status, days in rows:
-        clock.now = base - days * 86400
-        rec = {"time": clock.now, "token": token, "dialect": "openai",
-               "route": "/v1/chat/completions", "model": model, "channel": channel,
-               "status": status, "error": None if status < 400 else "x", "failures": [],
-               "stream": False, "latency_ms": 10.0, "ttfb_ms": 5.0, "bytes_in": 10,
-               "bytes_out": 10, "input_tokens": inp, "output_tokens": out,
-               "cache_read_tokens": read, "cache_write_tokens": 0, "reasoning_tokens": 0}
-        store.record(rec, tid, None)
-    clock.now = base
-    store.close()
-
-
-USAGE_SAMPLE = [("gpt-x", "oa", 1, "main", 1000, 100, 500, 200, 0),
-                ("gpt-x", "oa", 2, "kid", 1000, 100, 0, 200, 1),
-                ("claude-x", "an", 1, "main", 2000, 0, 1000, 200, 2),
-                ("claude-x", "an", 1, "main", 0, 0, 0, 500, 2),
-                ("old-x", "oa", 1, "main", 5, 5, 0, 200, 40)]
-
-
 def test_11_usage_endpoint(gw, tmp_path):
     clock = _Clock()
     _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
@@ -4007,6 +6102,970 @@ def test_11_usage_endpoint(gw, tmp_path):
     assert status == 400 and json.loads(data)["error"]["message"].startswith("by='colour'")
     assert g.request("GET", "/usage", headers={"Authorization": None})[0] == 401
     assert g.request("POST", "/usage", {})[0] == 405
+
+
+@pytest.mark.parametrize("ctype,path,answer,expected", [
+    ("openai", "/v1/models", {"object": "list", "data": [{"id": "gpt-4o"}, {"id": "o3"}]},
+     ["gpt-4o", "o3"]),
+    ("anthropic", "/v1/models", {"data": [{"type": "model", "id": "claude-x"}]}, ["claude-x"]),
+    ("gemini", "/v1beta/models?pageSize=1000", {"models": [{"name": "models/gemini-2.5-pro"}]},
+     ["gemini-2.5-pro"]),
+    ("ollama", "/api/tags", {"models": [{"name": "llama3.2:latest", "model": "llama3.2"}]},
+     ["llama3.2:latest"]),
+    ("azure", f"/openai/models?api-version={ag.AZURE_API_VERSION}",
+     {"object": "list", "data": [{"id": "gpt-4o"}]}, ["gpt-4o"]),
+])
+def test_11_fetch_models_from_each_channel_type(gw, upstream, ctype, path, answer, expected):
+    up = upstream([Reply(body=json.dumps(answer).encode())])
+    g = gw([chan(up, type=ctype, api_key="k-123")])
+    fut = g.thread.submit(g.gateway.fetch_models(g.gateway.channels[0]))
+    assert fut.result(10) == expected
+    assert up.last()["method"] == "GET" and up.last()["path"] == path
+
+
+def _anthropic_turn(c, stream, **kw):
+    kw.setdefault("max_tokens", 100)
+    if not stream:
+        return c.messages.create(**kw)
+    with c.messages.stream(**kw) as s:
+        for _ in s:
+            pass
+        return s.get_final_message()
+
+
+def test_11_interleaved_tool_streams_reach_each_client_as_whole_calls(gw, upstream):
+    up = upstream([Reply(chunks=_interleaved_openai_stream(), content_type="text/event-stream")])
+    g = gw([chan(up, type="custom")])
+    tools = [{"name": n, "input_schema": {"type": "object"}} for n in ("get_weather",
+                                                                       "get_time")]
+    m = _anthropic_turn(g.anthropic(), True, model="m", tools=tools,
+                        messages=[{"role": "user", "content": "both"}])
+    assert [(b.name, b.input) for b in m.content] == INTERLEAVED_CALLS
+    with g.openai().responses.stream(model="m", input="both", tools=[
+            {"type": "function", "name": n, "parameters": {"type": "object"}}
+            for n in ("get_weather", "get_time")]) as s:
+        for _ in s:
+            pass
+        final = s.get_final_response()
+    assert [(o.name, json.loads(o.arguments)) for o in final.output] == INTERLEAVED_CALLS
+    status, _, raw = g.request("POST", "/v1beta/models/m:streamGenerateContent?alt=sse", {
+        "contents": [{"role": "user", "parts": [{"text": "both"}]}],
+        "tools": [{"functionDeclarations": [{"name": "get_weather"}, {"name": "get_time"}]}]})
+    parts = [p for _, d in _sse_events(raw) for c in d["candidates"]
+             for p in c["content"]["parts"]]
+    assert status == 200 and [(p["functionCall"]["name"], p["functionCall"]["args"])
+                              for p in parts] == INTERLEAVED_CALLS
+
+
+def test_11_n_above_one_through_a_converting_channel_is_a_400_naming_n(gw, upstream):
+    up = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up, type="anthropic")])
+    with pytest.raises(openai.BadRequestError) as exc:
+        g.openai().chat.completions.create(model="m", n=2, messages=[
+            {"role": "user", "content": "x"}])
+    assert exc.value.body["param"] == "n" and "n = 2" in exc.value.body["message"]
+    assert up.requests == []
+
+
+@pytest.mark.parametrize("ctype", ["openai", "gemini"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_claude_code_long_mcp_tool_names_to_openai_and_gemini(gw, upstream, ctype, stream):
+    up = upstream()
+    up.responder = strict_upstream(ctype)
+    g = gw([chan(up, type=ctype)])
+    c = g.anthropic()
+    tools = [{"name": n, "description": "a tool", "input_schema": {
+        "type": "object", "properties": {"q": {"type": "string"}}}} for n in ODD_TOOLS]
+    msgs = [{"role": "user", "content": "search"}]
+    first = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
+    assert [(b.type, b.name, b.input) for b in first.content] == [
+        ("tool_use", LONG_TOOL, {"q": "x"})]
+    msgs += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+             {"role": "user", "content": [{"type": "tool_result",
+                                           "tool_use_id": first.content[0].id,
+                                           "content": "found"}]}]
+    second = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
+    assert second.content[0].text == "got found"
+    sent = json.dumps(json.loads(up.last()["body"]))
+    short = ag.channel_tool_name(LONG_TOOL, ctype)
+    assert LONG_TOOL not in sent and sent.count(short) >= 2          # the tool and the call
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_openai_and_responses_clients_with_names_the_channel_refuses(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([chan(up, type="anthropic")])
+    name = "files.read:v2"
+    kw = dict(model="m", messages=[{"role": "user", "content": "read"}], tools=[
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}])
+    if stream:
+        with g.openai().chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            r = s.get_final_completion()
+    else:
+        r = g.openai().chat.completions.create(**kw)
+    assert r.choices[0].message.tool_calls[0].function.name == name
+    sent = json.loads(up.last()["body"])
+    assert sent["tools"][0]["name"] == ag.channel_tool_name(name, "anthropic") != name
+    up2 = upstream()
+    up2.responder = strict_upstream("openai")
+    g2 = gw([chan(up2, type="openai", name="oa")])
+    long_ns = dict(CODEX_NAMESPACE, name="mcp__a_server_with_a_rather_long_descriptive_name")
+    kw = dict(model="m", input="go", tools=[long_ns])
+    if stream:
+        with g2.openai().responses.stream(**kw) as s:
+            for _ in s:
+                pass
+            out = s.get_final_response().output
+    else:
+        out = g2.openai().responses.create(**kw).output
+    assert (out[0].type, out[0].name, out[0].namespace) == (
+        "function_call", "echo_words", long_ns["name"])
+    assert all(len(t["function"]["name"]) <= 64
+               for t in json.loads(up2.last()["body"])["tools"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_gemini_client_dotted_names_to_an_openai_channel(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="openai")])
+    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    contents = [{"role": "user", "parts": [{"text": "read"}]}]
+    tools = [{"functionDeclarations": [{"name": "files.read", "parameters": {
+        "type": "OBJECT", "properties": {"q": {"type": "STRING"}}}}]}]
+    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
+                               {"contents": contents, "tools": tools})
+    chunks = [d for _, d in _sse_events(raw)] if stream else [json.loads(raw)]
+    calls = [p["functionCall"] for c in chunks for p in c["candidates"][0]["content"]["parts"]
+             if "functionCall" in p]
+    assert status == 200 and [(c["name"], c["args"]) for c in calls] == [("files.read",
+                                                                           {"q": "x"})]
+    contents += [{"role": "model", "parts": [{"functionCall": calls[0]}]},
+                 {"role": "user", "parts": [{"functionResponse": dict(
+                     {k: v for k, v in calls[0].items() if k == "id"}, name="files.read",
+                     response={"result": "text"})}]}]
+    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
+                               {"contents": contents, "tools": tools})
+    assert status == 200 and b"got text" in raw
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == \
+        sent["tools"][0]["function"]["name"] == ag.channel_tool_name("files.read", "openai")
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_codex_namespaced_mcp_tools_round_trip(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="custom")])
+    c = g.openai()
+
+    def turn(items):
+        kw = dict(model="gpt-5-codex", input=items, tools=[CODEX_NAMESPACE], store=False)
+        if not stream:
+            return c.responses.create(**kw)
+        with c.responses.stream(**kw) as s:
+            added = [ev.item for ev in s if ev.type == "response.output_item.added"]
+            final = s.get_final_response()
+        assert all(getattr(i, "namespace", None) == "mcp__probe" for i in added
+                   if i.type == "function_call")
+        return final
+    items = [{"role": "user", "content": "echo"}]
+    first = turn(items)
+    call = first.output[0]
+    assert (call.type, call.name, call.namespace, json.loads(call.arguments)) == (
+        "function_call", "echo_words", "mcp__probe", {"q": "x"})
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == [
+        "mcp__probe__echo_words", "mcp__probe__raw_patch"]
+    items += [call.model_dump(exclude_none=True),
+              {"type": "function_call_output", "call_id": call.call_id, "output": "said x"}]
+    second = turn(items)
+    assert second.output_text == "got said x"
+    history = json.loads(up.last()["body"])["messages"]
+    assert history[1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_codex_client_side_tool_search_through_a_converting_channel(gw, upstream, stream):
+    """Codex's tool search for the models of its catalog (openai-python types/responses:
+    ToolSearchToolParam with execution "client", ResponseToolSearchCall,
+    ResponseToolSearchOutputItemParam whose tools are namespaces of deferred functions)."""
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="custom")])
+    search = {"type": "tool_search", "execution": "client", "description": "Find tools",
+              "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
+    kw = dict(model="m", tools=[search], store=False)
+    items = [{"role": "user", "content": "find an echo tool"}]
+
+    def turn():
+        if not stream:
+            return g.openai().responses.create(input=items, **kw)
+        with g.openai().responses.stream(input=items, **kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_response()
+    call = turn().output[0]
+    assert (call.type, call.execution, call.arguments) == ("tool_search_call", "client",
+                                                           {"q": "x"})
+    deferred = dict(CODEX_NAMESPACE, tools=[dict(CODEX_NAMESPACE["tools"][0],
+                                                 defer_loading=True)])
+    items += [call.model_dump(exclude_none=True),
+              {"type": "tool_search_output", "call_id": call.call_id, "execution": "client",
+               "status": "completed", "tools": [deferred]}]
+    turn()
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["tool_search",
+                                                              "mcp__probe__echo_words"]
+    assert sent["messages"][-1] == {"role": "tool", "tool_call_id": call.call_id,
+                                    "content": "Tools now available: mcp__probe__echo_words"}
+    assert "defer_loading" not in json.dumps(sent)
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_mistral_quirks_for_claude_code_ids_and_refused_params(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai", mistral=True)
+    quirks = {"tool_call_id": "mistral9", "drop_params": ["stream_options"]}
+    g = gw([chan(up, type="custom", quirks=quirks)])
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01XyZ",
+                                               "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01XyZ",
+                                          "content": "ran"}]}]
+    m = _anthropic_turn(g.anthropic(), stream, model="m", tools=tools, messages=msgs)
+    assert m.content[0].text == "got ran"
+    sent = json.loads(up.last()["body"])
+    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
+    chat = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_Ab_12345678", "type": "function",
+                 "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
+    kw = dict(model="m", messages=chat, stream_options={"include_usage": True}) if stream \
+        else dict(model="m", messages=chat)
+    if stream:
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       g.openai().chat.completions.create(stream=True, **kw) if ch.choices)
+    else:
+        text = g.openai().chat.completions.create(**kw).choices[0].message.content
+    assert text == "got ran"                               # passed through, quirks applied
+
+
+def test_11_deepseek_gets_reasoning_back_on_tool_call_turns(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("openai", deepseek=True)
+    g = gw([chan(up, type="custom", quirks={"reasoning_back": "tool_calls"})])
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "say hi",
+                                               "signature": "x"},
+                                              {"type": "text", "text": "hi"}]},
+            {"role": "user", "content": "run"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "use Bash", "signature": "x"},
+                {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "ran"}]}]
+    m = _anthropic_turn(g.anthropic(), False, model="m", messages=msgs, tools=[
+        {"name": "Bash", "input_schema": {"type": "object"}}])
+    assert m.content[0].text == "got ran"
+    sent = json.loads(up.last()["body"])["messages"]
+    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
+
+
+# Issue 14: preset channels end to end (the user's base_url points at the fake)
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_mistral_preset_gets_nine_letter_ids_and_no_refused_params(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai", mistral=True)
+    g = gw([{"name": "mistral", "preset": "mistral", "base_url": up.url + "/v1",
+             "api_key": "sk-upstream-secret"}])
+    chat = [{"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_Ab_12345678", "type": "function",
+                 "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
+    kw = dict(model="mistral-large-latest", messages=chat, max_completion_tokens=50)
+    if stream:
+        chunks = g.openai().chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = g.openai().chat.completions.create(**kw).choices[0].message.content
+    assert text == "got ran"
+    rec = up.last()
+    sent = json.loads(rec["body"])
+    assert rec["path"] == "/v1/chat/completions"
+    assert rec["headers"]["authorization"] == "Bearer sk-upstream-secret"
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", sent["messages"][2]["tool_call_id"])
+    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
+    assert "stream_options" not in sent and "max_completion_tokens" not in sent
+    assert sent["max_tokens"] == 50
+
+
+def test_11_deepseek_preset_sends_reasoning_back_on_tool_call_turns(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("openai", deepseek=True)
+    g = gw([{"name": "ds", "preset": "deepseek", "base_url": up.url + "/v1"}])
+    chat = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hi", "reasoning_content": "say hi"},
+            {"role": "user", "content": "run"},
+            {"role": "assistant", "content": None, "reasoning_content": "use Bash",
+             "tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ran"}]
+    reply = g.openai().chat.completions.create(model="deepseek-reasoner", messages=chat)
+    assert reply.choices[0].message.content == "got ran"
+    sent = json.loads(up.last()["body"])["messages"]
+    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
+
+
+def test_11_anthropic_compatible_preset_strips_what_the_service_ignores(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([{"name": "ds", "preset": "deepseek-anthropic", "base_url": up.url,
+             "api_key": "sk-upstream-secret"}])
+    m = _anthropic_turn(
+        g.anthropic(), False, model="deepseek-chat",
+        extra_body={"top_k": 5, "service_tier": "auto"},
+        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        tools=[{"name": "Bash", "input_schema": {"type": "object"},
+                "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "run",
+                                                "cache_control": {"type": "ephemeral"}}]}],
+        extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"})
+    assert m.content[0].name == "Bash"
+    rec = up.last()
+    sent = json.loads(rec["body"])
+    assert rec["path"] == "/v1/messages" and rec["headers"]["x-api-key"] == "sk-upstream-secret"
+    assert "cache_control" not in rec["body"].decode()
+    assert "top_k" not in sent and "service_tier" not in sent
+    assert sent["system"] == [{"type": "text", "text": "be brief"}]
+    assert "anthropic-beta" not in rec["headers"]
+    g2 = gw([{"name": "ds2", "preset": "deepseek-anthropic", "base_url": up.url,
+              "quirks": {"drop_params": ["temperature"]}}])
+    reply = g2.openai().chat.completions.create(                      # converted
+        model="deepseek-chat", temperature=0.5, messages=[{"role": "user", "content": "hi"}],
+        tools=[{"type": "function", "function": {"name": "Bash", "parameters": {
+            "type": "object"}}}])
+    assert reply.choices[0].message.tool_calls[0].function.name == "Bash"
+    rec = up.last()
+    assert rec["path"] == "/v1/messages" and "temperature" not in json.loads(rec["body"])
+
+
+def test_11_bearer_auth_preset_sends_the_key_as_claude_code_would(gw, upstream):
+    up = upstream()
+    up.responder = strict_upstream("anthropic")
+    g = gw([{"name": "glm", "preset": "zai-anthropic", "base_url": up.url,
+             "api_key": "sk-upstream-secret"}])
+    m = g.anthropic().messages.create(model="glm-4.7", max_tokens=50, messages=[
+        {"role": "user", "content": "hi"}], tools=[{"name": "Bash",
+                                                    "input_schema": {"type": "object"}}])
+    assert m.content[0].name == "Bash"
+    g.openai().chat.completions.create(model="glm-4.7", messages=[                # converted
+        {"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {
+            "name": "Bash", "parameters": {"type": "object"}}}])
+    for rec in up.requests:
+        assert rec["headers"]["authorization"] == "Bearer sk-upstream-secret"
+        assert "x-api-key" not in rec["headers"]
+
+
+def test_11_fetch_models_says_when_a_preset_has_no_model_list(gw):
+    g = gw([{"name": "mm", "preset": "minimax-anthropic"}])
+    ch = g.gateway.channel(g.store.data["channels"][0]["id"])
+    with pytest.raises(ag.GatewayError, match="MiniMax .* has no model list"):
+        asyncio.run(g.gateway.fetch_models(ch))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_claude_code_tool_search_to_an_openai_channel(gw, upstream, stream):
+    up = upstream()
+    up.responder = strict_upstream("openai")
+    g = gw([chan(up, type="openai")])
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 200, "stream": stream, "tools": [
+        {"name": "ToolSearch", "input_schema": {"type": "object"}},
+        {"name": "mcp__docs__lookup", "defer_loading": True,
+         "input_schema": {"type": "object"}},
+        {"name": "mcp__docs__unused", "defer_loading": True,
+         "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "ToolSearch", "input": {"q": "docs"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "tool_reference",
+                                                       "tool_name": "mcp__docs__lookup"}]}]}]}
+    status, _, raw = g.request("POST", "/v1/messages?beta=true", body,
+                               headers={"anthropic-version": "2023-06-01",
+                                        "anthropic-beta": "advanced-tool-use-2025-11-20"})
+    assert status == 200, raw
+    text = raw.decode()
+    assert "got Tool mcp__docs__lookup is now available." in (
+        text if not stream else "".join(d["delta"]["text"] for e, d in _sse_events(raw)
+                                        if e == "content_block_delta"))
+    sent = json.loads(up.last()["body"])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["ToolSearch", "mcp__docs__lookup"]
+    assert "defer_loading" not in json.dumps(sent)
+
+
+def _anthropic_sse(blocks, stop, model="c"):
+    """An Anthropic Messages stream carrying ``blocks`` whole (one delta each)."""
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    out = [ev("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})]
+    for i, b in enumerate(blocks):
+        if b["type"] == "thinking":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": {"type": "thinking",
+                                                                    "thinking": ""}}))
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                  "delta": {"type": "signature_delta",
+                                                            "signature": b["signature"]}}))
+        elif b["type"] == "tool_use":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": dict(b, input={})}))
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                  "delta": {"type": "input_json_delta",
+                                                            "partial_json": json.dumps(
+                                                                b["input"])}}))
+        else:
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                  "content_block": {"type": "text",
+                                                                    "text": ""}}))
+            if b["text"]:
+                out.append(ev("content_block_delta", {"type": "content_block_delta",
+                                                      "index": i, "delta": {
+                                                          "type": "text_delta",
+                                                          "text": b["text"]}}))
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
+    out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                 "usage": {"output_tokens": 4}}),
+            ev("message_stop", {"type": "message_stop"})]
+    return Reply(chunks=out, content_type="text/event-stream")
+
+
+def _anthropic_reply(body, blocks, stop):
+    if body.get("stream"):
+        return _anthropic_sse(blocks, stop, body["model"])
+    return Reply(body=json.dumps({"id": "msg_1", "type": "message", "role": "assistant",
+                                  "model": body["model"], "content": blocks,
+                                  "stop_reason": stop, "stop_sequence": None,
+                                  "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
+
+
+def _anthropic_error(message):
+    return Reply(400, json.dumps({"type": "error", "error": {
+        "type": "invalid_request_error", "message": message}}).encode())
+
+
+def claude_opus_4_7(rec):
+    """Claude Opus 4.7 as its API behaves with thinking: a tool call after thinking sent with
+    display omitted (a signature only), then an answer once the tool result comes back."""
+    body = json.loads(rec["body"])
+    thinking = body.get("thinking") or {}
+    # Opus 4.7 takes only adaptive thinking; "enabled" with budget_tokens is a 400
+    # (platform.claude.com/docs/en/build-with-claude/adaptive-thinking; Bedrock's copy:
+    # docs.aws.amazon.com/bedrock/latest/userguide/claude-messages-adaptive-thinking.html).
+    if thinking.get("type") == "enabled":
+        return _anthropic_error("thinking.type.enabled is not supported for this model. Use "
+                                "thinking.type.adaptive and output_config.effort")
+    msgs = body["messages"]
+    if len(msgs) > 1:
+        last_assistant = msgs[-2]["content"]
+        # With thinking on, the assistant turn before the tool results must start with its
+        # thinking block, unchanged (Anthropic's 400 quoted in sigoden/llm-functions#222).
+        if thinking and last_assistant[0] != {"type": "thinking", "thinking": "",
+                                              "signature": SIG}:
+            return _anthropic_error("messages.1.content.0.type: Expected `thinking` or "
+                                    "`redacted_thinking`, but found `tool_use`. When "
+                                    "`thinking` is enabled, a final `assistant` message "
+                                    "must start with a thinking block")
+        return _anthropic_reply(body, [{"type": "text", "text": "done"}], "end_turn")
+    return _anthropic_reply(body, [{"type": "thinking", "thinking": "", "signature": SIG},
+                                   {"type": "tool_use", "id": "toolu_A", "name": "get_weather",
+                                    "input": {"city": "Paris"}}], "tool_use")
+
+
+@pytest.mark.parametrize("client", ["openai", "responses", "genai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_adaptive_thinking_tool_loop_from_every_dialect(gw, upstream, client, stream):
+    up = upstream()
+    up.responder = claude_opus_4_7
+    g = gw([chan(up, type="anthropic")])
+    model = "claude-opus-4-7"
+    if client == "openai":
+        c = g.openai()
+
+        def call(messages):
+            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="xhigh")
+            if not stream:
+                return c.chat.completions.create(**kw)
+            with c.chat.completions.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_completion()
+        msgs = [{"role": "user", "content": "weather?"}]
+        first = call(msgs).choices[0]
+        assert first.message.tool_calls[0].id == "toolu_A"
+        msgs += [first.message.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": "toolu_A", "content": "sunny"}]
+        assert call(msgs).choices[0].message.content == "done"
+        effort = "xhigh"
+    elif client == "responses":
+        c = g.openai()
+
+        def call(inp):
+            kw = dict(model=model, input=inp, tools=RESPONSES_TOOLS[:2],
+                      reasoning={"effort": "medium"}, store=False)
+            if not stream:
+                return c.responses.create(**kw)
+            with c.responses.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_response()
+        items = [{"role": "user", "content": "weather?"}]
+        first = call(items)
+        fc = [o for o in first.output if o.type == "function_call"][0]
+        items += [o.model_dump(exclude_none=True) for o in first.output]
+        items.append({"type": "function_call_output", "call_id": fc.call_id, "output": "sun"})
+        assert call(items).output_text == "done"
+        effort = "medium"
+    else:
+        c = _genai(g)
+        config = genai_types.GenerateContentConfig(
+            tools=_genai_tools(), thinking_config=genai_types.ThinkingConfig(thinking_level="LOW"),
+            automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+        contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+
+        def call():
+            if not stream:
+                r = c.models.generate_content(model=model, contents=contents, config=config)
+                return r.candidates[0].content.parts
+            return [p for ch in c.models.generate_content_stream(
+                model=model, contents=contents, config=config)
+                for cand in ch.candidates or [] if cand.content for p in cand.content.parts or []]
+        parts = call()
+        fc = [p.function_call for p in parts if p.function_call][0]
+        contents.append(genai_types.Content(role="model", parts=parts))
+        contents.append(genai_types.Content(role="user", parts=[
+            genai_types.Part(function_response=genai_types.FunctionResponse(
+                id=fc.id, name=fc.name, response={"result": "sunny"}))]))
+        assert "".join(p.text or "" for p in call()) == "done"
+        effort = "low"
+    sent = [json.loads(r["body"]) for r in up.requests]
+    assert len(sent) == 2
+    assert all(b["thinking"] == {"type": "adaptive"} for b in sent)
+    assert all(b["output_config"] == {"effort": effort} for b in sent)
+    assert sent[1]["messages"][1]["content"][0] == {"type": "thinking", "thinking": "",
+                                                    "signature": SIG}
+
+
+def test_11_channel_thinking_setting_overrides_the_table(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: _anthropic_reply(json.loads(rec["body"]),
+                                                [{"type": "text", "text": "ok"}], "end_turn")
+    g = gw([chan(up, type="anthropic", thinking="adaptive")])
+    r = g.openai().chat.completions.create(model="relay-claude", reasoning_effort="low",
+                                           messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "ok"
+    assert json.loads(up.last()["body"])["thinking"] == {"type": "adaptive"}
+
+
+def gemini_fake(rec):
+    """Gemini with two parallel calls of one function. Gemini 3 gives each call an id and the
+    first call alone a thoughtSignature (ai.google.dev/gemini-api/docs/thought-signatures:
+    "only the first functionCall part" of parallel calls carries it), and needs the ids back
+    to tell the results apart; Gemini 2.x answers any "id" with a 400 (JetBrains/koog#735)."""
+    body = json.loads(rec["body"])
+    model = rec["path"].split("/models/")[1].split(":")[0]
+    three = model.startswith("gemini-3")
+    stream = ":streamGenerateContent" in rec["path"]
+    turns = body["contents"]
+    cfg = body.get("generationConfig", {}).get("thinkingConfig", {})
+    if "thinkingLevel" in cfg and "thinkingBudget" in cfg:    # docs/thinking: never both
+        return Reply(400, b'{"error":{"code":400,"message":"thinking_budget and thinking_level'
+                          b' are not supported together","status":"INVALID_ARGUMENT"}}')
+    if not three and '"id"' in json.dumps(turns):
+        return Reply(400, b'{"error":{"code":400,"message":"Invalid JSON payload received. '
+                          b'Unknown name \\"id\\" at \'contents[1].parts[0].function_call\': '
+                          b'Cannot find field.","status":"INVALID_ARGUMENT"}}')
+    results = [p["functionResponse"] for p in turns[-1]["parts"] if "functionResponse" in p]
+    if results:
+        if three:
+            calls = [p for p in turns[-2]["parts"] if "functionCall" in p]
+            assert calls[0]["thoughtSignature"] == "SIG3" and "thoughtSignature" not in calls[1]
+            assert [c["functionCall"]["id"] for c in calls] == ["fc-a", "fc-b"]
+            by_id = {r["id"]: r["response"]["result"] for r in results}
+            text = f"a={by_id['fc-a']} b={by_id['fc-b']}"
+        else:
+            text = "ok"
+        parts = [{"text": text}]
+    else:
+        parts = [{"functionCall": dict({"name": "get_weather", "args": {"city": city}},
+                                       **({"id": cid} if three else {}))}
+                 for cid, city in (("fc-a", "Paris"), ("fc-b", "Rome"))]
+        if three:
+            parts[0]["thoughtSignature"] = "SIG3"
+    usage = {"promptTokenCount": 5, "candidatesTokenCount": 2}
+    if not stream:
+        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
+                                                                  "parts": parts},
+                                                      "finishReason": "STOP"}],
+                                      "usageMetadata": usage}).encode())
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}}]} for p in parts]
+    # The last chunk may carry only a signature on an empty text part.
+    chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
+        "usageMetadata": usage})
+    return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("model", ["gemini-3-flash-preview", "gemini-2.5-flash"])
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_gemini_parallel_calls_of_one_function(gw, upstream, model, client, stream):
+    up = upstream()
+    up.responder = gemini_fake
+    g = gw([chan(up, type="gemini")])
+    if client == "anthropic":
+        c = g.anthropic()
+
+        def call(messages):
+            kw = dict(model=model, max_tokens=4000, tools=ANTHROPIC_TOOLS, messages=messages,
+                      thinking={"type": "adaptive"})
+            if not stream:
+                return c.messages.create(**kw)
+            with c.messages.stream(**kw) as s:
+                deltas = [e for e in s if e.type == "content_block_delta"]
+                assert all(getattr(e.delta, "text", "x") for e in deltas)    # none empty
+                return s.get_final_message()
+        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
+        first = call(msgs)
+        uses = [b for b in first.content if b.type == "tool_use"]
+        msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                   for b in first.content]},
+                 {"role": "user", "content": [
+                     {"type": "tool_result", "tool_use_id": uses[1].id, "content": "rain"},
+                     {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sun"}]}]
+        text = call(msgs).content[0].text
+    else:
+        c = g.openai()
+
+        def call(messages):
+            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="low")
+            if not stream:
+                return c.chat.completions.create(**kw).choices[0].message
+            with c.chat.completions.stream(**kw) as s:
+                for _ in s:
+                    pass
+                return s.get_final_completion().choices[0].message
+        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
+        first = call(msgs)
+        calls = first.tool_calls
+        msgs += [first.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": calls[1].id, "content": "rain"},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"}]
+        text = call(msgs).content
+    three = model.startswith("gemini-3")
+    assert text == ("a=sun b=rain" if three else "ok")
+    cfg = json.loads(up.requests[0]["body"])["generationConfig"]["thinkingConfig"]
+    assert ("thinkingLevel" in cfg) == three and ("thinkingBudget" in cfg) != three
+
+
+def _two_channels(gw, upstream, ctype, first_reply, **settings):
+    bad, good = upstream([first_reply]), upstream()
+    good.responder = getattr(Dialects, {"custom": "openai"}.get(ctype, ctype))
+    g = gw([chan(bad, type=ctype, name="first", priority=0),
+            chan(good, type=ctype, name="second", priority=1)], settings=settings or None)
+    return g, bad, good
+
+
+OVERFLOW_CASES = [   # (channel type, status, upstream body)
+    ("anthropic", 400, OVERFLOWS[0][1]), ("openai", 400, OVERFLOWS[2][1]),
+    ("custom", 400, OVERFLOWS[4][1]), ("gemini", 400, OVERFLOWS[5][1]),
+    ("ollama", 500, OVERFLOWS[6][1]),
+]
+
+
+@pytest.mark.parametrize("ctype,status,body", OVERFLOW_CASES)
+@pytest.mark.parametrize("client", ["anthropic", "openai", "genai"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_context_overflow_in_each_clients_wording(gw, upstream, ctype, status, body, client,
+                                                     stream):
+    reply = Reply(status, json.dumps(body).encode())
+    g, bad, good = _two_channels(gw, upstream, ctype, reply)
+    msgs = [{"role": "user", "content": "a very long prompt"}]
+    if client == "anthropic":
+        with pytest.raises(anthropic.BadRequestError) as e:
+            kw = dict(model="m", max_tokens=10, messages=msgs)
+            if stream:
+                with g.anthropic().messages.stream(**kw) as s:
+                    list(s)
+            else:
+                g.anthropic().messages.create(**kw)
+        err = e.value.body["error"]
+        assert err["type"] == "invalid_request_error"
+        assert err["message"].lower().startswith("prompt is too long")
+        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
+        if tokens:                       # what Claude Code reads to size its compaction
+            assert f"{tokens} tokens > {limit}" in err["message"]
+    elif client == "openai":
+        with pytest.raises(openai.BadRequestError) as e:
+            g.openai().chat.completions.create(model="m", messages=msgs, stream=stream)
+        assert e.value.code == "context_length_exceeded"
+        assert e.value.status_code == 400
+    else:
+        with pytest.raises(genai_errors.ClientError) as e:
+            gc = _genai(g)
+            call = gc.models.generate_content_stream if stream else gc.models.generate_content
+            res = call(model="m", contents="a very long prompt")
+            if stream:
+                list(res)
+        assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"
+        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
+        if tokens:
+            assert f"input token count ({tokens}) exceeds the maximum number of tokens " \
+                   f"allowed ({limit})" in e.value.message
+    assert not good.requests                               # not a failure to fall back from
+    rec = g.records()[-1]
+    assert rec["status"] == 400 and rec["failures"] == []
+    assert _health(g, "first")["state"] == "ok"
+
+
+def test_11_context_overflow_told_in_band_before_content(gw, upstream):
+    err = {"type": "error", "error": {"type": "invalid_request_error",
+                                      "message": "prompt is too long: 300000 tokens > 200000 "
+                                                 "maximum"}}
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message",
+                                                  "role": "assistant", "model": "c",
+                                                  "content": [], "usage": {"input_tokens": 1}}}
+    up = upstream([Reply(chunks=[f"event: message_start\ndata: {json.dumps(start)}\n\n".encode(),
+                                 f"event: error\ndata: {json.dumps(err)}\n\n".encode()],
+                         content_type="text/event-stream")])
+    g = gw([chan(up, type="anthropic")])
+    with pytest.raises(openai.BadRequestError) as e:
+        list(g.openai().chat.completions.create(model="c", stream=True, messages=[
+            {"role": "user", "content": "x"}]))
+    assert e.value.code == "context_length_exceeded" and "200000 tokens" in e.value.message
+
+
+EMPTY = {
+    "openai": (Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
+                                      "model": "m", "choices": [{
+                                          "index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": ""}}],
+                                      "usage": {"prompt_tokens": 3,
+                                                "completion_tokens": 0}}).encode()),
+               Reply(chunks=openai_stream_chunks(pieces=("", " ")),
+                     content_type="text/event-stream")),
+    "anthropic": (Reply(body=json.dumps(dict(anthropic_message(), content=[])).encode()),
+                  _anthropic_sse([{"type": "text", "text": ""}], "end_turn")),
+    "gemini": (Reply(body=b'{"candidates":[{"content":{"role":"model","parts":[{"text":""}]},'
+                          b'"finishReason":"STOP"}]}'),
+               Reply(chunks=[b'data: {"candidates":[{"content":{"role":"model","parts":'
+                             b'[{"text":""}]},"finishReason":"STOP"}]}\r\n\r\n'],
+                     content_type="text/event-stream")),
+}
+
+
+def _ask(g, client, stream):
+    """The answer text a client of ``client`` dialect gets for a one-line question."""
+    if client == "openai":
+        r = g.openai().chat.completions.create(model="m", stream=stream, messages=[
+            {"role": "user", "content": "x"}])
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        return r.choices[0].message.content or ""
+    if client == "anthropic":
+        kw = dict(model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        if stream:
+            with g.anthropic().messages.stream(**kw) as s:
+                return "".join(s.text_stream)
+        return "".join(b.text for b in g.anthropic().messages.create(**kw).content)
+    c = _genai(g)
+    if stream:
+        return "".join(ch.text or "" for ch in c.models.generate_content_stream(
+            model="m", contents="x"))
+    return c.models.generate_content(model="m", contents="x").text or ""
+
+
+@pytest.mark.parametrize("ctype,client", [
+    ("openai", "openai"), ("anthropic", "anthropic"), ("gemini", "genai"),     # passthrough
+    ("openai", "anthropic"), ("anthropic", "openai"), ("gemini", "openai")])   # converted
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_empty_answer_falls_back_to_the_next_channel(gw, upstream, ctype, client, stream):
+    g, bad, good = _two_channels(gw, upstream, ctype, EMPTY[ctype][stream])
+    assert _ask(g, client, stream) == "hello"
+    assert len(bad.requests) == 1 and len(good.requests) == 1
+    rec = g.records()[-1]
+    assert rec["channel"] == "second" and "empty answer" in rec["failures"][0]["error"]
+
+
+def _responses_answer(text, stream):
+    """A Responses API answer with ``text`` ("" for a blank one), whole or as its SSE events."""
+    msg = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+           "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+            "model": "gpt-5", "output": [msg], "usage": {"input_tokens": 3, "output_tokens": 1,
+                                                         "total_tokens": 4}}
+    if not stream:
+        return Reply(body=json.dumps(resp).encode())
+    evs = [("response.created", {"response": dict(resp, status="in_progress", output=[])}),
+           ("response.output_item.added", {"output_index": 0, "item": dict(
+               msg, status="in_progress", content=[])}),
+           ("response.content_part.added", {"output_index": 0, "content_index": 0,
+                                            "item_id": "msg_1", "part": {
+                                                "type": "output_text", "text": "",
+                                                "annotations": []}}),
+           ("response.output_text.delta", {"output_index": 0, "content_index": 0,
+                                           "item_id": "msg_1", "delta": text}),
+           ("response.output_item.done", {"output_index": 0, "item": msg}),
+           ("response.completed", {"response": resp})]
+    return Reply(chunks=[f"event: {n}\ndata: {json.dumps(dict(d, type=n, sequence_number=i))}"
+                         f"\n\n".encode() for i, (n, d) in enumerate(evs)],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, stream):
+    bad = upstream([_responses_answer("", stream)])
+    good = upstream([_responses_answer("hello", stream)])
+    g = gw([chan(bad, name="first", responses_api=True),
+            chan(good, name="second", priority=1, responses_api=True)])
+    c = g.openai()
+    if stream:
+        with c.responses.stream(model="gpt-5", input="x") as s:
+            text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+    else:
+        text = c.responses.create(model="gpt-5", input="x").output_text
+    assert text == "hello" and len(bad.requests) == 1
+    rec = g.records()[-1]
+    assert rec["channel"] == "second"
+    assert (rec["input_tokens"], rec["output_tokens"]) == (3, 1)     # read in either form
+
+
+def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
+    g, bad, good = _two_channels(gw, upstream, "openai", EMPTY["openai"][True],
+                                 empty_answer_fallback=False)
+    assert _ask(g, "openai", True) == " " and not good.requests
+    cut = json.loads(EMPTY["openai"][False].body)
+    cut["choices"][0]["finish_reason"] = "length"            # explained: max_tokens reached
+    g, bad, good = _two_channels(gw, upstream, "openai", Reply(body=json.dumps(cut).encode()))
+    assert _ask(g, "anthropic", False) == "" and not good.requests
+    only = upstream([EMPTY["anthropic"][False]])
+    g = gw([chan(only, type="anthropic")])
+    with pytest.raises(anthropic.APIStatusError) as e:     # none left: a 5xx clients retry
+        _ask(g, "anthropic", False)
+    assert e.value.status_code == 502 and "empty answer" in e.value.message
+
+
+def test_11_empty_answer_hold_is_bounded(gw, upstream, monkeypatch):
+    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 200)
+    blank = Reply(chunks=openai_stream_chunks(pieces=("",) * 10),
+                  content_type="text/event-stream")
+    g, bad, good = _two_channels(gw, upstream, "openai", blank)
+    assert _ask(g, "anthropic", True) == ""       # released past 200 bytes, not tried again
+    assert not good.requests
+    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 1 << 20)
+    g, bad, good = _two_channels(gw, upstream, "openai", blank)
+    assert _ask(g, "anthropic", True) == "hello"
+
+
+def _health(g, name):
+    status, _, body = g.request("GET", "/health?details=1")
+    assert status == 200
+    return next(c for c in json.loads(body)["channels"] if c["name"] == name)
+
+
+class FakeClock:
+    """A monotonic clock the test moves: ``Gateway.clock`` for cooldowns, rest and limits."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream):
+    bad = upstream([Reply(500, b'{"error":{"message":"boom"}}')])
+    good = upstream([openai_chat_reply(text="backup")])
+    g = gw([chan(bad, name="bad"), chan(good, name="good", priority=1)])
+    g.gateway.clock = clock = FakeClock()
+    c = g.openai()
+    for _ in range(3):
+        c.chat.completions.create(model="m", messages=[])
+    assert len(bad.requests) == 3 and _health(g, "bad")["state"] == "cooldown"
+    for _ in range(3):                                   # skipped while cooling down
+        c.chat.completions.create(model="m", messages=[])
+    assert len(bad.requests) == 3
+    assert g.records(6)[-1]["tried"] == ["good"] and g.records(6)[-1]["skipped"] == ["bad"]
+    clock.now += ag.COOLDOWN_SECONDS - 0.01                # not yet over: still skipped
+    c.chat.completions.create(model="m", messages=[])
+    assert len(bad.requests) == 3
+    clock.now += 0.02                                   # the cooldown has run out
+    bad.replies = [openai_chat_reply(text="healed")]
+    assert c.chat.completions.create(model="m", messages=[]).choices[0].message.content == \
+        "healed"                                        # the half-open probe
+    assert _health(g, "bad")["state"] == "ok" and _health(g, "bad")["consecutive_failures"] == 0
+    status, _, body = g.request("GET", "/health?details=1", headers={"Authorization": None})
+    assert status == 401                                # details need a token
+    assert "channels" not in json.loads(g.request("GET", "/health")[2])
+
+
+def test_11_rate_limited_channel_honours_retry_after(gw, upstream):
+    busy = upstream([Reply(429, b'{"error":{"message":"slow"}}', headers={"Retry-After": "120"})])
+    good = upstream()
+    g = gw([chan(busy, name="busy"), chan(good, name="good", priority=1)])
+    g.openai().chat.completions.create(model="m", messages=[])
+    h = _health(g, "busy")
+    assert h["state"] == "cooldown" and 100 < h["cooldown_remaining_s"] <= 120
+
+
+def test_11_several_keys_used_in_turn_and_a_refused_key_rests(gw, upstream):
+    up = upstream()
+    up.responder = lambda rec: Reply(401, b'{"error":{"message":"bad key"}}') \
+        if rec["headers"]["authorization"] == "Bearer k-bad" else openai_chat_reply()
+    g = gw([chan(up, name="multi", api_key="k-one", api_keys=["k-two", "k-bad"])])
+    c = g.openai()
+    for _ in range(6):
+        c.chat.completions.create(model="m", messages=[])
+    used = [r["headers"]["authorization"] for r in up.requests]
+    assert used.count("Bearer k-bad") == 1                 # tried once, then it rests
+    assert {"Bearer k-one", "Bearer k-two"} <= set(used)
+    assert all(r["status"] == 200 for r in g.records(6))
+    h = _health(g, "multi")
+    assert h["keys"] == 3 and h["keys_resting"] == 1 and h["state"] == "ok"
+    assert "k-bad" not in json.dumps(g.events())
+
+
+def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
+    up = upstream([Reply(body=openai_chat_reply().body, hang=0.3)])
+    g = gw([chan(up, name="one", max_concurrency=1)],
+           tokens=[{"name": "main", "key": TOKEN}, {"name": "metered", "key": TOKEN2, "rpm": 2}])
+    results = []
+
+    def call():
+        status, _, body = g.request("POST", "/v1/chat/completions",
+                                    {"model": "m", "messages": []})
+        results.append(status)
+    threads = [threading.Thread(target=call) for _ in range(7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert results.count(200) == 5 and results.count(429) == 2   # 1 running + 4 queued
+    c = g.openai(api_key=TOKEN2)
+    c.chat.completions.create(model="m", messages=[])
+    c.chat.completions.create(model="m", messages=[])
+    with pytest.raises(openai.RateLimitError, match="2 requests per minute") as e:
+        c.chat.completions.create(model="m", messages=[])
+    assert int(e.value.response.headers["retry-after"]) > 0
 
 
 # =================================================================================================
@@ -4135,6 +7194,636 @@ def test_12_bind_error_is_raised_to_the_caller(tmp_path):
         t.start()
     assert not t.running
     busy.close()
+
+
+def _tasks(g) -> int:
+    async def count():
+        return len(asyncio.all_tasks())
+    return g.thread.submit(count()).result(5)
+
+
+def test_12_disconnecting_clients_free_everything(gw, upstream):
+    """Hundreds of clients leave mid-stream and mid-request: upstream requests are cancelled,
+    and sockets and tasks go back to where they were."""
+    slow = upstream([Reply(chunks=openai_stream_chunks(pieces=("x",) * 50), delay=0.2,
+                           content_type="text/event-stream")])
+    hang = upstream([Reply(hang=3)])
+    g = gw([chan(slow, name="slow", models=["slow"]), chan(hang, name="hang", models=["hang"])])
+    g.request("GET", "/health")
+    base_socks, base_tasks = _open_sockets(), _tasks(g)
+    body = {"model": "slow", "stream": True, "messages": []}
+    for round_ in range(4):
+        socks = []
+        for i in range(50):
+            model = "hang" if i % 5 == 0 else "slow"
+            data = json.dumps(dict(body, model=model)).encode()
+            s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
+                      b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n" %
+                      len(data) + data)
+            socks.append((model, s))
+        for model, s in socks:
+            if model == "slow":
+                assert s.recv(20).startswith(b"HTTP/1.1 200")     # the stream has started
+            s.close()
+    deadline = time.monotonic() + 15          # the fakes' threads notice within their delays
+    while time.monotonic() < deadline and (g.thread.server.connection_count() or _tasks(g) >
+                                           base_tasks or _open_sockets() > base_socks + 2):
+        time.sleep(0.05)
+    assert g.thread.server.connection_count() == 0
+    assert _tasks(g) <= base_tasks
+    assert g.gateway.client.idle_count() <= 2                 # no half-read upstream kept
+    assert _open_sockets() <= base_socks + 2
+    recs = g.records(200)
+    assert len(recs) == 200 and all(r["error"] == "client disconnected" for r in recs)
+
+
+# =================================================================================================
+# 13. Tk GUI: the real window under Xvfb (started here when DISPLAY is unset)
+# =================================================================================================
+
+def test_13_pieces_without_a_display():
+    rec = {"id": 1, "time": 0, "method": "POST", "route": "/v1/messages", "model": "m",
+           "channel": "b", "tried": ["a", "b"], "status": 200, "latency_ms": 12.4,
+           "ttfb_ms": 3.0, "stream": True, "token": "laptop", "bytes_in": 10, "bytes_out": 20,
+           "input_tokens": 5, "output_tokens": 7, "error": None,
+           "failures": [{"channel": "a", "status": 429, "error": "slow down"}]}
+    row = ag.format_record(rec)
+    assert row[1:] == ("/v1/messages", "m", "b", "200", "12 ms", "5/7")
+    detail = ag.record_detail(rec)
+    assert "tried: a, b" in detail and "a: 429 slow down" in detail and "laptop" in detail
+    assert ag.parse_mapping("claude-x = gpt-4o\n, fast=gpt-4o-mini") == {
+        "claude-x": "gpt-4o", "fast": "gpt-4o-mini"}
+    with pytest.raises(ValueError, match="client name = upstream name"):
+        ag.parse_mapping("oops")
+    good = {"host": "127.0.0.1", "port": "3001", "proxy": "", "max_body_mb": "8",
+            "cors_origins": "http://a, http://b", "log_file": "r.jsonl"}
+    assert ag.validate_settings_form(good)["cors_origins"] == ["http://a", "http://b"]
+    for key, value, needle in (("port", "70000", "Port"), ("port", "x", "Port"),
+                               ("host", " ", "Host"), ("proxy", "ftp://x", "Proxy"),
+                               ("max_body_mb", "-1", "Max body")):
+        with pytest.raises(ValueError, match=needle):
+            ag.validate_settings_form(dict(good, **{key: value}))
+
+
+def pump_until(app, cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app.root.update()
+        app.pump()
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the GUI never reached the expected state")
+
+
+def test_13_without_xvfb_gui_tests_skip_with_a_reason_but_fail_in_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))                  # no Xvfb on it
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"needs a DISPLAY or Xvfb \(apt-get"):
+        _need_xvfb()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="Xvfb is missing"):
+        _need_xvfb()
+    fake = tmp_path / "Xvfb"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert _need_xvfb() is None                           # with Xvfb they simply run
+
+
+def test_13_window_title_icon_and_tabs(app):
+    a = app()
+    assert "AI Gateway" in a.root.title()
+    assert [a.notebook.tab(i, "text") for i in range(6)] == [
+        "Dashboard", "Channels", "Tokens", "Usage", "Settings", "Logs"]
+    assert a._icon.width() == 32
+    assert a.dashboard.state.cget("text") == "● Stopped"
+
+
+def test_13_add_channel_through_the_dialog(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    d.vars["type"].set("anthropic")
+    d._type_changed()
+    assert d.vars["base_url"].get() == "https://api.anthropic.com"     # filled by the type
+    d.vars["name"].set("claude")
+    d.vars["api_key"].set("sk-ant-secret-value")
+    assert d.key_entry.cget("show") == "•"                             # masked
+    d.vars["models"].set("claude-*, opus")
+    d.vars["api_keys"].set("sk-ant-second, sk-ant-third")
+    assert d.more_keys.cget("show") == "•"
+    d.vars["max_concurrency"].set("4")
+    d.mapping.insert("1.0", "sonnet = claude-sonnet-4-5")
+    d.vars["priority"].set("oops")
+    d.save()
+    assert "whole numbers" in d.error.cget("text") and not a.store.data["channels"]
+    d.vars["priority"].set("3")
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"]
+    assert saved[0]["name"] == "claude" and saved[0]["models"] == ["claude-*", "opus"]
+    assert saved[0]["model_mapping"] == {"sonnet": "claude-sonnet-4-5"}
+    assert saved[0]["priority"] == 3 and saved[0]["type"] == "anthropic"
+    assert saved[0]["api_keys"] == ["sk-ant-second", "sk-ant-third"]
+    assert saved[0]["max_concurrency"] == 4
+    assert "sk-ant-second" not in " ".join(map(str, a.channels.tree.item("1")["values"]))
+    assert a.channels.tree.item("1")["values"][0] == "claude"
+    a.channels.tree.selection_set("1")
+    a.channels.duplicate()
+    a.channels.tree.selection_set("1")
+    a.channels.toggle()
+    assert [c["name"] for c in a.store.data["channels"]] == ["claude", "claude (2)"]
+    assert a.store.data["channels"][0]["enabled"] is False
+    a.channels.tree.selection_set("2")
+    a.channels.delete()
+    assert [c["id"] for c in a.store.data["channels"]] == [1]
+
+
+# Issue 12: the channel dialog's Claude thinking field
+def test_13_channel_dialog_thinking_field(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    box = next(w for w in d.top.winfo_children()[0].winfo_children()
+               if w.winfo_class() == "TCombobox" and w.cget("values")
+               and "adaptive" in str(w.cget("values")))
+    assert box.get() == "auto"
+    d.vars["name"].set("relay")
+    box.set("adaptive")
+    d.save()
+    assert json.loads(open(a.store.path).read())["channels"][0]["thinking"] == "adaptive"
+
+
+# Issue 14: the channel dialog's Preset drop-down
+def test_13_channel_dialog_preset_fills_the_fields(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    assert "" in d.preset_box.cget("values") and "mistral" in d.preset_box.cget("values")
+    d.preset_box.set("mistral")
+    d.preset_box.event_generate("<<ComboboxSelected>>")
+    a.root.update()
+    texts = _entry_texts(d.top)
+    assert "mistral" in texts and "https://api.mistral.ai/v1" in texts
+    assert json.loads(d.vars["quirks"].get())["tool_call_id"] == "mistral9"
+    assert any(t.startswith('{"tool_call_id": "mistral9"') for t in texts)
+    assert d.type_box.get() == "custom" and "Mistral" in d.preset_note.cget("text")
+    d.preset_box.set("deepseek-anthropic")
+    d.preset_box.event_generate("<<ComboboxSelected>>")
+    a.root.update()
+    assert d.type_box.get() == "anthropic"
+    assert "https://api.deepseek.com/anthropic" in _entry_texts(d.top)
+    d.vars["base_url"].set("http://127.0.0.1:9")                  # still the user's to edit
+    d.vars["quirks"].set("[1]")
+    d.save()
+    assert "Quirks is a JSON object" in d.error.cget("text") and not a.store.data["channels"]
+    d.vars["quirks"].set('{"drop_headers": ["x-extra"]}')
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"][0]
+    assert saved["preset"] == "deepseek-anthropic" and saved["type"] == "anthropic"
+    assert saved["base_url"] == "http://127.0.0.1:9" and saved["name"] == "mistral"
+    assert saved["quirks"]["drop_headers"] == ["x-extra"]           # the user's over the preset
+    assert saved["quirks"]["cache_control"] == "strip"
+
+
+def test_13_create_token_shows_the_key_once(app, upstream):
+    a = app([chan(upstream(), name="oa", models=["gpt-4o"])])
+    a.tokens.create()
+    d = a.tokens.dialog
+    d.name.set("ci-bot")
+    d.models.selection_set(0)
+    d.channels.selection_set(0)
+    d.rpm.set("30")
+    d.save()
+    tok = a.store.data["tokens"][-1]
+    assert tok["name"] == "ci-bot" and tok["key"].startswith("sk-gw-")
+    assert tok["allowed_models"] == ["gpt-4o"] and tok["allowed_channels"] == ["oa"]
+    assert tok["rpm"] == 30
+    assert a.tokens.shown_key == tok["key"]
+    pump_until(a, lambda: a.tokens.key_window.winfo_ismapped())
+    assert _entry_texts(a.tokens.key_window) == [tok["key"]]              # what the box shows
+    row = a.tokens.tree.item(str(tok["id"]))["values"]
+    assert tok["key"] not in " ".join(map(str, row)) and row[1] == ag.mask_secret(tok["key"])
+    a.tokens.tree.selection_set(str(tok["id"]))
+    a.tokens.toggle()
+    assert a.store.data["tokens"][-1]["enabled"] is False
+    a.tokens.tree.selection_set(str(tok["id"]))
+    a.tokens.edit()
+    _hand_edit(a.store.path, lambda c: c["tokens"][-1].update(rpm=99))   # while it is open
+    a.tokens.dialog.name.set("ci-bot-2")
+    a.tokens.dialog.save()
+    saved = json.loads(open(a.store.path).read())["tokens"][-1]
+    assert (saved["name"], saved["rpm"], saved["enabled"]) == ("ci-bot-2", 99, False)
+
+
+# -- what a new user sees in the first minutes ---------------------------------------------
+
+def _widgets(w):
+    yield w
+    for child in w.winfo_children():
+        yield from _widgets(child)
+
+
+def _entry_texts(top):
+    return [w.get() for w in _widgets(top) if w.winfo_class() == "TEntry"]
+
+
+def _column_fits(tree, font_style):
+    """Each heading fits its column as Tk measures the heading font, and so does each cell
+    (up to the column cap) in the cell font."""
+    head = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup("Treeview.Heading", "font"))
+    cell = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup(font_style, "font"))
+    for i, key in enumerate(tree["columns"]):
+        width = tree.column(key, "width")
+        assert width >= head.measure(tree.heading(key, "text")) + 12, key
+        for item in tree.get_children():
+            text = str(tree.item(item, "values")[i])
+            assert width >= min(cell.measure(text) + 12, ag.GUI_COLUMN_MAX), (key, text)
+
+
+def test_13_first_run_shows_the_new_key_in_a_centred_dialog(display, tmp_path):
+    store, key = ag.ConfigStore.load(str(tmp_path / "config.json"))
+    a = ag.App(store, host="127.0.0.1", start=False, new_key=key)
+    try:
+        top = a.tokens.key_window
+        pump_until(a, lambda: top.winfo_ismapped())
+        assert _entry_texts(top) == [key]
+        a.root.clipboard_clear()
+        next(w for w in _widgets(top) if w.winfo_class() == "TButton" and
+             w.cget("text") == "Copy").invoke()
+        assert a.root.clipboard_get() == key
+        mid = (top.winfo_rootx() + top.winfo_width() / 2, top.winfo_rooty() +
+               top.winfo_height() / 2)
+        root_mid = (a.root.winfo_rootx() + a.root.winfo_width() / 2,
+                    a.root.winfo_rooty() + a.root.winfo_height() / 2)
+        assert abs(mid[0] - root_mid[0]) <= 2 and abs(mid[1] - root_mid[1]) <= 2
+    finally:
+        a.close()
+
+
+def test_13_columns_fit_their_text_and_details_show_it_whole(app):
+    a = app()
+    a.notebook.select(a.channels.frame)
+    pump_until(a, lambda: a.channels.hint.winfo_ismapped())
+    assert a.channels.hint.cget("text").startswith("No channels yet. Click Add")
+    a.dashboard.set_health([{"name": "a-rather-long-channel-name", "state": "cooldown",
+                             "cooldown_remaining_s": 30}])
+    a.dashboard.add_record({"id": 1, "time": time.time(), "method": "POST", "route": "/v1/x",
+                            "model": "m", "channel": "a-rather-long-channel-name",
+                            "status": 200, "latency_ms": 5.0, "ttfb_ms": None,
+                            "failures": []})
+    a.root.update()
+    _column_fits(a.dashboard.health, "Treeview")
+    error = "cannot connect to 127.0.0.1:9: connection refused " + "and more words " * 20
+    a.store.add_channel(name="dead", base_url="http://127.0.0.1:9")
+    a.channels.results[1] = f"✗ {error}"
+    a.config_changed("added")
+    a.root.update()
+    assert not a.channels.hint.winfo_ismapped()
+    _column_fits(a.channels.tree, "Treeview")
+    a.channels.tree.selection_set("1")
+    a.root.update()
+    assert a.channels.detail.cget("text") == f"Last result of 'dead': ✗ {error}"
+    rec = {"id": 2, "time": time.time(), "method": "POST", "route": "/v1/chat/completions",
+           "model": "m", "channel": None, "tried": [], "status": 401, "latency_ms": 1.2,
+           "ttfb_ms": None, "stream": False, "token": None, "bytes_in": 2, "bytes_out": 90,
+           "input_tokens": None, "output_tokens": None, "error": "no token", "failures": []}
+    a.logs.add_record(rec)
+    a.logs.tree.selection_set("2")
+    a.root.update()
+    _column_fits(a.logs.tree, "Treeview")
+    detail = a.logs.detail.get("1.0", "end")
+    assert "first byte: —" in detail and "None" not in detail and "latency: 1 ms" in detail
+
+
+def _luminance(widget, color):
+    r, g, b = (v / 65535 for v in widget.winfo_rgb(color))
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_13_dark_theme_combobox_is_readable(app):
+    a = app(settings={"theme": "dark"})
+    a.notebook.select(a.settings.frame)
+    a.root.update()
+    box = next(w for w in _widgets(a.settings.frame) if w.winfo_class() == "TCombobox")
+    assert box.get() == "dark" and "readonly" in box.state()
+    style = ag.ttk.Style(box)
+    fg = style.lookup("TCombobox", "foreground", box.state())
+    bg = style.lookup("TCombobox", "fieldbackground", box.state())
+    light, dark = sorted((_luminance(box, fg), _luminance(box, bg)), reverse=True)
+    assert (light + 0.05) / (dark + 0.05) >= 4.5          # WCAG AA contrast for text
+    assert _luminance(box, bg) < 0.1                      # a dark field in the dark theme
+
+
+def test_13_dashboard_shows_the_gemini_base_url(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running and a.dashboard.url_vars["gemini"].get())
+    shown = {}
+    for label in _widgets(a.dashboard.frame):
+        if label.winfo_class() == "TLabel" and "base URL" in str(label.cget("text")):
+            row = label.grid_info()["row"]
+            shown[label.cget("text")] = label.master.grid_slaves(row=row, column=1)[0].get()
+    assert shown == {"OpenAI base URL": a.bridge.url + "/v1",
+                     "Anthropic base URL / Claude Code": a.bridge.url,
+                     "Gemini base URL / gemini-cli": a.bridge.url}
+
+
+def test_13_channel_dialog_edits_headers_and_responses_api(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    pump_until(a, lambda: d.top.winfo_ismapped())
+    top, root = d.top, a.root
+    assert abs(top.winfo_rootx() + top.winfo_width() / 2 -
+               (root.winfo_rootx() + root.winfo_width() / 2)) <= 2
+    d.vars["name"].set("router")
+    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nBad Name: x")
+    d.save()
+    assert "'Bad Name' is not a header name" in d.error.cget("text")
+    d.headers.delete("1.0", "end")
+    d.headers.insert("1.0", '{"X-Title": 5}')
+    d.save()
+    assert "JSON object of strings" in d.error.cget("text") and not a.store.data["channels"]
+    d.headers.delete("1.0", "end")
+    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nX-Title: aigateway")
+    next(w for w in _widgets(top) if w.winfo_class() == "TCheckbutton" and
+         "responses" in w.cget("text")).invoke()
+    d.save()
+    saved = json.loads(open(a.store.path).read())["channels"][0]
+    assert saved["headers"] == {"HTTP-Referer": "https://example.com", "X-Title": "aigateway"}
+    assert saved["responses_api"] is True
+    a.channels.tree.selection_set("1")
+    a.channels.edit()
+    d2 = a.channels.dialog
+    assert d2.headers.get("1.0", "end").strip() == \
+        "HTTP-Referer: https://example.com\nX-Title: aigateway"
+    assert d2.vars["responses_api"].get() is True
+    d2.headers.delete("1.0", "end")
+    d2.headers.insert("1.0", '{"X-Title": "json form"}')
+    _hand_edit(a.store.path, lambda c: c["channels"][0].update(priority=7))  # while it is open
+    d2.save()
+    assert a.store.data["channels"][0]["headers"] == {"X-Title": "json form"}
+    assert json.loads(open(a.store.path).read())["channels"][0]["priority"] == 7
+
+
+def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
+    a = app([chan(upstream(), name="one")], start=True)
+    pump_until(a, lambda: a.bridge.running)
+    _hand_edit(a.store.path, lambda c: (c["channels"].append(chan(upstream(), name="two")),
+                                        c["settings"].update(log_file="hand.jsonl")))
+    pump_until(a, lambda: len(a.channels.tree.get_children()) == 2)
+    assert [a.channels.tree.item(i, "values")[0] for i in a.channels.tree.get_children()] == \
+        ["one", "two"]
+    assert a.settings.vars["log_file"].get() == "hand.jsonl"
+    a.bridge.stop()                                  # no watcher now: the save must merge
+    _hand_edit(a.store.path, lambda c: c["settings"].update(proxy="http://127.0.0.1:1"))
+    a.settings.vars["max_body_mb"].set("9")
+    a.settings.vars["port"].set(str(dead_port()))          # the form takes no port 0
+    a.settings.save()
+    saved = json.loads(open(a.store.path).read())["settings"]
+    assert saved["max_body_mb"] == 9 and saved["proxy"] == "http://127.0.0.1:1"
+    assert saved["log_file"] == "hand.jsonl"
+    assert a.settings.vars["proxy"].get() == "http://127.0.0.1:1"
+    _hand_edit(a.store.path, lambda c: c["channels"].pop())      # still stopped: followed too
+    pump_until(a, lambda: len(a.channels.tree.get_children()) == 1)
+    with open(a.store.path, "w") as f:
+        f.write("{")
+    pump_until(a, lambda: "configuration not reloaded" in a.dashboard.activity.get("1.0", "end"))
+    assert len(a.channels.tree.get_children()) == 1
+
+
+def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply(usage=(7, 3))])
+    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
+    url = a.dashboard.url_vars["openai"].get()
+    assert url.endswith("/v1")
+    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=10,
+                           http_client=openai.DefaultHttpxClient(verify=sdk_tls()))
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    assert a.dashboard.counters["requests"].get() == "1"
+    assert a.dashboard.counters["tokens_in"].get() == "7"
+    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
+    assert row[3] == "good" and str(row[4]) == "200"
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    detail = a.logs.detail.get("1.0", "end")
+    assert "bad: 500 down" in detail and TOKEN not in detail
+    health = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"]
+              for i in a.dashboard.health.get_children()}
+    assert health["bad"][4] == 1 and str(health["good"][2]) == "200"
+    a.logs.filter.set("nothing-matches")
+    assert not a.logs.tree.get_children()
+    a.logs.filter.set("")
+    assert len(a.logs.tree.get_children()) == 1
+    a.dashboard.set_health([{"name": "bad", "state": "cooldown", "cooldown_remaining_s": 12}])
+    states = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"][1]
+              for i in a.dashboard.health.get_children()}
+    assert states == {"bad": "cooldown 12 s", "good": "ok"}
+    a.dashboard.stop_button.invoke()
+    assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+
+
+# -- issue 13: captured bodies in the Logs tab, a channel's weight in its dialog ------------------
+
+def test_13_logs_tab_shows_the_captured_bodies_masked(app, upstream):
+    up = upstream([openai_chat_reply(text="captured answer")])
+    a = app([chan(up, name="one")], settings={"debug_capture": 5})
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
+    client = openai.OpenAI(base_url=a.dashboard.url_vars["openai"].get(), api_key=TOKEN,
+                           max_retries=0, timeout=10)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "show me"}])
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    shown = a.logs.bodies.get("1.0", "end")
+    assert "── client request: POST /v1/chat/completions" in shown
+    assert "── upstream answer 1: 200" in shown
+    assert "show me" in shown and "captured answer" in shown
+    assert f"Bearer {ag.mask_secret(TOKEN)}" in shown
+    assert TOKEN not in shown and "sk-upstream-secret" not in shown
+    a.logs.clear()
+    assert a.logs.bodies.get("1.0", "end").strip() == ""
+
+
+def test_13_channel_dialog_weight_field(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    assert d.vars["weight"].get() == "1"
+    d.vars["name"].set("weighted")
+    d.vars["weight"].set("heavy")
+    d.save()
+    assert d.error.cget("text") == "Weight is a positive number, such as 1 or 3"
+    d.vars["weight"].set("0")
+    d.save()
+    assert "weight: 0 is not a positive number" in d.error.cget("text")
+    d.vars["weight"].set("2.5")
+    d.save()
+    assert json.loads(open(a.store.path).read())["channels"][0]["weight"] == 2.5
+
+
+# -- control characters a client sent, as the window shows them ----------------------------------
+
+def test_13_control_characters_in_a_model_name_show_escaped(app, upstream):
+    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply()])
+    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
+    a.dashboard.start_button.invoke()
+    pump_until(a, lambda: a.bridge.running)
+    model = "m\nFORGED LINE\r\x1b[2J\u2028x"
+    conn = http.client.HTTPConnection("127.0.0.1", a.bridge.server.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": []}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
+    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
+    assert row[2] == "m\\nFORGED LINE\\r\\x1b[2J\\u2028x"
+    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
+    a.logs.show_detail()
+    detail = a.logs.detail.get("1.0", "end")
+    activity = a.dashboard.activity.get("1.0", "end")
+    assert "model=m\\nFORGED LINE\\r\\x1b[2J" in detail.splitlines()[0]
+    assert "failed for m\\nFORGED LINE\\r\\x1b[2J\\u2028x" in activity
+    for text in (detail, activity):
+        assert not any(c in text for c in "\r\x1b\u2028") and "\nFORGED" not in text
+    a.dashboard.stop_button.invoke()
+
+
+def test_13_channel_test_healthy_and_failing(app, upstream):
+    up = upstream([openai_chat_reply(text="pong")])
+    a = app([chan(up, name="ok", models=["gpt-4o"]),
+             chan(f"http://127.0.0.1:{dead_port()}", name="dead", models=["gpt-4o"])])
+    for cid in ("1", "2"):                 # the gateway is stopped: tests still run
+        a.channels.tree.selection_set(cid)
+        a.channels.test()
+    pump_until(a, lambda: all(not r.startswith("testing") for r in a.channels.results.values())
+               and len(a.channels.results) == 2)
+    assert a.channels.results[1].startswith("✓") and "gpt-4o" in a.channels.results[1]
+    assert a.channels.results[2].startswith("✗") and "cannot connect" in a.channels.results[2]
+    assert json.loads(up.last()["body"])["messages"][0]["content"] == "ping"
+
+
+def test_13_fetch_models_into_the_dialog(app, upstream):
+    up = upstream([Reply(body=json.dumps({"data": [{"id": "m1"}, {"id": "m2"}]}).encode())])
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    d.vars["type"].set("custom")
+    d.vars["name"].set("local")
+    d.vars["base_url"].set(up.url + "/v1")
+    d.fetch()
+    pump_until(a, lambda: hasattr(d, "picker"))
+    assert d.picker.listbox.get(0, "end") == ("m1", "m2")
+    d.picker.listbox.selection_set(1)
+    d.picker.use()
+    assert d.vars["models"].get() == "m2"
+
+
+def test_13_settings_validation_warning_and_restart_on_port_change(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running)
+    first = a.bridge.url
+    s = a.settings
+    s.vars["port"].set("99999")
+    s.save()
+    assert "Port" in s.error.cget("text")
+    s.vars["port"].set(str(dead_port()))
+    s.vars["host"].set("0.0.0.0")
+    s.flags["require_auth"].set(False)
+    s.update_warning()
+    assert "anyone on the network" in s.warning.cget("text")
+    s.vars["host"].set("127.0.0.1")
+    s.flags["require_auth"].set(True)
+    s.theme.set("dark")
+    s.save()
+    pump_until(a, lambda: a.bridge.running)
+    saved = json.loads(open(a.store.path).read())["settings"]
+    assert saved["port"] == int(s.vars["port"].get()) and saved["theme"] == "dark"
+    assert a.bridge.url != first and a.bridge.url.endswith(s.vars["port"].get())
+    assert a.colors == ag.THEMES["dark"]
+
+
+# -- the Usage tab (issue 13) ---------------------------------------------------------------------
+
+def _rows(tree):
+    return [tuple(str(v) for v in tree.item(i, "values")) for i in tree.get_children()]
+
+
+def test_13_usage_tab_shows_the_history_limits_and_prices(app, tmp_path):
+    clock = _Clock()
+    clock.now = time.time()
+    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
+    a = app()
+    a.store.update_token(1, limits={"requests_per_day": 10, "tokens_per_day": 5000})
+    a.usage.range.set("7 days")
+    a.notebook.select(a.usage.frame)              # opening the tab reads the database again
+    a.root.update()
+    u = a.usage
+    assert _rows(u.trees["model"]) == [("gpt-x", "2", "2000/200", "25.0%", "0.0053"),
+                                       ("claude-x", "2", "2000/0", "50.0%", "0.0025")]
+    assert _rows(u.trees["channel"])[0] == ("oa", "2", "2000/200", "25.0%", "0.0053")
+    assert [r[0] for r in _rows(u.trees["token"])] == ["main", "kid"]
+    assert u.summary.cget("text") == "4 requests, 4000/200 tokens, cache hit 37.5%, $0.0077"
+    caption = u.chart.itemcget(u.chart.find_withtag("caption")[0], "text")
+    assert caption.startswith("cost per day (bars, peak $0.0030) and tokens per day")
+    assert len(u.chart.find_withtag("cost")) == 3           # three days with a cost
+    assert _rows(u.limits) == [("main", "requests_per_day", "1", "10", "never"),
+                               ("main", "tokens_per_day", "1100", "5000", "never")]
+    a.usage.range.set("90 days")
+    a.usage.refresh()
+    assert len(u.days) == 90 and _rows(u.trees["model"])[-1][0] == "old-x"
+    # Prices: the built-in rows with their date, then one of ours added through the dialog.
+    prices = _rows(u.prices)
+    assert ("claude-opus-4-7*", "5", "25", "0.5", "6.25", "built-in 2026-12-01") in prices
+    dialog = u.add_price()
+    dialog.vars["pattern"].set("gpt-x")
+    dialog.vars["input"].set("abc")
+    dialog.save()
+    assert dialog.error.cget("text") == "input: 'abc' is not a number"
+    dialog.vars["input"].set("1.5")
+    dialog.vars["output"].set("6")
+    dialog.save()
+    a.root.update()
+    assert _rows(u.prices)[0] == ("gpt-x", "1.5", "6", "-", "-", "yours")
+    assert json.loads((tmp_path / "config.json").read_text())["prices"] == {
+        "gpt-x": {"input": 1.5, "output": 6.0}}
+    u.prices.selection_set("y:gpt-x")
+    u.remove_price()
+    assert _rows(u.prices)[0][5].startswith("built-in")
+    src = tmp_path / "api.json"
+    src.write_text(json.dumps({"x": {"models": {"m1": {"id": "m1", "cost": {"input": 1,
+                                                                            "output": 2}}}}}))
+    u.import_file(str(src))
+    assert _rows(u.prices)[0] == ("m1", "1", "2", "-", "-", "yours")
+
+
+def test_13_closing_the_window_stops_the_gateway_and_saves_its_size(app):
+    a = app(start=True)
+    pump_until(a, lambda: a.bridge.running)
+    port = a.bridge.server.port
+    a.close()
+    assert not a.bridge.running
+    assert json.loads(open(a.store.path).read())["settings"]["window"]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": {"port": 0, "require_auth": False}}))
+    store, _ = ag.ConfigStore.load(str(path))
+    a = ag.App(store, host="0.0.0.0", start=True)
+    try:
+        a.root.update()
+        assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
+        assert "allow_unauthenticated_remote" in a.dashboard.activity.get("1.0", "end")
+    finally:
+        a.close()
 
 
 # =================================================================================================
@@ -4904,3531 +8593,6 @@ def test_14_frozen_builds_python_m_and_the_off_switch_skip_the_cache(tmp_path):
         assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
     assert _pycs(tmp_path) == []
 
-def test_10_example_config_is_valid():
-    with open(os.path.join(HERE, "config.example.json")) as f:
-        cfg = ag.validate_config(json.load(f), "config.example.json")
-    assert [c["type"] for c in cfg["channels"]] == ["openai", "custom", "anthropic", "custom"]
-
-
-# =================================================================================================
-# 9. Converters: tables, stream state machines, and every channel type end to end
-# =================================================================================================
-
-def _ir_from_openai(**body):
-    body.setdefault("model", "m")
-    return ag.openai_request_to_ir(body)
-
-
-CONVERSATION = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
-    {"role": "user", "content": [
-        {"type": "text", "text": "What is in this image, and the weather?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "functions.get_weather:0", "type": "function",
-         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
-        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
-    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
-    {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
-    {"role": "user", "content": "thanks"},
-    {"role": "system", "content": "Late system note."},
-]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                         "required": ["city"]}}},
-         {"type": "function", "function": {"name": "get_time", "parameters": {
-             "type": "object", "properties": {}}}}]
-
-
-def test_09_openai_to_anthropic_request_table():
-    ir = _ir_from_openai(messages=CONVERSATION, tools=TOOLS, temperature=1.5, top_p=0.5,
-                         stop=["  ", "END"], tool_choice="required", parallel_tool_calls=False)
-    body = ag.ir_to_anthropic_request(ir, "claude-x", stream=False)
-    assert body["system"] == [{"type": "text", "text": "You are terse."},
-                              {"type": "text", "text": "Use tools."},
-                              {"type": "text", "text": "Late system note."}]   # section 7 #24
-    assert body["max_tokens"] == ag.DEFAULT_ANTHROPIC_MAX_TOKENS                 # required
-    assert body["temperature"] == 1.0 and "top_p" not in body                    # #20, clamped
-    assert body["stop_sequences"] == ["END"]
-    assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
-    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
-    user = body["messages"][0]["content"]
-    assert user[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                    "data": "iVBORw0KGgo="}}
-    assert user[2] == {"type": "image", "source": {"type": "url",
-                                                    "url": "https://example.com/cat.jpg"}}
-    calls = body["messages"][1]["content"]
-    assert [c["type"] for c in calls] == ["tool_use", "tool_use"]
-    assert calls[0]["input"] == {"city": "Paris"} and calls[1]["input"] == {}    # #15
-    assert ag._ANTHROPIC_ID_RX.match(calls[0]["id"]) and calls[0]["id"] != "call_b"   # #14
-    results = body["messages"][2]["content"]                                     # #8
-    assert [b["type"] for b in results] == ["tool_result", "tool_result", "text"]
-    assert results[0]["tool_use_id"] == calls[0]["id"]
-    assert results[1]["tool_use_id"] == "call_b" and results[2]["text"] == "thanks"
-    assert body["tools"][0]["input_schema"]["required"] == ["city"]
-
-
-def test_09_reasoning_effort_to_thinking_budget_and_max_tokens():
-    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="high",
-                         max_tokens=2000, temperature=0.3, tools=TOOLS, tool_choice="required")
-    body = ag.ir_to_anthropic_request(ir, "c", stream=True)
-    assert body["thinking"] == {"type": "enabled", "budget_tokens": 24576}       # #21
-    assert body["max_tokens"] > 24576 and "temperature" not in body
-    assert body["tool_choice"] == {"type": "auto"} and body["stream"] is True
-    capped = ag.ir_to_anthropic_request(ir, "c", stream=False, max_tokens_cap=8000)
-    assert capped["max_tokens"] == 8000 and capped["thinking"]["budget_tokens"] < 8000
-
-
-def test_09_anthropic_to_openai_request_table():
-    body = {"model": "claude-x", "max_tokens": 32000, "stream": True,
-            "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
-            "tools": [{"name": "Bash", "description": "run", "input_schema": {
-                "type": "object", "properties": {"cmd": {"type": "string"}}},
-                "cache_control": {"type": "ephemeral"}},
-                {"type": "web_search_20250305", "name": "web_search"}],
-            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
-            "thinking": {"type": "enabled", "budget_tokens": 4000},
-            "metadata": {"user_id": "u1"}, "top_k": 5,
-            "messages": [
-                {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "hmm", "signature": "sig=="},
-                    {"type": "text", "text": "Let me run it."},
-                    {"type": "tool_use", "id": "toolu_1", "name": "Bash",
-                     "input": {"cmd": "ls"}}]},
-                {"role": "user", "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
-                     "content": [{"type": "text", "text": "denied"},
-                                 {"type": "image", "source": {"type": "base64",
-                                  "media_type": "image/png", "data": "AAA"}}]},
-                    {"type": "text", "text": "try again"}]}]}
-    ir = ag.anthropic_request_to_ir(body)
-    out = ag.ir_to_openai_request(ir, "o3-mini", stream=True,
-                                  max_tokens_field="max_completion_tokens")
-    assert out["messages"][0] == {"role": "system", "content": "sys"}
-    assert [t["function"]["name"] for t in out["tools"]] == ["Bash"]        # server tool dropped
-    assert out["parallel_tool_calls"] is False and out["max_completion_tokens"] == 32000
-    assert out["reasoning_effort"] == "medium" and out["user"] == "u1"
-    assert out["stream_options"] == {"include_usage": True}
-    asst = out["messages"][2]
-    assert asst["content"] == "Let me run it." and asst["reasoning_content"] == "hmm"
-    assert asst["tool_calls"][0]["function"] == {"name": "Bash", "arguments": '{"cmd": "ls"}'}
-    roles = [m["role"] for m in out["messages"]]
-    assert roles == ["system", "user", "assistant", "tool", "user", "user"]
-    assert out["messages"][3] == {"role": "tool", "tool_call_id": "toolu_1",
-                                  "content": "Error: denied"}
-    assert out["messages"][4]["content"][0]["image_url"]["url"] == "data:image/png;base64,AAA"
-    assert out["messages"][5]["content"] == "try again"                     # #17
-
-
-def test_09_foreign_thinking_never_reaches_anthropic():
-    ir = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 10, "messages": [
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": [
-            {"type": "thinking", "thinking": "ours", "signature": ag.UNSIGNED_THINKING},
-            {"type": "thinking", "thinking": "theirs", "signature": "EqQBCkgIARABGAIiQ=="},
-            {"type": "text", "text": "a"}]},
-        {"role": "user", "content": "y"}]})
-    blocks = ag.ir_to_anthropic_request(ir, "c", stream=False)["messages"][1]["content"]
-    assert blocks == [{"type": "thinking", "thinking": "theirs",
-                       "signature": "EqQBCkgIARABGAIiQ=="}, {"type": "text", "text": "a"}]
-
-
-def test_09_gemini_request_schema_cleaning_and_grouped_function_responses():
-    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
-              "additionalProperties": False,
-              "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
-              "properties": {
-                  "city": {"type": ["string", "null"], "description": "City"},
-                  "unit": {"$ref": "#/$defs/Unit"},
-                  "days": {"type": "integer", "exclusiveMinimum": 0, "const": 3},
-                  "tags": {"type": "array", "items": {"type": "string", "format": "uri"},
-                           "uniqueItems": True},
-                  "format": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
-              "required": ["city", "ghost"]}
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}},
-             TOOLS[1]]
-    ir = _ir_from_openai(messages=CONVERSATION, tools=tools, tool_choice={
-        "type": "function", "function": {"name": "get_weather"}}, max_tokens=100,
-        reasoning_effort="low", response_format={"type": "json_object"})
-    body = ag.ir_to_gemini_request(ir, {"call_b": "sig-b"})
-    params = body["tools"][0]["functionDeclarations"][0]["parameters"]
-    assert params == {"type": "OBJECT", "required": ["city"], "properties": {
-        "city": {"type": "STRING", "nullable": True, "description": "City"},
-        "unit": {"type": "STRING", "enum": ["c", "f"]},
-        "days": {"type": "INTEGER"},
-        "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
-        "format": {"type": "STRING", "nullable": True}}}                    # #10, #11
-    assert "parameters" not in body["tools"][0]["functionDeclarations"][1]
-    assert body["toolConfig"] == {"functionCallingConfig": {
-        "mode": "ANY", "allowedFunctionNames": ["get_weather"]}}
-    assert body["systemInstruction"]["parts"][0]["text"].startswith("You are terse.")
-    roles = [c["role"] for c in body["contents"]]
-    assert roles == ["user", "model", "user"]
-    calls = body["contents"][1]["parts"]
-    assert calls[0]["thoughtSignature"] == ag.THOUGHT_SKIP                  # #12 foreign history
-    assert calls[1]["thoughtSignature"] == "sig-b"                          # replayed
-    responses = body["contents"][2]["parts"]                                # #9: one content
-    assert [p["functionResponse"]["name"] for p in responses[:2]] == ["get_weather", "get_time"]
-    assert responses[0]["functionResponse"]["response"] == {"result": "sunny"}
-    assert responses[2] == {"text": "thanks"}
-    gen = body["generationConfig"]
-    assert gen["maxOutputTokens"] == 2048 and gen["responseMimeType"] == "application/json"
-    assert gen["thinkingConfig"] == {"thinkingBudget": 1024, "includeThoughts": True}
-
-
-def test_09_ollama_request_objects_strings_and_images():
-    ir = _ir_from_openai(messages=CONVERSATION, tools=TOOLS, max_tokens=50, stop="x",
-                         response_format={"type": "json_schema", "json_schema": {
-                             "name": "o", "schema": {"type": "object"}}})
-    body = ag.ir_to_ollama_request(ir, "llama3", stream=True)
-    assert body["stream"] is True and body["options"] == {"num_predict": 50, "stop": ["x"]}
-    assert body["format"] == {"type": "object"}
-    user = body["messages"][1]
-    assert isinstance(user["content"], str) and user["images"] == ["iVBORw0KGgo="]   # #16
-    call = body["messages"][2]["tool_calls"][0]
-    assert call["function"]["arguments"] == {"city": "Paris"}
-    assert body["messages"][3] == {"role": "tool", "content": "sunny",
-                                   "tool_call_id": "functions.get_weather:0",
-                                   "tool_name": "get_weather"}
-
-
-def test_09_responses_to_ir_usage_and_finish():
-    r = ag.anthropic_response_to_ir({"id": "msg_1", "content": [
-        {"type": "thinking", "thinking": "t", "signature": "s"},
-        {"type": "text", "text": "a"},
-        {"type": "tool_use", "id": "toolu_9", "name": "f", "input": {"x": 1}}],
-        "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 5,
-                                             "cache_read_input_tokens": 90,
-                                             "cache_creation_input_tokens": 3}})
-    o = ag.ir_to_openai_response(r, "m")
-    assert o["choices"][0]["finish_reason"] == "tool_calls"
-    assert o["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"x": 1}'
-    assert o["usage"] == {"prompt_tokens": 103, "completion_tokens": 5, "total_tokens": 108,
-                          "prompt_tokens_details": {"cached_tokens": 90,
-                                                    "cache_write_tokens": 3}}
-    back = ag.ir_to_anthropic_response(ag.openai_response_to_ir(o), "c")
-    assert back["usage"] == {"input_tokens": 10, "output_tokens": 5,
-                             "cache_creation_input_tokens": 3, "cache_read_input_tokens": 90}
-    assert back["stop_reason"] == "tool_use" and back["content"][-1]["input"] == {"x": 1}
-    g = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
-        {"text": "plan", "thought": True}, {"text": "ok"},
-        {"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": "GS"}]},
-        "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 7,
-        "candidatesTokenCount": 2, "thoughtsTokenCount": 3, "cachedContentTokenCount": 4}},
-        sigs := {})
-    assert g["finish"] == "tool_calls"                                       # #7
-    assert [p["type"] for p in g["content"]] == ["reasoning", "text", "tool_call"]
-    assert sigs == {g["content"][2]["id"]: "GS"}
-    assert g["usage"] == ag.new_usage(7, 5, 4, 0, 3)
-    blocked = ag.gemini_response_to_ir({"promptFeedback": {"blockReason": "SAFETY"}})
-    assert blocked["finish"] == "content_filter"
-    ol = ag.ollama_response_to_ir({"message": {"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": "f", "arguments": {"q": 1}}}]}, "done": True,
-        "done_reason": "stop", "prompt_eval_count": 4, "eval_count": 6})
-    assert ol["finish"] == "tool_calls" and ol["content"][0]["arguments"] == '{"q": 1}'
-
-
-def _sse_events(data: bytes):
-    return [(e, json.loads(d) if d != "[DONE]" else d) for e, d in sse_parse(data)]
-
-
-def _convert_stream(decoder, encoder, raw: bytes, step: int = 1) -> bytes:
-    out = b""
-    for i in range(0, len(raw), step):
-        out += encoder.encode(decoder.feed(raw[i:i + step]))
-    return out + encoder.encode(decoder.close())
-
-
-def _openai_tool_stream(usage=True):
-    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-
-    def ch(delta, finish=None):
-        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
-    chunks = [ch({"role": "assistant", "content": ""}), ch({"reasoning_content": "think "}),
-              ch({"content": "Checking"}),
-              ch({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
-                                  "function": {"name": "get_weather", "arguments": ""}}]}),
-              ch({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
-              ch({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
-              ch({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
-                                  "function": {"name": "get_time", "arguments": "{}"}}]}),
-              ch({}, "tool_calls")]
-    if usage:
-        chunks.append(dict(base, choices=[], usage={"prompt_tokens": 30,
-                                                    "completion_tokens": 9,
-                                                    "total_tokens": 39}))
-    return b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks) + \
-        b"data: [DONE]\r\n\r\n"
-
-
-def test_09_openai_stream_to_anthropic_events_bytewise():
-    raw = _openai_tool_stream()
-    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("claude-x", 17),
-                          raw, step=1)
-    assert all(block.startswith(b"event: ") for block in out.split(b"\n\n") if block)   # #1
-    events = _sse_events(out)
-    assert all(e == d["type"] for e, d in events)
-    names = [e for e, _ in events]
-    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
-    start = events[0][1]["message"]
-    assert start["usage"]["input_tokens"] == 17 and "output_tokens" in start["usage"]   # #2
-    opened, closed = [], []
-    for e, d in events:
-        if e == "content_block_start":
-            assert d["index"] == len(opened) and (not opened or opened[-1] in closed)
-            opened.append(d["index"])
-        elif e == "content_block_stop":
-            closed.append(d["index"])
-        elif e == "content_block_delta":
-            assert d["index"] == opened[-1] and d["index"] not in closed
-    assert opened == closed == [0, 1, 2, 3]
-    blocks = [d["content_block"] for e, d in events if e == "content_block_start"]
-    assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use", "tool_use"]
-    assert blocks[2] == {"type": "tool_use", "id": "call_a", "name": "get_weather",
-                         "input": {}}                                       # #3
-    args = "".join(d["delta"]["partial_json"] for e, d in events
-                   if e == "content_block_delta" and d["index"] == 2)
-    assert json.loads(args) == {"city": "Paris"}
-    final = events[-2][1]
-    assert final["delta"]["stop_reason"] == "tool_use"
-    assert final["usage"]["input_tokens"] == 30 and final["usage"]["output_tokens"] == 9
-
-
-def test_09_anthropic_stream_to_openai_chunks_bytewise():
-    def ev(name, data):
-        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-    raw = b"".join([
-        ev("message_start", {"type": "message_start", "message": {
-            "id": "msg_1", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1,
-                                                  "cache_read_input_tokens": 100}}}),
-        ev("content_block_start", {"type": "content_block_start", "index": 0,
-                                   "content_block": {"type": "text", "text": ""}}),
-        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                   "delta": {"type": "text_delta", "text": "Hi"}}),
-        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
-            "type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}}),
-        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                   "delta": {"type": "input_json_delta", "partial_json": ""}}),
-        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                   "delta": {"type": "input_json_delta",
-                                             "partial_json": "{\"a\":1}"}}),
-        ev("content_block_stop", {"type": "content_block_stop", "index": 1}),
-        ev("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
-            "type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}}),
-        ev("content_block_stop", {"type": "content_block_stop", "index": 2}),
-        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
-                             "usage": {"output_tokens": 12}}),
-        ev("message_stop", {"type": "message_stop"})])
-    for include_usage in (False, True):
-        out = _convert_stream(ag.AnthropicStreamDecoder(),
-                              ag.OpenAIStreamEncoder("m", include_usage), raw, step=3)
-        chunks = [d for _, d in _sse_events(out)]
-        assert chunks[-1] == "[DONE]"
-        body = chunks[:-1]
-        assert body[0]["choices"][0]["delta"]["role"] == "assistant"
-        assert sum("role" in c["choices"][0]["delta"] for c in body if c["choices"]) == 1
-        tool_deltas = [tc for c in body if c["choices"]
-                       for tc in c["choices"][0]["delta"].get("tool_calls", [])]
-        assert [t["index"] for t in tool_deltas] == [0, 0, 1]                # #4 dense
-        assert [("id" in t, "name" in t.get("function", {})) for t in tool_deltas] == \
-            [(True, True), (False, False), (True, True)]                     # #5 first only
-        finishes = [c["choices"][0]["finish_reason"] for c in body if c["choices"]]
-        assert finishes[-1] == "tool_calls" and finishes.count(None) == len(finishes) - 1
-        usage_chunks = [c for c in body if not c["choices"]]
-        if include_usage:                                                    # #6
-            assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == []
-            assert usage_chunks[0]["usage"]["prompt_tokens"] == 105
-            assert usage_chunks[0]["usage"]["completion_tokens"] == 12
-        else:
-            assert usage_chunks == [] and all("usage" not in c for c in body)
-
-
-def test_09_gemini_stream_tool_call_then_stop_chunk_finishes_with_tool_calls():
-    chunks = [
-        {"candidates": [{"content": {"role": "model", "parts": [{"text": "Let me "}]}}]},
-        {"candidates": [{"content": {"role": "model", "parts": [
-            {"functionCall": {"name": "a", "args": {"x": 1}}, "thoughtSignature": "S1"},
-            {"functionCall": {"name": "b", "args": {}}}]}}]},
-        {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
-                         "finishReason": "STOP"}],
-         "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 4}}]
-    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
-    sigs = {}
-    out = _convert_stream(ag.GeminiStreamDecoder(sigs), ag.OpenAIStreamEncoder("g", True), raw,
-                          step=5)
-    body = [d for _, d in _sse_events(out)][:-1]
-    calls = [tc for c in body if c["choices"] for tc in c["choices"][0]["delta"].get(
-        "tool_calls", [])]
-    assert [c["index"] for c in calls if "id" in c] == [0, 1]
-    assert len({c["id"] for c in calls if "id" in c}) == 2
-    assert body[-2]["choices"][0]["finish_reason"] == "tool_calls"          # #7
-    assert body[-1]["usage"]["prompt_tokens"] == 8
-    assert list(sigs.values()) == ["S1"]
-
-
-def test_09_ollama_stream_to_anthropic_with_mid_stream_error():
-    lines = [{"model": "l", "message": {"role": "assistant", "content": "Hel"}, "done": False},
-             {"model": "l", "message": {"role": "assistant", "content": "lo"}, "done": False},
-             {"error": "model crashed"}]
-    raw = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
-    out = _convert_stream(ag.OllamaStreamDecoder(), ag.AnthropicStreamEncoder("l"), raw, step=4)
-    events = _sse_events(out)
-    assert events[-1][0] == "error" and "model crashed" in events[-1][1]["error"]["message"]
-    assert "message_stop" not in [e for e, _ in events]
-
-
-def test_09_count_tokens_estimate_grows_with_content():
-    small = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "hi"}]))
-    big = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user", "content": "word " * 400}],
-                                             tools=TOOLS))
-    cjk = ag.estimate_tokens(_ir_from_openai(messages=[{"role": "user",
-                                                        "content": "漢字" * 100}]))
-    assert 1 <= small < 20 and 400 < big < 800 and cjk >= 200
-
-
-class Dialects:
-    """Fake upstream answers in each channel type's own format. The fake answers a request whose
-    last turn is a tool result with text quoting it; a request with tools with two parallel
-    calls; anything else with "hello"."""
-
-    @staticmethod
-    def plan(last_text: str | None, has_tools: bool):
-        if last_text is not None:
-            return "text", f"got {last_text}"
-        return ("tools", None) if has_tools else ("text", "hello")
-
-    @staticmethod
-    def openai(rec):
-        body = json.loads(rec["body"])
-        last = body["messages"][-1]
-        kind, text = Dialects.plan(last["content"] if last["role"] == "tool" else None,
-                                   bool(body.get("tools")))
-        if body.get("stream"):
-            base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-            deltas = [({"role": "assistant", "content": ""}, None)]
-            if kind == "text":
-                deltas += [({"content": text[:3]}, None), ({"content": text[3:]}, None),
-                           ({}, "stop")]
-            else:
-                deltas += [({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                             "function": {"name": "get_weather",
-                                                          "arguments": "{\"city\""}}]}, None),
-                           ({"tool_calls": [{"index": 0, "function": {
-                               "arguments": ":\"Paris\"}"}}]}, None),
-                           ({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
-                                             "function": {"name": "get_time",
-                                                          "arguments": "{}"}}]}, None),
-                           ({}, "tool_calls")]
-            chunks = [dict(base, choices=[{"index": 0, "delta": d, "finish_reason": f}])
-                      for d, f in deltas]
-            chunks.append(dict(base, choices=[], usage={"prompt_tokens": 11,
-                                                        "completion_tokens": 4,
-                                                        "total_tokens": 15}))
-            return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
-                         [b"data: [DONE]\n\n"], content_type="text/event-stream")
-        msg = {"role": "assistant", "content": text}
-        if kind == "tools":
-            msg = {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {
-                    "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
-                {"id": "call_2", "type": "function", "function": {
-                    "name": "get_time", "arguments": "{}"}}]}
-        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
-                                      "model": "m", "choices": [{
-                                          "index": 0, "message": msg,
-                                          "finish_reason": "tool_calls" if kind == "tools"
-                                          else "stop"}],
-                                      "usage": {"prompt_tokens": 11, "completion_tokens": 4,
-                                                "total_tokens": 15}}).encode())
-
-    @staticmethod
-    def anthropic(rec):
-        body = json.loads(rec["body"])
-        last = body["messages"][-1]["content"]
-        result = next((b for b in reversed(last) if isinstance(b, dict)
-                       and b["type"] == "tool_result"), None) if isinstance(last, list) else None
-        kind, text = Dialects.plan(
-            None if result is None else (result["content"][0]["text"]
-                                         if isinstance(result["content"], list)
-                                         else result["content"]),
-            bool(body.get("tools")))
-        blocks = [{"type": "text", "text": text}] if kind == "text" else [
-            {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-             "input": {"city": "Paris"}},
-            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}]
-        stop = "end_turn" if kind == "text" else "tool_use"
-        if not body.get("stream"):
-            return Reply(body=json.dumps({
-                "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
-                "content": blocks, "stop_reason": stop, "stop_sequence": None,
-                "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
-
-        def ev(name, data):
-            return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-        out = [ev("message_start", {"type": "message_start", "message": {
-            "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
-            "content": [], "stop_reason": None, "usage": {"input_tokens": 11,
-                                                          "output_tokens": 1}}})]
-        for i, b in enumerate(blocks):
-            if b["type"] == "text":
-                out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
-                                                      "content_block": {"type": "text",
-                                                                        "text": ""}}))
-                out.append(ev("content_block_delta", {"type": "content_block_delta",
-                                                      "index": i, "delta": {
-                                                          "type": "text_delta",
-                                                          "text": b["text"]}}))
-            else:
-                out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
-                                                      "content_block": dict(b, input={})}))
-                out.append(ev("content_block_delta", {"type": "content_block_delta",
-                                                      "index": i, "delta": {
-                                                          "type": "input_json_delta",
-                                                          "partial_json": json.dumps(
-                                                              b["input"])}}))
-            out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
-        out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
-                                     "usage": {"output_tokens": 4}}),
-                ev("message_stop", {"type": "message_stop"})]
-        return Reply(chunks=out, content_type="text/event-stream")
-
-    @staticmethod
-    def gemini(rec):
-        body = json.loads(rec["body"])
-        last = body["contents"][-1]["parts"]
-        resp = next((p["functionResponse"] for p in reversed(last) if "functionResponse" in p),
-                    None)
-        kind, text = Dialects.plan(None if resp is None else resp["response"]["result"],
-                                   bool(body.get("tools")))
-        parts = [{"text": text}] if kind == "text" else [
-            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
-             "thoughtSignature": "R0VNU0lH"},
-            {"functionCall": {"name": "get_time", "args": {}}}]
-        usage = {"promptTokenCount": 11, "candidatesTokenCount": 4, "totalTokenCount": 15}
-        if ":streamGenerateContent" in rec["path"]:
-            chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]},
-                                       "index": 0}]} for p in parts]
-            chunks.append({"candidates": [{"content": {"role": "model", "parts": [
-                {"text": ""}]}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage})
-            return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
-                         content_type="text/event-stream", close_delimited=True)
-        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
-                                                                  "parts": parts},
-                                                      "finishReason": "STOP"}],
-                                      "usageMetadata": usage}).encode())
-
-    @staticmethod
-    def ollama(rec):
-        body = json.loads(rec["body"])
-        last = body["messages"][-1]
-        kind, text = Dialects.plan(last["content"] if last["role"] == "tool" else None,
-                                   bool(body.get("tools")))
-        msg = {"role": "assistant", "content": text or ""}
-        if kind == "tools":
-            msg["tool_calls"] = [{"function": {"name": "get_weather",
-                                               "arguments": {"city": "Paris"}}},
-                                 {"function": {"name": "get_time", "arguments": {}}}]
-        final = {"model": "l", "message": {"role": "assistant", "content": ""}, "done": True,
-                 "done_reason": "stop", "prompt_eval_count": 11, "eval_count": 4}
-        if body.get("stream"):
-            return Reply(chunks=[json.dumps({"model": "l", "message": msg, "done": False})
-                                 .encode() + b"\n", json.dumps(final).encode() + b"\n"],
-                         content_type="application/x-ndjson")
-        return Reply(body=json.dumps(dict(final, message=msg)).encode())
-
-
-CHANNEL_TYPES = ["openai", "anthropic", "gemini", "ollama"]
-
-
-def _typed_gw(gw, upstream, ctype, **extra):
-    up = upstream()
-    up.responder = getattr(Dialects, ctype)
-    return gw([chan(up, type=ctype, api_key="sk-up-KEY", **extra)]), up
-
-
-ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather", "input_schema": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
-    {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]
-
-
-@pytest.mark.parametrize("ctype", ["openai", "gemini", "ollama"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_09_anthropic_sdk_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
-    g, up = _typed_gw(gw, upstream, ctype)
-    c = g.anthropic()
-    msgs = [{"role": "user", "content": "weather in Paris and the time?"}]
-
-    def call(messages):
-        kw = dict(model="claude-test", max_tokens=32000, tools=ANTHROPIC_TOOLS,
-                  messages=messages)
-        if not stream:
-            return c.messages.create(**kw)
-        with c.messages.stream(**kw) as s:
-            for _ in s:
-                pass
-            return s.get_final_message()
-    first = call(msgs)
-    assert first.stop_reason == "tool_use"
-    uses = [b for b in first.content if b.type == "tool_use"]
-    assert [(u.name, u.input) for u in uses] == [("get_weather", {"city": "Paris"}),
-                                                 ("get_time", {})]
-    assert first.usage.input_tokens > 0
-    msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
-                                               for b in first.content]},
-             {"role": "user", "content": [
-                 {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sunny"},
-                 {"type": "tool_result", "tool_use_id": uses[1].id, "content": "noon"}]}]
-    second = call(msgs)
-    assert second.stop_reason == "end_turn"
-    assert second.content[0].text == "got noon"
-    assert second.usage.output_tokens == 4
-    sent = json.loads(up.last()["body"])
-    assert "sk-up-KEY" in json.dumps(up.last()["headers"]) or ctype == "ollama"
-    if ctype == "gemini":
-        assert up.last()["headers"]["x-goog-api-key"] == "sk-up-KEY"
-        model_turn = sent["contents"][1]["parts"]
-        assert model_turn[0]["thoughtSignature"] == "R0VNU0lH"                 # replayed (#12)
-        assert len(sent["contents"][2]["parts"]) == 2                        # (#9)
-    elif ctype == "openai":
-        assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "tool"]
-        assert sent["max_tokens"] == 32000
-    else:
-        assert sent["messages"][2]["tool_name"] == "get_weather"
-        assert sent["stream"] is stream
-
-
-@pytest.mark.parametrize("ctype", ["anthropic", "gemini", "ollama"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_09_openai_sdk_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
-    g, up = _typed_gw(gw, upstream, ctype)
-    c = g.openai()
-    msgs = [{"role": "user", "content": "weather and time?"}]
-
-    def call(messages):
-        kw = dict(model="any-model", messages=messages, tools=TOOLS)
-        if not stream:
-            return c.chat.completions.create(**kw)
-        with c.chat.completions.stream(**kw) as s:
-            for _ in s:
-                pass
-            return s.get_final_completion()
-    first = call(msgs)
-    choice = first.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    calls = choice.message.tool_calls
-    assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == \
-        [("get_weather", {"city": "Paris"}), ("get_time", {})]
-    assert calls[0].id != calls[1].id
-    msgs.append(choice.message.model_dump(exclude_none=True, exclude={"parsed"}))
-    msgs += [{"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
-             {"role": "tool", "tool_call_id": calls[1].id, "content": "noon"}]
-    second = call(msgs)
-    assert second.choices[0].message.content == "got noon"
-    assert second.choices[0].finish_reason == "stop"
-    if not stream:
-        assert second.usage.prompt_tokens == 11 and second.usage.completion_tokens == 4
-    if ctype == "anthropic":
-        sent = json.loads(up.last()["body"])
-        assert up.last()["headers"]["x-api-key"] == "sk-up-KEY"
-        assert sent["max_tokens"] == ag.DEFAULT_ANTHROPIC_MAX_TOKENS
-        assert sent["messages"][-1]["content"][0]["type"] == "tool_result"
-
-
-def test_09_claude_code_style_request_to_openai_channel(gw, upstream):
-    """What Claude Code sends: ?beta=true, anthropic-beta, cache_control, context_management,
-    metadata, system blocks, a huge max_tokens; a channel cap clamps it."""
-    g, up = _typed_gw(gw, upstream, "openai", max_tokens_cap=8192)
-    status, hdrs, body = g.request(
-        "POST", "/v1/messages?beta=true", {
-            "model": "claude-test", "max_tokens": 64000, "stream": False,
-            "system": [{"type": "text", "text": "You are Claude Code.",
-                        "cache_control": {"type": "ephemeral"}}],
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
-            "metadata": {"user_id": "user_abc"},
-            "context_management": {"edits": []}},
-        headers={"Authorization": None, "x-api-key": TOKEN, "anthropic-version": "2023-06-01",
-                 "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"})
-    assert status == 200, body
-    msg = json.loads(body)
-    assert msg["type"] == "message" and msg["content"] == [{"type": "text", "text": "hello"}]
-    sent = json.loads(up.last()["body"])
-    assert sent["max_tokens"] == 8192 and "context_management" not in sent
-    assert "cache_control" not in json.dumps(sent) and sent["user"] == "user_abc"
-    assert "anthropic-beta" not in up.last()["headers"]
-
-
-def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
-    g, up = _typed_gw(gw, upstream, "openai")
-    r = g.anthropic().messages.count_tokens(
-        model="claude-x", messages=[{"role": "user", "content": "hello " * 100}],
-        tools=ANTHROPIC_TOOLS)
-    assert 100 < r.input_tokens < 300 and not up.requests
-    assert g.records()[-1]["channel"] == "(local estimate)"
-
-
-@pytest.mark.parametrize("ctype,status,body,sdk_error,atype", [
-    ("gemini", 429,
-     b'{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}',
-     "RateLimitError", "rate_limit_error"),
-    ("openai", 400, b'{"error":{"message":"bad schema","type":"invalid_request_error"}}',
-     "BadRequestError", "invalid_request_error"),
-    ("ollama", 404, b'{"error":"model \'x\' not found"}', "NotFoundError",
-     "not_found_error"),
-])
-def test_09_upstream_errors_translated_to_client_shape(gw, upstream, ctype, status, body,
-                                                       sdk_error, atype):
-    up = upstream([Reply(status, body)])
-    g = gw([chan(up, type=ctype)])
-    with pytest.raises(getattr(anthropic, sdk_error)) as e:
-        g.anthropic().messages.create(model="m", max_tokens=10,
-                                      messages=[{"role": "user", "content": "x"}])
-    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == atype
-    msg = e.value.body["error"]["message"]
-    assert upstream_text(body) in msg
-
-
-def upstream_text(body: bytes) -> str:
-    return ag.upstream_error_message(body, 0)
-
-
-def test_09_converted_stream_survives_upstream_reset(gw, upstream):
-    chunks = _openai_tool_stream().split(b"\r\n\r\n")
-    up = upstream([Reply(chunks=[c + b"\r\n\r\n" for c in chunks if c], reset_after=4,
-                         content_type="text/event-stream")])
-    g = gw([chan(up)])
-    with pytest.raises(anthropic.APIStatusError, match="broke off"):
-        with g.anthropic().messages.stream(model="m", max_tokens=10, messages=[
-                {"role": "user", "content": "x"}]) as s:
-            for _ in s:
-                pass
-
-
-@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
-def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
-    up = upstream()
-
-    def respond(rec):
-        body = json.loads(rec["body"])
-        if ctype == "gemini":
-            assert rec["path"].endswith("/v1beta/models/text-emb-4:batchEmbedContents")
-            return Reply(body=json.dumps({"embeddings": [
-                {"values": [0.5, float(i)]} for i, _ in enumerate(body["requests"])]}).encode())
-        assert rec["path"] == "/api/embed"
-        return Reply(body=json.dumps({"model": body["model"], "embeddings": [
-            [0.5, float(i)] for i, _ in enumerate(body["input"])],
-            "prompt_eval_count": 6}).encode())
-    up.responder = respond
-    g = gw([chan(up, type=ctype, model_mapping={"emb": "text-emb-4"})])
-    r = g.openai().embeddings.create(model="emb", input=["a", "b"])
-    assert [d.embedding for d in r.data] == [[0.5, 0.0], [0.5, 1.0]]
-    assert r.model == "emb" and r.usage.prompt_tokens > 0
-    sent = json.loads(up.last()["body"])
-    if ctype == "gemini":
-        assert sent["requests"][1] == {"model": "models/text-emb-4",
-                                       "content": {"parts": [{"text": "b"}]}}
-    else:
-        assert sent == {"model": "text-emb-4", "input": ["a", "b"]}
-    b64 = g.openai().embeddings.create(model="emb", input="a", encoding_format="base64")
-    raw = b64.data[0].embedding
-    assert raw == [0.5, 0.0] or struct.unpack("<2f", __import__("base64").b64decode(raw)) == \
-        (0.5, 0.0)
-    with pytest.raises(openai.BadRequestError, match="list of strings"):
-        g.openai().embeddings.create(model="emb", input=[[1, 2, 3]])
-
-
-def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
-    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.03)
-    up = upstream()
-    up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
-                                     delay=0.1, content_type="text/event-stream")
-    g = gw([chan(up, name="oa", models=["gpt-*"]),
-            chan(up, name="gem-as-openai", type="openai", models=["other"])])
-    status, _, body = g.request("POST", "/v1/messages", {
-        "model": "gpt-x", "max_tokens": 10, "stream": True,
-        "messages": [{"role": "user", "content": "x"}]},
-        headers={"anthropic-version": "2023-06-01"}, timeout=30)
-    events = _sse_events(body)
-    names = [e for e, _ in events]
-    assert status == 200 and names.count("ping") >= 2 and names[-1] == "message_stop"
-    assert all(e == d["type"] for e, d in events)
-    status, _, body = g.request("POST", "/v1/chat/completions", {
-        "model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "x"}]},
-        timeout=30)
-    assert body.count(b": keepalive\n\n") >= 2
-    assert [d for _, d in _sse_events(body)][-1] == "[DONE]"
-
-
-@pytest.mark.parametrize("ctype", ["gemini", "ollama"])
-def test_09_http_image_urls_are_fetched_for_inline_only_channels(gw, upstream, ctype):
-    png = b"\x89PNG\r\n\x1a\n" + os.urandom(64)
-    pics = upstream([Reply(body=png, content_type="image/png")])
-    up = upstream()
-    up.responder = getattr(Dialects, ctype)
-    g = gw([chan(up, type=ctype)], settings={"fetch_private_urls": True})     # pics: loopback
-    g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": pics.url + "/cat.png"}}]}])
-    sent = json.loads(up.last()["body"])
-    b64 = __import__("base64").b64encode(png).decode()
-    if ctype == "gemini":
-        assert sent["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png",
-                                                                  "data": b64}}
-    else:
-        assert sent["messages"][0]["images"] == [b64]
-    missing = upstream([Reply(404, b"nope", content_type="text/plain")])
-    with pytest.raises(openai.BadRequestError, match="cannot fetch image"):
-        g.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": missing.url + "/x.png"}}]}])
-
-
-@pytest.mark.parametrize("ctype,path,answer,expected", [
-    ("openai", "/v1/models", {"object": "list", "data": [{"id": "gpt-4o"}, {"id": "o3"}]},
-     ["gpt-4o", "o3"]),
-    ("anthropic", "/v1/models", {"data": [{"type": "model", "id": "claude-x"}]}, ["claude-x"]),
-    ("gemini", "/v1beta/models?pageSize=1000", {"models": [{"name": "models/gemini-2.5-pro"}]},
-     ["gemini-2.5-pro"]),
-    ("ollama", "/api/tags", {"models": [{"name": "llama3.2:latest", "model": "llama3.2"}]},
-     ["llama3.2:latest"]),
-    ("azure", f"/openai/models?api-version={ag.AZURE_API_VERSION}",
-     {"object": "list", "data": [{"id": "gpt-4o"}]}, ["gpt-4o"]),
-])
-def test_11_fetch_models_from_each_channel_type(gw, upstream, ctype, path, answer, expected):
-    up = upstream([Reply(body=json.dumps(answer).encode())])
-    g = gw([chan(up, type=ctype, api_key="k-123")])
-    fut = g.thread.submit(g.gateway.fetch_models(g.gateway.channels[0]))
-    assert fut.result(10) == expected
-    assert up.last()["method"] == "GET" and up.last()["path"] == path
-
-
-def test_09_cursor_style_foreign_bodies_are_normalised_even_for_openai_channels(gw, upstream):
-    up = upstream()
-    up.responder = Dialects.openai
-    g = gw([chan(up)])
-    responses_shaped = {"model": "m", "instructions": "be brief", "input": [
-        {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
-        {"type": "function_call", "call_id": "c1", "name": "get_weather",
-         "arguments": "{\"city\":\"Paris\"}"},
-        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
-        "tools": [{"type": "function", "name": "get_weather", "parameters": {
-            "type": "object", "properties": {"city": {"type": "string"}}}}]}
-    status, _, body = g.request("POST", "/v1/chat/completions", responses_shaped)
-    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "got sunny"
-    sent = json.loads(up.last()["body"])
-    assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "tool"]
-    assert sent["tools"][0]["function"]["name"] == "get_weather"
-    anthropic_shaped = {"model": "m", "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_time",
-                                           "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
-                                      "content": "noon"}]}],
-        "tools": [{"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]}
-    status, _, body = g.request("POST", "/v1/chat/completions", anthropic_shaped)
-    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "got noon"
-    sent = json.loads(up.last()["body"])
-    assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_time",
-                                                                "arguments": "{}"}
-    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "t1", "content": "noon"}
-    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "x_new_field": 1}
-    g.request("POST", "/v1/chat/completions", plain)
-    assert json.loads(up.last()["body"]) == plain                    # still byte passthrough
-
-
-def test_09_max_completion_tokens_for_reasoning_models_on_openai_channels():
-    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=100)
-    assert "max_completion_tokens" in ag.encode_upstream_chat("openai", ir, "o3-mini",
-                                                              stream=False)   # #18
-    assert "max_completion_tokens" in ag.encode_upstream_chat("openai", ir, "gpt-5", stream=False)
-    assert ag.encode_upstream_chat("openai", ir, "gpt-4o", stream=False)["max_tokens"] == 100
-    assert ag.encode_upstream_chat("custom", ir, "o3", stream=False)["max_tokens"] == 100
-    assert ag.encode_upstream_chat("ollama", ir, "l", stream=False,
-                                   max_tokens_cap=50)["options"]["num_predict"] == 50
-
-
-@pytest.mark.parametrize("ctype", ["anthropic", "openai", "gemini", "ollama"])
-def test_09_length_cut_offs_and_reasoning_reach_the_other_dialect(gw, upstream, ctype):
-    up = upstream()
-    answers = {
-        "anthropic": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
-                      "content": [{"type": "thinking", "thinking": "deep", "signature": "S"},
-                                  {"type": "text", "text": "partial"}],
-                      "stop_reason": "max_tokens", "usage": {"input_tokens": 3,
-                                                             "output_tokens": 9}},
-        "openai": {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-                   "choices": [{"index": 0, "finish_reason": "length", "message": {
-                       "role": "assistant", "content": "partial",
-                       "reasoning_content": "deep"}}],
-                   "usage": {"prompt_tokens": 3, "completion_tokens": 9}},
-        "gemini": {"candidates": [{"content": {"role": "model", "parts": [
-            {"text": "deep", "thought": True}, {"text": "partial"}]},
-            "finishReason": "MAX_TOKENS"}], "usageMetadata": {"promptTokenCount": 3,
-                                                              "candidatesTokenCount": 9}},
-        "ollama": {"model": "m", "message": {"role": "assistant", "content": "partial",
-                                             "thinking": "deep"}, "done": True,
-                   "done_reason": "length", "prompt_eval_count": 3, "eval_count": 9}}
-    up.replies = [Reply(body=json.dumps(answers[ctype]).encode())]
-    g = gw([chan(up, type=ctype)])
-    if ctype == "anthropic":
-        r = g.openai().chat.completions.create(model="m", messages=[{"role": "user",
-                                                                     "content": "x"}])
-        assert r.choices[0].finish_reason == "length"
-        assert r.choices[0].message.content == "partial"
-        assert r.choices[0].message.model_extra["reasoning_content"] == "deep"
-    else:
-        m = g.anthropic().messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "x"}])
-        assert m.stop_reason == "max_tokens"
-        assert [b.type for b in m.content] == ["thinking", "text"]
-        assert m.content[0].thinking == "deep" and m.content[1].text == "partial"
-        assert m.usage.output_tokens == 9
-
-
-# -- Tools as today's clients send them (issue 12): interleaved parallel calls, n, long tool
-# names, provider quirks, Claude Code's tool search, Codex's namespaces -----------------------
-
-def _interleaved_openai_stream():
-    """Two parallel calls whose fragments alternate (index 0, 1, 0, 1), as some
-    OpenAI-compatible servers stream them."""
-    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-
-    def ch(delta, finish=None):
-        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
-
-    def frag(index, args, **first):
-        tc = {"index": index, "function": {"arguments": args}}
-        if first:
-            tc.update(id=first["id"], type="function")
-            tc["function"]["name"] = first["name"]
-        return ch({"tool_calls": [tc]})
-    chunks = [ch({"role": "assistant", "content": ""}),
-              frag(0, "", id="call_a", name="get_weather"),
-              frag(1, "{\"tz\":", id="call_b", name="get_time"),
-              frag(0, "{\"city\":"), frag(1, "\"UTC\"}"), frag(0, "\"Paris\"}"),
-              ch({}, "tool_calls"),
-              dict(base, choices=[], usage={"prompt_tokens": 7, "completion_tokens": 5,
-                                            "total_tokens": 12})]
-    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + \
-        [b"data: [DONE]\n\n"]
-
-
-INTERLEAVED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
-
-
-def test_09_interleaved_tool_fragments_become_sequential_complete_calls():
-    raw = b"".join(_interleaved_openai_stream())
-    ir = ag.empty_request("m")
-    ir["tools"] = [{"name": "get_weather", "description": "", "parameters": {}},
-                   {"name": "get_time", "description": "", "parameters": {}}]
-    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.AnthropicStreamEncoder("c", 1), raw)
-    events = _sse_events(out)
-    opened, closed, inputs = [], [], {}
-    for e, d in events:
-        if e == "content_block_start":
-            assert not opened or opened[-1] in closed        # one block open at a time
-            opened.append(d["index"])
-            inputs[d["index"]] = [d["content_block"]["name"], ""]
-        elif e == "content_block_stop":
-            closed.append(d["index"])
-        elif e == "content_block_delta":
-            assert d["index"] == opened[-1] and d["index"] not in closed
-            inputs[d["index"]][1] += d["delta"]["partial_json"]
-    assert [(n, json.loads(a)) for n, a in inputs.values()] == INTERLEAVED_CALLS
-    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw)
-    done = [d["item"] for e, d in _sse_events(out) if e == "response.output_item.done"]
-    assert [(i["name"], json.loads(i["arguments"])) for i in done] == INTERLEAVED_CALLS
-    arg_done = [d["arguments"] for e, d in _sse_events(out)
-                if e == "response.function_call_arguments.done"]
-    assert "{}" not in arg_done and len(arg_done) == 2
-    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.GeminiStreamEncoder("m", ir), raw)
-    parts = [p for _, d in _sse_events(out) for c in d["candidates"]
-             for p in c["content"]["parts"]]
-    assert [(p["functionCall"]["name"], p["functionCall"]["args"]) for p in parts] == \
-        INTERLEAVED_CALLS
-
-
-LONG_TOOL = "mcp__claude_ai_Some_Connector__search_the_workspace_documents_by_title_and_body"
-ODD_TOOLS = [LONG_TOOL, "files.read", "db:query", "ok_name-1"]
-
-
-@pytest.mark.parametrize("ctype", ["openai", "custom", "anthropic", "gemini", "ollama"])
-def test_09_tool_names_shortened_by_the_channels_rule(ctype):
-    for name in ODD_TOOLS:
-        short = ag.channel_tool_name(name, ctype)
-        assert short == ag.channel_tool_name(name, ctype)          # deterministic
-        rule = ag.TOOL_NAME_RULES.get(ctype)
-        if rule is None:
-            assert short == name
-            continue
-        assert rule[0].match(short)
-        if rule[0].match(name):
-            assert short == name
-        else:
-            assert short.startswith(name[:20].replace(".", "_").replace(":", "_"))
-    assert ag.channel_tool_name(LONG_TOOL, "openai") != ag.channel_tool_name(
-        LONG_TOOL + "2", "openai")
-    assert ag.channel_tool_name("files.read", "gemini") == "files.read"      # dots are allowed
-    assert ag.channel_tool_name("files.read", "openai") != "files_read"     # no collisions
-
-
-def test_09_tool_names_renamed_in_tools_history_and_choice_then_restored():
-    ir = ag.anthropic_request_to_ir({
-        "model": "m", "max_tokens": 10,
-        "tools": [{"name": n, "input_schema": {"type": "object"}} for n in ODD_TOOLS],
-        "tool_choice": {"type": "tool", "name": LONG_TOOL},
-        "messages": [{"role": "user", "content": "go"},
-                     {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
-                                                        "name": LONG_TOOL, "input": {}}]},
-                     {"role": "user", "content": [{"type": "tool_result",
-                                                   "tool_use_id": "toolu_1",
-                                                   "content": "found"}]}]})
-    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
-    short = ag.channel_tool_name(LONG_TOOL, "openai")
-    assert [t["function"]["name"] for t in body["tools"]] == [
-        ag.channel_tool_name(n, "openai") for n in ODD_TOOLS]
-    assert body["tool_choice"] == {"type": "function", "function": {"name": short}}
-    assert body["messages"][1]["tool_calls"][0]["function"]["name"] == short
-    assert ir["tools"][0]["name"] == LONG_TOOL                      # the client's IR untouched
-    names = ag.upstream_tool_names(ir, "openai")
-    whole, stream = ag.upstream_decoders("openai", None, names)
-    resp = whole({"choices": [{"message": {"tool_calls": [{"id": "c", "function": {
-        "name": short, "arguments": "{}"}}]}}]})
-    assert resp["content"][0]["name"] == LONG_TOOL
-    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c",
-                                                                "function": {"name": short}}]}}]}
-    events = stream().feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-    assert [e for e in events if e[0] == "tool"] == [("tool", 0, "c", LONG_TOOL)]
-
-
-def test_09_n_above_one_on_a_converted_route_names_n():
-    ir = ag.openai_request_to_ir({"model": "m", "n": 2, "messages": [
-        {"role": "user", "content": "x"}]})
-    for ctype in ("anthropic", "gemini", "ollama", "openai"):
-        with pytest.raises(ag.GatewayError) as exc:
-            ag.encode_upstream_chat(ctype, ir, "m", stream=False)
-        assert exc.value.status == 400 and exc.value.param == "n" and "n = 2" in str(exc.value)
-
-
-def test_09_openai_quirks_on_the_chat_body():
-    body = {"model": "m", "max_completion_tokens": 50, "stream": True,
-            "stream_options": {"include_usage": True}, "parallel_tool_calls": True,
-            "messages": [
-                {"role": "user", "content": "x"},
-                {"role": "assistant", "content": "plain", "reasoning_content": "r1"},
-                {"role": "assistant", "content": None, "reasoning_content": "r2",
-                 "tool_calls": [{"id": "toolu_01ABCdef", "type": "function",
-                                 "function": {"name": "f", "arguments": "{}"}}]},
-                {"role": "tool", "tool_call_id": "toolu_01ABCdef", "content": "ok"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "abcDEF123", "type": "function",
-                     "function": {"name": "f", "arguments": "{}"}}]}]}
-    out = ag.apply_openai_quirks(body, {
-        "tool_call_id": "mistral9", "reasoning_back": "tool_calls",
-        "reasoning_field": "reasoning", "max_tokens_field": "max_tokens",
-        "drop_params": ["stream_options", "parallel_tool_calls"]})
-    msgs = out["messages"]
-    new_id = msgs[2]["tool_calls"][0]["id"]
-    assert len(new_id) == 9 and new_id.isalnum() and msgs[3]["tool_call_id"] == new_id
-    assert msgs[4]["tool_calls"][0]["id"] == "abcDEF123"           # already valid: kept
-    assert "reasoning_content" not in msgs[1] and "reasoning" not in msgs[1]
-    assert msgs[2]["reasoning"] == "r2" and "reasoning_content" not in msgs[2]
-    assert out["max_tokens"] == 50 and "max_completion_tokens" not in out
-    assert "stream_options" not in out and "parallel_tool_calls" not in out
-    assert body["messages"][2]["tool_calls"][0]["id"] == "toolu_01ABCdef"   # input untouched
-    assert ag.apply_openai_quirks(body, {}) is body
-    # Answers are read in either reasoning field (OpenRouter and vLLM stream `reasoning`).
-    answer = ag.openai_response_to_ir({"choices": [{"message": {"reasoning": "r",
-                                                                "content": "a"}}]})
-    assert [p["type"] for p in answer["content"]] == ["reasoning", "text"]
-    chunk = {"choices": [{"index": 0, "delta": {"reasoning": "hm"}}]}
-    assert ("reasoning", "hm") in ag.OpenAIStreamDecoder().feed(
-        b"data: " + json.dumps(chunk).encode() + b"\n\n")
-
-
-# Issue 14: quirks of Anthropic-compatible channels
-def test_09_anthropic_quirks_strip_markers_and_fields_not_inputs():
-    schema = {"type": "object", "properties": {"cache_control": {"type": "string"}}}
-    body = {"model": "m", "top_k": 3, "max_tokens": 9,
-            "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
-            "tools": [{"name": "t", "input_schema": schema, "cache_control": {}}],
-            "messages": [{"role": "user", "content": "x"},
-                         {"role": "assistant", "content": [{"type": "tool_use", "id": "a",
-                                                            "name": "t", "input": {
-                                                                "cache_control": "keep"}}]},
-                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a",
-                                                       "cache_control": {}, "content": [
-                                                           {"type": "text", "text": "r",
-                                                            "cache_control": {}}]}]}]}
-    out = ag.apply_anthropic_quirks(body, {"cache_control": "strip", "drop_params": ["top_k"]})
-    assert "top_k" not in out and out["max_tokens"] == 9 and "top_k" in body     # a copy
-    assert out["system"] == [{"type": "text", "text": "s"}]
-    assert out["tools"] == [{"name": "t", "input_schema": schema}]              # schema kept
-    assert out["messages"][1]["content"][0]["input"] == {"cache_control": "keep"}
-    assert out["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "a",
-                                              "content": [{"type": "text", "text": "r"}]}]
-    assert ag.apply_anthropic_quirks(body, {"drop_params": []})["system"] == body["system"]
-    assert ag.quirk_dropped_headers({"drop_headers": ["Anthropic-Beta"]}) == {"anthropic-beta"}
-
-
-def test_09_tool_search_deferred_tools_and_tool_references():
-    """Claude Code's tool search (Anthropic docs, tool search tool: tools with
-    defer_loading: true load when a tool_reference block {"type": "tool_reference",
-    "tool_name": ...} names them in a tool_result)."""
-    tools = [{"name": "ToolSearch", "input_schema": {"type": "object"}},
-             {"name": "mcp__a__found", "defer_loading": True,
-              "input_schema": {"type": "object"}},
-             {"name": "mcp__a__hidden", "defer_loading": True,
-              "input_schema": {"type": "object"}}]
-    msgs = [{"role": "user", "content": "find a tool"},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
-                                               "name": "ToolSearch", "input": {"q": "f"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                          "content": [{"type": "tool_reference",
-                                                       "tool_name": "mcp__a__found"}]}]}]
-    ir = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "tools": tools,
-                                     "messages": msgs})
-    assert [t["name"] for t in ir["tools"]] == ["ToolSearch", "mcp__a__found"]
-    body = ag.encode_upstream_chat("openai", ir, "m", stream=False)
-    assert "defer_loading" not in json.dumps(body) and "tool_reference" not in json.dumps(body)
-    assert body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1",
-                                    "content": "Tool mcp__a__found is now available."}
-    server = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "messages": msgs[:1],
-                                         "tools": tools[1:] + [{
-                                             "type": "tool_search_tool_regex_20251119",
-                                             "name": "tool_search_tool_regex"}]})
-    assert [t["name"] for t in server["tools"]] == ["mcp__a__found", "mcp__a__hidden"]
-
-
-CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
-                   "description": "Tools in the mcp__probe namespace.",
-                   "tools": [{"type": "function", "name": "echo_words", "strict": False,
-                              "description": "Echo words back", "parameters": {
-                                  "type": "object", "properties": {"words": {"type": "string"}},
-                                  "required": ["words"]}},
-                             {"type": "custom", "name": "raw_patch", "description": "Patch"}]}
-
-
-def test_09_codex_namespaced_tools_flattened_and_split_again():
-    body = {"model": "m", "tools": [CODEX_NAMESPACE], "tool_choice": {
-        "type": "function", "name": "echo_words", "namespace": "mcp__probe"}, "input": [
-        {"role": "user", "content": "go"},
-        {"type": "function_call", "call_id": "call_1", "name": "echo_words",
-         "namespace": "mcp__probe", "arguments": "{\"words\":\"a\"}"},
-        {"type": "function_call_output", "call_id": "call_1", "output": "a"}]}
-    ir = ag.responses_request_to_ir(body)
-    assert [t["name"] for t in ir["tools"]] == ["mcp__probe__echo_words",
-                                               "mcp__probe__raw_patch"]
-    sent = ag.encode_upstream_chat("openai", ir, "m", stream=False)
-    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
-    assert sent["tool_choice"] == {"type": "function",
-                                   "function": {"name": "mcp__probe__echo_words"}}
-    resp = {"id": "r", "model": "m", "finish": "tool_calls", "usage": ag.new_usage(1, 1),
-            "content": [{"type": "tool_call", "id": "call_2", "name": "mcp__probe__echo_words",
-                         "arguments": "{\"words\":\"b\"}"},
-                        {"type": "tool_call", "id": "call_3", "name": "mcp__probe__raw_patch",
-                         "arguments": "{\"input\":\"p\"}"}]}
-    out = ag.ir_to_responses_response(resp, "m", ir)["output"]
-    assert [(o["type"], o["name"], o["namespace"]) for o in out] == [
-        ("function_call", "echo_words", "mcp__probe"),
-        ("custom_tool_call", "raw_patch", "mcp__probe")]
-    raw = ag.ResponsesStreamEncoder("m", ir).encode(ag.response_events(resp))
-    items = [(e, d["item"]) for e, d in _sse_events(raw) if "item" in d]
-    assert all(i["namespace"] == "mcp__probe" and "__" not in i["name"] for _, i in items)
-    assert [i["name"] for e, i in items if e == "response.output_item.done"] == [
-        "echo_words", "raw_patch"]
-
-
-# Provider rules the strict fakes below enforce, each as its documentation states it:
-# OpenAI: function names "must be a-z, A-Z, 0-9, or contain underscores and dashes, with a
-#   maximum length of 64" (Chat Completions API reference, tools[].function.name).
-# Gemini: FunctionDeclaration.name "must start with a letter or an underscore. Must be a-z, A-Z,
-#   0-9, or contain underscores, dots, colons and dashes, with a maximum length of 64"
-#   (google-genai types.FunctionDeclaration; generativelanguage v1beta reference).
-# Anthropic: tools[].name matches ^[a-zA-Z0-9_-]{1,128}$ (Messages API reference).
-# Mistral: "Tool call id was ... but must be a-z, A-Z, 0-9, with a length of 9." is its 400 for
-#   any other id (quoted in langchain-ai/langchain#24668, anomalyco/opencode#1680).
-# DeepSeek thinking mode: on a turn with tool calls, "the reasoning_content must be fully passed
-#   back to the API in all subsequent requests", else a 400 (api-docs.deepseek.com/guides/
-#   thinking_mode, quoted in anomalyco/opencode#24722).
-STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
-                "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
-                "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
-
-
-def _refuse(ctype, message):
-    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}} \
-        if ctype == "anthropic" else {"error": {"message": message, "code": 400,
-                                                "type": "invalid_request_error"}}
-    return Reply(status=400, body=json.dumps(body).encode())
-
-
-def strict_upstream(ctype, mistral=False, deepseek=False):
-    """A fake of channel type ``ctype`` that enforces the rules above, calls the first tool it
-    was offered (by the name it got) or, after a tool result, answers "got <result>"."""
-    def respond(rec):
-        body = json.loads(rec["body"])
-        if ctype == "gemini":
-            names = [d["name"] for t in body.get("tools") or []
-                     for d in t["functionDeclarations"]]
-            names += [p["functionCall"]["name"] for c in body["contents"] for p in c["parts"]
-                      if "functionCall" in p]
-            last = body["contents"][-1]["parts"][-1].get("functionResponse")
-            result = last and last["response"]["result"]
-        elif ctype == "anthropic":
-            names = [t["name"] for t in body.get("tools") or []]
-            names += [b["name"] for m in body["messages"] if isinstance(m["content"], list)
-                      for b in m["content"] if b["type"] == "tool_use"]
-            last = body["messages"][-1]["content"]
-            result = next((b["content"][0]["text"] for b in last if isinstance(b, dict) and
-                           b["type"] == "tool_result"), None) if isinstance(last, list) else None
-        else:
-            names = [t["function"]["name"] for t in body.get("tools") or []]
-            calls = [c for m in body["messages"] for c in m.get("tool_calls") or []]
-            names += [c["function"]["name"] for c in calls]
-            ids = [c["id"] for c in calls] + [m["tool_call_id"] for m in body["messages"]
-                                              if m["role"] == "tool"]
-            bad_id = next((i for i in ids if not re.fullmatch(r"[A-Za-z0-9]{9}", i)), None)
-            if mistral and bad_id:
-                return _refuse(ctype, f"Tool call id was {bad_id} but must be a-z, A-Z, 0-9, "
-                                      f"with a length of 9.")
-            if mistral and "stream_options" in body:
-                return _refuse(ctype, "stream_options: extra inputs are not permitted")
-            if deepseek and any(m["role"] == "assistant" and m.get("tool_calls") and
-                                not m.get("reasoning_content") for m in body["messages"]):
-                return _refuse(ctype, "Missing `reasoning_content` field in the assistant "
-                                      "message at message index 1.")
-            last = body["messages"][-1]
-            result = last["content"] if last["role"] == "tool" else None
-        bad = next((n for n in names if not STRICT_NAMES[ctype].match(n)), None)
-        if bad:
-            return _refuse(ctype, f"Invalid function name {bad!r}")
-        first = names[0] if names and result is None else None
-        return _answer_in(ctype, body, rec, f"got {result}" if result else "", first)
-    return respond
-
-
-def _answer_in(ctype, body, rec, text, tool, args=None):
-    """One answer in channel type ``ctype``'s own format, streamed if the request asked: the
-    text, or a call of ``tool`` with ``args``."""
-    args = args or {"q": "x"}
-    if ctype == "gemini":
-        part = {"functionCall": {"name": tool, "args": args}} if tool else {"text": text}
-        chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
-                                 "finishReason": "STOP", "index": 0}],
-                 "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}
-        if ":streamGenerateContent" in rec["path"]:
-            return Reply(chunks=[f"data: {json.dumps(chunk)}\r\n\r\n".encode()],
-                         content_type="text/event-stream")
-        return Reply(body=json.dumps(chunk).encode())
-    if ctype == "anthropic":
-        block = {"type": "tool_use", "id": "toolu_9", "name": tool, "input": args} if tool \
-            else {"type": "text", "text": text}
-        msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
-               "content": [block], "stop_reason": "tool_use" if tool else "end_turn",
-               "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
-        return Reply(body=json.dumps(msg).encode())
-    msg = {"role": "assistant", "content": text or None}
-    if tool:
-        msg["tool_calls"] = [{"id": f"call{len(body['messages']):05d}", "type": "function",
-                              "function": {"name": tool, "arguments": json.dumps(args)}}]
-    if not body.get("stream"):
-        return Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
-                                      "model": "m", "choices": [{
-                                          "index": 0, "message": msg, "finish_reason":
-                                          "tool_calls" if tool else "stop"}]}).encode())
-    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-    delta = dict(msg, tool_calls=[dict(c, index=0) for c in msg.get("tool_calls", [])])
-    chunks = [dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]),
-              dict(base, choices=[{"index": 0, "delta": {},
-                                   "finish_reason": "tool_calls" if tool else "stop"}])]
-    return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks] +
-                 [b"data: [DONE]\n\n"], content_type="text/event-stream")
-
-
-def _anthropic_turn(c, stream, **kw):
-    kw.setdefault("max_tokens", 100)
-    if not stream:
-        return c.messages.create(**kw)
-    with c.messages.stream(**kw) as s:
-        for _ in s:
-            pass
-        return s.get_final_message()
-
-
-def test_11_interleaved_tool_streams_reach_each_client_as_whole_calls(gw, upstream):
-    up = upstream([Reply(chunks=_interleaved_openai_stream(), content_type="text/event-stream")])
-    g = gw([chan(up, type="custom")])
-    tools = [{"name": n, "input_schema": {"type": "object"}} for n in ("get_weather",
-                                                                       "get_time")]
-    m = _anthropic_turn(g.anthropic(), True, model="m", tools=tools,
-                        messages=[{"role": "user", "content": "both"}])
-    assert [(b.name, b.input) for b in m.content] == INTERLEAVED_CALLS
-    with g.openai().responses.stream(model="m", input="both", tools=[
-            {"type": "function", "name": n, "parameters": {"type": "object"}}
-            for n in ("get_weather", "get_time")]) as s:
-        for _ in s:
-            pass
-        final = s.get_final_response()
-    assert [(o.name, json.loads(o.arguments)) for o in final.output] == INTERLEAVED_CALLS
-    status, _, raw = g.request("POST", "/v1beta/models/m:streamGenerateContent?alt=sse", {
-        "contents": [{"role": "user", "parts": [{"text": "both"}]}],
-        "tools": [{"functionDeclarations": [{"name": "get_weather"}, {"name": "get_time"}]}]})
-    parts = [p for _, d in _sse_events(raw) for c in d["candidates"]
-             for p in c["content"]["parts"]]
-    assert status == 200 and [(p["functionCall"]["name"], p["functionCall"]["args"])
-                              for p in parts] == INTERLEAVED_CALLS
-
-
-def test_11_n_above_one_through_a_converting_channel_is_a_400_naming_n(gw, upstream):
-    up = upstream([Reply(body=json.dumps(anthropic_message()).encode())])
-    g = gw([chan(up, type="anthropic")])
-    with pytest.raises(openai.BadRequestError) as exc:
-        g.openai().chat.completions.create(model="m", n=2, messages=[
-            {"role": "user", "content": "x"}])
-    assert exc.value.body["param"] == "n" and "n = 2" in exc.value.body["message"]
-    assert up.requests == []
-
-
-@pytest.mark.parametrize("ctype", ["openai", "gemini"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_claude_code_long_mcp_tool_names_to_openai_and_gemini(gw, upstream, ctype, stream):
-    up = upstream()
-    up.responder = strict_upstream(ctype)
-    g = gw([chan(up, type=ctype)])
-    c = g.anthropic()
-    tools = [{"name": n, "description": "a tool", "input_schema": {
-        "type": "object", "properties": {"q": {"type": "string"}}}} for n in ODD_TOOLS]
-    msgs = [{"role": "user", "content": "search"}]
-    first = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
-    assert [(b.type, b.name, b.input) for b in first.content] == [
-        ("tool_use", LONG_TOOL, {"q": "x"})]
-    msgs += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
-             {"role": "user", "content": [{"type": "tool_result",
-                                           "tool_use_id": first.content[0].id,
-                                           "content": "found"}]}]
-    second = _anthropic_turn(c, stream, model="m", tools=tools, messages=msgs)
-    assert second.content[0].text == "got found"
-    sent = json.dumps(json.loads(up.last()["body"]))
-    short = ag.channel_tool_name(LONG_TOOL, ctype)
-    assert LONG_TOOL not in sent and sent.count(short) >= 2          # the tool and the call
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_openai_and_responses_clients_with_names_the_channel_refuses(gw, upstream, stream):
-    up = upstream()
-    up.responder = strict_upstream("anthropic")
-    g = gw([chan(up, type="anthropic")])
-    name = "files.read:v2"
-    kw = dict(model="m", messages=[{"role": "user", "content": "read"}], tools=[
-        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}])
-    if stream:
-        with g.openai().chat.completions.stream(**kw) as s:
-            for _ in s:
-                pass
-            r = s.get_final_completion()
-    else:
-        r = g.openai().chat.completions.create(**kw)
-    assert r.choices[0].message.tool_calls[0].function.name == name
-    sent = json.loads(up.last()["body"])
-    assert sent["tools"][0]["name"] == ag.channel_tool_name(name, "anthropic") != name
-    up2 = upstream()
-    up2.responder = strict_upstream("openai")
-    g2 = gw([chan(up2, type="openai", name="oa")])
-    long_ns = dict(CODEX_NAMESPACE, name="mcp__a_server_with_a_rather_long_descriptive_name")
-    kw = dict(model="m", input="go", tools=[long_ns])
-    if stream:
-        with g2.openai().responses.stream(**kw) as s:
-            for _ in s:
-                pass
-            out = s.get_final_response().output
-    else:
-        out = g2.openai().responses.create(**kw).output
-    assert (out[0].type, out[0].name, out[0].namespace) == (
-        "function_call", "echo_words", long_ns["name"])
-    assert all(len(t["function"]["name"]) <= 64
-               for t in json.loads(up2.last()["body"])["tools"])
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_gemini_client_dotted_names_to_an_openai_channel(gw, upstream, stream):
-    up = upstream()
-    up.responder = strict_upstream("openai")
-    g = gw([chan(up, type="openai")])
-    method = "streamGenerateContent?alt=sse" if stream else "generateContent"
-    contents = [{"role": "user", "parts": [{"text": "read"}]}]
-    tools = [{"functionDeclarations": [{"name": "files.read", "parameters": {
-        "type": "OBJECT", "properties": {"q": {"type": "STRING"}}}}]}]
-    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
-                               {"contents": contents, "tools": tools})
-    chunks = [d for _, d in _sse_events(raw)] if stream else [json.loads(raw)]
-    calls = [p["functionCall"] for c in chunks for p in c["candidates"][0]["content"]["parts"]
-             if "functionCall" in p]
-    assert status == 200 and [(c["name"], c["args"]) for c in calls] == [("files.read",
-                                                                           {"q": "x"})]
-    contents += [{"role": "model", "parts": [{"functionCall": calls[0]}]},
-                 {"role": "user", "parts": [{"functionResponse": dict(
-                     {k: v for k, v in calls[0].items() if k == "id"}, name="files.read",
-                     response={"result": "text"})}]}]
-    status, _, raw = g.request("POST", f"/v1beta/models/m:{method}",
-                               {"contents": contents, "tools": tools})
-    assert status == 200 and b"got text" in raw
-    sent = json.loads(up.last()["body"])
-    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == \
-        sent["tools"][0]["function"]["name"] == ag.channel_tool_name("files.read", "openai")
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_codex_namespaced_mcp_tools_round_trip(gw, upstream, stream):
-    up = upstream()
-    up.responder = strict_upstream("openai")
-    g = gw([chan(up, type="custom")])
-    c = g.openai()
-
-    def turn(items):
-        kw = dict(model="gpt-5-codex", input=items, tools=[CODEX_NAMESPACE], store=False)
-        if not stream:
-            return c.responses.create(**kw)
-        with c.responses.stream(**kw) as s:
-            added = [ev.item for ev in s if ev.type == "response.output_item.added"]
-            final = s.get_final_response()
-        assert all(getattr(i, "namespace", None) == "mcp__probe" for i in added
-                   if i.type == "function_call")
-        return final
-    items = [{"role": "user", "content": "echo"}]
-    first = turn(items)
-    call = first.output[0]
-    assert (call.type, call.name, call.namespace, json.loads(call.arguments)) == (
-        "function_call", "echo_words", "mcp__probe", {"q": "x"})
-    sent = json.loads(up.last()["body"])
-    assert [t["function"]["name"] for t in sent["tools"]] == [
-        "mcp__probe__echo_words", "mcp__probe__raw_patch"]
-    items += [call.model_dump(exclude_none=True),
-              {"type": "function_call_output", "call_id": call.call_id, "output": "said x"}]
-    second = turn(items)
-    assert second.output_text == "got said x"
-    history = json.loads(up.last()["body"])["messages"]
-    assert history[1]["tool_calls"][0]["function"]["name"] == "mcp__probe__echo_words"
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_codex_client_side_tool_search_through_a_converting_channel(gw, upstream, stream):
-    """Codex's tool search for the models of its catalog (openai-python types/responses:
-    ToolSearchToolParam with execution "client", ResponseToolSearchCall,
-    ResponseToolSearchOutputItemParam whose tools are namespaces of deferred functions)."""
-    up = upstream()
-    up.responder = strict_upstream("openai")
-    g = gw([chan(up, type="custom")])
-    search = {"type": "tool_search", "execution": "client", "description": "Find tools",
-              "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
-    kw = dict(model="m", tools=[search], store=False)
-    items = [{"role": "user", "content": "find an echo tool"}]
-
-    def turn():
-        if not stream:
-            return g.openai().responses.create(input=items, **kw)
-        with g.openai().responses.stream(input=items, **kw) as s:
-            for _ in s:
-                pass
-            return s.get_final_response()
-    call = turn().output[0]
-    assert (call.type, call.execution, call.arguments) == ("tool_search_call", "client",
-                                                           {"q": "x"})
-    deferred = dict(CODEX_NAMESPACE, tools=[dict(CODEX_NAMESPACE["tools"][0],
-                                                 defer_loading=True)])
-    items += [call.model_dump(exclude_none=True),
-              {"type": "tool_search_output", "call_id": call.call_id, "execution": "client",
-               "status": "completed", "tools": [deferred]}]
-    turn()
-    sent = json.loads(up.last()["body"])
-    assert [t["function"]["name"] for t in sent["tools"]] == ["tool_search",
-                                                              "mcp__probe__echo_words"]
-    assert sent["messages"][-1] == {"role": "tool", "tool_call_id": call.call_id,
-                                    "content": "Tools now available: mcp__probe__echo_words"}
-    assert "defer_loading" not in json.dumps(sent)
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_mistral_quirks_for_claude_code_ids_and_refused_params(gw, upstream, stream):
-    up = upstream()
-    up.responder = strict_upstream("openai", mistral=True)
-    quirks = {"tool_call_id": "mistral9", "drop_params": ["stream_options"]}
-    g = gw([chan(up, type="custom", quirks=quirks)])
-    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
-    msgs = [{"role": "user", "content": "run"},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01XyZ",
-                                               "name": "Bash", "input": {}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01XyZ",
-                                          "content": "ran"}]}]
-    m = _anthropic_turn(g.anthropic(), stream, model="m", tools=tools, messages=msgs)
-    assert m.content[0].text == "got ran"
-    sent = json.loads(up.last()["body"])
-    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
-    chat = [{"role": "user", "content": "run"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_Ab_12345678", "type": "function",
-                 "function": {"name": "Bash", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
-    kw = dict(model="m", messages=chat, stream_options={"include_usage": True}) if stream \
-        else dict(model="m", messages=chat)
-    if stream:
-        text = "".join(ch.choices[0].delta.content or "" for ch in
-                       g.openai().chat.completions.create(stream=True, **kw) if ch.choices)
-    else:
-        text = g.openai().chat.completions.create(**kw).choices[0].message.content
-    assert text == "got ran"                               # passed through, quirks applied
-
-
-def test_11_deepseek_gets_reasoning_back_on_tool_call_turns(gw, upstream):
-    up = upstream()
-    up.responder = strict_upstream("openai", deepseek=True)
-    g = gw([chan(up, type="custom", quirks={"reasoning_back": "tool_calls"})])
-    msgs = [{"role": "user", "content": "hi"},
-            {"role": "assistant", "content": [{"type": "thinking", "thinking": "say hi",
-                                               "signature": "x"},
-                                              {"type": "text", "text": "hi"}]},
-            {"role": "user", "content": "run"},
-            {"role": "assistant", "content": [
-                {"type": "thinking", "thinking": "use Bash", "signature": "x"},
-                {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                          "content": "ran"}]}]
-    m = _anthropic_turn(g.anthropic(), False, model="m", messages=msgs, tools=[
-        {"name": "Bash", "input_schema": {"type": "object"}}])
-    assert m.content[0].text == "got ran"
-    sent = json.loads(up.last()["body"])["messages"]
-    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
-
-
-# Issue 14: preset channels end to end (the user's base_url points at the fake)
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_mistral_preset_gets_nine_letter_ids_and_no_refused_params(gw, upstream, stream):
-    up = upstream()
-    up.responder = strict_upstream("openai", mistral=True)
-    g = gw([{"name": "mistral", "preset": "mistral", "base_url": up.url + "/v1",
-             "api_key": "sk-upstream-secret"}])
-    chat = [{"role": "user", "content": "run"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_Ab_12345678", "type": "function",
-                 "function": {"name": "Bash", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "call_Ab_12345678", "content": "ran"}]
-    kw = dict(model="mistral-large-latest", messages=chat, max_completion_tokens=50)
-    if stream:
-        chunks = g.openai().chat.completions.create(
-            stream=True, stream_options={"include_usage": True}, **kw)
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    else:
-        text = g.openai().chat.completions.create(**kw).choices[0].message.content
-    assert text == "got ran"
-    rec = up.last()
-    sent = json.loads(rec["body"])
-    assert rec["path"] == "/v1/chat/completions"
-    assert rec["headers"]["authorization"] == "Bearer sk-upstream-secret"
-    assert re.fullmatch(r"[A-Za-z0-9]{9}", sent["messages"][2]["tool_call_id"])
-    assert sent["messages"][1]["tool_calls"][0]["id"] == sent["messages"][2]["tool_call_id"]
-    assert "stream_options" not in sent and "max_completion_tokens" not in sent
-    assert sent["max_tokens"] == 50
-
-
-def test_11_deepseek_preset_sends_reasoning_back_on_tool_call_turns(gw, upstream):
-    up = upstream()
-    up.responder = strict_upstream("openai", deepseek=True)
-    g = gw([{"name": "ds", "preset": "deepseek", "base_url": up.url + "/v1"}])
-    chat = [{"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hi", "reasoning_content": "say hi"},
-            {"role": "user", "content": "run"},
-            {"role": "assistant", "content": None, "reasoning_content": "use Bash",
-             "tool_calls": [{"id": "call_1", "type": "function",
-                             "function": {"name": "Bash", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "ran"}]
-    reply = g.openai().chat.completions.create(model="deepseek-reasoner", messages=chat)
-    assert reply.choices[0].message.content == "got ran"
-    sent = json.loads(up.last()["body"])["messages"]
-    assert "reasoning_content" not in sent[1] and sent[3]["reasoning_content"] == "use Bash"
-
-
-def test_11_anthropic_compatible_preset_strips_what_the_service_ignores(gw, upstream):
-    up = upstream()
-    up.responder = strict_upstream("anthropic")
-    g = gw([{"name": "ds", "preset": "deepseek-anthropic", "base_url": up.url,
-             "api_key": "sk-upstream-secret"}])
-    m = _anthropic_turn(
-        g.anthropic(), False, model="deepseek-chat",
-        extra_body={"top_k": 5, "service_tier": "auto"},
-        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
-        tools=[{"name": "Bash", "input_schema": {"type": "object"},
-                "cache_control": {"type": "ephemeral"}}],
-        messages=[{"role": "user", "content": [{"type": "text", "text": "run",
-                                                "cache_control": {"type": "ephemeral"}}]}],
-        extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"})
-    assert m.content[0].name == "Bash"
-    rec = up.last()
-    sent = json.loads(rec["body"])
-    assert rec["path"] == "/v1/messages" and rec["headers"]["x-api-key"] == "sk-upstream-secret"
-    assert "cache_control" not in rec["body"].decode()
-    assert "top_k" not in sent and "service_tier" not in sent
-    assert sent["system"] == [{"type": "text", "text": "be brief"}]
-    assert "anthropic-beta" not in rec["headers"]
-    g2 = gw([{"name": "ds2", "preset": "deepseek-anthropic", "base_url": up.url,
-              "quirks": {"drop_params": ["temperature"]}}])
-    reply = g2.openai().chat.completions.create(                      # converted
-        model="deepseek-chat", temperature=0.5, messages=[{"role": "user", "content": "hi"}],
-        tools=[{"type": "function", "function": {"name": "Bash", "parameters": {
-            "type": "object"}}}])
-    assert reply.choices[0].message.tool_calls[0].function.name == "Bash"
-    rec = up.last()
-    assert rec["path"] == "/v1/messages" and "temperature" not in json.loads(rec["body"])
-
-
-def test_11_bearer_auth_preset_sends_the_key_as_claude_code_would(gw, upstream):
-    up = upstream()
-    up.responder = strict_upstream("anthropic")
-    g = gw([{"name": "glm", "preset": "zai-anthropic", "base_url": up.url,
-             "api_key": "sk-upstream-secret"}])
-    m = g.anthropic().messages.create(model="glm-4.7", max_tokens=50, messages=[
-        {"role": "user", "content": "hi"}], tools=[{"name": "Bash",
-                                                    "input_schema": {"type": "object"}}])
-    assert m.content[0].name == "Bash"
-    g.openai().chat.completions.create(model="glm-4.7", messages=[                # converted
-        {"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {
-            "name": "Bash", "parameters": {"type": "object"}}}])
-    for rec in up.requests:
-        assert rec["headers"]["authorization"] == "Bearer sk-upstream-secret"
-        assert "x-api-key" not in rec["headers"]
-
-
-def test_11_fetch_models_says_when_a_preset_has_no_model_list(gw):
-    g = gw([{"name": "mm", "preset": "minimax-anthropic"}])
-    ch = g.gateway.channel(g.store.data["channels"][0]["id"])
-    with pytest.raises(ag.GatewayError, match="MiniMax .* has no model list"):
-        asyncio.run(g.gateway.fetch_models(ch))
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_claude_code_tool_search_to_an_openai_channel(gw, upstream, stream):
-    up = upstream()
-    up.responder = strict_upstream("openai")
-    g = gw([chan(up, type="openai")])
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 200, "stream": stream, "tools": [
-        {"name": "ToolSearch", "input_schema": {"type": "object"}},
-        {"name": "mcp__docs__lookup", "defer_loading": True,
-         "input_schema": {"type": "object"}},
-        {"name": "mcp__docs__unused", "defer_loading": True,
-         "input_schema": {"type": "object"}}],
-        "messages": [
-            {"role": "user", "content": "look it up"},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
-                                               "name": "ToolSearch", "input": {"q": "docs"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                          "content": [{"type": "tool_reference",
-                                                       "tool_name": "mcp__docs__lookup"}]}]}]}
-    status, _, raw = g.request("POST", "/v1/messages?beta=true", body,
-                               headers={"anthropic-version": "2023-06-01",
-                                        "anthropic-beta": "advanced-tool-use-2025-11-20"})
-    assert status == 200, raw
-    text = raw.decode()
-    assert "got Tool mcp__docs__lookup is now available." in (
-        text if not stream else "".join(d["delta"]["text"] for e, d in _sse_events(raw)
-                                        if e == "content_block_delta"))
-    sent = json.loads(up.last()["body"])
-    assert [t["function"]["name"] for t in sent["tools"]] == ["ToolSearch", "mcp__docs__lookup"]
-    assert "defer_loading" not in json.dumps(sent)
-
-
-# Azure OpenAI channels (issue 11). The fake enforces Azure's rules as its docs state them:
-# learn.microsoft.com/azure/ai-foundry/openai/reference ("Authentication": the key goes in an
-# `api-key` header; "API specs": data-plane calls are
-# {endpoint}/openai/deployments/{deployment-id}/{operation}?api-version={version}, a dated
-# version being required); the Responses API in the dated form is /openai/responses with the
-# deployment as "model" (learn.microsoft.com/azure/ai-foundry/openai/how-to/responses); the v1
-# API is {endpoint}/openai/v1/{operation} with the deployment as "model" and no dated
-# api-version (learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle).
-AZURE_KEY = "azure-secret-key"
-_AZURE_DATED = re.compile(r"/openai/deployments/([^/?]+)/(chat/completions|embeddings)\Z")
-_AZURE_OPS = ("chat/completions", "embeddings", "responses")
-
-
-def _azure_error(status, code, message):
-    return Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode())
-
-
-def azure_upstream(upstream):
-    """A fake Azure OpenAI resource; rec["deployment"] and rec["query"] say what it saw."""
-    up = upstream()
-
-    def respond(rec):
-        path, _, query = rec["path"].partition("?")
-        params = urllib.parse.parse_qs(query)
-        rec["query"] = params
-        if rec["headers"].get("api-key") != AZURE_KEY:
-            return _azure_error(401, "401", "Access denied due to invalid subscription key or "
-                                            "wrong API endpoint.")
-        body = json.loads(rec["body"] or b"{}")
-        if path.startswith("/openai/v1/"):
-            op = path[len("/openai/v1/"):]
-            if op not in _AZURE_OPS or "api-version" in params:
-                return _azure_error(404, "404", "Resource not found")
-            rec["deployment"] = body.get("model")
-        else:
-            if not params.get("api-version"):
-                return _azure_error(404, "404", "Resource not found")
-            m = _AZURE_DATED.match(path)
-            if path == "/openai/responses":
-                op, rec["deployment"] = "responses", body.get("model")
-            elif m:
-                rec["deployment"], op = urllib.parse.unquote(m.group(1)), m.group(2)
-            else:
-                return _azure_error(404, "404", "Resource not found")
-        if not rec["deployment"]:
-            return _azure_error(404, "DeploymentNotFound", "The API deployment for this "
-                                                           "resource does not exist.")
-        if op == "embeddings":
-            return Reply(body=json.dumps({"object": "list", "model": "text-embedding-3-small",
-                                          "data": [{"object": "embedding", "index": 0,
-                                                    "embedding": [0.25, -0.5]}],
-                                          "usage": {"prompt_tokens": 3, "total_tokens": 3}}
-                                         ).encode())
-        if op == "responses":
-            return Reply(body=json.dumps({
-                "id": "resp_azure", "object": "response", "created_at": 1, "status":
-                "completed", "model": body["model"], "output": [{
-                    "type": "message", "id": "msg_a", "role": "assistant", "status": "completed",
-                    "content": [{"type": "output_text", "text": "from azure",
-                                 "annotations": []}]}],
-                "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}).encode())
-        if body.get("stream"):
-            return openai_stream_reply(model=rec["deployment"], pieces=("az", "ure"))
-        return openai_chat_reply(model=rec["deployment"], text="from azure")
-    up.responder = respond
-    return up
-
-
-def azure_chan(up, suffix="", **kw):
-    return chan(up.url + suffix, type="azure", api_key=AZURE_KEY, **kw)
-
-
-def test_09_azure_dated_form_from_the_openai_sdk(gw, upstream):
-    up = azure_upstream(upstream)
-    g = gw([azure_chan(up, models=["gpt-4o", "emb"], responses_api=True,
-                       model_mapping={"gpt-4o": "my gpt4o"})])
-    c = g.openai()
-    r = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
-    assert r.choices[0].message.content == "from azure"
-    rec = up.last()
-    assert rec["path"] == "/openai/deployments/my%20gpt4o/chat/completions?api-version=" \
-        + ag.AZURE_API_VERSION and rec["deployment"] == "my gpt4o"
-    assert "authorization" not in rec["headers"]
-    with c.chat.completions.create(model="gpt-4o", stream=True,
-                                   messages=[{"role": "user", "content": "x"}]) as s:
-        assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == "azure"
-    e = c.embeddings.create(model="emb", input="a")
-    assert e.data[0].embedding == [0.25, -0.5] and up.last()["deployment"] == "emb"
-    out = c.responses.create(model="gpt-4o", input="hi")
-    assert out.output_text == "from azure"
-    assert up.last()["path"] == f"/openai/responses?api-version={ag.AZURE_API_VERSION}"
-    assert up.last()["deployment"] == "my gpt4o"
-
-
-def test_09_azure_v1_form_and_own_api_version(gw, upstream):
-    up = azure_upstream(upstream)
-    g = gw([azure_chan(up, "/openai/v1", name="v1", models=["gpt-4o", "emb"],
-                       responses_api=True),
-            azure_chan(up, name="dated", models=["old"], api_version="2024-06-01")])
-    c = g.openai()
-    assert c.chat.completions.create(model="gpt-4o", messages=[
-        {"role": "user", "content": "x"}]).choices[0].message.content == "from azure"
-    assert up.last()["path"] == "/openai/v1/chat/completions"
-    assert up.last()["deployment"] == "gpt-4o"
-    assert c.responses.create(model="gpt-4o", input="hi").output_text == "from azure"
-    assert up.last()["path"] == "/openai/v1/responses"
-    assert c.embeddings.create(model="emb", input="a").data[0].embedding == [0.25, -0.5]
-    assert up.last()["path"] == "/openai/v1/embeddings"
-    c.chat.completions.create(model="old", messages=[{"role": "user", "content": "x"}])
-    assert up.last()["query"] == {"api-version": ["2024-06-01"]}
-
-
-def test_09_azure_reached_by_conversion(gw, upstream):
-    up = azure_upstream(upstream)
-    g = gw([azure_chan(up, models=["claude-on-azure", "gpt-4o"],
-                       model_mapping={"claude-on-azure": "gpt4o-deploy"})])
-    msg = g.anthropic().messages.create(model="claude-on-azure", max_tokens=50, messages=[
-        {"role": "user", "content": "x"}])
-    assert msg.content[0].text == "from azure" and msg.model == "claude-on-azure"
-    rec = up.last()
-    assert rec["path"].startswith("/openai/deployments/gpt4o-deploy/chat/completions?")
-    assert json.loads(rec["body"])["messages"] == [{"role": "user", "content": "x"}]
-    with g.anthropic().messages.stream(model="claude-on-azure", max_tokens=50, messages=[
-            {"role": "user", "content": "x"}]) as s:
-        assert "".join(s.text_stream) == "azure"
-    # A Responses client on a channel without responses_api is converted to chat.
-    assert g.openai().responses.create(model="gpt-4o", input="hi").output_text == "from azure"
-    assert up.last()["path"].startswith("/openai/deployments/gpt-4o/chat/completions?")
-
-
-def test_09_azure_wrong_key_is_the_channels_failure(gw, upstream):
-    up = azure_upstream(upstream)
-    g = gw([chan(up.url, type="azure", api_key="wrong", models=["gpt-4o"])])
-    with pytest.raises(openai.APIStatusError) as e:
-        g.openai().chat.completions.create(model="gpt-4o", messages=[
-            {"role": "user", "content": "x"}])
-    assert e.value.status_code == 401 and "invalid subscription key" in str(e.value)
-    assert up.last()["headers"]["api-key"] == "wrong"
-
-
-def test_10_azure_channel_config_is_checked(tmp_path):
-    base = {"settings": {}, "tokens": [], "channels": [
-        {"id": 1, "name": "az", "type": "azure", "base_url": "", "api_key": "k"}]}
-    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.base_url"):
-        ag.validate_config(copy.deepcopy(base), "config.json")
-    base["channels"][0].update(base_url="https://res.openai.azure.com", api_version=5)
-    with pytest.raises(ag.ConfigError, match=r"channels\[0\]\.api_version"):
-        ag.validate_config(copy.deepcopy(base), "config.json")
-    base["channels"][0]["api_version"] = "2024-06-01"
-    cfg = ag.validate_config(base, "config.json")
-    assert cfg["channels"][0]["type"] == "azure" and cfg["channels"][0]["api_version"] == \
-        "2024-06-01"
-
-
-# =================================================================================================
-# 13. Tk GUI: the real window under Xvfb (started here when DISPLAY is unset)
-# =================================================================================================
-
-def test_13_pieces_without_a_display():
-    rec = {"id": 1, "time": 0, "method": "POST", "route": "/v1/messages", "model": "m",
-           "channel": "b", "tried": ["a", "b"], "status": 200, "latency_ms": 12.4,
-           "ttfb_ms": 3.0, "stream": True, "token": "laptop", "bytes_in": 10, "bytes_out": 20,
-           "input_tokens": 5, "output_tokens": 7, "error": None,
-           "failures": [{"channel": "a", "status": 429, "error": "slow down"}]}
-    row = ag.format_record(rec)
-    assert row[1:] == ("/v1/messages", "m", "b", "200", "12 ms", "5/7")
-    detail = ag.record_detail(rec)
-    assert "tried: a, b" in detail and "a: 429 slow down" in detail and "laptop" in detail
-    assert ag.parse_mapping("claude-x = gpt-4o\n, fast=gpt-4o-mini") == {
-        "claude-x": "gpt-4o", "fast": "gpt-4o-mini"}
-    with pytest.raises(ValueError, match="client name = upstream name"):
-        ag.parse_mapping("oops")
-    good = {"host": "127.0.0.1", "port": "3001", "proxy": "", "max_body_mb": "8",
-            "cors_origins": "http://a, http://b", "log_file": "r.jsonl"}
-    assert ag.validate_settings_form(good)["cors_origins"] == ["http://a", "http://b"]
-    for key, value, needle in (("port", "70000", "Port"), ("port", "x", "Port"),
-                               ("host", " ", "Host"), ("proxy", "ftp://x", "Proxy"),
-                               ("max_body_mb", "-1", "Max body")):
-        with pytest.raises(ValueError, match=needle):
-            ag.validate_settings_form(dict(good, **{key: value}))
-
-
-def _need_xvfb():
-    """Without Xvfb the GUI tests skip, saying why; in CI they must run, so they fail."""
-    if shutil.which("Xvfb") is None:
-        if os.environ.get("CI"):
-            pytest.fail("Xvfb is missing and there is no DISPLAY: CI runs the GUI tests "
-                        "(apt-get install xvfb)")
-        pytest.skip("GUI test: needs a DISPLAY or Xvfb (apt-get install xvfb); CI runs it")
-
-
-@pytest.fixture(scope="session")
-def display():
-    if os.environ.get("DISPLAY"):
-        yield os.environ["DISPLAY"]
-        return
-    _need_xvfb()
-    num = 90 + os.getpid() % 100
-    proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1280x800x24", "-nolisten",
-                             "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(f"/tmp/.X11-unix/X{num}"):
-        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
-        time.sleep(0.05)
-    os.environ["DISPLAY"] = f":{num}"
-    yield os.environ["DISPLAY"]
-    del os.environ["DISPLAY"]
-    proc.terminate()
-    proc.wait(5)
-
-
-@pytest.fixture
-def app(display, tmp_path):
-    made = []
-
-    def make(channels=(), settings=None, start=False):
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps({"settings": dict({"port": 0}, **(settings or {})),
-                                    "channels": list(channels),
-                                    "tokens": [{"name": "main", "key": TOKEN}]}))
-        store, _ = ag.ConfigStore.load(str(path))
-        a = ag.App(store, host="127.0.0.1", start=start)
-        a.confirm_answer = True
-        made.append(a)
-        a.root.update()
-        return a
-    yield make
-    for a in made:
-        a.close()
-
-
-def pump_until(app, cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        app.root.update()
-        app.pump()
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError("the GUI never reached the expected state")
-
-
-def test_13_without_xvfb_gui_tests_skip_with_a_reason_but_fail_in_ci(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))                  # no Xvfb on it
-    monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=r"needs a DISPLAY or Xvfb \(apt-get"):
-        _need_xvfb()
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="Xvfb is missing"):
-        _need_xvfb()
-    fake = tmp_path / "Xvfb"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    assert _need_xvfb() is None                           # with Xvfb they simply run
-
-
-def test_13_window_title_icon_and_tabs(app):
-    a = app()
-    assert "AI Gateway" in a.root.title()
-    assert [a.notebook.tab(i, "text") for i in range(6)] == [
-        "Dashboard", "Channels", "Tokens", "Usage", "Settings", "Logs"]
-    assert a._icon.width() == 32
-    assert a.dashboard.state.cget("text") == "● Stopped"
-
-
-def test_13_add_channel_through_the_dialog(app):
-    a = app()
-    a.channels.add()
-    d = a.channels.dialog
-    d.vars["type"].set("anthropic")
-    d._type_changed()
-    assert d.vars["base_url"].get() == "https://api.anthropic.com"     # filled by the type
-    d.vars["name"].set("claude")
-    d.vars["api_key"].set("sk-ant-secret-value")
-    assert d.key_entry.cget("show") == "•"                             # masked
-    d.vars["models"].set("claude-*, opus")
-    d.vars["api_keys"].set("sk-ant-second, sk-ant-third")
-    assert d.more_keys.cget("show") == "•"
-    d.vars["max_concurrency"].set("4")
-    d.mapping.insert("1.0", "sonnet = claude-sonnet-4-5")
-    d.vars["priority"].set("oops")
-    d.save()
-    assert "whole numbers" in d.error.cget("text") and not a.store.data["channels"]
-    d.vars["priority"].set("3")
-    d.save()
-    saved = json.loads(open(a.store.path).read())["channels"]
-    assert saved[0]["name"] == "claude" and saved[0]["models"] == ["claude-*", "opus"]
-    assert saved[0]["model_mapping"] == {"sonnet": "claude-sonnet-4-5"}
-    assert saved[0]["priority"] == 3 and saved[0]["type"] == "anthropic"
-    assert saved[0]["api_keys"] == ["sk-ant-second", "sk-ant-third"]
-    assert saved[0]["max_concurrency"] == 4
-    assert "sk-ant-second" not in " ".join(map(str, a.channels.tree.item("1")["values"]))
-    assert a.channels.tree.item("1")["values"][0] == "claude"
-    a.channels.tree.selection_set("1")
-    a.channels.duplicate()
-    a.channels.tree.selection_set("1")
-    a.channels.toggle()
-    assert [c["name"] for c in a.store.data["channels"]] == ["claude", "claude (2)"]
-    assert a.store.data["channels"][0]["enabled"] is False
-    a.channels.tree.selection_set("2")
-    a.channels.delete()
-    assert [c["id"] for c in a.store.data["channels"]] == [1]
-
-
-# Issue 12: the channel dialog's Claude thinking field
-def test_13_channel_dialog_thinking_field(app):
-    a = app()
-    a.channels.add()
-    d = a.channels.dialog
-    box = next(w for w in d.top.winfo_children()[0].winfo_children()
-               if w.winfo_class() == "TCombobox" and w.cget("values")
-               and "adaptive" in str(w.cget("values")))
-    assert box.get() == "auto"
-    d.vars["name"].set("relay")
-    box.set("adaptive")
-    d.save()
-    assert json.loads(open(a.store.path).read())["channels"][0]["thinking"] == "adaptive"
-
-
-# Issue 14: the channel dialog's Preset drop-down
-def test_13_channel_dialog_preset_fills_the_fields(app):
-    a = app()
-    a.channels.add()
-    d = a.channels.dialog
-    assert "" in d.preset_box.cget("values") and "mistral" in d.preset_box.cget("values")
-    d.preset_box.set("mistral")
-    d.preset_box.event_generate("<<ComboboxSelected>>")
-    a.root.update()
-    texts = _entry_texts(d.top)
-    assert "mistral" in texts and "https://api.mistral.ai/v1" in texts
-    assert json.loads(d.vars["quirks"].get())["tool_call_id"] == "mistral9"
-    assert any(t.startswith('{"tool_call_id": "mistral9"') for t in texts)
-    assert d.type_box.get() == "custom" and "Mistral" in d.preset_note.cget("text")
-    d.preset_box.set("deepseek-anthropic")
-    d.preset_box.event_generate("<<ComboboxSelected>>")
-    a.root.update()
-    assert d.type_box.get() == "anthropic"
-    assert "https://api.deepseek.com/anthropic" in _entry_texts(d.top)
-    d.vars["base_url"].set("http://127.0.0.1:9")                  # still the user's to edit
-    d.vars["quirks"].set("[1]")
-    d.save()
-    assert "Quirks is a JSON object" in d.error.cget("text") and not a.store.data["channels"]
-    d.vars["quirks"].set('{"drop_headers": ["x-extra"]}')
-    d.save()
-    saved = json.loads(open(a.store.path).read())["channels"][0]
-    assert saved["preset"] == "deepseek-anthropic" and saved["type"] == "anthropic"
-    assert saved["base_url"] == "http://127.0.0.1:9" and saved["name"] == "mistral"
-    assert saved["quirks"]["drop_headers"] == ["x-extra"]           # the user's over the preset
-    assert saved["quirks"]["cache_control"] == "strip"
-
-
-def test_13_create_token_shows_the_key_once(app, upstream):
-    a = app([chan(upstream(), name="oa", models=["gpt-4o"])])
-    a.tokens.create()
-    d = a.tokens.dialog
-    d.name.set("ci-bot")
-    d.models.selection_set(0)
-    d.channels.selection_set(0)
-    d.rpm.set("30")
-    d.save()
-    tok = a.store.data["tokens"][-1]
-    assert tok["name"] == "ci-bot" and tok["key"].startswith("sk-gw-")
-    assert tok["allowed_models"] == ["gpt-4o"] and tok["allowed_channels"] == ["oa"]
-    assert tok["rpm"] == 30
-    assert a.tokens.shown_key == tok["key"]
-    pump_until(a, lambda: a.tokens.key_window.winfo_ismapped())
-    assert _entry_texts(a.tokens.key_window) == [tok["key"]]              # what the box shows
-    row = a.tokens.tree.item(str(tok["id"]))["values"]
-    assert tok["key"] not in " ".join(map(str, row)) and row[1] == ag.mask_secret(tok["key"])
-    a.tokens.tree.selection_set(str(tok["id"]))
-    a.tokens.toggle()
-    assert a.store.data["tokens"][-1]["enabled"] is False
-    a.tokens.tree.selection_set(str(tok["id"]))
-    a.tokens.edit()
-    _hand_edit(a.store.path, lambda c: c["tokens"][-1].update(rpm=99))   # while it is open
-    a.tokens.dialog.name.set("ci-bot-2")
-    a.tokens.dialog.save()
-    saved = json.loads(open(a.store.path).read())["tokens"][-1]
-    assert (saved["name"], saved["rpm"], saved["enabled"]) == ("ci-bot-2", 99, False)
-
-
-# -- what a new user sees in the first minutes ---------------------------------------------
-
-def _widgets(w):
-    yield w
-    for child in w.winfo_children():
-        yield from _widgets(child)
-
-
-def _entry_texts(top):
-    return [w.get() for w in _widgets(top) if w.winfo_class() == "TEntry"]
-
-
-def _column_fits(tree, font_style):
-    """Each heading fits its column as Tk measures the heading font, and so does each cell
-    (up to the column cap) in the cell font."""
-    head = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup("Treeview.Heading", "font"))
-    cell = ag.tkfont.Font(root=tree, font=ag.ttk.Style(tree).lookup(font_style, "font"))
-    for i, key in enumerate(tree["columns"]):
-        width = tree.column(key, "width")
-        assert width >= head.measure(tree.heading(key, "text")) + 12, key
-        for item in tree.get_children():
-            text = str(tree.item(item, "values")[i])
-            assert width >= min(cell.measure(text) + 12, ag.GUI_COLUMN_MAX), (key, text)
-
-
-def test_13_first_run_shows_the_new_key_in_a_centred_dialog(display, tmp_path):
-    store, key = ag.ConfigStore.load(str(tmp_path / "config.json"))
-    a = ag.App(store, host="127.0.0.1", start=False, new_key=key)
-    try:
-        top = a.tokens.key_window
-        pump_until(a, lambda: top.winfo_ismapped())
-        assert _entry_texts(top) == [key]
-        a.root.clipboard_clear()
-        next(w for w in _widgets(top) if w.winfo_class() == "TButton" and
-             w.cget("text") == "Copy").invoke()
-        assert a.root.clipboard_get() == key
-        mid = (top.winfo_rootx() + top.winfo_width() / 2, top.winfo_rooty() +
-               top.winfo_height() / 2)
-        root_mid = (a.root.winfo_rootx() + a.root.winfo_width() / 2,
-                    a.root.winfo_rooty() + a.root.winfo_height() / 2)
-        assert abs(mid[0] - root_mid[0]) <= 2 and abs(mid[1] - root_mid[1]) <= 2
-    finally:
-        a.close()
-
-
-def test_13_columns_fit_their_text_and_details_show_it_whole(app):
-    a = app()
-    a.notebook.select(a.channels.frame)
-    pump_until(a, lambda: a.channels.hint.winfo_ismapped())
-    assert a.channels.hint.cget("text").startswith("No channels yet. Click Add")
-    a.dashboard.set_health([{"name": "a-rather-long-channel-name", "state": "cooldown",
-                             "cooldown_remaining_s": 30}])
-    a.dashboard.add_record({"id": 1, "time": time.time(), "method": "POST", "route": "/v1/x",
-                            "model": "m", "channel": "a-rather-long-channel-name",
-                            "status": 200, "latency_ms": 5.0, "ttfb_ms": None,
-                            "failures": []})
-    a.root.update()
-    _column_fits(a.dashboard.health, "Treeview")
-    error = "cannot connect to 127.0.0.1:9: connection refused " + "and more words " * 20
-    a.store.add_channel(name="dead", base_url="http://127.0.0.1:9")
-    a.channels.results[1] = f"✗ {error}"
-    a.config_changed("added")
-    a.root.update()
-    assert not a.channels.hint.winfo_ismapped()
-    _column_fits(a.channels.tree, "Treeview")
-    a.channels.tree.selection_set("1")
-    a.root.update()
-    assert a.channels.detail.cget("text") == f"Last result of 'dead': ✗ {error}"
-    rec = {"id": 2, "time": time.time(), "method": "POST", "route": "/v1/chat/completions",
-           "model": "m", "channel": None, "tried": [], "status": 401, "latency_ms": 1.2,
-           "ttfb_ms": None, "stream": False, "token": None, "bytes_in": 2, "bytes_out": 90,
-           "input_tokens": None, "output_tokens": None, "error": "no token", "failures": []}
-    a.logs.add_record(rec)
-    a.logs.tree.selection_set("2")
-    a.root.update()
-    _column_fits(a.logs.tree, "Treeview")
-    detail = a.logs.detail.get("1.0", "end")
-    assert "first byte: —" in detail and "None" not in detail and "latency: 1 ms" in detail
-
-
-def _luminance(widget, color):
-    r, g, b = (v / 65535 for v in widget.winfo_rgb(color))
-    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
-    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
-
-
-def test_13_dark_theme_combobox_is_readable(app):
-    a = app(settings={"theme": "dark"})
-    a.notebook.select(a.settings.frame)
-    a.root.update()
-    box = next(w for w in _widgets(a.settings.frame) if w.winfo_class() == "TCombobox")
-    assert box.get() == "dark" and "readonly" in box.state()
-    style = ag.ttk.Style(box)
-    fg = style.lookup("TCombobox", "foreground", box.state())
-    bg = style.lookup("TCombobox", "fieldbackground", box.state())
-    light, dark = sorted((_luminance(box, fg), _luminance(box, bg)), reverse=True)
-    assert (light + 0.05) / (dark + 0.05) >= 4.5          # WCAG AA contrast for text
-    assert _luminance(box, bg) < 0.1                      # a dark field in the dark theme
-
-
-def test_13_dashboard_shows_the_gemini_base_url(app):
-    a = app(start=True)
-    pump_until(a, lambda: a.bridge.running and a.dashboard.url_vars["gemini"].get())
-    shown = {}
-    for label in _widgets(a.dashboard.frame):
-        if label.winfo_class() == "TLabel" and "base URL" in str(label.cget("text")):
-            row = label.grid_info()["row"]
-            shown[label.cget("text")] = label.master.grid_slaves(row=row, column=1)[0].get()
-    assert shown == {"OpenAI base URL": a.bridge.url + "/v1",
-                     "Anthropic base URL / Claude Code": a.bridge.url,
-                     "Gemini base URL / gemini-cli": a.bridge.url}
-
-
-def test_13_channel_dialog_edits_headers_and_responses_api(app):
-    a = app()
-    a.channels.add()
-    d = a.channels.dialog
-    pump_until(a, lambda: d.top.winfo_ismapped())
-    top, root = d.top, a.root
-    assert abs(top.winfo_rootx() + top.winfo_width() / 2 -
-               (root.winfo_rootx() + root.winfo_width() / 2)) <= 2
-    d.vars["name"].set("router")
-    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nBad Name: x")
-    d.save()
-    assert "'Bad Name' is not a header name" in d.error.cget("text")
-    d.headers.delete("1.0", "end")
-    d.headers.insert("1.0", '{"X-Title": 5}')
-    d.save()
-    assert "JSON object of strings" in d.error.cget("text") and not a.store.data["channels"]
-    d.headers.delete("1.0", "end")
-    d.headers.insert("1.0", "HTTP-Referer: https://example.com\nX-Title: aigateway")
-    next(w for w in _widgets(top) if w.winfo_class() == "TCheckbutton" and
-         "responses" in w.cget("text")).invoke()
-    d.save()
-    saved = json.loads(open(a.store.path).read())["channels"][0]
-    assert saved["headers"] == {"HTTP-Referer": "https://example.com", "X-Title": "aigateway"}
-    assert saved["responses_api"] is True
-    a.channels.tree.selection_set("1")
-    a.channels.edit()
-    d2 = a.channels.dialog
-    assert d2.headers.get("1.0", "end").strip() == \
-        "HTTP-Referer: https://example.com\nX-Title: aigateway"
-    assert d2.vars["responses_api"].get() is True
-    d2.headers.delete("1.0", "end")
-    d2.headers.insert("1.0", '{"X-Title": "json form"}')
-    _hand_edit(a.store.path, lambda c: c["channels"][0].update(priority=7))  # while it is open
-    d2.save()
-    assert a.store.data["channels"][0]["headers"] == {"X-Title": "json form"}
-    assert json.loads(open(a.store.path).read())["channels"][0]["priority"] == 7
-
-
-def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
-    a = app([chan(upstream(), name="one")], start=True)
-    pump_until(a, lambda: a.bridge.running)
-    _hand_edit(a.store.path, lambda c: (c["channels"].append(chan(upstream(), name="two")),
-                                        c["settings"].update(log_file="hand.jsonl")))
-    pump_until(a, lambda: len(a.channels.tree.get_children()) == 2)
-    assert [a.channels.tree.item(i, "values")[0] for i in a.channels.tree.get_children()] == \
-        ["one", "two"]
-    assert a.settings.vars["log_file"].get() == "hand.jsonl"
-    a.bridge.stop()                                  # no watcher now: the save must merge
-    _hand_edit(a.store.path, lambda c: c["settings"].update(proxy="http://127.0.0.1:1"))
-    a.settings.vars["max_body_mb"].set("9")
-    a.settings.vars["port"].set(str(dead_port()))          # the form takes no port 0
-    a.settings.save()
-    saved = json.loads(open(a.store.path).read())["settings"]
-    assert saved["max_body_mb"] == 9 and saved["proxy"] == "http://127.0.0.1:1"
-    assert saved["log_file"] == "hand.jsonl"
-    assert a.settings.vars["proxy"].get() == "http://127.0.0.1:1"
-    _hand_edit(a.store.path, lambda c: c["channels"].pop())      # still stopped: followed too
-    pump_until(a, lambda: len(a.channels.tree.get_children()) == 1)
-    with open(a.store.path, "w") as f:
-        f.write("{")
-    pump_until(a, lambda: "configuration not reloaded" in a.dashboard.activity.get("1.0", "end"))
-    assert len(a.channels.tree.get_children()) == 1
-
-
-def test_13_start_request_shows_in_logs_and_counters_then_stop(app, upstream):
-    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply(usage=(7, 3))])
-    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
-    a.dashboard.start_button.invoke()
-    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
-    url = a.dashboard.url_vars["openai"].get()
-    assert url.endswith("/v1")
-    client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=10,
-                           http_client=openai.DefaultHttpxClient(verify=sdk_tls()))
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
-    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
-    assert a.dashboard.counters["requests"].get() == "1"
-    assert a.dashboard.counters["tokens_in"].get() == "7"
-    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
-    assert row[3] == "good" and str(row[4]) == "200"
-    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
-    a.logs.show_detail()
-    detail = a.logs.detail.get("1.0", "end")
-    assert "bad: 500 down" in detail and TOKEN not in detail
-    health = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"]
-              for i in a.dashboard.health.get_children()}
-    assert health["bad"][4] == 1 and str(health["good"][2]) == "200"
-    a.logs.filter.set("nothing-matches")
-    assert not a.logs.tree.get_children()
-    a.logs.filter.set("")
-    assert len(a.logs.tree.get_children()) == 1
-    a.dashboard.set_health([{"name": "bad", "state": "cooldown", "cooldown_remaining_s": 12}])
-    states = {a.dashboard.health.item(i)["values"][0]: a.dashboard.health.item(i)["values"][1]
-              for i in a.dashboard.health.get_children()}
-    assert states == {"bad": "cooldown 12 s", "good": "ok"}
-    a.dashboard.stop_button.invoke()
-    assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
-
-
-# -- issue 13: captured bodies in the Logs tab, a channel's weight in its dialog ------------------
-
-def test_13_logs_tab_shows_the_captured_bodies_masked(app, upstream):
-    up = upstream([openai_chat_reply(text="captured answer")])
-    a = app([chan(up, name="one")], settings={"debug_capture": 5})
-    a.dashboard.start_button.invoke()
-    pump_until(a, lambda: a.bridge.running and "Running" in a.dashboard.state.cget("text"))
-    client = openai.OpenAI(base_url=a.dashboard.url_vars["openai"].get(), api_key=TOKEN,
-                           max_retries=0, timeout=10)
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "show me"}])
-    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
-    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
-    a.logs.show_detail()
-    shown = a.logs.bodies.get("1.0", "end")
-    assert "── client request: POST /v1/chat/completions" in shown
-    assert "── upstream answer 1: 200" in shown
-    assert "show me" in shown and "captured answer" in shown
-    assert f"Bearer {ag.mask_secret(TOKEN)}" in shown
-    assert TOKEN not in shown and "sk-upstream-secret" not in shown
-    a.logs.clear()
-    assert a.logs.bodies.get("1.0", "end").strip() == ""
-
-
-def test_13_channel_dialog_weight_field(app):
-    a = app()
-    a.channels.add()
-    d = a.channels.dialog
-    assert d.vars["weight"].get() == "1"
-    d.vars["name"].set("weighted")
-    d.vars["weight"].set("heavy")
-    d.save()
-    assert d.error.cget("text") == "Weight is a positive number, such as 1 or 3"
-    d.vars["weight"].set("0")
-    d.save()
-    assert "weight: 0 is not a positive number" in d.error.cget("text")
-    d.vars["weight"].set("2.5")
-    d.save()
-    assert json.loads(open(a.store.path).read())["channels"][0]["weight"] == 2.5
-
-
-# -- control characters a client sent, as the window shows them ----------------------------------
-
-def test_13_control_characters_in_a_model_name_show_escaped(app, upstream):
-    up = upstream([Reply(500, b'{"error":{"message":"down"}}'), openai_chat_reply()])
-    a = app([chan(up, name="bad"), chan(up, name="good", priority=1)])
-    a.dashboard.start_button.invoke()
-    pump_until(a, lambda: a.bridge.running)
-    model = "m\nFORGED LINE\r\x1b[2J\u2028x"
-    conn = http.client.HTTPConnection("127.0.0.1", a.bridge.server.port, timeout=10)
-    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": []}),
-                 {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
-    assert conn.getresponse().status == 200
-    conn.close()
-    pump_until(a, lambda: len(a.logs.tree.get_children()) == 1)
-    row = a.logs.tree.item(a.logs.tree.get_children()[0])["values"]
-    assert row[2] == "m\\nFORGED LINE\\r\\x1b[2J\\u2028x"
-    a.logs.tree.selection_set(a.logs.tree.get_children()[0])
-    a.logs.show_detail()
-    detail = a.logs.detail.get("1.0", "end")
-    activity = a.dashboard.activity.get("1.0", "end")
-    assert "model=m\\nFORGED LINE\\r\\x1b[2J" in detail.splitlines()[0]
-    assert "failed for m\\nFORGED LINE\\r\\x1b[2J\\u2028x" in activity
-    for text in (detail, activity):
-        assert not any(c in text for c in "\r\x1b\u2028") and "\nFORGED" not in text
-    a.dashboard.stop_button.invoke()
-
-
-def test_13_channel_test_healthy_and_failing(app, upstream):
-    up = upstream([openai_chat_reply(text="pong")])
-    a = app([chan(up, name="ok", models=["gpt-4o"]),
-             chan(f"http://127.0.0.1:{dead_port()}", name="dead", models=["gpt-4o"])])
-    for cid in ("1", "2"):                 # the gateway is stopped: tests still run
-        a.channels.tree.selection_set(cid)
-        a.channels.test()
-    pump_until(a, lambda: all(not r.startswith("testing") for r in a.channels.results.values())
-               and len(a.channels.results) == 2)
-    assert a.channels.results[1].startswith("✓") and "gpt-4o" in a.channels.results[1]
-    assert a.channels.results[2].startswith("✗") and "cannot connect" in a.channels.results[2]
-    assert json.loads(up.last()["body"])["messages"][0]["content"] == "ping"
-
-
-def test_13_fetch_models_into_the_dialog(app, upstream):
-    up = upstream([Reply(body=json.dumps({"data": [{"id": "m1"}, {"id": "m2"}]}).encode())])
-    a = app()
-    a.channels.add()
-    d = a.channels.dialog
-    d.vars["type"].set("custom")
-    d.vars["name"].set("local")
-    d.vars["base_url"].set(up.url + "/v1")
-    d.fetch()
-    pump_until(a, lambda: hasattr(d, "picker"))
-    assert d.picker.listbox.get(0, "end") == ("m1", "m2")
-    d.picker.listbox.selection_set(1)
-    d.picker.use()
-    assert d.vars["models"].get() == "m2"
-
-
-def test_13_settings_validation_warning_and_restart_on_port_change(app):
-    a = app(start=True)
-    pump_until(a, lambda: a.bridge.running)
-    first = a.bridge.url
-    s = a.settings
-    s.vars["port"].set("99999")
-    s.save()
-    assert "Port" in s.error.cget("text")
-    s.vars["port"].set(str(dead_port()))
-    s.vars["host"].set("0.0.0.0")
-    s.flags["require_auth"].set(False)
-    s.update_warning()
-    assert "anyone on the network" in s.warning.cget("text")
-    s.vars["host"].set("127.0.0.1")
-    s.flags["require_auth"].set(True)
-    s.theme.set("dark")
-    s.save()
-    pump_until(a, lambda: a.bridge.running)
-    saved = json.loads(open(a.store.path).read())["settings"]
-    assert saved["port"] == int(s.vars["port"].get()) and saved["theme"] == "dark"
-    assert a.bridge.url != first and a.bridge.url.endswith(s.vars["port"].get())
-    assert a.colors == ag.THEMES["dark"]
-
-
-# -- the Usage tab (issue 13) ---------------------------------------------------------------------
-
-def _rows(tree):
-    return [tuple(str(v) for v in tree.item(i, "values")) for i in tree.get_children()]
-
-
-def test_13_usage_tab_shows_the_history_limits_and_prices(app, tmp_path):
-    clock = _Clock()
-    clock.now = time.time()
-    _write_usage(tmp_path / "usage.db", USAGE_SAMPLE, clock)
-    a = app()
-    a.store.update_token(1, limits={"requests_per_day": 10, "tokens_per_day": 5000})
-    a.usage.range.set("7 days")
-    a.notebook.select(a.usage.frame)              # opening the tab reads the database again
-    a.root.update()
-    u = a.usage
-    assert _rows(u.trees["model"]) == [("gpt-x", "2", "2000/200", "25.0%", "0.0053"),
-                                       ("claude-x", "2", "2000/0", "50.0%", "0.0025")]
-    assert _rows(u.trees["channel"])[0] == ("oa", "2", "2000/200", "25.0%", "0.0053")
-    assert [r[0] for r in _rows(u.trees["token"])] == ["main", "kid"]
-    assert u.summary.cget("text") == "4 requests, 4000/200 tokens, cache hit 37.5%, $0.0077"
-    caption = u.chart.itemcget(u.chart.find_withtag("caption")[0], "text")
-    assert caption.startswith("cost per day (bars, peak $0.0030) and tokens per day")
-    assert len(u.chart.find_withtag("cost")) == 3           # three days with a cost
-    assert _rows(u.limits) == [("main", "requests_per_day", "1", "10", "never"),
-                               ("main", "tokens_per_day", "1100", "5000", "never")]
-    a.usage.range.set("90 days")
-    a.usage.refresh()
-    assert len(u.days) == 90 and _rows(u.trees["model"])[-1][0] == "old-x"
-    # Prices: the built-in rows with their date, then one of ours added through the dialog.
-    prices = _rows(u.prices)
-    assert ("claude-opus-4-7*", "5", "25", "0.5", "6.25", "built-in 2026-12-01") in prices
-    dialog = u.add_price()
-    dialog.vars["pattern"].set("gpt-x")
-    dialog.vars["input"].set("abc")
-    dialog.save()
-    assert dialog.error.cget("text") == "input: 'abc' is not a number"
-    dialog.vars["input"].set("1.5")
-    dialog.vars["output"].set("6")
-    dialog.save()
-    a.root.update()
-    assert _rows(u.prices)[0] == ("gpt-x", "1.5", "6", "-", "-", "yours")
-    assert json.loads((tmp_path / "config.json").read_text())["prices"] == {
-        "gpt-x": {"input": 1.5, "output": 6.0}}
-    u.prices.selection_set("y:gpt-x")
-    u.remove_price()
-    assert _rows(u.prices)[0][5].startswith("built-in")
-    src = tmp_path / "api.json"
-    src.write_text(json.dumps({"x": {"models": {"m1": {"id": "m1", "cost": {"input": 1,
-                                                                            "output": 2}}}}}))
-    u.import_file(str(src))
-    assert _rows(u.prices)[0] == ("m1", "1", "2", "-", "-", "yours")
-
-
-def test_13_closing_the_window_stops_the_gateway_and_saves_its_size(app):
-    a = app(start=True)
-    pump_until(a, lambda: a.bridge.running)
-    port = a.bridge.server.port
-    a.close()
-    assert not a.bridge.running
-    assert json.loads(open(a.store.path).read())["settings"]["window"]
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1)
-
-
-# =================================================================================================
-# 9. Responses API clients (the openai SDK's client.responses, as Codex speaks it)
-# =================================================================================================
-
-RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather",
-                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                   "required": ["city"]}},
-                   {"type": "function", "name": "get_time",
-                    "parameters": {"type": "object", "properties": {}}},
-                   {"type": "web_search"}]
-
-
-@pytest.mark.parametrize("ctype", CHANNEL_TYPES)
-@pytest.mark.parametrize("stream", [False, True])
-def test_09_responses_api_tool_loop_through_every_channel_type(gw, upstream, ctype, stream):
-    g, up = _typed_gw(gw, upstream, ctype)
-    c = g.openai()
-    items = [{"role": "user", "content": [{"type": "input_text",
-                                           "text": "weather and time?"}]}]
-
-    def call(inp):
-        kw = dict(model="gpt-5-codex", instructions="You are Codex.", input=inp,
-                  tools=RESPONSES_TOOLS, reasoning={"effort": "low"}, store=False)
-        if not stream:
-            return c.responses.create(**kw)
-        with c.responses.stream(**kw) as s:
-            types = [ev.type for ev in s]
-            final = s.get_final_response()
-        assert types[:2] == ["response.created", "response.in_progress"]
-        assert types[-1] == "response.completed"
-        return final
-    first = call(items)
-    calls = [o for o in first.output if o.type == "function_call"]
-    assert [(o.name, json.loads(o.arguments)) for o in calls] == [
-        ("get_weather", {"city": "Paris"}), ("get_time", {})]
-    assert first.status == "completed" and first.usage.input_tokens == 11
-    items += [o.model_dump(exclude_none=True) for o in first.output]
-    items += [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
-              {"type": "function_call_output", "call_id": calls[1].call_id, "output": "noon"}]
-    second = call(items)
-    assert second.output_text == "got noon" and second.usage.output_tokens == 4
-    if ctype == "openai":
-        sent = json.loads(up.last()["body"])
-        assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}
-        assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "get_time"]
-        assert sent["reasoning_effort"] == "low"
-
-
-def test_09_responses_custom_tool_and_native_passthrough(gw, upstream):
-    up = upstream()
-    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
-
-    def respond(rec):
-        body = json.loads(rec["body"])
-        if rec["path"].endswith("/responses"):                # native channel: untouched
-            return Reply(body=json.dumps({
-                "id": "resp_native", "object": "response", "created_at": 1, "status":
-                "completed", "model": body["model"], "output": [{
-                    "type": "message", "id": "msg_n", "role": "assistant", "status": "completed",
-                    "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
-                "parallel_tool_calls": True,
-                "tool_choice": "auto", "tools": []}).encode())
-        assert body["tools"][0]["function"]["parameters"]["required"] == ["input"]
-        return Reply(body=json.dumps({
-            "id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{
-                "index": 0, "finish_reason": "tool_calls", "message": {
-                    "role": "assistant", "content": None, "tool_calls": [{
-                        "id": "call_p", "type": "function", "function": {
-                            "name": "apply_patch",
-                            "arguments": json.dumps({"input": patch})}}]}}]}).encode())
-    up.responder = respond
-    g = gw([chan(up, name="chat", models=["gpt-5"]),
-            chan(up, name="native", models=["gpt-4.1"], responses_api=True)])
-    custom = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch",
-               "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}]
-    r = g.openai().responses.create(model="gpt-5", input="add a file", tools=custom)
-    item = r.output[0]
-    assert item.type == "custom_tool_call" and item.input == patch and item.call_id == "call_p"
-    with g.openai().responses.stream(model="gpt-5", input="add a file", tools=custom) as s:
-        kinds = [ev.type for ev in s]
-        final = s.get_final_response()
-    assert "response.custom_tool_call_input.done" in kinds and final.output[0].input == patch
-    body = {"model": "gpt-4.1", "input": "hi", "store": False, "new_field": {"x": 1}}
-    status, _, out = g.request("POST", "/v1/responses", body)
-    assert status == 200 and json.loads(out)["id"] == "resp_native"
-    assert json.loads(up.last()["body"]) == body                       # byte passthrough
-    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
-        g.openai().responses.create(model="gpt-5", input="x", previous_response_id="resp_1")
-
-
-def test_09_responses_stream_event_order_and_failure_bytewise():
-    ir = ag.responses_request_to_ir({"model": "m", "input": "x", "tools": RESPONSES_TOOLS})
-    raw = _openai_tool_stream()
-    out = _convert_stream(ag.OpenAIStreamDecoder(), ag.ResponsesStreamEncoder("m", ir), raw,
-                          step=7)
-    events = _sse_events(out)
-    assert all(e == d["type"] for e, d in events)
-    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
-    names = [e for e, _ in events]
-    assert names[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
-    assert names[-1] == "response.completed"
-    done = [d["item"] for e, d in events if e == "response.output_item.done"]
-    assert [i["type"] for i in done] == ["reasoning", "message", "function_call",
-                                         "function_call"]
-    added = [d["output_index"] for e, d in events if e == "response.output_item.added"]
-    assert added == [0, 1, 2, 3]
-    final = events[-1][1]["response"]
-    assert [o["type"] for o in final["output"]] == [i["type"] for i in done]
-    assert final["usage"]["input_tokens"] == 30 and final["usage"]["total_tokens"] == 39
-    broken = ag.ResponsesStreamEncoder("m", ir)
-    dec = ag.OpenAIStreamDecoder()
-    out = broken.encode(dec.feed(raw[:400])) + broken.encode(
-        [("error", ag.GatewayError(429, "slow down"))])
-    last = _sse_events(out)[-1]
-    assert last[0] == "response.failed"
-    assert last[1]["response"]["error"] == {"code": "rate_limit_exceeded",
-                                            "message": "slow down"}
-
-
-# =================================================================================================
-# 9. Gemini-native clients (the google-genai SDK, as gemini-cli speaks it)
-# =================================================================================================
-
-genai = _Lazy("google.genai")
-genai_errors = _Lazy("google.genai.errors")
-genai_types = _Lazy("google.genai.types")
-
-
-def _genai(g, version="v1beta", key=TOKEN):
-    return genai.Client(api_key=key, http_options=genai_types.HttpOptions(
-        base_url=g.url, api_version=version, timeout=15000,
-        client_args={"verify": sdk_tls()},
-        async_client_args={"verify": sdk_tls(), "ssl": sdk_tls()}))     # "ssl": for websockets
-
-
-def _genai_tools():
-    return [genai_types.Tool(function_declarations=[
-        genai_types.FunctionDeclaration(name="get_weather", description="Weather", parameters={
-            "type": "OBJECT", "properties": {"city": {"type": "STRING"}},
-            "required": ["city"]}),
-        genai_types.FunctionDeclaration(name="get_time", description="Time")])]
-
-
-@pytest.mark.parametrize("ctype", CHANNEL_TYPES)
-@pytest.mark.parametrize("stream,version", [(False, "v1beta"), (True, "v1beta"), (False, "v1")])
-def test_09_genai_sdk_function_calling_through_every_channel_type(gw, upstream, ctype, stream,
-                                                                  version):
-    g, up = _typed_gw(gw, upstream, ctype)
-    c = _genai(g, version)
-    config = genai_types.GenerateContentConfig(
-        tools=_genai_tools(), system_instruction="Be brief.",
-        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
-    contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
-
-    def call():
-        if not stream:
-            return c.models.generate_content(model="gemini-2.5-pro", contents=contents,
-                                             config=config)
-        chunks = list(c.models.generate_content_stream(model="gemini-2.5-pro",
-                                                       contents=contents, config=config))
-        parts = [p for ch in chunks for cand in ch.candidates or [] if cand.content
-                 for p in cand.content.parts or []]
-        last = chunks[-1]
-        return genai_types.GenerateContentResponse(
-            candidates=[genai_types.Candidate(content=genai_types.Content(
-                role="model", parts=parts), finish_reason=last.candidates[0].finish_reason)],
-            usage_metadata=last.usage_metadata)
-    first = call()
-    calls = [p.function_call for p in first.candidates[0].content.parts if p.function_call]
-    assert [(fc.name, fc.args) for fc in calls] == [("get_weather", {"city": "Paris"}),
-                                                    ("get_time", {})]
-    assert first.candidates[0].finish_reason == "STOP"
-    assert first.usage_metadata.prompt_token_count == 11
-    contents.append(first.candidates[0].content)
-    contents.append(genai_types.Content(role="user", parts=[
-        genai_types.Part.from_function_response(name="get_weather", response={"result": "sunny"}),
-        genai_types.Part.from_function_response(name="get_time", response={"result": "noon"})]))
-    second = call()
-    text = "".join(p.text or "" for p in second.candidates[0].content.parts)
-    assert text == "got noon"
-    sent = up.last()
-    if ctype == "gemini":                                   # passthrough: body untouched
-        assert sent["path"].startswith("/v1beta/models/gemini-2.5-pro:")
-        assert ("alt=sse" in sent["path"]) == stream
-        body = json.loads(sent["body"])
-        assert body["systemInstruction"]["parts"][0]["text"] == "Be brief."
-        assert TOKEN not in json.dumps(sent["headers"]) + sent["path"]
-    elif ctype == "openai":
-        body = json.loads(sent["body"])
-        assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "tool",
-                                                         "tool"]
-        assert body["messages"][3]["tool_call_id"] == body["messages"][2]["tool_calls"][0]["id"]
-
-
-def test_09_genai_count_embed_list_and_errors(gw, upstream):
-    oa = upstream()
-
-    def respond(rec):
-        if rec["path"].endswith("/embeddings"):
-            n = len(json.loads(rec["body"])["input"])
-            return Reply(body=json.dumps({"object": "list", "data": [
-                {"object": "embedding", "index": i, "embedding": [0.25, float(i)]}
-                for i in range(n)], "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode())
-        return Dialects.openai(rec)
-    oa.responder = respond
-    gem = upstream([Reply(body=b'{"totalTokens": 77}')])
-    g = gw([chan(oa, name="oa", models=["gpt-*", "text-embedding-3-small"]),
-            chan(gem, name="gem", type="gemini", models=["gemini-*"])])
-    c = _genai(g)
-    assert c.models.count_tokens(model="gpt-4o", contents="hello " * 50).total_tokens > 40
-    assert not oa.requests                                    # a local estimate
-    assert c.models.count_tokens(model="gemini-2.5-pro", contents="hi").total_tokens == 77
-    assert gem.last()["path"] == "/v1beta/models/gemini-2.5-pro:countTokens"
-    emb = c.models.embed_content(model="text-embedding-3-small", contents=["a", "b"])
-    assert [e.values for e in emb.embeddings] == [[0.25, 0.0], [0.25, 1.0]]
-    names = [m.name for m in c.models.list()]
-    assert "models/gpt-*" not in names and "models/text-embedding-3-small" in names
-    with pytest.raises(genai_errors.ClientError) as e:
-        c.models.generate_content(model="nope-model", contents="x")
-    assert e.value.code == 404 and e.value.status == "NOT_FOUND"
-    wrong = _genai(g, key="sk-gw-wrong-key-123")
-    with pytest.raises(genai_errors.ClientError) as e2:
-        wrong.models.generate_content(model="gpt-4o", contents="x")
-    assert e2.value.code == 401 and e2.value.status == "UNAUTHENTICATED"
-
-
-def test_09_gemini_json_array_stream_without_alt_sse(gw, upstream):
-    g, up = _typed_gw(gw, upstream, "openai")
-    status, hdrs, body = g.request(
-        "POST", "/v1beta/models/gpt-4o:streamGenerateContent",
-        {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
-        headers={"Authorization": None, "x-goog-api-key": TOKEN})
-    chunks = json.loads(body)
-    assert status == 200 and isinstance(chunks, list) and len(chunks) >= 2
-    assert "".join(p.get("text", "") for c in chunks
-                   for p in c["candidates"][0]["content"]["parts"]) == "hello"
-    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
-    assert chunks[-1]["usageMetadata"]["promptTokenCount"] == 11
-
-
-# =================================================================================================
-# 9. Issue 12: thinking by model, Gemini 3 call ids, context overflow, empty answers
-# =================================================================================================
-
-@pytest.mark.parametrize("model,mode", [
-    ("claude-opus-4-7", "adaptive"), ("anthropic.claude-opus-4-7", "adaptive"),
-    ("claude-opus-4-8@20260601", "adaptive"), ("claude-sonnet-5", "adaptive"),
-    ("claude-mythos-preview", "adaptive"), ("claude-opus-4-6", "both"),
-    ("claude-sonnet-4-6", "both"), ("claude-sonnet-4-5-20250929", "budget"),
-    ("claude-opus-4-20250514", "budget"), ("claude-opus-4-1", "budget"),
-    ("claude-3-7-sonnet-latest", "budget"), ("claude-3-5-sonnet-20241022", "none"),
-    ("claude-3-opus-20240229", "none"), ("my-relay-model", "budget")])
-def test_09_thinking_mode_by_model_name(model, mode):
-    assert ag.anthropic_thinking_mode(model) == mode
-    assert ag.anthropic_thinking_mode(model, "adaptive") == "adaptive"
-    assert ag.anthropic_thinking_mode(model, "budget") == "budget"
-
-
-def _reasoning_ir(effort, budget=None, max_tokens=2000, **kw):
-    ir = _ir_from_openai(messages=[{"role": "user", "content": "x"}], max_tokens=max_tokens,
-                         **kw)
-    ir["reasoning"] = {"effort": effort, "budget": budget}
-    return ir
-
-
-def test_09_thinking_request_follows_the_model():
-    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-7", stream=False)
-    assert body["thinking"] == {"type": "adaptive"}
-    assert body["output_config"] == {"effort": "xhigh"}
-    assert body["max_tokens"] > 32768                     # covers thinking and answer
-    body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-6", stream=False)
-    assert body["thinking"] == {"type": "adaptive"} and body["output_config"]["effort"] == "max"
-    body = ag.ir_to_anthropic_request(_reasoning_ir("medium", 4000), "claude-opus-4-6",
-                                      stream=False)
-    assert body["thinking"] == {"type": "enabled", "budget_tokens": 4000}
-    assert "output_config" not in body                    # the client's own budget, kept
-    body = ag.ir_to_anthropic_request(_reasoning_ir("minimal"), "claude-sonnet-4-5",
-                                      stream=False)
-    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
-    assert "output_config" not in body
-    assert "thinking" not in ag.ir_to_anthropic_request(_reasoning_ir("high"),
-                                                        "claude-3-5-sonnet", stream=False)
-    forced = ag.ir_to_anthropic_request(_reasoning_ir("low"), "claude-opus-4-7", stream=False,
-                                        thinking_setting="budget")
-    assert forced["thinking"]["type"] == "enabled"
-    ir = _reasoning_ir("low", response_format={"type": "json_schema", "json_schema": {
-        "name": "o", "schema": {"type": "object"}}})
-    ir["reasoning"] = {"effort": "low", "budget": None}
-    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, max_tokens_cap=1500)
-    assert body["output_config"] == {"effort": "low", "format": {
-        "type": "json_schema", "schema": {"type": "object"}}}
-    assert body["max_tokens"] == 1500
-
-
-def test_09_effort_mapped_both_ways():
-    oa = _ir_from_openai(messages=[{"role": "user", "content": "x"}], reasoning_effort="xhigh")
-    assert oa["reasoning"] == {"effort": "xhigh", "budget": None}
-    an = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "messages": [
-        {"role": "user", "content": "x"}], "thinking": {"type": "adaptive"},
-        "output_config": {"effort": "max"}})
-    assert ag.ir_to_openai_request(an, "o3", stream=False)["reasoning_effort"] == "xhigh"
-    default = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "thinking": {
-        "type": "adaptive"}, "messages": [{"role": "user", "content": "x"}]})
-    assert default["reasoning"]["effort"] == "high"           # Anthropic's default effort
-    gem = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
-                                   "generationConfig": {"thinkingConfig": {
-                                       "thinkingLevel": "LOW"}}})
-    assert gem["reasoning"] == {"effort": "low", "budget": None}
-    dyn = ag.gemini_request_to_ir({"contents": [{"parts": [{"text": "x"}]}],
-                                   "generationConfig": {"thinkingConfig": {
-                                       "thinkingBudget": -1}}})
-    assert dyn["reasoning"]["effort"] == "high"
-    rs = ag.responses_request_to_ir({"model": "m", "input": "x", "reasoning": {
-        "effort": "xhigh"}})
-    assert rs["reasoning"]["effort"] == "xhigh"
-
-
-@pytest.mark.parametrize("model,effort,budget,expected", [
-    ("gemini-3-pro-preview", "medium", None, {"thinkingLevel": "high"}),
-    ("gemini-3-pro-preview", "none", None, {"thinkingLevel": "low"}),
-    ("gemini-3-flash-preview", "none", None, {"thinkingLevel": "minimal"}),
-    ("gemini-3-flash-preview", "medium", None, {"thinkingLevel": "medium"}),
-    ("gemini-3.1-pro", "max", None, {"thinkingLevel": "high"}),
-    ("gemini-2.5-pro", "none", None, {"thinkingBudget": 128}),
-    ("gemini-2.5-flash", "none", None, {"thinkingBudget": 0}),
-    ("gemini-2.5-flash", "max", None, {"thinkingBudget": 24576}),
-    ("gemini-2.5-flash-lite", "low", 100, {"thinkingBudget": 512}),
-    ("gemini-2.5-pro", "high", 5000, {"thinkingBudget": 5000}),
-    ("gemini-2.0-flash", "high", None, None),
-])
-def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, expected):
-    ir = _reasoning_ir(effort, budget)
-    gen = ag.ir_to_gemini_request(ir, {}, model).get("generationConfig", {})
-    cfg = gen.get("thinkingConfig")
-    if expected is None:
-        assert cfg is None
-        return
-    assert {k: v for k, v in cfg.items() if k != "includeThoughts"} == expected
-    assert not ("thinkingLevel" in cfg and "thinkingBudget" in cfg)
-    if cfg.get("thinkingBudget"):                     # maxOutputTokens counts the thinking
-        assert gen["maxOutputTokens"] > cfg["thinkingBudget"]
-
-
-def test_09_signature_only_and_redacted_thinking_survive():
-    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
-              "content": [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
-                          {"type": "redacted_thinking", "data": "REDACTED=="},
-                          {"type": "tool_use", "id": "toolu_9", "name": "Bash",
-                           "input": {"cmd": "ls"}}],
-              "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}}
-    kept = {}
-    resp = ag.anthropic_response_to_ir(answer, kept)
-    out = ag.ir_to_anthropic_response(resp, "c")
-    assert out["content"][:2] == [{"type": "thinking", "thinking": "", "signature": "SIGONLY"},
-                                  {"type": "redacted_thinking", "data": "REDACTED=="}]
-    assert kept == {"toolu_9": answer["content"][:2]}
-    # An OpenAI client's history has lost both; the next request to Claude gets them back.
-    msg = ag.ir_to_openai_response(resp, "c")["choices"][0]["message"]
-    ir = _ir_from_openai(reasoning_effort="high", messages=[
-        {"role": "user", "content": "list"}, msg,
-        {"role": "tool", "tool_call_id": "toolu_9", "content": "a.txt"}])
-    body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept=kept)
-    assert body["messages"][1]["content"][:2] == answer["content"][:2]
-    assert body["thinking"] == {"type": "adaptive"}
-    # Without them, thinking is left off rather than refused by Claude.
-    bare = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept={})
-    assert "thinking" not in bare and "output_config" not in bare
-
-
-def test_09_signature_only_thinking_stream_round_trip():
-    def ev(name, data):
-        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-    raw = b"".join([
-        ev("message_start", {"type": "message_start", "message": {
-            "id": "msg_1", "model": "c", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
-        ev("content_block_start", {"type": "content_block_start", "index": 0,
-                                   "content_block": {"type": "thinking", "thinking": ""}}),
-        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                   "delta": {"type": "signature_delta", "signature": "SIG"}}),
-        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
-            "type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}),
-        ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
-            "type": "input_json_delta", "partial_json": "{}"}}),
-        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
-                             "usage": {"output_tokens": 5}}),
-        ev("message_stop", {"type": "message_stop"})])
-    kept = {}
-    out = _convert_stream(ag.AnthropicStreamDecoder(kept), ag.AnthropicStreamEncoder("c"), raw, 7)
-    events = [e for _, e in _sse_events(out)]
-    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
-    assert starts[0] == {"type": "thinking", "thinking": ""}
-    sigs = [e["delta"]["signature"] for e in events
-            if e["type"] == "content_block_delta" and e["delta"]["type"] == "signature_delta"]
-    assert sigs == ["SIG"]
-    assert kept == {"toolu_1": [{"type": "thinking", "thinking": "", "signature": "SIG"}]}
-
-
-def test_09_gemini_3_call_ids_sent_back_only_to_gemini_3():
-    sigs = {}
-    resp = ag.gemini_response_to_ir({"candidates": [{"content": {"role": "model", "parts": [
-        {"functionCall": {"id": "fc1", "name": "read", "args": {"p": "a"}},
-         "thoughtSignature": "S1"},
-        {"functionCall": {"id": "fc2", "name": "read", "args": {"p": "b"}}}]},
-        "finishReason": "STOP"}]}, sigs)
-    assert [p["id"] for p in resp["content"]] == ["fc1", "fc2"]
-    ir = ag.empty_request("g")
-    ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "read both"}]},
-                      {"role": "assistant", "content": resp["content"]},
-                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc2",
-                                                    "name": "read", "is_error": False,
-                                                    "content": [{"type": "text",
-                                                                 "text": "B"}]}]},
-                      {"role": "tool", "content": [{"type": "tool_result", "id": "fc1",
-                                                    "name": "read", "is_error": False,
-                                                    "content": [{"type": "text",
-                                                                 "text": "A"}]}]}]
-    g3 = ag.ir_to_gemini_request(ir, sigs, "gemini-3-flash-preview")["contents"]
-    calls = [p for p in g3[1]["parts"]]
-    assert [c["functionCall"]["id"] for c in calls] == ["fc1", "fc2"]
-    assert calls[0]["thoughtSignature"] == "S1" and "thoughtSignature" not in calls[1]
-    assert [p["functionResponse"]["id"] for p in g3[2]["parts"]] == ["fc2", "fc1"]
-    g25 = json.dumps(ag.ir_to_gemini_request(ir, sigs, "gemini-2.5-pro"))
-    assert '"id"' not in g25
-    foreign = ag.ir_to_gemini_request(ir, {}, "gemini-3-pro-preview")     # ids we minted
-    assert '"id"' not in json.dumps(foreign)
-
-
-def test_09_gemini_signature_only_last_chunk_is_no_empty_delta():
-    chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi"}]}}]},
-              {"candidates": [{"content": {"role": "model", "parts": [
-                  {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
-               "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 1}}]
-    raw = b"".join(f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks)
-    out = _convert_stream(ag.GeminiStreamDecoder({}), ag.AnthropicStreamEncoder("g"), raw, 5)
-    deltas = [e["delta"] for _, e in _sse_events(out) if e.get("type") == "content_block_delta"]
-    assert deltas == [{"type": "text_delta", "text": "Hi"}]
-    oa = _convert_stream(ag.GeminiStreamDecoder({}), ag.OpenAIStreamEncoder("g", False), raw, 5)
-    contents = [c["choices"][0]["delta"].get("content") for _, c in _sse_events(oa)
-                if isinstance(c, dict) and c.get("choices")]
-    assert "" not in [c for c in contents if c is not None][1:]
-    assert "Hi" in contents
-
-
-OVERFLOWS = [
-    (400, {"type": "error", "error": {"type": "invalid_request_error",
-                                      "message": "prompt is too long: 215000 tokens > 200000 "
-                                                 "maximum"}}, 215000, 200000),
-    (400, {"type": "error", "error": {"type": "invalid_request_error", "message":
-           "input length and `max_tokens` exceed context limit: 188059 + 20000 > 200000, "
-           "decrease input length or `max_tokens` and try again"}}, 208059, 200000),
-    (400, {"error": {"message": "This model's maximum context length is 128000 tokens. However,"
-                                " your messages resulted in 130015 tokens. Please reduce the "
-                                "length of the messages.", "type": "invalid_request_error",
-                     "param": "messages", "code": "context_length_exceeded"}}, 130015, 128000),
-    (400, {"error": {"message": "Your input exceeds the context window of this model.",
-                     "code": "context_length_exceeded"}}, None, None),
-    (400, {"object": "error", "message": "This model's maximum context length is 16384 tokens. "
-           "However, you requested 122946 tokens (112946 in the messages, 10000 in the "
-           "completion).", "type": "BadRequestError", "param": None, "code": 400},
-     122946, 16384),
-    (400, {"error": {"code": 400, "message": "The input token count (1200293) exceeds the "
-                     "maximum number of tokens allowed (1048576).",
-                     "status": "INVALID_ARGUMENT"}}, 1200293, 1048576),
-    (500, {"error": "the input length exceeds the context length"}, None, None),
-    (400, {"error": {"code": 400, "message": "the request exceeds the available context size, "
-                     "try increasing it", "type": "exceed_context_size_error",
-                     "n_prompt_tokens": 9000, "n_ctx": 8192}}, 9000, 8192),
-]
-
-
-@pytest.mark.parametrize("status,body,tokens,limit", OVERFLOWS)
-def test_09_context_overflow_read_from_every_provider(status, body, tokens, limit):
-    err = ag.context_overflow(json.dumps(body).encode(), status)
-    assert err is not None and err.status == 400
-    assert (err.tokens, err.limit) == (tokens, limit)
-    an = ag.error_payload(ag.ANTHROPIC, err)["error"]
-    assert an["type"] == "invalid_request_error"
-    assert an["message"].startswith("prompt is too long")
-    if tokens:
-        assert f"{tokens} tokens > {limit}" in an["message"]
-    oa = ag.error_payload(ag.OPENAI, err)["error"]
-    assert oa["code"] == "context_length_exceeded" and oa["type"] == "invalid_request_error"
-    gm = ag.error_payload(ag.GEMINI, err)["error"]
-    assert gm["code"] == 400 and gm["status"] == "INVALID_ARGUMENT"
-    resp_ev = ag.stream_error_event(ag.RESPONSES, err)
-    assert b'"code":"context_length_exceeded"' in resp_ev
-
-
-def test_09_other_errors_are_not_overflow():
-    for body in ({"error": {"message": "max_tokens: 999999 > 64000, which is the maximum"}},
-                 {"error": {"message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}},
-                 {"error": "model not found"}):
-        assert ag.context_overflow(json.dumps(body).encode(), 400) is None
-
-
-@pytest.mark.parametrize("content,finish,empty", [
-    ([], "stop", True), ([{"type": "text", "text": " \n"}], "stop", True),
-    ([], "length", False), ([], "content_filter", False),
-    ([{"type": "text", "text": "ok"}], "stop", False),
-    ([{"type": "reasoning", "text": "hm", "signature": None, "redacted": None}], "stop", False),
-    ([{"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"}], "tool_calls", False)])
-def test_09_empty_answer_table(content, finish, empty):
-    assert ag.answer_is_empty({"content": content, "finish": finish}) is empty
-
-
-def _anthropic_sse(blocks, stop, model="c"):
-    """An Anthropic Messages stream carrying ``blocks`` whole (one delta each)."""
-    def ev(name, data):
-        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-    out = [ev("message_start", {"type": "message_start", "message": {
-        "id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})]
-    for i, b in enumerate(blocks):
-        if b["type"] == "thinking":
-            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
-                                                  "content_block": {"type": "thinking",
-                                                                    "thinking": ""}}))
-            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                  "delta": {"type": "signature_delta",
-                                                            "signature": b["signature"]}}))
-        elif b["type"] == "tool_use":
-            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
-                                                  "content_block": dict(b, input={})}))
-            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                  "delta": {"type": "input_json_delta",
-                                                            "partial_json": json.dumps(
-                                                                b["input"])}}))
-        else:
-            out.append(ev("content_block_start", {"type": "content_block_start", "index": i,
-                                                  "content_block": {"type": "text",
-                                                                    "text": ""}}))
-            if b["text"]:
-                out.append(ev("content_block_delta", {"type": "content_block_delta",
-                                                      "index": i, "delta": {
-                                                          "type": "text_delta",
-                                                          "text": b["text"]}}))
-        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
-    out += [ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
-                                 "usage": {"output_tokens": 4}}),
-            ev("message_stop", {"type": "message_stop"})]
-    return Reply(chunks=out, content_type="text/event-stream")
-
-
-def _anthropic_reply(body, blocks, stop):
-    if body.get("stream"):
-        return _anthropic_sse(blocks, stop, body["model"])
-    return Reply(body=json.dumps({"id": "msg_1", "type": "message", "role": "assistant",
-                                  "model": body["model"], "content": blocks,
-                                  "stop_reason": stop, "stop_sequence": None,
-                                  "usage": {"input_tokens": 11, "output_tokens": 4}}).encode())
-
-
-def _anthropic_error(message):
-    return Reply(400, json.dumps({"type": "error", "error": {
-        "type": "invalid_request_error", "message": message}}).encode())
-
-
-SIG = "EqMBCkYIBRgCKkC0c2lnbmF0dXJl"
-
-
-def claude_opus_4_7(rec):
-    """Claude Opus 4.7 as its API behaves with thinking: a tool call after thinking sent with
-    display omitted (a signature only), then an answer once the tool result comes back."""
-    body = json.loads(rec["body"])
-    thinking = body.get("thinking") or {}
-    # Opus 4.7 takes only adaptive thinking; "enabled" with budget_tokens is a 400
-    # (platform.claude.com/docs/en/build-with-claude/adaptive-thinking; Bedrock's copy:
-    # docs.aws.amazon.com/bedrock/latest/userguide/claude-messages-adaptive-thinking.html).
-    if thinking.get("type") == "enabled":
-        return _anthropic_error("thinking.type.enabled is not supported for this model. Use "
-                                "thinking.type.adaptive and output_config.effort")
-    msgs = body["messages"]
-    if len(msgs) > 1:
-        last_assistant = msgs[-2]["content"]
-        # With thinking on, the assistant turn before the tool results must start with its
-        # thinking block, unchanged (Anthropic's 400 quoted in sigoden/llm-functions#222).
-        if thinking and last_assistant[0] != {"type": "thinking", "thinking": "",
-                                              "signature": SIG}:
-            return _anthropic_error("messages.1.content.0.type: Expected `thinking` or "
-                                    "`redacted_thinking`, but found `tool_use`. When "
-                                    "`thinking` is enabled, a final `assistant` message "
-                                    "must start with a thinking block")
-        return _anthropic_reply(body, [{"type": "text", "text": "done"}], "end_turn")
-    return _anthropic_reply(body, [{"type": "thinking", "thinking": "", "signature": SIG},
-                                   {"type": "tool_use", "id": "toolu_A", "name": "get_weather",
-                                    "input": {"city": "Paris"}}], "tool_use")
-
-
-@pytest.mark.parametrize("client", ["openai", "responses", "genai"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_adaptive_thinking_tool_loop_from_every_dialect(gw, upstream, client, stream):
-    up = upstream()
-    up.responder = claude_opus_4_7
-    g = gw([chan(up, type="anthropic")])
-    model = "claude-opus-4-7"
-    if client == "openai":
-        c = g.openai()
-
-        def call(messages):
-            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="xhigh")
-            if not stream:
-                return c.chat.completions.create(**kw)
-            with c.chat.completions.stream(**kw) as s:
-                for _ in s:
-                    pass
-                return s.get_final_completion()
-        msgs = [{"role": "user", "content": "weather?"}]
-        first = call(msgs).choices[0]
-        assert first.message.tool_calls[0].id == "toolu_A"
-        msgs += [first.message.model_dump(exclude_none=True, exclude={"parsed"}),
-                 {"role": "tool", "tool_call_id": "toolu_A", "content": "sunny"}]
-        assert call(msgs).choices[0].message.content == "done"
-        effort = "xhigh"
-    elif client == "responses":
-        c = g.openai()
-
-        def call(inp):
-            kw = dict(model=model, input=inp, tools=RESPONSES_TOOLS[:2],
-                      reasoning={"effort": "medium"}, store=False)
-            if not stream:
-                return c.responses.create(**kw)
-            with c.responses.stream(**kw) as s:
-                for _ in s:
-                    pass
-                return s.get_final_response()
-        items = [{"role": "user", "content": "weather?"}]
-        first = call(items)
-        fc = [o for o in first.output if o.type == "function_call"][0]
-        items += [o.model_dump(exclude_none=True) for o in first.output]
-        items.append({"type": "function_call_output", "call_id": fc.call_id, "output": "sun"})
-        assert call(items).output_text == "done"
-        effort = "medium"
-    else:
-        c = _genai(g)
-        config = genai_types.GenerateContentConfig(
-            tools=_genai_tools(), thinking_config=genai_types.ThinkingConfig(thinking_level="LOW"),
-            automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
-        contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
-
-        def call():
-            if not stream:
-                r = c.models.generate_content(model=model, contents=contents, config=config)
-                return r.candidates[0].content.parts
-            return [p for ch in c.models.generate_content_stream(
-                model=model, contents=contents, config=config)
-                for cand in ch.candidates or [] if cand.content for p in cand.content.parts or []]
-        parts = call()
-        fc = [p.function_call for p in parts if p.function_call][0]
-        contents.append(genai_types.Content(role="model", parts=parts))
-        contents.append(genai_types.Content(role="user", parts=[
-            genai_types.Part(function_response=genai_types.FunctionResponse(
-                id=fc.id, name=fc.name, response={"result": "sunny"}))]))
-        assert "".join(p.text or "" for p in call()) == "done"
-        effort = "low"
-    sent = [json.loads(r["body"]) for r in up.requests]
-    assert len(sent) == 2
-    assert all(b["thinking"] == {"type": "adaptive"} for b in sent)
-    assert all(b["output_config"] == {"effort": effort} for b in sent)
-    assert sent[1]["messages"][1]["content"][0] == {"type": "thinking", "thinking": "",
-                                                    "signature": SIG}
-
-
-def test_11_channel_thinking_setting_overrides_the_table(gw, upstream):
-    up = upstream()
-    up.responder = lambda rec: _anthropic_reply(json.loads(rec["body"]),
-                                                [{"type": "text", "text": "ok"}], "end_turn")
-    g = gw([chan(up, type="anthropic", thinking="adaptive")])
-    r = g.openai().chat.completions.create(model="relay-claude", reasoning_effort="low",
-                                           messages=[{"role": "user", "content": "x"}])
-    assert r.choices[0].message.content == "ok"
-    assert json.loads(up.last()["body"])["thinking"] == {"type": "adaptive"}
-
-
-def gemini_fake(rec):
-    """Gemini with two parallel calls of one function. Gemini 3 gives each call an id and the
-    first call alone a thoughtSignature (ai.google.dev/gemini-api/docs/thought-signatures:
-    "only the first functionCall part" of parallel calls carries it), and needs the ids back
-    to tell the results apart; Gemini 2.x answers any "id" with a 400 (JetBrains/koog#735)."""
-    body = json.loads(rec["body"])
-    model = rec["path"].split("/models/")[1].split(":")[0]
-    three = model.startswith("gemini-3")
-    stream = ":streamGenerateContent" in rec["path"]
-    turns = body["contents"]
-    cfg = body.get("generationConfig", {}).get("thinkingConfig", {})
-    if "thinkingLevel" in cfg and "thinkingBudget" in cfg:    # docs/thinking: never both
-        return Reply(400, b'{"error":{"code":400,"message":"thinking_budget and thinking_level'
-                          b' are not supported together","status":"INVALID_ARGUMENT"}}')
-    if not three and '"id"' in json.dumps(turns):
-        return Reply(400, b'{"error":{"code":400,"message":"Invalid JSON payload received. '
-                          b'Unknown name \\"id\\" at \'contents[1].parts[0].function_call\': '
-                          b'Cannot find field.","status":"INVALID_ARGUMENT"}}')
-    results = [p["functionResponse"] for p in turns[-1]["parts"] if "functionResponse" in p]
-    if results:
-        if three:
-            calls = [p for p in turns[-2]["parts"] if "functionCall" in p]
-            assert calls[0]["thoughtSignature"] == "SIG3" and "thoughtSignature" not in calls[1]
-            assert [c["functionCall"]["id"] for c in calls] == ["fc-a", "fc-b"]
-            by_id = {r["id"]: r["response"]["result"] for r in results}
-            text = f"a={by_id['fc-a']} b={by_id['fc-b']}"
-        else:
-            text = "ok"
-        parts = [{"text": text}]
-    else:
-        parts = [{"functionCall": dict({"name": "get_weather", "args": {"city": city}},
-                                       **({"id": cid} if three else {}))}
-                 for cid, city in (("fc-a", "Paris"), ("fc-b", "Rome"))]
-        if three:
-            parts[0]["thoughtSignature"] = "SIG3"
-    usage = {"promptTokenCount": 5, "candidatesTokenCount": 2}
-    if not stream:
-        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model",
-                                                                  "parts": parts},
-                                                      "finishReason": "STOP"}],
-                                      "usageMetadata": usage}).encode())
-    chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}}]} for p in parts]
-    # The last chunk may carry only a signature on an empty text part.
-    chunks.append({"candidates": [{"content": {"role": "model", "parts": [
-        {"text": "", "thoughtSignature": "TAIL"}]}, "finishReason": "STOP"}],
-        "usageMetadata": usage})
-    return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
-                 content_type="text/event-stream")
-
-
-@pytest.mark.parametrize("model", ["gemini-3-flash-preview", "gemini-2.5-flash"])
-@pytest.mark.parametrize("client", ["anthropic", "openai"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_gemini_parallel_calls_of_one_function(gw, upstream, model, client, stream):
-    up = upstream()
-    up.responder = gemini_fake
-    g = gw([chan(up, type="gemini")])
-    if client == "anthropic":
-        c = g.anthropic()
-
-        def call(messages):
-            kw = dict(model=model, max_tokens=4000, tools=ANTHROPIC_TOOLS, messages=messages,
-                      thinking={"type": "adaptive"})
-            if not stream:
-                return c.messages.create(**kw)
-            with c.messages.stream(**kw) as s:
-                deltas = [e for e in s if e.type == "content_block_delta"]
-                assert all(getattr(e.delta, "text", "x") for e in deltas)    # none empty
-                return s.get_final_message()
-        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
-        first = call(msgs)
-        uses = [b for b in first.content if b.type == "tool_use"]
-        msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
-                                                   for b in first.content]},
-                 {"role": "user", "content": [
-                     {"type": "tool_result", "tool_use_id": uses[1].id, "content": "rain"},
-                     {"type": "tool_result", "tool_use_id": uses[0].id, "content": "sun"}]}]
-        text = call(msgs).content[0].text
-    else:
-        c = g.openai()
-
-        def call(messages):
-            kw = dict(model=model, messages=messages, tools=TOOLS, reasoning_effort="low")
-            if not stream:
-                return c.chat.completions.create(**kw).choices[0].message
-            with c.chat.completions.stream(**kw) as s:
-                for _ in s:
-                    pass
-                return s.get_final_completion().choices[0].message
-        msgs = [{"role": "user", "content": "weather in Paris and Rome"}]
-        first = call(msgs)
-        calls = first.tool_calls
-        msgs += [first.model_dump(exclude_none=True, exclude={"parsed"}),
-                 {"role": "tool", "tool_call_id": calls[1].id, "content": "rain"},
-                 {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"}]
-        text = call(msgs).content
-    three = model.startswith("gemini-3")
-    assert text == ("a=sun b=rain" if three else "ok")
-    cfg = json.loads(up.requests[0]["body"])["generationConfig"]["thinkingConfig"]
-    assert ("thinkingLevel" in cfg) == three and ("thinkingBudget" in cfg) != three
-
-
-def _two_channels(gw, upstream, ctype, first_reply, **settings):
-    bad, good = upstream([first_reply]), upstream()
-    good.responder = getattr(Dialects, {"custom": "openai"}.get(ctype, ctype))
-    g = gw([chan(bad, type=ctype, name="first", priority=0),
-            chan(good, type=ctype, name="second", priority=1)], settings=settings or None)
-    return g, bad, good
-
-
-OVERFLOW_CASES = [   # (channel type, status, upstream body)
-    ("anthropic", 400, OVERFLOWS[0][1]), ("openai", 400, OVERFLOWS[2][1]),
-    ("custom", 400, OVERFLOWS[4][1]), ("gemini", 400, OVERFLOWS[5][1]),
-    ("ollama", 500, OVERFLOWS[6][1]),
-]
-
-
-@pytest.mark.parametrize("ctype,status,body", OVERFLOW_CASES)
-@pytest.mark.parametrize("client", ["anthropic", "openai", "genai"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_context_overflow_in_each_clients_wording(gw, upstream, ctype, status, body, client,
-                                                     stream):
-    reply = Reply(status, json.dumps(body).encode())
-    g, bad, good = _two_channels(gw, upstream, ctype, reply)
-    msgs = [{"role": "user", "content": "a very long prompt"}]
-    if client == "anthropic":
-        with pytest.raises(anthropic.BadRequestError) as e:
-            kw = dict(model="m", max_tokens=10, messages=msgs)
-            if stream:
-                with g.anthropic().messages.stream(**kw) as s:
-                    list(s)
-            else:
-                g.anthropic().messages.create(**kw)
-        err = e.value.body["error"]
-        assert err["type"] == "invalid_request_error"
-        assert err["message"].lower().startswith("prompt is too long")
-        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
-        if tokens:                       # what Claude Code reads to size its compaction
-            assert f"{tokens} tokens > {limit}" in err["message"]
-    elif client == "openai":
-        with pytest.raises(openai.BadRequestError) as e:
-            g.openai().chat.completions.create(model="m", messages=msgs, stream=stream)
-        assert e.value.code == "context_length_exceeded"
-        assert e.value.status_code == 400
-    else:
-        with pytest.raises(genai_errors.ClientError) as e:
-            gc = _genai(g)
-            call = gc.models.generate_content_stream if stream else gc.models.generate_content
-            res = call(model="m", contents="a very long prompt")
-            if stream:
-                list(res)
-        assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"
-        tokens, limit = next((t, lim) for _, b, t, lim in OVERFLOWS if b == body)
-        if tokens:
-            assert f"input token count ({tokens}) exceeds the maximum number of tokens " \
-                   f"allowed ({limit})" in e.value.message
-    assert not good.requests                               # not a failure to fall back from
-    rec = g.records()[-1]
-    assert rec["status"] == 400 and rec["failures"] == []
-    assert _health(g, "first")["state"] == "ok"
-
-
-def test_11_context_overflow_told_in_band_before_content(gw, upstream):
-    err = {"type": "error", "error": {"type": "invalid_request_error",
-                                      "message": "prompt is too long: 300000 tokens > 200000 "
-                                                 "maximum"}}
-    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message",
-                                                  "role": "assistant", "model": "c",
-                                                  "content": [], "usage": {"input_tokens": 1}}}
-    up = upstream([Reply(chunks=[f"event: message_start\ndata: {json.dumps(start)}\n\n".encode(),
-                                 f"event: error\ndata: {json.dumps(err)}\n\n".encode()],
-                         content_type="text/event-stream")])
-    g = gw([chan(up, type="anthropic")])
-    with pytest.raises(openai.BadRequestError) as e:
-        list(g.openai().chat.completions.create(model="c", stream=True, messages=[
-            {"role": "user", "content": "x"}]))
-    assert e.value.code == "context_length_exceeded" and "200000 tokens" in e.value.message
-
-
-EMPTY = {
-    "openai": (Reply(body=json.dumps({"id": "c", "object": "chat.completion", "created": 1,
-                                      "model": "m", "choices": [{
-                                          "index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": ""}}],
-                                      "usage": {"prompt_tokens": 3,
-                                                "completion_tokens": 0}}).encode()),
-               Reply(chunks=openai_stream_chunks(pieces=("", " ")),
-                     content_type="text/event-stream")),
-    "anthropic": (Reply(body=json.dumps(dict(anthropic_message(), content=[])).encode()),
-                  _anthropic_sse([{"type": "text", "text": ""}], "end_turn")),
-    "gemini": (Reply(body=b'{"candidates":[{"content":{"role":"model","parts":[{"text":""}]},'
-                          b'"finishReason":"STOP"}]}'),
-               Reply(chunks=[b'data: {"candidates":[{"content":{"role":"model","parts":'
-                             b'[{"text":""}]},"finishReason":"STOP"}]}\r\n\r\n'],
-                     content_type="text/event-stream")),
-}
-
-
-def _ask(g, client, stream):
-    """The answer text a client of ``client`` dialect gets for a one-line question."""
-    if client == "openai":
-        r = g.openai().chat.completions.create(model="m", stream=stream, messages=[
-            {"role": "user", "content": "x"}])
-        if stream:
-            return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
-        return r.choices[0].message.content or ""
-    if client == "anthropic":
-        kw = dict(model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-        if stream:
-            with g.anthropic().messages.stream(**kw) as s:
-                return "".join(s.text_stream)
-        return "".join(b.text for b in g.anthropic().messages.create(**kw).content)
-    c = _genai(g)
-    if stream:
-        return "".join(ch.text or "" for ch in c.models.generate_content_stream(
-            model="m", contents="x"))
-    return c.models.generate_content(model="m", contents="x").text or ""
-
-
-@pytest.mark.parametrize("ctype,client", [
-    ("openai", "openai"), ("anthropic", "anthropic"), ("gemini", "genai"),     # passthrough
-    ("openai", "anthropic"), ("anthropic", "openai"), ("gemini", "openai")])   # converted
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_empty_answer_falls_back_to_the_next_channel(gw, upstream, ctype, client, stream):
-    g, bad, good = _two_channels(gw, upstream, ctype, EMPTY[ctype][stream])
-    assert _ask(g, client, stream) == "hello"
-    assert len(bad.requests) == 1 and len(good.requests) == 1
-    rec = g.records()[-1]
-    assert rec["channel"] == "second" and "empty answer" in rec["failures"][0]["error"]
-
-
-def _responses_answer(text, stream):
-    """A Responses API answer with ``text`` ("" for a blank one), whole or as its SSE events."""
-    msg = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-           "content": [{"type": "output_text", "text": text, "annotations": []}]}
-    resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
-            "model": "gpt-5", "output": [msg], "usage": {"input_tokens": 3, "output_tokens": 1,
-                                                         "total_tokens": 4}}
-    if not stream:
-        return Reply(body=json.dumps(resp).encode())
-    evs = [("response.created", {"response": dict(resp, status="in_progress", output=[])}),
-           ("response.output_item.added", {"output_index": 0, "item": dict(
-               msg, status="in_progress", content=[])}),
-           ("response.content_part.added", {"output_index": 0, "content_index": 0,
-                                            "item_id": "msg_1", "part": {
-                                                "type": "output_text", "text": "",
-                                                "annotations": []}}),
-           ("response.output_text.delta", {"output_index": 0, "content_index": 0,
-                                           "item_id": "msg_1", "delta": text}),
-           ("response.output_item.done", {"output_index": 0, "item": msg}),
-           ("response.completed", {"response": resp})]
-    return Reply(chunks=[f"event: {n}\ndata: {json.dumps(dict(d, type=n, sequence_number=i))}"
-                         f"\n\n".encode() for i, (n, d) in enumerate(evs)],
-                 content_type="text/event-stream")
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, stream):
-    bad = upstream([_responses_answer("", stream)])
-    good = upstream([_responses_answer("hello", stream)])
-    g = gw([chan(bad, name="first", responses_api=True),
-            chan(good, name="second", priority=1, responses_api=True)])
-    c = g.openai()
-    if stream:
-        with c.responses.stream(model="gpt-5", input="x") as s:
-            text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
-    else:
-        text = c.responses.create(model="gpt-5", input="x").output_text
-    assert text == "hello" and len(bad.requests) == 1
-    rec = g.records()[-1]
-    assert rec["channel"] == "second"
-    assert (rec["input_tokens"], rec["output_tokens"]) == (3, 1)     # read in either form
-
-
-def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
-    g, bad, good = _two_channels(gw, upstream, "openai", EMPTY["openai"][True],
-                                 empty_answer_fallback=False)
-    assert _ask(g, "openai", True) == " " and not good.requests
-    cut = json.loads(EMPTY["openai"][False].body)
-    cut["choices"][0]["finish_reason"] = "length"            # explained: max_tokens reached
-    g, bad, good = _two_channels(gw, upstream, "openai", Reply(body=json.dumps(cut).encode()))
-    assert _ask(g, "anthropic", False) == "" and not good.requests
-    only = upstream([EMPTY["anthropic"][False]])
-    g = gw([chan(only, type="anthropic")])
-    with pytest.raises(anthropic.APIStatusError) as e:     # none left: a 5xx clients retry
-        _ask(g, "anthropic", False)
-    assert e.value.status_code == 502 and "empty answer" in e.value.message
-
-
-def test_11_empty_answer_hold_is_bounded(gw, upstream, monkeypatch):
-    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 200)
-    blank = Reply(chunks=openai_stream_chunks(pieces=("",) * 10),
-                  content_type="text/event-stream")
-    g, bad, good = _two_channels(gw, upstream, "openai", blank)
-    assert _ask(g, "anthropic", True) == ""       # released past 200 bytes, not tried again
-    assert not good.requests
-    monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 1 << 20)
-    g, bad, good = _two_channels(gw, upstream, "openai", blank)
-    assert _ask(g, "anthropic", True) == "hello"
-
-# =================================================================================================
-# Resilience: cancellation, health, keys, limits, safe defaults
-# =================================================================================================
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _tasks(g) -> int:
-    async def count():
-        return len(asyncio.all_tasks())
-    return g.thread.submit(count()).result(5)
-
-
-def test_12_disconnecting_clients_free_everything(gw, upstream):
-    """Hundreds of clients leave mid-stream and mid-request: upstream requests are cancelled,
-    and file descriptors and tasks go back to where they were."""
-    slow = upstream([Reply(chunks=openai_stream_chunks(pieces=("x",) * 50), delay=0.2,
-                           content_type="text/event-stream")])
-    hang = upstream([Reply(hang=3)])
-    g = gw([chan(slow, name="slow", models=["slow"]), chan(hang, name="hang", models=["hang"])])
-    g.request("GET", "/health")
-    base_fds, base_tasks = _open_fds(), _tasks(g)
-    body = {"model": "slow", "stream": True, "messages": []}
-    for round_ in range(4):
-        socks = []
-        for i in range(50):
-            model = "hang" if i % 5 == 0 else "slow"
-            data = json.dumps(dict(body, model=model)).encode()
-            s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
-                      b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n" %
-                      len(data) + data)
-            socks.append((model, s))
-        for model, s in socks:
-            if model == "slow":
-                assert s.recv(20).startswith(b"HTTP/1.1 200")     # the stream has started
-            s.close()
-    deadline = time.monotonic() + 15          # the fakes' threads notice within their delays
-    while time.monotonic() < deadline and (g.thread.server.connection_count() or _tasks(g) >
-                                           base_tasks or _open_fds() > base_fds + 2):
-        time.sleep(0.05)
-    assert g.thread.server.connection_count() == 0
-    assert _tasks(g) <= base_tasks
-    assert g.gateway.client.idle_count() <= 2                 # no half-read upstream kept
-    assert _open_fds() <= base_fds + 2
-    recs = g.records(200)
-    assert len(recs) == 200 and all(r["error"] == "client disconnected" for r in recs)
-
-
-def _health(g, name):
-    status, _, body = g.request("GET", "/health?details=1")
-    assert status == 200
-    return next(c for c in json.loads(body)["channels"] if c["name"] == name)
-
-
-class FakeClock:
-    """A monotonic clock the test moves: ``Gateway.clock`` for cooldowns, rest and limits."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-def test_11_failing_channel_cools_down_then_a_probe_restores_it(gw, upstream):
-    bad = upstream([Reply(500, b'{"error":{"message":"boom"}}')])
-    good = upstream([openai_chat_reply(text="backup")])
-    g = gw([chan(bad, name="bad"), chan(good, name="good", priority=1)])
-    g.gateway.clock = clock = FakeClock()
-    c = g.openai()
-    for _ in range(3):
-        c.chat.completions.create(model="m", messages=[])
-    assert len(bad.requests) == 3 and _health(g, "bad")["state"] == "cooldown"
-    for _ in range(3):                                   # skipped while cooling down
-        c.chat.completions.create(model="m", messages=[])
-    assert len(bad.requests) == 3
-    assert g.records(6)[-1]["tried"] == ["good"] and g.records(6)[-1]["skipped"] == ["bad"]
-    clock.now += ag.COOLDOWN_SECONDS - 0.01                # not yet over: still skipped
-    c.chat.completions.create(model="m", messages=[])
-    assert len(bad.requests) == 3
-    clock.now += 0.02                                   # the cooldown has run out
-    bad.replies = [openai_chat_reply(text="healed")]
-    assert c.chat.completions.create(model="m", messages=[]).choices[0].message.content == \
-        "healed"                                        # the half-open probe
-    assert _health(g, "bad")["state"] == "ok" and _health(g, "bad")["consecutive_failures"] == 0
-    status, _, body = g.request("GET", "/health?details=1", headers={"Authorization": None})
-    assert status == 401                                # details need a token
-    assert "channels" not in json.loads(g.request("GET", "/health")[2])
-
-
-def test_11_rate_limited_channel_honours_retry_after(gw, upstream):
-    busy = upstream([Reply(429, b'{"error":{"message":"slow"}}', headers={"Retry-After": "120"})])
-    good = upstream()
-    g = gw([chan(busy, name="busy"), chan(good, name="good", priority=1)])
-    g.openai().chat.completions.create(model="m", messages=[])
-    h = _health(g, "busy")
-    assert h["state"] == "cooldown" and 100 < h["cooldown_remaining_s"] <= 120
-
-
-def test_11_several_keys_used_in_turn_and_a_refused_key_rests(gw, upstream):
-    up = upstream()
-    up.responder = lambda rec: Reply(401, b'{"error":{"message":"bad key"}}') \
-        if rec["headers"]["authorization"] == "Bearer k-bad" else openai_chat_reply()
-    g = gw([chan(up, name="multi", api_key="k-one", api_keys=["k-two", "k-bad"])])
-    c = g.openai()
-    for _ in range(6):
-        c.chat.completions.create(model="m", messages=[])
-    used = [r["headers"]["authorization"] for r in up.requests]
-    assert used.count("Bearer k-bad") == 1                 # tried once, then it rests
-    assert {"Bearer k-one", "Bearer k-two"} <= set(used)
-    assert all(r["status"] == 200 for r in g.records(6))
-    h = _health(g, "multi")
-    assert h["keys"] == 3 and h["keys_resting"] == 1 and h["state"] == "ok"
-    assert "k-bad" not in json.dumps(g.events())
-
-
-def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
-    up = upstream([Reply(body=openai_chat_reply().body, hang=0.3)])
-    g = gw([chan(up, name="one", max_concurrency=1)],
-           tokens=[{"name": "main", "key": TOKEN}, {"name": "metered", "key": TOKEN2, "rpm": 2}])
-    results = []
-
-    def call():
-        status, _, body = g.request("POST", "/v1/chat/completions",
-                                    {"model": "m", "messages": []})
-        results.append(status)
-    threads = [threading.Thread(target=call) for _ in range(7)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert results.count(200) == 5 and results.count(429) == 2   # 1 running + 4 queued
-    c = g.openai(api_key=TOKEN2)
-    c.chat.completions.create(model="m", messages=[])
-    c.chat.completions.create(model="m", messages=[])
-    with pytest.raises(openai.RateLimitError, match="2 requests per minute") as e:
-        c.chat.completions.create(model="m", messages=[])
-    assert int(e.value.response.headers["retry-after"]) > 0
-
 
 def test_14_second_instance_on_the_same_config_says_so(tmp_path):
     cfg = tmp_path / "config.json"
@@ -8471,210 +8635,10 @@ def test_14_https_for_the_gateway_itself(tmp_path, cert_files):
         g.stop()
 
 
-def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upstream,
-                                                                        monkeypatch):
-    """A client with a tiny receive buffer that never reads a long stream: after WRITE_TIMEOUT
-    without progress it is dropped, the upstream request is cancelled (the fake sees the
-    gateway hang up) and the socket is aborted, not left open with unsent data."""
-    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.5)
-    event = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 +
-             b'"},"finish_reason":null}]}\n\n')
-    up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
-    g = gw([chan(up)])
-    g.request("GET", "/health")
-    base_fds = _open_fds()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", g.port))
-    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " +
-              TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    try:
-        assert up.broken.wait(30)                  # the upstream request was cancelled
-        assert g.records(1, timeout=10)[-1]["status"] == 200
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (g.thread.server.connection_count() or
-                                               _open_fds() > base_fds + 1):
-            time.sleep(0.02)
-        assert g.thread.server.connection_count() == 0
-        assert _open_fds() <= base_fds + 1         # only our own, unread, client socket
-        s.settimeout(10)
-        with pytest.raises(ConnectionResetError):  # aborted: unsent data was dropped
-            while s.recv(65536):
-                pass
-    finally:
-        s.close()
-
-
-def test_08_connection_cap(gw):
-    g = gw(settings={"max_connections": 2})
-    held = [socket.create_connection(("127.0.0.1", g.port), timeout=5) for _ in range(2)]
-    deadline = time.monotonic() + 5
-    while g.thread.server.connection_count() < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 503") and b"too many connections" in out
-    for s in held:
-        s.close()
-
-
 # =================================================================================================
-# Fuzzing (hypothesis): arbitrary input gives a result or the gateway's own error, and the
-# decoders give the same result fed whole or in pieces
-# =================================================================================================
-
-def fuzz(strategies):
-    """The test runs the decorated check on examples hypothesis draws from
-    ``strategies(st)``, deterministically (``derandomize``: the same examples every run, no
-    example database) and a bounded number of them. Hypothesis is imported when a fuzz test
-    runs, not at collection."""
-    def wrap(check):
-        def test():
-            HealthCheck, given, settings, st = _hypothesis()
-            settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
-                     database=None, suppress_health_check=[HealthCheck.too_slow])(
-                given(*strategies(st))(check))()
-        test.__name__, test.__qualname__, test.__doc__ = \
-            check.__name__, check.__qualname__, check.__doc__
-        return test
-    return wrap
-
-
-FUZZ_EXAMPLES = 100
-
-
-def _hypothesis():
-    """hypothesis, imported without pytest's assert rewriting: pytest rewrites every module of a
-    package that ships a pytest plugin, as hypothesis does, and without a bytecode cache
-    (PYTHONDONTWRITEBYTECODE) that turns a one-second import into several. Its own asserts are
-    not what these tests check."""
-    if "hypothesis.strategies" not in sys.modules:
-        hooks = [f for f in sys.meta_path if type(f).__name__ == "AssertionRewritingHook"]
-        for hook in hooks:
-            sys.meta_path.remove(hook)
-        try:
-            importlib.import_module("hypothesis.strategies")
-        finally:
-            sys.meta_path[:0] = hooks
-    from hypothesis import HealthCheck, given, settings, strategies
-    return HealthCheck, given, settings, strategies
-
-
-def json_values(st):
-    return st.recursive(
-        st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) |
-        st.text(max_size=20),
-        lambda children: st.lists(children, max_size=5) |
-        st.dictionaries(st.sampled_from([
-            "model", "messages", "role", "content", "type", "text", "tool_calls", "function",
-            "arguments", "name", "id", "tools", "input", "parts", "contents", "system",
-            "stream", "tool_use_id", "source", "image_url", "url", "data", "functionCall",
-            "functionResponse", "args", "response", "choices", "delta", "message", "usage",
-            "candidates", "index", "max_tokens", "tool_choice", "thinking", "reasoning",
-            "output", "call_id", "finish_reason", "generationConfig", "systemInstruction",
-            "error"]), children, max_size=6),
-        max_leaves=30)
-
-
-def _pieces(data: bytes, cuts: list[int]):
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    prev = 0
-    for p in points + [len(data)]:
-        yield data[prev:p]
-        prev = p
-
-
-def _outcome(fn):
-    try:
-        return ("ok", fn())
-    except ag.GatewayError as exc:
-        return ("err", type(exc).__name__)
-
-
-@fuzz(lambda st: [st.binary(max_size=300)])
-def test_fuzz_request_head_parser(data):
-    try:
-        ag.parse_request_head(data)
-    except ag.ProtocolError:
-        pass
-
-
-@fuzz(lambda st: [st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8)])
-def test_fuzz_decoders_whole_equals_pieces(data, cuts):
-    def run_chunked(parts):
-        d = ag.ChunkedDecoder()
-        return b"".join(b"".join(d.feed(p)) for p in parts), d.done, d.tail
-    def run_sse(parts):
-        d = ag.SSEDecoder()
-        return [e for p in parts for e in d.feed(p)] + d.feed(b"", final=True)
-    def run_nd(parts):
-        d = ag.NDJSONDecoder()
-        return [o for p in parts for o in d.feed(p)] + d.feed(b"", final=True)
-    for run in (run_chunked, run_sse, run_nd):
-        whole = _outcome(lambda: run([data]))
-        split = _outcome(lambda: run(list(_pieces(data, cuts))))
-        if run is run_chunked and whole[0] == "ok" and split[0] == "ok":
-            assert whole[1][:2] == split[1][:2]
-        else:
-            assert whole == split
-
-
-@fuzz(lambda st: [
-    st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
-    st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10)])
-def test_fuzz_stream_converters(events, junk, cuts):
-    raw = b"\r\n\r\n".join(events) + junk
-    for make_dec in (ag.OpenAIStreamDecoder, ag.AnthropicStreamDecoder, ag.GeminiStreamDecoder,
-                     ag.OllamaStreamDecoder):
-        for enc in (ag.OpenAIStreamEncoder("m", True), ag.AnthropicStreamEncoder("m"),
-                    ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
-                    ag.GeminiStreamEncoder("m", {})):
-            dec = make_dec()
-            try:
-                for piece in _pieces(raw, cuts):
-                    enc.encode(dec.feed(piece))
-                enc.encode(dec.close())
-            except ag.GatewayError:
-                pass
-
-
-@fuzz(lambda st: [json_values(st)])
-def test_fuzz_request_and_response_converters(value):
-    body = value if isinstance(value, dict) else {"messages": value, "contents": value,
-                                                  "input": value}
-    for decode in (ag.openai_request_to_ir, ag.anthropic_request_to_ir,
-                   ag.responses_request_to_ir, ag.gemini_request_to_ir):
-        try:
-            ir = decode(dict(body))
-        except ag.GatewayError:
-            continue
-        for ctype in ag.CHANNEL_TYPES:
-            try:
-                ag.encode_upstream_chat(ctype, ir, "m", stream=True, max_tokens_cap=100)
-            except ag.GatewayError as exc:
-                assert exc.status == 400
-        try:
-            ag.estimate_tokens(ir)
-        except ag.GatewayError:
-            pass
-    for decode in (ag.openai_response_to_ir, ag.anthropic_response_to_ir,
-                   ag.gemini_response_to_ir, ag.ollama_response_to_ir):
-        try:
-            resp = decode(body)
-        except ag.GatewayError:
-            continue
-        ir = ag.empty_request("m")
-        for dialect in ag.DIALECTS.values():
-            try:
-                dialect.response(resp, "m", ir)
-            except ag.GatewayError as exc:
-                assert exc.status == 502
-
-
-# =================================================================================================
-# The real coding CLIs (Codex, gemini-cli, Claude Code) through the gateway. .ci/run installs
-# them with npm into .ci/node_modules; a machine without them skips these, CI never does.
+# End-to-end: the real coding CLIs (Codex, gemini-cli, Claude Code) through the gateway.
+# .ci/run installs them with npm into .ci/node_modules; a machine without them skips
+# these, CI never does.
 # =================================================================================================
 
 CLI_BIN = os.path.join(HERE, ".ci", "node_modules", ".bin")
@@ -8926,14 +8890,154 @@ def test_15_codex_sees_a_context_overflow(gw, upstream, tmp_path):
     assert len(up.requests) == 1
 
 
-def test_13_a_refused_start_is_shown_not_raised(display, tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"settings": {"port": 0, "require_auth": False}}))
-    store, _ = ag.ConfigStore.load(str(path))
-    a = ag.App(store, host="0.0.0.0", start=True)
+# =================================================================================================
+# Fuzzing (hypothesis): arbitrary input gives a result or the gateway's own error, and the
+# decoders give the same result fed whole or in pieces
+# =================================================================================================
+
+def fuzz(strategies):
+    """The test runs the decorated check on examples hypothesis draws from
+    ``strategies(st)``, deterministically (``derandomize``: the same examples every run, no
+    example database) and a bounded number of them. Hypothesis is imported when a fuzz test
+    runs, not at collection."""
+    def wrap(check):
+        def test():
+            HealthCheck, given, settings, st = _hypothesis()
+            settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                     database=None, suppress_health_check=[HealthCheck.too_slow])(
+                given(*strategies(st))(check))()
+        test.__name__, test.__qualname__, test.__doc__ = \
+            check.__name__, check.__qualname__, check.__doc__
+        return test
+    return wrap
+
+
+FUZZ_EXAMPLES = 100
+
+
+def _hypothesis():
+    """hypothesis, imported without pytest's assert rewriting: pytest rewrites every module of a
+    package that ships a pytest plugin, as hypothesis does, and without a bytecode cache
+    (PYTHONDONTWRITEBYTECODE) that turns a one-second import into several. Its own asserts are
+    not what these tests check."""
+    if "hypothesis.strategies" not in sys.modules:
+        hooks = [f for f in sys.meta_path if type(f).__name__ == "AssertionRewritingHook"]
+        for hook in hooks:
+            sys.meta_path.remove(hook)
+        try:
+            importlib.import_module("hypothesis.strategies")
+        finally:
+            sys.meta_path[:0] = hooks
+    from hypothesis import HealthCheck, given, settings, strategies
+    return HealthCheck, given, settings, strategies
+
+
+def json_values(st):
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) |
+        st.text(max_size=20),
+        lambda children: st.lists(children, max_size=5) |
+        st.dictionaries(st.sampled_from([
+            "model", "messages", "role", "content", "type", "text", "tool_calls", "function",
+            "arguments", "name", "id", "tools", "input", "parts", "contents", "system",
+            "stream", "tool_use_id", "source", "image_url", "url", "data", "functionCall",
+            "functionResponse", "args", "response", "choices", "delta", "message", "usage",
+            "candidates", "index", "max_tokens", "tool_choice", "thinking", "reasoning",
+            "output", "call_id", "finish_reason", "generationConfig", "systemInstruction",
+            "error"]), children, max_size=6),
+        max_leaves=30)
+
+
+def _pieces(data: bytes, cuts: list[int]):
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    prev = 0
+    for p in points + [len(data)]:
+        yield data[prev:p]
+        prev = p
+
+
+def _outcome(fn):
     try:
-        a.root.update()
-        assert not a.bridge.running and "Stopped" in a.dashboard.state.cget("text")
-        assert "allow_unauthenticated_remote" in a.dashboard.activity.get("1.0", "end")
-    finally:
-        a.close()
+        return ("ok", fn())
+    except ag.GatewayError as exc:
+        return ("err", type(exc).__name__)
+
+
+@fuzz(lambda st: [st.binary(max_size=300)])
+def test_fuzz_request_head_parser(data):
+    try:
+        ag.parse_request_head(data)
+    except ag.ProtocolError:
+        pass
+
+
+@fuzz(lambda st: [st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8)])
+def test_fuzz_decoders_whole_equals_pieces(data, cuts):
+    def run_chunked(parts):
+        d = ag.ChunkedDecoder()
+        return b"".join(b"".join(d.feed(p)) for p in parts), d.done, d.tail
+    def run_sse(parts):
+        d = ag.SSEDecoder()
+        return [e for p in parts for e in d.feed(p)] + d.feed(b"", final=True)
+    def run_nd(parts):
+        d = ag.NDJSONDecoder()
+        return [o for p in parts for o in d.feed(p)] + d.feed(b"", final=True)
+    for run in (run_chunked, run_sse, run_nd):
+        whole = _outcome(lambda: run([data]))
+        split = _outcome(lambda: run(list(_pieces(data, cuts))))
+        if run is run_chunked and whole[0] == "ok" and split[0] == "ok":
+            assert whole[1][:2] == split[1][:2]
+        else:
+            assert whole == split
+
+
+@fuzz(lambda st: [
+    st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
+    st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10)])
+def test_fuzz_stream_converters(events, junk, cuts):
+    raw = b"\r\n\r\n".join(events) + junk
+    for make_dec in (ag.OpenAIStreamDecoder, ag.AnthropicStreamDecoder, ag.GeminiStreamDecoder,
+                     ag.OllamaStreamDecoder):
+        for enc in (ag.OpenAIStreamEncoder("m", True), ag.AnthropicStreamEncoder("m"),
+                    ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
+                    ag.GeminiStreamEncoder("m", {})):
+            dec = make_dec()
+            try:
+                for piece in _pieces(raw, cuts):
+                    enc.encode(dec.feed(piece))
+                enc.encode(dec.close())
+            except ag.GatewayError:
+                pass
+
+
+@fuzz(lambda st: [json_values(st)])
+def test_fuzz_request_and_response_converters(value):
+    body = value if isinstance(value, dict) else {"messages": value, "contents": value,
+                                                  "input": value}
+    for decode in (ag.openai_request_to_ir, ag.anthropic_request_to_ir,
+                   ag.responses_request_to_ir, ag.gemini_request_to_ir):
+        try:
+            ir = decode(dict(body))
+        except ag.GatewayError:
+            continue
+        for ctype in ag.CHANNEL_TYPES:
+            try:
+                ag.encode_upstream_chat(ctype, ir, "m", stream=True, max_tokens_cap=100)
+            except ag.GatewayError as exc:
+                assert exc.status == 400
+        try:
+            ag.estimate_tokens(ir)
+        except ag.GatewayError:
+            pass
+    for decode in (ag.openai_response_to_ir, ag.anthropic_response_to_ir,
+                   ag.gemini_response_to_ir, ag.ollama_response_to_ir):
+        try:
+            resp = decode(body)
+        except ag.GatewayError:
+            continue
+        ir = ag.empty_request("m")
+        for dialect in ag.DIALECTS.values():
+            try:
+                dialect.response(resp, "m", ir)
+            except ag.GatewayError as exc:
+                assert exc.status == 502
