@@ -630,14 +630,6 @@ def botocore_signed(service, region, call, session_token="FQoGZXIvYXdzEXAMPLE//t
     return req, headers
 
 
-class _Clock:
-    def __init__(self, now=1764590400.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
 # -- the old "Light AI Gateway" app's config.json, and `config check` naming every problem ------
 
 OLD_APP_KEY = "sk-gw-" + "Q" * 48          # the old app made 48 random characters after sk-gw-
