@@ -269,6 +269,15 @@ PRICES_IMPORT_MAX_BYTES = 64 * 1024 * 1024   # a models.dev api.json is ~2 MB
 READ_SIZE = 64 * 1024
 MAX_CONFIG_PROBLEMS = 100             # `config check` stops naming problems after this many
 
+# Event kinds, (kind, payload), from the Gateway (section 11) and the bridge (section 12) to the
+# window and the headless printer.
+EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
+EVENT_LOG = "log"                # a line for the activity log (str)
+EVENT_HEALTH = "health"          # Gateway.health_report(), when a channel starts to cool down
+EVENT_CONFIG = "config"          # None: config.json was reloaded from disk
+EVENT_STATE = "state"            # "running" | "stopped"
+EVENT_RESULT = "result"          # (tag, ok, value or error text) of a run_task
+
 OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
 RESPONSES = "responses"
@@ -10582,16 +10591,10 @@ class Gateway:
 # =================================================================================================
 # The only place the GUI thread and the server thread meet. The GUI calls start/stop/reload/
 # apply_config and run_task (tests also submit); events come back through ``events``, a
-# queue.Queue of (kind, payload) tuples of the kinds below. The Gateway (section 11) emits
-# request, log and health through the on_event callback it is given; the bridge adds config,
-# state and result.
+# queue.Queue of (kind, payload) tuples of the EVENT_* kinds (section 1). The Gateway (section 11)
+# emits request, log and health through the on_event callback it is given; the bridge adds
+# config, state and result.
 
-EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
-EVENT_LOG = "log"                # a line for the activity log (str)
-EVENT_HEALTH = "health"          # Gateway.health_report(), when a channel starts to cool down
-EVENT_CONFIG = "config"          # None: config.json was reloaded from disk
-EVENT_STATE = "state"            # "running" | "stopped"
-EVENT_RESULT = "result"          # (tag, ok, value or error text) of a run_task
 
 async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event,
                        interval: float) -> None:
