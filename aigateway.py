@@ -9905,12 +9905,14 @@ class Relay:
             except UpstreamError as exc:
                 raise GatewayError(exc.status, f"channel '{rec['channel']}': {exc.message}") \
                     from None
+            answer: Any = None
             if up.status < 300 and "json" in content_type:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
-                note_usage(rec, DIALECTS[dialect].usage(upstream_json(body, rec["channel"])))
+                answer = upstream_json(body, rec["channel"])
+                note_usage(rec, DIALECTS[dialect].usage(answer))
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
-            elif hold and "json" in content_type and self._passthrough_empty(dialect, body):
+            elif hold and self._passthrough_empty(dialect, answer):
                 raise self._empty_answer(up)
             rec["bytes_out"] = len(body)
             self.finish(rec)
@@ -9929,12 +9931,14 @@ class Relay:
                         keepalive=DIALECTS[dialect].keepalive if sse else None)
 
     @staticmethod
-    def _passthrough_empty(dialect: str, body: bytes) -> bool:
+    def _passthrough_empty(dialect: str, answer: Any) -> bool:
+        """Whether a passed-through answer (already parsed strictly, None when it is not
+        JSON) is a blank turn."""
+        if not isinstance(answer, dict):
+            return False
         try:
-            obj = json.loads(body)
-            return isinstance(obj, dict) and answer_is_empty(
-                DIALECTS[dialect].passthrough_decoders()[0](obj))
-        except (ValueError, UnicodeDecodeError, GatewayError):
+            return answer_is_empty(DIALECTS[dialect].passthrough_decoders()[0](answer))
+        except (ValueError, GatewayError):
             return False
 
     def _stream(self, up: UpstreamResponse, dialect: str, pt: SSEPassthrough | None, rec: Exchange,
