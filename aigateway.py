@@ -245,6 +245,8 @@ EVENTSTREAM_MAX_HEADER_BYTES = 128 * 1024   # botocore's event-stream parser ref
 GOOGLE_TOKEN_MARGIN = 300.0           # a Google access token is renewed this long before expiry
 GOOGLE_TOKEN_LAST = 30.0              # ... in the background until this little of it is left
 GOOGLE_ASSERTION_SECONDS = 3600       # JWT bearer assertion lifetime, Google's maximum
+MAX_SERVICE_ACCOUNT_FILE = 64 * 1024  # a service-account JSON key file (about 2.3 KiB) up to this
+MAX_TOKEN_SOURCES = 64                # service accounts whose access tokens are kept at once
 MAX_TOKEN_RESPONSE = 64 * 1024        # a token endpoint's answer (a few hundred bytes) up to this
 MAX_KEY_PEM = 64 * 1024               # a PEM private key (a 4096-bit RSA key is ~3.3 KiB)
 CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a config.json larger than this is refused, not read
@@ -289,6 +291,8 @@ TYPE_GEMINI = "gemini"
 TYPE_OLLAMA = "ollama"
 TYPE_CUSTOM = "custom"                # any OpenAI-compatible server
 TYPE_AZURE = "azure"                  # Azure OpenAI
+TYPE_BEDROCK = "bedrock"              # AWS Bedrock (InvokeModel for Claude, else Converse)
+TYPE_VERTEX = "vertex"                # Google Vertex AI (Gemini, and Claude by rawPredict)
 ANTHROPIC_VERSION = "2023-06-01"
 TOKEN_PREFIX = "sk-gw-"
 
@@ -1501,6 +1505,17 @@ def abort_connection(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+async def filtered_bytes(chunks: AsyncIterator[bytes], filt: Any) -> AsyncIterator[bytes]:
+    """``chunks`` through a byte filter (``feed(bytes) -> bytes``, ``end()``, such as
+    BedrockInvokeStream): what it makes of each piece, as the pieces arrive. ``end`` raises
+    when the body ended inside a frame."""
+    async for data in chunks:
+        out = filt.feed(data)
+        if out:
+            yield out
+    filt.end()
+
+
 async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
     """Close, waiting at most ``timeout`` for unsent data to go out; a peer that does not take
     it (a client that stopped reading) gets its connection aborted, so no socket stays open."""
@@ -2479,6 +2494,28 @@ class GoogleTokenSource:
         return token
 
 
+class CredentialCache:
+    """What channels sign their requests with and must keep between requests: one
+    GoogleTokenSource per service account (by key id and e-mail), so that channels sharing an
+    account share its token. At most MAX_TOKEN_SOURCES are kept (the oldest go first)."""
+
+    def __init__(self, client: UpstreamClient, clock: Callable[[], float] = time.time):
+        self.client, self.clock = client, clock
+        self._google: collections.OrderedDict[tuple, GoogleTokenSource] = \
+            collections.OrderedDict()
+
+    async def google_token(self, account: ServiceAccount, *, proxy: str = "",
+                           verify_tls: bool = True) -> str:
+        key = (account.email, account.key_id, account.token_uri, proxy, verify_tls)
+        src = self._google.get(key)
+        if src is None or src.account.key != account.key:
+            src = self._google[key] = GoogleTokenSource(account, self.client, clock=self.clock,
+                                                        proxy=proxy, verify_tls=verify_tls)
+            while len(self._google) > MAX_TOKEN_SOURCES:
+                self._google.popitem(last=False)
+        return await src.token()
+
+
 # =================================================================================================
 # 8. HTTP server
 # =================================================================================================
@@ -3329,17 +3366,55 @@ class ProviderAdapter:
     tool_name_rule: tuple[re.Pattern, int] | None = None    # (accepted names, longest)
     caps_in_encoder = False                   # encode_chat applies max_tokens_cap itself
     replaces_headers: frozenset[str] = frozenset()   # client headers its own replace
+    forwards_headers: frozenset[str] | None = None   # client headers relayed (None = all)
+    lists_models = True                       # the upstream has a model list to read
+    # Config fields of this type only: {name: (default, what it is, JSON types it takes)},
+    # type-checked by section 10 (check_fields says what else must hold); Channel.extra.
+    fields: dict[str, tuple[Any, str, tuple[type, ...]]] = {}
+    secret_fields: tuple[str, ...] = ()       # which of them are masked wherever shown
 
-    def relays(self, dialect: str, responses_api: bool) -> bool:
-        """Whether a ``dialect`` client's request goes to this channel type unchanged."""
+    def relays(self, dialect: str, responses_api: bool, model: str = "",
+               kind: str = "") -> bool:
+        """Whether a ``dialect`` client's request (route ``kind``, for upstream ``model``) goes
+        to this channel type as it came (relay_body may still rewrap the body)."""
         return dialect in self.serves_as_is or (
             dialect == RESPONSES and responses_api and self.responses_as_is)
+
+    def base_url_for(self, c: dict) -> str:
+        """The base URL of a channel (config dict ``c``) that leaves base_url empty."""
+        return self.default_url
+
+    def check_fields(self, c: dict) -> tuple[str, str, str] | None:
+        """(field, problem, fix) when this type's fields of config dict ``c`` do not fit
+        together, else None."""
+        return None
+
+    def credentials(self, c: dict) -> Any:
+        """What authorize signs with, prepared once per configuration (None: only api_key)."""
+        return None
+
+    def relay_body(self, body: bytes, obj: dict | None, model: str, stream: bool,
+                   incoming: Headers) -> bytes:
+        """A relayed request's body as this upstream takes it (``obj`` is it parsed)."""
+        return body
+
+    def answer_filter(self, model: str) -> Callable[[], Any] | None:
+        """A factory of a filter (``feed(bytes) -> bytes``, ``end()``) that turns a relayed
+        streaming answer into the client dialect's SSE, when the upstream frames it otherwise."""
+        return None
+
+    async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
+                        body: bytes, creds: Any) -> list[tuple[str, str]]:
+        """``headers`` with what signs this one request added (SigV4, an OAuth token from
+        ``creds``, a CredentialCache); by default they are complete already."""
+        return headers
 
     def auth_headers(self, api_key: str, incoming: Headers | None = None,
                      quirks: dict | None = None) -> list[tuple[str, str]]:
         return [("Authorization", f"Bearer {api_key}")] if api_key else []
 
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
         """Where a passed-through request for route ``path`` (a /v1/... path) goes."""
         return join_base_url(ch.base_url, path)
 
@@ -3369,9 +3444,10 @@ class ProviderAdapter:
             body["dimensions"] = dims
         return body
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], IRResponse], Callable[[], StreamDecoding]]:
-        """(whole-answer decoder, stream decoder factory) to IR."""
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], IRResponse],
+                                           Callable[[], StreamDecoding]]:
+        """(whole-answer decoder, stream decoder factory) to IR, for upstream ``model``."""
         raise NotImplementedError
 
     def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
@@ -4427,8 +4503,8 @@ class OpenAIProvider(ProviderAdapter):
         return apply_openai_quirks(ir_to_openai_request(ir, model, stream=opts.stream,
                                                         max_tokens_field=field), opts.quirks)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return openai_response_to_ir, OpenAIStreamDecoder
 
     def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
@@ -5485,8 +5561,8 @@ class AnthropicProvider(ProviderAdapter):
             ir, model, stream=opts.stream, max_tokens_cap=opts.max_tokens_cap,
             thinking_setting=opts.thinking, kept=opts.kept), opts.quirks)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return (lambda body: anthropic_response_to_ir(body, kept),
                 lambda: AnthropicStreamDecoder(kept))
 
@@ -6153,7 +6229,8 @@ class GeminiProvider(ProviderAdapter):
                      quirks: dict | None = None) -> list[tuple[str, str]]:
         return [("x-goog-api-key", api_key)] if api_key else []
 
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
         return gemini_model_path(ch.base_url, model, kind)
 
     def chat_url(self, ch: Any, model: str, stream: bool) -> str:
@@ -6172,8 +6249,8 @@ class GeminiProvider(ProviderAdapter):
     def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
         return gemini_embed_request(texts, model, dims)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return (lambda body: gemini_response_to_ir(body, signatures),
                 lambda: GeminiStreamDecoder(signatures))
 
@@ -6335,8 +6412,8 @@ class OllamaProvider(ProviderAdapter):
     def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
         return ir_to_ollama_request(ir, model, stream=opts.stream)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return ollama_response_to_ir, OllamaStreamDecoder
 
     def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
@@ -6381,7 +6458,8 @@ class AzureProvider(OpenAIProvider):
             return f"{base}/openai{suffix}{query}"
         return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
 
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
         return self.deployment_url(ch, model, path[3:] if path.startswith("/v1/") else path)
 
     def chat_url(self, ch: Any, model: str, stream: bool) -> str:
@@ -6532,11 +6610,12 @@ CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateCo
 
 def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
                       names: dict[str, str] | None = None,
-                      kept: dict[str, list[dict]] | None = None
+                      kept: dict[str, list[dict]] | None = None, model: str = ""
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-    """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
-    (upstream_tool_names) the calls that come back carry the client's tool names."""
-    whole, stream = PROVIDERS[ctype].decoders(signatures, kept)
+    """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
+    ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
+    client's tool names."""
+    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
     if not names:
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
@@ -6695,11 +6774,13 @@ def bedrock_url(base_url: str, model: str, operation: str) -> str:
     return f"{base_url.rstrip('/')}/model/{urllib.parse.quote(model, safe='')}/{operation}"
 
 
+BEDROCK_MODELS_PATH = "/foundation-models?byOutputModality=TEXT&byInferenceType=ON_DEMAND"
+
+
 def bedrock_models_url(region: str) -> str:
     """ListFoundationModels on the Bedrock control plane (host ``bedrock.{region}``, signing
     name ``bedrock``): the text models that can be called on demand."""
-    return (f"https://bedrock.{region}.amazonaws.com/foundation-models"
-            f"?byOutputModality=TEXT&byInferenceType=ON_DEMAND")
+    return f"https://bedrock.{region}.amazonaws.com{BEDROCK_MODELS_PATH}"
 
 
 def bedrock_model_ids(body: Any) -> list[str]:
@@ -6735,14 +6816,17 @@ def vertex_base_url(location: str) -> str:
 
 
 def vertex_model_url(base_url: str, project: str, location: str, publisher: str, model: str,
-                     method: str) -> str:
+                     method: str, *, sse: bool = True) -> str:
     """``.../v1/projects/{p}/locations/{l}/publishers/{publisher}/models/{m}:{method}``;
     publisher ``google`` (generateContent, streamGenerateContent, with ``?alt=sse`` so the
-    stream is SSE) or ``anthropic`` (rawPredict, streamRawPredict)."""
+    stream is SSE unless ``sse`` is False) or ``anthropic`` (rawPredict, streamRawPredict).
+    Without a project it is express mode's form, ``.../v1/publishers/google/models/{m}:...``
+    (Vertex AI in express mode REST reference: the global host, no projects or locations)."""
     q = functools.partial(urllib.parse.quote, safe="")
-    url = (f"{base_url.rstrip('/')}/v1/projects/{q(project)}/locations/{q(location)}/publishers/"
-           f"{q(publisher)}/models/{q(model)}:{method}")
-    return url + "?alt=sse" if method == "streamGenerateContent" else url
+    scope = f"/projects/{q(project)}/locations/{q(location)}" if project else ""
+    url = (f"{base_url.rstrip('/')}/v1{scope}/publishers/{q(publisher)}/models/{q(model)}:"
+           f"{method}")
+    return url + "?alt=sse" if sse and method == "streamGenerateContent" else url
 
 
 def vertex_raw_predict_body(body: dict) -> dict:
@@ -7027,6 +7111,291 @@ class ConverseStreamDecoder(StreamDecoder):
         return super().close()
 
 
+# The two channel types. Each serves two model families: Claude, in the Anthropic Messages
+# body (InvokeModel on Bedrock, rawPredict on Vertex), and the rest in the cloud's own chat
+# format (Converse on Bedrock, generateContent on Vertex). Which one a request takes follows
+# from the upstream model name (after model_mapping): names with "claude" or "anthropic." are
+# Claude. Anthropic clients' Claude requests and Gemini clients' Gemini requests are relayed
+# as they came (rewrapped for the cloud); the rest are converted. The key header (a Bedrock
+# API key as Bearer, a Vertex express-mode key as x-goog-api-key) comes from auth_headers;
+# SigV4 signatures and service-account tokens are added per request by authorize.
+
+# Tool names every family on them takes: Converse's toolSpec name is [a-zA-Z0-9_-]{1,64}
+# (bedrock-runtime service model, ToolName), Anthropic's fits, Gemini's starts with a letter
+# or underscore.
+CLOUD_TOOL_NAMES = (re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}\Z"), 64)
+_AWS_REGION_RX = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}\Z")
+_GCP_NAME_RX = re.compile(r"[a-z][a-z0-9-]{0,62}\Z")
+
+
+def is_claude_model(model: str) -> bool:
+    """Whether an upstream model id names Claude (anthropic.claude-..., us.anthropic...,
+    claude-sonnet-4-5@20250929, an ARN with either in it)."""
+    low = model.lower()
+    return "claude" in low or "anthropic." in low
+
+
+class FilteredStream:
+    """A stream decoder fed through a byte filter (``feed(bytes) -> bytes``, ``end()``), such as
+    BedrockInvokeStream before the Anthropic decoder. The filter's errors end the stream as an
+    ("error", exc) event, as the decoders' own do."""
+
+    __slots__ = ("_filter", "_inner", "_failed")
+
+    def __init__(self, filt: Any, inner: Any):
+        self._filter, self._inner, self._failed = filt, inner, False
+
+    def _fail(self, exc: GatewayError) -> list[tuple]:
+        self._failed = True
+        out: list[tuple] = []
+        self._inner._start(out)
+        return out + [("error", exc)]
+
+    def feed(self, data: bytes) -> list[tuple]:
+        if self._failed:
+            return []
+        try:
+            return self._inner.feed(self._filter.feed(data))
+        except GatewayError as exc:
+            return self._fail(exc)
+
+    def close(self) -> list[tuple]:
+        if self._failed:
+            return []
+        try:
+            self._filter.end()
+        except GatewayError as exc:
+            return self._fail(exc)
+        return self._inner.close()
+
+
+class CloudProvider(ProviderAdapter):
+    """What Bedrock and Vertex share: Claude in the Anthropic body, only the gateway's own
+    headers upstream (a client's Anthropic or Google headers mean nothing to a cloud API),
+    media only inline."""
+
+    serves_as_is = (ANTHROPIC,)
+    forwards_headers: frozenset[str] | None = frozenset()
+    inline_media = ("image/", "application/pdf")
+    tool_name_rule = CLOUD_TOOL_NAMES
+    anthropic = AnthropicProvider()
+
+    def claude_body(self, body: dict, incoming: Headers | None) -> dict:
+        raise NotImplementedError
+
+    def relay_body(self, body: bytes, obj: dict | None, model: str, stream: bool,
+                   incoming: Headers) -> bytes:
+        if obj is None or not is_claude_model(model):
+            return body
+        return json_dumps(self.claude_body(obj, incoming))
+
+    def encode_claude(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
+        return self.claude_body(self.anthropic.encode_chat(ir, model, opts), None)
+
+    def claude_decoders(self, kept: dict[str, list[dict]] | None
+                        ) -> tuple[Callable[[dict], IRResponse], Callable[[], StreamDecoding]]:
+        return self.anthropic.decoders(None, kept)
+
+
+class BedrockProvider(CloudProvider):
+    name = TYPE_BEDROCK
+    fields = {"region": ("", "an AWS region such as us-east-1", (str,)),
+              "aws_access_key_id": ("", "an AWS access key id, or \"\"", (str,)),
+              "aws_secret_access_key": ("", "an AWS secret access key, or \"\"", (str,)),
+              "aws_session_token": ("", "an AWS session token, or \"\"", (str,))}
+    secret_fields = ("aws_secret_access_key", "aws_session_token")
+
+    def relays(self, dialect: str, responses_api: bool, model: str = "",
+               kind: str = "") -> bool:
+        return dialect == ANTHROPIC and kind == "messages" and is_claude_model(model)
+
+    def base_url_for(self, c: dict) -> str:
+        region = c.get("region") or ""
+        return bedrock_base_url(region) if _AWS_REGION_RX.match(region) else ""
+
+    def check_fields(self, c: dict) -> tuple[str, str, str] | None:
+        if not _AWS_REGION_RX.match(c.get("region") or ""):
+            return ("region", f"{(c.get('region') or '')[:40]!r} is not an AWS region",
+                    'write the region of your Bedrock models, such as "us-east-1"')
+        has_id, has_secret = bool(c.get("aws_access_key_id")), bool(
+            c.get("aws_secret_access_key"))
+        if has_id != has_secret:
+            missing = "aws_secret_access_key" if has_id else "aws_access_key_id"
+            return (missing, "is empty while its pair is set",
+                    "write both the access key id and its secret, or neither")
+        if c.get("aws_session_token") and not has_id:
+            return ("aws_session_token", "is set without an access key",
+                    "write the temporary credentials' access key id and secret too")
+        if not has_id and not c.get("api_key") and not c.get("api_keys"):
+            return ("api_key", "is empty and no AWS access key is set",
+                    "write a Bedrock API key, or aws_access_key_id and aws_secret_access_key")
+        return None
+
+    def credentials(self, c: dict) -> Any:
+        if not c.get("aws_access_key_id"):
+            return None
+        return (c["aws_access_key_id"], c["aws_secret_access_key"],
+                c.get("aws_session_token") or None)
+
+    async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
+                        body: bytes, creds: Any) -> list[tuple[str, str]]:
+        if ch.creds is None or ch.api_key:          # a Bedrock API key is a Bearer token
+            return headers
+        access, secret, session = ch.creds
+        return headers + sigv4_headers(method, url, headers, body, region=ch.extra["region"],
+                                       service="bedrock", access_key=access, secret_key=secret,
+                                       session_token=session, now=creds.clock())
+
+    def claude_body(self, body: dict, incoming: Headers | None) -> dict:
+        return bedrock_invoke_body(body, incoming.get("anthropic-beta") if incoming else None)
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
+        return self.chat_url(ch, model, stream)
+
+    def answer_filter(self, model: str) -> Callable[[], Any] | None:
+        return BedrockInvokeStream if is_claude_model(model) else None
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        if is_claude_model(model):
+            return bedrock_url(ch.base_url, model,
+                               "invoke-with-response-stream" if stream else "invoke")
+        return bedrock_url(ch.base_url, model, "converse-stream" if stream else "converse")
+
+    def models_url(self, ch: Any) -> str:
+        """ListFoundationModels: on the control-plane host when base_url is the default one,
+        else under base_url (a private endpoint or a test's fake)."""
+        if ch.base_url == self.base_url_for(ch.extra):
+            return bedrock_models_url(ch.extra["region"])
+        return ch.base_url.rstrip("/") + BEDROCK_MODELS_PATH
+
+    def parse_models(self, body: Any) -> list[str]:
+        return bedrock_model_ids(body)
+
+    def encode_chat(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
+        if is_claude_model(model):
+            return self.encode_claude(ir, model, opts)
+        return ir_to_converse_request(ir)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], IRResponse],
+                                           Callable[[], StreamDecoding]]:
+        if is_claude_model(model):
+            whole, stream = self.claude_decoders(kept)
+            return whole, lambda: FilteredStream(BedrockInvokeStream(), stream())
+        return (lambda body: converse_response_to_ir(body, model),
+                lambda: ConverseStreamDecoder(model))
+
+
+class VertexProvider(CloudProvider):
+    name = TYPE_VERTEX
+    serves_as_is = (ANTHROPIC, GEMINI)
+    forwards_headers = frozenset(("anthropic-beta",))   # Vertex takes betas as the header
+    lists_models = False
+    fields = {"project": ("", "a Google Cloud project id, or \"\" (express mode)", (str,)),
+              "location": ("global", 'a Vertex AI location such as "global" or "us-east5"',
+                           (str,)),
+              "service_account": ("", "the path of a service-account JSON key file, or the "
+                                      "key's JSON object", (str, dict))}
+    secret_fields = ("service_account",)
+    gemini = GeminiProvider()
+
+    def relays(self, dialect: str, responses_api: bool, model: str = "",
+               kind: str = "") -> bool:
+        if is_claude_model(model):
+            return dialect == ANTHROPIC and kind == "messages"
+        return dialect == GEMINI and kind in ("generateContent", "streamGenerateContent")
+
+    def base_url_for(self, c: dict) -> str:
+        location = c.get("location") or "global"
+        return vertex_base_url(location) if _GCP_NAME_RX.match(location) else ""
+
+    def check_fields(self, c: dict) -> tuple[str, str, str] | None:
+        if not _GCP_NAME_RX.match(c.get("location") or "global"):
+            return ("location", f"{c['location'][:40]!r} is not a Vertex AI location",
+                    'write "global" or a region such as "us-east5"')
+        if c.get("project") and not re.fullmatch(r"[a-z][a-z0-9:.-]{2,62}", c["project"]):
+            return ("project", f"{c['project'][:40]!r} is not a Google Cloud project id",
+                    "write the project's id (lower case), as the console shows it")
+        account = c.get("service_account")
+        if account:
+            if not c.get("project"):
+                return ("project", "is empty while a service account is set",
+                        "write the id of the project the service account may use")
+            try:
+                self.credentials(c)
+            except ConfigError as exc:
+                return ("service_account", str(exc).split(": ", 1)[-1],
+                        "point it at the JSON key file Google Cloud downloaded")
+        elif not c.get("api_key") and not c.get("api_keys"):
+            return ("api_key", "is empty and no service account is set",
+                    "write a Vertex AI API key (express mode), or set service_account")
+        return None
+
+    def credentials(self, c: dict) -> Any:
+        info = c.get("service_account")
+        if not info:
+            return None
+        if isinstance(info, str):
+            path = os.path.expanduser(info)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_SERVICE_ACCOUNT_FILE + 1)
+            except OSError as exc:
+                raise ConfigError(f"service_account: cannot read {info!r} "
+                                  f"({exc.strerror or exc})") from None
+            if len(data) > MAX_SERVICE_ACCOUNT_FILE:
+                raise ConfigError(f"service_account: {info!r} is larger than a key file")
+            try:
+                info = json_loads(data, "the service-account key file")
+            except GatewayError as exc:
+                raise ConfigError(f"service_account: {exc.message}") from None
+        return service_account(info)
+
+    async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
+                        body: bytes, creds: Any) -> list[tuple[str, str]]:
+        if ch.creds is None:
+            return headers
+        token = await creds.google_token(ch.creds, proxy=ch.proxy, verify_tls=ch.verify_tls)
+        return [(n, v) for n, v in headers if n.lower() != "authorization"] + [
+            ("Authorization", f"Bearer {token}")]
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None,
+                     quirks: dict | None = None) -> list[tuple[str, str]]:
+        return self.gemini.auth_headers(api_key)
+
+    def claude_body(self, body: dict, incoming: Headers | None) -> dict:
+        return vertex_raw_predict_body(body)
+
+    def url(self, ch: Any, model: str, method: str, sse: bool = True) -> str:
+        publisher = "anthropic" if is_claude_model(model) else "google"
+        return vertex_model_url(ch.base_url, ch.extra["project"], ch.extra["location"] or
+                                "global", publisher, model, method, sse=sse)
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
+        if is_claude_model(model):
+            return self.chat_url(ch, model, stream)
+        return self.url(ch, model, kind, sse=False)    # the client's ?alt=sse is kept
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        if is_claude_model(model):
+            return self.url(ch, model, "streamRawPredict" if stream else "rawPredict")
+        return self.url(ch, model, "streamGenerateContent" if stream else "generateContent")
+
+    def encode_chat(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
+        if is_claude_model(model):
+            return self.encode_claude(ir, model, opts)
+        return self.gemini.encode_chat(ir, model, opts)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], IRResponse],
+                                           Callable[[], StreamDecoding]]:
+        if is_claude_model(model):
+            return self.claude_decoders(kept)
+        return self.gemini.decoders(signatures, kept)
+
+
 def guess_dialect(path: str, headers: Headers) -> str:
     """The dialect of a request the gateway could not route (for its error's shape)."""
     if "anthropic-version" in headers or "/messages" in path:
@@ -7050,7 +7419,7 @@ DIALECTS: dict[str, DialectAdapter] = {d.name: d for d in (
     OpenAIDialect(), ResponsesDialect(), AnthropicDialect(), GeminiDialect())}
 PROVIDERS: dict[str, ProviderAdapter] = {p.name: p for p in (
     OpenAIProvider(), AnthropicProvider(), GeminiProvider(), OllamaProvider(), CustomProvider(),
-    AzureProvider())}
+    AzureProvider(), BedrockProvider(), VertexProvider())}
 
 # Derived views, for validation, routes, the GUI and the command line.
 CHANNEL_TYPES = tuple(PROVIDERS)
@@ -7383,14 +7752,16 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
             raise ck.fail(f"{where}.type", f"{ctype!r} is not a channel type",
                           f"use one of {', '.join(CHANNEL_TYPES)}")
         ck.typed(ch, "base_url", where, (str,), "a URL")
+        ck.typed(ch, "api_key", where, (str,), "a string")
+        ck.str_list(ch, "api_keys", where)
+        derived = _check_type_fields(ck, ch, where)
         if not ch["base_url"].strip():
-            if not CHANNEL_DEFAULT_URLS[ctype]:
+            if not CHANNEL_DEFAULT_URLS[ctype] and not derived:
                 raise ck.fail(f"{where}.base_url", "is empty",
                               "write the server's URL, such as http://localhost:8000/v1")
-            ch["base_url"] = CHANNEL_DEFAULT_URLS[ctype]
-        ck.url(ch["base_url"], f"{where}.base_url", allow_empty=False, schemes=("http", "https"),
-               example="https://api.openai.com")
-        ck.typed(ch, "api_key", where, (str,), "a string")
+            ch["base_url"] = CHANNEL_DEFAULT_URLS[ctype]     # "" when derived (Channel)
+        ck.url(ch["base_url"] or derived, f"{where}.base_url", allow_empty=False,
+               schemes=("http", "https"), example="https://api.openai.com")
         ck.str_list(ch, "models", where)
         ck.str_map(ch, "model_mapping", where, '{"gpt-4o": "gpt-4o-2024-11-20"}')
         ck.typed(ch, "priority", where, (int,), "a whole number (lower is tried first)")
@@ -7408,7 +7779,6 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
         if ck.typed(ch, "thinking", where, (str,), "a thinking mode") not in THINKING_MODES:
             raise ck.fail(f"{where}.thinking", f"{ch['thinking']!r} is not a thinking mode",
                           'write "auto" (by model name), "adaptive" or "budget"')
-        ck.str_list(ch, "api_keys", where)
         mc = ck.typed(ch, "max_concurrency", where, (int,), "a whole number (0 = no limit)")
         if mc < 0:
             raise ck.fail(f"{where}.max_concurrency", f"{mc} is negative", "use 0 for no limit")
@@ -7427,6 +7797,20 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
             if not header_ok(name, value):
                 raise ck.fail(f"{where}.headers", f"{name!r} is not a valid header",
                               "use header names without spaces and values without line breaks")
+
+
+def _check_type_fields(ck: _Checker, ch: dict, where: str) -> str:
+    """The fields of the channel's type only (ProviderAdapter.fields: Bedrock's region and
+    AWS keys, Vertex's project, location and service account), defaults filled in, then the
+    adapter's own check. Returns the base URL the type derives from them ("" when none)."""
+    provider = PROVIDERS[ch["type"]]
+    for key, (default, what, types) in provider.fields.items():
+        ch.setdefault(key, copy.deepcopy(default))
+        ck.typed(ch, key, where, types, what)
+    problem = provider.check_fields(ch)
+    if problem is not None:
+        raise ck.fail(f"{where}.{problem[0]}", problem[1], problem[2])
+    return provider.base_url_for(ch) if not provider.default_url else ""
 
 
 def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
@@ -8146,14 +8530,18 @@ class Channel:
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
                  "responses_api", "api_version", "keys", "max_concurrency", "quirks", "thinking",
-                 "preset", "weight", "overrides", "_exact")
+                 "preset", "weight", "overrides", "extra", "creds", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
         self.name: str = c["name"]
         self.type: str = c["type"]
-        self.base_url: str = c["base_url"]
+        provider = PROVIDERS[self.type]
+        self.base_url: str = c["base_url"] or provider.base_url_for(c)
         self.api_key: str = c["api_key"]
+        # The type's own fields (region, project, ...) and what they sign with, prepared here.
+        self.extra: dict[str, Any] = {k: c.get(k, f[0]) for k, f in provider.fields.items()}
+        self.creds: Any = provider.credentials(c)
         self.models: list[str] = c["models"]
         self.mapping = {k.lower(): v for k, v in c["model_mapping"].items()}
         self.priority: int = c["priority"]
@@ -9653,6 +10041,7 @@ class Relay:
         self.affinity, self.capture, self.access = affinity, capture, access
         self.log, self.finish, self.on_health = log, finish, on_health
         self.settings: dict = {}                 # the Gateway's, set by apply_config
+        self.creds = CredentialCache(client)     # what channels sign requests with
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
 
@@ -9694,9 +10083,10 @@ class Relay:
         route, model, obj = job.route, job.model, job.obj
         provider = PROVIDERS[ch.type]
         method = "POST"
-        if provider.relays(job.dialect, ch.responses_api) and not job.foreign:
+        if provider.relays(job.dialect, ch.responses_api, job.rec["upstream_model"],
+                           route.kind) and not job.foreign:
             answer, method = "passthrough", job.req.method
-            url, hdrs, body = self._upstream_request(ch, route, job.req, model, obj)
+            url, hdrs, body = self._upstream_request(ch, route, job.req, model, obj, job.stream)
         elif route.kind in _EMBED_KINDS:
             if job.texts is None and route.kind == "embeddings":
                 job.texts, job.dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
@@ -9725,10 +10115,11 @@ class Relay:
         next key or channel may serve (401, 403, 408, 429, 5xx), ContextOverflow when the
         prompt is too long for any channel."""
         ch, rec = at.ch, job.rec
-        exchange = self.capture.upstream(rec["id"], at.method, at.url, at.headers, at.body)
+        headers = await self.signed(ch, at.method, at.url, at.headers, at.body)
+        exchange = self.capture.upstream(rec["id"], at.method, at.url, headers, at.body)
         await self.limits.acquire_slot(ch, rec)
         t0 = time.perf_counter()
-        up = await self.client.request(at.method, at.url, at.headers, at.body, proxy=ch.proxy,
+        up = await self.client.request(at.method, at.url, headers, at.body, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=ch.timeout)
         self.capture.response(exchange, up)
         overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
@@ -9759,7 +10150,7 @@ class Relay:
         """The client's answer from the upstream's, by the try's answer kind; raises
         UpstreamError for a blank answer while holding (the next channel is tried)."""
         if at.answer == "passthrough":
-            return await self._answer(job, up)
+            return await self._answer(job, up, at.ch)
         if at.answer == "embeddings":
             return await self._answer_embeddings(job, up, at.ch)
         return await self._answer_converted(job, up, at.ch)
@@ -9785,28 +10176,35 @@ class Relay:
     # -- request builders ------------------------------------------------------------------------
 
     def _upstream_request(self, ch: Channel, route: Route, req: Request, model: str,
-                          obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
+                          obj: dict | None, stream: bool = False
+                          ) -> tuple[str, list[tuple[str, str]], bytes]:
         body = req.body
         target = ch.upstream_model(model)
+        provider = PROVIDERS[ch.type]
         if ch.quirks and route.kind in ("chat", "messages") and obj is not None:
-            body = json_dumps(PROVIDERS[ch.type].quirks(dict(obj, model=model), ch.quirks))
+            obj = provider.quirks(dict(obj, model=model), ch.quirks)
+            body = json_dumps(obj)
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
                                                "model", target)
             elif "model" in obj:
                 body = replace_json_model(body, model, target)
+        body = provider.relay_body(body, obj, target, stream, req.headers)
         query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
             if req.query else ""
-        provider = PROVIDERS[ch.type]
-        url = provider.passthrough_url(ch, route.path, route.kind, target)
+        url = provider.passthrough_url(ch, route.path, route.kind, target, stream)
         if query:
             url += ("&" if "?" in url else "?") + query
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
+        kept = provider.forwards_headers
         hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
                 and n.lower() not in listed and n.lower() not in extra
-                and n.lower() not in provider.replaces_headers]
+                and n.lower() not in provider.replaces_headers
+                and (kept is None or n.lower() in kept)]
+        if kept is not None and obj is not None:
+            hdrs.append(("Content-Type", "application/json"))
         hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
                  if n.lower() not in extra]
         hdrs += ch.headers
@@ -9832,6 +10230,12 @@ class Relay:
         provider = PROVIDERS[ch.type]
         return (provider.embeddings_url(ch, target), self.native_headers(ch),
                 json_dumps(provider.encode_embeddings(texts, target, dims)))
+
+    async def signed(self, ch: Channel, method: str, url: str, headers: list[tuple[str, str]],
+                     body: bytes) -> list[tuple[str, str]]:
+        """The headers of one upstream request with what its channel signs it with (SigV4, a
+        service account's token); the channel's failure when that cannot be had."""
+        return await PROVIDERS[ch.type].authorize(ch, method, url, headers, body, self.creds)
 
     @staticmethod
     def native_headers(ch: Channel) -> list[tuple[str, str]]:
@@ -9883,9 +10287,10 @@ class Relay:
 
     # -- answers ---------------------------------------------------------------------------------
 
-    async def _answer(self, job: Job, up: UpstreamResponse) -> Response:
+    async def _answer(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
         """The answer of a channel the request was passed through to, forwarded as it came
-        (a whole JSON answer checked and, holding, looked into for content first)."""
+        (a whole JSON answer checked and, holding, looked into for content first; a stream in
+        another framing turned into SSE by the adapter's answer_filter)."""
         dialect, rec, req = job.dialect, job.rec, job.req
         hold = job.hold and job.route.kind in CHAT_KINDS
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
@@ -9893,6 +10298,12 @@ class Relay:
         rec["status"] = up.status
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         content_type = up.content_type.lower()
+        make_filter = PROVIDERS[ch.type].answer_filter(rec["upstream_model"]) \
+            if up.status < 300 and "json" not in content_type else None
+        if make_filter is not None:
+            content_type = "text/event-stream"
+            hdrs = [(n, v) for n, v in hdrs if n.lower() != "content-type"] + [
+                ("Content-Type", content_type)]
         sse = content_type.startswith("text/event-stream")
         length = up.headers.get("content-length")
         small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
@@ -9918,7 +10329,8 @@ class Relay:
             self.finish(rec)
             return Response(up.status, hdrs, body)
         pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
-        chunks = up.iter_bytes()
+        chunks = up.iter_bytes() if make_filter is None else \
+            filtered_bytes(up.iter_bytes(), make_filter())
         held: list[bytes] = []
         if sse and hold and up.status < 300:
             stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
@@ -9990,7 +10402,7 @@ class Relay:
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
                                                          upstream_tool_names(ir, ch.type),
-                                                         self.thinking)
+                                                         self.thinking, rec["upstream_model"])
         if up.status >= 300:
             await self.read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
@@ -10528,23 +10940,28 @@ class Gateway:
         ir["max_tokens"] = 16
         url, hdrs, body = self.relay.converted_request(ch, ir, model)
         t0 = time.perf_counter()
+        hdrs = await self.relay.signed(ch, "POST", url, hdrs, body)
         up = await self.client.request("POST", url, hdrs, body, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 60))
         raw = await self.relay.read_converted(up, ch)
         latency = (time.perf_counter() - t0) * 1000
-        resp = upstream_decoders(ch.type)[0](upstream_json(raw, ch.name))
+        resp = upstream_decoders(ch.type, model=ch.upstream_model(model))[0](
+            upstream_json(raw, ch.name))
         return {"model": model, "latency_ms": round(latency, 1),
                 "reply": parts_text(resp["content"])[:200]}
 
     async def fetch_models(self, ch: Channel) -> list[str]:
         """The model names a channel's upstream lists (``/v1/models``; Gemini ``models``;
         Ollama ``/api/tags``), for the GUI's model picker."""
-        if PRESETS.get(ch.preset, {}).get("model_list") is False:
-            raise GatewayError(400, f"{PRESETS[ch.preset]['label']} has no model list the "
-                                    f"gateway can read; type the model names")
         provider = PROVIDERS[ch.type]
+        if PRESETS.get(ch.preset, {}).get("model_list") is False or not provider.lists_models:
+            label = PRESETS[ch.preset]["label"] if ch.preset in PRESETS else \
+                f"A {ch.type} channel"
+            raise GatewayError(400, f"{label} has no model list the gateway can read; type the "
+                                    f"model names")
         url = provider.models_url(ch)
         hdrs = [(n, v) for n, v in self.relay.native_headers(ch) if n.lower() != "content-type"]
+        hdrs = await self.relay.signed(ch, "GET", url, hdrs, b"")
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
         raw = await self.relay.read_converted(up, ch)
