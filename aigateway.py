@@ -158,7 +158,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable, Literal, Protocol, TypedDict
+from typing import Any, AsyncIterator, Callable, Iterable, Literal, NamedTuple, Protocol, TypedDict
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -3340,6 +3340,16 @@ class DialectAdapter:
         raise NotImplementedError
 
 
+class TypeField(NamedTuple):
+    """A config field that only one channel type has."""
+
+    default: Any
+    label: str                                # as the channel dialog names it
+    what: str                                 # what a valid value is, for errors
+    types: tuple[type, ...] = (str,)          # the JSON types it takes
+    secret: bool = False                      # masked wherever it is shown
+
+
 @dataclass(slots=True)
 class ChatOptions:
     """What a channel's chat request is built with besides the IR and the model."""
@@ -3368,10 +3378,9 @@ class ProviderAdapter:
     replaces_headers: frozenset[str] = frozenset()   # client headers its own replace
     forwards_headers: frozenset[str] | None = None   # client headers relayed (None = all)
     lists_models = True                       # the upstream has a model list to read
-    # Config fields of this type only: {name: (default, what it is, JSON types it takes)},
-    # type-checked by section 10 (check_fields says what else must hold); Channel.extra.
-    fields: dict[str, tuple[Any, str, tuple[type, ...]]] = {}
-    secret_fields: tuple[str, ...] = ()       # which of them are masked wherever shown
+    # Config fields of this type only, type-checked by section 10 (check_fields says what
+    # else must hold), shown by the channel dialog, kept in Channel.extra.
+    fields: dict[str, TypeField] = {}
 
     def relays(self, dialect: str, responses_api: bool, model: str = "",
                kind: str = "") -> bool:
@@ -7199,11 +7208,12 @@ class CloudProvider(ProviderAdapter):
 
 class BedrockProvider(CloudProvider):
     name = TYPE_BEDROCK
-    fields = {"region": ("", "an AWS region such as us-east-1", (str,)),
-              "aws_access_key_id": ("", "an AWS access key id, or \"\"", (str,)),
-              "aws_secret_access_key": ("", "an AWS secret access key, or \"\"", (str,)),
-              "aws_session_token": ("", "an AWS session token, or \"\"", (str,))}
-    secret_fields = ("aws_secret_access_key", "aws_session_token")
+    fields = {"region": TypeField("", "AWS region", 'an AWS region such as "us-east-1"'),
+              "aws_access_key_id": TypeField("", "Access key ID", 'an AWS access key id, or ""'),
+              "aws_secret_access_key": TypeField("", "Secret access key",
+                                                 'an AWS secret access key, or ""', secret=True),
+              "aws_session_token": TypeField("", "Session token", 'an AWS session token, or ""',
+                                             secret=True)}
 
     def relays(self, dialect: str, responses_api: bool, model: str = "",
                kind: str = "") -> bool:
@@ -7292,12 +7302,13 @@ class VertexProvider(CloudProvider):
     serves_as_is = (ANTHROPIC, GEMINI)
     forwards_headers = frozenset(("anthropic-beta",))   # Vertex takes betas as the header
     lists_models = False
-    fields = {"project": ("", "a Google Cloud project id, or \"\" (express mode)", (str,)),
-              "location": ("global", 'a Vertex AI location such as "global" or "us-east5"',
-                           (str,)),
-              "service_account": ("", "the path of a service-account JSON key file, or the "
-                                      "key's JSON object", (str, dict))}
-    secret_fields = ("service_account",)
+    fields = {"project": TypeField("", "Project", 'a Google Cloud project id, or "" (express '
+                                                  'mode)'),
+              "location": TypeField("global", "Location",
+                                    'a Vertex AI location such as "global" or "us-east5"'),
+              "service_account": TypeField("", "Service account",
+                                           "the path of a service-account JSON key file, or the "
+                                           "key's JSON object", (str, dict), secret=True)}
     gemini = GeminiProvider()
 
     def relays(self, dialect: str, responses_api: bool, model: str = "",
@@ -7804,9 +7815,9 @@ def _check_type_fields(ck: _Checker, ch: dict, where: str) -> str:
     AWS keys, Vertex's project, location and service account), defaults filled in, then the
     adapter's own check. Returns the base URL the type derives from them ("" when none)."""
     provider = PROVIDERS[ch["type"]]
-    for key, (default, what, types) in provider.fields.items():
-        ch.setdefault(key, copy.deepcopy(default))
-        ck.typed(ch, key, where, types, what)
+    for key, f in provider.fields.items():
+        ch.setdefault(key, copy.deepcopy(f.default))
+        ck.typed(ch, key, where, f.types, f.what)
     problem = provider.check_fields(ch)
     if problem is not None:
         raise ck.fail(f"{where}.{problem[0]}", problem[1], problem[2])
@@ -8540,7 +8551,7 @@ class Channel:
         self.base_url: str = c["base_url"] or provider.base_url_for(c)
         self.api_key: str = c["api_key"]
         # The type's own fields (region, project, ...) and what they sign with, prepared here.
-        self.extra: dict[str, Any] = {k: c.get(k, f[0]) for k, f in provider.fields.items()}
+        self.extra: dict[str, Any] = {k: c.get(k, f.default) for k, f in provider.fields.items()}
         self.creds: Any = provider.credentials(c)
         self.models: list[str] = c["models"]
         self.mapping = {k.lower(): v for k, v in c["model_mapping"].items()}
@@ -8561,6 +8572,18 @@ class Channel:
         self.weight = float(c["weight"])
         self.overrides: list[dict] = c["overrides"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
+
+    def secrets(self) -> list[str]:
+        """Every credential of this channel (its keys, its type's secret fields, a service
+        account's private key), for masking."""
+        out = list(self.keys)
+        for name, f in PROVIDERS[self.type].fields.items():
+            value = self.extra.get(name)
+            if f.secret and isinstance(value, str) and value:
+                out.append(value)
+            elif f.secret and isinstance(value, dict):
+                out += [v for v in value.values() if isinstance(v, str) and len(v) > 40]
+        return out
 
     def serves(self, model: str) -> bool:
         low = model.lower()
@@ -9034,7 +9057,7 @@ def apply_overrides(body: bytes, headers: list[tuple[str, str]], rules: list[dic
 
 # Headers whose values are credentials: a capture shows them masked.
 _SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "x-api-key",
-                             "x-goog-api-key", "api-key", "cookie"))
+                             "x-goog-api-key", "api-key", "cookie", "x-amz-security-token"))
 _KEY_PARAM_RX = re.compile(r"([?&](?:key|api_key|api-key)=)[^&\s\"']+", re.I)
 _BEARER_RX = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
 
@@ -10623,7 +10646,7 @@ class Gateway:
         self.alias_names = list(s["aliases"])
         capture_file = s["debug_capture_file"]
         self.capture.configure(s["debug_capture"], capture_file and os.path.join(
-            self.config_dir, capture_file), [k for ch in self.channels for k in ch.keys] +
+            self.config_dir, capture_file), [k for ch in self.channels for k in ch.secrets()] +
             [t["key"] for t in config["tokens"]], self.log)
         log_path = os.path.join(self.config_dir, s["log_file"]) if s["log_requests"] else None
         if self._request_log is not None and self._request_log.path != log_path:
@@ -11753,6 +11776,11 @@ def _dialog(app: App, title: str, parent: Any = None) -> tuple[Any, Any]:
     return top, body
 
 
+def _field_text(value: Any) -> str:
+    """A channel type's field as its dialog entry shows it (a JSON object as JSON)."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else str(value)
+
+
 def _changed(fields: dict, original: dict) -> dict:
     """The dialog's fields that differ from the item it opened with: only these are saved, so
     an edit of the file made while the dialog was open survives."""
@@ -11827,7 +11855,16 @@ class ChannelDialog:
                                      values=CHANNEL_TYPES)
         self.type_box.bind("<<ComboboxSelected>>", self._type_changed)
         field("Type", self.type_box)
-        field("Base URL", ttk.Entry(body, textvariable=self.vars["base_url"]))
+        field("Base URL", ttk.Entry(body, textvariable=self.vars["base_url"]),
+              "empty = the type's default")
+        # The fields of the chosen type only (Bedrock's region and keys, Vertex's project...).
+        self.type_vars = {name: tk.StringVar(value=_field_text(c.get(name, f.default)))
+                          for p in PROVIDERS.values() for name, f in p.fields.items()}
+        self.type_frame = ttk.Frame(body)
+        self.type_frame.grid(row=row, column=0, columnspan=3, sticky="we")
+        self.type_frame.columnconfigure(1, weight=1)
+        self.type_entries: list[Any] = []
+        row += 1
         keyrow = ttk.Frame(body)
         self.key_entry = ttk.Entry(keyrow, textvariable=self.vars["api_key"], show="•")
         self.key_entry.pack(side="left", fill="x", expand=True)
@@ -11884,12 +11921,47 @@ class ChannelDialog:
             side="right", padx=(0, 6))
         body.columnconfigure(1, weight=1)
         self.result: dict | None = None
+        self._show_type_fields()
         top.bind("<Escape>", lambda e: top.destroy())
+
+    def _show_type_fields(self) -> None:
+        """One row per field of the chosen channel type; secret ones masked like the key."""
+        for child in self.type_frame.winfo_children():
+            child.destroy()
+        self.type_entries = []
+        fields = PROVIDERS[self.vars["type"].get()].fields
+        for i, (name, f) in enumerate(fields.items()):
+            ttk.Label(self.type_frame, text=f.label).grid(row=i, column=0, sticky="nw", pady=3,
+                                                          padx=(0, 10))
+            entry = ttk.Entry(self.type_frame, textvariable=self.type_vars[name],
+                              show="•" if f.secret and not self.vars["show_key"].get() else "")
+            entry.grid(row=i, column=1, sticky="we", pady=3)
+            if f.secret:
+                self.type_entries.append(entry)
+            ttk.Label(self.type_frame, text=f.what, style="Muted.TLabel", wraplength=260).grid(
+                row=i, column=2, sticky="w", padx=(8, 0))
+
+    def _type_fields(self) -> dict:
+        """The chosen type's fields as the config holds them (a JSON object where one is
+        taken and the text is one)."""
+        out: dict[str, Any] = {}
+        for name, f in PROVIDERS[self.vars["type"].get()].fields.items():
+            text = self.type_vars[name].get().strip()
+            if dict in f.types and text.startswith("{"):
+                try:
+                    out[name] = json.loads(text)
+                except ValueError:
+                    raise ValueError(f"{f.label} is a file path or a JSON object") from None
+            else:
+                out[name] = text
+        return out
 
     def _toggle_keys(self) -> None:
         show = "" if self.vars["show_key"].get() else "•"
         self.key_entry.configure(show=show)
         self.more_keys.configure(show=show)
+        for entry in self.type_entries:
+            entry.configure(show=show)
 
     def _preset_note(self) -> str:
         p = PRESETS.get(self.vars["preset"].get())
@@ -11905,6 +11977,7 @@ class ChannelDialog:
         if p is None:
             return
         self.vars["type"].set(p["type"])
+        self._show_type_fields()
         self.vars["base_url"].set(p["base_url"])
         self.vars["quirks"].set(json.dumps(p.get("quirks", {}), ensure_ascii=False))
         if p.get("headers"):
@@ -11922,6 +11995,7 @@ class ChannelDialog:
         current = self.vars["base_url"].get().strip()
         if not current or current in CHANNEL_DEFAULT_URLS.values():
             self.vars["base_url"].set(CHANNEL_DEFAULT_URLS[self.vars["type"].get()])
+        self._show_type_fields()
 
     def fields(self) -> dict:
         v = self.vars
@@ -11948,7 +12022,7 @@ class ChannelDialog:
             raise ValueError("Weight is a positive number, such as 1 or 3") from None
         preset = {"preset": v["preset"].get()} if v["preset"].get() or \
             "preset" in (self.channel or {}) else {}
-        return {**preset, "quirks": quirks,
+        return {**preset, **self._type_fields(), "quirks": quirks,
                 "name": v["name"].get().strip(), "type": v["type"].get(),
                 "base_url": v["base_url"].get().strip(), "api_key": v["api_key"].get().strip(),
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
@@ -13095,6 +13169,9 @@ def _channel_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
                    help="to the first byte and between bytes")
     p.add_argument("--proxy", metavar="URL", help="http:// or socks5h:// proxy; empty = none")
     p.add_argument("--max-concurrency", type=int, metavar="N", help="0 = no limit")
+    for name, (types, f) in _TYPE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), metavar="VALUE", help=f"{types} channels: "
+                       f"{f.what}" + ('; "-" reads it from stdin' if _stdin_field(f) else ""))
     onoff = p.add_mutually_exclusive_group()
     onoff.add_argument("--enabled", dest="enabled", action="store_const", const=True,
                        help="route requests to it (the default for a new channel)")
@@ -13118,10 +13195,20 @@ def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--expires-at", metavar="DATE", help='ISO date or date-time, UTC; "" = never')
 
 
+# The channel types' own fields (ProviderAdapter.fields) as options: field -> (types, field).
+_TYPE_FLAGS = {name: (" and ".join(p.name for p in PROVIDERS.values() if name in p.fields), f)
+               for q in PROVIDERS.values() for name, f in q.fields.items()}
+
+
+def _stdin_field(f: TypeField) -> bool:
+    """A secret string field: "-" on the command line reads it from stdin."""
+    return f.secret and f.types == (str,)
+
+
 _CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
                                            "model_mapping", "priority", "timeout", "proxy",
                                            "max_concurrency", "enabled",
-                                           "preset")}                     # option: field
+                                           "preset", *_TYPE_FLAGS)}        # option: field
 _TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
                 "rpm": "rpm", "limits": "limits", "expires_at": "expires_at"}
 _SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
@@ -13136,6 +13223,10 @@ def _masked(kind: str, item: dict) -> dict:
         return out
     out["api_key"] = mask_secret(out["api_key"])
     out["api_keys"] = [mask_secret(k) for k in out["api_keys"]]
+    for name, f in PROVIDERS[out["type"]].fields.items():
+        if f.secret and out.get(name):
+            out[name] = mask_secret(out[name]) if isinstance(out[name], str) else \
+                "(a service-account key, hidden)"
     out["headers"] = {n: mask_secret(v) if _SECRET_HEADER_RX.search(n) else v
                       for n, v in out["headers"].items()}
     if out["proxy"]:
@@ -13174,8 +13265,9 @@ def _changes(store: ConfigStore, args: argparse.Namespace, flags: dict[str, str]
     (kept as written: a name, or an id as a number)."""
     out = {field: getattr(args, flag) for flag, field in flags.items()
            if getattr(args, flag, None) is not None}
-    if out.get("api_key") == "-":
-        out["api_key"] = sys.stdin.readline().strip()
+    for name in ("api_key", *(n for n, (_, f) in _TYPE_FLAGS.items() if _stdin_field(f))):
+        if out.get(name) == "-":
+            out[name] = sys.stdin.readline().strip()
     for key, value in getattr(args, "fields", []):
         out[key] = value
     if "allowed_channels" in out:
