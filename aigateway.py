@@ -13322,7 +13322,8 @@ def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
             print(json.dumps(items, indent=2, ensure_ascii=False))
         elif kind == "channel":
             print(_table([(c["id"], c["name"], c["type"], "yes" if c["enabled"] else "no",
-                           c["priority"], c["base_url"], ",".join(c["models"]) or "(all)",
+                           c["priority"], c["base_url"] or PROVIDERS[c["type"]].base_url_for(c),
+                           ",".join(c["models"]) or "(all)",
                            c["api_key"] or "-") for c in items],
                          ("ID", "NAME", "TYPE", "ENABLED", "PRIORITY", "BASE URL", "MODELS",
                           "KEY")))
