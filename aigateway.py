@@ -33,18 +33,25 @@ Adding a provider (section 9): every dialect converts to and from one internal f
 documented at 9.2). A client dialect is a DialectAdapter in DIALECTS; a channel type is a
 ProviderAdapter in PROVIDERS. The gateway (section 11) never compares a provider name: it asks
 the channel's adapter
-    relays(dialect, responses_api)   whether a client's body goes through unchanged
+    relays(dialect, responses_api, model, kind)  whether a client's body goes through as it
+                                     came (relay_body may rewrap it: Bedrock, Vertex)
     auth_headers(key, incoming, quirks)  the key header(s) (Bearer, x-api-key, api-key, ...)
-    passthrough_url / chat_url / models_url / embeddings_url
+    authorize(ch, method, url, headers, body, creds)  per-request signing (SigV4, OAuth)
+    passthrough_url / chat_url / models_url / embeddings_url / base_url_for
     encode_chat(ir, model, ...)      IR -> the provider's chat body (tool names already fit
                                      tool_name_rule; max_tokens capped unless caps_in_encoder)
-    decoders(signatures, kept)       (whole answer -> IR, factory of a StreamDecoding)
+    decoders(signatures, kept, model)  (whole answer -> IR, factory of a StreamDecoding)
+    answer_filter(model)             a relayed stream in another framing -> the client's SSE
     encode_embeddings / embed_vectors / parse_models / quirks
-and reads its attributes (default_url, needs_key, embeds, inline_media, serves_as_is). A new
-channel type is one subclass that overrides what differs from its nearest relative (Azure is
-OpenAIProvider with other URLs and an api-key header), one PROVIDERS entry, and its config
-fields in section 10; CHANNEL_TYPES, the default URLs, the routes' reach, the GUI's type list
-and the command line's --type choices follow from the registry. A new client dialect is a
+and reads its attributes (default_url, needs_key, embeds, inline_media, serves_as_is,
+forwards_headers, lists_models). A type with config fields of its own declares them as
+``fields`` (TypeField: default, label, what, JSON types, secret) with ``check_fields`` and
+``credentials``: section 10 validates them, the channel dialog shows them, the command line
+takes them as options and Channel.extra / Channel.creds hold them. A new channel type is one
+subclass that overrides what differs from its nearest relative (Azure is OpenAIProvider with
+other URLs and an api-key header; Bedrock and Vertex are CloudProviders), one PROVIDERS entry;
+CHANNEL_TYPES, the default URLs, the routes' reach, the GUI's type list and the command line's
+--type choices follow from the registry. A new client dialect is a
 DialectAdapter (request_to_ir, response, stream_encoder, error_payload, stream_error,
 keepalive, models_payload, count_payload, passthrough_decoders) plus its routes in section 11.
 """
@@ -6481,287 +6488,11 @@ class AzureProvider(OpenAIProvider):
         return self.passthrough_url(ch, self.embeddings_path, "embeddings", model)
 
 
-# 9.9 Dispatch and registries ---------------------------------------------------------------------
-# What every channel type's request shares (tool names in the forms the channel accepts,
-# the max_tokens cap), the empty-answer check, and the two registries: DIALECTS (client
-# side) and PROVIDERS (channel side), the only way the gateway reaches an adapter.
-
-# Each channel type's adapter names the tool names it accepts (tool_name_rule; Ollama documents
-# no rule). A name outside its channel's rule is sent as a readable head plus 8 hex digits of its
-# SHA-1, always the same for the same name, so the tool list, the calls in earlier turns and the
-# call that comes back agree; the answer gets the client's own name back.
-def channel_tool_name(name: str, ctype: str) -> str:
-    """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
-    rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
-    if rule is None or rule[0].match(name):
-        return name
-    head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
-    if not head[:1].isalpha():
-        head = "t_" + head
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{head[:rule[1] - 9]}_{digest}"
-
-
-def _ir_tool_names(ir: dict) -> set[str]:
-    names = {t["name"] for t in ir["tools"]}
-    for m in ir["messages"]:
-        names.update(p["name"] for p in m["content"]
-                     if p["type"] in ("tool_call", "tool_result") and p.get("name"))
-    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
-        names.add(ir["tool_choice"]["name"])
-    return names
-
-
-def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
-    """{name sent upstream: the client's name} for every tool name a channel of type ``ctype``
-    gets in another form."""
-    out = {}
-    for name in _ir_tool_names(ir):
-        short = channel_tool_name(name, ctype)
-        if short != name:
-            out[short] = name
-    return out
-
-
-def rename_ir_tools(ir: dict, ctype: str) -> dict:
-    """The request with every tool name (tool list, tool_choice, calls and results in earlier
-    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
-    if not upstream_tool_names(ir, ctype):
-        return ir
-
-    def part(p: dict) -> dict:
-        if p["type"] in ("tool_call", "tool_result") and p.get("name"):
-            return dict(p, name=channel_tool_name(p["name"], ctype))
-        return p
-
-    out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))
-                          for t in ir["tools"]],
-               messages=[dict(m, content=[part(p) for p in m["content"]])
-                         for m in ir["messages"]])
-    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
-        out["tool_choice"] = {"name": channel_tool_name(ir["tool_choice"]["name"], ctype)}
-    return out
-
-
-def restore_tool_names(resp: dict, names: dict[str, str]) -> dict:
-    """A decoded answer with the client's tool names back in its calls."""
-    if names:
-        for p in resp["content"]:
-            if p["type"] == "tool_call":
-                p["name"] = names.get(p["name"], p["name"])
-    return resp
-
-
-class RenamedStream:
-    """A stream decoder whose tool events carry the client's tool names."""
-
-    def __init__(self, inner: Any, names: dict[str, str]):
-        self._inner, self._names = inner, names
-
-    def _map(self, events: list[tuple]) -> list[tuple]:
-        return [("tool", e[1], e[2], self._names.get(e[3], e[3])) if e[0] == "tool" else e
-                for e in events]
-
-    def feed(self, data: bytes) -> list[tuple]:
-        return self._map(self._inner.feed(data))
-
-    def close(self) -> list[tuple]:
-        return self._map(self._inner.close())
-
-
-@guarded(400, "request body")
-def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
-                         max_tokens_cap: int = 0,
-                         signatures: dict[str, str] | None = None,
-                         quirks: dict | None = None, thinking: str = "auto",
-                         kept: dict[str, list[dict]] | None = None) -> dict:
-    """The chat request body for a channel of type ``ctype``: tool names in the forms it
-    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied. ``signatures`` and
-    ``kept`` are what Gemini and Claude said about earlier calls (thought signatures, thinking
-    blocks); ``thinking`` is the channel's thinking setting."""
-    if ir["n"] > 1:
-        raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
-                                f"served: this model's channel ({ctype}) is reached by "
-                                f"conversion, which relays one choice; ask for 1 and send "
-                                f"several requests instead", param="n",
-                           code="unsupported_parameter")
-    provider = PROVIDERS[ctype]
-    ir = rename_ir_tools(ir, ctype)
-    if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
-        ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
-    return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
-                                                       quirks, thinking, kept))
-
-
-def answer_is_empty(resp: dict) -> bool:
-    """A whole answer with no text or reasoning beyond white space and no tool call, whose
-    finish reason does not explain that (a length cut-off, a content filter or a refusal
-    does): a relay's blank turn, which the gateway treats as the channel's failure when
-    fallback is on."""
-    if resp["finish"] in ("length", "content_filter"):
-        return False
-    return not any(p["type"] == "tool_call" or (p["type"] in ("text", "reasoning") and (
-        p.get("text") or "").strip()) for p in resp["content"])
-
-
-def event_is_content(ev: tuple) -> bool:
-    """Whether a stream event settles that the answer is not empty (see answer_is_empty); an
-    in-band error settles it too (it is passed on as the stream's end)."""
-    kind = ev[0]
-    return kind in ("tool", "error") or (kind in ("text", "reasoning") and bool(
-        ev[1].strip())) or (
-        kind == "finish" and ev[1] in ("length", "content_filter"))
-
-
-CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
-                        "responses"))
-
-
-def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
-                      names: dict[str, str] | None = None,
-                      kept: dict[str, list[dict]] | None = None, model: str = ""
-                      ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-    """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
-    ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
-    client's tool names."""
-    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
-    if not names:
-        return whole, stream
-    return (lambda body: restore_tool_names(whole(body), names),
-            lambda: RenamedStream(stream(), names))
-
-
-# Presets: what a channel for a known service needs, filled in where the channel leaves it
-# out (section 10): type, base_url, headers and quirks (the channel's own win). "model_list"
-# is False where the service has no model list (the GUI's Fetch models then says so); "notes"
-# is shown by `aigateway presets` and in the channel dialog. Each entry was checked against
-# the service's documentation, cited beside it (read 2026-12-01); what could not be
-# confirmed there is left out and said so. Auth is the type's (Bearer for custom, x-api-key
-# for anthropic) unless the "auth" quirk says otherwise.
-PRESETS: dict[str, dict[str, Any]] = {
-    # api-docs.deepseek.com ("Your First API Call": base URL, Bearer; /v1 allowed for OpenAI
-    # compatibility; GET /models). Thinking mode wants reasoning back on tool-call turns only:
-    # api-docs.deepseek.com/guides/thinking_mode.
-    "deepseek": {"label": "DeepSeek", "type": "custom",
-                 "base_url": "https://api.deepseek.com/v1",
-                 "quirks": {"reasoning_back": "tool_calls"}},
-    # api-docs.deepseek.com/guides/anthropic_api: anthropic-beta, container, mcp_servers,
-    # service_tier, top_k and cache_control are "Ignored"; x-api-key supported. No model
-    # list is documented on that endpoint.
-    "deepseek-anthropic": {"label": "DeepSeek (Anthropic API)", "type": "anthropic",
-                           "base_url": "https://api.deepseek.com/anthropic",
-                           "model_list": False,
-                           "quirks": {"drop_headers": ["anthropic-beta"],
-                                      "drop_params": ["container", "mcp_servers",
-                                                      "service_tier", "top_k"],
-                                      "cache_control": "strip"}},
-    # Mistral's API (servers: https://api.mistral.ai/v1; /chat/completions, /models, Bearer)
-    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above), and
-    # 422 "Extra inputs are not permitted" for stream_options and max_completion_tokens
-    # (quoted in avante-corp/avante.nvim#2347, editor-code-assistant/eca#231).
-    "mistral": {"label": "Mistral", "type": "custom", "base_url": "https://api.mistral.ai/v1",
-                "quirks": {"tool_call_id": "mistral9", "drop_params": ["stream_options"],
-                           "max_tokens_field": "max_tokens"}},
-    # console.groq.com/docs/openai: base URL; logprobs, logit_bias and top_logprobs "will
-    # result in a 400 error"; messages[].name too (not a top-level field: not handled).
-    "groq": {"label": "Groq", "type": "custom", "base_url": "https://api.groq.com/openai/v1",
-             "quirks": {"drop_params": ["logprobs", "logit_bias", "top_logprobs"]}},
-    # openrouter.ai (quick start): base URL, Bearer; HTTP-Referer and X-Title are optional
-    # attribution headers (add them under Extra headers). Reasoning goes back in "reasoning".
-    "openrouter": {"label": "OpenRouter", "type": "custom",
-                   "base_url": "https://openrouter.ai/api/v1",
-                   "quirks": {"reasoning_field": "reasoning"},
-                   "notes": "optional headers HTTP-Referer and X-Title (app attribution)"},
-    # docs.x.ai/developers/rest-api-reference/inference: base https://api.x.ai, Bearer;
-    # docs.x.ai/api/integrations: OpenAI SDK base URL https://api.x.ai/v1.
-    "xai": {"label": "xAI (Grok)", "type": "custom", "base_url": "https://api.x.ai/v1"},
-    # platform.moonshot.ai/docs/api/chat and platform.kimi.ai/docs/api/overview: base_url
-    # https://api.moonshot.ai/v1, Bearer, GET /v1/models (China: api.moonshot.cn). Quirks: none
-    # documented.
-    "moonshot": {"label": "Moonshot (Kimi)", "type": "custom",
-                 "base_url": "https://api.moonshot.ai/v1"},
-    "moonshot-cn": {"label": "Moonshot (Kimi), China", "type": "custom",
-                    "base_url": "https://api.moonshot.cn/v1"},
-    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic with
-    # the key as ANTHROPIC_AUTH_TOKEN (Bearer). Its list of unsupported Messages fields could
-    # not be found: nothing is stripped.
-    "moonshot-anthropic": {"label": "Moonshot (Kimi), Anthropic API", "type": "anthropic",
-                           "base_url": "https://api.moonshot.ai/anthropic",
-                           "model_list": False, "quirks": {"auth": "bearer"}},
-    # Zhipu BigModel (open.bigmodel.cn docs): OpenAI-compatible base path /api/paas/v4 (the
-    # version segment is v4: the gateway appends /chat/completions and /models to it);
-    # Z.ai is its international site with the same paths (docs.z.ai).
-    "zhipu": {"label": "Zhipu (GLM), China", "type": "custom",
-              "base_url": "https://open.bigmodel.cn/api/paas/v4"},
-    "zai": {"label": "Z.ai (GLM), international", "type": "custom",
-            "base_url": "https://api.z.ai/api/paas/v4"},
-    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic;
-    # docs.z.ai/devpack/tool/claude: https://api.z.ai/api/anthropic; both with the key as
-    # ANTHROPIC_AUTH_TOKEN (Bearer). Unsupported fields are not documented: none stripped.
-    "zhipu-anthropic": {"label": "Zhipu (GLM), Anthropic API", "type": "anthropic",
-                        "base_url": "https://open.bigmodel.cn/api/anthropic",
-                        "model_list": False, "quirks": {"auth": "bearer"}},
-    "zai-anthropic": {"label": "Z.ai (GLM), Anthropic API", "type": "anthropic",
-                      "base_url": "https://api.z.ai/api/anthropic",
-                      "model_list": False, "quirks": {"auth": "bearer"}},
-    # alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope: base URLs
-    # Singapore dashscope-intl, US dashscope-us, China (Beijing) dashscope.
-    "qwen": {"label": "Qwen (DashScope), Singapore", "type": "custom",
-             "base_url": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"},
-    "qwen-us": {"label": "Qwen (DashScope), US", "type": "custom",
-                "base_url": "https://dashscope-us.aliyuncs.com/compatible-mode/v1"},
-    "qwen-cn": {"label": "Qwen (DashScope), China", "type": "custom",
-                "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"},
-    # docs.siliconflow.cn/docs/userguide/quickstart (China: api.siliconflow.cn/v1);
-    # siliconflow.com quick start (global: api.siliconflow.com/v1).
-    "siliconflow": {"label": "SiliconFlow, China", "type": "custom",
-                    "base_url": "https://api.siliconflow.cn/v1"},
-    "siliconflow-intl": {"label": "SiliconFlow, global", "type": "custom",
-                         "base_url": "https://api.siliconflow.com/v1"},
-    # docs.together.ai/docs/inference/openai-compatibility: base URL https://api.together.ai/v1.
-    "together": {"label": "Together AI", "type": "custom",
-                 "base_url": "https://api.together.ai/v1"},
-    # Fireworks' OpenAI compatibility docs: https://api.fireworks.ai/inference/v1.
-    "fireworks": {"label": "Fireworks AI", "type": "custom",
-                  "base_url": "https://api.fireworks.ai/inference/v1"},
-    # inference-docs.cerebras.ai/resources/openai: base URL https://api.cerebras.ai/v1. Lists
-    # of refused parameters come only from third parties: none dropped.
-    "cerebras": {"label": "Cerebras", "type": "custom", "base_url": "https://api.cerebras.ai/v1"},
-    # build.nvidia.com (API catalog): https://integrate.api.nvidia.com/v1, Bearer.
-    "nvidia": {"label": "NVIDIA NIM (API catalog)", "type": "custom",
-               "base_url": "https://integrate.api.nvidia.com/v1"},
-    # docs.vllm.ai (OpenAI-compatible server): http://localhost:8000/v1; key only with
-    # --api-key.
-    "vllm": {"label": "vLLM (local)", "type": "custom", "base_url": "http://localhost:8000/v1"},
-    # lmstudio.ai/docs/api/openai-api: http://localhost:1234/v1 (/v1/models, chat, responses).
-    "lmstudio": {"label": "LM Studio (local)", "type": "custom",
-                 "base_url": "http://localhost:1234/v1"},
-    # llama.cpp's tools/server README: llama-server listens on 8080 with /v1/chat/completions.
-    "llamacpp": {"label": "llama.cpp server (local)", "type": "custom",
-                 "base_url": "http://localhost:8080/v1"},
-    # docs.ollama.com/api/openai-compatibility: http://localhost:11434/v1 (key ignored).
-    "ollama-openai": {"label": "Ollama, OpenAI mode (local)", "type": "custom",
-                      "base_url": "http://localhost:11434/v1"},
-    # platform.minimax.io/docs/api-reference/text-anthropic-api: base URL; top_k,
-    # stop_sequences, service_tier, mcp_servers, context_management and container "Ignored";
-    # text and tool calls only (no image or document input).
-    "minimax-anthropic": {"label": "MiniMax (Anthropic API)", "type": "anthropic",
-                          "base_url": "https://api.minimax.io/anthropic",
-                          "model_list": False,
-                          "quirks": {"drop_params": ["top_k", "stop_sequences",
-                                                     "service_tier", "mcp_servers",
-                                                     "context_management", "container"]}},
-}
-# Perplexity is not a preset: its docs (docs.perplexity.ai/docs/sonar/openai-compatibility)
-# name POST /chat/completions at https://api.perplexity.ai and POST /v1/sonar, while the
-# gateway sends /v1/chat/completions to a base URL without a version; that path is not
-# documented there.
-
-
-# 9.11 AWS Bedrock and Google Vertex AI (channel side) ------------------------------------------
-# Pure helpers for the two cloud channel types: URLs, the Anthropic Messages body as Bedrock's
-# InvokeModel and Vertex's rawPredict take it, and Bedrock's own Converse format <-> IR. The
-# streams arrive as AWS event-stream messages (EventStreamDecoder, section 5).
+# 9.9 AWS Bedrock and Google Vertex AI -----------------------------------------------------------
+# The two cloud channel types (channel side only): URLs, the Anthropic Messages body as
+# Bedrock's InvokeModel and Vertex's rawPredict take it, Bedrock's own Converse format <-> IR,
+# and their adapters. Bedrock's streams arrive as AWS event-stream messages
+# (EventStreamDecoder, section 5).
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
                                                      # Messages API", request body
@@ -7405,6 +7136,283 @@ class VertexProvider(CloudProvider):
         if is_claude_model(model):
             return self.claude_decoders(kept)
         return self.gemini.decoders(signatures, kept)
+
+
+# 9.10 Dispatch and registries --------------------------------------------------------------------
+# What every channel type's request shares (tool names in the forms the channel accepts,
+# the max_tokens cap), the empty-answer check, and the two registries: DIALECTS (client
+# side) and PROVIDERS (channel side), the only way the gateway reaches an adapter.
+
+# Each channel type's adapter names the tool names it accepts (tool_name_rule; Ollama documents
+# no rule). A name outside its channel's rule is sent as a readable head plus 8 hex digits of its
+# SHA-1, always the same for the same name, so the tool list, the calls in earlier turns and the
+# call that comes back agree; the answer gets the client's own name back.
+def channel_tool_name(name: str, ctype: str) -> str:
+    """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
+    rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
+    if rule is None or rule[0].match(name):
+        return name
+    head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if not head[:1].isalpha():
+        head = "t_" + head
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{head[:rule[1] - 9]}_{digest}"
+
+
+def _ir_tool_names(ir: dict) -> set[str]:
+    names = {t["name"] for t in ir["tools"]}
+    for m in ir["messages"]:
+        names.update(p["name"] for p in m["content"]
+                     if p["type"] in ("tool_call", "tool_result") and p.get("name"))
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        names.add(ir["tool_choice"]["name"])
+    return names
+
+
+def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
+    """{name sent upstream: the client's name} for every tool name a channel of type ``ctype``
+    gets in another form."""
+    out = {}
+    for name in _ir_tool_names(ir):
+        short = channel_tool_name(name, ctype)
+        if short != name:
+            out[short] = name
+    return out
+
+
+def rename_ir_tools(ir: dict, ctype: str) -> dict:
+    """The request with every tool name (tool list, tool_choice, calls and results in earlier
+    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
+    if not upstream_tool_names(ir, ctype):
+        return ir
+
+    def part(p: dict) -> dict:
+        if p["type"] in ("tool_call", "tool_result") and p.get("name"):
+            return dict(p, name=channel_tool_name(p["name"], ctype))
+        return p
+
+    out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))
+                          for t in ir["tools"]],
+               messages=[dict(m, content=[part(p) for p in m["content"]])
+                         for m in ir["messages"]])
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        out["tool_choice"] = {"name": channel_tool_name(ir["tool_choice"]["name"], ctype)}
+    return out
+
+
+def restore_tool_names(resp: dict, names: dict[str, str]) -> dict:
+    """A decoded answer with the client's tool names back in its calls."""
+    if names:
+        for p in resp["content"]:
+            if p["type"] == "tool_call":
+                p["name"] = names.get(p["name"], p["name"])
+    return resp
+
+
+class RenamedStream:
+    """A stream decoder whose tool events carry the client's tool names."""
+
+    def __init__(self, inner: Any, names: dict[str, str]):
+        self._inner, self._names = inner, names
+
+    def _map(self, events: list[tuple]) -> list[tuple]:
+        return [("tool", e[1], e[2], self._names.get(e[3], e[3])) if e[0] == "tool" else e
+                for e in events]
+
+    def feed(self, data: bytes) -> list[tuple]:
+        return self._map(self._inner.feed(data))
+
+    def close(self) -> list[tuple]:
+        return self._map(self._inner.close())
+
+
+@guarded(400, "request body")
+def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
+                         max_tokens_cap: int = 0,
+                         signatures: dict[str, str] | None = None,
+                         quirks: dict | None = None, thinking: str = "auto",
+                         kept: dict[str, list[dict]] | None = None) -> dict:
+    """The chat request body for a channel of type ``ctype``: tool names in the forms it
+    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied. ``signatures`` and
+    ``kept`` are what Gemini and Claude said about earlier calls (thought signatures, thinking
+    blocks); ``thinking`` is the channel's thinking setting."""
+    if ir["n"] > 1:
+        raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
+                                f"served: this model's channel ({ctype}) is reached by "
+                                f"conversion, which relays one choice; ask for 1 and send "
+                                f"several requests instead", param="n",
+                           code="unsupported_parameter")
+    provider = PROVIDERS[ctype]
+    ir = rename_ir_tools(ir, ctype)
+    if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
+        ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
+    return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
+                                                       quirks, thinking, kept))
+
+
+def answer_is_empty(resp: dict) -> bool:
+    """A whole answer with no text or reasoning beyond white space and no tool call, whose
+    finish reason does not explain that (a length cut-off, a content filter or a refusal
+    does): a relay's blank turn, which the gateway treats as the channel's failure when
+    fallback is on."""
+    if resp["finish"] in ("length", "content_filter"):
+        return False
+    return not any(p["type"] == "tool_call" or (p["type"] in ("text", "reasoning") and (
+        p.get("text") or "").strip()) for p in resp["content"])
+
+
+def event_is_content(ev: tuple) -> bool:
+    """Whether a stream event settles that the answer is not empty (see answer_is_empty); an
+    in-band error settles it too (it is passed on as the stream's end)."""
+    kind = ev[0]
+    return kind in ("tool", "error") or (kind in ("text", "reasoning") and bool(
+        ev[1].strip())) or (
+        kind == "finish" and ev[1] in ("length", "content_filter"))
+
+
+CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
+                        "responses"))
+
+
+def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
+                      names: dict[str, str] | None = None,
+                      kept: dict[str, list[dict]] | None = None, model: str = ""
+                      ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+    """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
+    ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
+    client's tool names."""
+    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
+    if not names:
+        return whole, stream
+    return (lambda body: restore_tool_names(whole(body), names),
+            lambda: RenamedStream(stream(), names))
+
+
+# Presets: what a channel for a known service needs, filled in where the channel leaves it
+# out (section 10): type, base_url, headers and quirks (the channel's own win). "model_list"
+# is False where the service has no model list (the GUI's Fetch models then says so); "notes"
+# is shown by `aigateway presets` and in the channel dialog. Each entry was checked against
+# the service's documentation, cited beside it (read 2026-12-01); what could not be
+# confirmed there is left out and said so. Auth is the type's (Bearer for custom, x-api-key
+# for anthropic) unless the "auth" quirk says otherwise.
+PRESETS: dict[str, dict[str, Any]] = {
+    # api-docs.deepseek.com ("Your First API Call": base URL, Bearer; /v1 allowed for OpenAI
+    # compatibility; GET /models). Thinking mode wants reasoning back on tool-call turns only:
+    # api-docs.deepseek.com/guides/thinking_mode.
+    "deepseek": {"label": "DeepSeek", "type": "custom",
+                 "base_url": "https://api.deepseek.com/v1",
+                 "quirks": {"reasoning_back": "tool_calls"}},
+    # api-docs.deepseek.com/guides/anthropic_api: anthropic-beta, container, mcp_servers,
+    # service_tier, top_k and cache_control are "Ignored"; x-api-key supported. No model
+    # list is documented on that endpoint.
+    "deepseek-anthropic": {"label": "DeepSeek (Anthropic API)", "type": "anthropic",
+                           "base_url": "https://api.deepseek.com/anthropic",
+                           "model_list": False,
+                           "quirks": {"drop_headers": ["anthropic-beta"],
+                                      "drop_params": ["container", "mcp_servers",
+                                                      "service_tier", "top_k"],
+                                      "cache_control": "strip"}},
+    # Mistral's API (servers: https://api.mistral.ai/v1; /chat/completions, /models, Bearer)
+    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above), and
+    # 422 "Extra inputs are not permitted" for stream_options and max_completion_tokens
+    # (quoted in avante-corp/avante.nvim#2347, editor-code-assistant/eca#231).
+    "mistral": {"label": "Mistral", "type": "custom", "base_url": "https://api.mistral.ai/v1",
+                "quirks": {"tool_call_id": "mistral9", "drop_params": ["stream_options"],
+                           "max_tokens_field": "max_tokens"}},
+    # console.groq.com/docs/openai: base URL; logprobs, logit_bias and top_logprobs "will
+    # result in a 400 error"; messages[].name too (not a top-level field: not handled).
+    "groq": {"label": "Groq", "type": "custom", "base_url": "https://api.groq.com/openai/v1",
+             "quirks": {"drop_params": ["logprobs", "logit_bias", "top_logprobs"]}},
+    # openrouter.ai (quick start): base URL, Bearer; HTTP-Referer and X-Title are optional
+    # attribution headers (add them under Extra headers). Reasoning goes back in "reasoning".
+    "openrouter": {"label": "OpenRouter", "type": "custom",
+                   "base_url": "https://openrouter.ai/api/v1",
+                   "quirks": {"reasoning_field": "reasoning"},
+                   "notes": "optional headers HTTP-Referer and X-Title (app attribution)"},
+    # docs.x.ai/developers/rest-api-reference/inference: base https://api.x.ai, Bearer;
+    # docs.x.ai/api/integrations: OpenAI SDK base URL https://api.x.ai/v1.
+    "xai": {"label": "xAI (Grok)", "type": "custom", "base_url": "https://api.x.ai/v1"},
+    # platform.moonshot.ai/docs/api/chat and platform.kimi.ai/docs/api/overview: base_url
+    # https://api.moonshot.ai/v1, Bearer, GET /v1/models (China: api.moonshot.cn). Quirks: none
+    # documented.
+    "moonshot": {"label": "Moonshot (Kimi)", "type": "custom",
+                 "base_url": "https://api.moonshot.ai/v1"},
+    "moonshot-cn": {"label": "Moonshot (Kimi), China", "type": "custom",
+                    "base_url": "https://api.moonshot.cn/v1"},
+    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic with
+    # the key as ANTHROPIC_AUTH_TOKEN (Bearer). Its list of unsupported Messages fields could
+    # not be found: nothing is stripped.
+    "moonshot-anthropic": {"label": "Moonshot (Kimi), Anthropic API", "type": "anthropic",
+                           "base_url": "https://api.moonshot.ai/anthropic",
+                           "model_list": False, "quirks": {"auth": "bearer"}},
+    # Zhipu BigModel (open.bigmodel.cn docs): OpenAI-compatible base path /api/paas/v4 (the
+    # version segment is v4: the gateway appends /chat/completions and /models to it);
+    # Z.ai is its international site with the same paths (docs.z.ai).
+    "zhipu": {"label": "Zhipu (GLM), China", "type": "custom",
+              "base_url": "https://open.bigmodel.cn/api/paas/v4"},
+    "zai": {"label": "Z.ai (GLM), international", "type": "custom",
+            "base_url": "https://api.z.ai/api/paas/v4"},
+    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic;
+    # docs.z.ai/devpack/tool/claude: https://api.z.ai/api/anthropic; both with the key as
+    # ANTHROPIC_AUTH_TOKEN (Bearer). Unsupported fields are not documented: none stripped.
+    "zhipu-anthropic": {"label": "Zhipu (GLM), Anthropic API", "type": "anthropic",
+                        "base_url": "https://open.bigmodel.cn/api/anthropic",
+                        "model_list": False, "quirks": {"auth": "bearer"}},
+    "zai-anthropic": {"label": "Z.ai (GLM), Anthropic API", "type": "anthropic",
+                      "base_url": "https://api.z.ai/api/anthropic",
+                      "model_list": False, "quirks": {"auth": "bearer"}},
+    # alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope: base URLs
+    # Singapore dashscope-intl, US dashscope-us, China (Beijing) dashscope.
+    "qwen": {"label": "Qwen (DashScope), Singapore", "type": "custom",
+             "base_url": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"},
+    "qwen-us": {"label": "Qwen (DashScope), US", "type": "custom",
+                "base_url": "https://dashscope-us.aliyuncs.com/compatible-mode/v1"},
+    "qwen-cn": {"label": "Qwen (DashScope), China", "type": "custom",
+                "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"},
+    # docs.siliconflow.cn/docs/userguide/quickstart (China: api.siliconflow.cn/v1);
+    # siliconflow.com quick start (global: api.siliconflow.com/v1).
+    "siliconflow": {"label": "SiliconFlow, China", "type": "custom",
+                    "base_url": "https://api.siliconflow.cn/v1"},
+    "siliconflow-intl": {"label": "SiliconFlow, global", "type": "custom",
+                         "base_url": "https://api.siliconflow.com/v1"},
+    # docs.together.ai/docs/inference/openai-compatibility: base URL https://api.together.ai/v1.
+    "together": {"label": "Together AI", "type": "custom",
+                 "base_url": "https://api.together.ai/v1"},
+    # Fireworks' OpenAI compatibility docs: https://api.fireworks.ai/inference/v1.
+    "fireworks": {"label": "Fireworks AI", "type": "custom",
+                  "base_url": "https://api.fireworks.ai/inference/v1"},
+    # inference-docs.cerebras.ai/resources/openai: base URL https://api.cerebras.ai/v1. Lists
+    # of refused parameters come only from third parties: none dropped.
+    "cerebras": {"label": "Cerebras", "type": "custom", "base_url": "https://api.cerebras.ai/v1"},
+    # build.nvidia.com (API catalog): https://integrate.api.nvidia.com/v1, Bearer.
+    "nvidia": {"label": "NVIDIA NIM (API catalog)", "type": "custom",
+               "base_url": "https://integrate.api.nvidia.com/v1"},
+    # docs.vllm.ai (OpenAI-compatible server): http://localhost:8000/v1; key only with
+    # --api-key.
+    "vllm": {"label": "vLLM (local)", "type": "custom", "base_url": "http://localhost:8000/v1"},
+    # lmstudio.ai/docs/api/openai-api: http://localhost:1234/v1 (/v1/models, chat, responses).
+    "lmstudio": {"label": "LM Studio (local)", "type": "custom",
+                 "base_url": "http://localhost:1234/v1"},
+    # llama.cpp's tools/server README: llama-server listens on 8080 with /v1/chat/completions.
+    "llamacpp": {"label": "llama.cpp server (local)", "type": "custom",
+                 "base_url": "http://localhost:8080/v1"},
+    # docs.ollama.com/api/openai-compatibility: http://localhost:11434/v1 (key ignored).
+    "ollama-openai": {"label": "Ollama, OpenAI mode (local)", "type": "custom",
+                      "base_url": "http://localhost:11434/v1"},
+    # platform.minimax.io/docs/api-reference/text-anthropic-api: base URL; top_k,
+    # stop_sequences, service_tier, mcp_servers, context_management and container "Ignored";
+    # text and tool calls only (no image or document input).
+    "minimax-anthropic": {"label": "MiniMax (Anthropic API)", "type": "anthropic",
+                          "base_url": "https://api.minimax.io/anthropic",
+                          "model_list": False,
+                          "quirks": {"drop_params": ["top_k", "stop_sequences",
+                                                     "service_tier", "mcp_servers",
+                                                     "context_management", "container"]}},
+}
+# Perplexity is not a preset: its docs (docs.perplexity.ai/docs/sonar/openai-compatibility)
+# name POST /chat/completions at https://api.perplexity.ai and POST /v1/sonar, while the
+# gateway sends /v1/chat/completions to a base URL without a version; that path is not
+# documented there.
 
 
 def guess_dialect(path: str, headers: Headers) -> str:
