@@ -33,18 +33,25 @@ Adding a provider (section 9): every dialect converts to and from one internal f
 documented at 9.2). A client dialect is a DialectAdapter in DIALECTS; a channel type is a
 ProviderAdapter in PROVIDERS. The gateway (section 11) never compares a provider name: it asks
 the channel's adapter
-    relays(dialect, responses_api)   whether a client's body goes through unchanged
+    relays(dialect, responses_api, model, kind)  whether a client's body goes through as it
+                                     came (relay_body may rewrap it: Bedrock, Vertex)
     auth_headers(key, incoming, quirks)  the key header(s) (Bearer, x-api-key, api-key, ...)
-    passthrough_url / chat_url / models_url / embeddings_url
+    authorize(ch, method, url, headers, body, creds)  per-request signing (SigV4, OAuth)
+    passthrough_url / chat_url / models_url / embeddings_url / base_url_for
     encode_chat(ir, model, ...)      IR -> the provider's chat body (tool names already fit
                                      tool_name_rule; max_tokens capped unless caps_in_encoder)
-    decoders(signatures, kept)       (whole answer -> IR, factory of a StreamDecoding)
+    decoders(signatures, kept, model)  (whole answer -> IR, factory of a StreamDecoding)
+    answer_filter(model)             a relayed stream in another framing -> the client's SSE
     encode_embeddings / embed_vectors / parse_models / quirks
-and reads its attributes (default_url, needs_key, embeds, inline_media, serves_as_is). A new
-channel type is one subclass that overrides what differs from its nearest relative (Azure is
-OpenAIProvider with other URLs and an api-key header), one PROVIDERS entry, and its config
-fields in section 10; CHANNEL_TYPES, the default URLs, the routes' reach, the GUI's type list
-and the command line's --type choices follow from the registry. A new client dialect is a
+and reads its attributes (default_url, needs_key, embeds, inline_media, serves_as_is,
+forwards_headers, lists_models). A type with config fields of its own declares them as
+``fields`` (TypeField: default, label, what, JSON types, secret) with ``check_fields`` and
+``credentials``: section 10 validates them, the channel dialog shows them, the command line
+takes them as options and Channel.extra / Channel.creds hold them. A new channel type is one
+subclass that overrides what differs from its nearest relative (Azure is OpenAIProvider with
+other URLs and an api-key header; Bedrock and Vertex are CloudProviders), one PROVIDERS entry;
+CHANNEL_TYPES, the default URLs, the routes' reach, the GUI's type list and the command line's
+--type choices follow from the registry. A new client dialect is a
 DialectAdapter (request_to_ir, response, stream_encoder, error_payload, stream_error,
 keepalive, models_payload, count_payload, passthrough_decoders) plus its routes in section 11.
 """
@@ -158,7 +165,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable, Literal, Protocol, TypedDict
+from typing import Any, AsyncIterator, Callable, Iterable, Literal, NamedTuple, Protocol, TypedDict
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -245,6 +252,8 @@ EVENTSTREAM_MAX_HEADER_BYTES = 128 * 1024   # botocore's event-stream parser ref
 GOOGLE_TOKEN_MARGIN = 300.0           # a Google access token is renewed this long before expiry
 GOOGLE_TOKEN_LAST = 30.0              # ... in the background until this little of it is left
 GOOGLE_ASSERTION_SECONDS = 3600       # JWT bearer assertion lifetime, Google's maximum
+MAX_SERVICE_ACCOUNT_FILE = 64 * 1024  # a service-account JSON key file (about 2.3 KiB) up to this
+MAX_TOKEN_SOURCES = 64                # service accounts whose access tokens are kept at once
 MAX_TOKEN_RESPONSE = 64 * 1024        # a token endpoint's answer (a few hundred bytes) up to this
 MAX_KEY_PEM = 64 * 1024               # a PEM private key (a 4096-bit RSA key is ~3.3 KiB)
 CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a config.json larger than this is refused, not read
@@ -289,6 +298,8 @@ TYPE_GEMINI = "gemini"
 TYPE_OLLAMA = "ollama"
 TYPE_CUSTOM = "custom"                # any OpenAI-compatible server
 TYPE_AZURE = "azure"                  # Azure OpenAI
+TYPE_BEDROCK = "bedrock"              # AWS Bedrock (InvokeModel for Claude, else Converse)
+TYPE_VERTEX = "vertex"                # Google Vertex AI (Gemini, and Claude by rawPredict)
 ANTHROPIC_VERSION = "2023-06-01"
 TOKEN_PREFIX = "sk-gw-"
 
@@ -1501,6 +1512,17 @@ def abort_connection(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+async def filtered_bytes(chunks: AsyncIterator[bytes], filt: Any) -> AsyncIterator[bytes]:
+    """``chunks`` through a byte filter (``feed(bytes) -> bytes``, ``end()``, such as
+    BedrockInvokeStream): what it makes of each piece, as the pieces arrive. ``end`` raises
+    when the body ended inside a frame."""
+    async for data in chunks:
+        out = filt.feed(data)
+        if out:
+            yield out
+    filt.end()
+
+
 async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
     """Close, waiting at most ``timeout`` for unsent data to go out; a peer that does not take
     it (a client that stopped reading) gets its connection aborted, so no socket stays open."""
@@ -2479,6 +2501,28 @@ class GoogleTokenSource:
         return token
 
 
+class CredentialCache:
+    """What channels sign their requests with and must keep between requests: one
+    GoogleTokenSource per service account (by key id and e-mail), so that channels sharing an
+    account share its token. At most MAX_TOKEN_SOURCES are kept (the oldest go first)."""
+
+    def __init__(self, client: UpstreamClient, clock: Callable[[], float] = time.time):
+        self.client, self.clock = client, clock
+        self._google: collections.OrderedDict[tuple, GoogleTokenSource] = \
+            collections.OrderedDict()
+
+    async def google_token(self, account: ServiceAccount, *, proxy: str = "",
+                           verify_tls: bool = True) -> str:
+        key = (account.email, account.key_id, account.token_uri, proxy, verify_tls)
+        src = self._google.get(key)
+        if src is None or src.account.key != account.key:
+            src = self._google[key] = GoogleTokenSource(account, self.client, clock=self.clock,
+                                                        proxy=proxy, verify_tls=verify_tls)
+            while len(self._google) > MAX_TOKEN_SOURCES:
+                self._google.popitem(last=False)
+        return await src.token()
+
+
 # =================================================================================================
 # 8. HTTP server
 # =================================================================================================
@@ -3303,6 +3347,16 @@ class DialectAdapter:
         raise NotImplementedError
 
 
+class TypeField(NamedTuple):
+    """A config field that only one channel type has."""
+
+    default: Any
+    label: str                                # as the channel dialog names it
+    what: str                                 # what a valid value is, for errors
+    types: tuple[type, ...] = (str,)          # the JSON types it takes
+    secret: bool = False                      # masked wherever it is shown
+
+
 @dataclass(slots=True)
 class ChatOptions:
     """What a channel's chat request is built with besides the IR and the model."""
@@ -3329,17 +3383,54 @@ class ProviderAdapter:
     tool_name_rule: tuple[re.Pattern, int] | None = None    # (accepted names, longest)
     caps_in_encoder = False                   # encode_chat applies max_tokens_cap itself
     replaces_headers: frozenset[str] = frozenset()   # client headers its own replace
+    forwards_headers: frozenset[str] | None = None   # client headers relayed (None = all)
+    lists_models = True                       # the upstream has a model list to read
+    # Config fields of this type only, type-checked by section 10 (check_fields says what
+    # else must hold), shown by the channel dialog, kept in Channel.extra.
+    fields: dict[str, TypeField] = {}
 
-    def relays(self, dialect: str, responses_api: bool) -> bool:
-        """Whether a ``dialect`` client's request goes to this channel type unchanged."""
+    def relays(self, dialect: str, responses_api: bool, model: str = "",
+               kind: str = "") -> bool:
+        """Whether a ``dialect`` client's request (route ``kind``, for upstream ``model``) goes
+        to this channel type as it came (relay_body may still rewrap the body)."""
         return dialect in self.serves_as_is or (
             dialect == RESPONSES and responses_api and self.responses_as_is)
+
+    def base_url_for(self, c: dict) -> str:
+        """The base URL of a channel (config dict ``c``) that leaves base_url empty."""
+        return self.default_url
+
+    def check_fields(self, c: dict) -> tuple[str, str, str] | None:
+        """(field, problem, fix) when this type's fields of config dict ``c`` do not fit
+        together, else None."""
+        return None
+
+    def credentials(self, c: dict) -> Any:
+        """What authorize signs with, prepared once per configuration (None: only api_key)."""
+        return None
+
+    def relay_body(self, body: bytes, obj: dict | None, model: str, stream: bool,
+                   incoming: Headers) -> bytes:
+        """A relayed request's body as this upstream takes it (``obj`` is it parsed)."""
+        return body
+
+    def answer_filter(self, model: str) -> Callable[[], Any] | None:
+        """A factory of a filter (``feed(bytes) -> bytes``, ``end()``) that turns a relayed
+        streaming answer into the client dialect's SSE, when the upstream frames it otherwise."""
+        return None
+
+    async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
+                        body: bytes, creds: Any) -> list[tuple[str, str]]:
+        """``headers`` with what signs this one request added (SigV4, an OAuth token from
+        ``creds``, a CredentialCache); by default they are complete already."""
+        return headers
 
     def auth_headers(self, api_key: str, incoming: Headers | None = None,
                      quirks: dict | None = None) -> list[tuple[str, str]]:
         return [("Authorization", f"Bearer {api_key}")] if api_key else []
 
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
         """Where a passed-through request for route ``path`` (a /v1/... path) goes."""
         return join_base_url(ch.base_url, path)
 
@@ -3369,9 +3460,10 @@ class ProviderAdapter:
             body["dimensions"] = dims
         return body
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], IRResponse], Callable[[], StreamDecoding]]:
-        """(whole-answer decoder, stream decoder factory) to IR."""
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], IRResponse],
+                                           Callable[[], StreamDecoding]]:
+        """(whole-answer decoder, stream decoder factory) to IR, for upstream ``model``."""
         raise NotImplementedError
 
     def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
@@ -4427,8 +4519,8 @@ class OpenAIProvider(ProviderAdapter):
         return apply_openai_quirks(ir_to_openai_request(ir, model, stream=opts.stream,
                                                         max_tokens_field=field), opts.quirks)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return openai_response_to_ir, OpenAIStreamDecoder
 
     def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
@@ -5485,8 +5577,8 @@ class AnthropicProvider(ProviderAdapter):
             ir, model, stream=opts.stream, max_tokens_cap=opts.max_tokens_cap,
             thinking_setting=opts.thinking, kept=opts.kept), opts.quirks)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return (lambda body: anthropic_response_to_ir(body, kept),
                 lambda: AnthropicStreamDecoder(kept))
 
@@ -6153,7 +6245,8 @@ class GeminiProvider(ProviderAdapter):
                      quirks: dict | None = None) -> list[tuple[str, str]]:
         return [("x-goog-api-key", api_key)] if api_key else []
 
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
         return gemini_model_path(ch.base_url, model, kind)
 
     def chat_url(self, ch: Any, model: str, stream: bool) -> str:
@@ -6172,8 +6265,8 @@ class GeminiProvider(ProviderAdapter):
     def encode_embeddings(self, texts: list[str], model: str, dims: Any) -> dict:
         return gemini_embed_request(texts, model, dims)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return (lambda body: gemini_response_to_ir(body, signatures),
                 lambda: GeminiStreamDecoder(signatures))
 
@@ -6335,8 +6428,8 @@ class OllamaProvider(ProviderAdapter):
     def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
         return ir_to_ollama_request(ir, model, stream=opts.stream)
 
-    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None
-                 ) -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], dict], Callable[[], StreamDecoding]]:
         return ollama_response_to_ir, OllamaStreamDecoder
 
     def embed_vectors(self, body: Any) -> tuple[list[list[float]], int]:
@@ -6381,7 +6474,8 @@ class AzureProvider(OpenAIProvider):
             return f"{base}/openai{suffix}{query}"
         return f"{base}/openai/deployments/{urllib.parse.quote(model, safe='')}{suffix}{query}"
 
-    def passthrough_url(self, ch: Any, path: str, kind: str, model: str) -> str:
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
         return self.deployment_url(ch, model, path[3:] if path.startswith("/v1/") else path)
 
     def chat_url(self, ch: Any, model: str, stream: bool) -> str:
@@ -6394,286 +6488,11 @@ class AzureProvider(OpenAIProvider):
         return self.passthrough_url(ch, self.embeddings_path, "embeddings", model)
 
 
-# 9.9 Dispatch and registries ---------------------------------------------------------------------
-# What every channel type's request shares (tool names in the forms the channel accepts,
-# the max_tokens cap), the empty-answer check, and the two registries: DIALECTS (client
-# side) and PROVIDERS (channel side), the only way the gateway reaches an adapter.
-
-# Each channel type's adapter names the tool names it accepts (tool_name_rule; Ollama documents
-# no rule). A name outside its channel's rule is sent as a readable head plus 8 hex digits of its
-# SHA-1, always the same for the same name, so the tool list, the calls in earlier turns and the
-# call that comes back agree; the answer gets the client's own name back.
-def channel_tool_name(name: str, ctype: str) -> str:
-    """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
-    rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
-    if rule is None or rule[0].match(name):
-        return name
-    head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
-    if not head[:1].isalpha():
-        head = "t_" + head
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{head[:rule[1] - 9]}_{digest}"
-
-
-def _ir_tool_names(ir: dict) -> set[str]:
-    names = {t["name"] for t in ir["tools"]}
-    for m in ir["messages"]:
-        names.update(p["name"] for p in m["content"]
-                     if p["type"] in ("tool_call", "tool_result") and p.get("name"))
-    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
-        names.add(ir["tool_choice"]["name"])
-    return names
-
-
-def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
-    """{name sent upstream: the client's name} for every tool name a channel of type ``ctype``
-    gets in another form."""
-    out = {}
-    for name in _ir_tool_names(ir):
-        short = channel_tool_name(name, ctype)
-        if short != name:
-            out[short] = name
-    return out
-
-
-def rename_ir_tools(ir: dict, ctype: str) -> dict:
-    """The request with every tool name (tool list, tool_choice, calls and results in earlier
-    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
-    if not upstream_tool_names(ir, ctype):
-        return ir
-
-    def part(p: dict) -> dict:
-        if p["type"] in ("tool_call", "tool_result") and p.get("name"):
-            return dict(p, name=channel_tool_name(p["name"], ctype))
-        return p
-
-    out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))
-                          for t in ir["tools"]],
-               messages=[dict(m, content=[part(p) for p in m["content"]])
-                         for m in ir["messages"]])
-    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
-        out["tool_choice"] = {"name": channel_tool_name(ir["tool_choice"]["name"], ctype)}
-    return out
-
-
-def restore_tool_names(resp: dict, names: dict[str, str]) -> dict:
-    """A decoded answer with the client's tool names back in its calls."""
-    if names:
-        for p in resp["content"]:
-            if p["type"] == "tool_call":
-                p["name"] = names.get(p["name"], p["name"])
-    return resp
-
-
-class RenamedStream:
-    """A stream decoder whose tool events carry the client's tool names."""
-
-    def __init__(self, inner: Any, names: dict[str, str]):
-        self._inner, self._names = inner, names
-
-    def _map(self, events: list[tuple]) -> list[tuple]:
-        return [("tool", e[1], e[2], self._names.get(e[3], e[3])) if e[0] == "tool" else e
-                for e in events]
-
-    def feed(self, data: bytes) -> list[tuple]:
-        return self._map(self._inner.feed(data))
-
-    def close(self) -> list[tuple]:
-        return self._map(self._inner.close())
-
-
-@guarded(400, "request body")
-def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
-                         max_tokens_cap: int = 0,
-                         signatures: dict[str, str] | None = None,
-                         quirks: dict | None = None, thinking: str = "auto",
-                         kept: dict[str, list[dict]] | None = None) -> dict:
-    """The chat request body for a channel of type ``ctype``: tool names in the forms it
-    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied. ``signatures`` and
-    ``kept`` are what Gemini and Claude said about earlier calls (thought signatures, thinking
-    blocks); ``thinking`` is the channel's thinking setting."""
-    if ir["n"] > 1:
-        raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
-                                f"served: this model's channel ({ctype}) is reached by "
-                                f"conversion, which relays one choice; ask for 1 and send "
-                                f"several requests instead", param="n",
-                           code="unsupported_parameter")
-    provider = PROVIDERS[ctype]
-    ir = rename_ir_tools(ir, ctype)
-    if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
-        ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
-    return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
-                                                       quirks, thinking, kept))
-
-
-def answer_is_empty(resp: dict) -> bool:
-    """A whole answer with no text or reasoning beyond white space and no tool call, whose
-    finish reason does not explain that (a length cut-off, a content filter or a refusal
-    does): a relay's blank turn, which the gateway treats as the channel's failure when
-    fallback is on."""
-    if resp["finish"] in ("length", "content_filter"):
-        return False
-    return not any(p["type"] == "tool_call" or (p["type"] in ("text", "reasoning") and (
-        p.get("text") or "").strip()) for p in resp["content"])
-
-
-def event_is_content(ev: tuple) -> bool:
-    """Whether a stream event settles that the answer is not empty (see answer_is_empty); an
-    in-band error settles it too (it is passed on as the stream's end)."""
-    kind = ev[0]
-    return kind in ("tool", "error") or (kind in ("text", "reasoning") and bool(
-        ev[1].strip())) or (
-        kind == "finish" and ev[1] in ("length", "content_filter"))
-
-
-CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
-                        "responses"))
-
-
-def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
-                      names: dict[str, str] | None = None,
-                      kept: dict[str, list[dict]] | None = None
-                      ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
-    """(whole-answer decoder, stream decoder factory) for a channel type; with ``names``
-    (upstream_tool_names) the calls that come back carry the client's tool names."""
-    whole, stream = PROVIDERS[ctype].decoders(signatures, kept)
-    if not names:
-        return whole, stream
-    return (lambda body: restore_tool_names(whole(body), names),
-            lambda: RenamedStream(stream(), names))
-
-
-# Presets: what a channel for a known service needs, filled in where the channel leaves it
-# out (section 10): type, base_url, headers and quirks (the channel's own win). "model_list"
-# is False where the service has no model list (the GUI's Fetch models then says so); "notes"
-# is shown by `aigateway presets` and in the channel dialog. Each entry was checked against
-# the service's documentation, cited beside it (read 2026-12-01); what could not be
-# confirmed there is left out and said so. Auth is the type's (Bearer for custom, x-api-key
-# for anthropic) unless the "auth" quirk says otherwise.
-PRESETS: dict[str, dict[str, Any]] = {
-    # api-docs.deepseek.com ("Your First API Call": base URL, Bearer; /v1 allowed for OpenAI
-    # compatibility; GET /models). Thinking mode wants reasoning back on tool-call turns only:
-    # api-docs.deepseek.com/guides/thinking_mode.
-    "deepseek": {"label": "DeepSeek", "type": "custom",
-                 "base_url": "https://api.deepseek.com/v1",
-                 "quirks": {"reasoning_back": "tool_calls"}},
-    # api-docs.deepseek.com/guides/anthropic_api: anthropic-beta, container, mcp_servers,
-    # service_tier, top_k and cache_control are "Ignored"; x-api-key supported. No model
-    # list is documented on that endpoint.
-    "deepseek-anthropic": {"label": "DeepSeek (Anthropic API)", "type": "anthropic",
-                           "base_url": "https://api.deepseek.com/anthropic",
-                           "model_list": False,
-                           "quirks": {"drop_headers": ["anthropic-beta"],
-                                      "drop_params": ["container", "mcp_servers",
-                                                      "service_tier", "top_k"],
-                                      "cache_control": "strip"}},
-    # Mistral's API (servers: https://api.mistral.ai/v1; /chat/completions, /models, Bearer)
-    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above), and
-    # 422 "Extra inputs are not permitted" for stream_options and max_completion_tokens
-    # (quoted in avante-corp/avante.nvim#2347, editor-code-assistant/eca#231).
-    "mistral": {"label": "Mistral", "type": "custom", "base_url": "https://api.mistral.ai/v1",
-                "quirks": {"tool_call_id": "mistral9", "drop_params": ["stream_options"],
-                           "max_tokens_field": "max_tokens"}},
-    # console.groq.com/docs/openai: base URL; logprobs, logit_bias and top_logprobs "will
-    # result in a 400 error"; messages[].name too (not a top-level field: not handled).
-    "groq": {"label": "Groq", "type": "custom", "base_url": "https://api.groq.com/openai/v1",
-             "quirks": {"drop_params": ["logprobs", "logit_bias", "top_logprobs"]}},
-    # openrouter.ai (quick start): base URL, Bearer; HTTP-Referer and X-Title are optional
-    # attribution headers (add them under Extra headers). Reasoning goes back in "reasoning".
-    "openrouter": {"label": "OpenRouter", "type": "custom",
-                   "base_url": "https://openrouter.ai/api/v1",
-                   "quirks": {"reasoning_field": "reasoning"},
-                   "notes": "optional headers HTTP-Referer and X-Title (app attribution)"},
-    # docs.x.ai/developers/rest-api-reference/inference: base https://api.x.ai, Bearer;
-    # docs.x.ai/api/integrations: OpenAI SDK base URL https://api.x.ai/v1.
-    "xai": {"label": "xAI (Grok)", "type": "custom", "base_url": "https://api.x.ai/v1"},
-    # platform.moonshot.ai/docs/api/chat and platform.kimi.ai/docs/api/overview: base_url
-    # https://api.moonshot.ai/v1, Bearer, GET /v1/models (China: api.moonshot.cn). Quirks: none
-    # documented.
-    "moonshot": {"label": "Moonshot (Kimi)", "type": "custom",
-                 "base_url": "https://api.moonshot.ai/v1"},
-    "moonshot-cn": {"label": "Moonshot (Kimi), China", "type": "custom",
-                    "base_url": "https://api.moonshot.cn/v1"},
-    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic with
-    # the key as ANTHROPIC_AUTH_TOKEN (Bearer). Its list of unsupported Messages fields could
-    # not be found: nothing is stripped.
-    "moonshot-anthropic": {"label": "Moonshot (Kimi), Anthropic API", "type": "anthropic",
-                           "base_url": "https://api.moonshot.ai/anthropic",
-                           "model_list": False, "quirks": {"auth": "bearer"}},
-    # Zhipu BigModel (open.bigmodel.cn docs): OpenAI-compatible base path /api/paas/v4 (the
-    # version segment is v4: the gateway appends /chat/completions and /models to it);
-    # Z.ai is its international site with the same paths (docs.z.ai).
-    "zhipu": {"label": "Zhipu (GLM), China", "type": "custom",
-              "base_url": "https://open.bigmodel.cn/api/paas/v4"},
-    "zai": {"label": "Z.ai (GLM), international", "type": "custom",
-            "base_url": "https://api.z.ai/api/paas/v4"},
-    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic;
-    # docs.z.ai/devpack/tool/claude: https://api.z.ai/api/anthropic; both with the key as
-    # ANTHROPIC_AUTH_TOKEN (Bearer). Unsupported fields are not documented: none stripped.
-    "zhipu-anthropic": {"label": "Zhipu (GLM), Anthropic API", "type": "anthropic",
-                        "base_url": "https://open.bigmodel.cn/api/anthropic",
-                        "model_list": False, "quirks": {"auth": "bearer"}},
-    "zai-anthropic": {"label": "Z.ai (GLM), Anthropic API", "type": "anthropic",
-                      "base_url": "https://api.z.ai/api/anthropic",
-                      "model_list": False, "quirks": {"auth": "bearer"}},
-    # alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope: base URLs
-    # Singapore dashscope-intl, US dashscope-us, China (Beijing) dashscope.
-    "qwen": {"label": "Qwen (DashScope), Singapore", "type": "custom",
-             "base_url": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"},
-    "qwen-us": {"label": "Qwen (DashScope), US", "type": "custom",
-                "base_url": "https://dashscope-us.aliyuncs.com/compatible-mode/v1"},
-    "qwen-cn": {"label": "Qwen (DashScope), China", "type": "custom",
-                "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"},
-    # docs.siliconflow.cn/docs/userguide/quickstart (China: api.siliconflow.cn/v1);
-    # siliconflow.com quick start (global: api.siliconflow.com/v1).
-    "siliconflow": {"label": "SiliconFlow, China", "type": "custom",
-                    "base_url": "https://api.siliconflow.cn/v1"},
-    "siliconflow-intl": {"label": "SiliconFlow, global", "type": "custom",
-                         "base_url": "https://api.siliconflow.com/v1"},
-    # docs.together.ai/docs/inference/openai-compatibility: base URL https://api.together.ai/v1.
-    "together": {"label": "Together AI", "type": "custom",
-                 "base_url": "https://api.together.ai/v1"},
-    # Fireworks' OpenAI compatibility docs: https://api.fireworks.ai/inference/v1.
-    "fireworks": {"label": "Fireworks AI", "type": "custom",
-                  "base_url": "https://api.fireworks.ai/inference/v1"},
-    # inference-docs.cerebras.ai/resources/openai: base URL https://api.cerebras.ai/v1. Lists
-    # of refused parameters come only from third parties: none dropped.
-    "cerebras": {"label": "Cerebras", "type": "custom", "base_url": "https://api.cerebras.ai/v1"},
-    # build.nvidia.com (API catalog): https://integrate.api.nvidia.com/v1, Bearer.
-    "nvidia": {"label": "NVIDIA NIM (API catalog)", "type": "custom",
-               "base_url": "https://integrate.api.nvidia.com/v1"},
-    # docs.vllm.ai (OpenAI-compatible server): http://localhost:8000/v1; key only with
-    # --api-key.
-    "vllm": {"label": "vLLM (local)", "type": "custom", "base_url": "http://localhost:8000/v1"},
-    # lmstudio.ai/docs/api/openai-api: http://localhost:1234/v1 (/v1/models, chat, responses).
-    "lmstudio": {"label": "LM Studio (local)", "type": "custom",
-                 "base_url": "http://localhost:1234/v1"},
-    # llama.cpp's tools/server README: llama-server listens on 8080 with /v1/chat/completions.
-    "llamacpp": {"label": "llama.cpp server (local)", "type": "custom",
-                 "base_url": "http://localhost:8080/v1"},
-    # docs.ollama.com/api/openai-compatibility: http://localhost:11434/v1 (key ignored).
-    "ollama-openai": {"label": "Ollama, OpenAI mode (local)", "type": "custom",
-                      "base_url": "http://localhost:11434/v1"},
-    # platform.minimax.io/docs/api-reference/text-anthropic-api: base URL; top_k,
-    # stop_sequences, service_tier, mcp_servers, context_management and container "Ignored";
-    # text and tool calls only (no image or document input).
-    "minimax-anthropic": {"label": "MiniMax (Anthropic API)", "type": "anthropic",
-                          "base_url": "https://api.minimax.io/anthropic",
-                          "model_list": False,
-                          "quirks": {"drop_params": ["top_k", "stop_sequences",
-                                                     "service_tier", "mcp_servers",
-                                                     "context_management", "container"]}},
-}
-# Perplexity is not a preset: its docs (docs.perplexity.ai/docs/sonar/openai-compatibility)
-# name POST /chat/completions at https://api.perplexity.ai and POST /v1/sonar, while the
-# gateway sends /v1/chat/completions to a base URL without a version; that path is not
-# documented there.
-
-
-# 9.11 AWS Bedrock and Google Vertex AI (channel side) ------------------------------------------
-# Pure helpers for the two cloud channel types: URLs, the Anthropic Messages body as Bedrock's
-# InvokeModel and Vertex's rawPredict take it, and Bedrock's own Converse format <-> IR. The
-# streams arrive as AWS event-stream messages (EventStreamDecoder, section 5).
+# 9.9 AWS Bedrock and Google Vertex AI -----------------------------------------------------------
+# The two cloud channel types (channel side only): URLs, the Anthropic Messages body as
+# Bedrock's InvokeModel and Vertex's rawPredict take it, Bedrock's own Converse format <-> IR,
+# and their adapters. Bedrock's streams arrive as AWS event-stream messages
+# (EventStreamDecoder, section 5).
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
                                                      # Messages API", request body
@@ -6695,11 +6514,13 @@ def bedrock_url(base_url: str, model: str, operation: str) -> str:
     return f"{base_url.rstrip('/')}/model/{urllib.parse.quote(model, safe='')}/{operation}"
 
 
+BEDROCK_MODELS_PATH = "/foundation-models?byOutputModality=TEXT&byInferenceType=ON_DEMAND"
+
+
 def bedrock_models_url(region: str) -> str:
     """ListFoundationModels on the Bedrock control plane (host ``bedrock.{region}``, signing
     name ``bedrock``): the text models that can be called on demand."""
-    return (f"https://bedrock.{region}.amazonaws.com/foundation-models"
-            f"?byOutputModality=TEXT&byInferenceType=ON_DEMAND")
+    return f"https://bedrock.{region}.amazonaws.com{BEDROCK_MODELS_PATH}"
 
 
 def bedrock_model_ids(body: Any) -> list[str]:
@@ -6735,14 +6556,17 @@ def vertex_base_url(location: str) -> str:
 
 
 def vertex_model_url(base_url: str, project: str, location: str, publisher: str, model: str,
-                     method: str) -> str:
+                     method: str, *, sse: bool = True) -> str:
     """``.../v1/projects/{p}/locations/{l}/publishers/{publisher}/models/{m}:{method}``;
     publisher ``google`` (generateContent, streamGenerateContent, with ``?alt=sse`` so the
-    stream is SSE) or ``anthropic`` (rawPredict, streamRawPredict)."""
+    stream is SSE unless ``sse`` is False) or ``anthropic`` (rawPredict, streamRawPredict).
+    Without a project it is express mode's form, ``.../v1/publishers/google/models/{m}:...``
+    (Vertex AI in express mode REST reference: the global host, no projects or locations)."""
     q = functools.partial(urllib.parse.quote, safe="")
-    url = (f"{base_url.rstrip('/')}/v1/projects/{q(project)}/locations/{q(location)}/publishers/"
-           f"{q(publisher)}/models/{q(model)}:{method}")
-    return url + "?alt=sse" if method == "streamGenerateContent" else url
+    scope = f"/projects/{q(project)}/locations/{q(location)}" if project else ""
+    url = (f"{base_url.rstrip('/')}/v1{scope}/publishers/{q(publisher)}/models/{q(model)}:"
+           f"{method}")
+    return url + "?alt=sse" if sse and method == "streamGenerateContent" else url
 
 
 def vertex_raw_predict_body(body: dict) -> dict:
@@ -7027,6 +6851,570 @@ class ConverseStreamDecoder(StreamDecoder):
         return super().close()
 
 
+# The two channel types. Each serves two model families: Claude, in the Anthropic Messages
+# body (InvokeModel on Bedrock, rawPredict on Vertex), and the rest in the cloud's own chat
+# format (Converse on Bedrock, generateContent on Vertex). Which one a request takes follows
+# from the upstream model name (after model_mapping): names with "claude" or "anthropic." are
+# Claude. Anthropic clients' Claude requests and Gemini clients' Gemini requests are relayed
+# as they came (rewrapped for the cloud); the rest are converted. The key header (a Bedrock
+# API key as Bearer, a Vertex express-mode key as x-goog-api-key) comes from auth_headers;
+# SigV4 signatures and service-account tokens are added per request by authorize.
+
+# Tool names every family on them takes: Converse's toolSpec name is [a-zA-Z0-9_-]{1,64}
+# (bedrock-runtime service model, ToolName), Anthropic's fits, Gemini's starts with a letter
+# or underscore.
+CLOUD_TOOL_NAMES = (re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}\Z"), 64)
+_AWS_REGION_RX = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}\Z")
+_GCP_NAME_RX = re.compile(r"[a-z][a-z0-9-]{0,62}\Z")
+
+
+def is_claude_model(model: str) -> bool:
+    """Whether an upstream model id names Claude (anthropic.claude-..., us.anthropic...,
+    claude-sonnet-4-5@20250929, an ARN with either in it)."""
+    low = model.lower()
+    return "claude" in low or "anthropic." in low
+
+
+class FilteredStream:
+    """A stream decoder fed through a byte filter (``feed(bytes) -> bytes``, ``end()``), such as
+    BedrockInvokeStream before the Anthropic decoder. The filter's errors end the stream as an
+    ("error", exc) event, as the decoders' own do."""
+
+    __slots__ = ("_filter", "_inner", "_failed")
+
+    def __init__(self, filt: Any, inner: Any):
+        self._filter, self._inner, self._failed = filt, inner, False
+
+    def _fail(self, exc: GatewayError) -> list[tuple]:
+        self._failed = True
+        out: list[tuple] = []
+        self._inner._start(out)
+        return out + [("error", exc)]
+
+    def feed(self, data: bytes) -> list[tuple]:
+        if self._failed:
+            return []
+        try:
+            return self._inner.feed(self._filter.feed(data))
+        except GatewayError as exc:
+            return self._fail(exc)
+
+    def close(self) -> list[tuple]:
+        if self._failed:
+            return []
+        try:
+            self._filter.end()
+        except GatewayError as exc:
+            return self._fail(exc)
+        return self._inner.close()
+
+
+class CloudProvider(ProviderAdapter):
+    """What Bedrock and Vertex share: Claude in the Anthropic body, only the gateway's own
+    headers upstream (a client's Anthropic or Google headers mean nothing to a cloud API),
+    media only inline."""
+
+    serves_as_is = (ANTHROPIC,)
+    forwards_headers: frozenset[str] | None = frozenset()
+    inline_media = ("image/", "application/pdf")
+    tool_name_rule = CLOUD_TOOL_NAMES
+    anthropic = AnthropicProvider()
+
+    def claude_body(self, body: dict, incoming: Headers | None) -> dict:
+        raise NotImplementedError
+
+    def relay_body(self, body: bytes, obj: dict | None, model: str, stream: bool,
+                   incoming: Headers) -> bytes:
+        if obj is None or not is_claude_model(model):
+            return body
+        return json_dumps(self.claude_body(obj, incoming))
+
+    def encode_claude(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
+        return self.claude_body(self.anthropic.encode_chat(ir, model, opts), None)
+
+    def claude_decoders(self, kept: dict[str, list[dict]] | None
+                        ) -> tuple[Callable[[dict], IRResponse], Callable[[], StreamDecoding]]:
+        return self.anthropic.decoders(None, kept)
+
+
+class BedrockProvider(CloudProvider):
+    name = TYPE_BEDROCK
+    fields = {"region": TypeField("", "AWS region", 'an AWS region such as "us-east-1"'),
+              "aws_access_key_id": TypeField("", "Access key ID", 'an AWS access key id, or ""'),
+              "aws_secret_access_key": TypeField("", "Secret access key",
+                                                 'an AWS secret access key, or ""', secret=True),
+              "aws_session_token": TypeField("", "Session token", 'an AWS session token, or ""',
+                                             secret=True)}
+
+    def relays(self, dialect: str, responses_api: bool, model: str = "",
+               kind: str = "") -> bool:
+        return dialect == ANTHROPIC and kind == "messages" and is_claude_model(model)
+
+    def base_url_for(self, c: dict) -> str:
+        region = c.get("region") or ""
+        return bedrock_base_url(region) if _AWS_REGION_RX.match(region) else ""
+
+    def check_fields(self, c: dict) -> tuple[str, str, str] | None:
+        if not _AWS_REGION_RX.match(c.get("region") or ""):
+            return ("region", f"{(c.get('region') or '')[:40]!r} is not an AWS region",
+                    'write the region of your Bedrock models, such as "us-east-1"')
+        has_id, has_secret = bool(c.get("aws_access_key_id")), bool(
+            c.get("aws_secret_access_key"))
+        if has_id != has_secret:
+            missing = "aws_secret_access_key" if has_id else "aws_access_key_id"
+            return (missing, "is empty while its pair is set",
+                    "write both the access key id and its secret, or neither")
+        if c.get("aws_session_token") and not has_id:
+            return ("aws_session_token", "is set without an access key",
+                    "write the temporary credentials' access key id and secret too")
+        if not has_id and not c.get("api_key") and not c.get("api_keys"):
+            return ("api_key", "is empty and no AWS access key is set",
+                    "write a Bedrock API key, or aws_access_key_id and aws_secret_access_key")
+        return None
+
+    def credentials(self, c: dict) -> Any:
+        if not c.get("aws_access_key_id"):
+            return None
+        return (c["aws_access_key_id"], c["aws_secret_access_key"],
+                c.get("aws_session_token") or None)
+
+    async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
+                        body: bytes, creds: Any) -> list[tuple[str, str]]:
+        if ch.creds is None or ch.api_key:          # a Bedrock API key is a Bearer token
+            return headers
+        access, secret, session = ch.creds
+        return headers + sigv4_headers(method, url, headers, body, region=ch.extra["region"],
+                                       service="bedrock", access_key=access, secret_key=secret,
+                                       session_token=session, now=creds.clock())
+
+    def claude_body(self, body: dict, incoming: Headers | None) -> dict:
+        return bedrock_invoke_body(body, incoming.get("anthropic-beta") if incoming else None)
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
+        return self.chat_url(ch, model, stream)
+
+    def answer_filter(self, model: str) -> Callable[[], Any] | None:
+        return BedrockInvokeStream if is_claude_model(model) else None
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        if is_claude_model(model):
+            return bedrock_url(ch.base_url, model,
+                               "invoke-with-response-stream" if stream else "invoke")
+        return bedrock_url(ch.base_url, model, "converse-stream" if stream else "converse")
+
+    def models_url(self, ch: Any) -> str:
+        """ListFoundationModels: on the control-plane host when base_url is the default one,
+        else under base_url (a private endpoint or a test's fake)."""
+        if ch.base_url == self.base_url_for(ch.extra):
+            return bedrock_models_url(ch.extra["region"])
+        return ch.base_url.rstrip("/") + BEDROCK_MODELS_PATH
+
+    def parse_models(self, body: Any) -> list[str]:
+        return bedrock_model_ids(body)
+
+    def encode_chat(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
+        if is_claude_model(model):
+            return self.encode_claude(ir, model, opts)
+        return ir_to_converse_request(ir)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], IRResponse],
+                                           Callable[[], StreamDecoding]]:
+        if is_claude_model(model):
+            whole, stream = self.claude_decoders(kept)
+            return whole, lambda: FilteredStream(BedrockInvokeStream(), stream())
+        return (lambda body: converse_response_to_ir(body, model),
+                lambda: ConverseStreamDecoder(model))
+
+
+class VertexProvider(CloudProvider):
+    name = TYPE_VERTEX
+    serves_as_is = (ANTHROPIC, GEMINI)
+    forwards_headers = frozenset(("anthropic-beta",))   # Vertex takes betas as the header
+    lists_models = False
+    fields = {"project": TypeField("", "Project", 'a Google Cloud project id, or "" (express '
+                                                  'mode)'),
+              "location": TypeField("global", "Location",
+                                    'a Vertex AI location such as "global" or "us-east5"'),
+              "service_account": TypeField("", "Service account",
+                                           "the path of a service-account JSON key file, or the "
+                                           "key's JSON object", (str, dict), secret=True)}
+    gemini = GeminiProvider()
+
+    def relays(self, dialect: str, responses_api: bool, model: str = "",
+               kind: str = "") -> bool:
+        if is_claude_model(model):
+            return dialect == ANTHROPIC and kind == "messages"
+        return dialect == GEMINI and kind in ("generateContent", "streamGenerateContent")
+
+    def base_url_for(self, c: dict) -> str:
+        location = c.get("location") or "global"
+        return vertex_base_url(location) if _GCP_NAME_RX.match(location) else ""
+
+    def check_fields(self, c: dict) -> tuple[str, str, str] | None:
+        if not _GCP_NAME_RX.match(c.get("location") or "global"):
+            return ("location", f"{c['location'][:40]!r} is not a Vertex AI location",
+                    'write "global" or a region such as "us-east5"')
+        if c.get("project") and not re.fullmatch(r"[a-z][a-z0-9:.-]{2,62}", c["project"]):
+            return ("project", f"{c['project'][:40]!r} is not a Google Cloud project id",
+                    "write the project's id (lower case), as the console shows it")
+        account = c.get("service_account")
+        if account:
+            if not c.get("project"):
+                return ("project", "is empty while a service account is set",
+                        "write the id of the project the service account may use")
+            try:
+                self.credentials(c)
+            except ConfigError as exc:
+                return ("service_account", str(exc).split(": ", 1)[-1],
+                        "point it at the JSON key file Google Cloud downloaded")
+        elif not c.get("api_key") and not c.get("api_keys"):
+            return ("api_key", "is empty and no service account is set",
+                    "write a Vertex AI API key (express mode), or set service_account")
+        return None
+
+    def credentials(self, c: dict) -> Any:
+        info = c.get("service_account")
+        if not info:
+            return None
+        if isinstance(info, str):
+            path = os.path.expanduser(info)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_SERVICE_ACCOUNT_FILE + 1)
+            except OSError as exc:
+                raise ConfigError(f"service_account: cannot read {info!r} "
+                                  f"({exc.strerror or exc})") from None
+            if len(data) > MAX_SERVICE_ACCOUNT_FILE:
+                raise ConfigError(f"service_account: {info!r} is larger than a key file")
+            try:
+                info = json_loads(data, "the service-account key file")
+            except GatewayError as exc:
+                raise ConfigError(f"service_account: {exc.message}") from None
+        return service_account(info)
+
+    async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
+                        body: bytes, creds: Any) -> list[tuple[str, str]]:
+        if ch.creds is None:
+            return headers
+        token = await creds.google_token(ch.creds, proxy=ch.proxy, verify_tls=ch.verify_tls)
+        return [(n, v) for n, v in headers if n.lower() != "authorization"] + [
+            ("Authorization", f"Bearer {token}")]
+
+    def auth_headers(self, api_key: str, incoming: Headers | None = None,
+                     quirks: dict | None = None) -> list[tuple[str, str]]:
+        return self.gemini.auth_headers(api_key)
+
+    def claude_body(self, body: dict, incoming: Headers | None) -> dict:
+        return vertex_raw_predict_body(body)
+
+    def url(self, ch: Any, model: str, method: str, sse: bool = True) -> str:
+        publisher = "anthropic" if is_claude_model(model) else "google"
+        return vertex_model_url(ch.base_url, ch.extra["project"], ch.extra["location"] or
+                                "global", publisher, model, method, sse=sse)
+
+    def passthrough_url(self, ch: Any, path: str, kind: str, model: str,
+                        stream: bool = False) -> str:
+        if is_claude_model(model):
+            return self.chat_url(ch, model, stream)
+        return self.url(ch, model, kind, sse=False)    # the client's ?alt=sse is kept
+
+    def chat_url(self, ch: Any, model: str, stream: bool) -> str:
+        if is_claude_model(model):
+            return self.url(ch, model, "streamRawPredict" if stream else "rawPredict")
+        return self.url(ch, model, "streamGenerateContent" if stream else "generateContent")
+
+    def encode_chat(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
+        if is_claude_model(model):
+            return self.encode_claude(ir, model, opts)
+        return self.gemini.encode_chat(ir, model, opts)
+
+    def decoders(self, signatures: dict[str, str] | None, kept: dict[str, list[dict]] | None,
+                 model: str = "") -> tuple[Callable[[dict], IRResponse],
+                                           Callable[[], StreamDecoding]]:
+        if is_claude_model(model):
+            return self.claude_decoders(kept)
+        return self.gemini.decoders(signatures, kept)
+
+
+# 9.10 Dispatch and registries --------------------------------------------------------------------
+# What every channel type's request shares (tool names in the forms the channel accepts,
+# the max_tokens cap), the empty-answer check, and the two registries: DIALECTS (client
+# side) and PROVIDERS (channel side), the only way the gateway reaches an adapter.
+
+# Each channel type's adapter names the tool names it accepts (tool_name_rule; Ollama documents
+# no rule). A name outside its channel's rule is sent as a readable head plus 8 hex digits of its
+# SHA-1, always the same for the same name, so the tool list, the calls in earlier turns and the
+# call that comes back agree; the answer gets the client's own name back.
+def channel_tool_name(name: str, ctype: str) -> str:
+    """``name`` as a channel of type ``ctype`` accepts it (itself when it already does)."""
+    rule = PROVIDERS[ctype].tool_name_rule if ctype in PROVIDERS else None
+    if rule is None or rule[0].match(name):
+        return name
+    head = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if not head[:1].isalpha():
+        head = "t_" + head
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{head[:rule[1] - 9]}_{digest}"
+
+
+def _ir_tool_names(ir: dict) -> set[str]:
+    names = {t["name"] for t in ir["tools"]}
+    for m in ir["messages"]:
+        names.update(p["name"] for p in m["content"]
+                     if p["type"] in ("tool_call", "tool_result") and p.get("name"))
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        names.add(ir["tool_choice"]["name"])
+    return names
+
+
+def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
+    """{name sent upstream: the client's name} for every tool name a channel of type ``ctype``
+    gets in another form."""
+    out = {}
+    for name in _ir_tool_names(ir):
+        short = channel_tool_name(name, ctype)
+        if short != name:
+            out[short] = name
+    return out
+
+
+def rename_ir_tools(ir: dict, ctype: str) -> dict:
+    """The request with every tool name (tool list, tool_choice, calls and results in earlier
+    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
+    if not upstream_tool_names(ir, ctype):
+        return ir
+
+    def part(p: dict) -> dict:
+        if p["type"] in ("tool_call", "tool_result") and p.get("name"):
+            return dict(p, name=channel_tool_name(p["name"], ctype))
+        return p
+
+    out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))
+                          for t in ir["tools"]],
+               messages=[dict(m, content=[part(p) for p in m["content"]])
+                         for m in ir["messages"]])
+    if isinstance(ir["tool_choice"], dict) and ir["tool_choice"].get("name"):
+        out["tool_choice"] = {"name": channel_tool_name(ir["tool_choice"]["name"], ctype)}
+    return out
+
+
+def restore_tool_names(resp: dict, names: dict[str, str]) -> dict:
+    """A decoded answer with the client's tool names back in its calls."""
+    if names:
+        for p in resp["content"]:
+            if p["type"] == "tool_call":
+                p["name"] = names.get(p["name"], p["name"])
+    return resp
+
+
+class RenamedStream:
+    """A stream decoder whose tool events carry the client's tool names."""
+
+    def __init__(self, inner: Any, names: dict[str, str]):
+        self._inner, self._names = inner, names
+
+    def _map(self, events: list[tuple]) -> list[tuple]:
+        return [("tool", e[1], e[2], self._names.get(e[3], e[3])) if e[0] == "tool" else e
+                for e in events]
+
+    def feed(self, data: bytes) -> list[tuple]:
+        return self._map(self._inner.feed(data))
+
+    def close(self) -> list[tuple]:
+        return self._map(self._inner.close())
+
+
+@guarded(400, "request body")
+def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
+                         max_tokens_cap: int = 0,
+                         signatures: dict[str, str] | None = None,
+                         quirks: dict | None = None, thinking: str = "auto",
+                         kept: dict[str, list[dict]] | None = None) -> dict:
+    """The chat request body for a channel of type ``ctype``: tool names in the forms it
+    accepts and, on an OpenAI-compatible channel, its ``quirks`` applied. ``signatures`` and
+    ``kept`` are what Gemini and Claude said about earlier calls (thought signatures, thinking
+    blocks); ``thinking`` is the channel's thinking setting."""
+    if ir["n"] > 1:
+        raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
+                                f"served: this model's channel ({ctype}) is reached by "
+                                f"conversion, which relays one choice; ask for 1 and send "
+                                f"several requests instead", param="n",
+                           code="unsupported_parameter")
+    provider = PROVIDERS[ctype]
+    ir = rename_ir_tools(ir, ctype)
+    if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
+        ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
+    return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
+                                                       quirks, thinking, kept))
+
+
+def answer_is_empty(resp: dict) -> bool:
+    """A whole answer with no text or reasoning beyond white space and no tool call, whose
+    finish reason does not explain that (a length cut-off, a content filter or a refusal
+    does): a relay's blank turn, which the gateway treats as the channel's failure when
+    fallback is on."""
+    if resp["finish"] in ("length", "content_filter"):
+        return False
+    return not any(p["type"] == "tool_call" or (p["type"] in ("text", "reasoning") and (
+        p.get("text") or "").strip()) for p in resp["content"])
+
+
+def event_is_content(ev: tuple) -> bool:
+    """Whether a stream event settles that the answer is not empty (see answer_is_empty); an
+    in-band error settles it too (it is passed on as the stream's end)."""
+    kind = ev[0]
+    return kind in ("tool", "error") or (kind in ("text", "reasoning") and bool(
+        ev[1].strip())) or (
+        kind == "finish" and ev[1] in ("length", "content_filter"))
+
+
+CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateContent",
+                        "responses"))
+
+
+def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
+                      names: dict[str, str] | None = None,
+                      kept: dict[str, list[dict]] | None = None, model: str = ""
+                      ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
+    """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
+    ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
+    client's tool names."""
+    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
+    if not names:
+        return whole, stream
+    return (lambda body: restore_tool_names(whole(body), names),
+            lambda: RenamedStream(stream(), names))
+
+
+# Presets: what a channel for a known service needs, filled in where the channel leaves it
+# out (section 10): type, base_url, headers and quirks (the channel's own win). "model_list"
+# is False where the service has no model list (the GUI's Fetch models then says so); "notes"
+# is shown by `aigateway presets` and in the channel dialog. Each entry was checked against
+# the service's documentation, cited beside it (read 2026-12-01); what could not be
+# confirmed there is left out and said so. Auth is the type's (Bearer for custom, x-api-key
+# for anthropic) unless the "auth" quirk says otherwise.
+PRESETS: dict[str, dict[str, Any]] = {
+    # api-docs.deepseek.com ("Your First API Call": base URL, Bearer; /v1 allowed for OpenAI
+    # compatibility; GET /models). Thinking mode wants reasoning back on tool-call turns only:
+    # api-docs.deepseek.com/guides/thinking_mode.
+    "deepseek": {"label": "DeepSeek", "type": "custom",
+                 "base_url": "https://api.deepseek.com/v1",
+                 "quirks": {"reasoning_back": "tool_calls"}},
+    # api-docs.deepseek.com/guides/anthropic_api: anthropic-beta, container, mcp_servers,
+    # service_tier, top_k and cache_control are "Ignored"; x-api-key supported. No model
+    # list is documented on that endpoint.
+    "deepseek-anthropic": {"label": "DeepSeek (Anthropic API)", "type": "anthropic",
+                           "base_url": "https://api.deepseek.com/anthropic",
+                           "model_list": False,
+                           "quirks": {"drop_headers": ["anthropic-beta"],
+                                      "drop_params": ["container", "mcp_servers",
+                                                      "service_tier", "top_k"],
+                                      "cache_control": "strip"}},
+    # Mistral's API (servers: https://api.mistral.ai/v1; /chat/completions, /models, Bearer)
+    # answers 400 unless tool-call ids are 9 letters and digits (see QUIRK_CHOICES above), and
+    # 422 "Extra inputs are not permitted" for stream_options and max_completion_tokens
+    # (quoted in avante-corp/avante.nvim#2347, editor-code-assistant/eca#231).
+    "mistral": {"label": "Mistral", "type": "custom", "base_url": "https://api.mistral.ai/v1",
+                "quirks": {"tool_call_id": "mistral9", "drop_params": ["stream_options"],
+                           "max_tokens_field": "max_tokens"}},
+    # console.groq.com/docs/openai: base URL; logprobs, logit_bias and top_logprobs "will
+    # result in a 400 error"; messages[].name too (not a top-level field: not handled).
+    "groq": {"label": "Groq", "type": "custom", "base_url": "https://api.groq.com/openai/v1",
+             "quirks": {"drop_params": ["logprobs", "logit_bias", "top_logprobs"]}},
+    # openrouter.ai (quick start): base URL, Bearer; HTTP-Referer and X-Title are optional
+    # attribution headers (add them under Extra headers). Reasoning goes back in "reasoning".
+    "openrouter": {"label": "OpenRouter", "type": "custom",
+                   "base_url": "https://openrouter.ai/api/v1",
+                   "quirks": {"reasoning_field": "reasoning"},
+                   "notes": "optional headers HTTP-Referer and X-Title (app attribution)"},
+    # docs.x.ai/developers/rest-api-reference/inference: base https://api.x.ai, Bearer;
+    # docs.x.ai/api/integrations: OpenAI SDK base URL https://api.x.ai/v1.
+    "xai": {"label": "xAI (Grok)", "type": "custom", "base_url": "https://api.x.ai/v1"},
+    # platform.moonshot.ai/docs/api/chat and platform.kimi.ai/docs/api/overview: base_url
+    # https://api.moonshot.ai/v1, Bearer, GET /v1/models (China: api.moonshot.cn). Quirks: none
+    # documented.
+    "moonshot": {"label": "Moonshot (Kimi)", "type": "custom",
+                 "base_url": "https://api.moonshot.ai/v1"},
+    "moonshot-cn": {"label": "Moonshot (Kimi), China", "type": "custom",
+                    "base_url": "https://api.moonshot.cn/v1"},
+    # Moonshot's Claude Code guide: ANTHROPIC_BASE_URL https://api.moonshot.ai/anthropic with
+    # the key as ANTHROPIC_AUTH_TOKEN (Bearer). Its list of unsupported Messages fields could
+    # not be found: nothing is stripped.
+    "moonshot-anthropic": {"label": "Moonshot (Kimi), Anthropic API", "type": "anthropic",
+                           "base_url": "https://api.moonshot.ai/anthropic",
+                           "model_list": False, "quirks": {"auth": "bearer"}},
+    # Zhipu BigModel (open.bigmodel.cn docs): OpenAI-compatible base path /api/paas/v4 (the
+    # version segment is v4: the gateway appends /chat/completions and /models to it);
+    # Z.ai is its international site with the same paths (docs.z.ai).
+    "zhipu": {"label": "Zhipu (GLM), China", "type": "custom",
+              "base_url": "https://open.bigmodel.cn/api/paas/v4"},
+    "zai": {"label": "Z.ai (GLM), international", "type": "custom",
+            "base_url": "https://api.z.ai/api/paas/v4"},
+    # Zhipu's Claude Code guide: ANTHROPIC_BASE_URL https://open.bigmodel.cn/api/anthropic;
+    # docs.z.ai/devpack/tool/claude: https://api.z.ai/api/anthropic; both with the key as
+    # ANTHROPIC_AUTH_TOKEN (Bearer). Unsupported fields are not documented: none stripped.
+    "zhipu-anthropic": {"label": "Zhipu (GLM), Anthropic API", "type": "anthropic",
+                        "base_url": "https://open.bigmodel.cn/api/anthropic",
+                        "model_list": False, "quirks": {"auth": "bearer"}},
+    "zai-anthropic": {"label": "Z.ai (GLM), Anthropic API", "type": "anthropic",
+                      "base_url": "https://api.z.ai/api/anthropic",
+                      "model_list": False, "quirks": {"auth": "bearer"}},
+    # alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope: base URLs
+    # Singapore dashscope-intl, US dashscope-us, China (Beijing) dashscope.
+    "qwen": {"label": "Qwen (DashScope), Singapore", "type": "custom",
+             "base_url": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"},
+    "qwen-us": {"label": "Qwen (DashScope), US", "type": "custom",
+                "base_url": "https://dashscope-us.aliyuncs.com/compatible-mode/v1"},
+    "qwen-cn": {"label": "Qwen (DashScope), China", "type": "custom",
+                "base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"},
+    # docs.siliconflow.cn/docs/userguide/quickstart (China: api.siliconflow.cn/v1);
+    # siliconflow.com quick start (global: api.siliconflow.com/v1).
+    "siliconflow": {"label": "SiliconFlow, China", "type": "custom",
+                    "base_url": "https://api.siliconflow.cn/v1"},
+    "siliconflow-intl": {"label": "SiliconFlow, global", "type": "custom",
+                         "base_url": "https://api.siliconflow.com/v1"},
+    # docs.together.ai/docs/inference/openai-compatibility: base URL https://api.together.ai/v1.
+    "together": {"label": "Together AI", "type": "custom",
+                 "base_url": "https://api.together.ai/v1"},
+    # Fireworks' OpenAI compatibility docs: https://api.fireworks.ai/inference/v1.
+    "fireworks": {"label": "Fireworks AI", "type": "custom",
+                  "base_url": "https://api.fireworks.ai/inference/v1"},
+    # inference-docs.cerebras.ai/resources/openai: base URL https://api.cerebras.ai/v1. Lists
+    # of refused parameters come only from third parties: none dropped.
+    "cerebras": {"label": "Cerebras", "type": "custom", "base_url": "https://api.cerebras.ai/v1"},
+    # build.nvidia.com (API catalog): https://integrate.api.nvidia.com/v1, Bearer.
+    "nvidia": {"label": "NVIDIA NIM (API catalog)", "type": "custom",
+               "base_url": "https://integrate.api.nvidia.com/v1"},
+    # docs.vllm.ai (OpenAI-compatible server): http://localhost:8000/v1; key only with
+    # --api-key.
+    "vllm": {"label": "vLLM (local)", "type": "custom", "base_url": "http://localhost:8000/v1"},
+    # lmstudio.ai/docs/api/openai-api: http://localhost:1234/v1 (/v1/models, chat, responses).
+    "lmstudio": {"label": "LM Studio (local)", "type": "custom",
+                 "base_url": "http://localhost:1234/v1"},
+    # llama.cpp's tools/server README: llama-server listens on 8080 with /v1/chat/completions.
+    "llamacpp": {"label": "llama.cpp server (local)", "type": "custom",
+                 "base_url": "http://localhost:8080/v1"},
+    # docs.ollama.com/api/openai-compatibility: http://localhost:11434/v1 (key ignored).
+    "ollama-openai": {"label": "Ollama, OpenAI mode (local)", "type": "custom",
+                      "base_url": "http://localhost:11434/v1"},
+    # platform.minimax.io/docs/api-reference/text-anthropic-api: base URL; top_k,
+    # stop_sequences, service_tier, mcp_servers, context_management and container "Ignored";
+    # text and tool calls only (no image or document input).
+    "minimax-anthropic": {"label": "MiniMax (Anthropic API)", "type": "anthropic",
+                          "base_url": "https://api.minimax.io/anthropic",
+                          "model_list": False,
+                          "quirks": {"drop_params": ["top_k", "stop_sequences",
+                                                     "service_tier", "mcp_servers",
+                                                     "context_management", "container"]}},
+}
+# Perplexity is not a preset: its docs (docs.perplexity.ai/docs/sonar/openai-compatibility)
+# name POST /chat/completions at https://api.perplexity.ai and POST /v1/sonar, while the
+# gateway sends /v1/chat/completions to a base URL without a version; that path is not
+# documented there.
+
+
 def guess_dialect(path: str, headers: Headers) -> str:
     """The dialect of a request the gateway could not route (for its error's shape)."""
     if "anthropic-version" in headers or "/messages" in path:
@@ -7050,7 +7438,7 @@ DIALECTS: dict[str, DialectAdapter] = {d.name: d for d in (
     OpenAIDialect(), ResponsesDialect(), AnthropicDialect(), GeminiDialect())}
 PROVIDERS: dict[str, ProviderAdapter] = {p.name: p for p in (
     OpenAIProvider(), AnthropicProvider(), GeminiProvider(), OllamaProvider(), CustomProvider(),
-    AzureProvider())}
+    AzureProvider(), BedrockProvider(), VertexProvider())}
 
 # Derived views, for validation, routes, the GUI and the command line.
 CHANNEL_TYPES = tuple(PROVIDERS)
@@ -7383,14 +7771,16 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
             raise ck.fail(f"{where}.type", f"{ctype!r} is not a channel type",
                           f"use one of {', '.join(CHANNEL_TYPES)}")
         ck.typed(ch, "base_url", where, (str,), "a URL")
+        ck.typed(ch, "api_key", where, (str,), "a string")
+        ck.str_list(ch, "api_keys", where)
+        derived = _check_type_fields(ck, ch, where)
         if not ch["base_url"].strip():
-            if not CHANNEL_DEFAULT_URLS[ctype]:
+            if not CHANNEL_DEFAULT_URLS[ctype] and not derived:
                 raise ck.fail(f"{where}.base_url", "is empty",
                               "write the server's URL, such as http://localhost:8000/v1")
-            ch["base_url"] = CHANNEL_DEFAULT_URLS[ctype]
-        ck.url(ch["base_url"], f"{where}.base_url", allow_empty=False, schemes=("http", "https"),
-               example="https://api.openai.com")
-        ck.typed(ch, "api_key", where, (str,), "a string")
+            ch["base_url"] = CHANNEL_DEFAULT_URLS[ctype]     # "" when derived (Channel)
+        ck.url(ch["base_url"] or derived, f"{where}.base_url", allow_empty=False,
+               schemes=("http", "https"), example="https://api.openai.com")
         ck.str_list(ch, "models", where)
         ck.str_map(ch, "model_mapping", where, '{"gpt-4o": "gpt-4o-2024-11-20"}')
         ck.typed(ch, "priority", where, (int,), "a whole number (lower is tried first)")
@@ -7408,7 +7798,6 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
         if ck.typed(ch, "thinking", where, (str,), "a thinking mode") not in THINKING_MODES:
             raise ck.fail(f"{where}.thinking", f"{ch['thinking']!r} is not a thinking mode",
                           'write "auto" (by model name), "adaptive" or "budget"')
-        ck.str_list(ch, "api_keys", where)
         mc = ck.typed(ch, "max_concurrency", where, (int,), "a whole number (0 = no limit)")
         if mc < 0:
             raise ck.fail(f"{where}.max_concurrency", f"{mc} is negative", "use 0 for no limit")
@@ -7427,6 +7816,20 @@ def _check_channel(ck: _Checker, channels: list[dict], places: list[int]) -> Non
             if not header_ok(name, value):
                 raise ck.fail(f"{where}.headers", f"{name!r} is not a valid header",
                               "use header names without spaces and values without line breaks")
+
+
+def _check_type_fields(ck: _Checker, ch: dict, where: str) -> str:
+    """The fields of the channel's type only (ProviderAdapter.fields: Bedrock's region and
+    AWS keys, Vertex's project, location and service account), defaults filled in, then the
+    adapter's own check. Returns the base URL the type derives from them ("" when none)."""
+    provider = PROVIDERS[ch["type"]]
+    for key, f in provider.fields.items():
+        ch.setdefault(key, copy.deepcopy(f.default))
+        ck.typed(ch, key, where, f.types, f.what)
+    problem = provider.check_fields(ch)
+    if problem is not None:
+        raise ck.fail(f"{where}.{problem[0]}", problem[1], problem[2])
+    return provider.base_url_for(ch) if not provider.default_url else ""
 
 
 def _check_quirks(ck: _Checker, ch: dict, where: str) -> None:
@@ -8146,14 +8549,18 @@ class Channel:
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
                  "responses_api", "api_version", "keys", "max_concurrency", "quirks", "thinking",
-                 "preset", "weight", "overrides", "_exact")
+                 "preset", "weight", "overrides", "extra", "creds", "_exact")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
         self.name: str = c["name"]
         self.type: str = c["type"]
-        self.base_url: str = c["base_url"]
+        provider = PROVIDERS[self.type]
+        self.base_url: str = c["base_url"] or provider.base_url_for(c)
         self.api_key: str = c["api_key"]
+        # The type's own fields (region, project, ...) and what they sign with, prepared here.
+        self.extra: dict[str, Any] = {k: c.get(k, f.default) for k, f in provider.fields.items()}
+        self.creds: Any = provider.credentials(c)
         self.models: list[str] = c["models"]
         self.mapping = {k.lower(): v for k, v in c["model_mapping"].items()}
         self.priority: int = c["priority"]
@@ -8173,6 +8580,18 @@ class Channel:
         self.weight = float(c["weight"])
         self.overrides: list[dict] = c["overrides"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
+
+    def secrets(self) -> list[str]:
+        """Every credential of this channel (its keys, its type's secret fields, a service
+        account's private key), for masking."""
+        out = list(self.keys)
+        for name, f in PROVIDERS[self.type].fields.items():
+            value = self.extra.get(name)
+            if f.secret and isinstance(value, str) and value:
+                out.append(value)
+            elif f.secret and isinstance(value, dict):
+                out += [v for v in value.values() if isinstance(v, str) and len(v) > 40]
+        return out
 
     def serves(self, model: str) -> bool:
         low = model.lower()
@@ -8646,7 +9065,7 @@ def apply_overrides(body: bytes, headers: list[tuple[str, str]], rules: list[dic
 
 # Headers whose values are credentials: a capture shows them masked.
 _SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "x-api-key",
-                             "x-goog-api-key", "api-key", "cookie"))
+                             "x-goog-api-key", "api-key", "cookie", "x-amz-security-token"))
 _KEY_PARAM_RX = re.compile(r"([?&](?:key|api_key|api-key)=)[^&\s\"']+", re.I)
 _BEARER_RX = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
 
@@ -9653,6 +10072,7 @@ class Relay:
         self.affinity, self.capture, self.access = affinity, capture, access
         self.log, self.finish, self.on_health = log, finish, on_health
         self.settings: dict = {}                 # the Gateway's, set by apply_config
+        self.creds = CredentialCache(client)     # what channels sign requests with
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
 
@@ -9694,9 +10114,10 @@ class Relay:
         route, model, obj = job.route, job.model, job.obj
         provider = PROVIDERS[ch.type]
         method = "POST"
-        if provider.relays(job.dialect, ch.responses_api) and not job.foreign:
+        if provider.relays(job.dialect, ch.responses_api, job.rec["upstream_model"],
+                           route.kind) and not job.foreign:
             answer, method = "passthrough", job.req.method
-            url, hdrs, body = self._upstream_request(ch, route, job.req, model, obj)
+            url, hdrs, body = self._upstream_request(ch, route, job.req, model, obj, job.stream)
         elif route.kind in _EMBED_KINDS:
             if job.texts is None and route.kind == "embeddings":
                 job.texts, job.dims = embedding_inputs(obj or {}), (obj or {}).get("dimensions")
@@ -9725,10 +10146,11 @@ class Relay:
         next key or channel may serve (401, 403, 408, 429, 5xx), ContextOverflow when the
         prompt is too long for any channel."""
         ch, rec = at.ch, job.rec
-        exchange = self.capture.upstream(rec["id"], at.method, at.url, at.headers, at.body)
+        headers = await self.signed(ch, at.method, at.url, at.headers, at.body)
+        exchange = self.capture.upstream(rec["id"], at.method, at.url, headers, at.body)
         await self.limits.acquire_slot(ch, rec)
         t0 = time.perf_counter()
-        up = await self.client.request(at.method, at.url, at.headers, at.body, proxy=ch.proxy,
+        up = await self.client.request(at.method, at.url, headers, at.body, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=ch.timeout)
         self.capture.response(exchange, up)
         overflow = context_overflow(await up.keep_body(MAX_ERROR_BODY),
@@ -9759,7 +10181,7 @@ class Relay:
         """The client's answer from the upstream's, by the try's answer kind; raises
         UpstreamError for a blank answer while holding (the next channel is tried)."""
         if at.answer == "passthrough":
-            return await self._answer(job, up)
+            return await self._answer(job, up, at.ch)
         if at.answer == "embeddings":
             return await self._answer_embeddings(job, up, at.ch)
         return await self._answer_converted(job, up, at.ch)
@@ -9785,28 +10207,35 @@ class Relay:
     # -- request builders ------------------------------------------------------------------------
 
     def _upstream_request(self, ch: Channel, route: Route, req: Request, model: str,
-                          obj: dict | None) -> tuple[str, list[tuple[str, str]], bytes]:
+                          obj: dict | None, stream: bool = False
+                          ) -> tuple[str, list[tuple[str, str]], bytes]:
         body = req.body
         target = ch.upstream_model(model)
+        provider = PROVIDERS[ch.type]
         if ch.quirks and route.kind in ("chat", "messages") and obj is not None:
-            body = json_dumps(PROVIDERS[ch.type].quirks(dict(obj, model=model), ch.quirks))
+            obj = provider.quirks(dict(obj, model=model), ch.quirks)
+            body = json_dumps(obj)
         if target != model:
             if obj is None:
                 body = replace_multipart_field(body, req.headers.get("content-type") or "",
                                                "model", target)
             elif "model" in obj:
                 body = replace_json_model(body, model, target)
+        body = provider.relay_body(body, obj, target, stream, req.headers)
         query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
             if req.query else ""
-        provider = PROVIDERS[ch.type]
-        url = provider.passthrough_url(ch, route.path, route.kind, target)
+        url = provider.passthrough_url(ch, route.path, route.kind, target, stream)
         if query:
             url += ("&" if "?" in url else "?") + query
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
+        kept = provider.forwards_headers
         hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
                 and n.lower() not in listed and n.lower() not in extra
-                and n.lower() not in provider.replaces_headers]
+                and n.lower() not in provider.replaces_headers
+                and (kept is None or n.lower() in kept)]
+        if kept is not None and obj is not None:
+            hdrs.append(("Content-Type", "application/json"))
         hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
                  if n.lower() not in extra]
         hdrs += ch.headers
@@ -9832,6 +10261,12 @@ class Relay:
         provider = PROVIDERS[ch.type]
         return (provider.embeddings_url(ch, target), self.native_headers(ch),
                 json_dumps(provider.encode_embeddings(texts, target, dims)))
+
+    async def signed(self, ch: Channel, method: str, url: str, headers: list[tuple[str, str]],
+                     body: bytes) -> list[tuple[str, str]]:
+        """The headers of one upstream request with what its channel signs it with (SigV4, a
+        service account's token); the channel's failure when that cannot be had."""
+        return await PROVIDERS[ch.type].authorize(ch, method, url, headers, body, self.creds)
 
     @staticmethod
     def native_headers(ch: Channel) -> list[tuple[str, str]]:
@@ -9883,9 +10318,10 @@ class Relay:
 
     # -- answers ---------------------------------------------------------------------------------
 
-    async def _answer(self, job: Job, up: UpstreamResponse) -> Response:
+    async def _answer(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
         """The answer of a channel the request was passed through to, forwarded as it came
-        (a whole JSON answer checked and, holding, looked into for content first)."""
+        (a whole JSON answer checked and, holding, looked into for content first; a stream in
+        another framing turned into SSE by the adapter's answer_filter)."""
         dialect, rec, req = job.dialect, job.rec, job.req
         hold = job.hold and job.route.kind in CHAT_KINDS
         hdrs = [(n, v) for n, v in up.headers if n.lower() not in _DROP_RESPONSE_HEADERS]
@@ -9893,6 +10329,12 @@ class Relay:
         rec["status"] = up.status
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         content_type = up.content_type.lower()
+        make_filter = PROVIDERS[ch.type].answer_filter(rec["upstream_model"]) \
+            if up.status < 300 and "json" not in content_type else None
+        if make_filter is not None:
+            content_type = "text/event-stream"
+            hdrs = [(n, v) for n, v in hdrs if n.lower() != "content-type"] + [
+                ("Content-Type", content_type)]
         sse = content_type.startswith("text/event-stream")
         length = up.headers.get("content-length")
         small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
@@ -9918,7 +10360,8 @@ class Relay:
             self.finish(rec)
             return Response(up.status, hdrs, body)
         pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
-        chunks = up.iter_bytes()
+        chunks = up.iter_bytes() if make_filter is None else \
+            filtered_bytes(up.iter_bytes(), make_filter())
         held: list[bytes] = []
         if sse and hold and up.status < 300:
             stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
@@ -9990,7 +10433,7 @@ class Relay:
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
                                                          upstream_tool_names(ir, ch.type),
-                                                         self.thinking)
+                                                         self.thinking, rec["upstream_model"])
         if up.status >= 300:
             await self.read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
@@ -10211,7 +10654,7 @@ class Gateway:
         self.alias_names = list(s["aliases"])
         capture_file = s["debug_capture_file"]
         self.capture.configure(s["debug_capture"], capture_file and os.path.join(
-            self.config_dir, capture_file), [k for ch in self.channels for k in ch.keys] +
+            self.config_dir, capture_file), [k for ch in self.channels for k in ch.secrets()] +
             [t["key"] for t in config["tokens"]], self.log)
         log_path = os.path.join(self.config_dir, s["log_file"]) if s["log_requests"] else None
         if self._request_log is not None and self._request_log.path != log_path:
@@ -10528,23 +10971,28 @@ class Gateway:
         ir["max_tokens"] = 16
         url, hdrs, body = self.relay.converted_request(ch, ir, model)
         t0 = time.perf_counter()
+        hdrs = await self.relay.signed(ch, "POST", url, hdrs, body)
         up = await self.client.request("POST", url, hdrs, body, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 60))
         raw = await self.relay.read_converted(up, ch)
         latency = (time.perf_counter() - t0) * 1000
-        resp = upstream_decoders(ch.type)[0](upstream_json(raw, ch.name))
+        resp = upstream_decoders(ch.type, model=ch.upstream_model(model))[0](
+            upstream_json(raw, ch.name))
         return {"model": model, "latency_ms": round(latency, 1),
                 "reply": parts_text(resp["content"])[:200]}
 
     async def fetch_models(self, ch: Channel) -> list[str]:
         """The model names a channel's upstream lists (``/v1/models``; Gemini ``models``;
         Ollama ``/api/tags``), for the GUI's model picker."""
-        if PRESETS.get(ch.preset, {}).get("model_list") is False:
-            raise GatewayError(400, f"{PRESETS[ch.preset]['label']} has no model list the "
-                                    f"gateway can read; type the model names")
         provider = PROVIDERS[ch.type]
+        if PRESETS.get(ch.preset, {}).get("model_list") is False or not provider.lists_models:
+            label = PRESETS[ch.preset]["label"] if ch.preset in PRESETS else \
+                f"A {ch.type} channel"
+            raise GatewayError(400, f"{label} has no model list the gateway can read; type the "
+                                    f"model names")
         url = provider.models_url(ch)
         hdrs = [(n, v) for n, v in self.relay.native_headers(ch) if n.lower() != "content-type"]
+        hdrs = await self.relay.signed(ch, "GET", url, hdrs, b"")
         up = await self.client.request("GET", url, hdrs, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=min(ch.timeout, 30))
         raw = await self.relay.read_converted(up, ch)
@@ -11336,6 +11784,11 @@ def _dialog(app: App, title: str, parent: Any = None) -> tuple[Any, Any]:
     return top, body
 
 
+def _field_text(value: Any) -> str:
+    """A channel type's field as its dialog entry shows it (a JSON object as JSON)."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else str(value)
+
+
 def _changed(fields: dict, original: dict) -> dict:
     """The dialog's fields that differ from the item it opened with: only these are saved, so
     an edit of the file made while the dialog was open survives."""
@@ -11410,7 +11863,16 @@ class ChannelDialog:
                                      values=CHANNEL_TYPES)
         self.type_box.bind("<<ComboboxSelected>>", self._type_changed)
         field("Type", self.type_box)
-        field("Base URL", ttk.Entry(body, textvariable=self.vars["base_url"]))
+        field("Base URL", ttk.Entry(body, textvariable=self.vars["base_url"]),
+              "empty = the type's default")
+        # The fields of the chosen type only (Bedrock's region and keys, Vertex's project...).
+        self.type_vars = {name: tk.StringVar(value=_field_text(c.get(name, f.default)))
+                          for p in PROVIDERS.values() for name, f in p.fields.items()}
+        self.type_frame = ttk.Frame(body)
+        self.type_frame.grid(row=row, column=0, columnspan=3, sticky="we")
+        self.type_frame.columnconfigure(1, weight=1)
+        self.type_entries: list[Any] = []
+        row += 1
         keyrow = ttk.Frame(body)
         self.key_entry = ttk.Entry(keyrow, textvariable=self.vars["api_key"], show="•")
         self.key_entry.pack(side="left", fill="x", expand=True)
@@ -11467,12 +11929,47 @@ class ChannelDialog:
             side="right", padx=(0, 6))
         body.columnconfigure(1, weight=1)
         self.result: dict | None = None
+        self._show_type_fields()
         top.bind("<Escape>", lambda e: top.destroy())
+
+    def _show_type_fields(self) -> None:
+        """One row per field of the chosen channel type; secret ones masked like the key."""
+        for child in self.type_frame.winfo_children():
+            child.destroy()
+        self.type_entries = []
+        fields = PROVIDERS[self.vars["type"].get()].fields
+        for i, (name, f) in enumerate(fields.items()):
+            ttk.Label(self.type_frame, text=f.label).grid(row=i, column=0, sticky="nw", pady=3,
+                                                          padx=(0, 10))
+            entry = ttk.Entry(self.type_frame, textvariable=self.type_vars[name],
+                              show="•" if f.secret and not self.vars["show_key"].get() else "")
+            entry.grid(row=i, column=1, sticky="we", pady=3)
+            if f.secret:
+                self.type_entries.append(entry)
+            ttk.Label(self.type_frame, text=f.what, style="Muted.TLabel", wraplength=260).grid(
+                row=i, column=2, sticky="w", padx=(8, 0))
+
+    def _type_fields(self) -> dict:
+        """The chosen type's fields as the config holds them (a JSON object where one is
+        taken and the text is one)."""
+        out: dict[str, Any] = {}
+        for name, f in PROVIDERS[self.vars["type"].get()].fields.items():
+            text = self.type_vars[name].get().strip()
+            if dict in f.types and text.startswith("{"):
+                try:
+                    out[name] = json.loads(text)
+                except ValueError:
+                    raise ValueError(f"{f.label} is a file path or a JSON object") from None
+            else:
+                out[name] = text
+        return out
 
     def _toggle_keys(self) -> None:
         show = "" if self.vars["show_key"].get() else "•"
         self.key_entry.configure(show=show)
         self.more_keys.configure(show=show)
+        for entry in self.type_entries:
+            entry.configure(show=show)
 
     def _preset_note(self) -> str:
         p = PRESETS.get(self.vars["preset"].get())
@@ -11488,6 +11985,7 @@ class ChannelDialog:
         if p is None:
             return
         self.vars["type"].set(p["type"])
+        self._show_type_fields()
         self.vars["base_url"].set(p["base_url"])
         self.vars["quirks"].set(json.dumps(p.get("quirks", {}), ensure_ascii=False))
         if p.get("headers"):
@@ -11505,6 +12003,7 @@ class ChannelDialog:
         current = self.vars["base_url"].get().strip()
         if not current or current in CHANNEL_DEFAULT_URLS.values():
             self.vars["base_url"].set(CHANNEL_DEFAULT_URLS[self.vars["type"].get()])
+        self._show_type_fields()
 
     def fields(self) -> dict:
         v = self.vars
@@ -11531,7 +12030,7 @@ class ChannelDialog:
             raise ValueError("Weight is a positive number, such as 1 or 3") from None
         preset = {"preset": v["preset"].get()} if v["preset"].get() or \
             "preset" in (self.channel or {}) else {}
-        return {**preset, "quirks": quirks,
+        return {**preset, **self._type_fields(), "quirks": quirks,
                 "name": v["name"].get().strip(), "type": v["type"].get(),
                 "base_url": v["base_url"].get().strip(), "api_key": v["api_key"].get().strip(),
                 "models": [m.strip() for m in v["models"].get().split(",") if m.strip()],
@@ -12678,6 +13177,9 @@ def _channel_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
                    help="to the first byte and between bytes")
     p.add_argument("--proxy", metavar="URL", help="http:// or socks5h:// proxy; empty = none")
     p.add_argument("--max-concurrency", type=int, metavar="N", help="0 = no limit")
+    for name, (types, f) in _TYPE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), metavar="VALUE", help=f"{types} channels: "
+                       f"{f.what}" + ('; "-" reads it from stdin' if _stdin_field(f) else ""))
     onoff = p.add_mutually_exclusive_group()
     onoff.add_argument("--enabled", dest="enabled", action="store_const", const=True,
                        help="route requests to it (the default for a new channel)")
@@ -12701,10 +13203,20 @@ def _token_options(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--expires-at", metavar="DATE", help='ISO date or date-time, UTC; "" = never')
 
 
+# The channel types' own fields (ProviderAdapter.fields) as options: field -> (types, field).
+_TYPE_FLAGS = {name: (" and ".join(p.name for p in PROVIDERS.values() if name in p.fields), f)
+               for q in PROVIDERS.values() for name, f in q.fields.items()}
+
+
+def _stdin_field(f: TypeField) -> bool:
+    """A secret string field: "-" on the command line reads it from stdin."""
+    return f.secret and f.types == (str,)
+
+
 _CHANNEL_FLAGS = {flag: flag for flag in ("name", "type", "base_url", "api_key", "models",
                                            "model_mapping", "priority", "timeout", "proxy",
                                            "max_concurrency", "enabled",
-                                           "preset")}                     # option: field
+                                           "preset", *_TYPE_FLAGS)}        # option: field
 _TOKEN_FLAGS = {"name": "name", "models": "allowed_models", "channels": "allowed_channels",
                 "rpm": "rpm", "limits": "limits", "expires_at": "expires_at"}
 _SECRET_HEADER_RX = re.compile(r"auth|key|token|secret|cookie|password", re.I)
@@ -12719,6 +13231,10 @@ def _masked(kind: str, item: dict) -> dict:
         return out
     out["api_key"] = mask_secret(out["api_key"])
     out["api_keys"] = [mask_secret(k) for k in out["api_keys"]]
+    for name, f in PROVIDERS[out["type"]].fields.items():
+        if f.secret and out.get(name):
+            out[name] = mask_secret(out[name]) if isinstance(out[name], str) else \
+                "(a service-account key, hidden)"
     out["headers"] = {n: mask_secret(v) if _SECRET_HEADER_RX.search(n) else v
                       for n, v in out["headers"].items()}
     if out["proxy"]:
@@ -12757,8 +13273,9 @@ def _changes(store: ConfigStore, args: argparse.Namespace, flags: dict[str, str]
     (kept as written: a name, or an id as a number)."""
     out = {field: getattr(args, flag) for flag, field in flags.items()
            if getattr(args, flag, None) is not None}
-    if out.get("api_key") == "-":
-        out["api_key"] = sys.stdin.readline().strip()
+    for name in ("api_key", *(n for n, (_, f) in _TYPE_FLAGS.items() if _stdin_field(f))):
+        if out.get(name) == "-":
+            out[name] = sys.stdin.readline().strip()
     for key, value in getattr(args, "fields", []):
         out[key] = value
     if "allowed_channels" in out:
@@ -12813,7 +13330,8 @@ def _run_command(args: argparse.Namespace, store: ConfigStore) -> int:
             print(json.dumps(items, indent=2, ensure_ascii=False))
         elif kind == "channel":
             print(_table([(c["id"], c["name"], c["type"], "yes" if c["enabled"] else "no",
-                           c["priority"], c["base_url"], ",".join(c["models"]) or "(all)",
+                           c["priority"], c["base_url"] or PROVIDERS[c["type"]].base_url_for(c),
+                           ",".join(c["models"]) or "(all)",
                            c["api_key"] or "-") for c in items],
                          ("ID", "NAME", "TYPE", "ENABLED", "PRIORITY", "BASE URL", "MODELS",
                           "KEY")))

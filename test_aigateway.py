@@ -4210,6 +4210,91 @@ def test_10_invalid_config_names_file_field_and_fix(tmp_path, config, needle):
     assert path.read_text() == text                            # never overwritten
 
 
+# -- Bedrock and Vertex channels' own fields (issue 14) -------------------------------------------
+
+def _bedrock(**kw):
+    return dict({"name": "br", "type": "bedrock", "region": "us-east-1",
+                 "aws_access_key_id": "AKIDEXAMPLE",
+                 "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}, **kw)
+
+
+@pytest.mark.parametrize("channel,needle", [
+    (_bedrock(region="US East"), "channels[0].region: 'US East' is not an AWS region"),
+    (_bedrock(region=""), "channels[0].region"),
+    (_bedrock(aws_secret_access_key=""), "channels[0].aws_secret_access_key: is empty while its "
+                                         "pair is set"),
+    (_bedrock(aws_access_key_id="", aws_secret_access_key="", aws_session_token="t"),
+     "channels[0].aws_session_token: is set without an access key"),
+    (_bedrock(aws_access_key_id="", aws_secret_access_key=""),
+     "channels[0].api_key: is empty and no AWS access key is set"),
+    (_bedrock(region=7), "channels[0].region: 7 is not an AWS region such as"),
+    ({"type": "vertex", "project": "p-1", "location": "Europe West"},
+     "channels[0].location: 'Europe West' is not a Vertex AI location"),
+    ({"type": "vertex", "project": "My Project", "api_key": "k"}, "channels[0].project"),
+    ({"type": "vertex", "project": "proj-1"}, "channels[0].api_key: is empty and no service "
+                                              "account"),
+    ({"type": "vertex", "service_account": "/nonexistent/key.json"},
+     "channels[0].project: is empty while a service account is set"),
+    ({"type": "vertex", "project": "proj-1", "service_account": "/nonexistent/key.json"},
+     "channels[0].service_account: cannot read '/nonexistent/key.json'"),
+    ({"type": "vertex", "project": "proj-1", "service_account": {"type": "authorized_user"}},
+     "channels[0].service_account: 'type' is 'authorized_user', not 'service_account'"),
+    ({"type": "vertex", "project": "proj-1", "service_account": 5},
+     "channels[0].service_account: 5 is not the path of a service-account JSON key file"),
+])
+def test_10_cloud_channel_fields_are_checked(tmp_path, channel, needle):
+    path = tmp_path / "config.json"
+    text = json.dumps({"channels": [channel]})
+    path.write_text(text)
+    with pytest.raises(ag.ConfigError) as e:
+        ag.ConfigStore.load(str(path))
+    assert needle in str(e.value) and ";" in str(e.value)
+    assert path.read_text() == text                            # never overwritten
+
+
+def test_10_cloud_channels_derive_their_url_and_read_the_key_file(tmp_path, rsa_pem):
+    key_file = tmp_path / "sa.json"
+    key_file.write_text(json.dumps(service_account_info(rsa_pem[1])))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "service_account", "type": "x"}')
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"channels": [
+        _bedrock(), _bedrock(name="eu", region="eu-central-1", aws_access_key_id="",
+                             aws_secret_access_key="", api_key="bedrock-api-key-123"),
+        {"name": "vx", "type": "vertex", "project": "proj-1", "service_account": str(key_file)},
+        {"name": "vx-eu", "type": "vertex", "project": "proj-1", "location": "europe-west4",
+         "api_key": "AIza-express"},
+        {"name": "vx-express", "type": "vertex", "api_key": "AIza-express"}]}))
+    store, _ = ag.ConfigStore.load(str(path))
+    saved = store.data["channels"]
+    assert [c["base_url"] for c in saved] == [""] * 5      # derived each time, so a new region
+    assert saved[2]["location"] == "global"               # ... or location moves it
+    chans = [ag.Channel(c, "") for c in store.data["channels"]]
+    assert [c.base_url for c in chans] == [
+        "https://bedrock-runtime.us-east-1.amazonaws.com",
+        "https://bedrock-runtime.eu-central-1.amazonaws.com",
+        "https://aiplatform.googleapis.com", "https://europe-west4-aiplatform.googleapis.com",
+        "https://aiplatform.googleapis.com"]
+    assert chans[0].creds == ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None)
+    assert chans[1].creds is None and chans[1].keys == ("bedrock-api-key-123",)
+    assert chans[2].creds.email == "gw@p.iam.gserviceaccount.com"
+    assert "PRIVATE KEY" not in repr(chans[2].creds)
+    secrets = chans[0].secrets() + chans[2].secrets()
+    assert "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY" in secrets and str(key_file) in secrets
+    provider = ag.PROVIDERS["vertex"]
+    assert provider.url(chans[4], "gemini-2.5-pro", "generateContent") == (
+        "https://aiplatform.googleapis.com/v1/publishers/google/models/gemini-2.5-pro:"
+        "generateContent")                                 # express mode: no project
+    assert provider.chat_url(chans[3], "claude-opus-4-5@20251101", True) == (
+        "https://europe-west4-aiplatform.googleapis.com/v1/projects/proj-1/locations/"
+        "europe-west4/publishers/anthropic/models/claude-opus-4-5%4020251101:streamRawPredict")
+    path.write_text(json.dumps({"channels": [{"type": "vertex", "project": "proj-1",
+                                              "service_account": str(bad)}]}))
+    with pytest.raises(ag.ConfigError,
+                       match=r"channels\[0\]\.service_account: .*key 'type' appears twice"):
+        ag.ConfigStore.load(str(path))
+
+
 # -- A channel's quirks (issue 12) ----------------------------------------------------------
 
 @pytest.mark.parametrize("quirks, needle, fix", [
@@ -4919,6 +5004,148 @@ def test_11_bad_bodies_get_clear_errors(gw, upstream):
     status, _, out = g.request("POST", "/v1/messages", b"{oops",
                                headers={"anthropic-version": "2023-06-01"})
     assert status == 400 and json.loads(out)["error"]["type"] == "invalid_request_error"
+
+
+# -- Bedrock and Vertex channels through the relay (issue 14) -----------------------------------
+# What the gateway sends a cloud and what its clients get back; the real CLIs against fuller
+# fakes are at the end of the file.
+
+CLAUDE_ON_BEDROCK = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+def _bedrock_claude(rec, events, throttle_after=None):
+    """InvokeModel (whole) or InvokeModelWithResponseStream (event-stream of ``events``)."""
+    if rec["path"].endswith("/invoke"):
+        return Reply(body=json.dumps(anthropic_message("claude-on-bedrock")).encode())
+    frames = [bedrock_chunk(e) for e in events]
+    if throttle_after is not None:
+        # An exception message ends the stream (Amazon Bedrock API reference,
+        # InvokeModelWithResponseStream: throttlingException, HTTP status 429).
+        frames = frames[:throttle_after] + [es_exception("throttlingException",
+                                                         "Too many tokens, slow down")]
+    return Reply(chunks=frames, content_type="application/vnd.amazon.eventstream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_11_bedrock_relays_claude_for_anthropic_clients(gw, upstream, stream):
+    events = [json.loads(c.split(b"data: ", 1)[1]) for c in anthropic_stream_chunks()]
+    up = upstream()
+    up.responder = lambda rec: _bedrock_claude(rec, events)
+    g = gw([_bedrock(base_url=up.url, aws_session_token="FQoGZXIvYXdzEXAMPLE//token",
+                     model_mapping={"claude-sonnet-4-5": CLAUDE_ON_BEDROCK})],
+           settings={"debug_capture": 2})
+    msg = _anthropic_turn(g.anthropic(default_headers={"anthropic-beta": "b1,b2"}), stream,
+                          model="claude-sonnet-4-5", system="Be brief.", thinking={
+                              "type": "enabled", "budget_tokens": 1024},
+                          messages=[{"role": "user", "content": "hi"}])
+    assert msg.content[0].text == ("Hi there" if stream else "hi there")
+    rec = up.last()
+    op = "invoke-with-response-stream" if stream else "invoke"
+    assert rec["path"] == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/" + op
+    body = json.loads(rec["body"])
+    # The InvokeModel body: no model (it is in the path) and no stream (the operation says
+    # it), anthropic_version, and the client's beta header as a list (AWS Bedrock user guide,
+    # "Anthropic Claude Messages API").
+    assert "model" not in body and "stream" not in body
+    assert body["anthropic_version"] == "bedrock-2023-05-31"
+    assert body["anthropic_beta"] == ["b1", "b2"] and body["system"] == "Be brief."
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    hdrs = rec["headers"]
+    assert hdrs["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "/us-east-1/bedrock/aws4_request" in hdrs["authorization"]
+    assert hdrs["x-amz-security-token"] == "FQoGZXIvYXdzEXAMPLE//token"
+    for client_header in ("x-api-key", "anthropic-version", "anthropic-beta", "user-agent",
+                          "x-stainless-lang"):
+        assert client_header not in hdrs                 # the client's headers stay here
+    record = g.records(1)[-1]
+    assert (record["channel"], record["upstream_model"]) == ("br", CLAUDE_ON_BEDROCK)
+    assert record["input_tokens"] == (12 if stream else 12 + 4)      # + the cache read
+    shown = g.gateway.capture.text(record["id"])
+    assert "FQoGZXIvYXdzEXAMPLE//token" not in shown and "EXAMPLEKEY" not in shown
+    assert "Signature=" not in shown and "X-Amz-Security-Token" in shown
+
+
+def test_11_bedrock_exception_events_are_the_clients_errors(gw, upstream):
+    """Before any content (the gateway holds a stream until it shows some) an exception event
+    is the channel's failure, with its status; after content it ends the stream in-band."""
+    events = [json.loads(c.split(b"data: ", 1)[1]) for c in anthropic_stream_chunks()]
+    up = upstream()
+    cut = [3]
+    up.responder = lambda rec: _bedrock_claude(rec, events, throttle_after=cut[0])
+    g = gw([_bedrock(base_url=up.url)])
+    body = {"model": CLAUDE_ON_BEDROCK, "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    status, _, data = g.request("POST", "/v1/messages", body)
+    err = json.loads(data)
+    assert status == 429 and err["type"] == "error"
+    assert err["error"]["type"] == "rate_limit_error"
+    assert "throttlingException: Too many tokens, slow down" in err["error"]["message"]
+    cut[0] = 4                                            # after "Hi"
+    status, _, data = g.request("POST", "/v1/messages", body)
+    got = _sse_events(data)
+    assert status == 200 and got[0][0] == "message_start"
+    assert ("content_block_delta", events[3]) in got
+    assert got[-1][0] == "error"
+    assert "throttlingException: Too many tokens" in got[-1][1]["error"]["message"]
+    assert "broke off" in g.records(2)[-1]["error"]
+
+
+def test_11_bedrock_lists_its_models_and_vertex_says_it_has_no_list(gw, upstream):
+    up = upstream([Reply(body=json.dumps({"modelSummaries": [
+        {"modelId": "anthropic.claude-sonnet-4-5-20250929-v1:0"},
+        {"modelId": "amazon.nova-pro-v1:0"}]}).encode())])
+    g = gw([_bedrock(base_url=up.url, api_key="bedrock-api-key-123", aws_access_key_id="",
+                     aws_secret_access_key=""),
+            {"name": "vx", "type": "vertex", "api_key": "AIza-express"}])
+    br, vx = g.gateway.channels
+    assert g.thread.submit(g.gateway.fetch_models(br)).result(10) == [
+        "anthropic.claude-sonnet-4-5-20250929-v1:0", "amazon.nova-pro-v1:0"]
+    assert up.last()["path"] == ("/foundation-models?byOutputModality=TEXT&"
+                                 "byInferenceType=ON_DEMAND")
+    assert up.last()["headers"]["authorization"] == "Bearer bedrock-api-key-123"
+    with pytest.raises(ag.GatewayError, match="A vertex channel has no model list"):
+        g.thread.submit(g.gateway.fetch_models(vx)).result(10)
+    default = ag.Channel(dict(ag.CHANNEL_DEFAULTS, **_bedrock(id=1)), "")
+    assert ag.PROVIDERS["bedrock"].models_url(default) == (
+        "https://bedrock.us-east-1.amazonaws.com/foundation-models?byOutputModality=TEXT&"
+        "byInferenceType=ON_DEMAND")                     # the control plane's own host
+
+
+def test_11_vertex_channels_share_a_service_accounts_token_until_it_expires(gw, upstream,
+                                                                             rsa_pem):
+    up = upstream()
+    issued = []
+
+    def respond(rec):
+        if rec["path"] == "/token":
+            issued.append(f"ya29.token-{len(issued)}")
+            return Reply(body=json.dumps({"access_token": issued[-1], "expires_in": 3600,
+                                          "token_type": "Bearer"}).encode())
+        return Reply(body=json.dumps({"candidates": [{"content": {"role": "model", "parts": [
+            {"text": "from vertex"}]}, "finishReason": "STOP"}]}).encode())
+    up.responder = respond
+    account = service_account_info(rsa_pem[1], up.url + "/token")
+    g = gw([{"name": "vx1", "type": "vertex", "project": "proj-1", "base_url": up.url,
+             "service_account": account, "models": ["gemini-2.5-pro"]},
+            {"name": "vx2", "type": "vertex", "project": "proj-1", "base_url": up.url,
+             "location": "us-central1", "service_account": account}])
+    now = [time.time()]
+    g.gateway.relay.creds.clock = lambda: now[0]
+    c = g.openai()
+    for model in ("gemini-2.5-pro", "gemini-2.5-flash"):
+        reply = c.chat.completions.create(model=model, messages=[{"role": "user",
+                                                                  "content": "hi"}])
+        assert reply.choices[0].message.content == "from vertex"
+    chats = [r for r in up.requests if r["path"] != "/token"]
+    assert issued == ["ya29.token-0"]                     # one exchange for both channels
+    assert [r["headers"]["authorization"] for r in chats] == ["Bearer ya29.token-0"] * 2
+    assert chats[1]["path"] == ("/v1/projects/proj-1/locations/us-central1/publishers/google/"
+                                "models/gemini-2.5-flash:generateContent")
+    now[0] += 3600 - 10                                   # nearly expired: renewed first
+    c.chat.completions.create(model="gemini-2.5-pro", messages=[{"role": "user",
+                                                                 "content": "hi"}])
+    assert issued == ["ya29.token-0", "ya29.token-1"]
+    assert up.last()["headers"]["authorization"] == "Bearer ya29.token-1"
 
 
 # -- hostile JSON and hostile upstreams (issue 9, points 4 and 5) --------------------------------
@@ -7659,6 +7886,70 @@ def test_13_channel_dialog_weight_field(app):
     assert json.loads(open(a.store.path).read())["channels"][0]["weight"] == 2.5
 
 
+# -- the channel dialog's rows for Bedrock and Vertex (issue 14) ---------------------------------
+
+def _type_rows(dialog):
+    """(label, entry text, masked?) of each row the dialog shows for the chosen type."""
+    frame = dialog.type_frame
+    frame.update_idletasks()
+    rows = {}
+    for w in frame.winfo_children():
+        info = w.grid_info()
+        rows.setdefault(int(info["row"]), {})[int(info["column"])] = w
+    return [(r[0].cget("text"), r[1].get(), r[1].cget("show") == "•")
+            for _, r in sorted(rows.items())]
+
+
+def result_of(dialog):
+    """Whether Save closed the dialog with a saved channel (else its error line shows why)."""
+    closed = not dialog.top.winfo_exists()
+    return closed and dialog.result is not None
+
+
+def test_13_channel_dialog_shows_the_fields_of_bedrock_and_vertex(app):
+    a = app()
+    a.channels.add()
+    d = a.channels.dialog
+    assert _type_rows(d) == []                           # an OpenAI channel has none
+    d.vars["name"].set("aws")
+    d.type_box.set("bedrock")
+    d.type_box.event_generate("<<ComboboxSelected>>")
+    assert [r[0] for r in _type_rows(d)] == ["AWS region", "Access key ID",
+                                             "Secret access key", "Session token"]
+    assert [r[2] for r in _type_rows(d)] == [False, False, True, True]
+    d.save()
+    assert "region: '' is not an AWS region" in d.error.cget("text")
+    d.type_vars["region"].set("eu-west-3")
+    d.type_vars["aws_access_key_id"].set("AKIDEXAMPLE")
+    d.type_vars["aws_secret_access_key"].set("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    d.vars["show_key"].set(True)
+    d._toggle_keys()
+    assert _type_rows(d)[2] == ("Secret access key", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                                False)
+    d.save()
+    assert result_of(d)
+    saved = json.loads(open(a.store.path).read())["channels"][0]
+    assert (saved["type"], saved["region"], saved["aws_access_key_id"], saved["base_url"]) == (
+        "bedrock", "eu-west-3", "AKIDEXAMPLE", "")
+    a.channels.add()
+    d = a.channels.dialog
+    d.vars["name"].set("gcp")
+    d.type_box.set("vertex")
+    d.type_box.event_generate("<<ComboboxSelected>>")
+    assert _type_rows(d) == [("Project", "", False), ("Location", "global", False),
+                             ("Service account", "", True)]
+    d.type_vars["service_account"].set('{"type": "service_account"')
+    d.save()
+    assert d.error.cget("text") == "Service account is a file path or a JSON object"
+    d.type_vars["service_account"].set("")
+    d.vars["api_key"].set("AIza-express-key")
+    d.save()
+    assert result_of(d)
+    saved = json.loads(open(a.store.path).read())["channels"][1]
+    assert (saved["type"], saved["location"], saved["api_key"]) == (
+        "vertex", "global", "AIza-express-key")
+
+
 # -- control characters a client sent, as the window shows them ----------------------------------
 
 def test_13_control_characters_in_a_model_name_show_escaped(app, upstream):
@@ -8247,6 +8538,36 @@ def test_14_prices_import_from_a_url(tmp_path, upstream):
     up.replies = [Reply(404, b"{}")]
     rc, _, err = _run("prices", "import", f"{up.url}/api.json", "--config", cfg)
     assert rc == 2 and f"{up.url}/api.json answered 404" in err
+
+
+def test_14_channels_add_bedrock_and_vertex_from_the_command_line(tmp_path, rsa_pem):
+    cfg = str(tmp_path / "config.json")
+    secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    rc, out, _ = _run("--config", cfg, "channels", "add", "--name", "aws", "--type", "bedrock",
+                      "--region", "eu-west-3", "--aws-access-key-id", "AKIDEXAMPLE",
+                      "--aws-secret-access-key", "-", stdin=secret + "\n")
+    assert rc == 0 and out == "added channel 'aws' (id 1)\n"
+    key_file = tmp_path / "sa.json"
+    key_file.write_text(json.dumps(service_account_info(rsa_pem[1])))
+    rc, out, _ = _run("--config", cfg, "channels", "add", "--name", "gcp", "--type", "vertex",
+                      "--project", "proj-1", "--location", "us-east5",
+                      "--service-account", str(key_file))
+    assert rc == 0
+    aws, gcp = json.loads(open(cfg).read())["channels"]
+    assert (aws["region"], aws["aws_access_key_id"], aws["aws_secret_access_key"]) == (
+        "eu-west-3", "AKIDEXAMPLE", secret)
+    assert (gcp["project"], gcp["location"], gcp["service_account"]) == (
+        "proj-1", "us-east5", str(key_file))
+    rc, table, _ = _run("--config", cfg, "channels", "list")
+    rc2, listed, _ = _run("--config", cfg, "channels", "list", "--json")
+    assert rc == rc2 == 0 and secret not in table + listed
+    assert "https://bedrock-runtime.eu-west-3.amazonaws.com" in table
+    assert "https://us-east5-aiplatform.googleapis.com" in table
+    assert json.loads(listed)[0]["aws_secret_access_key"] == ag.mask_secret(secret)
+    rc, _, err = _run("--config", cfg, "channels", "edit", "aws", "--region", "mars-1")
+    assert rc == 2 and "channels[0].region: 'mars-1' is not an AWS region" in err
+    rc, help_text, _ = _run("channels", "add", "--help")
+    assert "--aws-session-token" in help_text and "bedrock channels" in help_text
 
 
 def test_14_channels_add_list_edit_remove(tmp_path):
