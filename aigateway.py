@@ -10452,18 +10452,18 @@ class Relay:
         """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
         ``held`` events (read while waiting for content) go first."""
         try:
-            out = encoder.encode(held)
+            out = encoder.encode(self._note_stream_error(held, rec))
             if out:
                 rec["bytes_out"] += len(out)
                 yield out
             if ended:
                 return
             async for data in chunks:
-                out = encoder.encode(decoder.feed(data))
+                out = encoder.encode(self._note_stream_error(decoder.feed(data), rec))
                 if out:
                     rec["bytes_out"] += len(out)
                     yield out
-            out = encoder.encode(decoder.close())
+            out = encoder.encode(self._note_stream_error(decoder.close(), rec))
         except GatewayError as exc:        # upstream failures, bad events, limits passed
             rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
             self.log(rec["error"])
@@ -10471,6 +10471,16 @@ class Relay:
         if out:
             rec["bytes_out"] += len(out)
             yield out
+
+    def _note_stream_error(self, events: list[tuple], rec: Exchange) -> list[tuple]:
+        """``events`` as they are; an ("error", exc) among them (an upstream's in-band error,
+        such as Bedrock's throttlingException event) is noted in the record and the log, as a
+        raised one is, so the request does not count as served."""
+        for event in events:
+            if event[0] == "error" and rec["error"] is None:
+                rec["error"] = f"channel '{rec['channel']}' broke off: {event[1].message}"
+                self.log(rec["error"])
+        return events
 
     async def _answer_embeddings(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
         """Converted embeddings, in the shape of the client's route."""
