@@ -3398,6 +3398,11 @@ class ProviderAdapter:
         """A relayed request's body as this upstream takes it (``obj`` is it parsed)."""
         return body
 
+    def relay_query(self, query: str, model: str) -> str:
+        """The client's query string (``key=`` left out already) as a relayed request for
+        upstream ``model`` carries it on."""
+        return query
+
     def answer_filter(self, model: str) -> Callable[[], Any] | None:
         """A factory of a filter (``feed(bytes) -> bytes``, ``end()``) that turns a relayed
         streaming answer into the client dialect's SSE, when the upstream frames it otherwise."""
@@ -6756,6 +6761,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
                                                      # Messages API", request body
+# The beta flags InvokeModel takes in anthropic_beta (AWS Bedrock user guide, "Anthropic Claude
+# Messages API", request parameters; the list LiteLLM keeps from it, BerriAI/litellm#19875).
+# Any other flag fails the whole request with a 400 "invalid beta flag", and Claude Code sends
+# first-party ones (prompt-caching-scope-..., thinking-token-count-...) to a base URL:
+# anthropics/claude-code#49370, #56595; router-for-me/CLIProxyAPI#4750 tried them one by one.
+BEDROCK_BETAS = frozenset((
+    "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
+    "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
+    "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24",
+    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29"))
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"       # Google Cloud docs, "Use Claude models":
                                                      # the rawPredict request body
 
@@ -6796,14 +6811,16 @@ def bedrock_invoke_body(body: dict, beta: str | None = None) -> dict:
     path), no ``stream`` (the operation says it), ``anthropic_version`` set, and the client's
     ``anthropic-beta`` header as the ``anthropic_beta`` list (AWS Bedrock user guide,
     "Anthropic Claude Messages API": anthropic_beta; the anthropic SDK's Bedrock client moves
-    the header the same way). Other fields pass through untouched."""
+    the header the same way), holding only the flags Bedrock takes (BEDROCK_BETAS). Other
+    fields pass through untouched."""
     out = {k: v for k, v in body.items() if k not in ("model", "stream")}
     out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
-    betas = [b.strip() for b in (beta or "").split(",") if b.strip()]
+    kept = out.pop("anthropic_beta", None)
+    betas = (kept if isinstance(kept, list) else []) + [b.strip() for b in
+                                                        (beta or "").split(",")]
+    betas = [b for b in dict.fromkeys(betas) if b in BEDROCK_BETAS]
     if betas:
-        kept = out.get("anthropic_beta")
-        kept = kept if isinstance(kept, list) else []
-        out["anthropic_beta"] = list(dict.fromkeys(kept + betas))
+        out["anthropic_beta"] = betas
     return out
 
 
@@ -7188,6 +7205,13 @@ class CloudProvider(ProviderAdapter):
         if obj is None or not is_claude_model(model):
             return body
         return json_dumps(self.claude_body(obj, incoming))
+
+    def relay_query(self, query: str, model: str) -> str:
+        # A Claude operation's URL takes no query: Bedrock's InvokeModel has no querystring
+        # members (bedrock-runtime service model), and the anthropic SDK's Bedrock and Vertex
+        # clients rebuild the URL from the model, leaving the ?beta=true of the Messages beta
+        # path (Claude Code's) behind. Gemini's (?alt=sse) stays.
+        return "" if is_claude_model(model) else query
 
     def encode_claude(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
         return self.claude_body(self.anthropic.encode_chat(ir, model, opts), None)
@@ -10191,7 +10215,8 @@ class Relay:
             elif "model" in obj:
                 body = replace_json_model(body, model, target)
         body = provider.relay_body(body, obj, target, stream, req.headers)
-        query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
+        query = provider.relay_query("&".join(
+            p for p in req.query.split("&") if p and not p.startswith("key=")), target) \
             if req.query else ""
         url = provider.passthrough_url(ch, route.path, route.kind, target, stream)
         if query:

@@ -2535,15 +2535,18 @@ def test_09_bedrock_and_vertex_bodies_and_urls():
         {"modelId": "anthropic.claude-x-v1:0"}, {"modelId": "amazon.nova-pro-v1:0"}]}) == [
         "amazon.nova-pro-v1:0", "anthropic.claude-x-v1:0"]
     assert ag.bedrock_model_ids([]) == []
-    body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": ["a"],
+    a, b = "context-1m-2025-08-07", "interleaved-thinking-2025-05-14"
+    body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": [a],
             "messages": [{"role": "user", "content": "hi"}], "cache_thing": {"k": 1}}
-    assert ag.bedrock_invoke_body(body, "b, a ,c") == {
-        "max_tokens": 5, "anthropic_beta": ["a", "b", "c"], "cache_thing": {"k": 1},
+    # Flags Bedrock does not take are left out (its 400 "invalid beta flag" otherwise).
+    assert ag.bedrock_invoke_body(body, f"{b}, {a} ,prompt-caching-scope-2026-01-05") == {
+        "max_tokens": 5, "anthropic_beta": [a, b], "cache_thing": {"k": 1},
         "messages": [{"role": "user", "content": "hi"}],
         "anthropic_version": "bedrock-2023-05-31"}
     assert "anthropic_beta" not in ag.bedrock_invoke_body({"model": "m"})
+    assert "anthropic_beta" not in ag.bedrock_invoke_body({"model": "m"}, "claude-code-20250219")
     assert ag.vertex_raw_predict_body(body) == {
-        "stream": True, "max_tokens": 5, "anthropic_beta": ["a"], "cache_thing": {"k": 1},
+        "stream": True, "max_tokens": 5, "anthropic_beta": [a], "cache_thing": {"k": 1},
         "messages": [{"role": "user", "content": "hi"}], "anthropic_version": "vertex-2023-10-16"}
     assert body["model"] == "claude-x"                          # the client's body is not changed
     assert ag.vertex_model_url(ag.vertex_base_url("global"), "my-proj", "global", "anthropic",
@@ -8669,7 +8672,7 @@ BEDROCK_BETAS = frozenset((
     "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
     "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
     "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24",
-    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29", "claude-code-20250219"))
+    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29"))
 _BEDROCK_OP = re.compile(r"/model/([^/?]+)/(invoke|invoke-with-response-stream|converse|"
                          r"converse-stream)\Z")
 _SIGV4_AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<scope>\d{8}/[^,]+),"
@@ -8820,13 +8823,22 @@ def claude_turn(fake, body, where):
     return blocks, "tool_use" if call else "end_turn"
 
 
+def claude_name(model):
+    """The model name Claude's answers carry on a cloud: Anthropic's own, with its date
+    ("us.anthropic.claude-sonnet-4-5-20250929-v1:0" and "claude-sonnet-4-5@20250929" answer as
+    "claude-sonnet-4-5-20250929"; Bedrock's ids start "msg_bdrk_", AWS Bedrock user guide,
+    "Anthropic Claude Messages API", response)."""
+    name = re.sub(r"^(?:[a-z]+\.)?anthropic\.", "", model.rsplit("/", 1)[-1])
+    return re.sub(r"-v\d+(?::\d+)?$", "", name).replace("@", "-")
+
+
 def claude_events(blocks, stop, model):
     """The Messages API stream events of an answer: each block in two deltas (thinking: its
     text, then its signature_delta)."""
     def delta(i, kind, key, value):
         return {"type": "content_block_delta", "index": i, "delta": {"type": kind, key: value}}
     out = [{"type": "message_start", "message": {
-        "id": "msg_cloud", "type": "message", "role": "assistant", "model": model,
+        "id": "msg_bdrk_01", "type": "message", "role": "assistant", "model": claude_name(model),
         "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": 21, "output_tokens": 1}}}]
     for i, b in enumerate(blocks):
@@ -8851,8 +8863,8 @@ def claude_events(blocks, stop, model):
 
 
 def claude_message(blocks, stop, model):
-    return {"id": "msg_cloud", "type": "message", "role": "assistant", "model": model,
-            "content": blocks, "stop_reason": stop, "stop_sequence": None,
+    return {"id": "msg_bdrk_01", "type": "message", "role": "assistant",
+            "model": claude_name(model), "content": blocks, "stop_reason": stop, "stop_sequence": None,
             "usage": {"input_tokens": 21, "output_tokens": 9}}
 
 
@@ -9027,7 +9039,8 @@ def vertex_fake(upstream, public_key=None, *, api_key=None, refuse_tokens=False)
             return _google_error(401, "UNAUTHENTICATED", "Request had invalid authentication "
                                                          "credentials.")
         body = rec["json"] = json.loads(rec["body"])
-        rec["model"], rec["op"] = m["model"], m["method"]
+        model = rec["model"] = urllib.parse.unquote(m["model"])
+        rec["op"] = m["method"]
         if m["publisher"] == "anthropic":
             streams = m["method"] == "streamRawPredict"
             if body.get("anthropic_version") != "vertex-2023-10-16" or "model" in body or \
@@ -9038,15 +9051,15 @@ def vertex_fake(upstream, public_key=None, *, api_key=None, refuse_tokens=False)
             if stop is None:
                 return blocks
             if not streams:
-                return Reply(body=json.dumps(claude_message(blocks, stop, m["model"])).encode())
+                return Reply(body=json.dumps(claude_message(blocks, stop, model)).encode())
             return Reply(chunks=[f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
-                                 for e in claude_events(blocks, stop, m["model"])],
+                                 for e in claude_events(blocks, stop, model)],
                          content_type="text/event-stream")
         unknown = sorted(set(body) - _GEMINI_FIELDS)
         if unknown or m["method"] not in ("generateContent", "streamGenerateContent"):
             return _google_error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. "
                                                           f"Unknown name {unknown[:1]}")
-        parts = gemini_turn(fake, body, m["model"])
+        parts = gemini_turn(fake, body, model)
         if parts is None:
             return _google_error(400, "INVALID_ARGUMENT", "Function call is missing a "
                                                           "thought_signature in functionCall "
@@ -9415,11 +9428,14 @@ def test_15_bedrock_api_key_and_the_anthropic_sdk_relayed_to_invoke_model(gw, up
                          model_mapping={"claude-sonnet-4-5": "us.anthropic.claude-sonnet-4-5-"
                                                              "20250929-v1:0"})])
     c = g.anthropic()
-    with c.messages.stream(model="claude-sonnet-4-5", max_tokens=2000, tools=ANTHROPIC_TOOLS,
-                           thinking={"type": "enabled", "budget_tokens": 1024},
-                           messages=[{"role": "user", "content": "Weather?"}],
-                           extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"}
-                           ) as s:
+    # The beta API, as Claude Code uses it: /v1/messages?beta=true and an anthropic-beta header
+    # with a flag Bedrock takes and one it would refuse the request for.
+    with c.beta.messages.stream(model="claude-sonnet-4-5", max_tokens=2000,
+                                tools=ANTHROPIC_TOOLS,
+                                thinking={"type": "enabled", "budget_tokens": 1024},
+                                messages=[{"role": "user", "content": "Weather?"}],
+                                betas=["interleaved-thinking-2025-05-14",
+                                       "prompt-caching-scope-2026-01-05"]) as s:
         first = s.get_final_message()
     assert [b.type for b in first.content] == ["thinking", "tool_use"]
     assert first.content[0].signature == fake.signed[0]
@@ -9433,6 +9449,7 @@ def test_15_bedrock_api_key_and_the_anthropic_sdk_relayed_to_invoke_model(gw, up
                             "messages": [{"role": "user", "content": "Weather?"}],
                             "anthropic_version": "bedrock-2023-05-31",
                             "anthropic_beta": ["interleaved-thinking-2025-05-14"]}
+    first.content = [b.model_dump(exclude_none=True) for b in first.content]
     done = c.messages.create(model="claude-sonnet-4-5", max_tokens=2000,
                              tools=ANTHROPIC_TOOLS,
                              thinking={"type": "enabled", "budget_tokens": 1024},
@@ -9440,7 +9457,7 @@ def test_15_bedrock_api_key_and_the_anthropic_sdk_relayed_to_invoke_model(gw, up
                                        {"role": "assistant", "content": first.content},
                                        {"role": "user", "content": [{
                                            "type": "tool_result", "tool_use_id":
-                                           first.content[1].id, "content": "Sunny"}]}])
+                                           first.content[1]["id"], "content": "Sunny"}]}])
     assert done.content[-1].text == "DONE Sunny" and fake.requests[1]["op"] == "invoke"
 
 
@@ -9519,6 +9536,142 @@ def test_15_vertex_token_refused_falls_back_to_the_next_channel(gw, upstream, rs
     # The refusal is the Vertex channel's failure, in its health, naming the grant error.
     events = json.dumps(g.events())
     assert "invalid_grant" in events and "Token must be a short-lived token" in events
+
+
+CLAUDE_ENV = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+              "MAX_THINKING_TOKENS": "1024"}
+
+
+def _claude_code_loop(g, tmp_path, model):
+    """Claude Code's tool loop (Bash) with thinking on, streaming, through gateway ``g``."""
+    rc, out = _run_cli([_cli_bin("claude"), "-p", "print the word", "--allowedTools", "Bash",
+                        "--model", model],
+                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    return out
+
+
+def _claude_code_turns(fake):
+    """The fake's requests of Claude Code's tool loop: the call, then its result."""
+    turns = [r for r in fake.requests if r.get("op") and r["json"].get("tools")]
+    results = [r for r in turns if "cli-ok" in json.dumps(r["json"]["messages"][-1])]
+    assert results, [r["json"]["messages"][-1] for r in turns]
+    return results[-1]
+
+
+def test_15_claude_code_through_bedrock_streams_thinking_and_runs_bash(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={
+        "claude-sonnet-4-5-20250929": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
+    last = _claude_code_turns(fake)
+    # Relayed to InvokeModelWithResponseStream, SigV4-signed, the thinking block Claude Code
+    # got from the event stream sent back with its signature before the Bash call.
+    assert last["op"] == "invoke-with-response-stream"
+    assert last["model"] == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert last["json"]["thinking"]["type"] in ("enabled", "adaptive")
+    called = last["json"]["messages"][-2]["content"]
+    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
+    assert called[-1]["type"] == "tool_use" and called[-1]["name"] == "Bash"
+    assert all(r["status"] == 200 for r in g.records(2))
+
+
+def test_15_claude_code_through_vertex_streams_raw_predict(gw, upstream, rsa_pem, tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem, model_mapping={
+        "claude-sonnet-4-5-20250929": "claude-sonnet-4-5@20250929"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
+    last = _claude_code_turns(fake)
+    assert last["path"] == ("/v1/projects/gw-project/locations/global/publishers/anthropic/"
+                            "models/claude-sonnet-4-5%4020250929:streamRawPredict")
+    assert last["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
+    assert last["json"]["anthropic_version"] == "vertex-2023-10-16"
+    assert "model" not in last["json"] and last["json"]["stream"] is True
+    called = last["json"]["messages"][-2]["content"]
+    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
+    assert len(fake.issued) == 1                      # one token for the whole session
+
+
+def _codex(g, tmp_path, model, prompt="print the word"):
+    """``codex exec`` through gateway ``g`` (the Responses API, streaming)."""
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'request_max_retries = 0\nstream_max_retries = 0\n')
+    rc, out = _run_cli([_cli_bin("codex"), "exec", "--skip-git-repo-check", prompt],
+                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                        "GW_TOKEN": TOKEN}, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    return out
+
+
+def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
+    _codex(g, tmp_path, "gpt-5-codex")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
+                                                       "openai.gpt-oss-120b-1:0")}
+    last = turns[-1]["json"]
+    # The fake checked the shape and turn order; here: the call and its result went back.
+    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "exec_command"
+    result = last["messages"][-1]["content"][0]["toolResult"]
+    assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
+    assert all(r["status"] == 200 for r in g.records(2) if r["route"] == "/v1/responses")
+
+
+def test_15_codex_through_vertex_gemini_runs_its_tool_loop(gw, upstream, rsa_pem, tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)])
+    _codex(g, tmp_path, "gemini-3-pro-preview")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {r["path"] for r in turns} == {
+        "/v1/projects/gw-project/locations/global/publishers/google/models/"
+        "gemini-3-pro-preview:streamGenerateContent?alt=sse"}
+    # Gemini 3 got its call back with the thoughtSignature it came with (else a 400).
+    contents = turns[-1]["json"]["contents"]
+    call = next(p for c in contents for p in c["parts"] if "functionCall" in p)
+    assert call["functionCall"]["name"] == "exec_command" and call["thoughtSignature"] in \
+        fake.signed
+    assert "cli-ok" in json.dumps(contents[-1])
+
+
+def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rsa_pem,
+                                                                 tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)], settings={"debug_capture": 20})
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"security": {"auth": {"selectedType": "gemini-api-key"}},
+         "selectedAuthType": "gemini-api-key"}))
+    rc, out = _run_cli([_cli_bin("gemini"), "-p", "print the word", "-m", "gemini-3-pro-preview",
+                        "--yolo"],
+                       {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
+                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
+                        "GEMINI_CLI_NO_RELAUNCH": "true"}, tmp_path, timeout=180)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    turns = [r for r in fake.requests if r.get("op")]
+    assert turns and all(r["headers"]["authorization"] == f"Bearer {fake.issued[0]}" and
+                         "x-goog-api-key" not in r["headers"] for r in turns)
+    assert all(re.fullmatch(r"/v1/projects/gw-project/locations/global/publishers/google/"
+                            r"models/gemini-3[.\w-]*:streamGenerateContent\?alt=sse", r["path"])
+               for r in turns)
+    # Relayed: each body the fake got is the one gemini-cli sent, byte for byte (the capture
+    # holds both, the client's and the upstream's).
+    records = g.records(len(turns))
+    for r in turns:
+        texts = [g.gateway.capture.text(rec["id"]) for rec in records]
+        assert any(t.count(r["body"].decode()) == 2 for t in texts)
+    call = next(p for r in turns for c in r["json"]["contents"] for p in c["parts"]
+                if "functionCall" in p)
+    assert call["functionCall"]["name"] == "run_shell_command"
 
 
 # =================================================================================================
@@ -9672,3 +9825,5 @@ def test_fuzz_request_and_response_converters(value):
                 dialect.response(resp, "m", ir)
             except ag.GatewayError as exc:
                 assert exc.status == 502
+
+
