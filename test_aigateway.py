@@ -8973,8 +8973,8 @@ def bedrock_chan(fake, **kw):
 
 
 def gemini_turn(fake, body, model):
-    """The fake Gemini's parts: a thought, then the script; a call carries a thoughtSignature.
-    None when a Gemini 3 history lost a signature."""
+    """The fake Gemini's parts: a thought, then the script; a call carries a thoughtSignature
+    (bytes, base64 in JSON). None when a Gemini 3 history lost a signature."""
     turns = body["contents"]
     for c in turns:
         for p in c["parts"]:
@@ -8992,7 +8992,7 @@ def gemini_turn(fake, body, model):
                                  "next_speaker": "user"}), None
     parts = [{"text": f"thinking on vertex {model}", "thought": True}]
     if call:
-        fake.signed.append(f"gsig-{len(fake.requests)}")
+        fake.signed.append(ag.base64.b64encode(f"gsig-{len(fake.requests)}".encode()).decode())
         parts.append({"functionCall": {"name": call[0], "args": call[1]},
                       "thoughtSignature": fake.signed[-1]})
     else:
@@ -9536,6 +9536,44 @@ def test_15_vertex_token_refused_falls_back_to_the_next_channel(gw, upstream, rs
     # The refusal is the Vertex channel's failure, in its health, naming the grant error.
     events = json.dumps(g.events())
     assert "invalid_grant" in events and "Token must be a short-lived token" in events
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_15_genai_sdk_function_calling_through_bedrock_and_vertex(gw, upstream, rsa_pem,
+                                                                   stream):
+    bedrock = bedrock_fake(upstream)
+    vertex = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([bedrock_chan(bedrock, models=["gemini-2.5-pro"],
+                         model_mapping={"gemini-2.5-pro": "openai.gpt-oss-120b-1:0"}),
+            vertex_chan(vertex, rsa_pem, models=["gemini-3-flash-preview"])])
+    c = _genai(g)
+    config = genai_types.GenerateContentConfig(
+        tools=_genai_tools(),
+        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+    for model, fake in (("gemini-2.5-pro", bedrock), ("gemini-3-flash-preview", vertex)):
+        def ask(contents):
+            if not stream:
+                return c.models.generate_content(model=model, contents=contents,
+                                                 config=config).candidates[0].content.parts
+            return [p for ch in c.models.generate_content_stream(
+                model=model, contents=contents, config=config)
+                for p in ch.candidates[0].content.parts or []]
+        contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+        parts = ask(contents)
+        assert [(p.function_call.name, p.function_call.args) for p in parts
+                if p.function_call] == [("get_weather", {"city": "Paris"})]
+        assert any(p.thought and p.text for p in parts)          # the reasoning, as thought
+        contents += [genai_types.Content(role="model", parts=parts), genai_types.Content(
+            role="user", parts=[genai_types.Part.from_function_response(
+                name="get_weather", response={"result": "sunny"})])]
+        text = "".join(p.text or "" for p in ask(contents) if not p.thought)
+        assert text.startswith("DONE ") and "sunny" in text
+    converse = [r for r in bedrock.requests if r.get("op")]
+    assert [r["op"] for r in converse] == ["converse-stream" if stream else "converse"] * 2
+    gemini = [r for r in vertex.requests if r.get("op")]
+    # Relayed to Vertex: the call went back with its signature (Gemini 3 refuses it without).
+    assert gemini[1]["json"]["contents"][1]["parts"][-1]["thoughtSignature"] == vertex.signed[0]
+    assert all(r["headers"]["authorization"] == "Bearer ya29.vertex-0" for r in gemini)
 
 
 CLAUDE_ENV = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
