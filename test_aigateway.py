@@ -8864,8 +8864,8 @@ def claude_events(blocks, stop, model):
 
 def claude_message(blocks, stop, model):
     return {"id": "msg_bdrk_01", "type": "message", "role": "assistant",
-            "model": claude_name(model), "content": blocks, "stop_reason": stop, "stop_sequence": None,
-            "usage": {"input_tokens": 21, "output_tokens": 9}}
+            "model": claude_name(model), "content": blocks, "stop_reason": stop,
+            "stop_sequence": None, "usage": {"input_tokens": 21, "output_tokens": 9}}
 
 
 def converse_turn(body, model):
@@ -9331,18 +9331,9 @@ def test_15_claude_code_sees_a_context_overflow_as_prompt_too_long(gw, upstream,
 
 # Issue 12: Codex's reading of a context overflow from another provider
 def test_15_codex_sees_a_context_overflow(gw, upstream, tmp_path):
-    codex = _cli_bin("codex")
     up = upstream([Reply(400, json.dumps(OVERFLOWS[0][1]).encode())])     # Anthropic's wording
     g = gw([chan(up, type="anthropic")])
-    home = tmp_path / "home"
-    (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(
-        f'model = "claude-opus-4-7"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
-        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
-        f'request_max_retries = 0\nstream_max_retries = 0\n')
-    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "hello"],
-                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
-                        "GW_TOKEN": TOKEN}, tmp_path)
+    rc, out = _codex_run(g, tmp_path, "claude-opus-4-7", "hello")
     # Codex matched code context_length_exceeded: its own out-of-context message, no retries.
     assert rc != 0 and "ran out of room in the model's context window" in out, out[-2000:]
     assert len(up.requests) == 1
@@ -9632,17 +9623,23 @@ def test_15_claude_code_through_vertex_streams_raw_predict(gw, upstream, rsa_pem
     assert len(fake.issued) == 1                      # one token for the whole session
 
 
-def _codex(g, tmp_path, model, prompt="print the word"):
-    """``codex exec`` through gateway ``g`` (the Responses API, streaming)."""
+def _codex_run(g, tmp_path, model, prompt):
+    """(exit status, output) of ``codex exec`` through gateway ``g`` (the Responses API,
+    streaming, no retries)."""
     home = tmp_path / "home"
     (home / ".codex").mkdir(parents=True)
     (home / ".codex" / "config.toml").write_text(
         f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
         f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
         f'request_max_retries = 0\nstream_max_retries = 0\n')
-    rc, out = _run_cli([_cli_bin("codex"), "exec", "--skip-git-repo-check", prompt],
-                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
-                        "GW_TOKEN": TOKEN}, tmp_path)
+    return _run_cli([_cli_bin("codex"), "exec", "--skip-git-repo-check", prompt],
+                    {"HOME": str(home), "CODEX_HOME": str(home / ".codex"), "GW_TOKEN": TOKEN},
+                    tmp_path)
+
+
+def _codex(g, tmp_path, model):
+    """Codex's tool loop through gateway ``g``: it ran the shell tool and showed the answer."""
+    rc, out = _codex_run(g, tmp_path, model, "print the word")
     assert rc == 0, out[-2000:]
     assert "DONE" in out and "cli-ok" in out
     return out
