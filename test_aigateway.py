@@ -9514,7 +9514,7 @@ def test_15_bedrock_throttling_mid_stream_is_an_in_band_error(gw, upstream):
     assert rec["status"] == 200 and "throttlingException" in rec["error"]
 
 
-def test_15_vertex_token_refused_falls_back_to_the_next_channel(gw, upstream, rsa_pem):
+def test_15_vertex_token_refused_or_expired_falls_back_to_the_next_channel(gw, upstream, rsa_pem):
     fake = vertex_fake(upstream, rsa_pem[0].public_key(), refuse_tokens=True)
     backup = upstream([openai_chat_reply(text="from backup")])
     g = gw([vertex_chan(fake, rsa_pem), chan(backup, name="backup", priority=5)])
@@ -9527,6 +9527,17 @@ def test_15_vertex_token_refused_falls_back_to_the_next_channel(gw, upstream, rs
     # The refusal is the Vertex channel's failure, in its health, naming the grant error.
     events = json.dumps(g.events())
     assert "invalid_grant" in events and "Token must be a short-lived token" in events
+    # A token Vertex no longer takes (expired, revoked): its 401 moves on to the next channel.
+    fake2 = vertex_fake(upstream, rsa_pem[0].public_key())
+    g2 = gw([vertex_chan(fake2, rsa_pem), chan(backup, name="backup", priority=5)])
+    r = g2.openai().chat.completions.create(model="gemini-2.5-pro",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "hello from vertex gemini-2.5-pro"
+    fake2.issued.clear()
+    r = g2.openai().chat.completions.create(model="gemini-2.5-pro",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "from backup"
+    assert g2.records(2)[-1]["tried"] == ["vertex", "backup"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
