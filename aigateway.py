@@ -6762,7 +6762,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
                                                      # Messages API", request body
 # The beta flags InvokeModel takes in anthropic_beta (AWS Bedrock user guide, "Anthropic Claude
-# Messages API", request parameters; the list LiteLLM keeps from it, BerriAI/litellm#19875).
+# Messages API", request parameters, as BerriAI/litellm#19875 lists them; the later ones from
+# LiteLLM's anthropic_beta_headers_config.json, its bedrock column).
 # Any other flag fails the whole request with a 400 "invalid beta flag", and Claude Code sends
 # first-party ones (prompt-caching-scope-..., thinking-token-count-...) to a base URL:
 # anthropics/claude-code#49370, #56595; router-for-me/CLIProxyAPI#4750 tried them one by one.
@@ -6770,9 +6771,26 @@ BEDROCK_BETAS = frozenset((
     "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
     "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
     "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24",
-    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29"))
+    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29", "compact-2026-01-12",
+    "computer-use-2025-11-24", "fine-grained-tool-streaming-2025-05-14",
+    "thinking-display-updates-2026-08-18"))
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"       # Google Cloud docs, "Use Claude models":
                                                      # the rawPredict request body
+# The anthropic-beta flags Claude on Vertex takes (LiteLLM's anthropic_beta_headers_config.json,
+# its vertex_ai column). Any other is a 400 "Unexpected value(s) `prompt-caching-scope-2026-01-
+# 05` for the `anthropic-beta` header" (anthropics/claude-code#21625, Claude Code through a
+# gateway; #34802 for effort-2025-11-24; vercel/ai#10981 for structured-outputs).
+VERTEX_BETAS = frozenset((
+    "interleaved-thinking-2025-05-14", "context-1m-2025-08-07", "context-management-2025-06-27",
+    "computer-use-2025-01-24", "computer-use-2025-11-24", "tool-search-tool-2025-10-19",
+    "web-search-2025-03-05", "compact-2026-01-12", "thinking-display-updates-2026-08-18"))
+
+
+def known_betas(flags: Iterable[Any], known: frozenset[str]) -> list[str]:
+    """The beta flags of ``flags`` (items of an anthropic_beta list, pieces of an
+    anthropic-beta header) that are in ``known``, in order, each once."""
+    return [f for f in dict.fromkeys(f.strip() for f in flags if isinstance(f, str))
+            if f in known]
 
 
 def bedrock_base_url(region: str) -> str:
@@ -6816,9 +6834,8 @@ def bedrock_invoke_body(body: dict, beta: str | None = None) -> dict:
     out = {k: v for k, v in body.items() if k not in ("model", "stream")}
     out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
     kept = out.pop("anthropic_beta", None)
-    betas = (kept if isinstance(kept, list) else []) + [b.strip() for b in
-                                                        (beta or "").split(",")]
-    betas = [b for b in dict.fromkeys(betas) if b in BEDROCK_BETAS]
+    betas = known_betas((kept if isinstance(kept, list) else []) + (beta or "").split(","),
+                        BEDROCK_BETAS)
     if betas:
         out["anthropic_beta"] = betas
     return out
@@ -7314,7 +7331,6 @@ class BedrockProvider(CloudProvider):
 class VertexProvider(CloudProvider):
     name = TYPE_VERTEX
     serves_as_is = (ANTHROPIC, GEMINI)
-    forwards_headers = frozenset(("anthropic-beta",))   # Vertex takes betas as the header
     lists_models = False
     fields = {"project": ("", "a Google Cloud project id, or \"\" (express mode)", (str,)),
               "location": ("global", 'a Vertex AI location such as "global" or "us-east5"',
@@ -7386,7 +7402,13 @@ class VertexProvider(CloudProvider):
 
     def auth_headers(self, api_key: str, incoming: Headers | None = None,
                      quirks: dict | None = None) -> list[tuple[str, str]]:
-        return self.gemini.auth_headers(api_key)
+        """The express-mode key, and the client's anthropic-beta flags that Vertex takes
+        (VERTEX_BETAS; Vertex takes betas as that header, and refuses the request for any
+        other flag)."""
+        betas = known_betas((incoming.get("anthropic-beta") or "").split(","), VERTEX_BETAS) \
+            if incoming is not None else []
+        return self.gemini.auth_headers(api_key) + (
+            [("anthropic-beta", ",".join(betas))] if betas else [])
 
     def claude_body(self, body: dict, incoming: Headers | None) -> dict:
         return vertex_raw_predict_body(body)

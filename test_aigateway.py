@@ -8642,7 +8642,8 @@ def test_14_https_for_the_gateway_itself(tmp_path, cert_files):
 #   model in the path and neither "model" nor "stream" in the body (Bedrock's 400 is "extraneous
 #   key [model] is not permitted"), betas as the anthropic_beta list, and only the betas Bedrock
 #   knows: others are a 400 "invalid beta flag" (anthropics/claude-code#49370, #56595; the list
-#   LiteLLM keeps from the AWS docs, BerriAI/litellm#19875). The stream is event-stream
+#   LiteLLM keeps from the AWS docs, BerriAI/litellm#19875, and its anthropic_beta_headers_
+#   config.json, bedrock column). The stream is event-stream
 #   ``chunk`` events, each {"bytes": base64 of one Messages stream event} (API reference,
 #   PayloadPart).
 # Converse: the input shape of the bedrock-runtime service model (botocore's validator on
@@ -8657,7 +8658,10 @@ def test_14_https_for_the_gateway_itself(tmp_path, cert_files):
 # Claude on Vertex (Google Cloud, "Use Claude models"; the anthropic SDK's lib/vertex/
 #   _client.py): ...publishers/anthropic/models/{m}:rawPredict or :streamRawPredict, body with
 #   anthropic_version "vertex-2023-10-16", no "model", "stream": true on streamRawPredict; the
-#   answer is the Messages API's own JSON or SSE.
+#   answer is the Messages API's own JSON or SSE. Betas come in the anthropic-beta header, and
+#   a flag Vertex does not take is a 400 "Unexpected value(s) `...` for the `anthropic-beta`
+#   header" (anthropics/claude-code#21625, #34802; the flags it takes: LiteLLM's
+#   anthropic_beta_headers_config.json, vertex_ai column).
 # Gemini on Vertex: generateContent / streamGenerateContent?alt=sse with the request fields of
 #   the v1 REST reference (an unknown one is "Invalid JSON payload received. Unknown name");
 #   Gemini 3 wants each functionCall part sent back with its thoughtSignature (ai.google.dev/
@@ -8672,7 +8676,18 @@ BEDROCK_BETAS = frozenset((
     "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
     "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
     "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24",
-    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29"))
+    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29", "compact-2026-01-12",
+    "computer-use-2025-11-24", "dangerous-tool-use-2026-09-03",
+    "fine-grained-tool-streaming-2025-05-14", "thinking-binding-controls-2026-08-01",
+    "thinking-display-updates-2026-08-18", "mid-conversation-output-config-2026-07-01",
+    "mid-conversation-tool-changes-2026-07-01"))
+VERTEX_BETAS = frozenset((
+    "compact-2026-01-12", "compact-2026-09-04", "computer-use-2025-01-24",
+    "computer-use-2025-11-24", "context-1m-2025-08-07", "context-management-2025-06-27",
+    "dangerous-tool-use-2026-09-03", "interleaved-thinking-2025-05-14",
+    "per-turn-control-2026-07-01", "thinking-binding-controls-2026-08-01",
+    "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19",
+    "web-search-2025-03-05"))
 _BEDROCK_OP = re.compile(r"/model/([^/?]+)/(invoke|invoke-with-response-stream|converse|"
                          r"converse-stream)\Z")
 _SIGV4_AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<scope>\d{8}/[^,]+),"
@@ -9047,6 +9062,14 @@ def vertex_fake(upstream, public_key=None, *, api_key=None, refuse_tokens=False)
                     bool(body.get("stream")) != streams or m["method"] not in (
                     "rawPredict", "streamRawPredict"):
                 return _google_error(400, "INVALID_ARGUMENT", "the rawPredict body is wrong")
+            refused = [b for b in map(str.strip, h.get("anthropic-beta", "").split(","))
+                       if b and b not in VERTEX_BETAS]
+            if refused:
+                flags = ", ".join(f"`{b}`" for b in refused)
+                return _anthropic_error(f"Unexpected value(s) {flags} for the `anthropic-beta`"
+                                        f" header. Please consult our "
+                                        f"documentation at docs.anthropic.com or try again "
+                                        f"without the header.")
             blocks, stop = claude_turn(fake, body, "vertex")
             if stop is None:
                 return blocks
@@ -9629,6 +9652,8 @@ def test_15_claude_code_through_vertex_streams_raw_predict(gw, upstream, rsa_pem
     assert last["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
     assert last["json"]["anthropic_version"] == "vertex-2023-10-16"
     assert "model" not in last["json"] and last["json"]["stream"] is True
+    # Only the beta flags Vertex takes went on (the fake refuses the others Claude Code sends).
+    assert "interleaved-thinking-2025-05-14" in last["headers"]["anthropic-beta"].split(",")
     called = last["json"]["messages"][-2]["content"]
     assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
     assert len(fake.issued) == 1                      # one token for the whole session
