@@ -9712,22 +9712,26 @@ def test_15_codex_through_vertex_gemini_runs_its_tool_loop(gw, upstream, rsa_pem
     assert "cli-ok" in json.dumps(contents[-1])
 
 
-def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rsa_pem,
-                                                                 tmp_path):
-    fake = vertex_fake(upstream, rsa_pem[0].public_key())
-    g = gw([vertex_chan(fake, rsa_pem)], settings={"debug_capture": 20})
+def _gemini_cli(g, tmp_path, model):
+    """gemini-cli's tool loop (run_shell_command, --yolo) through gateway ``g``."""
     home = tmp_path / "home"
     (home / ".gemini").mkdir(parents=True)
     (home / ".gemini" / "settings.json").write_text(json.dumps(
         {"security": {"auth": {"selectedType": "gemini-api-key"}},
          "selectedAuthType": "gemini-api-key"}))
-    rc, out = _run_cli([_cli_bin("gemini"), "-p", "print the word", "-m", "gemini-3-pro-preview",
-                        "--yolo"],
+    rc, out = _run_cli([_cli_bin("gemini"), "-p", "print the word", "-m", model, "--yolo"],
                        {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
                         "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
                         "GEMINI_CLI_NO_RELAUNCH": "true"}, tmp_path, timeout=180)
     assert rc == 0, out[-2000:]
     assert "DONE" in out and "cli-ok" in out
+
+
+def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rsa_pem,
+                                                                 tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)], settings={"debug_capture": 20})
+    _gemini_cli(g, tmp_path, "gemini-3-pro-preview")
     turns = [r for r in fake.requests if r.get("op")]
     assert turns and all(r["headers"]["authorization"] == f"Bearer {fake.issued[0]}" and
                          "x-goog-api-key" not in r["headers"] for r in turns)
@@ -9743,6 +9747,19 @@ def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rs
     call = next(p for r in turns for c in r["json"]["contents"] for p in c["parts"]
                 if "functionCall" in p)
     assert call["functionCall"]["name"] == "run_shell_command"
+
+
+def test_15_gemini_cli_through_bedrock_is_converted_to_converse(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={"gemini-2.5-flash": "openai.gpt-oss-120b-1:0"})])
+    _gemini_cli(g, tmp_path, "gemini-2.5-flash")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
+                                                       "openai.gpt-oss-120b-1:0")}
+    last = turns[-1]["json"]
+    assert "run_shell_command" in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
+    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "run_shell_command"
+    assert "cli-ok" in json.dumps(last["messages"][-1]["content"][0]["toolResult"])
 
 
 # =================================================================================================
@@ -9896,5 +9913,3 @@ def test_fuzz_request_and_response_converters(value):
                 dialect.response(resp, "m", ir)
             except ag.GatewayError as exc:
                 assert exc.status == 502
-
-
