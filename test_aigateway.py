@@ -9681,18 +9681,25 @@ def _codex(g, tmp_path, model):
     return out
 
 
-def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
-    fake = bedrock_fake(upstream)
-    g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
-    _codex(g, tmp_path, "gpt-5-codex")
+def _converse_loop(fake, tool):
+    """The last ConverseStream body of a CLI's tool loop on Bedrock: the fake checked its shape
+    and turn order; here, that the call of ``tool`` and its result went back."""
     turns = [r for r in fake.requests if r.get("op")]
     assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
                                                        "openai.gpt-oss-120b-1:0")}
     last = turns[-1]["json"]
-    # The fake checked the shape and turn order; here: the call and its result went back.
-    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "exec_command"
+    assert tool in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
+    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == tool
     result = last["messages"][-1]["content"][0]["toolResult"]
     assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
+    return last
+
+
+def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
+    _codex(g, tmp_path, "gpt-5-codex")
+    _converse_loop(fake, "exec_command")
     assert all(r["status"] == 200 for r in g.records(2) if r["route"] == "/v1/responses")
 
 
@@ -9753,13 +9760,7 @@ def test_15_gemini_cli_through_bedrock_is_converted_to_converse(gw, upstream, tm
     fake = bedrock_fake(upstream)
     g = gw([bedrock_chan(fake, model_mapping={"gemini-2.5-flash": "openai.gpt-oss-120b-1:0"})])
     _gemini_cli(g, tmp_path, "gemini-2.5-flash")
-    turns = [r for r in fake.requests if r.get("op")]
-    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
-                                                       "openai.gpt-oss-120b-1:0")}
-    last = turns[-1]["json"]
-    assert "run_shell_command" in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
-    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "run_shell_command"
-    assert "cli-ok" in json.dumps(last["messages"][-1]["content"][0]["toolResult"])
+    _converse_loop(fake, "run_shell_command")
 
 
 # =================================================================================================
