@@ -8643,9 +8643,9 @@ def test_14_https_for_the_gateway_itself(tmp_path, cert_files):
 #   key [model] is not permitted"), betas as the anthropic_beta list, and only the betas Bedrock
 #   knows: others are a 400 "invalid beta flag" (anthropics/claude-code#49370, #56595; the list
 #   LiteLLM keeps from the AWS docs, BerriAI/litellm#19875, and its anthropic_beta_headers_
-#   config.json, bedrock column). The stream is event-stream
-#   ``chunk`` events, each {"bytes": base64 of one Messages stream event} (API reference,
-#   PayloadPart).
+#   config.json, bedrock column). The stream is event-stream ``chunk`` events, each {"bytes":
+#   base64 of one Messages stream event} (API reference, PayloadPart). No operation here has a
+#   query string (the service model gives them only URI and header members).
 # Converse: the input shape of the bedrock-runtime service model (botocore's validator on
 #   botocore/data/bedrock-runtime/*/service-2.json), a conversation that starts with a user turn
 #   and alternates roles, toolConfig present whenever toolUse/toolResult blocks are (Bedrock's
@@ -9562,6 +9562,31 @@ def test_15_vertex_token_refused_or_expired_falls_back_to_the_next_channel(gw, u
     assert r.choices[0].message.content == "from backup"
     assert g2.records(2)[-1]["tried"] == ["vertex", "backup"]
 
+
+def test_15_the_cloud_fakes_refuse_what_the_clouds_refuse(gw, upstream, rsa_pem):
+    """The fakes' checks bite: a wrong AWS secret, a wrong Bedrock API key, a wrong Vertex
+    express key and a Gemini body with an unknown field reach the client as the cloud's
+    refusals."""
+    bedrock = bedrock_fake(upstream)
+    vertex = vertex_fake(upstream, api_key="AQ.right")
+    g = gw([bedrock_chan(bedrock, name="bad-secret", models=["amazon.nova-pro-v1:0"],
+                         aws_secret_access_key="not-the-secret"),
+            bedrock_chan(bedrock, name="bad-key", api_key="ABSKwrong",
+                         models=["anthropic.claude-haiku-4-5-20251001-v1:0"]),
+            vertex_chan(vertex, api_key="AQ.wrong", models=["gemini-2.5-flash"]),
+            vertex_chan(vertex, name="vertex-ok", api_key="AQ.right",
+                        models=["gemini-2.5-pro"])])
+    c = g.openai()
+    for model, status, why in (
+            ("amazon.nova-pro-v1:0", 403, "The request signature we calculated does not match"),
+            ("anthropic.claude-haiku-4-5-20251001-v1:0", 403, "security token included"),
+            ("gemini-2.5-flash", 401, "invalid authentication credentials")):
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == status and why in str(e.value), (model, str(e.value))
+    st, _, body = g.request("POST", "/v1beta/models/gemini-2.5-pro:generateContent", {
+        "contents": [{"role": "user", "parts": [{"text": "x"}]}], "thinking": {}})
+    assert st == 400 and "Unknown name ['thinking']" in body.decode()
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_15_genai_sdk_function_calling_through_bedrock_and_vertex(gw, upstream, rsa_pem,
