@@ -9706,25 +9706,19 @@ def _codex(g, tmp_path, model):
     return out
 
 
-def _converse_loop(fake, tool):
-    """The last ConverseStream body of a CLI's tool loop on Bedrock: the fake checked its shape
-    and turn order; here, that the call of ``tool`` and its result went back."""
-    turns = [r for r in fake.requests if r.get("op")]
-    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
-                                                       "openai.gpt-oss-120b-1:0")}
-    last = turns[-1]["json"]
-    assert tool in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
-    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == tool
-    result = last["messages"][-1]["content"][0]["toolResult"]
-    assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
-    return last
-
-
 def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
     fake = bedrock_fake(upstream)
     g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
     _codex(g, tmp_path, "gpt-5-codex")
-    _converse_loop(fake, "exec_command")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
+                                                       "openai.gpt-oss-120b-1:0")}
+    # The fake checked the shape and turn order; here: the call and its result went back.
+    last = turns[-1]["json"]
+    assert "exec_command" in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
+    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "exec_command"
+    result = last["messages"][-1]["content"][0]["toolResult"]
+    assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
     assert all(r["status"] == 200 for r in g.records(2) if r["route"] == "/v1/responses")
 
 
@@ -9779,13 +9773,6 @@ def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rs
     call = next(p for r in turns for c in r["json"]["contents"] for p in c["parts"]
                 if "functionCall" in p)
     assert call["functionCall"]["name"] == "run_shell_command"
-
-
-def test_15_gemini_cli_through_bedrock_is_converted_to_converse(gw, upstream, tmp_path):
-    fake = bedrock_fake(upstream)
-    g = gw([bedrock_chan(fake, model_mapping={"gemini-2.5-flash": "openai.gpt-oss-120b-1:0"})])
-    _gemini_cli(g, tmp_path, "gemini-2.5-flash")
-    _converse_loop(fake, "run_shell_command")
 
 
 # =================================================================================================
@@ -9939,3 +9926,4 @@ def test_fuzz_request_and_response_converters(value):
                 dialect.response(resp, "m", ir)
             except ag.GatewayError as exc:
                 assert exc.status == 502
+
