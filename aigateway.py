@@ -3414,6 +3414,11 @@ class ProviderAdapter:
         """A relayed request's body as this upstream takes it (``obj`` is it parsed)."""
         return body
 
+    def relay_query(self, query: str, model: str) -> str:
+        """The client's query string (``key=`` left out already) as a relayed request for
+        upstream ``model`` carries it on."""
+        return query
+
     def answer_filter(self, model: str) -> Callable[[], Any] | None:
         """A factory of a filter (``feed(bytes) -> bytes``, ``end()``) that turns a relayed
         streaming answer into the client dialect's SSE, when the upstream frames it otherwise."""
@@ -6496,8 +6501,36 @@ class AzureProvider(OpenAIProvider):
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"     # AWS Bedrock user guide, "Anthropic Claude
                                                      # Messages API", request body
+# The beta flags InvokeModel takes in anthropic_beta (AWS Bedrock user guide, "Anthropic Claude
+# Messages API", request parameters, as BerriAI/litellm#19875 lists them; the later ones from
+# LiteLLM's anthropic_beta_headers_config.json, its bedrock column).
+# Any other flag fails the whole request with a 400 "invalid beta flag", and Claude Code sends
+# first-party ones (prompt-caching-scope-..., thinking-token-count-...) to a base URL:
+# anthropics/claude-code#49370, #56595; router-for-me/CLIProxyAPI#4750 tried them one by one.
+BEDROCK_BETAS = frozenset((
+    "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
+    "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
+    "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24",
+    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29", "compact-2026-01-12",
+    "computer-use-2025-11-24", "fine-grained-tool-streaming-2025-05-14",
+    "thinking-display-updates-2026-08-18"))
 VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"       # Google Cloud docs, "Use Claude models":
                                                      # the rawPredict request body
+# The anthropic-beta flags Claude on Vertex takes (LiteLLM's anthropic_beta_headers_config.json,
+# its vertex_ai column). Any other is a 400 "Unexpected value(s) `prompt-caching-scope-2026-01-
+# 05` for the `anthropic-beta` header" (anthropics/claude-code#21625, Claude Code through a
+# gateway; #34802 for effort-2025-11-24; vercel/ai#10981 for structured-outputs).
+VERTEX_BETAS = frozenset((
+    "interleaved-thinking-2025-05-14", "context-1m-2025-08-07", "context-management-2025-06-27",
+    "computer-use-2025-01-24", "computer-use-2025-11-24", "tool-search-tool-2025-10-19",
+    "web-search-2025-03-05", "compact-2026-01-12", "thinking-display-updates-2026-08-18"))
+
+
+def known_betas(flags: Iterable[Any], known: frozenset[str]) -> list[str]:
+    """The beta flags of ``flags`` (items of an anthropic_beta list, pieces of an
+    anthropic-beta header) that are in ``known``, in order, each once."""
+    return [f for f in dict.fromkeys(f.strip() for f in flags if isinstance(f, str))
+            if f in known]
 
 
 def bedrock_base_url(region: str) -> str:
@@ -6536,14 +6569,15 @@ def bedrock_invoke_body(body: dict, beta: str | None = None) -> dict:
     path), no ``stream`` (the operation says it), ``anthropic_version`` set, and the client's
     ``anthropic-beta`` header as the ``anthropic_beta`` list (AWS Bedrock user guide,
     "Anthropic Claude Messages API": anthropic_beta; the anthropic SDK's Bedrock client moves
-    the header the same way). Other fields pass through untouched."""
+    the header the same way), holding only the flags Bedrock takes (BEDROCK_BETAS). Other
+    fields pass through untouched."""
     out = {k: v for k, v in body.items() if k not in ("model", "stream")}
     out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
-    betas = [b.strip() for b in (beta or "").split(",") if b.strip()]
+    kept = out.pop("anthropic_beta", None)
+    betas = known_betas((kept if isinstance(kept, list) else []) + (beta or "").split(","),
+                        BEDROCK_BETAS)
     if betas:
-        kept = out.get("anthropic_beta")
-        kept = kept if isinstance(kept, list) else []
-        out["anthropic_beta"] = list(dict.fromkeys(kept + betas))
+        out["anthropic_beta"] = betas
     return out
 
 
@@ -6929,6 +6963,13 @@ class CloudProvider(ProviderAdapter):
             return body
         return json_dumps(self.claude_body(obj, incoming))
 
+    def relay_query(self, query: str, model: str) -> str:
+        # A Claude operation's URL takes no query: Bedrock's InvokeModel has no querystring
+        # members (bedrock-runtime service model), and the anthropic SDK's Bedrock and Vertex
+        # clients rebuild the URL from the model, leaving the ?beta=true of the Messages beta
+        # path (Claude Code's) behind. Gemini's (?alt=sse) stays.
+        return "" if is_claude_model(model) else query
+
     def encode_claude(self, ir: IRRequest, model: str, opts: ChatOptions) -> dict:
         return self.claude_body(self.anthropic.encode_chat(ir, model, opts), None)
 
@@ -7031,7 +7072,6 @@ class BedrockProvider(CloudProvider):
 class VertexProvider(CloudProvider):
     name = TYPE_VERTEX
     serves_as_is = (ANTHROPIC, GEMINI)
-    forwards_headers = frozenset(("anthropic-beta",))   # Vertex takes betas as the header
     lists_models = False
     fields = {"project": TypeField("", "Project", 'a Google Cloud project id, or "" (express '
                                                   'mode)'),
@@ -7104,7 +7144,13 @@ class VertexProvider(CloudProvider):
 
     def auth_headers(self, api_key: str, incoming: Headers | None = None,
                      quirks: dict | None = None) -> list[tuple[str, str]]:
-        return self.gemini.auth_headers(api_key)
+        """The express-mode key, and the client's anthropic-beta flags that Vertex takes
+        (VERTEX_BETAS; Vertex takes betas as that header, and refuses the request for any
+        other flag)."""
+        betas = known_betas((incoming.get("anthropic-beta") or "").split(","), VERTEX_BETAS) \
+            if incoming is not None else []
+        return self.gemini.auth_headers(api_key) + (
+            [("anthropic-beta", ",".join(betas))] if betas else [])
 
     def claude_body(self, body: dict, incoming: Headers | None) -> dict:
         return vertex_raw_predict_body(body)
@@ -10222,7 +10268,8 @@ class Relay:
             elif "model" in obj:
                 body = replace_json_model(body, model, target)
         body = provider.relay_body(body, obj, target, stream, req.headers)
-        query = "&".join(p for p in req.query.split("&") if p and not p.startswith("key=")) \
+        query = provider.relay_query("&".join(
+            p for p in req.query.split("&") if p and not p.startswith("key=")), target) \
             if req.query else ""
         url = provider.passthrough_url(ch, route.path, route.kind, target, stream)
         if query:
@@ -10483,18 +10530,18 @@ class Relay:
         """Upstream stream -> internal events -> the client's stream format, as bytes arrive;
         ``held`` events (read while waiting for content) go first."""
         try:
-            out = encoder.encode(held)
+            out = encoder.encode(self._note_stream_error(held, rec))
             if out:
                 rec["bytes_out"] += len(out)
                 yield out
             if ended:
                 return
             async for data in chunks:
-                out = encoder.encode(decoder.feed(data))
+                out = encoder.encode(self._note_stream_error(decoder.feed(data), rec))
                 if out:
                     rec["bytes_out"] += len(out)
                     yield out
-            out = encoder.encode(decoder.close())
+            out = encoder.encode(self._note_stream_error(decoder.close(), rec))
         except GatewayError as exc:        # upstream failures, bad events, limits passed
             rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
             self.log(rec["error"])
@@ -10502,6 +10549,16 @@ class Relay:
         if out:
             rec["bytes_out"] += len(out)
             yield out
+
+    def _note_stream_error(self, events: list[tuple], rec: Exchange) -> list[tuple]:
+        """``events`` as they are; an ("error", exc) among them (an upstream's in-band error,
+        such as Bedrock's throttlingException event) is noted in the record and the log, as a
+        raised one is, so the request does not count as served."""
+        for event in events:
+            if event[0] == "error" and rec["error"] is None:
+                rec["error"] = f"channel '{rec['channel']}' broke off: {event[1].message}"
+                self.log(rec["error"])
+        return events
 
     async def _answer_embeddings(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
         """Converted embeddings, in the shape of the client's route."""

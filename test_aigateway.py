@@ -2535,15 +2535,18 @@ def test_09_bedrock_and_vertex_bodies_and_urls():
         {"modelId": "anthropic.claude-x-v1:0"}, {"modelId": "amazon.nova-pro-v1:0"}]}) == [
         "amazon.nova-pro-v1:0", "anthropic.claude-x-v1:0"]
     assert ag.bedrock_model_ids([]) == []
-    body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": ["a"],
+    a, b = "context-1m-2025-08-07", "interleaved-thinking-2025-05-14"
+    body = {"model": "claude-x", "stream": True, "max_tokens": 5, "anthropic_beta": [a],
             "messages": [{"role": "user", "content": "hi"}], "cache_thing": {"k": 1}}
-    assert ag.bedrock_invoke_body(body, "b, a ,c") == {
-        "max_tokens": 5, "anthropic_beta": ["a", "b", "c"], "cache_thing": {"k": 1},
+    # Flags Bedrock does not take are left out (its 400 "invalid beta flag" otherwise).
+    assert ag.bedrock_invoke_body(body, f"{b}, {a} ,prompt-caching-scope-2026-01-05") == {
+        "max_tokens": 5, "anthropic_beta": [a, b], "cache_thing": {"k": 1},
         "messages": [{"role": "user", "content": "hi"}],
         "anthropic_version": "bedrock-2023-05-31"}
     assert "anthropic_beta" not in ag.bedrock_invoke_body({"model": "m"})
+    assert "anthropic_beta" not in ag.bedrock_invoke_body({"model": "m"}, "claude-code-20250219")
     assert ag.vertex_raw_predict_body(body) == {
-        "stream": True, "max_tokens": 5, "anthropic_beta": ["a"], "cache_thing": {"k": 1},
+        "stream": True, "max_tokens": 5, "anthropic_beta": [a], "cache_thing": {"k": 1},
         "messages": [{"role": "user", "content": "hi"}], "anthropic_version": "vertex-2023-10-16"}
     assert body["model"] == "claude-x"                          # the client's body is not changed
     assert ag.vertex_model_url(ag.vertex_base_url("global"), "my-proj", "global", "anthropic",
@@ -8948,6 +8951,492 @@ def test_14_https_for_the_gateway_itself(tmp_path, cert_files):
         g.stop()
 
 
+# -- fake AWS Bedrock and Google Vertex AI upstreams ---------------------------------------------
+# Each checks a request as the cloud would before it answers, and records it with what it made
+# of it (rec["op"], rec["model"], rec["json"]). The rules, as their providers state them:
+# Bedrock auth: SigV4 over the received method, URL, signed headers and body, recomputed with
+#   botocore's own signer (signing name "bedrock", the request's X-Amz-Date; a stamp more than 5
+#   minutes off is refused, "Signature expired"), or a Bedrock API key as a Bearer token (AWS
+#   Bedrock user guide, "API keys").
+# InvokeModel with Claude (AWS Bedrock user guide, "Anthropic Claude Messages API"; the anthropic
+#   SDK's lib/bedrock/_client.py builds the same): anthropic_version "bedrock-2023-05-31", the
+#   model in the path and neither "model" nor "stream" in the body (Bedrock's 400 is "extraneous
+#   key [model] is not permitted"), betas as the anthropic_beta list, and only the betas Bedrock
+#   knows: others are a 400 "invalid beta flag" (anthropics/claude-code#49370, #56595; the list
+#   LiteLLM keeps from the AWS docs, BerriAI/litellm#19875, and its anthropic_beta_headers_
+#   config.json, bedrock column). The stream is event-stream ``chunk`` events, each {"bytes":
+#   base64 of one Messages stream event} (API reference, PayloadPart). No operation here has a
+#   query string (the service model gives them only URI and header members).
+# Converse: the input shape of the bedrock-runtime service model (botocore's validator on
+#   botocore/data/bedrock-runtime/*/service-2.json), a conversation that starts with a user turn
+#   and alternates roles, toolConfig present whenever toolUse/toolResult blocks are (Bedrock's
+#   ValidationException quoted in vxcontrol/pentagi#196), and each toolUse answered by a
+#   toolResult in the next user turn.
+# Vertex auth: a service account's JWT bearer grant at its token_uri (Google's "Using OAuth 2.0
+#   for Server to Server Applications": RS256, iss, scope, aud = token_uri, iat, exp <= iat +
+#   3600), then "Authorization: Bearer <that token>"; or an API key in x-goog-api-key on express
+#   mode's project-less URLs (Vertex AI in express mode, REST reference).
+# Claude on Vertex (Google Cloud, "Use Claude models"; the anthropic SDK's lib/vertex/
+#   _client.py): ...publishers/anthropic/models/{m}:rawPredict or :streamRawPredict, body with
+#   anthropic_version "vertex-2023-10-16", no "model", "stream": true on streamRawPredict; the
+#   answer is the Messages API's own JSON or SSE. Betas come in the anthropic-beta header, and
+#   a flag Vertex does not take is a 400 "Unexpected value(s) `...` for the `anthropic-beta`
+#   header" (anthropics/claude-code#21625, #34802; the flags it takes: LiteLLM's
+#   anthropic_beta_headers_config.json, vertex_ai column).
+# Gemini on Vertex: generateContent / streamGenerateContent?alt=sse with the request fields of
+#   the v1 REST reference (an unknown one is "Invalid JSON payload received. Unknown name");
+#   Gemini 3 wants each functionCall part sent back with its thoughtSignature (ai.google.dev/
+#   gemini-api/docs/thought-signatures).
+# The model behind every fake: with a tool result last, "DONE <result>"; offered tools, a call of
+# the coding CLI's shell tool (SHELL_TOOLS) or else the first tool; else "hello from <where>";
+# with reasoning (Claude asked to think, Converse, Gemini) before the answer.
+AWS_KEY_ID, AWS_SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+AWS_SESSION = "FQoGZXIvYXdzEXAMPLE//token"
+BEDROCK_API_KEY = "ABSKQmVkcm9ja0FQSUtleS1leGFtcGxl"
+BEDROCK_BETAS = frozenset((
+    "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
+    "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
+    "context-1m-2025-08-07", "context-management-2025-06-27", "effort-2025-11-24",
+    "tool-search-tool-2025-10-19", "tool-examples-2025-10-29", "compact-2026-01-12",
+    "computer-use-2025-11-24", "dangerous-tool-use-2026-09-03",
+    "fine-grained-tool-streaming-2025-05-14", "thinking-binding-controls-2026-08-01",
+    "thinking-display-updates-2026-08-18", "mid-conversation-output-config-2026-07-01",
+    "mid-conversation-tool-changes-2026-07-01"))
+VERTEX_BETAS = frozenset((
+    "compact-2026-01-12", "compact-2026-09-04", "computer-use-2025-01-24",
+    "computer-use-2025-11-24", "context-1m-2025-08-07", "context-management-2025-06-27",
+    "dangerous-tool-use-2026-09-03", "interleaved-thinking-2025-05-14",
+    "per-turn-control-2026-07-01", "thinking-binding-controls-2026-08-01",
+    "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19",
+    "web-search-2025-03-05"))
+_BEDROCK_OP = re.compile(r"/model/([^/?]+)/(invoke|invoke-with-response-stream|converse|"
+                         r"converse-stream)\Z")
+_SIGV4_AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<scope>\d{8}/[^,]+),"
+                         r" SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=[0-9a-f]{64}")
+_VERTEX_OP = re.compile(r"/v1(?:/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+))?"
+                        r"/publishers/(?P<publisher>google|anthropic)/models/(?P<model>[^/:]+):"
+                        r"(?P<method>generateContent|streamGenerateContent|rawPredict|"
+                        r"streamRawPredict)(?P<query>\?.*)?\Z")
+_GEMINI_FIELDS = frozenset(("contents", "systemInstruction", "tools", "toolConfig", "labels",
+                            "safetySettings", "generationConfig", "cachedContent",
+                            "modelArmorConfig"))
+
+
+def cloud_script(result, names, where):
+    """(text, (tool, args) or None): what the fakes' model answers (see above)."""
+    if result is not None:
+        return f"DONE {result.strip()[:300]}", None
+    tool = next((n for n in SHELL_TOOLS if n in names), None) or (names[0] if names else None)
+    if tool:
+        return "", (tool, SHELL_TOOLS.get(tool, {"city": "Paris"}))
+    return f"hello from {where}", None
+
+
+def _aws_error(status, kind, message):
+    """An AWS REST-JSON error: the type in x-amzn-ErrorType, {"message"} as the body."""
+    return Reply(status, json.dumps({"message": message}).encode(),
+                 headers={"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/"})
+
+
+def _google_error(status, state, message):
+    return Reply(status, json.dumps({"error": {"code": status, "message": message,
+                                               "status": state}}).encode())
+
+
+def _botocore_signature(rec, url, region, token, stamp):
+    """The Authorization botocore's SigV4Auth computes for the received request, signed at the
+    request's own X-Amz-Date over the headers it says it signed."""
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+
+    class AtStamp(botocore.auth.SigV4Auth):
+        def add_auth(self, request):        # SigV4Auth.add_auth with the given time
+            request.context["timestamp"] = stamp
+            self._modify_request_before_signing(request)
+            canonical = self.canonical_request(request)
+            self._inject_signature_to_request(
+                request, self.signature(self.string_to_sign(request, canonical), request))
+    signed = _SIGV4_AUTH.fullmatch(rec["headers"]["authorization"])["signed"].split(";")
+    req = botocore.awsrequest.AWSRequest(
+        method=rec["method"], url=url + rec["path"], data=rec["body"],
+        headers={k: v for k, v in rec["headers"].items() if k in signed})
+    AtStamp(botocore.credentials.Credentials(AWS_KEY_ID, AWS_SECRET, token), "bedrock",
+            region).add_auth(req)
+    return req.headers["Authorization"]
+
+
+def _bedrock_auth_problem(rec, url, region, api_key, token):
+    auth = rec["headers"].get("authorization", "")
+    if api_key is not None:
+        return None if auth == f"Bearer {api_key}" else "The API key is invalid"
+    m = _SIGV4_AUTH.fullmatch(auth)
+    if m is None or m["key"] != AWS_KEY_ID:
+        return "The security token included in the request is invalid"
+    stamp = rec["headers"].get("x-amz-date", "")
+    if not re.fullmatch(r"\d{8}T\d{6}Z", stamp) or abs(time.time() - calendar.timegm(
+            time.strptime(stamp, "%Y%m%dT%H%M%SZ"))) > 300:
+        return "Signature expired"
+    if m["scope"] != f"{stamp[:8]}/{region}/bedrock/aws4_request" or \
+            not {"host", "x-amz-date"} <= set(m["signed"].split(";")) or \
+            rec["headers"].get("x-amz-security-token") != token:
+        return "Credential should be scoped to a valid region and service"
+    if _botocore_signature(rec, url, region, token, stamp) != auth:
+        return "The request signature we calculated does not match the signature you provided"
+    return None
+
+
+def _converse_shape():
+    if not _CONVERSE_SHAPE:
+        import botocore.session
+        model = botocore.session.get_session().get_service_model("bedrock-runtime")
+        _CONVERSE_SHAPE.append(model.operation_model("Converse").input_shape)
+    return _CONVERSE_SHAPE[0]
+
+
+_CONVERSE_SHAPE: list = []
+
+
+def _converse_problem(body, model):
+    import botocore.exceptions
+    import botocore.validate
+    try:
+        botocore.validate.validate_parameters(dict(body, modelId=model), _converse_shape())
+    except botocore.exceptions.ParamValidationError as exc:
+        return str(exc)
+    msgs = body["messages"]
+    if not msgs or msgs[0]["role"] != "user":
+        return "A conversation must start with a user message."
+    if any(a["role"] == b["role"] for a, b in zip(msgs, msgs[1:])):
+        return "A conversation must alternate between user and assistant roles."
+    used = [b for m in msgs for b in m["content"] if "toolUse" in b or "toolResult" in b]
+    if used and not body.get("toolConfig"):
+        return ("The toolConfig field must be defined when using toolUse and toolResult "
+                "content blocks.")
+    for i, (a, b) in enumerate(zip(msgs, msgs[1:])):
+        calls = {c["toolUse"]["toolUseId"] for c in a["content"] if "toolUse" in c}
+        answered = {c["toolResult"]["toolUseId"] for c in b["content"] if "toolResult" in c}
+        if a["role"] == "assistant" and calls != answered:
+            return (f"Expected toolResult blocks at messages.{i + 1}.content for the "
+                    f"following Ids: {', '.join(sorted(calls - answered))}")
+    return None
+
+
+def _claude_text(content):
+    return content if isinstance(content, str) else " ".join(
+        c.get("text", "") for c in content if isinstance(c, dict))
+
+
+def claude_turn(fake, body, where):
+    """(blocks, stop reason) of the fake Claude, or a 400 Reply when the history breaks Claude's
+    thinking rule: with thinking on, the assistant turn that called tools must start with the
+    thinking block it came with, signature unchanged (Anthropic's 400 as quoted by
+    test_11's claude_opus_4_7)."""
+    msgs = body["messages"]
+    thinking = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    called = [m for m in msgs if m["role"] == "assistant" and isinstance(m["content"], list)
+              and any(b.get("type") == "tool_use" for b in m["content"])]
+    if thinking and called and (called[-1]["content"][0].get("type") != "thinking" or
+                                called[-1]["content"][0].get("signature") not in fake.signed):
+        return _anthropic_error("messages.1.content.0.type: Expected `thinking` or "
+                                "`redacted_thinking`, but found `tool_use`. When `thinking` is "
+                                "enabled, a final `assistant` message must start with a "
+                                "thinking block"), None
+    last = msgs[-1]["content"]
+    result = next((_claude_text(b["content"]) for b in last if isinstance(b, dict) and
+                   b.get("type") == "tool_result"), None) if isinstance(last, list) else None
+    text, call = cloud_script(result, [t.get("name") for t in body.get("tools") or []], where)
+    blocks = []
+    if thinking:
+        fake.signed.append(f"sig-{where}-{len(fake.requests)}")
+        blocks.append({"type": "thinking", "thinking": f"thinking on {where}",
+                       "signature": fake.signed[-1]})
+    if call:
+        blocks.append({"type": "tool_use", "id": f"toolu_{len(fake.requests):02d}",
+                       "name": call[0], "input": call[1]})
+    else:
+        blocks.append({"type": "text", "text": text})
+    return blocks, "tool_use" if call else "end_turn"
+
+
+def claude_name(model):
+    """The model name Claude's answers carry on a cloud: Anthropic's own, with its date
+    ("us.anthropic.claude-sonnet-4-5-20250929-v1:0" and "claude-sonnet-4-5@20250929" answer as
+    "claude-sonnet-4-5-20250929"; Bedrock's ids start "msg_bdrk_", AWS Bedrock user guide,
+    "Anthropic Claude Messages API", response)."""
+    name = re.sub(r"^(?:[a-z]+\.)?anthropic\.", "", model.rsplit("/", 1)[-1])
+    return re.sub(r"-v\d+(?::\d+)?$", "", name).replace("@", "-")
+
+
+def claude_events(blocks, stop, model):
+    """The Messages API stream events of an answer: each block in two deltas (thinking: its
+    text, then its signature_delta)."""
+    def delta(i, kind, key, value):
+        return {"type": "content_block_delta", "index": i, "delta": {"type": kind, key: value}}
+    out = [{"type": "message_start", "message": {
+        "id": "msg_bdrk_01", "type": "message", "role": "assistant", "model": claude_name(model),
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 21, "output_tokens": 1}}}]
+    for i, b in enumerate(blocks):
+        empty = {"thinking": dict(b, thinking="", signature=""), "text": dict(b, text=""),
+                 "tool_use": dict(b, input={})}[b["type"]]
+        out.append({"type": "content_block_start", "index": i, "content_block": empty})
+        if b["type"] == "thinking":
+            out += [delta(i, "thinking_delta", "thinking", b["thinking"]),
+                    delta(i, "signature_delta", "signature", b["signature"])]
+        elif b["type"] == "text":
+            half = len(b["text"]) // 2
+            out += [delta(i, "text_delta", "text", b["text"][:half]),
+                    delta(i, "text_delta", "text", b["text"][half:])]
+        else:
+            args = json.dumps(b["input"])
+            out += [delta(i, "input_json_delta", "partial_json", args[:5]),
+                    delta(i, "input_json_delta", "partial_json", args[5:])]
+        out.append({"type": "content_block_stop", "index": i})
+    return out + [{"type": "message_delta", "delta": {"stop_reason": stop,
+                                                      "stop_sequence": None},
+                   "usage": {"output_tokens": 9}}, {"type": "message_stop"}]
+
+
+def claude_message(blocks, stop, model):
+    return {"id": "msg_bdrk_01", "type": "message", "role": "assistant",
+            "model": claude_name(model), "content": blocks, "stop_reason": stop,
+            "stop_sequence": None, "usage": {"input_tokens": 21, "output_tokens": 9}}
+
+
+def converse_turn(body, model):
+    """(content blocks, stopReason) of the fake Converse model: reasoning, then the script."""
+    last = body["messages"][-1]["content"]
+    results = [c["text"] for b in last if "toolResult" in b for c in b["toolResult"]["content"]
+               if "text" in c]
+    names = [t["toolSpec"]["name"] for t in (body.get("toolConfig") or {}).get("tools", [])]
+    text, call = cloud_script(" ".join(results) if results else None, names, model)
+    blocks = [{"reasoningContent": {"reasoningText": {"text": f"reasoning in {model}"}}}]
+    if call:
+        return blocks + [{"toolUse": {"toolUseId": f"tooluse_{len(body['messages'])}",
+                                      "name": call[0], "input": call[1]}}], "tool_use"
+    return blocks + [{"text": text}], "end_turn"
+
+
+def converse_events(blocks, stop, tail=()):
+    """ConverseStream's events for ``blocks``, as event-stream messages, then ``tail``."""
+    out = [es_event("messageStart", {"role": "assistant"})]
+    for i, b in enumerate(blocks):
+        if "toolUse" in b:
+            use = b["toolUse"]
+            args = json.dumps(use["input"])
+            out.append(es_event("contentBlockStart", {"contentBlockIndex": i, "start": {
+                "toolUse": {"toolUseId": use["toolUseId"], "name": use["name"]}}}))
+            deltas = [{"toolUse": {"input": args[:4]}}, {"toolUse": {"input": args[4:]}}]
+        elif "text" in b:
+            deltas = [{"text": b["text"][:3]}, {"text": b["text"][3:]}]
+        else:
+            deltas = [{"reasoningContent": {"text": b["reasoningContent"]["reasoningText"][
+                "text"]}}]
+        out += [es_event("contentBlockDelta", {"contentBlockIndex": i, "delta": d})
+                for d in deltas]
+        out.append(es_event("contentBlockStop", {"contentBlockIndex": i}))
+    out += list(tail) or [es_event("messageStop", {"stopReason": stop}), es_event("metadata", {
+        "usage": {"inputTokens": 30, "outputTokens": 8, "totalTokens": 38},
+        "metrics": {"latencyMs": 12}})]
+    return out
+
+
+def bedrock_fake(upstream, *, region="us-east-1", api_key=None, token=AWS_SESSION, tail=()):
+    """A fake bedrock-runtime endpoint (the rules above). ``tail``: event-stream messages that
+    end a ConverseStream answer instead of messageStop and metadata (an exception event)."""
+    fake = upstream()
+    fake.signed = []
+
+    def respond(rec):
+        why = _bedrock_auth_problem(rec, fake.url, region, api_key, token)
+        if why:
+            return _aws_error(403, "UnrecognizedClientException" if api_key else
+                              "InvalidSignatureException", why)
+        m = _BEDROCK_OP.fullmatch(rec["path"])
+        if rec["method"] != "POST" or m is None:
+            return _aws_error(404, "UnknownOperationException", "Unknown operation")
+        model, op = urllib.parse.unquote(m[1]), m[2]
+        body = rec["json"] = json.loads(rec["body"])
+        rec["model"], rec["op"] = model, op
+        if op.startswith("converse"):
+            why = _converse_problem(body, model)
+            if why:
+                return _aws_error(400, "ValidationException", why)
+            blocks, stop = converse_turn(body, model)
+            if op == "converse-stream":
+                return Reply(chunks=converse_events(blocks, stop, tail),
+                             content_type="application/vnd.amazon.eventstream")
+            return Reply(body=json.dumps({
+                "output": {"message": {"role": "assistant", "content": blocks}},
+                "stopReason": stop, "usage": {"inputTokens": 30, "outputTokens": 8,
+                                              "totalTokens": 38},
+                "metrics": {"latencyMs": 12}}).encode())
+        if not ("claude" in model or "anthropic." in model):
+            return _aws_error(400, "ValidationException", f"{model} does not take the "
+                                                          f"Anthropic Messages body")
+        extra = sorted(set(body) & {"model", "stream"})
+        betas = body.get("anthropic_beta", [])
+        if body.get("anthropic_version") != "bedrock-2023-05-31" or extra:
+            return _aws_error(400, "ValidationException", "Malformed input request: #: "
+                              f"extraneous key [{(extra or ['anthropic_version'])[0]}] is not "
+                              "permitted")
+        if not isinstance(betas, list) or not set(betas) <= BEDROCK_BETAS:
+            return _aws_error(400, "ValidationException", "invalid beta flag")
+        blocks, stop = claude_turn(fake, body, "bedrock")
+        if stop is None:
+            return blocks
+        if op == "invoke":
+            return Reply(body=json.dumps(claude_message(blocks, stop, model)).encode())
+        events = claude_events(blocks, stop, model)
+        events[-1]["amazon-bedrock-invocationMetrics"] = {"inputTokenCount": 21,
+                                                          "outputTokenCount": 9}
+        return Reply(chunks=[bedrock_chunk(e) for e in events],
+                     content_type="application/vnd.amazon.eventstream")
+    fake.responder = respond
+    return fake
+
+
+def bedrock_chan(fake, **kw):
+    """A Bedrock channel on ``fake``: SigV4 with temporary credentials unless api_key is set."""
+    c = {"name": kw.pop("name", "bedrock"), "type": "bedrock", "region": "us-east-1",
+         "base_url": fake.url, "api_key": ""}
+    if "api_key" not in kw:
+        c.update(aws_access_key_id=AWS_KEY_ID, aws_secret_access_key=AWS_SECRET,
+                 aws_session_token=AWS_SESSION)
+    c.update(kw)
+    return c
+
+
+def gemini_turn(fake, body, model):
+    """The fake Gemini's parts: a thought, then the script; a call carries a thoughtSignature
+    (bytes, base64 in JSON). None when a Gemini 3 history lost a signature."""
+    turns = body["contents"]
+    for c in turns:
+        for p in c["parts"]:
+            if model.startswith("gemini-3") and "functionCall" in p and \
+                    p.get("thoughtSignature") not in fake.signed:
+                return None
+    results = [json.dumps(p["functionResponse"]["response"]) for p in turns[-1]["parts"]
+               if "functionResponse" in p]
+    names = [d["name"] for t in body.get("tools") or [] for d in t.get("functionDeclarations",
+                                                                        [])]
+    text, call = cloud_script(" ".join(results) if results else None, names, f"vertex {model}")
+    if (body.get("generationConfig") or {}).get("responseMimeType") == "application/json":
+        text, call = json.dumps({"reasoning": "simple", "model_choice": "flash",
+                                 "complexity_score": 1, "complexity_reasoning": "simple",
+                                 "next_speaker": "user"}), None
+    parts = [{"text": f"thinking on vertex {model}", "thought": True}]
+    if call:
+        fake.signed.append(ag.base64.b64encode(f"gsig-{len(fake.requests)}".encode()).decode())
+        parts.append({"functionCall": {"name": call[0], "args": call[1]},
+                      "thoughtSignature": fake.signed[-1]})
+    else:
+        parts.append({"text": text})
+    return parts
+
+
+def vertex_fake(upstream, public_key=None, *, api_key=None, refuse_tokens=False):
+    """A fake Vertex AI (the rules above) with its OAuth token endpoint at /token. It records
+    the tokens it issued in ``fake.issued``."""
+    fake = upstream()
+    fake.issued, fake.signed = [], []
+
+    def token(rec):
+        form = dict(urllib.parse.parse_qsl(rec["body"].decode(), strict_parsing=True))
+        head, claims = verify_jwt(public_key, form["assertion"])
+        assert rec["headers"]["content-type"] == "application/x-www-form-urlencoded"
+        assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        assert head == {"alg": "RS256", "typ": "JWT", "kid": "kid-123"}
+        assert claims["iss"] == "gw@p.iam.gserviceaccount.com"
+        assert claims["aud"] == f"{fake.url}/token"
+        assert claims["scope"] == "https://www.googleapis.com/auth/cloud-platform"
+        assert abs(claims["iat"] - time.time()) < 300 and claims["exp"] - claims["iat"] <= 3600
+        if refuse_tokens:
+            return Reply(400, json.dumps({
+                "error": "invalid_grant", "error_description": "Invalid JWT: Token must be a "
+                "short-lived token (60 minutes) and in a reasonable timeframe. Check your iat "
+                "and exp values in the JWT claim."}).encode())
+        fake.issued.append(f"ya29.vertex-{len(fake.issued)}")
+        return Reply(body=json.dumps({"access_token": fake.issued[-1], "expires_in": 3599,
+                                      "token_type": "Bearer"}).encode())
+
+    def respond(rec):
+        if rec["path"] == "/token":
+            return token(rec)
+        m = _VERTEX_OP.fullmatch(rec["path"])
+        if m is None:
+            return _google_error(404, "NOT_FOUND", f"{rec['path'][:80]} was not found")
+        h = rec["headers"]
+        express = m["project"] is None
+        if express and (api_key is None or h.get("x-goog-api-key") != api_key or
+                        m["publisher"] != "google") or not express and (
+                h.get("authorization") not in [f"Bearer {t}" for t in fake.issued]):
+            return _google_error(401, "UNAUTHENTICATED", "Request had invalid authentication "
+                                                         "credentials.")
+        body = rec["json"] = json.loads(rec["body"])
+        model = rec["model"] = urllib.parse.unquote(m["model"])
+        rec["op"] = m["method"]
+        if m["publisher"] == "anthropic":
+            streams = m["method"] == "streamRawPredict"
+            if body.get("anthropic_version") != "vertex-2023-10-16" or "model" in body or \
+                    bool(body.get("stream")) != streams or m["method"] not in (
+                    "rawPredict", "streamRawPredict"):
+                return _google_error(400, "INVALID_ARGUMENT", "the rawPredict body is wrong")
+            refused = [b for b in map(str.strip, h.get("anthropic-beta", "").split(","))
+                       if b and b not in VERTEX_BETAS]
+            if refused:
+                flags = ", ".join(f"`{b}`" for b in refused)
+                return _anthropic_error(f"Unexpected value(s) {flags} for the `anthropic-beta`"
+                                        f" header. Please consult our "
+                                        f"documentation at docs.anthropic.com or try again "
+                                        f"without the header.")
+            blocks, stop = claude_turn(fake, body, "vertex")
+            if stop is None:
+                return blocks
+            if not streams:
+                return Reply(body=json.dumps(claude_message(blocks, stop, model)).encode())
+            return Reply(chunks=[f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+                                 for e in claude_events(blocks, stop, model)],
+                         content_type="text/event-stream")
+        unknown = sorted(set(body) - _GEMINI_FIELDS)
+        if unknown or m["method"] not in ("generateContent", "streamGenerateContent"):
+            return _google_error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. "
+                                                          f"Unknown name {unknown[:1]}")
+        parts = gemini_turn(fake, body, model)
+        if parts is None:
+            return _google_error(400, "INVALID_ARGUMENT", "Function call is missing a "
+                                                          "thought_signature in functionCall "
+                                                          "parts.")
+        usage = {"promptTokenCount": 30, "candidatesTokenCount": 8, "thoughtsTokenCount": 4}
+        whole = {"candidates": [{"content": {"role": "model", "parts": parts},
+                                 "finishReason": "STOP"}], "usageMetadata": usage}
+        if m["method"] == "generateContent":
+            return Reply(body=json.dumps(whole).encode())
+        chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}}]}
+                  for p in parts[:-1]] + [whole | {"candidates": [dict(
+                      whole["candidates"][0], content={"role": "model", "parts": parts[-1:]})]}]
+        if m["query"] == "?alt=sse":
+            return Reply(chunks=[f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks],
+                         content_type="text/event-stream")
+        return Reply(body=json.dumps(chunks).encode())
+    fake.responder = respond
+    return fake
+
+
+def vertex_chan(fake, rsa_pem=None, **kw):
+    """A Vertex channel on ``fake``: the service account's JSON object (its token_uri at the
+    fake) unless api_key is set."""
+    c = {"name": kw.pop("name", "vertex"), "type": "vertex", "base_url": fake.url,
+         "api_key": "", "location": "global"}
+    if "api_key" not in kw:
+        c.update(project="gw-project", service_account=service_account_info(rsa_pem[1],
+                                                                   f"{fake.url}/token"))
+    c.update(kw)
+    return c
+
+
+
 # =================================================================================================
 # End-to-end: the real coding CLIs (Codex, gemini-cli, Claude Code) through the gateway.
 # .ci/run installs them with npm into .ci/node_modules; a machine without them skips
@@ -9186,21 +9675,425 @@ def test_15_claude_code_sees_a_context_overflow_as_prompt_too_long(gw, upstream,
 
 # Issue 12: Codex's reading of a context overflow from another provider
 def test_15_codex_sees_a_context_overflow(gw, upstream, tmp_path):
-    codex = _cli_bin("codex")
     up = upstream([Reply(400, json.dumps(OVERFLOWS[0][1]).encode())])     # Anthropic's wording
     g = gw([chan(up, type="anthropic")])
-    home = tmp_path / "home"
-    (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(
-        f'model = "claude-opus-4-7"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
-        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
-        f'request_max_retries = 0\nstream_max_retries = 0\n')
-    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "hello"],
-                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
-                        "GW_TOKEN": TOKEN}, tmp_path)
+    rc, out = _codex_run(g, tmp_path, "claude-opus-4-7", "hello")
     # Codex matched code context_length_exceeded: its own out-of-context message, no retries.
     assert rc != 0 and "ran out of room in the model's context window" in out, out[-2000:]
     assert len(up.requests) == 1
+
+
+def _openai_tool_loop(c, model, stream, **kw):
+    """The OpenAI SDK's tool loop: (the call it got, its reasoning, the final answer's text)."""
+    def ask(messages):
+        args = dict(model=model, messages=messages, tools=TOOLS, **kw)
+        if not stream:
+            msg = c.chat.completions.create(**args).choices[0].message
+            return msg, (msg.model_extra or {}).get("reasoning_content") or ""
+        with c.chat.completions.stream(**args) as s:
+            reasoning = "".join((e.chunk.choices[0].delta.model_extra or {}).get(
+                "reasoning_content") or "" for e in s if e.type == "chunk" and e.chunk.choices)
+            return s.get_final_completion().choices[0].message, reasoning
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    first, reasoning = ask(messages)
+    call = first.tool_calls[0]
+    messages += [first.model_dump(exclude_none=True, exclude={"parsed"}),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
+    return call, reasoning, ask(messages)[0].content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model, ops", [
+    ("anthropic.claude-sonnet-4-5-20250929-v1:0", ("invoke", "invoke-with-response-stream")),
+    ("openai.gpt-oss-120b-1:0", ("converse", "converse-stream"))])
+def test_15_openai_sdk_tool_loop_through_bedrock_signed_with_sigv4(gw, upstream, model, ops,
+                                                                    stream):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake)])
+    call, reasoning, answer = _openai_tool_loop(g.openai(), model, stream,
+                                                reasoning_effort="low")
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather",
+                                                                         {"city": "Paris"})
+    assert answer == "DONE Sunny"
+    got = fake.requests
+    assert [(r["op"], r["model"]) for r in got] == [(ops[stream], model)] * 2
+    assert all(r["headers"]["x-amz-security-token"] == AWS_SESSION for r in got)
+    if "claude" in model:
+        # Claude thought: the reasoning reached the client, and the signed thinking block went
+        # back before the tool call (the fake refuses the turn otherwise).
+        assert reasoning == "thinking on bedrock"
+        assert got[0]["json"]["thinking"]["type"] == "enabled"
+        assert got[1]["json"]["messages"][1]["content"][0] == {
+            "type": "thinking", "thinking": "thinking on bedrock", "signature": fake.signed[0]}
+    else:
+        assert reasoning == f"reasoning in {model}"
+        assert got[1]["json"]["messages"][2]["content"] == [{"toolResult": {
+            "toolUseId": "tooluse_1", "content": [{"text": "Sunny"}], "status": "success"}}]
+        assert got[1]["json"]["toolConfig"]["tools"][0]["toolSpec"]["name"] == "get_weather"
+    assert [r["status"] for r in g.records(2)] == [200, 200]
+
+
+def test_15_bedrock_fake_streams_are_what_botocore_parses():
+    import botocore.eventstream
+    blocks = [{"type": "thinking", "thinking": "t", "signature": "s"},
+              {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}]
+    events = claude_events(blocks, "tool_use", "m")
+    for stream, expect in (
+            (b"".join(bedrock_chunk(e) for e in events),
+             [("chunk", {"bytes": ag.base64.b64encode(json.dumps(e).encode()).decode()})
+              for e in events]),
+            (b"".join(converse_events([{"text": "hello"}], "end_turn")),
+             [("messageStart", {"role": "assistant"}),
+              ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "hel"}}),
+              ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "lo"}}),
+              ("contentBlockStop", {"contentBlockIndex": 0}),
+              ("messageStop", {"stopReason": "end_turn"}),
+              ("metadata", {"usage": {"inputTokens": 30, "outputTokens": 8,
+                                      "totalTokens": 38}, "metrics": {"latencyMs": 12}})])):
+        buf = botocore.eventstream.EventStreamBuffer()
+        buf.add_data(stream)
+        messages = list(buf)
+        assert [(m.headers[":event-type"], json.loads(m.payload)) for m in messages] == expect
+        assert {m.headers[":message-type"] for m in messages} == {"event"}
+
+
+def test_15_bedrock_api_key_and_the_anthropic_sdk_relayed_to_invoke_model(gw, upstream):
+    fake = bedrock_fake(upstream, api_key=BEDROCK_API_KEY)
+    g = gw([bedrock_chan(fake, api_key=BEDROCK_API_KEY,
+                         model_mapping={"claude-sonnet-4-5": "us.anthropic.claude-sonnet-4-5-"
+                                                             "20250929-v1:0"})])
+    c = g.anthropic()
+    # The beta API, as Claude Code uses it: /v1/messages?beta=true and an anthropic-beta header
+    # with a flag Bedrock takes and one it would refuse the request for.
+    with c.beta.messages.stream(model="claude-sonnet-4-5", max_tokens=2000,
+                                tools=ANTHROPIC_TOOLS,
+                                thinking={"type": "enabled", "budget_tokens": 1024},
+                                messages=[{"role": "user", "content": "Weather?"}],
+                                betas=["interleaved-thinking-2025-05-14",
+                                       "prompt-caching-scope-2026-01-05"]) as s:
+        first = s.get_final_message()
+    assert [b.type for b in first.content] == ["thinking", "tool_use"]
+    assert first.content[0].signature == fake.signed[0]
+    sent = fake.requests[0]
+    assert sent["headers"]["authorization"] == f"Bearer {BEDROCK_API_KEY}"
+    assert "x-amz-date" not in sent["headers"] and "anthropic-beta" not in sent["headers"]
+    assert sent["path"] == ("/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/"
+                            "invoke-with-response-stream")
+    assert sent["json"] == {"max_tokens": 2000, "tools": ANTHROPIC_TOOLS,
+                            "thinking": {"type": "enabled", "budget_tokens": 1024},
+                            "messages": [{"role": "user", "content": "Weather?"}],
+                            "anthropic_version": "bedrock-2023-05-31",
+                            "anthropic_beta": ["interleaved-thinking-2025-05-14"]}
+    first.content = [b.model_dump(exclude_none=True) for b in first.content]
+    done = c.messages.create(model="claude-sonnet-4-5", max_tokens=2000,
+                             tools=ANTHROPIC_TOOLS,
+                             thinking={"type": "enabled", "budget_tokens": 1024},
+                             messages=[{"role": "user", "content": "Weather?"},
+                                       {"role": "assistant", "content": first.content},
+                                       {"role": "user", "content": [{
+                                           "type": "tool_result", "tool_use_id":
+                                           first.content[1]["id"], "content": "Sunny"}]}])
+    assert done.content[-1].text == "DONE Sunny" and fake.requests[1]["op"] == "invoke"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_15_openai_sdk_tool_loop_through_vertex_with_a_service_account(gw, upstream, rsa_pem,
+                                                                        stream):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)])
+    c = g.openai()
+    for model, publisher in (("gemini-3-pro-preview", "google"),
+                             ("claude-sonnet-4-5@20250929", "anthropic")):
+        call, reasoning, answer = _openai_tool_loop(c, model, stream, reasoning_effort="low")
+        assert call.function.name == "get_weather" and answer.startswith("DONE ")
+        assert "Sunny" in answer and reasoning.startswith("thinking on vertex")
+        method = {("google", False): "generateContent", ("google", True):
+                  "streamGenerateContent?alt=sse", ("anthropic", False): "rawPredict",
+                  ("anthropic", True): "streamRawPredict"}[publisher, stream]
+        assert [r["path"] for r in fake.requests[-2:]] == [
+            f"/v1/projects/gw-project/locations/global/publishers/{publisher}/models/"
+            f"{urllib.parse.quote(model)}:{method}"] * 2
+    # One token exchange served all four requests, each with it as the Bearer.
+    chats = [r for r in fake.requests if r["path"] != "/token"]
+    assert len(fake.requests) == 5 and fake.issued == ["ya29.vertex-0"]
+    assert {r["headers"]["authorization"] for r in chats} == {"Bearer ya29.vertex-0"}
+    assert fake.requests[2]["json"]["contents"][1]["parts"][-1]["thoughtSignature"] == \
+        fake.signed[0]
+    claude = fake.requests[3]["json"]
+    assert claude["anthropic_version"] == "vertex-2023-10-16" and "model" not in claude
+
+
+def test_15_openai_sdk_through_vertex_express_mode_with_an_api_key(gw, upstream):
+    fake = vertex_fake(upstream, api_key="AQ.vertex-express-key")
+    g = gw([vertex_chan(fake, api_key="AQ.vertex-express-key")])
+    c = g.openai()
+    r = c.chat.completions.create(model="gemini-2.5-flash",
+                                  messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "hello from vertex gemini-2.5-flash"
+    with c.chat.completions.stream(model="gemini-2.5-flash",
+                                   messages=[{"role": "user", "content": "hi"}]) as s:
+        assert s.get_final_completion().choices[0].message.content == \
+            "hello from vertex gemini-2.5-flash"
+    assert [r["path"] for r in fake.requests] == [
+        "/v1/publishers/google/models/gemini-2.5-flash:generateContent",
+        "/v1/publishers/google/models/gemini-2.5-flash:streamGenerateContent?alt=sse"]
+    assert all(r["headers"]["x-goog-api-key"] == "AQ.vertex-express-key" and
+               "authorization" not in r["headers"] for r in fake.requests)
+
+
+def test_15_bedrock_throttling_mid_stream_is_an_in_band_error(gw, upstream):
+    fake = bedrock_fake(upstream, tail=[es_exception(
+        "throttlingException", "Too many tokens, please wait before trying again.")])
+    g = gw([bedrock_chan(fake)])
+    got = []
+    with pytest.raises(openai.APIError, match="Too many tokens, please wait") as e:
+        with g.openai().chat.completions.create(
+                model="amazon.nova-pro-v1:0", stream=True,
+                messages=[{"role": "user", "content": "hi"}]) as s:
+            for chunk in s:
+                got.append(chunk.choices[0].delta.content if chunk.choices else None)
+    assert "throttlingException" in str(e.value)
+    assert "".join(t or "" for t in got) == "hello from amazon.nova-pro-v1:0"
+    rec = g.records()[-1]
+    assert rec["status"] == 200 and "throttlingException" in rec["error"]
+
+
+def test_15_vertex_token_refused_or_expired_falls_back_to_the_next_channel(gw, upstream, rsa_pem):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key(), refuse_tokens=True)
+    backup = upstream([openai_chat_reply(text="from backup")])
+    g = gw([vertex_chan(fake, rsa_pem), chan(backup, name="backup", priority=5)])
+    r = g.openai().chat.completions.create(model="gemini-2.5-pro",
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "from backup"
+    assert [r["path"] for r in fake.requests] == ["/token"]      # no chat without a token
+    rec = g.records()[-1]
+    assert rec["tried"] == ["vertex", "backup"] and rec["channel"] == "backup"
+    # The refusal is the Vertex channel's failure, in its health, naming the grant error.
+    events = json.dumps(g.events())
+    assert "invalid_grant" in events and "Token must be a short-lived token" in events
+    # A token Vertex no longer takes (expired, revoked): its 401 moves on to the next channel.
+    fake2 = vertex_fake(upstream, rsa_pem[0].public_key())
+    g2 = gw([vertex_chan(fake2, rsa_pem), chan(backup, name="backup", priority=5)])
+    r = g2.openai().chat.completions.create(model="gemini-2.5-pro",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "hello from vertex gemini-2.5-pro"
+    fake2.issued.clear()
+    r = g2.openai().chat.completions.create(model="gemini-2.5-pro",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "from backup"
+    assert g2.records(2)[-1]["tried"] == ["vertex", "backup"]
+
+
+def test_15_the_cloud_fakes_refuse_what_the_clouds_refuse(gw, upstream, rsa_pem):
+    """The fakes' checks bite: a wrong AWS secret, a wrong Bedrock API key, a wrong Vertex
+    express key and a Gemini body with an unknown field reach the client as the cloud's
+    refusals."""
+    bedrock = bedrock_fake(upstream)
+    vertex = vertex_fake(upstream, api_key="AQ.right")
+    g = gw([bedrock_chan(bedrock, name="bad-secret", models=["amazon.nova-pro-v1:0"],
+                         aws_secret_access_key="not-the-secret"),
+            bedrock_chan(bedrock, name="bad-key", api_key="ABSKwrong",
+                         models=["anthropic.claude-haiku-4-5-20251001-v1:0"]),
+            vertex_chan(vertex, api_key="AQ.wrong", models=["gemini-2.5-flash"]),
+            vertex_chan(vertex, name="vertex-ok", api_key="AQ.right",
+                        models=["gemini-2.5-pro"])])
+    c = g.openai()
+    for model, status, why in (
+            ("amazon.nova-pro-v1:0", 403, "The request signature we calculated does not match"),
+            ("anthropic.claude-haiku-4-5-20251001-v1:0", 403, "security token included"),
+            ("gemini-2.5-flash", 401, "invalid authentication credentials")):
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == status and why in str(e.value), (model, str(e.value))
+    st, _, body = g.request("POST", "/v1beta/models/gemini-2.5-pro:generateContent", {
+        "contents": [{"role": "user", "parts": [{"text": "x"}]}], "thinking": {}})
+    assert st == 400 and "Unknown name ['thinking']" in body.decode()
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_15_genai_sdk_function_calling_through_bedrock_and_vertex(gw, upstream, rsa_pem,
+                                                                   stream):
+    bedrock = bedrock_fake(upstream)
+    vertex = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([bedrock_chan(bedrock, models=["gemini-2.5-pro"],
+                         model_mapping={"gemini-2.5-pro": "openai.gpt-oss-120b-1:0"}),
+            vertex_chan(vertex, rsa_pem, models=["gemini-3-flash-preview"])])
+    c = _genai(g)
+    config = genai_types.GenerateContentConfig(
+        tools=_genai_tools(),
+        automatic_function_calling=genai_types.AutomaticFunctionCallingConfig(disable=True))
+    for model, fake in (("gemini-2.5-pro", bedrock), ("gemini-3-flash-preview", vertex)):
+        def ask(contents):
+            if not stream:
+                return c.models.generate_content(model=model, contents=contents,
+                                                 config=config).candidates[0].content.parts
+            return [p for ch in c.models.generate_content_stream(
+                model=model, contents=contents, config=config)
+                for p in ch.candidates[0].content.parts or []]
+        contents = [genai_types.Content(role="user", parts=[genai_types.Part(text="weather?")])]
+        parts = ask(contents)
+        assert [(p.function_call.name, p.function_call.args) for p in parts
+                if p.function_call] == [("get_weather", {"city": "Paris"})]
+        assert any(p.thought and p.text for p in parts)          # the reasoning, as thought
+        contents += [genai_types.Content(role="model", parts=parts), genai_types.Content(
+            role="user", parts=[genai_types.Part.from_function_response(
+                name="get_weather", response={"result": "sunny"})])]
+        text = "".join(p.text or "" for p in ask(contents) if not p.thought)
+        assert text.startswith("DONE ") and "sunny" in text
+    converse = [r for r in bedrock.requests if r.get("op")]
+    assert [r["op"] for r in converse] == ["converse-stream" if stream else "converse"] * 2
+    gemini = [r for r in vertex.requests if r.get("op")]
+    # Relayed to Vertex: the call went back with its signature (Gemini 3 refuses it without).
+    assert gemini[1]["json"]["contents"][1]["parts"][-1]["thoughtSignature"] == vertex.signed[0]
+    assert all(r["headers"]["authorization"] == "Bearer ya29.vertex-0" for r in gemini)
+
+
+CLAUDE_ENV = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+              "MAX_THINKING_TOKENS": "1024"}
+
+
+def _claude_code_loop(g, tmp_path, model):
+    """Claude Code's tool loop (Bash) with thinking on, streaming, through gateway ``g``."""
+    rc, out = _run_cli([_cli_bin("claude"), "-p", "print the word", "--allowedTools", "Bash",
+                        "--model", model],
+                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    return out
+
+
+def _claude_code_turns(fake):
+    """The fake's requests of Claude Code's tool loop: the call, then its result."""
+    turns = [r for r in fake.requests if r.get("op") and r["json"].get("tools")]
+    results = [r for r in turns if "cli-ok" in json.dumps(r["json"]["messages"][-1])]
+    assert results, [r["json"]["messages"][-1] for r in turns]
+    return results[-1]
+
+
+def test_15_claude_code_through_bedrock_streams_thinking_and_runs_bash(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={
+        "claude-sonnet-4-5-20250929": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
+    last = _claude_code_turns(fake)
+    # Relayed to InvokeModelWithResponseStream, SigV4-signed, the thinking block Claude Code
+    # got from the event stream sent back with its signature before the Bash call.
+    assert last["op"] == "invoke-with-response-stream"
+    assert last["model"] == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert last["json"]["thinking"]["type"] in ("enabled", "adaptive")
+    called = last["json"]["messages"][-2]["content"]
+    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
+    assert called[-1]["type"] == "tool_use" and called[-1]["name"] == "Bash"
+    assert all(r["status"] == 200 for r in g.records(2))
+
+
+def test_15_claude_code_through_vertex_streams_raw_predict(gw, upstream, rsa_pem, tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem, model_mapping={
+        "claude-sonnet-4-5-20250929": "claude-sonnet-4-5@20250929"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
+    last = _claude_code_turns(fake)
+    assert last["path"] == ("/v1/projects/gw-project/locations/global/publishers/anthropic/"
+                            "models/claude-sonnet-4-5%4020250929:streamRawPredict")
+    assert last["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
+    assert last["json"]["anthropic_version"] == "vertex-2023-10-16"
+    assert "model" not in last["json"] and last["json"]["stream"] is True
+    # Only the beta flags Vertex takes went on (the fake refuses the others Claude Code sends).
+    assert "interleaved-thinking-2025-05-14" in last["headers"]["anthropic-beta"].split(",")
+    called = last["json"]["messages"][-2]["content"]
+    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
+    assert len(fake.issued) == 1                      # one token for the whole session
+
+
+def _codex_run(g, tmp_path, model, prompt):
+    """(exit status, output) of ``codex exec`` through gateway ``g`` (the Responses API,
+    streaming, no retries)."""
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'request_max_retries = 0\nstream_max_retries = 0\n')
+    return _run_cli([_cli_bin("codex"), "exec", "--skip-git-repo-check", prompt],
+                    {"HOME": str(home), "CODEX_HOME": str(home / ".codex"), "GW_TOKEN": TOKEN},
+                    tmp_path)
+
+
+def _codex(g, tmp_path, model):
+    """Codex's tool loop through gateway ``g``: it ran the shell tool and showed the answer."""
+    rc, out = _codex_run(g, tmp_path, model, "print the word")
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    return out
+
+
+def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
+    _codex(g, tmp_path, "gpt-5-codex")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
+                                                       "openai.gpt-oss-120b-1:0")}
+    # The fake checked the shape and turn order; here: the call and its result went back.
+    last = turns[-1]["json"]
+    assert "exec_command" in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
+    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "exec_command"
+    result = last["messages"][-1]["content"][0]["toolResult"]
+    assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
+    assert all(r["status"] == 200 for r in g.records(2) if r["route"] == "/v1/responses")
+
+
+def test_15_codex_through_vertex_gemini_runs_its_tool_loop(gw, upstream, rsa_pem, tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)])
+    _codex(g, tmp_path, "gemini-3-pro-preview")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {r["path"] for r in turns} == {
+        "/v1/projects/gw-project/locations/global/publishers/google/models/"
+        "gemini-3-pro-preview:streamGenerateContent?alt=sse"}
+    # Gemini 3 got its call back with the thoughtSignature it came with (else a 400).
+    contents = turns[-1]["json"]["contents"]
+    call = next(p for c in contents for p in c["parts"] if "functionCall" in p)
+    assert call["functionCall"]["name"] == "exec_command" and call["thoughtSignature"] in \
+        fake.signed
+    assert "cli-ok" in json.dumps(contents[-1])
+
+
+def _gemini_cli(g, tmp_path, model):
+    """gemini-cli's tool loop (run_shell_command, --yolo) through gateway ``g``."""
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"security": {"auth": {"selectedType": "gemini-api-key"}},
+         "selectedAuthType": "gemini-api-key"}))
+    rc, out = _run_cli([_cli_bin("gemini"), "-p", "print the word", "-m", model, "--yolo"],
+                       {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
+                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
+                        "GEMINI_CLI_NO_RELAUNCH": "true"}, tmp_path, timeout=180)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+
+
+def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rsa_pem,
+                                                                 tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)], settings={"debug_capture": 20})
+    _gemini_cli(g, tmp_path, "gemini-3-pro-preview")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert turns and all(r["headers"]["authorization"] == f"Bearer {fake.issued[0]}" and
+                         "x-goog-api-key" not in r["headers"] for r in turns)
+    assert all(re.fullmatch(r"/v1/projects/gw-project/locations/global/publishers/google/"
+                            r"models/gemini-3[.\w-]*:streamGenerateContent\?alt=sse", r["path"])
+               for r in turns)
+    # Relayed: each body the fake got is the one gemini-cli sent, byte for byte (the capture
+    # holds both, the client's and the upstream's).
+    records = g.records(len(turns))
+    for r in turns:
+        texts = [g.gateway.capture.text(rec["id"]) for rec in records]
+        assert any(t.count(r["body"].decode()) == 2 for t in texts)
+    call = next(p for r in turns for c in r["json"]["contents"] for p in c["parts"]
+                if "functionCall" in p)
+    assert call["functionCall"]["name"] == "run_shell_command"
 
 
 # =================================================================================================
@@ -9354,3 +10247,4 @@ def test_fuzz_request_and_response_converters(value):
                 dialect.response(resp, "m", ir)
             except ag.GatewayError as exc:
                 assert exc.status == 502
+
