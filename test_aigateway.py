@@ -5037,7 +5037,8 @@ def test_11_bedrock_relays_claude_for_anthropic_clients(gw, upstream, stream):
     g = gw([_bedrock(base_url=up.url, aws_session_token="FQoGZXIvYXdzEXAMPLE//token",
                      model_mapping={"claude-sonnet-4-5": CLAUDE_ON_BEDROCK})],
            settings={"debug_capture": 2})
-    msg = _anthropic_turn(g.anthropic(default_headers={"anthropic-beta": "b1,b2"}), stream,
+    betas = "interleaved-thinking-2025-05-14,prompt-caching-scope-2026-01-05"
+    msg = _anthropic_turn(g.anthropic(default_headers={"anthropic-beta": betas}), stream,
                           model="claude-sonnet-4-5", system="Be brief.", thinking={
                               "type": "enabled", "budget_tokens": 1024},
                           messages=[{"role": "user", "content": "hi"}])
@@ -5047,11 +5048,12 @@ def test_11_bedrock_relays_claude_for_anthropic_clients(gw, upstream, stream):
     assert rec["path"] == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/" + op
     body = json.loads(rec["body"])
     # The InvokeModel body: no model (it is in the path) and no stream (the operation says
-    # it), anthropic_version, and the client's beta header as a list (AWS Bedrock user guide,
+    # it), anthropic_version, and the beta flags Bedrock takes as a list (AWS Bedrock user guide,
     # "Anthropic Claude Messages API").
     assert "model" not in body and "stream" not in body
     assert body["anthropic_version"] == "bedrock-2023-05-31"
-    assert body["anthropic_beta"] == ["b1", "b2"] and body["system"] == "Be brief."
+    assert body["anthropic_beta"] == ["interleaved-thinking-2025-05-14"]   # a flag it takes
+    assert body["system"] == "Be brief."
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
     hdrs = rec["headers"]
     assert hdrs["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
