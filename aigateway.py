@@ -1515,12 +1515,14 @@ def abort_connection(writer: asyncio.StreamWriter) -> None:
 async def filtered_bytes(chunks: AsyncIterator[bytes], filt: Any) -> AsyncIterator[bytes]:
     """``chunks`` through a byte filter (``feed(bytes) -> bytes``, ``end()``, such as
     BedrockInvokeStream): what it makes of each piece, as the pieces arrive. ``end`` raises
-    when the body ended inside a frame."""
+    when the body ended inside a frame, or returns the bytes the filter still held."""
     async for data in chunks:
         out = filt.feed(data)
         if out:
             yield out
-    filt.end()
+    rest = filt.end()                   # what a filter still held, if it holds any
+    if rest:
+        yield rest
 
 
 async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
@@ -3345,6 +3347,16 @@ class DialectAdapter:
         """(whole-answer decoder, stream decoder factory) that look into an answer passed
         through unchanged, for emptiness."""
         raise NotImplementedError
+
+    def named(self, answer: dict, model: str) -> dict | None:
+        """A relayed whole answer naming ``model``, the name the client asked for (the
+        upstream's name differed: a model_mapping target); None when this dialect's clients do
+        not mind, and the answer is forwarded byte for byte."""
+        return None
+
+    def stream_named(self, model: str) -> Callable[[], Any] | None:
+        """The same for a relayed stream: a factory of a byte filter (feed, end), or None."""
+        return None
 
 
 class TypeField(NamedTuple):
@@ -5529,9 +5541,66 @@ class AnthropicStreamEncoder:
 ANTHROPIC_TOOL_NAMES = (re.compile(r"[A-Za-z0-9_-]{1,128}\Z"), 128)
 
 
+_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class MessageStartModel:
+    """A byte filter over a Messages SSE stream: the message_start event (the first) gets
+    ``model`` as its message's model; every byte after it passes as it came. When the first
+    event is not a message_start that parses, or runs past MAX_EVENT_BYTES, the stream passes
+    unchanged (its decoders judge it)."""
+
+    __slots__ = ("_model", "_buf", "_done")
+
+    def __init__(self, model: str):
+        self._model, self._buf, self._done = model, b"", False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._done:
+            return data
+        self._buf += data
+        end = _SSE_EVENT_END.search(self._buf)
+        if end is None:
+            if len(self._buf) <= MAX_EVENT_BYTES:
+                return b""
+            self._done = True
+            return self._buf
+        self._done = True
+        event, rest = self._buf[:end.end()], self._buf[end.end():]
+        self._buf = b""
+        return self._renamed(event) + rest
+
+    def _renamed(self, event: bytes) -> bytes:
+        lines = event.splitlines()
+        data = [ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:")]
+        try:
+            obj = json_loads(b"\n".join(data), "an upstream stream event", status=502)
+        except GatewayError:
+            return event
+        if not (isinstance(obj, dict) and obj.get("type") == "message_start" and
+                isinstance(obj.get("message"), dict)):
+            return event
+        obj["message"]["model"] = self._model
+        return b"event: message_start\ndata: " + json_dumps(obj) + b"\n\n"
+
+    def end(self) -> bytes:
+        rest, self._buf, self._done = self._buf, b"", True
+        return rest
+
+
 class AnthropicDialect(DialectAdapter):
     name = ANTHROPIC
     keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    # Claude Code keeps a turn's thinking blocks (signed, needed back on the next tool turn)
+    # only when the answer names the model it asked for; an answer naming the mapped one (a
+    # Bedrock inference profile, Anthropic's dated name for an alias) loses them, and Claude
+    # then refuses the next turn ("Expected `thinking`...").
+    def named(self, answer: dict, model: str) -> dict | None:
+        return dict(answer, model=model) if "model" in answer else None
+
+    def stream_named(self, model: str) -> Callable[[], Any] | None:
+        return lambda: MessageStartModel(model)
 
     def request_to_ir(self, body: dict, model: str, kind: str, params: dict) -> dict:
         return anthropic_request_to_ir(body)
@@ -10376,8 +10445,11 @@ class Relay:
         rec["status"] = up.status
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         content_type = up.content_type.lower()
+        streamed = up.status < 300 and "json" not in content_type
         make_filter = PROVIDERS[ch.type].answer_filter(rec["upstream_model"]) \
-            if up.status < 300 and "json" not in content_type else None
+            if streamed else None
+        renamer = DIALECTS[dialect].stream_named(job.model) \
+            if streamed and rec["upstream_model"] != job.model else None
         if make_filter is not None:
             content_type = "text/event-stream"
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "content-type"] + [
@@ -10399,6 +10471,10 @@ class Relay:
                 # Forwarded as it came, but only once it parsed strictly (section 3).
                 answer = upstream_json(body, rec["channel"])
                 note_usage(rec, DIALECTS[dialect].usage(answer))
+                named = DIALECTS[dialect].named(answer, job.model) if isinstance(
+                    answer, dict) and rec["upstream_model"] != job.model else None
+                if named is not None:
+                    body = json_dumps(named)
             if up.status >= 400:
                 rec["error"] = upstream_error_message(body, up.status)
             elif hold and self._passthrough_empty(dialect, answer):
@@ -10409,6 +10485,8 @@ class Relay:
         pt = SSEPassthrough(DIALECTS[dialect].usage) if sse else None
         chunks = up.iter_bytes() if make_filter is None else \
             filtered_bytes(up.iter_bytes(), make_filter())
+        if renamer is not None and sse:
+            chunks = filtered_bytes(chunks, renamer())
         held: list[bytes] = []
         if sse and hold and up.status < 300:
             stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]

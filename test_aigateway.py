@@ -2587,6 +2587,28 @@ def test_09_bedrock_invoke_stream_is_anthropics_sse():
             ag.BedrockInvokeStream().feed(bad)
 
 
+def test_09_a_relayed_messages_stream_names_the_model_the_client_asked_for():
+    chunks = anthropic_stream_chunks("claude-sonnet-4-5-20250929")
+    crlf = [c.replace(b"\n", b"\r\n") for c in chunks]
+    for stream in (b"".join(chunks), b"".join(crlf)):
+        f, out = ag.MessageStartModel("claude-sonnet-4-5"), b""
+        for i in range(len(stream)):                     # split anywhere
+            out += f.feed(stream[i:i + 1])
+        out += f.end()
+        got = _sse_events(out)
+        assert got[0] == ("message_start", dict(json.loads(chunks[0].split(b"data: ")[1]),
+                                                message=dict(json.loads(chunks[0].split(
+                                                    b"data: ")[1])["message"],
+                                                    model="claude-sonnet-4-5")))
+        assert out.endswith(stream[len(stream) - len(crlf[-1] if b"\r" in stream else
+                                                      chunks[-1]):])
+        assert [e for e, _ in got] == [e for e, _ in _sse_events(stream)]
+    # Not a message_start first, or cut before its end: the bytes pass as they came.
+    for odd in (chunks[1] + chunks[0], chunks[0][:-2]):
+        f = ag.MessageStartModel("x")
+        assert f.feed(odd) + f.end() == odd
+
+
 def _converse_ir():
     png = ag.base64.b64encode(b"\x89PNG fake").decode()
     return ag.openai_request_to_ir({
@@ -5043,6 +5065,7 @@ def test_11_bedrock_relays_claude_for_anthropic_clients(gw, upstream, stream):
                               "type": "enabled", "budget_tokens": 1024},
                           messages=[{"role": "user", "content": "hi"}])
     assert msg.content[0].text == ("Hi there" if stream else "hi there")
+    assert msg.model == "claude-sonnet-4-5"              # the name Claude Code asked for
     rec = up.last()
     op = "invoke-with-response-stream" if stream else "invoke"
     assert rec["path"] == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/" + op
@@ -9974,9 +9997,11 @@ def _claude_code_turns(fake):
 
 def test_15_claude_code_through_bedrock_streams_thinking_and_runs_bash(gw, upstream, tmp_path):
     fake = bedrock_fake(upstream)
+    # An alias mapped to an inference profile: the answers name the alias again, or Claude
+    # Code would drop the thinking block it must send back (see AnthropicDialect.named).
     g = gw([bedrock_chan(fake, model_mapping={
-        "claude-sonnet-4-5-20250929": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})])
-    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
+        "claude-sonnet-4-5": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5")
     last = _claude_code_turns(fake)
     # Relayed to InvokeModelWithResponseStream, SigV4-signed, the thinking block Claude Code
     # got from the event stream sent back with its signature before the Bash call.
