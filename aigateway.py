@@ -278,15 +278,6 @@ PRICES_IMPORT_MAX_BYTES = 64 * 1024 * 1024   # a models.dev api.json is ~2 MB
 READ_SIZE = 64 * 1024
 MAX_CONFIG_PROBLEMS = 100             # `config check` stops naming problems after this many
 
-# Event kinds, (kind, payload), from the Gateway (section 11) and the bridge (section 12) to the
-# window and the headless printer.
-EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
-EVENT_LOG = "log"                # a line for the activity log (str)
-EVENT_HEALTH = "health"          # Gateway.health_report(), when a channel starts to cool down
-EVENT_CONFIG = "config"          # None: config.json was reloaded from disk
-EVENT_STATE = "state"            # "running" | "stopped"
-EVENT_RESULT = "result"          # (tag, ok, value or error text) of a run_task
-
 OPENAI = "openai"                     # client dialects / route families
 ANTHROPIC = "anthropic"
 RESPONSES = "responses"
@@ -10726,16 +10717,24 @@ class Relay:
                             headers=last.headers)
 
 
+def _ignore(_payload: Any) -> None:
+    """A Gateway callback nobody listens to."""
+
+
 class Gateway:
     """Serves requests from the HTTP server, as a pipeline: ``access`` (Access) checks who
     calls, ``limits`` (Limits) and ``usage`` their rate and spending, find_route and _route
     (Router) pick the route and the channels in order, ``relay`` (Relay) sends to them
     (passed through or converted by the adapters of section 9) with fallback, and _finish
-    records the Exchange. The facade the bridge, the GUI and the command line use.
-    ``on_event(kind, payload)`` receives the events of section 12 (request, log, health)."""
+    records the Exchange. The facade the bridge, the GUI and the command line use. What
+    happens goes to three callbacks: ``on_request`` (a finished request's logged record),
+    ``on_log`` (an activity-log line) and ``on_health`` (health_report(), when a channel
+    starts to cool down); section 12 turns them into its events."""
 
     def __init__(self, config: dict, *, config_dir: str = ".",
-                 on_event: Callable[[str, Any], None] | None = None,
+                 on_request: Callable[[dict], None] | None = None,
+                 on_log: Callable[[str], None] | None = None,
+                 on_health: Callable[[dict], None] | None = None,
                  client: UpstreamClient | None = None, listen_host: str | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
@@ -10743,7 +10742,9 @@ class Gateway:
         self.fetcher = UrlFetcher(self.client)
         self.clock = clock                       # cooldowns, keys' rest, rpm, auth throttle
         self.access = Access(lambda: self.clock(), listen_host)
-        self.on_event = on_event or (lambda kind, payload: None)
+        self.on_request = on_request or _ignore
+        self.on_log = on_log or _ignore
+        self.on_health = on_health or _ignore
         self.config_dir = config_dir
         self.records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.stats = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
@@ -10756,7 +10757,7 @@ class Gateway:
         self.health = self.limits.health         # by channel id (routing skips cooling ones)
         self.relay = Relay(self.client, self.fetcher, self.limits, self.affinity, self.capture,
                            self.access, log=self.log, finish=self._finish,
-                           on_health=lambda: self.on_event(EVENT_HEALTH, self.health_report()))
+                           on_health=lambda: self.on_health(self.health_report()))
         self._request_log: RequestLog | None = None
         self.usage: UsageStore | None = None
         self.wall_clock = wall_clock             # UTC days and months of the usage limits
@@ -10829,7 +10830,7 @@ class Gateway:
             self.usage.close()
 
     def log(self, text: str) -> None:
-        self.on_event(EVENT_LOG, escape_controls(text))
+        self.on_log(escape_controls(text))
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -11170,7 +11171,7 @@ class Gateway:
         self.records.append(record)
         if self._request_log is not None:
             self._request_log.write(record)
-        self.on_event(EVENT_REQUEST, record)
+        self.on_request(record)
 
 
 # =================================================================================================
@@ -11178,13 +11179,22 @@ class Gateway:
 # =================================================================================================
 # The only place the GUI thread and the server thread meet. The GUI calls start/stop/reload/
 # apply_config and run_task (tests also submit); events come back through ``events``, a
-# queue.Queue of (kind, payload) tuples of the EVENT_* kinds (section 1). The Gateway (section 11)
-# emits request, log and health through the on_event callback it is given; the bridge adds
-# config, state and result.
+# queue.Queue of (kind, payload) tuples of the EVENT_* kinds below. The Gateway's callbacks
+# (section 11) become request, log and health events; the bridge adds config, state and result.
+
+# Event kinds, declared here once: (kind, payload) to the window (section 13) and the headless
+# printer (section 14).
+EVENT_REQUEST = "request"        # the request's logged record (dict), when it is finished
+EVENT_LOG = "log"                # a line for the activity log (str)
+EVENT_HEALTH = "health"          # Gateway.health_report(), when a channel starts to cool down
+EVENT_CONFIG = "config"          # None: config.json was reloaded from disk
+EVENT_STATE = "state"            # "running" | "stopped"
+EVENT_RESULT = "result"          # (tag, ok, value or error text) of a run_task
+
 
 
 async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event,
-                       interval: float) -> None:
+                       interval: float, on_event: Callable[[str, Any], None]) -> None:
     """Apply edits of the configuration file to the running gateway: checked every
     ``interval`` seconds and at once when ``wake`` is set (SIGHUP). An invalid file is
     reported once (activity log, /health?details=1) and the last good configuration stays."""
@@ -11214,7 +11224,7 @@ async def watch_config(store: ConfigStore, gateway: Gateway, wake: asyncio.Event
         except Exception as exc:                     # a request log that cannot be opened
             gateway.log(f"configuration reloaded, but not all of it applies: "
                         f"{type(exc).__name__}: {exc}")
-        gateway.on_event(EVENT_CONFIG, None)
+        on_event(EVENT_CONFIG, None)
         gateway.log(f"configuration reloaded from {os.path.basename(store.path)}")
         if (before["host"], before["port"]) != (gateway.settings["host"],
                                                 gateway.settings["port"]):
@@ -11246,7 +11256,11 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"{store.path}: settings.tls_cert / tls_key: cannot load them "
                               f"({exc}); give PEM files of a certificate and its key") from None
-    gateway = Gateway(config, config_dir=config_dir, on_event=on_event, listen_host=bind)
+    emit = on_event or (lambda kind, payload: None)
+    gateway = Gateway(config, config_dir=config_dir, listen_host=bind,
+                      on_request=functools.partial(emit, EVENT_REQUEST),
+                      on_log=functools.partial(emit, EVENT_LOG),
+                      on_health=functools.partial(emit, EVENT_HEALTH))
     try:
         gateway.open_request_log()
     except ConfigError:
@@ -11270,7 +11284,7 @@ async def run_gateway(store: ConfigStore, stop: asyncio.Event, *, host: str | No
                         'you open can use your upstream keys')
         watcher = asyncio.create_task(watch_config(
             store, gateway, reload or asyncio.Event(),
-            CONFIG_POLL_SECONDS if poll_interval is None else poll_interval))
+            CONFIG_POLL_SECONDS if poll_interval is None else poll_interval, emit))
         if on_ready is not None:
             on_ready(gateway, server)
         try:
