@@ -69,14 +69,17 @@ TOKEN2 = "sk-gw-second-token-9876543210"
 class Reply:
     """What a fake upstream answers. ``chunks`` are written one by one with ``delay`` between
     them (chunked encoding unless ``close_delimited``); ``reset_after`` cuts the connection after
-    that many chunks; ``hang`` sleeps before answering."""
+    that many chunks; ``hang`` sleeps before answering; ``gate`` (an Event) holds the answer
+    until the test sets it (10 s at most)."""
 
     def __init__(self, status=200, body=b"", headers=None, chunks=None, delay=0.0, hang=0.0,
-                 reset_after=None, close_delimited=False, content_type="application/json"):
+                 reset_after=None, close_delimited=False, content_type="application/json",
+                 gate=None):
         self.status, self.body, self.chunks, self.delay = status, body, chunks, delay
         self.headers = dict(headers or {})
         self.headers.setdefault("Content-Type", content_type)
         self.hang, self.reset_after, self.close_delimited = hang, reset_after, close_delimited
+        self.gate: threading.Event | None = gate
 
 
 def openai_chat_reply(model="m", text="hello", usage=(5, 2)):
@@ -208,6 +211,8 @@ class FakeUpstream:
                 time.sleep(max(0.0, deadline - time.monotonic()))
 
             def _write(self, r: Reply):
+                if r.gate is not None:
+                    r.gate.wait(10)
                 if r.hang:
                     self._pause(r.hang)
                 self.send_response(r.status)
@@ -2356,12 +2361,11 @@ def test_08_stalled_head_gets_408_and_idle_connection_closes(gw, monkeypatch):
     monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.2)
     monkeypatch.setattr(ag, "KEEPALIVE_TIMEOUT", 0.3)
     g = gw()
-    t0 = time.monotonic()
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)   # idle meanwhile
+    t_idle = t0 = time.monotonic()
     out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost:")
     assert out.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
-    t0 = time.monotonic()
-    assert s.recv(10) == b"" and time.monotonic() - t0 < 4     # idle: closed, nothing sent
+    assert s.recv(10) == b"" and time.monotonic() - t_idle < 4    # idle: closed, nothing sent
     s.close()
 
 
@@ -2388,8 +2392,14 @@ def test_08_head_options_404_405(gw):
 
 
 def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
-    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a",) * 10), delay=0.05,
-                         content_type="text/event-stream")])
+    began = threading.Event()
+
+    def chunks():                             # ~0.6 s of stream left when the test stops
+        events = openai_stream_chunks(pieces=("a",) * 10)
+        yield events[0]
+        began.set()
+        yield from events[1:]
+    up = upstream([Reply(chunks=chunks(), delay=0.05, content_type="text/event-stream")])
     g = gw([chan(up)])
     got = {}
 
@@ -2398,9 +2408,7 @@ def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
             got["text"] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
     t = threading.Thread(target=client)
     t.start()
-    deadline = time.monotonic() + 5
-    while not up.requests and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert began.wait(10)
     g.stop()
     t.join(10)
     assert got.get("text") == "a" * 10
@@ -2411,9 +2419,19 @@ def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
 def test_08_server_survives_garbage(gw, monkeypatch):
     monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.1)
     g = gw()
-    for junk in (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n" * 3, b"\r\n\r\n",
-                 os.urandom(2000), b"\x16\x03\x01\x02\x00" + os.urandom(300)):
-        out = raw_exchange(g.port, junk, timeout=5)
+    junk = (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n" * 3, b"\r\n\r\n",
+            os.urandom(2000), b"\x16\x03\x01\x02\x00" + os.urandom(300))
+    outs: list[bytes | None] = [None] * len(junk)         # None: the exchange raised
+
+    def send(i):                             # at once: most of them wait out HEADER_TIMEOUT
+        outs[i] = raw_exchange(g.port, junk[i], timeout=5)
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(junk))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for out in outs:
+        assert out is not None
         assert out == b"" or out[:10] in (b"HTTP/1.1 4", b"HTTP/1.1 5") or \
             out.startswith((b"HTTP/1.1 400", b"HTTP/1.1 408", b"HTTP/1.1 505")), out[:60]
     assert g.request("GET", "/health")[0] == 200
@@ -2424,7 +2442,7 @@ def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upst
     """A client with a tiny receive buffer that never reads a long stream: after WRITE_TIMEOUT
     without progress it is dropped, the upstream request is cancelled (the fake sees the
     gateway hang up) and the socket is aborted, not left open with unsent data."""
-    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.2)
     event = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 +
              b'"},"finish_reason":null}]}\n\n')
     up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
@@ -7040,20 +7058,25 @@ def test_11_several_keys_used_in_turn_and_a_refused_key_rests(gw, upstream):
 
 
 def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
-    up = upstream([Reply(body=openai_chat_reply().body, hang=0.3)])
+    release = threading.Event()             # the running request answers once 2 are refused
+    up = upstream([Reply(body=openai_chat_reply().body, gate=release)])
     g = gw([chan(up, name="one", max_concurrency=1)],
            tokens=[{"name": "main", "key": TOKEN}, {"name": "metered", "key": TOKEN2, "rpm": 2}])
-    results = []
+    statuses: queue.Queue = queue.Queue()
 
     def call():
         status, _, body = g.request("POST", "/v1/chat/completions",
                                     {"model": "m", "messages": []})
-        results.append(status)
+        statuses.put(status)
     threads = [threading.Thread(target=call) for _ in range(7)]
     for t in threads:
         t.start()
+    refused = [statuses.get(timeout=10) for _ in range(2)]   # while the first one is held
+    release.set()
     for t in threads:
         t.join(20)
+    results = refused + [statuses.get_nowait() for _ in range(5)]
+    assert refused == [429, 429]
     assert results.count(200) == 5 and results.count(429) == 2   # 1 running + 4 queued
     c = g.openai(api_key=TOKEN2)
     c.chat.completions.create(model="m", messages=[])
