@@ -3272,10 +3272,10 @@ def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
 
 
 def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
-    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.03)
+    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.01)
     up = upstream()
     up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
-                                     delay=0.05, content_type="text/event-stream")
+                                     delay=0.025, content_type="text/event-stream")
     g = gw([chan(up, name="oa", models=["gpt-*"]),
             chan(up, name="gem-as-openai", type="openai", models=["other"])])
     status, _, body = g.request("POST", "/v1/messages", {
@@ -7181,6 +7181,7 @@ def test_12_a_stream_in_flight_finishes_on_the_config_it_started_with(gw, upstre
     pieces = iter(stream)
     first = next(pieces)
     _hand_edit(g.store.path, lambda c: c.update(channels=[]))       # its channel is gone
+    g.thread.reload()                                 # (no need to wait for the poll)
     _wait_event(g.thread, lambda e: e[0] == "config", 2.0)
     assert not g.gateway.records                      # reloaded while the stream still runs
     reloaded.set()
@@ -7585,7 +7586,10 @@ def test_13_channel_dialog_edits_headers_and_responses_api(app):
     assert json.loads(open(a.store.path).read())["channels"][0]["priority"] == 7
 
 
-def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
+def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream,
+                                                                      monkeypatch):
+    monkeypatch.setattr(ag, "CONFIG_POLL_SECONDS", 0.1)       # four edits to follow, in order
+    monkeypatch.setattr(ag, "CONFIG_SETTLE_SECONDS", 0.05)    # (still shorter than the poll)
     a = app([chan(upstream(), name="one")], start=True)
     pump_until(a, lambda: a.bridge.running)
     _hand_edit(a.store.path, lambda c: (c["channels"].append(chan(upstream(), name="two")),
