@@ -8748,26 +8748,6 @@ def _tool_result_seen(up, needle="cli-ok"):
                for r in up.requests if r["method"] == "POST")
 
 
-def test_15_codex_exec_runs_its_tool_loop_through_the_gateway(gw, upstream, tmp_path):
-    codex = _cli_bin("codex")
-    up = upstream()
-    up.responder = cli_upstream
-    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
-    home = tmp_path / "home"
-    (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(
-        f'model = "gpt-5-codex"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
-        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n')
-    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "print the word"],
-                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
-                        "GW_TOKEN": TOKEN}, tmp_path)
-    assert rc == 0, out[-2000:]
-    assert "DONE" in out and "cli-ok" in out
-    assert _tool_result_seen(up)
-    assert all(r["route"] == "/v1/responses" and r["status"] == 200
-               for r in g.records(2) if r["route"] != "/v1/models")
-
-
 # A stdio MCP server (JSON-RPC 2.0, one message a line: the MCP stdio transport) with one tool.
 MCP_ECHO_SERVER = r"""
 import json, sys
@@ -8790,22 +8770,33 @@ for line in sys.stdin:
 """
 
 
-def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, tmp_path):
+def test_15_codex_runs_its_shell_then_an_mcp_tool_through_a_converting_channel(gw, upstream,
+                                                                               tmp_path):
+    """One ``codex exec`` (one start of the CLI for both): its shell tool loop, then a tool of
+    a stdio MCP server, all on the Responses API through a channel that converts to Chat."""
     codex = _cli_bin("codex")
     up = upstream()
     strict = strict_upstream("openai")
 
     def respond(rec):
-        """Search for the tool (Codex defers MCP tools behind its tool_search for the models
-        of its catalog), call it once it is loaded, then answer with what it returned."""
+        """The shell first; then search for the MCP tool (Codex defers MCP tools behind its
+        tool_search for the models of its catalog) and call it once it is loaded; then answer
+        with what both returned."""
         body = json.loads(rec["body"])
-        last = body["messages"][-1]
         names = [t["function"]["name"] for t in body.get("tools") or []]
-        if "mcp-said" in str(last.get("content")) or "tool_search" not in names:
-            return strict(rec)
+        results = [str(m.get("content")) for m in body["messages"] if m["role"] == "tool"]
+        checked = strict(rec)                          # a tool name OpenAI refuses: its 400
+        if checked.status != 200 or "tool_search" not in names:
+            return checked
+        if not results:
+            return _answer_in("openai", body, rec, "", "exec_command",
+                              SHELL_TOOLS["exec_command"])
+        if "mcp-said" in results[-1]:
+            return _answer_in("openai", body, rec, f"DONE {results[0][:300]} got {results[-1]}",
+                              None)
         if "mcp__probe__echo_words" in names:
             return _answer_in("openai", body, rec, "", "mcp__probe__echo_words",
-                              {"words": "cli-ok"})
+                              {"words": "docs-ok"})
         return _answer_in("openai", body, rec, "", "tool_search", {"query": "echo"})
     up.responder = respond
     g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
@@ -8819,13 +8810,18 @@ def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, t
         f'\n[mcp_servers.probe]\ncommand = {json.dumps(sys.executable)}\n'
         f'args = [{json.dumps(str(server))}]\n')
     rc, out = _run_cli([codex, "exec", "--skip-git-repo-check",
-                        "--dangerously-bypass-approvals-and-sandbox", "echo the word"],
+                        "--dangerously-bypass-approvals-and-sandbox",
+                        "print the word, then echo the word"],
                        {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
                         "GW_TOKEN": TOKEN}, tmp_path)
     assert rc == 0, out[-2000:]
-    assert "probe/echo_words" in out and "got " in out and "mcp-said cli-ok" in out
+    assert "DONE" in out and "cli-ok" in out            # the shell ran, its output came back
+    assert _tool_result_seen(up)
+    assert "probe/echo_words" in out and "got " in out and "mcp-said docs-ok" in out
     assert "Model metadata" not in out                   # a model in Codex's own catalog
-    assert _tool_result_seen(up, "mcp-said cli-ok")
+    assert _tool_result_seen(up, "mcp-said docs-ok")
+    assert all(r["route"] == "/v1/responses" and r["status"] == 200
+               for r in g.records(4) if r["route"] != "/v1/models")
 
 
 def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
