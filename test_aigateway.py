@@ -11,6 +11,7 @@ import asyncio
 import calendar
 import contextlib
 import copy
+import gc
 import gzip
 import http.client
 import http.server
@@ -41,6 +42,21 @@ import pytest
 import aigateway as ag
 
 
+def _import_for_good(name: str):
+    """``import name``, then, the first time, out of the cyclic garbage collector's sight
+    (gc.freeze): modules live to the end of the run, and the SDKs' hundreds of thousands of
+    objects made each full collection (a few a minute, five more as pytest ends) walk them
+    again, ~0.3 s each."""
+    fresh = name not in sys.modules
+    module = importlib.import_module(name)
+    if fresh:
+        gc.freeze()
+    return module
+
+
+gc.freeze()                                 # pytest's and aigateway's objects too
+
+
 class _Lazy:
     """A module imported on first use. The SDKs take seconds to import; collecting the suite,
     or running a few tests with -k, need not pay for the ones it does not use."""
@@ -51,7 +67,7 @@ class _Lazy:
     def __getattr__(self, attr: str):
         if attr.startswith("_"):            # pytest's collection probes; the SDKs' API is public
             raise AttributeError(attr)
-        return getattr(importlib.import_module(self._name), attr)
+        return getattr(_import_for_good(self._name), attr)
 
 
 anthropic = _Lazy("anthropic")
@@ -69,14 +85,17 @@ TOKEN2 = "sk-gw-second-token-9876543210"
 class Reply:
     """What a fake upstream answers. ``chunks`` are written one by one with ``delay`` between
     them (chunked encoding unless ``close_delimited``); ``reset_after`` cuts the connection after
-    that many chunks; ``hang`` sleeps before answering."""
+    that many chunks; ``hang`` sleeps before answering; ``gate`` (an Event) holds the answer
+    until the test sets it (10 s at most)."""
 
     def __init__(self, status=200, body=b"", headers=None, chunks=None, delay=0.0, hang=0.0,
-                 reset_after=None, close_delimited=False, content_type="application/json"):
+                 reset_after=None, close_delimited=False, content_type="application/json",
+                 gate=None):
         self.status, self.body, self.chunks, self.delay = status, body, chunks, delay
         self.headers = dict(headers or {})
         self.headers.setdefault("Content-Type", content_type)
         self.hang, self.reset_after, self.close_delimited = hang, reset_after, close_delimited
+        self.gate: threading.Event | None = gate
 
 
 def openai_chat_reply(model="m", text="hello", usage=(5, 2)):
@@ -156,6 +175,9 @@ class FakeUpstream:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The head and the body are two writes: with Nagle's algorithm the body waits for
+            # the ACK of the head, which the gateway delays (~40 ms) on a kept-alive connection.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -205,6 +227,8 @@ class FakeUpstream:
                 time.sleep(max(0.0, deadline - time.monotonic()))
 
             def _write(self, r: Reply):
+                if r.gate is not None:
+                    r.gate.wait(10)
                 if r.hang:
                     self._pause(r.hang)
                 self.send_response(r.status)
@@ -2353,12 +2377,11 @@ def test_08_stalled_head_gets_408_and_idle_connection_closes(gw, monkeypatch):
     monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.2)
     monkeypatch.setattr(ag, "KEEPALIVE_TIMEOUT", 0.3)
     g = gw()
-    t0 = time.monotonic()
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)   # idle meanwhile
+    t_idle = t0 = time.monotonic()
     out = raw_exchange(g.port, b"GET /health HTTP/1.1\r\nHost:")
     assert out.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
-    t0 = time.monotonic()
-    assert s.recv(10) == b"" and time.monotonic() - t0 < 4     # idle: closed, nothing sent
+    assert s.recv(10) == b"" and time.monotonic() - t_idle < 4    # idle: closed, nothing sent
     s.close()
 
 
@@ -2385,8 +2408,14 @@ def test_08_head_options_404_405(gw):
 
 
 def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
-    up = upstream([Reply(chunks=openai_stream_chunks(pieces=("a",) * 10), delay=0.05,
-                         content_type="text/event-stream")])
+    began = threading.Event()
+
+    def chunks():                             # ~0.6 s of stream left when the test stops
+        events = openai_stream_chunks(pieces=("a",) * 10)
+        yield events[0]
+        began.set()
+        yield from events[1:]
+    up = upstream([Reply(chunks=chunks(), delay=0.05, content_type="text/event-stream")])
     g = gw([chan(up)])
     got = {}
 
@@ -2395,9 +2424,7 @@ def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
             got["text"] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
     t = threading.Thread(target=client)
     t.start()
-    deadline = time.monotonic() + 5
-    while not up.requests and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert began.wait(10)
     g.stop()
     t.join(10)
     assert got.get("text") == "a" * 10
@@ -2408,9 +2435,19 @@ def test_08_stop_lets_in_flight_streams_finish(gw, upstream):
 def test_08_server_survives_garbage(gw, monkeypatch):
     monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.1)
     g = gw()
-    for junk in (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n" * 3, b"\r\n\r\n",
-                 os.urandom(2000), b"\x16\x03\x01\x02\x00" + os.urandom(300)):
-        out = raw_exchange(g.port, junk, timeout=5)
+    junk = (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n" * 3, b"\r\n\r\n",
+            os.urandom(2000), b"\x16\x03\x01\x02\x00" + os.urandom(300))
+    outs: list[bytes | None] = [None] * len(junk)         # None: the exchange raised
+
+    def send(i):                             # at once: most of them wait out HEADER_TIMEOUT
+        outs[i] = raw_exchange(g.port, junk[i], timeout=5)
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(junk))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for out in outs:
+        assert out is not None
         assert out == b"" or out[:10] in (b"HTTP/1.1 4", b"HTTP/1.1 5") or \
             out.startswith((b"HTTP/1.1 400", b"HTTP/1.1 408", b"HTTP/1.1 505")), out[:60]
     assert g.request("GET", "/health")[0] == 200
@@ -2421,7 +2458,7 @@ def test_08_client_that_stops_reading_is_dropped_and_its_socket_aborted(gw, upst
     """A client with a tiny receive buffer that never reads a long stream: after WRITE_TIMEOUT
     without progress it is dropped, the upstream request is cancelled (the fake sees the
     gateway hang up) and the socket is aborted, not left open with unsent data."""
-    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(ag, "WRITE_TIMEOUT", 0.2)
     event = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 +
              b'"},"finish_reason":null}]}\n\n')
     up = upstream([Reply(chunks=_endless(event), content_type="text/event-stream")])
@@ -3276,10 +3313,10 @@ def test_09_embeddings_to_gemini_and_ollama(gw, upstream, ctype):
 
 
 def test_09_silent_streams_get_keepalive_pings(gw, upstream, monkeypatch):
-    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.03)
+    monkeypatch.setattr(ag, "KEEPALIVE_PING_SECONDS", 0.01)
     up = upstream()
     up.responder = lambda rec: Reply(chunks=[c for c in Dialects.openai(rec).chunks],
-                                     delay=0.05, content_type="text/event-stream")
+                                     delay=0.025, content_type="text/event-stream")
     g = gw([chan(up, name="oa", models=["gpt-*"]),
             chan(up, name="gem-as-openai", type="openai", models=["other"])])
     status, _, body = g.request("POST", "/v1/messages", {
@@ -7292,20 +7329,25 @@ def test_11_several_keys_used_in_turn_and_a_refused_key_rests(gw, upstream):
 
 
 def test_11_concurrency_limit_queue_and_rpm(gw, upstream):
-    up = upstream([Reply(body=openai_chat_reply().body, hang=0.3)])
+    release = threading.Event()             # the running request answers once 2 are refused
+    up = upstream([Reply(body=openai_chat_reply().body, gate=release)])
     g = gw([chan(up, name="one", max_concurrency=1)],
            tokens=[{"name": "main", "key": TOKEN}, {"name": "metered", "key": TOKEN2, "rpm": 2}])
-    results = []
+    statuses: queue.Queue = queue.Queue()
 
     def call():
         status, _, body = g.request("POST", "/v1/chat/completions",
                                     {"model": "m", "messages": []})
-        results.append(status)
+        statuses.put(status)
     threads = [threading.Thread(target=call) for _ in range(7)]
     for t in threads:
         t.start()
+    refused = [statuses.get(timeout=10) for _ in range(2)]   # while the first one is held
+    release.set()
     for t in threads:
         t.join(20)
+    results = refused + [statuses.get_nowait() for _ in range(5)]
+    assert refused == [429, 429]
     assert results.count(200) == 5 and results.count(429) == 2   # 1 running + 4 queued
     c = g.openai(api_key=TOKEN2)
     c.chat.completions.create(model="m", messages=[])
@@ -7410,6 +7452,7 @@ def test_12_a_stream_in_flight_finishes_on_the_config_it_started_with(gw, upstre
     pieces = iter(stream)
     first = next(pieces)
     _hand_edit(g.store.path, lambda c: c.update(channels=[]))       # its channel is gone
+    g.thread.reload()                                 # (no need to wait for the poll)
     _wait_event(g.thread, lambda e: e[0] == "config", 2.0)
     assert not g.gateway.records                      # reloaded while the stream still runs
     reloaded.set()
@@ -7814,7 +7857,10 @@ def test_13_channel_dialog_edits_headers_and_responses_api(app):
     assert json.loads(open(a.store.path).read())["channels"][0]["priority"] == 7
 
 
-def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream):
+def test_13_the_window_follows_edits_of_the_file_and_keeps_both_sides(app, upstream,
+                                                                      monkeypatch):
+    monkeypatch.setattr(ag, "CONFIG_POLL_SECONDS", 0.1)       # four edits to follow, in order
+    monkeypatch.setattr(ag, "CONFIG_SETTLE_SECONDS", 0.05)    # (still shorter than the poll)
     a = app([chan(upstream(), name="one")], start=True)
     pump_until(a, lambda: a.bridge.running)
     _hand_edit(a.store.path, lambda c: (c["channels"].append(chan(upstream(), name="two")),
@@ -8905,16 +8951,17 @@ def test_14_run_command_from_a_read_only_directory(tmp_path):
     app = _app_copy(tmp_path)
     ro = tmp_path / "ro"
     app.rename(ro)
+    (ro / "__pycache__").write_bytes(b"")
     os.chmod(ro, 0o555)
     try:
         # the __pycache__ beside it cannot be made (refused here even for root: a file is in
-        # the way), so the cache goes to the user dir
-        run = _run_app(ro, tmp_path, "--version", PYTHONPYCACHEPREFIX=str(ro / "aigateway.py"))
+        # the way), so the cache goes to the user dir. (Not PYTHONPYCACHEPREFIX=a file: that
+        # would have the child compile every standard module it imports too, ~0.5 s a run.)
+        run = _run_app(ro, tmp_path, "--version")
         assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
         assert _pycs(ro) == [] and len(_pycs(tmp_path / "xdg")) == 1
         # nowhere to write at all: the plain run still works
-        run = _run_app(ro, tmp_path, "--version", PYTHONPYCACHEPREFIX=str(ro / "aigateway.py"),
-                       XDG_CACHE_HOME=str(ro / "aigateway.py"))
+        run = _run_app(ro, tmp_path, "--version", XDG_CACHE_HOME=str(ro / "aigateway.py"))
         assert (run.returncode, run.stdout) == (0, f"aigateway {ag.__version__}\n"), run.stderr
     finally:
         os.chmod(ro, 0o755)
@@ -9536,26 +9583,6 @@ def _tool_result_seen(up, needle="cli-ok"):
                for r in up.requests if r["method"] == "POST")
 
 
-def test_15_codex_exec_runs_its_tool_loop_through_the_gateway(gw, upstream, tmp_path):
-    codex = _cli_bin("codex")
-    up = upstream()
-    up.responder = cli_upstream
-    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
-    home = tmp_path / "home"
-    (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(
-        f'model = "gpt-5-codex"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
-        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n')
-    rc, out = _run_cli([codex, "exec", "--skip-git-repo-check", "print the word"],
-                       {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
-                        "GW_TOKEN": TOKEN}, tmp_path)
-    assert rc == 0, out[-2000:]
-    assert "DONE" in out and "cli-ok" in out
-    assert _tool_result_seen(up)
-    assert all(r["route"] == "/v1/responses" and r["status"] == 200
-               for r in g.records(2) if r["route"] != "/v1/models")
-
-
 # A stdio MCP server (JSON-RPC 2.0, one message a line: the MCP stdio transport) with one tool.
 MCP_ECHO_SERVER = r"""
 import json, sys
@@ -9578,22 +9605,33 @@ for line in sys.stdin:
 """
 
 
-def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, tmp_path):
+def test_15_codex_runs_its_shell_then_an_mcp_tool_through_a_converting_channel(gw, upstream,
+                                                                               tmp_path):
+    """One ``codex exec`` (one start of the CLI for both): its shell tool loop, then a tool of
+    a stdio MCP server, all on the Responses API through a channel that converts to Chat."""
     codex = _cli_bin("codex")
     up = upstream()
     strict = strict_upstream("openai")
 
     def respond(rec):
-        """Search for the tool (Codex defers MCP tools behind its tool_search for the models
-        of its catalog), call it once it is loaded, then answer with what it returned."""
+        """The shell first; then search for the MCP tool (Codex defers MCP tools behind its
+        tool_search for the models of its catalog) and call it once it is loaded; then answer
+        with what both returned."""
         body = json.loads(rec["body"])
-        last = body["messages"][-1]
         names = [t["function"]["name"] for t in body.get("tools") or []]
-        if "mcp-said" in str(last.get("content")) or "tool_search" not in names:
-            return strict(rec)
+        results = [str(m.get("content")) for m in body["messages"] if m["role"] == "tool"]
+        checked = strict(rec)                          # a tool name OpenAI refuses: its 400
+        if checked.status != 200 or "tool_search" not in names:
+            return checked
+        if not results:
+            return _answer_in("openai", body, rec, "", "exec_command",
+                              SHELL_TOOLS["exec_command"])
+        if "mcp-said" in results[-1]:
+            return _answer_in("openai", body, rec, f"DONE {results[0][:300]} got {results[-1]}",
+                              None)
         if "mcp__probe__echo_words" in names:
             return _answer_in("openai", body, rec, "", "mcp__probe__echo_words",
-                              {"words": "cli-ok"})
+                              {"words": "docs-ok"})
         return _answer_in("openai", body, rec, "", "tool_search", {"query": "echo"})
     up.responder = respond
     g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
@@ -9607,13 +9645,18 @@ def test_15_codex_calls_an_mcp_tool_through_a_converting_channel(gw, upstream, t
         f'\n[mcp_servers.probe]\ncommand = {json.dumps(sys.executable)}\n'
         f'args = [{json.dumps(str(server))}]\n')
     rc, out = _run_cli([codex, "exec", "--skip-git-repo-check",
-                        "--dangerously-bypass-approvals-and-sandbox", "echo the word"],
+                        "--dangerously-bypass-approvals-and-sandbox",
+                        "print the word, then echo the word"],
                        {"HOME": str(home), "CODEX_HOME": str(home / ".codex"),
                         "GW_TOKEN": TOKEN}, tmp_path)
     assert rc == 0, out[-2000:]
-    assert "probe/echo_words" in out and "got " in out and "mcp-said cli-ok" in out
+    assert "DONE" in out and "cli-ok" in out            # the shell ran, its output came back
+    assert _tool_result_seen(up)
+    assert "probe/echo_words" in out and "got " in out and "mcp-said docs-ok" in out
     assert "Model metadata" not in out                   # a model in Codex's own catalog
-    assert _tool_result_seen(up, "mcp-said cli-ok")
+    assert _tool_result_seen(up, "mcp-said docs-ok")
+    assert all(r["route"] == "/v1/responses" and r["status"] == 200
+               for r in g.records(4) if r["route"] != "/v1/models")
 
 
 def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
@@ -9638,52 +9681,52 @@ def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
                for r in g.records())
 
 
-def test_15_claude_code_runs_its_tool_loop_through_an_openai_channel(gw, upstream, tmp_path):
-    claude = _cli_bin("claude")
-    up = upstream()
-    up.responder = cli_upstream
-    g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
-    rc, out = _run_cli([claude, "-p", "print the word", "--allowedTools", "Bash",
-                        "--model", "claude-sonnet-4-5"],
-                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
-                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
-                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
-    assert rc == 0, out[-2000:]
-    assert "DONE" in out and "cli-ok" in out
-    assert _tool_result_seen(up)
-    sent = [json.loads(r["body"]) for r in up.requests]
-    assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
-
-
-def test_15_claude_code_calls_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp_path):
+def test_15_claude_code_runs_bash_then_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp_path):
+    """One Claude Code session through an OpenAI channel (one start of the CLI for both): its
+    Bash tool loop, then an MCP tool whose full name passes OpenAI's 64 characters."""
     claude = _cli_bin("claude")
     full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
     up = upstream()
     strict = strict_upstream("openai")
 
     def respond(rec):
+        """Bash first, the MCP tool after its result, then the text of both results."""
         body = json.loads(rec["body"])
         names = [t["function"]["name"] for t in body.get("tools") or []]
         short = next((n for n in names if n.startswith("mcp__workspace_documents_server")),
                      None)
-        if short is None or body["messages"][-1]["role"] == "tool":
-            return strict(rec)
-        return _answer_in("openai", body, rec, "", short, {"words": "cli-ok"})
+        results = [str(m.get("content")) for m in body["messages"] if m["role"] == "tool"]
+        checked = strict(rec)                          # a tool name OpenAI refuses: its 400
+        if short is None or checked.status != 200:
+            return checked
+        if not results:
+            return _answer_in("openai", body, rec, "", "Bash", SHELL_TOOLS["Bash"])
+        if len(results) == 1:
+            return _answer_in("openai", body, rec, "", short, {"words": "docs-ok"})
+        return _answer_in("openai", body, rec, f"DONE {results[0][:300]} got {results[1]}",
+                          None)
     up.responder = respond
     g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
     server = tmp_path / "mcp_docs.py"
     server.write_text(MCP_ECHO_SERVER.replace('"echo_words"', json.dumps(full.split("__")[2])))
     config = json.dumps({"mcpServers": {"workspace_documents_server": {
         "command": sys.executable, "args": [str(server)]}}})
-    rc, out = _run_cli([claude, "-p", "search the documents", "--mcp-config", config,
-                        "--allowedTools", full, "--model", "claude-sonnet-4-5"],
+    rc, out = _run_cli([claude, "-p", "print the word, then search the documents",
+                        "--mcp-config", config, "--allowedTools", f"Bash,{full}",
+                        "--model", "claude-sonnet-4-5"],
                        {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
                         "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
                         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
     assert rc == 0, out[-2000:]
-    assert "got mcp-said cli-ok" in out
-    sent = json.dumps([json.loads(r["body"]) for r in up.requests])
-    assert full not in sent and ag.channel_tool_name(full, "custom") in sent
+    assert "DONE" in out and "cli-ok" in out                   # Bash ran, its output came back
+    assert _tool_result_seen(up)
+    assert "got mcp-said docs-ok" in out                       # so did the MCP tool's
+    sent = [json.loads(r["body"]) for r in up.requests]
+    assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
+    wire = json.dumps(sent)
+    assert full not in wire and ag.channel_tool_name(full, "custom") in wire
+
+
 # Issue 12: Claude Code's own reading of a context overflow from another provider
 def test_15_claude_code_sees_a_context_overflow_as_prompt_too_long(gw, upstream, tmp_path):
     claude = _cli_bin("claude")
@@ -10158,7 +10201,7 @@ def _hypothesis():
         for hook in hooks:
             sys.meta_path.remove(hook)
         try:
-            importlib.import_module("hypothesis.strategies")
+            _import_for_good("hypothesis.strategies")
         finally:
             sys.meta_path[:0] = hooks
     from hypothesis import HealthCheck, given, settings, strategies
