@@ -214,6 +214,8 @@ THINKING_KEPT = 500                   # Claude thinking turns kept for replay to
 THINKING_KEPT_BYTES = 256 * 1024      # ... signatures; a larger turn is not kept (bounded memory)
 EMPTY_HOLD_EVENTS = 512               # stream events held while waiting for real content
 EMPTY_HOLD_BYTES = 256 * 1024         # ... and bytes: past either, the stream is released as is
+HOLD_FEED_BYTES = 1024                # a held read is decoded in pieces from this size, doubling,
+                                      # so a burst is decoded only up to its first content
 HEALTH_FAILURES = 3                   # consecutive failures that put a channel in cooldown
 COOLDOWN_SECONDS = 30.0               # first cooldown; doubles on each failed probe
 COOLDOWN_MAX_SECONDS = 300.0
@@ -865,6 +867,7 @@ def multipart_field_name(part_headers: dict[str, str]) -> str | None:
 # or one byte at a time.
 
 _CHUNK_SIZE_RX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_CHUNK_HEAD_RX = re.compile(rb"([0-9A-Fa-f]{1,16})\r?\n")
 
 
 class ChunkedDecoder:
@@ -894,8 +897,22 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
         pos, n = 0, len(data)
+        match = _CHUNK_HEAD_RX.match
         while pos < n and not self.done:
             state = self._state
+            if state == "size" and not self._line:
+                # The common case inline: bare size lines, each with its whole chunk and CRLF
+                # in this read; anything else (extensions, a split, the last chunk) goes below.
+                at = pos
+                while m := match(data, pos):
+                    start = m.end()
+                    end = start + int(m.group(1), 16)
+                    if end == start or not data.startswith(b"\r\n", end):
+                        break
+                    out.append(data[start:end])
+                    pos = end + 2
+                if pos != at:
+                    continue
             if state == "data":
                 take = min(self.data_left, n - pos)
                 out.append(data[pos:pos + take])
@@ -1248,6 +1265,9 @@ def _end_of(buf: bytes, sep: bytes) -> int:
     return i + len(sep) if i >= 0 else 0
 
 
+_USAGE_NULL_RX = re.compile(rb'"usage(?:Metadata)?"[ \t]*:[ \t]*null')
+
+
 class SSEPassthrough:
     """Passes an SSE byte stream on whole events at a time, so that a stream cut by an upstream
     failure never leaves a half event before the in-band error event, and notes the token usage
@@ -1296,8 +1316,21 @@ class SSEPassthrough:
         return rest
 
     def _sniff(self, ready: bytes) -> None:
-        for line in ready.splitlines():
-            if line.startswith(b"data:") and b'"usage' in line:
+        """Parses the data lines that mention a usage that is not null, found by search (a
+        stream that sends "usage":null in every event parses none of them)."""
+        at, lo = ready.find(b'"usage'), 0
+        while at >= 0:
+            if _USAGE_NULL_RX.match(ready, at):
+                at = ready.find(b'"usage', at + 6)
+                continue
+            start = max(ready.rfind(b"\n", lo, at), ready.rfind(b"\r", lo, at), lo - 1) + 1
+            end = ready.find(b"\n", at)
+            end = len(ready) if end < 0 else end
+            cr = ready.find(b"\r", at, end)
+            lo = end = cr if cr >= 0 else end
+            line = ready[start:end]
+            at = ready.find(b'"usage', end)
+            if line.startswith(b"data:"):
                 try:
                     found = self._usage(json_loads(line[5:], "an upstream event",
                                                    status=502, unique_keys=False))
@@ -10114,16 +10147,25 @@ class Relay:
             size += len(data)
             if raw is not None:
                 raw.append(data)
-            fresh = decoder.feed(data)
-            events += fresh
-            for ev in fresh:        # an overflow told in-band before any content: still a 400
-                if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
-                    overflow = context_overflow(ev[1].message.encode(), ev[1].status)
-                    if overflow is not None:
-                        up.aclose_nowait()
-                        raise overflow
-            if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
-                    or size > EMPTY_HOLD_BYTES:
+            # Decoded in growing pieces (HOLD_FEED_BYTES, doubling) and only up to the piece with
+            # the first content: a passthrough never decodes the rest of a burst; a conversion
+            # decodes the rest of the read once, as the relay would.
+            pos, step, n = 0, HOLD_FEED_BYTES, len(data)
+            while pos < n:
+                fresh = decoder.feed(data[pos:pos + step] if pos or step < n else data)
+                pos, step = pos + step, step * 2
+                events += fresh
+                for ev in fresh:    # an overflow told in-band before any content: still a 400
+                    if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
+                        overflow = context_overflow(ev[1].message.encode(), ev[1].status)
+                        if overflow is not None:
+                            up.aclose_nowait()
+                            raise overflow
+                if any(event_is_content(ev) for ev in fresh):
+                    if raw is None and pos < n:
+                        events += decoder.feed(data[pos:])
+                    return events, False
+            if len(events) > EMPTY_HOLD_EVENTS or size > EMPTY_HOLD_BYTES:
                 return events, False
         events += decoder.close()
         if any(event_is_content(ev) for ev in events):
