@@ -523,8 +523,17 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
     if len(text) > 2 * JSON_MAX_DEPTH and text.count("[") + text.count("{") > JSON_MAX_DEPTH \
             and json_too_deep(text):
         raise error(status, f"{what} nests arrays/objects deeper than {JSON_MAX_DEPTH}")
+    decoder = _STRICT_JSON if unique_keys else _STRICT_JSON_EVENTS
     try:
-        obj = (_STRICT_JSON if unique_keys else _STRICT_JSON_EVENTS).decode(text)
+        # The scanner alone when the value starts the text and only JSON whitespace follows
+        # (the usual case), which skips decode()'s Python steps; else decode() again, for its
+        # error message or leading whitespace. The same hooks check either way.
+        try:
+            obj, end = decoder.scan_once(text, 0)
+        except StopIteration:
+            end = -1
+        if end < 0 or (end != len(text) and text[end:].strip(" \t\n\r")):
+            obj = decoder.decode(text)
     except _JSONRefused as exc:
         raise error(status, f"{what} is refused: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -542,8 +551,13 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
     return obj
 
 
+_JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact JSON in UTF-8 (one encoder made once: json.dumps with options makes one per
+    call)."""
+    return _JSON_ENCODE(obj).encode()
 
 
 def new_id(prefix: str, nbytes: int = 12) -> str:
@@ -4195,6 +4209,9 @@ def _sse(data: dict) -> bytes:
     return b"data: " + json_dumps(data) + b"\n\n"
 
 
+_CHUNK_OPEN_END = b',"logprobs":null,"finish_reason":null}]}\n\n'     # a chunk that does not finish
+
+
 class OpenAIStreamEncoder:
     """IR stream events -> OpenAI chat-completion SSE for the client: role in the first chunk only,
     tool calls by dense ``index`` with id/type/name only in their first delta, a usage chunk with
@@ -4219,17 +4236,25 @@ class OpenAIStreamEncoder:
                             b',"object":"chat.completion.chunk","created":%d,"model":'
                             % self.created + json_dumps(self.model) +
                             b',"choices":[{"index":0,"delta":')
+        if finish is None:
+            return self._prefix + json_dumps(delta) + _CHUNK_OPEN_END
         return (self._prefix + json_dumps(delta) + b',"logprobs":null,"finish_reason":' +
                 json_dumps(finish) + b'}]}\n\n')
+
+    def _text(self, key: bytes, text: str) -> bytes:
+        """The chunk of a text or reasoning delta, the most frequent, built without a dict."""
+        if self._prefix is None or not self._role_sent:
+            return self._chunk({key.decode(): text})
+        return self._prefix + b'{"%s":' % key + json_dumps(text) + b"}" + _CHUNK_OPEN_END
 
     def encode(self, events: list[tuple]) -> bytes:
         out = []
         for ev in events:
             kind = ev[0]
             if kind == "text":
-                out.append(self._chunk({"content": ev[1]}))
+                out.append(self._text(b"content", ev[1]))
             elif kind == "reasoning":
-                out.append(self._chunk({"reasoning_content": ev[1]}))
+                out.append(self._text(b"reasoning_content", ev[1]))
             elif kind == "tool":
                 self._tools = True
                 out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2],
