@@ -1027,18 +1027,25 @@ class SSEDecoder:
         self._buf, self._held = ([rest], len(rest)) if rest else ([], 0)
         if buf.endswith("\r"):
             self._cr = True         # a CR ending this read may be the first half of a CRLF
-        size = self._size
-        for line in lines:
-            if line.startswith("data:"):        # the common case, inline
-                self._data.append(line[6:] if line.startswith("data: ") else line[5:])
+        size, event, data = self._size, self._event, self._data
+        for line in lines:                      # the common lines inline, as _line reads them
+            if line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
                 size += len(line) + 1
+            elif not line:
+                if data:
+                    out.append((event, "\n".join(data), self._id))
+                    data = []
+                event, size = None, 0
+            elif line.startswith("event:"):
+                event = line[7:] if line.startswith("event: ") else line[6:]
             else:
+                self._event, self._data = event, data
                 self._line(line, out)
-                if not line:
-                    size = 0
-                elif line.startswith("data"):
+                event, data = self._event, self._data
+                if line.startswith("data"):
                     size += len(line) + 1
-        self._size = size
+        self._size, self._event, self._data = size, event, data
         if size + self._held > MAX_EVENT_BYTES:
             raise _event_too_long("SSE event")
         if final and rest:
@@ -3674,7 +3681,7 @@ class StreamDecoder:
         blank events and JSON that is not an object are skipped (Gemini's one-element lists
         opened); an event that is not strict JSON (section 3) raises a 502 ProtocolError."""
         for name, payload, _ in self._sse.feed(data):
-            if payload.startswith("[DONE]") or not payload.strip():
+            if payload.startswith("[DONE]") or not payload or payload.isspace():
                 continue
             obj = json_loads(payload, "an upstream stream event", status=502,
                              unique_keys=False, error=ProtocolError)
