@@ -213,6 +213,7 @@ SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for repla
 THINKING_KEPT = 500                   # Claude thinking turns kept for replay to clients that drop
 THINKING_KEPT_BYTES = 256 * 1024      # ... signatures; a larger turn is not kept (bounded memory)
 EMPTY_HOLD_EVENTS = 512               # stream events held while waiting for real content
+NAME_CACHE_SIZE = 256                 # host names and upstream URLs whose parse is remembered
 EMPTY_HOLD_BYTES = 256 * 1024         # ... and bytes: past either, the stream is released as is
 HOLD_FEED_BYTES = 1024                # a held read is decoded in pieces from this size, doubling,
                                       # so a burst is decoded only up to its first content
@@ -364,18 +365,24 @@ class ConfigError(Exception):
 class Headers:
     """Ordered, case-insensitive HTTP headers. Repeated names are kept as separate entries."""
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items", "_index", "_repeated")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()):
         self._items: list[tuple[str, str]] = list(items)
         self._index: dict[str, str] | None = None
+        self._repeated: set[str] = set()        # names that came more than once (with _index)
 
     def _map(self) -> dict[str, str]:
         if self._index is None:
             index: dict[str, str] = {}
+            repeated = self._repeated = set()
             for name, value in self._items:
                 key = name.lower()
-                index[key] = f"{index[key]}, {value}" if key in index else value
+                if key in index:
+                    index[key] = f"{index[key]}, {value}"
+                    repeated.add(key)
+                else:
+                    index[key] = value
             self._index = index
         return self._index
 
@@ -384,6 +391,9 @@ class Headers:
 
     def get_all(self, name: str) -> list[str]:
         key = name.lower()
+        value = self._map().get(key)
+        if value is None or key not in self._repeated:      # none, or one: no search
+            return [] if value is None else [value]
         return [v for n, v in self._items if n.lower() == key]
 
     def __contains__(self, name: object) -> bool:
@@ -601,8 +611,10 @@ def escape_record(obj: Any) -> Any:
         return escape_controls(obj)
     if isinstance(obj, list):
         return [escape_record(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: escape_record(v) for k, v in obj.items()}
+    if isinstance(obj, dict):                   # a record's values: mostly plain, inline
+        return {k: escape_controls(v) if isinstance(v, str) else
+                escape_record(v) if isinstance(v, (list, dict)) else v
+                for k, v in obj.items()}
     return obj
 
 
@@ -622,6 +634,7 @@ def name_matches(pattern: str, name: str) -> bool:
     return rx.fullmatch(name) is not None
 
 
+@functools.lru_cache(maxsize=NAME_CACHE_SIZE)        # asked with every request's Host
 def is_loopback_host(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -676,6 +689,7 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
 # a bad chunk size or a bad Content-Length), lenient on cosmetics (header name case, bare LF).
 
 _TOKEN_RX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_BLOCK_RX = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\n]*(?:\n|\Z))*")
 _VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)        # /v1, /v4, /v1beta in URLs
 
 
@@ -712,7 +726,12 @@ class RequestHead:
 def _parse_header_lines(lines: list[bytes]) -> Headers:
     if len(lines) > MAX_HEADER_COUNT:
         raise ProtocolError(431, f"more than {MAX_HEADER_COUNT} header lines")
-    items = []
+    block = b"\n".join(lines)
+    if _HEADER_BLOCK_RX.fullmatch(block):       # every line "token:value": split at once
+        return Headers([(name, value.strip(" \t")) for name, _, value in (
+            line.partition(":") for line in block.decode("latin-1").split("\n"))] if lines
+            else [])
+    items = []                                  # a bad line: found and named one by one
     for line in lines:
         if line[:1] in (b" ", b"\t"):
             raise ProtocolError(400, "obsolete header line folding is not accepted")
@@ -724,10 +743,11 @@ def _parse_header_lines(lines: list[bytes]) -> Headers:
 
 
 def _split_head(data: bytes) -> list[bytes]:
-    lines = data.split(b"\n")
+    crlf = data.count(b"\n") == data.count(b"\r\n")       # every line ends in CRLF: one split
+    lines = data.split(b"\r\n" if crlf else b"\n")
     while lines and not lines[-1].strip(b"\r"):
         lines.pop()
-    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+    return lines if crlf else [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
 
 
 def parse_request_head(data: bytes) -> RequestHead:
@@ -1598,6 +1618,7 @@ class _Target:
     path: str                  # path + query, as sent in origin-form
 
 
+@functools.lru_cache(maxsize=NAME_CACHE_SIZE)        # a channel's few URLs, split per request
 def split_url(url: str) -> _Target:
     try:
         u = urllib.parse.urlsplit(url)
@@ -9869,9 +9890,9 @@ class Relay:
             url += ("&" if "?" in url else "?") + query
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
-        hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
-                and n.lower() not in listed and n.lower() not in extra
-                and n.lower() not in provider.replaces_headers]
+        hdrs = [(n, v) for n, v in req.headers if (low := n.lower()) not in _DROP_REQUEST_HEADERS
+                and low not in listed and low not in extra
+                and low not in provider.replaces_headers]
         hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
                  if n.lower() not in extra]
         hdrs += ch.headers
