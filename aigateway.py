@@ -553,7 +553,7 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
                                    f"({str(exc)[:80]})") from None
     except RecursionError:
         raise error(status, f"{what} nests arrays/objects too deeply") from None
-    if _SURROGATE_ESCAPE_RX.search(text):
+    if "\\u" in text and _SURROGATE_ESCAPE_RX.search(text):
         where = _lone_surrogate_at(obj)
         if where is not None:
             raise error(status, f"{what} is refused: a \\u escape at {where} leaves "
@@ -4171,14 +4171,20 @@ class OpenAIStreamDecoder(StreamDecoder):
                 err = chunk["error"] if isinstance(chunk["error"], dict) else {}
                 out.append(("error", GatewayError(502, str(err.get("message") or chunk["error"]))))
                 continue
-            self._start(out, chunk.get("id"), chunk.get("model"))
+            if not self._started:
+                self._start(out, chunk.get("id"), chunk.get("model"))
             if chunk.get("usage"):
                 self.usage = openai_usage_to_ir(chunk["usage"])
                 out.append(("usage", self.usage))
-            for choice in chunk.get("choices") or []:
+            for choice in chunk.get("choices") or ():
                 if choice.get("index", 0) != 0:
                     continue
-                self._delta(choice.get("delta") or {}, out)
+                delta = choice.get("delta") or {}
+                content = delta.get("content")
+                if len(delta) == 1 and content and isinstance(content, str):
+                    out.append(("text", content))       # the usual chunk: text only
+                else:
+                    self._delta(delta, out)
                 if choice.get("finish_reason"):
                     self.finish = _OPENAI_FINISH_IN.get(choice["finish_reason"], "stop")
                     self._release(out)
@@ -5321,7 +5327,22 @@ class AnthropicStreamDecoder(StreamDecoder):
         out: list[tuple] = []
         for name, ev in self._sse_objects(data):
             kind = ev.get("type") or name
-            if kind == "message_start":
+            if kind == "content_block_delta":
+                delta = ev.get("delta") or {}
+                dt = delta.get("type")
+                if dt == "text_delta":
+                    out.append(("text", delta.get("text") or ""))
+                elif dt == "input_json_delta":
+                    tool = self._blocks.get(ev.get("index", -1))
+                    if tool is not None and delta.get("partial_json"):
+                        out.append(("args", tool, delta["partial_json"]))
+                elif dt == "thinking_delta":
+                    out.append(("reasoning", delta.get("thinking") or ""))
+                    self._keep_thinking("thinking", delta.get("thinking") or "")
+                elif dt == "signature_delta":
+                    out.append(("signature", delta.get("signature") or ""))
+                    self._keep_thinking("signature", delta.get("signature") or "")
+            elif kind == "message_start":
                 msg = ev.get("message") or {}
                 self._start(out, msg.get("id"), msg.get("model"))
                 self.usage = anthropic_usage_to_ir(msg.get("usage"))
@@ -5345,21 +5366,6 @@ class AnthropicStreamDecoder(StreamDecoder):
                     self._blocks[idx] = None
                     if block.get("type") == "text" and block.get("text"):
                         out.append(("text", block["text"]))
-            elif kind == "content_block_delta":
-                delta = ev.get("delta") or {}
-                dt = delta.get("type")
-                if dt == "text_delta":
-                    out.append(("text", delta.get("text") or ""))
-                elif dt == "input_json_delta":
-                    tool = self._blocks.get(ev.get("index", -1))
-                    if tool is not None and delta.get("partial_json"):
-                        out.append(("args", tool, delta["partial_json"]))
-                elif dt == "thinking_delta":
-                    out.append(("reasoning", delta.get("thinking") or ""))
-                    self._keep_thinking("thinking", delta.get("thinking") or "")
-                elif dt == "signature_delta":
-                    out.append(("signature", delta.get("signature") or ""))
-                    self._keep_thinking("signature", delta.get("signature") or "")
             elif kind == "message_delta":
                 reason = (ev.get("delta") or {}).get("stop_reason")
                 if reason:
