@@ -5465,6 +5465,13 @@ class AnthropicStreamEncoder:
         out: list[bytes] = []
         for ev in events:
             kind = ev[0]
+            if kind == "text" and self._started and not self._finished:
+                if ev[1]:                               # the usual event, the shortest way
+                    block = self._open
+                    idx = block[1] if block is not None and block[0] == "text" else \
+                        self._ensure("text", out)
+                    out.append(_delta_event(idx, b"text_delta", b"text", ev[1]))
+                continue
             if kind == "usage":
                 u = ev[1]
                 if u["input"] or not self.usage["input"]:
