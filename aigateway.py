@@ -570,6 +570,15 @@ def json_dumps(obj: Any) -> bytes:
     return _JSON_ENCODE(obj).encode()
 
 
+_JSON_STRING = json.encoder.encode_basestring          # what _JSON_ENCODE does for a str
+
+
+def json_string(text: Any) -> bytes:
+    """json_dumps of a str (the text of a stream delta) without the encoder's dispatch; any
+    other value goes through json_dumps."""
+    return _JSON_STRING(text).encode() if type(text) is str else json_dumps(text)
+
+
 def new_id(prefix: str, nbytes: int = 12) -> str:
     return prefix + secrets.token_hex(nbytes)
 
@@ -845,13 +854,15 @@ def keep_alive(version: str, headers: Headers) -> bool:
 
 
 def format_head(first_line: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    out = [first_line]
-    for name, value in headers:
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"header {name!r} contains a line break")
-        out.append(f"{name}: {value}")
-    out.append("\r\n")
-    return "\r\n".join(out).encode("latin-1")
+    items = headers if isinstance(headers, list) else list(headers)
+    lines = [f"{name}: {value}" for name, value in items]
+    head = "\r\n".join([first_line, *lines, "\r\n"])
+    # Only the joins' line breaks: counted at once; a stray one is then looked for by header.
+    if head.count("\n") != len(lines) + 2 or head.count("\r") != len(lines) + 2:
+        for name, value in items:
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"header {name!r} contains a line break")
+    return head.encode("latin-1")
 
 
 def status_line(status: int, version: str = "HTTP/1.1") -> str:
@@ -4279,7 +4290,7 @@ class OpenAIStreamEncoder:
         """The chunk of a text or reasoning delta, the most frequent, built without a dict."""
         if self._prefix is None or not self._role_sent:
             return self._chunk({key.decode(): text})
-        return self._prefix + b'{"%s":' % key + json_dumps(text) + b"}" + _CHUNK_OPEN_END
+        return self._prefix + b'{"%s":' % key + json_string(text) + b"}" + _CHUNK_OPEN_END
 
     def encode(self, events: list[tuple]) -> bytes:
         out = []
@@ -5406,7 +5417,7 @@ def _event(name: str, data: dict) -> bytes:
 def _delta_event(index: int, kind: bytes, key: bytes, value: str) -> bytes:
     """A content_block_delta event, built without a dict (it is the most frequent event)."""
     return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-            b'"delta":{"type":"%s","%s":' % (index, kind, key) + json_dumps(value) + b"}}\n\n")
+            b'"delta":{"type":"%s","%s":' % (index, kind, key) + json_string(value) + b"}}\n\n")
 
 
 class AnthropicStreamEncoder:
