@@ -220,7 +220,10 @@ SIGNATURES_KEPT = 10000               # Gemini thought signatures kept for repla
 THINKING_KEPT = 500                   # Claude thinking turns kept for replay to clients that drop
 THINKING_KEPT_BYTES = 256 * 1024      # ... signatures; a larger turn is not kept (bounded memory)
 EMPTY_HOLD_EVENTS = 512               # stream events held while waiting for real content
+NAME_CACHE_SIZE = 256                 # host names and upstream URLs whose parse is remembered
 EMPTY_HOLD_BYTES = 256 * 1024         # ... and bytes: past either, the stream is released as is
+HOLD_FEED_BYTES = 1024                # a held read is decoded in pieces from this size, doubling,
+                                      # so a burst is decoded only up to its first content
 HEALTH_FAILURES = 3                   # consecutive failures that put a channel in cooldown
 COOLDOWN_SECONDS = 30.0               # first cooldown; doubles on each failed probe
 COOLDOWN_MAX_SECONDS = 300.0
@@ -364,18 +367,24 @@ class ConfigError(Exception):
 class Headers:
     """Ordered, case-insensitive HTTP headers. Repeated names are kept as separate entries."""
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items", "_index", "_repeated")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()):
         self._items: list[tuple[str, str]] = list(items)
         self._index: dict[str, str] | None = None
+        self._repeated: set[str] = set()        # names that came more than once (with _index)
 
     def _map(self) -> dict[str, str]:
         if self._index is None:
             index: dict[str, str] = {}
+            repeated = self._repeated = set()
             for name, value in self._items:
                 key = name.lower()
-                index[key] = f"{index[key]}, {value}" if key in index else value
+                if key in index:
+                    index[key] = f"{index[key]}, {value}"
+                    repeated.add(key)
+                else:
+                    index[key] = value
             self._index = index
         return self._index
 
@@ -384,6 +393,9 @@ class Headers:
 
     def get_all(self, name: str) -> list[str]:
         key = name.lower()
+        value = self._map().get(key)
+        if value is None or key not in self._repeated:      # none, or one: no search
+            return [] if value is None else [value]
         return [v for n, v in self._items if n.lower() == key]
 
     def __contains__(self, name: object) -> bool:
@@ -523,8 +535,17 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
     if len(text) > 2 * JSON_MAX_DEPTH and text.count("[") + text.count("{") > JSON_MAX_DEPTH \
             and json_too_deep(text):
         raise error(status, f"{what} nests arrays/objects deeper than {JSON_MAX_DEPTH}")
+    decoder = _STRICT_JSON if unique_keys else _STRICT_JSON_EVENTS
     try:
-        obj = (_STRICT_JSON if unique_keys else _STRICT_JSON_EVENTS).decode(text)
+        # The scanner alone when the value starts the text and only JSON whitespace follows
+        # (the usual case), which skips decode()'s Python steps; else decode() again, for its
+        # error message or leading whitespace. The same hooks check either way.
+        try:
+            obj, end = decoder.scan_once(text, 0)
+        except StopIteration:
+            end = -1
+        if end < 0 or (end != len(text) and text[end:].strip(" \t\n\r")):
+            obj = decoder.decode(text)
     except _JSONRefused as exc:
         raise error(status, f"{what} is refused: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -534,7 +555,7 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
                                    f"({str(exc)[:80]})") from None
     except RecursionError:
         raise error(status, f"{what} nests arrays/objects too deeply") from None
-    if _SURROGATE_ESCAPE_RX.search(text):
+    if "\\u" in text and _SURROGATE_ESCAPE_RX.search(text):
         where = _lone_surrogate_at(obj)
         if where is not None:
             raise error(status, f"{what} is refused: a \\u escape at {where} leaves "
@@ -542,8 +563,22 @@ def json_loads(data: bytes | str, what: str = "request body", *, status: int = 4
     return obj
 
 
+_JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact JSON in UTF-8 (one encoder made once: json.dumps with options makes one per
+    call)."""
+    return _JSON_ENCODE(obj).encode()
+
+
+_JSON_STRING = json.encoder.encode_basestring          # what _JSON_ENCODE does for a str
+
+
+def json_string(text: Any) -> bytes:
+    """json_dumps of a str (the text of a stream delta) without the encoder's dispatch; any
+    other value goes through json_dumps."""
+    return _JSON_STRING(text).encode() if type(text) is str else json_dumps(text)
 
 
 def new_id(prefix: str, nbytes: int = 12) -> str:
@@ -587,8 +622,10 @@ def escape_record(obj: Any) -> Any:
         return escape_controls(obj)
     if isinstance(obj, list):
         return [escape_record(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: escape_record(v) for k, v in obj.items()}
+    if isinstance(obj, dict):                   # a record's values: mostly plain, inline
+        return {k: escape_controls(v) if isinstance(v, str) else
+                escape_record(v) if isinstance(v, (list, dict)) else v
+                for k, v in obj.items()}
     return obj
 
 
@@ -608,6 +645,7 @@ def name_matches(pattern: str, name: str) -> bool:
     return rx.fullmatch(name) is not None
 
 
+@functools.lru_cache(maxsize=NAME_CACHE_SIZE)        # asked with every request's Host
 def is_loopback_host(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -662,6 +700,7 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
 # a bad chunk size or a bad Content-Length), lenient on cosmetics (header name case, bare LF).
 
 _TOKEN_RX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_BLOCK_RX = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\n]*(?:\n|\Z))*")
 _VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)        # /v1, /v4, /v1beta in URLs
 
 
@@ -698,7 +737,12 @@ class RequestHead:
 def _parse_header_lines(lines: list[bytes]) -> Headers:
     if len(lines) > MAX_HEADER_COUNT:
         raise ProtocolError(431, f"more than {MAX_HEADER_COUNT} header lines")
-    items = []
+    block = b"\n".join(lines)
+    if _HEADER_BLOCK_RX.fullmatch(block):       # every line "token:value": split at once
+        return Headers([(name, value.strip(" \t")) for name, _, value in (
+            line.partition(":") for line in block.decode("latin-1").split("\n"))] if lines
+            else [])
+    items = []                                  # a bad line: found and named one by one
     for line in lines:
         if line[:1] in (b" ", b"\t"):
             raise ProtocolError(400, "obsolete header line folding is not accepted")
@@ -710,10 +754,11 @@ def _parse_header_lines(lines: list[bytes]) -> Headers:
 
 
 def _split_head(data: bytes) -> list[bytes]:
-    lines = data.split(b"\n")
+    crlf = data.count(b"\n") == data.count(b"\r\n")       # every line ends in CRLF: one split
+    lines = data.split(b"\r\n" if crlf else b"\n")
     while lines and not lines[-1].strip(b"\r"):
         lines.pop()
-    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+    return lines if crlf else [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
 
 
 def parse_request_head(data: bytes) -> RequestHead:
@@ -811,13 +856,15 @@ def keep_alive(version: str, headers: Headers) -> bool:
 
 
 def format_head(first_line: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    out = [first_line]
-    for name, value in headers:
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"header {name!r} contains a line break")
-        out.append(f"{name}: {value}")
-    out.append("\r\n")
-    return "\r\n".join(out).encode("latin-1")
+    items = headers if isinstance(headers, list) else list(headers)
+    lines = [f"{name}: {value}" for name, value in items]
+    head = "\r\n".join([first_line, *lines, "\r\n"])
+    # Only the joins' line breaks: counted at once; a stray one is then looked for by header.
+    if head.count("\n") != len(lines) + 2 or head.count("\r") != len(lines) + 2:
+        for name, value in items:
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"header {name!r} contains a line break")
+    return head.encode("latin-1")
 
 
 def status_line(status: int, version: str = "HTTP/1.1") -> str:
@@ -867,6 +914,7 @@ def multipart_field_name(part_headers: dict[str, str]) -> str | None:
 # or one byte at a time.
 
 _CHUNK_SIZE_RX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_CHUNK_HEAD_RX = re.compile(rb"([0-9A-Fa-f]{1,16})\r?\n")
 
 
 class ChunkedDecoder:
@@ -896,8 +944,22 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
         pos, n = 0, len(data)
+        match = _CHUNK_HEAD_RX.match
         while pos < n and not self.done:
             state = self._state
+            if state == "size" and not self._line:
+                # The common case inline: bare size lines, each with its whole chunk and CRLF
+                # in this read; anything else (extensions, a split, the last chunk) goes below.
+                at = pos
+                while m := match(data, pos):
+                    start = m.end()
+                    end = start + int(m.group(1), 16)
+                    if end == start or not data.startswith(b"\r\n", end):
+                        break
+                    out.append(data[start:end])
+                    pos = end + 2
+                if pos != at:
+                    continue
             if state == "data":
                 take = min(self.data_left, n - pos)
                 out.append(data[pos:pos + take])
@@ -998,18 +1060,25 @@ class SSEDecoder:
         self._buf, self._held = ([rest], len(rest)) if rest else ([], 0)
         if buf.endswith("\r"):
             self._cr = True         # a CR ending this read may be the first half of a CRLF
-        size = self._size
-        for line in lines:
-            if line.startswith("data:"):        # the common case, inline
-                self._data.append(line[6:] if line.startswith("data: ") else line[5:])
+        size, event, data = self._size, self._event, self._data
+        for line in lines:                      # the common lines inline, as _line reads them
+            if line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
                 size += len(line) + 1
+            elif not line:
+                if data:
+                    out.append((event, "\n".join(data), self._id))
+                    data = []
+                event, size = None, 0
+            elif line.startswith("event:"):
+                event = line[7:] if line.startswith("event: ") else line[6:]
             else:
+                self._event, self._data = event, data
                 self._line(line, out)
-                if not line:
-                    size = 0
-                elif line.startswith("data"):
+                event, data = self._event, self._data
+                if line.startswith("data"):
                     size += len(line) + 1
-        self._size = size
+        self._size, self._event, self._data = size, event, data
         if size + self._held > MAX_EVENT_BYTES:
             raise _event_too_long("SSE event")
         if final and rest:
@@ -1250,6 +1319,9 @@ def _end_of(buf: bytes, sep: bytes) -> int:
     return i + len(sep) if i >= 0 else 0
 
 
+_USAGE_NULL_RX = re.compile(rb'"usage(?:Metadata)?"[ \t]*:[ \t]*null')
+
+
 class SSEPassthrough:
     """Passes an SSE byte stream on whole events at a time, so that a stream cut by an upstream
     failure never leaves a half event before the in-band error event, and notes the token usage
@@ -1298,8 +1370,21 @@ class SSEPassthrough:
         return rest
 
     def _sniff(self, ready: bytes) -> None:
-        for line in ready.splitlines():
-            if line.startswith(b"data:") and b'"usage' in line:
+        """Parses the data lines that mention a usage that is not null, found by search (a
+        stream that sends "usage":null in every event parses none of them)."""
+        at, lo = ready.find(b'"usage'), 0
+        while at >= 0:
+            if _USAGE_NULL_RX.match(ready, at):
+                at = ready.find(b'"usage', at + 6)
+                continue
+            start = max(ready.rfind(b"\n", lo, at), ready.rfind(b"\r", lo, at), lo - 1) + 1
+            end = ready.find(b"\n", at)
+            end = len(ready) if end < 0 else end
+            cr = ready.find(b"\r", at, end)
+            lo = end = cr if cr >= 0 else end
+            line = ready[start:end]
+            at = ready.find(b'"usage', end)
+            if line.startswith(b"data:"):
                 try:
                     found = self._usage(json_loads(line[5:], "an upstream event",
                                                    status=502, unique_keys=False))
@@ -1559,6 +1644,7 @@ class _Target:
     path: str                  # path + query, as sent in origin-form
 
 
+@functools.lru_cache(maxsize=NAME_CACHE_SIZE)        # a channel's few URLs, split per request
 def split_url(url: str) -> _Target:
     try:
         u = urllib.parse.urlsplit(url)
@@ -2562,7 +2648,7 @@ class Response:
 
 
 class StreamBody:
-    """An async iterator of bytes with a cleanup that runs exactly once when the server is done
+    """An async iterable of bytes with a cleanup that runs exactly once when the server is done
     with it, whether the iteration finished, broke off, or never started."""
 
     __slots__ = ("_it", "_on_close")
@@ -2570,11 +2656,8 @@ class StreamBody:
     def __init__(self, it: AsyncIterator[bytes], on_close: Callable[[], None]):
         self._it, self._on_close = it, on_close
 
-    def __aiter__(self) -> StreamBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await self._it.__anext__()
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._it.__aiter__()         # iterated directly: one layer less per piece
 
     async def aclose(self) -> None:
         on_close, self._on_close = self._on_close, None
@@ -3727,7 +3810,7 @@ class StreamDecoder:
         blank events and JSON that is not an object are skipped (Gemini's one-element lists
         opened); an event that is not strict JSON (section 3) raises a 502 ProtocolError."""
         for name, payload, _ in self._sse.feed(data):
-            if payload.startswith("[DONE]") or not payload.strip():
+            if payload.startswith("[DONE]") or not payload or payload.isspace():
                 continue
             obj = json_loads(payload, "an upstream stream event", status=502,
                              unique_keys=False, error=ProtocolError)
@@ -4196,14 +4279,20 @@ class OpenAIStreamDecoder(StreamDecoder):
                 err = chunk["error"] if isinstance(chunk["error"], dict) else {}
                 out.append(("error", GatewayError(502, str(err.get("message") or chunk["error"]))))
                 continue
-            self._start(out, chunk.get("id"), chunk.get("model"))
+            if not self._started:
+                self._start(out, chunk.get("id"), chunk.get("model"))
             if chunk.get("usage"):
                 self.usage = openai_usage_to_ir(chunk["usage"])
                 out.append(("usage", self.usage))
-            for choice in chunk.get("choices") or []:
+            for choice in chunk.get("choices") or ():
                 if choice.get("index", 0) != 0:
                     continue
-                self._delta(choice.get("delta") or {}, out)
+                delta = choice.get("delta") or {}
+                content = delta.get("content")
+                if len(delta) == 1 and content and isinstance(content, str):
+                    out.append(("text", content))       # the usual chunk: text only
+                else:
+                    self._delta(delta, out)
                 if choice.get("finish_reason"):
                     self.finish = _OPENAI_FINISH_IN.get(choice["finish_reason"], "stop")
                     self._release(out)
@@ -4262,6 +4351,9 @@ def _sse(data: dict) -> bytes:
     return b"data: " + json_dumps(data) + b"\n\n"
 
 
+_CHUNK_OPEN_END = b',"logprobs":null,"finish_reason":null}]}\n\n'     # a chunk that does not finish
+
+
 class OpenAIStreamEncoder:
     """IR stream events -> OpenAI chat-completion SSE for the client: role in the first chunk only,
     tool calls by dense ``index`` with id/type/name only in their first delta, a usage chunk with
@@ -4286,17 +4378,25 @@ class OpenAIStreamEncoder:
                             b',"object":"chat.completion.chunk","created":%d,"model":'
                             % self.created + json_dumps(self.model) +
                             b',"choices":[{"index":0,"delta":')
+        if finish is None:
+            return self._prefix + json_dumps(delta) + _CHUNK_OPEN_END
         return (self._prefix + json_dumps(delta) + b',"logprobs":null,"finish_reason":' +
                 json_dumps(finish) + b'}]}\n\n')
+
+    def _text(self, key: bytes, text: str) -> bytes:
+        """The chunk of a text or reasoning delta, the most frequent, built without a dict."""
+        if self._prefix is None or not self._role_sent:
+            return self._chunk({key.decode(): text})
+        return self._prefix + b'{"%s":' % key + json_string(text) + b"}" + _CHUNK_OPEN_END
 
     def encode(self, events: list[tuple]) -> bytes:
         out = []
         for ev in events:
             kind = ev[0]
             if kind == "text":
-                out.append(self._chunk({"content": ev[1]}))
+                out.append(self._text(b"content", ev[1]))
             elif kind == "reasoning":
-                out.append(self._chunk({"reasoning_content": ev[1]}))
+                out.append(self._text(b"reasoning_content", ev[1]))
             elif kind == "tool":
                 self._tools = True
                 out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2],
@@ -5335,7 +5435,22 @@ class AnthropicStreamDecoder(StreamDecoder):
         out: list[tuple] = []
         for name, ev in self._sse_objects(data):
             kind = ev.get("type") or name
-            if kind == "message_start":
+            if kind == "content_block_delta":
+                delta = ev.get("delta") or {}
+                dt = delta.get("type")
+                if dt == "text_delta":
+                    out.append(("text", delta.get("text") or ""))
+                elif dt == "input_json_delta":
+                    tool = self._blocks.get(ev.get("index", -1))
+                    if tool is not None and delta.get("partial_json"):
+                        out.append(("args", tool, delta["partial_json"]))
+                elif dt == "thinking_delta":
+                    out.append(("reasoning", delta.get("thinking") or ""))
+                    self._keep_thinking("thinking", delta.get("thinking") or "")
+                elif dt == "signature_delta":
+                    out.append(("signature", delta.get("signature") or ""))
+                    self._keep_thinking("signature", delta.get("signature") or "")
+            elif kind == "message_start":
                 msg = ev.get("message") or {}
                 self._start(out, msg.get("id"), msg.get("model"))
                 self.usage = anthropic_usage_to_ir(msg.get("usage"))
@@ -5359,21 +5474,6 @@ class AnthropicStreamDecoder(StreamDecoder):
                     self._blocks[idx] = None
                     if block.get("type") == "text" and block.get("text"):
                         out.append(("text", block["text"]))
-            elif kind == "content_block_delta":
-                delta = ev.get("delta") or {}
-                dt = delta.get("type")
-                if dt == "text_delta":
-                    out.append(("text", delta.get("text") or ""))
-                elif dt == "input_json_delta":
-                    tool = self._blocks.get(ev.get("index", -1))
-                    if tool is not None and delta.get("partial_json"):
-                        out.append(("args", tool, delta["partial_json"]))
-                elif dt == "thinking_delta":
-                    out.append(("reasoning", delta.get("thinking") or ""))
-                    self._keep_thinking("thinking", delta.get("thinking") or "")
-                elif dt == "signature_delta":
-                    out.append(("signature", delta.get("signature") or ""))
-                    self._keep_thinking("signature", delta.get("signature") or "")
             elif kind == "message_delta":
                 reason = (ev.get("delta") or {}).get("stop_reason")
                 if reason:
@@ -5414,7 +5514,7 @@ def _event(name: str, data: dict) -> bytes:
 def _delta_event(index: int, kind: bytes, key: bytes, value: str) -> bytes:
     """A content_block_delta event, built without a dict (it is the most frequent event)."""
     return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-            b'"delta":{"type":"%s","%s":' % (index, kind, key) + json_dumps(value) + b"}}\n\n")
+            b'"delta":{"type":"%s","%s":' % (index, kind, key) + json_string(value) + b"}}\n\n")
 
 
 class AnthropicStreamEncoder:
@@ -5473,6 +5573,13 @@ class AnthropicStreamEncoder:
         out: list[bytes] = []
         for ev in events:
             kind = ev[0]
+            if kind == "text" and self._started and not self._finished:
+                if ev[1]:                               # the usual event, the shortest way
+                    block = self._open
+                    idx = block[1] if block is not None and block[0] == "text" else \
+                        self._ensure("text", out)
+                    out.append(_delta_event(idx, b"text_delta", b"text", ev[1]))
+                continue
             if kind == "usage":
                 u = ev[1]
                 if u["input"] or not self.usage["input"]:
@@ -10337,10 +10444,9 @@ class Relay:
         listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
         extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
         kept = provider.forwards_headers
-        hdrs = [(n, v) for n, v in req.headers if n.lower() not in _DROP_REQUEST_HEADERS
-                and n.lower() not in listed and n.lower() not in extra
-                and n.lower() not in provider.replaces_headers
-                and (kept is None or n.lower() in kept)]
+        hdrs = [(n, v) for n, v in req.headers if (low := n.lower()) not in _DROP_REQUEST_HEADERS
+                and low not in listed and low not in extra
+                and low not in provider.replaces_headers and (kept is None or low in kept)]
         if kept is not None and obj is not None:
             hdrs.append(("Content-Type", "application/json"))
         hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)
@@ -10516,16 +10622,16 @@ class Relay:
         """Pass an upstream body on as it arrives (``held`` bytes, read while waiting for real
         content, first). An SSE stream that breaks gets an in-band error event and a clean end;
         any other body is cut, so the client sees the break."""
-        async def body() -> AsyncIterator[bytes]:
-            for data in held:
-                yield data
-            async for data in chunks:
-                yield data
+        def relayed(data: bytes) -> bytes:
+            out = pt.feed(data) if pt is not None else data
+            rec["bytes_out"] += len(out)
+            return out
         try:
-            async for data in body():
-                out = pt.feed(data) if pt is not None else data
-                if out:
-                    rec["bytes_out"] += len(out)
+            for data in held:
+                if out := relayed(data):
+                    yield out
+            async for data in chunks:           # after the held bytes, without a wrapper
+                if out := relayed(data):
                     yield out
             if pt is not None:
                 rest = pt.flush()
@@ -10683,16 +10789,25 @@ class Relay:
             size += len(data)
             if raw is not None:
                 raw.append(data)
-            fresh = decoder.feed(data)
-            events += fresh
-            for ev in fresh:        # an overflow told in-band before any content: still a 400
-                if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
-                    overflow = context_overflow(ev[1].message.encode(), ev[1].status)
-                    if overflow is not None:
-                        up.aclose_nowait()
-                        raise overflow
-            if any(event_is_content(ev) for ev in fresh) or len(events) > EMPTY_HOLD_EVENTS \
-                    or size > EMPTY_HOLD_BYTES:
+            # Decoded in growing pieces (HOLD_FEED_BYTES, doubling) and only up to the piece with
+            # the first content: a passthrough never decodes the rest of a burst; a conversion
+            # decodes the rest of the read once, as the relay would.
+            pos, step, n = 0, HOLD_FEED_BYTES, len(data)
+            while pos < n:
+                fresh = decoder.feed(data[pos:pos + step] if pos or step < n else data)
+                pos, step = pos + step, step * 2
+                events += fresh
+                for ev in fresh:    # an overflow told in-band before any content: still a 400
+                    if ev[0] == "error" and not isinstance(ev[1], ContextOverflow):
+                        overflow = context_overflow(ev[1].message.encode(), ev[1].status)
+                        if overflow is not None:
+                            up.aclose_nowait()
+                            raise overflow
+                if any(event_is_content(ev) for ev in fresh):
+                    if raw is None and pos < n:
+                        events += decoder.feed(data[pos:])
+                    return events, False
+            if len(events) > EMPTY_HOLD_EVENTS or size > EMPTY_HOLD_BYTES:
                 return events, False
         events += decoder.close()
         if any(event_is_content(ev) for ev in events):

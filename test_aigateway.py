@@ -1559,6 +1559,21 @@ def test_05_sse_passthrough_holds_partial_events_and_reads_usage():
     assert (pa.input_tokens, pa.output_tokens) == (12, 7)
 
 
+# Issue 15: usage is found by search; an event whose usage is null is not parsed
+def test_05_sse_passthrough_reads_usage_among_null_usage_events():
+    # With stream_options.include_usage OpenAI sends "usage": null in every chunk and the totals
+    # in the last one; lines may end in CRLF, and a line may mention usage more than once.
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\r\n\r\n',
+              b'data: {"choices":[],"usage": null, "x":"usage"}\r\n\r\n',
+              b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7},'
+              b'"note":"\\"usage"}\r\n\r\n', b"data: [DONE]\r\n\r\n"]
+    pt = ag.SSEPassthrough(ag.DIALECTS[ag.OPENAI].usage)
+    assert pt.feed(b"".join(events)) + pt.flush() == b"".join(events)
+    assert (pt.input_tokens, pt.output_tokens) == (5, 7)
+    pt = ag.SSEPassthrough(ag.DIALECTS[ag.OPENAI].usage)
+    assert pt.feed(events[0] + events[1]) == events[0] + events[1] and pt.usage is None
+
+
 def _es_all_types():
     return es_message([
         ("t", 0, None), ("f", 1, None), ("byte", 2, -7), ("short", 3, -30000),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the gateway's CPU goes: cProfile and tracemalloc summaries per scenario.
 
-    python bench/profile_gateway.py [--seconds 3] [--top 15] [SCENARIO ...]
+    python bench/profile_gateway.py [--seconds 3] [--top 15] [--no-hold] [SCENARIO ...]
 
 Scenarios: nonstream (OpenAI passthrough), stream (200-event SSE passthrough), o2a (an OpenAI
 stream converted for an Anthropic client), a2o (an Anthropic stream converted for an OpenAI
@@ -42,11 +42,12 @@ SCENARIOS = {   # name: (client path, model, stream, events per request)
 }
 
 
-def profile_scenario(name: str, up: int, tls: int, seconds: float, top: int, tmp: str) -> None:
+def profile_scenario(name: str, up: int, tls: int, args: argparse.Namespace, tmp: str) -> None:
     path, model, stream, events = SCENARIOS[name]
+    seconds, top = args.seconds, args.top
     port = bg.free_port()
     bench = bg.Bench.__new__(bg.Bench)
-    bench.tmp = tmp
+    bench.tmp, bench.args = tmp, args
     cfg = bench.config(port, up, tls)
     body = json.dumps({"model": model, "max_tokens": 1024, "stream": stream,
                        "messages": [{"role": "user", "content": "Say something."}]},
@@ -61,8 +62,10 @@ def profile_scenario(name: str, up: int, tls: int, seconds: float, top: int, tmp
                 break
             except OSError:
                 time.sleep(0.01)
-        result.update(bg.in_subprocess("run_load", (port, path, body, 16, seconds), None))
-        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            result.update(bg.in_subprocess("run_load", (port, path, body, 16, seconds), None))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=drive, daemon=True).start()
     prof = cProfile.Profile()
@@ -114,6 +117,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--no-hold", action="store_true",
+                    help="empty_answer_fallback off: streams are not decoded to find content")
     ap.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="aigw-prof-")
@@ -122,8 +127,9 @@ def main() -> None:
     upstream = subprocess.Popen([sys.executable, bg.__file__, "--upstream", str(up), str(tls),
                                  cert, key])
     try:
+        bg.wait_accept(up, upstream)
         for name in args.scenarios:
-            profile_scenario(name, up, tls, args.seconds, args.top, tmp)
+            profile_scenario(name, up, tls, args, tmp)
         converter_micro()
     finally:
         upstream.terminate()
