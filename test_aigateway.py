@@ -9674,28 +9674,6 @@ def test_15_codex_runs_its_shell_then_an_mcp_tool_through_a_converting_channel(g
                for r in g.records(4) if r["route"] != "/v1/models")
 
 
-def test_15_gemini_cli_through_the_gateway(gw, upstream, tmp_path):
-    gemini = _cli_bin("gemini")
-    up = upstream()
-    up.responder = cli_upstream
-    g = gw([chan(up, type="custom", base_url=up.url + "/v1")])
-    home = tmp_path / "home"
-    (home / ".gemini").mkdir(parents=True)
-    (home / ".gemini" / "settings.json").write_text(json.dumps(
-        {"security": {"auth": {"selectedType": "gemini-api-key"}},
-         "selectedAuthType": "gemini-api-key"}))
-    rc, out = _run_cli([gemini, "-p", "say hello", "-m", "gemini-2.5-flash"],
-                       {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
-                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
-                        # it would start itself again with a bigger heap: a second node start
-                        "GEMINI_CLI_NO_RELAUNCH": "true"},
-                       tmp_path, timeout=180)
-    assert rc == 0, out[-2000:]
-    assert "hello from the gateway" in out
-    assert any(":streamGenerateContent" in r["route"] or ":generateContent" in r["route"]
-               for r in g.records())
-
-
 def test_15_claude_code_runs_bash_then_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp_path):
     """One Claude Code session through an OpenAI channel (one start of the CLI for both): its
     Bash tool loop, then an MCP tool whose full name passes OpenAI's 64 characters."""
@@ -10159,26 +10137,47 @@ def _gemini_cli(g, tmp_path, model):
     assert "DONE" in out and "cli-ok" in out
 
 
-def test_15_gemini_cli_through_vertex_is_relayed_with_the_token(gw, upstream, rsa_pem,
-                                                                 tmp_path):
+def test_15_gemini_cli_through_vertex_then_a_converting_channel(gw, upstream, rsa_pem,
+                                                               tmp_path):
+    """One gemini-cli run (one start of the CLI) through two channels: its first turn relayed
+    to Vertex as it came, with the service account's token; Vertex then fails (503) and the
+    turn with the tool's result falls back to an OpenAI-compatible channel, converted both
+    ways, whose answer gemini-cli shows."""
     fake = vertex_fake(upstream, rsa_pem[0].public_key())
-    g = gw([vertex_chan(fake, rsa_pem)], settings={"debug_capture": 20})
+    relay = fake.responder
+
+    def vertex(rec):
+        if _VERTEX_OP.fullmatch(rec["path"]) and any(r.get("op") for r in fake.requests):
+            return _google_error(503, "UNAVAILABLE", "The service is currently unavailable.")
+        return relay(rec)
+    fake.responder = vertex
+    other = upstream()
+    other.responder = cli_upstream
+    g = gw([vertex_chan(fake, rsa_pem), chan(other, type="custom", base_url=other.url + "/v1",
+                                             priority=1)], settings={"debug_capture": 20})
     _gemini_cli(g, tmp_path, "gemini-3-pro-preview")
     turns = [r for r in fake.requests if r.get("op")]
-    assert turns and all(r["headers"]["authorization"] == f"Bearer {fake.issued[0]}" and
-                         "x-goog-api-key" not in r["headers"] for r in turns)
-    assert all(re.fullmatch(r"/v1/projects/gw-project/locations/global/publishers/google/"
-                            r"models/gemini-3[.\w-]*:streamGenerateContent\?alt=sse", r["path"])
-               for r in turns)
-    # Relayed: each body the fake got is the one gemini-cli sent, byte for byte (the capture
+    assert len(turns) == 1
+    assert turns[0]["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
+    assert "x-goog-api-key" not in turns[0]["headers"]
+    assert re.fullmatch(r"/v1/projects/gw-project/locations/global/publishers/google/"
+                        r"models/gemini-3[.\w-]*:streamGenerateContent\?alt=sse",
+                        turns[0]["path"])
+    # Relayed: the body the fake got is the one gemini-cli sent, byte for byte (the capture
     # holds both, the client's and the upstream's).
-    records = g.records(len(turns))
-    for r in turns:
-        texts = [g.gateway.capture.text(rec["id"]) for rec in records]
-        assert any(t.count(r["body"].decode()) == 2 for t in texts)
-    call = next(p for r in turns for c in r["json"]["contents"] for p in c["parts"]
-                if "functionCall" in p)
-    assert call["functionCall"]["name"] == "run_shell_command"
+    records = g.records(2)
+    texts = [g.gateway.capture.text(rec["id"]) for rec in records]
+    assert any(t.count(turns[0]["body"].decode()) == 2 for t in texts)
+    # The next turn: converted to Chat Completions, with Vertex's call and the tool's output.
+    sent = json.loads(other.last()["body"])
+    assert [c["function"]["name"] for m in sent["messages"]
+            for c in m.get("tool_calls") or []] == ["run_shell_command"]
+    assert _tool_result_seen(other)
+    final, other_name = records[-1], f"ch-{other.port}"
+    assert (final["channel"], final["status"]) == (other_name, 200)
+    assert final["tried"] == ["vertex", other_name]
+    assert [f["channel"] for f in final["failures"]] == ["vertex"]
+    assert any(":streamGenerateContent" in r["route"] for r in records)
 
 
 # =================================================================================================
