@@ -9763,6 +9763,176 @@ def _openai_tool_loop(c, model, stream, **kw):
     return call, reasoning, ask(messages)[0].content
 
 
+def _claude_code_loop(g, tmp_path, model):
+    """Claude Code's tool loop (Bash) with thinking on, streaming, through gateway ``g``."""
+    rc, out = _run_cli([_cli_bin("claude"), "-p", "print the word", "--allowedTools", "Bash",
+                        "--model", model],
+                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    return out
+
+
+def _claude_code_turns(fake):
+    """The fake's requests of Claude Code's tool loop: the call, then its result."""
+    turns = [r for r in fake.requests if r.get("op") and r["json"].get("tools")]
+    results = [r for r in turns if "cli-ok" in json.dumps(r["json"]["messages"][-1])]
+    assert results, [r["json"]["messages"][-1] for r in turns]
+    return results[-1]
+
+
+def test_15_claude_code_through_bedrock_streams_thinking_and_runs_bash(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    # An alias mapped to an inference profile: the answers name the alias again, or Claude
+    # Code would drop the thinking block it must send back (see AnthropicDialect.named).
+    g = gw([bedrock_chan(fake, model_mapping={
+        "claude-sonnet-4-5": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5")
+    last = _claude_code_turns(fake)
+    # Relayed to InvokeModelWithResponseStream, SigV4-signed, the thinking block Claude Code
+    # got from the event stream sent back with its signature before the Bash call.
+    assert last["op"] == "invoke-with-response-stream"
+    assert last["model"] == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert last["json"]["thinking"]["type"] in ("enabled", "adaptive")
+    called = last["json"]["messages"][-2]["content"]
+    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
+    assert called[-1]["type"] == "tool_use" and called[-1]["name"] == "Bash"
+    assert all(r["status"] == 200 for r in g.records(2))
+
+
+def test_15_claude_code_through_vertex_streams_raw_predict(gw, upstream, rsa_pem, tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem, model_mapping={
+        "claude-sonnet-4-5-20250929": "claude-sonnet-4-5@20250929"})])
+    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
+    last = _claude_code_turns(fake)
+    assert last["path"] == ("/v1/projects/gw-project/locations/global/publishers/anthropic/"
+                            "models/claude-sonnet-4-5%4020250929:streamRawPredict")
+    assert last["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
+    assert last["json"]["anthropic_version"] == "vertex-2023-10-16"
+    assert "model" not in last["json"] and last["json"]["stream"] is True
+    # Only the beta flags Vertex takes went on (the fake refuses the others Claude Code sends).
+    assert "interleaved-thinking-2025-05-14" in last["headers"]["anthropic-beta"].split(",")
+    called = last["json"]["messages"][-2]["content"]
+    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
+    assert len(fake.issued) == 1                      # one token for the whole session
+
+
+def _codex_run(g, tmp_path, model, prompt):
+    """(exit status, output) of ``codex exec`` through gateway ``g`` (the Responses API,
+    streaming, no retries)."""
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
+        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
+        f'request_max_retries = 0\nstream_max_retries = 0\n')
+    return _run_cli([_cli_bin("codex"), "exec", "--skip-git-repo-check", prompt],
+                    {"HOME": str(home), "CODEX_HOME": str(home / ".codex"), "GW_TOKEN": TOKEN},
+                    tmp_path)
+
+
+def _codex(g, tmp_path, model):
+    """Codex's tool loop through gateway ``g``: it ran the shell tool and showed the answer."""
+    rc, out = _codex_run(g, tmp_path, model, "print the word")
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+    return out
+
+
+def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
+    fake = bedrock_fake(upstream)
+    g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
+    _codex(g, tmp_path, "gpt-5-codex")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
+                                                       "openai.gpt-oss-120b-1:0")}
+    # The fake checked the shape and turn order; here: the call and its result went back.
+    last = turns[-1]["json"]
+    assert "exec_command" in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
+    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "exec_command"
+    result = last["messages"][-1]["content"][0]["toolResult"]
+    assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
+    assert all(r["status"] == 200 for r in g.records(2) if r["route"] == "/v1/responses")
+
+
+def test_15_codex_through_vertex_gemini_runs_its_tool_loop(gw, upstream, rsa_pem, tmp_path):
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    g = gw([vertex_chan(fake, rsa_pem)])
+    _codex(g, tmp_path, "gemini-3-pro-preview")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert {r["path"] for r in turns} == {
+        "/v1/projects/gw-project/locations/global/publishers/google/models/"
+        "gemini-3-pro-preview:streamGenerateContent?alt=sse"}
+    # Gemini 3 got its call back with the thoughtSignature it came with (else a 400).
+    contents = turns[-1]["json"]["contents"]
+    call = next(p for c in contents for p in c["parts"] if "functionCall" in p)
+    assert call["functionCall"]["name"] == "exec_command" and call["thoughtSignature"] in \
+        fake.signed
+    assert "cli-ok" in json.dumps(contents[-1])
+
+
+def _gemini_cli(g, tmp_path, model):
+    """gemini-cli's tool loop (run_shell_command, --yolo) through gateway ``g``."""
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"security": {"auth": {"selectedType": "gemini-api-key"}},
+         "selectedAuthType": "gemini-api-key"}))
+    rc, out = _run_cli([_cli_bin("gemini"), "-p", "print the word", "-m", model, "--yolo"],
+                       {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
+                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
+                        "GEMINI_CLI_NO_RELAUNCH": "true"}, tmp_path, timeout=180)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out
+
+
+def test_15_gemini_cli_through_vertex_then_bedrock(gw, upstream, rsa_pem, tmp_path):
+    """One gemini-cli run (one start of the CLI) through both clouds: its first turn relayed
+    to Vertex as it came, with the service account's token; Vertex then fails (503) and the
+    turn with the tool's result falls back to Bedrock, converted both ways (ConverseStream,
+    SigV4), whose answer gemini-cli shows."""
+    fake = vertex_fake(upstream, rsa_pem[0].public_key())
+    relay = fake.responder
+
+    def vertex(rec):
+        if _VERTEX_OP.fullmatch(rec["path"]) and any(r.get("op") for r in fake.requests):
+            return _google_error(503, "UNAVAILABLE", "The service is currently unavailable.")
+        return relay(rec)
+    fake.responder = vertex
+    aws = bedrock_fake(upstream)
+    g = gw([vertex_chan(fake, rsa_pem),
+            bedrock_chan(aws, priority=1, model_mapping={     # the name gemini-cli sends
+                name: "openai.gpt-oss-120b-1:0" for name in ("gemini-3-pro-preview",
+                                                             "gemini-3.1-pro-preview")})],
+           settings={"debug_capture": 20})
+    _gemini_cli(g, tmp_path, "gemini-3-pro-preview")
+    turns = [r for r in fake.requests if r.get("op")]
+    assert len(turns) == 1
+    assert turns[0]["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
+    assert "x-goog-api-key" not in turns[0]["headers"]
+    assert re.fullmatch(r"/v1/projects/gw-project/locations/global/publishers/google/"
+                        r"models/gemini-3[.\w-]*:streamGenerateContent\?alt=sse",
+                        turns[0]["path"])
+    # Relayed: the body the fake got is the one gemini-cli sent, byte for byte (the capture
+    # holds both, the client's and the upstream's).
+    records = g.records(2)
+    texts = [g.gateway.capture.text(rec["id"]) for rec in records]
+    assert any(t.count(turns[0]["body"].decode()) == 2 for t in texts)
+    # The next turn: converted to ConverseStream with Vertex's call and the tool's output (the
+    # fake checked its shape and signature), answered there and shown.
+    [last] = [r for r in aws.requests if r.get("op")]
+    assert (last["op"], last["model"]) == ("converse-stream", "openai.gpt-oss-120b-1:0")
+    sent = last["json"]["messages"]
+    assert sent[-2]["content"][-1]["toolUse"]["name"] == "run_shell_command"
+    assert "cli-ok" in json.dumps(sent[-1]["content"][0]["toolResult"])
+    final = records[-1]
+    assert (final["channel"], final["status"], final["tried"]) == (
+        "bedrock", 200, ["vertex", "bedrock"])
+    assert [f["channel"] for f in final["failures"]] == ["vertex"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("model, ops", [
     ("anthropic.claude-sonnet-4-5-20250929-v1:0", ("invoke", "invoke-with-response-stream")),
@@ -10012,176 +10182,6 @@ CLAUDE_ENV = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAF
               "MAX_THINKING_TOKENS": "1024"}
 
 
-def _claude_code_loop(g, tmp_path, model):
-    """Claude Code's tool loop (Bash) with thinking on, streaming, through gateway ``g``."""
-    rc, out = _run_cli([_cli_bin("claude"), "-p", "print the word", "--allowedTools", "Bash",
-                        "--model", model],
-                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
-                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
-    assert rc == 0, out[-2000:]
-    assert "DONE" in out and "cli-ok" in out
-    return out
-
-
-def _claude_code_turns(fake):
-    """The fake's requests of Claude Code's tool loop: the call, then its result."""
-    turns = [r for r in fake.requests if r.get("op") and r["json"].get("tools")]
-    results = [r for r in turns if "cli-ok" in json.dumps(r["json"]["messages"][-1])]
-    assert results, [r["json"]["messages"][-1] for r in turns]
-    return results[-1]
-
-
-def test_15_claude_code_through_bedrock_streams_thinking_and_runs_bash(gw, upstream, tmp_path):
-    fake = bedrock_fake(upstream)
-    # An alias mapped to an inference profile: the answers name the alias again, or Claude
-    # Code would drop the thinking block it must send back (see AnthropicDialect.named).
-    g = gw([bedrock_chan(fake, model_mapping={
-        "claude-sonnet-4-5": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})])
-    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5")
-    last = _claude_code_turns(fake)
-    # Relayed to InvokeModelWithResponseStream, SigV4-signed, the thinking block Claude Code
-    # got from the event stream sent back with its signature before the Bash call.
-    assert last["op"] == "invoke-with-response-stream"
-    assert last["model"] == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
-    assert last["json"]["thinking"]["type"] in ("enabled", "adaptive")
-    called = last["json"]["messages"][-2]["content"]
-    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
-    assert called[-1]["type"] == "tool_use" and called[-1]["name"] == "Bash"
-    assert all(r["status"] == 200 for r in g.records(2))
-
-
-def test_15_claude_code_through_vertex_streams_raw_predict(gw, upstream, rsa_pem, tmp_path):
-    fake = vertex_fake(upstream, rsa_pem[0].public_key())
-    g = gw([vertex_chan(fake, rsa_pem, model_mapping={
-        "claude-sonnet-4-5-20250929": "claude-sonnet-4-5@20250929"})])
-    _claude_code_loop(g, tmp_path, "claude-sonnet-4-5-20250929")
-    last = _claude_code_turns(fake)
-    assert last["path"] == ("/v1/projects/gw-project/locations/global/publishers/anthropic/"
-                            "models/claude-sonnet-4-5%4020250929:streamRawPredict")
-    assert last["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
-    assert last["json"]["anthropic_version"] == "vertex-2023-10-16"
-    assert "model" not in last["json"] and last["json"]["stream"] is True
-    # Only the beta flags Vertex takes went on (the fake refuses the others Claude Code sends).
-    assert "interleaved-thinking-2025-05-14" in last["headers"]["anthropic-beta"].split(",")
-    called = last["json"]["messages"][-2]["content"]
-    assert called[0]["type"] == "thinking" and called[0]["signature"] in fake.signed
-    assert len(fake.issued) == 1                      # one token for the whole session
-
-
-def _codex_run(g, tmp_path, model, prompt):
-    """(exit status, output) of ``codex exec`` through gateway ``g`` (the Responses API,
-    streaming, no retries)."""
-    home = tmp_path / "home"
-    (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(
-        f'model = "{model}"\nmodel_provider = "gw"\n\n[model_providers.gw]\n'
-        f'name = "gw"\nbase_url = "{g.url}/v1"\nenv_key = "GW_TOKEN"\nwire_api = "responses"\n'
-        f'request_max_retries = 0\nstream_max_retries = 0\n')
-    return _run_cli([_cli_bin("codex"), "exec", "--skip-git-repo-check", prompt],
-                    {"HOME": str(home), "CODEX_HOME": str(home / ".codex"), "GW_TOKEN": TOKEN},
-                    tmp_path)
-
-
-def _codex(g, tmp_path, model):
-    """Codex's tool loop through gateway ``g``: it ran the shell tool and showed the answer."""
-    rc, out = _codex_run(g, tmp_path, model, "print the word")
-    assert rc == 0, out[-2000:]
-    assert "DONE" in out and "cli-ok" in out
-    return out
-
-
-def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
-    fake = bedrock_fake(upstream)
-    g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
-    _codex(g, tmp_path, "gpt-5-codex")
-    turns = [r for r in fake.requests if r.get("op")]
-    assert {(r["op"], r["model"]) for r in turns} == {("converse-stream",
-                                                       "openai.gpt-oss-120b-1:0")}
-    # The fake checked the shape and turn order; here: the call and its result went back.
-    last = turns[-1]["json"]
-    assert "exec_command" in [t["toolSpec"]["name"] for t in last["toolConfig"]["tools"]]
-    assert last["messages"][-2]["content"][-1]["toolUse"]["name"] == "exec_command"
-    result = last["messages"][-1]["content"][0]["toolResult"]
-    assert "cli-ok" in json.dumps(result) and result["toolUseId"] == "tooluse_1"
-    assert all(r["status"] == 200 for r in g.records(2) if r["route"] == "/v1/responses")
-
-
-def test_15_codex_through_vertex_gemini_runs_its_tool_loop(gw, upstream, rsa_pem, tmp_path):
-    fake = vertex_fake(upstream, rsa_pem[0].public_key())
-    g = gw([vertex_chan(fake, rsa_pem)])
-    _codex(g, tmp_path, "gemini-3-pro-preview")
-    turns = [r for r in fake.requests if r.get("op")]
-    assert {r["path"] for r in turns} == {
-        "/v1/projects/gw-project/locations/global/publishers/google/models/"
-        "gemini-3-pro-preview:streamGenerateContent?alt=sse"}
-    # Gemini 3 got its call back with the thoughtSignature it came with (else a 400).
-    contents = turns[-1]["json"]["contents"]
-    call = next(p for c in contents for p in c["parts"] if "functionCall" in p)
-    assert call["functionCall"]["name"] == "exec_command" and call["thoughtSignature"] in \
-        fake.signed
-    assert "cli-ok" in json.dumps(contents[-1])
-
-
-def _gemini_cli(g, tmp_path, model):
-    """gemini-cli's tool loop (run_shell_command, --yolo) through gateway ``g``."""
-    home = tmp_path / "home"
-    (home / ".gemini").mkdir(parents=True)
-    (home / ".gemini" / "settings.json").write_text(json.dumps(
-        {"security": {"auth": {"selectedType": "gemini-api-key"}},
-         "selectedAuthType": "gemini-api-key"}))
-    rc, out = _run_cli([_cli_bin("gemini"), "-p", "print the word", "-m", model, "--yolo"],
-                       {"HOME": str(home), "GEMINI_API_KEY": TOKEN,
-                        "GOOGLE_GEMINI_BASE_URL": g.url, "GEMINI_CLI_TRUST_WORKSPACE": "true",
-                        "GEMINI_CLI_NO_RELAUNCH": "true"}, tmp_path, timeout=180)
-    assert rc == 0, out[-2000:]
-    assert "DONE" in out and "cli-ok" in out
-
-
-def test_15_gemini_cli_through_vertex_then_bedrock(gw, upstream, rsa_pem, tmp_path):
-    """One gemini-cli run (one start of the CLI) through both clouds: its first turn relayed
-    to Vertex as it came, with the service account's token; Vertex then fails (503) and the
-    turn with the tool's result falls back to Bedrock, converted both ways (ConverseStream,
-    SigV4), whose answer gemini-cli shows."""
-    fake = vertex_fake(upstream, rsa_pem[0].public_key())
-    relay = fake.responder
-
-    def vertex(rec):
-        if _VERTEX_OP.fullmatch(rec["path"]) and any(r.get("op") for r in fake.requests):
-            return _google_error(503, "UNAVAILABLE", "The service is currently unavailable.")
-        return relay(rec)
-    fake.responder = vertex
-    aws = bedrock_fake(upstream)
-    g = gw([vertex_chan(fake, rsa_pem),
-            bedrock_chan(aws, priority=1, model_mapping={     # the name gemini-cli sends
-                name: "openai.gpt-oss-120b-1:0" for name in ("gemini-3-pro-preview",
-                                                             "gemini-3.1-pro-preview")})],
-           settings={"debug_capture": 20})
-    _gemini_cli(g, tmp_path, "gemini-3-pro-preview")
-    turns = [r for r in fake.requests if r.get("op")]
-    assert len(turns) == 1
-    assert turns[0]["headers"]["authorization"] == f"Bearer {fake.issued[0]}"
-    assert "x-goog-api-key" not in turns[0]["headers"]
-    assert re.fullmatch(r"/v1/projects/gw-project/locations/global/publishers/google/"
-                        r"models/gemini-3[.\w-]*:streamGenerateContent\?alt=sse",
-                        turns[0]["path"])
-    # Relayed: the body the fake got is the one gemini-cli sent, byte for byte (the capture
-    # holds both, the client's and the upstream's).
-    records = g.records(2)
-    texts = [g.gateway.capture.text(rec["id"]) for rec in records]
-    assert any(t.count(turns[0]["body"].decode()) == 2 for t in texts)
-    # The next turn: converted to ConverseStream with Vertex's call and the tool's output (the
-    # fake checked its shape and signature), answered there and shown.
-    [last] = [r for r in aws.requests if r.get("op")]
-    assert (last["op"], last["model"]) == ("converse-stream", "openai.gpt-oss-120b-1:0")
-    sent = last["json"]["messages"]
-    assert sent[-2]["content"][-1]["toolUse"]["name"] == "run_shell_command"
-    assert "cli-ok" in json.dumps(sent[-1]["content"][0]["toolResult"])
-    final = records[-1]
-    assert (final["channel"], final["status"], final["tried"]) == (
-        "bedrock", 200, ["vertex", "bedrock"])
-    assert [f["channel"] for f in final["failures"]] == ["vertex"]
-
-
 # =================================================================================================
 # Fuzzing (hypothesis): arbitrary input gives a result or the gateway's own error, and the
 # decoders give the same result fed whole or in pieces
@@ -10255,53 +10255,6 @@ def _outcome(fn):
         return ("err", type(exc).__name__)
 
 
-@fuzz(lambda st: [st.binary(max_size=300)])
-def test_fuzz_request_head_parser(data):
-    try:
-        ag.parse_request_head(data)
-    except ag.ProtocolError:
-        pass
-
-
-@fuzz(lambda st: [st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8)])
-def test_fuzz_decoders_whole_equals_pieces(data, cuts):
-    def run_chunked(parts):
-        d = ag.ChunkedDecoder()
-        return b"".join(b"".join(d.feed(p)) for p in parts), d.done, d.tail
-    def run_sse(parts):
-        d = ag.SSEDecoder()
-        return [e for p in parts for e in d.feed(p)] + d.feed(b"", final=True)
-    def run_nd(parts):
-        d = ag.NDJSONDecoder()
-        return [o for p in parts for o in d.feed(p)] + d.feed(b"", final=True)
-    for run in (run_chunked, run_sse, run_nd):
-        whole = _outcome(lambda: run([data]))
-        split = _outcome(lambda: run(list(_pieces(data, cuts))))
-        if run is run_chunked and whole[0] == "ok" and split[0] == "ok":
-            assert whole[1][:2] == split[1][:2]
-        else:
-            assert whole == split
-
-
-@fuzz(lambda st: [
-    st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
-    st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10)])
-def test_fuzz_stream_converters(events, junk, cuts):
-    raw = b"\r\n\r\n".join(events) + junk
-    for make_dec in (ag.OpenAIStreamDecoder, ag.AnthropicStreamDecoder, ag.GeminiStreamDecoder,
-                     ag.OllamaStreamDecoder):
-        for enc in (ag.OpenAIStreamEncoder("m", True), ag.AnthropicStreamEncoder("m"),
-                    ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
-                    ag.GeminiStreamEncoder("m", {})):
-            dec = make_dec()
-            try:
-                for piece in _pieces(raw, cuts):
-                    enc.encode(dec.feed(piece))
-                enc.encode(dec.close())
-            except ag.GatewayError:
-                pass
-
-
 @fuzz(lambda st: [json_values(st)])
 def test_fuzz_request_and_response_converters(value):
     body = value if isinstance(value, dict) else {"messages": value, "contents": value,
@@ -10334,3 +10287,49 @@ def test_fuzz_request_and_response_converters(value):
             except ag.GatewayError as exc:
                 assert exc.status == 502
 
+
+@fuzz(lambda st: [
+    st.lists(st.sampled_from(_openai_tool_stream().split(b"\r\n\r\n")[:-1]), max_size=12),
+    st.binary(max_size=40), st.lists(st.integers(0, 3000), max_size=10)])
+def test_fuzz_stream_converters(events, junk, cuts):
+    raw = b"\r\n\r\n".join(events) + junk
+    for make_dec in (ag.OpenAIStreamDecoder, ag.AnthropicStreamDecoder, ag.GeminiStreamDecoder,
+                     ag.OllamaStreamDecoder):
+        for enc in (ag.OpenAIStreamEncoder("m", True), ag.AnthropicStreamEncoder("m"),
+                    ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
+                    ag.GeminiStreamEncoder("m", {})):
+            dec = make_dec()
+            try:
+                for piece in _pieces(raw, cuts):
+                    enc.encode(dec.feed(piece))
+                enc.encode(dec.close())
+            except ag.GatewayError:
+                pass
+
+
+@fuzz(lambda st: [st.binary(max_size=300)])
+def test_fuzz_request_head_parser(data):
+    try:
+        ag.parse_request_head(data)
+    except ag.ProtocolError:
+        pass
+
+
+@fuzz(lambda st: [st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8)])
+def test_fuzz_decoders_whole_equals_pieces(data, cuts):
+    def run_chunked(parts):
+        d = ag.ChunkedDecoder()
+        return b"".join(b"".join(d.feed(p)) for p in parts), d.done, d.tail
+    def run_sse(parts):
+        d = ag.SSEDecoder()
+        return [e for p in parts for e in d.feed(p)] + d.feed(b"", final=True)
+    def run_nd(parts):
+        d = ag.NDJSONDecoder()
+        return [o for p in parts for o in d.feed(p)] + d.feed(b"", final=True)
+    for run in (run_chunked, run_sse, run_nd):
+        whole = _outcome(lambda: run([data]))
+        split = _outcome(lambda: run(list(_pieces(data, cuts))))
+        if run is run_chunked and whole[0] == "ok" and split[0] == "ok":
+            assert whole[1][:2] == split[1][:2]
+        else:
+            assert whole == split
