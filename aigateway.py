@@ -10639,8 +10639,7 @@ class Relay:
                     rec["bytes_out"] += len(rest)
                     yield rest
         except GatewayError as exc:        # upstream failures, an SSE event past its limit
-            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
-            self.log(rec["error"])
+            self._broke_off(rec, exc.message)
             if pt is None:
                 raise
             # An event cut unfinished (flushed unsplit) is ended first, so the error stands alone.
@@ -10718,9 +10717,8 @@ class Relay:
                     yield out
             out = encoder.encode(self._note_stream_error(decoder.close(), rec))
         except GatewayError as exc:        # upstream failures, bad events, limits passed
-            rec["error"] = f"channel '{rec['channel']}' broke off: {exc.message}"
-            self.log(rec["error"])
-            out = encoder.encode([("error", GatewayError(exc.status, rec["error"]))])
+            out = encoder.encode([("error", GatewayError(exc.status,
+                                                         self._broke_off(rec, exc.message)))])
         if out:
             rec["bytes_out"] += len(out)
             yield out
@@ -10731,9 +10729,14 @@ class Relay:
         raised one is, so the request does not count as served."""
         for event in events:
             if event[0] == "error" and rec["error"] is None:
-                rec["error"] = f"channel '{rec['channel']}' broke off: {event[1].message}"
-                self.log(rec["error"])
+                self._broke_off(rec, event[1].message)
         return events
+
+    def _broke_off(self, rec: Exchange, message: str) -> str:
+        """Note in the record and the log that the channel's stream ended in an error."""
+        rec["error"] = f"channel '{rec['channel']}' broke off: {message}"
+        self.log(rec["error"])
+        return rec["error"]
 
     async def _answer_embeddings(self, job: Job, up: UpstreamResponse, ch: Channel) -> Response:
         """Converted embeddings, in the shape of the client's route."""
