@@ -77,6 +77,37 @@ def profile_scenario(name: str, up: int, tls: int, args: argparse.Namespace, tmp
           f"{total / n * 1e6:.0f} us profiled per request, "
           f"{total / (n * events) * 1e6:.2f} us per event")
     stats.sort_stats("tottime").print_stats(top)
+    print_stages(stats, n, total)
+
+
+# The request path's stages, outermost first: what each costs per request, callees included
+# (cProfile counts a coroutine's time between its resumptions, so awaited I/O is not in them).
+STAGES = [
+    ("HTTPServer._serve", "the connection loop (everything below, and waiting for heads)"),
+    ("read_head", "  read the client's request head"),
+    ("parse_request_head", "  parse it"),
+    ("read_body", "  read the body"),
+    ("Gateway.handle", "  the gateway's handler (below)"),
+    ("Gateway._route", "    auth, JSON parse, model, limits, channels, session affinity"),
+    ("Relay.build", "    the upstream request"),
+    ("Relay.send", "    send it, wait for and parse the upstream head"),
+    ("Relay.answer", "    read the answer, check it, its usage"),
+    ("Gateway._finish", "    the record: escaping, usage row, events"),
+    ("HTTPServer._send", "  write the answer to the client"),
+]
+
+
+def print_stages(stats: pstats.Stats, n: int, total: float) -> None:
+    by_name: dict[str, float] = {}
+    for (path, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+        if os.path.basename(path) == "aigateway.py":
+            by_name[func] = max(by_name.get(func, 0.0), ct)
+    print(f"   stages, profiled us per request (callees included), of {total / n * 1e6:.0f}:")
+    for func, label in STAGES:
+        name = func.rsplit(".", 1)[-1]
+        ct = by_name.get(name)
+        if ct is not None:
+            print(f"   {ct / n * 1e6:8.0f} {ct / total * 100:5.1f}%  {label} [{func}]")
 
 
 def converter_micro(rounds: int = 200) -> None:
