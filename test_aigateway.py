@@ -8363,6 +8363,23 @@ def test_14_invalid_config_and_busy_port_exit_2(tmp_path):
     assert rc == 2 and "cannot listen" in err and "--port" in err
 
 
+def test_14_serving_starts_with_the_collector_tuned(tmp_path, monkeypatch):
+    """The run command freezes what start-up made and raises the collector's thresholds before
+    it serves (tune_collector), headless or not; the subcommands leave the collector alone."""
+    served = []
+    monkeypatch.setattr(ag, "run_headless", lambda *a, **k: served.append(
+        (gc.get_threshold(), gc.get_freeze_count())) or 0)
+    gc.set_threshold(700, 10, 10)
+    rc, out, err = _run("--headless", "--config", str(tmp_path / "config.json"))
+    assert rc == 0, err
+    [(thresholds, frozen)] = served
+    assert thresholds == ag.GC_THRESHOLDS and frozen > 0
+    tuned = []
+    monkeypatch.setattr(ag, "tune_collector", lambda: tuned.append(True))
+    rc, out, err = _run("--config", str(tmp_path / "config.json"), "tokens", "list")
+    assert rc == 0 and "default" in out and tuned == []
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX only")
 def test_14_sighup_reloads_a_headless_gateway_and_reports_a_bad_edit(tmp_path, upstream):
     b = upstream([openai_chat_reply(text="B")])
@@ -8515,6 +8532,7 @@ def _run(*args, stdin="", env=None):
     too), stdout and stderr. An exception it lets out fails the test, as does a traceback."""
     out, err = io.StringIO(), io.StringIO()
     saved_env = {k: os.environ.get(k) for k in env or {}}
+    saved_gc = gc.get_threshold()           # a start that gets as far as serving tunes them
     saved_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)
     os.environ.update(env or {})
     try:
@@ -8525,6 +8543,7 @@ def _run(*args, stdin="", env=None):
                 rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     finally:
         sys.stdin = saved_stdin
+        gc.set_threshold(*saved_gc)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

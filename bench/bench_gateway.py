@@ -43,6 +43,8 @@ asyncio.selector_events._SelectorSocketTransport.max_size = 64 * 1024
 HERE = os.path.dirname(os.path.abspath(__file__))
 GATEWAY = os.path.join(os.path.dirname(HERE), "aigateway.py")
 FLOOR = os.path.join(HERE, "floor_proxy.py")
+FLOOR_PROTOCOL = os.path.join(HERE, "floor_protocol.py")
+COLUMNS = ("direct", "floor", "protocol", "gateway")     # "protocol": floor_protocol.py
 TOKEN = "sk-gw-bench-token-0123456789"
 MIB = 1024 * 1024
 DELAY_BUCKET_US = 100           # per-event delay histogram resolution
@@ -594,9 +596,11 @@ class Bench:
                        "tokens": [{"name": "bench", "key": TOKEN}]}, f)
         return cfg
 
-    def load(self, port: int, path: str, body: bytes, conc: int, pid: int) -> dict:
+    def load(self, port: int, path: str, body: bytes, conc: int, pid: int,
+             seconds: float | None = None) -> dict:
         c0 = cpu_seconds(pid) if pid else 0.0
-        res = in_subprocess("run_load", (port, path, body, conc, self.args.seconds), self.other)
+        res = in_subprocess("run_load", (port, path, body, conc, seconds or self.args.seconds),
+                            self.other)
         res["cpu_us"] = ((cpu_seconds(pid) - c0) / res["requests"] * 1e6) if pid else None
         return res
 
@@ -638,9 +642,13 @@ class Bench:
         fl_port = free_port()
         floor, fig["start_floor"], fig["idle_rss_floor"] = self.start_measured(
             [sys.executable, FLOOR, str(fl_port), str(up)], fl_port, env, health=False)
+        pr_port = free_port()
+        protocol, _, _ = self.start_measured(
+            [sys.executable, FLOOR_PROTOCOL, str(pr_port), str(up)], pr_port, env, health=False)
 
         gw, _, _ = self.start_measured(gw_cmd, gw_port, env)
-        targets = {"direct": (up, 0), "floor": (fl_port, floor.pid), "gateway": (gw_port, gw.pid)}
+        targets = {"direct": (up, 0), "floor": (fl_port, floor.pid),
+                   "protocol": (pr_port, protocol.pid), "gateway": (gw_port, gw.pid)}
         chat, msgs = "/v1/chat/completions", "/v1/messages"
 
         def body(model: str, stream: bool, **extra) -> bytes:
@@ -665,17 +673,20 @@ class Bench:
                 for target, path, b, conc in runs:
                     port, pid = targets[target]
                     h0 = upstream_stats(up)["tls_connections"]
-                    res = self.load(port, path, b, conc, pid)
+                    # a paced stream lasts 1 s: three times the phase's length gives each round
+                    # ~36 first events to take the median of, not ~12
+                    res = self.load(port, path, b, conc, pid,
+                                    a.seconds * 3 if phase == "paced" else None)
                     if phase == "tls":
                         hs = upstream_stats(up)["tls_connections"] - h0
                         handshakes.append((hs, hs / res["requests"] * 1000))
                     rounds.setdefault((phase, target), []).append(res)
         med = {k: {m: statistics.median(r[m] for r in v) if v[0][m] is not None else None
                    for m in v[0]} for k, v in rounds.items()}
-        # over all rounds: the pool's connections are made once, then reused
-        tls_requests = sum(r["requests"] for r in rounds[("tls", "gateway")])
-        fig["handshakes_total"] = sum(h for h, _ in handshakes)
-        fig["handshakes"] = fig["handshakes_total"] / tls_requests * 1000
+        # per round: the pool's connections are made once, then reused (a round takes longer
+        # than POOL_IDLE_TTL, so each round's first requests connect anew)
+        most = max(handshakes)
+        fig["handshakes_round"], fig["handshakes"] = most
         fig["busy_rss"] = rss_mib(gw.pid)
 
         # many long streams, paced: direct (the baseline delay), the floor, then the gateway;
@@ -684,7 +695,7 @@ class Bench:
         light = max(1, a.long_streams // 4)
         long: dict[tuple[int, str], dict] = {}
         for streams, n_events in ((a.long_streams, events), (light, max(1, events // 3))):
-            for target in ("direct", "floor", "gateway"):
+            for target in COLUMNS:
                 port, pid = targets[target]
                 sampler = None
                 if target == "gateway" and streams == a.long_streams:
@@ -702,19 +713,20 @@ class Bench:
                     fig["long_peak_rss"] = sampler.peak
                 long[(streams, target)] = res
         self.stop(floor)
+        self.stop(protocol)
         self.stop(gw)
         self.report(fig, med, long, light)
 
     def report(self, fig, med, long, light) -> None:
         a = self.args
         print(f"aigateway benchmark  (python {sys.version.split()[0]}, {self.ncpu} cores, "
-              f"gateway and floor pinned to {'core 0' if self.gw_cores else 'any core'}, "
+              f"gateway and floors pinned to {'core 0' if self.gw_cores else 'any core'}, "
               f"median of {a.rounds} round(s) of {a.seconds:g} s, {a.concurrency} clients)")
-        print(f"{'row':<44}{'direct':>10}{'floor':>10}{'gateway':>10}")
+        print(f"{'row':<44}{''.join(f'{c:>10}' for c in COLUMNS)}")
 
         def row(label, key, metric, fmt="{:>10.0f}"):
             cells = []
-            for t in ("direct", "floor", "gateway"):
+            for t in COLUMNS:
                 v = med.get((key, t), {}).get(metric)
                 cells.append(fmt.format(v) if v is not None else f"{'':>10}")
             print(f"{label:<44}{''.join(cells)}")
@@ -738,12 +750,13 @@ class Bench:
                     ("CPU busy %", "cpu_share", "{:>10.0f}", 100),
                     ("load generator CPU %", "client_cpu_share", "{:>10.0f}", 100)):
                 cells = []
-                for t in ("direct", "floor", "gateway"):
+                for t in COLUMNS:
                     v = long[(streams, t)].get(metric)
                     cells.append(fmt.format(v * scale) if v is not None else f"{'':>10}")
                 print(f"{f'{streams} x {n_events} paced: {label}':<44}{''.join(cells)}")
         g = lambda k, t="gateway": med[(k, t)]                          # noqa: E731
         ld, lf, lg = (long[(a.long_streams, t)] for t in ("direct", "floor", "gateway"))
+        lp = long[(a.long_streams, "protocol")]
         sd, sf, sg = (long[(light, t)] for t in ("direct", "floor", "gateway"))
         events = lg["n_events"]
         peak, before = fig["long_peak_rss"], fig["long_before_rss"]
@@ -788,14 +801,16 @@ class Bench:
              added <= 5),
             ("4 the floor's, at the same load (ms)", f"{added_floor:+.1f}", added_floor,
              "(the floor)", None),
+            ("4 the Protocol floor's (ms)", f"{lp['p99_ms'] - ld['p99_ms']:+.1f}",
+             lp["p99_ms"] - ld["p99_ms"], "(print)", None),
             (f"4 {light} streams: delay p99 added (ms)", f"{light_added:+.1f} vs "
              f"{light_floor:+.1f}", light_added, "(print)", None),
             ("4 RSS at peak (MiB)", f"{peak:.1f}", peak, "<= 90", peak <= 90),
             ("4 memory per concurrent stream (KiB)", f"{per_stream_kib:.1f}", per_stream_kib,
              "(print)", True),
-            ("5 TLS handshakes per 1,000 requests (in all)",
-             f"{fig['handshakes']:.1f} ({fig['handshakes_total']:.0f})",
-             fig["handshakes"], "in all <= 32", fig["handshakes_total"] <= 32),
+            ("5 TLS handshakes per 1,000 requests (a round)",
+             f"{fig['handshakes']:.1f} ({fig['handshakes_round']:.0f})",
+             fig["handshakes"], "a round <= 32", fig["handshakes_round"] <= 32),
             ("5 TLS CPU/req vs plain HTTP", f"{g('tls')['cpu_us']:.0f} us",
              g("tls")["cpu_us"] / g("nonstream")["cpu_us"], "(print)", True),
         ]

@@ -12,6 +12,7 @@ proxy does on the same machine.  Bench use only: it trusts both peers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 
 MAX_HEAD = 64 * 1024            # bytes of one request or response head
@@ -108,6 +109,8 @@ async def handle(pool: Pool, reader: asyncio.StreamReader, writer: asyncio.Strea
 
 async def serve(listen_port: int, upstream_port: int) -> None:
     pool = Pool(upstream_port)
+    gc.freeze()                 # the collector as the gateway's run command sets it
+    gc.set_threshold(50_000, 20, 20)
     server = await asyncio.start_server(lambda r, w: handle(pool, r, w), "127.0.0.1",
                                         listen_port, limit=MAX_HEAD)
     async with server:
