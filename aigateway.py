@@ -13272,7 +13272,7 @@ class App:
 # =================================================================================================
 # The access line of the headless console, the management commands (channels, tokens, config:
 # edits of config.json through ConfigStore), start-up checks and main(): the GUI when a display
-# is there, else the server on this thread.
+# is there, else the server on this thread, either with the garbage collector tuned for serving.
 
 def access_line(rec: dict) -> str:
     """One line per request for the headless console; never a secret."""
