@@ -16,19 +16,8 @@ transport's buffer).
 from __future__ import annotations
 
 import asyncio
-import gc
-import sys
 
-MAX_HEAD = 64 * 1024            # bytes of one request or response head
-MAX_IDLE = 64                   # idle upstream connections kept in the pool
-
-
-def content_length(head: bytes) -> int:
-    i = head.find(b"\r\ncontent-length:")
-    if i < 0:
-        return 0
-    j = head.find(b"\r\n", i + 2)
-    return int(head[i + 17:j if j > 0 else len(head)])
+from floor_proxy import MAX_HEAD, MAX_IDLE, content_length, run_floor  # the same rules
 
 
 class Upstream(asyncio.Protocol):
@@ -154,8 +143,6 @@ class Client(asyncio.Protocol):
 
 async def serve(listen_port: int, upstream_port: int) -> None:
     loop = asyncio.get_running_loop()
-    gc.freeze()                 # the collector as the gateway's run command sets it
-    gc.set_threshold(50_000, 20, 20)
     pool: list[Upstream] = []
     server = await loop.create_server(lambda: Client(loop, upstream_port, pool), "127.0.0.1",
                                       listen_port, backlog=2048)
@@ -164,7 +151,4 @@ async def serve(listen_port: int, upstream_port: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2])))
-    except KeyboardInterrupt:
-        pass
+    run_floor(serve)

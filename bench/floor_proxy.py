@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+from typing import Awaitable, Callable
 
 MAX_HEAD = 64 * 1024            # bytes of one request or response head
 MAX_IDLE = 64                   # idle upstream connections kept in the pool
@@ -109,16 +110,22 @@ async def handle(pool: Pool, reader: asyncio.StreamReader, writer: asyncio.Strea
 
 async def serve(listen_port: int, upstream_port: int) -> None:
     pool = Pool(upstream_port)
-    gc.freeze()                 # the collector as the gateway's run command sets it
-    gc.set_threshold(50_000, 20, 20)
     server = await asyncio.start_server(lambda r, w: handle(pool, r, w), "127.0.0.1",
                                         listen_port, limit=MAX_HEAD)
     async with server:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
+def run_floor(serve: Callable[[int, int], Awaitable[None]]) -> None:
+    """``serve(LISTEN_PORT, UPSTREAM_PORT)`` from the command line, with the garbage collector
+    set as the gateway's run command sets it (aigateway.tune_collector)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     try:
         asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2])))
     except KeyboardInterrupt:
         pass
+
+
+if __name__ == "__main__":
+    run_floor(serve)
