@@ -668,6 +668,10 @@ class Bench:
         }
         rounds: dict[tuple[str, str], list[dict]] = {}
         handshakes = []
+        # warm-up, not counted: the first seconds of load run slow on this VM (a floor did 2,700
+        # requests a second in its first two 3-second rounds, then 10,700-13,200)
+        for port, _pid in targets.values():
+            in_subprocess("run_load", (port, chat, body("bench-model", False), c, 2.0), self.other)
         for _ in range(a.rounds):
             for phase, runs in phases.items():
                 for target, path, b, conc in runs:
