@@ -13888,7 +13888,7 @@ def tune_collector() -> None:
     """The garbage collector of a running gateway: what start-up made is frozen (never scanned
     again), and a collection waits for GC_THRESHOLDS[0] new container objects instead of 700.
     With 1,000 streams open, the defaults ran about 26 collections a second, 6-7% of the
-    gateway's CPU, two of them full ones that held every stream for 60-110 ms; these settings
+    gateway's CPU, two of them full ones that held every stream for 55-110 ms; these settings
     run two or three collections in 10 s, of 15-35 ms each (bench/README).  Cyclic garbage
     waits longer to be freed; most of what a request makes is freed by reference counting."""
     gc.freeze()

@@ -82,6 +82,7 @@ def profile_scenario(name: str, up: int, tls: int, args: argparse.Namespace, tmp
 
 # The request path's stages, outermost first: what each costs per request, callees included
 # (cProfile counts a coroutine's time between its resumptions, so awaited I/O is not in them).
+# cProfile names functions without their class: where two share a name, the costlier is shown.
 STAGES = [
     ("HTTPServer._serve", "the connection loop (everything below, and waiting for heads)"),
     ("read_head", "  read the client's request head"),
