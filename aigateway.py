@@ -1057,6 +1057,23 @@ class SSEDecoder:
         else:
             buf = text
         out: list[tuple[str | None, str, str | None]] = []
+        if not self._data and self._event is None and "\n\n" in buf and "\r" not in buf:
+            # Whole events, each ended by a blank line, as servers send them: the usual
+            # shapes ("data: ..." or "event: ...\ndata: ...") read at once, others by line.
+            blocks = buf.split("\n\n")
+            buf = blocks.pop()                  # the unfinished event after the last one
+            for block in blocks:
+                if block.startswith("data: ") and "\n" not in block:
+                    out.append((None, block[6:], self._id))
+                    continue
+                nl = block.find("\n")
+                if block.startswith("event: ") and block.startswith("data: ", nl + 1) and \
+                        block.find("\n", nl + 1) < 0:
+                    out.append((block[7:nl], block[nl + 7:], self._id))
+                    continue
+                for line in block.split("\n"):
+                    self._line(line, out)
+                self._line("", out)
         lines = _SSE_EOL.split(buf) if "\r" in buf else buf.split("\n")
         rest = lines.pop()                      # the unfinished last line ("" after a newline)
         self._buf, self._held = ([rest], len(rest)) if rest else ([], 0)
@@ -3794,24 +3811,131 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
     return out
 
 
+_SCAN_STRING = json.decoder.scanstring         # json's C scanner for one string literal
+TEMPLATE_LEARNS = 4       # attempts per stream to learn a TextTemplate (a stream may have none)
+_PROBES = ("aigateway-probe-0", "aigateway-probe-1", "aigateway-probe-2")
+
+
+class TextTemplate:
+    """Reads the usual stream event, a text delta, without parsing it. Within one stream such
+    events differ only in their text (the same id, model, index and keys in the same order) and,
+    on OpenAI, in an ``obfuscation`` string of random padding. The template holds the bytes
+    around those string literals, learned from one event that was parsed strictly; a later
+    event that is exactly those bytes with a well-formed JSON string in each slot has the same
+    structure, so only its strings need decoding (json's C scanner). Anything else, an escape
+    that may leave a lone surrogate included, is for the strict parser. Learning checks itself:
+    a probe string put in the text slot must come back, parsed, as the text the decoder
+    reads."""
+
+    __slots__ = ("name", "pieces", "text_at", "learns")
+
+    def __init__(self):
+        self.name: str | None = None        # the SSE event name the template was learned with
+        # The text before each slot's string, its opening quote included, and after the last.
+        self.pieces: tuple[str, ...] | None = None
+        self.text_at = 0                    # which slot holds the text
+        self.learns = 0
+
+    def match(self, name: str | None, payload: str) -> str | None:
+        """The text of ``payload`` when it fits the template and is not empty, else None."""
+        pieces = self.pieces
+        if pieces is None or name != self.name or not payload.startswith(pieces[0]):
+            return None
+        pos, values = len(pieces[0]), []
+        try:
+            for piece in pieces[1:]:
+                value, pos = _SCAN_STRING(payload, pos, True)
+                if not payload.startswith(piece, pos):
+                    return None
+                pos += len(piece)
+                values.append(value)
+        except ValueError:                  # json.JSONDecodeError: not one well-formed string
+            return None
+        if pos != len(payload) or \
+                "\\u" in payload and any(_SURROGATE_RX.search(v) for v in values):
+            return None
+        return values[self.text_at] or None
+
+    def learn(self, name: str | None, payload: str, text: str, text_rx: re.Pattern,
+              ignored: tuple[tuple[str, re.Pattern], ...],
+              reads: Callable[[str | None, dict], str | None], obj: dict) -> None:
+        """Learn from ``payload`` (parsed: ``obj``), whose text ``reads`` found to be ``text``:
+        its slot is the string after ``text_rx`` holding ``text``, checked by a probe; each
+        ignored top-level key's slot the first string after its pattern holding its value (a
+        field of that name the decoder reads nowhere). At most TEMPLATE_LEARNS tries a
+        stream."""
+        self.learns += 1
+        self.pieces = None
+        spans = []
+        for want, rx in (((text, text_rx),) + tuple((obj.get(k), rx) for k, rx in ignored)):
+            for m in rx.finditer(payload):
+                try:
+                    value, end = _SCAN_STRING(payload, m.end(), True)
+                except ValueError:
+                    continue
+                if value == want:
+                    spans.append((m.end() - 1, end, len(spans)))
+                    break
+            else:
+                if want is not None:
+                    return                          # a slot not found: no template
+        spans.sort()
+        pieces, probe, at = [], [], 0
+        for start, end, slot in spans:
+            pieces.append(payload[at:start + 1])
+            probe += [pieces[-1], _PROBES[slot], '"']
+            at = end
+        pieces.append(payload[at:])
+        probe.append(pieces[-1])
+        try:
+            back = json_loads("".join(probe), "a stream template", status=502,
+                              unique_keys=False, error=ProtocolError)
+        except ProtocolError:
+            return
+        if not isinstance(back, dict) or reads(name, back) != _PROBES[0]:
+            return
+        self.name, self.pieces = name, tuple(pieces)
+        self.text_at = [slot for _, _, slot in spans].index(0)
+
+
 class StreamDecoder:
     """What every upstream stream decoder shares: the ("start", id, model) event exactly once,
     and at the end one ("finish", reason) event, where a turn with any tool call that ended
-    normally finishes with "tool_calls"."""
+    normally finishes with "tool_calls".
+
+    A decoder whose dialect has a usual text event names ``text_rx`` (the pattern before its
+    text string), ``ignored`` (top-level string fields whose name it reads nowhere, each with
+    its pattern) and ``_text_of``: then ``_sse_objects`` reads such events with a TextTemplate
+    and yields their text as a str instead of the object."""
 
     id_prefix = "chatcmpl-"
+    text_rx: re.Pattern | None = None
+    ignored: tuple[tuple[str, re.Pattern], ...] = ()
 
     def __init__(self):
         self._sse = SSEDecoder()
         self._started = False
         self._tools = 0                  # tool calls seen, the next IR tool index
         self.finish: str | None = None
+        self._template = TextTemplate() if self.text_rx is not None else None
 
-    def _sse_objects(self, data: bytes) -> Iterable[tuple[str | None, dict]]:
-        """(event name, JSON object) for each whole SSE event in ``data``; the [DONE] sentinel,
-        blank events and JSON that is not an object are skipped (Gemini's one-element lists
-        opened); an event that is not strict JSON (section 3) raises a 502 ProtocolError."""
+    def _text_of(self, name: str | None, obj: dict) -> str | None:
+        """The text when ``obj`` is the dialect's usual text event, which the decoder reads as
+        ("text", that) and nothing more; else None."""
+        return None
+
+    def _sse_objects(self, data: bytes) -> Iterable[tuple[str | None, dict | str]]:
+        """(event name, JSON object) for each whole SSE event in ``data``, or (name, text) for
+        a text event read by the template; the [DONE] sentinel, blank events and JSON that is
+        not an object are skipped (Gemini's one-element lists opened); an event that is not
+        strict JSON (section 3) raises a 502 ProtocolError."""
+        tpl = self._template
         for name, payload, _ in self._sse.feed(data):
+            if tpl is not None and tpl.pieces is not None:
+                text = tpl.match(name, payload)
+                if text is not None:
+                    yield name, text
+                    continue
             if payload.startswith("[DONE]") or not payload or payload.isspace():
                 continue
             obj = json_loads(payload, "an upstream stream event", status=502,
@@ -3819,6 +3943,11 @@ class StreamDecoder:
             if isinstance(obj, list) and obj:
                 obj = obj[0]
             if isinstance(obj, dict):
+                if tpl is not None and tpl.learns < TEMPLATE_LEARNS:
+                    text = self._text_of(name, obj)
+                    if text:
+                        tpl.learn(name, payload, text, self.text_rx, self.ignored,
+                                  self._text_of, obj)
                 yield name, obj
 
     def _start(self, out: list[tuple], rid: Any = None, model: Any = None) -> None:
@@ -4273,10 +4402,32 @@ class OpenAIStreamDecoder(StreamDecoder):
         self._released = False                    # held calls went out: call 0 is closed
         self.usage: dict | None = None
 
+    text_rx = re.compile(r'"content"\s*:\s*"')
+    # Chat Completions streams pad each delta with a random "obfuscation" string unless the
+    # request sets stream_options.include_obfuscation to false (OpenAI API reference,
+    # ChatCompletionStreamOptions); the decoder never reads it.
+    ignored = (("obfuscation", re.compile(r'"obfuscation"\s*:\s*"')),)
+
+    def _text_of(self, name: str | None, chunk: dict) -> str | None:
+        choices = chunk.get("choices")
+        if "error" in chunk or chunk.get("usage") or not isinstance(choices, list) or \
+                len(choices) != 1 or not isinstance(choices[0], dict):
+            return None
+        choice = choices[0]
+        delta = choice.get("delta")
+        if choice.get("index", 0) != 0 or choice.get("finish_reason") or \
+                not isinstance(delta, dict) or len(delta) != 1:
+            return None
+        content = delta.get("content")
+        return content if type(content) is str else None
+
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for _, chunk in self._sse_objects(data):
+            if type(chunk) is str:                  # the usual text event, read by template
+                out.append(("text", chunk))
+                continue
             if "error" in chunk:
                 err = chunk["error"] if isinstance(chunk["error"], dict) else {}
                 out.append(("error", GatewayError(502, str(err.get("message") or chunk["error"]))))
@@ -5432,10 +5583,23 @@ class AnthropicStreamDecoder(StreamDecoder):
         self._thinking: list[dict] = []            # this turn's thinking blocks, for ``kept``
         self._thinking_size = 0
 
+    text_rx = re.compile(r'"text"\s*:\s*"')
+
+    def _text_of(self, name: str | None, ev: dict) -> str | None:
+        delta = ev.get("delta")
+        if (ev.get("type") or name) != "content_block_delta" or not isinstance(delta, dict) \
+                or delta.get("type") != "text_delta":
+            return None
+        text = delta.get("text")
+        return text if type(text) is str else None
+
     @guarded(502, "upstream stream")
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for name, ev in self._sse_objects(data):
+            if type(ev) is str:                     # the usual text event, read by template
+                out.append(("text", ev))
+                continue
             kind = ev.get("type") or name
             if kind == "content_block_delta":
                 delta = ev.get("delta") or {}

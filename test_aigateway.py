@@ -1497,6 +1497,39 @@ def test_05_sse_does_not_split_on_unicode_line_separators():
     assert ag.SSEDecoder().feed(payload) == [(None, '{"t": "a\u2028b\u0085c"}', None)]
 
 
+# Whole events read at once (the usual "data: ..." and "event: ...\ndata: ..." shapes) must
+# give what the line-by-line reading gives (bytewise feeding never has a whole event at hand).
+SSE_LF = ("data: {\"a\":1}\n\n"
+          "event: content_block_delta\ndata: {\"b\":2}\n\n"
+          "data: \n\n"                                   # empty data is still an event
+          "data: two\ndata: lines\n\n"
+          "event: named-only\n\n"                        # no data: nothing dispatched
+          ": keep-alive comment\n\n"
+          "id: 9\ndata: with id\n\n"
+          "data: after id\n\n\n\n"                       # extra blank lines dispatch nothing
+          "event: late\ndata: z\n\n"
+          "event: e\ndata: x\nretry: 5\n\n"
+          "data:tight\n\n"
+          "event:tight\ndata: y\n\n"
+          "data: unfinished").encode()
+
+
+def test_05_sse_whole_events_match_line_by_line():
+    expected = [(None, '{"a":1}', None), ("content_block_delta", '{"b":2}', None),
+                (None, "", None), (None, "two\nlines", None), (None, "with id", "9"),
+                (None, "after id", "9"), ("late", "z", "9"), ("e", "x", "9"), (None, "tight", "9"),
+                ("tight", "y", "9")]
+    whole = ag.SSEDecoder()
+    assert whole.feed(SSE_LF) == expected
+    assert whole.feed(b"\n\n") == [(None, "unfinished", "9")]
+    assert _feed_bytewise(ag.SSEDecoder(), SSE_LF + b"\n\n") == expected + \
+        [(None, "unfinished", "9")]
+    # An event begun in one read and ended in the next is finished by line, not as a block.
+    split = ag.SSEDecoder()
+    assert split.feed(b"event: a\n") == []
+    assert split.feed(b"data: 1\n\ndata: 2\n\n") == [("a", "1", None), (None, "2", None)]
+
+
 def test_05_ndjson_whole_and_bytewise():
     data = b'{"a":1}\r\n\n{"b":[2]}\n{"done":true}'
     assert ag.NDJSONDecoder().feed(data, final=True) == [{"a": 1}, {"b": [2]}, {"done": True}]
@@ -3087,6 +3120,151 @@ def test_09_anthropic_stream_to_openai_chunks_bytewise():
             assert usage_chunks[0]["usage"]["completion_tokens"] == 12
         else:
             assert usage_chunks == [] and all("usage" not in c for c in body)
+
+
+# -- text events read by template (issue 15): the same IR as the strict parse, or its error --
+
+def _decode_all(decoder_cls, raw: bytes | list[bytes], step: int = 0):
+    """IR events of ``raw`` fed in ``step``-byte reads (or as the reads listed), else the
+    error's ("error", status, message, the IR events before it)."""
+    dec, out = decoder_cls(), []
+    reads = raw if isinstance(raw, list) else [raw[i:i + step] for i in range(0, len(raw), step)]
+    try:
+        for data in reads:
+            out += dec.feed(data)
+        return out + dec.close()
+    except ag.GatewayError as exc:
+        return ("error", exc.status, str(exc), out)
+
+
+def _openai_text_chunk(text, **extra):
+    chunk = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 7,
+             "model": "gpt-x", "choices": [{"index": 0, "delta": {"content": text},
+                                            "logprobs": None, "finish_reason": None}]}
+    return dict(chunk, **extra)
+
+
+def _sse_raw(objs, name=None, ensure_ascii=False):
+    head = f"event: {name}\n" if name else ""
+    return "".join(f"{head}data: {json.dumps(o, ensure_ascii=ensure_ascii)}\n\n"
+                   if not isinstance(o, str) else o for o in objs).encode()
+
+
+# Upstream texts the scanner must decode exactly: escapes, raw and escaped non-ASCII, an
+# escaped surrogate pair, a quote and a backslash at the ends.
+TEMPLATE_TEXTS = ["Hello", " wor\"ld\\", "é€ line\nbreak\ttab", "😀 pair", "\\", '"', "/", "x"]
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_09_text_template_gives_the_strict_parse_ir(monkeypatch, ensure_ascii):
+    # Real Chat Completions chunks carry a random "obfuscation" string unless the request set
+    # stream_options.include_obfuscation to false (OpenAI API reference,
+    # ChatCompletionStreamOptions), so every event differs from the one before in two places.
+    pads = iter(["aZ", "q", "", "0123456789", "r\\u00e9", "s", "tt", "u", "v", "w"])
+    objs = [_openai_text_chunk("", obfuscation="x0")]
+    objs[0]["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    objs += [_openai_text_chunk(t, obfuscation=next(pads)) for t in TEMPLATE_TEXTS]
+    objs.append(_openai_text_chunk("", obfuscation="end"))              # empty: read by parse
+    tool = _openai_text_chunk(None, obfuscation="tc")
+    tool["choices"][0]["delta"] = {"tool_calls": [{"index": 0, "id": "call_1", "type":
+                                   "function", "function": {"name": "f", "arguments": "{}"}}]}
+    objs.append(tool)
+    done = _openai_text_chunk("after", obfuscation="z")
+    done["choices"][0]["finish_reason"] = "stop"
+    objs += [done, {"id": "chatcmpl-t", "choices": [], "usage": {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}, "data: [DONE]\n\n"]
+    raw = _sse_raw(objs, ensure_ascii=ensure_ascii)
+    parses = []
+    real_loads = ag.json_loads
+    monkeypatch.setattr(ag, "json_loads", lambda *a, **k: parses.append(1) or real_loads(*a, **k))
+    fast = [_decode_all(ag.OpenAIStreamDecoder, raw, step) for step in (len(raw), 7, 1)]
+    texts = [ev[1] for ev in fast[0] if ev[0] == "text"]
+    assert texts == TEMPLATE_TEXTS + ["after"]
+    assert fast[0] == fast[1] == fast[2]
+    # The template read the text events: of the 14 events, each feed of the stream parsed the
+    # role chunk, the learning event (and its probe), the empty one, tool call, finish, usage.
+    assert len(parses) <= 3 * 8
+    monkeypatch.setattr(ag, "TEMPLATE_LEARNS", 0)            # every event by the strict parse
+    parses.clear()
+    strict = _decode_all(ag.OpenAIStreamDecoder, raw, len(raw))
+    assert len(parses) == 13 and strict == fast[0]
+
+
+def _first_text_then(later: str) -> list[bytes]:
+    """Two reads: a text event the template learns from, then ``later``."""
+    first = json.dumps(_openai_text_chunk("hi"), separators=(",", ":"))
+    return [f"data: {first}\n\n".encode(), f"data: {later}\n\n".encode()]
+
+
+_PREFIX = ('{"id":"chatcmpl-t","object":"chat.completion.chunk","created":7,"model":"gpt-x",'
+           '"choices":[{"index":0,"delta":{"content":')
+_SUFFIX = '},"logprobs":null,"finish_reason":null}]}'
+
+
+# The same length as _SUFFIX, but finishing with "length": only its bytes tell them apart.
+_SUFFIX_LENGTH = '},"lp":null,  "finish_reason":"length"}]}'
+
+
+@pytest.mark.parametrize("later, why", [
+    (_PREFIX + '"\\ud800"' + _SUFFIX, "unpaired UTF-16 surrogate"),    # a lone surrogate
+    (_PREFIX + '"a\x01b"' + _SUFFIX, "not valid JSON"),                # a raw control character
+    (_PREFIX + '"a""b"' + _SUFFIX, "not valid JSON"),                  # two strings in the slot
+    (_PREFIX + '"a" ,"b"' + _SUFFIX, "not valid JSON"),
+    (_PREFIX + '"open' + _SUFFIX, "not valid JSON"),                   # a string never ended
+    (_PREFIX + '"\\x41"' + _SUFFIX, "not valid JSON"),                 # not a JSON escape
+    (_PREFIX + '"ok"' + _SUFFIX + ' x', "not valid JSON"),             # bytes past the end
+    (_PREFIX + '5' + _SUFFIX, None),                                   # not a string
+    (_PREFIX + '"ok"' + _SUFFIX_LENGTH, None),                          # other bytes, same size
+])
+def test_09_text_template_refuses_what_the_strict_parser_refuses(monkeypatch, later, why):
+    assert len(_SUFFIX_LENGTH) == len(_SUFFIX)
+    raw = _first_text_then(later)
+    fast = _decode_all(ag.OpenAIStreamDecoder, raw)
+    monkeypatch.setattr(ag, "TEMPLATE_LEARNS", 0)
+    assert fast == _decode_all(ag.OpenAIStreamDecoder, raw)
+    if why is None:
+        assert fast[0] != "error"
+    else:
+        assert fast[0] == "error" and fast[1] == 502 and why in fast[2]
+        assert [ev for ev in fast[3] if ev[0] == "text"] == [("text", "hi")]
+
+
+def test_09_text_template_is_not_fooled_by_a_decoy_field(monkeypatch):
+    # The first "content" in the event is a decoy with the same text: learning must find the
+    # field the decoder reads (its probe check), or learn nothing; never read the decoy.
+    def ev(decoy, text):
+        chunk = _openai_text_chunk(text)
+        return dict({"x": {"content": decoy}, "obfuscation": "pad" + decoy}, **chunk)
+    raw = _sse_raw([ev("hi", "hi"), ev("EVIL", "hi"), ev("hi", "bye"), ev("hi", "more"),
+                    ev("EVIL", "ok"), ev("EVIL", "last")])
+    fast = _decode_all(ag.OpenAIStreamDecoder, raw, len(raw))
+    assert [e[1] for e in fast if e[0] == "text"] == ["hi", "hi", "bye", "more", "ok", "last"]
+    monkeypatch.setattr(ag, "TEMPLATE_LEARNS", 0)
+    assert fast == _decode_all(ag.OpenAIStreamDecoder, raw, len(raw))
+
+
+def test_09_text_template_reads_anthropic_text_deltas(monkeypatch):
+    def delta(text, index=0):
+        return {"type": "content_block_delta", "index": index,
+                "delta": {"type": "text_delta", "text": text}}
+    raw = b"".join([
+        _sse_raw([{"type": "message_start", "message": {"id": "msg_1", "model": "c",
+                   "usage": {"input_tokens": 5, "output_tokens": 1}}}], "message_start"),
+        _sse_raw([{"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}}], "content_block_start"),
+        _sse_raw([delta(t) for t in TEMPLATE_TEXTS], "content_block_delta"),
+        _sse_raw([delta("other block", index=1)], "content_block_delta"),
+        _sse_raw([{"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                   "usage": {"output_tokens": 9}}], "message_delta")])
+    parses = []
+    real_loads = ag.json_loads
+    monkeypatch.setattr(ag, "json_loads", lambda *a, **k: parses.append(1) or real_loads(*a, **k))
+    fast = _decode_all(ag.AnthropicStreamDecoder, raw, len(raw))
+    assert [e[1] for e in fast if e[0] == "text"] == TEMPLATE_TEXTS + ["other block"]
+    assert fast == _decode_all(ag.AnthropicStreamDecoder, raw, 5)
+    assert len(parses) <= 2 * 7
+    monkeypatch.setattr(ag, "TEMPLATE_LEARNS", 0)
+    assert fast == _decode_all(ag.AnthropicStreamDecoder, raw, len(raw))
 
 
 def test_09_gemini_stream_tool_call_then_stop_chunk_finishes_with_tool_calls():
