@@ -3138,9 +3138,13 @@ def _decode_all(decoder_cls, raw: bytes | list[bytes], step: int = 0):
 
 
 def _openai_text_chunk(text, **extra):
+    """A text chunk as api.openai.com streams one (keys in its order, as seen in captured
+    streams, e.g. ENTERPILOT/GoModel's tests/contract/testdata/openai/chat_completion_stream.txt),
+    ``extra`` after "choices" where OpenAI puts "obfuscation"."""
     chunk = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 7,
-             "model": "gpt-x", "choices": [{"index": 0, "delta": {"content": text},
-                                            "logprobs": None, "finish_reason": None}]}
+             "model": "gpt-x", "service_tier": "default", "system_fingerprint": "fp_1",
+             "choices": [{"index": 0, "delta": {"content": text},
+                          "logprobs": None, "finish_reason": None}]}
     return dict(chunk, **extra)
 
 
@@ -3197,6 +3201,7 @@ def _first_text_then(later: str) -> list[bytes]:
 
 
 _PREFIX = ('{"id":"chatcmpl-t","object":"chat.completion.chunk","created":7,"model":"gpt-x",'
+           '"service_tier":"default","system_fingerprint":"fp_1",'
            '"choices":[{"index":0,"delta":{"content":')
 _SUFFIX = '},"logprobs":null,"finish_reason":null}]}'
 
@@ -10502,6 +10507,59 @@ def test_fuzz_stream_converters(events, junk, cuts):
                 enc.encode(dec.close())
             except ag.GatewayError:
                 pass
+
+
+# Characters a string scanner can get wrong: escapes, quotes, halves of surrogate pairs.
+TEMPLATE_CHARS = ["a", "é", "😀", "\n", "\x01", '"', "\\", "/", "\ud800", "\udc00", "\ud83d",
+                  "\ude00", "\u2028"]
+
+
+@fuzz(lambda st: [
+    st.lists(st.tuples(st.text(st.sampled_from(TEMPLATE_CHARS) |
+                               st.characters(blacklist_categories=()), max_size=8),
+                       st.text(max_size=6), st.sampled_from(["text"] * 5 + ["finish", "tool",
+                                                                      "junk"])),
+             min_size=2, max_size=12),
+    st.booleans(), st.booleans(), st.lists(st.integers(0, 4000), max_size=6)])
+def test_fuzz_text_template_equals_strict_parse(items, ascii, pad_first, cuts):
+    """Streams of text events (any text, lone surrogates and controls included, escaped or raw,
+    with OpenAI's obfuscation padding), other events and broken ones, cut anywhere: the
+    decoders give the same IR, or the same error, with and without the template."""
+    openai, anthropic = [], []
+    for text, pad, kind in items:
+        chunk = _openai_text_chunk(text, obfuscation=pad)
+        if pad_first:                               # the padding before the text's slot
+            chunk = dict({"obfuscation": pad}, **chunk)
+        delta = {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": text}}
+        if kind == "finish":
+            chunk["choices"][0]["finish_reason"] = "stop"
+            delta["delta"]["type"] = "thinking_delta"
+        elif kind == "tool":
+            chunk["choices"][0]["delta"] = {"tool_calls": [{"index": 0, "id": "c", "type":
+                                            "function", "function": {"name": "f",
+                                                                     "arguments": text}}]}
+            delta["index"] = 1
+        surrogate = any("\ud800" <= c <= "\udfff" for c in text + pad)
+        dumps = lambda o: json.dumps(o, ensure_ascii=ascii or surrogate)    # noqa: E731
+        tail = ' "x"' if kind == "junk" else ""
+        openai.append(f"data: {dumps(chunk)}{tail}\n\n")
+        anthropic.append(f"event: content_block_delta\ndata: {dumps(delta)}{tail}\n\n")
+    for make, events in ((ag.OpenAIStreamDecoder, openai), (ag.AnthropicStreamDecoder, anthropic)):
+        raw = "".join(events).encode()
+        reads = list(_pieces(raw, cuts))
+
+        def decoded():      # a stream without its own id gets a random one: not compared
+            out = _decode_all(make, reads)
+            events = out[3] if out[0] == "error" else out
+            events = [ev[:1] + ev[2:] if ev[0] == "start" else ev for ev in events]
+            return out[:3] + (events,) if out[0] == "error" else events
+        fast = decoded()
+        saved, ag.TEMPLATE_LEARNS = ag.TEMPLATE_LEARNS, 0
+        try:
+            assert fast == decoded()
+        finally:
+            ag.TEMPLATE_LEARNS = saved
 
 
 @fuzz(lambda st: [st.binary(max_size=300)])

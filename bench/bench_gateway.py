@@ -66,11 +66,17 @@ def sse(obj: dict, event: str | None = None) -> bytes:
 
 
 def openai_chunk(i: int, t: float | None = None) -> bytes:
+    """A text chunk shaped as api.openai.com streams it: service tier, fingerprint, logprobs and,
+    after the choices, the random "obfuscation" padding every delta carries by default
+    (stream_options.include_obfuscation); a paced one (``t``) carries its index and send time."""
     body = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
-            "model": "bench-model", "choices": [{"index": 0, "delta": {"content": f"tok{i} "},
-                                                 "finish_reason": None}]}
+            "model": "bench-model", "service_tier": "default", "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "logprobs": None,
+                         "finish_reason": None}]}
     if t is not None:
         body["i"], body["t"] = i, t
+    else:
+        body["obfuscation"] = "Zq8xLw3Rk"[:i % 9 + 1]
     return sse(body)
 
 
