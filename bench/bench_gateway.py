@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -859,6 +860,21 @@ def wait_accept(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> flo
         except OSError:
             time.sleep(0.002)
     raise RuntimeError(f"{proc.args} did not start")
+
+
+@contextlib.contextmanager
+def fake_upstream(tmp: str):
+    """The fake upstream in a subprocess, unpinned, for the tools beside the benchmark
+    (profile_gateway.py, count_instructions.py): yields (plain port, TLS port, certificate)."""
+    cert, key = make_cert(tmp)
+    up, tls = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--upstream", str(up), str(tls), cert, key])
+    try:
+        wait_accept(up, proc)
+        yield up, tls, cert
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -27,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -125,21 +123,13 @@ def main() -> None:
                           flush=True)
         return
     tmp = tempfile.mkdtemp(prefix="aigw-count-")
-    cert, key = bg.make_cert(tmp)
-    up, tls = bg.free_port(), bg.free_port()
-    upstream = subprocess.Popen([sys.executable, bg.__file__, "--upstream", str(up), str(tls),
-                                 cert, key])
-    try:
-        bg.wait_accept(up, upstream)
+    with bg.fake_upstream(tmp) as (up, tls, cert):
         for path in args.files:
             base = server_count(path, 0, args.stream, up, tls, tmp, cert)
             total = server_count(path, args.requests, args.stream, up, tls, tmp, cert)
             kind = "stream" if args.stream else "non-streaming request"
             print(f"{path}: {(total - base) / args.requests:,.0f} instructions per {kind}",
                   flush=True)
-    finally:
-        upstream.terminate()
-        upstream.wait(10)
 
 
 if __name__ == "__main__":

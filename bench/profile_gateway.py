@@ -20,7 +20,6 @@ import json
 import os
 import pstats
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -154,18 +153,10 @@ def main() -> None:
     ap.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="aigw-prof-")
-    cert, key = bg.make_cert(tmp)
-    up, tls = bg.free_port(), bg.free_port()
-    upstream = subprocess.Popen([sys.executable, bg.__file__, "--upstream", str(up), str(tls),
-                                 cert, key])
-    try:
-        bg.wait_accept(up, upstream)
+    with bg.fake_upstream(tmp) as (up, tls, _cert):
         for name in args.scenarios:
             profile_scenario(name, up, tls, args, tmp)
         converter_micro()
-    finally:
-        upstream.terminate()
-        upstream.wait(10)
 
 
 if __name__ == "__main__":
