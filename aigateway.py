@@ -3813,7 +3813,7 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
 
 _SCAN_STRING = json.decoder.scanstring         # json's C scanner for one string literal
 TEMPLATE_LEARNS = 4       # attempts per stream to learn a TextTemplate (a stream may have none)
-_PROBES = ("aigateway-probe-0", "aigateway-probe-1", "aigateway-probe-2")
+_PROBE = "aigateway-probe"                      # put in the text slot to check what it holds
 
 
 class TextTemplate:
@@ -3827,9 +3827,14 @@ class TextTemplate:
     a probe string put in the text slot must come back, parsed, as the text the decoder
     reads."""
 
-    __slots__ = ("name", "pieces", "text_at", "learns")
+    __slots__ = ("_text_rx", "_ignored", "_reads", "name", "pieces", "text_at", "learns")
 
-    def __init__(self):
+    def __init__(self, text_rx: re.Pattern, ignored: tuple[tuple[str, re.Pattern], ...],
+                 reads: Callable[[str | None, dict], str | None]):
+        """``text_rx``: the pattern before the text's string; ``ignored``: top-level string
+        fields whose name the decoder reads nowhere, each with its pattern; ``reads``: the
+        decoder's text of an event that is only a text event, else None."""
+        self._text_rx, self._ignored, self._reads = text_rx, ignored, reads
         self.name: str | None = None        # the SSE event name the template was learned with
         # The text before each slot's string, its opening quote included, and after the last.
         self.pieces: tuple[str, ...] | None = None
@@ -3856,18 +3861,16 @@ class TextTemplate:
             return None
         return values[self.text_at] or None
 
-    def learn(self, name: str | None, payload: str, text: str, text_rx: re.Pattern,
-              ignored: tuple[tuple[str, re.Pattern], ...],
-              reads: Callable[[str | None, dict], str | None], obj: dict) -> None:
+    def learn(self, name: str | None, payload: str, text: str, obj: dict) -> None:
         """Learn from ``payload`` (parsed: ``obj``), whose text ``reads`` found to be ``text``:
         its slot is the string after ``text_rx`` holding ``text``, checked by a probe; each
-        ignored top-level key's slot the first string after its pattern holding its value (a
-        field of that name the decoder reads nowhere). At most TEMPLATE_LEARNS tries a
-        stream."""
+        ignored key's slot the first string after its pattern holding the top-level value. At
+        most TEMPLATE_LEARNS tries a stream."""
         self.learns += 1
         self.pieces = None
         spans = []
-        for want, rx in (((text, text_rx),) + tuple((obj.get(k), rx) for k, rx in ignored)):
+        wanted = [(text, self._text_rx)] + [(obj.get(k), rx) for k, rx in self._ignored]
+        for want, rx in wanted:
             for m in rx.finditer(payload):
                 try:
                     value, end = _SCAN_STRING(payload, m.end(), True)
@@ -3883,7 +3886,7 @@ class TextTemplate:
         pieces, probe, at = [], [], 0
         for start, end, slot in spans:
             pieces.append(payload[at:start + 1])
-            probe += [pieces[-1], _PROBES[slot], '"']
+            probe += [pieces[-1], f"{_PROBE}-{slot}", '"']
             at = end
         pieces.append(payload[at:])
         probe.append(pieces[-1])
@@ -3892,7 +3895,7 @@ class TextTemplate:
                               unique_keys=False, error=ProtocolError)
         except ProtocolError:
             return
-        if not isinstance(back, dict) or reads(name, back) != _PROBES[0]:
+        if not isinstance(back, dict) or self._reads(name, back) != f"{_PROBE}-0":
             return
         self.name, self.pieces = name, tuple(pieces)
         self.text_at = [slot for _, _, slot in spans].index(0)
@@ -3917,7 +3920,8 @@ class StreamDecoder:
         self._started = False
         self._tools = 0                  # tool calls seen, the next IR tool index
         self.finish: str | None = None
-        self._template = TextTemplate() if self.text_rx is not None else None
+        self._template = TextTemplate(self.text_rx, self.ignored, self._text_of) \
+            if self.text_rx is not None else None
 
     def _text_of(self, name: str | None, obj: dict) -> str | None:
         """The text when ``obj`` is the dialect's usual text event, which the decoder reads as
@@ -3946,8 +3950,7 @@ class StreamDecoder:
                 if tpl is not None and tpl.learns < TEMPLATE_LEARNS:
                     text = self._text_of(name, obj)
                     if text:
-                        tpl.learn(name, payload, text, self.text_rx, self.ignored,
-                                  self._text_of, obj)
+                        tpl.learn(name, payload, text, obj)
                 yield name, obj
 
     def _start(self, out: list[tuple], rid: Any = None, model: Any = None) -> None:
@@ -4394,6 +4397,12 @@ class OpenAIStreamDecoder(StreamDecoder):
     choice finishes (or the stream ends): the IR events stay sequential, one call after the
     other, each complete before the next begins."""
 
+    text_rx = re.compile(r'"content"\s*:\s*"')
+    # Chat Completions streams pad each delta with a random "obfuscation" string unless the
+    # request sets stream_options.include_obfuscation to false (OpenAI API reference,
+    # ChatCompletionStreamOptions); the decoder never reads it.
+    ignored = (("obfuscation", re.compile(r'"obfuscation"\s*:\s*"')),)
+
     def __init__(self):
         super().__init__()
         self._index: dict[int, int] = {}          # upstream index -> IR index
@@ -4401,12 +4410,6 @@ class OpenAIStreamDecoder(StreamDecoder):
         self._held: dict[int, list] = {}          # IR index -> [id, name, [argument pieces]]
         self._released = False                    # held calls went out: call 0 is closed
         self.usage: dict | None = None
-
-    text_rx = re.compile(r'"content"\s*:\s*"')
-    # Chat Completions streams pad each delta with a random "obfuscation" string unless the
-    # request sets stream_options.include_obfuscation to false (OpenAI API reference,
-    # ChatCompletionStreamOptions); the decoder never reads it.
-    ignored = (("obfuscation", re.compile(r'"obfuscation"\s*:\s*"')),)
 
     def _text_of(self, name: str | None, chunk: dict) -> str | None:
         choices = chunk.get("choices")
@@ -5575,6 +5578,8 @@ class AnthropicStreamDecoder(StreamDecoder):
 
     id_prefix = "msg_"
 
+    text_rx = re.compile(r'"text"\s*:\s*"')
+
     def __init__(self, kept: dict[str, list[dict]] | None = None):
         super().__init__()
         self._blocks: dict[int, int | None] = {}    # block index -> IR tool index (None: other)
@@ -5582,8 +5587,6 @@ class AnthropicStreamDecoder(StreamDecoder):
         self._kept = kept
         self._thinking: list[dict] = []            # this turn's thinking blocks, for ``kept``
         self._thinking_size = 0
-
-    text_rx = re.compile(r'"text"\s*:\s*"')
 
     def _text_of(self, name: str | None, ev: dict) -> str | None:
         delta = ev.get("delta")
