@@ -1683,13 +1683,32 @@ def _host_header(t: _Target) -> str:
     return host if t.port == default else f"{host}:{t.port}"
 
 
-class _Conn:
-    __slots__ = ("reader", "writer", "key", "idle_since", "watchdog")
+# Linux only (macOS and Windows have no such option; their delayed ACK stays as it is).
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: tuple):
+
+class _Conn:
+    __slots__ = ("reader", "writer", "key", "idle_since", "watchdog", "_sock")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: tuple,
+                 sock: Any = None):
         self.reader, self.writer, self.key = reader, writer, key
         self.idle_since = 0.0
         self.watchdog = Watchdog(reader)
+        self._sock = sock if _TCP_QUICKACK is not None else None
+
+    def ack_at_once(self) -> None:
+        """Have the kernel acknowledge the next bytes from the upstream at once. A server that
+        leaves Nagle's algorithm on (no TCP_NODELAY: HAProxy's default, some inference servers)
+        sends a small write only once the one before is acknowledged, and on a reused connection
+        Linux delays that ACK by 40 ms or more: every event of a stream, and the end of every
+        answer, would wait for it. TCP_QUICKACK does not last, so it is asked for before each
+        read (one setsockopt)."""
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                self._sock = None
 
     def usable(self, now: float) -> bool:
         return (not self.writer.transport.is_closing() and not self.reader.at_eof()
@@ -1889,6 +1908,7 @@ class UpstreamResponse:
             async for data in iter_body(conn.reader, conn.watchdog, self._mode, self._length,
                                         self._idle, error_status=502, exact=False,
                                         overrun=overrun):
+                conn.ack_at_once()
                 if self._decoder is None:
                     yield self._tapped(data)
                 else:
@@ -1984,6 +2004,7 @@ class UpstreamClient:
                                       timeout)
                 if len(body) >= READ_SIZE:
                     await write_and_drain(conn.writer, body, timeout)
+                conn.ack_at_once()
                 # Each head, once its first byte came, is whole within UPSTREAM_HEAD_TIMEOUT;
                 # interim heads (100 Continue, 103 Early Hints) do not extend ``timeout``.
                 deadline = time.monotonic() + timeout
@@ -2054,7 +2075,7 @@ class UpstreamClient:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        return _Conn(reader, writer, key)
+        return _Conn(reader, writer, key, sock)
 
     @staticmethod
     async def _open(t: _Target, p: urllib.parse.SplitResult | None, verify_tls: bool,
@@ -3010,11 +3031,22 @@ _OPENAI_ERROR_TYPE = {
     "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_exceeded",
     "conflict": "invalid_request_error", "not_implemented": "invalid_request_error",
 }
+# google.rpc.Code of an HTTP status (googleapis google/rpc/code.proto and the HTTP -> RPC table of
+# Google's API error model: 416 OUT_OF_RANGE, 499 CANCELLED, any other 4xx FAILED_PRECONDITION,
+# any other 5xx INTERNAL, the rest UNKNOWN); 405 and 413 are bad requests, 408 a deadline, and a
+# 502 or an overloaded upstream (529) an unavailable service, as a Google front end says them.
 _GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                   404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED",
-                  409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
-                  500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE",
-                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED", 529: "UNAVAILABLE"}
+                  409: "ABORTED", 413: "INVALID_ARGUMENT", 416: "OUT_OF_RANGE",
+                  429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                  501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+                  504: "DEADLINE_EXCEEDED", 529: "UNAVAILABLE"}
+
+
+def google_status(status: int) -> str:
+    """The ``status`` name a Gemini client reads beside an HTTP status ``code``."""
+    return _GOOGLE_STATUS.get(status) or ("FAILED_PRECONDITION" if 400 <= status < 500 else
+                                          "INTERNAL" if 500 <= status < 600 else "UNKNOWN")
 _ANTHROPIC_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
     "billing": "billing_error", "permission": "permission_error", "not_found": "not_found_error",
@@ -3105,7 +3137,7 @@ def error_payload(dialect: str, err: GatewayError) -> dict:
         err = GatewayError(400, overflow_message(dialect, err), code=err.code, param=err.param)
     if dialect == GEMINI:
         return {"error": {"code": err.status, "message": err.message,
-                          "status": _GOOGLE_STATUS.get(err.status, "UNKNOWN")}}
+                          "status": google_status(err.status)}}
     if dialect == ANTHROPIC:
         return {"type": "error", "error": {
             "type": _ANTHROPIC_ERROR_TYPE.get(err.kind, "api_error"), "message": err.message}}
@@ -10245,8 +10277,13 @@ class Router:
               ) -> list[Channel]:
         serving = [ch for ch in channels if ch.enabled and ch.serves(model)]
         if not serving:
-            raise GatewayError(404, f"model '{model}' is not served by any enabled channel",
-                               code="model_not_found", param="model")
+            # A new install's first request: say what to do, not only what is missing.
+            hint = "" if channels else (
+                ": no channel is configured yet; add one in the window's Channels tab, with "
+                "'python aigateway.py channels add --name NAME --type TYPE --api-key -', or in "
+                "config.json (see config.example.json)")
+            raise GatewayError(404, f"model '{model}' is not served by any enabled channel"
+                                    f"{hint}", code="model_not_found", param="model")
         if token is not None:
             serving = [ch for ch in serving if token.may_use_channel(ch)]
             if not serving:
