@@ -201,6 +201,7 @@ LINGER_SECONDS = 1.0                  # after an early 413, read and discard bef
 LINGER_BYTES = 8 * 1024 * 1024
 
 CONNECT_TIMEOUT = 10.0                # TCP + proxy handshake + TLS to an upstream
+HAPPY_EYEBALLS_DELAY = 0.25           # the next address is tried this long after the last (RFC 8305)
 DEFAULT_CHANNEL_TIMEOUT = 300.0       # first byte and idle gap between upstream bytes
 POOL_MAX_IDLE = 32                    # idle upstream connections kept per pool key
 POOL_IDLE_TTL = 50.0                  # servers commonly drop idle connections after 60 s
@@ -1637,6 +1638,7 @@ async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> No
 # =================================================================================================
 # A pool keyed by (scheme, host, port, proxy, verify_tls) recycles a connection only when its
 # response was read to the end and neither side asked to close. TLS uses the system CA store.
+# Sockets set TCP_NODELAY, and on Linux ask for an immediate ACK before each read (_Conn).
 # Proxies: http://[user:pass@]host:port (CONNECT tunnel for https targets, absolute-form for http
 # ones), socks5:// (we resolve names) and socks5h:// (the proxy resolves names).
 
@@ -1733,25 +1735,78 @@ async def _sock_recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socke
     return buf
 
 
-async def _open_socket(host: str, port: int) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last: Exception = OSError(f"cannot resolve {host}")
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
+def interleave_families(infos: list[tuple]) -> list[tuple]:
+    """getaddrinfo results with the address families taking turns (IPv6, IPv4, IPv6, ... when
+    the resolver put IPv6 first), each family in the resolver's order (RFC 8305 section 4)."""
+    by_family: dict[int, list[tuple]] = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    return [info for turn in itertools.zip_longest(*by_family.values()) for info in turn
+            if info is not None]
+
+
+async def _connect_one(info: tuple) -> socket.socket:
+    family, type_, proto, _, addr = info
+    sock = socket.socket(family, type_, proto)
+    try:
         sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, addr)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-    raise last
+        await asyncio.get_running_loop().sock_connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _open_socket(hosts: tuple[str, ...], port: int, *, numeric: bool = False
+                       ) -> socket.socket:
+    """A TCP connection to the first address of ``hosts`` that answers ("Happy Eyeballs", RFC
+    8305): names are resolved (``numeric``: only addresses, no lookup), the families take turns,
+    and each next address is tried HAPPY_EYEBALLS_DELAY after the one before, or as soon as it
+    failed, while the earlier ones keep trying. So an address that drops packets (a broken IPv6
+    route, a dead host of several) costs a quarter of a second, not the whole connect timeout.
+    Raises the last address's error when none answered."""
+    loop = asyncio.get_running_loop()
+    flags = socket.AI_NUMERICHOST if numeric else 0
+    infos: list[tuple] = []
+    for host in hosts:
+        infos += await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    todo = iter(interleave_families(infos))
+    following = next(todo, None)
+    racing: set[asyncio.Task] = set()
+    error: OSError = OSError(f"no address for {', '.join(hosts)}")
+    try:
+        while following is not None or racing:
+            if following is not None:
+                racing.add(asyncio.ensure_future(_connect_one(following)))
+                following = next(todo, None)
+            done, racing = await asyncio.wait(
+                racing, timeout=HAPPY_EYEBALLS_DELAY if following is not None else None,
+                return_when=asyncio.FIRST_COMPLETED)
+            winner = None
+            for task in done:
+                exc = task.exception()
+                if exc is None and winner is None:
+                    winner = task.result()
+                elif exc is None:
+                    task.result().close()               # a second one in the same instant
+                elif isinstance(exc, OSError):
+                    error = exc
+                else:
+                    raise exc
+            if winner is not None:
+                return winner
+        raise error
+    finally:
+        for task in racing:
+            if not task.done():
+                task.cancel()                           # it closes its own socket
+            elif not task.cancelled() and task.exception() is None:
+                task.result().close()                   # connected as another one won
 
 
 async def _http_connect_tunnel(proxy: urllib.parse.SplitResult, t: _Target) -> socket.socket:
     loop = asyncio.get_running_loop()
-    sock = await _open_socket(proxy.hostname or "", proxy.port or 8080)
+    sock = await _open_socket((proxy.hostname or "",), proxy.port or 8080)
     try:
         authority = _host_header(_Target(t.scheme, t.host, t.port, ""))
         if ":" not in authority.rsplit("]", 1)[-1]:
@@ -1778,7 +1833,7 @@ async def _http_connect_tunnel(proxy: urllib.parse.SplitResult, t: _Target) -> s
 async def _socks5_tunnel(proxy: urllib.parse.SplitResult, t: _Target) -> socket.socket:
     """RFC 1928 CONNECT with optional RFC 1929 username/password."""
     loop = asyncio.get_running_loop()
-    sock = await _open_socket(proxy.hostname or "", proxy.port or 1080)
+    sock = await _open_socket((proxy.hostname or "",), proxy.port or 1080)
     try:
         user = urllib.parse.unquote(proxy.username or "")
         password = urllib.parse.unquote(proxy.password or "")
@@ -2083,26 +2138,21 @@ class UpstreamClient:
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         ctx = tls_context(verify_tls) if t.scheme == "https" else None
         hostname = t.host if ctx else None
-        if p is None:
-            last: OSError = OSError(f"no address for {t.host}")
-            for addr in connect_to or (t.host,):
-                try:
-                    return await asyncio.open_connection(addr, t.port, ssl=ctx,
-                                                         server_hostname=hostname,
-                                                         limit=MAX_HEAD_BYTES)
-                except ssl.SSLError:
-                    raise
-                except OSError as exc:
-                    last = exc                        # refused or unreachable: the next address
-            raise last
-        if p.scheme == "http" and t.scheme == "http" and not connect_to:
-            return await asyncio.open_connection(p.hostname, p.port or 8080, limit=MAX_HEAD_BYTES)
-        tunnel = _socks5_tunnel if p.scheme.startswith("socks5") else _http_connect_tunnel
-        # The proxy is handed the checked address, never the name: it cannot resolve it anew.
-        sock = await tunnel(p, _Target(t.scheme, connect_to[0], t.port, t.path)
-                            if connect_to else t)
-        return await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=hostname,
-                                             limit=MAX_HEAD_BYTES)
+        if p is None:                       # pinned addresses are connected to, not resolved
+            sock = await _open_socket(connect_to or (t.host,), t.port, numeric=bool(connect_to))
+        elif p.scheme == "http" and t.scheme == "http" and not connect_to:
+            sock = await _open_socket((p.hostname or "",), p.port or 8080)
+        else:
+            tunnel = _socks5_tunnel if p.scheme.startswith("socks5") else _http_connect_tunnel
+            # The proxy is handed the checked address, never the name: it cannot resolve it anew.
+            sock = await tunnel(p, _Target(t.scheme, connect_to[0], t.port, t.path)
+                                if connect_to else t)
+        try:
+            return await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=hostname,
+                                                 limit=MAX_HEAD_BYTES)
+        except BaseException:
+            sock.close()
+            raise
 
     def _take(self, key: tuple) -> _Conn | None:
         idle = self._idle.get(key)

@@ -1846,6 +1846,62 @@ def test_07_an_upstream_with_nagle_on_is_not_held_by_acks(upstream):
     assert min(took[1:]) < 0.030, took
 
 
+def _dropping_port() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full, so that a connect to it hangs (the kernel drops
+    the SYN) as one to an address behind a broken route does; and the connections filling it."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fill: list[socket.socket] = []
+    for _ in range(8):
+        s = socket.socket()
+        s.settimeout(0.3)
+        try:
+            s.connect(hole.getsockname())
+        except TimeoutError:
+            s.close()
+            return hole, fill
+        fill.append(s)
+    pytest.fail("the kernel accepted every connection: no port that drops SYNs")
+
+
+def test_07_an_address_that_drops_packets_costs_a_quarter_second(upstream):
+    # The resolver answers an address that never answers first (a broken IPv6 route), then one
+    # that works: the second is tried HAPPY_EYEBALLS_DELAY later, while the first still waits,
+    # instead of after the whole connect timeout, which would end in a 504.
+    up = upstream()
+    hole, fill = _dropping_port()
+
+    async def go():
+        seen = []
+
+        async def resolve(host, port, **kw):
+            seen.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", hole.getsockname()),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", up.port))]
+        asyncio.get_running_loop().getaddrinfo = resolve
+        resp, body = await _client_call(f"http://dual.example:{up.port}/x", connect_timeout=2)
+        return resp.status, body, seen
+    try:
+        status, body, seen = run(go())
+    finally:
+        for s in fill + [hole]:
+            s.close()
+    assert status == 200 and body and seen == ["dual.example"]
+    assert up.last()["headers"]["host"] == f"dual.example:{up.port}"
+
+
+def test_07_address_families_take_turns():
+    def v6(n):
+        return (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{n}", 443, 0, 0))
+
+    def v4(n):
+        return (socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"192.0.2.{n}", 443))
+    assert ag.interleave_families([v6(1), v6(2), v6(3), v4(1)]) == [v6(1), v4(1), v6(2), v6(3)]
+    assert ag.interleave_families([v4(1), v4(2), v6(1), v6(2)]) == [v4(1), v6(1), v4(2), v6(2)]
+    assert ag.interleave_families([]) == []
+
+
 def test_07_unread_body_is_not_returned_to_the_pool(upstream):
     up = upstream([openai_stream_reply()])
 

@@ -216,6 +216,11 @@ class UpstreamProtocol(asyncio.Protocol):
             self.t.write(STREAM_HEAD + (ANTHROPIC_BURST if anthropic else OPENAI_BURST))
         else:
             req = json.loads(body)
+            # "nagle": a server that never sets TCP_NODELAY (asyncio sets it on every
+            # transport), whose small writes each wait for the ACK of the one before; set per
+            # request, as a pooled connection may carry either kind
+            self.t.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                                       0 if req.get("nagle") else 1)
             self.t.write(STREAM_HEAD)
             Ticker.add(req["pace_ms"] / 1000, PacedStream(self.t, req["events"]),
                        bool(req.get("sync")))
@@ -671,6 +676,8 @@ class Bench:
             "conv_a2o": [("gateway", chat, body("claude-bench", True), c)],
             "paced": [(t, chat, body("bench-model", True, pace_ms=2, events=500), 4)
                       for t in targets],
+            "paced_nagle": [(t, chat, body("bench-model", True, pace_ms=2, events=500,
+                                           nagle=True), 4) for t in targets],
             "tls": [("gateway", chat, body("tls-model", False), c)],
         }
         rounds: dict[tuple[str, str], list[dict]] = {}
@@ -687,7 +694,7 @@ class Bench:
                     # a paced stream lasts 1 s: three times the phase's length gives each round
                     # ~36 first events to take the median of, not ~12
                     res = self.load(port, path, b, conc, pid,
-                                    a.seconds * 3 if phase == "paced" else None)
+                                    a.seconds * 3 if phase.startswith("paced") else None)
                     if phase == "tls":
                         hs = upstream_stats(up)["tls_connections"] - h0
                         handshakes.append((hs, hs / res["requests"] * 1000))
@@ -747,6 +754,7 @@ class Bench:
         row("200-event SSE passthrough streams/s", "stream", "rps")
         row("200-event SSE passthrough CPU us/stream", "stream", "cpu_us")
         row("paced 500 x 2 ms: time to first event ms", "paced", "ttfb_ms", "{:>10.3f}")
+        row("  same, upstream without TCP_NODELAY", "paced_nagle", "ttfb_ms", "{:>10.3f}")
         for key, label in (("conv_o2a", "converted OpenAI -> Anthropic"),
                            ("pass_anth", "Anthropic passthrough"),
                            ("conv_a2o", "converted Anthropic -> OpenAI"),
