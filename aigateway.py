@@ -4010,6 +4010,12 @@ class StreamDecoder:
         ("text", that) and nothing more; else None."""
         return None
 
+    def looking_only(self) -> "StreamDecoder":
+        """This decoder, for a look at a stream's first events only (a passthrough's hold,
+        dropped at the first content): it learns no template, which would never be used."""
+        self._template = None
+        return self
+
     def _sse_objects(self, data: bytes) -> Iterable[tuple[str | None, dict | str]]:
         """(event name, JSON object) for each whole SSE event in ``data``, or (name, text) for
         a text event read by the template; the [DONE] sentinel, blank events and JSON that is
@@ -10843,7 +10849,7 @@ class Relay:
         held: list[bytes] = []
         if sse and hold and up.status < 300:
             stream_decoder = DIALECTS[dialect].passthrough_decoders()[1]
-            await self._hold_until_content(chunks, stream_decoder(), up, held)
+            await self._hold_until_content(chunks, stream_decoder().looking_only(), up, held)
         if sse:
             hdrs = [(n, v) for n, v in hdrs if n.lower() != "cache-control"]
             hdrs += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
