@@ -620,16 +620,29 @@ def _escape_control(m: re.Match[str]) -> str:
 
 def escape_record(obj: Any) -> Any:
     """``obj`` (a request record: strings, numbers, lists and dicts) with escape_controls applied
-    to every string in it."""
+    to every string in it: ``obj`` itself when no string needed it (the usual case), else a
+    copy."""
     if isinstance(obj, str):
         return escape_controls(obj)
-    if isinstance(obj, list):
-        return [escape_record(v) for v in obj]
-    if isinstance(obj, dict):                   # a record's values: mostly plain, inline
-        return {k: escape_controls(v) if isinstance(v, str) else
-                escape_record(v) if isinstance(v, (list, dict)) else v
-                for k, v in obj.items()}
-    return obj
+    if not isinstance(obj, (list, dict)):
+        return obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    out: Any = None
+    for k, v in items:
+        if isinstance(v, str):
+            if _CONTROL_CHARS.search(v) is None:
+                continue
+            new = _CONTROL_CHARS.sub(_escape_control, v)
+        elif isinstance(v, (list, dict)) and v:
+            new = escape_record(v)
+            if new is v:
+                continue
+        else:
+            continue
+        if out is None:
+            out = dict(obj) if isinstance(obj, dict) else list(obj)
+        out[k] = new
+    return obj if out is None else out
 
 
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
@@ -2804,18 +2817,32 @@ class _ConnState:
 class _Sentry:
     """Notices a client that went away while its request is being served (the connection's
     read side reached EOF or the transport closed) and cancels the connection's task, which
-    cancels the upstream request at once instead of at the next write. One timer per busy
-    connection, every CLIENT_CHECK_SECONDS."""
+    cancels the upstream request at once instead of at the next write. One per connection:
+    ``watch()`` as a request starts, ``rest()`` when it is answered; its timer checks every
+    CLIENT_CHECK_SECONDS while a request is served and stops at the first check after, so
+    back-to-back requests share one timer instead of making one each."""
 
-    __slots__ = ("_loop", "_reader", "_writer", "_task", "_handle")
+    __slots__ = ("_loop", "_reader", "_writer", "_task", "_handle", "_busy")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  task: asyncio.Task):
         self._loop = asyncio.get_running_loop()
         self._reader, self._writer, self._task = reader, writer, task
-        self._handle = self._loop.call_later(CLIENT_CHECK_SECONDS, self._check)
+        self._handle: asyncio.TimerHandle | None = None
+        self._busy = False
+
+    def watch(self) -> None:
+        self._busy = True
+        if self._handle is None:
+            self._handle = self._loop.call_later(CLIENT_CHECK_SECONDS, self._check)
+
+    def rest(self) -> None:
+        self._busy = False
 
     def _check(self) -> None:
+        if not self._busy:
+            self._handle = None
+            return
         if self._reader.at_eof() or self._writer.transport.is_closing():
             self._handle = None
             self._task.cancel()
@@ -2823,6 +2850,7 @@ class _Sentry:
         self._handle = self._loop.call_later(CLIENT_CHECK_SECONDS, self._check)
 
     def close(self) -> None:
+        self._busy = False
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -2915,6 +2943,7 @@ class HTTPServer:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         watchdog = Watchdog(reader)
+        sentry = _Sentry(reader, writer, task)                       # type: ignore[arg-type]
         try:
             while not self._stopping:
                 state.busy = False
@@ -2928,17 +2957,18 @@ class HTTPServer:
                 if raw is None:
                     break
                 state.busy = True
-                sentry = _Sentry(reader, writer, task)               # type: ignore[arg-type]
+                sentry.watch()
                 try:
                     if not await self._one(reader, writer, watchdog, raw, client):
                         break
                 finally:
-                    sentry.close()
+                    sentry.rest()
         except (ConnectionError, OSError, TimeoutError, asyncio.CancelledError):
             pass
         except Exception as exc:                                       # pragma: no cover
             self._log(f"connection error: {type(exc).__name__}: {exc}")
         finally:
+            sentry.close()
             watchdog.close()
             self._conns.pop(task, None)                                # type: ignore[arg-type]
             await close_writer(writer)
@@ -11542,7 +11572,9 @@ class Gateway:
         # The one place records are made safe for every view of them (access line, GUI, JSONL):
         # the model, errors and the rest may hold text a client sent.
         record = rec.record
-        record.update(escape_record(record))
+        escaped = escape_record(record)
+        if escaped is not record:
+            record.update(escaped)
         if self.usage is not None and record["model"] is not None and \
                 record["route"] not in UNBILLED_ROUTES:
             ch = next((c for c in self.channels if c.name == record["channel"]), None)

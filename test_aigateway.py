@@ -1330,6 +1330,20 @@ def test_03_mask_secret_never_shows_the_middle():
     assert ag.mask_secret("short") == "*****"
 
 
+def test_03_escape_record_escapes_every_string_and_copies_only_then():
+    clean = {"model": "gpt-4o", "tried": ["a", "b"], "failures": [{"error": "429 slow down"}],
+             "status": 200, "error": None}
+    assert ag.escape_record(clean) is clean                 # nothing to escape: no copy
+    dirty = {"model": "m\x1b[31m", "tried": ["a", "b\nc"], "status": 502,
+             "failures": [{"channel": "x", "error": "bad\u2028line"}], "skipped": []}
+    before = json.dumps(dirty)
+    out = ag.escape_record(dirty)
+    assert out == {"model": "m\\x1b[31m", "tried": ["a", "b\\nc"], "status": 502,
+                   "failures": [{"channel": "x", "error": "bad\\u2028line"}], "skipped": []}
+    assert json.dumps(dirty) == before                      # the original is left as it was
+    assert out["tried"] is not dirty["tried"] and out["skipped"] is dirty["skipped"]
+
+
 def test_03_json_loads_raises_400():
     with pytest.raises(ag.GatewayError) as e:
         ag.json_loads(b"{nope")
