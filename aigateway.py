@@ -201,7 +201,8 @@ LINGER_SECONDS = 1.0                  # after an early 413, read and discard bef
 LINGER_BYTES = 8 * 1024 * 1024
 
 CONNECT_TIMEOUT = 10.0                # TCP + proxy handshake + TLS to an upstream
-HAPPY_EYEBALLS_DELAY = 0.25           # the next address is tried this long after the last (RFC 8305)
+HAPPY_EYEBALLS_DELAY = 0.25           # the next address is tried this long after one (RFC 8305)
+CONNECT_ADDRESSES_MAX = 16            # addresses tried per connect (a DNS answer may hold 100s)
 DEFAULT_CHANNEL_TIMEOUT = 300.0       # first byte and idle gap between upstream bytes
 POOL_MAX_IDLE = 32                    # idle upstream connections kept per pool key
 POOL_IDLE_TTL = 50.0                  # servers commonly drop idle connections after 60 s
@@ -1774,16 +1775,16 @@ async def _open_socket(hosts: tuple[str, ...], port: int, *, numeric: bool = Fal
                        ) -> socket.socket:
     """A TCP connection to the first address of ``hosts`` that answers ("Happy Eyeballs", RFC
     8305): names are resolved (``numeric``: only addresses, no lookup), the families take turns,
-    and each next address is tried HAPPY_EYEBALLS_DELAY after the one before, or as soon as it
-    failed, while the earlier ones keep trying. So an address that drops packets (a broken IPv6
-    route, a dead host of several) costs a quarter of a second, not the whole connect timeout.
-    Raises the last address's error when none answered."""
+    and each next address (of the first CONNECT_ADDRESSES_MAX) is tried HAPPY_EYEBALLS_DELAY
+    after the one before, or as soon as it failed, while the earlier ones keep trying. So an
+    address that drops packets (a broken IPv6 route, a dead host of several) costs a quarter of a
+    second, not the whole connect timeout. Raises the last address's error when none answered."""
     loop = asyncio.get_running_loop()
     flags = socket.AI_NUMERICHOST if numeric else 0
     infos: list[tuple] = []
     for host in hosts:
         infos += await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
-    todo = iter(interleave_families(infos))
+    todo = iter(interleave_families(infos)[:CONNECT_ADDRESSES_MAX])
     following = next(todo, None)
     racing: set[asyncio.Task] = set()
     error: OSError = OSError(f"no address for {', '.join(hosts)}")

@@ -1905,6 +1905,30 @@ def test_07_an_address_that_drops_packets_costs_a_quarter_second(upstream):
     assert up.last()["headers"]["host"] == f"dual.example:{up.port}"
 
 
+def test_07_a_connect_tries_at_most_connect_addresses_max(monkeypatch):
+    # A DNS answer may list hundreds of addresses: a connect tries the first sixteen, each
+    # refused at once here, then fails with the last one's error.
+    port = dead_port()
+    tried = []
+    connect_one = ag._connect_one
+
+    async def counting(info):
+        tried.append(info[4])
+        return await connect_one(info)
+    monkeypatch.setattr(ag, "_connect_one", counting)
+
+    async def go():
+        async def resolve(host, p, **kw):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))] * 40
+        asyncio.get_running_loop().getaddrinfo = resolve
+        with pytest.raises(ag.UpstreamError) as e:
+            await _client_call(f"http://many.example:{port}/x", connect_timeout=5)
+        return e.value
+    err = run(go())
+    assert err.status == 502 and "cannot connect to many.example" in err.message
+    assert len(tried) == ag.CONNECT_ADDRESSES_MAX == 16
+
+
 def test_07_address_families_take_turns():
     def v6(n):
         return (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{n}", 443, 0, 0))
