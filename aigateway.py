@@ -3128,6 +3128,8 @@ def google_status(status: int) -> str:
     """The ``status`` name a Gemini client reads beside an HTTP status ``code``."""
     return _GOOGLE_STATUS.get(status) or ("FAILED_PRECONDITION" if 400 <= status < 500 else
                                           "INTERNAL" if 500 <= status < 600 else "UNKNOWN")
+
+
 _ANTHROPIC_ERROR_TYPE = {
     "invalid_request": "invalid_request_error", "authentication": "authentication_error",
     "billing": "billing_error", "permission": "permission_error", "not_found": "not_found_error",
