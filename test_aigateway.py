@@ -1940,6 +1940,52 @@ def test_07_address_families_take_turns():
     assert ag.interleave_families([]) == []
 
 
+def _answering_socket(answer: bytes, then: threading.Event):
+    """A one-connection server that reads a request head, writes ``answer`` and then waits for
+    ``then`` before closing: a body cut short, or one that stops coming."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(answer)
+            then.wait(10)
+        srv.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/x"
+
+
+@pytest.mark.parametrize("hang_up,status,words", [
+    (True, 502, "connection closed with 90 body bytes still to come"),
+    (False, 504, "upstream went silent for 0.2 s mid-answer")])
+def test_07_a_small_answer_cut_short_or_stalled_is_an_error_not_a_short_body(hang_up, status,
+                                                                          words):
+    # A whole answer of a few bytes is read in one call (no stages): it must still fail as the
+    # piecewise read does, never hand on the ten bytes that came as if they were the answer.
+    then = threading.Event()
+    if hang_up:
+        then.set()
+    url = _answering_socket(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n" + b'{"id": 1, ', then)
+
+    async def go():
+        c = ag.UpstreamClient()
+        resp = await c.request("POST", url, [], b"{}", timeout=0.2)
+        with pytest.raises(ag.UpstreamError) as e:
+            await resp.read()
+        return e.value, c.idle_count()
+    try:
+        err, idle = run(go())
+    finally:
+        then.set()
+    assert (err.status, err.message) == (status, words) and idle == 0
+
+
 def test_07_unread_body_is_not_returned_to_the_pool(upstream):
     up = upstream([openai_stream_reply()])
 
