@@ -6309,6 +6309,19 @@ def test_11_different_sessions_spread_and_affinity_off(gw, upstream):
     assert {r["affinity"] for r in g2.records(4)} == {None}
 
 
+def test_11_no_pin_where_one_channel_with_one_key_is_the_only_choice(gw, upstream):
+    a = upstream()
+    g = gw([chan(a, name="a")])
+    for _ in range(3):
+        rec = _chat_record(g, {"X-Claude-Code-Session-Id": "s"})
+        assert (rec["channel"], rec["affinity"]) == ("a", None)
+    assert len(g.gateway.affinity) == 0
+    g2 = gw([chan(a, name="a", api_keys=["sk-upstream-second"])])   # two keys: a choice
+    assert [_chat_record(g2, {"X-Claude-Code-Session-Id": "s"})["affinity"]
+            for _ in range(3)] == ["new", "hit", "hit"]
+    assert len(g2.gateway.affinity) == 1
+
+
 def test_11_affinity_repins_after_a_failure_and_pins_the_key(gw, upstream):
     failing = threading.Event()
     a, b = upstream(), upstream()
