@@ -630,15 +630,9 @@ def escape_record(obj: Any) -> Any:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     out: Any = None
     for k, v in items:
-        if isinstance(v, str):
-            if _CONTROL_CHARS.search(v) is None:
-                continue
-            new = _CONTROL_CHARS.sub(_escape_control, v)
-        elif isinstance(v, (list, dict)) and v:
-            new = escape_record(v)
-            if new is v:
-                continue
-        else:
+        new = escape_controls(v) if isinstance(v, str) else \
+            escape_record(v) if isinstance(v, (list, dict)) and v else v
+        if new is v:                            # escape_controls returns clean text itself
             continue
         if out is None:
             out = dict(obj) if isinstance(obj, dict) else list(obj)
@@ -1522,6 +1516,11 @@ async def read_head(reader: asyncio.StreamReader, watchdog: Watchdog, first_time
     return first + rest
 
 
+def body_cut_short(status: int, left: int) -> ProtocolError:
+    """The error of a body framed by its length whose connection closed ``left`` bytes early."""
+    return ProtocolError(status, f"connection closed with {left} body bytes still to come")
+
+
 async def iter_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str, length: int,
                     idle_timeout: float, *, error_status: int = 400, exact: bool = True,
                     overrun: list[bytes] | None = None, limit: int | None = None,
@@ -1543,8 +1542,7 @@ async def iter_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str,
                 watchdog.arm(idle_timeout)
                 data = await reader.read(min(left, READ_SIZE))
                 if not data:
-                    raise ProtocolError(error_status, f"connection closed with {left} body "
-                                                      f"bytes still to come")
+                    raise body_cut_short(error_status, left)
                 left -= len(data)
                 seen += len(data)
                 if limit is not None and seen > limit and limit_error is not None:
@@ -2015,9 +2013,7 @@ class UpstreamResponse:
             try:
                 data = await conn.reader.readexactly(self._length)
             except asyncio.IncompleteReadError as exc:
-                raise ProtocolError(502, f"connection closed with "
-                                         f"{self._length - len(exc.partial)} body bytes still to "
-                                         f"come") from None
+                raise body_cut_short(502, self._length - len(exc.partial)) from None
             finally:
                 conn.watchdog.disarm()
             self._done = True
