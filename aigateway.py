@@ -10002,6 +10002,32 @@ def error_class(rec: dict) -> str:
     return "bad_request"
 
 
+class TpmWindow:
+    """One token's requests of the last USAGE_TPM_WINDOW seconds, (time, tokens) oldest first,
+    at most USAGE_TPM_EVENTS of them (the oldest go first), with their token total kept as they
+    come and go: a token's tpm is read with every request it makes, without a pass over them."""
+
+    __slots__ = ("events", "total")
+
+    def __init__(self) -> None:
+        self.events: collections.deque[tuple[float, int]] = collections.deque()
+        self.total = 0
+
+    def add(self, t: float, tokens: int) -> None:
+        events = self.events
+        if len(events) >= USAGE_TPM_EVENTS:
+            self.total -= events.popleft()[1]
+        events.append((t, tokens))
+        self.total += tokens
+
+    def tokens(self, now: float) -> int:
+        """The tokens of the requests made after ``now - USAGE_TPM_WINDOW``."""
+        events, cut = self.events, now - USAGE_TPM_WINDOW
+        while events and events[0][0] <= cut:
+            self.total -= events.popleft()[1]
+        return self.total
+
+
 class UsageStore:
     """Usage rows to ``path`` (None: counters only, no history) by one writer thread, and the
     per-token counters the limits are checked against. ``record`` runs on the server loop and
@@ -10020,7 +10046,7 @@ class UsageStore:
         self._wake = threading.Event()
         self._closing = False
         self._spend: dict[int, dict[str, float]] = {}
-        self._recent: dict[int, collections.deque[tuple[float, int]]] = {}
+        self._recent: dict[int, TpmWindow] = {}
         now = clock()
         self._day, self._month = utc_day(now), month_start(now)
         self._thread: threading.Thread | None = None
@@ -10031,8 +10057,7 @@ class UsageStore:
                 for tid, t, toks in conn.execute(
                         "SELECT token_id, time, input_tokens + output_tokens FROM requests "
                         "WHERE time > ? ORDER BY time", (now - USAGE_TPM_WINDOW,)):
-                    self._recent.setdefault(tid, collections.deque(
-                        maxlen=USAGE_TPM_EVENTS)).append((t, toks))
+                    self._recent.setdefault(tid, TpmWindow()).add(t, toks)
             finally:
                 conn.close()
             self._thread = threading.Thread(target=self._writer, name="usage-writer",
@@ -10095,8 +10120,8 @@ class UsageStore:
         spend["cost_per_month"] += cost
         recent = self._recent.get(tid)
         if recent is None:
-            recent = self._recent[tid] = collections.deque(maxlen=USAGE_TPM_EVENTS)
-        recent.append((now, tokens))
+            recent = self._recent[tid] = TpmWindow()
+        recent.add(now, tokens)
 
     def spend(self, tid: int) -> dict[str, float]:
         """A token's use as its limits count it, now."""
@@ -10104,9 +10129,7 @@ class UsageStore:
         self._roll(now)
         out = dict(self._spend.get(tid) or dict.fromkeys(LIMIT_KINDS, 0))
         recent = self._recent.get(tid)
-        while recent and recent[0][0] <= now - USAGE_TPM_WINDOW:
-            recent.popleft()
-        out["tpm"] = sum(t for _, t in recent) if recent else 0
+        out["tpm"] = recent.tokens(now) if recent is not None else 0
         return out
 
     def check(self, token: Any, spending: bool = True) -> None:
@@ -10126,7 +10149,7 @@ class UsageStore:
             if not limit or spend[kind] < limit:
                 continue
             if kind == "tpm":
-                recent = self._recent[token.id]
+                recent = self._recent[token.id].events
                 total, reset = spend[kind], now + USAGE_TPM_WINDOW
                 for t, toks in recent:       # oldest first: when enough of them have aged out
                     total -= toks

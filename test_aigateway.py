@@ -6753,6 +6753,22 @@ def test_11_limit_tokens_cost_and_tpm(gw, upstream):
     assert _chat(g)[0] == 200
 
 
+def test_11_tpm_window_keeps_its_total_as_requests_age_out_and_overflow(monkeypatch):
+    # The total is kept as events come and go (read with every request of a limited token,
+    # it used to be summed over up to USAGE_TPM_EVENTS events each time).
+    monkeypatch.setattr(ag, "USAGE_TPM_EVENTS", 3)
+    w = ag.TpmWindow()
+    for t, toks in ((100.0, 10), (110.0, 20), (120.0, 30), (130.0, 40)):
+        w.add(t, toks)
+    assert list(w.events) == [(110.0, 20), (120.0, 30), (130.0, 40)] and w.total == 90
+    assert w.tokens(165.0) == 90                       # nothing is a minute old yet
+    assert w.tokens(170.0) == 70                       # 110 + 60: out
+    assert w.tokens(185.0) == 40 and list(w.events) == [(130.0, 40)]
+    assert w.tokens(1000.0) == 0 and not w.events
+    w.add(1001.0, 5)
+    assert w.tokens(1001.0) == 5
+
+
 def test_11_expired_token_is_401_in_the_clients_dialect(gw, upstream):
     up = upstream()
     g = _limited_gw(gw, up, {}, _Clock(), expires_at="2026-12-01")

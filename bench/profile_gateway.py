@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the gateway's CPU goes: cProfile and tracemalloc summaries per scenario.
 
-    python bench/profile_gateway.py [--seconds 3] [--top 15] [--no-hold] [SCENARIO ...]
+    python bench/profile_gateway.py [--seconds 3] [--top 15] [--no-hold] [--dump PREFIX] [SCENARIO ...]
 
 Scenarios: nonstream (OpenAI passthrough), stream (200-event SSE passthrough), o2a (an OpenAI
 stream converted for an Anthropic client), a2o (an Anthropic stream converted for an OpenAI
@@ -70,6 +70,8 @@ def profile_scenario(name: str, up: int, tls: int, args: argparse.Namespace, tmp
     prof = cProfile.Profile()
     prof.runcall(ag.main, ["--headless", "--quiet", "--config", cfg])
     stats = pstats.Stats(prof)
+    if args.dump:
+        stats.dump_stats(f"{args.dump}.{name}")
     total = stats.total_tt
     n = result.get("requests", 0) or 1
     print(f"\n== {name}: {path} model={model} stream={stream}: {n} requests, "
@@ -150,6 +152,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--no-hold", action="store_true",
                     help="empty_answer_fallback off: streams are not decoded to find content")
+    ap.add_argument("--dump", metavar="PREFIX",
+                    help="also write each scenario's stats to PREFIX.SCENARIO (pstats format)")
     ap.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="aigw-prof-")
