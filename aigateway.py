@@ -431,6 +431,12 @@ class Headers:
         return f"Headers({self._items!r})"
 
 
+def is_digits(text: str) -> bool:
+    """Whether ``text`` is one or more ASCII digits, as HTTP writes a count (str.isdigit() says
+    yes to "²" too, which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 class _JSONRefused(ValueError):
     """Raised by the strict parser's hooks; the message says what was wrong and where."""
 
@@ -627,13 +633,20 @@ def escape_record(obj: Any) -> Any:
         return escape_controls(obj)
     if not isinstance(obj, (list, dict)):
         return obj
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    search = _CONTROL_CHARS.search
     out: Any = None
-    for k, v in items:
-        new = escape_controls(v) if isinstance(v, str) else \
-            escape_record(v) if isinstance(v, (list, dict)) and v else v
-        if new is v:                            # escape_controls returns clean text itself
+    for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+        t = type(v)                             # exact types first: the usual record is all
+        if t is str:                            # plain str, int, float, bool and None
+            if not search(v):
+                continue
+            new = escape_controls(v)
+        elif v is None or t is int or t is float or t is bool or not v:
             continue
+        else:                                   # containers, and subclasses of str or of them
+            new = escape_record(v)
+            if new is v:
+                continue
         if out is None:
             out = dict(obj) if isinstance(obj, dict) else list(obj)
         out[k] = new
@@ -822,11 +835,13 @@ def _content_length(headers: Headers, status: int) -> int | None:
     values = headers.get_all("content-length")
     if not values:
         return None
+    if len(values) == 1 and is_digits(values[0]):              # the usual one, plain
+        return int(values[0])
     found = {v.strip() for value in values for v in value.split(",")}
     if len(found) != 1:
         raise ProtocolError(status, "conflicting Content-Length headers")
     value = found.pop()
-    if not value.isdigit():
+    if not is_digits(value):
         raise ProtocolError(status, f"invalid Content-Length {value[:40]!r}")
     return int(value)
 
@@ -1591,6 +1606,17 @@ async def iter_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str,
 
 async def read_body(reader: asyncio.StreamReader, watchdog: Watchdog, mode: str, length: int,
                     idle_timeout: float, **kw: Any) -> bytes:
+    """A whole body (iter_body's). One no larger than a read (the usual request) is read in
+    one call, with the one wait for it that iter_body would allow."""
+    if mode == "length" and length <= READ_SIZE:
+        watchdog.arm(idle_timeout)
+        try:
+            return await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise body_cut_short(kw.get("error_status", 400), length - len(exc.partial)) \
+                from None
+        finally:
+            watchdog.disarm()
     parts = [p async for p in iter_body(reader, watchdog, mode, length, idle_timeout, **kw)]
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -2335,7 +2361,7 @@ class UrlFetcher:
             raise GatewayError(400, f"{where}: its content type {media[:80] or '(none)'!r} is "
                                     f"not one of {', '.join(accept)}")
         size = up.headers.get("content-length") or ""
-        too_large = size.isdigit() and int(size) > MAX_IMAGE_BYTES
+        too_large = is_digits(size) and int(size) > MAX_IMAGE_BYTES
         data = b"" if too_large else await up.read(MAX_IMAGE_BYTES + 1)     # stops past the cap
         if too_large or len(data) > MAX_IMAGE_BYTES:
             raise GatewayError(400, f"{where}: larger than {MAX_IMAGE_BYTES // 2**20} MiB")
@@ -3583,6 +3609,12 @@ class DialectAdapter:
         """(whole-answer decoder, stream decoder factory) that look into an answer passed
         through unchanged, for emptiness."""
         raise NotImplementedError
+
+    def plainly_has_text(self, answer: dict) -> bool:
+        """Whether a whole answer plainly has text that is not blank where this dialect puts
+        it, which settles that it is not empty (answer_is_empty) without decoding it; False
+        when only the decoder can tell."""
+        return False
 
     def named(self, answer: dict, model: str) -> dict | None:
         """A relayed whole answer naming ``model``, the name the client asked for (the
@@ -4909,6 +4941,13 @@ class OpenAIDialect(DialectAdapter):
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return openai_response_to_ir, OpenAIStreamDecoder
 
+    def plainly_has_text(self, answer: dict) -> bool:
+        choices = answer.get("choices")
+        message = choices[0].get("message") if type(choices) is list and choices and \
+            type(choices[0]) is dict else None
+        text = message.get("content") if type(message) is dict else None
+        return type(text) is str and not text.isspace() and text != ""
+
     def usage(self, obj: Any) -> dict | None:
         u = obj.get("usage") if isinstance(obj, dict) else None
         if not isinstance(u, dict) or not ("prompt_tokens" in u or "completion_tokens" in u):
@@ -6029,6 +6068,12 @@ class AnthropicDialect(DialectAdapter):
 
     def passthrough_decoders(self) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
         return anthropic_response_to_ir, AnthropicStreamDecoder
+
+    def plainly_has_text(self, answer: dict) -> bool:
+        content = answer.get("content")
+        block = content[0] if type(content) is list and content else None
+        text = block.get("text") if type(block) is dict and block.get("type") == "text" else None
+        return type(text) is str and not text.isspace() and text != ""
 
     def usage(self, obj: Any) -> dict | None:
         """A whole message's usage, message_start's (input) or message_delta's (output)."""
@@ -9542,7 +9587,7 @@ def _override_target(obj: Any, parts: list[str], create: bool) -> tuple[Any, Any
     cur = obj
     for i, seg in enumerate(parts):
         if isinstance(cur, list):
-            if not seg.isdigit() or int(seg) >= len(cur):
+            if not is_digits(seg) or int(seg) >= len(cur):
                 return None
             key: Any = int(seg)
         elif isinstance(cur, dict):
@@ -9915,7 +9960,7 @@ def next_month(t: float) -> float:
 def parse_since(text: str, now: float) -> int:
     """The first UTC day of "7d" (today and the 6 before), "YYYY-MM-DD", or raises ValueError."""
     text = (text or "").strip()
-    if text[:-1].isdigit() and text.endswith("d") and 0 < int(text[:-1]) <= 100_000:
+    if is_digits(text[:-1]) and text.endswith("d") and 0 < int(text[:-1]) <= 100_000:
         return utc_day(now) - int(text[:-1]) + 1
     if len(text) == 10:
         when = parse_utc(text)
@@ -10899,7 +10944,7 @@ class Relay:
                 ("Content-Type", content_type)]
         sse = content_type.startswith("text/event-stream")
         length = up.headers.get("content-length")
-        small = length is not None and length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE
+        small = length is not None and is_digits(length) and int(length) <= MAX_BUFFERED_RESPONSE
         # A whole JSON answer (not a streamed one) is read whole, up to max_response_mb, however
         # it is framed or compressed, so that it is checked before it is forwarded.
         whole_json = "json" in content_type and up.status < 300 and not rec["stream"]
@@ -10945,7 +10990,7 @@ class Relay:
     def _passthrough_empty(dialect: str, answer: Any) -> bool:
         """Whether a passed-through answer (already parsed strictly, None when it is not
         JSON) is a blank turn."""
-        if not isinstance(answer, dict):
+        if not isinstance(answer, dict) or DIALECTS[dialect].plainly_has_text(answer):
             return False
         try:
             return answer_is_empty(DIALECTS[dialect].passthrough_decoders()[0](answer))
@@ -13875,7 +13920,7 @@ class _CommandFailed(Exception):
 
 def _find(store: ConfigStore, kind: str, ref: str) -> dict:
     items = store.data[kind + "s"]
-    if ref.isdigit():
+    if is_digits(ref):
         for item in items:
             if item["id"] == int(ref):
                 return item
@@ -13900,7 +13945,7 @@ def _changes(store: ConfigStore, args: argparse.Namespace, flags: dict[str, str]
         refs = []
         for ref in out["allowed_channels"]:
             ch = _find(store, "channel", ref)
-            refs.append(ch["id"] if ref.isdigit() and ch["id"] == int(ref) else ch["name"])
+            refs.append(ch["id"] if is_digits(ref) and ch["id"] == int(ref) else ch["name"])
         out["allowed_channels"] = refs
     return out
 

@@ -1418,6 +1418,7 @@ def test_04_parse_request_head_rejects(head, status):
 @pytest.mark.parametrize("headers,status", [
     ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], 400),
     ([("Content-Length", "abc")], 400),
+    ([("Content-Length", "\u00b2")], 400),          # "²": str.isdigit() says yes, int() no
     ([("Content-Length", "5"), ("Content-Length", "6")], 400),
     ([("Transfer-Encoding", "gzip")], 501),
 ])
@@ -1434,6 +1435,11 @@ def test_04_response_framing_and_keep_alive():
     assert ag.response_framing("GET", 200, H([("Transfer-Encoding", "chunked")])) == \
         ("chunked", 0)
     assert ag.response_framing("GET", 200, H()) == ("close", 0)
+    assert ag.response_framing("GET", 200, H([("Content-Length", "12")])) == ("length", 12)
+    for bad in ("\u00b2", "-1", "1 2", "0x10"):
+        with pytest.raises(ag.ProtocolError) as e:
+            ag.response_framing("GET", 200, H([("Content-Length", bad)]))
+        assert e.value.status == 502 and "invalid Content-Length" in e.value.message
     assert ag.keep_alive("HTTP/1.1", H()) and not ag.keep_alive("HTTP/1.0", H())
     assert not ag.keep_alive("HTTP/1.1", H([("Connection", "close")]))
 
@@ -1767,6 +1773,10 @@ def test_06_iter_body_framings_pipelining_limit_and_early_close():
         assert await body(b"4\r\nWiki\r\n5;x=1\r\npedia\r\n0\r\n\r\nPOST /next",
                           "chunked") == (b"Wikipedia", b"POST /next")    # the next one intact
         assert await body(b"hello world", "length", 5) == (b"hello", b" world")
+        big = ag.READ_SIZE + 5                        # past one read: read piece by piece
+        assert await body(b"x" * big + b"next", "length", big) == (b"x" * big, b"next")
+        with pytest.raises(ag.ProtocolError, match="5 body bytes still to come"):
+            await body(b"x" * (big - 5), "length", big)
         assert await body(b"all of it", "close") == (b"all of it", b"")
         assert await body(b"not a body", "none") == (b"", b"not a body")
         with pytest.raises(ag.ProtocolError, match="3 body bytes still to come") as e:
@@ -2563,6 +2573,7 @@ def test_08_chunked_request_body(gw, upstream):
     (b"BROKEN LINE\r\n\r\n", 400),
     (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
     (b"GET /health HTTP/1.1\r\nX: " + b"a" * (70 * 1024) + b"\r\n\r\n", 431),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n{}", 400),
 ])
 def test_08_framing_errors(gw, raw, status):
     g = gw()
@@ -4605,6 +4616,46 @@ def test_09_other_errors_are_not_overflow():
     ([{"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"}], "tool_calls", False)])
 def test_09_empty_answer_table(content, finish, empty):
     assert ag.answer_is_empty({"content": content, "finish": finish}) is empty
+
+
+def _oa(message, finish="stop"):
+    return {"id": "c", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": dict(role="assistant", **message),
+                         "finish_reason": finish}]}
+
+
+def _an(*blocks, stop="end_turn"):
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "content": list(blocks), "stop_reason": stop, "usage": {"input_tokens": 1}}
+
+
+@pytest.mark.parametrize("dialect,answer,plain,empty", [
+    (ag.OPENAI, _oa({"content": "ok"}), True, False),
+    (ag.OPENAI, _oa({"content": " \n"}), False, True),
+    (ag.OPENAI, _oa({"content": ""}), False, True),
+    (ag.OPENAI, _oa({"content": None, "tool_calls": [{"id": "t", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}, "tool_calls"), False, False),
+    (ag.OPENAI, _oa({"content": None}, "length"), False, False),
+    (ag.OPENAI, {"choices": []}, False, True),
+    (ag.OPENAI, {"choices": [{"message": {"content": 7}}]}, False, None),
+    (ag.ANTHROPIC, _an({"type": "text", "text": "ok"}), True, False),
+    (ag.ANTHROPIC, _an({"type": "text", "text": "\t"}), False, True),
+    (ag.ANTHROPIC, _an({"type": "thinking", "thinking": "hm", "signature": "s"},
+                       {"type": "text", "text": ""}), False, False),
+    (ag.ANTHROPIC, _an(), False, True),
+    (ag.ANTHROPIC, _an({"type": "tool_use", "id": "t", "name": "f", "input": {}},
+                       stop="tool_use"), False, False)])
+def test_09_plainly_has_text_settles_only_what_the_decoder_agrees_with(dialect, answer, plain,
+                                                                      empty):
+    # The shortcut of a passed-through answer's emptiness check: True only where decoding the
+    # answer finds it not empty; otherwise the decoder decides (None: it refuses the answer).
+    d = ag.DIALECTS[dialect]
+    assert d.plainly_has_text(answer) is plain
+    try:
+        assert ag.answer_is_empty(d.passthrough_decoders()[0](answer)) is empty
+    except ag.GatewayError:
+        assert empty is None
+    assert ag.Relay._passthrough_empty(dialect, answer) is bool(empty)
 
 
 # =================================================================================================
