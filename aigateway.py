@@ -437,6 +437,11 @@ def is_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def has_words(text: Any) -> bool:
+    """Whether ``text`` is a str with something besides white space in it."""
+    return type(text) is str and text != "" and not text.isspace()
+
+
 class _JSONRefused(ValueError):
     """Raised by the strict parser's hooks; the message says what was wrong and where."""
 
@@ -4946,7 +4951,7 @@ class OpenAIDialect(DialectAdapter):
         message = choices[0].get("message") if type(choices) is list and choices and \
             type(choices[0]) is dict else None
         text = message.get("content") if type(message) is dict else None
-        return type(text) is str and not text.isspace() and text != ""
+        return has_words(text)
 
     def usage(self, obj: Any) -> dict | None:
         u = obj.get("usage") if isinstance(obj, dict) else None
@@ -6073,7 +6078,7 @@ class AnthropicDialect(DialectAdapter):
         content = answer.get("content")
         block = content[0] if type(content) is list and content else None
         text = block.get("text") if type(block) is dict and block.get("type") == "text" else None
-        return type(text) is str and not text.isspace() and text != ""
+        return has_words(text)
 
     def usage(self, obj: Any) -> dict | None:
         """A whole message's usage, message_start's (input) or message_delta's (output)."""
