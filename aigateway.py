@@ -392,18 +392,20 @@ class Headers:
             self._index = index
         return self._index
 
+    # The lookups take the index as it is once built (a dozen a request: no call to _map).
+
     def get(self, name: str, default: str | None = None) -> str | None:
-        return self._map().get(name.lower(), default)
+        return (self._index or self._map()).get(name.lower(), default)
 
     def get_all(self, name: str) -> list[str]:
         key = name.lower()
-        value = self._map().get(key)
+        value = (self._index or self._map()).get(key)
         if value is None or key not in self._repeated:      # none, or one: no search
             return [] if value is None else [value]
         return [v for n, v in self._items if n.lower() == key]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._map()
+        return isinstance(name, str) and name.lower() in (self._index or self._map())
 
     def add(self, name: str, value: str) -> None:
         self._items.append((name, value))
@@ -10305,22 +10307,19 @@ def note_usage(rec: Any, usage: dict | None) -> None:
             rec[f"{k}_tokens"] = usage.get(k) or 0
 
 
-@dataclass(slots=True)
-class Exchange:
-    """One request's state while the gateway serves it. ``record`` holds the logged fields
-    (Gateway.records, the request log, the GUI; see _new_record), read and written as
-    ``exchange[key]``; the timing and the concurrency slot it holds are private."""
+class Exchange(dict):
+    """One request's state while the gateway serves it: the logged fields themselves (a dict:
+    Gateway.records, the request log, the GUI; see _new_record), with the timing and the
+    concurrency slot it holds as attributes, which are not logged. A dict subclass, so that
+    the ~30 reads and writes of a request's fields are the dict's own, not Python calls."""
 
-    record: dict
-    t0: float                                # perf_counter when the request came in
-    slot: ChannelHealth | None = None        # whose max_concurrency slot it holds
-    finished: bool = False                   # recorded (at most once)
+    __slots__ = ("t0", "slot", "finished")
 
-    def __getitem__(self, key: str) -> Any:
-        return self.record[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.record[key] = value
+    def __init__(self, record: dict, t0: float):
+        super().__init__(record)
+        self.t0 = t0                             # perf_counter when the request came in
+        self.slot: ChannelHealth | None = None   # whose max_concurrency slot it holds
+        self.finished = False                    # recorded (at most once)
 
 
 class Limits:
@@ -11678,19 +11677,18 @@ class Gateway:
         st["output_tokens"] += rec["output_tokens"] or 0
         # The one place records are made safe for every view of them (access line, GUI, JSONL):
         # the model, errors and the rest may hold text a client sent.
-        record = rec.record
-        escaped = escape_record(record)
-        if escaped is not record:
-            record.update(escaped)
-        if self.usage is not None and record["model"] is not None and \
-                record["route"] not in UNBILLED_ROUTES:
-            ch = next((c for c in self.channels if c.name == record["channel"]), None)
-            self.usage.record(record, record.get("token_id"), record.get("upstream_model") or (
-                ch.upstream_model(record["model"]) if ch else None))
-        self.records.append(record)
+        escaped = escape_record(rec)
+        if escaped is not rec:
+            rec.update(escaped)
+        if self.usage is not None and rec["model"] is not None and \
+                rec["route"] not in UNBILLED_ROUTES:
+            ch = next((c for c in self.channels if c.name == rec["channel"]), None)
+            self.usage.record(rec, rec.get("token_id"), rec["upstream_model"] or (
+                ch.upstream_model(rec["model"]) if ch else None))
+        self.records.append(rec)
         if self._request_log is not None:
-            self._request_log.write(record)
-        self.on_request(record)
+            self._request_log.write(rec)
+        self.on_request(rec)
 
 
 # =================================================================================================
