@@ -3776,22 +3776,91 @@ class ProviderAdapter:
         return body
 
 
-def guarded(status: int, what: str) -> Callable[[Callable], Callable]:
+def guarded(status: int, what: str, check: Callable[[Any], Any] | None = None
+            ) -> Callable[[Callable], Callable]:
     """Converters take input from clients and upstreams: a body of the wrong shape (a list
     where an object belongs, a number for a name) becomes a GatewayError with ``status``
-    naming ``what`` was malformed, never another exception."""
+    naming ``what`` was malformed, never another exception. ``check`` (checked_events) then
+    looks at what the converter made of it."""
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
             except GatewayError:
                 raise
             except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
                 raise GatewayError(status, f"malformed {what}: a field has an unexpected type "
                                            f"or shape ({type(exc).__name__})") from None
+            return out if check is None else check(out)
         return inner
     return wrap
+
+
+# The fields of each IR stream event and of each part of a decoded answer that are strings
+# (the IR above): a decoder copies them from the upstream's JSON, where a hostile or broken
+# upstream can put a list or a number. They are checked where decoders hand them on, so no
+# encoder, look for content or client ever gets, say, a tool name that is a list.
+_EVENT_STRINGS = {"start": (1, 2), "text": (1,), "reasoning": (1,), "signature": (1,),
+                  "tool": (2, 3), "args": (2,), "finish": (1,)}
+_PART_STRINGS = {"text": ("text",), "reasoning": ("text",),
+                 "tool_call": ("id", "name", "arguments")}
+_PART_OPTIONAL_STRINGS = {"reasoning": ("signature", "redacted")}    # or None
+
+
+def _not_a_string(value: Any, where: str) -> GatewayError:
+    return GatewayError(502, f"malformed upstream answer: {where} is a "
+                             f"{type(value).__name__}, not a string")
+
+
+def checked_events(events: list[tuple]) -> list[tuple]:
+    """A stream decoder's ``events``, once every field the IR says is a string is one."""
+    for ev in events:
+        for i in _EVENT_STRINGS.get(ev[0], ()):
+            if type(ev[i]) is not str:
+                raise _not_a_string(ev[i], f"a {ev[0]!r} event's field")
+    return events
+
+
+def checked_answer(resp: dict) -> dict:
+    """A decoded whole answer (IR Response), once its id, model, finish and every string field
+    of its parts is a string."""
+    for key in ("id", "model", "finish"):
+        if type(resp[key]) is not str:
+            raise _not_a_string(resp[key], f"the answer's {key}")
+    for part in resp["content"]:
+        for key in _PART_STRINGS.get(part["type"], ()):
+            if type(part[key]) is not str:
+                raise _not_a_string(part[key], f"a {part['type']} part's {key}")
+        for key in _PART_OPTIONAL_STRINGS.get(part["type"], ()):
+            value = part.get(key)
+            if value is not None and type(value) is not str:
+                raise _not_a_string(value, f"a {part['type']} part's {key}")
+    return resp
+
+
+stream_guard = guarded(502, "upstream stream", checked_events)
+
+
+def checked_request(ir: dict) -> dict:
+    """A client's request in the IR, once each of its tools has a name, a description and a
+    parameters schema of the IR's types: the converters copy them from the client's body,
+    where a schema can be a number; a 400 names the first tool that is not, before anything is
+    sent upstream."""
+    for t in ir["tools"]:
+        name = t["name"]
+        if type(name) is not str or not name:
+            raise GatewayError(400, "a tool has no name: give each tool a non-empty string name",
+                               param="tools")
+        if type(t["description"]) is not str:
+            raise GatewayError(400, f"tool {name[:100]!r}: its description is a "
+                                    f"{type(t['description']).__name__}, not a string",
+                               param="tools")
+        if type(t["parameters"]) is not dict:
+            raise GatewayError(400, f"tool {name[:100]!r}: its parameters are a "
+                                    f"{type(t['parameters']).__name__}, not a JSON Schema object",
+                               param="tools")
+    return ir
 
 
 UNSIGNED_THINKING = "aigateway-unsigned"      # signature we put on thinking we did not get signed
@@ -4150,6 +4219,7 @@ class StreamDecoder:
         finish = self.finish or "stop"
         return "tool_calls" if self._tools and finish == "stop" else finish
 
+    @stream_guard
     def close(self) -> list[tuple]:
         out: list[tuple] = []
         self._start(out)
@@ -4197,13 +4267,16 @@ def chat_body_is_foreign(body: dict) -> bool:
     body is normalised through the internal form even for an OpenAI channel."""
     if "messages" not in body and "input" in body:
         return True
-    if any(isinstance(t, dict) and "function" not in t and t.get("type") != "custom"
-           for t in body.get("tools") or []):
+    tools, messages = body.get("tools"), body.get("messages")
+    # Ill-typed fields are not foreign: whoever reads the body next refuses them.
+    if isinstance(tools, list) and any(isinstance(t, dict) and "function" not in t and
+                                       t.get("type") != "custom" for t in tools):
         return True
-    for m in body.get("messages") or []:
+    for m in messages if isinstance(messages, list) else ():
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list) and any(
-                isinstance(p, dict) and p.get("type") in _FOREIGN_PART_TYPES for p in content):
+                isinstance(p, dict) and isinstance(kind := p.get("type"), str) and
+                kind in _FOREIGN_PART_TYPES for p in content):
             return True
     return False
 
@@ -4513,8 +4586,8 @@ _OPENAI_FINISH_IN = {"stop": "stop", "length": "length", "tool_calls": "tool_cal
 def openai_usage_to_ir(u: Any) -> dict:
     if not isinstance(u, dict):
         return new_usage()
-    pd = u.get("prompt_tokens_details") or {}
-    cd = u.get("completion_tokens_details") or {}
+    pd, cd = u.get("prompt_tokens_details"), u.get("completion_tokens_details")
+    pd, cd = pd if isinstance(pd, dict) else {}, cd if isinstance(cd, dict) else {}
     return new_usage(_num(u.get("prompt_tokens")), _num(u.get("completion_tokens")),
                      _num(pd.get("cached_tokens")), _num(pd.get("cache_write_tokens")),
                      _num(cd.get("reasoning_tokens")))
@@ -4612,7 +4685,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         content = delta.get("content")
         return content if type(content) is str else None
 
-    @guarded(502, "upstream stream")
+    @stream_guard
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for _, chunk in self._sse_objects(data):
@@ -4652,6 +4725,7 @@ class OpenAIStreamDecoder(StreamDecoder):
                 out.append(("args", idx, "".join(args)))
         self._held.clear()
 
+    @stream_guard
     def close(self) -> list[tuple]:
         out: list[tuple] = []
         self._release(out)
@@ -5105,7 +5179,10 @@ def _responses_tool(ir: dict, t: Any, namespace: str | None) -> None:
 
 
 def ir_usage_to_responses(u: dict) -> dict:
-    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
+    # input_tokens_details.cache_write_tokens is required beside cached_tokens (openai-python
+    # 3.57, types/responses/response_usage.py, generated from OpenAI's OpenAPI spec).
+    return {"input_tokens": u["input"], "input_tokens_details": {
+                "cached_tokens": u["cache_read"], "cache_write_tokens": u["cache_write"]},
             "output_tokens": u["output"],
             "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
             "total_tokens": u["input"] + u["output"]}
@@ -5384,6 +5461,7 @@ class ResponsesStreamOutline(StreamDecoder):
     deltas, a "tool" event for any output item that is not a message or reasoning, an error,
     and the finish (incomplete as a length cut-off)."""
 
+    @stream_guard
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for name, ev in self._sse_objects(data):
@@ -5429,9 +5507,11 @@ class ResponsesDialect(OpenAIDialect):
             return None
         details = u.get("input_tokens_details")
         out_details = u.get("output_tokens_details")
+        details = details if isinstance(details, dict) else {}
         return new_usage(_num(u.get("input_tokens")), _num(u.get("output_tokens")),
-                         _num(details.get("cached_tokens")) if isinstance(details, dict) else 0,
-                         0, _num(out_details.get("reasoning_tokens"))
+                         _num(details.get("cached_tokens")),
+                         _num(details.get("cache_write_tokens")),
+                         _num(out_details.get("reasoning_tokens"))
                          if isinstance(out_details, dict) else 0)
 
 
@@ -5791,7 +5871,7 @@ class AnthropicStreamDecoder(StreamDecoder):
         text = delta.get("text")
         return text if type(text) is str else None
 
-    @guarded(502, "upstream stream")
+    @stream_guard
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for name, ev in self._sse_objects(data):
@@ -6405,8 +6485,12 @@ def _gemini_part(part: dict, signatures: dict[str, str] | None) -> list[dict]:
             signatures[call_id] = part["thoughtSignature"]
         if signatures is not None and call_id == fc.get("id"):
             signatures[f"id:{call_id}"] = ""               # Gemini's own id: it gets it back
+        args = fc.get("args") or {}
+        if not isinstance(args, dict):
+            raise GatewayError(502, f"malformed upstream answer: a functionCall's args is a "
+                                    f"{type(args).__name__}, not an object")
         return [{"type": "tool_call", "id": call_id, "name": fc.get("name") or "",
-                 "arguments": json.dumps(fc.get("args") or {}, ensure_ascii=False)}]
+                 "arguments": json.dumps(args, ensure_ascii=False)}]
     text = part.get("text")
     if isinstance(text, str) and text:
         if part.get("thought"):
@@ -6429,7 +6513,7 @@ class GeminiStreamDecoder(StreamDecoder):
         self._blocked = False
         self.usage: dict | None = None
 
-    @guarded(502, "upstream stream")
+    @stream_guard
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for _, chunk in self._sse_objects(data):
@@ -6918,7 +7002,7 @@ class OllamaStreamDecoder(StreamDecoder):
         self._nd = NDJSONDecoder()
         self._final: dict | None = None
 
-    @guarded(502, "upstream stream")
+    @stream_guard
     def feed(self, data: bytes) -> list[tuple]:
         out: list[tuple] = []
         for obj in self._nd.feed(data):
@@ -7236,8 +7320,8 @@ def _converse_blocks(parts: list[dict]) -> list[dict]:
         elif kind == "reasoning":
             # Only reasoning the model signed goes back (Claude checks it); other models'
             # reasoning is not part of their input.
-            if p.get("redacted") and p.get("signature"):
-                blocks.append({"reasoningContent": {"redactedContent": p["signature"]}})
+            if p.get("redacted"):
+                blocks.append({"reasoningContent": {"redactedContent": p["redacted"]}})
             elif p.get("signature") and p["signature"] != UNSIGNED_THINKING:
                 blocks.append({"reasoningContent": {"reasoningText": {
                     "text": p.get("text") or "", "signature": p["signature"]}}})
@@ -7325,12 +7409,12 @@ def _converse_part(block: dict) -> dict | None:
                 "arguments": json.dumps(use.get("input") or {}, ensure_ascii=False)}
     reasoning = block.get("reasoningContent")
     if isinstance(reasoning, dict):
-        if reasoning.get("redactedContent"):
-            return {"type": "reasoning", "text": "", "signature": reasoning["redactedContent"],
-                    "redacted": True}
+        if reasoning.get("redactedContent"):       # the IR's redacted: the opaque data
+            return {"type": "reasoning", "text": "", "signature": None,
+                    "redacted": reasoning["redactedContent"]}
         text = reasoning.get("reasoningText") or {}
         return {"type": "reasoning", "text": str(text.get("text") or ""),
-                "signature": text.get("signature"), "redacted": False}
+                "signature": text.get("signature"), "redacted": None}
     return None
 
 
@@ -7368,7 +7452,7 @@ class ConverseStreamDecoder(StreamDecoder):
         self._failed = True
         return out + [("error", exc)]
 
-    @guarded(502, "upstream stream")
+    @stream_guard
     def feed(self, data: bytes) -> list[tuple]:
         if self._failed:
             return []
@@ -7864,7 +7948,8 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
     """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
     ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
     client's tool names."""
-    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
+    decode, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
+    whole = lambda body: checked_answer(decode(body))                  # noqa: E731
     if not names:
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
@@ -10912,7 +10997,8 @@ class Relay:
 
     @staticmethod
     def _client_ir(dialect: str, route: Route, obj: dict, model: str, req: Request) -> dict:
-        return DIALECTS[dialect].request_to_ir(obj, model, route.kind, req.params)
+        return checked_request(DIALECTS[dialect].request_to_ir(obj, model, route.kind,
+                                                               req.params))
 
     def _count_locally(self, job: Job) -> Response:
         """Token counting for a model on a channel of another dialect: a local estimate, never

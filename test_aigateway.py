@@ -2943,11 +2943,23 @@ def test_09_converse_answers_and_streams_to_ir():
         "usage": {"inputTokens": 10, "outputTokens": 7, "totalTokens": 22,
                   "cacheReadInputTokens": 5}}, "m1")
     assert resp["content"] == [
-        {"type": "reasoning", "text": "hmm", "signature": "sig", "redacted": False},
+        {"type": "reasoning", "text": "hmm", "signature": "sig", "redacted": None},
         {"type": "text", "text": "Let me look."},
         {"type": "tool_call", "id": "tu_1", "name": "get_weather",
          "arguments": '{"city": "Oslo"}'}]
     assert (resp["finish"], resp["model"]) == ("tool_calls", "m1")
+    # Redacted reasoning: its opaque data is the IR's "redacted" (it was True, with the data
+    # as the signature, and an Anthropic client got a redacted_thinking block of data true).
+    hidden = ag.converse_response_to_ir({
+        "output": {"message": {"role": "assistant", "content": [
+            {"reasoningContent": {"redactedContent": "b3BhcXVl"}}, {"text": "ok"}]}},
+        "stopReason": "end_turn", "usage": {"inputTokens": 1, "outputTokens": 1}}, "m1")
+    assert hidden["content"][0] == {"type": "reasoning", "text": "", "signature": None,
+                                    "redacted": "b3BhcXVl"}
+    assert ag.ir_to_anthropic_response(hidden, "m1")["content"][0] == {
+        "type": "redacted_thinking", "data": "b3BhcXVl"}
+    assert ag._converse_blocks(hidden["content"][:1]) == [
+        {"reasoningContent": {"redactedContent": "b3BhcXVl"}}]
     assert resp["usage"] == {"input": 15, "output": 7, "cache_read": 5, "cache_write": 0,
                              "reasoning": 0}
     with pytest.raises(ag.GatewayError, match="malformed upstream response") as e:
@@ -5744,6 +5756,91 @@ def test_11_converted_stream_event_that_is_not_json_gives_in_band_error(gw, upst
     assert "NaN" in events[-1][1]["error"]["message"]
 
 
+def test_11_ill_typed_fields_of_a_client_body_are_a_400_never_a_500(gw, upstream):
+    """Found by fuzzing the converters with bodies whose fields have other types: each was an
+    "internal gateway error" (500) before, from the look for a foreign body or a converter."""
+    up_o, up_a = upstream(), upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(up_o, name="pass", models=["gpt-*"]),
+            chan(up_a, name="conv", type="anthropic", models=["claude-*"])])
+    user = {"role": "user", "content": "hi"}
+    odd_part = {"role": "user", "content": [{"type": ["text"], "text": "hi"}]}
+    # Passed through: the upstream reads the body and answers for it (here: the fake's 200).
+    for body in ({"model": "gpt-x", "messages": [user], "tools": -1},
+                 {"model": "gpt-x", "messages": [odd_part]},
+                 {"model": "gpt-x", "messages": True, "tools": 1}):
+        status, _, out = g.request("POST", "/v1/chat/completions", body)
+        assert status == 200 and json.loads(up_o.last()["body"]) == body, out
+    # Converted: refused in the client's format before anything is sent.
+    for path, body, needle in (
+            ("/v1/chat/completions", {"model": "claude-x", "messages": [user], "tools": -1},
+             "malformed request body"),
+            ("/v1/chat/completions", {"model": "claude-x", "messages": True},
+             "'messages' must be a list of message objects"),
+            ("/v1/chat/completions", {"model": "claude-x", "messages": [user], "tools": [
+                {"type": "function", "function": {"name": "get", "parameters": [1]}}]},
+             "tool 'get': its parameters are a list, not a JSON Schema object"),
+            ("/v1/responses", {"model": "claude-x", "input": "hi", "tools": [
+                {"type": "function", "name": "get", "parameters": -1}]},
+             "tool 'get': its parameters are a int, not a JSON Schema object"),
+            ("/v1/responses", {"model": "claude-x", "input": "hi", "tools": [
+                {"type": "function", "name": "get", "description": 5}]},
+             "tool 'get': its description is a int, not a string")):
+        status, _, out = g.request("POST", path, body)
+        err = json.loads(out)["error"]
+        assert status == 400 and needle in err["message"], (body, err)
+        assert err["type"] == "invalid_request_error"
+    status, _, out = g.request("POST", "/v1beta/models/claude-x:generateContent", {
+        "contents": [{"parts": [{"text": "hi"}]}],
+        "tools": [{"functionDeclarations": [{"parameters": {"type": "OBJECT"}}]}]})
+    err = json.loads(out)["error"]
+    assert status == 400 and err["status"] == "INVALID_ARGUMENT" and "a tool has no name" in \
+        err["message"]
+    assert not up_a.requests
+
+
+def test_11_upstream_fields_of_the_wrong_type_are_a_502_never_forwarded(gw, upstream):
+    """Found by fuzzing the converters with upstream answers whose fields have other types: a
+    Gemini call named by an object went to the client as it was, one named by a list cut the
+    client's stream unfinished, a finishReason that is an object did so at the stream's end,
+    and an OpenAI usage with a number for its details was a 500 even passed through."""
+    def gemini(parts, finish="STOP"):
+        return {"candidates": [{"content": {"role": "model", "parts": parts},
+                                "finishReason": finish}],
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}
+
+    def sse_of(*chunks):
+        return Reply(chunks=[f"data: {json.dumps(c)}\n\n".encode() for c in chunks],
+                     content_type="text/event-stream")
+    up_g = upstream([
+        Reply(body=json.dumps(gemini([{"functionCall": {"name": {"a": 1}}}])).encode()),
+        Reply(body=json.dumps(gemini([{"functionCall": {"name": "get", "args": [1]}}])).encode()),
+        sse_of(gemini([{"text": "he"}], None), gemini([{"functionCall": {"name": [[]]}}])),
+        sse_of(gemini([{"text": "hello"}], {"reason": "STOP"}))])
+    odd_usage = dict(json.loads(openai_chat_reply().body), usage={
+        "prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": 5})
+    up_o = upstream([Reply(body=json.dumps(odd_usage).encode())])
+    g = gw([chan(up_g, name="gem", type="gemini", models=["gemini-*"]),
+            chan(up_o, name="pass", models=["gpt-*"])],
+           settings={"empty_answer_fallback": False})
+    msgs = [{"role": "user", "content": "hi"}]
+    for needle in ("a tool_call part's name is a dict, not a string",
+                   "a functionCall's args is a list, not an object"):
+        with pytest.raises(openai.APIStatusError) as e:
+            g.openai().chat.completions.create(model="gemini-x", messages=msgs)
+        assert e.value.status_code == 502 and "malformed upstream answer" in e.value.message
+        assert needle in e.value.message
+    for path, body in (("/v1/responses", {"model": "gemini-x", "input": "hi", "stream": True}),
+                       ("/v1/chat/completions", {"model": "gemini-x", "messages": msgs,
+                                                 "stream": True})):
+        status, _, out = g.request("POST", path, body)       # read to its clean end
+        events = _sse_events(out)
+        assert status == 200 and "malformed upstream" in json.dumps(events[-1][1]), events[-2:]
+    status, _, out = g.request("POST", "/v1/chat/completions", {"model": "gpt-x",
+                                                                "messages": msgs})
+    assert status == 200 and json.loads(out) == odd_usage
+    assert g.records(5)[-1]["input_tokens"] == 5
+
+
 def _reset_peak_rss() -> float:
     with open("/proc/self/clear_refs", "w") as f:       # peak RSS (VmHWM) starts again from now
         f.write("5")
@@ -6690,6 +6787,34 @@ def test_11_usage_costs_from_reported_usage_in_every_dialect(gw, upstream, tmp_p
         ("gemini", "gem-x", "ge", "main", 200, 500, 3250.0),
         ("responses", "resp-x", "re", "main", 200, 200, 4700.0)]
     assert all(r["latency_ms"] is not None and r["key_index"] == 0 for r in rows)
+
+
+def test_11_responses_usage_counts_cache_writes_both_ways(gw, upstream):
+    """The Responses API's usage has input_tokens_details.cache_write_tokens beside
+    cached_tokens, required (openai-python 3.57, types/responses/response_usage.py, generated
+    from OpenAI's OpenAPI spec): read from a Responses upstream, written for a Responses
+    client; it was left out, so the SDK's usage object had no such attribute."""
+    msg = dict(anthropic_message(), usage={"input_tokens": 10, "output_tokens": 4,
+                                           "cache_read_input_tokens": 3,
+                                           "cache_creation_input_tokens": 7})
+    up_a = upstream([Reply(body=json.dumps(msg).encode())])
+    native = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+              "model": "gpt-x", "output": [{"type": "message", "id": "m1", "role": "assistant",
+                                            "status": "completed", "content": [
+                                                {"type": "output_text", "text": "ok",
+                                                 "annotations": []}]}],
+              "usage": {"input_tokens": 30, "output_tokens": 5, "total_tokens": 35,
+                        "input_tokens_details": {"cached_tokens": 6, "cache_write_tokens": 9},
+                        "output_tokens_details": {"reasoning_tokens": 0}}}
+    up_r = upstream([Reply(body=json.dumps(native).encode())])
+    g = gw([chan(up_a, name="claude", type="anthropic", models=["claude-*"]),
+            chan(up_r, name="resp", models=["gpt-*"], responses_api=True)])
+    u = g.openai().responses.create(model="claude-x", input="hi").usage       # converted
+    assert (u.input_tokens, u.input_tokens_details.cached_tokens,
+            u.input_tokens_details.cache_write_tokens, u.output_tokens) == (20, 3, 7, 4)
+    g.openai().responses.create(model="gpt-x", input="hi")                    # passed through
+    assert [(r["channel"], r["input_tokens"], r["cache_read_tokens"], r["cache_write_tokens"])
+            for r in g.records(2)] == [("claude", 20, 3, 7), ("resp", 30, 6, 9)]
 
 
 def test_11_usage_streams_and_estimates(gw, upstream, tmp_path):
@@ -10778,6 +10903,162 @@ def test_fuzz_stream_converters(events, junk, cuts):
                 enc.encode(dec.close())
             except ag.GatewayError:
                 pass
+
+
+# Valid upstream answers and stream events of each channel type, for the fuzz tests below that
+# put a value of another type somewhere in them (as a broken or hostile upstream would).
+_VALID_ANSWERS = {
+    "openai": {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "hello", "tool_calls": [{
+                "id": "c", "type": "function", "function": {"name": "get",
+                                                            "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                  "prompt_tokens_details": {"cached_tokens": 1}}},
+    "anthropic": {"id": "msg", "type": "message", "role": "assistant", "model": "m",
+                  "content": [{"type": "thinking", "thinking": "hm", "signature": "sig"},
+                              {"type": "text", "text": "hello"},
+                              {"type": "tool_use", "id": "t", "name": "get", "input": {"a": 1}}],
+                  "stop_reason": "tool_use",
+                  "usage": {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 1}},
+    "gemini": {"candidates": [{"finishReason": "STOP", "content": {"role": "model", "parts": [
+        {"text": "th", "thought": True}, {"text": "hello"},
+        {"functionCall": {"name": "get", "args": {"a": 1}}, "thoughtSignature": "c2ln"}]}}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}, "modelVersion": "m"},
+    "ollama": {"model": "m", "created_at": "2026-01-01T00:00:00Z", "done": True,
+               "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2,
+               "message": {"role": "assistant", "content": "hello", "thinking": "t",
+                           "tool_calls": [{"function": {"name": "get", "arguments": {"a": 1}}}]}},
+}
+_VALID_EVENTS = {
+    "openai": [{"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                              "content": ""}}]},
+               {"id": "x", "choices": [{"index": 0, "delta": {"content": "hel"}}]},
+               {"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{
+                   "index": 0, "id": "c", "type": "function",
+                   "function": {"name": "get", "arguments": "{}"}}]},
+                   "finish_reason": "tool_calls"}]},
+               {"id": "x", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}],
+    "anthropic": [
+        {"type": "message_start", "message": {"id": "msg", "model": "m", "content": [],
+                                              "usage": {"input_tokens": 5, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking",
+                                                                      "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta",
+                                                              "thinking": "hm"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta",
+                                                              "signature": "sig"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "t", "name": "get", "input": {}}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                              "partial_json": "{\"a\":1}"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+         "usage": {"output_tokens": 2}},
+        {"type": "message_stop"}],
+    "gemini": [{"candidates": [{"content": {"role": "model", "parts": [{"text": "hel"}]}}]},
+               {"candidates": [{"finishReason": "STOP", "content": {"role": "model", "parts": [
+                   {"functionCall": {"name": "get", "args": {}}}]}}],
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}],
+    "ollama": [{"model": "m", "message": {"role": "assistant", "content": "hel"}, "done": False},
+               {"model": "m", "message": {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "get", "arguments": {}}}]}, "done": False},
+               {"model": "m", "message": {"role": "assistant", "content": ""}, "done": True,
+                "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2}],
+}
+_ODD_VALUES = [None, True, 0, -1, 1.5, "", "x", [], [None], [[]], {}, {"type": None}, {"a": 1}]
+
+
+def _with_odd_values(obj, picks):
+    """``obj`` with the value at each picked path (an index into its paths, taken modulo their
+    number) replaced by one of _ODD_VALUES."""
+    obj = copy.deepcopy(obj)
+    for where, odd in picks:
+        paths, stack = [], [((), obj)]
+        while stack:
+            path, value = stack.pop()
+            paths.append(path)
+            items = value.items() if isinstance(value, dict) else \
+                enumerate(value) if isinstance(value, list) else ()
+            stack += [(path + (k,), v) for k, v in items]
+        paths = [p for p in paths if p]
+        if not paths:
+            break
+        path = paths[where % len(paths)]
+        parent = obj
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = copy.deepcopy(_ODD_VALUES[odd % len(_ODD_VALUES)])
+    return obj
+
+
+def _stream_bytes(ctype, events):
+    if ctype == "ollama":
+        return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+    named = ctype == "anthropic"
+    return b"".join((f"event: {e.get('type')}\n" if named and isinstance(e, dict) else "")
+                    .encode() + b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+_PICKS = lambda st: st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 100)),  # noqa: E731
+                             min_size=1, max_size=3)
+
+
+@fuzz(lambda st: [st.integers(0, 100), _PICKS(st)])
+def test_fuzz_streams_with_ill_typed_fields_end_in_a_502_or_convert(which, picks):
+    """Every channel type's stream with one event's field of another type, through every client
+    encoder, fed whole and one event per read: encoded bytes, or the gateway's 502; never
+    another exception (a Gemini call named by a list once reached the Responses encoder)."""
+    for ctype, valid in _VALID_EVENTS.items():
+        events = list(valid)
+        events[which % len(events)] = _with_odd_values(events[which % len(events)], picks)
+        raw = _stream_bytes(ctype, events)
+        for make_enc in (lambda: ag.OpenAIStreamEncoder("m", True),
+                         lambda: ag.AnthropicStreamEncoder("m"),
+                         lambda: ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
+                         lambda: ag.GeminiStreamEncoder("m", {})):
+            for pieces in ([raw], [_stream_bytes(ctype, [e]) for e in events]):
+                enc, dec = make_enc(), ag.upstream_decoders(ctype)[1]()
+                try:
+                    for piece in pieces:
+                        assert isinstance(enc.encode(dec.feed(piece)), bytes)
+                    enc.encode(dec.close())
+                except ag.GatewayError as exc:
+                    assert exc.status == 502, (ctype, exc.message)
+
+
+def _client_types():
+    """Each client dialect's answer type in its SDK (pydantic models: model_validate checks)."""
+    import openai.types.chat as oc
+    import openai.types.responses as orr
+    from google.genai import types as gt
+    return {ag.OPENAI: oc.ChatCompletion, ag.RESPONSES: orr.Response,
+            ag.ANTHROPIC: anthropic.types.Message, ag.GEMINI: gt.GenerateContentResponse}
+
+
+@fuzz(lambda st: [_PICKS(st)])
+def test_fuzz_answers_with_ill_typed_fields_are_a_502_or_what_the_sdks_read(picks):
+    """Every channel type's whole answer with fields of another type, converted for every client
+    dialect: the gateway's 502, or an answer the client's own SDK types accept (pydantic
+    validation of openai's ChatCompletion and Response, anthropic's Message, google-genai's
+    GenerateContentResponse): nothing ill-typed is passed on."""
+    types = _client_types()
+    ir = ag.empty_request("m")
+    ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    for ctype, valid in _VALID_ANSWERS.items():
+        try:
+            resp = ag.upstream_decoders(ctype)[0](_with_odd_values(valid, picks))
+        except ag.GatewayError as exc:
+            assert exc.status == 502
+            continue
+        for dialect, adapter in ag.DIALECTS.items():
+            try:
+                out = adapter.response(resp, "m", ir)
+            except ag.GatewayError as exc:
+                assert exc.status == 502
+                continue
+            types[dialect].model_validate(json.loads(ag.json_dumps(out)))
 
 
 # Characters a string scanner can get wrong: escapes, quotes, halves of surrogate pairs.
