@@ -3825,8 +3825,8 @@ def checked_events(events: list[tuple]) -> list[tuple]:
 def checked_answer(resp: dict) -> dict:
     """A decoded whole answer (IR Response), once its id, model, finish and every string field
     of its parts is a string."""
-    for key in ("id", "model", "finish"):
-        if type(resp[key]) is not str:
+    for key in ("id", "model", "finish"):       # (an outline has no id or model)
+        if type(resp.get(key, "")) is not str:
             raise _not_a_string(resp[key], f"the answer's {key}")
     for part in resp["content"]:
         for key in _PART_STRINGS.get(part["type"], ()):
@@ -11083,7 +11083,8 @@ class Relay:
         if not isinstance(answer, dict) or DIALECTS[dialect].plainly_has_text(answer):
             return False
         try:
-            return answer_is_empty(DIALECTS[dialect].passthrough_decoders()[0](answer))
+            return answer_is_empty(checked_answer(
+                DIALECTS[dialect].passthrough_decoders()[0](answer)))
         except (ValueError, GatewayError):
             return False
 
