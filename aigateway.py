@@ -5437,6 +5437,7 @@ class ResponsesStreamEncoder:
 _RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
 
 
+@guarded(502, "upstream answer")
 def responses_answer_outline(body: dict) -> dict:
     """A Responses API answer (passed through to a Responses client) reduced to what
     answer_is_empty looks at: its text and reasoning, whether it has any other output item (a

@@ -5842,12 +5842,18 @@ def test_11_upstream_fields_of_the_wrong_type_are_a_502_never_forwarded(gw, upst
     # Passed through and looked into for emptiness (empty_answer_fallback, the default): a
     # text that is a number was a 500; the answer is the upstream's to send, as it came.
     odd_text = dict(anthropic_message(), content=[{"type": "text", "text": 1.5}])
+    odd_item = {"id": "resp_1", "object": "response", "status": "completed", "output": [
+        {"type": "reasoning", "content": "thought", "summary": [{"text": 2}]}]}
     up_h = upstream([Reply(body=json.dumps(odd_text).encode())])
-    held = gw([chan(up_h, name="held", type="anthropic", models=["claude-*"])])
+    up_r = upstream([Reply(body=json.dumps(odd_item).encode())])
+    held = gw([chan(up_h, name="held", type="anthropic", models=["claude-*"]),
+               chan(up_r, name="resp", models=["gpt-*"], responses_api=True)])
     status, _, out = held.request("POST", "/v1/messages", {
         "model": "claude-x", "max_tokens": 5, "messages": msgs},
         headers={"anthropic-version": "2023-06-01"})
     assert status == 200 and json.loads(out) == odd_text
+    status, _, out = held.request("POST", "/v1/responses", {"model": "gpt-x", "input": "hi"})
+    assert status == 200 and json.loads(out) == odd_item
 
 
 def _reset_peak_rss() -> float:
