@@ -3765,7 +3765,7 @@ class ProviderAdapter:
         """Model names in the upstream's model list."""
         items = body.get("data") or body.get("models") or [] if isinstance(body, dict) else []
         names = []
-        for item in items:
+        for item in items if isinstance(items, list) else ():
             name = item.get("id") or item.get("name") if isinstance(item, dict) else None
             if isinstance(name, str) and name:
                 names.append(name[7:] if name.startswith("models/") else name)
@@ -3840,6 +3840,16 @@ def checked_answer(resp: dict) -> dict:
 
 
 stream_guard = guarded(502, "upstream stream", checked_events)
+
+
+def checked_vectors(result: tuple[list, int]) -> tuple[list[list[float]], int]:
+    """(vectors, tokens) of an embeddings answer, once each vector is a list of numbers."""
+    for vector in result[0]:
+        if type(vector) is not list or not all(
+                (type(x) is float or type(x) is int) for x in vector):
+            raise GatewayError(502, "malformed upstream answer: an embedding is not a list of "
+                                    "numbers")
+    return result
 
 
 def checked_request(ir: dict) -> dict:
@@ -4856,6 +4866,7 @@ def embedding_inputs(body: dict) -> list[str]:
                             "(token arrays reach only OpenAI-compatible channels)", param="input")
 
 
+@guarded(502, "embeddings answer", checked_vectors)
 def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     if not isinstance(body, dict):
         raise GatewayError(502, "the embeddings answer is not an object")
@@ -6558,6 +6569,7 @@ def gemini_embed_request(texts: list[str], model: str, dimensions: Any = None) -
     return {"requests": reqs}
 
 
+@guarded(502, "embeddings answer", checked_vectors)
 def gemini_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     if not isinstance(body, dict):
         raise GatewayError(502, "the embeddings answer is not an object")
@@ -7029,6 +7041,7 @@ class OllamaStreamDecoder(StreamDecoder):
         return _ollama_finish(self._final or {}, self._tools > 0)
 
 
+@guarded(502, "embeddings answer", checked_vectors)
 def ollama_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     if not isinstance(body, dict):
         raise GatewayError(502, "the embeddings answer is not an object")
@@ -7673,6 +7686,7 @@ class BedrockProvider(CloudProvider):
             return bedrock_models_url(ch.extra["region"])
         return ch.base_url.rstrip("/") + BEDROCK_MODELS_PATH
 
+    @guarded(502, "model list")
     def parse_models(self, body: Any) -> list[str]:
         return bedrock_model_ids(body)
 

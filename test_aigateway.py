@@ -5856,6 +5856,27 @@ def test_11_upstream_fields_of_the_wrong_type_are_a_502_never_forwarded(gw, upst
     assert status == 200 and json.loads(out) == odd_item
 
 
+@pytest.mark.parametrize("ctype,answers", [
+    ("gemini", [{"embeddings": True}, {"embeddings": [{"values": [0.5, "a"]}]},
+                {"embeddings": [{"values": {"x": 1}}]}]),
+    ("ollama", [{"embeddings": [None]}, {"embeddings": [[0.5, [1]]]}, {"embeddings": 5}])])
+def test_11_embeddings_of_the_wrong_type_are_a_502(gw, upstream, ctype, answers):
+    """An embeddings answer whose vectors are not lists of numbers was a 500, or went to the
+    client as it was (a vector holding a string)."""
+    up = upstream([Reply(body=json.dumps(a).encode()) for a in answers])
+    g = gw([chan(up, type=ctype, models=["emb"])])
+    for _ in answers:
+        with pytest.raises(openai.APIStatusError) as e:
+            g.openai().embeddings.create(model="emb", input=["a"])
+        message = e.value.message
+        assert e.value.status_code == 502 and ("malformed embeddings answer" in message or
+                                               "an embedding is not a list of numbers" in message)
+    for odd in ({"data": True}, {"models": [{"name": 5}, "x", {"name": "m1"}]}):   # model lists
+        up.replies = [Reply(body=json.dumps(odd).encode())]
+        names = g.thread.submit(g.gateway.fetch_models(g.gateway.channels[0])).result(10)
+        assert names == ([] if "data" in odd else ["m1"])
+
+
 def _reset_peak_rss() -> float:
     with open("/proc/self/clear_refs", "w") as f:       # peak RSS (VmHWM) starts again from now
         f.write("5")
