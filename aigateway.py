@@ -6577,6 +6577,7 @@ def gemini_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
     return [list(e.get("values") or []) for e in items], 0
 
 
+@guarded(400, "request body")
 def gemini_embed_texts(kind: str, body: dict) -> tuple[list[str], Any]:
     """(texts, outputDimensionality) of an embedContent or batchEmbedContents request."""
     reqs = [body] if kind == "embedContent" else body.get("requests") or []
@@ -8099,7 +8100,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def guess_dialect(path: str, headers: Headers) -> str:
-    """The dialect of a request the gateway could not route (for its error's shape)."""
+    """The dialect of a request for its error's shape when the handler did not say it: its
+    route's (a model list's by its headers), else what its path or headers look like."""
+    route, _ = find_route(path)
+    if route is not None and route.kind not in ("models", "model", "health", "usage"):
+        return route.dialect
+    if route is not None:
+        return models_dialect(headers, "")
     if "anthropic-version" in headers or "/messages" in path:
         return ANTHROPIC
     if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:

@@ -2596,6 +2596,24 @@ def test_08_body_too_large_answered_from_content_length(gw):
     assert err["type"] == "error" and err["error"]["type"] == "request_too_large"
 
 
+def test_08_errors_before_the_handler_take_the_shape_of_the_route(gw):
+    """A 413 answered from the head alone is in the route's dialect, whatever other headers the
+    client sends (with anthropic-version every error was Anthropic's, on Gemini routes too)."""
+    g = gw(settings={"max_body_mb": 1})
+    for path, shape in (("/v1beta/models/gemini-x:generateContent", "gemini"),
+                        ("/v1/chat/completions", "openai"), ("/v1/messages", "anthropic")):
+        s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nanthropic-version: 2023-06-01"
+                  f"\r\nContent-Length: 5000000\r\n\r\n".encode())
+        out = s.recv(65536)
+        s.close()
+        err = json.loads(out.partition(b"\r\n\r\n")[2])
+        assert out.startswith(b"HTTP/1.1 413"), out
+        assert {"gemini": lambda e: e["error"]["status"] == "INVALID_ARGUMENT",
+                "openai": lambda e: e["error"]["type"] == "invalid_request_error",
+                "anthropic": lambda e: e["type"] == "error"}[shape](err), (path, err)
+
+
 def test_08_stalled_head_gets_408_and_idle_connection_closes(gw, monkeypatch):
     monkeypatch.setattr(ag, "HEADER_TIMEOUT", 0.2)
     monkeypatch.setattr(ag, "KEEPALIVE_TIMEOUT", 0.3)
@@ -5795,6 +5813,11 @@ def test_11_ill_typed_fields_of_a_client_body_are_a_400_never_a_500(gw, upstream
     err = json.loads(out)["error"]
     assert status == 400 and err["status"] == "INVALID_ARGUMENT" and "a tool has no name" in \
         err["message"]
+    status, _, out = g.request("POST", "/v1beta/models/gpt-x:batchEmbedContents",
+                               {"requests": [5]})                # an embedding request, not one
+    err = json.loads(out)["error"]
+    assert status == 400 and err["status"] == "INVALID_ARGUMENT" and "malformed request body" \
+        in err["message"]
     assert not up_a.requests
 
 
