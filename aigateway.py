@@ -4875,6 +4875,9 @@ def openai_embed_vectors(body: Any) -> tuple[list[list[float]], int]:
         emb = item.get("embedding")
         if isinstance(emb, str):          # base64 little-endian float32
             raw = base64.b64decode(emb)
+            if len(raw) % 4:
+                raise GatewayError(502, "malformed upstream answer: a base64 embedding is not "
+                                        "whole float32 numbers")
             emb = list(struct.unpack(f"<{len(raw) // 4}f", raw))
         vectors.append(list(emb or []))
     return vectors, _num((body.get("usage") or {}).get("prompt_tokens"))

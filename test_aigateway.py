@@ -5894,6 +5894,8 @@ def test_11_embeddings_of_the_wrong_type_are_a_502(gw, upstream, ctype, answers)
         message = e.value.message
         assert e.value.status_code == 502 and ("malformed embeddings answer" in message or
                                                "an embedding is not a list of numbers" in message)
+    with pytest.raises(ag.GatewayError, match="not whole float32 numbers"):   # 7 bytes: a 500
+        ag.openai_embed_vectors({"data": [{"embedding": "MTIzNDU2Nw=="}]})
     for odd in ({"data": True}, {"models": [{"name": 5}, "x", {"name": "m1"}]}):   # model lists
         up.replies = [Reply(body=json.dumps(odd).encode())]
         names = g.thread.submit(g.gateway.fetch_models(g.gateway.channels[0])).result(10)
