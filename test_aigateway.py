@@ -10986,6 +10986,11 @@ _VALID_ANSWERS = {
         {"text": "th", "thought": True}, {"text": "hello"},
         {"functionCall": {"name": "get", "args": {"a": 1}}, "thoughtSignature": "c2ln"}]}}],
         "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}, "modelVersion": "m"},
+    "bedrock": {"output": {"message": {"role": "assistant", "content": [             # Converse
+        {"reasoningContent": {"reasoningText": {"text": "hm", "signature": "sig"}}},
+        {"reasoningContent": {"redactedContent": "b3BhcXVl"}}, {"text": "hello"},
+        {"toolUse": {"toolUseId": "tu", "name": "get", "input": {"a": 1}}}]}},
+        "stopReason": "tool_use", "usage": {"inputTokens": 5, "outputTokens": 2}},
     "ollama": {"model": "m", "created_at": "2026-01-01T00:00:00Z", "done": True,
                "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2,
                "message": {"role": "assistant", "content": "hello", "thinking": "t",
