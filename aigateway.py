@@ -3780,8 +3780,8 @@ def guarded(status: int, what: str, check: Callable[[Any], Any] | None = None
             ) -> Callable[[Callable], Callable]:
     """Converters take input from clients and upstreams: a body of the wrong shape (a list
     where an object belongs, a number for a name) becomes a GatewayError with ``status``
-    naming ``what`` was malformed, never another exception. ``check`` (checked_events) then
-    looks at what the converter made of it."""
+    naming ``what`` was malformed, never another exception. ``check`` (checked_events,
+    checked_vectors) then looks at what the converter made of it."""
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
