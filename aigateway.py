@@ -731,7 +731,8 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
 # a bad chunk size or a bad Content-Length), lenient on cosmetics (header name case, bare LF).
 
 _TOKEN_RX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_HEADER_BLOCK_RX = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\n]*(?:\n|\Z))*")
+# Field values never hold CR, LF or NUL (RFC 9110 section 5.5: such a message is refused).
+_HEADER_BLOCK_RX = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*(?:\n|\Z))*")
 _VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)        # /v1, /v4, /v1beta in URLs
 
 
@@ -780,6 +781,9 @@ def _parse_header_lines(lines: list[bytes]) -> Headers:
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN_RX.match(name):
             raise ProtocolError(400, f"malformed header line {line[:60]!r}")
+        if b"\r" in value or b"\x00" in value:
+            raise ProtocolError(400, f"header {name[:60].decode('ascii')!r} has a CR or NUL in "
+                                     f"its value")
         items.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
     return Headers(items)
 
