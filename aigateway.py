@@ -831,7 +831,7 @@ def parse_response_head(data: bytes) -> tuple[str, int, str, Headers]:
     if not lines:
         raise ProtocolError(502, "empty response head")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() \
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[1].isdigit() \
             or len(parts[1]) != 3:
         raise ProtocolError(502, f"malformed status line {lines[0][:80]!r}")
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""

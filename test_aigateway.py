@@ -1445,6 +1445,13 @@ def test_04_response_framing_and_keep_alive():
         assert e.value.status == 502 and "invalid Content-Length" in e.value.message
     assert ag.keep_alive("HTTP/1.1", H()) and not ag.keep_alive("HTTP/1.0", H())
     assert not ag.keep_alive("HTTP/1.1", H([("Connection", "close")]))
+    # Status lines: a version byte that is not ASCII was a UnicodeDecodeError, a 500 (found by a
+    # raw-socket fuzzer of upstream answers); "HTTP/1.x" other than 1.0 and 1.1 is no version.
+    assert ag.parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n")[:3] == ("HTTP/1.0", 200, "OK")
+    for line in (b"HTTP/1.\xcf 200 OK", b"HTTP/1.x 200 OK", b"HTTP/1.10 200 OK", b"HTTP/2 200"):
+        with pytest.raises(ag.ProtocolError) as e:
+            ag.parse_response_head(line + b"\r\nContent-Length: 0\r\n\r\n")
+        assert e.value.status == 502 and "malformed status line" in e.value.message
 
 
 def test_04_multipart_offsets_allow_exact_replacement():
