@@ -3820,6 +3820,10 @@ def _not_a_string(value: Any, where: str) -> GatewayError:
 def checked_events(events: list[tuple]) -> list[tuple]:
     """A stream decoder's ``events``, once every field the IR says is a string is one."""
     for ev in events:
+        if ev[0] == "text":                     # nearly every event: no table, no inner loop
+            if type(ev[1]) is not str:
+                raise _not_a_string(ev[1], "a 'text' event's field")
+            continue
         for i in _EVENT_STRINGS.get(ev[0], ()):
             if type(ev[i]) is not str:
                 raise _not_a_string(ev[i], f"a {ev[0]!r} event's field")
