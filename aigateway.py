@@ -8111,13 +8111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def guess_dialect(path: str, headers: Headers) -> str:
-    """The dialect of a request for its error's shape when the handler did not say it: its
-    route's (a model list's by its headers), else what its path or headers look like."""
-    route, _ = find_route(path)
-    if route is not None and route.kind not in ("models", "model", "health", "usage"):
-        return route.dialect
-    if route is not None:
-        return models_dialect(headers, "")
+    """The dialect of a request whose route does not say it (for its error's shape)."""
     if "anthropic-version" in headers or "/messages" in path:
         return ANTHROPIC
     if path.startswith(("/v1beta/", "/v1alpha/")) or ":" in path:
@@ -11469,8 +11463,13 @@ class Gateway:
 
     def render_error(self, head: RequestHead | None, err: GatewayError,
                      dialect: str | None = None) -> Response:
-        if dialect is None:
-            dialect = guess_dialect(head.path, head.headers) if head else OPENAI
+        if dialect is None and head is not None:
+            # The route decides (a Gemini request with anthropic-version is still Gemini's);
+            # model lists, health and usage serve every dialect: their headers decide.
+            route, _ = find_route(head.path)
+            dialect = route.dialect if route is not None and route.kind not in (
+                "models", "model", "health", "usage") else guess_dialect(head.path, head.headers)
+        dialect = dialect or OPENAI
         hdrs = [("Content-Type", "application/json")] + err.headers
         if head is not None:
             hdrs += self.access.cors_headers(head.headers)
