@@ -3805,8 +3805,8 @@ def guarded(status: int, what: str, check: Callable[[Any], Any] | None = None
 # (the IR above): a decoder copies them from the upstream's JSON, where a hostile or broken
 # upstream can put a list or a number. They are checked where decoders hand them on, so no
 # encoder, look for content or client ever gets, say, a tool name that is a list.
-_EVENT_STRINGS = {"start": (1, 2), "text": (1,), "reasoning": (1,), "signature": (1,),
-                  "tool": (2, 3), "args": (2,), "finish": (1,)}
+_EVENT_STRINGS = {"start": (1, 2), "reasoning": (1,), "signature": (1,),     # and "text"
+                  "tool": (2, 3), "args": (2,), "finish": (1,)}             # (its own test)
 _PART_STRINGS = {"text": ("text",), "reasoning": ("text",),
                  "tool_call": ("id", "name", "arguments")}
 _PART_OPTIONAL_STRINGS = {"reasoning": ("signature", "redacted")}    # or None
@@ -3847,6 +3847,8 @@ def checked_answer(resp: dict) -> dict:
     return resp
 
 
+# Every decoder to the IR wears one of these: what it hands on is checked as it leaves.
+answer_guard = guarded(502, "upstream answer", checked_answer)
 stream_guard = guarded(502, "upstream stream", checked_events)
 
 
@@ -4623,7 +4625,7 @@ def ir_usage_to_openai(u: dict) -> dict:
     return out
 
 
-@guarded(502, "upstream answer")
+@answer_guard
 def openai_response_to_ir(body: dict) -> dict:
     choice = (body.get("choices") or [{}])[0] or {}
     msg = choice.get("message") or {}
@@ -5459,7 +5461,7 @@ class ResponsesStreamEncoder:
 _RESPONSES_CONTENT_ITEMS = ("message", "reasoning")     # items that may still be empty
 
 
-@guarded(502, "upstream answer")
+@answer_guard
 def responses_answer_outline(body: dict) -> dict:
     """A Responses API answer (passed through to a Responses client) reduced to what
     answer_is_empty looks at: its text and reasoning, whether it has any other output item (a
@@ -5837,7 +5839,7 @@ def ir_usage_to_anthropic(u: dict) -> dict:
             "cache_read_input_tokens": u["cache_read"]}
 
 
-@guarded(502, "upstream answer")
+@answer_guard
 def anthropic_response_to_ir(body: dict, kept: dict[str, list[dict]] | None = None) -> dict:
     remember_thinking(kept, [b for b in body.get("content") or [] if isinstance(b, dict)])
     content = [p for p in blocks_to_ir(body.get("content") or [], "content")
@@ -6484,7 +6486,7 @@ def _gemini_finish(reason: str | None, tools: bool, blocked: bool) -> str:
     return "tool_calls" if tools and finish == "stop" else finish
 
 
-@guarded(502, "upstream answer")
+@answer_guard
 def gemini_response_to_ir(body: dict, signatures: dict[str, str] | None = None) -> dict:
     cands = body.get("candidates") or []
     cand = cands[0] if cands else {}
@@ -7011,7 +7013,7 @@ def ollama_usage_to_ir(obj: dict) -> dict:
     return new_usage(_num(obj.get("prompt_eval_count")), _num(obj.get("eval_count")))
 
 
-@guarded(502, "upstream answer")
+@answer_guard
 def ollama_response_to_ir(body: dict) -> dict:
     content = _ollama_message_parts(body.get("message") or {})
     tools = any(p["type"] == "tool_call" for p in content)
@@ -7444,7 +7446,7 @@ def _converse_part(block: dict) -> dict | None:
     return None
 
 
-@guarded(502, "upstream response")
+@guarded(502, "upstream response", checked_answer)
 def converse_response_to_ir(body: dict, model: str = "") -> dict:
     """A Converse answer as an IR response. Converse has no answer id: one is minted."""
     blocks = body["output"]["message"]["content"]
@@ -7975,8 +7977,7 @@ def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
     """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
     ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
     client's tool names."""
-    decode, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
-    whole = lambda body: checked_answer(decode(body))                  # noqa: E731
+    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
     if not names:
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
@@ -11110,8 +11111,7 @@ class Relay:
         if not isinstance(answer, dict) or DIALECTS[dialect].plainly_has_text(answer):
             return False
         try:
-            return answer_is_empty(checked_answer(
-                DIALECTS[dialect].passthrough_decoders()[0](answer)))
+            return answer_is_empty(DIALECTS[dialect].passthrough_decoders()[0](answer))
         except (ValueError, GatewayError):
             return False
 
