@@ -11202,6 +11202,48 @@ def test_fuzz_request_head_parser(data):
         pass
 
 
+# Size lines as servers spell them, and as HTTP does not allow (int() takes "+5", "0x5", "1_0").
+_SIZE_SPELLINGS = ("{:x}", "{:X}", "000{:x}", "{:x};ext=1", "{:x} ;e", "{:x}\n", " {:x}",
+                   "+{:x}", "0x{:x}", "{:x}_0", "-{:x}", "{:x}g")
+
+
+@fuzz(lambda st: [st.lists(st.tuples(st.binary(max_size=12).map(lambda b: b.replace(b"\0", b"\r\n")),
+                                     st.integers(0, len(_SIZE_SPELLINGS) - 1),
+                                     st.sampled_from([0, 0, 0, 0, 1, -1])), max_size=12),
+                  st.booleans(), st.lists(st.integers(0, 400), max_size=6)])
+def test_fuzz_chunked_runs_read_at_once_agree_with_the_line_reader(chunks, end, cuts):
+    """A run of chunks in one read is read inline (sizes by int(), checked at once); fed one
+    byte at a time every chunk goes through the line-by-line reader. Both must agree on every
+    stream: well-formed ones give their data whole, anything else the same error or state."""
+    wire = b"".join(_SIZE_SPELLINGS[k].format(len(p) + lie).encode() +
+                    (b"" if _SIZE_SPELLINGS[k].endswith("\n") else b"\r\n") + p + b"\r\n"
+                    for p, k, lie in chunks) + (b"0\r\nX-T: 1\r\n\r\nNEXT" if end else b"")
+    def run(parts, tail=False):           # ``tail``: what the feed that ended had past it
+        d = ag.ChunkedDecoder(502)
+        out = b"".join(b"".join(d.feed(p)) for p in parts), d.done
+        return out + (d.tail,) if tail else out
+    whole = _outcome(lambda: run([wire], tail=True))
+    short = whole if whole[0] == "err" else ("ok", whole[1][:2])
+    assert short == _outcome(lambda: run([wire[i:i + 1] for i in range(len(wire))]))
+    assert short == _outcome(lambda: run(list(_pieces(wire, cuts))))
+    strict = all(k < 5 and lie == 0 and (p or k != 0) for p, k, lie in chunks)
+    if strict and all(p for p, _, _ in chunks):
+        assert whole == ("ok", (b"".join(p for p, _, _ in chunks), end,
+                                b"NEXT" if end else b""))
+
+
+@fuzz(lambda st: [st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n"]), max_size=30)])
+def test_fuzz_sse_passthrough_cuts_after_the_last_blank_line_of_any_kind(parts):
+    """A passed-through stream goes on whole events at a time: cut just past the last blank
+    line, whichever of LF LF, CRLF CRLF or CR CR ends it, the same as searching for each."""
+    buf = b"".join(parts)
+    ends = [buf.rfind(sep) + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r")
+            if sep in buf]
+    assert ag.sse_events_end(buf) == max(ends, default=0)
+    pt = ag.SSEPassthrough()
+    assert pt.feed(buf) == buf[:max(ends, default=0)]
+
+
 @fuzz(lambda st: [st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8)])
 def test_fuzz_decoders_whole_equals_pieces(data, cuts):
     def run_chunked(parts):
