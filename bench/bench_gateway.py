@@ -707,6 +707,24 @@ class Bench:
         fig["handshakes_round"], fig["handshakes"] = most
         fig["busy_rss"] = rss_mib(gw.pid)
 
+        # The floor made as slow as the gateway (FLOOR_SPIN_US: a busy loop of the difference
+        # in CPU per request): a send that wakes an idle peer costs the sender more than one
+        # that finds it busy, so the same I/O costs more at a lower rate. Its CPU less the spin
+        # is what the floor's work costs at the gateway's rate.
+        for phase in ("nonstream", "stream"):
+            spin = max(0.0, med[(phase, "gateway")]["cpu_us"] - med[(phase, "floor")]["cpu_us"])
+            sl_port = free_port()
+            slow, _, _ = self.start_measured([sys.executable, FLOOR, str(sl_port), str(up)],
+                                             sl_port, dict(env, FLOOR_SPIN_US=f"{spin:.1f}"),
+                                             health=False)
+            b = body("bench-model", phase == "stream")
+            in_subprocess("run_load", (sl_port, chat, b, c, 2.0), self.other)     # warm-up
+            runs = [self.load(sl_port, chat, b, c, slow.pid) for _ in range(a.rounds)]
+            fig[f"slow_{phase}_rps"] = statistics.median(r["rps"] for r in runs)
+            fig[f"slow_{phase}_cpu"] = statistics.median(r["cpu_us"] for r in runs) - spin
+            fig[f"slow_{phase}_spin"] = spin
+            self.stop(slow)
+
         # many long streams, paced: direct (the baseline delay), the floor, then the gateway;
         # at the load and at a quarter of it (a load this machine's cores carry)
         events = int(a.long_seconds * 1000 / 20)
@@ -753,6 +771,11 @@ class Bench:
         row("non-streaming CPU us/req", "nonstream", "cpu_us")
         row("200-event SSE passthrough streams/s", "stream", "rps")
         row("200-event SSE passthrough CPU us/stream", "stream", "cpu_us")
+        for phase, label in (("nonstream", "non-streaming"), ("stream", "passthrough")):
+            rps, cpu = fig["slow_" + phase + "_rps"], fig["slow_" + phase + "_cpu"]
+            spun = f"  its CPU us, less {fig['slow_' + phase + '_spin']:.0f} us spun"
+            print(f"{label + ', floor at the gateway rate: /s':<44}{'':>10}{rps:>10.0f}")
+            print(f"{spun:<44}{'':>10}{cpu:>10.0f}")
         row("paced 500 x 2 ms: time to first event ms", "paced", "ttfb_ms", "{:>10.3f}")
         row("  same, upstream without TCP_NODELAY", "paced_nagle", "ttfb_ms", "{:>10.3f}")
         for key, label in (("conv_o2a", "converted OpenAI -> Anthropic"),
@@ -800,6 +823,11 @@ class Bench:
             ("3 passthrough stream CPU vs floor", f"{g('stream')['cpu_us']:.0f} us",
              g("stream")["cpu_us"] / g("stream", "floor")["cpu_us"], "<= 2x",
              g("stream")["cpu_us"] / g("stream", "floor")["cpu_us"] <= 2),
+            ("3 non-streaming vs floor at the gateway's rate",
+             f"{fig['slow_nonstream_cpu']:.0f} us",
+             g("nonstream")["cpu_us"] / fig["slow_nonstream_cpu"], "(print)", None),
+            ("3 passthrough vs floor at the gateway's rate", f"{fig['slow_stream_cpu']:.0f} us",
+             g("stream")["cpu_us"] / fig["slow_stream_cpu"], "(print)", None),
         ]
         added_gw = g("paced")["ttfb_ms"] - g("paced", "direct")["ttfb_ms"]
         added_fl = g("paced", "floor")["ttfb_ms"] - g("paced", "direct")["ttfb_ms"]

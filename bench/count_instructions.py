@@ -63,7 +63,8 @@ def server_count(path: str, requests: int, stream: bool, up: int, tls: int, tmp:
     proc = callgrind(argv, env, stdout=subprocess.DEVNULL)
     bg.wait_accept(port, proc, timeout=300)
     body = json.dumps({"model": "bench-model", "max_tokens": 1024, "stream": stream,
-                       "messages": [{"role": "user", "content": "Say something."}]}).encode()
+                       "messages": [{"role": "user", "content": "Say something."}]},
+                      separators=(",", ":")).encode()    # the fake upstream looks for this form
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {bg.TOKEN}"}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     for _ in range(WARMUP + requests):

@@ -7,17 +7,24 @@ Keep-alive on both sides, a pool of idle upstream connections, bodies framed by 
 or relayed chunk by chunk as they arrive; no routing, no JSON, no auth.  The benchmark runs it
 beside the gateway so that every gateway figure reads as a ratio to the best a stdlib asyncio
 proxy does on the same machine.  Bench use only: it trusts both peers.
+
+FLOOR_SPIN_US=N makes it spend N microseconds of CPU on each request (a busy loop), so that it
+serves at a slower server's rate: what its own work then costs, less the N, is what the same
+I/O costs at that rate (the benchmark's "floor at the gateway's rate" rows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
+import time
 from typing import Awaitable, Callable
 
 MAX_HEAD = 64 * 1024            # bytes of one request or response head
 MAX_IDLE = 64                   # idle upstream connections kept in the pool
+SPIN = float(os.environ.get("FLOOR_SPIN_US") or 0) / 1e6   # CPU seconds spent on each request
 
 
 def content_length(head: bytes) -> int:
@@ -86,6 +93,10 @@ async def handle(pool: Pool, reader: asyncio.StreamReader, writer: asyncio.Strea
                 return
             low = head.lower()
             body = await reader.readexactly(content_length(low))
+            if SPIN:
+                spin_until = time.thread_time() + SPIN
+                while time.thread_time() < spin_until:
+                    pass
             up_r, up_w = await pool.get()
             up_w.write(head + body)
             rhead = await up_r.readuntil(b"\r\n\r\n")
