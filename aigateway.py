@@ -1387,8 +1387,9 @@ def _end_of(buf: bytes, sep: bytes, start: int = 0) -> int:
 
 def sse_events_end(buf: bytes) -> int:
     """Offset just past the last whole SSE event in ``buf`` (its blank line: LF LF, CRLF CRLF or
-    CR CR), or 0. An end of another kind past the last LF LF begins at most 3 bytes before that
-    one's end, so the usual stream (LF line ends) searches the whole buffer for one only."""
+    CR CR), or 0. An end of another kind that ends past the last LF LF begins no earlier than 3
+    bytes before that one's end, so the usual stream (LF line ends) searches the whole buffer
+    for one only."""
     cut = _end_of(buf, b"\n\n")
     return max(cut, _end_of(buf, b"\r\n\r\n", cut - 3), _end_of(buf, b"\r\r", cut - 1))
 
