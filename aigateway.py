@@ -1104,6 +1104,14 @@ class SSEDecoder:
         else:
             buf = text
         out: list[tuple[str | None, str, str | None]] = []
+        if (self._data or self._event is not None) and "\r" not in buf and \
+                (end := buf.find("\n\n")) >= 0:
+            # An event begun in an earlier read (a read of a burst ends inside one): its lines
+            # up to its blank line by line, so that the whole events after it go below at once.
+            for line in buf[:end].split("\n"):
+                self._line(line, out)
+            self._line("", out)
+            self._size, buf = 0, buf[end + 2:]
         if not self._data and self._event is None and "\n\n" in buf and "\r" not in buf:
             # Whole events, each ended by a blank line, as servers send them: the usual
             # shapes ("data: ..." or "event: ...\ndata: ...") read at once, others by line.

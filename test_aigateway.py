@@ -1559,6 +1559,11 @@ def test_05_sse_whole_events_match_line_by_line():
     split = ag.SSEDecoder()
     assert split.feed(b"event: a\n") == []
     assert split.feed(b"data: 1\n\ndata: 2\n\n") == [("a", "1", None), (None, "2", None)]
+    # ... and the whole events after it are still read at once: two reads cut anywhere.
+    for cut in range(len(SSE_LF) + 1):
+        d = ag.SSEDecoder()
+        assert d.feed(SSE_LF[:cut]) + d.feed(SSE_LF[cut:]) + d.feed(b"\n\n") == \
+            expected + [(None, "unfinished", "9")], cut
 
 
 def test_05_ndjson_whole_and_bytewise():
