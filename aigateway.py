@@ -951,7 +951,9 @@ def multipart_field_name(part_headers: dict[str, str]) -> str | None:
 # or one byte at a time.
 
 _CHUNK_SIZE_RX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_CHUNK_SIZES_RX = re.compile(rb"[0-9A-Fa-f]{1,16}(?:\n[0-9A-Fa-f]{1,16})*")
+# Size lines already read, each checked strictly once: a stream's chunks have few distinct sizes.
+_CHUNK_SIZES: dict[bytes, int] = {}
+CHUNK_SIZES_KEPT = 1024                  # at most this many (then a new one is checked each time)
 
 
 class ChunkedDecoder:
@@ -981,33 +983,31 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
         pos, n = 0, len(data)
-        find, inline = data.find, True
+        find, known = data.find, _CHUNK_SIZES
         while pos < n and not self.done:
             state = self._state
-            if state == "size" and not self._line and inline:
+            if state == "size" and not self._line:
                 # The common case inline: bare size lines ending in CRLF, each with its whole
-                # chunk and CRLF in this read, their sizes read by int() and then checked, all
-                # of them at once, for the strict form int() does not ask for ("+5", "0x5",
-                # "1_0"). Anything else (extensions, a bare LF, a split, the last chunk) goes
-                # below, and so does the whole run again when a size was not strict.
-                at, first, sizes = pos, len(out), []
+                # chunk and CRLF in this read, a size line read once (strictly: "+5", "0x5" and
+                # "1_0" are not sizes, though int() takes them) and then looked up. Anything
+                # else (extensions, a bare LF, a split, the last chunk) goes below.
+                at = pos
                 while (nl := find(b"\r\n", pos, pos + 18)) > pos:
-                    size = data[pos:nl]
-                    try:
-                        start = nl + 2
-                        end = start + int(size, 16)
-                    except ValueError:
+                    line = data[pos:nl]
+                    size = known.get(line)
+                    if size is None:
+                        if not _CHUNK_SIZE_RX.fullmatch(line):
+                            break
+                        size = int(line, 16)
+                        if len(known) < CHUNK_SIZES_KEPT:
+                            known[line] = size
+                    start = nl + 2
+                    end = start + size
+                    if end == start or not data.startswith(b"\r\n", end):
                         break
-                    if end <= start or not data.startswith(b"\r\n", end):
-                        break
-                    sizes.append(size)
                     out.append(data[start:end])
                     pos = end + 2
                 if pos != at:
-                    if _CHUNK_SIZES_RX.fullmatch(b"\n".join(sizes)):
-                        continue
-                    pos, inline = at, False
-                    del out[first:]
                     continue
             if state == "data":
                 take = min(self.data_left, n - pos)

@@ -1494,6 +1494,15 @@ def test_05_chunked_rejects_bad_sizes(data):
         ag.ChunkedDecoder().feed(data)
 
 
+def test_05_chunked_sizes_read_once_are_kept_up_to_their_limit(monkeypatch):
+    monkeypatch.setattr(ag, "_CHUNK_SIZES", {})
+    monkeypatch.setattr(ag, "CHUNK_SIZES_KEPT", 8)
+    data = b"".join(b"%x\r\n%s\r\n" % (n, b"z" * n) for n in range(1, 21)) * 2
+    assert b"".join(ag.ChunkedDecoder().feed(data)) == \
+        b"".join(b"z" * n for n in range(1, 21)) * 2
+    assert ag._CHUNK_SIZES == {b"%x" % n: n for n in range(1, 9)}
+
+
 def test_05_chunked_keeps_bytes_after_the_end_apart():
     d = ag.ChunkedDecoder()
     assert d.feed(b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200") == [b"ok"]
