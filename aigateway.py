@@ -189,6 +189,7 @@ MAX_REQUEST_LINE = 16 * 1024          # request line longer than this -> 414
 MAX_HEADER_COUNT = 200                # more header lines than this -> 431
 DEFAULT_MAX_BODY_MB = 64              # settings.max_body_mb; larger bodies -> 413
 MAX_CHUNK_LINE = 4 * 1024             # a chunk-size line longer than this -> 400
+CHUNK_SIZES_KEPT = 1024               # chunk-size lines remembered once checked (all streams)
 
 HEADER_TIMEOUT = 10.0                 # a client that stalls mid-head is answered 408
 KEEPALIVE_TIMEOUT = 75.0              # idle keep-alive connections are closed after this
@@ -953,7 +954,6 @@ def multipart_field_name(part_headers: dict[str, str]) -> str | None:
 _CHUNK_SIZE_RX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # Size lines already read, each checked strictly once: a stream's chunks have few distinct sizes.
 _CHUNK_SIZES: dict[bytes, int] = {}
-CHUNK_SIZES_KEPT = 1024                  # at most this many (then a new one is checked each time)
 
 
 class ChunkedDecoder:
