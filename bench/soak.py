@@ -178,7 +178,7 @@ def main() -> None:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           preexec_fn=raise_fd_limit)
     try:
-        wait_health(gw_port)
+        wait_health(gw_port, gw)
         out = os.path.join(tempfile.mkdtemp(), "result.json")
         # Warm up with the full number of clients, so that the start figure already holds the
         # working set of that many connections and the difference shows growth over time.
