@@ -2042,12 +2042,12 @@ class UpstreamResponse:
             async for data in iter_body(conn.reader, conn.watchdog, self._mode, self._length,
                                         self._idle, error_status=502, exact=False,
                                         overrun=overrun):
-                conn.ack_at_once()
                 if self._decoder is None:
                     yield self._tapped(data)
                 else:
                     for out in self._inflate(data):
                         yield self._tapped(out)
+                conn.ack_at_once()             # once the piece is passed on, before the next read
             if self._decoder is not None:
                 tail = self._decoder.flush()
                 if tail:
@@ -2848,12 +2848,15 @@ class Response:
 
 class StreamBody:
     """An async iterable of bytes with a cleanup that runs exactly once when the server is done
-    with it, whether the iteration finished, broke off, or never started."""
+    with it, whether the iteration finished, broke off, or never started. ``ready``: its first
+    piece is made without waiting for the peer (bytes held before answering), so the server
+    writes it with the head, in one send."""
 
-    __slots__ = ("_it", "_on_close")
+    __slots__ = ("_it", "_on_close", "ready")
 
-    def __init__(self, it: AsyncIterator[bytes], on_close: Callable[[], None]):
-        self._it, self._on_close = it, on_close
+    def __init__(self, it: AsyncIterator[bytes], on_close: Callable[[], None],
+                 ready: bool = False):
+        self._it, self._on_close, self.ready = it, on_close, ready
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._it.__aiter__()         # iterated directly: one layer less per piece
@@ -3141,6 +3144,9 @@ class HTTPServer:
         pinger = _Pinger(writer, format_chunk(resp.keepalive) if chunked else resp.keepalive) \
             if resp.keepalive else None
         try:
+            if getattr(body, "ready", False):      # held bytes: one send with the head
+                piece = await anext(body.__aiter__(), b"")             # type: ignore[union-attr]
+                out += (format_chunk(piece) if chunked else piece) if piece else b""
             await write_and_drain(writer, out)
             async for piece in body:                                   # type: ignore[union-attr]
                 if piece:
@@ -11154,7 +11160,7 @@ class Relay:
             if rec["error"] is None and not up.finished:
                 rec["error"] = "client disconnected"
             self.finish(rec)
-        return StreamBody(self._relay(held, chunks, dialect, pt, rec), done)
+        return StreamBody(self._relay(held, chunks, dialect, pt, rec), done, ready=bool(held))
 
     async def _relay(self, held: list[bytes], chunks: AsyncIterator[bytes], dialect: str,
                      pt: SSEPassthrough | None, rec: Exchange) -> AsyncIterator[bytes]:
@@ -11166,9 +11172,8 @@ class Relay:
             rec["bytes_out"] += len(out)
             return out
         try:
-            for data in held:
-                if out := relayed(data):
-                    yield out
+            if held:                            # first, even if empty: the StreamBody is ready
+                yield relayed(held[0] if len(held) == 1 else b"".join(held))
             async for data in chunks:           # after the held bytes, without a wrapper
                 if out := relayed(data):
                     yield out
@@ -11235,7 +11240,8 @@ class Relay:
             self._trim_signatures()
             self.finish(rec)
         relay = self._relay_converted(chunks, decoder, encoder, rec, held, ended)
-        return Response(200, hdrs, StreamBody(relay, done), keepalive=DIALECTS[dialect].keepalive)
+        return Response(200, hdrs, StreamBody(relay, done, ready=bool(held)),
+                        keepalive=DIALECTS[dialect].keepalive)
 
     async def _relay_converted(self, chunks: AsyncIterator[bytes], decoder: Any, encoder: Any,
                                rec: Exchange, held: list[tuple], ended: bool
@@ -11244,7 +11250,7 @@ class Relay:
         ``held`` events (read while waiting for content) go first."""
         try:
             out = encoder.encode(self._note_stream_error(held, rec))
-            if out:
+            if out or held:                     # held: the StreamBody is ready, even if empty
                 rec["bytes_out"] += len(out)
                 yield out
             if ended:

@@ -7931,6 +7931,29 @@ def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
     assert e.value.status_code == 502 and "empty answer" in e.value.message
 
 
+@pytest.mark.parametrize("client", ["openai", "anthropic"])      # passed through, converted
+@pytest.mark.parametrize("hold", [True, False])
+def test_11_a_held_stream_leaves_with_its_head_in_one_write(gw, upstream, monkeypatch, client,
+                                                            hold):
+    # Held until content, the head and what was held go out in one write (one send, one wake-up
+    # of the client, on the path of the first token); not held, the head leaves alone at once,
+    # before any event came.
+    writes: list[bytes] = []
+    write = ag.write_and_drain
+
+    async def recording(writer, data, timeout=None):
+        writes.append(bytes(data))
+        await write(writer, data, timeout)
+    monkeypatch.setattr(ag, "write_and_drain", recording)
+    up = upstream([openai_stream_reply(pieces=("Hel", "lo"))])
+    g = gw([chan(up)], settings={"empty_answer_fallback": hold})
+    assert _ask(g, client, True) == "Hello"
+    head = next(w for w in writes if w.startswith(b"HTTP/1.1 200"))
+    first = b'"content": "Hel"' if client == "openai" else b"event: message_start"
+    assert (first in head) is hold, head
+    assert head.index(b"\r\n\r\n") < head.find(first) if hold else head.endswith(b"\r\n\r\n")
+
+
 def test_11_empty_answer_hold_is_bounded(gw, upstream, monkeypatch):
     monkeypatch.setattr(ag, "EMPTY_HOLD_BYTES", 200)
     blank = Reply(chunks=openai_stream_chunks(pieces=("",) * 10),
