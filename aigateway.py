@@ -11173,7 +11173,7 @@ class Relay:
             return out
         try:
             if held:                            # first, even if empty: the StreamBody is ready
-                yield relayed(held[0] if len(held) == 1 else b"".join(held))
+                yield relayed(b"".join(held))       # (one piece: join gives it back)
             async for data in chunks:           # after the held bytes, without a wrapper
                 if out := relayed(data):
                     yield out
