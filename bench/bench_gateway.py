@@ -810,6 +810,8 @@ class Bench:
         peak, before = fig["long_peak_rss"], fig["long_before_rss"]
         per_stream_kib = (peak - before) * 1024 / lg["streams"]
         added, added_floor = lg["p99_ms"] - ld["p99_ms"], lf["p99_ms"] - ld["p99_ms"]
+        # Not a figure but a failure: a stream through the gateway lost or changed events.
+        self.broken = lg["exact"] != lg["streams"] or lg["events"] != lg["streams"] * events
         light_added, light_floor = sg["p99_ms"] - sd["p99_ms"], sf["p99_ms"] - sd["p99_ms"]
         targets = [
             ("1 idle RSS vs bare interpreter (MiB)", f"{fig['idle_rss']:.1f} vs "
@@ -937,6 +939,8 @@ def main() -> None:
     bench = Bench(args)
     try:
         bench.run()
+        if getattr(bench, "broken", False):
+            sys.exit("the gateway's long streams were not all complete and exact")
     finally:
         for proc in bench.procs:
             if proc.poll() is None:
