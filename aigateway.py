@@ -1403,7 +1403,10 @@ def sse_events_end(buf: bytes) -> int:
 
 
 _USAGE_NULL_RX = re.compile(rb'"usage(?:Metadata)?"[ \t]*:[ \t]*null')
-_USAGE_KEY_RX = re.compile(rb'"usage')      # re's search: ~1.6x faster than `in` on events
+# re's search for a literal without the quote: JSON's many quotes each start a false match of
+# '"usage' (timeit, the benchmark's 55 KB OpenAI burst: 18.6 us against 31.6 with the quote, 26.2
+# for `in`; one 276-byte event 0.29 us against 0.39). A text that says "usage" costs a _sniff.
+_USAGE_KEY_RX = re.compile(rb'usage')
 
 
 class SSEPassthrough:

@@ -1650,6 +1650,10 @@ def test_05_sse_passthrough_reads_usage_among_null_usage_events():
     assert (pt.input_tokens, pt.output_tokens) == (5, 7)
     pt = ag.SSEPassthrough(ag.DIALECTS[ag.OPENAI].usage)
     assert pt.feed(events[0] + events[1]) == events[0] + events[1] and pt.usage is None
+    # The search is for the bare word: a text that says it is passed on as it came, no usage.
+    said = b'data: {"choices":[{"index":0,"delta":{"content":"usage: \\"usage\\" low"}}]}\n\n'
+    pt = ag.SSEPassthrough(ag.DIALECTS[ag.OPENAI].usage)
+    assert pt.feed(said + events[3]) == said + events[3] and pt.usage is None
 
 
 def _es_all_types():
