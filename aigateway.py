@@ -737,6 +737,7 @@ _HEADER_BLOCK_RX = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*(?:
 _VERSION_SEGMENT = re.compile(r"v\d+[a-z0-9]*\Z", re.I)        # /v1, /v4, /v1beta in URLs
 
 
+@functools.lru_cache(maxsize=NAME_CACHE_SIZE)        # a channel's base URL, asked per request
 def has_version_segment(url: str) -> bool:
     """Whether a base URL's path already names an API version (/v1, /v4, /v1beta/openai…)."""
     return any(_VERSION_SEGMENT.match(seg) for seg in urllib.parse.urlsplit(url).path.split("/"))
@@ -3715,6 +3716,7 @@ class ProviderAdapter:
     replaces_headers: frozenset[str] = frozenset()   # client headers its own replace
     forwards_headers: frozenset[str] | None = None   # client headers relayed (None = all)
     lists_models = True                       # the upstream has a model list to read
+    signs = False                             # overrides authorize (set by __init_subclass__)
     # Config fields of this type only, type-checked by section 10 (check_fields says what
     # else must hold), shown by the channel dialog, kept in Channel.extra.
     fields: dict[str, TypeField] = {}
@@ -3753,6 +3755,10 @@ class ProviderAdapter:
         """A factory of a filter (``feed(bytes) -> bytes``, ``end()``) that turns a relayed
         streaming answer into the client dialect's SSE, when the upstream frames it otherwise."""
         return None
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.signs = cls.authorize is not ProviderAdapter.authorize
 
     async def authorize(self, ch: Any, method: str, url: str, headers: list[tuple[str, str]],
                         body: bytes, creds: Any) -> list[tuple[str, str]]:
@@ -9284,7 +9290,7 @@ class Channel:
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
                  "responses_api", "api_version", "keys", "max_concurrency", "quirks", "thinking",
-                 "preset", "weight", "overrides", "extra", "creds", "_exact")
+                 "preset", "weight", "overrides", "extra", "creds", "_exact", "relay_drops")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -9315,6 +9321,10 @@ class Channel:
         self.weight = float(c["weight"])
         self.overrides: list[dict] = c["overrides"]
         self._exact = {m.lower() for m in self.models if "*" not in m}
+        # A passed-through request's header names (lower case) this channel sets itself or
+        # its quirks drop, and with them every name it never forwards (Relay._upstream_request).
+        own = frozenset(n.lower() for n in c["headers"]) | quirk_dropped_headers(self.quirks)
+        self.relay_drops = (own, _DROP_REQUEST_HEADERS | own | provider.replaces_headers)
 
     def secrets(self) -> list[str]:
         """Every credential of this channel (its keys, its type's secret fields, a service
@@ -9713,6 +9723,7 @@ def pinned_first(chans: list[Channel], pin: tuple | None, model: str) -> list[Ch
 
 
 WEIGHT_STATES_MAX = 4096      # weighted-turn states kept (one per model and priority or alias)
+ROUTER_CACHE_MAX = 1024       # routing decisions kept (one per model, route dialect and token)
 
 
 def pin_key(pin: tuple | None, ch: Channel, model: str) -> int | None:
@@ -10604,6 +10615,8 @@ class Router:
 
     def __init__(self):
         self._scores: dict[tuple, dict] = {}     # weighted-turn scores (weighted_order)
+        self._cached_for: list[Channel] | None = None
+        self._cache: dict[tuple, list[tuple[int, list[Channel]]]] = {}
 
     def turns(self, key: tuple) -> dict:
         """The weighted-turn scores kept for ``key``, at most WEIGHT_STATES_MAX of them."""
@@ -10616,6 +10629,33 @@ class Router:
 
     def order(self, channels: list[Channel], model: str, route: Route, token: Token | None
               ) -> list[Channel]:
+        # The groups depend only on the configuration and the request's model, route and
+        # token: worked out once each and kept (ROUTER_CACHE_MAX of them, for the same
+        # configuration: a new one's channels list starts a new cache); only the turns of a
+        # group of several are taken per request.
+        if channels is not self._cached_for:
+            self._cached_for, self._cache = channels, {}
+        key = (model, route.dialect, route.reach, token.id if token is not None else None)
+        groups = self._cache.get(key)
+        if groups is None:
+            groups = self._groups(channels, model, route, token)
+            while len(self._cache) >= ROUTER_CACHE_MAX:
+                del self._cache[next(iter(self._cache))]
+            self._cache[key] = groups
+        if len(groups) == 1 and len(groups[0][1]) == 1:
+            return list(groups[0][1])
+        ordered: list[Channel] = []
+        for prio, members in groups:
+            if len(members) > 1:
+                members = weighted_order(members, [ch.weight for ch in members],
+                                         self.turns((model.lower(), prio)))
+            ordered += members
+        return ordered
+
+    def _groups(self, channels: list[Channel], model: str, route: Route, token: Token | None
+                ) -> list[tuple[int, list[Channel]]]:
+        """The channels that may serve ``model`` on ``route`` for ``token``, by priority in
+        groups of equal priority; the refusal when there are none."""
         serving = [ch for ch in channels if ch.enabled and ch.serves(model)]
         if not serving:
             # A new install's first request: say what to do, not only what is missing.
@@ -10637,15 +10677,8 @@ class Router:
             raise GatewayError(501, f"model '{model}' is served by {kinds}; {route.path} "
                                     f"reaches only {', '.join(dict.fromkeys(reach))} channels",
                                code="conversion_not_available")
-        ordered: list[Channel] = []
-        for prio, group in itertools.groupby(sorted(usable, key=lambda c: c.priority),
-                                             key=lambda c: c.priority):
-            members = list(group)
-            if len(members) > 1:
-                members = weighted_order(members, [ch.weight for ch in members],
-                                         self.turns((model.lower(), prio)))
-            ordered += members
-        return ordered
+        return [(prio, list(group)) for prio, group in itertools.groupby(
+            sorted(usable, key=lambda c: c.priority), key=lambda c: c.priority)]
 
 
 class Access:
@@ -10906,9 +10939,12 @@ class Relay:
         next key or channel may serve (401, 403, 408, 429, 5xx), ContextOverflow when the
         prompt is too long for any channel."""
         ch, rec = at.ch, job.rec
-        headers = await self.signed(ch, at.method, at.url, at.headers, at.body)
+        # Awaited only where there is something to wait for (a signature, a slot).
+        headers = await self.signed(ch, at.method, at.url, at.headers, at.body) \
+            if PROVIDERS[ch.type].signs else at.headers
         exchange = self.capture.upstream(rec["id"], at.method, at.url, headers, at.body)
-        await self.limits.acquire_slot(ch, rec)
+        if ch.max_concurrency:
+            await self.limits.acquire_slot(ch, rec)
         t0 = time.perf_counter()
         up = await self.client.request(at.method, at.url, headers, at.body, proxy=ch.proxy,
                                        verify_tls=ch.verify_tls, timeout=ch.timeout)
@@ -10988,12 +11024,13 @@ class Relay:
         url = provider.passthrough_url(ch, route.path, route.kind, target, stream)
         if query:
             url += ("&" if "?" in url else "?") + query
-        listed = {v.strip().lower() for v in (req.headers.get("connection") or "").split(",")}
-        extra = {name.lower() for name, _ in ch.headers} | quirk_dropped_headers(ch.quirks)
+        connection = req.headers.get("connection")
+        extra, dropped = ch.relay_drops
+        if connection:
+            dropped = dropped | {v.strip().lower() for v in connection.split(",")}
         kept = provider.forwards_headers
-        hdrs = [(n, v) for n, v in req.headers if (low := n.lower()) not in _DROP_REQUEST_HEADERS
-                and low not in listed and low not in extra
-                and low not in provider.replaces_headers and (kept is None or low in kept)]
+        hdrs = [(n, v) for n, v in req.headers if (low := n.lower()) not in dropped
+                and (kept is None or low in kept)]
         if kept is not None and obj is not None:
             hdrs.append(("Content-Type", "application/json"))
         hdrs += [(n, v) for n, v in provider.auth_headers(ch.api_key, req.headers, ch.quirks)

@@ -198,6 +198,7 @@ class FakeUpstream:
             def _serve(self):
                 rec = {"method": self.command, "path": self.path, "body": self._body(),
                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                       "header_list": [(k.lower(), v) for k, v in self.headers.items()],
                        "client_port": self.client_address[1]}
                 with fake.lock:
                     fake.requests.append(rec)
@@ -5450,6 +5451,55 @@ def test_11_routing_priority_round_robin_wildcards_and_no_match(gw, upstream):
                                       messages=[{"role": "user", "content": "x"}])
     assert e2.value.body["error"]["type"] == "not_found_error"
     assert "no channel is configured" not in e2.value.body["error"]["message"]
+
+
+def test_11_routing_kept_per_model_route_and_token_follows_config_and_is_bounded(gw, upstream):
+    """The router keeps each routing decision (Router.order); what a token may use, the
+    route's reach and a new configuration still decide, and client-chosen model names cannot
+    grow what is kept past ROUTER_CACHE_MAX."""
+    a, b = upstream(), upstream([Reply(body=json.dumps(anthropic_message()).encode())])
+    g = gw([chan(a, name="a", models=["m-*"], priority=0),
+            chan(b, name="b", type="anthropic", models=["m-*"], priority=1)],
+           tokens=[{"name": "all", "key": TOKEN},
+                   {"name": "only-b", "key": TOKEN + "-b", "allowed_channels": ["b"]}])
+    for _ in range(2):                          # alternating: neither sees the other's routing
+        g.openai().chat.completions.create(model="m-1", messages=[])
+        g.openai(api_key=TOKEN + "-b").chat.completions.create(model="m-1", messages=[])
+    assert (len(a.requests), len(b.requests)) == (2, 2)
+    assert [r["channel"] for r in g.records(4)] == ["a", "b", "a", "b"]
+    # A route whose dialect reaches only its own channels: the same model, another decision.
+    status, _, data = g.request("POST", "/v1/completions", {"model": "m-1", "prompt": "x"})
+    assert status == 200 and len(a.requests) == 3
+    g.store.update_channel(g.store.data["channels"][0]["id"], enabled=False)
+    g.thread.apply_config()
+    g.openai().chat.completions.create(model="m-1", messages=[])
+    assert len(a.requests) == 3 and len(b.requests) == 3     # the new configuration routes
+    router, gwy = g.gateway.router, g.gateway
+    route, token = ag.ROUTES["/v1/chat/completions"], gwy.tokens[0]
+    for i in range(ag.ROUTER_CACHE_MAX + 50):
+        assert [c.name for c in router.order(gwy.channels, f"m-{i}", route, token)] == ["b"]
+    assert len(router._cache) == ag.ROUTER_CACHE_MAX
+
+
+def test_11_passed_through_requests_drop_what_the_channel_replaces_or_connection_lists(
+        gw, upstream):
+    """RFC 9110 section 7.6.1: a header named in Connection is for the next hop only; the
+    channel's own headers replace the client's of the same name, its quirks' drop_headers are
+    never sent, and the upstream key replaces whatever credential the client sent."""
+    up = upstream()
+    g = gw([chan(up, headers={"X-Team": "channel"}, quirks={"drop_headers": ["X-Drop"]})])
+    status, _, _ = g.request("POST", "/v1/chat/completions", _chat_body(), headers={
+        "Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-Keep": "2", "X-Team": "client",
+        "X-Drop": "3", "Cookie": "c=1", "Content-Type": "application/json"})
+    assert status == 200
+    sent = up.requests[-1]["headers"]
+    assert sent["x-keep"] == "2"
+    assert [v for n, v in up.requests[-1]["header_list"] if n == "x-team"] == ["channel"]
+    assert "x-hop" not in sent and "x-drop" not in sent and "cookie" not in sent
+    assert sent["authorization"] == "Bearer sk-upstream-secret"
+    status, _, _ = g.request("POST", "/v1/chat/completions", _chat_body(),
+                             headers={"X-Hop": "1", "Content-Type": "application/json"})
+    assert status == 200 and up.requests[-1]["headers"]["x-hop"] == "1"   # not listed now
 
 
 def test_11_the_first_request_of_a_new_install_says_how_to_add_a_channel(gw):
