@@ -2804,6 +2804,20 @@ def test_09_upstream_error_message_from_any_dialect(body, expected):
     assert ag.upstream_error_message(body, 503) == expected
 
 
+def test_09_coalesced_text_joins_adjacent_text_and_reasoning_in_order():
+    tool = ("tool", 0, "call_1", "f")
+    events = [("start", "i", "m"), ("reasoning", "r1"), ("reasoning", "r2"), ("signature", "s"),
+              ("text", "a"), ("text", ""), ("text", "b"), tool, ("text", "c"), ("args", 0, "{}"),
+              ("finish", "stop")]
+    assert ag.coalesced_text(events) == [
+        ("start", "i", "m"), ("reasoning", "r1r2"), ("signature", "s"), ("text", "ab"), tool,
+        ("text", "c"), ("args", 0, "{}"), ("finish", "stop")]
+    one = [("text", "x")]
+    assert ag.coalesced_text(one) is one and ag.coalesced_text([]) == []
+    many = [("text", str(i)) for i in range(1000)]
+    assert ag.coalesced_text(many) == [("text", "".join(map(str, range(1000))))]
+
+
 def test_09_replace_json_model_is_byte_exact_elsewhere():
     body = (b'{ "model" : "fast",\n "messages": [{"role":"user","content":"1e5 \\u00e9"}], '
             b'"x": 1.10}')
@@ -7983,6 +7997,41 @@ def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
     with pytest.raises(anthropic.APIStatusError) as e:     # none left: a 5xx clients retry
         _ask(g, "anthropic", False)
     assert e.value.status_code == 502 and "empty answer" in e.value.message
+
+
+def test_11_a_converted_burst_leaves_in_fewer_deltas_and_a_paced_stream_event_by_event(
+        gw, upstream):
+    """What one read of an upstream stream brings is converted as one text delta (the encoder
+    runs once, not once per event); events that come apart stay apart: the client gets each as
+    it came, before the upstream sends the next."""
+    pieces = [f"w{i} " for i in range(40)]
+    burst = upstream([Reply(chunks=[b"".join(openai_stream_chunks(pieces=pieces))],
+                            content_type="text/event-stream")])
+    g = gw([chan(burst)])
+    ask = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
+    with g.anthropic().messages.stream(**ask) as s:
+        deltas = [e.delta.text for e in s if e.type == "content_block_delta"]
+        final = s.get_final_message()
+    assert "".join(deltas) == "".join(pieces) == final.content[0].text
+    assert len(deltas) <= 4                      # one read, or a few: never one per event
+    got = [threading.Event() for _ in range(3)]
+    events = openai_stream_chunks(pieces=("a", "b", "c"))
+
+    def paced():
+        yield events[0] + events[1]             # the role and "a"
+        for i, event in enumerate(events[2:4]):
+            got[i].wait(10)                     # the client has the one before
+            yield event
+        yield b"".join(events[4:])
+    step = upstream([Reply(chunks=paced(), content_type="text/event-stream")])
+    g2 = gw([chan(step)])
+    seen = []
+    with g2.anthropic().messages.stream(**ask) as s:
+        for e in s:
+            if e.type == "content_block_delta":
+                seen.append(e.delta.text)
+                got[len(seen) - 1].set()
+    assert seen == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("client", ["openai", "anthropic"])      # passed through, converted

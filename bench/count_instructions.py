@@ -11,7 +11,9 @@ a VM whose speed drifts by more than the change.
 by name) under callgrind against the benchmark's fake upstream, sends 20 warm-up requests and
 then N sequential keep-alive ones, stops it with SIGINT and prints (count with N - count with 0)
 / N. ``convert`` imports each FILE (a gateway) and converts the benchmark's 200-event streams,
-OpenAI -> Anthropic and Anthropic -> OpenAI, fed whole and one event per read. Needs valgrind
+OpenAI -> Anthropic and Anthropic -> OpenAI, fed whole and one event per read (each read's
+events joined by ``coalesced_text`` first, as the converted relay does, in a version that has
+it). Needs valgrind
 (Debian's package); takes about a minute per figure.
 """
 
@@ -90,10 +92,11 @@ events, dec, enc = (
     if case == "o2a" else
     (bg.ANTHROPIC_EVENTS, ag.AnthropicStreamDecoder, lambda: ag.OpenAIStreamEncoder("m", False)))
 blob = b"".join(events)
+joined = getattr(ag, "coalesced_text", lambda events: events)   # as the relay does, where it can
 for _ in range(n):
     d, e = dec(), enc()
     for piece in ([blob] if whole else events):
-        e.encode(d.feed(piece))
+        e.encode(joined(d.feed(piece)))
     e.encode(d.close())
 """
 
