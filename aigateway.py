@@ -10671,8 +10671,6 @@ class Router:
             while len(self._cache) >= ROUTER_CACHE_MAX:
                 del self._cache[next(iter(self._cache))]
             self._cache[key] = groups
-        if len(groups) == 1 and len(groups[0][1]) == 1:
-            return list(groups[0][1])
         ordered: list[Channel] = []
         for prio, members in groups:
             if len(members) > 1:
