@@ -3489,6 +3489,12 @@ class IRText(TypedDict):
     text: str
 
 
+class IRReference(IRText):
+    """The text a ``tool_reference`` block becomes (tool_reference_text), with the tool's
+    name, so that it names the tool as the channel knows it (rename_ir_tools)."""
+    reference: str
+
+
 class IRImage(TypedDict, total=False):
     type: Literal["image"]                   # with "url", or with "media_type" and "data"
     url: str
@@ -4105,6 +4111,12 @@ def _append(messages: list[dict], role: str, parts: list[dict]) -> None:
         messages.append({"role": role, "content": parts})
 
 
+def tool_reference_text(name: str) -> str:
+    """What a ``tool_reference`` block (Claude Code's tool search: the tool is loaded) tells a
+    model of another provider."""
+    return f"Tool {name} is now available."
+
+
 def blocks_to_ir(content: Any, where: str) -> list[dict]:
     """Anthropic-style content blocks (also what some clients send on other routes) -> IR parts."""
     if isinstance(content, str):
@@ -4146,7 +4158,8 @@ def blocks_to_ir(content: Any, where: str) -> list[dict]:
                         "arguments": json.dumps(inp if inp is not None else {},
                                                 ensure_ascii=False)})
         elif t == "tool_reference" and isinstance(b.get("tool_name"), str):
-            out.append({"type": "text", "text": f"Tool {b['tool_name']} is now available."})
+            out.append({"type": "text", "text": tool_reference_text(b["tool_name"]),
+                        "reference": b["tool_name"]})
         elif t == "tool_result":
             out.append({"type": "tool_result", "id": str(b.get("tool_use_id") or ""),
                         "name": None,
@@ -5663,6 +5676,27 @@ def anthropic_effort(effort: str, mode: str) -> str:
     return "max" if effort == "xhigh" and mode == "both" else effort
 
 
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def without_billing_header(parts: list[dict]) -> list[dict]:
+    """System text without Claude Code's attribution line (``x-anthropic-billing-header:
+    cc_version=…; cc_entrypoint=…; cch=…;``, a block of its own or the first line of one): it
+    is for Anthropic's own API, which a passed-through request still gets; to another provider
+    it is noise at the head of the prompt, and its ``cch`` hash, new on every request, would
+    make each prompt's prefix new, so that the provider's prompt cache never hit (reported to
+    proxies that convert, e.g. 1rgs/claude-code-proxy#99, sgl-project/sglang#29169)."""
+    out = []
+    for p in parts:
+        if p.get("type") == "text" and p["text"].startswith(BILLING_HEADER):
+            rest = p["text"].partition("\n")[2]
+            if rest.strip():
+                out.append(dict(p, text=rest))
+            continue
+        out.append(p)
+    return out
+
+
 @guarded(400, "request body")
 def anthropic_request_to_ir(body: dict) -> dict:
     ir = empty_request(body.get("model") or "")
@@ -5687,6 +5721,7 @@ def anthropic_request_to_ir(body: dict) -> dict:
             _append(ir["messages"], "assistant", parts)
         else:
             raise GatewayError(400, f"messages.{i}.role: {role!r} is not 'user' or 'assistant'")
+    ir["system"] = without_billing_header(ir["system"])
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
     # Tool search (Claude Code's, or the API's tool_search_tool_* server tools; Anthropic docs,
     # "Tool search tool"): tools marked defer_loading: true reach the model only once a
@@ -7951,14 +7986,19 @@ def upstream_tool_names(ir: dict, ctype: str) -> dict[str, str]:
 
 
 def rename_ir_tools(ir: dict, ctype: str) -> dict:
-    """The request with every tool name (tool list, tool_choice, calls and results in earlier
-    turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself when none changes."""
+    """The request with every tool name (tool list, tool_choice, calls, results and tool
+    references in earlier turns) in the form a channel of type ``ctype`` accepts; ``ir`` itself
+    when none changes."""
     if not upstream_tool_names(ir, ctype):
         return ir
 
     def part(p: dict) -> dict:
         if p["type"] in ("tool_call", "tool_result") and p.get("name"):
-            return dict(p, name=channel_tool_name(p["name"], ctype))
+            p = dict(p, name=channel_tool_name(p["name"], ctype))
+        if p["type"] == "tool_result":
+            return dict(p, content=[part(c) for c in p["content"]])
+        if "reference" in p:                    # a loaded tool, named as the channel has it
+            return dict(p, text=tool_reference_text(channel_tool_name(p["reference"], ctype)))
         return p
 
     out = dict(ir, tools=[dict(t, name=channel_tool_name(t["name"], ctype))

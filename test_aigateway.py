@@ -3683,6 +3683,39 @@ def test_09_claude_code_style_request_to_openai_channel(gw, upstream):
     assert "anthropic-beta" not in up.last()["headers"]
 
 
+def test_09_claude_codes_billing_line_reaches_anthropic_only(gw, upstream):
+    """Claude Code puts ``x-anthropic-billing-header: cc_version=…; cc_entrypoint=…; cch=…;``
+    at the head of its system prompt (a block of its own; its cch differs request by
+    request). A channel of another provider gets the prompt without it, so two requests that
+    differ only there send the same prompt, a prefix its cache can hit; an Anthropic channel
+    gets the request as it came."""
+    def body(cch, form):
+        line = f"x-anthropic-billing-header: cc_version=2.1.332.732; cc_entrypoint=cli; cch={cch};"
+        system = {"blocks": [{"type": "text", "text": line},
+                             {"type": "text", "text": "You are Claude Code."}],
+                  "string": f"{line}\nYou are Claude Code.",
+                  "hoisted": None}[form]
+        msgs = [{"role": "user", "content": "hi"}]
+        if form == "hoisted":                   # a system turn among the messages
+            msgs.insert(0, {"role": "system", "content": [{"type": "text", "text": line}]})
+            system = "You are Claude Code."
+        return {"model": "claude-test", "max_tokens": 64, "system": system, "messages": msgs}
+    g, up = _typed_gw(gw, upstream, "openai")
+    for form in ("blocks", "string", "hoisted"):
+        for cch in ("71fea", "0c3d2"):
+            status, _, answer = g.request("POST", "/v1/messages", body(cch, form))
+            assert status == 200, answer
+        first, second = (json.loads(r["body"]) for r in up.requests[-2:])
+        assert first == second, form
+        assert first["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    ga, upa = _typed_gw(gw, upstream, "anthropic")
+    status, _, answer = ga.request("POST", "/v1/messages", body("71fea", "blocks"))
+    assert status == 200, answer
+    assert json.loads(upa.last()["body"])["system"][0]["text"].endswith("cch=71fea;")
+    assert ag.without_billing_header([{"type": "text", "text": "x-anthropic-billing-header: a"}]
+                                     ) == []
+
+
 def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
     g, up = _typed_gw(gw, upstream, "openai")
     r = g.anthropic().messages.count_tokens(
@@ -4068,6 +4101,20 @@ def test_09_tool_search_deferred_tools_and_tool_references():
                                              "type": "tool_search_tool_regex_20251119",
                                              "name": "tool_search_tool_regex"}]})
     assert [t["name"] for t in server["tools"]] == ["mcp__a__found", "mcp__a__hidden"]
+    # A loaded tool whose name the channel takes only shortened is offered under that name, and
+    # the reference names it so too: the model is told of the tool it can call.
+    long_name = "mcp__workspace_documents_server__search_the_workspace_documents_by_title"
+    renamed = json.loads(json.dumps([tools, msgs]).replace("mcp__a__found", long_name))
+    ir = ag.anthropic_request_to_ir({"model": "m", "max_tokens": 9, "tools": renamed[0],
+                                     "messages": renamed[1]})
+    for ctype in ("openai", "gemini"):
+        short = ag.channel_tool_name(long_name, ctype)
+        assert short != long_name
+        wire = json.dumps(ag.encode_upstream_chat(ctype, ag.rename_ir_tools(ir, ctype), "m",
+                                                  stream=False))
+        assert f"Tool {short} is now available." in wire and long_name not in wire
+        assert "reference" not in wire                  # the IR's note is not sent
+    assert ag.rename_ir_tools(ir, "anthropic") is ir    # a name it takes: nothing changes
 
 
 def test_09_codex_namespaced_tools_flattened_and_split_again():
@@ -10487,29 +10534,37 @@ def test_15_codex_runs_its_shell_then_an_mcp_tool_through_a_converting_channel(g
                for r in g.records(4) if r["route"] != "/v1/models")
 
 
-def test_15_claude_code_runs_bash_then_an_mcp_tool_whose_name_passes_64(gw, upstream, tmp_path):
-    """One Claude Code session through an OpenAI channel (one start of the CLI for both): its
-    Bash tool loop, then an MCP tool whose full name passes OpenAI's 64 characters."""
+def test_15_claude_code_runs_bash_then_finds_and_runs_an_mcp_tool_whose_name_passes_64(
+        gw, upstream, tmp_path):
+    """One Claude Code session through an OpenAI channel (one start of the CLI for all): its
+    Bash tool loop, then an MCP tool whose full name passes OpenAI's 64 characters. Claude Code
+    (2.1.332) lists MCP tools only after its client-run ToolSearch has loaded them (a
+    ``tool_reference`` in the search's result, the tool itself with ``defer_loading``): the
+    channel sees the tool, under a name OpenAI takes, from that turn on and not before."""
     claude = _cli_bin("claude")
     full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
+    short = ag.channel_tool_name(full, "custom")
     up = upstream()
     strict = strict_upstream("openai")
+    seen: list[list[str]] = []
 
     def respond(rec):
-        """Bash first, the MCP tool after its result, then the text of both results."""
+        """Bash first, then ToolSearch for the MCP tool, the tool once it is offered, then the
+        text of the results."""
         body = json.loads(rec["body"])
         names = [t["function"]["name"] for t in body.get("tools") or []]
-        short = next((n for n in names if n.startswith("mcp__workspace_documents_server")),
-                     None)
         results = [str(m.get("content")) for m in body["messages"] if m["role"] == "tool"]
         checked = strict(rec)                          # a tool name OpenAI refuses: its 400
-        if short is None or checked.status != 200:
+        if checked.status != 200 or "ToolSearch" not in names:
             return checked
+        seen.append(names)
         if not results:
             return _answer_in("openai", body, rec, "", "Bash", SHELL_TOOLS["Bash"])
         if len(results) == 1:
+            return _answer_in("openai", body, rec, "", "ToolSearch", {"query": "select:" + full})
+        if len(results) == 2 and short in names:
             return _answer_in("openai", body, rec, "", short, {"words": "docs-ok"})
-        return _answer_in("openai", body, rec, f"DONE {results[0][:300]} got {results[1]}",
+        return _answer_in("openai", body, rec, f"DONE {results[0][:300]} got {results[-1][:300]}",
                           None)
     up.responder = respond
     g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
@@ -10519,18 +10574,34 @@ def test_15_claude_code_runs_bash_then_an_mcp_tool_whose_name_passes_64(gw, upst
         "command": sys.executable, "args": [str(server)]}}})
     rc, out = _run_cli([claude, "-p", "print the word, then search the documents",
                         "--mcp-config", config, "--allowedTools", f"Bash,{full}",
-                        "--model", "claude-sonnet-4-5"],
-                       {"HOME": str(tmp_path), "ANTHROPIC_BASE_URL": g.url,
-                        "ANTHROPIC_API_KEY": TOKEN, "DISABLE_AUTOUPDATER": "1",
-                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, tmp_path)
+                        "--model", "claude-sonnet-4-6"],
+                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
     assert rc == 0, out[-2000:]
     assert "DONE" in out and "cli-ok" in out                   # Bash ran, its output came back
     assert _tool_result_seen(up)
     assert "got mcp-said docs-ok" in out                       # so did the MCP tool's
+    # Offered only from the search's result on (2 turns without it, then with it), the deferred
+    # placeholder never; the search's tool_reference reached the model as text.
+    assert [short in names for names in seen] == [False, False, True, True], seen
+    assert not any("DeferredToolPlaceholder" in names for names in seen)
     sent = [json.loads(r["body"]) for r in up.requests]
-    assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
+    # Every name the channel got as a name (tools, calls) is one it takes; the search's result
+    # tells the model the name it can call (Claude Code's own text, the list of deferred tools
+    # in a system reminder, keeps the full one, as the client wrote it).
+    named = {t["function"]["name"] for b in sent for t in b.get("tools") or []} | {
+        c["function"]["name"] for b in sent for m in b["messages"] for c in
+        m.get("tool_calls") or []}
+    assert short in named and full not in named, named
+    results = [m["content"] for b in sent[-1:] for m in b["messages"] if m["role"] == "tool"]
+    assert results[1] == f"Tool {short} is now available.", results[1][:300]
     wire = json.dumps(sent)
-    assert full not in wire and ag.channel_tool_name(full, "custom") in wire
+    assert "defer_loading" not in wire and "tool_reference" not in wire
+    assert all(b["max_tokens"] <= 8192 for b in sent if "max_tokens" in b)
+    # Claude Code's billing line (it sends one) stays with Anthropic: the system prompts are
+    # the same from turn to turn.
+    assert "x-anthropic-billing-header" not in wire
+    assert len({json.dumps(b["messages"][0]) for b in sent}) == 1
 
 
 # Issue 12: Claude Code's own reading of a context overflow from another provider
