@@ -9359,7 +9359,8 @@ class Channel:
     __slots__ = ("id", "name", "type", "base_url", "api_key", "models", "mapping", "priority",
                  "enabled", "timeout", "proxy", "verify_tls", "headers", "max_tokens_cap",
                  "responses_api", "api_version", "keys", "max_concurrency", "quirks", "thinking",
-                 "preset", "weight", "overrides", "extra", "creds", "_exact", "relay_drops")
+                 "preset", "weight", "overrides", "extra", "creds", "_exact", "relay_drops",
+                 "_mapped")
 
     def __init__(self, c: dict, default_proxy: str):
         self.id: int = c["id"]
@@ -9372,7 +9373,11 @@ class Channel:
         self.extra: dict[str, Any] = {k: c.get(k, f.default) for k, f in provider.fields.items()}
         self.creds: Any = provider.credentials(c)
         self.models: list[str] = c["models"]
-        self.mapping = {k.lower(): v for k, v in c["model_mapping"].items()}
+        # Exact names, and patterns with "*" (such as "claude-*", for a client whose model
+        # names change with its versions) tried when no exact name is mapped, longest first.
+        self.mapping = {k.lower(): v for k, v in c["model_mapping"].items() if "*" not in k}
+        self._mapped = sorted(((k, v) for k, v in c["model_mapping"].items() if "*" in k),
+                              key=lambda kv: -len(kv[0]))
         self.priority: int = c["priority"]
         self.enabled: bool = c["enabled"]
         self.timeout = float(c["timeout"])
@@ -9411,10 +9416,16 @@ class Channel:
         low = model.lower()
         if not self.models or low in self._exact or low in self.mapping:
             return True
-        return any(name_matches(m, model) for m in self.models if "*" in m)
+        return any(name_matches(m, model) for m in self.models if "*" in m) or any(
+            name_matches(k, model) for k, _ in self._mapped)
 
     def upstream_model(self, model: str) -> str:
-        return self.mapping.get(model.lower(), model)
+        """The name the upstream gets for ``model``: its model_mapping target (an exact key,
+        else the longest pattern that matches), else ``model`` itself."""
+        target = self.mapping.get(model.lower())
+        if target is not None:
+            return target
+        return next((v for k, v in self._mapped if name_matches(k, model)), model)
 
     def with_key(self, key: str) -> Channel:
         """This channel, sending ``key`` instead of its first one."""

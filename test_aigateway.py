@@ -5368,6 +5368,28 @@ def test_11_other_openai_routes(gw, upstream):
     assert b"whisper-large-v3" in sent and b"RIFF...." in sent and b'name="model"' in sent
 
 
+def test_11_model_mapping_keys_may_be_patterns(gw, upstream):
+    """A model_mapping key with "*" maps every name it matches (an exact key first, then the
+    longest pattern), and the channel serves those names; a pattern names no model, so the
+    model list leaves it out."""
+    up = upstream()
+    up.responder = lambda rec: openai_chat_reply(model=json.loads(rec["body"])["model"])
+    g = gw([chan(up, models=["deepseek-chat"], model_mapping={
+        "claude-*": "deepseek-chat", "claude-haiku-*": "deepseek-small",
+        "claude-haiku-5-5": "deepseek-tiny"})])
+    sent = []
+    for model in ("claude-opus-5-5", "Claude-Haiku-4-5", "claude-haiku-5-5", "deepseek-chat"):
+        g.openai().chat.completions.create(model=model,
+                                           messages=[{"role": "user", "content": "hi"}])
+        sent.append(json.loads(up.last()["body"])["model"])
+        assert g.records()[-1]["model"] == model
+    assert sent == ["deepseek-chat", "deepseek-small", "deepseek-tiny", "deepseek-chat"]
+    with pytest.raises(openai.NotFoundError):           # matched by no name and no pattern
+        g.openai().chat.completions.create(model="gpt-4o",
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert [m.id for m in g.openai().models.list()] == ["deepseek-chat", "claude-haiku-5-5"]
+
+
 def test_11_models_list_in_both_shapes(gw, upstream):
     up = upstream()
     g = gw([chan(up, name="a", models=["gpt-4o", "gpt-4o-*"], model_mapping={"fast": "x"}),
@@ -10602,6 +10624,25 @@ def test_15_claude_code_runs_bash_then_finds_and_runs_an_mcp_tool_whose_name_pas
     # the same from turn to turn.
     assert "x-anthropic-billing-header" not in wire
     assert len({json.dumps(b["messages"][0]) for b in sent}) == 1
+
+
+def test_15_claude_codes_own_model_names_reach_a_channel_mapped_by_a_pattern(gw, upstream,
+                                                                              tmp_path):
+    """Claude Code 2.1.332 asks for claude-opus-5-5 unless told (claude-sonnet-5-5 and
+    claude-haiku-5-5 for its aliases): one pattern maps them all, as the README shows."""
+    up = upstream()
+    up.responder = lambda rec: _answer_in("openai", json.loads(rec["body"]), rec, "hello", None)
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1", models=["deepseek-chat"],
+                 max_tokens_cap=8192, model_mapping={"claude-*": "deepseek-chat"})])
+    asked = []
+    for args in ([], ["--model", "haiku"]):
+        rc, out = _run_cli([_cli_bin("claude"), "-p", "hi", *args],
+                           dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                                ANTHROPIC_API_KEY=TOKEN), tmp_path)
+        assert rc == 0 and "hello" in out, out[-2000:]
+        asked.append(g.records()[-1]["model"])
+    assert asked == ["claude-opus-5-5", "claude-haiku-5-5"]
+    assert {json.loads(r["body"])["model"] for r in up.requests} == {"deepseek-chat"}
 
 
 # Issue 12: Claude Code's own reading of a context overflow from another provider
