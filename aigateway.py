@@ -12831,7 +12831,8 @@ class ChannelDialog:
                                background=app.colors["field"], foreground=app.colors["fg"])
         self.mapping.insert("1.0", "\n".join(f"{k} = {v}" for k, v in
                                              c.get("model_mapping", {}).items()))
-        field("Model mapping", self.mapping, "client name = upstream name")
+        field("Model mapping", self.mapping,
+              "client name (or a pattern: claude-*) = upstream name")
         field("Priority", ttk.Entry(body, textvariable=self.vars["priority"], width=8),
               "lower is tried first")
         field("Weight", ttk.Entry(body, textvariable=self.vars["weight"], width=8),
