@@ -3375,6 +3375,21 @@ def upstream_error_message(body: bytes, status: int) -> str:
     return text or f"upstream answered {status} {_REASONS.get(status, '')}".strip()
 
 
+# An upstream's refusal of a max_tokens above its model's output limit, naming the limit:
+# OpenAI's "max_tokens is too large: 64000. This model supports at most 16384 completion tokens,
+# whereas you provided 64000." (ChatGPTNextWeb/NextChat#3195, enoch3712/ExtractThinker#346) and
+# DeepSeek's "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]"
+# (mnfst/llm-gateway#1177, Gitlawb/openclaude#35). Clients such as Claude Code ask for 128,000.
+_OUTPUT_LIMIT_RX = re.compile(r"supports at most (\d{1,9}) completion tokens"
+                              r"|valid range of max_tokens is \[1, ?(\d{1,9})\]")
+
+
+def output_limit_in(message: str) -> int | None:
+    """The output-token limit an upstream's error message names, if it is that refusal."""
+    m = _OUTPUT_LIMIT_RX.search(message)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
 def upstream_error_code(body: bytes) -> str | None:
     try:
         err = json_loads(body, "an upstream error", status=502, unique_keys=False).get("error")
@@ -9427,6 +9442,14 @@ class Channel:
             return target
         return next((v for k, v in self._mapped if name_matches(k, model)), model)
 
+    def with_cap(self, cap: int) -> Channel:
+        """This channel with ``cap`` as its max_tokens_cap (a limit its upstream named)."""
+        if self.max_tokens_cap and self.max_tokens_cap <= cap:
+            return self
+        other = copy.copy(self)
+        other.max_tokens_cap = cap
+        return other
+
     def with_key(self, key: str) -> Channel:
         """This channel, sending ``key`` instead of its first one."""
         if key == self.api_key:
@@ -9804,6 +9827,7 @@ def pinned_first(chans: list[Channel], pin: tuple | None, model: str) -> list[Ch
 
 WEIGHT_STATES_MAX = 4096      # weighted-turn states kept (one per model and priority or alias)
 ROUTER_CACHE_MAX = 1024       # routing decisions kept (one per model, route dialect and token)
+LEARNED_CAPS_MAX = 256        # output limits learned from upstreams' refusals (channel, model)
 
 
 def pin_key(pin: tuple | None, ch: Channel, model: str) -> int | None:
@@ -10946,6 +10970,7 @@ class Relay:
         self.creds = CredentialCache(client)     # what channels sign requests with
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
+        self.learned_caps: dict[tuple, int] = {}     # (channel id, model): output limit
 
     # -- the fallback loop -----------------------------------------------------------------------
 
@@ -10960,12 +10985,41 @@ class Relay:
                     return self._count_locally(job)
                 try:
                     up = await self.send(job, attempt)
+                    capped = await self._learned_cap(job, attempt, up)
+                    if capped is not None:              # the same try, within the limit
+                        attempt = await self.build(job, base, capped)
+                        up = await self.send(job, attempt)
                     return await self.answer(job, attempt, up)
                 except UpstreamError as exc:
                     failures.append((attempt.ch, exc))
                     if not self._failed(job, attempt, exc, keys_tried):
                         break
         raise self._all_failed(failures)
+
+    async def _learned_cap(self, job: Job, at: Attempt, up: UpstreamResponse
+                           ) -> Channel | None:
+        """For a converted request the upstream refused for a max_tokens above its model's
+        output limit (output_limit_in): the channel capped at that limit, to try again once,
+        and the limit kept for the channel and model (LEARNED_CAPS_MAX of them), so that the
+        next requests are capped from the start. None for any other answer."""
+        if up.status != 400 or at.answer != "converted" or job.ir is None:
+            return None
+        limit = output_limit_in(upstream_error_message(await up.keep_body(MAX_ERROR_BODY),
+                                                        400))
+        asked = job.ir.get("max_tokens") or 0
+        if limit is None or limit < 1 or (at.ch.max_tokens_cap or asked) <= limit:
+            return None
+        key = (at.base.id, job.rec["upstream_model"])
+        self.learned_caps.pop(key, None)
+        while len(self.learned_caps) >= LEARNED_CAPS_MAX:
+            del self.learned_caps[next(iter(self.learned_caps))]
+        self.learned_caps[key] = limit
+        up.aclose_nowait()
+        self.limits.release_slot(job.rec)
+        self.log(f"channel '{at.ch.name}': {job.rec['upstream_model']} takes at most {limit} "
+                 f"output tokens (its answer said); asked again with max_tokens {limit}, and so "
+                 f"from now on (a max_tokens_cap on the channel keeps it past a restart)")
+        return at.ch.with_cap(limit)
 
     def _take_key(self, job: Job, base: Channel, keys_tried: set[str]) -> Channel:
         """``base`` with its next key to try (the session's pinned key first)."""
@@ -11005,6 +11059,10 @@ class Relay:
             if provider.inline_media and ch.type not in job.inlined:
                 job.inlined[ch.type] = await self._inline_remote_images(job.ir, ch)
             answer = "converted"
+            learned = self.learned_caps.get((base.id, job.rec["upstream_model"])) \
+                if self.learned_caps else None
+            if learned is not None:
+                ch = ch.with_cap(learned)
             url, hdrs, body = self.converted_request(ch, job.inlined.get(ch.type, job.ir), model)
         if ch.overrides:
             body, hdrs = apply_overrides(body, hdrs, ch.overrides,

@@ -3716,6 +3716,64 @@ def test_09_claude_codes_billing_line_reaches_anthropic_only(gw, upstream):
                                      ) == []
 
 
+# The two wordings of a max_tokens above the model's output limit that the gateway reads (see
+# output_limit_in): OpenAI's (ChatGPTNextWeb/NextChat#3195) and DeepSeek's
+# (mnfst/llm-gateway#1177); both are 400s with the limit in the message.
+OUTPUT_LIMIT_REFUSALS = {
+    "openai": lambda asked, limit: f"max_tokens is too large: {asked}. This model supports at "
+                                   f"most {limit} completion tokens, whereas you provided {asked}.",
+    "deepseek": lambda asked, limit: f"Invalid max_tokens value, the valid range of max_tokens "
+                                     f"is [1, {limit}]"}
+
+
+@pytest.mark.parametrize("wording", sorted(OUTPUT_LIMIT_REFUSALS))
+def test_09_an_output_limit_the_upstream_names_is_learned(gw, upstream, wording):
+    """Claude Code asks for max_tokens 128000; a provider whose model takes fewer refuses it,
+    naming its limit. The gateway asks again within it, and from then on asks so at once; the
+    client sees its answer, not the refusal."""
+    limit = 8192
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        asked = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        if asked > limit:
+            return _refuse("openai", OUTPUT_LIMIT_REFUSALS[wording](asked, limit))
+        return Dialects.openai(rec)
+    up = upstream()
+    up.responder = respond
+    g = gw([chan(up, models=["claude-*"])])
+    ask = dict(model="claude-opus-5-5", max_tokens=128000,
+               messages=[{"role": "user", "content": "hi"}])
+    assert g.anthropic().messages.create(**ask).content[0].text == "hello"
+    sent = [json.loads(r["body"]) for r in up.requests]
+    asked = [b.get("max_completion_tokens") or b.get("max_tokens") for b in sent]
+    assert asked == [128000, limit]
+    with g.anthropic().messages.stream(**ask) as stream:      # learned: one request
+        assert stream.get_final_text() == "hello"
+    assert len(up.requests) == 3
+    last = json.loads(up.last()["body"])
+    assert (last.get("max_completion_tokens") or last.get("max_tokens")) == limit
+    assert any(f"takes at most {limit} output tokens" in p for k, p in g.events() if k == "log")
+    rec = g.records()[-2]
+    assert rec["status"] == 200 and rec["channel"]
+
+
+def test_09_other_refusals_and_a_limit_not_below_the_ask_reach_the_client(gw, upstream):
+    """A 400 that names no output limit, or one at or above what was asked, is the client's
+    (the gateway asks once, not again and again)."""
+    up = upstream([_refuse("openai", "messages: bad role"),
+                   _refuse("openai", OUTPUT_LIMIT_REFUSALS["deepseek"](0, 200000))])
+    g = gw([chan(up, models=["claude-*"])])
+    for expected in ("bad role", "valid range"):
+        with pytest.raises(anthropic.BadRequestError) as info:
+            g.anthropic().messages.create(model="claude-x", max_tokens=1000,
+                                          messages=[{"role": "user", "content": "hi"}])
+        assert expected in str(info.value)
+    assert len(up.requests) == 2
+    assert ag.output_limit_in("the valid range of max_tokens is [1, 65536]") == 65536
+    assert ag.output_limit_in("max_tokens must be positive") is None
+
+
 def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
     g, up = _typed_gw(gw, upstream, "openai")
     r = g.anthropic().messages.count_tokens(
