@@ -11621,6 +11621,7 @@ class Gateway:
         s = config["settings"]
         self.settings = self.relay.settings = s
         self.channels = [Channel(c, s["proxy"]) for c in config["channels"]]
+        self.relay.learned_caps.clear()          # a channel may now go elsewhere
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
         self.client.max_response = int(s["max_response_mb"] * 1024 * 1024)

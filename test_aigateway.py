@@ -3754,8 +3754,10 @@ def test_09_an_output_limit_the_upstream_names_is_learned(gw, upstream, wording)
     last = json.loads(up.last()["body"])
     assert (last.get("max_completion_tokens") or last.get("max_tokens")) == limit
     assert any(f"takes at most {limit} output tokens" in p for k, p in g.events() if k == "log")
-    rec = g.records()[-2]
-    assert rec["status"] == 200 and rec["channel"]
+    assert [r["status"] for r in g.records(2)] == [200, 200]
+    g.thread.apply_config()                     # a new configuration: learned anew
+    assert g.anthropic().messages.create(**ask).content[0].text == "hello"
+    assert len(up.requests) == 5
 
 
 def test_09_other_refusals_and_a_limit_not_below_the_ask_reach_the_client(gw, upstream):
@@ -10692,14 +10694,13 @@ def test_15_claude_codes_own_model_names_reach_a_channel_mapped_by_a_pattern(gw,
     up.responder = lambda rec: _answer_in("openai", json.loads(rec["body"]), rec, "hello", None)
     g = gw([chan(up, type="custom", base_url=up.url + "/v1", models=["deepseek-chat"],
                  max_tokens_cap=8192, model_mapping={"claude-*": "deepseek-chat"})])
-    asked = []
     for args in ([], ["--model", "haiku"]):
         rc, out = _run_cli([_cli_bin("claude"), "-p", "hi", *args],
                            dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
                                 ANTHROPIC_API_KEY=TOKEN), tmp_path)
         assert rc == 0 and "hello" in out, out[-2000:]
-        asked.append(g.records()[-1]["model"])
-    assert asked == ["claude-opus-5-5", "claude-haiku-5-5"]
+    # (a streamed answer's record is written once its last byte is out: wait for both)
+    assert [r["model"] for r in g.records(2)] == ["claude-opus-5-5", "claude-haiku-5-5"]
     assert {json.loads(r["body"])["model"] for r in up.requests} == {"deepseek-chat"}
 
 
