@@ -3760,6 +3760,29 @@ def test_09_an_output_limit_the_upstream_names_is_learned(gw, upstream, wording)
     assert len(up.requests) == 5
 
 
+def test_09_learned_output_limits_are_bounded(gw, upstream, monkeypatch):
+    """At most LEARNED_CAPS_MAX (channel, model) limits are kept, the oldest dropped first:
+    the model names are the clients'."""
+    monkeypatch.setattr(ag, "LEARNED_CAPS_MAX", 2)
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        asked = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        return _refuse("openai", OUTPUT_LIMIT_REFUSALS["deepseek"](asked, 100)) \
+            if asked > 100 else Dialects.openai(rec)
+    up = upstream()
+    up.responder = respond
+    g = gw([chan(up, models=["claude-*"])])
+    counts = []
+    for model in ("claude-a", "claude-b", "claude-c", "claude-c", "claude-a"):
+        before = len(up.requests)
+        g.anthropic().messages.create(model=model, max_tokens=1000,
+                                      messages=[{"role": "user", "content": "hi"}])
+        counts.append(len(up.requests) - before)
+    assert counts == [2, 2, 2, 1, 2]            # claude-a's limit was the oldest: dropped
+    assert len(g.gateway.relay.learned_caps) == 2
+
+
 def test_09_other_refusals_and_a_limit_not_below_the_ask_reach_the_client(gw, upstream):
     """A 400 that names no output limit, or one at or above what was asked, is the client's
     (the gateway asks once, not again and again)."""
