@@ -3390,6 +3390,22 @@ def output_limit_in(message: str) -> int | None:
     return int(m.group(1) or m.group(2)) if m else None
 
 
+def sent_output_tokens(body: bytes) -> int:
+    """The output-token limit a converted request we built asks for (0 when it names none)."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return 0
+    if not isinstance(obj, dict):
+        return 0
+    gen = obj.get("generationConfig")
+    values = [obj.get("max_tokens"), obj.get("max_completion_tokens"),
+              obj.get("max_output_tokens"), (obj.get("options") or {}).get("num_predict")
+              if isinstance(obj.get("options"), dict) else None,
+              gen.get("maxOutputTokens") if isinstance(gen, dict) else None]
+    return max((v for v in values if type(v) is int), default=0)
+
+
 def upstream_error_code(body: bytes) -> str | None:
     try:
         err = json_loads(body, "an upstream error", status=502, unique_keys=False).get("error")
@@ -11006,9 +11022,8 @@ class Relay:
             return None
         limit = output_limit_in(upstream_error_message(await up.keep_body(MAX_ERROR_BODY),
                                                         400))
-        asked = job.ir.get("max_tokens") or 0
-        if limit is None or limit < 1 or (at.ch.max_tokens_cap or asked) <= limit:
-            return None
+        if limit is None or limit < 1 or sent_output_tokens(at.body) <= limit:
+            return None                 # (what was sent, thinking's room included, was within)
         key = (at.base.id, job.rec["upstream_model"])
         self.learned_caps.pop(key, None)
         while len(self.learned_caps) >= LEARNED_CAPS_MAX:

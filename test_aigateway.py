@@ -3797,6 +3797,11 @@ def test_09_other_refusals_and_a_limit_not_below_the_ask_reach_the_client(gw, up
     assert len(up.requests) == 2
     assert ag.output_limit_in("the valid range of max_tokens is [1, 65536]") == 65536
     assert ag.output_limit_in("max_tokens must be positive") is None
+    # What a converted request asked for, in each channel type's field:
+    for sent, n in ((b'{"max_completion_tokens": 7}', 7), (b'{"max_tokens": 8}', 8),
+                    (b'{"generationConfig": {"maxOutputTokens": 9}}', 9),
+                    (b'{"options": {"num_predict": 10}}', 10), (b"[]", 0), (b"\xff", 0)):
+        assert ag.sent_output_tokens(sent) == n
 
 
 def test_09_count_tokens_for_non_anthropic_channel_is_local(gw, upstream):
