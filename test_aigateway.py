@@ -10714,6 +10714,52 @@ def test_15_claude_code_runs_bash_then_finds_and_runs_an_mcp_tool_whose_name_pas
     assert len({json.dumps(b["messages"][0]) for b in sent}) == 1
 
 
+def test_15_claude_code_finds_and_runs_a_long_mcp_tool_through_a_gemini_channel(gw, upstream,
+                                                                                tmp_path):
+    """The same session as above on a Gemini channel (its own 64-character rule, enforced by
+    the strict fake): the search's result names the tool as Gemini was offered it."""
+    claude = _cli_bin("claude")
+    full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
+    short = ag.channel_tool_name(full, "gemini")
+    up = upstream()
+    strict = strict_upstream("gemini")
+    results_seen: list[list[dict]] = []
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        names = [d["name"] for t in body.get("tools") or [] for d in t["functionDeclarations"]]
+        results = [p["functionResponse"] for c in body["contents"] for p in c["parts"]
+                   if "functionResponse" in p]
+        checked = strict(rec)
+        if checked.status != 200 or "ToolSearch" not in names:
+            return checked
+        results_seen.append(results)
+        if not results:
+            return _answer_in("gemini", body, rec, "", "Bash", SHELL_TOOLS["Bash"])
+        if len(results) == 1:
+            return _answer_in("gemini", body, rec, "", "ToolSearch", {"query": "select:" + full})
+        if len(results) == 2 and short in names:
+            return _answer_in("gemini", body, rec, "", short, {"words": "docs-ok"})
+        return _answer_in("gemini", body, rec,
+                          f"DONE got {str(results[-1]['response'])[:200]}", None)
+    up.responder = respond
+    g = gw([chan(up, type="gemini", api_key="gm-key")])
+    server = tmp_path / "mcp_docs.py"
+    server.write_text(MCP_ECHO_SERVER.replace('"echo_words"', json.dumps(full.split("__")[2])))
+    config = json.dumps({"mcpServers": {"workspace_documents_server": {
+        "command": sys.executable, "args": [str(server)]}}})
+    rc, out = _run_cli([claude, "-p", "print the word, then search the documents",
+                        "--mcp-config", config, "--allowedTools", f"Bash,{full}",
+                        "--model", "claude-sonnet-4-6"],
+                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE got" in out and "mcp-said docs-ok" in out
+    search = results_seen[2][1]
+    assert search["name"] == "ToolSearch"
+    assert search["response"]["result"] == f"Tool {short} is now available."
+
+
 def test_15_claude_codes_own_model_names_reach_a_channel_mapped_by_a_pattern(gw, upstream,
                                                                               tmp_path):
     """Claude Code 2.1.332 asks for claude-opus-5-5 unless told (claude-sonnet-5-5 and
