@@ -10644,6 +10644,70 @@ def test_15_codex_runs_its_shell_then_an_mcp_tool_through_a_converting_channel(g
                for r in g.records(4) if r["route"] != "/v1/models")
 
 
+DOCS_TOOL = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
+
+
+def _docs_step(names, results, short):
+    """The model of Claude Code's MCP session: (tool, args) to call next, or None to answer.
+    Bash first, then ToolSearch for the MCP tool, the tool once it is offered."""
+    if not results:
+        return "Bash", SHELL_TOOLS["Bash"]
+    if len(results) == 1:
+        return "ToolSearch", {"query": "select:" + DOCS_TOOL}
+    if len(results) == 2 and short in names:
+        return short, {"words": "docs-ok"}
+    return None
+
+
+# Per channel format: (tool names offered, tool results sent back) of a request body.
+DOCS_READERS = {
+    "openai": lambda body: ([t["function"]["name"] for t in body.get("tools") or []],
+                            [str(m.get("content")) for m in body["messages"]
+                             if m["role"] == "tool"]),
+    "gemini": lambda body: ([d["name"] for t in body.get("tools") or []
+                             for d in t["functionDeclarations"]],
+                            [p["functionResponse"] for c in body["contents"] for p in c["parts"]
+                             if "functionResponse" in p])}
+
+
+def _docs_upstream(upstream, ctype, short, seen):
+    """A strict fake of format ``ctype`` playing the model of Claude Code's MCP session
+    (_docs_step); ``seen`` gets each turn's (names, results); the last answer quotes the first
+    and the last result."""
+    up = upstream()
+    strict = strict_upstream(ctype)
+
+    def respond(rec):
+        body = json.loads(rec["body"])
+        names, results = DOCS_READERS[ctype](body)
+        checked = strict(rec)                          # a tool name the provider refuses: 400
+        if checked.status != 200 or "ToolSearch" not in names:
+            return checked
+        seen.append((names, results))
+        step = _docs_step(names, results, short)
+        if step:
+            return _answer_in(ctype, body, rec, "", *step)
+        return _answer_in(ctype, body, rec, f"DONE {str(results[0])[:300]} got "
+                                            f"{str(results[-1])[:300]}", None)
+    up.responder = respond
+    return up
+
+
+def _claude_code_docs_session(g, tmp_path):
+    """(exit status, output) of one Claude Code run through gateway ``g`` with a stdio MCP
+    server whose one tool's full name is DOCS_TOOL."""
+    server = tmp_path / "mcp_docs.py"
+    server.write_text(MCP_ECHO_SERVER.replace('"echo_words"',
+                                              json.dumps(DOCS_TOOL.split("__")[2])))
+    config = json.dumps({"mcpServers": {"workspace_documents_server": {
+        "command": sys.executable, "args": [str(server)]}}})
+    return _run_cli([_cli_bin("claude"), "-p", "print the word, then search the documents",
+                     "--mcp-config", config, "--allowedTools", f"Bash,{DOCS_TOOL}",
+                     "--model", "claude-sonnet-4-6"],
+                    dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
+                         ANTHROPIC_API_KEY=TOKEN), tmp_path)
+
+
 def test_15_claude_code_runs_bash_then_finds_and_runs_an_mcp_tool_whose_name_passes_64(
         gw, upstream, tmp_path):
     """One Claude Code session through an OpenAI channel (one start of the CLI for all): its
@@ -10651,48 +10715,19 @@ def test_15_claude_code_runs_bash_then_finds_and_runs_an_mcp_tool_whose_name_pas
     (2.1.332) lists MCP tools only after its client-run ToolSearch has loaded them (a
     ``tool_reference`` in the search's result, the tool itself with ``defer_loading``): the
     channel sees the tool, under a name OpenAI takes, from that turn on and not before."""
-    claude = _cli_bin("claude")
-    full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
+    full = DOCS_TOOL
     short = ag.channel_tool_name(full, "custom")
-    up = upstream()
-    strict = strict_upstream("openai")
-    seen: list[list[str]] = []
-
-    def respond(rec):
-        """Bash first, then ToolSearch for the MCP tool, the tool once it is offered, then the
-        text of the results."""
-        body = json.loads(rec["body"])
-        names = [t["function"]["name"] for t in body.get("tools") or []]
-        results = [str(m.get("content")) for m in body["messages"] if m["role"] == "tool"]
-        checked = strict(rec)                          # a tool name OpenAI refuses: its 400
-        if checked.status != 200 or "ToolSearch" not in names:
-            return checked
-        seen.append(names)
-        if not results:
-            return _answer_in("openai", body, rec, "", "Bash", SHELL_TOOLS["Bash"])
-        if len(results) == 1:
-            return _answer_in("openai", body, rec, "", "ToolSearch", {"query": "select:" + full})
-        if len(results) == 2 and short in names:
-            return _answer_in("openai", body, rec, "", short, {"words": "docs-ok"})
-        return _answer_in("openai", body, rec, f"DONE {results[0][:300]} got {results[-1][:300]}",
-                          None)
-    up.responder = respond
+    turns: list[tuple] = []
+    up = _docs_upstream(upstream, "openai", short, turns)
     g = gw([chan(up, type="custom", base_url=up.url + "/v1", max_tokens_cap=8192)])
-    server = tmp_path / "mcp_docs.py"
-    server.write_text(MCP_ECHO_SERVER.replace('"echo_words"', json.dumps(full.split("__")[2])))
-    config = json.dumps({"mcpServers": {"workspace_documents_server": {
-        "command": sys.executable, "args": [str(server)]}}})
-    rc, out = _run_cli([claude, "-p", "print the word, then search the documents",
-                        "--mcp-config", config, "--allowedTools", f"Bash,{full}",
-                        "--model", "claude-sonnet-4-6"],
-                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
-                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
+    rc, out = _claude_code_docs_session(g, tmp_path)
     assert rc == 0, out[-2000:]
     assert "DONE" in out and "cli-ok" in out                   # Bash ran, its output came back
     assert _tool_result_seen(up)
     assert "got mcp-said docs-ok" in out                       # so did the MCP tool's
     # Offered only from the search's result on (2 turns without it, then with it), the deferred
     # placeholder never; the search's tool_reference reached the model as text.
+    seen = [names for names, _ in turns]
     assert [short in names for names in seen] == [False, False, True, True], seen
     assert not any("DeferredToolPlaceholder" in names for names in seen)
     sent = [json.loads(r["body"]) for r in up.requests]
@@ -10718,44 +10753,14 @@ def test_15_claude_code_finds_and_runs_a_long_mcp_tool_through_a_gemini_channel(
                                                                                 tmp_path):
     """The same session as above on a Gemini channel (its own 64-character rule, enforced by
     the strict fake): the search's result names the tool as Gemini was offered it."""
-    claude = _cli_bin("claude")
-    full = "mcp__workspace_documents_server__search_the_workspace_documents_by_title_and_body"
-    short = ag.channel_tool_name(full, "gemini")
-    up = upstream()
-    strict = strict_upstream("gemini")
-    results_seen: list[list[dict]] = []
-
-    def respond(rec):
-        body = json.loads(rec["body"])
-        names = [d["name"] for t in body.get("tools") or [] for d in t["functionDeclarations"]]
-        results = [p["functionResponse"] for c in body["contents"] for p in c["parts"]
-                   if "functionResponse" in p]
-        checked = strict(rec)
-        if checked.status != 200 or "ToolSearch" not in names:
-            return checked
-        results_seen.append(results)
-        if not results:
-            return _answer_in("gemini", body, rec, "", "Bash", SHELL_TOOLS["Bash"])
-        if len(results) == 1:
-            return _answer_in("gemini", body, rec, "", "ToolSearch", {"query": "select:" + full})
-        if len(results) == 2 and short in names:
-            return _answer_in("gemini", body, rec, "", short, {"words": "docs-ok"})
-        return _answer_in("gemini", body, rec,
-                          f"DONE got {str(results[-1]['response'])[:200]}", None)
-    up.responder = respond
+    short = ag.channel_tool_name(DOCS_TOOL, "gemini")
+    turns: list[tuple] = []
+    up = _docs_upstream(upstream, "gemini", short, turns)
     g = gw([chan(up, type="gemini", api_key="gm-key")])
-    server = tmp_path / "mcp_docs.py"
-    server.write_text(MCP_ECHO_SERVER.replace('"echo_words"', json.dumps(full.split("__")[2])))
-    config = json.dumps({"mcpServers": {"workspace_documents_server": {
-        "command": sys.executable, "args": [str(server)]}}})
-    rc, out = _run_cli([claude, "-p", "print the word, then search the documents",
-                        "--mcp-config", config, "--allowedTools", f"Bash,{full}",
-                        "--model", "claude-sonnet-4-6"],
-                       dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
-                            ANTHROPIC_API_KEY=TOKEN), tmp_path)
+    rc, out = _claude_code_docs_session(g, tmp_path)
     assert rc == 0, out[-2000:]
-    assert "DONE got" in out and "mcp-said docs-ok" in out
-    search = results_seen[2][1]
+    assert "DONE" in out and "mcp-said docs-ok" in out
+    search = turns[2][1][1]
     assert search["name"] == "ToolSearch"
     assert search["response"]["result"] == f"Tool {short} is now available."
 
