@@ -661,6 +661,13 @@ def escape_record(obj: Any) -> Any:
     return obj if out is None else out
 
 
+def make_room(kept: dict, limit: int) -> None:
+    """Drop ``kept``'s oldest entries (insertion order) until one more fits within ``limit``:
+    the bound of a table whose keys come from clients or upstreams."""
+    while len(kept) >= limit:
+        del kept[next(iter(kept))]
+
+
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
 
 
@@ -3398,11 +3405,11 @@ def sent_output_tokens(body: bytes) -> int:
         return 0
     if not isinstance(obj, dict):
         return 0
-    gen = obj.get("generationConfig")
+    gen, opts = obj.get("generationConfig"), obj.get("options")       # Gemini's, Ollama's
     values = [obj.get("max_tokens"), obj.get("max_completion_tokens"),
-              obj.get("max_output_tokens"), (obj.get("options") or {}).get("num_predict")
-              if isinstance(obj.get("options"), dict) else None,
-              gen.get("maxOutputTokens") if isinstance(gen, dict) else None]
+              obj.get("max_output_tokens"),
+              gen.get("maxOutputTokens") if isinstance(gen, dict) else None,
+              opts.get("num_predict") if isinstance(opts, dict) else None]
     return max((v for v in values if type(v) is int), default=0)
 
 
@@ -9454,9 +9461,9 @@ class Channel:
         """The name the upstream gets for ``model``: its model_mapping target (an exact key,
         else the longest pattern that matches), else ``model`` itself."""
         target = self.mapping.get(model.lower())
-        if target is not None:
-            return target
-        return next((v for k, v in self._mapped if name_matches(k, model)), model)
+        if target is None and self._mapped:         # (no generator on the usual path)
+            target = next((v for k, v in self._mapped if name_matches(k, model)), None)
+        return model if target is None else target
 
     def with_cap(self, cap: int) -> Channel:
         """This channel with ``cap`` as its max_tokens_cap (a limit its upstream named)."""
@@ -10742,8 +10749,7 @@ class Router:
         """The weighted-turn scores kept for ``key``, at most WEIGHT_STATES_MAX of them."""
         turns = self._scores.get(key)
         if turns is None:
-            while len(self._scores) >= WEIGHT_STATES_MAX:
-                del self._scores[next(iter(self._scores))]
+            make_room(self._scores, WEIGHT_STATES_MAX)
             turns = self._scores[key] = {}
         return turns
 
@@ -10759,8 +10765,7 @@ class Router:
         groups = self._cache.get(key)
         if groups is None:
             groups = self._groups(channels, model, route, token)
-            while len(self._cache) >= ROUTER_CACHE_MAX:
-                del self._cache[next(iter(self._cache))]
+            make_room(self._cache, ROUTER_CACHE_MAX)
             self._cache[key] = groups
         ordered: list[Channel] = []
         for prio, members in groups:
@@ -11026,8 +11031,7 @@ class Relay:
             return None                 # (what was sent, thinking's room included, was within)
         key = (at.base.id, job.rec["upstream_model"])
         self.learned_caps.pop(key, None)
-        while len(self.learned_caps) >= LEARNED_CAPS_MAX:
-            del self.learned_caps[next(iter(self.learned_caps))]
+        make_room(self.learned_caps, LEARNED_CAPS_MAX)
         self.learned_caps[key] = limit
         up.aclose_nowait()
         self.limits.release_slot(job.rec)
