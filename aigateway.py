@@ -6476,19 +6476,38 @@ def gemini_version(model: str) -> tuple[int, int, str]:
     return int(m.group(1)), int(m.group(2) or 0), (m.group(3) or "").lower()
 
 
+_GEMINI_LEVELS = ("minimal", "low", "medium", "high")
+
+
+def gemini_thinking_levels(major: int, minor: int, variant: str) -> tuple[str, ...]:
+    """The thinkingLevel values a Gemini 3 model takes, from Google's model tables
+    (docs.cloud.google.com/gemini-enterprise-agent-platform/models/guides/gemini-3-7-flash and
+    gemini-3-8-flash, ai.google.dev/gemini-api/docs/thinking): 3 Pro low and high, 3.1 Pro
+    low, medium and high; Flash-Lite and Flash up to 3.6 minimal to high; 3.7 Flash, 3.8 Flash
+    (and, by that trend, later Flash) low to high: minimal there is a 400 "'minimal' is not a
+    supported thinking level for this model" (fishjar/kiss-translator#1048,
+    dzivkovi/video-intel v2.7.1)."""
+    if variant == "pro":
+        return ("low", "high") if (major, minor) < (3, 1) else ("low", "medium", "high")
+    if variant == "flash-lite" or (major, minor) < (3, 7):
+        return _GEMINI_LEVELS
+    return _GEMINI_LEVELS[1:]
+
+
 def gemini_thinking_config(model: str, reasoning: dict) -> dict | None:
     """IR reasoning -> generationConfig.thinkingConfig for ``model``: a thinkingLevel for Gemini
-    3 and later, a thinkingBudget for 2.5 (and names we cannot read), never both (a 400), none
-    for older models. Per ai.google.dev/gemini-api/docs/thinking: Gemini 3 Pro takes levels low
-    and high only and cannot turn thinking off; Flash takes minimal, low, medium, high. 2.5 Pro
-    budgets run 128..32768 (no 0), Flash 0..24576, Flash-Lite 0 or 512..24576."""
+    3 and later (the nearest level the model takes, a tie going up), a thinkingBudget for 2.5
+    (and names we cannot read), never both (a 400), none for older models. Per
+    ai.google.dev/gemini-api/docs/thinking: no Gemini 3 Pro turns thinking off. 2.5 Pro budgets
+    run 128..32768 (no 0), Flash 0..24576, Flash-Lite 0 or 512..24576."""
     major, minor, variant = gemini_version(model)
     effort = reasoning["effort"]
     if major >= 3:
-        if variant == "pro":
-            level = "low" if effort in ("none", "minimal", "low") else "high"
-        else:
-            level = {"none": "minimal", "xhigh": "high", "max": "high"}.get(effort, effort)
+        want = _GEMINI_LEVELS.index({"none": "minimal", "xhigh": "high", "max": "high"}.get(
+            effort, effort))
+        level = min(gemini_thinking_levels(major, minor, variant),
+                    key=lambda lv: (abs(_GEMINI_LEVELS.index(lv) - want),
+                                    -_GEMINI_LEVELS.index(lv)))
         return {"thinkingLevel": level, "includeThoughts": True}
     if major and (major, minor) < (2, 5):
         return None
@@ -6500,6 +6519,25 @@ def gemini_thinking_config(model: str, reasoning: dict) -> dict | None:
         if variant == "flash-lite" and budget:
             budget = max(budget, 512)
     return {"thinkingBudget": budget, "includeThoughts": budget != 0}
+
+
+# Asked in a user turn of its own after a reply the client began (an Anthropic prefill, an
+# OpenAI history ending with the assistant) for a Gemini model that takes no model turn last.
+GEMINI_CONTINUE = "Continue your reply from exactly where it stops, without repeating any of it."
+
+
+def gemini_takes_prefill(model: str) -> bool:
+    """Whether ``model`` takes contents that end with a model turn (and continues it). Google's
+    latest-model guide: "Starting with Gemini 3.6 Flash and Gemini 3.5 Flash-Lite ... these
+    models and all future Gemini model releases": prefilling model turns is no longer
+    supported, a 400 "Requests ending with a model turn are not supported" (checked live in
+    LibreChat-AI/agents#323: 3.6 Flash and 3.5 Flash-Lite 400, 3.5 Flash and 2.5 Flash 200;
+    3.7 Flash in #412, 3.8 Flash in anomalyco/opencode#47034). A name we cannot read may be
+    any of them: no."""
+    major, minor, variant = gemini_version(model)
+    if not major:
+        return False
+    return (major, minor) < (3, 5) or ((major, minor) == (3, 5) and variant != "flash-lite")
 
 
 def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
@@ -6569,6 +6607,8 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
             add("user", parts)
     if contents and contents[0]["role"] == "model":
         contents.insert(0, {"role": "user", "parts": [{"text": "(continue)"}]})
+    if contents and contents[-1]["role"] == "model" and not gemini_takes_prefill(model):
+        contents.append({"role": "user", "parts": [{"text": GEMINI_CONTINUE}]})
     body: dict[str, Any] = {"contents": contents}
     system = parts_text(ir["system"])
     if system:

@@ -992,6 +992,17 @@ CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
 # DeepSeek thinking mode: on a turn with tool calls, "the reasoning_content must be fully passed
 #   back to the API in all subsequent requests", else a 400 (api-docs.deepseek.com/guides/
 #   thinking_mode, quoted in anomalyco/opencode#24722).
+# Gemini 3.6 Flash, 3.5 Flash-Lite and every later release: "Prefilling model turns is no longer
+#   supported" (ai.google.dev/gemini-api/docs/latest-model, quoted in cline/cline#12521), a 400
+#   "Requests ending with a model turn are not supported." (Zoo-Code-Org/Zoo-Code#1052; checked
+#   live for 3.6 Flash and 3.5 Flash-Lite, 200 for 3.5 Flash, in LibreChat-AI/agents#323; 3.7
+#   Flash in #412, 3.8 Flash in anomalyco/opencode#47034).
+# Gemini 3.7 and 3.8 Flash take thinking levels LOW, MEDIUM, HIGH only, 3.6 Flash MINIMAL too
+#   (the model tables of docs.cloud.google.com/gemini-enterprise-agent-platform/models/guides/
+#   gemini-3-7-flash and gemini-3-8-flash); minimal is a 400 (fishjar/kiss-translator#1048).
+GEMINI_NO_PREFILL = {"gemini-3.5-flash-lite", "gemini-3.6-flash", "gemini-3.7-flash",
+                     "gemini-3.8-flash"}
+GEMINI_NO_MINIMAL = {"gemini-3.7-flash", "gemini-3.8-flash"}
 STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
                 "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
                 "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
@@ -1010,6 +1021,14 @@ def strict_upstream(ctype, mistral=False, deepseek=False):
     def respond(rec):
         body = json.loads(rec["body"])
         if ctype == "gemini":
+            model = rec["path"].split("/models/")[1].split(":")[0]
+            if model in GEMINI_NO_PREFILL and body["contents"][-1]["role"] == "model":
+                return _refuse(ctype, "Requests ending with a model turn are not supported.")
+            level = body.get("generationConfig", {}).get("thinkingConfig", {}).get(
+                "thinkingLevel")
+            if model in GEMINI_NO_MINIMAL and str(level).lower() == "minimal":
+                return _refuse(ctype, "'minimal' is not a supported thinking level for this "
+                                      "model. Allowed values are: medium, low, high.")
             names = [d["name"] for t in body.get("tools") or []
                      for d in t["functionDeclarations"]]
             names += [p["functionCall"]["name"] for c in body["contents"] for p in c["parts"]
@@ -4661,6 +4680,13 @@ def test_09_effort_mapped_both_ways():
     ("gemini-3-flash-preview", "none", None, {"thinkingLevel": "minimal"}),
     ("gemini-3-flash-preview", "medium", None, {"thinkingLevel": "medium"}),
     ("gemini-3.1-pro", "max", None, {"thinkingLevel": "high"}),
+    ("gemini-3.1-pro-preview", "medium", None, {"thinkingLevel": "medium"}),
+    ("gemini-3.1-pro-preview", "minimal", None, {"thinkingLevel": "low"}),
+    ("gemini-3.6-flash", "minimal", None, {"thinkingLevel": "minimal"}),
+    ("gemini-3.5-flash-lite", "none", None, {"thinkingLevel": "minimal"}),
+    ("gemini-3.7-flash", "minimal", None, {"thinkingLevel": "low"}),
+    ("gemini-3.8-flash", "none", None, {"thinkingLevel": "low"}),
+    ("gemini-3.8-flash", "xhigh", None, {"thinkingLevel": "high"}),
     ("gemini-2.5-pro", "none", None, {"thinkingBudget": 128}),
     ("gemini-2.5-flash", "none", None, {"thinkingBudget": 0}),
     ("gemini-2.5-flash", "max", None, {"thinkingBudget": 24576}),
@@ -4679,6 +4705,63 @@ def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, ex
     assert not ("thinkingLevel" in cfg and "thinkingBudget" in cfg)
     if cfg.get("thinkingBudget"):                     # maxOutputTokens counts the thinking
         assert gen["maxOutputTokens"] > cfg["thinkingBudget"]
+
+
+def _gemini_current_fake():
+    """The strict Gemini fake's refusals (a model turn last, a level the model does not take),
+    else the text that continues a JSON reply begun with "{"."""
+    strict = strict_upstream("gemini")
+
+    def respond(rec):
+        refused = strict(rec)
+        if refused.status == 400:
+            return refused
+        return _answer_in("gemini", json.loads(rec["body"]), rec, '"a": 1}', None)
+    return respond
+
+
+@pytest.mark.parametrize("model,continued", [("gemini-3.8-flash", False),
+                                             ("gemini-3.5-flash-lite", False),
+                                             ("gemini-3.5-flash", True)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_a_reply_the_client_began_reaches_gemini_as_each_model_takes_it(gw, upstream, model,
+                                                                          continued, stream):
+    """An Anthropic prefill ("{" as the last, assistant message): Gemini 3.6 Flash, 3.5
+    Flash-Lite and later refuse a model turn last, so it is followed by a user turn asking to
+    continue; older models get it last, as they continue it themselves."""
+    up = upstream()
+    up.responder = _gemini_current_fake()
+    g = gw([chan(up, type="gemini")])
+    kw = dict(model=model, max_tokens=500, messages=[
+        {"role": "user", "content": "Give me a JSON object."},
+        {"role": "assistant", "content": "{"}])
+    c = g.anthropic()
+    if stream:
+        with c.messages.stream(**kw) as s:
+            text = s.get_final_text()
+    else:
+        text = c.messages.create(**kw).content[0].text
+    assert "{" + text == '{"a": 1}'
+    contents = json.loads(up.last()["body"])["contents"]
+    assert contents[1] == {"role": "model", "parts": [{"text": "{"}]}
+    if continued:
+        assert len(contents) == 2
+    else:
+        assert contents[2:] == [{"role": "user", "parts": [{"text": ag.GEMINI_CONTINUE}]}]
+
+
+@pytest.mark.parametrize("model,level", [("gemini-3.8-flash", "low"),
+                                         ("gemini-3.7-flash", "low"),
+                                         ("gemini-3.6-flash", "minimal")])
+def test_09_the_lowest_effort_is_a_level_each_gemini_model_takes(gw, upstream, model, level):
+    up = upstream()
+    up.responder = _gemini_current_fake()
+    g = gw([chan(up, type="gemini")])
+    r = g.openai().chat.completions.create(model=model, reasoning_effort="minimal",
+                                           messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == '"a": 1}'
+    cfg = json.loads(up.last()["body"])["generationConfig"]["thinkingConfig"]
+    assert cfg["thinkingLevel"] == level
 
 
 def test_09_signature_only_and_redacted_thinking_survive():
