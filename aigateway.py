@@ -4058,6 +4058,12 @@ def image_data_url(part: dict) -> str:
     return f"data:{part.get('media_type') or 'image/png'};base64,{part['data']}"
 
 
+# Asked in a user turn of its own after a reply the client began (an Anthropic prefill, OpenAI
+# messages ending with the assistant) for a model that refuses a conversation ending with its
+# own turn (Claude 4.6 and later, Gemini 3.6 Flash and later): the answer then continues it.
+CONTINUE_ASK = "Continue your reply from exactly where it stops, without repeating any of it."
+
+
 def parts_text(parts: list[dict]) -> str:
     return "".join(p["text"] for p in parts if p.get("type") == "text")
 
@@ -5908,6 +5914,13 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
             msgs.append({"role": role, "content": blocks})
     if msgs and msgs[0]["role"] == "assistant":
         msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
+    if msgs and msgs[-1]["role"] == "assistant" and \
+            anthropic_thinking_mode(model) in ("adaptive", "both"):
+        # Claude 4.6 and later: "This model does not support assistant message prefill. The
+        # conversation must end with a user message." (a 400; platform.claude.com/docs/en/
+        # about-claude/models/whats-new-claude-4-6#prefill-removal, quoted in
+        # anthropics/claude-code#28478; Opus 5 too, Kilo-Org/kilocode#13286).
+        msgs.append({"role": "user", "content": [{"type": "text", "text": CONTINUE_ASK}]})
     body: dict[str, Any] = {"model": model, "messages": msgs}
     system = [{"type": "text", "text": p["text"]} for p in ir["system"] if p.get("text")]
     if system:
@@ -6521,11 +6534,6 @@ def gemini_thinking_config(model: str, reasoning: dict) -> dict | None:
     return {"thinkingBudget": budget, "includeThoughts": budget != 0}
 
 
-# Asked in a user turn of its own after a reply the client began (an Anthropic prefill, an
-# OpenAI history ending with the assistant) for a Gemini model that takes no model turn last.
-GEMINI_CONTINUE = "Continue your reply from exactly where it stops, without repeating any of it."
-
-
 def gemini_takes_prefill(model: str) -> bool:
     """Whether ``model`` takes contents that end with a model turn (and continues it). Google's
     latest-model guide: "Starting with Gemini 3.6 Flash and Gemini 3.5 Flash-Lite ... these
@@ -6608,7 +6616,7 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
     if contents and contents[0]["role"] == "model":
         contents.insert(0, {"role": "user", "parts": [{"text": "(continue)"}]})
     if contents and contents[-1]["role"] == "model" and not gemini_takes_prefill(model):
-        contents.append({"role": "user", "parts": [{"text": GEMINI_CONTINUE}]})
+        contents.append({"role": "user", "parts": [{"text": CONTINUE_ASK}]})
     body: dict[str, Any] = {"contents": contents}
     system = parts_text(ir["system"])
     if system:

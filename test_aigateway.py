@@ -1003,6 +1003,11 @@ CODEX_NAMESPACE = {"type": "namespace", "name": "mcp__probe",
 GEMINI_NO_PREFILL = {"gemini-3.5-flash-lite", "gemini-3.6-flash", "gemini-3.7-flash",
                      "gemini-3.8-flash"}
 GEMINI_NO_MINIMAL = {"gemini-3.7-flash", "gemini-3.8-flash"}
+# Anthropic, Claude 4.6 and later (Opus 5 too): "This model does not support assistant message
+#   prefill. The conversation must end with a user message." (platform.claude.com/docs/en/
+#   about-claude/models/whats-new-claude-4-6#prefill-removal, quoted in
+#   anthropics/claude-code#28478; Kilo-Org/kilocode#13286 for Opus 5).
+CLAUDE_NO_PREFILL = re.compile(r"claude-(?:opus|sonnet)-4-[6-9]|claude-(?:opus|sonnet|haiku)-5")
 STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
                 "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
                 "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
@@ -1036,6 +1041,10 @@ def strict_upstream(ctype, mistral=False, deepseek=False):
             last = body["contents"][-1]["parts"][-1].get("functionResponse")
             result = last and last["response"]["result"]
         elif ctype == "anthropic":
+            if CLAUDE_NO_PREFILL.match(body["model"]) and body["messages"][-1]["role"] == \
+                    "assistant":
+                return _refuse(ctype, "This model does not support assistant message prefill. "
+                                      "The conversation must end with a user message.")
             names = [t["name"] for t in body.get("tools") or []]
             names += [b["name"] for m in body["messages"] if isinstance(m["content"], list)
                       for b in m["content"] if b["type"] == "tool_use"]
@@ -4707,16 +4716,16 @@ def test_09_gemini_thinking_level_or_budget_never_both(model, effort, budget, ex
         assert gen["maxOutputTokens"] > cfg["thinkingBudget"]
 
 
-def _gemini_current_fake():
-    """The strict Gemini fake's refusals (a model turn last, a level the model does not take),
-    else the text that continues a JSON reply begun with "{"."""
-    strict = strict_upstream("gemini")
+def _current_fake(ctype):
+    """The strict fake's refusals (its own turn last, a level the model does not take), else the
+    text that continues a JSON reply begun with "{"."""
+    strict = strict_upstream(ctype)
 
     def respond(rec):
         refused = strict(rec)
         if refused.status == 400:
             return refused
-        return _answer_in("gemini", json.loads(rec["body"]), rec, '"a": 1}', None)
+        return _answer_in(ctype, json.loads(rec["body"]), rec, '"a": 1}', None)
     return respond
 
 
@@ -4730,7 +4739,7 @@ def test_09_a_reply_the_client_began_reaches_gemini_as_each_model_takes_it(gw, u
     Flash-Lite and later refuse a model turn last, so it is followed by a user turn asking to
     continue; older models get it last, as they continue it themselves."""
     up = upstream()
-    up.responder = _gemini_current_fake()
+    up.responder = _current_fake("gemini")
     g = gw([chan(up, type="gemini")])
     kw = dict(model=model, max_tokens=500, messages=[
         {"role": "user", "content": "Give me a JSON object."},
@@ -4747,7 +4756,37 @@ def test_09_a_reply_the_client_began_reaches_gemini_as_each_model_takes_it(gw, u
     if continued:
         assert len(contents) == 2
     else:
-        assert contents[2:] == [{"role": "user", "parts": [{"text": ag.GEMINI_CONTINUE}]}]
+        assert contents[2:] == [{"role": "user", "parts": [{"text": ag.CONTINUE_ASK}]}]
+
+
+@pytest.mark.parametrize("model,continued", [("claude-sonnet-5-5", False),
+                                             ("claude-opus-4-6", False),
+                                             ("claude-sonnet-4-5", True)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_a_reply_the_client_began_reaches_claude_as_each_model_takes_it(gw, upstream, model,
+                                                                          continued, stream):
+    """OpenAI messages ending with the assistant's "{": Claude 4.6 and later refuse a last
+    assistant message (prefill), so a user turn asking to continue follows it; Claude 4.5 and
+    older continue it themselves."""
+    up = upstream()
+    up.responder = _current_fake("anthropic")
+    g = gw([chan(up, type="anthropic")])
+    kw = dict(model=model, messages=[{"role": "user", "content": "Give me a JSON object."},
+                                     {"role": "assistant", "content": "{"}])
+    c = g.openai()
+    if stream:
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(stream=True, **kw) if ch.choices)
+    else:
+        text = c.chat.completions.create(**kw).choices[0].message.content
+    assert text == '"a": 1}'
+    msgs = json.loads(up.last()["body"])["messages"]
+    assert msgs[1] == {"role": "assistant", "content": [{"type": "text", "text": "{"}]}
+    if continued:
+        assert len(msgs) == 2
+    else:
+        assert msgs[2:] == [{"role": "user", "content": [{"type": "text",
+                                                          "text": ag.CONTINUE_ASK}]}]
 
 
 @pytest.mark.parametrize("model,level", [("gemini-3.8-flash", "low"),
@@ -4755,7 +4794,7 @@ def test_09_a_reply_the_client_began_reaches_gemini_as_each_model_takes_it(gw, u
                                          ("gemini-3.6-flash", "minimal")])
 def test_09_the_lowest_effort_is_a_level_each_gemini_model_takes(gw, upstream, model, level):
     up = upstream()
-    up.responder = _gemini_current_fake()
+    up.responder = _current_fake("gemini")
     g = gw([chan(up, type="gemini")])
     r = g.openai().chat.completions.create(model=model, reasoning_effort="minimal",
                                            messages=[{"role": "user", "content": "x"}])
