@@ -5915,7 +5915,8 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
     if msgs and msgs[0]["role"] == "assistant":
         msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
     if msgs and msgs[-1]["role"] == "assistant" and \
-            anthropic_thinking_mode(model) in ("adaptive", "both"):
+            anthropic_thinking_mode(model) in ("adaptive", "both") and \
+            not any(b["type"] == "tool_use" for b in msgs[-1]["content"]):     # (a call: no reply)
         # Claude 4.6 and later: "This model does not support assistant message prefill. The
         # conversation must end with a user message." (a 400; platform.claude.com/docs/en/
         # about-claude/models/whats-new-claude-4-6#prefill-removal, quoted in
@@ -6615,7 +6616,8 @@ def ir_to_gemini_request(ir: dict, signatures: dict[str, str] | None = None,
             add("user", parts)
     if contents and contents[0]["role"] == "model":
         contents.insert(0, {"role": "user", "parts": [{"text": "(continue)"}]})
-    if contents and contents[-1]["role"] == "model" and not gemini_takes_prefill(model):
+    if contents and contents[-1]["role"] == "model" and not gemini_takes_prefill(model) and \
+            not any("functionCall" in p for p in contents[-1]["parts"]):     # (a call: no reply)
         contents.append({"role": "user", "parts": [{"text": CONTINUE_ASK}]})
     body: dict[str, Any] = {"contents": contents}
     system = parts_text(ir["system"])

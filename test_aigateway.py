@@ -4789,6 +4789,19 @@ def test_09_a_reply_the_client_began_reaches_claude_as_each_model_takes_it(gw, u
                                                           "text": ag.CONTINUE_ASK}]}]
 
 
+def test_09_a_call_without_its_result_last_gets_no_continue_ask():
+    """A conversation ending with the assistant's tool call (no result) is not a begun reply:
+    no ask is added, and the provider's own error about the missing result reaches the client."""
+    ir = ag.checked_request(ag.openai_request_to_ir({"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}))
+    contents = ag.ir_to_gemini_request(ir, {}, "gemini-3.8-flash")["contents"]
+    assert contents[-1]["role"] == "model" and "functionCall" in contents[-1]["parts"][-1]
+    msgs = ag.ir_to_anthropic_request(ir, "claude-opus-5", stream=False)["messages"]
+    assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"][-1]["type"] == "tool_use"
+
+
 @pytest.mark.parametrize("model,level", [("gemini-3.8-flash", "low"),
                                          ("gemini-3.7-flash", "low"),
                                          ("gemini-3.6-flash", "minimal")])
