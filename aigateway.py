@@ -3752,6 +3752,7 @@ class ProviderAdapter:
     default_url = ""                          # "" when the user must write one
     serves_as_is: tuple[str, ...] = ()        # client dialects relayed without conversion
     responses_as_is = False                   # ... and Responses too with responses_api: true
+    responses_for_tools = False               # converts to Responses for RESPONSES_FOR_TOOLS
     needs_key = False                         # an empty api_key is worth a warning
     embeds = False                            # reached by conversion for embeddings
     inline_media: tuple[str, ...] = ()        # takes only these media inline (URLs fetched)
@@ -5036,7 +5037,7 @@ def openai_embeddings_payload(vectors: list[list[float]], model: str, tokens: in
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-5|gpt-4\.1)", re.I)
+_MAX_COMPLETION_MODELS = re.compile(r"(o\d|gpt-(?:[5-9]|[1-9]\d)|gpt-4\.1)", re.I)
 
 # OpenAI's tool names (and the servers' that copy its API): at most 64 of a-z, A-Z, 0-9, _ and -
 # (Chat Completions reference, tools[].function.name).
@@ -5196,10 +5197,11 @@ class OpenAIProvider(ProviderAdapter):
     default_url = "https://api.openai.com"
     serves_as_is = (OPENAI,)
     responses_as_is = True
+    responses_for_tools = True
     needs_key = True
     embeds = True
     tool_name_rule = OPENAI_TOOL_NAMES
-    max_completion_field = True      # o-series, gpt-5 and gpt-4.1 take max_completion_tokens
+    max_completion_field = True      # o-series, gpt-4.1, gpt-5 and later take max_completion_tokens
 
     def encode_chat(self, ir: dict, model: str, opts: ChatOptions) -> dict:
         field = "max_completion_tokens" if self.max_completion_field and \
@@ -5225,6 +5227,7 @@ class CustomProvider(OpenAIProvider):
     default_url = ""
     needs_key = False
     max_completion_field = False
+    responses_for_tools = False      # the server's own rules, not OpenAI's: responses_api decides
 
 
 # 9.4 OpenAI Responses ----------------------------------------------------------------------------
@@ -5661,14 +5664,226 @@ class ResponsesDialect(OpenAIDialect):
         u = obj.get("usage") if isinstance(obj, dict) else None
         if not isinstance(u, dict) or not ("input_tokens" in u or "output_tokens" in u):
             return None
-        details = u.get("input_tokens_details")
-        out_details = u.get("output_tokens_details")
-        details = details if isinstance(details, dict) else {}
-        return new_usage(_num(u.get("input_tokens")), _num(u.get("output_tokens")),
-                         _num(details.get("cached_tokens")),
-                         _num(details.get("cache_write_tokens")),
-                         _num(out_details.get("reasoning_tokens"))
-                         if isinstance(out_details, dict) else 0)
+        return responses_usage_to_ir(u)
+
+
+def responses_usage_to_ir(u: Any) -> dict:
+    """A Responses API usage object in the IR's terms (reasoning counted in the output)."""
+    if not isinstance(u, dict):
+        return new_usage()
+    details, out_details = u.get("input_tokens_details"), u.get("output_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    return new_usage(_num(u.get("input_tokens")), _num(u.get("output_tokens")),
+                     _num(details.get("cached_tokens")), _num(details.get("cache_write_tokens")),
+                     _num(out_details.get("reasoning_tokens"))
+                     if isinstance(out_details, dict) else 0)
+
+
+# The Responses API as an upstream: converted chat requests go there (instead of Chat
+# Completions) for a channel with responses_api: true, and on openai and azure channels for the
+# models that refuse function tools on Chat Completions, when the request has tools: from
+# GPT-5.4 on, a 400 "Function tools with reasoning_effort are not supported for gpt-5.6-sol in
+# /v1/chat/completions. To use function tools, use /v1/responses or set reasoning_effort to
+# 'none'." (community.openai.com/t/gpt-5-6-chat-completion-reasoning-effort-bug-behavior-change/
+# 1386454; gpt-5.4 in everruns/bashkit#1122, gpt-6-sol in onyx-dot-app/onyx#15008), even with no
+# reasoning_effort sent (the model's default effort counts: embabel/embabel-agent#1895), and
+# GPT-6 takes no effort "none" (jhd3197/Prompture v1.15.1). Request fields per openai-python's
+# types/responses (response_create_params, easy_input_message_param, function_tool_param:
+# "strict" must be sent; the API's default is strict schemas, which the clients' tools are not).
+RESPONSES_FOR_TOOLS = re.compile(r"gpt-(?:5\.(?:[4-9]|[1-9]\d)|[6-9]|[1-9]\d)(?!\d)", re.I)
+RESPONSES_PATH = "/v1/responses"
+
+
+def _responses_content(parts: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for p in parts:
+        if p["type"] == "text":
+            out.append({"type": "input_text", "text": p["text"]})
+        elif p["type"] == "image":
+            out.append({"type": "input_image", "image_url": image_data_url(p), "detail": "auto"})
+        elif p["type"] == "file":
+            out.append({"type": "input_file", "filename": p.get("filename") or "file",
+                        "file_data": f"data:{p['media_type']};base64,{p['data']}"})
+        elif p["type"] == "audio":
+            raise GatewayError(400, "audio input cannot be sent to this channel's Responses API "
+                                    "(it takes text, images and files)", param="messages")
+    return out
+
+
+def ir_to_responses_request(ir: dict, model: str, *, stream: bool) -> dict:
+    """An IR chat request as a Responses API request (not stored: the whole conversation goes
+    every time, as the client sent it). Reasoning from other providers is not sent back (the
+    Responses API takes back only its own, encrypted); stop sequences, seed and penalties have
+    no Responses field and are left out."""
+    items: list[dict] = []
+    pending_images: list[dict] = []
+    for m in ir["messages"]:
+        role = m["role"]
+        if role != "tool" and pending_images:
+            items.append({"role": "user", "content": pending_images})
+            pending_images = []
+        if role == "user":
+            items.append({"role": "user", "content": _responses_content(m["content"])})
+        elif role == "assistant":
+            text = parts_text(m["content"])
+            if text:
+                items.append({"role": "assistant", "content": text})
+            items += [{"type": "function_call", "call_id": p["id"], "name": p["name"],
+                       "arguments": p["arguments"] or "{}"}
+                      for p in m["content"] if p["type"] == "tool_call"]
+        else:
+            for r in m["content"]:
+                text = parts_text(r["content"])
+                items.append({"type": "function_call_output", "call_id": r["id"],
+                              "output": f"Error: {text}" if r.get("is_error") else text})
+                pending_images += [{"type": "input_image", "image_url": image_data_url(c),
+                                    "detail": "auto"}
+                                   for c in r["content"] if c["type"] == "image"]
+    if pending_images:
+        items.append({"role": "user", "content": pending_images})
+    body: dict[str, Any] = {"model": model, "input": items, "store": False}
+    system = parts_text(ir["system"])
+    if system:
+        body["instructions"] = system
+    if ir["tools"]:
+        body["tools"] = [{"type": "function", "name": t["name"],
+                          "description": t.get("description") or "",
+                          "parameters": t.get("parameters") or {"type": "object",
+                                                                "properties": {}},
+                          "strict": False} for t in ir["tools"]]
+        tc = ir["tool_choice"]
+        if isinstance(tc, dict):
+            body["tool_choice"] = {"type": "function", "name": tc["name"]}
+        elif tc:
+            body["tool_choice"] = tc
+        if ir["parallel_tool_calls"] is not None:
+            body["parallel_tool_calls"] = ir["parallel_tool_calls"]
+    if ir["max_tokens"] is not None:
+        body["max_output_tokens"] = ir["max_tokens"]
+    for key in ("temperature", "top_p"):
+        if ir[key] is not None:
+            body[key] = ir[key]
+    rf = ir["response_format"]
+    if rf and rf["type"] == "json_schema":
+        fmt = {"type": "json_schema", "name": rf["name"], "schema": rf["schema"]}
+        if rf.get("strict") is not None:
+            fmt["strict"] = rf["strict"]
+        body["text"] = {"format": fmt}
+    elif rf:
+        body["text"] = {"format": {"type": "json_object"}}
+    if ir["reasoning"]:
+        body["reasoning"] = {"effort": openai_effort(ir["reasoning"]["effort"])}
+    if ir["user"]:
+        body["user"] = ir["user"]
+    if stream:
+        body["stream"] = True
+    return body
+
+
+_RESPONSES_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+@answer_guard
+def responses_answer_to_ir(body: dict) -> dict:
+    """A Responses API answer (to a request ir_to_responses_request made) in the IR's terms:
+    output text and refusals as text, reasoning summaries as reasoning, function calls by
+    their call_id; "incomplete" as its reason."""
+    if body.get("status") == "failed":
+        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        raise GatewayError(502, f"the Responses API answered failed: "
+                                f"{str(err.get('message') or 'no reason given')[:300]}")
+    content: list[dict] = []
+    for item in body.get("output") or []:
+        kind = item.get("type")
+        if kind == "message":
+            for c in item.get("content") or []:
+                text = c.get("text") if c.get("type") == "output_text" else c.get("refusal")
+                if isinstance(text, str) and text:
+                    content.append({"type": "text", "text": text})
+        elif kind == "reasoning":
+            text = "".join(s.get("text") or "" for s in item.get("summary") or []
+                           if isinstance(s, dict))
+            if text:
+                content.append({"type": "reasoning", "text": text, "signature": None,
+                                "redacted": None})
+        elif kind == "function_call":
+            content.append({"type": "tool_call", "id": item.get("call_id") or new_id("call_"),
+                            "name": item.get("name") or "",
+                            "arguments": item.get("arguments") or "{}"})
+    reason = (body.get("incomplete_details") or {}).get("reason") \
+        if body.get("status") == "incomplete" else None
+    finish = _RESPONSES_INCOMPLETE.get(reason, "length") if reason else "stop"
+    if finish == "stop" and any(p["type"] == "tool_call" for p in content):
+        finish = "tool_calls"
+    return {"id": body.get("id") or new_id("resp_"), "model": body.get("model") or "",
+            "content": content, "finish": finish,
+            "usage": responses_usage_to_ir(body.get("usage"))}
+
+
+class ResponsesStreamDecoder(StreamDecoder):
+    """Responses API SSE (upstream) -> IR stream events: text and refusal deltas, reasoning
+    summary deltas, each function call (its output item, then its argument deltas) as one
+    tool, the usage and finish of response.completed / response.incomplete, an error for
+    error and response.failed. Calls follow one another in the stream (each item is done
+    before the next is added), as the IR events must."""
+
+    id_prefix = "resp_"
+
+    def __init__(self):
+        super().__init__()
+        self._calls: dict[Any, int] = {}         # output_index -> IR tool index
+        self._argued: set[int] = set()           # calls whose arguments came
+        self.usage: dict | None = None
+
+    def _args(self, out: list[tuple], idx: int, text: Any) -> None:
+        if text:
+            out.append(("args", idx, str(text)))
+            self._argued.add(idx)
+
+    @stream_guard
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for name, ev in self._sse_objects(data):
+            kind = str(ev.get("type") or name or "")
+            if kind in ("response.created", "response.in_progress"):
+                resp = ev.get("response") if isinstance(ev.get("response"), dict) else {}
+                self._start(out, resp.get("id"), resp.get("model"))
+                continue
+            self._start(out)
+            if kind in ("response.output_text.delta", "response.refusal.delta"):
+                if ev.get("delta"):
+                    out.append(("text", str(ev["delta"])))
+            elif kind == "response.reasoning_summary_text.delta":
+                if ev.get("delta"):
+                    out.append(("reasoning", str(ev["delta"])))
+            elif kind == "response.output_item.added":
+                item = ev.get("item") if isinstance(ev.get("item"), dict) else {}
+                if item.get("type") == "function_call":
+                    self._calls[ev.get("output_index")] = self._tools
+                    out.append(("tool", self._tools, item.get("call_id") or new_id("call_"),
+                                str(item.get("name") or "")))
+                    self._args(out, self._tools, item.get("arguments"))
+                    self._tools += 1
+            elif kind == "response.function_call_arguments.delta":
+                idx = self._calls.get(ev.get("output_index"))
+                if idx is not None:
+                    self._args(out, idx, ev.get("delta"))
+            elif kind == "response.output_item.done":     # arguments that came only whole
+                idx = self._calls.get(ev.get("output_index"))
+                item = ev.get("item") if isinstance(ev.get("item"), dict) else {}
+                if idx is not None and idx not in self._argued:
+                    self._args(out, idx, item.get("arguments"))
+            elif kind in ("response.completed", "response.incomplete"):
+                resp = ev.get("response") if isinstance(ev.get("response"), dict) else {}
+                self.usage = responses_usage_to_ir(resp.get("usage"))
+                out.append(("usage", self.usage))
+                if kind == "response.incomplete":
+                    reason = (resp.get("incomplete_details") or {}).get("reason")
+                    self.finish = _RESPONSES_INCOMPLETE.get(reason, "length")
+            elif kind in ("error", "response.failed"):
+                err = ev if kind == "error" else (ev.get("response") or {}).get("error") or {}
+                out.append(("error", GatewayError(502, str(err.get("message") or kind))))
+        return out
 
 
 # 9.5 Anthropic Messages --------------------------------------------------------------------------
@@ -8129,11 +8344,13 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
                          max_tokens_cap: int = 0,
                          signatures: dict[str, str] | None = None,
                          quirks: dict | None = None, thinking: str = "auto",
-                         kept: dict[str, list[dict]] | None = None) -> dict:
+                         kept: dict[str, list[dict]] | None = None,
+                         responses: bool = False) -> dict:
     """The chat request body for a channel of type ``ctype``: tool names in the forms it
     accepts and, on an OpenAI-compatible channel, its ``quirks`` applied. ``signatures`` and
     ``kept`` are what Gemini and Claude said about earlier calls (thought signatures, thinking
-    blocks); ``thinking`` is the channel's thinking setting."""
+    blocks); ``thinking`` is the channel's thinking setting; ``responses``: a Responses API
+    request instead (converts_to_responses)."""
     if ir["n"] > 1:
         raise GatewayError(400, f"n = {ir['n']} (candidateCount for Gemini clients) cannot be "
                                 f"served: this model's channel ({ctype}) is reached by "
@@ -8144,8 +8361,22 @@ def encode_upstream_chat(ctype: str, ir: dict, model: str, *, stream: bool,
     ir = rename_ir_tools(ir, ctype)
     if max_tokens_cap and not provider.caps_in_encoder and ir["max_tokens"]:
         ir = dict(ir, max_tokens=min(ir["max_tokens"], max_tokens_cap))
+    if responses:
+        return ir_to_responses_request(ir, model, stream=stream)
     return provider.encode_chat(ir, model, ChatOptions(stream, max_tokens_cap, signatures,
                                                        quirks, thinking, kept))
+
+
+def converts_to_responses(ctype: str, responses_api: bool, model: str, ir: dict) -> bool:
+    """Whether a converted chat request for ``model`` on a channel of type ``ctype`` goes to
+    the Responses API: with responses_api: true on a type that has it, and on openai and azure
+    channels for a request with tools to a model that refuses them on Chat Completions
+    (RESPONSES_FOR_TOOLS)."""
+    provider = PROVIDERS[ctype]
+    if not provider.responses_as_is:
+        return False
+    return responses_api or (provider.responses_for_tools and bool(ir["tools"]) and
+                             RESPONSES_FOR_TOOLS.search(model) is not None)
 
 
 def answer_is_empty(resp: dict) -> bool:
@@ -8174,12 +8405,14 @@ CHAT_KINDS = frozenset(("chat", "messages", "generateContent", "streamGenerateCo
 
 def upstream_decoders(ctype: str, signatures: dict[str, str] | None = None,
                       names: dict[str, str] | None = None,
-                      kept: dict[str, list[dict]] | None = None, model: str = ""
+                      kept: dict[str, list[dict]] | None = None, model: str = "",
+                      responses: bool = False
                       ) -> tuple[Callable[[dict], dict], Callable[[], Any]]:
     """(whole-answer decoder, stream decoder factory) for a channel type and its upstream
-    ``model``; with ``names`` (upstream_tool_names) the calls that come back carry the
-    client's tool names."""
-    whole, stream = PROVIDERS[ctype].decoders(signatures, kept, model)
+    ``model`` (``responses``: of the Responses API); with ``names`` (upstream_tool_names) the
+    calls that come back carry the client's tool names."""
+    whole, stream = (responses_answer_to_ir, ResponsesStreamDecoder) if responses else \
+        PROVIDERS[ctype].decoders(signatures, kept, model)
     if not names:
         return whole, stream
     return (lambda body: restore_tool_names(whole(body), names),
@@ -11250,11 +11483,15 @@ class Relay:
         channel's own dialect."""
         target = ch.upstream_model(model)
         stream = ir["stream"]
+        responses = converts_to_responses(ch.type, ch.responses_api, target, ir)
         body = encode_upstream_chat(ch.type, ir, target, stream=stream,
                                     max_tokens_cap=ch.max_tokens_cap,
                                     signatures=self.signatures, quirks=ch.quirks,
-                                    thinking=ch.thinking, kept=self.thinking)
-        url = PROVIDERS[ch.type].chat_url(ch, target, stream)
+                                    thinking=ch.thinking, kept=self.thinking,
+                                    responses=responses)
+        provider = PROVIDERS[ch.type]
+        url = provider.passthrough_url(ch, RESPONSES_PATH, "responses", target, stream) \
+            if responses else provider.chat_url(ch, target, stream)
         return url, self.native_headers(ch), json_dumps(body)
 
     def _embeddings_request(self, ch: Channel, texts: list[str], model: str, dims: Any
@@ -11441,9 +11678,10 @@ class Relay:
         dialect, ir, model, rec, req = job.dialect, job.ir, job.model, job.rec, job.req
         hold = job.hold
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
-        decode_whole, stream_decoder = upstream_decoders(ch.type, self.signatures,
-                                                         upstream_tool_names(ir, ch.type),
-                                                         self.thinking, rec["upstream_model"])
+        decode_whole, stream_decoder = upstream_decoders(
+            ch.type, self.signatures, upstream_tool_names(ir, ch.type), self.thinking,
+            rec["upstream_model"], converts_to_responses(ch.type, ch.responses_api,
+                                                         rec["upstream_model"], ir))
         if up.status >= 300:
             await self.read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)

@@ -4802,6 +4802,190 @@ def test_09_a_call_without_its_result_last_gets_no_continue_ask():
     assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"][-1]["type"] == "tool_use"
 
 
+# OpenAI from GPT-5.4 on refuses function tools on Chat Completions with reasoning (the model's
+# default effort counts): "Function tools with reasoning_effort are not supported for <model> in
+# /v1/chat/completions. To use function tools, use /v1/responses or set reasoning_effort to
+# 'none'." (community.openai.com/t/gpt-5-6-chat-completion-reasoning-effort-bug-behavior-change/
+# 1386454; onyx-dot-app/onyx#15008 for gpt-6-sol; embabel/embabel-agent#1895: with no
+# reasoning_effort sent too). The Responses API: a function_call_output needs the function_call
+# of its call_id earlier in the input, else a 400 "No tool call found for function call output
+# with call_id ..."; function tools carry "strict" (openai-python types/responses/
+# function_tool_param.py: Required).
+RESPONSES_ONLY_TOOLS = ("gpt-5.6-sol", "gpt-6-astra", "gpt-5.4-mini")
+
+
+def openai_now(rec):
+    """OpenAI as it is now, Chat Completions and Responses: the rules above; calls the first
+    tool offered, or after a tool's output answers "got <output>", else "hello"."""
+    body = json.loads(rec["body"])
+    path = rec["path"].split("?")[0]
+    if path.endswith("/chat/completions"):
+        model = body["model"]
+        if model in RESPONSES_ONLY_TOOLS and body.get("tools") and \
+                body.get("reasoning_effort") != "none":
+            return Reply(400, json.dumps({"error": {
+                "message": f"Function tools with reasoning_effort are not supported for {model} "
+                           f"in /v1/chat/completions. To use function tools, use /v1/responses "
+                           f"or set reasoning_effort to 'none'.",
+                "type": "invalid_request_error", "param": "reasoning_effort",
+                "code": None}}).encode())
+        return Dialects.openai(rec)
+    assert path.endswith("/v1/responses"), path
+    assert "messages" not in body and isinstance(body["input"], list)
+    calls = set()
+    for item in body["input"]:
+        if item.get("type") == "function_call":
+            calls.add(item["call_id"])
+        elif item.get("type") == "function_call_output" and item["call_id"] not in calls:
+            return _refuse("openai", f"No tool call found for function call output with "
+                                     f"call_id {item['call_id']}.")
+    for t in body.get("tools") or []:
+        if t.get("type") != "function" or "strict" not in t or "function" in t:
+            return _refuse("openai", "Missing required parameter: 'tools[0].strict'.")
+    last = body["input"][-1]
+    usage = {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 5},
+             "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3},
+             "total_tokens": 28}
+    if last.get("type") == "function_call_output":
+        item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": f"got {last['output']}",
+                             "annotations": []}]}
+    elif body.get("tools"):
+        item = {"type": "function_call", "id": "fc_1", "call_id": "call_up1",
+                "name": body["tools"][0]["name"], "arguments": '{"city": "Paris"}',
+                "status": "completed"}
+    else:
+        item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "hello", "annotations": []}]}
+    resp = {"id": "resp_1", "object": "response", "status": "completed", "model": body["model"],
+            "output": [{"type": "reasoning", "id": "rs_1", "summary": []}, item],
+            "usage": usage}
+    if not body.get("stream"):
+        return Reply(body=json.dumps(resp).encode())
+
+    def ev(kind, **data):
+        return f"event: {kind}\ndata: {json.dumps(dict(type=kind, **data))}\n\n".encode()
+    out = [ev("response.created", response=dict(resp, status="in_progress", output=[])),
+           ev("response.output_item.added", output_index=0, item=resp["output"][0]),
+           ev("response.output_item.done", output_index=0, item=resp["output"][0])]
+    if item["type"] == "function_call":
+        out += [ev("response.output_item.added", output_index=1, item=dict(item, arguments="")),
+                ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1",
+                   delta='{"city": '),
+                ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1",
+                   delta='"Paris"}'),
+                ev("response.output_item.done", output_index=1, item=item)]
+    else:
+        text = item["content"][0]["text"]
+        out += [ev("response.output_item.added", output_index=1, item=dict(item, content=[])),
+                ev("response.output_text.delta", output_index=1, item_id="msg_1",
+                   content_index=0, delta=text[:3]),
+                ev("response.output_text.delta", output_index=1, item_id="msg_1",
+                   content_index=0, delta=text[3:]),
+                ev("response.output_item.done", output_index=1, item=item)]
+    out.append(ev("response.completed", response=resp))
+    return Reply(chunks=out, content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("model", ["gpt-5.6-sol", "gpt-6-astra"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_09_claude_code_on_gpt_56_and_gpt_6_runs_its_tools_over_the_responses_api(
+        gw, upstream, model, stream):
+    """An Anthropic client's tool loop on an OpenAI channel whose model refuses tools on Chat
+    Completions: both turns go to /v1/responses, the call and its result paired by call_id."""
+    up = upstream()
+    up.responder = openai_now
+    g = gw([chan(up, type="openai")])
+    c = g.anthropic()
+
+    def call(messages):
+        kw = dict(model=model, max_tokens=4000, tools=ANTHROPIC_TOOLS, messages=messages,
+                  thinking={"type": "adaptive"}, output_config={"effort": "medium"})
+        if not stream:
+            return c.messages.create(**kw)
+        with c.messages.stream(**kw) as s:
+            return s.get_final_message()
+    msgs = [{"role": "user", "content": "weather in Paris?"}]
+    first = call(msgs)
+    use = [b for b in first.content if b.type == "tool_use"]
+    assert first.stop_reason == "tool_use" and len(use) == 1
+    assert use[0].name == "get_weather" and use[0].input == {"city": "Paris"}
+    msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                               for b in first.content]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id,
+                                           "content": "sunny"}]}]
+    second = call(msgs)
+    assert second.content[-1].text == "got sunny" and second.stop_reason == "end_turn"
+    assert second.usage.output_tokens == 7
+    assert [r["path"] for r in up.requests] == ["/v1/responses"] * 2
+    sent = [json.loads(r["body"]) for r in up.requests]
+    assert all(b["store"] is False and b["reasoning"] == {"effort": "medium"} and
+               b["max_output_tokens"] == 4000 for b in sent)
+    assert sent[0]["tools"][0] == {"type": "function", "name": "get_weather",
+                                   "description": "Weather",
+                                   "parameters": ANTHROPIC_TOOLS[0]["input_schema"],
+                                   "strict": False}
+    assert sent[1]["input"][1:] == [
+        {"type": "function_call", "call_id": use[0].id, "name": "get_weather",
+         "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": use[0].id, "output": "sunny"}]
+
+
+def test_09_which_requests_go_to_the_responses_api(gw, upstream):
+    """Without tools gpt-6 stays on Chat Completions (with max_completion_tokens, as GPT-5 and
+    later take it); a custom channel follows responses_api only: on, every converted request
+    goes to /v1/responses; off, even gpt-5.6 with tools goes to Chat Completions (and the
+    upstream's refusal reaches the client in its format)."""
+    up, custom_on, custom_off = upstream(), upstream(), upstream()
+    for u in (up, custom_on, custom_off):
+        u.responder = openai_now
+    g = gw([chan(up, type="openai", name="oa", models=["gpt-6-astra"]),
+            chan(custom_on, type="custom", name="on", models=["local-a"], responses_api=True),
+            chan(custom_off, type="custom", name="off", models=["gpt-5.6-sol"])])
+    c = g.anthropic()
+    r = c.messages.create(model="gpt-6-astra", max_tokens=300,
+                          messages=[{"role": "user", "content": "hi"}])
+    assert r.content[0].text == "hello"
+    assert up.last()["path"] == "/v1/chat/completions"
+    assert json.loads(up.last()["body"])["max_completion_tokens"] == 300
+    r = c.messages.create(model="local-a", max_tokens=300,
+                          messages=[{"role": "user", "content": "hi"}])
+    assert r.content[0].text == "hello" and custom_on.last()["path"] == "/v1/responses"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        c.messages.create(model="gpt-5.6-sol", max_tokens=300, tools=ANTHROPIC_TOOLS,
+                          messages=[{"role": "user", "content": "hi"}])
+    assert "use /v1/responses" in str(e.value)
+    assert custom_off.last()["path"] == "/v1/chat/completions"
+
+
+def test_09_responses_answers_decoded():
+    whole = ag.responses_answer_to_ir({
+        "id": "resp_9", "status": "incomplete", "model": "gpt-6-sol",
+        "incomplete_details": {"reason": "max_output_tokens"},
+        "output": [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "hm"}]},
+                   {"type": "message", "content": [{"type": "output_text", "text": "par"}]}],
+        "usage": {"input_tokens": 3, "output_tokens": 4}})
+    assert whole["finish"] == "length" and whole["usage"]["output"] == 4
+    assert [(p["type"], p["text"]) for p in whole["content"]] == [("reasoning", "hm"),
+                                                                   ("text", "par")]
+    with pytest.raises(ag.GatewayError) as e:
+        ag.responses_answer_to_ir({"status": "failed", "error": {"message": "overloaded"}})
+    assert e.value.status == 502 and "overloaded" in e.value.message
+    dec = ag.ResponsesStreamDecoder()
+
+    def ev(kind, **data):
+        return f"event: {kind}\ndata: {json.dumps(dict(type=kind, **data))}\n\n".encode()
+    # arguments that come only in the done item; an error event
+    events = dec.feed(ev("response.output_item.added", output_index=0, item={
+        "type": "function_call", "call_id": "c1", "name": "f", "arguments": ""}) +
+        ev("response.output_item.done", output_index=0, item={
+            "type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a":1}'}) +
+        ev("error", code="server_error", message="boom"))
+    assert events[1:3] == [("tool", 0, "c1", "f"), ("args", 0, '{"a":1}')]
+    assert events[3][0] == "error" and events[3][1].message == "boom"
+    assert dec.close()[-1] == ("finish", "tool_calls")
+
+
 @pytest.mark.parametrize("model,level", [("gemini-3.8-flash", "low"),
                                          ("gemini-3.7-flash", "low"),
                                          ("gemini-3.6-flash", "minimal")])
