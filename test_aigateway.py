@@ -1009,6 +1009,7 @@ GEMINI_NO_MINIMAL = {"gemini-3.7-flash", "gemini-3.8-flash"}
 #   anthropics/claude-code#28478; Kilo-Org/kilocode#13286 for Opus 5).
 CLAUDE_NO_PREFILL = re.compile(r"claude-(?:opus|sonnet)-4-[6-9]|claude-(?:opus|sonnet|haiku)-5")
 STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
+                "responses": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
                 "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
                 "anthropic": re.compile(r"[A-Za-z0-9_-]{1,128}\Z")}
 
@@ -1018,6 +1019,72 @@ def _refuse(ctype, message):
         if ctype == "anthropic" else {"error": {"message": message, "code": 400,
                                                 "type": "invalid_request_error"}}
     return Reply(status=400, body=json.dumps(body).encode())
+
+
+def _responses_refusal(body):
+    """The Responses API's 400 for what the rules above refuse, else None."""
+    if "messages" in body or not isinstance(body.get("input"), list):
+        return _refuse("openai", "Missing required parameter: 'input'.")
+    calls = set()
+    for item in body["input"]:
+        if item.get("type") == "function_call":
+            calls.add(item["call_id"])
+        elif item.get("type") == "function_call_output" and item["call_id"] not in calls:
+            return _refuse("openai", f"No tool call found for function call output with "
+                                     f"call_id {item['call_id']}.")
+    for i, t in enumerate(body.get("tools") or []):
+        if t.get("type") != "function" or "strict" not in t or "function" in t:
+            return _refuse("openai", f"Missing required parameter: 'tools[{i}].strict'.")
+    return None
+
+
+def _responses_answer(body, text, tool, args=None):
+    """A Responses API answer, streamed as its events if the request asked: the text, or a
+    call of ``tool`` with ``args`` (a reasoning item first, as reasoning models send)."""
+    if tool:
+        item = {"type": "function_call", "id": "fc_1",
+                "call_id": f"call_up{len(body['input'])}", "name": tool,
+                "arguments": json.dumps(args or {"q": "x"}), "status": "completed"}
+    else:
+        item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    usage = {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 5},
+             "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3},
+             "total_tokens": 28}
+    resp = {"id": "resp_1", "object": "response", "status": "completed", "model": body["model"],
+            "output": [{"type": "reasoning", "id": "rs_1", "summary": []}, item],
+            "usage": usage}
+    if not body.get("stream"):
+        return Reply(body=json.dumps(resp).encode())
+
+    seq = iter(range(100))
+
+    def ev(kind, **data):
+        data = dict(type=kind, sequence_number=next(seq), **data)
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+    out = [ev("response.created", response=dict(resp, status="in_progress", output=[])),
+           ev("response.output_item.added", output_index=0, item=resp["output"][0]),
+           ev("response.output_item.done", output_index=0, item=resp["output"][0])]
+    if tool:
+        half = len(item["arguments"]) // 2
+        out += [ev("response.output_item.added", output_index=1, item=dict(item, arguments="")),
+                ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1",
+                   delta=item["arguments"][:half]),
+                ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1",
+                   delta=item["arguments"][half:]),
+                ev("response.output_item.done", output_index=1, item=item)]
+    else:
+        out += [ev("response.output_item.added", output_index=1, item=dict(item, content=[])),
+                ev("response.content_part.added", output_index=1, item_id="msg_1",
+                   content_index=0, part={"type": "output_text", "text": "",
+                                          "annotations": []}),
+                ev("response.output_text.delta", output_index=1, item_id="msg_1",
+                   content_index=0, delta=text[:3]),
+                ev("response.output_text.delta", output_index=1, item_id="msg_1",
+                   content_index=0, delta=text[3:]),
+                ev("response.output_item.done", output_index=1, item=item)]
+    out.append(ev("response.completed", response=resp))
+    return Reply(chunks=out, content_type="text/event-stream")
 
 
 def strict_upstream(ctype, mistral=False, deepseek=False):
@@ -1040,6 +1107,14 @@ def strict_upstream(ctype, mistral=False, deepseek=False):
                       if "functionCall" in p]
             last = body["contents"][-1]["parts"][-1].get("functionResponse")
             result = last and last["response"]["result"]
+        elif ctype == "responses":
+            refused = _responses_refusal(body)
+            if refused:
+                return refused
+            names = [t["name"] for t in body.get("tools") or []]
+            names += [i["name"] for i in body["input"] if i.get("type") == "function_call"]
+            last = body["input"][-1]
+            result = last["output"] if last.get("type") == "function_call_output" else None
         elif ctype == "anthropic":
             if CLAUDE_NO_PREFILL.match(body["model"]) and body["messages"][-1]["role"] == \
                     "assistant":
@@ -1081,6 +1156,8 @@ def _answer_in(ctype, body, rec, text, tool, args=None):
     """One answer in channel type ``ctype``'s own format, streamed if the request asked: the
     text, or a call of ``tool`` with ``args``."""
     args = args or {"q": "x"}
+    if ctype == "responses":
+        return _responses_answer(body, text, tool, args)
     if ctype == "gemini":
         part = {"functionCall": {"name": tool, "args": args}} if tool else {"text": text}
         chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
@@ -4831,60 +4908,15 @@ def openai_now(rec):
                 "code": None}}).encode())
         return Dialects.openai(rec)
     assert path.endswith("/v1/responses"), path
-    assert "messages" not in body and isinstance(body["input"], list)
-    calls = set()
-    for item in body["input"]:
-        if item.get("type") == "function_call":
-            calls.add(item["call_id"])
-        elif item.get("type") == "function_call_output" and item["call_id"] not in calls:
-            return _refuse("openai", f"No tool call found for function call output with "
-                                     f"call_id {item['call_id']}.")
-    for t in body.get("tools") or []:
-        if t.get("type") != "function" or "strict" not in t or "function" in t:
-            return _refuse("openai", "Missing required parameter: 'tools[0].strict'.")
+    refused = _responses_refusal(body)
+    if refused:
+        return refused
     last = body["input"][-1]
-    usage = {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 5},
-             "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3},
-             "total_tokens": 28}
     if last.get("type") == "function_call_output":
-        item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-                "content": [{"type": "output_text", "text": f"got {last['output']}",
-                             "annotations": []}]}
-    elif body.get("tools"):
-        item = {"type": "function_call", "id": "fc_1", "call_id": "call_up1",
-                "name": body["tools"][0]["name"], "arguments": '{"city": "Paris"}',
-                "status": "completed"}
-    else:
-        item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-                "content": [{"type": "output_text", "text": "hello", "annotations": []}]}
-    resp = {"id": "resp_1", "object": "response", "status": "completed", "model": body["model"],
-            "output": [{"type": "reasoning", "id": "rs_1", "summary": []}, item],
-            "usage": usage}
-    if not body.get("stream"):
-        return Reply(body=json.dumps(resp).encode())
-
-    def ev(kind, **data):
-        return f"event: {kind}\ndata: {json.dumps(dict(type=kind, **data))}\n\n".encode()
-    out = [ev("response.created", response=dict(resp, status="in_progress", output=[])),
-           ev("response.output_item.added", output_index=0, item=resp["output"][0]),
-           ev("response.output_item.done", output_index=0, item=resp["output"][0])]
-    if item["type"] == "function_call":
-        out += [ev("response.output_item.added", output_index=1, item=dict(item, arguments="")),
-                ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1",
-                   delta='{"city": '),
-                ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1",
-                   delta='"Paris"}'),
-                ev("response.output_item.done", output_index=1, item=item)]
-    else:
-        text = item["content"][0]["text"]
-        out += [ev("response.output_item.added", output_index=1, item=dict(item, content=[])),
-                ev("response.output_text.delta", output_index=1, item_id="msg_1",
-                   content_index=0, delta=text[:3]),
-                ev("response.output_text.delta", output_index=1, item_id="msg_1",
-                   content_index=0, delta=text[3:]),
-                ev("response.output_item.done", output_index=1, item=item)]
-    out.append(ev("response.completed", response=resp))
-    return Reply(chunks=out, content_type="text/event-stream")
+        return _responses_answer(body, f"got {last['output']}", None)
+    if body.get("tools"):
+        return _responses_answer(body, "", body["tools"][0]["name"], {"city": "Paris"})
+    return _responses_answer(body, "hello", None)
 
 
 @pytest.mark.parametrize("model", ["gpt-5.6-sol", "gpt-6-astra"])
@@ -8417,35 +8449,12 @@ def test_11_empty_answer_falls_back_to_the_next_channel(gw, upstream, ctype, cli
     assert rec["channel"] == "second" and "empty answer" in rec["failures"][0]["error"]
 
 
-def _responses_answer(text, stream):
-    """A Responses API answer with ``text`` ("" for a blank one), whole or as its SSE events."""
-    msg = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-           "content": [{"type": "output_text", "text": text, "annotations": []}]}
-    resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
-            "model": "gpt-5", "output": [msg], "usage": {"input_tokens": 3, "output_tokens": 1,
-                                                         "total_tokens": 4}}
-    if not stream:
-        return Reply(body=json.dumps(resp).encode())
-    evs = [("response.created", {"response": dict(resp, status="in_progress", output=[])}),
-           ("response.output_item.added", {"output_index": 0, "item": dict(
-               msg, status="in_progress", content=[])}),
-           ("response.content_part.added", {"output_index": 0, "content_index": 0,
-                                            "item_id": "msg_1", "part": {
-                                                "type": "output_text", "text": "",
-                                                "annotations": []}}),
-           ("response.output_text.delta", {"output_index": 0, "content_index": 0,
-                                           "item_id": "msg_1", "delta": text}),
-           ("response.output_item.done", {"output_index": 0, "item": msg}),
-           ("response.completed", {"response": resp})]
-    return Reply(chunks=[f"event: {n}\ndata: {json.dumps(dict(d, type=n, sequence_number=i))}"
-                         f"\n\n".encode() for i, (n, d) in enumerate(evs)],
-                 content_type="text/event-stream")
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, stream):
-    bad = upstream([_responses_answer("", stream)])
-    good = upstream([_responses_answer("hello", stream)])
+    bad = upstream([_responses_answer({"model": "gpt-5", "stream": stream, "input": []}, "",
+                                      None)])
+    good = upstream([_responses_answer({"model": "gpt-5", "stream": stream, "input": []},
+                                       "hello", None)])
     g = gw([chan(bad, name="first", responses_api=True),
             chan(good, name="second", priority=1, responses_api=True)])
     c = g.openai()
@@ -8457,7 +8466,7 @@ def test_11_empty_answer_falls_back_on_responses_passthrough(gw, upstream, strea
     assert text == "hello" and len(bad.requests) == 1
     rec = g.records()[-1]
     assert rec["channel"] == "second"
-    assert (rec["input_tokens"], rec["output_tokens"]) == (3, 1)     # read in either form
+    assert (rec["input_tokens"], rec["output_tokens"]) == (21, 7)    # read in either form
 
 
 def test_11_empty_answer_setting_off_and_explained_stops(gw, upstream):
@@ -10983,6 +10992,9 @@ DOCS_READERS = {
     "openai": lambda body: ([t["function"]["name"] for t in body.get("tools") or []],
                             [str(m.get("content")) for m in body["messages"]
                              if m["role"] == "tool"]),
+    "responses": lambda body: ([t["name"] for t in body.get("tools") or []],
+                               [str(i["output"]) for i in body["input"]
+                                if i.get("type") == "function_call_output"]),
     "gemini": lambda body: ([d["name"] for t in body.get("tools") or []
                              for d in t["functionDeclarations"]],
                             [p["functionResponse"] for c in body["contents"] for p in c["parts"]
@@ -11082,6 +11094,25 @@ def test_15_claude_code_finds_and_runs_a_long_mcp_tool_through_a_gemini_channel(
     search = turns[2][1][1]
     assert search["name"] == "ToolSearch"
     assert search["response"]["result"] == f"Tool {short} is now available."
+
+
+def test_15_claude_code_runs_its_session_on_gpt_56_over_the_responses_api(gw, upstream,
+                                                                        tmp_path):
+    """The same session on an OpenAI channel whose model (gpt-5.6-sol, mapped from Claude
+    Code's name) refuses function tools on Chat Completions: every turn goes to /v1/responses,
+    calls and results paired by call_id (the strict fake refuses an unpaired result), and the
+    search's result names the tool as the channel has it."""
+    short = ag.channel_tool_name(DOCS_TOOL, "openai")
+    turns: list[tuple] = []
+    up = _docs_upstream(upstream, "responses", short, turns)
+    g = gw([chan(up, type="openai", model_mapping={"claude-*": "gpt-5.6-sol"})])
+    rc, out = _claude_code_docs_session(g, tmp_path)
+    assert rc == 0, out[-2000:]
+    assert "DONE" in out and "cli-ok" in out and "mcp-said docs-ok" in out
+    assert {r["path"] for r in up.requests} == {"/v1/responses"}
+    assert [short in names for names, _ in turns] == [False, False, True, True]
+    assert turns[-1][1][1] == f"Tool {short} is now available."
+    assert all(json.loads(r["body"])["model"] == "gpt-5.6-sol" for r in up.requests)
 
 
 def test_15_claude_codes_own_model_names_reach_a_channel_mapped_by_a_pattern(gw, upstream,
