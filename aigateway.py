@@ -4105,9 +4105,40 @@ def ir_effort(value: Any) -> str | None:
     return value if value in EFFORTS else None
 
 
-def openai_effort(effort: str) -> str:
-    """IR effort -> OpenAI reasoning_effort / Responses reasoning.effort (none..xhigh)."""
-    return "xhigh" if effort == "max" else effort
+_OPENAI_MODEL_RX = re.compile(r"(?:^|[/:.])(?:gpt-(\d+)(?:\.(\d+))?|o(\d))(?![\d.])", re.I)
+
+
+def openai_effort_levels(model: str) -> tuple[str, ...] | None:
+    """The reasoning efforts an OpenAI model takes, by its name; None for a name of no family
+    below (the client's effort goes as it is). gpt-6: low..xhigh, none and minimal refused
+    (checked live, BerriAI/litellm-docs#1173); gpt-5.6: "Supported values are: 'none', 'low',
+    'medium', 'high', and 'xhigh'" (the API's refusal, quoted in mnfst/modelparams.dev#236);
+    gpt-5.1 and later no minimal (bolna-ai/bolna#852), xhigh from 5.2 on; gpt-5 minimal..high;
+    the o-series low..high."""
+    m = _OPENAI_MODEL_RX.search(model)
+    if m is None:
+        return None
+    if m.group(3):
+        return ("low", "medium", "high")
+    major, minor = int(m.group(1)), int(m.group(2) or 0)
+    if major >= 6:
+        return ("low", "medium", "high", "xhigh")
+    if major < 5:
+        return None
+    if minor >= 2:
+        return ("none", "low", "medium", "high", "xhigh")
+    return ("none", "low", "medium", "high") if minor else ("minimal", "low", "medium", "high")
+
+
+def openai_effort(effort: str, model: str = "") -> str:
+    """IR effort -> OpenAI reasoning_effort / Responses reasoning.effort: the nearest level
+    ``model`` takes (a tie going up), or none..xhigh (max -> xhigh) for a name we cannot
+    place."""
+    levels = openai_effort_levels(model)
+    if levels is None:
+        return "xhigh" if effort == "max" else effort
+    want = EFFORTS.index(effort)
+    return min(levels, key=lambda lv: (abs(EFFORTS.index(lv) - want), -EFFORTS.index(lv)))
 
 
 @guarded(400, "request body")
@@ -4701,7 +4732,7 @@ def ir_to_openai_request(ir: dict, model: str, *, stream: bool,
     elif rf:
         body["response_format"] = {"type": "json_object"}
     if ir["reasoning"]:
-        body["reasoning_effort"] = openai_effort(ir["reasoning"]["effort"])
+        body["reasoning_effort"] = openai_effort(ir["reasoning"]["effort"], model)
     if ir["user"]:
         body["user"] = ir["user"]
     if ir["n"] != 1:
@@ -5772,7 +5803,7 @@ def ir_to_responses_request(ir: dict, model: str, *, stream: bool) -> dict:
     elif rf:
         body["text"] = {"format": {"type": "json_object"}}
     if ir["reasoning"]:
-        body["reasoning"] = {"effort": openai_effort(ir["reasoning"]["effort"])}
+        body["reasoning"] = {"effort": openai_effort(ir["reasoning"]["effort"], model)}
     if ir["user"]:
         body["user"] = ir["user"]
     if stream:

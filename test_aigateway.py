@@ -4743,7 +4743,8 @@ def test_09_effort_mapped_both_ways():
     an = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "messages": [
         {"role": "user", "content": "x"}], "thinking": {"type": "adaptive"},
         "output_config": {"effort": "max"}})
-    assert ag.ir_to_openai_request(an, "o3", stream=False)["reasoning_effort"] == "xhigh"
+    assert ag.ir_to_openai_request(an, "gpt-5.6-sol", stream=False)["reasoning_effort"] == "xhigh"
+    assert ag.ir_to_openai_request(an, "o3", stream=False)["reasoning_effort"] == "high"
     default = ag.anthropic_request_to_ir({"model": "c", "max_tokens": 9, "thinking": {
         "type": "adaptive"}, "messages": [{"role": "user", "content": "x"}]})
     assert default["reasoning"]["effort"] == "high"           # Anthropic's default effort
@@ -4887,7 +4888,9 @@ def test_09_a_call_without_its_result_last_gets_no_continue_ask():
 # reasoning_effort sent too). The Responses API: a function_call_output needs the function_call
 # of its call_id earlier in the input, else a 400 "No tool call found for function call output
 # with call_id ..."; function tools carry "strict" (openai-python types/responses/
-# function_tool_param.py: Required).
+# function_tool_param.py: Required). GPT-6 refuses reasoning effort none and minimal (checked
+# live in BerriAI/litellm-docs#1173; the refusal's wording as for gpt-5.6 in
+# mnfst/modelparams.dev#236).
 RESPONSES_ONLY_TOOLS = ("gpt-5.6-sol", "gpt-6-astra", "gpt-5.4-mini")
 
 
@@ -4906,6 +4909,13 @@ def openai_now(rec):
                            f"or set reasoning_effort to 'none'.",
                 "type": "invalid_request_error", "param": "reasoning_effort",
                 "code": None}}).encode())
+        effort = body.get("reasoning_effort")
+        if model.startswith("gpt-6") and effort in ("none", "minimal"):
+            return Reply(400, json.dumps({"error": {
+                "message": f"Unsupported value: '{effort}' is not supported with this model. "
+                           f"Supported values are: 'low', 'medium', 'high', and 'xhigh'.",
+                "type": "invalid_request_error", "param": "reasoning_effort",
+                "code": "unsupported_value"}}).encode())
         return Dialects.openai(rec)
     assert path.endswith("/v1/responses"), path
     refused = _responses_refusal(body)
@@ -4988,6 +4998,39 @@ def test_09_which_requests_go_to_the_responses_api(gw, upstream):
                           messages=[{"role": "user", "content": "hi"}])
     assert "use /v1/responses" in str(e.value)
     assert custom_off.last()["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("model,efforts", [
+    ("gpt-6-astra", ["low", "low", "low", "medium", "high", "xhigh", "xhigh"]),
+    ("gpt-5.6-sol", ["none", "low", "low", "medium", "high", "xhigh", "xhigh"]),
+    ("gpt-5.1", ["none", "low", "low", "medium", "high", "high", "high"]),
+    ("gpt-5-mini", ["minimal", "minimal", "low", "medium", "high", "high", "high"]),
+    ("o4-mini", ["low", "low", "low", "medium", "high", "high", "high"]),
+    ("deepseek-reasoner", list(ag.EFFORTS[:-1]) + ["xhigh"]),     # not OpenAI's: as asked
+])
+def test_09_each_openai_model_gets_an_effort_it_takes(model, efforts):
+    got = [ag.ir_to_openai_request(_reasoning_ir(e), model, stream=False)["reasoning_effort"]
+           for e in ag.EFFORTS]
+    assert got == efforts
+    assert [ag.ir_to_responses_request(_reasoning_ir(e), model, stream=False)["reasoning"]
+            ["effort"] for e in ag.EFFORTS] == efforts
+
+
+def test_09_a_converted_minimal_effort_reaches_gpt_6_as_low(gw, upstream):
+    """A Responses client (not passed through: the channel has no responses_api) asks gpt-6
+    for minimal effort, which the model refuses: it gets low. An OpenAI client's own request
+    goes through as it came, and the refusal reaches it in OpenAI's format."""
+    up = upstream()
+    up.responder = openai_now
+    g = gw([chan(up, type="openai")])
+    c = g.openai()
+    r = c.responses.create(model="gpt-6-astra", input="hi", reasoning={"effort": "minimal"})
+    assert r.output_text == "hello"
+    assert json.loads(up.last()["body"])["reasoning_effort"] == "low"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="gpt-6-astra", reasoning_effort="minimal",
+                                  messages=[{"role": "user", "content": "hi"}])
+    assert "Supported values are" in str(e.value)
 
 
 def test_09_responses_answers_decoded():
