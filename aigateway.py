@@ -4130,6 +4130,17 @@ def openai_effort_levels(model: str) -> tuple[str, ...] | None:
     return ("none", "low", "medium", "high") if minor else ("minimal", "low", "medium", "high")
 
 
+def openai_takes_sampling(ir: dict, model: str) -> bool:
+    """Whether ``model`` takes temperature and top_p for request ``ir``: OpenAI's reasoning
+    models (the families of openai_effort_levels) answer any but the default with a 400
+    "Unsupported value: 'temperature' does not support 0.5 with this model. Only the default
+    (1) value is supported." (quoted in diffbot/code-gpt-docs#445 for gpt-5,
+    johny-b/llmcomp#69 for gpt-5.4), unless they run with reasoning effort none."""
+    if openai_effort_levels(model) is None:
+        return True
+    return bool(ir["reasoning"]) and openai_effort(ir["reasoning"]["effort"], model) == "none"
+
+
 def openai_effort(effort: str, model: str = "") -> str:
     """IR effort -> OpenAI reasoning_effort / Responses reasoning.effort: the nearest level
     ``model`` takes (a tie going up), or none..xhigh (max -> xhigh) for a name we cannot
@@ -4719,7 +4730,8 @@ def ir_to_openai_request(ir: dict, model: str, *, stream: bool,
     if ir["max_tokens"] is not None:
         body[max_tokens_field] = ir["max_tokens"]
     for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-        if ir[key] is not None:
+        if ir[key] is not None and (key in ("seed", "presence_penalty", "frequency_penalty") or
+                                    openai_takes_sampling(ir, model)):
             body[key] = ir[key]
     if ir["stop"]:
         body["stop"] = ir["stop"][:4]
@@ -5792,7 +5804,7 @@ def ir_to_responses_request(ir: dict, model: str, *, stream: bool) -> dict:
     if ir["max_tokens"] is not None:
         body["max_output_tokens"] = ir["max_tokens"]
     for key in ("temperature", "top_p"):
-        if ir[key] is not None:
+        if ir[key] is not None and openai_takes_sampling(ir, model):
             body[key] = ir[key]
     rf = ir["response_format"]
     if rf and rf["type"] == "json_schema":

@@ -4890,7 +4890,8 @@ def test_09_a_call_without_its_result_last_gets_no_continue_ask():
 # with call_id ..."; function tools carry "strict" (openai-python types/responses/
 # function_tool_param.py: Required). GPT-6 refuses reasoning effort none and minimal (checked
 # live in BerriAI/litellm-docs#1173; the refusal's wording as for gpt-5.6 in
-# mnfst/modelparams.dev#236).
+# mnfst/modelparams.dev#236). Reasoning models take only the default temperature, 1 (the 400
+# quoted in diffbot/code-gpt-docs#445 for gpt-5, johny-b/llmcomp#69 for gpt-5.4).
 RESPONSES_ONLY_TOOLS = ("gpt-5.6-sol", "gpt-6-astra", "gpt-5.4-mini")
 
 
@@ -4910,6 +4911,13 @@ def openai_now(rec):
                 "type": "invalid_request_error", "param": "reasoning_effort",
                 "code": None}}).encode())
         effort = body.get("reasoning_effort")
+        if re.match(r"gpt-[5-9]|o\d", model) and body.get("temperature", 1) != 1 and \
+                effort != "none":
+            return Reply(400, json.dumps({"error": {
+                "message": f"Unsupported value: 'temperature' does not support "
+                           f"{body['temperature']} with this model. Only the default (1) value "
+                           f"is supported.", "type": "invalid_request_error",
+                "param": "temperature", "code": "unsupported_value"}}).encode())
         if model.startswith("gpt-6") and effort in ("none", "minimal"):
             return Reply(400, json.dumps({"error": {
                 "message": f"Unsupported value: '{effort}' is not supported with this model. "
@@ -5031,6 +5039,26 @@ def test_09_a_converted_minimal_effort_reaches_gpt_6_as_low(gw, upstream):
         c.chat.completions.create(model="gpt-6-astra", reasoning_effort="minimal",
                                   messages=[{"role": "user", "content": "hi"}])
     assert "Supported values are" in str(e.value)
+
+
+def test_09_a_temperature_reasoning_models_refuse_is_left_out(gw, upstream):
+    """An Anthropic client's temperature 0.2: gpt-5.6 (a reasoning model, default effort)
+    takes only 1, so it is not sent; another provider's model gets it."""
+    up, other = upstream(), upstream()
+    up.responder = other.responder = openai_now
+    g = gw([chan(up, type="openai", models=["gpt-5.6-sol"]),
+            chan(other, type="custom", models=["deepseek-chat"])])
+    c = g.anthropic()
+    for model, u in (("gpt-5.6-sol", up), ("deepseek-chat", other)):
+        r = c.messages.create(model=model, max_tokens=300, extra_body={"temperature": 0.2},
+                              messages=[{"role": "user", "content": "hi"}])
+        assert r.content[-1].text == "hello"
+    assert "temperature" not in json.loads(up.last()["body"])
+    assert json.loads(other.last()["body"])["temperature"] == 0.2
+    ir = _reasoning_ir("none", temperature=0.2)
+    assert ag.ir_to_openai_request(ir, "gpt-5.6-sol", stream=False)["temperature"] == 0.2
+    assert "temperature" not in ag.ir_to_responses_request(dict(ir, reasoning=None),
+                                                           "gpt-6-astra", stream=False)
 
 
 def test_09_responses_answers_decoded():
