@@ -6205,11 +6205,16 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     body["max_tokens"] = max_tokens
     thinking = "thinking" in body
-    if ir["temperature"] is not None and not thinking:
+    # Opus 4.7 and later, the Claude 5 family (the "adaptive" models by name) have no sampling
+    # parameters: a 400 "`temperature` is deprecated for this model" (platform.claude.com/docs/
+    # en/about-claude/models/whats-new-claude-4-7#sampling-parameters-removed, quoted in
+    # anomalyco/models.dev#1468; Sonnet 5 and Opus 4.8 in bagofwords1/bagofwords#523).
+    sampling = not thinking and anthropic_thinking_mode(model) != "adaptive"
+    if ir["temperature"] is not None and sampling:
         body["temperature"] = max(0.0, min(1.0, ir["temperature"]))
-    elif ir["top_p"] is not None and not thinking:       # newer models refuse both (section 7 #20)
+    elif ir["top_p"] is not None and sampling:       # newer models refuse both (section 7 #20)
         body["top_p"] = ir["top_p"]
-    if ir["top_k"] is not None and not thinking:
+    if ir["top_k"] is not None and sampling:
         body["top_k"] = ir["top_k"]
     stops = [s for s in ir["stop"] if s.strip()]
     if stops:

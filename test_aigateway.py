@@ -1008,6 +1008,11 @@ GEMINI_NO_MINIMAL = {"gemini-3.7-flash", "gemini-3.8-flash"}
 #   about-claude/models/whats-new-claude-4-6#prefill-removal, quoted in
 #   anthropics/claude-code#28478; Kilo-Org/kilocode#13286 for Opus 5).
 CLAUDE_NO_PREFILL = re.compile(r"claude-(?:opus|sonnet)-4-[6-9]|claude-(?:opus|sonnet|haiku)-5")
+# Anthropic, Opus 4.7 and later and the Claude 5 family: no sampling parameters, a 400
+#   "`temperature` is deprecated for this model" (platform.claude.com/docs/en/about-claude/
+#   models/whats-new-claude-4-7#sampling-parameters-removed, quoted in anomalyco/models.dev#1468
+#   and Comfy-Org/ComfyUI#13923; Sonnet 5 in bagofwords1/bagofwords#523).
+CLAUDE_NO_SAMPLING = re.compile(r"claude-opus-4-[7-9]|claude-(?:opus|sonnet|haiku|fable)-5")
 STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
                 "responses": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
                 "gemini": re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z"),
@@ -1116,6 +1121,9 @@ def strict_upstream(ctype, mistral=False, deepseek=False):
             last = body["input"][-1]
             result = last["output"] if last.get("type") == "function_call_output" else None
         elif ctype == "anthropic":
+            sampled = next((k for k in ("temperature", "top_p", "top_k") if k in body), None)
+            if CLAUDE_NO_SAMPLING.match(body["model"]) and sampled:
+                return _refuse(ctype, f"`{sampled}` is deprecated for this model.")
             if CLAUDE_NO_PREFILL.match(body["model"]) and body["messages"][-1]["role"] == \
                     "assistant":
                 return _refuse(ctype, "This model does not support assistant message prefill. "
@@ -5087,6 +5095,23 @@ def test_09_responses_answers_decoded():
     assert events[1:3] == [("tool", 0, "c1", "f"), ("args", 0, '{"a":1}')]
     assert events[3][0] == "error" and events[3][1].message == "boom"
     assert dec.close()[-1] == ("finish", "tool_calls")
+
+
+@pytest.mark.parametrize("model,sent", [("claude-sonnet-5-5", False), ("claude-opus-4-7", False),
+                                        ("claude-sonnet-4-5", True)])
+def test_09_claude_models_without_sampling_get_no_temperature(gw, upstream, model, sent):
+    """An OpenAI client's temperature: Opus 4.7 and the Claude 5 family refuse any sampling
+    parameter, so none is sent to them; Claude 4.5 gets it."""
+    up = upstream()
+    up.responder = _current_fake("anthropic")
+    g = gw([chan(up, type="anthropic")])
+    r = g.openai().chat.completions.create(model=model, temperature=0.3, top_p=0.9,
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == '"a": 1}'
+    body = json.loads(up.last()["body"])
+    assert ("temperature" in body) == sent and "top_p" not in body
+    if sent:
+        assert body["temperature"] == 0.3
 
 
 @pytest.mark.parametrize("model,level", [("gemini-3.8-flash", "low"),
