@@ -3386,15 +3386,21 @@ def upstream_error_message(body: bytes, status: int) -> str:
 # OpenAI's "max_tokens is too large: 64000. This model supports at most 16384 completion tokens,
 # whereas you provided 64000." (ChatGPTNextWeb/NextChat#3195, enoch3712/ExtractThinker#346) and
 # DeepSeek's "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]"
-# (mnfst/llm-gateway#1177, Gitlawb/openclaude#35). Clients such as Claude Code ask for 128,000.
+# (mnfst/llm-gateway#1177, Gitlawb/openclaude#35), and Vertex AI's "Unable to submit request
+# because it has a maxOutputTokens value of 655360 but the supported range is from 1 (inclusive)
+# to 8193 (exclusive)." (stackblitz-labs/bolt.diy#955). Clients such as Claude Code ask for
+# 128,000.
 _OUTPUT_LIMIT_RX = re.compile(r"supports at most (\d{1,9}) completion tokens"
-                              r"|valid range of max_tokens is \[1, ?(\d{1,9})\]")
+                              r"|valid range of max_tokens is \[1, ?(\d{1,9})\]"
+                              r"|supported range is from 1 \(inclusive\) to (\d{1,9}) \(exclusive\)")
 
 
 def output_limit_in(message: str) -> int | None:
     """The output-token limit an upstream's error message names, if it is that refusal."""
     m = _OUTPUT_LIMIT_RX.search(message)
-    return int(m.group(1) or m.group(2)) if m else None
+    if m is None:
+        return None
+    return int(m.group(1) or m.group(2)) if m.group(3) is None else int(m.group(3)) - 1
 
 
 def sent_output_tokens(body: bytes) -> int:

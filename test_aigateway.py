@@ -3829,14 +3829,19 @@ def test_09_claude_codes_billing_line_reaches_anthropic_only(gw, upstream):
                                      ) == []
 
 
-# The two wordings of a max_tokens above the model's output limit that the gateway reads (see
-# output_limit_in): OpenAI's (ChatGPTNextWeb/NextChat#3195) and DeepSeek's
-# (mnfst/llm-gateway#1177); both are 400s with the limit in the message.
+# The wordings of a max_tokens above the model's output limit that the gateway reads (see
+# output_limit_in): OpenAI's (ChatGPTNextWeb/NextChat#3195), DeepSeek's (mnfst/llm-gateway#1177)
+# and Vertex AI's; all are 400s with the limit in the message.
 OUTPUT_LIMIT_REFUSALS = {
     "openai": lambda asked, limit: f"max_tokens is too large: {asked}. This model supports at "
                                    f"most {limit} completion tokens, whereas you provided {asked}.",
     "deepseek": lambda asked, limit: f"Invalid max_tokens value, the valid range of max_tokens "
-                                     f"is [1, {limit}]"}
+                                     f"is [1, {limit}]",
+    # Vertex AI's (stackblitz-labs/bolt.diy#955), an exclusive upper bound
+    "vertex": lambda asked, limit: f"Unable to submit request because it has a maxOutputTokens "
+                                   f"value of {asked} but the supported range is from 1 "
+                                   f"(inclusive) to {limit + 1} (exclusive). Update the value and "
+                                   f"try again."}
 
 
 @pytest.mark.parametrize("wording", sorted(OUTPUT_LIMIT_REFUSALS))
