@@ -3887,7 +3887,11 @@ def guarded(status: int, what: str, check: Callable[[Any], Any] | None = None
         def inner(*args: Any, **kwargs: Any) -> Any:
             try:
                 out = fn(*args, **kwargs)
-            except GatewayError:
+            except GatewayError as exc:
+                # A check it shares with the request converters (blocks_to_ir's 400) failed
+                # on an upstream's answer: the upstream's fault, so the guard's status.
+                if exc.status < 500 <= status:
+                    raise GatewayError(status, f"malformed {what}: {exc.message}") from None
                 raise
             except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
                 raise GatewayError(status, f"malformed {what}: a field has an unexpected type "
@@ -5856,9 +5860,10 @@ def responses_answer_to_ir(body: dict) -> dict:
                 content.append({"type": "reasoning", "text": text, "signature": None,
                                 "redacted": None})
         elif kind == "function_call":
-            content.append({"type": "tool_call", "id": item.get("call_id") or new_id("call_"),
-                            "name": item.get("name") or "",
-                            "arguments": item.get("arguments") or "{}"})
+            content.append({"type": "tool_call",
+                            "id": str(item.get("call_id") or "") or new_id("call_"),
+                            "name": str(item.get("name") or ""),
+                            "arguments": str(item.get("arguments") or "{}")})
     reason = (body.get("incomplete_details") or {}).get("reason") \
         if body.get("status") == "incomplete" else None
     finish = _RESPONSES_INCOMPLETE.get(reason, "length") if reason else "stop"
@@ -5909,7 +5914,8 @@ class ResponsesStreamDecoder(StreamDecoder):
                 item = ev.get("item") if isinstance(ev.get("item"), dict) else {}
                 if item.get("type") == "function_call":
                     self._calls[ev.get("output_index")] = self._tools
-                    out.append(("tool", self._tools, item.get("call_id") or new_id("call_"),
+                    out.append(("tool", self._tools,
+                                str(item.get("call_id") or "") or new_id("call_"),
                                 str(item.get("name") or "")))
                     self._args(out, self._tools, item.get("arguments"))
                     self._tools += 1

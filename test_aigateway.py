@@ -11851,6 +11851,14 @@ _VALID_ANSWERS = {
                "message": {"role": "assistant", "content": "hello", "thinking": "t",
                            "tool_calls": [{"function": {"name": "get", "arguments": {"a": 1}}}]}},
 }
+_VALID_ANSWERS["responses"] = {   # the Responses API as an upstream (converts_to_responses)
+    "id": "resp_1", "object": "response", "status": "completed", "model": "m", "output": [
+        {"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "t"}]},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "hello", "annotations": []}]},
+        {"type": "function_call", "call_id": "c", "name": "get", "arguments": "{}"}],
+    "usage": {"input_tokens": 5, "output_tokens": 2,
+              "input_tokens_details": {"cached_tokens": 1}}}
 _VALID_EVENTS = {
     "openai": [{"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant",
                                                               "content": ""}}]},
@@ -11887,6 +11895,17 @@ _VALID_EVENTS = {
                    {"function": {"name": "get", "arguments": {}}}]}, "done": False},
                {"model": "m", "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2}],
+    "responses": [
+        {"type": "response.created", "response": {"id": "resp_1", "model": "m"}},
+        {"type": "response.output_text.delta", "output_index": 0, "delta": "hel"},
+        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "delta": "t"},
+        {"type": "response.output_item.added", "output_index": 1, "item": {
+            "type": "function_call", "call_id": "c", "name": "get", "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{}"},
+        {"type": "response.output_item.done", "output_index": 1, "item": {
+            "type": "function_call", "call_id": "c", "name": "get", "arguments": "{}"}},
+        {"type": "response.completed", "response": {"usage": {"input_tokens": 5,
+                                                              "output_tokens": 2}}}],
 }
 _ODD_VALUES = [None, True, 0, -1, 1.5, "", "x", [], [None], [[]], {}, {"type": None}, {"a": 1}]
 
@@ -11914,10 +11933,16 @@ def _with_odd_values(obj, picks):
     return obj
 
 
+def _decoders(ctype):
+    """upstream_decoders of a key of _VALID_ANSWERS ("responses": the Responses API's)."""
+    return ag.upstream_decoders("openai", responses=True) if ctype == "responses" else \
+        ag.upstream_decoders(ctype)
+
+
 def _stream_bytes(ctype, events):
     if ctype == "ollama":
         return b"".join(json.dumps(e).encode() + b"\n" for e in events)
-    named = ctype == "anthropic"
+    named = ctype in ("anthropic", "responses")
     return b"".join((f"event: {e.get('type')}\n" if named and isinstance(e, dict) else "")
                     .encode() + b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
@@ -11940,13 +11965,23 @@ def test_fuzz_streams_with_ill_typed_fields_end_in_a_502_or_convert(which, picks
                          lambda: ag.ResponsesStreamEncoder("m", ag.empty_request("m")),
                          lambda: ag.GeminiStreamEncoder("m", {})):
             for pieces in ([raw], [_stream_bytes(ctype, [e]) for e in events]):
-                enc, dec = make_enc(), ag.upstream_decoders(ctype)[1]()
+                enc, dec = make_enc(), _decoders(ctype)[1]()
                 try:
                     for piece in pieces:
                         assert isinstance(enc.encode(dec.feed(piece)), bytes)
                     enc.encode(dec.close())
                 except ag.GatewayError as exc:
                     assert exc.status == 502, (ctype, exc.message)
+
+
+def test_09_an_answer_failing_a_check_shared_with_requests_is_the_upstreams_502():
+    """Found by the fuzz test below at 1,500 examples: an Anthropic answer with a tool_result
+    block whose content is a number failed blocks_to_ir's request check, a 400, which blamed
+    the client for the upstream's answer."""
+    with pytest.raises(ag.GatewayError) as e:
+        ag.anthropic_response_to_ir({"content": [{"type": "tool_result", "tool_use_id": "x",
+                                                  "content": 5}]})
+    assert e.value.status == 502 and e.value.message.startswith("malformed upstream answer")
 
 
 def _client_types():
@@ -11969,7 +12004,7 @@ def test_fuzz_answers_with_ill_typed_fields_are_a_502_or_what_the_sdks_read(pick
     ir["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     for ctype, valid in _VALID_ANSWERS.items():
         try:
-            resp = ag.upstream_decoders(ctype)[0](_with_odd_values(valid, picks))
+            resp = _decoders(ctype)[0](_with_odd_values(valid, picks))
         except ag.GatewayError as exc:
             assert exc.status == 502
             continue
