@@ -10435,14 +10435,31 @@ class DebugCapture:
 # counters in memory, seeded from the database at start, so they survive restarts and cost no
 # disk I/O per request.
 
-# Built-in prices, USD per million tokens, taken 2026-12-01 from the providers' pricing pages:
-# https://developers.openai.com/api/docs/pricing (via https://www.morphllm.com/openai-api-pricing
-# and https://chatgptpricing-akr.pages.dev/api-pricing), https://platform.claude.com/docs/en/
-# about-claude/pricing, https://ai.google.dev/gemini-api/docs/pricing (prompts up to 200k
-# tokens). "cache_write" is Anthropic's 5-minute cache write. Entries in config.json's "prices"
-# win over these.
-BUILTIN_PRICES_DATE = "2026-12-01"
+# Built-in prices, USD per million tokens, read 2026-12-03: OpenAI's
+# https://developers.openai.com/api/docs/pricing and model pages (gpt-5.6 and gpt-6 Astra in
+# developers.openai.com/api/docs/models; gpt-6 Sol and Luna, 2026-09-22, with their cache writes
+# as merefield/codexometer v0.18.4 and BerriAI/litellm#42515 quote them; gpt-6.1 Sol and gpt-6.2
+# as premk134/codex-token-watch v0.3.3 and BerriAI/litellm discussion 52347 do), Anthropic's
+# https://platform.claude.com/docs/en/about-claude/pricing and model pages (models/opus-5-5,
+# sonnet-5-5, sonnet-5, opus-5 overviews; Haiku 5.5 at its prompts up to 100k tokens; Fable 5.2
+# and Mythos 5.2 as phuryn/claude-usage v1.5.7 quotes them), Google's
+# https://ai.google.dev/gemini-api/docs/pricing (prompts up to 200k tokens; 3.6 Flash and 3.5
+# Flash-Lite in docs/latest-model; 3.8 Flash at its price until 2026-12-31, $1.50 / $7.50 from
+# 2027-01-01, BerriAI/litellm discussion 39357). "cache_write" is Anthropic's 5-minute cache
+# write (and OpenAI's, for gpt-6). Long-context tiers are left out. Entries in config.json's
+# "prices" win over these; a model none matches costs 0 (3.x Flash models without a price of
+# their own here, for instance, rather than Gemini 3 Flash's).
+BUILTIN_PRICES_DATE = "2026-12-03"
 BUILTIN_PRICES: dict[str, dict[str, float]] = {
+    "gpt-6-astra*": {"input": 10.0, "output": 50.0, "cache_read": 1.0, "cache_write": 12.5},
+    "gpt-6-sol*": {"input": 2.0, "output": 10.0, "cache_read": 0.2, "cache_write": 2.5},
+    "gpt-6-luna*": {"input": 0.1, "output": 0.5, "cache_read": 0.01, "cache_write": 0.125},
+    "gpt-6.1-sol*": {"input": 2.0, "output": 10.0, "cache_read": 0.1},
+    "gpt-6.2-astra*": {"input": 8.0, "output": 40.0, "cache_read": 0.4},
+    "gpt-6.2-sol*": {"input": 2.0, "output": 10.0},
+    "gpt-5.6*": {"input": 4.0, "output": 20.0, "cache_read": 0.4},          # gpt-5.6 is Sol
+    "gpt-5.6-terra*": {"input": 2.0, "output": 12.0, "cache_read": 0.2},
+    "gpt-5.6-luna*": {"input": 0.2, "output": 1.2, "cache_read": 0.02},
     "gpt-5.5*": {"input": 5.0, "output": 30.0, "cache_read": 0.5},
     "gpt-5.5-pro*": {"input": 30.0, "output": 180.0},
     "gpt-5.4*": {"input": 2.5, "output": 15.0, "cache_read": 0.25},
@@ -10464,6 +10481,14 @@ BUILTIN_PRICES: dict[str, dict[str, float]] = {
     "o3-mini*": {"input": 1.1, "output": 4.4, "cache_read": 0.55},
     "o3-pro*": {"input": 20.0, "output": 80.0},
     "o4-mini*": {"input": 1.1, "output": 4.4, "cache_read": 0.275},
+    "claude-opus-5-5*": {"input": 4.0, "output": 20.0, "cache_read": 0.2, "cache_write": 5.0},
+    "claude-opus-5*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
+    "claude-sonnet-5*": {"input": 2.0, "output": 10.0, "cache_read": 0.2, "cache_write": 2.5},
+    "claude-haiku-5-5*": {"input": 0.1, "output": 0.5},
+    "claude-fable-5*": {"input": 10.0, "output": 50.0, "cache_read": 1.0},
+    "claude-fable-5-1*": {"input": 10.0, "output": 50.0},
+    "claude-fable-5-2*": {"input": 8.0, "output": 40.0, "cache_read": 0.2},
+    "claude-mythos-5-2*": {"input": 8.0, "output": 40.0, "cache_read": 0.2},
     "claude-opus-4-5*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
     "claude-opus-4-6*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
     "claude-opus-4-7*": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_write": 6.25},
@@ -10473,7 +10498,10 @@ BUILTIN_PRICES: dict[str, dict[str, float]] = {
     "claude-sonnet-4*": {"input": 3.0, "output": 15.0, "cache_read": 0.3, "cache_write": 3.75},
     "claude-haiku-4-5*": {"input": 1.0, "output": 5.0, "cache_read": 0.1, "cache_write": 1.25},
     "gemini-3*-pro*": {"input": 2.0, "output": 12.0, "cache_read": 0.2},
-    "gemini-3*-flash*": {"input": 0.5, "output": 3.0, "cache_read": 0.05},
+    "gemini-3-flash*": {"input": 0.5, "output": 3.0, "cache_read": 0.05},
+    "gemini-3.8-flash*": {"input": 0.75, "output": 3.75, "cache_read": 0.075},
+    "gemini-3.6-flash*": {"input": 1.5, "output": 7.5},
+    "gemini-3.5-flash-lite*": {"input": 0.3, "output": 2.5},
     "gemini-2.5-pro*": {"input": 1.25, "output": 10.0, "cache_read": 0.125},
     "gemini-2.5-flash*": {"input": 0.3, "output": 2.5, "cache_read": 0.03},
     "gemini-2.5-flash-lite*": {"input": 0.1, "output": 0.4, "cache_read": 0.01},

@@ -5654,6 +5654,17 @@ def test_10_prices_most_specific_pattern_and_user_first():
     assert ag.PriceBook({}).lookup("anthropic/claude-opus-4-7")["cache_write"] == 6.25
     assert ag.PriceBook({}).lookup("gemini-2.5-flash-lite")["output"] == 0.4
     assert ag.PriceBook({}).lookup("my-local-llama") is None
+    # Today's models at their own prices, not an older family's their names also match
+    # (gpt-5.6-sol was priced as gpt-5 by "gpt-5*", gemini-3.8-flash as Gemini 3 Flash).
+    today = {"gpt-6-astra": (10.0, 50.0), "gpt-6-sol-2026-09-22": (2.0, 10.0),
+             "gpt-5.6": (4.0, 20.0), "gpt-5.6-terra": (2.0, 12.0),
+             "claude-opus-5-5": (4.0, 20.0), "claude-opus-5": (5.0, 25.0),
+             "claude-sonnet-5-5-20260924": (2.0, 10.0), "claude-haiku-5-5": (0.1, 0.5),
+             "gemini-3.8-flash": (0.75, 3.75), "gemini-3.5-flash-lite": (0.3, 2.5),
+             "gemini-3-flash-preview": (0.5, 3.0)}
+    assert {m: (p["input"], p["output"]) for m in today
+            for p in [ag.PriceBook({}).lookup(m)]} == today
+    assert ag.PriceBook({}).lookup("gemini-3.7-flash") is None         # no price of its own
     usage = {"input": 1000, "output": 100, "cache_read": 600, "cache_write": 200, "reasoning": 0}
     assert ag.usage_cost({"input": 1, "output": 2}, usage) == pytest.approx(1200 / 1e6)
 
@@ -9531,7 +9542,7 @@ def test_13_usage_tab_shows_the_history_limits_and_prices(app, tmp_path):
     assert len(u.days) == 90 and _rows(u.trees["model"])[-1][0] == "old-x"
     # Prices: the built-in rows with their date, then one of ours added through the dialog.
     prices = _rows(u.prices)
-    assert ("claude-opus-4-7*", "5", "25", "0.5", "6.25", "built-in 2026-12-01") in prices
+    assert ("claude-opus-4-7*", "5", "25", "0.5", "6.25", "built-in 2026-12-03") in prices
     dialog = u.add_price()
     dialog.vars["pattern"].set("gpt-x")
     dialog.vars["input"].set("abc")
