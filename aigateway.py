@@ -5970,6 +5970,12 @@ ANTHROPIC_THINKING = (
     (re.compile(r"claude-3-(?:[0-6](?!\d)|opus|sonnet|haiku)|claude-(?:2|instant)", re.I), "none"),
 )
 THINKING_MODES = ("auto", "adaptive", "budget")      # a channel's "thinking" setting
+# The Claude 5 family thinks unless told not to (Opus 5.5 and Fable 5.1 always: "thinking can't
+# be disabled"), and a forced tool choice (any, tool) is an error with thinking on ("Forced tool
+# use returns an error": platform.claude.com/docs/en/models/opus-5-5/whats-new-opus-5-5, and the
+# Sonnet 5.5 and Opus 5 pages): so it becomes auto for them, as with thinking asked for.
+CLAUDE_THINKS_BY_DEFAULT = re.compile(
+    r"claude-(?:opus|sonnet|haiku|fable|mythos)-(?:[5-9]|[1-9]\d)(?!\d)", re.I)
 
 
 def anthropic_thinking_mode(model: str, setting: str = "auto") -> str:
@@ -6241,7 +6247,8 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
             choice = {"type": "tool", "name": tc["name"]}
         elif tc in ("auto", "none", "required"):
             choice = {"type": {"required": "any"}.get(tc, tc)}
-        if thinking and choice and choice["type"] in ("any", "tool"):
+        if (thinking or CLAUDE_THINKS_BY_DEFAULT.search(model)) and choice and \
+                choice["type"] in ("any", "tool"):
             choice = {"type": "auto"}                   # thinking allows only auto/none
         if ir["parallel_tool_calls"] is False:
             choice = choice or {"type": "auto"}

@@ -1012,6 +1012,9 @@ CLAUDE_NO_PREFILL = re.compile(r"claude-(?:opus|sonnet)-4-[6-9]|claude-(?:opus|s
 #   "`temperature` is deprecated for this model" (platform.claude.com/docs/en/about-claude/
 #   models/whats-new-claude-4-7#sampling-parameters-removed, quoted in anomalyco/models.dev#1468
 #   and Comfy-Org/ComfyUI#13923; Sonnet 5 in bagofwords1/bagofwords#523).
+# Anthropic, the Claude 5 family: thinking on unless disabled (Opus 5.5, Fable 5.1: always), and
+#   forced tool use (tool_choice any or tool) an error with it ("Forced tool use returns an
+#   error", platform.claude.com/docs/en/models/opus-5-5/whats-new-opus-5-5; Sonnet 5.5's page).
 CLAUDE_NO_SAMPLING = re.compile(r"claude-opus-4-[7-9]|claude-(?:opus|sonnet|haiku|fable)-5")
 STRICT_NAMES = {"openai": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
                 "responses": re.compile(r"[A-Za-z0-9_-]{1,64}\Z"),
@@ -1121,6 +1124,10 @@ def strict_upstream(ctype, mistral=False, deepseek=False):
             last = body["input"][-1]
             result = last["output"] if last.get("type") == "function_call_output" else None
         elif ctype == "anthropic":
+            forced = (body.get("tool_choice") or {}).get("type") in ("any", "tool")
+            if forced and re.match(r"claude-(?:opus|sonnet|haiku|fable|mythos)-5", body["model"]):
+                return _refuse(ctype, "Forced tool use is not supported with thinking; use "
+                                      "tool_choice auto or none.")
             sampled = next((k for k in ("temperature", "top_p", "top_k") if k in body), None)
             if CLAUDE_NO_SAMPLING.match(body["model"]) and sampled:
                 return _refuse(ctype, f"`{sampled}` is deprecated for this model.")
@@ -5117,6 +5124,21 @@ def test_09_claude_models_without_sampling_get_no_temperature(gw, upstream, mode
     assert ("temperature" in body) == sent and "top_p" not in body
     if sent:
         assert body["temperature"] == 0.3
+
+
+@pytest.mark.parametrize("model,forced", [("claude-opus-5-5", False), ("claude-sonnet-5", False),
+                                          ("claude-sonnet-4-5", True)])
+def test_09_a_forced_tool_reaches_the_claude_5_family_as_auto(gw, upstream, model, forced):
+    """OpenAI's tool_choice "required": the Claude 5 family thinks by default and refuses a
+    forced tool with thinking on, so it gets auto; Claude 4.5 (no thinking asked) gets any."""
+    up = upstream()
+    up.responder = _current_fake("anthropic")
+    g = gw([chan(up, type="anthropic")])
+    r = g.openai().chat.completions.create(model=model, tools=TOOLS, tool_choice="required",
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == '"a": 1}'
+    sent = json.loads(up.last()["body"])["tool_choice"]["type"]
+    assert sent == ("any" if forced else "auto")
 
 
 @pytest.mark.parametrize("model,level", [("gemini-3.8-flash", "low"),
