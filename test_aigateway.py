@@ -11255,8 +11255,8 @@ def test_15_claude_codes_own_model_names_reach_a_channel_mapped_by_a_pattern(gw,
     claude-haiku-5-5 for its aliases): one pattern maps them all, as the README shows."""
     up = upstream()
     up.responder = lambda rec: _answer_in("openai", json.loads(rec["body"]), rec, "hello", None)
-    g = gw([chan(up, type="custom", base_url=up.url + "/v1", models=["deepseek-chat"],
-                 max_tokens_cap=8192, model_mapping={"claude-*": "deepseek-chat"})])
+    g = gw([chan(up, type="custom", base_url=up.url + "/v1", models=["deepseek-v4-flash"],
+                 model_mapping={"claude-*": "deepseek-v4-flash"})])
     for args in ([], ["--model", "haiku"]):
         rc, out = _run_cli([_cli_bin("claude"), "-p", "hi", *args],
                            dict(CLAUDE_ENV, HOME=str(tmp_path), ANTHROPIC_BASE_URL=g.url,
@@ -11264,7 +11264,7 @@ def test_15_claude_codes_own_model_names_reach_a_channel_mapped_by_a_pattern(gw,
         assert rc == 0 and "hello" in out, out[-2000:]
     # (a streamed answer's record is written once its last byte is out: wait for both)
     assert [r["model"] for r in g.records(2)] == ["claude-opus-5-5", "claude-haiku-5-5"]
-    assert {json.loads(r["body"])["model"] for r in up.requests} == {"deepseek-chat"}
+    assert {json.loads(r["body"])["model"] for r in up.requests} == {"deepseek-v4-flash"}
 
 
 # Issue 12: Claude Code's own reading of a context overflow from another provider
