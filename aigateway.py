@@ -6218,6 +6218,13 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
         max_tokens, budget = room_for_thinking(max_tokens, max(1024, budget), max_tokens_cap)
         if mode == "adaptive" or (mode == "both" and not reasoning["budget"]):
             body["thinking"] = {"type": "adaptive"}
+            if anthropic_thinking_mode(model) == "adaptive":
+                # Opus 4.7 and later, the Claude 5 family: thinking text is "omitted" unless
+                # asked for (platform.claude.com/docs/en/build-with-claude/thinking; Opus 5.5
+                # returns the text between tool calls in thinking blocks too, empty at that
+                # default: models/opus-5-5/whats-new-opus-5-5). The client asked for
+                # reasoning, in a dialect that shows it: summarized.
+                body["thinking"]["display"] = "summarized"
             body["output_config"] = {"effort": anthropic_effort(reasoning["effort"], mode)}
         elif budget < max_tokens:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}

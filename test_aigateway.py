@@ -4730,7 +4730,8 @@ def _reasoning_ir(effort, budget=None, max_tokens=2000, **kw):
 
 def test_09_thinking_request_follows_the_model():
     body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-7", stream=False)
-    assert body["thinking"] == {"type": "adaptive"}
+    # Opus 4.7 and later omit the thinking text unless asked: the client asked for reasoning
+    assert body["thinking"] == {"type": "adaptive", "display": "summarized"}
     assert body["output_config"] == {"effort": "xhigh"}
     assert body["max_tokens"] > 32768                     # covers thinking and answer
     body = ag.ir_to_anthropic_request(_reasoning_ir("xhigh"), "claude-opus-4-6", stream=False)
@@ -5175,7 +5176,7 @@ def test_09_signature_only_and_redacted_thinking_survive():
         {"role": "tool", "tool_call_id": "toolu_9", "content": "a.txt"}])
     body = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept=kept)
     assert body["messages"][1]["content"][:2] == answer["content"][:2]
-    assert body["thinking"] == {"type": "adaptive"}
+    assert body["thinking"] == {"type": "adaptive", "display": "summarized"}
     # Without them, thinking is left off rather than refused by Claude.
     bare = ag.ir_to_anthropic_request(ir, "claude-opus-4-7", stream=False, kept={})
     assert "thinking" not in bare and "output_config" not in bare
@@ -8335,7 +8336,7 @@ def test_11_adaptive_thinking_tool_loop_from_every_dialect(gw, upstream, client,
         effort = "low"
     sent = [json.loads(r["body"]) for r in up.requests]
     assert len(sent) == 2
-    assert all(b["thinking"] == {"type": "adaptive"} for b in sent)
+    assert all(b["thinking"] == {"type": "adaptive", "display": "summarized"} for b in sent)
     assert all(b["output_config"] == {"effort": effort} for b in sent)
     assert sent[1]["messages"][1]["content"][0] == {"type": "thinking", "thinking": "",
                                                     "signature": SIG}
