@@ -166,7 +166,8 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable, Literal, NamedTuple, Protocol, TypedDict
+from typing import (Any, AsyncIterator, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol,
+                    TypedDict)
 
 __all__ = [
     "__version__", "GatewayError", "ProtocolError", "UpstreamError", "ConfigError",
@@ -3392,7 +3393,8 @@ def upstream_error_message(body: bytes, status: int) -> str:
 # 128,000.
 _OUTPUT_LIMIT_RX = re.compile(r"supports at most (\d{1,9}) completion tokens"
                               r"|valid range of max_tokens is \[1, ?(\d{1,9})\]"
-                              r"|supported range is from 1 \(inclusive\) to (\d{1,9}) \(exclusive\)")
+                              r"|supported range is from 1 \(inclusive\) to (\d{1,9})"
+                              r" \(exclusive\)")
 
 
 def output_limit_in(message: str) -> int | None:
@@ -4069,6 +4071,21 @@ def image_data_url(part: dict) -> str:
     return f"data:{part.get('media_type') or 'image/png'};base64,{part['data']}"
 
 
+def result_images_moved(messages: list[dict]) -> Iterator[dict]:
+    """IR ``messages`` for an API whose tool results carry text only: the images of a run of
+    tool turns follow it in a user turn of their own (before the next turn)."""
+    pending: list[dict] = []
+    for m in messages:
+        if m["role"] != "tool" and pending:
+            yield {"role": "user", "content": pending}
+            pending = []
+        yield m
+        if m["role"] == "tool":
+            pending += [c for r in m["content"] for c in r["content"] if c["type"] == "image"]
+    if pending:
+        yield {"role": "user", "content": pending}
+
+
 # Asked in a user turn of its own after a reply the client began (an Anthropic prefill, OpenAI
 # messages ending with the assistant) for a model that refuses a conversation ending with its
 # own turn (Claude 4.6 and later, Gemini 3.6 Flash and later): the answer then continues it.
@@ -4693,12 +4710,8 @@ def ir_to_openai_request(ir: dict, model: str, *, stream: bool,
     system = parts_text(ir["system"])
     if system:
         msgs.append({"role": "system", "content": system})
-    pending_images: list[dict] = []
-    for m in ir["messages"]:
+    for m in result_images_moved(ir["messages"]):
         role = m["role"]
-        if role != "tool" and pending_images:
-            msgs.append({"role": "user", "content": pending_images})
-            pending_images = []
         if role == "user":
             msgs.append({"role": "user", "content": _openai_content(m["content"])})
         elif role == "assistant":
@@ -4720,10 +4733,6 @@ def ir_to_openai_request(ir: dict, model: str, *, stream: bool,
                 if r.get("is_error"):
                     text = f"Error: {text}"
                 msgs.append({"role": "tool", "tool_call_id": r["id"], "content": text})
-                pending_images += [{"type": "image_url", "image_url": {"url": image_data_url(c)}}
-                                   for c in r["content"] if c["type"] == "image"]
-    if pending_images:
-        msgs.append({"role": "user", "content": pending_images})
     body: dict[str, Any] = {"model": model, "messages": msgs}
     if ir["tools"]:
         body["tools"] = [{"type": "function", "function": {
@@ -5769,12 +5778,8 @@ def ir_to_responses_request(ir: dict, model: str, *, stream: bool) -> dict:
     Responses API takes back only its own, encrypted); stop sequences, seed and penalties have
     no Responses field and are left out."""
     items: list[dict] = []
-    pending_images: list[dict] = []
-    for m in ir["messages"]:
+    for m in result_images_moved(ir["messages"]):
         role = m["role"]
-        if role != "tool" and pending_images:
-            items.append({"role": "user", "content": pending_images})
-            pending_images = []
         if role == "user":
             items.append({"role": "user", "content": _responses_content(m["content"])})
         elif role == "assistant":
@@ -5789,11 +5794,6 @@ def ir_to_responses_request(ir: dict, model: str, *, stream: bool) -> dict:
                 text = parts_text(r["content"])
                 items.append({"type": "function_call_output", "call_id": r["id"],
                               "output": f"Error: {text}" if r.get("is_error") else text})
-                pending_images += [{"type": "input_image", "image_url": image_data_url(c),
-                                    "detail": "auto"}
-                                   for c in r["content"] if c["type"] == "image"]
-    if pending_images:
-        items.append({"role": "user", "content": pending_images})
     body: dict[str, Any] = {"model": model, "input": items, "store": False}
     system = parts_text(ir["system"])
     if system:
