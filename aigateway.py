@@ -11377,6 +11377,7 @@ class Relay:
         self.signatures: dict[str, str] = {}     # Gemini thoughtSignature by tool-call id
         self.thinking: dict[str, list[dict]] = {}   # Claude's signed thinking by tool-call id
         self.learned_caps: dict[tuple, int] = {}     # (channel id, model): output limit
+        self.learned_responses: dict[tuple, bool] = {}   # (channel id, model): use Responses
 
     # -- the fallback loop -----------------------------------------------------------------------
 
@@ -11391,8 +11392,9 @@ class Relay:
                     return self._count_locally(job)
                 try:
                     up = await self.send(job, attempt)
-                    capped = await self._learned_cap(job, attempt, up)
-                    if capped is not None:              # the same try, within the limit
+                    capped = await self._learned_cap(job, attempt, up) or \
+                        await self._learned_responses(job, attempt, up)
+                    if capped is not None:      # the same try, within the limit or API
                         attempt = await self.build(job, base, capped)
                         up = await self.send(job, attempt)
                     return await self.answer(job, attempt, up)
@@ -11424,6 +11426,36 @@ class Relay:
                  f"output tokens (its answer said); asked again with max_tokens {limit}, and so "
                  f"from now on (a max_tokens_cap on the channel keeps it past a restart)")
         return at.ch.with_cap(limit)
+
+    async def _learned_responses(self, job: Job, at: Attempt, up: UpstreamResponse
+                                 ) -> Channel | None:
+        """For a converted Chat Completions request that the upstream refused, telling it to
+        use /v1/responses (OpenAI's 400 for function tools with reasoning, RESPONSES_FOR_TOOLS;
+        an Azure deployment or an OpenAI-compatible server under another model name): the same
+        channel, to try again once on the Responses API, which it then gets for that model from
+        the start (LEARNED_CAPS_MAX pairs). None for any other answer."""
+        if up.status != 400 or at.answer != "converted" or job.ir is None or \
+                not PROVIDERS[at.ch.type].responses_as_is or \
+                self.via_responses(at.ch, job.rec["upstream_model"], job.ir):
+            return None
+        message = upstream_error_message(await up.keep_body(MAX_ERROR_BODY), 400)
+        if RESPONSES_PATH not in message:
+            return None
+        key = (at.base.id, job.rec["upstream_model"])
+        make_room(self.learned_responses, LEARNED_CAPS_MAX)
+        self.learned_responses[key] = True
+        up.aclose_nowait()
+        self.limits.release_slot(job.rec)
+        self.log(f"channel '{at.ch.name}': {job.rec['upstream_model']} wants the Responses "
+                 f"API (its answer said); asked again there, and so from now on "
+                 f"(responses_api: true on the channel keeps it past a restart)")
+        return at.ch
+
+    def via_responses(self, ch: Channel, model: str, ir: dict) -> bool:
+        """Whether a converted chat request for upstream ``model`` on ``ch`` goes to the
+        Responses API: converts_to_responses, or learned from the upstream's refusal."""
+        return converts_to_responses(ch.type, ch.responses_api, model, ir) or \
+            (ch.id, model) in self.learned_responses
 
     def _take_key(self, job: Job, base: Channel, keys_tried: set[str]) -> Channel:
         """``base`` with its next key to try (the session's pinned key first)."""
@@ -11585,7 +11617,7 @@ class Relay:
         channel's own dialect."""
         target = ch.upstream_model(model)
         stream = ir["stream"]
-        responses = converts_to_responses(ch.type, ch.responses_api, target, ir)
+        responses = self.via_responses(ch, target, ir)
         body = encode_upstream_chat(ch.type, ir, target, stream=stream,
                                     max_tokens_cap=ch.max_tokens_cap,
                                     signatures=self.signatures, quirks=ch.quirks,
@@ -11782,8 +11814,7 @@ class Relay:
         rec["ttfb_ms"] = round((time.perf_counter() - rec.t0) * 1000, 1)
         decode_whole, stream_decoder = upstream_decoders(
             ch.type, self.signatures, upstream_tool_names(ir, ch.type), self.thinking,
-            rec["upstream_model"], converts_to_responses(ch.type, ch.responses_api,
-                                                         rec["upstream_model"], ir))
+            rec["upstream_model"], self.via_responses(ch, rec["upstream_model"], ir))
         if up.status >= 300:
             await self.read_converted(up, ch)
         hdrs = [("Content-Type", "application/json")] + self.access.cors_headers(req.headers)
@@ -12031,6 +12062,7 @@ class Gateway:
         self.settings = self.relay.settings = s
         self.channels = [Channel(c, s["proxy"]) for c in config["channels"]]
         self.relay.learned_caps.clear()          # a channel may now go elsewhere
+        self.relay.learned_responses.clear()
         self.tokens = [Token(t) for t in config["tokens"]]
         self.max_body = int(s["max_body_mb"] * 1024 * 1024)
         self.client.max_response = int(s["max_response_mb"] * 1024 * 1024)

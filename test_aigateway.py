@@ -5004,9 +5004,9 @@ def test_09_claude_code_on_gpt_56_and_gpt_6_runs_its_tools_over_the_responses_ap
 
 def test_09_which_requests_go_to_the_responses_api(gw, upstream):
     """Without tools gpt-6 stays on Chat Completions (with max_completion_tokens, as GPT-5 and
-    later take it); a custom channel follows responses_api only: on, every converted request
-    goes to /v1/responses; off, even gpt-5.6 with tools goes to Chat Completions (and the
-    upstream's refusal reaches the client in its format)."""
+    later take it); a custom channel follows responses_api: on, every converted request goes
+    to /v1/responses; off, even gpt-5.6 with tools goes to Chat Completions first (the
+    server's own rules), and to /v1/responses once its refusal names it."""
     up, custom_on, custom_off = upstream(), upstream(), upstream()
     for u in (up, custom_on, custom_off):
         u.responder = openai_now
@@ -5022,11 +5022,11 @@ def test_09_which_requests_go_to_the_responses_api(gw, upstream):
     r = c.messages.create(model="local-a", max_tokens=300,
                           messages=[{"role": "user", "content": "hi"}])
     assert r.content[0].text == "hello" and custom_on.last()["path"] == "/v1/responses"
-    with pytest.raises(anthropic.BadRequestError) as e:
-        c.messages.create(model="gpt-5.6-sol", max_tokens=300, tools=ANTHROPIC_TOOLS,
+    r = c.messages.create(model="gpt-5.6-sol", max_tokens=300, tools=ANTHROPIC_TOOLS,
                           messages=[{"role": "user", "content": "hi"}])
-    assert "use /v1/responses" in str(e.value)
-    assert custom_off.last()["path"] == "/v1/chat/completions"
+    assert r.stop_reason == "tool_use"          # after its server's refusal asked for it
+    assert [q["path"] for q in custom_off.requests] == ["/v1/chat/completions",
+                                                        "/v1/responses"]
 
 
 @pytest.mark.parametrize("model,efforts", [
@@ -5080,6 +5080,43 @@ def test_09_a_temperature_reasoning_models_refuse_is_left_out(gw, upstream):
     assert ag.ir_to_openai_request(ir, "gpt-5.6-sol", stream=False)["temperature"] == 0.2
     assert "temperature" not in ag.ir_to_responses_request(dict(ir, reasoning=None),
                                                            "gpt-6-astra", stream=False)
+
+
+def test_09_an_upstream_that_asks_for_the_responses_api_gets_it(gw, upstream):
+    """A deployment name the gateway cannot place (an Azure or compatible server's): its
+    refusal of tools on Chat Completions, naming /v1/responses, is asked again there at once,
+    and later requests for that model go there from the start; a new configuration learns
+    anew. A refusal that names no Responses API reaches the client."""
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if rec["path"].endswith("/chat/completions"):
+            if body.get("tools"):
+                return _refuse("openai", "Function tools with reasoning_effort are not "
+                                         "supported for my-deploy in /v1/chat/completions. To "
+                                         "use function tools, use /v1/responses or set "
+                                         "reasoning_effort to 'none'.")
+            return _refuse("openai", "something else")
+        return openai_now(rec)
+    up = upstream()
+    up.responder = respond
+    g = gw([chan(up, type="custom", models=["my-deploy"])])
+    c = g.anthropic()
+    ask = dict(model="my-deploy", max_tokens=300, tools=ANTHROPIC_TOOLS,
+               messages=[{"role": "user", "content": "weather?"}])
+    assert c.messages.create(**ask).content[-1].name == "get_weather"
+    assert [r["path"] for r in up.requests] == ["/v1/chat/completions", "/v1/responses"]
+    with c.messages.stream(**ask) as stream:                 # learned: one request
+        assert stream.get_final_message().stop_reason == "tool_use"
+    assert [r["path"] for r in up.requests[2:]] == ["/v1/responses"]
+    assert any("wants the Responses API" in p for k, p in g.events() if k == "log")
+    g.thread.apply_config()
+    with pytest.raises(anthropic.BadRequestError) as e:      # no tools: Chat Completions,
+        c.messages.create(model="my-deploy", max_tokens=300,  # whose refusal is the client's
+                          messages=[{"role": "user", "content": "hi"}])
+    assert "something else" in str(e.value)
+    assert up.last()["path"] == "/v1/chat/completions"
+    assert c.messages.create(**ask).content[-1].name == "get_weather"
+    assert [r["path"] for r in up.requests[-2:]] == ["/v1/chat/completions", "/v1/responses"]
 
 
 def test_09_responses_answers_decoded():
