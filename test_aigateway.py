@@ -11426,6 +11426,31 @@ def _codex(g, tmp_path, model):
     return out
 
 
+def test_15_codex_on_gpt_6_without_responses_api_runs_its_tool_loop(gw, upstream, tmp_path):
+    """Codex on an OpenAI channel without responses_api (its requests are converted) for a
+    model that refuses tools on Chat Completions: the conversion goes to /v1/responses, and
+    Codex's shell call and its output pair up there by call_id (the strict fake's rule)."""
+    def respond(rec):
+        body = json.loads(rec["body"])
+        if not rec["path"].endswith("/v1/responses"):
+            return openai_now(rec)                     # Chat Completions: refuses the tools
+        refused = _responses_refusal(body)
+        if refused:
+            return refused
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if not outputs:
+            return _responses_answer(body, "", "exec_command", SHELL_TOOLS["exec_command"])
+        return _responses_answer(body, f"DONE {outputs[-1][:300]}", None)
+    up = upstream()
+    up.responder = respond
+    # (gpt-5.5 is in Codex's own catalog, so Codex sends it its tools; the channel maps it)
+    g = gw([chan(up, type="openai", model_mapping={"gpt-5.5": "gpt-6-astra"})])
+    _codex(g, tmp_path, "gpt-5.5")
+    assert {r["path"] for r in up.requests} == {"/v1/responses"}
+    assert {json.loads(r["body"])["model"] for r in up.requests} == {"gpt-6-astra"}
+    assert len(up.requests) == 2
+
+
 def test_15_codex_through_bedrock_converse_runs_its_tool_loop(gw, upstream, tmp_path):
     fake = bedrock_fake(upstream)
     g = gw([bedrock_chan(fake, model_mapping={"gpt-5-codex": "openai.gpt-oss-120b-1:0"})])
