@@ -11416,16 +11416,23 @@ class Relay:
                                                         400))
         if limit is None or limit < 1 or sent_output_tokens(at.body) <= limit:
             return None                 # (what was sent, thinking's room included, was within)
+        self._keep_learned(self.learned_caps, job, at, up, limit,
+                           f"takes at most {limit} output tokens (its answer said); asked again "
+                           f"with max_tokens {limit}, and so from now on (a max_tokens_cap on "
+                           f"the channel keeps it past a restart)")
+        return at.ch.with_cap(limit)
+
+    def _keep_learned(self, table: dict, job: Job, at: Attempt, up: UpstreamResponse,
+                      value: Any, said: str) -> None:
+        """Keep ``value`` for the try's channel and model in ``table`` (LEARNED_CAPS_MAX pairs,
+        the oldest dropped), let the refused answer go, and log what was learned."""
         key = (at.base.id, job.rec["upstream_model"])
-        self.learned_caps.pop(key, None)
-        make_room(self.learned_caps, LEARNED_CAPS_MAX)
-        self.learned_caps[key] = limit
+        table.pop(key, None)
+        make_room(table, LEARNED_CAPS_MAX)
+        table[key] = value
         up.aclose_nowait()
         self.limits.release_slot(job.rec)
-        self.log(f"channel '{at.ch.name}': {job.rec['upstream_model']} takes at most {limit} "
-                 f"output tokens (its answer said); asked again with max_tokens {limit}, and so "
-                 f"from now on (a max_tokens_cap on the channel keeps it past a restart)")
-        return at.ch.with_cap(limit)
+        self.log(f"channel '{at.ch.name}': {job.rec['upstream_model']} {said}")
 
     async def _learned_responses(self, job: Job, at: Attempt, up: UpstreamResponse
                                  ) -> Channel | None:
@@ -11441,14 +11448,10 @@ class Relay:
         message = upstream_error_message(await up.keep_body(MAX_ERROR_BODY), 400)
         if RESPONSES_PATH not in message:
             return None
-        key = (at.base.id, job.rec["upstream_model"])
-        make_room(self.learned_responses, LEARNED_CAPS_MAX)
-        self.learned_responses[key] = True
-        up.aclose_nowait()
-        self.limits.release_slot(job.rec)
-        self.log(f"channel '{at.ch.name}': {job.rec['upstream_model']} wants the Responses "
-                 f"API (its answer said); asked again there, and so from now on "
-                 f"(responses_api: true on the channel keeps it past a restart)")
+        self._keep_learned(self.learned_responses, job, at, up, True,
+                           "wants the Responses API (its answer said); asked again there, and "
+                           "so from now on (responses_api: true on the channel keeps it past a "
+                           "restart)")
         return at.ch
 
     def via_responses(self, ch: Channel, model: str, ir: dict) -> bool:
