@@ -4168,15 +4168,20 @@ def openai_takes_sampling(ir: dict, model: str) -> bool:
     return bool(ir["reasoning"]) and openai_effort(ir["reasoning"]["effort"], model) == "none"
 
 
+def nearest_effort(effort: str, levels: Iterable[str]) -> str:
+    """Of ``levels`` (a model's, named on the EFFORTS scale), the one nearest ``effort``, a tie
+    going up."""
+    want = EFFORTS.index(effort)
+    return min(levels, key=lambda lv: (abs(EFFORTS.index(lv) - want), -EFFORTS.index(lv)))
+
+
 def openai_effort(effort: str, model: str = "") -> str:
     """IR effort -> OpenAI reasoning_effort / Responses reasoning.effort: the nearest level
-    ``model`` takes (a tie going up), or none..xhigh (max -> xhigh) for a name we cannot
-    place."""
+    ``model`` takes, or none..xhigh (max -> xhigh) for a name we cannot place."""
     levels = openai_effort_levels(model)
     if levels is None:
         return "xhigh" if effort == "max" else effort
-    want = EFFORTS.index(effort)
-    return min(levels, key=lambda lv: (abs(EFFORTS.index(lv) - want), -EFFORTS.index(lv)))
+    return nearest_effort(effort, levels)
 
 
 @guarded(400, "request body")
@@ -6190,8 +6195,8 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
             msgs.append({"role": role, "content": blocks})
     if msgs and msgs[0]["role"] == "assistant":
         msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
-    if msgs and msgs[-1]["role"] == "assistant" and \
-            anthropic_thinking_mode(model) in ("adaptive", "both") and \
+    named = anthropic_thinking_mode(model)      # by the model's name, whatever the channel says
+    if msgs and msgs[-1]["role"] == "assistant" and named in ("adaptive", "both") and \
             not any(b["type"] == "tool_use" for b in msgs[-1]["content"]):     # (a call: no reply)
         # Claude 4.6 and later: "This model does not support assistant message prefill. The
         # conversation must end with a user message." (a 400; platform.claude.com/docs/en/
@@ -6218,7 +6223,7 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
         max_tokens, budget = room_for_thinking(max_tokens, max(1024, budget), max_tokens_cap)
         if mode == "adaptive" or (mode == "both" and not reasoning["budget"]):
             body["thinking"] = {"type": "adaptive"}
-            if anthropic_thinking_mode(model) == "adaptive":
+            if named == "adaptive":
                 # Opus 4.7 and later, the Claude 5 family: thinking text is "omitted" unless
                 # asked for (platform.claude.com/docs/en/build-with-claude/thinking; Opus 5.5
                 # returns the text between tool calls in thinking blocks too, empty at that
@@ -6234,7 +6239,7 @@ def ir_to_anthropic_request(ir: dict, model: str, *, stream: bool, max_tokens_ca
     # parameters: a 400 "`temperature` is deprecated for this model" (platform.claude.com/docs/
     # en/about-claude/models/whats-new-claude-4-7#sampling-parameters-removed, quoted in
     # anomalyco/models.dev#1468; Sonnet 5 and Opus 4.8 in bagofwords1/bagofwords#523).
-    sampling = not thinking and anthropic_thinking_mode(model) != "adaptive"
+    sampling = not thinking and named != "adaptive"
     if ir["temperature"] is not None and sampling:
         body["temperature"] = max(0.0, min(1.0, ir["temperature"]))
     elif ir["top_p"] is not None and sampling:       # newer models refuse both (section 7 #20)
@@ -6806,12 +6811,8 @@ def gemini_thinking_config(model: str, reasoning: dict) -> dict | None:
     major, minor, variant = gemini_version(model)
     effort = reasoning["effort"]
     if major >= 3:
-        want = _GEMINI_LEVELS.index({"none": "minimal", "xhigh": "high", "max": "high"}.get(
-            effort, effort))
-        level = min(gemini_thinking_levels(major, minor, variant),
-                    key=lambda lv: (abs(_GEMINI_LEVELS.index(lv) - want),
-                                    -_GEMINI_LEVELS.index(lv)))
-        return {"thinkingLevel": level, "includeThoughts": True}
+        return {"thinkingLevel": nearest_effort(effort, gemini_thinking_levels(
+            major, minor, variant)), "includeThoughts": True}
     if major and (major, minor) < (2, 5):
         return None
     budget = 0 if effort == "none" else reasoning["budget"] or _EFFORT_BUDGET.get(effort, 8192)
